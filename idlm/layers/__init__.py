@@ -1,0 +1,1 @@
+"""Building blocks of the transformer: normalisation, rotary embeddings, attention backends."""

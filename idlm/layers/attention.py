@@ -1,0 +1,103 @@
+"""Attention backends: where the keys and values of a forward pass come from and which ones a query sees.
+
+The transformer's attention layer computes q, k, v for the tokens of the current forward and hands
+them to a backend, which stores k/v wherever its cache lives and returns the attention output. So
+the same model runs
+- a plain forward with a causal or explicit mask (`DenseAttention`: full sequences, training masks),
+- a batch of requests over a contiguous per-request KV cache (`KVCache`: reference decoders), and
+- later the engine's paged KV cache,
+without the model knowing which. All backends use strict causal attention over the cache: the
+I-DLM query block at positions P..P+2N-2 sees the committed prefix and the block's earlier tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class AttentionBackend(Protocol):
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [B, Hq, T, D], k/v [B, Hkv, T, D] of the new tokens -> output [B, Hq, T, D]."""
+        ...
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+         is_causal: bool = False) -> torch.Tensor:
+    """Scaled dot-product attention with grouped-query heads; mask is bool, True = may attend."""
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=q.shape[1] != k.shape[1]
+    )
+
+
+class DenseAttention:
+    """No cache: every query sees the keys of this forward under `mask` ([B|1, 1, T, T] bool) or,
+    when mask is None, plain causal attention."""
+
+    def __init__(self, mask: torch.Tensor | None = None):
+        self.mask = mask
+
+    def attend(self, layer, q, k, v):
+        if self.mask is None:
+            return sdpa(q, k, v, None, is_causal=True)
+        return sdpa(q, k, v, self.mask)
+
+
+class KVCache:
+    """A contiguous KV cache for a batch of sequences: row b holds positions 0..max_len-1 of request b.
+
+    `lengths[b]` is how many slots of row b hold kept KV (committed tokens). A forward writes its T
+    new tokens of row b at slots starts[b]..starts[b]+T-1 and attends causally over 0..starts[b]+t.
+    Shrinking `lengths` afterwards discards KV (ISD drops MASK and rejected slots: SPEC §4.4).
+    """
+
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.max_len = max_len
+
+    @classmethod
+    def for_model(cls, cfg, batch: int, max_len: int, dtype=torch.float32, device="cpu") -> "KVCache":
+        return cls(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim, max_len, dtype, device)
+
+    def view(self, rows: torch.Tensor | None = None, starts: torch.Tensor | None = None) -> "CacheAttention":
+        """A backend for one forward over cache rows `rows` (default: all), writing at `starts`
+        (default: each row's current length)."""
+        if rows is None:
+            rows = torch.arange(self.lengths.numel(), device=self.lengths.device)
+        if starts is None:
+            starts = self.lengths[rows]
+        return CacheAttention(self, rows, starts)
+
+
+def cache_mask(starts: torch.Tensor, num_new: int, num_keys: int) -> torch.Tensor:
+    """[B, 1, T, S] bool: query t of row b (at slot starts[b]+t) sees key slots j <= starts[b]+t."""
+    q_slot = starts[:, None] + torch.arange(num_new, device=starts.device)  # [B, T]
+    keys = torch.arange(num_keys, device=starts.device)
+    return (keys[None, None, :] <= q_slot[:, :, None])[:, None]
+
+
+class CacheAttention:
+    def __init__(self, cache: KVCache, rows: torch.Tensor, starts: torch.Tensor):
+        self.cache, self.rows, self.starts = cache, rows, starts
+        self._mask: torch.Tensor | None = None
+
+    def attend(self, layer, q, k, v):
+        cache, rows, T = self.cache, self.rows, q.shape[2]
+        end = int((self.starts + T).max())
+        if end > cache.max_len:
+            raise ValueError(f"KV cache overflow: a row needs {end} slots, the cache holds {cache.max_len}")
+        slots = self.starts[:, None] + torch.arange(T, device=q.device)  # [B, T]
+        # advanced indices around a slice: the indexed view is [B, T, Hkv, D]
+        cache.k[layer][rows[:, None], :, slots] = k.transpose(1, 2).to(cache.k.dtype)
+        cache.v[layer][rows[:, None], :, slots] = v.transpose(1, 2).to(cache.v.dtype)
+        keys = cache.k[layer][rows, :, :end].to(q.dtype)  # [B, Hkv, S, D]
+        values = cache.v[layer][rows, :, :end].to(q.dtype)
+        if self._mask is None:  # the same for every layer of this forward
+            self._mask = cache_mask(self.starts, T, end)
+        return sdpa(q, keys, values, self._mask)

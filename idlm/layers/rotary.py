@@ -1,0 +1,63 @@
+"""Rotary position embeddings (RoPE) for arbitrary per-token position ids.
+
+Positions are given per token rather than implied by a token's index, because I-DLM needs that:
+in training the x_t and x0 halves of a sequence share position ids (SPEC §3.1), and at inference a
+query block sits at positions P..P+2N-2 after a cache of length P (SPEC §4.2).
+Supports plain RoPE and the "linear" and "llama3" frequency scalings.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+    """The inverse frequencies [head_dim/2] in float32, after the configured scaling."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    rtype = scaling.get("rope_type", scaling.get("type"))
+    factor = float(scaling["factor"])
+    if rtype == "linear":
+        return inv_freq / factor
+    if rtype == "llama3":
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_ctx = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope type {rtype!r}")
+
+
+class RotaryEmbedding(nn.Module):
+    """Computes (cos, sin) for given positions. inv_freq is kept in float32 outside the module's
+    buffers on purpose: a `model.to(torch.bfloat16)` must not round the frequencies."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None = None):
+        super().__init__()
+        self._inv_freq = rope_inv_freq(head_dim, theta, scaling)  # [head_dim/2] float32, CPU
+        self._per_device: dict[torch.device, torch.Tensor] = {}
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        if device not in self._per_device:
+            self._per_device[device] = self._inv_freq.to(device)
+        return self._per_device[device]
+
+    @torch.no_grad()
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] int -> (cos, sin), each [B, 1, T, head_dim] in `dtype`."""
+        freqs = positions[..., None].float() * self.inv_freq(positions.device)  # [B, T, D/2], float32
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D] rotated by (cos, sin) [B, 1, T, D], the rotate-half convention of HF."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin

@@ -1,0 +1,333 @@
+"""Tests for idlm.tokenizer: our Tokenizer must agree with transformers (the oracle) on ids,
+decoded text and chat-template rendering, for a tiny BPE trained here and for the real SmolLM2
+GGUF; the incremental detokenizer must reproduce decode() exactly; bad input raises TokenizerError.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+from idlm.errors import TokenizerError
+from idlm.tokenizer import IncrementalDetokenizer, Tokenizer
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|MASK|>"]
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Wie geht's? 你好 🙂"},
+    {"role": "assistant", "content": "Fine, thanks: 42."},
+    {"role": "user", "content": "And tomorrow?"},
+]
+TEXTS = [
+    "Hello world",
+    "  leading and trailing spaces  ",
+    "naïve café déjà vu — Ünïcödé",
+    "数字 and 中文字符 mixed with English",
+    "emoji 🙂👍🏽 and family 👨‍👩‍👧",
+    "digits 12345 and 3.14159 and 2024-06-01",
+    "<|im_start|>user\nhi<|im_end|>\n<|endoftext|>",
+    "tabs\tand\nnewlines\r\n",
+    "",
+]
+MULTIBYTE_TEXTS = ["你好，世界！这是一个测试。", "🙂🙃😀 emoji 👍🏽👨‍👩‍👧", "àéîõü ñ ç ß ø å", "mixed 中文 and ascii 123 ✓"]
+SMOL_TEXTS = [
+    "Hello world",
+    "The quick brown fox jumps over the lazy dog.",
+    "naïve café déjà vu — Ünïcödé",
+    "你好，世界 🙂👍🏽",
+    "  indented\n\tcode(x) -> y  ",
+    "<|im_start|>user\nWhat is a diffusion model?<|im_end|>\n",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures
+
+
+def _corpus(n_lines: int = 400) -> list[str]:
+    rng = random.Random(0)
+    words = (
+        "the a model diffusion language token mask decode serve train quick brown fox jumps over lazy dog "
+        "hello world assistant user system café naïve déjà 你好 世界 中文 测试 🙂 👍 émoji über straße"
+    ).split()
+    lines = []
+    for _ in range(n_lines):
+        parts = [rng.choice(words) for _ in range(rng.randint(3, 12))]
+        if rng.random() < 0.3:
+            parts.append(str(rng.randint(0, 99999)))
+        lines.append(" ".join(parts) + rng.choice([".", "!", "?", ",", ""]))
+    return lines
+
+
+def write_tiny_tokenizer(path: Path, chat_template: str | None = CHATML, **config) -> Path:
+    """Train a byte-level BPE on generated text and save it as an HF checkpoint directory."""
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    cfg = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None, **config}
+    if chat_template is not None:
+        cfg["chat_template"] = chat_template
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [tok.token_to_id("<|endoftext|>")]}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return write_tiny_tokenizer(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir) -> Tokenizer:
+    return Tokenizer.from_dir(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF, given by $IDLM_SMOLLM2_GGUF (skips when unset)."""
+    value = os.environ.get("IDLM_SMOLLM2_GGUF")
+    if not value or not os.path.isfile(value):
+        pytest.skip("set IDLM_SMOLLM2_GGUF to the path of SmolLM2-135M-Instruct.Q4_1.gguf to run GGUF tokenizer tests")
+    return Path(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. tiny trained tokenizer vs transformers
+
+
+def test_from_dir_round_trip_and_special_ids(tiny):
+    for text in TEXTS:
+        assert tiny.decode(tiny.encode(text)) == text
+    assert tiny.encode("<|im_end|>") == [tiny.token_to_id("<|im_end|>")]
+    assert tiny.mask_token_id == tiny.token_to_id("<|MASK|>") == 3
+    assert tiny.eos_token_id == tiny.token_to_id("<|im_end|>")
+    assert tiny.eos_token_ids == frozenset({tiny.token_to_id("<|im_end|>"), tiny.token_to_id("<|endoftext|>")})
+    assert tiny.pad_token_id == 0 and tiny.bos_token_id is None
+    assert len(tiny) == tiny.vocab_size == 600
+    assert tiny.id_to_token(2) == "<|im_end|>" and tiny.token_to_id("no-such-token") is None
+    assert tiny.decode(tiny.encode("a<|im_end|>b"), skip_special_tokens=True) == "ab"
+
+
+def test_config_files_add_stop_ids_and_mask(tmp_path):
+    d = write_tiny_tokenizer(tmp_path, chat_template=[{"name": "default", "template": "D"}, {"name": "tool_use", "template": "T"}],
+                             add_bos_token=True, bos_token={"content": "<|im_start|>"})
+    (d / "config.json").write_text(json.dumps({"eos_token_id": 1, "mask_token_id": 0}))
+    tok = Tokenizer.from_dir(d)
+    assert tok.chat_template == "D"
+    assert tok.eos_token_ids == frozenset({0, 1, 2}) and tok.eos_token_id == 2
+    assert tok.mask_token_id == 0
+    assert tok.encode("hi", add_special_tokens=True)[0] == 1 and tok.encode("hi")[0] != 1
+    (d / "chat_template.jinja").write_text("J")
+    assert Tokenizer.from_dir(d).chat_template == "J"
+
+
+def test_save_loads_in_transformers_identically(tiny, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tiny.save(tmp_path / "saved")
+    assert sorted(os.listdir(tmp_path / "saved")) == ["tokenizer.json", "tokenizer_config.json"]
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "saved"))
+    ours = Tokenizer.from_dir(tmp_path / "saved")
+    for text in TEXTS:
+        ids = ours.encode(text)
+        assert ids == tiny.encode(text)
+        assert hf(text, add_special_tokens=False)["input_ids"] == ids, text
+        assert hf.decode(ids) == ours.decode(ids) == text
+        assert hf.decode(ids, skip_special_tokens=True) == ours.decode(ids, skip_special_tokens=True)
+    assert hf.eos_token_id == ours.eos_token_id and hf.pad_token_id == ours.pad_token_id
+    for gen in (True, False):
+        want = hf.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=gen)
+        assert ours.apply_chat_template(CONVERSATION, add_generation_prompt=gen) == want
+        assert tiny.apply_chat_template(CONVERSATION, add_generation_prompt=gen) == want
+        hf_ids = hf.apply_chat_template(CONVERSATION, tokenize=True, add_generation_prompt=gen, return_dict=False)
+        assert ours.encode_chat(CONVERSATION, add_generation_prompt=gen) == list(hf_ids)
+
+
+def test_template_features_match_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    template = (
+        "{{ bos_token }}{% for m in messages %}{% if m.role == 'skip' %}{% continue %}{% endif %}"
+        "{{ m.role | upper }}: {{ m.content }}{{ eos_token }}\n{% endfor %}"
+        "{% if tools is not none %}TOOLS {{ tools | tojson(indent=2) }}{% endif %}{{ extra | default('') }}"
+        "{% if unk_token is defined %}UNK{% endif %}"
+    )
+    d = write_tiny_tokenizer(tmp_path / "src", chat_template=template, bos_token="<|im_start|>", add_bos_token=True)
+    ours = Tokenizer.from_dir(d)
+    ours.save(tmp_path / "out")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    msgs = [{"role": "user", "content": "é 🙂"}, {"role": "skip", "content": "x"}, {"role": "assistant", "content": "ok"}]
+    tools = [{"name": "f", "description": "ünï"}]
+    for kwargs in ({}, {"tools": tools, "extra": "E"}):
+        want = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False, **kwargs)
+        assert ours.apply_chat_template(msgs, add_generation_prompt=False, **kwargs) == want
+    for text in ("hi there", "x"):
+        assert ours.encode(text, add_special_tokens=True) == hf(text)["input_ids"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. the real SmolLM2 GGUF vs transformers' GGUF loader
+
+
+@pytest.fixture(scope="module")
+def smol_pair(smollm2_gguf):
+    transformers = pytest.importorskip("transformers")
+    from idlm.models.gguf import gguf_metadata, open_gguf
+
+    ours = Tokenizer.from_gguf_metadata(gguf_metadata(open_gguf(smollm2_gguf)))
+    hf = transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+    return ours, hf
+
+
+def test_gguf_tokenizer_matches_transformers(smol_pair):
+    ours, hf = smol_pair
+    assert ours.vocab_size == len(hf) == 49152
+    for text in SMOL_TEXTS:
+        ids = ours.encode(text)
+        assert ids == hf(text, add_special_tokens=False)["input_ids"], text
+        assert ours.decode(ids) == hf.decode(ids) == text
+        assert ours.encode(text, add_special_tokens=True) == hf(text)["input_ids"]
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (1, 2, 2)
+    assert ours.id_to_token(2) == "<|im_end|>" and 2 in ours.eos_token_ids
+    assert ours.mask_token_id is None and ours.model_max_length == 8192
+    for gen in (True, False):
+        for conv in (CONVERSATION, CONVERSATION[1:]):
+            want = hf.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
+            assert ours.apply_chat_template(conv, add_generation_prompt=gen) == want
+
+
+def test_gguf_tokenizer_splits_digits(smol_pair):
+    ours, _ = smol_pair
+    ids = ours.encode("12345")
+    assert [ours.decode([i]) for i in ids] == list("12345")
+    pieces = [ours.decode([i]) for i in ours.encode("year 2024 cost $3.50")]
+    assert all(len(p.strip()) <= 1 for p in pieces if any(c.isdigit() for c in p))
+
+
+def test_gguf_save_round_trips_through_transformers(smol_pair, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    ours, _ = smol_pair
+    ours.save(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    for text in SMOL_TEXTS + ["digits 12345 and 3.14"]:
+        assert hf(text)["input_ids"] == ours.encode(text, add_special_tokens=True), text
+    assert hf.apply_chat_template(CONVERSATION, tokenize=False) == ours.apply_chat_template(CONVERSATION, False)
+
+
+def test_gguf_rejects_unsupported_models():
+    with pytest.raises(TokenizerError, match="'llama'.*unsupported"):
+        Tokenizer.from_gguf_metadata({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a"]})
+    with pytest.raises(TokenizerError, match="tokenizer.ggml.merges"):
+        Tokenizer.from_gguf_metadata({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a"]})
+
+
+def test_gguf_minimal_vocab():
+    tokens = ["<s>", "</s>", "<u>", "a", "b", "ab"]
+    tok = Tokenizer.from_gguf_metadata({
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2", "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.merges": ["a b"], "tokenizer.ggml.token_type": [3, 3, 4, 1, 1, 1],
+        "tokenizer.ggml.bos_token_id": 0, "tokenizer.ggml.eos_token_id": 1, "tokenizer.ggml.eot_token_id": 0,
+        "tokenizer.ggml.add_bos_token": True,
+    })
+    assert tok.encode("ab<u></s>", add_special_tokens=True) == [0, 5, 2, 1]
+    assert tok.decode([5, 1], skip_special_tokens=True) == "ab"
+    assert tok.eos_token_ids == frozenset({0, 1}) and tok.chat_template is None
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. incremental detokenizer
+
+
+def _stream(tok: Tokenizer, ids: list[int], skip: bool = False) -> list[str]:
+    det = IncrementalDetokenizer(tok, skip_special_tokens=skip)
+    return [det.add(i) for i in ids] + [det.flush()]
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_detokenizer_random_ids(tiny, skip):
+    rng = random.Random(1234)
+    for _ in range(30):
+        ids = [rng.randrange(tiny.vocab_size) for _ in range(rng.randint(1, 120))]
+        deltas = _stream(tiny, ids, skip)
+        full = tiny.decode(ids, skip_special_tokens=skip)
+        assert "".join(deltas) == full
+        if "\ufffd" not in full:
+            assert not any("\ufffd" in d for d in deltas)
+
+
+def test_detokenizer_multibyte_text(tiny):
+    for text in MULTIBYTE_TEXTS + TEXTS:
+        ids = tiny.encode(text)
+        deltas = _stream(tiny, ids)
+        assert "".join(deltas) == text
+        assert not any("\ufffd" in d for d in deltas)
+        assert deltas[-1] == ""  # nothing left unfinished on valid text
+
+
+def test_detokenizer_decodes_a_small_window(tiny):
+    ids = tiny.encode(" ".join(MULTIBYTE_TEXTS) * 20)
+    seen: list[int] = []
+    decode = tiny.decode
+
+    class Spy:
+        def decode(self, window, skip_special_tokens=False):
+            seen.append(len(window))
+            return decode(window, skip_special_tokens=skip_special_tokens)
+
+    det = IncrementalDetokenizer(Spy())  # type: ignore[arg-type]
+    assert "".join(det.add(i) for i in ids) + det.flush() == tiny.decode(ids)
+    assert len(ids) > 500 and max(seen) <= 8
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. errors
+
+
+def test_from_dir_errors_name_the_file(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(TokenizerError, match="nope"):
+        Tokenizer.from_dir(missing)
+    with pytest.raises(TokenizerError, match="tokenizer.json"):
+        Tokenizer.from_dir(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(TokenizerError, match="cannot parse .*tokenizer.json"):
+        Tokenizer.from_dir(tmp_path)
+
+
+def test_corrupt_side_file_is_named(tmp_path):
+    d = write_tiny_tokenizer(tmp_path)
+    (d / "generation_config.json").write_text("[1, 2")
+    with pytest.raises(TokenizerError, match="generation_config.json"):
+        Tokenizer.from_dir(d)
+
+
+def test_chat_template_errors(tmp_path, tiny):
+    no_template = Tokenizer.from_dir(write_tiny_tokenizer(tmp_path / "a", chat_template=None))
+    with pytest.raises(TokenizerError, match="no chat template"):
+        no_template.apply_chat_template(CONVERSATION)
+    bad_messages = [[], "hi", [{"role": "user"}], [{"role": 1, "content": "x"}], ["user: hi"], None]
+    for msgs in bad_messages:
+        with pytest.raises(TokenizerError, match="message"):
+            tiny.apply_chat_template(msgs)  # type: ignore[arg-type]
+    refusing = "{% if messages[0]['role'] != 'system' %}{{ raise_exception('first message must be system') }}{% endif %}"
+    tok = Tokenizer.from_dir(write_tiny_tokenizer(tmp_path / "b", chat_template=refusing))
+    with pytest.raises(TokenizerError, match="first message must be system"):
+        tok.apply_chat_template([{"role": "user", "content": "x"}])
+    broken = Tokenizer.from_dir(write_tiny_tokenizer(tmp_path / "c", chat_template="{% for %}"))
+    with pytest.raises(TokenizerError, match="not valid Jinja"):
+        broken.apply_chat_template(CONVERSATION)
