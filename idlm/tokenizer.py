@@ -38,14 +38,9 @@ _GGUF_SPLITS = {"qwen2": _QWEN2_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "llama3": _LL
 _GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4
 
 
-# ---------------------------------------------------------------------------------------------
-# small file helpers
-
-
-def _read_json(path: str, required: bool = False) -> dict[str, Any] | None:
+def _read_json(path: str) -> dict[str, Any] | None:
+    """An optional JSON side file: None when absent, TokenizerError naming it when unreadable."""
     if not os.path.isfile(path):
-        if required:
-            raise TokenizerError(f"tokenizer file not found: {path}")
         return None
     try:
         with open(path, encoding="utf-8") as f:
@@ -59,14 +54,16 @@ def _read_json(path: str, required: bool = False) -> dict[str, Any] | None:
 
 def _write_atomic(path: str, text: str) -> None:
     """Write `text` to a temp file next to `path`, then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise TokenizerError(f"cannot write {path}: {e}") from e
 
 
@@ -79,13 +76,8 @@ def _token_str(value: Any) -> str | None:
 
 def _id_list(value: Any) -> list[int]:
     """An eos_token_id given as an int, a list of ints or nothing."""
-    if isinstance(value, bool):
-        return []
-    if isinstance(value, int):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
-    return []
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [v for v in values if type(v) is int]
 
 
 def _chat_template_from_config(value: Any) -> str | None:
@@ -94,16 +86,12 @@ def _chat_template_from_config(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-# ---------------------------------------------------------------------------------------------
-# chat templates
-
-
 @functools.lru_cache(maxsize=16)
 def _compile_template(source: str) -> jinja2.Template:
     def raise_exception(message: str) -> None:
         raise TokenizerError(f"chat template refused the conversation: {message}")
 
-    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:
+    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys=False) -> str:
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(
@@ -133,31 +121,20 @@ def _check_messages(messages: Any) -> list[dict[str, Any]]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# GGUF (llama.cpp) vocabularies
-
-
 def _gguf_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
+    """llama.cpp's pre-tokenizer named by `tokenizer.ggml.pre`, as a `tokenizers` pipeline."""
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre not in _GGUF_SPLITS)
     if pre == "smollm":  # HF SmolLM2's own pipeline: every digit on its own, then GPT-2 byte-level
-        return pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
-        )
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     if pre in _GGUF_SPLITS:
-        return pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(_GGUF_SPLITS[pre]), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
-    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_GGUF_SPLITS[pre]), "isolated"), byte_level])
+    return byte_level
 
 
 def _gguf_backend(meta: Mapping[str, Any]) -> _Backend:
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
-        raise TokenizerError(
-            f"GGUF tokenizer model {kind!r} is unsupported: only 'gpt2' (byte-level BPE) vocabularies can be read"
-        )
+        raise TokenizerError(f"GGUF tokenizer model {kind!r} is unsupported: only 'gpt2' (byte-level BPE) is read")
     tokens, merges = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.merges")
     if not tokens or not merges:
         raise TokenizerError("GGUF metadata lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
@@ -168,23 +145,16 @@ def _gguf_backend(meta: Mapping[str, Any]) -> _Backend:
             raise TokenizerError(f"GGUF merge {m!r} is not of the form 'a b'")
         pairs.append((m[:cut], m[cut + 1 :]))
     pre = meta.get("tokenizer.ggml.pre") or "default"
-    backend = _Backend(
-        models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=pairs, ignore_merges=pre in ("llama-bpe", "llama3"))
-    )
+    vocab = {t: i for i, t in enumerate(tokens)}
+    backend = _Backend(models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre in ("llama-bpe", "llama3")))
     backend.pre_tokenizer = _gguf_pre_tokenizer(pre)
     backend.decoder = decoders.ByteLevel()
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
     types = meta.get("tokenizer.ggml.token_type") or []
-    backend.add_special_tokens(
-        [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t == _GGUF_CONTROL]
-    )
-    backend.add_tokens(
-        [AddedToken(tokens[i], special=False, normalized=False) for i, t in enumerate(types) if t == _GGUF_USER_DEFINED]
-    )
+    for kind, special in ((_GGUF_CONTROL, True), (_GGUF_USER_DEFINED, False)):
+        added = [AddedToken(tokens[i], special=special, normalized=False) for i, t in enumerate(types) if t == kind]
+        (backend.add_special_tokens if special else backend.add_tokens)(added)
     return backend
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 class Tokenizer:
@@ -272,8 +242,8 @@ class Tokenizer:
         max_len = meta.get(f"{meta.get('general.architecture')}.context_length")
         return cls(
             backend,
-            special_tokens={"bos_token": token("bos"), "eos_token": token("eos"), "pad_token": token("padding"),
-                            "unk_token": token("unknown")},
+            special_tokens={"bos_token": token("bos"), "eos_token": token("eos"),
+                            "pad_token": token("padding"), "unk_token": token("unknown")},
             add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
             chat_template=meta.get("tokenizer.chat_template"),
             stop_ids=[i for i in stops if isinstance(i, int)],
@@ -299,8 +269,28 @@ class Tokenizer:
             cfg["model_max_length"] = self.model_max_length
         if self.chat_template is not None:
             cfg["chat_template"] = self.chat_template
-        _write_atomic(os.path.join(path, "tokenizer.json"), self._tok.to_str(pretty=True))
-        _write_atomic(os.path.join(path, "tokenizer_config.json"), json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+        _write_atomic(os.path.join(path, "tokenizer.json"), self._backend_for_saving().to_str(pretty=True))
+        cfg_text = json.dumps(cfg, indent=2, ensure_ascii=False) + "\n"
+        _write_atomic(os.path.join(path, "tokenizer_config.json"), cfg_text)
+
+    def _backend_for_saving(self) -> _Backend:
+        """A copy whose post-processor adds exactly what encode(add_special_tokens=True) adds.
+
+        transformers (v5) ignores add_bos_token when a tokenizer.json exists and trusts its
+        post-processor, so the BOS behaviour has to live there.
+        """
+        post = self._tok.post_processor
+        adds = post is not None and post.num_special_tokens_to_add(False) > 0
+        wants_bos = self.add_bos_token and self._bos_id is not None
+        if not adds and not wants_bos:
+            return self._tok
+        copy = _Backend.from_str(self._tok.to_str())
+        bos = f"{self.id_to_token(self._bos_id)}:0 " if wants_bos else ""
+        copy.post_processor = processors.TemplateProcessing(
+            single=f"{bos}$A:0", pair=f"{bos}$A:0 $B:1",
+            special_tokens=[(self.id_to_token(self._bos_id), self._bos_id)] if wants_bos else [],
+        )
+        return copy
 
     # -- encoding ------------------------------------------------------------------------------
 
@@ -314,13 +304,16 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        ids = [int(i) for i in ids]
+        if ids and min(ids) < 0:
+            raise TokenizerError(f"cannot decode a negative token id ({min(ids)})")
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
     def id_to_token(self, token_id: int) -> str | None:
-        return self._tok.id_to_token(int(token_id))
+        return self._tok.id_to_token(int(token_id)) if token_id >= 0 else None
 
     @property
     def vocab_size(self) -> int:
@@ -368,11 +361,11 @@ class Tokenizer:
             raise TokenizerError("this tokenizer has no chat template (no chat_template in tokenizer_config.json, "
                                  "chat_template.jinja or GGUF tokenizer.chat_template)")
         template = _compile_template(self.chat_template)
-        variables = {"tools": None, "documents": None, **{k: v for k, v in self.special_tokens.items() if v is not None}}
-        variables.update(kwargs)
+        messages = _check_messages(messages)
+        variables = {k: v for k, v in self.special_tokens.items() if v is not None}
+        variables = {"tools": None, "documents": None, **variables, **kwargs}
         try:
-            return template.render(messages=_check_messages(messages), add_generation_prompt=add_generation_prompt,
-                                   **variables)
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
         except TokenizerError:
             raise
         except Exception as e:  # jinja errors, or a template doing arithmetic on a wrong type

@@ -1,0 +1,1 @@
+"""Decoding: sampling parameters, the filtered distribution p̃ and samplers, and the decoders."""

@@ -1,0 +1,103 @@
+"""Sampling parameters and the one definition of the sampling distribution p̃ (SPEC §2).
+
+p̃ = filter(softmax(logits / T)), filter = top-k then top-p, renormalised; T = 0 means greedy (p̃ is
+the point mass on the argmax). Every token idlm emits is drawn from p̃, and speculative verification
+(the decoders issue) compares drafts against the same p̃, so this file is the single place it is
+defined. Functions are batched with per-row parameters, so requests in one batch keep their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from idlm.errors import ConfigError
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None  # same seed, same output
+    max_tokens: int = 256
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        def bad(name, why):
+            raise ConfigError(f"invalid sampling parameter {name}={getattr(self, name)!r}: {why}")
+
+        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool):
+            bad("temperature", "must be a number")
+        if self.temperature < 0 or self.temperature != self.temperature:
+            bad("temperature", "must be >= 0 (0 = greedy)")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            bad("top_k", "must be an integer >= 0 (0 = off)")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            bad("seed", "must be an integer")
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            bad("max_tokens", "must be an integer >= 1")
+        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
+            bad("stop_token_ids", "must be non-negative integers")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
+        """A fresh generator for this request (None without a seed: torch's global RNG)."""
+        if self.seed is None:
+            return None
+        return torch.Generator(device=device).manual_seed(self.seed)
+
+
+def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                   top_p: torch.Tensor) -> torch.Tensor:
+    """p̃ per row: logits [B, V], temperature/top_k/top_p [B] -> probabilities [B, V] (float32).
+
+    Rows with temperature 0 get the point mass on their argmax (ties: lowest id).
+    """
+    logits = logits.float()
+    B, V = logits.shape
+    greedy = temperature <= 0
+    t = torch.where(greedy, torch.ones_like(temperature), temperature).float()
+    probs = torch.softmax(logits / t[:, None], dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
+    rank = torch.arange(V, device=logits.device).expand(B, V)
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, V))
+    keep = rank < k[:, None]
+    sorted_p = sorted_p * keep
+    sorted_p = sorted_p / sorted_p.sum(-1, keepdim=True)
+    # top-p: keep the smallest prefix whose mass reaches top_p (the first token always stays)
+    mass_before = sorted_p.cumsum(-1) - sorted_p
+    keep = keep & (mass_before < top_p[:, None].float())
+    sorted_p = sorted_p * keep
+    sorted_p = sorted_p / sorted_p.sum(-1, keepdim=True)
+    out = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    if greedy.any():
+        onehot = torch.zeros_like(probs).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+        out = torch.where(greedy[:, None], onehot, out)
+    return out
+
+
+def params_tensors(params: list[SamplingParams], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row (temperature, top_k, top_p) tensors [B] for `filtered_probs`."""
+    return (torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
+            torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
+            torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device))
+
+
+def sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row from probs [B, V] -> [B] long, row b drawing its noise from generators[b].
+
+    Uses the exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. picks token i with
+    probability p_i, needs one uniform per vocabulary entry and no host sync.
+    """
+    noise = torch.empty_like(probs)
+    for b, g in enumerate(generators):
+        noise[b].exponential_(generator=g)
+    return (probs / noise).argmax(dim=-1)
