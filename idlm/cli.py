@@ -38,15 +38,14 @@ def cmd_generate(args) -> int:
 
     from idlm.decoding.ar import generate_ar
     from idlm.decoding.sampling import SamplingParams
-    from idlm.models.loader import load_model, load_tokenizer
+    from idlm.models.loader import load_pretrained
     from idlm.tokenizer import IncrementalDetokenizer
 
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             seed=args.seed, max_tokens=args.max_tokens)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise IdlmError(f"--device {args.device}: CUDA is not available on this machine")
-    tok = load_tokenizer(args.model)
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tok = load_pretrained(args.model, dtype=args.dtype, device=args.device)
     if args.chat:
         prompt_ids = tok.encode_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
     else:

@@ -393,6 +393,7 @@ class IncrementalDetokenizer:
     were already emitted and stay as context, so decoders that treat a first token specially still
     agree; `_ids[_read:]` are not emitted yet. Text is emitted only when the window's text does not
     end in U+FFFD, i.e. no UTF-8 character is left half-finished; the window then slides forward.
+    (A run of invalid bytes holds the window open until a clean character follows, as in vLLM.)
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:

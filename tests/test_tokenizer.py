@@ -20,7 +20,8 @@ from idlm.tokenizer import IncrementalDetokenizer, Tokenizer
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|MASK|>"]
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
-    " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    " + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 CONVERSATION = [
     {"role": "system", "content": "You are terse."},
@@ -75,8 +76,9 @@ def write_tiny_tokenizer(path: Path, chat_template: str | None = CHATML, **confi
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer = trainers.BpeTrainer(
-        vocab_size=600, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=600, special_tokens=SPECIALS, initial_alphabet=alphabet, show_progress=False
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
     path.mkdir(parents=True, exist_ok=True)
@@ -85,7 +87,8 @@ def write_tiny_tokenizer(path: Path, chat_template: str | None = CHATML, **confi
     if chat_template is not None:
         cfg["chat_template"] = chat_template
     (path / "tokenizer_config.json").write_text(json.dumps(cfg))
-    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [tok.token_to_id("<|endoftext|>")]}))
+    gen = {"eos_token_id": [tok.token_to_id("<|endoftext|>")]}
+    (path / "generation_config.json").write_text(json.dumps(gen))
     return path
 
 
@@ -97,15 +100,6 @@ def tiny_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny(tiny_dir) -> Tokenizer:
     return Tokenizer.from_dir(tiny_dir)
-
-
-@pytest.fixture(scope="session")
-def smollm2_gguf() -> Path:
-    """Path of the SmolLM2-135M-Instruct GGUF, given by $IDLM_SMOLLM2_GGUF (skips when unset)."""
-    value = os.environ.get("IDLM_SMOLLM2_GGUF")
-    if not value or not os.path.isfile(value):
-        pytest.skip("set IDLM_SMOLLM2_GGUF to the path of SmolLM2-135M-Instruct.Q4_1.gguf to run GGUF tokenizer tests")
-    return Path(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,8 +120,9 @@ def test_from_dir_round_trip_and_special_ids(tiny):
 
 
 def test_config_files_add_stop_ids_and_mask(tmp_path):
-    d = write_tiny_tokenizer(tmp_path, chat_template=[{"name": "default", "template": "D"}, {"name": "tool_use", "template": "T"}],
-                             add_bos_token=True, bos_token={"content": "<|im_start|>"})
+    templates = [{"name": "default", "template": "D"}, {"name": "tool_use", "template": "T"}]
+    d = write_tiny_tokenizer(tmp_path, chat_template=templates, add_bos_token=True,
+                             bos_token={"content": "<|im_start|>"})
     (d / "config.json").write_text(json.dumps({"eos_token_id": 1, "mask_token_id": 0}))
     tok = Tokenizer.from_dir(d)
     assert tok.chat_template == "D"
@@ -136,6 +131,25 @@ def test_config_files_add_stop_ids_and_mask(tmp_path):
     assert tok.encode("hi", add_special_tokens=True)[0] == 1 and tok.encode("hi")[0] != 1
     (d / "chat_template.jinja").write_text("J")
     assert Tokenizer.from_dir(d).chat_template == "J"
+
+
+def test_bos_follows_post_processor_and_survives_save(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    d = write_tiny_tokenizer(tmp_path / "src", bos_token="<|im_start|>")
+    backend = HFTokenizer.from_file(str(d / "tokenizer.json"))
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)]
+    )
+    backend.save(str(d / "tokenizer.json"))
+    assert Tokenizer.from_dir(d).encode("hi", add_special_tokens=True)[0] == 1  # no add_bos_token: post-processor
+    for add_bos in (True, False):
+        cfg = json.loads((d / "tokenizer_config.json").read_text())
+        (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "add_bos_token": add_bos}))
+        ours = Tokenizer.from_dir(d)
+        ours.save(tmp_path / f"out{add_bos}")
+        hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / f"out{add_bos}"))
+        assert hf("hi there")["input_ids"] == ours.encode("hi there", add_special_tokens=True)
+        assert (ours.encode("hi", add_special_tokens=True)[0] == 1) == add_bos
 
 
 def test_save_loads_in_transformers_identically(tiny, tmp_path):
@@ -167,11 +181,13 @@ def test_template_features_match_transformers(tmp_path):
         "{% if tools is not none %}TOOLS {{ tools | tojson(indent=2) }}{% endif %}{{ extra | default('') }}"
         "{% if unk_token is defined %}UNK{% endif %}"
     )
-    d = write_tiny_tokenizer(tmp_path / "src", chat_template=template, bos_token="<|im_start|>", add_bos_token=True)
+    d = write_tiny_tokenizer(tmp_path / "src", chat_template=template, bos_token="<|im_start|>",
+                             add_bos_token=True)
     ours = Tokenizer.from_dir(d)
     ours.save(tmp_path / "out")
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
-    msgs = [{"role": "user", "content": "é 🙂"}, {"role": "skip", "content": "x"}, {"role": "assistant", "content": "ok"}]
+    msgs = [{"role": "user", "content": "é 🙂"}, {"role": "skip", "content": "x"},
+            {"role": "assistant", "content": "ok", "name": None}]
     tools = [{"name": "f", "description": "ünï"}]
     for kwargs in ({}, {"tools": tools, "extra": "E"}):
         want = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False, **kwargs)
@@ -189,8 +205,9 @@ def smol_pair(smollm2_gguf):
     transformers = pytest.importorskip("transformers")
     from idlm.models.gguf import gguf_metadata, open_gguf
 
-    ours = Tokenizer.from_gguf_metadata(gguf_metadata(open_gguf(smollm2_gguf)))
-    hf = transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+    path = Path(smollm2_gguf)  # the session fixture in tests/conftest.py
+    ours = Tokenizer.from_gguf_metadata(gguf_metadata(open_gguf(path)))
+    hf = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return ours, hf
 
 
@@ -209,6 +226,13 @@ def test_gguf_tokenizer_matches_transformers(smol_pair):
         for conv in (CONVERSATION, CONVERSATION[1:]):
             want = hf.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
             assert ours.apply_chat_template(conv, add_generation_prompt=gen) == want
+
+
+def test_detokenizer_on_real_vocab(smol_pair):
+    ours, _ = smol_pair
+    rng = random.Random(7)
+    for ids in [ours.encode(t) for t in MULTIBYTE_TEXTS] + [[rng.randrange(49152) for _ in range(200)]]:
+        assert "".join(_stream(ours, ids)) == ours.decode(ids)
 
 
 def test_gguf_tokenizer_splits_digits(smol_pair):
@@ -236,16 +260,17 @@ def test_gguf_rejects_unsupported_models():
         Tokenizer.from_gguf_metadata({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a"]})
 
 
-def test_gguf_minimal_vocab():
+@pytest.mark.parametrize("pre", ["qwen2", "llama-bpe", "smollm", "default", "something-new"])
+def test_gguf_minimal_vocab(pre):
     tokens = ["<s>", "</s>", "<u>", "a", "b", "ab"]
     tok = Tokenizer.from_gguf_metadata({
-        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2", "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
         "tokenizer.ggml.merges": ["a b"], "tokenizer.ggml.token_type": [3, 3, 4, 1, 1, 1],
         "tokenizer.ggml.bos_token_id": 0, "tokenizer.ggml.eos_token_id": 1, "tokenizer.ggml.eot_token_id": 0,
         "tokenizer.ggml.add_bos_token": True,
     })
     assert tok.encode("ab<u></s>", add_special_tokens=True) == [0, 5, 2, 1]
-    assert tok.decode([5, 1], skip_special_tokens=True) == "ab"
+    assert tok.decode([5, 1, 2], skip_special_tokens=True) == "ab<u>"  # user-defined tokens are not special
     assert tok.eos_token_ids == frozenset({0, 1}) and tok.chat_template is None
 
 
@@ -309,6 +334,14 @@ def test_from_dir_errors_name_the_file(tmp_path):
         Tokenizer.from_dir(tmp_path)
 
 
+def test_bad_ids_and_text(tiny):
+    with pytest.raises(TokenizerError, match="negative"):
+        tiny.decode([1, -1])
+    with pytest.raises(TokenizerError, match="str"):
+        tiny.encode(None)  # type: ignore[arg-type]
+    assert tiny.id_to_token(-1) is None and tiny.id_to_token(10**6) is None
+
+
 def test_corrupt_side_file_is_named(tmp_path):
     d = write_tiny_tokenizer(tmp_path)
     (d / "generation_config.json").write_text("[1, 2")
@@ -324,7 +357,7 @@ def test_chat_template_errors(tmp_path, tiny):
     for msgs in bad_messages:
         with pytest.raises(TokenizerError, match="message"):
             tiny.apply_chat_template(msgs)  # type: ignore[arg-type]
-    refusing = "{% if messages[0]['role'] != 'system' %}{{ raise_exception('first message must be system') }}{% endif %}"
+    refusing = "{% if messages[0].role != 'system' %}{{ raise_exception('first message must be system') }}{% endif %}"
     tok = Tokenizer.from_dir(write_tiny_tokenizer(tmp_path / "b", chat_template=refusing))
     with pytest.raises(TokenizerError, match="first message must be system"):
         tok.apply_chat_template([{"role": "user", "content": "x"}])

@@ -150,27 +150,43 @@ def load_state_into(model: Transformer, tensors, source: str) -> None:
         raise CheckpointError(f"{source}: missing tensor {missing[0]!r}{more}")
 
 
-def load_model(name_or_path, dtype: str | torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> Transformer:
-    """Build the model a checkpoint describes and load its weights (strictly)."""
+def load_pretrained(name_or_path, dtype: str | torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                    with_tokenizer: bool = True):
+    """(model, tokenizer) of a checkpoint; the tokenizer is None when with_tokenizer is False.
+
+    A GGUF file is parsed once for both (parsing its vocabulary is the slow part of opening it).
+    """
+    from idlm.tokenizer import Tokenizer
+
     path = resolve_model_path(name_or_path)
     dtype = parse_dtype(dtype)
     gguf_path = _gguf_file(path)
+    tokenizer = None
     if gguf_path is not None:
         from idlm.models.gguf import gguf_config, gguf_metadata, gguf_state_dict, open_gguf
 
         reader = open_gguf(gguf_path)
-        hf = gguf_config(gguf_metadata(reader), {t.name for t in reader.tensors})
-        cfg, tensors, source = ModelConfig.from_hf(hf), None, str(gguf_path)
-        tensors = gguf_state_dict(reader, hf).items()
+        meta = gguf_metadata(reader)
+        hf = gguf_config(meta, {t.name for t in reader.tensors})
+        cfg, tensors, source = ModelConfig.from_hf(hf), gguf_state_dict(reader, hf).items(), str(gguf_path)
+        if with_tokenizer:
+            tokenizer = Tokenizer.from_gguf_metadata(meta)
     else:
         cfg = ModelConfig.from_hf(_read_json(path / "config.json"))
         tensors, source = _iter_safetensors(_safetensors_files(path)), str(path)
+        if with_tokenizer:
+            tokenizer = Tokenizer.from_dir(path)
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to(dtype).to_empty(device=device)
     load_state_into(model, tensors, source)
-    return model.eval()
+    return model.eval(), tokenizer
+
+
+def load_model(name_or_path, dtype: str | torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> Transformer:
+    """Build the model a checkpoint describes and load its weights (strictly)."""
+    return load_pretrained(name_or_path, dtype, device, with_tokenizer=False)[0]
 
 
 def load_tokenizer(name_or_path):
