@@ -36,6 +36,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def cmd_generate(args) -> int:
     import torch
 
+    from idlm.decoding import resolve_mask_token
     from idlm.decoding.ar import generate_ar
     from idlm.decoding.sampling import SamplingParams
     from idlm.models.loader import load_pretrained
@@ -46,6 +47,9 @@ def cmd_generate(args) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise IdlmError(f"--device {args.device}: CUDA is not available on this machine")
     model, tok = load_pretrained(args.model, dtype=args.dtype, device=args.device)
+    resolve_mask_token(args.decoder, model.config, tok)
+    if args.decoder != "ar":
+        raise IdlmError(f"decoder {args.decoder!r} is not available in this version yet; use --decoder ar")
     if args.chat:
         prompt_ids = tok.encode_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
     else:
@@ -78,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("--chat", action="store_true", help="send PROMPT as a user message through the chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object with text, token_ids and stats")
+    g.add_argument("--decoder", default="ar", choices=["ar", "isd", "risd", "sdar"],
+                   help="ar: one token per forward; isd/risd/sdar need an I-DLM (a model with a MASK token)")
     _add_model_args(g)
     _add_sampling_args(g)
     g.set_defaults(func=cmd_generate)

@@ -16,13 +16,8 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from idlm.errors import TokenizerError
 from idlm.tokenizer import IncrementalDetokenizer, Tokenizer
+from tiny import CHATML, write_tiny_tokenizer
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|MASK|>"]
-CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
-    " + '<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 CONVERSATION = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "Wie geht's? 你好 🙂"},
@@ -53,43 +48,6 @@ SMOL_TEXTS = [
 
 # ---------------------------------------------------------------------------------------------
 # fixtures
-
-
-def _corpus(n_lines: int = 400) -> list[str]:
-    rng = random.Random(0)
-    words = (
-        "the a model diffusion language token mask decode serve train quick brown fox jumps over lazy dog "
-        "hello world assistant user system café naïve déjà 你好 世界 中文 测试 🙂 👍 émoji über straße"
-    ).split()
-    lines = []
-    for _ in range(n_lines):
-        parts = [rng.choice(words) for _ in range(rng.randint(3, 12))]
-        if rng.random() < 0.3:
-            parts.append(str(rng.randint(0, 99999)))
-        lines.append(" ".join(parts) + rng.choice([".", "!", "?", ",", ""]))
-    return lines
-
-
-def write_tiny_tokenizer(path: Path, chat_template: str | None = CHATML, **config) -> Path:
-    """Train a byte-level BPE on generated text and save it as an HF checkpoint directory."""
-    tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(
-        vocab_size=600, special_tokens=SPECIALS, initial_alphabet=alphabet, show_progress=False
-    )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
-    path.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path / "tokenizer.json"))
-    cfg = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None, **config}
-    if chat_template is not None:
-        cfg["chat_template"] = chat_template
-    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
-    gen = {"eos_token_id": [tok.token_to_id("<|endoftext|>")]}
-    (path / "generation_config.json").write_text(json.dumps(gen))
-    return path
 
 
 @pytest.fixture(scope="module")

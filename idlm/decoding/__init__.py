@@ -1,1 +1,29 @@
-"""Decoding: sampling parameters, the filtered distribution p̃ and samplers, and the decoders."""
+"""Decoding: sampling parameters, the filtered distribution p̃ and samplers, and the decoders.
+
+Decoders by name: `ar` (one token per forward), and the diffusion decoders `isd`, `risd` and `sdar`
+(SPEC §4–§6), which need a MASK token in the model's vocabulary.
+"""
+
+from __future__ import annotations
+
+from idlm.errors import ConfigError
+
+DECODERS = ("ar", "isd", "risd", "sdar")
+DIFFUSION_DECODERS = ("isd", "risd", "sdar")
+
+
+def resolve_mask_token(decoder: str, model_config, tokenizer=None) -> int | None:
+    """The MASK token id a decoder needs (None for `ar`); a clear error when the model has none."""
+    if decoder not in DECODERS:
+        raise ConfigError(f"unknown decoder {decoder!r}; choose one of {', '.join(DECODERS)}")
+    if decoder not in DIFFUSION_DECODERS:
+        return None
+    mask = model_config.mask_token_id
+    if mask is None and tokenizer is not None:
+        mask = tokenizer.mask_token_id
+    if mask is None or not 0 <= mask < model_config.vocab_size:
+        raise ConfigError(
+            f"decoder {decoder!r} needs a MASK token, but this model has none (no mask_token_id in its "
+            f"config.json and no <|MASK|> token in its tokenizer): use --decoder ar, or an I-DLM checkpoint"
+        )
+    return mask

@@ -1,0 +1,69 @@
+"""p̃ (temperature, top-k, top-p) against a brute-force oracle, and the sampler's distribution."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from idlm.decoding.sampling import SamplingParams, filtered_probs, params_tensors, sample
+from idlm.errors import ConfigError
+
+
+def brute_force(logits: torch.Tensor, t: float, k: int, p: float) -> torch.Tensor:
+    """One row, written the slow obvious way."""
+    V = logits.numel()
+    if t == 0:
+        out = torch.zeros(V)
+        out[int(logits.argmax())] = 1
+        return out
+    probs = torch.softmax(logits.double() / t, -1)
+    order = sorted(range(V), key=lambda i: (-probs[i].item(), i))
+    kept = order[: k] if k > 0 else order
+    mass = sum(probs[i].item() for i in kept)
+    chosen, acc = [], 0.0
+    for i in kept:
+        chosen.append(i)
+        acc += probs[i].item() / mass
+        if acc >= p - 1e-12:
+            break
+    out = torch.zeros(V, dtype=torch.float64)
+    for i in chosen:
+        out[i] = probs[i]
+    return (out / out.sum()).float()
+
+
+CASES = [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (1.0, 10, 0.5), (0.0, 0, 1.0), (0.0, 3, 0.2),
+         (2.0, 1, 1.0), (1.0, 0, 0.01)]
+
+
+def test_filtered_probs_matches_brute_force_with_per_row_params():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(len(CASES), 50, generator=g) * 3
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p) for t, k, p in CASES]
+    got = filtered_probs(logits, *params_tensors(params, "cpu"))
+    for row, (t, k, p) in enumerate(CASES):
+        assert torch.allclose(got[row], brute_force(logits[row], t, k, p), atol=1e-6), CASES[row]
+
+
+def test_sampler_follows_the_distribution_and_seeds_reproduce():
+    probs = torch.tensor([[0.5, 0.25, 0.15, 0.1, 0.0]])
+    n = 40_000
+    gen = torch.Generator().manual_seed(1)
+    draws = torch.stack([sample(probs, [gen]) for _ in range(n)]).flatten()
+    freq = torch.bincount(draws, minlength=5).double() / n
+    sigma = (probs[0].double() * (1 - probs[0].double()) / n).sqrt()
+    assert ((freq - probs[0]).abs() <= 5 * sigma + 1e-12).all(), freq
+    assert freq[4] == 0  # a filtered-out token is never drawn
+    a = [sample(probs, [SamplingParams(seed=3).generator()]).item() for _ in range(20)]
+    assert len(set(a)) == 1  # a fresh generator with the same seed draws the same token
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(temperature=-0.1), "temperature"), (dict(temperature=float("nan")), "temperature"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.01), "top_p"), (dict(top_k=-1), "top_k"),
+    (dict(top_k=2.5), "top_k"), (dict(max_tokens=0), "max_tokens"), (dict(seed="x"), "seed"),
+    (dict(stop_token_ids=[-1]), "stop_token_ids"),
+])
+def test_bad_sampling_parameters_name_the_parameter(kwargs, name):
+    with pytest.raises(ConfigError, match=f"invalid sampling parameter {name}="):
+        SamplingParams(**kwargs)
