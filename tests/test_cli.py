@@ -8,12 +8,12 @@ import sys
 
 import pytest
 import torch
+from tiny import write_tiny_checkpoint
 
 from idlm.cli import main
 from idlm.decoding.ar import generate_ar
 from idlm.decoding.sampling import SamplingParams
 from idlm.models.loader import load_pretrained
-from tiny import write_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

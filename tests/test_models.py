@@ -20,8 +20,10 @@ BASE = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_laye
             num_attention_heads=4, max_position_embeddings=256)
 # family -> list of (case name, extra HF config kwargs)
 CASES = {
-    "qwen3-gqa-untied": ("Qwen3", dict(num_key_value_heads=2, head_dim=16, rope_theta=5000.0, tie_word_embeddings=False)),
-    "qwen3-mha-tied-bias": ("Qwen3", dict(num_key_value_heads=4, head_dim=8, tie_word_embeddings=True, attention_bias=True)),
+    "qwen3-gqa-untied": ("Qwen3", dict(num_key_value_heads=2, head_dim=16, rope_theta=5000.0,
+                                       tie_word_embeddings=False)),
+    "qwen3-mha-tied-bias": ("Qwen3", dict(num_key_value_heads=4, head_dim=8, tie_word_embeddings=True,
+                                          attention_bias=True)),
     "qwen2-gqa-tied": ("Qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6)),
     "qwen2-gqa-untied": ("Qwen2", dict(num_key_value_heads=1, tie_word_embeddings=False)),
     "llama-gqa-untied": ("Llama", dict(num_key_value_heads=2, tie_word_embeddings=False, rope_theta=500000.0,

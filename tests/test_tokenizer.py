@@ -11,12 +11,12 @@ import random
 from pathlib import Path
 
 import pytest
+from tiny import write_tiny_tokenizer
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import processors
 
 from idlm.errors import TokenizerError
 from idlm.tokenizer import IncrementalDetokenizer, Tokenizer
-from tiny import CHATML, write_tiny_tokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "You are terse."},
@@ -35,7 +35,9 @@ TEXTS = [
     "tabs\tand\nnewlines\r\n",
     "",
 ]
-MULTIBYTE_TEXTS = ["你好，世界！这是一个测试。", "🙂🙃😀 emoji 👍🏽👨‍👩‍👧", "àéîõü ñ ç ß ø å", "mixed 中文 and ascii 123 ✓"]
+MULTIBYTE_TEXTS = [
+    "你好，世界！这是一个测试。", "🙂🙃😀 emoji 👍🏽👨‍👩‍👧", "àéîõü ñ ç ß ø å", "mixed 中文 and ascii 123 ✓",
+]
 SMOL_TEXTS = [
     "Hello world",
     "The quick brown fox jumps over the lazy dog.",

