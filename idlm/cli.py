@@ -26,6 +26,18 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=128)
 
 
+def _add_decoder_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--decoder", default="ar", choices=["ar", "isd", "risd", "sdar"],
+                   help="ar: one token per forward; isd: introspective strided decoding (an I-DLM); "
+                        "risd: lossless ISD of an AR model with a gated LoRA (--lora); sdar: block-diffusion baseline")
+    p.add_argument("--stride", type=int, default=4, help="ISD stride N (tokens per forward at most); SDAR block size")
+    p.add_argument("--draft", default="sample", choices=["sample", "argmax"],
+                   help="ISD drafts: sampled from q (accept min(1, p/q)) or argmax (accept p(d)); both exact")
+    p.add_argument("--verify-alpha", type=float, default=1.0, help="accept min(1, p/(alpha q)); lossy unless 1")
+    p.add_argument("--threshold", type=float, default=0.9, help="SDAR: unmask slots whose confidence >= this")
+    p.add_argument("--lora", default=None, help="R-ISD gated LoRA adapter directory")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"checkpoint directory, .gguf file or known model name (default: {DEFAULT_MODEL})")
@@ -33,44 +45,57 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
 
 
-def cmd_generate(args) -> int:
+def _load_for_decoding(args):
+    """Model, tokenizer, decoder and (for R-ISD) LoRA adapter from the common options."""
     import torch
 
-    from idlm.decoding import resolve_mask_token
-    from idlm.decoding.ar import generate_ar
-    from idlm.decoding.sampling import SamplingParams
+    from idlm.decoding import make_decoder
     from idlm.models.loader import load_pretrained
-    from idlm.tokenizer import IncrementalDetokenizer
 
-    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            seed=args.seed, max_tokens=args.max_tokens)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise IdlmError(f"--device {args.device}: CUDA is not available on this machine")
     model, tok = load_pretrained(args.model, dtype=args.dtype, device=args.device)
-    resolve_mask_token(args.decoder, model.config, tok)
-    if args.decoder != "ar":
-        raise IdlmError(f"decoder {args.decoder!r} is not available in this version yet; use --decoder ar")
+    decoder = make_decoder(args.decoder, args.stride, model.config, tok, threshold=args.threshold)
+    lora = None
+    if args.decoder == "risd":
+        if not args.lora:
+            raise IdlmError("--decoder risd needs --lora PATH (the gated LoRA adapter of this base model)")
+        from idlm.layers.lora import LoRAAdapter
+
+        lora = LoRAAdapter.load(args.lora, model.config, device=args.device, dtype=model.dtype)
+    elif args.lora:
+        raise IdlmError(f"--lora is only used by --decoder risd, not {args.decoder!r}")
+    return model, tok, decoder, lora
+
+
+def cmd_generate(args) -> int:
+    from idlm.decoding.runner import generate
+    from idlm.decoding.sampling import SamplingParams
+
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            seed=args.seed, max_tokens=args.max_tokens, stop=list(args.stop or []),
+                            draft=args.draft, verify_alpha=args.verify_alpha)
+    model, tok, decoder, lora = _load_for_decoding(args)
     if args.chat:
         prompt_ids = tok.encode_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
     else:
         prompt_ids = tok.encode(args.prompt, add_special_tokens=True)
     eos = sorted(set(tok.eos_token_ids) | set(model.config.eos_token_ids))
 
-    on_token = None
-    if not args.json:
-        detok = IncrementalDetokenizer(tok, skip_special_tokens=True)
+    def on_text(row, delta):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
 
-        def on_token(row, token_id):
-            sys.stdout.write(detok.add(token_id))
-            sys.stdout.flush()
-
-    out = generate_ar(model, [prompt_ids], params, eos_token_ids=eos, on_token=on_token)[0]
+    out = generate(model, decoder, [prompt_ids], params, lora=lora, eos_token_ids=eos, tokenizer=tok,
+                   on_text=None if args.json else on_text)[0]
     if args.json:
-        text = tok.decode(out.token_ids, skip_special_tokens=True)
-        print(json.dumps({"text": text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
-                          "prompt_token_ids": prompt_ids, "stats": out.stats}))
+        stats = out.stats.to_dict()
+        stats.update(decoder=decoder.name, stride=getattr(decoder, "stride", 1),
+                     prompt_tokens=len(prompt_ids), generated_tokens=len(out.token_ids), **out.timing)
+        print(json.dumps({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
+                          "prompt_token_ids": prompt_ids, "stats": stats}))
     else:
-        sys.stdout.write(detok.flush() + "\n")
+        sys.stdout.write("\n")
     return 0
 
 
@@ -82,9 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("--chat", action="store_true", help="send PROMPT as a user message through the chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object with text, token_ids and stats")
-    g.add_argument("--decoder", default="ar", choices=["ar", "isd", "risd", "sdar"],
-                   help="ar: one token per forward; isd/risd/sdar need an I-DLM (a model with a MASK token)")
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
     _add_model_args(g)
+    _add_decoder_args(g)
     _add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
     return parser

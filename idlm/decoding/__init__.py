@@ -27,3 +27,23 @@ def resolve_mask_token(decoder: str, model_config, tokenizer=None) -> int | None
             f"config.json and no <|MASK|> token in its tokenizer): use --decoder ar, or an I-DLM checkpoint"
         )
     return mask
+
+
+def make_decoder(name: str, stride: int, model_config, tokenizer=None, threshold: float = 0.9):
+    """A decoder by name: `ar`; `isd` / `risd` with stride N (SPEC §4–5); `sdar` with block size
+    `stride` and confidence threshold `threshold` (SPEC §6)."""
+    mask = resolve_mask_token(name, model_config, tokenizer) if name != "risd" else None
+    if name == "ar":
+        from idlm.decoding.ar import ARDecoder
+
+        return ARDecoder()
+    if name in ("isd", "risd"):
+        from idlm.decoding.isd import ISDDecoder
+
+        if name == "risd":  # the adapter brings its own MASK embedding; a MASK id is optional
+            mask = model_config.mask_token_id if model_config.mask_token_id is not None else (
+                tokenizer.mask_token_id if tokenizer is not None else None)
+        return ISDDecoder(stride, mask, lora=name == "risd")
+    from idlm.decoding.sdar import SDARDecoder
+
+    return SDARDecoder(stride, mask, threshold)

@@ -14,6 +14,10 @@ import torch
 
 from idlm.errors import ConfigError
 
+# "argmax-ratio" is the reference release's rule (argmax draft tested with min(1, p̃/q̃)): biased when
+# T > 0 (SPEC §10.1). It exists only so tests and benchmarks can measure that bias.
+DRAFT_MODES = ("sample", "argmax", "argmax-ratio")
+
 
 @dataclass
 class SamplingParams:
@@ -23,7 +27,11 @@ class SamplingParams:
     seed: int | None = None  # same seed, same output
     max_tokens: int = 256
     stop_token_ids: list[int] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)  # stop strings (need a tokenizer to detect)
     ignore_eos: bool = False
+    # speculative verification (ISD/R-ISD, SPEC §4.3)
+    draft: str = "sample"  # "sample": d ~ q̃, accept min(1, p̃/q̃); "argmax": d = argmax q, accept p̃(d)
+    verify_alpha: float = 1.0  # accept min(1, p̃ / (alpha · q̃)); exact only at 1 (the official lossy knob)
 
     def __post_init__(self):
         def bad(name, why):
@@ -43,6 +51,14 @@ class SamplingParams:
             bad("max_tokens", "must be an integer >= 1")
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must be non-negative integers")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not all(isinstance(t, str) and t for t in self.stop):
+            bad("stop", "must be non-empty strings")
+        if self.draft not in DRAFT_MODES:
+            bad("draft", f"must be one of {', '.join(DRAFT_MODES)}")
+        if not isinstance(self.verify_alpha, (int, float)) or not self.verify_alpha > 0:
+            bad("verify_alpha", "must be > 0 (1 = exact)")
 
     @property
     def greedy(self) -> bool:
@@ -91,13 +107,34 @@ def params_tensors(params: list[SamplingParams], device) -> tuple[torch.Tensor, 
             torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device))
 
 
-def sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-    """One token per row from probs [B, V] -> [B] long, row b drawing its noise from generators[b].
-
-    Uses the exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. picks token i with
-    probability p_i, needs one uniform per vocabulary entry and no host sync.
-    """
-    noise = torch.empty_like(probs)
+def _per_row(shape: tuple[int, ...], generators: list[torch.Generator | None], device, fill) -> torch.Tensor:
+    """A [B, *shape] tensor where row b is filled by `fill(tensor, generator_b)`; rows without a
+    generator share one call on torch's global RNG."""
+    out = torch.empty((len(generators), *shape), device=device)
+    if all(g is None for g in generators):
+        fill(out, None)
+        return out
     for b, g in enumerate(generators):
-        noise[b].exponential_(generator=g)
+        fill(out[b], g)
+    return out
+
+
+def uniforms(shape: tuple[int, ...], generators: list[torch.Generator | None], device) -> torch.Tensor:
+    """U[0, 1) draws [B, *shape], row b from generators[b]."""
+    return _per_row(shape, generators, device, lambda t, g: t.uniform_(generator=g))
+
+
+def sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per distribution: probs [B, ..., V] -> [B, ...] long, row b using generators[b].
+
+    Uses the exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. picks token i with probability
+    p_i, needs no host sync and consumes a fixed amount of each row's random stream.
+    """
+    noise = _per_row(tuple(probs.shape[1:]), generators, probs.device, lambda t, g: t.exponential_(generator=g))
     return (probs / noise).argmax(dim=-1)
+
+
+def sample_tokens(logits: torch.Tensor, params: list[SamplingParams],
+                  generators: list[torch.Generator | None]) -> torch.Tensor:
+    """Draw one token per row from p̃ of logits [B, V] -> [B] long."""
+    return sample(filtered_probs(logits, *params_tensors(params, logits.device)), generators)

@@ -65,26 +65,31 @@ class KVCache:
     def for_model(cls, cfg, batch: int, max_len: int, dtype=torch.float32, device="cpu") -> "KVCache":
         return cls(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim, max_len, dtype, device)
 
-    def view(self, rows: torch.Tensor | None = None, starts: torch.Tensor | None = None) -> "CacheAttention":
+    def view(self, rows: torch.Tensor | None = None, starts: torch.Tensor | None = None,
+             visible: torch.Tensor | None = None) -> "CacheAttention":
         """A backend for one forward over cache rows `rows` (default: all), writing at `starts`
-        (default: each row's current length)."""
+        (default: each row's current length). `visible` [B, T]: the last new-token index each query
+        sees (default causal: t itself; block-bidirectional attention passes its block's end)."""
         if rows is None:
             rows = torch.arange(self.lengths.numel(), device=self.lengths.device)
         if starts is None:
             starts = self.lengths[rows]
-        return CacheAttention(self, rows, starts)
+        return CacheAttention(self, rows, starts, visible)
 
 
-def cache_mask(starts: torch.Tensor, num_new: int, num_keys: int) -> torch.Tensor:
-    """[B, 1, T, S] bool: query t of row b (at slot starts[b]+t) sees key slots j <= starts[b]+t."""
-    q_slot = starts[:, None] + torch.arange(num_new, device=starts.device)  # [B, T]
+def cache_mask(starts: torch.Tensor, num_new: int, num_keys: int, visible: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, 1, T, S] bool: query t of row b (at slot starts[b]+t) sees the kept prefix and new tokens
+    up to index visible[b, t] (default t: causal), i.e. key slots j <= starts[b] + visible[b, t]."""
+    if visible is None:
+        visible = torch.arange(num_new, device=starts.device).expand(starts.numel(), num_new)
+    last = starts[:, None] + visible  # [B, T]
     keys = torch.arange(num_keys, device=starts.device)
-    return (keys[None, None, :] <= q_slot[:, :, None])[:, None]
+    return (keys[None, None, :] <= last[:, :, None])[:, None]
 
 
 class CacheAttention:
-    def __init__(self, cache: KVCache, rows: torch.Tensor, starts: torch.Tensor):
-        self.cache, self.rows, self.starts = cache, rows, starts
+    def __init__(self, cache: KVCache, rows: torch.Tensor, starts: torch.Tensor, visible: torch.Tensor | None = None):
+        self.cache, self.rows, self.starts, self.visible = cache, rows, starts, visible
         self._mask: torch.Tensor | None = None
 
     def attend(self, layer, q, k, v):
@@ -99,5 +104,5 @@ class CacheAttention:
         keys = cache.k[layer][rows, :, :end].to(q.dtype)  # [B, Hkv, S, D]
         values = cache.v[layer][rows, :, :end].to(q.dtype)
         if self._mask is None:  # the same for every layer of this forward
-            self._mask = cache_mask(self.starts, T, end)
+            self._mask = cache_mask(self.starts, T, end, self.visible)
         return sdpa(q, keys, values, self._mask)

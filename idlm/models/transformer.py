@@ -21,6 +21,16 @@ from idlm.layers.rotary import RotaryEmbedding, apply_rotary
 from idlm.models.config import ModelConfig
 
 
+def _project(linear: nn.Linear, name: str, x: torch.Tensor, lora) -> torch.Tensor:
+    """linear(x), plus the gated LoRA delta when `lora` = (LayerLoRA, gate [B, T]) is given (SPEC §5)."""
+    y = linear(x)
+    if lora is not None:
+        delta = lora[0].delta(name, x, lora[1])
+        if delta is not None:
+            y = y + delta
+    return y
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -37,17 +47,17 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, cos, sin, attn: AttentionBackend):  # x [B, T, H]
+    def forward(self, x, cos, sin, attn: AttentionBackend, lora=None):  # x [B, T, H]
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        q = _project(self.q_proj, "q_proj", x, lora).view(B, T, self.n_heads, self.head_dim)
+        k = _project(self.k_proj, "k_proj", x, lora).view(B, T, self.n_kv, self.head_dim)
+        v = _project(self.v_proj, "v_proj", x, lora).view(B, T, self.n_kv, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         o = attn.attend(self.layer_idx, q, k, v)  # [B, Hq, T, D]
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+        return _project(self.o_proj, "o_proj", o.transpose(1, 2).reshape(B, T, -1), lora)
 
 
 class MLP(nn.Module):
@@ -58,8 +68,9 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x, lora=None):
+        h = F.silu(_project(self.gate_proj, "gate_proj", x, lora)) * _project(self.up_proj, "up_proj", x, lora)
+        return _project(self.down_proj, "down_proj", h, lora)
 
 
 class DecoderLayer(nn.Module):
@@ -70,9 +81,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, attn):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, attn, lora=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, lora)
+        return x + self.mlp(self.post_attention_layernorm(x), lora)
 
 
 class Backbone(nn.Module):
@@ -116,19 +127,27 @@ class Transformer(nn.Module):
         return self.model.embed_tokens(input_ids)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                attn: AttentionBackend | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                attn: AttentionBackend | None = None, inputs_embeds: torch.Tensor | None = None,
+                lora=None, lora_gate: torch.Tensor | None = None, is_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T] (or inputs_embeds [B, T, H]), positions [B, T] -> final hidden [B, T, H].
 
         positions default to 0..T-1; attn defaults to plain causal attention without a cache.
+        With a `lora` adapter (idlm.layers.lora.LoRAAdapter), tokens where `is_mask` [B, T] is true take
+        the adapter's MASK embedding and every projection adds the LoRA delta where `lora_gate` [B, T] is 1.
         """
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
         if positions is None:
             positions = torch.arange(T, device=x.device).expand(B, T)
         attn = attn if attn is not None else DenseAttention()
+        if lora is not None:
+            if is_mask is not None:
+                x = torch.where(is_mask[..., None], lora.mask_embedding.to(x.dtype), x)
+            if lora_gate is None:
+                lora_gate = torch.zeros(B, T, device=x.device)
         cos, sin = self.model.rotary_emb(positions, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, attn)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, attn, None if lora is None else (lora.layers[i], lora_gate))
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,53 @@
+"""Speculative verification as pure functions (SPEC §4.3, §7), shared by the decoders and the engine.
+
+All functions are batched: row b is one request, with its own draft mode and alpha. Nothing here
+touches a model or a cache, so each rule is tested directly (tests/test_acceptance.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def verify_drafts(p: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | None, point_mass: torch.Tensor,
+                  alpha: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-to-right verification of K drafts per row, stopping at the first rejection.
+
+    p          [B, K, V]  p̃_j, the target distribution at the position of draft j
+    drafts     [B, K]     the drafted tokens d_j
+    q          [B, K, V]  q̃_j, the distribution each draft was drawn from (may be None if all rows are point mass)
+    point_mass [B] bool   the draft was the deterministic argmax (q = δ_d) rather than a sample from q̃
+    alpha      [B]        verify_alpha (1 = exact)
+    u          [B, K]     U[0, 1) draws
+    Returns (n_accepted [B] in 0..K, correction [B, V]): the distribution to draw the correction from
+    at draft n_accepted when n_accepted < K (unused otherwise):
+      sampled drafts: accept with min(1, p̃(d) / (alpha·q̃(d))), correction ∝ max(0, p̃ − q̃)
+      argmax drafts:  accept with min(1, p̃(d) / alpha),        correction ∝ max(0, p̃ − δ_d)
+                      (= p̃ with d removed, renormalised)
+    Both make every emitted token distributed as p̃ when alpha = 1 (standard speculative sampling).
+    """
+    B, K, V = p.shape
+    onehot = torch.zeros_like(p).scatter_(-1, drafts[..., None], 1.0)
+    if q is None:
+        qq = onehot
+    else:
+        qq = torch.where(point_mass[:, None, None], onehot, q)
+    pd = p.gather(-1, drafts[..., None]).squeeze(-1)  # [B, K]
+    qd = qq.gather(-1, drafts[..., None]).squeeze(-1)
+    accept_prob = (pd / (alpha[:, None] * qd).clamp_min(1e-30)).clamp(max=1.0)
+    accepted = u < accept_prob
+    n_acc = accepted.long().cumprod(-1).sum(-1)  # leading accepted drafts
+    j = n_acc.clamp(max=K - 1)
+    rows = torch.arange(B, device=p.device)
+    resid = (p[rows, j] - qq[rows, j]).clamp_min(0.0)
+    mass = resid.sum(-1, keepdim=True)
+    correction = torch.where(mass > 0, resid / mass.clamp_min(1e-30), p[rows, j])
+    return n_acc, correction
+
+
+def analytic_tpf(p: float, n: int) -> float:
+    """Expected tokens per forward of ISD with stride n and i.i.d. per-draft acceptance p (SPEC §7):
+    TPF = (2 + p + … + p^(n−2)) / (2 − p^(n−1))."""
+    if n < 2:
+        raise ValueError("stride must be >= 2")
+    return (2 + sum(p**i for i in range(1, n - 1))) / (2 - p ** (n - 1))

@@ -1,0 +1,106 @@
+"""The decoder interface: what one decode step of one request looks like, whatever the algorithm.
+
+A decoder never runs the model. Per step it says which query block each request feeds
+(`block`: tokens, which of them are MASK slots, the R-ISD LoRA gate, how attention sees the block),
+and, given the logits of that block, decides which tokens are committed, how many of the block's KV
+slots to keep (`advance`), and the request's next state (`step`). The reference runner
+(`idlm.decoding.runner`) and the batched engine both drive decoders through this interface, so the
+algorithm is written once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from idlm.decoding.sampling import SamplingParams
+
+
+@dataclass
+class Block:
+    """One request's query block: tokens at positions P..P+Q-1, P = its kept KV length."""
+    tokens: list[int]
+    is_mask: list[bool]  # MASK slots (R-ISD replaces their input embedding by the adapter's)
+    gate: list[bool] | None = None  # R-ISD LoRA gate: 1 only on MASK slots whose logits become drafts
+    # attention inside the block: None = causal; else visible[t] = last block index query t may see
+    visible: list[int] | None = None
+
+
+@dataclass
+class StepResult:
+    emitted: list[int]  # tokens committed this step, in order (the runner applies stop rules)
+    advance: int  # block KV slots kept, from the start of the block
+
+
+@dataclass
+class DecodeStats:
+    """Per-request (or, summed, per-run) counters of SPEC §7."""
+    forwards: int = 0  # decode forwards (prefill excluded)
+    committed: int = 0  # tokens committed by decode forwards (the first token comes from prefill)
+    verified_per_position: list[int] = field(default_factory=list)  # drafts tested, by draft index
+    accepted_per_position: list[int] = field(default_factory=list)
+    rounds: dict[str, int] = field(default_factory=lambda: {"verify_accepted": 0, "verify_rejected": 0, "cold": 0})
+
+    def record_verify(self, k: int, n_accepted: int) -> None:
+        """A verify round over k drafts whose first n_accepted were accepted."""
+        if len(self.verified_per_position) < k:
+            pad = k - len(self.verified_per_position)
+            self.verified_per_position += [0] * pad
+            self.accepted_per_position += [0] * pad
+        for j in range(min(n_accepted + 1, k)):
+            self.verified_per_position[j] += 1
+        for j in range(n_accepted):
+            self.accepted_per_position[j] += 1
+        self.rounds["verify_accepted" if n_accepted == k else "verify_rejected"] += 1
+
+    @property
+    def tpf(self) -> float:
+        return self.committed / self.forwards if self.forwards else 0.0
+
+    @property
+    def acceptance(self) -> float | None:
+        v = sum(self.verified_per_position)
+        return sum(self.accepted_per_position) / v if v else None
+
+    def merge(self, other: "DecodeStats") -> "DecodeStats":
+        out = DecodeStats(self.forwards + other.forwards, self.committed + other.committed)
+        k = max(len(self.verified_per_position), len(other.verified_per_position))
+
+        def add(a: list[int], b: list[int]) -> list[int]:
+            return [x + y for x, y in zip(a + [0] * (k - len(a)), b + [0] * (k - len(b)))]
+
+        out.verified_per_position = add(self.verified_per_position, other.verified_per_position)
+        out.accepted_per_position = add(self.accepted_per_position, other.accepted_per_position)
+        out.rounds = {r: self.rounds.get(r, 0) + other.rounds.get(r, 0) for r in self.rounds}
+        return out
+
+    def to_dict(self) -> dict:
+        total = max(1, sum(self.rounds.values()))
+        return {"forwards": self.forwards, "committed": self.committed, "tpf": round(self.tpf, 4),
+                "acceptance": None if self.acceptance is None else round(self.acceptance, 4),
+                "verified_per_position": self.verified_per_position,
+                "accepted_per_position": self.accepted_per_position,
+                "rounds": dict(self.rounds),
+                "round_mix": {r: round(n / total, 4) for r, n in self.rounds.items()}}
+
+
+class Decoder:
+    """Base class. `query_len` tokens per request per decode step."""
+    name: str = "decoder"
+    query_len: int = 1
+    needs_mask_token: bool = False
+    uses_lora: bool = False
+
+    def start(self, logits: torch.Tensor, params: list[SamplingParams],
+              generators: list[torch.Generator | None]) -> tuple[list, list[list[int]]]:
+        """After prefill: last-prompt-token logits [B, V] -> (states, tokens emitted now)."""
+        raise NotImplementedError
+
+    def block(self, state) -> Block:
+        raise NotImplementedError
+
+    def step(self, states: list, logits: torch.Tensor, params: list[SamplingParams],
+             generators: list[torch.Generator | None], stats: list[DecodeStats]) -> list[StepResult]:
+        """logits [B, Q, V] of the blocks `block(state)` -> results; updates states and stats in place."""
+        raise NotImplementedError

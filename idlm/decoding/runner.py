@@ -1,0 +1,147 @@
+"""The reference runner: drives any decoder over a batch of prompts with a contiguous KV cache.
+
+It is deliberately simple (no paging, no scheduling): the batched engine must reproduce its output
+request by request. Per step every active request contributes its decoder's query block
+(`Decoder.block`) at positions P..P+Q−1 (P = its kept KV length); the decoder turns the block's
+logits into committed tokens and an `advance` (KV slots kept); the rest of the block's KV is
+discarded by rolling the request's length back. Stop rules run on each emitted token in order.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from idlm.decoding.base import Decoder, DecodeStats
+from idlm.decoding.sampling import SamplingParams
+from idlm.decoding.stops import StopChecker
+from idlm.errors import ConfigError
+from idlm.layers.attention import KVCache
+
+
+@dataclass
+class GenerationOutput:
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str | None = None  # decoded (special tokens skipped, cut at a stop string) when a tokenizer is given
+    finish_reason: str | None = None  # "stop" (EOS / stop id / stop string) or "length" (max_tokens)
+    stats: DecodeStats = field(default_factory=DecodeStats)
+    timing: dict = field(default_factory=dict)
+
+
+def check_request(prompt: list[int], params: SamplingParams, context: int, vocab_size: int) -> None:
+    """Reject requests that cannot run, naming the problem."""
+    if not prompt:
+        raise ConfigError("the prompt is empty: at least one token is needed")
+    bad = [t for t in prompt if not 0 <= t < vocab_size]
+    if bad:
+        raise ConfigError(f"prompt token id {bad[0]} is outside the vocabulary (size {vocab_size})")
+    if len(prompt) + params.max_tokens > context:
+        raise ConfigError(
+            f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds the model's "
+            f"context of {context} tokens"
+        )
+
+
+def _right_pad(seqs: list[list[int]], device) -> torch.Tensor:
+    ids = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long, device=device)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = torch.tensor(s, device=device)
+    return ids
+
+
+@torch.no_grad()
+def generate(model, decoder: Decoder, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+             *, lora=None, eos_token_ids=None, tokenizer=None,
+             on_text: Callable[[int, str], None] | None = None) -> list[GenerationOutput]:
+    """Decode every prompt with `decoder`.
+
+    With a tokenizer, `on_text(row, delta)` streams each request's text as tokens are committed
+    (never a partial character or a prefix of a stop string).
+    """
+    cfg, device = model.config, model.device
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    if len(params) != len(prompts):
+        raise ConfigError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+    for p, sp in zip(prompts, params):
+        check_request(p, sp, cfg.max_position_embeddings, cfg.vocab_size)
+    if decoder.uses_lora and lora is None:
+        raise ConfigError(f"decoder {decoder.name!r} needs a LoRA adapter (--lora PATH)")
+    eos = cfg.eos_token_ids if eos_token_ids is None else list(eos_token_ids)
+    if on_text is not None and tokenizer is None:
+        raise ConfigError("streaming text (on_text) needs a tokenizer")
+    B, Q = len(prompts), decoder.query_len
+    outs = [GenerationOutput(list(p)) for p in prompts]
+    checkers = [StopChecker(sp, eos, tokenizer) for sp in params]
+    generators = [sp.generator(device) for sp in params]
+    stats = [o.stats for o in outs]
+    lens = [len(p) for p in prompts]
+    max_len = max(n + sp.max_tokens for n, sp in zip(lens, params)) + Q
+    cache = KVCache.for_model(cfg, B, max_len, model.dtype, device)
+
+    def commit(b: int, tokens: list[int], from_decode: bool) -> bool:
+        """Apply stop rules token by token; True if request b is finished."""
+        for t in tokens:
+            outs[b].token_ids.append(t)
+            if from_decode:
+                stats[b].committed += 1
+            done = checkers[b].add(t)
+            if on_text is not None:
+                on_text(b, checkers[b].new_text())
+            if done:
+                outs[b].finish_reason = checkers[b].finish_reason
+                return True
+        return False
+
+    # prefill: one right-padded forward (the base model: no LoRA), logits at each last prompt token
+    t0 = time.perf_counter()
+    ids = _right_pad(prompts, device)
+    T = ids.shape[1]
+    hidden = model(ids, torch.arange(T, device=device).expand(B, T),
+                   cache.view(starts=torch.zeros(B, dtype=torch.long, device=device)))
+    cache.lengths[:] = torch.tensor(lens, device=device)
+    last = torch.tensor(lens, device=device) - 1
+    logits = model.compute_logits(hidden[torch.arange(B, device=device), last])
+    states, first = decoder.start(logits, params, generators)
+    active = [b for b in range(B) if not commit(b, first[b], from_decode=False)]
+    prefill_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    batch_forwards = 0
+    while active:
+        blocks = [decoder.block(states[b]) for b in active]
+        rows = torch.tensor(active, device=device)
+        tokens = torch.tensor([blk.tokens for blk in blocks], device=device)  # [A, Q]
+        starts = cache.lengths[rows]
+        positions = starts[:, None] + torch.arange(Q, device=device)
+        visible = None
+        if any(blk.visible is not None for blk in blocks):
+            visible = torch.tensor([blk.visible or list(range(Q)) for blk in blocks], device=device)
+        kwargs = {}
+        if decoder.uses_lora:
+            kwargs = dict(lora=lora, lora_gate=torch.tensor([blk.gate for blk in blocks], device=device),
+                          is_mask=torch.tensor([blk.is_mask for blk in blocks], device=device))
+        hidden = model(tokens, positions, cache.view(rows, starts, visible), **kwargs)
+        logits = model.compute_logits(hidden)  # [A, Q, V]
+        results = decoder.step([states[b] for b in active], logits, [params[b] for b in active],
+                               [generators[b] for b in active], [stats[b] for b in active])
+        batch_forwards += 1
+        still = []
+        for b, res in zip(active, results):
+            if not 0 <= res.advance <= Q:
+                raise RuntimeError(f"decoder {decoder.name} kept {res.advance} of {Q} slots")
+            cache.lengths[b] += res.advance  # the rest of the block's KV is rolled back
+            stats[b].forwards += 1
+            if not commit(b, res.emitted, from_decode=True):
+                still.append(b)
+        active = still
+    decode_s = time.perf_counter() - t0
+    for o, ch in zip(outs, checkers):
+        if tokenizer is not None:
+            o.text = ch.text
+        o.timing = {"prefill_s": round(prefill_s, 4), "decode_s": round(decode_s, 4),
+                    "batch_forwards": batch_forwards}
+    return outs

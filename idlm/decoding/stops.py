@@ -1,0 +1,55 @@
+"""Stop rules applied to each emitted token, in order (SPEC §4.4): stop token ids / EOS, stop
+strings (also when split across tokens) and max_tokens. Tokens after a stop are dropped.
+
+`StopChecker` also produces the streamed text: it holds back the last few characters while they
+could still be the start of a stop string, so a client never sees a stop string's prefix.
+"""
+
+from __future__ import annotations
+
+from idlm.decoding.sampling import SamplingParams
+from idlm.errors import ConfigError
+
+
+class StopChecker:
+    def __init__(self, params: SamplingParams, eos_token_ids, tokenizer=None):
+        self.params = params
+        self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids or ()))
+        if params.stop and tokenizer is None:
+            raise ConfigError("stop strings need a tokenizer to detect them")
+        self.detok = None
+        if tokenizer is not None:
+            from idlm.tokenizer import IncrementalDetokenizer
+
+            self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
+        self.holdback = max((len(s) for s in params.stop), default=1) - 1
+        self.text = ""  # all text so far (cut at a stop string once one is found)
+        self.sent = 0  # characters of `text` already streamed
+        self.n_tokens = 0
+        self.finish_reason: str | None = None
+
+    def add(self, token_id: int) -> bool:
+        """Account one emitted token; True once the request is finished."""
+        self.n_tokens += 1
+        if self.detok is not None:
+            start = max(0, len(self.text) - self.holdback)
+            self.text += self.detok.add(token_id)
+            if self.params.stop:
+                hits = [i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0]
+                if hits:
+                    self.text = self.text[: min(hits)]
+                    self.finish_reason = "stop"
+                    return True
+        if token_id in self.stop_ids:
+            self.finish_reason = "stop"
+        elif self.n_tokens >= self.params.max_tokens:
+            self.finish_reason = "length"
+        if self.finish_reason is not None and self.detok is not None:
+            self.text += self.detok.flush()
+        return self.finish_reason is not None
+
+    def new_text(self) -> str:
+        """Text that is safe to stream now (all of it once finished)."""
+        end = len(self.text) if self.finish_reason else max(self.sent, len(self.text) - self.holdback)
+        delta, self.sent = self.text[self.sent:end], end
+        return delta
