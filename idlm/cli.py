@@ -68,6 +68,13 @@ def _load_for_decoding(args):
     return model, tok, decoder, lora
 
 
+def _encode_prompt(tok, text: str, chat: bool) -> list[int]:
+    """A plain prompt, or a user message rendered through the chat template."""
+    if chat:
+        return tok.encode_chat([{"role": "user", "content": text}], add_generation_prompt=True)
+    return tok.encode(text, add_special_tokens=True)
+
+
 def cmd_generate(args) -> int:
     from idlm.decoding.runner import generate
     from idlm.decoding.sampling import SamplingParams
@@ -76,10 +83,7 @@ def cmd_generate(args) -> int:
                             seed=args.seed, max_tokens=args.max_tokens, stop=list(args.stop or []),
                             draft=args.draft, verify_alpha=args.verify_alpha)
     model, tok, decoder, lora = _load_for_decoding(args)
-    if args.chat:
-        prompt_ids = tok.encode_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
-    else:
-        prompt_ids = tok.encode(args.prompt, add_special_tokens=True)
+    prompt_ids = _encode_prompt(tok, args.prompt, args.chat)
     eos = sorted(set(tok.eos_token_ids) | set(model.config.eos_token_ids))
 
     def on_text(row, delta):
@@ -99,6 +103,55 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _read_prompts(path: str | None) -> list[str]:
+    """Prompts from a .jsonl file (objects with "prompt") or a text file (one per line)."""
+    from idlm.eval.alpha import DEFAULT_PROMPTS
+
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [ln for ln in f.read().splitlines() if ln.strip()]
+    except OSError as e:
+        raise IdlmError(f"cannot read prompts file {path}: {e}") from None
+    if not path.endswith(".jsonl"):
+        return lines
+    prompts = []
+    for i, ln in enumerate(lines, 1):
+        try:
+            obj = json.loads(ln)
+            prompts.append(obj["prompt"] if isinstance(obj, dict) else obj)
+        except (ValueError, KeyError):
+            raise IdlmError(f"{path}:{i}: expected a JSON object with a \"prompt\" field") from None
+        if not isinstance(prompts[-1], str):
+            raise IdlmError(f"{path}:{i}: \"prompt\" must be a string")
+    return prompts
+
+
+def cmd_eval_alpha(args) -> int:
+    from idlm.decoding.sampling import SamplingParams
+    from idlm.eval.alpha import introspective_alpha
+
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            seed=args.seed, max_tokens=args.max_tokens, draft=args.draft,
+                            verify_alpha=args.verify_alpha)
+    model, tok, decoder, lora = _load_for_decoding(args)
+    texts = _read_prompts(args.prompts)
+    if not texts:
+        raise IdlmError("the prompt set is empty")
+    prompts = [_encode_prompt(tok, t, args.chat) for t in texts]
+    if args.seed is not None:
+        import torch
+
+        torch.manual_seed(args.seed)
+    eos = sorted(set(tok.eos_token_ids) | set(model.config.eos_token_ids))
+    result = introspective_alpha(model, decoder, prompts, params, lora=lora, eos_token_ids=eos)
+    result.update(model=str(args.model), decoder=decoder.name, stride=getattr(decoder, "stride", 1),
+                  temperature=args.temperature)
+    print(json.dumps(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="idlm", description="Introspective Diffusion Language Models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,6 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decoder_args(g)
     _add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
+
+    ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="eval_command", required=True)
+    a = ev.add_parser("alpha", help="introspective acceptance rate α (SPEC §7); last stdout line is JSON")
+    a.add_argument("--prompts", default=None, help=".jsonl ({\"prompt\": ...} per line) or text file, one per line")
+    a.add_argument("--chat", action="store_true", help="send each prompt through the chat template")
+    _add_model_args(a)
+    _add_decoder_args(a)
+    _add_sampling_args(a)
+    a.set_defaults(func=cmd_eval_alpha, temperature=1.0, max_tokens=64)
     return parser
 
 

@@ -21,17 +21,17 @@ class ARDecoder(Decoder):
     query_len = 1
 
     def start(self, logits, params, generators):
-        tokens = sample_tokens(logits, params, generators).tolist()
-        return [ARState(t) for t in tokens], [[t] for t in tokens]
+        tokens, probs = (t.tolist() for t in sample_tokens(logits, params, generators))
+        return [ARState(t) for t in tokens], [StepResult([t], 0, [q]) for t, q in zip(tokens, probs)]
 
     def block(self, state: ARState) -> Block:
         return Block(tokens=[state.last], is_mask=[False])
 
     def step(self, states, logits, params, generators, stats):
-        tokens = sample_tokens(logits[:, 0], params, generators).tolist()
+        tokens, probs = (t.tolist() for t in sample_tokens(logits[:, 0], params, generators))
         for s, t in zip(states, tokens):
             s.last = t
-        return [StepResult(emitted=[t], advance=1) for t in tokens]
+        return [StepResult([t], 1, [q]) for t, q in zip(tokens, probs)]
 
 
 def generate_ar(model, prompts, params, **kwargs):

@@ -31,6 +31,9 @@ class Block:
 class StepResult:
     emitted: list[int]  # tokens committed this step, in order (the runner applies stop rules)
     advance: int  # block KV slots kept, from the start of the block
+    # q(x) of each emitted token under the distribution it was drawn from (a draft's q̃, p̃, or the
+    # correction's residual): the "generation" side of the introspective acceptance rate α (SPEC §7)
+    probs: list[float] | None = None
 
 
 @dataclass
@@ -93,8 +96,8 @@ class Decoder:
     uses_lora: bool = False
 
     def start(self, logits: torch.Tensor, params: list[SamplingParams],
-              generators: list[torch.Generator | None]) -> tuple[list, list[list[int]]]:
-        """After prefill: last-prompt-token logits [B, V] -> (states, tokens emitted now)."""
+              generators: list[torch.Generator | None]) -> tuple[list, list[StepResult]]:
+        """After prefill: last-prompt-token logits [B, V] -> (states, what is emitted now; advance 0)."""
         raise NotImplementedError
 
     def block(self, state) -> Block:

@@ -34,6 +34,7 @@ class ISDState:
     last: int  # C: t0, V: the pending token (emitted, no KV yet)
     specs: list[int] = field(default_factory=list)  # V: drafts s_0..s_{K-1}
     spec_q: torch.Tensor | None = None  # V: [K, V] the distributions q̃ the drafts came from
+    spec_qd: list[float] = field(default_factory=list)  # V: q̃_j(s_j), for the α statistic
 
 
 def draft_slots(mode: str, stride: int) -> range:
@@ -72,8 +73,8 @@ class ISDDecoder(Decoder):
         self.query_len = 2 * stride - 1
 
     def start(self, logits, params, generators):
-        tokens = sample_tokens(logits, params, generators).tolist()
-        return [ISDState("C", t) for t in tokens], [[t] for t in tokens]
+        tokens, probs = (t.tolist() for t in sample_tokens(logits, params, generators))
+        return [ISDState("C", t) for t in tokens], [StepResult([t], 0, [q]) for t, q in zip(tokens, probs)]
 
     def block(self, state: ISDState) -> Block:
         b = isd_block(state, self.stride, self.mask_token_id)
@@ -118,26 +119,25 @@ class ISDDecoder(Decoder):
         all_ok = is_v & (n_acc == k)
         final_p = torch.where(is_v[:, None], torch.where(all_ok[:, None], p[rows, k], correction), p[:, 0])
         final = sample(final_p, generators)
+        final_q = final_p.gather(-1, final[:, None]).squeeze(-1)
+        drafts_q = q_new.gather(-1, new_drafts[..., None]).squeeze(-1)  # q̃_j(d_j) [B, K]
 
         n_acc_l, final_l, drafts_l = n_acc.tolist(), final.tolist(), new_drafts.tolist()
+        final_ql, drafts_ql = final_q.tolist(), drafts_q.tolist()
         results = []
         for b, s in enumerate(states):
             keep_q = params[b].draft != "argmax"
+            fresh = ISDState("V", final_l[b], drafts_l[b], q_new[b] if keep_q else None, drafts_ql[b])
             if s.mode == "C":
-                emitted, advance = [final_l[b]], 1
+                emitted, probs, advance, nxt = [final_l[b]], [final_ql[b]], 1, fresh
                 stats[b].rounds["cold"] += 1
-                nxt = ISDState("V", final_l[b], drafts_l[b], q_new[b] if keep_q else None)
             else:
                 j = n_acc_l[b]
                 stats[b].record_verify(k, j)
-                if j == k:
-                    emitted, advance = s.specs + [final_l[b]], n
-                    nxt = ISDState("V", final_l[b], drafts_l[b], q_new[b] if keep_q else None)
-                else:
-                    emitted, advance = s.specs[:j] + [final_l[b]], 1 + j
-                    nxt = ISDState("C", final_l[b])
-            s.mode, s.last, s.specs, s.spec_q = nxt.mode, nxt.last, nxt.specs, nxt.spec_q
-            results.append(StepResult(emitted, advance))
+                emitted, probs = s.specs[:j] + [final_l[b]], s.spec_qd[:j] + [final_ql[b]]
+                advance, nxt = 1 + j, (fresh if j == k else ISDState("C", final_l[b]))
+            s.mode, s.last, s.specs, s.spec_q, s.spec_qd = nxt.mode, nxt.last, nxt.specs, nxt.spec_q, nxt.spec_qd
+            results.append(StepResult(emitted, advance, probs))
         return results
 
 

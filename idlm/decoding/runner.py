@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from idlm.decoding.base import Decoder, DecodeStats
+from idlm.decoding.base import Decoder, DecodeStats, StepResult
 from idlm.decoding.sampling import SamplingParams
 from idlm.decoding.stops import StopChecker
 from idlm.errors import ConfigError
@@ -26,6 +26,7 @@ from idlm.layers.attention import KVCache
 class GenerationOutput:
     prompt_token_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
+    token_probs: list[float] = field(default_factory=list)  # q(x) each token was drawn with (StepResult.probs)
     text: str | None = None  # decoded (special tokens skipped, cut at a stop string) when a tokenizer is given
     finish_reason: str | None = None  # "stop" (EOS / stop id / stop string) or "length" (max_tokens)
     stats: DecodeStats = field(default_factory=DecodeStats)
@@ -82,10 +83,12 @@ def generate(model, decoder: Decoder, prompts: list[list[int]], params: Sampling
     max_len = max(n + sp.max_tokens for n, sp in zip(lens, params)) + Q
     cache = KVCache.for_model(cfg, B, max_len, model.dtype, device)
 
-    def commit(b: int, tokens: list[int], from_decode: bool) -> bool:
+    def commit(b: int, res: StepResult, from_decode: bool) -> bool:
         """Apply stop rules token by token; True if request b is finished."""
-        for t in tokens:
+        probs = res.probs if res.probs is not None else [float("nan")] * len(res.emitted)
+        for t, q in zip(res.emitted, probs):
             outs[b].token_ids.append(t)
+            outs[b].token_probs.append(q)
             if from_decode:
                 stats[b].committed += 1
             done = checkers[b].add(t)
@@ -135,7 +138,7 @@ def generate(model, decoder: Decoder, prompts: list[list[int]], params: Sampling
                 raise RuntimeError(f"decoder {decoder.name} kept {res.advance} of {Q} slots")
             cache.lengths[b] += res.advance  # the rest of the block's KV is rolled back
             stats[b].forwards += 1
-            if not commit(b, res.emitted, from_decode=True):
+            if not commit(b, res, from_decode=True):
                 still.append(b)
         active = still
     decode_s = time.perf_counter() - t0

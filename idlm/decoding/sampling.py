@@ -135,6 +135,8 @@ def sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> tor
 
 
 def sample_tokens(logits: torch.Tensor, params: list[SamplingParams],
-                  generators: list[torch.Generator | None]) -> torch.Tensor:
-    """Draw one token per row from p̃ of logits [B, V] -> [B] long."""
-    return sample(filtered_probs(logits, *params_tensors(params, logits.device)), generators)
+                  generators: list[torch.Generator | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row from p̃ of logits [B, V] -> (tokens [B] long, p̃(token) [B])."""
+    probs = filtered_probs(logits, *params_tensors(params, logits.device))
+    tokens = sample(probs, generators)
+    return tokens, probs.gather(-1, tokens[:, None]).squeeze(-1)

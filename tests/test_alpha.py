@@ -1,0 +1,74 @@
+"""The introspective acceptance rate α (SPEC §7) and the `idlm eval alpha` command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from idlm.cli import main
+from idlm.decoding.ar import ARDecoder
+from idlm.decoding.isd import ISDDecoder
+from idlm.decoding.sampling import SamplingParams
+from idlm.eval.alpha import clean_scores, introspective_alpha
+from idlm.models.config import ModelConfig
+from idlm.models.transformer import Transformer
+from tiny import write_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = ModelConfig(family="qwen3", vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, qk_norm=True,
+                      max_position_embeddings=128, mask_token_id=31)
+    return Transformer(cfg).init_weights(std=0.5, seed=0).eval()
+
+
+PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
+
+
+def test_ar_alpha_is_one_to_rounding(model):
+    torch.manual_seed(0)
+    res = introspective_alpha(model, ARDecoder(), PROMPTS, SamplingParams(temperature=1.0, max_tokens=30,
+                                                                          ignore_eos=True))
+    assert res["tokens"] == 90
+    assert res["alpha"] == pytest.approx(1.0, abs=1e-5)
+    assert res["alpha"] <= 1.0
+
+
+def test_mismatched_drafter_has_alpha_below_one(model):
+    """An untrained MASK drafter proposes from q̃ ≠ p̃: the accepted drafts lower α."""
+    torch.manual_seed(0)
+    res = introspective_alpha(model, ISDDecoder(4, 31), PROMPTS * 4,
+                              SamplingParams(temperature=1.0, max_tokens=40, ignore_eos=True))
+    assert res["stats"]["acceptance"] > 0.05  # some drafts were accepted (else α would be 1 trivially)
+    assert res["alpha"] < 0.98
+
+
+def test_isd_token_probs_are_the_generating_distributions(model):
+    """Clean tokens (t0, c, corrections excluded) carry p̃ exactly: for greedy decoding every q is 1."""
+    from idlm.decoding.runner import generate
+    outs = generate(model, ISDDecoder(3, 31), PROMPTS, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    for prompt, out in zip(PROMPTS, outs):
+        p = clean_scores(model, prompt, out.token_ids, SamplingParams(temperature=0))
+        assert p == [1.0] * len(out.token_ids)  # greedy ISD = greedy AR: clean scoring agrees everywhere
+        assert len(out.token_probs) == len(out.token_ids)
+
+
+def test_eval_alpha_cli_prints_json(tmp_path, capsys):
+    ckpt = write_tiny_checkpoint(tmp_path / "m")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": t}) for t in ["hello world", "the model"]))
+    assert main(["eval", "alpha", "--model", str(ckpt), "--decoder", "ar", "--prompts", str(prompts),
+                 "--max-tokens", "8", "--seed", "0"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["alpha"] == pytest.approx(1.0, abs=1e-5) and res["requests"] == 2
+    assert main(["eval", "alpha", "--model", str(ckpt), "--decoder", "isd", "--stride", "3",
+                 "--max-tokens", "8", "--seed", "0"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 <= res["alpha"] <= 1 and res["decoder"] == "isd" and res["stride"] == 3
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "x"}\n')
+    assert main(["eval", "alpha", "--model", str(ckpt), "--prompts", str(bad)]) == 2
+    assert 'expected a JSON object with a "prompt" field' in capsys.readouterr().err
