@@ -94,3 +94,24 @@ def test_entry_point_runs_as_a_program(ckpt):
     proc = subprocess.run([sys.executable, "-m", "idlm.cli", "generate", "hi", "--model", "/nope"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: model not found")
+
+
+def test_generate_with_diffusion_decoders_reports_stats(ckpt, tmp_path, capsys):
+    from idlm.layers.lora import LoRAAdapter, LoRAConfig
+    base = ["generate", "hello world", "--model", str(ckpt), "--max-tokens", "24", "--json"]
+    ar = run_json(capsys, *base)
+    isd = run_json(capsys, *base, "--decoder", "isd", "--stride", "4", "--draft", "argmax")
+    assert isd["token_ids"] == ar["token_ids"]  # greedy ISD = greedy AR
+    s = isd["stats"]
+    assert s["decoder"] == "isd" and s["stride"] == 4 and len(s["accepted_per_position"]) == 3
+    assert s["tpf"] == pytest.approx(s["committed"] / s["forwards"], abs=1e-4)
+    assert set(s["rounds"]) == {"verify_accepted", "verify_rejected", "cold"}
+    model, _ = load_pretrained(ckpt)
+    adapter = LoRAAdapter(model.config, LoRAConfig(rank=4, alpha=8)).init_weights(std=0.3, seed=1, zero_b=False)
+    adapter.save(tmp_path / "lora")
+    risd = run_json(capsys, *base, "--decoder", "risd", "--stride", "3", "--lora", str(tmp_path / "lora"))
+    assert risd["token_ids"] == ar["token_ids"]  # R-ISD is lossless
+    assert main([*base, "--decoder", "risd"]) == 2
+    assert "needs --lora PATH" in capsys.readouterr().err
+    assert main([*base, "--decoder", "isd", "--stride", "1"]) == 2
+    assert "ISD needs N >= 2" in capsys.readouterr().err
