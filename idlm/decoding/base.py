@@ -75,7 +75,7 @@ class DecodeStats:
 
         out.verified_per_position = add(self.verified_per_position, other.verified_per_position)
         out.accepted_per_position = add(self.accepted_per_position, other.accepted_per_position)
-        out.rounds = {r: self.rounds.get(r, 0) + other.rounds.get(r, 0) for r in self.rounds}
+        out.rounds = {r: self.rounds.get(r, 0) + other.rounds.get(r, 0) for r in {**self.rounds, **other.rounds}}
         return out
 
     def to_dict(self) -> dict:

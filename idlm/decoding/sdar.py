@@ -156,6 +156,11 @@ class SDARDecoder(Decoder):
         self.threshold = float(threshold)
         self.query_len = 2 * block_size
 
+    @property
+    def stride(self) -> int:
+        """The block size under the name the CLI gives it (`--stride`), for reports."""
+        return self.block_size
+
     def start(self, logits, params, generators):
         """The prefill logits are not used (no logit shift): every request begins with B MASKs, emitting nothing."""
         n = logits.shape[0]
