@@ -45,6 +45,23 @@ class DenseAttention:
         return sdpa(q, k, v, self.mask)
 
 
+class FlexAttentionBackend:
+    """No cache: FlexAttention with a BlockMask (the CUDA training path; `idlm.training.masks`).
+    Compiled once per process; on other devices use DenseAttention with the equivalent dense mask."""
+
+    _compiled = None
+
+    def __init__(self, block_mask):
+        self.block_mask = block_mask
+
+    def attend(self, layer, q, k, v):
+        if FlexAttentionBackend._compiled is None:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            FlexAttentionBackend._compiled = torch.compile(flex_attention, dynamic=False)
+        return FlexAttentionBackend._compiled(q, k, v, block_mask=self.block_mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
 class KVCache:
     """A contiguous KV cache for a batch of sequences: row b holds positions 0..max_len-1 of request b.
 

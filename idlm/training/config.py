@@ -1,0 +1,142 @@
+"""One YAML file per training run, parsed into a validated `TrainConfig`.
+
+Unknown keys are rejected by name (with the closest known key suggested), so a typo never silently
+falls back to a default. `fingerprint()` is what a resumed run must share with its checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from idlm.errors import ConfigError
+
+KINDS = ("pretrain", "convert", "lora", "sdar")
+
+
+@dataclass
+class TrainConfig:
+    kind: str  # pretrain | convert | lora | sdar
+    data: str  # dataset directory (idlm.data.shards)
+    out: str  # run directory: checkpoints/, metrics.jsonl, loss.png, final/
+    init: str | None = None  # model to start from (convert/lora/sdar; pretrain: None = random init)
+    model: dict[str, Any] | None = None  # pretrain: ModelConfig fields (vocab size taken from the tokenizer)
+    tokenizer: str | None = None  # pretrain: tokenizer directory (default: <data>/tokenizer)
+    seq_len: int = 512
+    batch_size: int = 32  # sequences per optimizer step, over all ranks
+    micro_batch_size: int | None = None  # per rank per forward (gradient accumulation); default = batch/world
+    max_steps: int = 1000
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int | None = None  # default: 3% of max_steps
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    seed: int = 0
+    dtype: str = "bf16"  # autocast dtype on CUDA (CPU runs in fp32)
+    compile: bool = False  # torch.compile the model (CUDA)
+    attention: str = "auto"  # auto | flex | sdpa (diffusion objectives)
+    clean_loss_scale: float | str = "auto"  # convert: s in L_noisy + s·L_clean; "auto" = stopgrad(L_noisy/L_clean)
+    curriculum: list[list[float]] = field(default_factory=lambda: [[1.0, 4]])  # [[until_fraction, stride N], ...]
+    lora_rank: int = 32
+    lora_alpha: float = 32.0
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 20
+    save_every: int = 200
+    keep_checkpoints: int = 2
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ConfigError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        for name in ("seq_len", "batch_size", "max_steps", "log_every", "eval_every", "eval_batches",
+                     "save_every", "keep_checkpoints", "lora_rank"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        mb = self.micro_batch_size
+        if mb is not None and (not isinstance(mb, int) or mb < 1):
+            raise ConfigError(f"micro_batch_size must be a positive integer, got {self.micro_batch_size!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ConfigError(f"lr must be > 0, got {self.lr!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if self.warmup_steps is None:
+            self.warmup_steps = max(1, round(0.03 * self.max_steps))
+        if self.dtype not in ("bf16", "fp32"):
+            raise ConfigError(f"dtype must be bf16 or fp32, got {self.dtype!r}")
+        if self.attention not in ("auto", "flex", "sdpa"):
+            raise ConfigError(f"attention must be auto, flex or sdpa, got {self.attention!r}")
+        if not (self.clean_loss_scale == "auto" or isinstance(self.clean_loss_scale, (int, float))):
+            raise ConfigError(f"clean_loss_scale must be a number or 'auto', got {self.clean_loss_scale!r}")
+        self.betas = tuple(self.betas)
+        self.curriculum = [list(c) for c in self.curriculum]
+        last = 0.0
+        for c in self.curriculum:
+            if len(c) != 2 or not last < c[0] <= 1 or int(c[1]) != c[1] or c[1] < 2:
+                raise ConfigError(f"curriculum entries are [until_fraction, stride >= 2] with increasing "
+                                  f"fractions in (0, 1]; got {self.curriculum!r}")
+            last = c[0]
+        if self.curriculum[-1][0] != 1.0:
+            raise ConfigError(f"the last curriculum entry must run until 1.0; got {self.curriculum!r}")
+        if self.kind == "pretrain" and self.init is None and not self.model:
+            raise ConfigError("pretrain from scratch needs a 'model' section (ModelConfig fields)")
+        if self.kind != "pretrain" and self.init is None:
+            raise ConfigError(f"kind {self.kind} needs 'init': the model to start from")
+
+    def stride_at(self, step: int) -> int:
+        """The stride N of the curriculum at an optimizer step (block = N−1 MASKs)."""
+        frac = step / self.max_steps
+        for until, n in self.curriculum:
+            if frac < until:
+                return int(n)
+        return int(self.curriculum[-1][1])
+
+    def fingerprint(self) -> str:
+        """Hash of everything that defines the run's trajectory (not where it is written)."""
+        d = dataclasses.asdict(self)
+        for k in ("out", "log_every", "eval_every", "eval_batches", "save_every", "keep_checkpoints"):
+            d.pop(k)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> "TrainConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a mapping of keys to values")
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in d:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"{source}: unknown key {key!r}{hint}")
+        for key in ("kind", "data", "out"):
+            if key not in d:
+                raise ConfigError(f"{source}: missing required key {key!r}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> "TrainConfig":
+        import yaml
+
+        try:
+            d = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        d = dict(d or {})
+        d.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(d, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d

@@ -1,0 +1,107 @@
+"""Training objectives: AR next-token loss, introspective-consistency loss (SPEC §3), the R-ISD
+drafter loss (SPEC §5) and the SDAR-style baseline loss (SPEC §3.5).
+
+A batch is a window of the token stream, tokens [B, L+1] and lossmask [B, L+1] (1 = a response
+token the model should learn to produce; `idlm.data.shards`). x0 = tokens[:, :L]; position i's
+target is tokens[:, i+1], counted where lossmask[:, i+1].
+
+The diffusion objectives run one forward over [x_t | x0] (length 2L, both halves at positions
+0..L−1) under the masks of `idlm.training.masks`, and compute logits only where a loss is taken.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from idlm.layers.attention import DenseAttention, FlexAttentionBackend
+from idlm.training.masks import dense_mask, flex_block_mask, idlm_mask_fn, sdar_mask_fn
+
+
+@lru_cache(maxsize=16)
+def _cached_mask(kind: str, L: int, block: int, device: str, impl: str):
+    fn = (idlm_mask_fn if kind == "idlm" else sdar_mask_fn)(L, block)
+    if impl == "flex":
+        return FlexAttentionBackend(flex_block_mask(fn, 2 * L, device=device))
+    return DenseAttention(dense_mask(fn, 2 * L, device=device))
+
+
+def pair_attention(kind: str, L: int, block: int, device: torch.device, impl: str = "auto"):
+    """The attention backend for a [x_t | x0] forward: FlexAttention on CUDA, explicit-mask SDPA elsewhere."""
+    if impl == "auto":
+        impl = "flex" if device.type == "cuda" else "sdpa"
+    return _cached_mask(kind, L, block, str(device), impl)
+
+
+def _ce_sum(model, hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of cross-entropies of hidden [n, H] against targets [n] (optionally weighted)."""
+    if hidden.shape[0] == 0:
+        return hidden.sum() * 0.0
+    ce = F.cross_entropy(model.compute_logits(hidden), targets, reduction="none")
+    return (ce * weight).sum() if weight is not None else ce.sum()
+
+
+def ar_loss(model, tokens: torch.Tensor, lossmask: torch.Tensor, attn=None) -> dict[str, torch.Tensor]:
+    """Mean next-token cross-entropy over response targets (plain causal forward)."""
+    x0, tgt, valid = tokens[:, :-1], tokens[:, 1:], lossmask[:, 1:]
+    hidden = model(x0, attn=attn)
+    n = valid.sum().clamp_min(1)
+    loss = _ce_sum(model, hidden[valid], tgt[valid]) / n
+    return {"loss": loss, "l_clean": loss.detach(), "targets": n}
+
+
+def pair_positions(B: int, L: int, device) -> torch.Tensor:
+    """[B, 2L] position ids: 0..L−1 for x_t and again 0..L−1 for x0 (SPEC §3.1)."""
+    return torch.arange(L, device=device).repeat(2).expand(B, 2 * L)
+
+
+def idlm_loss(model, tokens, lossmask, block: int, mask_token_id: int, clean_scale="auto", *,
+              lora=None, attn_impl: str = "auto") -> dict[str, torch.Tensor]:
+    """L_noisy + s·L_clean (SPEC §3.3), or with `lora` the R-ISD drafter loss L_noisy (SPEC §5).
+
+    x_t = x0 with every response token replaced by MASK; the MASK at i predicts x0[i+1] (logit shift).
+    """
+    x0, tgt, valid = tokens[:, :-1], tokens[:, 1:], lossmask[:, 1:]
+    B, L = x0.shape
+    is_mask = lossmask[:, :-1]  # response tokens become MASK in x_t
+    x_t = torch.where(is_mask, torch.full_like(x0, mask_token_id), x0)
+    inp = torch.cat([x_t, x0], dim=1)  # [B, 2L]
+    attn = pair_attention("idlm", L, block, tokens.device, attn_impl)
+    kwargs = {}
+    if lora is not None:  # R-ISD: the LoRA acts on x_t only; MASK slots take the adapter's embedding
+        half = torch.zeros(B, 2 * L, dtype=torch.bool, device=tokens.device)
+        half[:, :L] = True
+        kwargs = dict(lora=lora, lora_gate=half.float(),
+                      is_mask=torch.cat([is_mask, torch.zeros_like(is_mask)], dim=1))
+    hidden = model(inp, pair_positions(B, L, tokens.device), attn, **kwargs)  # [B, 2L, H]
+    n = valid.sum().clamp_min(1)
+    noisy = is_mask & valid
+    l_noisy = _ce_sum(model, hidden[:, :L][noisy], tgt[noisy]) / n
+    if lora is not None:
+        return {"loss": l_noisy, "l_noisy": l_noisy.detach(), "targets": n}
+    l_clean = _ce_sum(model, hidden[:, L:][valid], tgt[valid]) / n
+    scale = (l_noisy / l_clean.clamp_min(1e-6)).detach() if clean_scale == "auto" else float(clean_scale)
+    return {"loss": l_noisy + scale * l_clean, "l_noisy": l_noisy.detach(), "l_clean": l_clean.detach(),
+            "clean_scale": torch.as_tensor(scale).detach(), "targets": n}
+
+
+def sdar_loss(model, tokens, lossmask, block: int, mask_token_id: int, *, generator: torch.Generator | None = None,
+              attn_impl: str = "auto", min_rate: float = 1e-3) -> dict[str, torch.Tensor]:
+    """SDAR-style baseline (SPEC §3.5): per block a rate t ~ U(0,1); each response token of x_t is
+    masked with probability t; the MASK at i predicts x0[i] (no logit shift); loss weighted 1/t."""
+    x0 = tokens[:, :-1]
+    resp = lossmask[:, :-1]
+    B, L = x0.shape
+    nblocks = (L + block - 1) // block
+    dev = tokens.device
+    t = torch.rand(B, nblocks, generator=generator, device="cpu").to(dev).clamp_min(min_rate)
+    t_tok = t.repeat_interleave(block, dim=1)[:, :L]  # [B, L]
+    masked = resp & (torch.rand(B, L, generator=generator, device="cpu").to(dev) < t_tok)
+    x_t = torch.where(masked, torch.full_like(x0, mask_token_id), x0)
+    attn = pair_attention("sdar", L, block, dev, attn_impl)
+    hidden = model(torch.cat([x_t, x0], dim=1), pair_positions(B, L, dev), attn)
+    n = resp.sum().clamp_min(1)
+    loss = _ce_sum(model, hidden[:, :L][masked], x0[masked], weight=(1.0 / t_tok)[masked]) / n
+    return {"loss": loss, "l_noisy": loss.detach(), "targets": n}

@@ -1,0 +1,146 @@
+"""Training masks and objectives (SPEC §3) against brute-force constructions and inference.
+
+- The I-DLM and SDAR-style masks equal loop-by-loop constructions of SPEC §3.2 / §3.5, both as the
+  dense SDPA mask and as FlexAttention's mask (evaluated with create_mask).
+- The x0 half of a training forward equals an ordinary causal forward.
+- Training/inference consistency: a MASK's logits in the training forward equal those of the same
+  MASK in the ISD inference block after the same committed prefix (cold start and verify layouts).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from idlm.decoding.isd import ISDState, isd_block
+from idlm.layers.attention import DenseAttention, KVCache
+from idlm.models.config import ModelConfig
+from idlm.models.transformer import Transformer
+from idlm.training.masks import dense_mask, idlm_mask_fn, sdar_mask_fn
+from idlm.training.objectives import ar_loss, idlm_loss, pair_positions, sdar_loss
+
+
+def brute_idlm(L: int, B: int) -> torch.Tensor:
+    m = torch.zeros(2 * L, 2 * L, dtype=torch.bool)
+    for q in range(2 * L):
+        for k in range(2 * L):
+            if q < L and k < L:  # x_t -> x_t: causal inside its own block only
+                m[q, k] = q // B == k // B and k <= q
+            elif q < L <= k:  # x_t -> x0: clean tokens of strictly earlier blocks
+                m[q, k] = (k - L) // B < q // B
+            elif q >= L and k >= L:  # x0 -> x0: plain causal
+                m[q, k] = k <= q
+            # x0 -> x_t: never
+    return m
+
+
+def brute_sdar(L: int, B: int) -> torch.Tensor:
+    m = torch.zeros(2 * L, 2 * L, dtype=torch.bool)
+    for q in range(2 * L):
+        for k in range(2 * L):
+            if q < L and k < L:
+                m[q, k] = q // B == k // B
+            elif q < L <= k:
+                m[q, k] = (k - L) // B < q // B
+            elif q >= L and k >= L:
+                m[q, k] = (k - L) // B <= (q - L) // B
+    return m
+
+
+@pytest.mark.parametrize("L,B", [(1, 1), (5, 1), (8, 3), (12, 4), (7, 7), (16, 5)])
+def test_masks_equal_brute_force(L, B):
+    assert torch.equal(dense_mask(idlm_mask_fn(L, B), 2 * L)[0, 0], brute_idlm(L, B))
+    assert torch.equal(dense_mask(sdar_mask_fn(L, B), 2 * L)[0, 0], brute_sdar(L, B))
+
+
+def test_flex_mask_mod_equals_dense_mask():
+    from torch.nn.attention.flex_attention import create_mask
+    for L, B in [(8, 3), (16, 4)]:
+        for fn in (idlm_mask_fn(L, B), sdar_mask_fn(L, B)):
+            flex = create_mask(lambda b, h, q, k: fn(q, k), None, None, 2 * L, 2 * L, device="cpu")
+            assert torch.equal(flex[0, 0], dense_mask(fn, 2 * L)[0, 0])
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_flex_attention_output_equals_sdpa_with_dense_mask():
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    L, B = 16, 3
+    fn = idlm_mask_fn(L, B)
+    q, k, v = (torch.randn(2, 4, 2 * L, 8) for _ in range(3))
+    bm = create_block_mask(lambda b, h, qi, ki: fn(qi, ki), None, None, 2 * L, 2 * L, device="cpu")
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(fn, 2 * L))
+    assert (flex_attention(q, k, v, block_mask=bm) - ref).abs().max() < 1e-5
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = ModelConfig(family="qwen3", vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, qk_norm=True,
+                      max_position_embeddings=128, mask_token_id=39)
+    return Transformer(cfg).init_weights(std=0.3, seed=0).eval()
+
+
+@torch.no_grad()
+def test_x0_half_equals_ordinary_causal_forward(model):
+    L, B = 12, 3
+    x0 = torch.randint(0, 39, (2, L))
+    x_t = torch.full_like(x0, 39)
+    attn = DenseAttention(dense_mask(idlm_mask_fn(L, B), 2 * L))
+    h = model(torch.cat([x_t, x0], 1), pair_positions(2, L, "cpu"), attn)
+    ref = model(x0)
+    assert (h[:, L:] - ref).abs().max() < 1e-5
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("N", [2, 3, 4])
+def test_training_mask_logits_equal_isd_inference_block(model, N):
+    """MASK at block offset j of the training block starting at s (clean prefix x0[:s]) vs the same MASK in
+    the ISD cold-start block [x0[s-1], MASK...] at P = s-1, and in the verify block after the prefix x0[:s-N+...]."""
+    B = N - 1
+    L = 4 * B + 1
+    x0 = torch.randint(0, 39, (1, L))
+    x_t = torch.full_like(x0, 39)
+    attn = DenseAttention(dense_mask(idlm_mask_fn(L, B), 2 * L))
+    h = model(torch.cat([x_t, x0], 1), pair_positions(1, L, "cpu"), attn)
+    train_logits = model.compute_logits(h[0, :L])  # x_t half
+    for s in range(B, L - B + 1, B):  # every block start after the first block
+        # inference, cold start: prefix x0[:s-1] in the KV cache, block [x0[s-1], MASK x (2N-2)] at P = s-1
+        cache = KVCache.for_model(model.config, 1, 64)
+        model(x0[:, : s - 1], torch.arange(s - 1)[None], cache.view()) if s > 1 else None
+        cache.lengths[0] = s - 1
+        blk = isd_block(ISDState("C", int(x0[0, s - 1])), N, 39)
+        hi = model(torch.tensor([blk.tokens]), torch.arange(s - 1, s - 1 + 2 * N - 1)[None], cache.view())
+        inf = model.compute_logits(hi[0])
+        for j in range(B):  # MASK at position s+j: block index 1+j in the cold block
+            assert (train_logits[s + j] - inf[1 + j]).abs().max() < 1e-4
+        # verify layout: pending = x0[s-N], specs = x0[s-N+1 .. s-1] (all accepted), MASKs at s..
+        if s - N >= 0:
+            cache.lengths[0] = s - N
+            blk = isd_block(ISDState("V", int(x0[0, s - N]), x0[0, s - N + 1: s].tolist()), N, 39)
+            hi = model(torch.tensor([blk.tokens]), torch.arange(s - N, s - N + 2 * N - 1)[None], cache.view())
+            inf = model.compute_logits(hi[0])
+            for j in range(B):
+                assert (train_logits[s + j] - inf[N + j]).abs().max() < 1e-4
+
+
+def test_losses_are_finite_and_have_gradients(model):
+    tokens = torch.randint(0, 39, (2, 13))
+    lossmask = torch.ones_like(tokens, dtype=torch.bool)
+    lossmask[0, :4] = False  # a prompt
+    m = Transformer(model.config).init_weights(seed=1)
+    for out in (ar_loss(m, tokens, lossmask), idlm_loss(m, tokens, lossmask, 3, 39, "auto"),
+                idlm_loss(m, tokens, lossmask, 3, 39, 0.2),
+                sdar_loss(m, tokens, lossmask, 3, 39, generator=torch.Generator().manual_seed(0))):
+        assert torch.isfinite(out["loss"])
+        m.zero_grad()
+        out["loss"].backward()
+        assert m.model.embed_tokens.weight.grad.abs().sum() > 0
+
+
+@torch.no_grad()
+def test_clean_loss_of_idlm_objective_equals_ar_loss(model):
+    tokens = torch.randint(0, 39, (2, 10))
+    lossmask = torch.rand(2, 10) > 0.3
+    a = ar_loss(model, tokens, lossmask)["loss"]
+    b = idlm_loss(model, tokens, lossmask, 2, 39, 0.2)["l_clean"]
+    assert abs(float(a) - float(b)) < 1e-5
