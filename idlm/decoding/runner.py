@@ -71,6 +71,8 @@ def generate(model, decoder: Decoder, prompts: list[list[int]], params: Sampling
         check_request(p, sp, cfg.max_position_embeddings, cfg.vocab_size)
     if decoder.uses_lora and lora is None:
         raise ConfigError(f"decoder {decoder.name!r} needs a LoRA adapter (--lora PATH)")
+    if lora is not None:
+        lora.check_fits(cfg)
     eos = cfg.eos_token_ids if eos_token_ids is None else list(eos_token_ids)
     if on_text is not None and tokenizer is None:
         raise ConfigError("streaming text (on_text) needs a tokenizer")

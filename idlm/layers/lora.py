@@ -105,6 +105,15 @@ class LoRAAdapter(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=g) * std)
         return self
 
+    def check_fits(self, model_config) -> None:
+        """Raise a ConfigError naming the first dimension where this adapter does not fit a model."""
+        mine = self.model_config
+        for name in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                     "num_key_value_heads", "head_dim"):
+            if getattr(mine, name) != getattr(model_config, name):
+                raise ConfigError(f"the LoRA adapter does not fit the model: it was built for {name}="
+                                  f"{getattr(mine, name)}, the model has {getattr(model_config, name)}")
+
     # ------------------------------------------------------------------------------------ files
     def _peft_name(self, name: str) -> str:
         # layers.3.pairs.q_proj.lora_A.weight -> base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight
