@@ -89,7 +89,7 @@ class Trainer:
         self.out = Path(cfg.out)
         self.train_data = TokenDataset(cfg.data, "train", cfg.seq_len)
         self.heldout = TokenDataset(cfg.data, "heldout", cfg.seq_len)
-        self.batches_per_epoch = self.train_data.num_windows // cfg.batch_size
+        self.batches_per_epoch = self.train_data.steps_per_epoch(self.per_rank, self.world)
         if self.batches_per_epoch < 1:
             raise ConfigError(f"the training split has {self.train_data.num_windows} windows of {cfg.seq_len} "
                               f"tokens: fewer than one batch of {cfg.batch_size}")
@@ -153,7 +153,7 @@ class Trainer:
         step = start_step
         while True:
             epoch, within = divmod(step, self.batches_per_epoch)
-            it = self.train_data.batches(self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch, start_step=within,
+            it = self.train_data.batches(self.per_rank, seed=self.cfg.seed, epoch=epoch, start_step=within,
                                          rank=self.rank, world_size=self.world)
             for batch in it:
                 yield batch

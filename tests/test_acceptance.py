@@ -1,0 +1,249 @@
+"""Speculative verification rules (`verify_drafts`) and the analytic TPF (SPEC §4.3, §7), tested directly.
+
+Oracles: acceptance probabilities and correction distributions worked out by hand on tiny distributions;
+an independent two-state Markov-chain derivation of TPF; and, for exactness, the law of the token emitted
+at one draft position computed by enumeration (no sampling): the acceptance probability is read off
+`verify_drafts` itself by bisecting on the uniform draw u, the correction is the one it returns, and
+Σ_d P(draft d) · [P(accept | d) δ_d + P(reject | d) · correction_d] must equal p̃ for the exact rules and
+differ from it for the reference release's biased rule (argmax draft tested with min(1, p̃/q̃), SPEC §10.1).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from idlm.decoding.acceptance import analytic_tpf, verify_drafts
+
+P3 = [0.5, 0.3, 0.2]
+Q3 = [0.2, 0.5, 0.3]
+
+
+def run(p, drafts, q=None, point_mass=False, alpha=1.0, u=0.5, dtype=torch.float64):
+    """verify_drafts on B rows of K drafts: p, q [B][K][V] (or [K][V] for one row), drafts/u [B][K] or [K]."""
+    p = torch.as_tensor(p, dtype=dtype)
+    if p.dim() == 2:
+        p = p[None]
+    B, K, _ = p.shape
+    drafts = torch.as_tensor(drafts, dtype=torch.long).reshape(B, K)
+    if q is not None:
+        q = torch.as_tensor(q, dtype=dtype).reshape(p.shape)
+    point_mass = torch.as_tensor(point_mass, dtype=torch.bool).expand(B).clone()
+    alpha = torch.as_tensor(alpha, dtype=dtype).expand(B).clone()
+    u = torch.as_tensor(u, dtype=dtype).expand(B, K).clone()
+    return verify_drafts(p, drafts, q, point_mass, alpha, u)
+
+
+def acceptance_probability(p, drafts, q, point_mass, alpha=1.0) -> torch.Tensor:
+    """P(accept) of one draft per row [B], measured on verify_drafts: the sup of the u that accept (bisection)."""
+    B = len(drafts)
+    lo, hi = torch.zeros(B, dtype=torch.float64), torch.ones(B, dtype=torch.float64)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        n, _ = run(p, drafts, q, point_mass, alpha, mid[:, None])
+        lo, hi = torch.where(n == 1, mid, lo), torch.where(n == 1, hi, mid)
+    return (lo + hi) / 2
+
+
+# --------------------------------------------------------------------------------------------- analytic TPF
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 8, 16])
+def test_analytic_tpf_limits(n):
+    assert analytic_tpf(1.0, n) == pytest.approx(n, abs=1e-12)  # every draft accepted: N per forward
+    assert analytic_tpf(0.0, n) == pytest.approx(1.0, abs=1e-12)  # never accepted: C and V alternate, 1 each
+
+
+@pytest.mark.parametrize("n,tpf", [(2, 1.82), (3, 2.44), (4, 2.92), (8, 4.09)])
+def test_analytic_tpf_spec_values_at_p_0_9(n, tpf):
+    assert round(analytic_tpf(0.9, n), 2) == tpf
+
+
+@pytest.mark.parametrize("p", [0.13, 0.5, 0.77, 0.95])
+@pytest.mark.parametrize("n", [2, 3, 5, 8])
+def test_analytic_tpf_equals_the_two_state_chain(p, n):
+    """C commits 1 and moves to V; V with K = N−1 drafts commits j+1 and falls to C on a first rejection at j
+    (prob p^j (1−p)), or commits N and stays in V (prob p^K). TPF = stationary mean commit per forward."""
+    k = n - 1
+    to_cold = 1 - p**k
+    pi_v = 1 / (1 + to_cold)  # π_C = π_V · P(V → C), π_C + π_V = 1
+    commit_v = sum(p**j * (1 - p) * (j + 1) for j in range(k)) + p**k * n
+    assert analytic_tpf(p, n) == pytest.approx((1 - pi_v) * 1 + pi_v * commit_v, rel=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 0, -3])
+def test_analytic_tpf_rejects_stride_below_two(n):
+    with pytest.raises(ValueError):
+        analytic_tpf(0.5, n)
+
+
+# --------------------------------------------------------------------------------- hand-built distributions
+
+
+def test_sampled_draft_accepts_with_ratio_and_corrects_from_residual():
+    # d = 1: min(1, .3/.5) = .6; residual max(0, p − q) = [.3, 0, 0] -> correction [1, 0, 0]
+    n, corr = run([[P3]] * 2, [1, 1], [[Q3]] * 2, u=[[0.599], [0.601]])
+    assert n.tolist() == [1, 0]
+    assert torch.allclose(corr[1], torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
+    # d = 2: min(1, .2/.3) = 2/3; d = 0: min(1, .5/.2) = 1 (accepted even at u close to 1)
+    n, _ = run([[P3]] * 3, [2, 2, 0], [[Q3]] * 3, u=[[0.666], [0.667], [0.9999]])
+    assert n.tolist() == [1, 0, 1]
+    assert acceptance_probability([[P3]] * 3, [0, 1, 2], [[Q3]] * 3, False).tolist() == pytest.approx([1, 0.6, 2 / 3])
+
+
+def test_argmax_draft_accepts_with_p_and_corrects_from_p_without_the_draft():
+    # point mass q = δ_d: accept with p(d); correction = p with d removed, renormalised. A q passed for a
+    # point-mass row is ignored, and q = None is allowed when every row is point mass.
+    for q in (None, [[Q3]] * 4):
+        n, corr = run([[P3]] * 4, [1, 1, 0, 0], q, point_mass=True, u=[[0.299], [0.301], [0.499], [0.501]])
+        assert n.tolist() == [1, 0, 1, 0]
+        assert torch.allclose(corr[1], torch.tensor([0.5 / 0.7, 0.0, 0.2 / 0.7], dtype=torch.float64))
+        assert torch.allclose(corr[3], torch.tensor([0.0, 0.6, 0.4], dtype=torch.float64))
+        a = acceptance_probability([[P3]] * 3, [0, 1, 2], None if q is None else q[:3], True)
+        assert a.tolist() == pytest.approx(P3)
+
+
+def test_alpha_below_one_raises_acceptance_to_ratio_over_alpha():
+    p, q = [[[0.5, 0.3, 0.2]]] * 4, [[[0.1, 0.8, 0.1]]] * 4
+    # sampled: min(1, .3 / (alpha · .8)) = .375 at alpha 1, .75 at alpha .5, 1 at alpha .25
+    got = acceptance_probability(p[:3], [1, 1, 1], q[:3], False, alpha=[1.0, 0.5, 0.25])
+    assert got.tolist() == pytest.approx([0.375, 0.75, 1.0])
+    # argmax: min(1, .3 / alpha) = .3, .6, 1
+    got = acceptance_probability(p[:3], [1, 1, 1], q[:3], True, alpha=[1.0, 0.5, 0.25])
+    assert got.tolist() == pytest.approx([0.3, 0.6, 1.0])
+    # alpha changes acceptance only, not the correction
+    _, c1 = run(p[:2], [1, 1], q[:2], [False, True], alpha=1.0, u=1.0)
+    _, c2 = run(p[:2], [1, 1], q[:2], [False, True], alpha=0.5, u=1.0)
+    assert torch.equal(c1, c2)
+    assert torch.allclose(c1[0], torch.tensor([4 / 5, 0.0, 1 / 5], dtype=torch.float64))  # max(0, p − q) = [.4, 0, .1]
+
+
+def test_stops_at_the_first_rejection():
+    # three drafts, all token 0, accepted (argmax rule) with p_j(0) = .5, .6, .7
+    p = [[0.5, 0.3, 0.2], [0.6, 0.1, 0.3], [0.7, 0.2, 0.1]]
+    patterns = {  # u per draft -> (leading accepts, position whose correction is returned)
+        (0.1, 0.1, 0.1): 3,
+        (0.9, 0.1, 0.1): 0,  # reject, accept, accept: nothing after the first rejection counts
+        (0.1, 0.9, 0.1): 1,  # accept, reject, accept
+        (0.1, 0.1, 0.9): 2,
+        (0.9, 0.9, 0.1): 0,
+    }
+    u = list(patterns)
+    n, corr = run([p] * len(u), [[0, 0, 0]] * len(u), None, point_mass=True, u=u)
+    assert n.tolist() == list(patterns.values())
+    for row, j in enumerate(patterns.values()):
+        if j < 3:
+            expected = torch.tensor(p[j], dtype=torch.float64)
+            expected[0] = 0
+            assert torch.allclose(corr[row], expected / expected.sum()), (u[row], corr[row])
+    # the same with sampled drafts: q_j(0) = .8 makes the ratios .625, .75, .875
+    q = [[0.8, 0.1, 0.1]] * 3
+    n, _ = run([p] * 3, [[0, 0, 0]] * 3, [q] * 3, u=[(0.62, 0.74, 0.88), (0.63, 0.1, 0.1), (0.1, 0.76, 0.1)])
+    assert n.tolist() == [2, 0, 1]
+
+
+@pytest.mark.parametrize("point_mass", [True, False])
+def test_greedy_accepts_iff_draft_is_the_argmax(point_mass):
+    # T = 0: p̃ and q̃ are one-hot; accept iff d = argmax p, else the correction is argmax p
+    p = torch.zeros(4, 1, 5, dtype=torch.float64)
+    p[:, 0, 3] = 1
+    drafts = [3, 3, 0, 4]
+    q = torch.nn.functional.one_hot(torch.tensor(drafts), 5).double()[:, None]
+    n, corr = run(p, drafts, q, point_mass, u=[[0.0], [0.999999], [0.0], [1e-9]])
+    assert n.tolist() == [1, 1, 0, 0]
+    assert torch.equal(corr[2:], p[2:, 0])
+
+
+def test_rows_with_mixed_modes_equal_each_row_alone():
+    g = torch.Generator().manual_seed(0)
+    B, K, V = 8, 3, 5
+    p = torch.softmax(torch.randn(B, K, V, generator=g, dtype=torch.float64) * 2, -1)
+    q = torch.softmax(torch.randn(B, K, V, generator=g, dtype=torch.float64) * 2, -1)
+    drafts = torch.randint(0, V, (B, K), generator=g)
+    point_mass = torch.tensor([True, False] * (B // 2))
+    alpha = torch.tensor([1.0, 1.0, 0.5, 0.7] * (B // 4), dtype=torch.float64)
+    u = torch.rand(B, K, generator=g, dtype=torch.float64) * 0.8
+    n, corr = verify_drafts(p, drafts, q, point_mass, alpha, u)
+    assert len(set(n.tolist())) > 1  # the batch mixes outcomes
+    for b in range(B):
+        nb, cb = verify_drafts(p[b:b + 1], drafts[b:b + 1], q[b:b + 1], point_mass[b:b + 1], alpha[b:b + 1], u[b:b + 1])
+        assert nb.item() == n[b].item()
+        assert torch.allclose(cb[0], corr[b], atol=1e-12, rtol=0)
+
+
+# ------------------------------------------------------------------------------------ exactness by enumeration
+
+
+def emitted_law(p: torch.Tensor, q: torch.Tensor, draft_law: torch.Tensor, point_mass: bool,
+                alpha: float = 1.0) -> torch.Tensor:
+    """Law of the token emitted at one draft position: Σ_d draft_law(d) [a_d δ_d + (1 − a_d) correction_d]."""
+    V = p.numel()
+    support = [d for d in range(V) if draft_law[d] > 0]
+    rows_p, rows_q = [[p.tolist()]] * len(support), [[q.tolist()]] * len(support)
+    a = acceptance_probability(rows_p, support, rows_q, point_mass, alpha=alpha)
+    _, corr = run(rows_p, support, rows_q, point_mass, alpha, u=1.0)  # u = 1 forces the rejection path
+    law = torch.zeros(V, dtype=torch.float64)
+    for i, d in enumerate(support):
+        law += draft_law[d] * (1 - a[i]) * corr[i]
+        law[d] += draft_law[d] * a[i]
+    return law
+
+
+def random_pq(seed: int, V: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    p = torch.softmax(torch.randn(V, generator=g, dtype=torch.float64) * 1.5, -1)
+    q = torch.softmax(torch.randn(V, generator=g, dtype=torch.float64) * 1.5, -1)
+    if seed % 3 == 1:  # truncated laws (top-k): zeros in p, and a q with a different support
+        p[p.argsort()[:2]] = 0
+        q[q.argsort()[:1]] = 0
+        p, q = p / p.sum(), q / q.sum()
+    return p, q
+
+
+SEEDS = list(range(9))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_sampled_rule_emits_exactly_p(seed):
+    p, q = random_pq(seed)
+    law = emitted_law(p, q, draft_law=q, point_mass=False)
+    assert torch.allclose(law, p, atol=1e-6, rtol=0), (law, p)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_argmax_rule_emits_exactly_p(seed):
+    p, q = random_pq(seed)
+    d = int(q.argmax())
+    law = emitted_law(p, q, draft_law=torch.nn.functional.one_hot(torch.tensor(d), len(p)).double(), point_mass=True)
+    assert torch.allclose(law, p, atol=1e-6, rtol=0), (law, p)
+
+
+def test_exact_rules_when_draft_law_equals_target():
+    # p = q: every draft accepted, residual empty (the fallback correction is never used)
+    p, _ = random_pq(0)
+    assert torch.allclose(emitted_law(p, p, p, point_mass=False), p, atol=1e-12)
+    a = acceptance_probability([[p.tolist()]] * 5, list(range(5)), [[p.tolist()]] * 5, False)
+    assert a.tolist() == pytest.approx([1.0] * 5, abs=1e-15)
+
+
+def test_reference_argmax_ratio_rule_is_biased():
+    # by hand: d = argmax q = 1 accepted with min(1, .3/.5) = .6, else [1, 0, 0]: law [.4, .6, 0] instead of p
+    p, q = torch.tensor(P3, dtype=torch.float64), torch.tensor(Q3, dtype=torch.float64)
+    delta = torch.nn.functional.one_hot(q.argmax(), 3).double()
+    law = emitted_law(p, q, draft_law=delta, point_mass=False)
+    assert torch.allclose(law, torch.tensor([0.4, 0.6, 0.0], dtype=torch.float64))
+    for seed in SEEDS:
+        p, q = random_pq(seed)
+        delta = torch.nn.functional.one_hot(q.argmax(), len(p)).double()
+        law = emitted_law(p, q, draft_law=delta, point_mass=False)
+        assert (law - p).abs().max() > 1e-3, seed
+
+
+@pytest.mark.parametrize("seed", [0, 2, 3])
+def test_alpha_below_one_is_lossy(seed):
+    p, q = random_pq(seed)
+    assert (emitted_law(p, q, draft_law=q, point_mass=False, alpha=0.5) - p).abs().max() > 1e-3
+    d = int(q.argmax())
+    delta = torch.nn.functional.one_hot(torch.tensor(d), len(p)).double()
+    if p[d] < 1:
+        assert (emitted_law(p, q, draft_law=delta, point_mass=True, alpha=0.5) - p).abs().max() > 1e-3
