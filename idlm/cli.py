@@ -152,6 +152,49 @@ def cmd_eval_alpha(args) -> int:
     return 0
 
 
+def cmd_data_build(args) -> int:
+    from idlm.data.build import cmd_build
+
+    print(json.dumps(cmd_build(args)))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from idlm.training.config import TrainConfig
+    from idlm.training.trainer import Trainer
+
+    cfg = TrainConfig.from_yaml(args.config, defaults={"kind": args.kind}, out=args.out, max_steps=args.max_steps)
+    if cfg.kind != args.kind:
+        raise IdlmError(f"{args.config} is a {cfg.kind!r} config, not {args.kind!r}")
+    last = Trainer(cfg, device=args.device).train(resume=args.resume)
+    print(json.dumps({"kind": cfg.kind, "out": cfg.out, **last}))
+    return 0
+
+
+def cmd_eval_loss(args) -> int:
+    from idlm.eval.loss import heldout_loss
+    from idlm.models.loader import load_pretrained
+
+    model, _ = load_pretrained(args.model, dtype=args.dtype, device=args.device)
+    stride = args.stride if model.config.mask_token_id is not None and not args.clean_only else None
+    res = heldout_loss(model, args.data, args.split, args.seq_len, args.max_windows, stride=stride)
+    print(json.dumps({"model": str(args.model), **res}))
+    return 0
+
+
+def cmd_eval_tasks(args) -> int:
+    from idlm.eval.tasks import COMMITTED_TASKS, evaluate_tasks, load_jsonl
+
+    model, tok, decoder, lora = _load_for_decoding(args)
+    tasks = load_jsonl(args.tasks or COMMITTED_TASKS)
+    if args.limit:
+        tasks = tasks[: args.limit]
+    res = evaluate_tasks(model, tok, decoder, tasks, lora=lora)
+    print(json.dumps({"model": str(args.model), "decoder": decoder.name, "stride": getattr(decoder, "stride", 1),
+                      "tasks": str(args.tasks or COMMITTED_TASKS), **res}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="idlm", description="Introspective Diffusion Language Models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -174,6 +217,43 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decoder_args(a)
     _add_sampling_args(a)
     a.set_defaults(func=cmd_eval_alpha, temperature=1.0, max_tokens=64)
+
+    lo = ev.add_parser("loss", help="held-out clean (and, for an I-DLM, noisy) loss; last stdout line is JSON")
+    lo.add_argument("--data", required=True, help="dataset directory (idlm data build)")
+    lo.add_argument("--split", default="heldout")
+    lo.add_argument("--seq-len", type=int, default=512)
+    lo.add_argument("--max-windows", type=int, default=256)
+    lo.add_argument("--stride", type=int, default=4, help="stride of the noisy loss (models with a MASK token)")
+    lo.add_argument("--clean-only", action="store_true")
+    _add_model_args(lo)
+    lo.set_defaults(func=cmd_eval_loss)
+
+    t = ev.add_parser("tasks", help="accuracy on held-out tasks for a model + decoder; last stdout line is JSON")
+    t.add_argument("--tasks", default=None, help="JSONL of {kind, prompt, answer} (default: the committed set)")
+    t.add_argument("--limit", type=int, default=None)
+    _add_model_args(t)
+    _add_decoder_args(t)
+    t.set_defaults(func=cmd_eval_tasks)
+
+    d = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    from idlm.data.build import add_build_arguments
+
+    db = d.add_parser("build", help="build the offline corpus, tokenizer, shards and eval sets")
+    add_build_arguments(db)
+    db.set_defaults(func=cmd_data_build)
+
+    tr = sub.add_parser("train", help="train a model").add_subparsers(dest="train_command", required=True)
+    for kind, what in (("pretrain", "AR next-token pretraining"),
+                       ("convert", "AR model -> I-DLM (introspective-consistency training, SPEC §3)"),
+                       ("lora", "R-ISD gated LoRA on a frozen AR model (SPEC §5)"),
+                       ("sdar", "SDAR-style block-diffusion baseline (SPEC §3.5)")):
+        p = tr.add_parser(kind, help=what)
+        p.add_argument("config", help="YAML run config")
+        p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+        p.add_argument("--out", default=None, help="override the config's out directory")
+        p.add_argument("--max-steps", type=int, default=None, help="override max_steps")
+        p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+        p.set_defaults(func=cmd_train, kind=kind)
     return parser
 
 

@@ -59,6 +59,7 @@ def _write_atomic(path: str, text: str) -> None:
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; saved tokenizers are ordinary readable files
         os.replace(tmp, path)
     except OSError as e:
         if tmp is not None:

@@ -123,7 +123,7 @@ class TrainConfig:
             raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
-    def from_yaml(cls, path: str | Path, **overrides) -> "TrainConfig":
+    def from_yaml(cls, path: str | Path, defaults: dict | None = None, **overrides) -> "TrainConfig":
         import yaml
 
         try:
@@ -133,6 +133,8 @@ class TrainConfig:
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
         d = dict(d or {})
+        for k, v in (defaults or {}).items():
+            d.setdefault(k, v)
         d.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(d, source=str(path))
 
