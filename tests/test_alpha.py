@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from tiny import write_tiny_checkpoint
 
 from idlm.cli import main
 from idlm.decoding.ar import ARDecoder
@@ -14,7 +15,6 @@ from idlm.decoding.sampling import SamplingParams
 from idlm.eval.alpha import clean_scores, introspective_alpha
 from idlm.models.config import ModelConfig
 from idlm.models.transformer import Transformer
-from tiny import write_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -25,10 +25,14 @@ def load_jsonl(path: str | Path) -> list[dict]:
         rows = [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot read task file {path}: {e}") from None
+    out = []
     for i, r in enumerate(rows, 1):
+        if isinstance(r, dict) and "user" in r and "assistant" in r:  # mined instruction pairs (idlm.data)
+            r = {"kind": "instruction", "prompt": r["user"], "answer": r["assistant"]}
         if not isinstance(r, dict) or "prompt" not in r or "answer" not in r:
-            raise ConfigError(f"{path}:{i}: each line needs \"prompt\" and \"answer\"")
-    return rows
+            raise ConfigError(f"{path}:{i}: each line needs \"prompt\" and \"answer\" (or \"user\" and \"assistant\")")
+        out.append(r)
+    return out
 
 
 def _strip_fence(text: str) -> str:

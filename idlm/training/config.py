@@ -17,6 +17,8 @@ from typing import Any
 from idlm.errors import ConfigError
 
 KINDS = ("pretrain", "convert", "lora", "sdar")
+# Fields that do not change a run's trajectory: a resumed run may differ in them.
+NOT_FINGERPRINTED = ("out", "log_every", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "max_time_s")
 
 
 @dataclass
@@ -50,6 +52,7 @@ class TrainConfig:
     eval_batches: int = 20
     save_every: int = 200
     keep_checkpoints: int = 2
+    max_time_s: float | None = None  # wall-clock guard: past it, save a checkpoint and stop (logged)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -100,7 +103,7 @@ class TrainConfig:
     def fingerprint(self) -> str:
         """Hash of everything that defines the run's trajectory (not where it is written)."""
         d = dataclasses.asdict(self)
-        for k in ("out", "log_every", "eval_every", "eval_batches", "save_every", "keep_checkpoints"):
+        for k in NOT_FINGERPRINTED:
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

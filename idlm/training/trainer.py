@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from idlm.errors import CheckpointError, ConfigError
-from idlm.training.config import TrainConfig
+from idlm.training.config import NOT_FINGERPRINTED, TrainConfig
 from idlm.training.objectives import ar_loss, idlm_loss, sdar_loss
 
 
@@ -63,7 +63,8 @@ class Objective(nn.Module):
         if cfg.kind == "lora":
             return idlm_loss(m, tokens, lossmask, stride - 1, mask if mask is not None else 0, lora=self.adapter,
                              attn_impl=cfg.attention)
-        return sdar_loss(m, tokens, lossmask, stride - 1, mask, generator=generator, attn_impl=cfg.attention)
+        # SDAR: the curriculum's "stride" is its block size B (SPEC §6: B MASKs per block)
+        return sdar_loss(m, tokens, lossmask, stride, mask, generator=generator, attn_impl=cfg.attention)
 
 
 class Trainer:
@@ -182,7 +183,12 @@ class Trainer:
                    desc=f"{cfg.kind}")
         data = self._batches(self.step)
         t_last, tokens_since, last = time.perf_counter(), 0, {}
+        t_start = t_last
         while self.step < cfg.max_steps:
+            if cfg.max_time_s is not None and time.perf_counter() - t_start > cfg.max_time_s:
+                self._log({"step": self.step, "stopped_early": True, "reason": f"max_time_s {cfg.max_time_s}"})
+                self.save_checkpoint()
+                break
             stride = cfg.stride_at(self.step)
             tokens, lossmask = next(data)
             tokens, lossmask = tokens.to(self.device, non_blocking=True), lossmask.to(self.device, non_blocking=True)
@@ -309,8 +315,7 @@ class Trainer:
             raise CheckpointError(f"cannot read {state_file}: {e}") from None
         if state.get("fingerprint") != self.cfg.fingerprint():
             theirs, ours = state.get("config", {}), self.cfg.to_dict()
-            diff = [k for k in ours if k not in ("out", "log_every", "eval_every", "eval_batches", "save_every",
-                                                  "keep_checkpoints") and theirs.get(k) != ours[k]]
+            diff = [k for k in ours if k not in NOT_FINGERPRINTED and theirs.get(k) != ours[k]]
             raise CheckpointError(f"{path} was written by a different config (differs in: {', '.join(diff) or '?'}); "
                                   f"refusing to resume")
         from idlm.models.loader import _iter_safetensors, _safetensors_files, load_state_into
