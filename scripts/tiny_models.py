@@ -152,6 +152,26 @@ def stage3(budget: float) -> dict:
     return res
 
 
+def convert(budget: float) -> dict:
+    """Round 2: a longer conversion on its own call."""
+    ensure_data()
+    ensure_model("ar", "idlm-tiny-ar")
+    res = {"convert": train("configs/tiny/convert.yaml", budget - elapsed() - 40)}
+    export("idlm", "idlm-tiny")
+    return res
+
+
+def lora_eval(budget: float, eval_s: float = 130) -> dict:
+    """Round 2: the R-ISD LoRA on its own call, then every evaluation."""
+    ensure_data()
+    ensure_model("ar", "idlm-tiny-ar")
+    res = {"lora": train("configs/tiny/lora.yaml", budget - elapsed() - eval_s - 30)}
+    export("lora", "idlm-tiny-ar-risd-lora", lora=True)
+    res["eval"] = evaluate()
+    (OUT / "results.json").write_text(json.dumps(res, indent=2))
+    return res
+
+
 def evaluate() -> dict:
     """Everything the model cards report, on the exported (bf16-stored) models, computed in fp32."""
     from idlm.decoding import make_decoder
@@ -167,6 +187,8 @@ def evaluate() -> dict:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     ex = RUNS / "export"
     paths = {"ar": ex / "idlm-tiny-ar", "idlm": ex / "idlm-tiny", "sdar": ex / "idlm-tiny-sdar"}
+    if not paths["idlm"].exists() and (RUNS / "idlm" / "final").exists():
+        export("idlm", "idlm-tiny")
     for key, asset in (("ar", "idlm-tiny-ar"), ("idlm", "idlm-tiny")):
         if not paths[key].exists():
             paths[key] = ASSETS / asset
@@ -229,7 +251,7 @@ def evaluate() -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("stage", choices=["stage1", "stage2", "stage3", "eval"])
+    ap.add_argument("stage", choices=["stage1", "stage2", "stage3", "convert", "lora_eval", "eval"])
     ap.add_argument("--budget", type=float, default=500.0, help="seconds this call may spend")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
