@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from idlm.atomic import atomic_dir
 from idlm.errors import CheckpointError, ConfigError
 
 ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -126,10 +125,7 @@ class LoRAAdapter(nn.Module):
         from safetensors.torch import save_file
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
+        with atomic_dir(path) as tmp:
             tensors = {"mask_embedding": self.mask_embedding.detach().cpu().contiguous()}
             for name, p in self.named_parameters():
                 if name != "mask_embedding":
@@ -140,16 +136,6 @@ class LoRAAdapter(nn.Module):
                     "idlm_gated": True, "idlm_base": {"hidden_size": self.model_config.hidden_size,
                                                       "num_hidden_layers": self.model_config.num_hidden_layers}}
             (tmp / "adapter_config.json").write_text(json.dumps(meta, indent=2))
-            old = None
-            if path.exists():
-                old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(path, old)
-            os.replace(tmp, path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
     @classmethod

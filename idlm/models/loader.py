@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
 
+from idlm.atomic import atomic_dir
 from idlm.errors import CheckpointError
 from idlm.models.config import ModelConfig
 from idlm.models.transformer import Transformer
@@ -213,10 +212,7 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, tokenizer=None,
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_dir(path) as tmp:
         state = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters()}
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
@@ -247,14 +243,4 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, tokenizer=None,
             json.dump(gen, f, indent=2)
         if tokenizer is not None:
             tokenizer.save(tmp)
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path

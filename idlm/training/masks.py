@@ -21,6 +21,13 @@ def _split(idx: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
     return in_xt, torch.where(in_xt, idx, idx - L)
 
 
+def _coords(q: torch.Tensor, k: torch.Tensor, L: int, block: int):
+    """(q in x_t, k in x_t, q position, k position, q block, k block) of index tensors over [x_t | x0]."""
+    q_xt, qi = _split(q, L)
+    k_xt, ki = _split(k, L)
+    return q_xt, k_xt, qi, ki, qi // block, ki // block
+
+
 def idlm_mask_fn(L: int, block: int) -> MaskFn:
     """I-DLM (SPEC §3.2), block = B = N−1 MASKs per block:
     x_t→x_t: same block and k ≤ q; x_t→x0: block(k) < block(q); x0→x0: k ≤ q; x0→x_t: never."""
@@ -28,9 +35,7 @@ def idlm_mask_fn(L: int, block: int) -> MaskFn:
         raise ValueError(f"block size must be >= 1, got {block}")
 
     def allowed(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        q_xt, qi = _split(q, L)
-        k_xt, ki = _split(k, L)
-        qb, kb = qi // block, ki // block
+        q_xt, k_xt, qi, ki, qb, kb = _coords(q, k, L, block)
         xt_xt = q_xt & k_xt & (qb == kb) & (ki <= qi)
         xt_x0 = q_xt & ~k_xt & (kb < qb)
         x0_x0 = ~q_xt & ~k_xt & (ki <= qi)
@@ -46,9 +51,7 @@ def sdar_mask_fn(L: int, block: int) -> MaskFn:
         raise ValueError(f"block size must be >= 1, got {block}")
 
     def allowed(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        q_xt, qi = _split(q, L)
-        k_xt, ki = _split(k, L)
-        qb, kb = qi // block, ki // block
+        q_xt, k_xt, _, _, qb, kb = _coords(q, k, L, block)
         return (q_xt & k_xt & (qb == kb)) | (q_xt & ~k_xt & (kb < qb)) | (~q_xt & ~k_xt & (kb <= qb))
 
     return allowed

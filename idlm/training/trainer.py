@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from idlm.atomic import atomic_dir
 from idlm.errors import CheckpointError, ConfigError
 from idlm.training.config import NOT_FINGERPRINTED, TrainConfig
 from idlm.training.objectives import ar_loss, idlm_loss, sdar_loss
@@ -279,24 +280,16 @@ class Trainer:
         ckdir = self.out / "checkpoints"
         ckdir.mkdir(parents=True, exist_ok=True)
         final = ckdir / f"step-{self.step:07d}"
-        tmp = ckdir / f".tmp-step-{self.step:07d}-{uuid.uuid4().hex[:6]}"
-        tmp.mkdir()
-        try:
+        with atomic_dir(final) as tmp:
             self._save_weights(tmp / "weights")
             state = {"step": self.step, "fingerprint": self.cfg.fingerprint(), "config": self.cfg.to_dict(),
                      "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                      "rng_torch": torch.get_rng_state(), "rng_objective": self.generator.get_state(),
                      "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
             torch.save(state, tmp / "trainer_state.pt")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            pointer = ckdir / f".latest-{uuid.uuid4().hex[:6]}"
-            pointer.write_text(final.name)
-            os.replace(pointer, ckdir / "latest")
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        pointer = ckdir / f".latest-{uuid.uuid4().hex[:6]}"
+        pointer.write_text(final.name)
+        os.replace(pointer, ckdir / "latest")  # the pointer moves only once the checkpoint is complete
         done = sorted(p for p in ckdir.glob("step-*") if p.is_dir())
         for old in done[: -self.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
