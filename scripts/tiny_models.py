@@ -172,6 +172,18 @@ def lora_eval(budget: float, eval_s: float = 130) -> dict:
     return res
 
 
+def convert_more(budget: float, eval_s: float = 140) -> dict:
+    """Round 3: continue idlm-tiny's conversion at N = 4 (configs/tiny/convert2.yaml), then evaluate."""
+    ensure_data()
+    ensure_model("ar", "idlm-tiny-ar")
+    ensure_model("idlm", "idlm-tiny")
+    res = {"convert2": train("configs/tiny/convert2.yaml", budget - elapsed() - eval_s - 30)}
+    export("idlm2", "idlm-tiny")
+    res["eval"] = evaluate()
+    (OUT / "results.json").write_text(json.dumps(res, indent=2))
+    return res
+
+
 def evaluate() -> dict:
     """Everything the model cards report, on the exported (bf16-stored) models, computed in fp32."""
     from idlm.decoding import make_decoder
@@ -251,7 +263,7 @@ def evaluate() -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("stage", choices=["stage1", "stage2", "stage3", "convert", "lora_eval", "eval"])
+    ap.add_argument("stage", choices=["stage1", "stage2", "stage3", "convert", "lora_eval", "convert_more", "eval"])
     ap.add_argument("--budget", type=float, default=500.0, help="seconds this call may spend")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
