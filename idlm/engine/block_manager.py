@@ -1,0 +1,303 @@
+"""Paged KV-cache bookkeeping for the serving engine (SPEC §4.4, §8): pure Python, no tensors.
+
+Why each piece exists
+---------------------
+* **Fixed-size pages in one pool.** The KV cache is one preallocated tensor of `num_blocks * block_size`
+  slots; a request owns a list of page ids (its *block table*), so requests of any length share the pool
+  without fragmentation and the attention kernel finds token `p` of a request at physical slot
+  `block_table[p // block_size] * block_size + p % block_size` (`slots`).
+* **Committed length vs reserved capacity.** An ISD decode step writes 2N−1 query tokens at positions
+  P..P+2N−2 but keeps only `advance` (1..N) of them (SPEC §4.4: MASK and rejected slots are dropped).
+  `reserve` makes room for the writes before the forward; `commit(new_length)` afterwards keeps
+  exactly `new_length` tokens and returns every page wholly past it to the pool (rollback by length).
+  The KV past `new_length` in the last kept page is simply overwritten by the next step. So the cache
+  only ever holds committed tokens, which is what makes prefix caching sound (SPEC §8).
+* **Reference counts.** A full page of committed tokens can be shared by several requests with the
+  same prefix; it returns to the free list only when its last owner lets go.
+* **Prefix caching with chained hashes.** When a page fills with committed tokens it is registered
+  under `hash((hash of the previous page, tuple(page tokens)))`, so a hash names the page *and the whole
+  prefix before it*. `allocate` walks a new prompt page by page and reuses every leading page whose
+  chained hash (and stored token ids, guarding against collisions) matches; it returns how many prompt
+  tokens already have KV. The hit never covers the last prompt token (at least one token must be run
+  to get logits), and because a request must never write into a shared page the hit is
+  `block_size * floor((len − 1) / block_size)`: whole pages that lie strictly before the last token.
+* **Freed pages keep their hash.** A page whose ref count drops to 0 goes back on the free list but
+  stays in the hash table, so a later request with the same prefix can revive it; only when the page is
+  handed out for new content is its hash dropped. The free list is FIFO (oldest freed reused first),
+  pages without a hash are reused before cached ones, and a request's pages are released tail first,
+  so the most shareable (leading) pages survive longest.
+* **Allocation failure is a result, not a crash.** `can_allocate`/`can_reserve` answer up front;
+  `reserve` returns False and `allocate` raises `AllocationError` having changed nothing: every
+  operation plans first and mutates only once it knows it can finish.
+* **Write-safety invariant.** Writes happen only at positions >= the committed length; pages there are
+  private (ref 1) and unhashed, because only full committed pages are ever hashed or shared. `slots`
+  asserts this for the pages it maps past the committed length; `check_invariants` verifies the whole
+  state (used in tests).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from idlm.errors import ConfigError, IdlmError
+
+__all__ = ["AllocationError", "BlockManager", "BlockManagerError", "SeqBlocks"]
+
+_ROOT_HASH = -1  # the "previous page hash" of a sequence's first page
+
+
+class BlockManagerError(IdlmError):
+    """Misuse of the block manager: unknown or duplicate request id, out-of-range length."""
+
+
+class AllocationError(BlockManagerError):
+    """The pool has too few free pages; nothing was allocated."""
+
+
+@dataclass
+class _Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None  # set only while the page holds a full page of committed tokens
+    token_ids: tuple[int, ...] = ()  # the page's tokens when hashed (collision check)
+
+
+@dataclass
+class SeqBlocks:
+    """Per-request state: its pages, how many tokens of KV are kept, and what hashing needs."""
+
+    seq_id: object
+    block_ids: list[int] = field(default_factory=list)
+    num_tokens: int = 0  # committed length: KV of positions 0..num_tokens-1 is valid and kept
+    partial_tokens: list[int] = field(default_factory=list)  # committed tokens of the last, non-full page
+    last_hash: int = _ROOT_HASH  # chained hash of the last full committed page
+
+
+class BlockManager:
+    """A paged KV pool of `num_blocks` pages of `block_size` slots, with optional prefix caching."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+            raise ConfigError(f"num_blocks must be a positive integer, got {num_blocks!r}")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ConfigError(f"block_size must be a positive integer, got {block_size!r}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = bool(enable_prefix_caching)
+        self._blocks = [_Block(i) for i in range(num_blocks)]
+        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))  # front = reused first
+        self._hash_to_block: dict[int, int] = {}
+        self._seqs: dict[object, SeqBlocks] = {}
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    def blocks_needed(self, n_tokens: int) -> int:
+        return -(-max(n_tokens, 0) // self.block_size)
+
+    def __contains__(self, seq_id) -> bool:
+        return seq_id in self._seqs
+
+    def block_table(self, seq_id) -> list[int]:
+        return list(self._seq(seq_id).block_ids)
+
+    def length(self, seq_id) -> int:
+        """Committed length: number of leading positions whose KV is kept."""
+        return self._seq(seq_id).num_tokens
+
+    def capacity(self, seq_id) -> int:
+        """Number of positions the request's pages can hold (committed + reserved)."""
+        return len(self._seq(seq_id).block_ids) * self.block_size
+
+    def can_allocate(self, n_tokens: int) -> bool:
+        """Whether a prompt of `n_tokens` can be admitted even with no prefix hit (a safe upper bound)."""
+        return self.blocks_needed(n_tokens) <= len(self._free)
+
+    def can_reserve(self, seq_id, n_new_tokens: int) -> bool:
+        return self._pages_to_reserve(self._seq(seq_id), n_new_tokens) <= len(self._free)
+
+    def slots(self, seq_id, start: int, n: int) -> list[int]:
+        """Physical slot ids of positions start..start+n-1 (the model runner's slot mapping)."""
+        seq = self._seq(seq_id)
+        if start < 0 or n < 0 or start + n > len(seq.block_ids) * self.block_size:
+            raise BlockManagerError(
+                f"positions {start}..{start + n - 1} of request {seq_id!r} are outside its "
+                f"{len(seq.block_ids) * self.block_size} reserved slots; call reserve() first"
+            )
+        bs = self.block_size
+        out = [seq.block_ids[p // bs] * bs + p % bs for p in range(start, start + n)]
+        # Write safety: every page covering a position at or past the committed length is private.
+        for idx in range(max(start, seq.num_tokens) // bs, self.blocks_needed(start + n)):
+            block = self._blocks[seq.block_ids[idx]]
+            assert block.ref_count == 1 and block.hash is None, f"page {block.block_id} is shared or cached"
+        return out
+
+    # ------------------------------------------------------------------ mutations
+
+    def allocate(self, seq_id, token_ids) -> int:
+        """Admit a prompt: reuse cached leading pages, take fresh pages for the rest.
+
+        Afterwards `length(seq_id)` is the prefix hit (the returned count of prompt tokens whose KV is
+        already cached) and the pages cover the whole prompt; run the forward on positions
+        hit..len-1 and then `commit(seq_id, len(token_ids), token_ids[hit:])`.
+        Raises AllocationError (state unchanged) when the pool is too small.
+        """
+        if seq_id in self._seqs:
+            raise BlockManagerError(f"request {seq_id!r} is already allocated")
+        tokens = list(token_ids)
+        bs = self.block_size
+        hit_blocks: list[int] = []
+        last_hash = _ROOT_HASH
+        if self.enable_prefix_caching:
+            for i in range(max(len(tokens) - 1, 0) // bs):
+                page = tuple(tokens[i * bs:(i + 1) * bs])
+                h = hash((last_hash, page))
+                bid = self._hash_to_block.get(h)
+                if bid is None or self._blocks[bid].token_ids != page:
+                    break
+                hit_blocks.append(bid)
+                last_hash = h
+        n_new = self.blocks_needed(len(tokens)) - len(hit_blocks)
+        revived = sum(1 for bid in hit_blocks if self._blocks[bid].ref_count == 0)
+        if n_new + revived > len(self._free):
+            raise AllocationError(
+                f"cannot admit request {seq_id!r}: needs {n_new + revived} free KV pages, "
+                f"{len(self._free)} of {self.num_blocks} are free"
+            )
+        for bid in hit_blocks:
+            block = self._blocks[bid]
+            if block.ref_count == 0:
+                del self._free[bid]
+            block.ref_count += 1
+        seq = SeqBlocks(seq_id, block_ids=hit_blocks + [self._take_free() for _ in range(n_new)])
+        seq.num_tokens = len(hit_blocks) * bs
+        seq.last_hash = last_hash
+        self._seqs[seq_id] = seq
+        return seq.num_tokens
+
+    def reserve(self, seq_id, n_new_tokens: int) -> bool:
+        """Make room to write `n_new_tokens` slots after the committed length (ISD: 2N−1 per step).
+
+        Returns False, allocating nothing, if the pool cannot supply the pages.
+        """
+        if n_new_tokens < 0:
+            raise BlockManagerError(f"n_new_tokens must be >= 0, got {n_new_tokens}")
+        seq = self._seq(seq_id)
+        need = self._pages_to_reserve(seq, n_new_tokens)
+        if need > len(self._free):
+            return False
+        seq.block_ids.extend(self._take_free() for _ in range(need))
+        return True
+
+    def commit(self, seq_id, new_length: int, token_ids) -> None:
+        """Keep exactly `new_length` tokens of KV; discard the rest (rollback by length).
+
+        `token_ids` are the newly committed tokens, positions length(seq_id)..new_length-1. Pages wholly
+        past `new_length` go back to the pool; pages that became full of committed tokens are
+        registered in the prefix cache. The committed length never shrinks.
+        """
+        seq = self._seq(seq_id)
+        new_tokens = list(token_ids)
+        capacity = len(seq.block_ids) * self.block_size
+        if not seq.num_tokens <= new_length <= capacity:
+            raise BlockManagerError(
+                f"commit length {new_length} for request {seq_id!r} must lie between its committed "
+                f"length {seq.num_tokens} and its reserved capacity {capacity}"
+            )
+        if len(new_tokens) != new_length - seq.num_tokens:
+            raise BlockManagerError(
+                f"commit of request {seq_id!r} to length {new_length} needs {new_length - seq.num_tokens} "
+                f"new token ids, got {len(new_tokens)}"
+            )
+        bs = self.block_size
+        if self.enable_prefix_caching:
+            pos = seq.num_tokens
+            for tok in new_tokens:
+                seq.partial_tokens.append(tok)
+                pos += 1
+                if pos % bs == 0:
+                    self._register(seq, pos // bs - 1)
+        seq.num_tokens = new_length
+        keep = self.blocks_needed(new_length)
+        dropped = seq.block_ids[keep:]
+        del seq.block_ids[keep:]
+        for bid in reversed(dropped):
+            self._release(bid)
+
+    def free(self, seq_id) -> None:
+        """Release all of a finished or aborted request's pages (cached ones stay revivable)."""
+        seq = self._seqs.pop(seq_id, None)
+        if seq is None:
+            raise BlockManagerError(f"unknown request {seq_id!r}")
+        for bid in reversed(seq.block_ids):
+            self._release(bid)
+
+    # ------------------------------------------------------------------ checks
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the bookkeeping is inconsistent (for tests and debugging)."""
+        owners = [0] * self.num_blocks
+        for seq in self._seqs.values():
+            assert len(set(seq.block_ids)) == len(seq.block_ids), "a request holds a page twice"
+            for bid in seq.block_ids:
+                owners[bid] += 1
+            assert self.blocks_needed(seq.num_tokens) <= len(seq.block_ids), "committed KV without a page"
+            for idx in range(seq.num_tokens // self.block_size, len(seq.block_ids)):
+                block = self._blocks[seq.block_ids[idx]]
+                assert block.ref_count == 1 and block.hash is None, "writable page is shared or cached"
+            if self.enable_prefix_caching:
+                assert len(seq.partial_tokens) == seq.num_tokens % self.block_size
+        for block in self._blocks:
+            assert block.ref_count == owners[block.block_id], f"page {block.block_id}: bad ref count"
+            assert (block.ref_count == 0) == (block.block_id in self._free), f"page {block.block_id}: free/used"
+        for h, bid in self._hash_to_block.items():
+            assert self._blocks[bid].hash == h, "hash table points at a page with another hash"
+
+    # ------------------------------------------------------------------ internals
+
+    def _seq(self, seq_id) -> SeqBlocks:
+        try:
+            return self._seqs[seq_id]
+        except KeyError:
+            raise BlockManagerError(f"unknown request {seq_id!r}") from None
+
+    def _pages_to_reserve(self, seq: SeqBlocks, n_new_tokens: int) -> int:
+        return max(0, self.blocks_needed(seq.num_tokens + n_new_tokens) - len(seq.block_ids))
+
+    def _take_free(self) -> int:
+        bid, _ = self._free.popitem(last=False)
+        block = self._blocks[bid]
+        if block.hash is not None:  # new content: the cached prefix page is gone
+            if self._hash_to_block.get(block.hash) == bid:
+                del self._hash_to_block[block.hash]
+            block.hash = None
+            block.token_ids = ()
+        block.ref_count = 1
+        return bid
+
+    def _release(self, bid: int) -> None:
+        block = self._blocks[bid]
+        block.ref_count -= 1
+        assert block.ref_count >= 0, f"page {bid} released twice"
+        if block.ref_count == 0:
+            self._free[bid] = None
+            if block.hash is None:  # nothing worth keeping: reuse it before cached pages
+                self._free.move_to_end(bid, last=False)
+
+    def _register(self, seq: SeqBlocks, idx: int) -> None:
+        """Page `idx` of `seq` just filled with committed tokens: hash it and publish it."""
+        page = tuple(seq.partial_tokens)
+        seq.partial_tokens = []
+        h = hash((seq.last_hash, page))
+        seq.last_hash = h
+        block = self._blocks[seq.block_ids[idx]]
+        if block.hash is not None:  # already a cached page (prefix hit); nothing to do
+            return
+        block.hash = h
+        block.token_ids = page
+        if h not in self._hash_to_block:  # an identical page may already be published by a sibling
+            self._hash_to_block[h] = block.block_id
