@@ -6,23 +6,18 @@ import json
 
 import pytest
 import torch
-from tiny import write_tiny_checkpoint
+from tiny import tiny_transformer, write_tiny_checkpoint
 
 from idlm.cli import main
 from idlm.decoding.ar import ARDecoder
 from idlm.decoding.isd import ISDDecoder
 from idlm.decoding.sampling import SamplingParams
 from idlm.eval.alpha import clean_scores, introspective_alpha
-from idlm.models.config import ModelConfig
-from idlm.models.transformer import Transformer
 
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = ModelConfig(family="qwen3", vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, qk_norm=True,
-                      max_position_embeddings=128, mask_token_id=31)
-    return Transformer(cfg).init_weights(std=0.5, seed=0).eval()
+    return tiny_transformer(32, std=0.5, mask_token_id=31)
 
 
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import tiny_transformer
 
 from idlm.decoding.ar import generate_ar
 from idlm.decoding.sampling import SamplingParams
 from idlm.errors import ConfigError
-from idlm.models.config import ModelConfig
-from idlm.models.transformer import Transformer
 
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = ModelConfig(family="qwen3", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, qk_norm=True,
-                      max_position_embeddings=96, eos_token_id=0)
-    return Transformer(cfg).init_weights(std=0.6, seed=0).eval()
+    return tiny_transformer(64, std=0.6, max_position_embeddings=96, eos_token_id=0)
 
 
 @torch.no_grad()

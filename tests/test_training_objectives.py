@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import tiny_transformer
 
 from idlm.decoding.isd import ISDState, isd_block
 from idlm.layers.attention import DenseAttention, KVCache
-from idlm.models.config import ModelConfig
 from idlm.models.transformer import Transformer
 from idlm.training.masks import dense_mask, idlm_mask_fn, sdar_mask_fn
 from idlm.training.objectives import ar_loss, idlm_loss, pair_positions, sdar_loss
@@ -72,12 +72,10 @@ def test_flex_attention_output_equals_sdpa_with_dense_mask():
     assert (flex_attention(q, k, v, block_mask=bm) - ref).abs().max() < 1e-5
 
 
+
 @pytest.fixture(scope="module")
 def model():
-    cfg = ModelConfig(family="qwen3", vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, qk_norm=True,
-                      max_position_embeddings=128, mask_token_id=39)
-    return Transformer(cfg).init_weights(std=0.3, seed=0).eval()
+    return tiny_transformer(40, std=0.3, mask_token_id=39)
 
 
 @torch.no_grad()

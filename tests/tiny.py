@@ -72,3 +72,14 @@ def write_tiny_checkpoint(path: Path, family: str = "qwen3", mask: bool = True, 
     model = Transformer(ModelConfig(**cfg)).init_weights(std=0.5, seed=seed)
     save_pretrained(model, path, tokenizer=tok)
     return path
+
+
+def tiny_transformer(vocab_size: int, std: float = 0.5, seed: int = 0, **overrides):
+    """A random 2-layer Qwen3-shaped Transformer (GQA 4/2 heads of 8) for fast numerics tests."""
+    from idlm.models.config import ModelConfig
+    from idlm.models.transformer import Transformer
+
+    cfg = dict(family="qwen3", vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=8, qk_norm=True, max_position_embeddings=128)
+    cfg.update(overrides)
+    return Transformer(ModelConfig(**cfg)).init_weights(std=std, seed=seed).eval()
