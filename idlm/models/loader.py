@@ -1,6 +1,6 @@
 """Load and save checkpoints without trust_remote_code.
 
-Accepted inputs (`load_model`, `load_tokenizer`):
+Accepted inputs (`load_pretrained`, `load_model`):
 - an HF directory: `config.json` + `model.safetensors`, or sharded with `model.safetensors.index.json`
   (Qwen3, Qwen2, Llama, and I-DLM/SDAR configs: `idlm.models.config`);
 - a `.gguf` file, or a directory holding exactly one (dequantized to float32: `idlm.models.gguf`);
@@ -188,17 +188,10 @@ def load_model(name_or_path, dtype: str | torch.dtype = torch.float32,
     return load_pretrained(name_or_path, dtype, device, with_tokenizer=False)[0]
 
 
-def load_tokenizer(name_or_path):
-    """The tokenizer saved beside a checkpoint, or built from a GGUF file's metadata."""
-    from idlm.tokenizer import Tokenizer
-
-    path = resolve_model_path(name_or_path)
-    gguf_path = _gguf_file(path)
-    if gguf_path is not None:
-        from idlm.models.gguf import gguf_metadata, open_gguf
-
-        return Tokenizer.from_gguf_metadata(gguf_metadata(open_gguf(gguf_path)))
-    return Tokenizer.from_dir(path)
+def load_weights(model: Transformer, checkpoint_dir: str | os.PathLike) -> None:
+    """Load a safetensors checkpoint directory's weights into an existing model (strictly)."""
+    path = Path(checkpoint_dir)
+    load_state_into(model, _iter_safetensors(_safetensors_files(path)), str(path))
 
 
 # -------------------------------------------------------------------------------------- saving

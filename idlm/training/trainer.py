@@ -311,7 +311,7 @@ class Trainer:
             diff = [k for k in ours if k not in NOT_FINGERPRINTED and theirs.get(k) != ours[k]]
             raise CheckpointError(f"{path} was written by a different config (differs in: {', '.join(diff) or '?'}); "
                                   f"refusing to resume")
-        from idlm.models.loader import _iter_safetensors, _safetensors_files, load_state_into
+        from idlm.models.loader import load_weights
 
         if self.adapter is not None:
             from idlm.layers.lora import LoRAAdapter
@@ -319,7 +319,7 @@ class Trainer:
             loaded = LoRAAdapter.load(path / "weights", self.model.config, device=self.device)
             self.adapter.load_state_dict(loaded.state_dict())
         else:
-            load_state_into(self.model, _iter_safetensors(_safetensors_files(path / "weights")), str(path))
+            load_weights(self.model, path / "weights")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng_torch"])
