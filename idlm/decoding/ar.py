@@ -7,8 +7,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from idlm.decoding.base import Block, Decoder, StepResult
-from idlm.decoding.sampling import sample_tokens
+from idlm.decoding.sampling import (
+    exponential_noise,
+    filtered_probs,
+    needs_truncation,
+    params_tensors,
+    race,
+    sample_tokens,
+)
 
 
 @dataclass
@@ -27,11 +36,27 @@ class ARDecoder(Decoder):
     def block(self, state: ARState) -> Block:
         return Block(tokens=[state.last], is_mask=[False])
 
-    def step(self, states, logits, params, generators, stats):
-        tokens, probs = (t.tolist() for t in sample_tokens(logits[:, 0], params, generators))
-        for s, t in zip(states, tokens):
-            s.last = t
-        return [StepResult([t], 1, [q]) for t, q in zip(tokens, probs)]
+    fused = True
+
+    def step_inputs(self, states, params, generators, vocab_size, device):
+        temp, top_k, top_p = params_tensors(params, device)
+        tensors = {"temperature": temp, "top_k": top_k, "top_p": top_p}
+        if not all(p.greedy for p in params):
+            tensors["noise"] = exponential_noise((vocab_size,), generators, device)  # [B, V]
+        return tensors, {"truncate": needs_truncation(params)}
+
+    def compute(self, logits, tensors, truncate=True):
+        p = filtered_probs(logits[:, 0], tensors["temperature"], tensors["top_k"], tensors["top_p"], truncate)
+        tokens = race(p, tensors.get("noise"))  # [B]
+        q = p.gather(-1, tokens[:, None]).squeeze(-1)
+        return torch.stack([tokens.float(), q], dim=-1), None  # [B, 2]: token, p̃(token)
+
+    def finish(self, states, rows, extra, params, stats):
+        results = []
+        for s, (t, q) in zip(states, rows):
+            s.last = int(t)
+            results.append(StepResult([s.last], 1, [q]))
+        return results
 
 
 def generate_ar(model, prompts, params, **kwargs):

@@ -89,11 +89,20 @@ class DecodeStats:
 
 
 class Decoder:
-    """Base class. `query_len` tokens per request per decode step."""
+    """Base class. `query_len` tokens per request per decode step.
+
+    A *fused* decoder (AR, ISD, R-ISD) splits `step` into three parts so the engine can run the
+    middle one on the device inside its CUDA graph, with one host sync per step:
+      `step_inputs`  host: per-row tensors besides the logits, incl. every random draw of the step
+      `compute`      device, pure and capturable: logits -> one packed float32 result per row
+      `finish`       host: the packed rows (one `.tolist()`) -> StepResults, next states, stats
+    `step` composes them; the reference runner and the engine thus share every line of the algorithm.
+    """
     name: str = "decoder"
     query_len: int = 1
     needs_mask_token: bool = False
     uses_lora: bool = False
+    fused: bool = False
 
     def start(self, logits: torch.Tensor, params: list[SamplingParams],
               generators: list[torch.Generator | None]) -> tuple[list, list[StepResult]]:
@@ -103,7 +112,25 @@ class Decoder:
     def block(self, state) -> Block:
         raise NotImplementedError
 
+    def step_inputs(self, states: list, params: list[SamplingParams], generators: list[torch.Generator | None],
+                    vocab_size: int, device) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, static options) for `compute`; the static options pick a code path (and a CUDA graph)."""
+        raise NotImplementedError
+
+    def compute(self, logits: torch.Tensor, tensors: dict[str, torch.Tensor],
+                **static) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """logits [B, Q, V] -> (packed [B, F] float32, an extra device tensor the next step needs, or None)."""
+        raise NotImplementedError
+
+    def finish(self, states: list, rows: list[list[float]], extra: torch.Tensor | None,
+               params: list[SamplingParams], stats: list[DecodeStats]) -> list[StepResult]:
+        raise NotImplementedError
+
     def step(self, states: list, logits: torch.Tensor, params: list[SamplingParams],
              generators: list[torch.Generator | None], stats: list[DecodeStats]) -> list[StepResult]:
         """logits [B, Q, V] of the blocks `block(state)` -> results; updates states and stats in place."""
-        raise NotImplementedError
+        if not self.fused:
+            raise NotImplementedError
+        tensors, static = self.step_inputs(states, params, generators, logits.shape[-1], logits.device)
+        packed, extra = self.compute(logits, tensors, **static)
+        return self.finish(states, packed.tolist(), extra, params, stats)

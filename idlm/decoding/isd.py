@@ -24,7 +24,15 @@ import torch
 
 from idlm.decoding.acceptance import verify_drafts
 from idlm.decoding.base import Block, Decoder, StepResult
-from idlm.decoding.sampling import filtered_probs, params_tensors, sample, sample_tokens, uniforms
+from idlm.decoding.sampling import (
+    exponential_noise,
+    filtered_probs,
+    needs_truncation,
+    params_tensors,
+    race,
+    sample_tokens,
+    uniforms,
+)
 from idlm.errors import ConfigError
 
 
@@ -57,6 +65,15 @@ def isd_block(state: ISDState, stride: int, mask_token_id: int) -> Block:
     return Block(tokens=tokens, is_mask=is_mask, gate=gate)
 
 
+def isd_block_masks(is_v: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`isd_block`'s is_mask and gate as tensors, from the modes alone: is_v [B] bool -> ([B, 2N−1] bool) × 2.
+    (The engine builds R-ISD blocks on the device with this; tests check it against `isd_block`.)"""
+    t = torch.arange(2 * stride - 1, device=is_v.device)
+    first = torch.where(is_v, stride, 1)[:, None]  # first MASK slot = first draft slot
+    is_mask = t >= first
+    return is_mask, is_mask & (t < first + stride - 1)
+
+
 class ISDDecoder(Decoder):
     needs_mask_token = True
 
@@ -77,70 +94,99 @@ class ISDDecoder(Decoder):
         return [ISDState("C", t) for t in tokens], [StepResult([t], 0, [q]) for t, q in zip(tokens, probs)]
 
     def block(self, state: ISDState) -> Block:
+        if state.mode == "V" and len(state.specs) != self.stride - 1:
+            # drafts made under another stride (the engine may change N between steps): restart cold.
+            # Exact: C only means "no drafts to verify"; the pending token is still the next input.
+            state.mode, state.specs, state.spec_q, state.spec_qd = "C", [], None, []
         b = isd_block(state, self.stride, self.mask_token_id)
         if not self.uses_lora:
             b.gate = None
         return b
 
-    @torch.no_grad()
-    def step(self, states, logits, params, generators, stats):
+    fused = True
+
+    def step_inputs(self, states, params, generators, vocab_size, device):
+        k = self.stride - 1
+        temp, top_k, top_p = params_tensors(params, device)
+        point_mass = [_point_mass(p) for p in params]
+        tensors = {
+            "temperature": temp, "top_k": top_k, "top_p": top_p,
+            "is_v": torch.tensor([s.mode == "V" for s in states], device=device),
+            "specs": torch.tensor([s.specs if s.mode == "V" else [0] * k for s in states], device=device),
+            "point_mass": torch.tensor(point_mass, device=device),
+            "argmax_draft": torch.tensor([p.draft != "sample" or p.greedy for p in params], device=device),
+            "alpha": torch.tensor([p.verify_alpha for p in params], dtype=torch.float32, device=device),
+        }
+        if any(s.mode == "V" and not pm for s, pm in zip(states, point_mass)):
+            zeros = torch.zeros(k, vocab_size, device=device)
+            tensors["q_old"] = torch.stack([s.spec_q if s.mode == "V" and s.spec_q is not None else zeros
+                                            for s in states])  # [B, K, V]
+        if not all(p.greedy for p in params):  # one fixed draw per row and step: noise, then u
+            tensors["noise"] = exponential_noise((self.stride, vocab_size), generators, device)  # [B, N, V]
+            tensors["u"] = uniforms((k,), generators, device)  # [B, K]
+        return tensors, {"truncate": needs_truncation(params)}
+
+    def compute(self, logits, tensors, truncate=True):
         B, Q, V = logits.shape
         n, k = self.stride, self.stride - 1
         dev = logits.device
-        temp, top_k, top_p = params_tensors(params, dev)
-        is_v = torch.tensor([s.mode == "V" for s in states], device=dev)
-        point_mass = torch.tensor([p.draft == "argmax" for p in params], device=dev)
-        argmax_draft = torch.tensor([p.draft != "sample" for p in params], device=dev)
-        alpha = torch.tensor([p.verify_alpha for p in params], dtype=torch.float32, device=dev)
+        is_v, noise = tensors["is_v"], tensors.get("noise")
+        rep = [tensors[name] for name in ("temperature", "top_k", "top_p")]
 
         # p̃ at the clean indices 0..K (C rows use index 0 only)  [B, N, V]
-        p = filtered_probs(logits[:, :n].reshape(B * n, V), *_per_slot((temp, top_k, top_p), n)).view(B, n, V)
+        p = filtered_probs(logits[:, :n].reshape(B * n, V), *_per_slot(rep, n), truncate).view(B, n, V)
 
         # next drafts from the MASK slots (C: 1..N−1, V: N..2N−2)  [B, K]
-        offset = torch.where(is_v, n, 1)
-        idx = offset[:, None] + torch.arange(k, device=dev)
+        idx = torch.where(is_v, n, 1)[:, None] + torch.arange(k, device=dev)
         draft_logits = logits.gather(1, idx[..., None].expand(B, k, V))
-        q_new = filtered_probs(draft_logits.reshape(B * k, V), *_per_slot((temp, top_k, top_p), k)).view(B, k, V)
-        sampled = sample(q_new, generators)
-        new_drafts = torch.where(argmax_draft[:, None], draft_logits.argmax(-1), sampled)
+        q_new = filtered_probs(draft_logits.reshape(B * k, V), *_per_slot(rep, k), truncate).view(B, k, V)
+        sampled = race(q_new, None if noise is None else noise[:, :k])
+        new_drafts = torch.where(tensors["argmax_draft"][:, None], draft_logits.argmax(-1), sampled)
 
-        # verify the previous drafts (V rows)
-        specs = torch.tensor([s.specs if s.mode == "V" else [0] * k for s in states], device=dev)
-        need_q = any(s.mode == "V" and s.spec_q is not None for s in states)
-        q_old = None
-        if need_q:
-            q_old = torch.stack([s.spec_q if (s.mode == "V" and s.spec_q is not None)
-                                 else torch.zeros(k, V, device=dev) for s in states])
-        u = uniforms((k,), generators, dev)
-        n_acc, correction = verify_drafts(p[:, :k], specs, q_old, point_mass, alpha, u)
+        # verify the previous drafts (V rows; C rows' results are ignored)
+        u = tensors.get("u")
+        u = torch.zeros(B, k, device=dev) if u is None else u  # all greedy: acceptance is 0/1
+        n_acc, correction = verify_drafts(p[:, :k], tensors["specs"], tensors.get("q_old"),
+                                          tensors["point_mass"], tensors["alpha"], u)
 
         # the one token each row draws at the end: c (C), bonus c (V all accepted) or the correction
         rows = torch.arange(B, device=dev)
         all_ok = is_v & (n_acc == k)
         final_p = torch.where(is_v[:, None], torch.where(all_ok[:, None], p[rows, k], correction), p[:, 0])
-        final = sample(final_p, generators)
-        final_q = final_p.gather(-1, final[:, None]).squeeze(-1)
+        final = race(final_p, None if noise is None else noise[:, k])
+        final_q = final_p.gather(-1, final[:, None])
         drafts_q = q_new.gather(-1, new_drafts[..., None]).squeeze(-1)  # q̃_j(d_j) [B, K]
+        # [B, 2K+3]: n_accepted, final token, K drafts, q(final), K q̃(draft) (ids exact in float32 < 2^24)
+        packed = torch.cat([n_acc[:, None].float(), final[:, None].float(), new_drafts.float(), final_q, drafts_q], -1)
+        return packed, q_new
 
-        n_acc_l, final_l, drafts_l = n_acc.tolist(), final.tolist(), new_drafts.tolist()
-        final_ql, drafts_ql = final_q.tolist(), drafts_q.tolist()
+    def finish(self, states, rows, extra, params, stats):
+        k = self.stride - 1
         results = []
         for b, s in enumerate(states):
-            keep_q = params[b].draft != "argmax"
-            fresh = ISDState("V", final_l[b], drafts_l[b], q_new[b] if keep_q else None, drafts_ql[b])
+            row = rows[b]
+            j, final, final_q = int(row[0]), int(row[1]), row[2 + k]
+            drafts, drafts_q = [int(x) for x in row[2: 2 + k]], row[3 + k: 3 + 2 * k]
+            keep_q = extra is not None and not _point_mass(params[b])
+            fresh = ISDState("V", final, drafts, extra[b] if keep_q else None, drafts_q)
             if s.mode == "C":
-                emitted, probs, advance, nxt = [final_l[b]], [final_ql[b]], 1, fresh
+                emitted, probs, advance, nxt = [final], [final_q], 1, fresh
                 stats[b].rounds["cold"] += 1
             else:
-                j = n_acc_l[b]
                 stats[b].record_verify(k, j)
-                emitted, probs = s.specs[:j] + [final_l[b]], s.spec_qd[:j] + [final_ql[b]]
-                advance, nxt = 1 + j, (fresh if j == k else ISDState("C", final_l[b]))
+                emitted, probs = s.specs[:j] + [final], s.spec_qd[:j] + [final_q]
+                advance, nxt = 1 + j, (fresh if j == k else ISDState("C", final))
             s.mode, s.last, s.specs, s.spec_q, s.spec_qd = nxt.mode, nxt.last, nxt.specs, nxt.spec_q, nxt.spec_qd
             results.append(StepResult(emitted, advance, probs))
         return results
 
 
-def _per_slot(row_params: tuple[torch.Tensor, ...], m: int) -> list[torch.Tensor]:
+def _point_mass(p) -> bool:
+    """The draft is a deterministic argmax (q = δ_d): argmax drafting, or greedy decoding where q̃ is
+    itself the point mass on the argmax (so no q̃ needs to be kept between steps)."""
+    return p.draft == "argmax" or p.greedy
+
+
+def _per_slot(row_params, m: int) -> list[torch.Tensor]:
     """Per-row parameter tensors [B] repeated for m slots per row -> [B*m] each."""
     return [t.repeat_interleave(m) for t in row_params]

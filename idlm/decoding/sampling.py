@@ -71,33 +71,39 @@ class SamplingParams:
         return torch.Generator(device=device).manual_seed(self.seed)
 
 
+def needs_truncation(params: list[SamplingParams]) -> bool:
+    """Whether any row uses top-k or top-p (else `filtered_probs` can skip its sort)."""
+    return any(p.top_k > 0 or p.top_p < 1 for p in params)
+
+
 def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                   top_p: torch.Tensor) -> torch.Tensor:
+                   top_p: torch.Tensor, truncate: bool = True) -> torch.Tensor:
     """p̃ per row: logits [B, V], temperature/top_k/top_p [B] -> probabilities [B, V] (float32).
 
-    Rows with temperature 0 get the point mass on their argmax (ties: lowest id).
+    Rows with temperature 0 get the point mass on their argmax (ties: lowest id). `truncate=False`
+    skips top-k/top-p (a caller that knows no row uses them saves a sort over the vocabulary). No
+    data-dependent control flow: the function is CUDA-graph capturable.
     """
     logits = logits.float()
     B, V = logits.shape
     greedy = temperature <= 0
     t = torch.where(greedy, torch.ones_like(temperature), temperature).float()
     probs = torch.softmax(logits / t[:, None], dim=-1)
-    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
-    rank = torch.arange(V, device=logits.device).expand(B, V)
-    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, V))
-    keep = rank < k[:, None]
-    sorted_p = sorted_p * keep
-    sorted_p = sorted_p / sorted_p.sum(-1, keepdim=True)
-    # top-p: keep the smallest prefix whose mass reaches top_p (the first token always stays)
-    mass_before = sorted_p.cumsum(-1) - sorted_p
-    keep = keep & (mass_before < top_p[:, None].float())
-    sorted_p = sorted_p * keep
-    sorted_p = sorted_p / sorted_p.sum(-1, keepdim=True)
-    out = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    if greedy.any():
-        onehot = torch.zeros_like(probs).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-        out = torch.where(greedy[:, None], onehot, out)
-    return out
+    if truncate:
+        sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
+        rank = torch.arange(V, device=logits.device).expand(B, V)
+        k = torch.where(top_k > 0, top_k, torch.full_like(top_k, V))
+        keep = rank < k[:, None]
+        sorted_p = sorted_p * keep
+        sorted_p = sorted_p / sorted_p.sum(-1, keepdim=True)
+        # top-p: keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        mass_before = sorted_p.cumsum(-1) - sorted_p
+        keep = keep & (mass_before < top_p[:, None].float())
+        sorted_p = sorted_p * keep
+        sorted_p = sorted_p / sorted_p.sum(-1, keepdim=True)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    onehot = torch.zeros_like(probs).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    return torch.where(greedy[:, None], onehot, probs)
 
 
 def params_tensors(params: list[SamplingParams], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -124,14 +130,21 @@ def uniforms(shape: tuple[int, ...], generators: list[torch.Generator | None], d
     return _per_row(shape, generators, device, lambda t, g: t.uniform_(generator=g))
 
 
+def exponential_noise(shape: tuple[int, ...], generators: list[torch.Generator | None], device) -> torch.Tensor:
+    """Exp(1) draws [B, *shape], row b from generators[b]: the randomness of `race`."""
+    return _per_row(shape, generators, device, lambda t, g: t.exponential_(generator=g))
+
+
+def race(probs: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+    """The exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. picks token i with probability p_i.
+    probs [..., V], noise like probs (None: argmax, for point masses) -> [...] long. No host sync."""
+    return (probs if noise is None else probs / noise).argmax(dim=-1)
+
+
 def sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
     """One token per distribution: probs [B, ..., V] -> [B, ...] long, row b using generators[b].
-
-    Uses the exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. picks token i with probability
-    p_i, needs no host sync and consumes a fixed amount of each row's random stream.
-    """
-    noise = _per_row(tuple(probs.shape[1:]), generators, probs.device, lambda t, g: t.exponential_(generator=g))
-    return (probs / noise).argmax(dim=-1)
+    Consumes a fixed amount of each row's random stream."""
+    return race(probs, exponential_noise(tuple(probs.shape[1:]), generators, probs.device))
 
 
 def sample_tokens(logits: torch.Tensor, params: list[SamplingParams],
