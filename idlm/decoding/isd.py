@@ -65,15 +65,6 @@ def isd_block(state: ISDState, stride: int, mask_token_id: int) -> Block:
     return Block(tokens=tokens, is_mask=is_mask, gate=gate)
 
 
-def isd_block_masks(is_v: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`isd_block`'s is_mask and gate as tensors, from the modes alone: is_v [B] bool -> ([B, 2N−1] bool) × 2.
-    (The engine builds R-ISD blocks on the device with this; tests check it against `isd_block`.)"""
-    t = torch.arange(2 * stride - 1, device=is_v.device)
-    first = torch.where(is_v, stride, 1)[:, None]  # first MASK slot = first draft slot
-    is_mask = t >= first
-    return is_mask, is_mask & (t < first + stride - 1)
-
-
 class ISDDecoder(Decoder):
     needs_mask_token = True
 

@@ -47,6 +47,21 @@ def check_request(prompt: list[int], params: SamplingParams, context: int, vocab
         )
 
 
+def apply_result(out: GenerationOutput, checker: StopChecker, res: StepResult, from_decode: bool) -> bool:
+    """Append one step's emitted tokens to `out`, applying the stop rules token by token (tokens after
+    a stop are dropped); True once the request is finished. Shared by this runner and the engine."""
+    probs = res.probs if res.probs is not None else [float("nan")] * len(res.emitted)
+    for t, q in zip(res.emitted, probs):
+        out.token_ids.append(t)
+        out.token_probs.append(q)
+        if from_decode:
+            out.stats.committed += 1
+        if checker.add(t):
+            out.finish_reason = checker.finish_reason
+            return True
+    return False
+
+
 def _right_pad(seqs: list[list[int]], device) -> torch.Tensor:
     ids = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long, device=device)
     for b, s in enumerate(seqs):
@@ -86,20 +101,10 @@ def generate(model, decoder: Decoder, prompts: list[list[int]], params: Sampling
     cache = KVCache.for_model(cfg, B, max_len, model.dtype, device)
 
     def commit(b: int, res: StepResult, from_decode: bool) -> bool:
-        """Apply stop rules token by token; True if request b is finished."""
-        probs = res.probs if res.probs is not None else [float("nan")] * len(res.emitted)
-        for t, q in zip(res.emitted, probs):
-            outs[b].token_ids.append(t)
-            outs[b].token_probs.append(q)
-            if from_decode:
-                stats[b].committed += 1
-            done = checkers[b].add(t)
-            if on_text is not None:
-                on_text(b, checkers[b].new_text())
-            if done:
-                outs[b].finish_reason = checkers[b].finish_reason
-                return True
-        return False
+        done = apply_result(outs[b], checkers[b], res, from_decode)
+        if on_text is not None:
+            on_text(b, checkers[b].new_text())
+        return done
 
     # prefill: one right-padded forward (the base model: no LoRA), logits at each last prompt token
     t0 = time.perf_counter()

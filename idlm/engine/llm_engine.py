@@ -1,0 +1,289 @@
+"""The batched engine: many requests, any decoder, one loop (SPEC §8).
+
+`LLMEngine.step()` asks the scheduler for a batch, runs the prefill chunks (eager) and the decode
+rows (a CUDA graph on GPU) through the model runner, and applies each request's results with the
+same functions the reference runner uses (`Decoder.block/step_inputs/compute/finish`,
+`apply_result`), so engine output equals reference output request by request. KV is committed to
+the block manager by length after every step (`Block.tokens[:advance]`), so MASK and rejected slots
+are rolled back and only committed tokens ever reach the prefix cache.
+
+The stride is chosen per step (`EngineConfig.stride_schedule`: the largest N allowed for the current
+decode batch size), so a policy can shrink N as the batch grows (SPEC §9); a request whose drafts
+were made under another stride restarts cold, which is exact.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from idlm.decoding import make_decoder
+from idlm.decoding.base import StepResult
+from idlm.decoding.runner import GenerationOutput, apply_result, check_request
+from idlm.decoding.sampling import SamplingParams
+from idlm.decoding.stops import StopChecker
+from idlm.engine.block_manager import BlockManager
+from idlm.engine.model_runner import ModelRunner, Row
+from idlm.engine.scheduler import Scheduler
+from idlm.engine.sequence import Sequence
+from idlm.errors import ConfigError
+
+
+@dataclass
+class EngineConfig:
+    decoder: str = "isd"  # ar | isd | risd | sdar
+    stride: int = 4  # N (ISD/R-ISD), block size (SDAR)
+    threshold: float = 0.9  # SDAR confidence threshold
+    # [(max decode batch, N), ...] ascending; the first entry whose bound >= the batch size gives N.
+    # None: always `stride`. Example: [(8, 4), (32, 3), (1_000_000, 2)].
+    stride_schedule: list[tuple[int, int]] | None = None
+    block_size: int = 16
+    num_blocks: int | None = None  # None: from free GPU memory (CPU: up to 1 GiB)
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    gpu_memory_utilization: float = 0.85
+    enable_prefix_caching: bool = True
+    cuda_graphs: bool = True
+
+    def __post_init__(self):
+        def positive(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"invalid engine option {name}={v!r}: must be a positive integer")
+
+        for name in ("stride", "block_size", "max_num_seqs", "max_num_batched_tokens"):
+            positive(name)
+        if self.num_blocks is not None:
+            positive("num_blocks")
+        if self.max_model_len is not None:
+            positive("max_model_len")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"invalid engine option gpu_memory_utilization={self.gpu_memory_utilization!r}: "
+                              "must be in (0, 1]")
+        if self.stride_schedule is not None:
+            sched = [tuple(e) for e in self.stride_schedule]
+            if not sched or any(len(e) != 2 or e[0] < 1 or e[1] < 1 for e in sched) or \
+                    [e[0] for e in sched] != sorted(e[0] for e in sched):
+                raise ConfigError(f"invalid stride_schedule {self.stride_schedule!r}: need ascending "
+                                  "(max batch size, stride) pairs of positive integers")
+            self.stride_schedule = sched
+
+    def stride_for(self, batch_size: int) -> int:
+        if self.stride_schedule is None:
+            return self.stride
+        for bound, n in self.stride_schedule:
+            if batch_size <= bound:
+                return n
+        return self.stride_schedule[-1][1]
+
+
+@dataclass
+class RequestOutput:
+    """What one step changed for one request (the streaming unit)."""
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str  # "" without a tokenizer
+    finished: bool
+    output: GenerationOutput = field(repr=False)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.output.finish_reason
+
+
+class LLMEngine:
+    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None, lora=None, eos_token_ids=None):
+        self.config = config = config or EngineConfig()
+        self.model, self.tokenizer, self.lora = model, tokenizer, lora
+        mcfg = model.config
+        self.max_model_len = config.max_model_len or mcfg.max_position_embeddings
+        if self.max_model_len > mcfg.max_position_embeddings:
+            raise ConfigError(f"max_model_len {self.max_model_len} exceeds the model's context of "
+                              f"{mcfg.max_position_embeddings} tokens")
+        self._decoders: dict[int, object] = {}
+        strides = {config.stride} | {n for _, n in config.stride_schedule or ()}
+        for n in strides:
+            self._decoder(n)  # validate every stride up front (MASK token, N >= 2, ...)
+        dec = self._decoder(config.stride)
+        if dec.uses_lora and lora is None:
+            raise ConfigError(f"decoder {dec.name!r} needs a LoRA adapter (lora=...)")
+        if lora is not None:
+            if not dec.uses_lora:
+                raise ConfigError(f"a LoRA adapter is only used by decoder 'risd', not {dec.name!r}")
+            lora.check_fits(mcfg)
+        self.max_query_len = max(self._decoder(n).query_len for n in strides)
+        if config.max_num_batched_tokens < self.max_query_len:
+            raise ConfigError(f"max_num_batched_tokens {config.max_num_batched_tokens} is below one decode "
+                              f"block ({self.max_query_len} tokens)")
+        self.eos = mcfg.eos_token_ids if eos_token_ids is None else list(eos_token_ids)
+        self.runner = ModelRunner(model, config.block_size, config.num_blocks, self.max_model_len, lora=lora,
+                                  gpu_memory_utilization=config.gpu_memory_utilization,
+                                  cuda_graphs=config.cuda_graphs, max_num_seqs=config.max_num_seqs)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.seqs: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        self.counters = {"decode_forwards": 0, "prefill_forwards": 0, "prefill_tokens": 0, "decode_query_tokens": 0,
+                         "generated_tokens": 0, "finished": 0, "aborted": 0}
+
+    def _decoder(self, stride: int):
+        if stride not in self._decoders:
+            self._decoders[stride] = make_decoder(self.config.decoder, stride, self.model.config, self.tokenizer,
+                                                  self.config.threshold)
+        return self._decoders[stride]
+
+    # ----------------------------------------------------------------- requests
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a request (a prompt string needs a tokenizer); errors name the problem."""
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ConfigError("a text prompt needs a tokenizer; pass token ids instead")
+            prompt = self.tokenizer.encode(prompt)
+        prompt = list(prompt)
+        check_request(prompt, params, self.max_model_len, self.model.config.vocab_size)
+        need = self.block_manager.blocks_needed(len(prompt) + params.max_tokens + self.max_query_len)
+        if need > self.block_manager.num_blocks:
+            raise ConfigError(f"request needs up to {need} KV pages but the pool has {self.block_manager.num_blocks}: "
+                              "lower max_tokens or give the engine more KV memory")
+        rid = str(next(self._ids)) if request_id is None else str(request_id)
+        if rid in self.seqs:
+            raise ConfigError(f"request id {rid!r} is already in use")
+        seq = Sequence(rid, prompt, params, StopChecker(params, self.eos, self.tokenizer),
+                       params.generator(self.runner.device))
+        self.seqs[rid] = seq
+        self.scheduler.add(seq)
+        return rid
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request and free its pages; False if it is unknown or already finished."""
+        seq = self.seqs.pop(str(request_id), None)
+        if seq is None:
+            return False
+        seq.aborted = True
+        seq.output.finish_reason = seq.output.finish_reason or "abort"
+        self.scheduler.finish(seq)
+        self.counters["aborted"] += 1
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ----------------------------------------------------------------- one step
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule(lambda b: self._decoder(self.config.stride_for(b)).query_len)
+        updates: dict[str, RequestOutput] = {}
+        if sched.prefills:
+            self._prefill(sched.prefills, updates)
+        if sched.decodes:
+            self._decode(sched.decodes, sched.query_len, updates)
+        return list(updates.values())
+
+    def _emit(self, seq: Sequence, res: StepResult, from_decode: bool, updates) -> None:
+        n0 = len(seq.output.token_ids)
+        done = apply_result(seq.output, seq.checker, res, from_decode)
+        if seq.first_token_time is None and len(seq.output.token_ids) > n0:
+            seq.first_token_time = time.perf_counter()
+        new = seq.output.token_ids[n0:]
+        self.counters["generated_tokens"] += len(new)
+        prev = updates.get(seq.request_id)
+        text = seq.checker.new_text() if self.tokenizer is not None else ""
+        if prev is not None:
+            new, text = prev.new_token_ids + new, prev.new_text + text
+        updates[seq.request_id] = RequestOutput(seq.request_id, new, text, done, seq.output)
+        if done:
+            seq.finish_time = time.perf_counter()
+            self.scheduler.finish(seq)
+            self.seqs.pop(seq.request_id, None)
+            self.counters["finished"] += 1
+
+    def _row(self, seq: Sequence, tokens: list[int], **extra) -> Row:
+        rid, start = seq.request_id, seq.num_computed
+        return Row(tokens, start, self.block_manager.slots(rid, start, len(tokens)),
+                   self.block_manager.block_table(rid), **extra)
+
+    def _prefill(self, prefills: list[tuple[Sequence, int]], updates) -> None:
+        rows = [self._row(seq, seq.kv_tokens[seq.num_computed: seq.num_computed + n]) for seq, n in prefills]
+        logits = self.runner.forward_logits(rows)  # [B, V] at each chunk's last token
+        self.counters["prefill_forwards"] += 1
+        started = []
+        for i, ((seq, n), row) in enumerate(zip(prefills, rows)):
+            self.block_manager.commit(seq.request_id, seq.num_computed + n, row.tokens)
+            seq.num_computed += n
+            self.counters["prefill_tokens"] += n
+            if not seq.prefilling and seq.state is None:  # first token (not after a preemption)
+                started.append(i)
+        if not started:
+            return
+        seqs = [prefills[i][0] for i in started]
+        states, first = self._decoder(self.config.stride).start(
+            logits[started], [s.params for s in seqs], [s.generator for s in seqs])
+        for seq, state, res in zip(seqs, states, first):
+            seq.state = state
+            self._emit(seq, res, False, updates)
+
+    def _decode(self, seqs: list[Sequence], query_len: int, updates) -> None:
+        decoder = next(d for d in self._decoders.values() if d.query_len == query_len)
+        blocks = [decoder.block(s.state) for s in seqs]
+        lora = decoder.uses_lora
+        rows = [self._row(s, b.tokens, is_mask=b.is_mask if lora else None, gate=b.gate if lora else None,
+                          visible=b.visible) for s, b in zip(seqs, blocks)]
+        states, params = [s.state for s in seqs], [s.params for s in seqs]
+        generators, stats = [s.generator for s in seqs], [s.output.stats for s in seqs]
+        if decoder.fused:
+            tensors, static = decoder.step_inputs(states, params, generators, self.model.config.vocab_size,
+                                                  self.runner.device)
+            packed, extra = self.runner.decode(rows, decoder, tensors, static)
+            if extra is not None and self.runner.use_graphs:
+                extra = extra.clone()  # graph outputs are overwritten by the next replay
+            results = decoder.finish(states, packed.tolist(), extra, params, stats)  # the one host sync
+        else:
+            results = decoder.step(states, self.runner.forward_logits(rows, last_only=False), params, generators,
+                                   stats)
+        self.counters["decode_forwards"] += 1
+        self.counters["decode_query_tokens"] += len(seqs) * query_len
+        for seq, blk, res in zip(seqs, blocks, results):
+            if not 0 <= res.advance <= query_len:
+                raise RuntimeError(f"decoder {decoder.name} kept {res.advance} of {query_len} slots")
+            kept = blk.tokens[: res.advance]
+            self.block_manager.commit(seq.request_id, seq.num_computed + res.advance, kept)
+            seq.kv_tokens += kept
+            seq.num_computed += res.advance
+            seq.output.stats.forwards += 1
+            self._emit(seq, res, True, updates)
+
+    # ----------------------------------------------------------------- convenience
+
+    def run(self, prompts: list, params: SamplingParams | list[SamplingParams]) -> list[GenerationOutput]:
+        """Submit all prompts, step until done, outputs in prompt order."""
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ConfigError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        outs = {rid: self.seqs[rid].output for rid in ids}
+        seqs = {rid: self.seqs[rid] for rid in ids}
+        while self.has_unfinished():
+            self.step()
+        for rid, seq in seqs.items():
+            if self.tokenizer is not None:
+                outs[rid].text = seq.checker.text
+        return [outs[rid] for rid in ids]
+
+    def kv_usage(self) -> dict:
+        bm = self.block_manager
+        return {"pages_total": bm.num_blocks, "pages_free": bm.num_free_blocks,
+                "pages_used": bm.num_blocks - bm.num_free_blocks}
+

@@ -1,0 +1,59 @@
+"""One request inside the engine: its tokens, KV progress, decoder state and output.
+
+KV bookkeeping in one list: `kv_tokens` are the tokens whose KV belongs in the cache (the prompt,
+then each decode step's kept block tokens, `Block.tokens[:advance]`), and `num_computed` how many of
+them have KV in the cache now. A request is *prefilling* while num_computed < len(kv_tokens): on
+admission (prompt), and again after preemption, which frees its pages and resets num_computed to
+0 (preemption by recompute: the decoder state and output are kept, so nothing is emitted twice).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from idlm.decoding.runner import GenerationOutput
+from idlm.decoding.sampling import SamplingParams
+from idlm.decoding.stops import StopChecker
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    checker: StopChecker
+    generator: torch.Generator | None
+    arrival: float = field(default_factory=time.perf_counter)
+    status: SeqStatus = SeqStatus.WAITING
+    kv_tokens: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    state: object | None = None  # the decoder's state; None until the first token is drawn
+    output: GenerationOutput | None = None
+    num_preemptions: int = 0
+    aborted: bool = False
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    def __post_init__(self):
+        if not self.kv_tokens:
+            self.kv_tokens = list(self.prompt)
+        if self.output is None:
+            self.output = GenerationOutput(list(self.prompt))
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_computed < len(self.kv_tokens)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED

@@ -1,0 +1,67 @@
+"""Attention over a paged KV pool: the serving engine's backend (SPEC §8).
+
+The pool is one tensor per K and V, [layers, slots + 1, Hkv, D]; page p holds slots
+p·bs .. p·bs+bs−1 (`idlm.engine.block_manager` hands out pages and maps positions to slots). The one
+extra slot at the end is a *trash slot*: padded query tokens (right-padded prefill chunks, the unused
+rows of a CUDA-graph batch bucket) write there, and no block table ever points at it.
+
+`PagedAttention` is the backend of one forward over a right-padded batch [B, T]: row b's tokens sit at
+positions starts[b] .. starts[b]+T−1, are written at `slot_mapping[b]`, and query t attends to
+positions 0 .. starts[b]+visible[b, t] (default t: causal), read through the row's block table. This
+is the reference path (gather the row's pages, then SDPA under an explicit mask): it runs on every
+device, has no data-dependent shapes for a fixed (B, T, pages) and is therefore CUDA-graph
+capturable; the mask hides both the gathered slots past a row's context and block-table padding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from idlm.layers.attention import cache_mask, sdpa
+
+
+class PagedKVCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.trash_slot = num_blocks * block_size
+        shape = (num_layers, self.trash_slot + 1, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @staticmethod
+    def bytes_per_block(cfg, block_size: int, dtype: torch.dtype) -> int:
+        """K and V bytes of one page across all layers."""
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+
+
+class PagedAttention:
+    """Backend for one forward. slot_mapping [B, T], block_tables [B, M] (page ids, padded with any
+    valid page), starts [B], visible [B, T] or None."""
+
+    def __init__(self, cache: PagedKVCache, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                 starts: torch.Tensor, visible: torch.Tensor | None = None):
+        self.cache, self.slot_mapping, self.block_tables = cache, slot_mapping, block_tables
+        self.starts, self.visible = starts, visible
+        self._key_slots: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
+
+    def _prepare(self, T: int) -> None:
+        """Key slots [B, S] (S = M·bs positions 0..S−1 of each row) and the mask, shared by all layers."""
+        bs = self.cache.block_size
+        pos = torch.arange(self.block_tables.shape[1] * bs, device=self.block_tables.device)
+        self._key_slots = self.block_tables[:, pos // bs] * bs + pos % bs
+        self._mask = cache_mask(self.starts, T, pos.numel(), self.visible)
+
+    def attend(self, layer, q, k, v):  # q [B, Hq, T, D], k/v [B, Hkv, T, D]
+        B, Hkv, T, D = k.shape
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        flat = self.slot_mapping.reshape(-1)
+        kc[flat] = k.transpose(1, 2).reshape(B * T, Hkv, D).to(kc.dtype)
+        vc[flat] = v.transpose(1, 2).reshape(B * T, Hkv, D).to(vc.dtype)
+        if self._mask is None:
+            self._prepare(T)
+        keys = kc[self._key_slots].transpose(1, 2).to(q.dtype)  # [B, Hkv, S, D]
+        values = vc[self._key_slots].transpose(1, 2).to(q.dtype)
+        return sdpa(q, keys, values, self._mask)
