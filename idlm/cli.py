@@ -195,6 +195,61 @@ def cmd_eval_tasks(args) -> int:
     return 0
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return vals
+
+
+def cmd_bench_offline(args) -> int:
+    import json
+
+    from idlm.bench.offline import bench_offline, bench_prompts
+    from idlm.engine.llm_engine import EngineConfig, LLMEngine
+
+    model, tok, decoder, lora = _load_for_decoding(args)
+    cfg = EngineConfig(decoder=args.decoder, stride=args.stride, threshold=args.threshold,
+                       max_num_seqs=max(args.concurrency), cuda_graphs=not args.no_cuda_graphs,
+                       num_blocks=args.num_blocks)
+    engine = LLMEngine(model, tok, cfg, lora=lora)
+    prompts = bench_prompts(tok, max(64, max(args.concurrency)))
+    results = bench_offline(engine, prompts, args.concurrency, args.max_tokens, args.temperature)
+    for r in results:
+        print(json.dumps(r))
+    print(json.dumps({"model": args.model, "decoder": args.decoder, "stride": args.stride, "device": args.device,
+                      "dtype": args.dtype, "results": results}))
+    return 0
+
+
+def cmd_bench_latency(args) -> int:
+    import json
+
+    import torch
+
+    from idlm.bench.latency import bench_latency
+    from idlm.models.random import random_model
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise IdlmError(f"--device {args.device}: CUDA is not available on this machine")
+    if args.shape:
+        model = random_model(args.shape, dtype=args.dtype, device=args.device)
+    else:
+        from idlm.models.loader import load_model
+
+        model = load_model(args.model, dtype=args.dtype, device=args.device)
+    results = bench_latency(model, args.query, args.batch, args.context, args.iters,
+                            cuda_graphs=not args.no_cuda_graphs)
+    for r in results:
+        print(json.dumps(r))
+    print(json.dumps({"model": args.shape or args.model, "device": args.device, "dtype": args.dtype,
+                      "results": results}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="idlm", description="Introspective Diffusion Language Models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -241,6 +296,26 @@ def build_parser() -> argparse.ArgumentParser:
     db = d.add_parser("build", help="build the offline corpus, tokenizer, shards and eval sets")
     add_build_arguments(db)
     db.set_defaults(func=cmd_data_build)
+
+    be = sub.add_parser("bench", help="engine benchmarks").add_subparsers(dest="bench_command", required=True)
+    bo = be.add_parser("offline", help="engine speed vs concurrency (last stdout line is JSON)")
+    bo.add_argument("--concurrency", type=_ints, default=[1, 64], help="comma-separated, e.g. 1,8,64")
+    bo.add_argument("--num-blocks", type=int, default=None, help="KV pages (default: from free memory)")
+    bo.add_argument("--no-cuda-graphs", action="store_true")
+    _add_model_args(bo)
+    _add_decoder_args(bo)
+    _add_sampling_args(bo)
+    bo.set_defaults(func=cmd_bench_offline)
+    bl = be.add_parser("latency", help="per-forward latency vs query tokens and batch (last stdout line is JSON)")
+    bl.add_argument("--shape", default=None, help="random weights of a named shape (qwen3-8b, qwen3-0.6b) "
+                                                  "or an HF config.json; default: load --model")
+    bl.add_argument("--query", type=_ints, default=[1, 7], help="query tokens per request, e.g. 1,7")
+    bl.add_argument("--batch", type=_ints, default=[1, 2, 4, 8, 16, 32, 64])
+    bl.add_argument("--context", type=int, default=1024, help="KV tokens held by each request")
+    bl.add_argument("--iters", type=int, default=20)
+    bl.add_argument("--no-cuda-graphs", action="store_true")
+    _add_model_args(bl)
+    bl.set_defaults(func=cmd_bench_latency)
 
     tr = sub.add_parser("train", help="train a model").add_subparsers(dest="train_command", required=True)
     for kind, what in (("pretrain", "AR next-token pretraining"),

@@ -126,7 +126,7 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.counters = {"decode_forwards": 0, "prefill_forwards": 0, "prefill_tokens": 0, "decode_query_tokens": 0,
-                         "generated_tokens": 0, "finished": 0, "aborted": 0}
+                         "generated_tokens": 0, "finished": 0, "aborted": 0, "decode_time_s": 0.0}
 
     def _decoder(self, stride: int):
         if stride not in self._decoders:
@@ -189,7 +189,9 @@ class LLMEngine:
         if sched.prefills:
             self._prefill(sched.prefills, updates)
         if sched.decodes:
+            t0 = time.perf_counter()
             self._decode(sched.decodes, sched.query_len, updates)
+            self.counters["decode_time_s"] += time.perf_counter() - t0
         return list(updates.values())
 
     def _emit(self, seq: Sequence, res: StepResult, from_decode: bool, updates) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from idlm.engine.block_manager import AllocationError, BlockManager
-from idlm.engine.sequence import Sequence, SeqStatus
+from idlm.engine.sequence import SeqStatus, Sequence
 
 
 @dataclass

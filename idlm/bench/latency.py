@@ -1,0 +1,68 @@
+"""`idlm bench latency`: the cost of one forward vs query tokens per request and batch size.
+
+Every request holds `context` tokens of KV in the paged pool and feeds Q query tokens (Q = 1 is an
+AR step, Q = 2N−1 an ISD step: 7 at N = 4), so a row of the table is exactly the engine's decode
+forward at that (batch, Q): paged attention, vocabulary projection at every query position, the
+CUDA graph when on GPU, plus an argmax and the one device-to-host copy of a step. Achieved memory
+bandwidth counts the bytes a forward must read: all weights once plus each request's KV.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from idlm.engine.block_manager import BlockManager
+from idlm.engine.model_runner import ModelRunner, Row
+from idlm.layers.paged_attention import PagedKVCache
+
+
+class ForwardOnly:
+    """A stand-in decoder for timing: the forward and logits of a decode step, then an argmax."""
+    name = "forward"
+    fused = True
+    uses_lora = False
+
+    def __init__(self, query_len: int):
+        self.query_len = self.stride = query_len
+
+    def compute(self, logits, tensors):
+        return logits.argmax(-1).float(), None
+
+
+@torch.no_grad()
+def bench_latency(model, query_sizes: list[int], batch_sizes: list[int], context: int = 1024, iters: int = 20,
+                  block_size: int = 16, cuda_graphs: bool = True) -> list[dict]:
+    cfg = model.config
+    per_seq = -(-(context + max(query_sizes)) // block_size)
+    num_blocks = per_seq * max(batch_sizes) + 1
+    runner = ModelRunner(model, block_size, num_blocks, context + max(query_sizes), cuda_graphs=cuda_graphs,
+                         max_num_seqs=max(batch_sizes))
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_token_bytes = PagedKVCache.bytes_per_block(cfg, 1, model.dtype)
+    cuda = runner.device.type == "cuda"
+    results = []
+    for B in batch_sizes:
+        bm = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
+        for b in range(B):
+            bm.allocate(b, [1] * context)
+            bm.commit(b, context, [1] * context)
+        for Q in query_sizes:
+            rows = []
+            for b in range(B):
+                bm.reserve(b, Q)
+                rows.append(Row([1] * Q, context, bm.slots(b, context, Q), bm.block_table(b)))
+            dec = ForwardOnly(Q)
+            for _ in range(3):
+                runner.decode(rows, dec, {}, {})[0].tolist()
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                runner.decode(rows, dec, {}, {})[0].tolist()  # includes the step's one host sync
+            dt = (time.perf_counter() - t0) / iters
+            bytes_read = weight_bytes + B * (context + Q) * kv_token_bytes
+            results.append({"batch": B, "query_len": Q, "context": context, "latency_ms": round(dt * 1e3, 4),
+                            "tokens_per_s": round(B * Q / dt, 1), "bandwidth_gb_s": round(bytes_read / dt / 1e9, 1)})
+    return results

@@ -1,0 +1,141 @@
+"""GPU driver for the engine issue's measurements (run on the device; prints JSON lines, the last one
+a summary, and writes $OUT/bench_engine.json).
+
+Stages (comma-separated argv[1], default all):
+  exact    engine (CUDA graphs, fp32) vs the reference runner, greedy, idlm-tiny AR/ISD N=2,4,8 and R-ISD
+  tiny     ISD N=4 on idlm-tiny vs AR on idlm-tiny-ar (bf16, CUDA graphs): offline bench at C=1,8,64
+  smollm2  AR decode of SmolLM2-135M-Instruct at batch 1 (engine) vs HF transformers generate
+           (needs SMOLLM2_GGUF=path and the gguf package)
+  latency  forward latency of a random Qwen3-8B-shaped model, Q in {1, 7}, batch 1..64, context 1024
+
+    python scripts/bench_engine.py exact,tiny,latency
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from idlm.bench.latency import bench_latency  # noqa: E402
+from idlm.bench.offline import bench_offline, bench_prompts  # noqa: E402
+from idlm.decoding import make_decoder  # noqa: E402
+from idlm.decoding.runner import generate  # noqa: E402
+from idlm.decoding.sampling import SamplingParams  # noqa: E402
+from idlm.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
+from idlm.layers.lora import LoRAAdapter  # noqa: E402
+from idlm.models.loader import load_pretrained, resolve_model_path  # noqa: E402
+
+DEV = "cuda"
+results: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                 "cuda": torch.version.cuda}
+
+
+def emit(key, value):
+    results[key] = value
+    print(json.dumps({key: value}), flush=True)
+
+
+def stage_exact():
+    model, tok = load_pretrained("idlm-tiny", dtype="float32", device=DEV)
+    ar, _ = load_pretrained("idlm-tiny-ar", dtype="float32", device=DEV)
+    lora = LoRAAdapter.load(resolve_model_path("idlm-tiny-ar-risd-lora"), ar.config, device=DEV)
+    prompts = bench_prompts(tok, 64)
+    params = [SamplingParams(temperature=0, max_tokens=16 + (i * 7) % 48) for i in range(64)]
+    out = {}
+    for name, n, m, lo in [("ar", 2, model, None), ("isd", 2, model, None), ("isd", 4, model, None),
+                           ("isd", 8, model, None), ("risd", 4, ar, lora), ("ar", 2, ar, None)]:
+        ref = generate(m, make_decoder(name, n, m.config, tok), prompts, params, lora=lo)
+        eng = LLMEngine(m, tok, EngineConfig(decoder=name, stride=n, max_num_seqs=64), lora=lo)
+        got = eng.run(prompts, params)
+        key = f"{name}{n if name != 'ar' else ''}" + ("-base" if m is ar else "")
+        out[key] = {"equal": sum(a.token_ids == b.token_ids for a, b in zip(ref, got)), "of": len(prompts),
+                    "tpf": round(sum(o.stats.committed for o in got) / max(1, sum(o.stats.forwards for o in got)), 3),
+                    "graphs": len(eng.runner._graphs)}
+    emit("exact", out)
+
+
+def offline(model_name, decoder, stride, conc, lora_name=None, max_tokens=128):
+    model, tok = load_pretrained(model_name, dtype="bfloat16", device=DEV)
+    lora = None
+    if lora_name:
+        lora = LoRAAdapter.load(resolve_model_path(lora_name), model.config, device=DEV, dtype=model.dtype)
+    eng = LLMEngine(model, tok, EngineConfig(decoder=decoder, stride=stride, max_num_seqs=max(conc)), lora=lora)
+    return bench_offline(eng, bench_prompts(tok, 256), conc, max_tokens=max_tokens)
+
+
+def stage_tiny():
+    conc = [1, 8, 64]
+    isd = offline("idlm-tiny", "isd", 4, conc)
+    ar = offline("idlm-tiny-ar", "ar", 4, conc)
+    risd = offline("idlm-tiny-ar", "risd", 4, conc, lora_name="idlm-tiny-ar-risd-lora")
+    ratios = {c: {"per_request": round(i["per_request_tok_s"] / a["per_request_tok_s"], 3),
+                  "throughput": round(i["throughput_tok_s"] / a["throughput_tok_s"], 3),
+                  "step_cost": round(i["decode_step_ms"] / a["decode_step_ms"], 3),
+                  "risd_per_request": round(r["per_request_tok_s"] / a["per_request_tok_s"], 3)}
+              for c, i, a, r in zip(conc, isd, ar, risd)}
+    emit("tiny", {"isd4_idlm_tiny": isd, "ar_idlm_tiny_ar": ar, "risd4_idlm_tiny_ar": risd, "ratios": ratios})
+
+
+def stage_smollm2():
+    path = os.environ["SMOLLM2_GGUF"]
+    model, tok = load_pretrained(path, dtype="bfloat16", device=DEV)
+    eng = LLMEngine(model, tok, EngineConfig(decoder="ar", max_num_seqs=1))
+    msgs = [{"role": "user", "content": "Write a short story about a robot learning to paint."}]
+    prompt = tok.encode_chat(msgs)
+    ours = bench_offline(eng, [prompt], [1], max_tokens=256, num_requests=4)[0]
+    # HF transformers generate on the same weights (bf16), batch 1, greedy, 256 new tokens, EOS ignored
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    from idlm.models.loader import save_pretrained
+    with tempfile.TemporaryDirectory() as d:
+        save_pretrained(model, d, tokenizer=tok)
+        hf = AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.bfloat16).to(DEV).eval()
+    ids = torch.tensor([prompt], device=DEV)
+    kw = dict(max_new_tokens=256, min_new_tokens=256, do_sample=False, pad_token_id=0)
+    hf.generate(ids, **kw)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    reps = 3
+    for _ in range(reps):
+        hf.generate(ids, **kw)
+    torch.cuda.synchronize()
+    hf_tps = 256 * reps / (time.perf_counter() - t0)
+    emit("smollm2", {"engine_ar_batch1": ours, "hf_generate_tok_s": round(hf_tps, 1),
+                     "engine_vs_hf": round(ours["per_request_tok_s"] / hf_tps, 2)})
+
+
+def stage_latency():
+    from idlm.models.random import random_model
+
+    model = random_model("qwen3-8b", dtype="bfloat16", device=DEV)
+    res = bench_latency(model, [1, 7], [1, 2, 4, 8, 16, 32, 64], context=1024, iters=10)
+    emit("latency_qwen3_8b", res)
+    del model
+    torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    stages = (sys.argv[1] if len(sys.argv) > 1 else "exact,tiny,smollm2,latency").split(",")
+    for s in stages:
+        t0 = time.perf_counter()
+        try:
+            globals()[f"stage_{s}"]()
+        except Exception as e:  # record and go on: one run must bring back everything it can
+            import traceback
+
+            traceback.print_exc()
+            emit(f"{s}_error", repr(e))
+        results.setdefault("stage_s", {})[s] = round(time.perf_counter() - t0, 1)
+        out = os.environ.get("OUT")
+        if out:
+            with open(os.path.join(out, "bench_engine.json"), "w") as f:
+                json.dump(results, f, indent=1)
+    print(json.dumps(results))
