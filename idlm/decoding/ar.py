@@ -39,7 +39,7 @@ class ARDecoder(Decoder):
     fused = True
 
     def step_inputs(self, states, params, generators, vocab_size, device):
-        temp, top_k, top_p = params_tensors(params, device)
+        temp, top_k, top_p = params_tensors(params, "cpu")  # host tensors; noise on the device
         tensors = {"temperature": temp, "top_k": top_k, "top_p": top_p}
         if not all(p.greedy for p in params):
             tensors["noise"] = exponential_noise((vocab_size,), generators, device)  # [B, V]

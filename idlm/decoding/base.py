@@ -88,6 +88,10 @@ class DecodeStats:
                 "round_mix": {r: round(n / total, 4) for r, n in self.rounds.items()}}
 
 
+def to_device(tensors: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
 class Decoder:
     """Base class. `query_len` tokens per request per decode step.
 
@@ -114,7 +118,9 @@ class Decoder:
 
     def step_inputs(self, states: list, params: list[SamplingParams], generators: list[torch.Generator | None],
                     vocab_size: int, device) -> tuple[dict[str, torch.Tensor], dict]:
-        """(tensors, static options) for `compute`; the static options pick a code path (and a CUDA graph)."""
+        """(tensors, static options) for `compute`; the static options pick a code path (and a CUDA graph).
+        Small per-row tensors are built on the host, random draws and kept distributions on `device`:
+        callers move them (`to_device`) or pack them into one transfer (the engine)."""
         raise NotImplementedError
 
     def compute(self, logits: torch.Tensor, tensors: dict[str, torch.Tensor],
@@ -132,5 +138,5 @@ class Decoder:
         if not self.fused:
             raise NotImplementedError
         tensors, static = self.step_inputs(states, params, generators, logits.shape[-1], logits.device)
-        packed, extra = self.compute(logits, tensors, **static)
+        packed, extra = self.compute(logits, to_device(tensors, logits.device), **static)
         return self.finish(states, packed.tolist(), extra, params, stats)

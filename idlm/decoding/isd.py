@@ -98,15 +98,15 @@ class ISDDecoder(Decoder):
 
     def step_inputs(self, states, params, generators, vocab_size, device):
         k = self.stride - 1
-        temp, top_k, top_p = params_tensors(params, device)
+        temp, top_k, top_p = params_tensors(params, "cpu")
         point_mass = [_point_mass(p) for p in params]
-        tensors = {
+        tensors = {  # small per-row tensors on the host (the engine packs them into one copy)
             "temperature": temp, "top_k": top_k, "top_p": top_p,
-            "is_v": torch.tensor([s.mode == "V" for s in states], device=device),
-            "specs": torch.tensor([s.specs if s.mode == "V" else [0] * k for s in states], device=device),
-            "point_mass": torch.tensor(point_mass, device=device),
-            "argmax_draft": torch.tensor([p.draft != "sample" or p.greedy for p in params], device=device),
-            "alpha": torch.tensor([p.verify_alpha for p in params], dtype=torch.float32, device=device),
+            "is_v": torch.tensor([s.mode == "V" for s in states]),
+            "specs": torch.tensor([s.specs if s.mode == "V" else [0] * k for s in states]),
+            "point_mass": torch.tensor(point_mass),
+            "argmax_draft": torch.tensor([p.draft != "sample" or p.greedy for p in params]),
+            "alpha": torch.tensor([p.verify_alpha for p in params], dtype=torch.float32),
         }
         if any(s.mode == "V" and not pm for s, pm in zip(states, point_mass)):
             zeros = torch.zeros(k, vocab_size, device=device)

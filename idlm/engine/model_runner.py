@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from idlm.layers.paged_attention import PagedAttention, PagedKVCache
@@ -57,7 +58,7 @@ class ModelRunner:
         self.block_size = block_size
         self.max_pages = -(-(max_model_len + 64) // block_size)  # + room for a decode block past the end
         if num_blocks is None:
-            num_blocks = self._blocks_from_memory(gpu_memory_utilization)
+            num_blocks = self._blocks_from_memory(gpu_memory_utilization, max_num_seqs)
         self.kv = PagedKVCache(cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads,
                                cfg.head_dim, self.dtype, self.device)
         self.num_blocks = num_blocks
@@ -66,45 +67,50 @@ class ModelRunner:
         self._graphs: dict[tuple, tuple] = {}
         self._pool = None
 
-    def _blocks_from_memory(self, utilization: float) -> int:
+    def _blocks_from_memory(self, utilization: float, max_num_seqs: int) -> int:
+        """Pages for the KV pool: `utilization` of the free device memory (less 512 MiB for activations
+        and graphs), at most what max_num_seqs requests of full length can use. CPU: up to 1 GiB."""
         per_block = PagedKVCache.bytes_per_block(self.config, self.block_size, self.dtype)
+        cap = max_num_seqs * self.max_pages
         if self.device.type != "cuda":
-            return max(64, min(4096, (1 << 30) // per_block))  # CPU: up to 1 GiB of KV
-        free, total = torch.cuda.mem_get_info(self.device)
-        budget = free - (1 - utilization) * total - (1 << 30)  # keep 1 GiB for activations and graphs
-        if budget < per_block * 16:
-            raise MemoryError(f"not enough free GPU memory for a KV cache ({free / 2**30:.1f} GiB free)")
-        return int(budget // per_block)
+            return max(16, min(cap, (1 << 30) // per_block))
+        free, _ = torch.cuda.mem_get_info(self.device)
+        budget = free * utilization - (512 << 20)
+        if budget < per_block * self.max_pages:
+            raise MemoryError(f"not enough free GPU memory for a KV cache of one full-length request "
+                              f"({free / 2**30:.1f} GiB free)")
+        return int(min(cap, budget // per_block))
 
     # ----------------------------------------------------------------- batch tensors
 
     def _tensors(self, rows: list[Row], T: int, B: int, M: int) -> dict[str, torch.Tensor]:
-        """Right-padded host tensors for B >= len(rows) rows of T tokens and M block-table entries."""
-        trash = self.kv.trash_slot
-        tokens = torch.zeros(B, T, dtype=torch.long)
-        positions = torch.zeros(B, T, dtype=torch.long)
-        slots = torch.full((B, T), trash, dtype=torch.long)
-        tables = torch.zeros(B, M, dtype=torch.long)
-        starts = torch.zeros(B, dtype=torch.long)
-        out = {"tokens": tokens, "positions": positions, "slots": slots, "tables": tables, "starts": starts}
-        if any(r.is_mask is not None for r in rows):
-            out["is_mask"] = torch.zeros(B, T, dtype=torch.bool)
-            out["gate"] = torch.zeros(B, T, dtype=torch.bool)
-        if any(r.visible is not None for r in rows):
-            out["visible"] = torch.arange(T).repeat(B, 1)
+        """Right-padded host tensors for B >= len(rows) rows of T tokens and M block-table entries
+        (built in numpy: a few microseconds per row)."""
+        n_rows = len(rows)
+        tokens = np.zeros((B, T), dtype=np.int64)
+        slots = np.full((B, T), self.kv.trash_slot, dtype=np.int64)
+        tables = np.zeros((B, M), dtype=np.int64)
+        starts = np.zeros(B, dtype=np.int64)
+        starts[:n_rows] = [r.start for r in rows]
         for b, r in enumerate(rows):
             n = len(r.tokens)
-            tokens[b, :n] = torch.tensor(r.tokens)
-            positions[b] = r.start + torch.arange(T)
-            slots[b, :n] = torch.tensor(r.slots)
-            tables[b, : len(r.block_table)] = torch.tensor(r.block_table)
-            starts[b] = r.start
-            if r.is_mask is not None:
-                out["is_mask"][b, :n] = torch.tensor(r.is_mask)
-                out["gate"][b, :n] = torch.tensor(r.gate if r.gate is not None else [False] * n)
-            if r.visible is not None:
-                out["visible"][b, :n] = torch.tensor(r.visible)
-        return out
+            tokens[b, :n] = r.tokens
+            slots[b, :n] = r.slots
+            tables[b, : len(r.block_table)] = r.block_table
+        out = {"tokens": tokens, "positions": starts[:, None] + np.arange(T), "slots": slots, "tables": tables,
+               "starts": starts}
+        if any(r.is_mask is not None for r in rows):
+            out["is_mask"] = np.zeros((B, T), dtype=bool)
+            out["gate"] = np.zeros((B, T), dtype=bool)
+            for b, r in enumerate(rows):
+                out["is_mask"][b, : len(r.tokens)] = r.is_mask
+                out["gate"][b, : len(r.tokens)] = r.gate if r.gate is not None else False
+        if any(r.visible is not None for r in rows):
+            out["visible"] = np.tile(np.arange(T), (B, 1))
+            for b, r in enumerate(rows):
+                if r.visible is not None:
+                    out["visible"][b, : len(r.tokens)] = r.visible
+        return {k: torch.from_numpy(v) for k, v in out.items()}
 
     def _forward(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         """Tensors of `_tensors` (on the device) -> hidden [B, T, H]."""
@@ -133,34 +139,61 @@ class ModelRunner:
 
     @torch.no_grad()
     def decode(self, rows: list[Row], decoder, tensors: dict[str, torch.Tensor], static: dict):
-        """One fused decode step: rows of Q tokens each -> decoder.compute's (packed [B, F], extra)."""
+        """One fused decode step: rows of Q tokens each -> decoder.compute's (packed [B, F], extra).
+        `tensors` are decoder.step_inputs' (host or device tensors with B rows)."""
         B, Q = len(rows), len(rows[0].tokens)
         if not self.use_graphs:
             t = {k: v.to(self.device) for k, v in self._tensors(rows, Q, B, self._pages(rows)).items()}
-            return decoder.compute(self.model.compute_logits(self._forward(t)), tensors, **static)
+            dec = {k: v.to(self.device) for k, v in tensors.items()}
+            return decoder.compute(self.model.compute_logits(self._forward(t)), dec, **static)
         Bp = _bucket(B, self.batch_buckets)
         M = min(_pow2_at_least(self._pages(rows)), self.max_pages)
         host = self._tensors(rows, Q, Bp, M)
+        on_host = {"dec." + k: v for k, v in tensors.items() if v.device.type == "cpu"}
+        on_device = {"dec." + k: v for k, v in tensors.items() if v.device.type != "cpu"}
+        host.update({k: _pad_rows(v, Bp) for k, v in on_host.items()})
         key = (Bp, Q, M, decoder.name, getattr(decoder, "stride", 1), tuple(sorted(static.items())),
-               tuple(sorted(tensors)), tuple(sorted(host)))
+               tuple(sorted(host)), tuple(sorted(on_device)))
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._graphs[key] = self._capture(decoder, host, tensors, static, Bp)
-        graph, inputs, (packed, extra) = entry
-        for k, v in host.items():
-            inputs[k].copy_(v, non_blocking=True)
-        for k, v in tensors.items():
-            inputs["dec." + k][:B].copy_(v)
+            entry = self._graphs[key] = self._capture(decoder, host, on_device, static, Bp)
+        graph, staging, buffers, layout, dev_inputs, (packed, extra) = entry
+        for group, names in layout.items():  # one host-to-device copy per dtype group
+            torch.cat([host[n].reshape(Bp, -1).to(staging[group].dtype) for n, _, _ in names], dim=1,
+                      out=staging[group])
+            buffers[group].copy_(staging[group], non_blocking=True)
+        for k, v in on_device.items():
+            dev_inputs[k][:B].copy_(v)
         graph.replay()
         return packed[:B], (None if extra is None else extra[:B])
 
-    def _capture(self, decoder, host, tensors, static, Bp):
-        inputs = {k: v.to(self.device) for k, v in host.items()}
-        for k, v in tensors.items():  # pad rows past B with copies of row 0 (valid values; ignored)
-            pad = v[:1].expand(Bp - v.shape[0], *v.shape[1:])
-            inputs["dec." + k] = torch.cat([v, pad]).contiguous()
+    def _capture(self, decoder, host, on_device, static, Bp):
+        # host tensors travel packed: int64 (ids, positions, bools) and float32 groups, one buffer each
+        layout: dict[str, list] = {"i": [], "f": []}
+        for name, v in sorted(host.items()):
+            layout["f" if v.dtype.is_floating_point else "i"].append((name, tuple(v.shape[1:]), v.dtype))
+        layout = {g: names for g, names in layout.items() if names}
+        staging, buffers = {}, {}
+        for g, names in layout.items():
+            width = sum(int(np.prod(shape)) for _, shape, _ in names)
+            dtype = torch.float32 if g == "f" else torch.int64
+            staging[g] = torch.empty(Bp, width, dtype=dtype).pin_memory()
+            torch.cat([host[n].reshape(Bp, -1).to(dtype) for n, _, _ in names], dim=1, out=staging[g])
+            buffers[g] = staging[g].to(self.device)
+        dev_inputs = {k: _pad_rows(v, Bp).clone() for k, v in on_device.items()}
+
+        def unpack() -> dict[str, torch.Tensor]:
+            out = dict(dev_inputs)
+            for g, names in layout.items():
+                off = 0
+                for name, shape, dtype in names:
+                    w = int(np.prod(shape))
+                    out[name] = buffers[g][:, off: off + w].reshape(Bp, *shape).to(dtype)
+                    off += w
+            return out
 
         def run():
+            inputs = unpack()
             dec = {k[4:]: v for k, v in inputs.items() if k.startswith("dec.")}
             return decoder.compute(self.model.compute_logits(self._forward(inputs)), dec, **static)
 
@@ -174,4 +207,11 @@ class ModelRunner:
         with torch.cuda.graph(graph, pool=self._pool):
             outputs = run()
         self._pool = graph.pool()
-        return graph, inputs, outputs
+        return graph, staging, buffers, layout, dev_inputs, outputs
+
+
+def _pad_rows(v: torch.Tensor, rows: int) -> torch.Tensor:
+    """Pad dim 0 to `rows` by repeating row 0 (valid values for the unused rows of a batch bucket)."""
+    if v.shape[0] == rows:
+        return v
+    return torch.cat([v, v[:1].expand(rows - v.shape[0], *v.shape[1:])])

@@ -5,6 +5,9 @@ then each decode step's kept block tokens, `Block.tokens[:advance]`), and `num_c
 them have KV in the cache now. A request is *prefilling* while num_computed < len(kv_tokens): on
 admission (prompt), and again after preemption, which frees its pages and resets num_computed to
 0 (preemption by recompute: the decoder state and output are kept, so nothing is emitted twice).
+Recompute is an ordinary causal prefill, so it reproduces the KV exactly for AR, ISD and R-ISD;
+SDAR's committed blocks were written with block-bidirectional attention, so an SDAR request that is
+preempted continues from causally recomputed KV (valid, but not bit-identical to an uninterrupted run).
 """
 
 from __future__ import annotations
