@@ -112,6 +112,29 @@ def stage_smollm2():
                      "engine_vs_hf": round(ours["per_request_tok_s"] / hf_tps, 2)})
 
 
+def stage_profile():
+    """Where a batch-1 decode step's time goes: CUDA kernels inside the graph vs host work."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for name, model_name in (("ar", "idlm-tiny-ar"), ("isd", "idlm-tiny")):
+        model, tok = load_pretrained(model_name, dtype="bfloat16", device=DEV)
+        eng = LLMEngine(model, tok, EngineConfig(decoder=name, stride=4, max_num_seqs=1))
+        prompt = bench_prompts(tok, 1)[0]
+        p = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+        eng.run([prompt], p)
+        eng.add_request(prompt, p)
+        for _ in range(5):
+            eng.step()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                eng.step()
+            torch.cuda.synchronize()
+        while eng.has_unfinished():
+            eng.step()
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25), flush=True)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+
+
 def stage_latency():
     from idlm.models.random import random_model
 

@@ -43,9 +43,13 @@ class ARDecoder(Decoder):
         tensors = {"temperature": temp, "top_k": top_k, "top_p": top_p}
         if not all(p.greedy for p in params):
             tensors["noise"] = exponential_noise((vocab_size,), generators, device)  # [B, V]
-        return tensors, {"truncate": needs_truncation(params)}
+        greedy = all(p.greedy for p in params)
+        return tensors, {"truncate": needs_truncation(params) and not greedy, "greedy": greedy}
 
-    def compute(self, logits, tensors, truncate=True):
+    def compute(self, logits, tensors, truncate=True, greedy=False):
+        if greedy:  # p̃ is the point mass on the argmax: skip the distribution entirely
+            tokens = logits[:, 0].argmax(-1)
+            return torch.stack([tokens.float(), torch.ones_like(tokens, dtype=torch.float32)], dim=-1), None
         p = filtered_probs(logits[:, 0], tensors["temperature"], tensors["top_k"], tensors["top_p"], truncate)
         tokens = race(p, tensors.get("noise"))  # [B]
         q = p.gather(-1, tokens[:, None]).squeeze(-1)

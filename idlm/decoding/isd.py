@@ -115,13 +115,16 @@ class ISDDecoder(Decoder):
         if not all(p.greedy for p in params):  # one fixed draw per row and step: noise, then u
             tensors["noise"] = exponential_noise((self.stride, vocab_size), generators, device)  # [B, N, V]
             tensors["u"] = uniforms((k,), generators, device)  # [B, K]
-        return tensors, {"truncate": needs_truncation(params)}
+        greedy = all(p.greedy and p.verify_alpha <= 1 for p in params)
+        return tensors, {"truncate": needs_truncation(params) and not greedy, "greedy": greedy}
 
-    def compute(self, logits, tensors, truncate=True):
+    def compute(self, logits, tensors, truncate=True, greedy=False):
         B, Q, V = logits.shape
         n, k = self.stride, self.stride - 1
         dev = logits.device
         is_v, noise = tensors["is_v"], tensors.get("noise")
+        if greedy:
+            return self._compute_greedy(logits, is_v, tensors["specs"])
         rep = [tensors[name] for name in ("temperature", "top_k", "top_p")]
 
         # p̃ at the clean indices 0..K (C rows use index 0 only)  [B, N, V]
@@ -150,6 +153,22 @@ class ISDDecoder(Decoder):
         # [B, 2K+3]: n_accepted, final token, K drafts, q(final), K q̃(draft) (ids exact in float32 < 2^24)
         packed = torch.cat([n_acc[:, None].float(), final[:, None].float(), new_drafts.float(), final_q, drafts_q], -1)
         return packed, q_new
+
+    def _compute_greedy(self, logits, is_v, specs):
+        """`compute` when every row is greedy (all p̃ and q̃ are point masses on argmaxes; alpha <= 1 changes
+        nothing then): a draft is accepted iff it equals the clean argmax, the correction / bonus token is
+        the clean argmax where verification stopped. Same packed layout, every q = 1. ~10 kernels."""
+        B = logits.shape[0]
+        n, k = self.stride, self.stride - 1
+        dev = logits.device
+        clean = logits[:, :n].argmax(-1)  # [B, N] argmax p̃ at the clean indices
+        idx = torch.where(is_v, n, 1)[:, None] + torch.arange(k, device=dev)
+        drafts = logits.gather(1, idx[..., None].expand(B, k, logits.shape[-1])).argmax(-1)  # [B, K]
+        n_acc = (specs == clean[:, :k]).long().cumprod(-1).sum(-1)
+        final = torch.where(is_v, clean.gather(1, n_acc[:, None]).squeeze(1), clean[:, 0])
+        ones = torch.ones(B, k + 1, device=dev)
+        packed = torch.cat([n_acc[:, None].float(), final[:, None].float(), drafts.float(), ones], -1)
+        return packed, None
 
     def finish(self, states, rows, extra, params, stats):
         k = self.stride - 1
