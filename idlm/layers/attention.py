@@ -56,14 +56,11 @@ class FlexAttentionBackend:
 
     def attend(self, layer, q, k, v):
         if FlexAttentionBackend._compiled is None:
-            import torch._dynamo
             from torch.nn.attention.flex_attention import flex_attention
 
-            # one compiled kernel per mask (stride curriculum, eval): past dynamo's default limit of 8
-            # recompiles it would silently fall back to the slow unfused path
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            torch._dynamo.config.accumulated_cache_size_limit = max(
-                torch._dynamo.config.accumulated_cache_size_limit, 512)
+            from idlm.layers.fused import raise_dynamo_limits
+
+            raise_dynamo_limits()  # one compiled kernel per mask (stride curriculum, eval)
             FlexAttentionBackend._compiled = torch.compile(flex_attention, dynamic=False)
         return FlexAttentionBackend._compiled(q, k, v, block_mask=self.block_mask, enable_gqa=q.shape[1] != k.shape[1])
 

@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from idlm.layers.fused import cuda_fused
+
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
     """The inverse frequencies [head_dim/2] in float32, after the configured scaling."""
@@ -57,6 +59,7 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
 
+@cuda_fused
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, H, T, D] rotated by (cos, sin) [B, 1, T, D], the rotate-half convention of HF."""
     x1, x2 = x.chunk(2, dim=-1)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from idlm.layers.attention import AttentionBackend, DenseAttention
+from idlm.layers.fused import cuda_fused
 from idlm.layers.norm import RMSNorm
 from idlm.layers.rotary import RotaryEmbedding, apply_rotary
 from idlm.models.config import ModelConfig
@@ -60,6 +61,11 @@ class Attention(nn.Module):
         return _project(self.o_proj, "o_proj", o.transpose(1, 2).reshape(B, T, -1), lora)
 
 
+@cuda_fused
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -69,7 +75,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
 
     def forward(self, x, lora=None):
-        h = F.silu(_project(self.gate_proj, "gate_proj", x, lora)) * _project(self.up_proj, "up_proj", x, lora)
+        h = silu_mul(_project(self.gate_proj, "gate_proj", x, lora), _project(self.up_proj, "up_proj", x, lora))
         return _project(self.down_proj, "down_proj", h, lora)
 
 

@@ -1,0 +1,41 @@
+"""Elementwise chains fused into one kernel on CUDA (torch.compile → Triton), eager elsewhere.
+
+A decode step of a small model is bound by the number of kernels, not by FLOPs or bytes: RMSNorm
+in the HF formula is five kernels, rotate-half RoPE five per tensor, SiLU·up two. `cuda_fused`
+compiles such a function once (dynamic shapes, so every batch and query size shares it) and uses the
+compiled version only for CUDA tensors; CPU keeps the eager reference (bit parity with HF in tests).
+The compiled kernels are ordinary launches, so the engine's CUDA graphs capture them.
+Set IDLM_FUSE=0 to disable (debugging, or a machine without a working Triton).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+def raise_dynamo_limits() -> None:
+    """Many shapes (stride curriculum, batch buckets) must not exhaust dynamo's default recompile limit,
+    past which it silently falls back to eager code."""
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 512)
+
+
+def cuda_fused(fn):
+    compiled = None
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        nonlocal compiled
+        if args[0].is_cuda and os.environ.get("IDLM_FUSE", "1") != "0":
+            if compiled is None:
+                raise_dynamo_limits()
+                compiled = torch.compile(fn, dynamic=True)
+            return compiled(*args)
+        return fn(*args)
+
+    return wrapper
