@@ -50,43 +50,15 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, attn: AttentionBackend, lora=None):  # x [B, T, H]
         B, T, _ = x.shape
-        if _fuse(x, lora, (self.q_proj, self.k_proj, self.v_proj)):
-            qkv = _fused_linear((self.q_proj, self.k_proj, self.v_proj), x)
-            q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
-                                 self.n_kv * self.head_dim], dim=-1)
-        else:
-            q, k, v = (_project(m, n, x, lora) for m, n in
-                       ((self.q_proj, "q_proj"), (self.k_proj, "k_proj"), (self.v_proj, "v_proj")))
-        q = q.view(B, T, self.n_heads, self.head_dim)
-        k = k.view(B, T, self.n_kv, self.head_dim)
-        v = v.view(B, T, self.n_kv, self.head_dim)
+        q = _project(self.q_proj, "q_proj", x, lora).view(B, T, self.n_heads, self.head_dim)
+        k = _project(self.k_proj, "k_proj", x, lora).view(B, T, self.n_kv, self.head_dim)
+        v = _project(self.v_proj, "v_proj", x, lora).view(B, T, self.n_kv, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         o = attn.attend(self.layer_idx, q, k, v)  # [B, Hq, T, D]
         return _project(self.o_proj, "o_proj", o.transpose(1, 2).reshape(B, T, -1), lora)
-
-
-def _fused_linear(modules: tuple[nn.Linear, ...], x: torch.Tensor) -> torch.Tensor:
-    """Several projections of the same input as one matmul (inference on CUDA: fewer kernels per layer).
-    The concatenated weight is cached on the first module and rebuilt whenever a weight changes."""
-    first = modules[0]
-    key = tuple((m.weight.data_ptr(), m.weight._version) for m in modules)
-    cache = getattr(first, "_idlm_fused", None)
-    if cache is None or cache[0] != key:
-        w = torch.cat([m.weight for m in modules])
-        b = None if first.bias is None else torch.cat([m.bias for m in modules])
-        cache = first._idlm_fused = (key, w, b)
-    return F.linear(x, cache[1], cache[2])
-
-
-_FUSE_MAX_BYTES = 64 << 20  # larger models are bandwidth-bound: a duplicate weight would cost memory, win nothing
-
-
-def _fuse(x: torch.Tensor, lora, modules: tuple[nn.Linear, ...]) -> bool:
-    return (lora is None and x.is_cuda and not torch.is_grad_enabled()
-            and sum(m.weight.numel() * m.weight.element_size() for m in modules) <= _FUSE_MAX_BYTES)
 
 
 @cuda_fused
@@ -103,11 +75,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
 
     def forward(self, x, lora=None):
-        if _fuse(x, lora, (self.gate_proj, self.up_proj)):
-            gate, up = _fused_linear((self.gate_proj, self.up_proj), x).chunk(2, dim=-1)
-        else:
-            gate, up = _project(self.gate_proj, "gate_proj", x, lora), _project(self.up_proj, "up_proj", x, lora)
-        h = silu_mul(gate, up)
+        h = silu_mul(_project(self.gate_proj, "gate_proj", x, lora), _project(self.up_proj, "up_proj", x, lora))
         return _project(self.down_proj, "down_proj", h, lora)
 
 
