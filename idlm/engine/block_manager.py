@@ -193,12 +193,13 @@ class BlockManager:
         seq.block_ids.extend(self._take_free() for _ in range(need))
         return True
 
-    def commit(self, seq_id, new_length: int, token_ids) -> None:
+    def commit(self, seq_id, new_length: int, token_ids, release: bool = True) -> None:
         """Keep exactly `new_length` tokens of KV; discard the rest (rollback by length).
 
         `token_ids` are the newly committed tokens, positions length(seq_id)..new_length-1. Pages wholly
-        past `new_length` go back to the pool; pages that became full of committed tokens are
-        registered in the prefix cache. The committed length never shrinks.
+        past `new_length` go back to the pool (unless release=False: a chunked prefill keeps the pages
+        of the rest of its prompt); pages that became full of committed tokens are registered in the
+        prefix cache. The committed length never shrinks.
         """
         seq = self._seq(seq_id)
         new_tokens = list(token_ids)
@@ -222,6 +223,8 @@ class BlockManager:
                 if pos % bs == 0:
                     self._register(seq, pos // bs - 1)
         seq.num_tokens = new_length
+        if not release:
+            return
         keep = self.blocks_needed(new_length)
         dropped = seq.block_ids[keep:]
         del seq.block_ids[keep:]

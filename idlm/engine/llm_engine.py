@@ -223,7 +223,7 @@ class LLMEngine:
         self.counters["prefill_forwards"] += 1
         started = []
         for i, ((seq, n), row) in enumerate(zip(prefills, rows)):
-            self.block_manager.commit(seq.request_id, seq.num_computed + n, row.tokens)
+            self.block_manager.commit(seq.request_id, seq.num_computed + n, row.tokens, release=False)
             seq.num_computed += n
             self.counters["prefill_tokens"] += n
             if not seq.prefilling and seq.state is None:  # first token (not after a preemption)

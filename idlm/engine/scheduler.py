@@ -69,7 +69,8 @@ class Scheduler:
         seq.status = SeqStatus.FINISHED
         self._stationary = None
 
-    def _preempt(self, seq: Sequence) -> None:
+    def preempt(self, seq: Sequence) -> None:
+        """Free a running request's pages and requeue it at the front (recomputed when readmitted)."""
         self.running.remove(seq)
         self.bm.free(seq.request_id)
         seq.num_computed = 0
@@ -97,14 +98,14 @@ class Scheduler:
                     continue
                 while not self.bm.can_reserve(seq.request_id, q):
                     victim = self.running[-1]
-                    self._preempt(victim)
+                    self.preempt(victim)
                     out.preempted.append(victim)
                     if victim is seq:
                         break
                 else:
                     self.bm.reserve(seq.request_id, q)
                     out.decodes.append(seq)
-            out.decodes = [s for s in out.decodes if s.status is SeqStatus.RUNNING]
+            out.decodes = [s for s in out.decodes if s not in out.preempted]
             budget -= len(out.decodes) * q
         changed = bool(out.preempted)
 
@@ -117,6 +118,8 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq in out.preempted:  # just preempted for lack of pages: not back in the same step
+                break
             # keep a page per running decode free so admission does not force immediate preemption
             if self.running and self.bm.blocks_needed(len(seq.kv_tokens)) + len(self.running) > self.bm.num_free_blocks:
                 break

@@ -1,0 +1,289 @@
+"""The batched engine against the reference runner (the oracle), plus its robustness contracts.
+
+Exactness uses the embedded trained models (real acceptance patterns: ISD accepts and rejects) on
+CPU in float32, with requests of mixed prompt and output lengths arriving at different steps. The
+stress test uses a tiny random model and a small KV pool so preemption happens constantly.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from tiny import tiny_transformer
+
+from idlm.cli import main
+from idlm.decoding import make_decoder
+from idlm.decoding.runner import generate
+from idlm.decoding.sampling import SamplingParams
+from idlm.engine.llm_engine import EngineConfig, LLMEngine
+from idlm.errors import ConfigError
+from idlm.layers.attention import KVCache
+from idlm.layers.lora import LoRAAdapter
+from idlm.layers.paged_attention import PagedAttention, PagedKVCache
+from idlm.models import registry
+from idlm.models.loader import load_pretrained
+
+MASK = 5
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_pretrained("idlm-tiny", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def tiny_ar():
+    model, tok = load_pretrained("idlm-tiny-ar", dtype="float32")
+    return model, tok, LoRAAdapter.load(registry.fetch("idlm-tiny-ar-risd-lora"), model.config)
+
+
+def _workload(tok, n=64, seed=0):
+    """n mixed-length prompts (chat and raw, truncated at random) and per-request greedy params."""
+    rng = random.Random(seed)
+    texts = ["def fibonacci(n):", "What is 17 + 25?", "Copy this text exactly:\nabc def", "class Stack:\n",
+             "Reverse the order of the words in this text:\none two three", "import os\n", "The quick brown fox"]
+    prompts, params = [], []
+    for i in range(n):
+        t = texts[i % len(texts)]
+        ids = tok.encode_chat([{"role": "user", "content": t}]) if i % 2 else tok.encode(t)
+        prompts.append(ids[: rng.randint(max(1, len(ids) // 2), len(ids))])
+        params.append(SamplingParams(temperature=0, max_tokens=rng.randint(1, 24)))
+    return prompts, params
+
+
+def _engine_staggered(engine, prompts, params, per_step=8):
+    """Submit `per_step` new requests before each engine step (arrivals at different steps)."""
+    ids, outs, i = [], {}, 0
+    while i < len(prompts) or engine.has_unfinished():
+        for p, sp in zip(prompts[i: i + per_step], params[i: i + per_step]):
+            rid = engine.add_request(p, sp)
+            ids.append(rid)
+            outs[rid] = engine.seqs[rid].output
+        i += per_step
+        engine.step()
+    return [outs[r] for r in ids]
+
+
+def _small_engine(model, tok, decoder, stride, lora=None, **kw):
+    cfg = dict(decoder=decoder, stride=stride, block_size=8, num_blocks=96, max_num_batched_tokens=256, max_num_seqs=32)
+    cfg.update(kw)
+    return LLMEngine(model, tok, EngineConfig(**cfg), lora=lora)
+
+
+@pytest.mark.parametrize("decoder,stride", [("ar", 4), ("isd", 2), ("isd", 4), ("isd", 8)])
+def test_engine_greedy_equals_reference_request_by_request(tiny, decoder, stride):
+    model, tok = tiny
+    prompts, params = _workload(tok)
+    ref = generate(model, make_decoder(decoder, stride, model.config, tok), prompts, params)
+    engine = _small_engine(model, tok, decoder, stride, num_blocks=40)
+    got = _engine_staggered(engine, prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+    assert [o.finish_reason for o in got] == [o.finish_reason for o in ref]
+    if decoder == "isd":  # the same decode trajectory, so the same per-request statistics
+        assert [o.stats.forwards for o in got] == [o.stats.forwards for o in ref]
+        assert sum(o.stats.committed for o in got) > sum(o.stats.forwards for o in got)  # drafts were accepted
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    engine.block_manager.check_invariants()
+
+
+@pytest.mark.parametrize("decoder", ["ar", "isd"])
+def test_engine_stays_exact_under_constant_preemption(tiny, decoder):
+    model, tok = tiny
+    prompts, _ = _workload(tok, n=32, seed=5)
+    params = [SamplingParams(temperature=0, max_tokens=24 + i % 17, ignore_eos=True) for i in range(32)]
+    ref = generate(model, make_decoder(decoder, 4, model.config, tok), prompts, params)
+    engine = _small_engine(model, tok, decoder, 4, num_blocks=20, max_num_batched_tokens=24)
+    got = _engine_staggered(engine, prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+    assert engine.scheduler.num_preemptions > 0
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_engine_risd_equals_reference_and_engine_ar(tiny_ar):
+    model, tok, lora = tiny_ar
+    prompts, params = _workload(tok, seed=1)
+    ref = generate(model, make_decoder("risd", 4, model.config, tok), prompts, params, lora=lora)
+    risd = _engine_staggered(_small_engine(model, tok, "risd", 4, lora=lora), prompts, params)
+    ar = _engine_staggered(_small_engine(model, tok, "ar", 4), prompts, params)
+    assert [o.token_ids for o in risd] == [o.token_ids for o in ref]
+    assert [o.token_ids for o in risd] == [o.token_ids for o in ar]
+    assert sum(o.stats.committed for o in risd) > sum(o.stats.forwards for o in risd)
+
+
+def test_stride_schedule_changes_n_between_steps_and_stays_exact(tiny):
+    model, tok = tiny
+    prompts, params = _workload(tok, n=24, seed=2)
+    ref = generate(model, make_decoder("ar", 2, model.config, tok), prompts, params)
+    engine = _small_engine(model, tok, "isd", 4, stride_schedule=[(2, 8), (8, 4), (1000, 2)], num_blocks=400)
+    got = _engine_staggered(engine, prompts, params, per_step=3)
+    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+    assert len(engine._decoders) == 3 and engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_sampling_with_seed_equals_reference_runner(tiny):
+    """Seeded sampling draws the same random numbers per request in the engine and the reference."""
+    model, tok = tiny
+    prompts, _ = _workload(tok, n=12, seed=3)
+    params = [SamplingParams(temperature=1.0, top_p=0.9, seed=100 + i, max_tokens=16) for i in range(12)]
+    ref = generate(model, make_decoder("isd", 4, model.config, tok), prompts, params)
+    got = _small_engine(model, tok, "isd", 4, num_blocks=400).run(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+
+
+def test_sdar_engine_equals_reference_without_preemption(tiny):
+    model, tok = tiny
+    prompts, params = _workload(tok, n=16, seed=4)
+    ref = generate(model, make_decoder("sdar", 4, model.config, tok), prompts, params)
+    engine = _small_engine(model, tok, "sdar", 4, num_blocks=400)
+    assert [o.token_ids for o in engine.run(prompts, params)] == [o.token_ids for o in ref]
+    assert engine.scheduler.num_preemptions == 0
+
+
+def test_thousand_requests_with_aborts_and_preemption_leak_nothing():
+    model = tiny_transformer(64, mask_token_id=MASK, max_position_embeddings=64)
+    engine = LLMEngine(model, None, EngineConfig(decoder="isd", stride=3, block_size=4, num_blocks=40,
+                                                 max_num_seqs=16, max_num_batched_tokens=48))
+    rng = random.Random(0)
+    submitted, aborted, finished = [], set(), []
+    live = set()
+    while len(submitted) < 1000 or engine.has_unfinished():
+        for _ in range(rng.randint(0, 6)):
+            if len(submitted) < 1000:
+                p = [rng.randrange(6, 64) for _ in range(rng.randint(1, 20))]
+                temp = rng.choice([0.0, 1.0])
+                rid = engine.add_request(p, SamplingParams(temperature=temp, max_tokens=rng.randint(1, 16),
+                                                           seed=len(submitted)))
+                submitted.append(rid)
+                live.add(rid)
+        if live and rng.random() < 0.15:
+            rid = rng.choice(sorted(live))
+            assert engine.abort_request(rid)
+            aborted.add(rid)
+            live.discard(rid)
+        if engine.scheduler.running and rng.random() < 0.2:  # forced preemption (recompute later)
+            engine.scheduler.preempt(rng.choice(engine.scheduler.running))
+        for out in engine.step():
+            if out.finished:
+                finished.append(out.request_id)
+                live.discard(out.request_id)
+        engine.block_manager.check_invariants()
+    assert engine.scheduler.num_preemptions > 100
+    assert len(finished) == len(set(finished))  # each exactly once
+    assert set(finished) | aborted == set(submitted) and not set(finished) & aborted
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert not engine.abort_request(submitted[0]) or submitted[0] in aborted
+
+
+def test_more_requests_than_the_pool_holds_wait_and_all_finish():
+    model = tiny_transformer(64, mask_token_id=MASK, max_position_embeddings=64)
+    engine = LLMEngine(model, None, EngineConfig(decoder="ar", block_size=4, num_blocks=12, max_num_seqs=64))
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    outs = engine.run([[7 + i % 50] * 20 for i in range(30)], params)
+    assert all(len(o.token_ids) == 20 and o.finish_reason == "length" for o in outs)
+    assert engine.block_manager.num_free_blocks == 12
+
+
+def test_bad_requests_and_options_are_clear_errors():
+    model = tiny_transformer(64, mask_token_id=MASK, max_position_embeddings=64)
+    engine = LLMEngine(model, None, EngineConfig(decoder="isd", stride=4, block_size=4, num_blocks=8))
+    with pytest.raises(ConfigError, match="exceeds the model's context of 64"):
+        engine.add_request([7] * 70, SamplingParams(max_tokens=1))
+    with pytest.raises(ConfigError, match="max_tokens 60 exceeds"):
+        engine.add_request([7] * 10, SamplingParams(max_tokens=60))
+    with pytest.raises(ConfigError, match="KV pages but the pool has 8"):
+        engine.add_request([7] * 20, SamplingParams(max_tokens=20))
+    with pytest.raises(ConfigError, match="outside the vocabulary"):
+        engine.add_request([7, 99], SamplingParams(max_tokens=2))
+    with pytest.raises(ConfigError, match="needs a tokenizer"):
+        engine.add_request("hello")
+    engine.add_request([7], SamplingParams(max_tokens=1), request_id="a")
+    with pytest.raises(ConfigError, match="already in use"):
+        engine.add_request([7], SamplingParams(max_tokens=1), request_id="a")
+    with pytest.raises(ConfigError, match="block_size"):
+        EngineConfig(block_size=0)
+    with pytest.raises(ConfigError, match="stride_schedule"):
+        EngineConfig(stride_schedule=[(8, 4), (2, 2)])
+    with pytest.raises(ConfigError, match="needs a LoRA"):
+        LLMEngine(model, None, EngineConfig(decoder="risd"))
+    with pytest.raises(ConfigError, match="max_model_len"):
+        LLMEngine(model, None, EngineConfig(max_model_len=65))
+    no_mask = tiny_transformer(64, max_position_embeddings=64)
+    with pytest.raises(ConfigError, match="MASK"):
+        LLMEngine(no_mask, None, EngineConfig(decoder="isd"))
+
+
+@pytest.mark.parametrize("visible", [False, True])
+def test_paged_attention_equals_contiguous_cache(visible):
+    """Scattered pages + gather + mask give the contiguous cache's attention output."""
+    torch.manual_seed(0)
+    L, Hq, Hkv, D, bs, T = 1, 4, 2, 8, 4, 3
+    starts = torch.tensor([5, 0, 9])
+    B = 3
+    ref = KVCache(L, B, Hkv, D, 16)
+    pool = PagedKVCache(L, 32, bs, Hkv, D)
+    perm = torch.randperm(32).tolist()
+    tables = torch.tensor([perm[0:4], perm[4:8], perm[8:12]])
+    pos = starts[:, None] + torch.arange(T)
+    slots = tables.gather(1, pos // bs) * bs + pos % bs
+    # fill the kept prefixes identically
+    for b in range(B):
+        for p in range(int(starts[b])):
+            kv = torch.randn(2, Hkv, D)
+            ref.k[0, b, :, p], ref.v[0, b, :, p] = kv[0], kv[1]
+            s = int(tables[b, p // bs]) * bs + p % bs
+            pool.k[0, s], pool.v[0, s] = kv[0], kv[1]
+    q, k, v = torch.randn(B, Hq, T, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
+    vis = torch.tensor([[0, 2, 2], [0, 1, 2], [1, 1, 2]]) if visible else None
+    want = ref.view(torch.arange(B), starts, vis).attend(0, q, k, v)
+    got = PagedAttention(pool, slots, tables, starts, vis).attend(0, q, k, v)
+    torch.testing.assert_close(got, want)
+
+
+def test_greedy_fast_path_equals_the_general_isd_step():
+    from idlm.decoding.isd import ISDDecoder
+
+    dec = ISDDecoder(4, MASK)
+    torch.manual_seed(0)
+    logits = torch.randn(6, 7, 50)
+    logits[:3, :4, 9] += 5  # make some drafts agree with the clean argmax
+    logits[:3, 4:, 9] += 5
+    is_v = torch.tensor([True, True, False, True, False, True])
+    specs = torch.tensor([[9, 9, 9], [9, 1, 9], [0, 0, 0], [3, 4, 5], [0, 0, 0], [9, 9, 2]])
+    ones = torch.ones(6)
+    tensors = {"temperature": torch.zeros(6), "top_k": torch.zeros(6, dtype=torch.long), "top_p": ones,
+               "is_v": is_v, "specs": specs, "point_mass": torch.ones(6, dtype=torch.bool),
+               "argmax_draft": torch.ones(6, dtype=torch.bool), "alpha": ones}
+    fast, _ = dec.compute(logits, tensors, truncate=False, greedy=True)
+    slow, _ = dec.compute(logits, tensors, truncate=True, greedy=False)
+    torch.testing.assert_close(fast, slow)
+    assert fast[:, 0].tolist()[:2] == [3.0, 1.0]
+
+
+def test_llm_api_generates_text():
+    from idlm import LLM
+    from idlm import SamplingParams as SP
+
+    llm = LLM(num_blocks=64, device="cpu")
+    outs = llm.generate(["def add(a, b):", "What is 2 + 2?"], SP(temperature=0, max_tokens=8))
+    assert len(outs) == 2 and all(o.token_ids and isinstance(o.text, str) for o in outs)
+
+
+def test_bench_commands_print_one_json_line(capsys, tmp_path):
+    shape = tmp_path / "config.json"
+    shape.write_text(json.dumps(dict(model_type="qwen3", vocab_size=128, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                     max_position_embeddings=256)))
+    assert main(["bench", "latency", "--shape", str(shape), "--batch", "1,2", "--query", "1,3", "--context", "16",
+                 "--iters", "2"]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [(r["batch"], r["query_len"]) for r in last["results"]] == [(1, 1), (1, 3), (2, 1), (2, 3)]
+    assert all(r["latency_ms"] > 0 for r in last["results"])
+    assert main(["bench", "offline", "--decoder", "isd", "--concurrency", "2", "--max-tokens", "6",
+                 "--num-blocks", "64"]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    r = last["results"][0]
+    assert r["concurrency"] == 2 and r["generated_tokens"] == r["requests"] * 6 and r["tpf"] >= 1
+    assert main(["bench", "latency", "--shape", "no-such-shape"]) == 2
