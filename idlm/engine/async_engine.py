@@ -321,7 +321,8 @@ class AsyncLLM:
         streams = {id(s): s for s, _ in self._outbox} | {id(s): s for s in self._streams.values()}
         self._outbox.clear()
         self._streams.clear()
-        pass
+        for stream in streams.values():
+            self._put(stream, _Failure(error))
         while True:
             try:
                 cmd = self._commands.get_nowait()
