@@ -33,7 +33,8 @@ from idlm.models.loader import load_pretrained, resolve_model_path  # noqa: E402
 
 DEV = "cuda"
 results: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                 "cuda": torch.version.cuda, "mem_get_info_gib": [round(x / 2**30, 1) for x in torch.cuda.mem_get_info()]}
+                 "cuda": torch.version.cuda,
+                 "mem_get_info_gib": [round(x / 2**30, 1) for x in torch.cuda.mem_get_info()]}
 
 
 def emit(key, value):
