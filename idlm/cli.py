@@ -317,6 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(bl)
     bl.set_defaults(func=cmd_bench_latency)
 
+    from idlm.server.launch import add_serve_arguments, cmd_serve
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    add_serve_arguments(sv)
+    sv.set_defaults(func=cmd_serve)
+
     tr = sub.add_parser("train", help="train a model").add_subparsers(dest="train_command", required=True)
     for kind, what in (("pretrain", "AR next-token pretraining"),
                        ("convert", "AR model -> I-DLM (introspective-consistency training, SPEC §3)"),
