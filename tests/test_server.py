@@ -252,8 +252,15 @@ def test_metrics(server, client):
     for name in ("idlm_requests_total", "idlm_prompt_tokens_total", "idlm_generation_tokens_total",
                  "idlm_time_to_first_token_seconds_bucket", "idlm_time_per_output_token_seconds_bucket",
                  "idlm_running_requests", "idlm_waiting_requests", "idlm_kv_pages_used", "idlm_kv_pages_free",
-                 "idlm_decode_forwards", "idlm_tokens_per_forward"):
+                 "idlm_decode_forwards", "idlm_tokens_per_forward", "idlm_tpf"):
         assert name in m, name
+    # ISD N=4 verifies 3 draft positions; accepted never exceeds verified at any position
+    import re
+
+    verified = {j: float(v) for j, v in re.findall(r'idlm_draft_verified\{position="(\d)"\} (\S+)', m)}
+    accepted = {j: float(v) for j, v in re.findall(r'idlm_draft_accepted\{position="(\d)"\} (\S+)', m)}
+    assert set(verified) == {"0", "1", "2"} and verified["0"] > 0
+    assert all(accepted[j] <= verified[j] for j in verified)
 
 
 N_LOAD = 200

@@ -339,4 +339,5 @@ class AsyncLLM:
         eng = self.engine
         self._snapshot = {**eng.kv_usage(), "num_running": eng.num_running, "num_waiting": eng.num_waiting,
                           "num_streams": len(self._streams), "steps": self._steps,
-                          "counters": dict(eng.counters), "healthy": self._error is None, "error": None}
+                          "counters": dict(eng.counters), "decode_stats": eng.decode_stats.to_dict(),
+                          "healthy": self._error is None, "error": None}

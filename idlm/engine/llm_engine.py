@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from idlm.decoding import make_decoder
-from idlm.decoding.base import StepResult
+from idlm.decoding.base import DecodeStats, StepResult
 from idlm.decoding.runner import GenerationOutput, apply_result, check_request
 from idlm.decoding.sampling import SamplingParams
 from idlm.decoding.stops import StopChecker
@@ -125,6 +125,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
+        self.decode_stats = DecodeStats()  # SPEC §7 counters summed over finished and aborted requests
         self.counters = {"decode_forwards": 0, "prefill_forwards": 0, "prefill_tokens": 0, "decode_query_tokens": 0,
                          "generated_tokens": 0, "finished": 0, "aborted": 0, "decode_time_s": 0.0}
 
@@ -165,6 +166,7 @@ class LLMEngine:
         if seq is None:
             return False
         seq.aborted = True
+        self.decode_stats = self.decode_stats.merge(seq.output.stats)
         seq.output.finish_reason = seq.output.finish_reason or "abort"
         self.scheduler.finish(seq)
         self.counters["aborted"] += 1
@@ -208,6 +210,7 @@ class LLMEngine:
         updates[seq.request_id] = RequestOutput(seq.request_id, new, text, done, seq.output)
         if done:
             seq.finish_time = time.perf_counter()
+            self.decode_stats = self.decode_stats.merge(seq.output.stats)
             self.scheduler.finish(seq)
             self.seqs.pop(seq.request_id, None)
             self.counters["finished"] += 1
