@@ -231,6 +231,20 @@ def test_auth(server):
         assert r.status_code == 200
 
 
+def test_prompt_longer_than_the_context_is_a_400(server):
+    llm = server["llm"]
+    app = build_app(llm, MODEL)  # default 1 MiB body limit: the long prompt reaches the length check
+    too_long = [5] * (llm.engine.max_model_len + 10)
+    with TestClient(app) as c:
+        for path, body in (("/v1/completions", {"model": MODEL, "prompt": too_long, "max_tokens": 1}),
+                           ("/v1/chat/completions", {"model": MODEL, "max_tokens": 1,
+                                                     "messages": [{"role": "user", "content": "hi " * 3000}]})):
+            r = c.post(path, json=body)
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["code"] == "context_length_exceeded"
+        assert c.post("/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 2}).status_code == 200
+
+
 def test_disconnect_mid_stream_frees_pages(server):
     base, llm = server["base"], server["llm"]
     before = llm.stats()["counters"]["aborted"]
