@@ -12,9 +12,7 @@ import json
 import sys
 
 from idlm.errors import IdlmError
-
-# The model used when --model is not given: the embedded trained I-DLM (idlm/assets/idlm-tiny).
-DEFAULT_MODEL = "idlm-tiny"
+from idlm.models.registry import DEFAULT_MODEL  # the embedded trained I-DLM, used when --model is not given
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -27,7 +27,7 @@ class LLM:
             raise ConfigError(f"device {device!r}: CUDA is not available on this machine")
         if dtype is None:
             dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-        from idlm.cli import DEFAULT_MODEL
+        from idlm.models.registry import DEFAULT_MODEL
 
         self.model, self.tokenizer = load_pretrained(model or DEFAULT_MODEL, dtype=dtype, device=device)
         adapter = None

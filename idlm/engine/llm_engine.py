@@ -165,7 +165,6 @@ class LLMEngine:
         seq = self.seqs.pop(str(request_id), None)
         if seq is None:
             return False
-        seq.aborted = True
         self.decode_stats = self.decode_stats.merge(seq.output.stats)
         seq.output.finish_reason = seq.output.finish_reason or "abort"
         self.scheduler.finish(seq)
@@ -277,15 +276,13 @@ class LLMEngine:
         params = params if isinstance(params, list) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ConfigError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
-        outs = {rid: self.seqs[rid].output for rid in ids}
-        seqs = {rid: self.seqs[rid] for rid in ids}
+        seqs = [self.seqs[self.add_request(p, sp)] for p, sp in zip(prompts, params)]
         while self.has_unfinished():
             self.step()
-        for rid, seq in seqs.items():
-            if self.tokenizer is not None:
-                outs[rid].text = seq.checker.text
-        return [outs[rid] for rid in ids]
+        if self.tokenizer is not None:
+            for seq in seqs:
+                seq.output.text = seq.checker.text
+        return [seq.output for seq in seqs]
 
     def kv_usage(self) -> dict:
         bm = self.block_manager

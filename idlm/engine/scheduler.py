@@ -33,10 +33,6 @@ class SchedulerOutput:
     prefills: list[tuple[Sequence, int]] = field(default_factory=list)  # (request, tokens from num_computed)
     preempted: list[Sequence] = field(default_factory=list)
 
-    @property
-    def empty(self) -> bool:
-        return not self.decodes and not self.prefills
-
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):

@@ -43,7 +43,6 @@ class Sequence:
     state: object | None = None  # the decoder's state; None until the first token is drawn
     output: GenerationOutput | None = None
     num_preemptions: int = 0
-    aborted: bool = False
     first_token_time: float | None = None
     finish_time: float | None = None
 

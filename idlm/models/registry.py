@@ -45,6 +45,8 @@ _KNOWN = {
 # Trained tiny models shipped inside the package (idlm/assets/<name>, bf16 safetensors + tokenizer +
 # model card): the embedded defaults, usable with no download at all.
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_MODEL = "idlm-tiny"  # what every command, idlm.LLM and idlm serve use without a model
+
 EMBEDDED = ("idlm-tiny", "idlm-tiny-ar", "idlm-tiny-ar-risd-lora")
 
 

@@ -195,6 +195,11 @@ class _Metrics:
 # --------------------------------------------------------------------------- helpers
 
 
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
 def _logprob(p: float) -> float | None:
     if p is None or not p > 0 or p != p:
         return None
@@ -488,7 +493,7 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None, 
             metrics.prompt_tokens.inc(ptoks)
             return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
                     "choices": choices,
-                    "usage": {"prompt_tokens": ptoks, "completion_tokens": ctoks, "total_tokens": ptoks + ctoks}}
+                    "usage": _usage(ptoks, ctoks)}
 
         started = await start(jobs, "completions")
         ptoks = sum(len(j[0]) for j in jobs)
@@ -517,8 +522,7 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None, 
                             "model": model_name, "choices": [choice]})
             if include_usage:
                 yield _sse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                            "choices": [], "usage": {"prompt_tokens": ptoks, "completion_tokens": ctoks,
-                                                     "total_tokens": ptoks + ctoks}})
+                            "choices": [], "usage": _usage(ptoks, ctoks)})
             yield "data: [DONE]\n\n"
 
         return _SSEResponse(sse())
@@ -560,7 +564,7 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None, 
             metrics.prompt_tokens.inc(ptoks)
             return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
                     "choices": choices,
-                    "usage": {"prompt_tokens": ptoks, "completion_tokens": ctoks, "total_tokens": ptoks + ctoks}}
+                    "usage": _usage(ptoks, ctoks)}
 
         started = await start(jobs, "chat")
         ptoks = len(ids) * len(jobs)
@@ -587,7 +591,7 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None, 
                 yield chunk([{"index": i, "delta": delta, "logprobs": None,
                               "finish_reason": _finish(item.output.finish_reason) if item.finished else None}])
             if include_usage:
-                yield chunk([], {"prompt_tokens": ptoks, "completion_tokens": ctoks, "total_tokens": ptoks + ctoks})
+                yield chunk([], _usage(ptoks, ctoks))
             yield "data: [DONE]\n\n"
 
         return _SSEResponse(sse())

@@ -34,7 +34,7 @@ ALGORITHMS = {"IDLMBlockN": "isd", "IDLMBlock": "isd", "ISD": "isd", "RISD": "ri
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    from idlm.cli import DEFAULT_MODEL
+    from idlm.models.registry import DEFAULT_MODEL
 
     p.add_argument("--model-path", "--model", dest="model", default=DEFAULT_MODEL,
                    help=f"checkpoint directory, .gguf file or known model name (default: {DEFAULT_MODEL})")
