@@ -46,6 +46,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.85
     enable_prefix_caching: bool = True
     cuda_graphs: bool = True
+    # decode-step attention: "auto" = the Triton paged kernel on CUDA where Triton is installed, else the
+    # gather + SDPA reference path; "triton" requires the kernel; "sdpa" always takes the reference path
+    attention: str = "auto"
 
     def __post_init__(self):
         def positive(name):
@@ -59,6 +62,8 @@ class EngineConfig:
             positive("num_blocks")
         if self.max_model_len is not None:
             positive("max_model_len")
+        if self.attention not in ("auto", "triton", "sdpa"):
+            raise ConfigError(f"invalid engine option attention={self.attention!r}: choose auto, triton or sdpa")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"invalid engine option gpu_memory_utilization={self.gpu_memory_utilization!r}: "
                               "must be in (0, 1]")
@@ -120,7 +125,8 @@ class LLMEngine:
         self.eos = mcfg.eos_token_ids if eos_token_ids is None else list(eos_token_ids)
         self.runner = ModelRunner(model, config.block_size, config.num_blocks, self.max_model_len, lora=lora,
                                   gpu_memory_utilization=config.gpu_memory_utilization,
-                                  cuda_graphs=config.cuda_graphs, max_num_seqs=config.max_num_seqs)
+                                  cuda_graphs=config.cuda_graphs, max_num_seqs=config.max_num_seqs,
+                                  attention=config.attention)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}

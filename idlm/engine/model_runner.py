@@ -9,16 +9,21 @@ is forward + logits + the decoder's `compute` (sampling, verification) in one fu
 is captured once per (batch bucket, Q, page bucket, decoder options) and replayed, so one step is
 a few host-to-device copies, one graph launch and one device-to-host copy (the packed results).
 The KV pool is sized from free GPU memory (`gpu_memory_utilization`) or given as `num_blocks`.
+Attention over the pool takes the Triton paged kernel on CUDA (`attention="auto"`), the gather + SDPA
+reference path elsewhere.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from idlm.errors import ConfigError
 from idlm.layers.paged_attention import PagedAttention, PagedKVCache
+from idlm.layers.paged_kernel import triton_available
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
@@ -51,8 +56,10 @@ def _pow2_at_least(n: int, floor: int = 4) -> int:
 
 class ModelRunner:
     def __init__(self, model, block_size: int, num_blocks: int | None, max_model_len: int, lora=None,
-                 gpu_memory_utilization: float = 0.85, cuda_graphs: bool = True, max_num_seqs: int = 256):
+                 gpu_memory_utilization: float = 0.85, cuda_graphs: bool = True, max_num_seqs: int = 256,
+                 attention: str = "auto"):
         self.model, self.lora = model, lora
+        self.attn_kernel = _use_kernel(attention, model.device)
         self.config = cfg = model.config
         self.device, self.dtype = model.device, model.dtype
         self.block_size = block_size
@@ -114,7 +121,7 @@ class ModelRunner:
 
     def _forward(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         """Tensors of `_tensors` (on the device) -> hidden [B, T, H]."""
-        attn = PagedAttention(self.kv, t["slots"], t["tables"], t["starts"], t.get("visible"))
+        attn = PagedAttention(self.kv, t["slots"], t["tables"], t["starts"], t.get("visible"), kernel=self.attn_kernel)
         kwargs = {}
         if "is_mask" in t and self.lora is not None:
             kwargs = dict(lora=self.lora, lora_gate=t["gate"], is_mask=t["is_mask"])
@@ -208,6 +215,15 @@ class ModelRunner:
             outputs = run()
         self._pool = graph.pool()
         return graph, staging, buffers, layout, dev_inputs, outputs
+
+
+def _use_kernel(attention: str, device: torch.device) -> bool:
+    """Whether attention runs the Triton paged kernel (where it supports the query; see PagedAttention)."""
+    usable = triton_available() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+    if attention == "triton" and not usable:
+        raise ConfigError("attention='triton' needs the triton package and a CUDA device "
+                          "(or TRITON_INTERPRET=1 on CPU)")
+    return attention != "sdpa" and usable and (attention == "triton" or device.type == "cuda")
 
 
 def _pad_rows(v: torch.Tensor, rows: int) -> torch.Tensor:

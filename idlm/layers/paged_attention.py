@@ -8,9 +8,13 @@ rows of a CUDA-graph batch bucket) write there, and no block table ever points a
 `PagedAttention` is the backend of one forward over a right-padded batch [B, T]: row b's tokens sit at
 positions starts[b] .. starts[b]+T−1, are written at `slot_mapping[b]`, and query t attends to
 positions 0 .. starts[b]+visible[b, t] (default t: causal), read through the row's block table. This
-is the reference path (gather the row's pages, then SDPA under an explicit mask): it runs on every
-device, has no data-dependent shapes for a fixed (B, T, pages) and is therefore CUDA-graph
-capturable; the mask hides both the gathered slots past a row's context and block-table padding.
+is two paths with one meaning:
+- the reference path (gather the row's pages, then SDPA under an explicit mask) runs on every device,
+  has no data-dependent shapes for a fixed (B, T, pages) and is therefore CUDA-graph capturable; the
+  mask hides both the gathered slots past a row's context and block-table padding;
+- `kernel=True` (the engine's decode steps on CUDA) runs `idlm.layers.paged_kernel`, one Triton launch
+  per layer that reads the pool through the block table, for query blocks it supports (short ones);
+  other queries (long prefill chunks) still take the reference path.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from idlm.layers.attention import cache_mask, sdpa
+from idlm.layers.paged_kernel import kernel_supported, paged_attention
 
 
 class PagedKVCache:
@@ -38,14 +43,15 @@ class PagedKVCache:
 
 class PagedAttention:
     """Backend for one forward. slot_mapping [B, T], block_tables [B, M] (page ids, padded with any
-    valid page), starts [B], visible [B, T] or None."""
+    valid page), starts [B], visible [B, T] or None; kernel: use the Triton kernel where supported."""
 
     def __init__(self, cache: PagedKVCache, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
-                 starts: torch.Tensor, visible: torch.Tensor | None = None):
+                 starts: torch.Tensor, visible: torch.Tensor | None = None, kernel: bool = False):
         self.cache, self.slot_mapping, self.block_tables = cache, slot_mapping, block_tables
-        self.starts, self.visible = starts, visible
+        self.starts, self.visible, self.kernel = starts, visible, kernel
         self._key_slots: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
+        self._last: torch.Tensor | None = None
 
     def _prepare(self, T: int) -> None:
         """Key slots [B, S] (S = M·bs positions 0..S−1 of each row) and the mask, shared by all layers."""
@@ -54,12 +60,17 @@ class PagedAttention:
         self._key_slots = self.block_tables[:, pos // bs] * bs + pos % bs
         self._mask = cache_mask(self.starts, T, pos.numel(), self.visible)
 
-    def attend(self, layer, q, k, v):  # q [B, Hq, T, D], k/v [B, Hkv, T, D]
+    def attend(self, layer, q, k, v):  # q [B, Hq, T, D], k/v [B, Hkv, T, D] (views of [B, T, H, D]: free)
         B, Hkv, T, D = k.shape
         kc, vc = self.cache.k[layer], self.cache.v[layer]
         flat = self.slot_mapping.reshape(-1)
         kc[flat] = k.transpose(1, 2).reshape(B * T, Hkv, D).to(kc.dtype)
         vc[flat] = v.transpose(1, 2).reshape(B * T, Hkv, D).to(vc.dtype)
+        if self.kernel and kernel_supported(q, Hkv):
+            if self._last is None:  # last key position each query sees [B, T], shared by all layers
+                vis = torch.arange(T, device=q.device) if self.visible is None else self.visible
+                self._last = self.starts[:, None] + vis
+            return paged_attention(q, kc, vc, self.block_tables, self._last, self.cache.block_size)
         if self._mask is None:
             self._prepare(T)
         keys = kc[self._key_slots].transpose(1, 2).to(q.dtype)  # [B, Hkv, S, D]

@@ -53,14 +53,14 @@ class RotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, T] int -> (cos, sin), each [B, 1, T, head_dim] in `dtype`."""
+        """positions [B, T] int -> (cos, sin), each [B, T, 1, head_dim] in `dtype` (broadcast over heads)."""
         freqs = positions[..., None].float() * self.inv_freq(positions.device)  # [B, T, D/2], float32
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+        return emb.cos().to(dtype)[:, :, None], emb.sin().to(dtype)[:, :, None]
 
 
 @cuda_fused
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D] rotated by (cos, sin) [B, 1, T, D], the rotate-half convention of HF."""
+    """x [B, T, H, D] rotated by (cos, sin) [B, T, 1, D], the rotate-half convention of HF."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin

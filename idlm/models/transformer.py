@@ -55,8 +55,10 @@ class Attention(nn.Module):
         v = _project(self.v_proj, "v_proj", x, lora).view(B, T, self.n_kv, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # attention takes [B, H, T, D] views of the [B, T, H, D] tensors: a paged cache writes k/v rows and
+        # the Triton kernel returns o without a copy
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         o = attn.attend(self.layer_idx, q, k, v)  # [B, Hq, T, D]
         return _project(self.o_proj, "o_proj", o.transpose(1, 2).reshape(B, T, -1), lora)
 
@@ -87,9 +89,17 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, attn, lora=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, lora)
-        return x + self.mlp(self.post_attention_layernorm(x), lora)
+    def forward(self, h, residual, cos, sin, attn, lora=None):
+        """Pre-norm block in the residual-stream form: h is the previous block's output (the embeddings when
+        residual is None) and the stream is residual + h; returns (this block's output, the stream
+        before it). Each residual add runs fused with the norm that follows it."""
+        if residual is None:
+            residual, x = h, self.input_layernorm(h)
+        else:
+            residual, x = self.input_layernorm(h, residual)
+        h = self.self_attn(x, cos, sin, attn, lora)
+        residual, x = self.post_attention_layernorm(h, residual)
+        return self.mlp(x, lora), residual
 
 
 class Backbone(nn.Module):
@@ -152,9 +162,10 @@ class Transformer(nn.Module):
             if lora_gate is None:
                 lora_gate = torch.zeros(B, T, device=x.device)
         cos, sin = self.model.rotary_emb(positions, x.dtype)
+        residual = None
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, attn, None if lora is None else (lora.layers[i], lora_gate))
-        return self.model.norm(x)
+            x, residual = layer(x, residual, cos, sin, attn, None if lora is None else (lora.layers[i], lora_gate))
+        return self.model.norm(x, residual)[1]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., H] -> float32 logits [..., V]."""

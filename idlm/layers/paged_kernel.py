@@ -1,0 +1,130 @@
+"""A Triton kernel for attention of short query blocks over the paged KV pool (the decode fast path).
+
+A decode step of the engine has 1 (AR) or 2N−1 (ISD, R-ISD) query tokens per request and reads the
+request's whole KV through its block table. The reference path (`PagedAttention` without the kernel)
+gathers the pages into a dense tensor and runs SDPA under a mask: a dozen kernels per layer, which at
+small batch is most of a step. This kernel does the same computation in one launch, reading K/V
+straight from the pool:
+
+- grid (batch row b, KV head h): the program holds the G = Hq/Hkv query heads of h for all T query
+  tokens of row b, a [G·T, D] tile (grouped-query attention without repeating K/V);
+- it walks key positions 0..max(last)+1 in tiles of BLOCK_N, mapping position j to the slot
+  block_table[b, j // page]·page + j % page, with an online (flash) softmax in float32;
+- query t sees keys j <= last[b, t] (causal: start + t; SDAR's block-bidirectional rows: start +
+  visible[t]), so masks never materialise.
+
+Everything is on the device with shapes fixed by (B, T, pages), so CUDA graphs capture it. Under
+TRITON_INTERPRET=1 the same kernel runs on CPU tensors; the tests compare it with the reference path.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+MAX_TILE_ROWS = 128  # G·T rows per program; beyond this (long prefill chunks) use the reference path
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def kernel_supported(q: torch.Tensor, num_kv_heads: int) -> bool:
+    """Can `paged_attention` run this query? q [B, Hq, T, D]."""
+    _, hq, t, d = q.shape
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    return (triton_available() and (q.is_cuda or interpret) and d >= 16 and d & (d - 1) == 0
+            and hq % num_kv_heads == 0 and _tile_rows(hq // num_kv_heads, t) <= MAX_TILE_ROWS)
+
+
+def _tile_rows(group: int, t: int) -> int:
+    return max(16, 1 << (group * t - 1).bit_length())
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def paged_attn_fwd(Q, K, V, O, TABLES, LAST, scale,
+                       s_qb, s_qh, s_qt,  # q [B, Hq, T, D], unit stride in D
+                       s_ks, s_kh,  # k/v pool of one layer [slots, Hkv, D], unit stride in D
+                       s_ob, s_ot, s_oh,  # out [B, T, Hq, D]
+                       s_tb, s_lb,  # block tables [B, M], last [B, T]
+                       T, PAGE,
+                       GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                       IEEE: tl.constexpr):
+        b = tl.program_id(0)
+        hk = tl.program_id(1)
+        rows = tl.arange(0, BLOCK_M)  # tile row r = query token r // GROUP, head hk·GROUP + r % GROUP
+        t = rows // GROUP
+        h = hk * GROUP + rows % GROUP
+        row_ok = t < T
+        d = tl.arange(0, D)
+        q = tl.load(Q + b * s_qb + h[:, None] * s_qh + t[:, None] * s_qt + d[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        last = tl.load(LAST + b * s_lb + t, mask=row_ok, other=-1)  # [BLOCK_M]
+        n_keys = tl.max(last, axis=0) + 1
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        cols = tl.arange(0, BLOCK_N)
+        for start in range(0, n_keys, BLOCK_N):
+            pos = start + cols  # key positions [BLOCK_N]
+            key_ok = pos < n_keys
+            page = tl.load(TABLES + b * s_tb + pos // PAGE, mask=key_ok, other=0)
+            slot = page.to(tl.int64) * PAGE + pos % PAGE
+            k = tl.load(K + slot[:, None] * s_ks + hk * s_kh + d[None, :], mask=key_ok[:, None], other=0.0)
+            if IEEE:  # float32 pools: full-precision products (no TF32), like the reference path
+                s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * scale
+            else:
+                s = tl.dot(q, tl.trans(k.to(q.dtype))) * scale  # [BLOCK_M, BLOCK_N] float32
+            s = tl.where(pos[None, :] <= last[:, None], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
+            p = tl.exp(s - m_safe[:, None])
+            corr = tl.exp(m_i - m_safe)
+            l_i = l_i * corr + tl.sum(p, axis=1)
+            v = tl.load(V + slot[:, None] * s_ks + hk * s_kh + d[None, :], mask=key_ok[:, None], other=0.0)
+            if IEEE:
+                acc = acc * corr[:, None] + tl.dot(p, v, input_precision="ieee")
+            else:
+                acc = acc * corr[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+            m_i = m_new
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(O + b * s_ob + t[:, None] * s_ot + h[:, None] * s_oh + d[None, :],
+                 out.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+    return paged_attn_fwd
+
+
+def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
+                    last: torch.Tensor, page_size: int) -> torch.Tensor:
+    """q [B, Hq, T, D] (any strides with unit stride in D), k_pool/v_pool [slots, Hkv, D] (one layer),
+    block_tables [B, M] page ids, last [B, T] the last key position each query sees (−1: none)
+    -> out [B, Hq, T, D] (a transposed view of a contiguous [B, T, Hq, D], so the caller's
+    `transpose(1, 2).reshape(B, T, Hq·D)` is free)."""
+    B, Hq, T, D = q.shape
+    Hkv = k_pool.shape[1]
+    if q.stride(-1) != 1 or k_pool.stride(-1) != 1 or v_pool.stride() != k_pool.stride():
+        raise ValueError("paged_attention needs unit stride in the head dimension and equal K/V pool layouts")
+    group = Hq // Hkv
+    out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
+    block_m = _tile_rows(group, T)
+    _kernel()[(B, Hkv)](
+        q, k_pool, v_pool, out, block_tables, last, D ** -0.5,
+        q.stride(0), q.stride(1), q.stride(2), k_pool.stride(0), k_pool.stride(1),
+        out.stride(0), out.stride(1), out.stride(2), block_tables.stride(0), last.stride(0),
+        T, page_size, GROUP=group, BLOCK_M=block_m, BLOCK_N=64 if block_m <= 64 else 32, D=D,
+        IEEE=q.dtype == torch.float32, num_warps=4,
+    )
+    return out.transpose(1, 2)
