@@ -203,6 +203,11 @@ def _ints(text: str) -> list[int]:
     return vals
 
 
+ATTENTION_CHOICES = ("auto", "triton", "sdpa")
+ATTENTION_HELP = ("paged attention of decode steps: the Triton kernel (auto: on CUDA when triton is installed) "
+                  "or the gather + SDPA reference path")
+
+
 def cmd_bench_offline(args) -> int:
     import json
 
@@ -212,7 +217,7 @@ def cmd_bench_offline(args) -> int:
     model, tok, decoder, lora = _load_for_decoding(args)
     cfg = EngineConfig(decoder=args.decoder, stride=args.stride, threshold=args.threshold,
                        max_num_seqs=max(args.concurrency), cuda_graphs=not args.no_cuda_graphs,
-                       num_blocks=args.num_blocks)
+                       num_blocks=args.num_blocks, attention=args.attention)
     engine = LLMEngine(model, tok, cfg, lora=lora)
     prompts = bench_prompts(tok, max(64, max(args.concurrency)))
     results = bench_offline(engine, prompts, args.concurrency, args.max_tokens, args.temperature)
@@ -240,7 +245,7 @@ def cmd_bench_latency(args) -> int:
 
         model = load_model(args.model, dtype=args.dtype, device=args.device)
     results = bench_latency(model, args.query, args.batch, args.context, args.iters,
-                            cuda_graphs=not args.no_cuda_graphs)
+                            cuda_graphs=not args.no_cuda_graphs, attention=args.attention)
     for r in results:
         print(json.dumps(r))
     print(json.dumps({"model": args.shape or args.model, "device": args.device, "dtype": args.dtype,
@@ -300,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     bo.add_argument("--concurrency", type=_ints, default=[1, 64], help="comma-separated, e.g. 1,8,64")
     bo.add_argument("--num-blocks", type=int, default=None, help="KV pages (default: from free memory)")
     bo.add_argument("--no-cuda-graphs", action="store_true")
+    bo.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto", help=ATTENTION_HELP)
     _add_model_args(bo)
     _add_decoder_args(bo)
     _add_sampling_args(bo)
@@ -312,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--context", type=int, default=1024, help="KV tokens held by each request")
     bl.add_argument("--iters", type=int, default=20)
     bl.add_argument("--no-cuda-graphs", action="store_true")
+    bl.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto", help=ATTENTION_HELP)
     _add_model_args(bl)
     bl.set_defaults(func=cmd_bench_latency)
 

@@ -2,13 +2,16 @@
 a summary, and writes $OUT/bench_engine.json).
 
 Stages (comma-separated argv[1], default all):
+  kernel   the Triton paged-attention kernel vs the reference path (max |diff|, fp32 and bf16)
   exact    engine (CUDA graphs, fp32) vs the reference runner, greedy, idlm-tiny AR/ISD N=2,4,8 and R-ISD
   tiny     ISD N=4 on idlm-tiny vs AR on idlm-tiny-ar (bf16, CUDA graphs): offline bench at C=1,8,64
-  smollm2  AR decode of SmolLM2-135M-Instruct at batch 1 (engine) vs HF transformers generate
+  smollm2  AR decode of SmolLM2-135M-Instruct at batch 1 (engine: reference paged attention, Triton
+           kernel, kernel + fused projections) vs HF transformers generate
            (needs SMOLLM2_GGUF=path and the gguf package)
   latency  forward latency of a random Qwen3-8B-shaped model, Q in {1, 7}, batch 1..64, context 1024
+           (Triton kernel, then the reference path)
 
-    python scripts/bench_engine.py exact,tiny,latency
+    python scripts/bench_engine.py kernel,exact,tiny,latency
 """
 
 from __future__ import annotations
@@ -61,6 +64,34 @@ def stage_exact():
     emit("exact", out)
 
 
+def stage_kernel():
+    """The Triton paged kernel vs the gather + SDPA reference path on the GPU: max |difference| of the
+    attention output for SmolLM2 / Qwen3-8B head shapes, Q = 1 and 7, fp32 and bf16."""
+    from idlm.layers.paged_attention import PagedAttention, PagedKVCache
+
+    out = {}
+    for name, hq, hkv, d in (("smollm2", 9, 3, 64), ("qwen3-8b", 32, 8, 128)):
+        for dtype in (torch.float32, torch.bfloat16):
+            for T in (1, 7):
+                g = torch.Generator(device=DEV).manual_seed(0)
+                B, page, ctx = 8, 16, 700
+                pages = -(-(ctx + T) // page) + 1
+                pool = PagedKVCache(1, B * pages, page, hkv, d, dtype, DEV)
+                pool.k.normal_(generator=g)
+                pool.v.normal_(generator=g)
+                tables = torch.randperm(B * pages, device=DEV, generator=g).view(B, pages)
+                starts = torch.randint(0, ctx, (B,), device=DEV, generator=g)
+                pos = starts[:, None] + torch.arange(T, device=DEV)
+                slots = tables.gather(1, pos // page) * page + pos % page
+                q = torch.randn(B, T, hq, d, device=DEV, dtype=dtype, generator=g).transpose(1, 2)
+                k = torch.randn(B, T, hkv, d, device=DEV, dtype=dtype, generator=g).transpose(1, 2)
+                v = torch.randn(B, T, hkv, d, device=DEV, dtype=dtype, generator=g).transpose(1, 2)
+                ref = PagedAttention(pool, slots, tables, starts).attend(0, q, k, v).float()
+                got = PagedAttention(pool, slots, tables, starts, kernel=True).attend(0, q, k, v).float()
+                out[f"{name}/{str(dtype)[6:]}/Q{T}"] = float((got - ref).abs().max())
+    emit("kernel_max_abs_diff", out)
+
+
 def offline(model_name, decoder, stride, conc, lora_name=None, max_tokens=128):
     model, tok = load_pretrained(model_name, dtype="bfloat16", device=DEV)
     lora = None
@@ -86,10 +117,18 @@ def stage_tiny():
 def stage_smollm2():
     path = os.environ["SMOLLM2_GGUF"]
     model, tok = load_pretrained(path, dtype="bfloat16", device=DEV)
-    eng = LLMEngine(model, tok, EngineConfig(decoder="ar", max_num_seqs=1))
     msgs = [{"role": "user", "content": "Write a short story about a robot learning to paint."}]
     prompt = tok.encode_chat(msgs)
-    ours = bench_offline(eng, [prompt], [1], max_tokens=256, num_requests=4)[0]
+    runs = {}
+    # the reference paged path, the Triton kernel (the default), the kernel + fused q/k/v and gate/up matmuls
+    for key, attention, fuse in (("sdpa", "sdpa", False), ("triton", "triton", False), ("fused", "triton", True)):
+        model.fuse_projections(fuse)
+        eng = LLMEngine(model, tok, EngineConfig(decoder="ar", max_num_seqs=1, attention=attention))
+        runs[key] = bench_offline(eng, [prompt], [1], max_tokens=256, num_requests=4)[0]
+        del eng
+        torch.cuda.empty_cache()
+    model.fuse_projections(False)
+    ours = runs["triton"]
     # HF transformers generate on the same weights (bf16), batch 1, greedy, 256 new tokens, EOS ignored
     import tempfile
 
@@ -109,8 +148,11 @@ def stage_smollm2():
         hf.generate(ids, **kw)
     torch.cuda.synchronize()
     hf_tps = 256 * reps / (time.perf_counter() - t0)
-    emit("smollm2", {"engine_ar_batch1": ours, "hf_generate_tok_s": round(hf_tps, 1),
-                     "engine_vs_hf": round(ours["per_request_tok_s"] / hf_tps, 2)})
+    emit("smollm2", {"engine_ar_batch1": ours, "engine_ar_batch1_sdpa_attention": runs["sdpa"],
+                     "engine_ar_batch1_fused_projections": runs["fused"],
+                     "hf_generate_tok_s": round(hf_tps, 1),
+                     "engine_vs_hf": round(ours["per_request_tok_s"] / hf_tps, 2),
+                     "kernel_vs_sdpa": round(ours["per_request_tok_s"] / runs["sdpa"]["per_request_tok_s"], 3)})
 
 
 def stage_profile():
@@ -140,14 +182,15 @@ def stage_latency():
     from idlm.models.random import random_model
 
     model = random_model("qwen3-8b", dtype="bfloat16", device=DEV)
-    res = bench_latency(model, [1, 7], [1, 2, 4, 8, 16, 32, 64], context=1024, iters=10)
-    emit("latency_qwen3_8b", res)
+    for attention, key in (("triton", "latency_qwen3_8b"), ("sdpa", "latency_qwen3_8b_sdpa_attention")):
+        emit(key, bench_latency(model, [1, 7], [1, 2, 4, 8, 16, 32, 64], context=1024, iters=10,
+                                attention=attention))
     del model
     torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
-    stages = (sys.argv[1] if len(sys.argv) > 1 else "exact,tiny,smollm2,latency").split(",")
+    stages = (sys.argv[1] if len(sys.argv) > 1 else "kernel,exact,tiny,smollm2,latency").split(",")
     for s in stages:
         t0 = time.perf_counter()
         try:

@@ -277,3 +277,20 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         save_pretrained(model.init_weights(seed=1), tmp_path / "ckpt")
     assert torch.equal(load_model(tmp_path / "ckpt").logits(ids), before)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temp dirs left behind
+
+
+def test_fused_projections_match_separate_ones():
+    """fuse_projections (one q/k/v and one gate/up matmul) computes the same logits; LoRA forwards and
+    enable=False go back to the separate projections."""
+    from tiny import tiny_transformer
+
+    model = tiny_transformer(64)
+    ids = torch.randint(0, 64, (2, 9))
+    want = model.logits(ids)
+    model.fuse_projections()
+    assert model.model.layers[0].self_attn.qkv is not None
+    torch.testing.assert_close(model.logits(ids), want, rtol=1e-5, atol=1e-5)
+    assert set(model.state_dict()) == set(tiny_transformer(64).state_dict())  # names unchanged
+    model.fuse_projections(False)
+    assert model.model.layers[0].mlp.gate_up is None
+    torch.testing.assert_close(model.logits(ids), want, rtol=0, atol=0)

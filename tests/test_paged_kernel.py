@@ -11,11 +11,12 @@ import torch
 os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="the paged kernel's tests need the triton package (dev extra)")
 
+from tiny import tiny_transformer  # noqa: E402
+
 from idlm.decoding.sampling import SamplingParams  # noqa: E402
 from idlm.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from idlm.errors import ConfigError  # noqa: E402
 from idlm.layers.paged_attention import PagedAttention, PagedKVCache  # noqa: E402
-from tiny import tiny_transformer  # noqa: E402
 
 MASK = 3
 

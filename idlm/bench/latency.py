@@ -33,12 +33,12 @@ class ForwardOnly:
 
 @torch.no_grad()
 def bench_latency(model, query_sizes: list[int], batch_sizes: list[int], context: int = 1024, iters: int = 20,
-                  block_size: int = 16, cuda_graphs: bool = True) -> list[dict]:
+                  block_size: int = 16, cuda_graphs: bool = True, attention: str = "auto") -> list[dict]:
     cfg = model.config
     per_seq = -(-(context + max(query_sizes)) // block_size)
     num_blocks = per_seq * max(batch_sizes) + 1
     runner = ModelRunner(model, block_size, num_blocks, context + max(query_sizes), cuda_graphs=cuda_graphs,
-                         max_num_seqs=max(batch_sizes))
+                         max_num_seqs=max(batch_sizes), attention=attention)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_token_bytes = PagedKVCache.bytes_per_block(cfg, 1, model.dtype)
     cuda = runner.device.type == "cuda"

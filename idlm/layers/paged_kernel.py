@@ -55,7 +55,7 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def paged_attn_fwd(Q, K, V, O, TABLES, LAST, scale,
+    def paged_attn_fwd(Q, K, V, Out, TABLES, LAST, scale,
                        s_qb, s_qh, s_qt,  # q [B, Hq, T, D], unit stride in D
                        s_ks, s_kh,  # k/v pool of one layer [slots, Hkv, D], unit stride in D
                        s_ob, s_ot, s_oh,  # out [B, T, Hq, D]
@@ -101,8 +101,8 @@ def _kernel():
                 acc = acc * corr[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
             m_i = m_new
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(O + b * s_ob + t[:, None] * s_ot + h[:, None] * s_oh + d[None, :],
-                 out.to(O.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(Out + b * s_ob + t[:, None] * s_ot + h[:, None] * s_oh + d[None, :],
+                 out.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
     return paged_attn_fwd
 

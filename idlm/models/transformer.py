@@ -32,10 +32,17 @@ def _project(linear: nn.Linear, name: str, x: torch.Tensor, lora) -> torch.Tenso
     return y
 
 
+def _cat_linear(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of one Linear computing all of `linears` side by side (a copy, not a parameter)."""
+    bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
+    return torch.cat([m.weight for m in linears]), bias
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
+        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # set by Transformer.fuse_projections
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         h, q, kv = cfg.hidden_size, self.n_heads * self.head_dim, self.n_kv * self.head_dim
         self.q_proj = nn.Linear(h, q, bias=cfg.qkv_bias)
@@ -50,9 +57,13 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, attn: AttentionBackend, lora=None):  # x [B, T, H]
         B, T, _ = x.shape
-        q = _project(self.q_proj, "q_proj", x, lora).view(B, T, self.n_heads, self.head_dim)
-        k = _project(self.k_proj, "k_proj", x, lora).view(B, T, self.n_kv, self.head_dim)
-        v = _project(self.v_proj, "v_proj", x, lora).view(B, T, self.n_kv, self.head_dim)
+        if self.qkv is not None and lora is None:
+            q, k, v = F.linear(x, *self.qkv).split([self.n_heads * self.head_dim] + [self.n_kv * self.head_dim] * 2, -1)
+        else:
+            q, k, v = (_project(m, name, x, lora) for m, name in
+                       ((self.q_proj, "q_proj"), (self.k_proj, "k_proj"), (self.v_proj, "v_proj")))
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k, v = k.view(B, T, self.n_kv, self.head_dim), v.view(B, T, self.n_kv, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -75,10 +86,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
+        self.gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None  # Transformer.fuse_projections
 
     def forward(self, x, lora=None):
-        h = silu_mul(_project(self.gate_proj, "gate_proj", x, lora), _project(self.up_proj, "up_proj", x, lora))
-        return _project(self.down_proj, "down_proj", h, lora)
+        if self.gate_up is not None and lora is None:
+            gate, up = F.linear(x, *self.gate_up).chunk(2, -1)
+        else:
+            gate, up = _project(self.gate_proj, "gate_proj", x, lora), _project(self.up_proj, "up_proj", x, lora)
+        return _project(self.down_proj, "down_proj", silu_mul(gate, up), lora)
 
 
 class DecoderLayer(nn.Module):
@@ -137,6 +152,18 @@ class Transformer(nn.Module):
                     p.zero_()
                 else:
                     p.copy_(torch.randn(p.shape, generator=g) * std)
+        return self
+
+    @torch.no_grad()
+    def fuse_projections(self, enable: bool = True):
+        """Inference: one [q; k; v] and one [gate; up] matmul per layer instead of five (a small model's decode
+        step is bound by kernel launches). Keeps copies of those weights beside the parameters (which,
+        with their names, stay as they are); forwards with a LoRA use the separate projections. Call
+        again after changing weights; enable=False drops the copies."""
+        for layer in self.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            a.qkv = _cat_linear(a.q_proj, a.k_proj, a.v_proj) if enable else None
+            m.gate_up = _cat_linear(m.gate_proj, m.up_proj) if enable else None
         return self
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

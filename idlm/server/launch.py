@@ -51,6 +51,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stride", type=int, default=None, help="ISD stride N (default 4, or gen_block_size)")
     p.add_argument("--lora-paths", "--lora", dest="lora", default=None, help="R-ISD gated LoRA adapter")
     p.add_argument("--num-blocks", type=int, default=None, help="KV pages (default: from free memory)")
+    p.add_argument("--attention-backend", dest="attention", default="auto", choices=["auto", "triton", "sdpa"],
+                   help="paged attention of decode steps: Triton kernel (auto: on CUDA) or gather + SDPA")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
@@ -149,7 +151,8 @@ def cmd_serve(args) -> int:
 
         lora = LoRAAdapter.load(resolve_model_path(args.lora), model.config, device=device, dtype=model.dtype)
     config = EngineConfig(decoder=opts["decoder"], stride=opts["stride"], threshold=opts["threshold"],
-                          max_num_seqs=args.max_running_requests, num_blocks=args.num_blocks)
+                          max_num_seqs=args.max_running_requests, num_blocks=args.num_blocks,
+                          attention=args.attention)
     engine = LLMEngine(model, tok, config, lora=lora)
     async_llm = AsyncLLM(engine, max_waiting=args.max_waiting).start()
     name = args.served_model_name or str(args.model)
