@@ -127,6 +127,7 @@ def stage_smollm2():
         runs[key] = bench_offline(eng, [prompt], [1], max_tokens=256, num_requests=4)[0]
         del eng
         torch.cuda.empty_cache()
+    profile_steps(LLMEngine(model, tok, EngineConfig(decoder="ar", max_num_seqs=1)), prompt, "smollm2_ar")
     model.fuse_projections(False)
     ours = runs["triton"]
     # HF transformers generate on the same weights (bf16), batch 1, greedy, 256 new tokens, EOS ignored
@@ -155,27 +156,37 @@ def stage_smollm2():
                      "kernel_vs_sdpa": round(ours["per_request_tok_s"] / runs["sdpa"]["per_request_tok_s"], 3)})
 
 
-def stage_profile():
-    """Where a batch-1 decode step's time goes: CUDA kernels inside the graph vs host work."""
+def profile_steps(eng, prompt, label, steps=20):
+    """Profile `steps` batch-1 decode steps (CUDA kernels inside the graph vs host work); tables go to
+    $OUT/profile_<label>.txt (or stdout)."""
     from torch.profiler import ProfilerActivity, profile
 
+    p = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+    eng.run([prompt], p)
+    eng.add_request(prompt, p)
+    for _ in range(5):
+        eng.step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            eng.step()
+        torch.cuda.synchronize()
+    while eng.has_unfinished():
+        eng.step()
+    text = (prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40) + "\n"
+            + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, f"profile_{label}.txt"), "w") as f:
+            f.write(text)
+    else:
+        print(text, flush=True)
+
+
+def stage_profile():
     for name, model_name in (("ar", "idlm-tiny-ar"), ("isd", "idlm-tiny")):
         model, tok = load_pretrained(model_name, dtype="bfloat16", device=DEV)
         eng = LLMEngine(model, tok, EngineConfig(decoder=name, stride=4, max_num_seqs=1))
-        prompt = bench_prompts(tok, 1)[0]
-        p = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
-        eng.run([prompt], p)
-        eng.add_request(prompt, p)
-        for _ in range(5):
-            eng.step()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(20):
-                eng.step()
-            torch.cuda.synchronize()
-        while eng.has_unfinished():
-            eng.step()
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25), flush=True)
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+        profile_steps(eng, bench_prompts(tok, 1)[0], f"tiny_{name}")
 
 
 def stage_latency():

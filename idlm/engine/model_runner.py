@@ -9,8 +9,8 @@ is forward + logits + the decoder's `compute` (sampling, verification) in one fu
 is captured once per (batch bucket, Q, page bucket, decoder options) and replayed, so one step is
 a few host-to-device copies, one graph launch and one device-to-host copy (the packed results).
 The KV pool is sized from free GPU memory (`gpu_memory_utilization`) or given as `num_blocks`.
-Attention over the pool takes the Triton paged kernel on CUDA (`attention="auto"`), the gather + SDPA
-reference path elsewhere.
+Decode steps attend over the pool with the Triton paged kernel on CUDA (`attention="auto"`); prefill
+chunks, and every step elsewhere, take the gather + SDPA reference path.
 """
 
 from __future__ import annotations
@@ -119,9 +119,11 @@ class ModelRunner:
                     out["visible"][b, : len(r.tokens)] = r.visible
         return {k: torch.from_numpy(v) for k, v in out.items()}
 
-    def _forward(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Tensors of `_tensors` (on the device) -> hidden [B, T, H]."""
-        attn = PagedAttention(self.kv, t["slots"], t["tables"], t["starts"], t.get("visible"), kernel=self.attn_kernel)
+    def _forward(self, t: dict[str, torch.Tensor], kernel: bool = False) -> torch.Tensor:
+        """Tensors of `_tensors` (on the device) -> hidden [B, T, H]. kernel: attention through the Triton
+        kernel (decode steps; prefill chunks of every length take the reference path, so the kernel
+        is compiled for a few decode block shapes only)."""
+        attn = PagedAttention(self.kv, t["slots"], t["tables"], t["starts"], t.get("visible"), kernel=kernel)
         kwargs = {}
         if "is_mask" in t and self.lora is not None:
             kwargs = dict(lora=self.lora, lora_gate=t["gate"], is_mask=t["is_mask"])
@@ -152,7 +154,7 @@ class ModelRunner:
         if not self.use_graphs:
             t = {k: v.to(self.device) for k, v in self._tensors(rows, Q, B, self._pages(rows)).items()}
             dec = {k: v.to(self.device) for k, v in tensors.items()}
-            return decoder.compute(self.model.compute_logits(self._forward(t)), dec, **static)
+            return decoder.compute(self.model.compute_logits(self._forward(t, self.attn_kernel)), dec, **static)
         Bp = _bucket(B, self.batch_buckets)
         M = min(_pow2_at_least(self._pages(rows)), self.max_pages)
         host = self._tensors(rows, Q, Bp, M)
@@ -202,7 +204,7 @@ class ModelRunner:
         def run():
             inputs = unpack()
             dec = {k[4:]: v for k, v in inputs.items() if k.startswith("dec.")}
-            return decoder.compute(self.model.compute_logits(self._forward(inputs)), dec, **static)
+            return decoder.compute(self.model.compute_logits(self._forward(inputs, self.attn_kernel)), dec, **static)
 
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
