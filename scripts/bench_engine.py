@@ -127,8 +127,8 @@ def stage_smollm2():
         runs[key] = bench_offline(eng, [prompt], [1], max_tokens=256, num_requests=4)[0]
         del eng
         torch.cuda.empty_cache()
-    profile_steps(LLMEngine(model, tok, EngineConfig(decoder="ar", max_num_seqs=1)), prompt, "smollm2_ar")
     model.fuse_projections(False)
+    profile_steps(LLMEngine(model, tok, EngineConfig(decoder="ar", max_num_seqs=1)), prompt, "smollm2_ar")
     ours = runs["triton"]
     # HF transformers generate on the same weights (bf16), batch 1, greedy, 256 new tokens, EOS ignored
     import tempfile
