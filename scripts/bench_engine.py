@@ -92,20 +92,37 @@ def stage_kernel():
     emit("kernel_max_abs_diff", out)
 
 
-def offline(model_name, decoder, stride, conc, lora_name=None, max_tokens=128):
-    model, tok = load_pretrained(model_name, dtype="bfloat16", device=DEV)
-    lora = None
-    if lora_name:
-        lora = LoRAAdapter.load(resolve_model_path(lora_name), model.config, device=DEV, dtype=model.dtype)
-    eng = LLMEngine(model, tok, EngineConfig(decoder=decoder, stride=stride, max_num_seqs=max(conc)), lora=lora)
-    return bench_offline(eng, bench_prompts(tok, 256), conc, max_tokens=max_tokens)
+REPS = 3  # each configuration is measured REPS times, interleaved with the ones it is compared with
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median per-request tokens/s (all its fields), plus every rep's value."""
+    ordered = sorted(runs, key=lambda r: r["per_request_tok_s"])
+    return dict(ordered[len(ordered) // 2], reps_per_request_tok_s=[r["per_request_tok_s"] for r in runs])
 
 
 def stage_tiny():
+    """ISD N=4 (idlm-tiny) vs AR (idlm-tiny-ar) vs R-ISD: the three engines live side by side and are
+    measured in turn, REPS times per concurrency (host-bound steps make single runs noisy)."""
     conc = [1, 8, 64]
-    isd = offline("idlm-tiny", "isd", 4, conc)
-    ar = offline("idlm-tiny-ar", "ar", 4, conc)
-    risd = offline("idlm-tiny-ar", "risd", 4, conc, lora_name="idlm-tiny-ar-risd-lora")
+    engines = {}
+    for key, model_name, decoder, lora_name in (("isd", "idlm-tiny", "isd", None), ("ar", "idlm-tiny-ar", "ar", None),
+                                                ("risd", "idlm-tiny-ar", "risd", "idlm-tiny-ar-risd-lora")):
+        model, tok = load_pretrained(model_name, dtype="bfloat16", device=DEV)
+        lora = None
+        if lora_name:
+            lora = LoRAAdapter.load(resolve_model_path(lora_name), model.config, device=DEV, dtype=model.dtype)
+        cfg = EngineConfig(decoder=decoder, stride=4, max_num_seqs=max(conc), num_blocks=8192)
+        engines[key] = (LLMEngine(model, tok, cfg, lora=lora), bench_prompts(tok, 256))
+    res = {k: [] for k in engines}
+    for c in conc:
+        runs = {k: [] for k in engines}
+        for rep in range(REPS):
+            for k, (eng, prompts) in engines.items():
+                runs[k].append(bench_offline(eng, prompts, [c], max_tokens=128, warmup=rep == 0)[0])
+        for k in engines:
+            res[k].append(median_run(runs[k]))
+    isd, ar, risd = res["isd"], res["ar"], res["risd"]
     ratios = {c: {"per_request": round(i["per_request_tok_s"] / a["per_request_tok_s"], 3),
                   "throughput": round(i["throughput_tok_s"] / a["throughput_tok_s"], 3),
                   "step_cost": round(i["decode_step_ms"] / a["decode_step_ms"], 3),
@@ -119,15 +136,17 @@ def stage_smollm2():
     model, tok = load_pretrained(path, dtype="bfloat16", device=DEV)
     msgs = [{"role": "user", "content": "Write a short story about a robot learning to paint."}]
     prompt = tok.encode_chat(msgs)
-    runs = {}
-    # the reference paged path, the Triton kernel (the default), the kernel + fused q/k/v and gate/up matmuls
-    for key, attention, fuse in (("sdpa", "sdpa", False), ("triton", "triton", False), ("fused", "triton", True)):
-        model.fuse_projections(fuse)
-        eng = LLMEngine(model, tok, EngineConfig(decoder="ar", max_num_seqs=1, attention=attention))
-        runs[key] = bench_offline(eng, [prompt], [1], max_tokens=256, num_requests=4)[0]
-        del eng
-        torch.cuda.empty_cache()
-    model.fuse_projections(False)
+    # the reference paged path, the Triton kernel (the default), the kernel + fused q/k/v and gate/up matmuls;
+    # engines side by side, measured in turn REPS times
+    fused = load_pretrained(path, dtype="bfloat16", device=DEV)[0].fuse_projections()  # its own copy: graphs
+    configs = (("sdpa", model, "sdpa"), ("triton", model, "triton"), ("fused", fused, "triton"))  # keep weights
+    engines = {key: LLMEngine(m, tok, EngineConfig(decoder="ar", max_num_seqs=1, attention=att, num_blocks=256))
+               for key, m, att in configs}
+    runs = {key: [] for key in engines}
+    for rep in range(REPS):
+        for key, eng in engines.items():
+            runs[key].append(bench_offline(eng, [prompt], [1], max_tokens=256, num_requests=4, warmup=rep == 0)[0])
+    runs = {k: median_run(v) for k, v in runs.items()}
     profile_steps(LLMEngine(model, tok, EngineConfig(decoder="ar", max_num_seqs=1)), prompt, "smollm2_ar")
     ours = runs["triton"]
     # HF transformers generate on the same weights (bf16), batch 1, greedy, 256 new tokens, EOS ignored
