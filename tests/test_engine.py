@@ -287,3 +287,15 @@ def test_bench_commands_print_one_json_line(capsys, tmp_path):
     r = last["results"][0]
     assert r["concurrency"] == 2 and r["generated_tokens"] == r["requests"] * 6 and r["tpf"] >= 1
     assert main(["bench", "latency", "--shape", "no-such-shape"]) == 2
+
+
+def test_fused_projections_engine_equals_reference():
+    """fuse_projections=True (the CUDA default for small models) keeps greedy engine output equal to the
+    reference runner's; auto leaves CPU models unfused. (Its own model: fusing changes the object.)"""
+    model, tok = load_pretrained("idlm-tiny", dtype="float32")
+    prompts, params = _workload(tok, n=12, seed=3)
+    ref = generate(model, make_decoder("isd", 4, model.config, tok), prompts, params)
+    assert LLMEngine(model, tok, EngineConfig(decoder="isd", stride=4)).runner.model.model.layers[0].mlp.gate_up is None
+    engine = LLMEngine(model, tok, EngineConfig(decoder="isd", stride=4, fuse_projections=True))
+    assert model.model.layers[0].self_attn.qkv is not None
+    assert [o.token_ids for o in engine.run(prompts, params)] == [o.token_ids for o in ref]

@@ -49,6 +49,8 @@ class EngineConfig:
     # decode-step attention: "auto" = the Triton paged kernel on CUDA where Triton is installed, else the
     # gather + SDPA reference path; "triton" requires the kernel; "sdpa" always takes the reference path
     attention: str = "auto"
+    # one q/k/v and one gate/up matmul per layer (weight copies); None = auto: on CUDA when the copies are <= 1 GiB
+    fuse_projections: bool | None = None
 
     def __post_init__(self):
         def positive(name):
@@ -126,7 +128,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, config.block_size, config.num_blocks, self.max_model_len, lora=lora,
                                   gpu_memory_utilization=config.gpu_memory_utilization,
                                   cuda_graphs=config.cuda_graphs, max_num_seqs=config.max_num_seqs,
-                                  attention=config.attention)
+                                  attention=config.attention, fuse_projections=config.fuse_projections)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}

@@ -10,7 +10,8 @@ is captured once per (batch bucket, Q, page bucket, decoder options) and replaye
 a few host-to-device copies, one graph launch and one device-to-host copy (the packed results).
 The KV pool is sized from free GPU memory (`gpu_memory_utilization`) or given as `num_blocks`.
 Decode steps attend over the pool with the Triton paged kernel on CUDA (`attention="auto"`); prefill
-chunks, and every step elsewhere, take the gather + SDPA reference path.
+chunks, and every step elsewhere, take the gather + SDPA reference path. On CUDA a model whose q/k/v
+and gate/up weights take ≤ 1 GiB runs them as two fused matmuls per layer (`fuse_projections`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from idlm.errors import ConfigError
 from idlm.layers.paged_attention import PagedAttention, PagedKVCache
 from idlm.layers.paged_kernel import triton_available
 
+FUSE_MAX_BYTES = 1 << 30  # auto-fuse q/k/v and gate/up when the weight copies take at most this
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
@@ -57,9 +59,13 @@ def _pow2_at_least(n: int, floor: int = 4) -> int:
 class ModelRunner:
     def __init__(self, model, block_size: int, num_blocks: int | None, max_model_len: int, lora=None,
                  gpu_memory_utilization: float = 0.85, cuda_graphs: bool = True, max_num_seqs: int = 256,
-                 attention: str = "auto"):
+                 attention: str = "auto", fuse_projections: bool | None = None):
         self.model, self.lora = model, lora
         self.attn_kernel = _use_kernel(attention, model.device)
+        if fuse_projections is None:  # auto: on CUDA, where launches bound small models, if the copies are small
+            fuse_projections = model.device.type == "cuda" and model.fusable_bytes() <= FUSE_MAX_BYTES
+        if fuse_projections:
+            model.fuse_projections()
         self.config = cfg = model.config
         self.device, self.dtype = model.device, model.dtype
         self.block_size = block_size

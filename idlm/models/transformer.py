@@ -158,13 +158,22 @@ class Transformer(nn.Module):
     def fuse_projections(self, enable: bool = True):
         """Inference: one [q; k; v] and one [gate; up] matmul per layer instead of five (a small model's decode
         step is bound by kernel launches). Keeps copies of those weights beside the parameters (which,
-        with their names, stay as they are); forwards with a LoRA use the separate projections. Call
-        again after changing weights; enable=False drops the copies."""
+        with their names, stay as they are); forwards with a LoRA use the separate projections.
+        Idempotent: an already fused model keeps its copies (CUDA graphs captured on them stay valid).
+        enable=False drops the copies (then fuse again after changing weights)."""
         for layer in self.model.layers:
             a, m = layer.self_attn, layer.mlp
-            a.qkv = _cat_linear(a.q_proj, a.k_proj, a.v_proj) if enable else None
-            m.gate_up = _cat_linear(m.gate_proj, m.up_proj) if enable else None
+            if not enable:
+                a.qkv = m.gate_up = None
+            elif a.qkv is None:
+                a.qkv = _cat_linear(a.q_proj, a.k_proj, a.v_proj)
+                m.gate_up = _cat_linear(m.gate_proj, m.up_proj)
         return self
+
+    def fusable_bytes(self) -> int:
+        """Bytes that `fuse_projections` copies (the q, k, v, gate and up weights)."""
+        names = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+        return sum(p.numel() * p.element_size() for n, p in self.named_parameters() if n.split(".")[-2] in names)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
