@@ -395,20 +395,29 @@ class IncrementalDetokenizer:
     agree; `_ids[_read:]` are not emitted yet. Text is emitted only when the window's text does not
     end in U+FFFD, i.e. no UTF-8 character is left half-finished; the window then slides forward.
     (A run of invalid bytes holds the window open until a clean character follows, as in vLLM.)
+    With skip_special_tokens, special tokens never enter the window: they add no text, and a long run
+    of them (a model past its EOS under ignore_eos) must not grow the decoded window without bound.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
-        self._tokenizer = tokenizer
+        self._backend = tokenizer.backend
         self._skip = skip_special_tokens
+        self._skip_ids = ({i for i, t in self._backend.get_added_tokens_decoder().items() if t.special}
+                          if skip_special_tokens else set())
         self._ids: list[int] = []
         self._read = 0
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
+        return self._backend.decode(ids, skip_special_tokens=self._skip)
 
     def add(self, token_id: int) -> str:
         """Append one id; return the text it completes (possibly "")."""
-        self._ids.append(int(token_id))
+        token_id = int(token_id)
+        if token_id < 0:
+            raise TokenizerError(f"cannot decode a negative token id ({token_id})")
+        if token_id in self._skip_ids:
+            return ""
+        self._ids.append(token_id)
         done, full = self._decode(self._ids[: self._read]), self._decode(self._ids)
         if len(full) <= len(done) or full.endswith("\ufffd"):
             return ""

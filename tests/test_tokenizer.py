@@ -269,7 +269,12 @@ def test_detokenizer_decodes_a_small_window(tiny):
     seen: list[int] = []
     decode = tiny.decode
 
-    class Spy:
+    class Spy:  # stands in for the Tokenizer and its backend, recording each decoded window
+        backend = property(lambda self: self)
+
+        def get_added_tokens_decoder(self):
+            return tiny.backend.get_added_tokens_decoder()
+
         def decode(self, window, skip_special_tokens=False):
             seen.append(len(window))
             return decode(window, skip_special_tokens=skip_special_tokens)
@@ -277,6 +282,13 @@ def test_detokenizer_decodes_a_small_window(tiny):
     det = IncrementalDetokenizer(Spy())  # type: ignore[arg-type]
     assert "".join(det.add(i) for i in ids) + det.flush() == tiny.decode(ids)
     assert len(ids) > 500 and max(seen) <= 8
+    # skipped special tokens (a model running past EOS) never widen the window
+    special = sorted(tiny.eos_token_ids)[0]
+    with_specials = ids[:50] + [special] * 300 + ids[50:100]
+    seen.clear()
+    det = IncrementalDetokenizer(Spy(), skip_special_tokens=True)  # type: ignore[arg-type]
+    text = "".join(det.add(i) for i in with_specials) + det.flush()
+    assert text == tiny.decode(with_specials, skip_special_tokens=True) and max(seen) <= 8
 
 
 # ---------------------------------------------------------------------------------------------

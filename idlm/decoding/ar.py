@@ -18,6 +18,7 @@ from idlm.decoding.sampling import (
     race,
     sample_tokens,
 )
+from idlm.layers.fused import cuda_fused
 
 
 @dataclass
@@ -48,8 +49,7 @@ class ARDecoder(Decoder):
 
     def compute(self, logits, tensors, truncate=True, greedy=False):
         if greedy:  # p̃ is the point mass on the argmax: skip the distribution entirely
-            tokens = logits[:, 0].argmax(-1)
-            return torch.stack([tokens.float(), torch.ones_like(tokens, dtype=torch.float32)], dim=-1), None
+            return greedy_ar_step(logits), None
         p = filtered_probs(logits[:, 0], tensors["temperature"], tensors["top_k"], tensors["top_p"], truncate)
         tokens = race(p, tensors.get("noise"))  # [B]
         q = p.gather(-1, tokens[:, None]).squeeze(-1)
@@ -68,3 +68,10 @@ def generate_ar(model, prompts, params, **kwargs):
     from idlm.decoding.runner import generate
 
     return generate(model, ARDecoder(), prompts, params, **kwargs)
+
+
+@cuda_fused
+def greedy_ar_step(logits: torch.Tensor) -> torch.Tensor:
+    """logits [B, 1, V] -> packed [B, 2]: the argmax token and q = 1 (one fused kernel on CUDA)."""
+    tokens = logits[:, 0].argmax(-1)
+    return torch.stack([tokens.float(), torch.ones_like(tokens, dtype=torch.float32)], dim=-1)

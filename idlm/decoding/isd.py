@@ -34,6 +34,7 @@ from idlm.decoding.sampling import (
     uniforms,
 )
 from idlm.errors import ConfigError
+from idlm.layers.fused import cuda_fused
 
 
 @dataclass
@@ -157,18 +158,8 @@ class ISDDecoder(Decoder):
     def _compute_greedy(self, logits, is_v, specs):
         """`compute` when every row is greedy (all p̃ and q̃ are point masses on argmaxes; alpha <= 1 changes
         nothing then): a draft is accepted iff it equals the clean argmax, the correction / bonus token is
-        the clean argmax where verification stopped. Same packed layout, every q = 1. ~10 kernels."""
-        B = logits.shape[0]
-        n, k = self.stride, self.stride - 1
-        dev = logits.device
-        clean = logits[:, :n].argmax(-1)  # [B, N] argmax p̃ at the clean indices
-        idx = torch.where(is_v, n, 1)[:, None] + torch.arange(k, device=dev)
-        drafts = logits.gather(1, idx[..., None].expand(B, k, logits.shape[-1])).argmax(-1)  # [B, K]
-        n_acc = (specs == clean[:, :k]).long().cumprod(-1).sum(-1)
-        final = torch.where(is_v, clean.gather(1, n_acc[:, None]).squeeze(1), clean[:, 0])
-        ones = torch.ones(B, k + 1, device=dev)
-        packed = torch.cat([n_acc[:, None].float(), final[:, None].float(), drafts.float(), ones], -1)
-        return packed, None
+        the clean argmax where verification stopped. Same packed layout, every q = 1."""
+        return greedy_isd_step(logits, is_v, specs), None
 
     def finish(self, states, rows, extra, params, stats):
         k = self.stride - 1
@@ -189,6 +180,22 @@ class ISDDecoder(Decoder):
             s.mode, s.last, s.specs, s.spec_q, s.spec_qd = nxt.mode, nxt.last, nxt.specs, nxt.spec_q, nxt.spec_qd
             results.append(StepResult(emitted, advance, probs))
         return results
+
+
+@cuda_fused
+def greedy_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tensor) -> torch.Tensor:
+    """The greedy ISD step as one function (a couple of fused kernels on CUDA). logits [B, 2N−1, V],
+    is_v [B] bool, specs [B, K] -> packed [B, 2K+3] (see ISDDecoder.compute)."""
+    n = (logits.shape[1] + 1) // 2
+    k = n - 1
+    am = logits.argmax(-1)  # [B, 2N−1]: argmax at every index
+    clean = am[:, :n]  # the clean indices 0..K
+    drafts = torch.where(is_v[:, None], am[:, n:], am[:, 1:n])  # MASK slots: V N..2N−2, C 1..N−1
+    miss = specs != clean[:, :k]  # [B, K]
+    n_acc = torch.where(miss.any(-1), miss.int().argmax(-1), k)  # leading accepted drafts
+    final = torch.where(is_v, clean.gather(1, n_acc[:, None]).squeeze(1), clean[:, 0])
+    ones = torch.ones_like(drafts, dtype=torch.float32)
+    return torch.cat([n_acc[:, None].float(), final[:, None].float(), drafts.float(), ones[:, :1], ones], -1)
 
 
 def _point_mass(p) -> bool:
