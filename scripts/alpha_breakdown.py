@@ -53,7 +53,8 @@ def main() -> None:
         res = orig(self, states, rows, extra, params, stats)
         for mode, r in zip(modes, res):
             j = len(r.emitted) - 1
-            kinds.append(["clean"] if mode == "C" else ["draft"] * j + ["bonus" if j == self.stride - 1 else "correction"])
+            last = "bonus" if j == self.stride - 1 else "correction"
+            kinds.append(["clean"] if mode == "C" else ["draft"] * j + [last])
         return res
 
     isd_module.ISDDecoder.finish = finish
