@@ -203,7 +203,6 @@ def _ints(text: str) -> list[int]:
     return vals
 
 
-ATTENTION_CHOICES = ("auto", "triton", "sdpa")
 ATTENTION_HELP = ("paged attention of decode steps: the Triton kernel (auto: on CUDA when triton is installed) "
                   "or the gather + SDPA reference path")
 
@@ -254,6 +253,8 @@ def cmd_bench_latency(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from idlm.layers.paged_kernel import ATTENTION_BACKENDS
+
     parser = argparse.ArgumentParser(prog="idlm", description="Introspective Diffusion Language Models")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -305,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     bo.add_argument("--concurrency", type=_ints, default=[1, 64], help="comma-separated, e.g. 1,8,64")
     bo.add_argument("--num-blocks", type=int, default=None, help="KV pages (default: from free memory)")
     bo.add_argument("--no-cuda-graphs", action="store_true")
-    bo.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto", help=ATTENTION_HELP)
+    bo.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto", help=ATTENTION_HELP)
     _add_model_args(bo)
     _add_decoder_args(bo)
     _add_sampling_args(bo)
@@ -318,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--context", type=int, default=1024, help="KV tokens held by each request")
     bl.add_argument("--iters", type=int, default=20)
     bl.add_argument("--no-cuda-graphs", action="store_true")
-    bl.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto", help=ATTENTION_HELP)
+    bl.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto", help=ATTENTION_HELP)
     _add_model_args(bl)
     bl.set_defaults(func=cmd_bench_latency)
 

@@ -28,6 +28,7 @@ from idlm.engine.model_runner import ModelRunner, Row
 from idlm.engine.scheduler import Scheduler
 from idlm.engine.sequence import Sequence
 from idlm.errors import ConfigError
+from idlm.layers.paged_kernel import ATTENTION_BACKENDS
 
 
 @dataclass
@@ -64,8 +65,8 @@ class EngineConfig:
             positive("num_blocks")
         if self.max_model_len is not None:
             positive("max_model_len")
-        if self.attention not in ("auto", "triton", "sdpa"):
-            raise ConfigError(f"invalid engine option attention={self.attention!r}: choose auto, triton or sdpa")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ConfigError(f"invalid engine option attention={self.attention!r}: choose one of {ATTENTION_BACKENDS}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"invalid engine option gpu_memory_utilization={self.gpu_memory_utilization!r}: "
                               "must be in (0, 1]")

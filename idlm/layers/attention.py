@@ -97,12 +97,17 @@ class KVCache:
         return CacheAttention(self, rows, starts, visible)
 
 
+def last_visible(starts: torch.Tensor, num_new: int, visible: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T]: the last key slot query t of row b sees, starts[b] + visible[b, t] (default t: causal)."""
+    if visible is None:
+        visible = torch.arange(num_new, device=starts.device).expand(starts.numel(), num_new)
+    return starts[:, None] + visible
+
+
 def cache_mask(starts: torch.Tensor, num_new: int, num_keys: int, visible: torch.Tensor | None = None) -> torch.Tensor:
     """[B, 1, T, S] bool: query t of row b (at slot starts[b]+t) sees the kept prefix and new tokens
     up to index visible[b, t] (default t: causal), i.e. key slots j <= starts[b] + visible[b, t]."""
-    if visible is None:
-        visible = torch.arange(num_new, device=starts.device).expand(starts.numel(), num_new)
-    last = starts[:, None] + visible  # [B, T]
+    last = last_visible(starts, num_new, visible)  # [B, T]
     keys = torch.arange(num_keys, device=starts.device)
     return (keys[None, None, :] <= last[:, :, None])[:, None]
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from idlm.layers.attention import cache_mask, sdpa
+from idlm.layers.attention import cache_mask, last_visible, sdpa
 from idlm.layers.paged_kernel import kernel_supported, paged_attention
 
 
@@ -67,9 +67,8 @@ class PagedAttention:
         kc[flat] = k.transpose(1, 2).reshape(B * T, Hkv, D).to(kc.dtype)
         vc[flat] = v.transpose(1, 2).reshape(B * T, Hkv, D).to(vc.dtype)
         if self.kernel and kernel_supported(q, Hkv):
-            if self._last is None:  # last key position each query sees [B, T], shared by all layers
-                vis = torch.arange(T, device=q.device) if self.visible is None else self.visible
-                self._last = self.starts[:, None] + vis
+            if self._last is None:  # shared by all layers
+                self._last = last_visible(self.starts, T, self.visible)
             return paged_attention(q, kc, vc, self.block_tables, self._last, self.cache.block_size)
         if self._mask is None:
             self._prepare(T)

@@ -34,6 +34,7 @@ ALGORITHMS = {"IDLMBlockN": "isd", "IDLMBlock": "isd", "ISD": "isd", "RISD": "ri
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    from idlm.layers.paged_kernel import ATTENTION_BACKENDS
     from idlm.models.registry import DEFAULT_MODEL
 
     p.add_argument("--model-path", "--model", dest="model", default=DEFAULT_MODEL,
@@ -51,7 +52,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stride", type=int, default=None, help="ISD stride N (default 4, or gen_block_size)")
     p.add_argument("--lora-paths", "--lora", dest="lora", default=None, help="R-ISD gated LoRA adapter")
     p.add_argument("--num-blocks", type=int, default=None, help="KV pages (default: from free memory)")
-    p.add_argument("--attention-backend", dest="attention", default="auto", choices=["auto", "triton", "sdpa"],
+    p.add_argument("--attention-backend", dest="attention", default="auto", choices=ATTENTION_BACKENDS,
                    help="paged attention of decode steps: Triton kernel (auto: on CUDA) or gather + SDPA")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
