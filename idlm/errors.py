@@ -12,7 +12,12 @@ class IdlmError(Exception):
 
 
 class ConfigError(IdlmError, ValueError):
-    """A configuration value is missing, unknown or out of range."""
+    """A configuration value is missing, unknown or out of range. `param` names the offending field
+    (e.g. "top_k") where there is one, so callers (the server's error body) never parse the message."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class CheckpointError(IdlmError):

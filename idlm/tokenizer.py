@@ -14,6 +14,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import tempfile
 from datetime import datetime
 from typing import Any, Iterable, Mapping
@@ -158,6 +159,20 @@ def _gguf_backend(meta: Mapping[str, Any]) -> _Backend:
     return backend
 
 
+@functools.lru_cache(maxsize=1)
+def _byte_level_inverse() -> dict[str, int]:
+    """Byte-level BPE's alphabet read backwards: the printable character standing for each byte -> the byte.
+    Printable Latin-1 bytes stand for themselves; the other 68 bytes are shifted to code points 256 + i."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table = {chr(b): b for b in printable}
+    shift = 0
+    for b in range(256):
+        if b not in printable:
+            table[chr(256 + shift)] = b
+            shift += 1
+    return table
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus special tokens, stop ids and a chat template."""
 
@@ -174,6 +189,7 @@ class Tokenizer:
         model_max_length: int | None = None,
     ) -> None:
         self._tok = backend
+        self._added: frozenset[int] | None = None  # ids of added (special) tokens, read on first use
         self.special_tokens = {k: (special_tokens or {}).get(k) for k in _SPECIAL_KEYS}
         self.add_bos_token = bool(add_bos_token)
         self.chat_template = chat_template
@@ -309,6 +325,28 @@ class Tokenizer:
         if ids and min(ids) < 0:
             raise TokenizerError(f"cannot decode a negative token id ({min(ids)})")
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes a token stands for (the `bytes` of OpenAI logprobs): a byte-level BPE piece mapped
+        back through the byte alphabet, a SentencePiece byte-fallback piece (<0xNN>) as its byte, special
+        tokens and anything else as the UTF-8 of the token decoded on its own."""
+        piece = self.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if token_id not in self._added_ids():
+            m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+            if m:
+                return bytes([int(m.group(1), 16)])
+            if "ByteLevel" in repr(self._tok.decoder):
+                table = _byte_level_inverse()
+                if all(c in table for c in piece):
+                    return bytes(table[c] for c in piece)
+        return self.decode([token_id]).encode("utf-8", "replace")
+
+    def _added_ids(self) -> frozenset[int]:
+        if self._added is None:
+            self._added = frozenset(self._tok.get_added_tokens_decoder())
+        return self._added
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

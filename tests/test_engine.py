@@ -299,3 +299,45 @@ def test_fused_projections_engine_equals_reference():
     engine = LLMEngine(model, tok, EngineConfig(decoder="isd", stride=4, fuse_projections=True))
     assert model.model.layers[0].self_attn.qkv is not None
     assert [o.token_ids for o in engine.run(prompts, params)] == [o.token_ids for o in ref]
+
+
+@pytest.mark.parametrize("where", ["prefill", "decode"])
+def test_a_request_whose_step_raises_fails_alone(tiny, where):
+    """Fault isolation: a request whose own step raises (an overflowing top_k that slipped past
+    validation fails in its first-token sampling at prefill; an injected error in the decoder's step
+    inputs fails at decode) ends alone with finish_reason "error"; the requests batched with it give
+    exactly the output they give without it, and every page is freed."""
+    model, tok = tiny
+    prompts, params = _workload(tok, n=12, seed=3)
+    ref = _small_engine(model, tok, "isd", 4).run(prompts, params)
+    engine = _small_engine(model, tok, "isd", 4)
+    bad = SamplingParams(temperature=1.0, max_tokens=20, seed=666)
+    if where == "prefill":
+        bad.top_k = 2**64  # what API validation now rejects: torch cannot hold it
+    else:
+        decoder = engine._decoder(4)
+        original = decoder.step_inputs
+
+        def poisoned(states, ps, *a, **kw):
+            if any(p.seed == 666 for p in ps):
+                raise ValueError("injected")
+            return original(states, ps, *a, **kw)
+
+        decoder.step_inputs = poisoned
+    rids = [engine.add_request(p, sp) for p, sp in zip(prompts[:6], params[:6])]
+    bad_rid = engine.add_request(prompts[0], bad)
+    rids += [engine.add_request(p, sp) for p, sp in zip(prompts[6:], params[6:])]
+    outs = {r: engine.seqs[r].output for r in rids + [bad_rid]}
+    finished = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.finished:
+                finished[o.request_id] = o
+    failed = outs[bad_rid]
+    assert failed.finish_reason == "error" and failed.error
+    assert ("Overflow" in failed.error) if where == "prefill" else ("injected" in failed.error)
+    assert finished[bad_rid].output is failed
+    for r, want in zip(rids, ref):
+        assert outs[r].token_ids == want.token_ids and outs[r].finish_reason == want.finish_reason
+    assert engine.counters["failed"] == 1
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
+from servers import serving, wait_idle
 
 from idlm.decoding.sampling import SamplingParams
 from idlm.engine.async_engine import AsyncLLM
@@ -25,48 +24,19 @@ from idlm.server.app import build_app
 MODEL = "idlm-tiny"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
     model, tok = load_pretrained(MODEL)
     engine = LLMEngine(model, tok, EngineConfig(decoder="isd", stride=4, num_blocks=256, max_num_seqs=16))
-    llm = AsyncLLM(engine).start()
-    app = build_app(llm, MODEL, max_body_bytes=4096)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(base + "/health").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    yield {"base": base, "llm": llm, "model": model, "tok": tok}
-    srv.should_exit = True
-    th.join(10)
+    llm = AsyncLLM(engine, max_waiting=1024).start()
+    with serving(build_app(llm, MODEL, max_body_bytes=4096, max_seqs_per_request=512)) as base:
+        yield {"base": base, "llm": llm, "model": model, "tok": tok}
     llm.close(10)
 
 
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server["base"] + "/v1", api_key="unused", max_retries=0)
-
-
-def _wait_pages_free(llm, timeout=10.0):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        s = llm.stats()
-        if s["pages_free"] == s["pages_total"] and s["num_running"] == 0 and s["num_waiting"] == 0:
-            return s
-        time.sleep(0.05)
-    raise AssertionError(f"KV pages not freed: {llm.stats()}")
 
 
 def test_models_and_health(server, client):
@@ -196,7 +166,7 @@ def test_bad_requests_while_streaming(server):
     last = json.loads(result["lines"][-2][6:])
     assert last["choices"][0]["finish_reason"] == "length"
     assert httpx.get(base + "/health").status_code == 200
-    _wait_pages_free(server["llm"])
+    wait_idle(server["llm"])
 
 
 def test_queue_full_429_and_dead_engine_503(server):
@@ -253,7 +223,7 @@ def test_disconnect_mid_stream_frees_pages(server):
         it = r.iter_lines()
         assert next(it).startswith("data: ")
         assert llm.stats()["pages_used"] > 0
-    s = _wait_pages_free(llm)
+    s = wait_idle(llm)
     assert s["counters"]["aborted"] == before + 1
     m = httpx.get(base + "/metrics").text
     assert "idlm_kv_pages_free 256.0" in m
@@ -277,7 +247,7 @@ def test_metrics(server, client):
     assert all(accepted[j] <= verified[j] for j in verified)
 
 
-N_LOAD = 200
+N_LOAD = 300
 
 
 def test_load_concurrent_streams(server):
@@ -306,7 +276,7 @@ def test_load_concurrent_streams(server):
     errors = [r for r in results if r is not True]
     assert not errors, errors[:3]
     print(f"\n{N_LOAD} concurrent streams in {time.time() - t0:.1f}s")
-    _wait_pages_free(llm)
+    wait_idle(llm)
 
 
 def test_serve_cli_option_errors(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Decoding: sampling parameters, the filtered distribution p̃ and samplers, and the decoders.
+"""Decoding: sampling parameters, the filtered distribution p̃ and samplers, raw logprobs, and the decoders.
 
 Decoders by name: `ar` (one token per forward), and the diffusion decoders `isd`, `risd` and `sdar`
 (SPEC §4–§6), which need a MASK token in the model's vocabulary.

@@ -1,6 +1,7 @@
 """The autoregressive decoder: one query token per request per forward (the baseline, TPF = 1).
 
 Every other decoder is measured against it and, under greedy decoding, must reproduce its tokens.
+Raw logprobs (`SamplingParams.logprobs`): the first token's from the prefill logits, then each step's.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from idlm.decoding.base import Block, Decoder, StepResult
+from idlm.decoding.logprobs import first_token_logprobs, logprob_columns, logprobs_static, unpack_logprobs
 from idlm.decoding.sampling import (
     exponential_noise,
     filtered_probs,
@@ -32,7 +34,8 @@ class ARDecoder(Decoder):
 
     def start(self, logits, params, generators):
         tokens, probs = (t.tolist() for t in sample_tokens(logits, params, generators))
-        return [ARState(t) for t in tokens], [StepResult([t], 0, [q]) for t, q in zip(tokens, probs)]
+        lps = first_token_logprobs(logits, tokens, params)
+        return [ARState(t) for t in tokens], [StepResult([t], 0, [q], *lp) for t, q, lp in zip(tokens, probs, lps)]
 
     def block(self, state: ARState) -> Block:
         return Block(tokens=[state.last], is_mask=[False])
@@ -45,21 +48,29 @@ class ARDecoder(Decoder):
         if not all(p.greedy for p in params):
             tensors["noise"] = exponential_noise((vocab_size,), generators, device)  # [B, V]
         greedy = all(p.greedy for p in params)
-        return tensors, {"truncate": needs_truncation(params) and not greedy, "greedy": greedy}
+        return tensors, {"truncate": needs_truncation(params) and not greedy, "greedy": greedy,
+                         "logprobs": logprobs_static(params)}
 
-    def compute(self, logits, tensors, truncate=True, greedy=False):
+    def compute(self, logits, tensors, truncate=True, greedy=False, logprobs=None):
         if greedy:  # p̃ is the point mass on the argmax: skip the distribution entirely
-            return greedy_ar_step(logits), None
-        p = filtered_probs(logits[:, 0], tensors["temperature"], tensors["top_k"], tensors["top_p"], truncate)
-        tokens = race(p, tensors.get("noise"))  # [B]
-        q = p.gather(-1, tokens[:, None]).squeeze(-1)
-        return torch.stack([tokens.float(), q], dim=-1), None  # [B, 2]: token, p̃(token)
+            packed = greedy_ar_step(logits)
+        else:
+            p = filtered_probs(logits[:, 0], tensors["temperature"], tensors["top_k"], tensors["top_p"], truncate)
+            tokens = race(p, tensors.get("noise"))  # [B]
+            q = p.gather(-1, tokens[:, None]).squeeze(-1)
+            packed = torch.stack([tokens.float(), q], dim=-1)  # [B, 2]: token, p̃(token)
+        if logprobs is not None:  # + [1 + 2k]: the token's raw logprob, top-k ids, top-k logprobs
+            packed = torch.cat([packed, logprob_columns(logits, packed[:, :1].long(), logprobs)], dim=-1)
+        return packed, None
 
     def finish(self, states, rows, extra, params, stats):
         results = []
-        for s, (t, q) in zip(states, rows):
-            s.last = int(t)
-            results.append(StepResult([s.last], 1, [q]))
+        for s, row, p in zip(states, rows, params):
+            s.last = int(row[0])
+            res = StepResult([s.last], 1, [row[1]])
+            if p.logprobs is not None:
+                res.logprobs, res.top_logprobs = unpack_logprobs(row, 2, 1, 1, p.logprobs)
+            results.append(res)
         return results
 
 

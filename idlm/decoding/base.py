@@ -2,8 +2,9 @@
 
 A decoder never runs the model. Per step it says which query block each request feeds
 (`block`: tokens, which of them are MASK slots, the R-ISD LoRA gate, how attention sees the block),
-and, given the logits of that block, decides which tokens are committed, how many of the block's KV
-slots to keep (`advance`), and the request's next state (`step`). The reference runner
+and, given the logits of that block, decides which tokens are committed (with their raw logprobs when
+the request asks: `StepResult.logprobs`), how many of the block's KV slots to keep (`advance`), and the
+request's next state (`step`). The reference runner
 (`idlm.decoding.runner`) and the batched engine both drive decoders through this interface, so the
 algorithm is written once.
 """
@@ -34,6 +35,10 @@ class StepResult:
     # q(x) of each emitted token under the distribution it was drawn from (a draft's q̃, p̃, or the
     # correction's residual): the "generation" side of the introspective acceptance rate α (SPEC §7)
     probs: list[float] | None = None
+    # raw logprob of each emitted token (log_softmax of the logits that predict it, before temperature/top-k/
+    # top-p) and its top-k (id, logprob) alternatives; set only for requests with SamplingParams.logprobs
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass

@@ -14,6 +14,10 @@ The first token t0 is drawn from the prefill logits and emitted there. Acceptanc
 `idlm.decoding.acceptance.verify_drafts`. R-ISD is the same decoder with `lora=True`: the drafter
 is the base model plus a gated LoRA whose gate is 1 exactly on the MASK slots whose logits become
 drafts, so every logit used to emit a token is the base model's own.
+
+Raw logprobs (`SamplingParams.logprobs`): the first token's from the prefill logits; in a step, the
+emitted tokens s_0..s_{j−1}, final are predicted by the clean indices 0..j (C: the final by index 0),
+so for R-ISD (gate 0 there) they are exactly the base AR model's logprobs.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 
 from idlm.decoding.acceptance import verify_drafts
 from idlm.decoding.base import Block, Decoder, StepResult
+from idlm.decoding.logprobs import first_token_logprobs, logprob_columns, logprobs_static, unpack_logprobs
 from idlm.decoding.sampling import (
     exponential_noise,
     filtered_probs,
@@ -83,7 +88,9 @@ class ISDDecoder(Decoder):
 
     def start(self, logits, params, generators):
         tokens, probs = (t.tolist() for t in sample_tokens(logits, params, generators))
-        return [ISDState("C", t) for t in tokens], [StepResult([t], 0, [q]) for t, q in zip(tokens, probs)]
+        lps = first_token_logprobs(logits, tokens, params)
+        return ([ISDState("C", t) for t in tokens],
+                [StepResult([t], 0, [q], *lp) for t, q, lp in zip(tokens, probs, lps)])
 
     def block(self, state: ISDState) -> Block:
         if state.mode == "V" and len(state.specs) != self.stride - 1:
@@ -117,15 +124,26 @@ class ISDDecoder(Decoder):
             tensors["noise"] = exponential_noise((self.stride, vocab_size), generators, device)  # [B, N, V]
             tensors["u"] = uniforms((k,), generators, device)  # [B, K]
         greedy = all(p.greedy and p.verify_alpha <= 1 for p in params)
-        return tensors, {"truncate": needs_truncation(params) and not greedy, "greedy": greedy}
+        return tensors, {"truncate": needs_truncation(params) and not greedy, "greedy": greedy,
+                         "logprobs": logprobs_static(params)}
 
-    def compute(self, logits, tensors, truncate=True, greedy=False):
+    def compute(self, logits, tensors, truncate=True, greedy=False, logprobs=None):
+        """-> packed [B, 2K+3] (see below), + [N·(1+2k)] logprob columns of the clean indices 0..K when the
+        static option `logprobs` = k is set (`clean_logprobs`), and the kept q̃ of the new drafts (or None)."""
+        if greedy:
+            packed, extra = self._compute_greedy(logits, tensors["is_v"], tensors["specs"])
+        else:
+            packed, extra = self._compute_sampled(logits, tensors, truncate)
+        if logprobs is not None:
+            packed = torch.cat([packed, clean_logprobs(logits, tensors["is_v"], tensors["specs"], packed, logprobs)],
+                               dim=-1)
+        return packed, extra
+
+    def _compute_sampled(self, logits, tensors, truncate):
         B, Q, V = logits.shape
         n, k = self.stride, self.stride - 1
         dev = logits.device
         is_v, noise = tensors["is_v"], tensors.get("noise")
-        if greedy:
-            return self._compute_greedy(logits, is_v, tensors["specs"])
         rep = [tensors[name] for name in ("temperature", "top_k", "top_p")]
 
         # p̃ at the clean indices 0..K (C rows use index 0 only)  [B, N, V]
@@ -178,7 +196,11 @@ class ISDDecoder(Decoder):
                 emitted, probs = s.specs[:j] + [final], s.spec_qd[:j] + [final_q]
                 advance, nxt = 1 + j, (fresh if j == k else ISDState("C", final))
             s.mode, s.last, s.specs, s.spec_q, s.spec_qd = nxt.mode, nxt.last, nxt.specs, nxt.spec_q, nxt.spec_qd
-            results.append(StepResult(emitted, advance, probs))
+            res = StepResult(emitted, advance, probs)
+            if params[b].logprobs is not None:  # emitted token i is predicted by clean index i
+                res.logprobs, res.top_logprobs = unpack_logprobs(row, 3 + 2 * k, self.stride, len(emitted),
+                                                                 params[b].logprobs)
+            results.append(res)
         return results
 
 
@@ -196,6 +218,19 @@ def greedy_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tenso
     final = torch.where(is_v, clean.gather(1, n_acc[:, None]).squeeze(1), clean[:, 0])
     ones = torch.ones_like(drafts, dtype=torch.float32)
     return torch.cat([n_acc[:, None].float(), final[:, None].float(), drafts.float(), ones[:, :1], ones], -1)
+
+
+def clean_logprobs(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tensor, packed: torch.Tensor,
+                   k: int) -> torch.Tensor:
+    """Logprob columns (`logprob_columns`) of the clean indices 0..K [B, N·(1+2k)]: index i predicts the
+    i-th emitted token of the step. V rows emit s_0..s_{j−1} then the final token (j = n_accepted, so the
+    final sits at index j); C rows emit the final token, predicted by index 0. Later indices are scored
+    against a placeholder and never read."""
+    n = specs.shape[1] + 1
+    n_acc, final = packed[:, 0].long(), packed[:, 1].long()
+    at = torch.where(is_v, n_acc, torch.zeros_like(n_acc))
+    tokens = torch.cat([specs, torch.zeros_like(specs[:, :1])], dim=1).scatter(1, at[:, None], final[:, None])
+    return logprob_columns(logits[:, :n], tokens, k)
 
 
 def _point_mass(p) -> bool:

@@ -5,6 +5,7 @@ request by request. Per step every active request contributes its decoder's quer
 (`Decoder.block`) at positions P..P+Q−1 (P = its kept KV length); the decoder turns the block's
 logits into committed tokens and an `advance` (KV slots kept); the rest of the block's KV is
 discarded by rolling the request's length back. Stop rules run on each emitted token in order.
+Raw logprobs (`SamplingParams.logprobs`) come from the decoders; prompt logprobs from the prefill forward.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Callable
 import torch
 
 from idlm.decoding.base import Decoder, DecodeStats, StepResult
+from idlm.decoding.logprobs import score
 from idlm.decoding.sampling import SamplingParams
 from idlm.decoding.stops import StopChecker
 from idlm.errors import ConfigError
@@ -28,9 +30,17 @@ class GenerationOutput:
     token_ids: list[int] = field(default_factory=list)
     token_probs: list[float] = field(default_factory=list)  # q(x) each token was drawn with (StepResult.probs)
     text: str | None = None  # decoded (special tokens skipped, cut at a stop string) when a tokenizer is given
-    finish_reason: str | None = None  # "stop" (EOS / stop id / stop string) or "length" (max_tokens)
+    finish_reason: str | None = None  # "stop" (EOS / stop id / stop string), "length" (max_tokens), "abort", "error"
     stats: DecodeStats = field(default_factory=DecodeStats)
     timing: dict = field(default_factory=dict)
+    error: str | None = None  # finish_reason "error": what failed inside the engine step (that request alone)
+    # SamplingParams.logprobs = k (else empty): the raw logprob of each token (log_softmax of the logits
+    # that predict it, before temperature/top-k/top-p) and its top-k (id, logprob) pairs, sorted descending
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # SamplingParams.prompt_logprobs = k (else empty): aligned with prompt_token_ids; the first is None
+    prompt_logprobs: list[float | None] = field(default_factory=list)
+    prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 def check_request(prompt: list[int], params: SamplingParams, context: int, vocab_size: int) -> None:
@@ -48,12 +58,16 @@ def check_request(prompt: list[int], params: SamplingParams, context: int, vocab
 
 
 def apply_result(out: GenerationOutput, checker: StopChecker, res: StepResult, from_decode: bool) -> bool:
-    """Append one step's emitted tokens to `out`, applying the stop rules token by token (tokens after
-    a stop are dropped); True once the request is finished. Shared by this runner and the engine."""
+    """Append one step's emitted tokens (with their q and, if asked, logprobs) to `out`, applying the stop
+    rules token by token (tokens after a stop are dropped); True once the request is finished. Shared by
+    this runner and the engine."""
     probs = res.probs if res.probs is not None else [float("nan")] * len(res.emitted)
-    for t, q in zip(res.emitted, probs):
+    for i, (t, q) in enumerate(zip(res.emitted, probs)):
         out.token_ids.append(t)
         out.token_probs.append(q)
+        if res.logprobs is not None:
+            out.logprobs.append(res.logprobs[i])
+            out.top_logprobs.append(res.top_logprobs[i] if res.top_logprobs is not None else [])
         if from_decode:
             out.stats.committed += 1
         if checker.add(t):
@@ -115,6 +129,10 @@ def generate(model, decoder: Decoder, prompts: list[list[int]], params: Sampling
     cache.lengths[:] = torch.tensor(lens, device=device)
     last = torch.tensor(lens, device=device) - 1
     logits = model.compute_logits(hidden[torch.arange(B, device=device), last])
+    for b, sp in enumerate(params):  # prompt logprobs: position i predicts prompt token i + 1
+        if sp.prompt_logprobs is not None:
+            lps, tops = score(model.compute_logits(hidden[b, : lens[b] - 1]), prompts[b][1:], sp.prompt_logprobs)
+            outs[b].prompt_logprobs, outs[b].prompt_top_logprobs = [None, *lps], [[], *tops]
     states, first = decoder.start(logits, params, generators)
     active = [b for b in range(B) if not commit(b, first[b], from_decode=False)]
     prefill_s = time.perf_counter() - t0

@@ -4,10 +4,13 @@ p̃ = filter(softmax(logits / T)), filter = top-k then top-p, renormalised; T = 
 the point mass on the argmax). Every token idlm emits is drawn from p̃, and speculative verification
 (the decoders issue) compares drafts against the same p̃, so this file is the single place it is
 defined. Functions are batched with per-row parameters, so requests in one batch keep their own.
+`SamplingParams.logprobs` / `prompt_logprobs` ask for the model's raw logprobs, which are not p̃: they
+are computed from the unfiltered logits (`idlm.decoding.logprobs`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +20,10 @@ from idlm.errors import ConfigError
 # "argmax-ratio" is the reference release's rule (argmax draft tested with min(1, p̃/q̃)): biased when
 # T > 0 (SPEC §10.1). It exists only so tests and benchmarks can measure that bias.
 DRAFT_MODES = ("sample", "argmax", "argmax-ratio")
+# temperatures below this are greedy (their limit): dividing logits by them overflows float32
+GREEDY_BELOW = 1e-5
+INT64_MAX = 2**63 - 1
+MAX_LOGPROBS = 20  # the most top-k alternatives per token a request may ask for (vLLM's default limit)
 
 
 @dataclass
@@ -32,24 +39,41 @@ class SamplingParams:
     # speculative verification (ISD/R-ISD, SPEC §4.3)
     draft: str = "sample"  # "sample": d ~ q̃, accept min(1, p̃/q̃); "argmax": d = argmax q, accept p̃(d)
     verify_alpha: float = 1.0  # accept min(1, p̃ / (alpha · q̃)); exact only at 1 (the official lossy knob)
+    # raw model logprobs (log_softmax of the logits before temperature/top-k/top-p, as vLLM's default), see
+    # idlm.decoding.logprobs. None: none. k in 0..MAX_LOGPROBS: every emitted token's logprob plus its top-k
+    # alternatives (GenerationOutput.logprobs / top_logprobs)
+    logprobs: int | None = None
+    # the same for every prompt token given its prefix (the first has none): GenerationOutput.prompt_logprobs
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         def bad(name, why):
-            raise ConfigError(f"invalid sampling parameter {name}={getattr(self, name)!r}: {why}")
+            raise ConfigError(f"invalid sampling parameter {name}={getattr(self, name)!r}: {why}", param=name)
 
-        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool):
-            bad("temperature", "must be a number")
-        if self.temperature < 0 or self.temperature != self.temperature:
+        def integer(name, lo, hi, why):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                bad(name, why)
+
+        def number(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                bad(name, "must be a finite number")
+
+        number("temperature")
+        if self.temperature < 0:
             bad("temperature", "must be >= 0 (0 = greedy)")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
-            bad("top_k", "must be an integer >= 0 (0 = off)")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+        if self.temperature < GREEDY_BELOW:
+            self.temperature = 0.0  # tiny temperatures behave as their limit: greedy (1/T would overflow)
+        integer("top_k", 0, INT64_MAX, "must be an integer >= 0 (0 = off)")
+        number("top_p")
+        if not 0 < self.top_p <= 1:
             bad("top_p", "must be in (0, 1]")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            bad("seed", "must be an integer")
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
-            bad("max_tokens", "must be an integer >= 1")
-        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
+        if self.seed is not None:
+            integer("seed", -(2**63), 2**64 - 1, "must be an integer in [-2^63, 2^64)")
+        integer("max_tokens", 1, INT64_MAX, "must be an integer >= 1")
+        if not isinstance(self.stop_token_ids, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= INT64_MAX for t in self.stop_token_ids):
             bad("stop_token_ids", "must be non-negative integers")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
@@ -57,8 +81,12 @@ class SamplingParams:
             bad("stop", "must be non-empty strings")
         if self.draft not in DRAFT_MODES:
             bad("draft", f"must be one of {', '.join(DRAFT_MODES)}")
-        if not isinstance(self.verify_alpha, (int, float)) or not self.verify_alpha > 0:
+        number("verify_alpha")
+        if not self.verify_alpha > 0:
             bad("verify_alpha", "must be > 0 (1 = exact)")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                integer(name, 0, MAX_LOGPROBS, f"must be None or an integer in 0..{MAX_LOGPROBS}")
 
     @property
     def greedy(self) -> bool:
@@ -98,7 +126,8 @@ def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
         sorted_p = sorted_p / sorted_p.sum(-1, keepdim=True)
         # top-p: keep the smallest prefix whose mass reaches top_p (the first token always stays)
         mass_before = sorted_p.cumsum(-1) - sorted_p
-        keep = keep & (mass_before < top_p[:, None].float())
+        # (the top token always stays: a top_p that rounds to 0 in float32 means top-1, not nothing)
+        keep = keep & ((mass_before < top_p[:, None].float()) | (rank == 0))
         sorted_p = sorted_p * keep
         sorted_p = sorted_p / sorted_p.sum(-1, keepdim=True)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)

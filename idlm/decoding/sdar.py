@@ -22,7 +22,8 @@ Semantics (B = block size, τ = confidence threshold, L0 = prompt length):
 - When the block is full its B tokens are emitted in order, in that same step (the runner applies
   the stop rules token by token, truncating at EOS / stop ids / max_tokens). Each token's
   `StepResult.probs` entry is p̃(token) at the forward that unmasked it (1 under greedy decoding):
-  the generation side of the introspective acceptance rate α (SPEC §7).
+  the generation side of the introspective acceptance rate α (SPEC §7). With `SamplingParams.logprobs`
+  each token's raw logprob (and top-k) is the logits of its own slot at the forward that unmasked it.
 - A finished block is committed to the KV cache as *clean* tokens: its KV is recomputed from its
   final tokens with bidirectional attention inside the block over the committed prefix (the x0
   half of §3.5 training is block-causal), never kept from a forward whose inputs held MASKs.
@@ -65,6 +66,7 @@ from dataclasses import dataclass
 import torch
 
 from idlm.decoding.base import Block, Decoder, StepResult
+from idlm.decoding.logprobs import logprob_columns, unpack_logprobs
 from idlm.decoding.sampling import filtered_probs, params_tensors, sample
 from idlm.errors import ConfigError
 
@@ -76,12 +78,15 @@ class SDARState:
     q: list[float]  # p̃(token) of each decoded slot when it was drawn (the α statistic, SPEC §7); nan if masked
     finished: list[int] | None = None  # a block emitted last step whose clean KV the next forward writes
     blocks_done: int = 0  # finished blocks (for inspection)
+    # SamplingParams.logprobs: each decoded slot's raw logprob and top-k at the forward that unmasked it
+    lp: list[float] | None = None
+    top: list[list[tuple[int, float]]] | None = None
 
 
 def fresh_state(block_size: int, mask_token_id: int, finished: list[int] | None = None, blocks_done: int = 0
                 ) -> SDARState:
     return SDARState([mask_token_id] * block_size, [True] * block_size, [float("nan")] * block_size, finished,
-                     blocks_done)
+                     blocks_done, [float("nan")] * block_size, [[] for _ in range(block_size)])
 
 
 def sdar_visible(block_size: int) -> list[int]:
@@ -181,19 +186,40 @@ class SDARDecoder(Decoder):
         masked = torch.tensor([s.masked for s in states], dtype=torch.bool, device=dev)
         chosen = unmask_choice(conf, masked, self.threshold).tolist()
         tokens_l, q_l = tokens.tolist(), q.tolist()
+        lp_rows = _slot_logprobs(cur, tokens, params)
         results = []
         for r, s in enumerate(states):
             advance = 0 if s.finished is None else b  # keep the finished block's clean KV
             for j in range(b):
                 if chosen[r][j]:
                     s.tokens[j], s.masked[j], s.q[j] = tokens_l[r][j], False, q_l[r][j]
+                    if lp_rows[r] is not None:  # the logits of slot j (no shift) predicted its token
+                        s.lp[j], s.top[j] = lp_rows[r][0][j], lp_rows[r][1][j]
             if any(s.masked):
-                emitted, probs = [], []
+                res = StepResult([], advance, [])
                 s.finished = None
             else:
-                emitted, probs = list(s.tokens), list(s.q)
-                nxt = fresh_state(b, self.mask_token_id, emitted, s.blocks_done + 1)
+                res = StepResult(list(s.tokens), advance, list(s.q))
+                if params[r].logprobs is not None:
+                    res.logprobs, res.top_logprobs = list(s.lp), list(s.top)
+                nxt = fresh_state(b, self.mask_token_id, res.emitted, s.blocks_done + 1)
                 s.tokens, s.masked, s.q, s.finished, s.blocks_done = (nxt.tokens, nxt.masked, nxt.q, nxt.finished,
                                                                       nxt.blocks_done)
-            results.append(StepResult(emitted, advance, probs))
+                s.lp, s.top = nxt.lp, nxt.top
+            results.append(res)
         return results
+
+
+def _slot_logprobs(cur: torch.Tensor, tokens: torch.Tensor, params) -> list:
+    """Per row of the current block's logits [R, B, V] and candidates [R, B]: (logprobs [B], top-k lists [B])
+    for rows that asked for logprobs, None for the others (nothing is computed for them)."""
+    out: list = [None] * len(params)
+    want = [r for r, p in enumerate(params) if p.logprobs is not None]
+    if not want:
+        return out
+    k = max(params[r].logprobs for r in want)
+    rows = torch.tensor(want, device=cur.device)
+    packed = logprob_columns(cur[rows], tokens[rows], k).tolist()
+    for i, r in enumerate(want):
+        out[r] = unpack_logprobs(packed[i], 0, cur.shape[1], cur.shape[1], params[r].logprobs)
+    return out

@@ -11,13 +11,17 @@ cannot run on the event loop. `AsyncLLM` therefore gives the engine to one backg
   steps (continuous batching), and when no request is unfinished it blocks on the queue (no spin);
 - each request owns an `asyncio.Queue` on its caller's event loop; after a step the loop thread hands
   every `RequestOutput` to its request's queue with `loop.call_soon_threadsafe`;
-- `add_request` runs in the loop thread too and its outcome comes back through a future, so an
+- admission runs in the loop thread too and its outcome comes back through a future, so an
   invalid request (`ConfigError`, ...) or a full queue (`QueueFullError`, HTTP 429) is raised to the
-  caller of `generate` before any output, and the engine state never needs a lock;
+  caller before any output, and the engine state never needs a lock. `add_requests` admits several
+  requests (an HTTP request's prompts x n) all or none, and returns as soon as they are queued, so a
+  server can start its response (and watch for the client leaving) before any token exists;
 - a consumer that stops early (breaks out of `async for`, is cancelled, disconnects) aborts its
   request in a `finally`, so its KV pages are freed at the next drain;
-- if the loop thread crashes, every pending stream raises `RuntimeError` naming the cause, later
-  calls fail at once, and `is_healthy` turns false;
+- a request whose step fails inside the engine is finished alone with finish_reason "error"
+  (`LLMEngine` isolates it); if the loop thread itself crashes, the crash is logged, every pending
+  stream raises `RuntimeError` naming the cause, later calls fail at once, `is_healthy` turns false
+  and the `on_death` callbacks run (the server uses one to exit non-zero);
 - `stats()` reads a snapshot the loop thread publishes after every iteration (never the live engine).
 
 A `RequestOutput`'s `new_token_ids` / `new_text` are owned by the consumer; its `output` is the
@@ -28,15 +32,18 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import queue
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from idlm.decoding.sampling import SamplingParams
 from idlm.engine.llm_engine import LLMEngine, RequestOutput
 from idlm.errors import ConfigError, IdlmError
+
+logger = logging.getLogger("idlm.engine")
 
 
 class QueueFullError(IdlmError):
@@ -59,10 +66,9 @@ class _Failure:
 
 @dataclass
 class _Add:
-    request_id: str
-    prompt: object
-    params: SamplingParams | None
-    stream: _Stream
+    """Admit these requests, all or none."""
+    jobs: list[tuple[object, SamplingParams | None, str]]  # (prompt, params, request id)
+    streams: list[_Stream]
     future: concurrent.futures.Future
 
 
@@ -79,12 +85,16 @@ _STOP = object()
 class AsyncLLM:
     """One engine, one background thread stepping it, any number of asyncio streams."""
 
-    def __init__(self, engine: LLMEngine, max_waiting: int | None = None):
+    def __init__(self, engine: LLMEngine, max_waiting: int | None = None,
+                 on_death: Callable[[BaseException], None] | None = None):
         if max_waiting is not None and (isinstance(max_waiting, bool) or not isinstance(max_waiting, int)
                                         or max_waiting < 0):
-            raise ConfigError(f"invalid max_waiting={max_waiting!r}: must be an integer >= 0 or None")
+            raise ConfigError(f"invalid max_waiting={max_waiting!r}: must be an integer >= 0 or None",
+                              param="max_waiting")
         self.engine = engine
         self.max_waiting = max_waiting
+        # called (from the loop thread) once if the engine loop crashes
+        self.on_death: list[Callable[[BaseException], None]] = [on_death] if on_death else []
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()  # orders start/stop/death against command submission
         self._thread: threading.Thread | None = None
@@ -161,6 +171,38 @@ class AsyncLLM:
         except RuntimeError:
             pass  # nothing to abort in a dead or stopped engine
 
+    @property
+    def capacity(self) -> int | None:
+        """The most requests that can be in the engine at once (running + waiting); None: unbounded."""
+        return None if self.max_waiting is None else self.engine.config.max_num_seqs + self.max_waiting
+
+    async def add_requests(self, jobs: list[tuple[str | list[int], SamplingParams | None]],
+                           request_ids: list[str] | None = None) -> list[RequestStream]:
+        """Admit several requests, all or none, and return their streams as soon as they are queued.
+
+        Raises the engine's validation error (`ConfigError`, ...; nothing is queued) or
+        `QueueFullError` (they would not all fit under `max_waiting`), and `RuntimeError` if the
+        engine loop is dead. Closing a stream (or cancelling this call) aborts its request.
+        """
+        if self._thread is None:
+            self.start()
+        loop = asyncio.get_running_loop()
+        rids = [uuid.uuid4().hex for _ in jobs] if request_ids is None else [str(r) for r in request_ids]
+        if len(rids) != len(jobs):
+            raise ConfigError(f"{len(jobs)} requests but {len(rids)} request ids")
+        streams = [_Stream(loop, asyncio.Queue()) for _ in jobs]
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._submit(_Add([(p, sp, r) for (p, sp), r in zip(jobs, rids)], streams, fut))
+        try:
+            await asyncio.wrap_future(fut)
+        except BaseException:
+            if not (fut.cancelled() or (fut.done() and fut.exception() is not None)):
+                # cancelled while (or after) being admitted: the aborts follow the add in the queue
+                for rid, stream in zip(rids, streams):
+                    self._submit_quietly(_Abort(rid, stream))
+            raise
+        return [RequestStream(self, rid, stream) for rid, stream in zip(rids, streams)]
+
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its `RequestOutput`s as steps commit tokens, the last one finished.
@@ -168,32 +210,12 @@ class AsyncLLM:
         Raises the engine's validation error (`ConfigError`, ...) or `QueueFullError` before any
         output, and `RuntimeError` if the engine loop is (or becomes) dead. Leaving early aborts the request.
         """
-        if self._thread is None:
-            self.start()
-        loop = asyncio.get_running_loop()
-        rid = uuid.uuid4().hex if request_id is None else str(request_id)
-        stream = _Stream(loop, asyncio.Queue())
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._submit(_Add(rid, prompt, params, stream, fut))
-        done = False
+        (stream,) = await self.add_requests([(prompt, params)], None if request_id is None else [request_id])
         try:
-            try:
-                await asyncio.wrap_future(fut)
-            except BaseException:
-                done = fut.cancelled() or (fut.done() and fut.exception() is not None)  # never added
-                raise
-            while True:
-                item = await stream.queue.get()
-                if isinstance(item, _Failure):
-                    done = True
-                    raise RuntimeError(f"the engine loop died: {item.error!r}") from item.error
-                done = item.finished
+            async for item in stream:
                 yield item
-                if done:
-                    return
         finally:
-            if not done:  # consumer left (break, cancel, disconnect): free the request's pages
-                self._submit_quietly(_Abort(rid, stream))
+            await stream.aclose()
 
     async def abort(self, request_id: str) -> bool:
         """Abort a request by id; its stream ends with finish_reason "abort". False if unknown or finished."""
@@ -237,28 +259,29 @@ class AsyncLLM:
         except BaseException as e:  # noqa: BLE001 - any crash must reach the callers
             self._die(e)
 
-    def _queued(self) -> int:
-        """Requests queued but not about to run. Requests added since the last step count as running
-        while seats are free and nothing was left waiting by that step (they will be admitted next step,
-        unless KV pages run short, which the next step reveals)."""
+    def _queued_after(self, m: int) -> int:
+        """Requests queued but not about to run once m more are added. Requests added since the last
+        step count as running while seats are free and nothing was left waiting by that step (they
+        will be admitted next step, unless KV pages run short, which the next step reveals)."""
         eng = self.engine
         if self._backlog:
-            return eng.num_waiting
-        return max(0, eng.num_waiting - max(0, eng.config.max_num_seqs - eng.num_running))
+            return eng.num_waiting + m
+        return max(0, eng.num_waiting + m - max(0, eng.config.max_num_seqs - eng.num_running))
 
     def _do_add(self, cmd: _Add) -> None:
         if not cmd.future.set_running_or_notify_cancel():
             return  # the caller was cancelled before we got here
         try:
-            if self.max_waiting is not None and self._queued() >= self.max_waiting:
+            if self.max_waiting is not None and self._queued_after(len(cmd.jobs)) > self.max_waiting:
                 raise QueueFullError(f"too many requests waiting (max_waiting={self.max_waiting}); retry later")
-            rid = self.engine.add_request(cmd.prompt, cmd.params, cmd.request_id)
-        except Exception as e:  # add_request changes nothing before it succeeds: the engine stays sound
+            rids = self.engine.add_requests(cmd.jobs)  # all or none: a failure leaves the engine unchanged
+        except Exception as e:
             cmd.future.set_exception(e)
             return
-        cmd.stream.seq = self.engine.seqs[rid]
-        self._streams[rid] = cmd.stream
-        cmd.future.set_result(rid)
+        for rid, stream in zip(rids, cmd.streams):
+            stream.seq = self.engine.seqs[rid]
+            self._streams[rid] = stream
+        cmd.future.set_result(rids)
 
     def _do_abort(self, cmd: _Abort) -> None:
         stream = self._streams.get(cmd.request_id)
@@ -314,6 +337,7 @@ class AsyncLLM:
         self._flush()
 
     def _die(self, error: BaseException) -> None:
+        logger.error("the engine loop died; every request fails from now on", exc_info=error)
         with self._lock:  # no command can be queued after this
             self._error = error
             self._snapshot = {**self._snapshot, "healthy": False, "error": repr(error)}
@@ -334,6 +358,11 @@ class AsyncLLM:
                     fut.set_exception(RuntimeError(f"the engine loop died: {error!r}"))
                 else:
                     fut.set_result(False)
+        for callback in self.on_death:
+            try:
+                callback(error)
+            except Exception:  # noqa: BLE001 - a callback must not hide the death
+                logger.exception("an on_death callback failed")
 
     def _publish(self) -> None:
         eng = self.engine
@@ -341,3 +370,42 @@ class AsyncLLM:
                           "num_streams": len(self._streams), "steps": self._steps,
                           "counters": dict(eng.counters), "decode_stats": eng.decode_stats.to_dict(),
                           "healthy": self._error is None, "error": None}
+
+
+class RequestStream:
+    """One admitted request's outputs, an async iterator whose last item is finished.
+
+    Raises `RuntimeError` if the engine loop dies. `aclose()` before the end aborts the request (its
+    KV pages are freed at the next drain); a consumer should call it in a `finally`.
+    """
+
+    def __init__(self, llm: AsyncLLM, request_id: str, stream: _Stream):
+        self.request_id = request_id
+        self._llm, self._stream = llm, stream
+        self._done = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        item = await self._stream.queue.get()
+        if isinstance(item, _Failure):
+            self._done = True
+            raise RuntimeError(f"the engine loop died: {item.error!r}") from item.error
+        self._done = item.finished
+        return item
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def close(self) -> None:
+        """Abort the request unless it finished (synchronous: safe in any cleanup path)."""
+        if not self._done:
+            self._done = True
+            self._llm._submit_quietly(_Abort(self.request_id, self._stream))
+
+    async def aclose(self) -> None:
+        self.close()

@@ -21,6 +21,8 @@ Why each piece exists
   tokens already have KV. The hit never covers the last prompt token (at least one token must be run
   to get logits), and because a request must never write into a shared page the hit is
   `block_size * floor((len − 1) / block_size)`: whole pages that lie strictly before the last token.
+  `allocate(..., max_hit=n)` caps the hit at n tokens (a request that wants prompt logprobs needs the
+  logits of its prompt positions, so it must compute them).
 * **Freed pages keep their hash.** A page whose ref count drops to 0 goes back on the free list but
   stays in the hash table, so a later request with the same prefix can revive it; only when the page is
   handed out for new content is its hash dropped. The free list is FIFO (oldest freed reused first),
@@ -138,8 +140,9 @@ class BlockManager:
 
     # ------------------------------------------------------------------ mutations
 
-    def allocate(self, seq_id, token_ids) -> int:
-        """Admit a prompt: reuse cached leading pages, take fresh pages for the rest.
+    def allocate(self, seq_id, token_ids, max_hit: int | None = None) -> int:
+        """Admit a prompt: reuse cached leading pages (at most `max_hit` tokens of them, if given), take
+        fresh pages for the rest.
 
         Afterwards `length(seq_id)` is the prefix hit (the returned count of prompt tokens whose KV is
         already cached) and the pages cover the whole prompt; run the forward on positions
@@ -153,7 +156,10 @@ class BlockManager:
         hit_blocks: list[int] = []
         last_hash = _ROOT_HASH
         if self.enable_prefix_caching:
-            for i in range(max(len(tokens) - 1, 0) // bs):
+            pages = max(len(tokens) - 1, 0) // bs
+            if max_hit is not None:
+                pages = min(pages, max(max_hit, 0) // bs)
+            for i in range(pages):
                 page = tuple(tokens[i * bs:(i + 1) * bs])
                 h = hash((last_hash, page))
                 bid = self._hash_to_block.get(h)

@@ -10,13 +10,28 @@ are rolled back and only committed tokens ever reach the prefix cache.
 The stride is chosen per step (`EngineConfig.stride_schedule`: the largest N allowed for the current
 decode batch size), so a policy can shrink N as the batch grows (SPEC §9); a request whose drafts
 were made under another stride restarts cold, which is exact.
+
+Fault isolation: a step computes everything (forward, sampling, results on the host) before it
+changes any engine state, then applies each request's result on its own. If the computation
+raises, the step is rerun one request at a time, so an error caused by one request (a value that
+overflows, a bug on a rare path) finishes that request alone with finish_reason "error" and
+`output.error`, and every other request goes on (`_isolated`); errors that poison the device
+(`is_fatal`) still stop the engine.
+
+Logprobs (`SamplingParams.logprobs`) come out of the decoders' `compute`/`finish` like the tokens.
+Prompt logprobs (`prompt_logprobs`) are scored from the prefill forward itself, chunk by chunk (a
+chunk's last position predicts the next chunk's first token), once per prompt token even across
+preemptions (`_prompt_positions`).
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
+
+import torch
 
 from idlm.decoding import make_decoder
 from idlm.decoding.base import DecodeStats, StepResult
@@ -29,6 +44,19 @@ from idlm.engine.scheduler import Scheduler
 from idlm.engine.sequence import Sequence
 from idlm.errors import ConfigError
 from idlm.layers.paged_kernel import ATTENTION_BACKENDS
+
+logger = logging.getLogger("idlm.engine")
+
+
+def is_fatal(error: BaseException) -> bool:
+    """Errors after which the device cannot be trusted (a CUDA error poisons the whole context): the
+    engine stops instead of failing requests one by one for ever."""
+    accel = getattr(torch, "AcceleratorError", None)
+    return (accel is not None and isinstance(error, accel)) or "CUDA error" in str(error)
+
+
+def _seq_of(item) -> Sequence:
+    return item[0] if isinstance(item, tuple) else item
 
 
 @dataclass
@@ -101,6 +129,25 @@ class RequestOutput:
         return self.output.finish_reason
 
 
+def _prompt_positions(seq: Sequence, n: int) -> tuple[int, list[int], int] | None:
+    """Prompt logprobs a prefill chunk of n tokens from `num_computed` = c adds: (first chunk index,
+    target tokens, k) for `ModelRunner.forward_logits(score=...)`, or None. Chunk index t predicts
+    kv_tokens[c+t+1] (the last index the next chunk's first token); only prompt tokens not yet recorded
+    count, so a recompute after a preemption adds nothing twice (and prefix hits never skip any:
+    `Sequence.max_prefix_hit`). Records the first prompt token's entry (None) itself."""
+    k, out = seq.params.prompt_logprobs, seq.output
+    if k is None:
+        return None
+    if not out.prompt_logprobs:  # the first prompt token has no prefix
+        out.prompt_logprobs.append(None)
+        out.prompt_top_logprobs.append([])
+    c = seq.num_computed
+    lo, hi = max(len(out.prompt_logprobs), c + 1), min(c + n, len(seq.prompt) - 1)
+    if lo > hi:
+        return None
+    return lo - 1 - c, seq.prompt[lo: hi + 1], k
+
+
 class LLMEngine:
     def __init__(self, model, tokenizer=None, config: EngineConfig | None = None, lora=None, eos_token_ids=None):
         self.config = config = config or EngineConfig()
@@ -136,7 +183,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.decode_stats = DecodeStats()  # SPEC §7 counters summed over finished and aborted requests
         self.counters = {"decode_forwards": 0, "prefill_forwards": 0, "prefill_tokens": 0, "decode_query_tokens": 0,
-                         "generated_tokens": 0, "finished": 0, "aborted": 0, "decode_time_s": 0.0}
+                         "generated_tokens": 0, "finished": 0, "aborted": 0, "failed": 0, "decode_time_s": 0.0}
 
     def _decoder(self, stride: int):
         if stride not in self._decoders:
@@ -169,6 +216,19 @@ class LLMEngine:
         self.scheduler.add(seq)
         return rid
 
+    def add_requests(self, jobs: list[tuple[str | list[int], SamplingParams | None, str | None]]) -> list[str]:
+        """Queue several (prompt, params, request id) requests, all or none: if one is invalid its
+        error is raised and none of them stays queued (they never ran, so nothing else changed)."""
+        added: list[str] = []
+        try:
+            for prompt, params, rid in jobs:
+                added.append(self.add_request(prompt, params, rid))
+        except BaseException:
+            for rid in added:
+                self.scheduler.finish(self.seqs.pop(rid))
+            raise
+        return added
+
     def abort_request(self, request_id: str) -> bool:
         """Stop a request and free its pages; False if it is unknown or already finished."""
         seq = self.seqs.pop(str(request_id), None)
@@ -197,12 +257,63 @@ class LLMEngine:
         sched = self.scheduler.schedule(lambda b: self._decoder(self.config.stride_for(b)).query_len)
         updates: dict[str, RequestOutput] = {}
         if sched.prefills:
-            self._prefill(sched.prefills, updates)
+            self._isolated(self._prefill, sched.prefills, updates)
         if sched.decodes:
             t0 = time.perf_counter()
-            self._decode(sched.decodes, sched.query_len, updates)
+            self._isolated(lambda seqs, upd: self._decode(seqs, sched.query_len, upd), sched.decodes, updates)
             self.counters["decode_time_s"] += time.perf_counter() - t0
         return list(updates.values())
+
+    # ----------------------------------------------------------------- fault isolation
+
+    def _isolated(self, phase, items: list, updates) -> None:
+        """Run a phase (`_prefill` / `_decode`) over the batch; if it raises, rerun it one request at a
+        time so that only the requests whose own step raises fail (`_fail`), never the engine. Sound
+        because a phase changes no engine state before its device work and host computation are done
+        (the retry redraws the random numbers of the requests involved). Errors that leave the device
+        unusable (`is_fatal`) are raised: the engine loop dies and the server restarts."""
+        try:
+            phase(items, updates)
+            return
+        except Exception as e:
+            if is_fatal(e):
+                raise
+            if len(items) == 1:
+                self._fail(_seq_of(items[0]), e, updates)
+                return
+        for item in items:
+            try:
+                phase([item], updates)
+            except Exception as e:
+                if is_fatal(e):
+                    raise
+                self._fail(_seq_of(item), e, updates)
+
+    def _fail(self, seq: Sequence, error: BaseException, updates) -> None:
+        """Finish one request with finish_reason "error" (its pages freed), leaving every other one running."""
+        if seq.request_id not in self.seqs:
+            return  # already finished or failed
+        logger.warning("request %s failed in its engine step and was stopped: %r", seq.request_id, error,
+                       exc_info=error)
+        seq.output.finish_reason = "error"
+        seq.output.error = f"{type(error).__name__}: {error}"
+        self.decode_stats = self.decode_stats.merge(seq.output.stats)
+        self.scheduler.finish(seq)
+        self.seqs.pop(seq.request_id, None)
+        self.counters["failed"] += 1
+        prev = updates.get(seq.request_id)
+        updates[seq.request_id] = RequestOutput(seq.request_id, prev.new_token_ids if prev else [],
+                                                prev.new_text if prev else "", True, seq.output)
+
+    def _apply_each(self, seqs: list[Sequence], apply, updates) -> None:
+        """Apply a computed step to each request; an error while applying fails that request alone."""
+        for seq, *args in seqs:
+            try:
+                apply(seq, *args)
+            except Exception as e:
+                if is_fatal(e):
+                    raise
+                self._fail(seq, e, updates)
 
     def _emit(self, seq: Sequence, res: StepResult, from_decode: bool, updates) -> None:
         n0 = len(seq.output.token_ids)
@@ -229,26 +340,41 @@ class LLMEngine:
                    self.block_manager.block_table(rid), **extra)
 
     def _prefill(self, prefills: list[tuple[Sequence, int]], updates) -> None:
+        # compute: nothing in the engine changes until every row's forward and first token are done
         rows = [self._row(seq, seq.kv_tokens[seq.num_computed: seq.num_computed + n]) for seq, n in prefills]
-        logits = self.runner.forward_logits(rows)  # [B, V] at each chunk's last token
+        score = {i: sc for i, (seq, n) in enumerate(prefills) if (sc := _prompt_positions(seq, n)) is not None}
+        scored: dict = {}
+        if score:  # prompt logprobs from this same forward
+            logits, scored = self.runner.forward_logits(rows, score=score)
+        else:
+            logits = self.runner.forward_logits(rows)  # [B, V] at each chunk's last token
+        # a request draws its first token once its whole prompt is in (not again after a preemption)
+        started = [i for i, (seq, n) in enumerate(prefills)
+                   if seq.num_computed + n == len(seq.kv_tokens) and seq.state is None]
+        first: dict[int, tuple] = {}
+        if started:
+            seqs = [prefills[i][0] for i in started]
+            states, results = self._decoder(self.config.stride).start(
+                logits[started], [s.params for s in seqs], [s.generator for s in seqs])
+            first = {i: (st, res) for i, st, res in zip(started, states, results)}
         self.counters["prefill_forwards"] += 1
-        started = []
-        for i, ((seq, n), row) in enumerate(zip(prefills, rows)):
+
+        def apply(seq: Sequence, i: int, n: int, row: Row) -> None:
+            if i in scored:
+                lps, tops = scored[i]
+                seq.output.prompt_logprobs += lps
+                seq.output.prompt_top_logprobs += tops
             self.block_manager.commit(seq.request_id, seq.num_computed + n, row.tokens, release=False)
             seq.num_computed += n
             self.counters["prefill_tokens"] += n
-            if not seq.prefilling and seq.state is None:  # first token (not after a preemption)
-                started.append(i)
-        if not started:
-            return
-        seqs = [prefills[i][0] for i in started]
-        states, first = self._decoder(self.config.stride).start(
-            logits[started], [s.params for s in seqs], [s.generator for s in seqs])
-        for seq, state, res in zip(seqs, states, first):
-            seq.state = state
-            self._emit(seq, res, False, updates)
+            if i in first:
+                seq.state, res = first[i]
+                self._emit(seq, res, False, updates)
+
+        self._apply_each([(seq, i, n, row) for i, ((seq, n), row) in enumerate(zip(prefills, rows))], apply, updates)
 
     def _decode(self, seqs: list[Sequence], query_len: int, updates) -> None:
+        # compute: nothing in the engine changes until the step's results are on the host
         decoder = next(d for d in self._decoders.values() if d.query_len == query_len)
         blocks = [decoder.block(s.state) for s in seqs]
         lora = decoder.uses_lora
@@ -262,13 +388,22 @@ class LLMEngine:
             packed, extra = self.runner.decode(rows, decoder, tensors, static)
             if extra is not None and self.runner.use_graphs:
                 extra = extra.clone()  # graph outputs are overwritten by the next replay
-            results = decoder.finish(states, packed.tolist(), extra, params, stats)  # the one host sync
+            host = packed.tolist()  # the one host sync
+            try:  # finish updates every row's decoder state: past this point a failure fails the whole batch
+                results = decoder.finish(states, host, extra, params, stats)
+            except Exception as e:
+                if is_fatal(e):
+                    raise
+                for seq in seqs:
+                    self._fail(seq, e, updates)
+                return
         else:
             results = decoder.step(states, self.runner.forward_logits(rows, last_only=False), params, generators,
                                    stats)
         self.counters["decode_forwards"] += 1
         self.counters["decode_query_tokens"] += len(seqs) * query_len
-        for seq, blk, res in zip(seqs, blocks, results):
+
+        def apply(seq: Sequence, blk, res: StepResult) -> None:
             if not 0 <= res.advance <= query_len:
                 raise RuntimeError(f"decoder {decoder.name} kept {res.advance} of {query_len} slots")
             kept = blk.tokens[: res.advance]
@@ -277,6 +412,8 @@ class LLMEngine:
             seq.num_computed += res.advance
             seq.output.stats.forwards += 1
             self._emit(seq, res, True, updates)
+
+        self._apply_each(list(zip(seqs, blocks, results)), apply, updates)
 
     # ----------------------------------------------------------------- convenience
 

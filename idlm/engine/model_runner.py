@@ -4,9 +4,11 @@ CUDA graphs for decode steps.
 A forward takes rows (one per request) of T query tokens each, right-padded to one T: tokens at
 positions start..start+n−1, written at the slots the block manager maps them to (padding writes the
 pool's trash slot). Prefill chunks run eagerly; only the last token's hidden state of a finished
-prompt goes through the vocabulary projection. A decode step of a fused decoder (AR, ISD, R-ISD)
+prompt goes through the vocabulary projection (plus, for requests that want prompt logprobs, the
+prompt positions they still need). A decode step of a fused decoder (AR, ISD, R-ISD)
 is forward + logits + the decoder's `compute` (sampling, verification) in one function; on CUDA it
-is captured once per (batch bucket, Q, page bucket, decoder options) and replayed, so one step is
+is captured once per (batch bucket, Q, page bucket, decoder options — incl. the static logprobs
+width, so steps without logprobs keep their own graphs) and replayed, so one step is
 a few host-to-device copies, one graph launch and one device-to-host copy (the packed results).
 The KV pool is sized from free GPU memory (`gpu_memory_utilization`) or given as `num_blocks`.
 Decode steps attend over the pool with the Triton paged kernel on CUDA (`attention="auto"`); prefill
@@ -22,10 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from idlm.decoding.logprobs import score as score_logprobs
 from idlm.errors import ConfigError
 from idlm.layers.paged_attention import PagedAttention, PagedKVCache
 from idlm.layers.paged_kernel import triton_available
 
+SCORE_CHUNK = 512  # prompt positions per vocabulary projection when scoring prompt logprobs (bounds memory)
 FUSE_MAX_BYTES = 1 << 30  # auto-fuse q/k/v and gate/up when the weight copies take at most this
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
@@ -141,16 +145,34 @@ class ModelRunner:
     # ----------------------------------------------------------------- entry points
 
     @torch.no_grad()
-    def forward_logits(self, rows: list[Row], last_only: bool = True) -> torch.Tensor:
+    def forward_logits(self, rows: list[Row], last_only: bool = True, score: dict | None = None):
         """Eager forward (prefill chunks, non-fused decoders): logits [B, V] at each row's last token,
-        or [B, T, V] at every position with last_only=False."""
+        or [B, T, V] at every position with last_only=False.
+
+        score = {row index: (first, targets, k)} (prompt logprobs) also scores that row's positions
+        first..first+len(targets)−1 against `targets` (the tokens they predict): the vocabulary
+        projection runs on those positions only, SCORE_CHUNK at a time. Then returns (logits,
+        {row index: (logprobs, top-k lists)})."""
         T = max(len(r.tokens) for r in rows)
         t = {k: v.to(self.device) for k, v in self._tensors(rows, T, len(rows), self._pages(rows)).items()}
         hidden = self._forward(t)
         if not last_only:
             return self.model.compute_logits(hidden)
         last = torch.tensor([len(r.tokens) - 1 for r in rows], device=self.device)
-        return self.model.compute_logits(hidden[torch.arange(len(rows), device=self.device), last])
+        logits = self.model.compute_logits(hidden[torch.arange(len(rows), device=self.device), last])
+        if score is None:
+            return logits
+        scored = {}
+        for i, (first, targets, k) in score.items():
+            lps, tops = [], []
+            for a in range(0, len(targets), SCORE_CHUNK):
+                part = targets[a: a + SCORE_CHUNK]
+                lp, top = score_logprobs(self.model.compute_logits(hidden[i, first + a: first + a + len(part)]),
+                                         part, k)
+                lps += lp
+                tops += top
+            scored[i] = (lps, tops)
+        return logits, scored
 
     @torch.no_grad()
     def decode(self, rows: list[Row], decoder, tensors: dict[str, torch.Tensor], static: dict):

@@ -8,7 +8,8 @@ Every step the scheduler builds, under a token budget (`max_num_batched_tokens`)
      later; its output so far is kept), repeatedly, until the batch fits;
   2. prefill chunks with the budget left: first requests already prefilling (chunked prefill of long
      prompts), then waiting requests in arrival order (FCFS; preempted ones go first) while the pool
-     can hold their whole prompt and `max_num_seqs` allows.
+     can hold their whole prompt and `max_num_seqs` allows. Prefix-cache hits are taken on admission,
+     except over prompt positions whose logprobs a request still needs (`Sequence.max_prefix_hit`).
 Requests that do not fit wait; none is dropped. `abort` removes a request wherever it is and frees
 its pages.
 
@@ -120,7 +121,7 @@ class Scheduler:
             if self.running and self.bm.blocks_needed(len(seq.kv_tokens)) + len(self.running) > self.bm.num_free_blocks:
                 break
             try:
-                hit = self.bm.allocate(seq.request_id, seq.kv_tokens)
+                hit = self.bm.allocate(seq.request_id, seq.kv_tokens, max_hit=seq.max_prefix_hit)
             except AllocationError:
                 break
             self.waiting.popleft()

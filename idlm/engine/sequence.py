@@ -8,6 +8,8 @@ admission (prompt), and again after preemption, which frees its pages and resets
 Recompute is an ordinary causal prefill, so it reproduces the KV exactly for AR, ISD and R-ISD;
 SDAR's committed blocks were written with block-bidirectional attention, so an SDAR request that is
 preempted continues from causally recomputed KV (valid, but not bit-identical to an uninterrupted run).
+Prompt logprobs (`output.prompt_logprobs`) are recorded once, as prefill chunks pass over the prompt;
+a recompute skips what is recorded, and prefix-cache hits never cover positions still to be scored.
 """
 
 from __future__ import annotations
@@ -55,6 +57,15 @@ class Sequence:
     @property
     def prefilling(self) -> bool:
         return self.num_computed < len(self.kv_tokens)
+
+    @property
+    def max_prefix_hit(self) -> int | None:
+        """At most this many leading tokens may come from the prefix cache (None: no limit). Prompt logprobs
+        need the logits of every prompt position not yet scored: prompt token i is predicted by position
+        i − 1, so with L entries recorded positions L−1.. must be computed (0 before any)."""
+        if self.params.prompt_logprobs is None or len(self.output.prompt_logprobs) >= len(self.prompt):
+            return None
+        return max(0, len(self.output.prompt_logprobs) - 1)
 
     @property
     def finished(self) -> bool:

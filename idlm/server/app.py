@@ -1,613 +1,547 @@
-"""The FastAPI app: OpenAI `/v1/completions` and `/v1/chat/completions` on top of `AsyncLLM`.
+"""The FastAPI app: OpenAI `/v1/completions` and `/v1/chat/completions` (and vLLM's tokenizer routes) on `AsyncLLM`.
 
-Why it exists: it is the one place that maps the OpenAI wire format onto idlm's `SamplingParams` and
-`AsyncLLM.generate` streams and back (JSON or SSE), and that maps every failure onto an OpenAI-style
-error body with the right HTTP status, so one bad request never takes the server down:
+Why it exists: it runs requests — admission, streaming, cancellation, shutdown — and leaves the wire
+format to `protocol.py`, the guards to `middleware.py` and the series to `metrics.py`. Its rules:
 
-- 400: malformed JSON, wrong types, bad sampling values, prompt + max_tokens beyond the context
-  (a too-long prompt is a 400 too, like OpenAI's `context_length_exceeded`), a `stride` other than
-  the server's;
-- 401: missing/wrong `Authorization: Bearer <key>` when an API key is set (all but /health);
-- 404: unknown model; 413: body larger than `max_body_bytes` (Content-Length or actual bytes);
-- 429: the engine queue is full (`QueueFullError`); 503: the engine loop is dead.
-
-A streaming client that disconnects cancels the response task; the cancelled `AsyncLLM.generate`
-aborts its request in its `finally`, so its KV pages are freed. `/metrics` serves Prometheus text
-from a registry private to each app.
+- no request can hurt the server: the body is parsed strictly (protocol), a request is admitted all
+  or none (prompts x n, capped by `max_seqs_per_request`; one that could never fit the engine's
+  running + waiting capacity is a 400, a full queue a 429 with Retry-After), and a failure inside one
+  request's engine step fails that request alone (500, or an error event when streaming);
+- a response starts as soon as its requests are queued, and a client that leaves — streaming or
+  not — has its requests aborted and their KV pages freed;
+- statuses: 400 bad input, 401 key, 404 model / route, 408 slow body, 413 body too large, 429 queue
+  full, 500 a request failed in the engine, 503 engine dead or shutting down; every error body is
+  OpenAI-style JSON (never plain text), and an error after a stream started is an SSE `error` event;
+- graceful shutdown (`Lifecycle`): on SIGTERM new requests get 503 while running ones may finish
+  for `shutdown_timeout` seconds; then every open response ends with an error.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import math
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
-import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, ValidationError
+from fastapi.responses import Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from idlm.decoding.sampling import SamplingParams
-from idlm.engine.async_engine import AsyncLLM, QueueFullError
-from idlm.errors import ConfigError, IdlmError
+import idlm
+from idlm.engine.async_engine import AsyncLLM, RequestStream
+from idlm.errors import IdlmError
+from idlm.server import protocol as P
+from idlm.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
+from idlm.server.middleware import GuardMiddleware, error_response
 
-COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-CHAT_DEFAULT_MAX_TOKENS = 512  # capped by what is left of the context
+logger = logging.getLogger("idlm.server")
 
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+DEFAULT_MAX_SEQS_PER_REQUEST = 256
 
 
-def _error_body(status: int, message: str, type_: str, param: str | None, code: str | None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+class Lifecycle:
+    """Graceful shutdown of one app. `drain(timeout)` may be called from a signal handler: new
+    generation requests get 503 at once, and `timeout` seconds later `expired` is set, which ends
+    every open response with an error (their requests are aborted)."""
 
-
-def _error_response(e: ApiError) -> JSONResponse:
-    return JSONResponse(_error_body(e.status, e.message, e.type, e.param, e.code), status_code=e.status)
-
-
-# --------------------------------------------------------------------------- request bodies
-
-
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    n: int = 1
-    stream: bool = False
-    stream_options: dict | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-    user: str | None = None
-    # idlm decoder options
-    stride: int | None = None
-    draft: str | None = None
-    verify_alpha: float | None = None
-
-
-class CompletionRequest(_Common):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: int | None = None
-    echo: bool = False
-
-
-class ChatRequest(_Common):
-    messages: list[dict[str, Any]]
-    logprobs: bool = False
-    top_logprobs: int | None = None
-
-
-class _BodyTooLarge(ApiError):
-    def __init__(self, limit: int):
-        super().__init__(413, f"request body is larger than {limit} bytes", param=None, code="request_too_large")
-
-
-class _GuardMiddleware:
-    """Pure ASGI: API key check (all but /health) and the body size bound (Content-Length and actual bytes)."""
-
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
-        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.api_key is not None and scope.get("path") != "/health":
-            auth = headers.get("authorization", "")
-            if auth != f"Bearer {self.api_key}":
-                msg = "missing API key" if not auth else "invalid API key"
-                resp = JSONResponse(_error_body(401, f"{msg}: send 'Authorization: Bearer <key>'",
-                                                "authentication_error", None, "invalid_api_key"), status_code=401)
-                return await resp(scope, receive, send)
-        cl = headers.get("content-length")
-        if cl is not None:
-            try:
-                too_big = int(cl) > self.max_body_bytes
-            except ValueError:
-                too_big = False
-            if too_big:
-                return await _error_response(_BodyTooLarge(self.max_body_bytes))(scope, receive, send)
-        seen = 0
-        limit = self.max_body_bytes
-
-        async def bounded_receive():
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > limit:
-                    raise _BodyTooLarge(limit)
-            return msg
-
-        return await self.app(scope, bounded_receive, send)
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-class _Metrics:
     def __init__(self):
-        self.registry = r = CollectorRegistry()
-        self.requests = Counter("idlm_requests", "HTTP generation requests by endpoint and outcome",
-                                ["endpoint", "outcome"], registry=r)
-        self.prompt_tokens = Counter("idlm_prompt_tokens", "prompt tokens of accepted requests", registry=r)
-        self.generation_tokens = Counter("idlm_generation_tokens", "generated (emitted) tokens", registry=r)
-        self.ttft = Histogram("idlm_time_to_first_token_seconds", "time to first token", registry=r,
-                              buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
-        self.tpot = Histogram("idlm_time_per_output_token_seconds", "time per output token after the first",
-                              registry=r, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
-        g = {}
-        for name, doc in (("running_requests", "requests running in the engine"),
-                          ("waiting_requests", "requests waiting for a seat"),
-                          ("kv_pages_used", "KV cache pages in use"), ("kv_pages_free", "free KV cache pages"),
-                          ("kv_pages_total", "KV cache pages in the pool"),
-                          ("decode_forwards", "decode forward passes so far"),
-                          ("prefill_forwards", "prefill forward passes so far"),
-                          ("engine_generated_tokens", "tokens generated by the engine so far"),
-                          ("tokens_per_forward", "generated tokens per batched decode forward"),
-                          ("tpf", "tokens per forward of finished requests: committed / per-request decode forwards"),
-                          ("engine_healthy", "1 while the engine loop is alive")):
-            g[name] = Gauge(f"idlm_{name}", doc, registry=r)
-        self.gauges = g
-        self.drafted = Gauge("idlm_draft_verified", "drafts verified by draft position (finished requests)",
-                             ["position"], registry=r)
-        self.accepted = Gauge("idlm_draft_accepted", "drafts accepted by draft position (finished requests)",
-                              ["position"], registry=r)
+        self.draining = False
+        self.expired = asyncio.Event()
+        self.loop: asyncio.AbstractEventLoop | None = None  # set when the app starts
 
-    def refresh(self, llm: AsyncLLM) -> None:
-        s = llm.stats()
-        c = s.get("counters", {})
-        g = self.gauges
-        g["running_requests"].set(s.get("num_running", 0))
-        g["waiting_requests"].set(s.get("num_waiting", 0))
-        g["kv_pages_used"].set(s.get("pages_used", 0))
-        g["kv_pages_free"].set(s.get("pages_free", 0))
-        g["kv_pages_total"].set(s.get("pages_total", 0))
-        g["decode_forwards"].set(c.get("decode_forwards", 0))
-        g["prefill_forwards"].set(c.get("prefill_forwards", 0))
-        g["engine_generated_tokens"].set(c.get("generated_tokens", 0))
-        df = c.get("decode_forwards", 0)
-        g["tokens_per_forward"].set(c.get("generated_tokens", 0) / df if df else 0.0)
-        g["engine_healthy"].set(1 if llm.is_healthy else 0)
-        d = s.get("decode_stats") or {}
-        g["tpf"].set(d.get("tpf", 0.0))
-        for j, (v, a) in enumerate(zip(d.get("verified_per_position", []), d.get("accepted_per_position", []))):
-            self.drafted.labels(position=str(j)).set(v)
-            self.accepted.labels(position=str(j)).set(a)
+    def drain(self, timeout: float) -> None:
+        self.draining = True
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            return
+        if timeout <= 0:
+            loop.call_soon_threadsafe(self.expired.set)
+        else:
+            loop.call_soon_threadsafe(loop.call_later, timeout, self.expired.set)
 
 
-# --------------------------------------------------------------------------- helpers
+class ClientGone(Exception):
+    """The client disconnected (during upload or while its response was being computed)."""
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def _logprob(p: float) -> float | None:
-    if p is None or not p > 0 or p != p:
-        return None
-    return math.log(p)
-
-
-async def _merge(gens: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
-    """Interleave several async iterators as (index, item); cancelling/closing cancels them all."""
-    if len(gens) == 1:
-        async for item in gens[0]:
-            yield 0, item
-        return
-    q: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    async def pump(i, g):
-        try:
-            async for item in g:
-                await q.put((i, item))
-            await q.put((i, done))
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            await q.put((i, e))
-
-    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
-    left = len(gens)
-    try:
-        while left:
-            i, item = await q.get()
-            if item is done:
-                left -= 1
-                continue
-            if isinstance(item, BaseException):
-                raise item
-            yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+class _Expired(Exception):
+    """The shutdown timeout ran out while this response was open."""
 
 
 def build_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None, max_body_bytes: int = 1 << 20,
-              stride: int | None = None, sampling_defaults: dict | None = None) -> FastAPI:
+              stride: int | None = None, sampling_defaults: dict | None = None,
+              max_seqs_per_request: int = DEFAULT_MAX_SEQS_PER_REQUEST, body_timeout: float = 30.0,
+              lifecycle: Lifecycle | None = None) -> FastAPI:
     """The OpenAI-compatible app. `stride`: the server's stride (a request may only repeat it);
-    `sampling_defaults`: per-request defaults for temperature / top_k / top_p / verify_alpha / draft."""
+    `sampling_defaults`: per-request defaults for temperature / top_k / top_p / verify_alpha / draft;
+    `max_seqs_per_request`: the most sequences (prompts x n) one request may start."""
     engine = async_llm.engine
     tok = engine.tokenizer
     max_len = engine.max_model_len
+    vocab = engine.model.config.vocab_size
     server_stride = stride if stride is not None else engine.config.stride
     defaults = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "verify_alpha": 1.0, "draft": "sample",
                 **(sampling_defaults or {})}
-    metrics = _Metrics()
+    metrics = ServerMetrics()
+    life = lifecycle or Lifecycle()
+    tt = P.TokenText(tok)
     created = int(time.time())
 
-    app = FastAPI(title="idlm", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.async_llm = async_llm
-    app.state.metrics = metrics
-    app.add_middleware(_GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes)
+    @asynccontextmanager
+    async def lifespan(app):
+        life.loop = asyncio.get_running_loop()
+        yield
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, e: ApiError):
-        return _error_response(e)
+    app = FastAPI(title="idlm", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.async_llm, app.state.metrics, app.state.lifecycle = async_llm, metrics, life
+    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout=body_timeout)
+
+    @app.exception_handler(P.ApiError)
+    async def _api_error(request: Request, e: P.ApiError):
+        return error_response(e)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, e: RequestValidationError):
-        return _error_response(_from_validation(e.errors()))
+        return error_response(P.from_validation(e.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        what = {404: f"no route {request.url.path}", 405: f"method {request.method} not allowed on {request.url.path}"}
+        return error_response(P.ApiError(e.status_code, what.get(e.status_code, str(e.detail)),
+                                         code="not_found" if e.status_code == 404 else None))
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, e: ClientGone):
+        return Response(status_code=499)  # nobody reads it; no traceback for a client that left
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        logger.exception("unhandled error in %s %s", request.method, request.url.path)
+        return error_response(P.server_error(f"internal error: {type(e).__name__}"))
 
     # ------------------------------------------------------------------ parsing
 
-    async def read_body(request: Request, cls):
-        raw = await request.body()
+    async def read_json(request: Request) -> dict:
+        try:
+            raw = await request.body()
+        except ClientDisconnect:
+            raise ClientGone() from None
         try:
             data = json.loads(raw)
+        except RecursionError:
+            raise P.ApiError(400, "malformed JSON body: nested too deeply", code="invalid_json") from None
         except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"malformed JSON body: {e}", code="invalid_json") from None
+            raise P.ApiError(400, f"malformed JSON body: {e}", code="invalid_json") from None
         if not isinstance(data, dict):
-            raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+            raise P.ApiError(400, "the request body must be a JSON object", code="invalid_json")
+        P.check_json(data)
+        return data
+
+    async def read_body(request: Request, cls):
+        data = await read_json(request)
+        P.check_unsupported(data)
         try:
-            return cls.model_validate(data)
+            req = cls.model_validate(data)
         except ValidationError as e:
-            raise _from_validation(e.errors()) from None
-
-    def check_model(req) -> None:
+            raise P.from_validation(e.errors()) from None
         if req.model is not None and req.model != model_name:
-            raise ApiError(404, f"the model {req.model!r} does not exist; this server serves {model_name!r}",
-                           param="model", code="model_not_found")
+            raise P.ApiError(404, f"the model {req.model!r} does not exist; this server serves {model_name!r}",
+                             param="model", code="model_not_found")
+        return req
 
-    def make_params(req, prompt_len: int, default_max: int | None) -> list[SamplingParams]:
-        if req.stride is not None and req.stride != server_stride:
-            raise ApiError(400, f"stride={req.stride} is not supported: this server decodes with stride "
-                                f"{server_stride} (send {server_stride} or leave it out)", param="stride")
-        if isinstance(req.n, bool) or req.n < 1 or req.n > 128:
-            raise ApiError(400, f"n={req.n} must be between 1 and 128", param="n")
-        max_tokens = req.max_completion_tokens if req.max_tokens is None else req.max_tokens
-        if max_tokens is None:
-            max_tokens = default_max if default_max is not None else max(1, min(CHAT_DEFAULT_MAX_TOKENS,
-                                                                                 max_len - prompt_len))
-        if max_tokens < 1:
-            raise ApiError(400, f"max_tokens={max_tokens} must be >= 1", param="max_tokens")
-        if prompt_len >= max_len:
-            raise ApiError(400, f"the prompt has {prompt_len} tokens but the model's context is {max_len} tokens",
-                           param="prompt" if isinstance(req, CompletionRequest) else "messages",
-                           code="context_length_exceeded")
-        if prompt_len + max_tokens > max_len:
-            raise ApiError(400, f"prompt of {prompt_len} tokens + max_tokens {max_tokens} exceeds the model's "
-                                f"context of {max_len} tokens", param="max_tokens", code="context_length_exceeded")
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        out = []
-        for i in range(req.n):
-            kw = dict(temperature=defaults["temperature"] if req.temperature is None else req.temperature,
-                      top_k=defaults["top_k"] if req.top_k is None else req.top_k,
-                      top_p=defaults["top_p"] if req.top_p is None else req.top_p,
-                      seed=None if req.seed is None else req.seed + i, max_tokens=max_tokens,
-                      stop=stop, stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
-                      draft=defaults["draft"] if req.draft is None else req.draft,
-                      verify_alpha=defaults["verify_alpha"] if req.verify_alpha is None else req.verify_alpha)
-            try:
-                out.append(SamplingParams(**kw))
-            except ConfigError as e:
-                name = str(e).split("sampling parameter ", 1)[-1].split("=", 1)[0]
-                raise ApiError(400, str(e), param=name if name in kw else None) from None
-        return out
-
-    def check_healthy() -> None:
+    def check_accepting() -> None:
+        if life.draining:
+            raise P.shutting_down()
         if not async_llm.is_healthy:
-            raise ApiError(503, "the engine is not running", type_="server_error", code="engine_dead")
+            raise P.engine_dead()
+
+    def check_ids(ids: list[int], param: str) -> None:
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise P.ApiError(400, f"token id {bad} is outside the vocabulary (size {vocab})", param=param)
+
+    def encode_chat(messages: list[P.ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        try:
+            return tok.encode_chat([m.as_template_message() for m in messages], add_generation_prompt)
+        except (IdlmError, ValueError, TypeError, KeyError) as e:
+            raise P.ApiError(400, f"cannot apply the chat template: {e}", param="messages") from None
 
     # ------------------------------------------------------------------ running
 
-    async def start(jobs: list[tuple[list[int], SamplingParams]], endpoint: str):
-        """Start every job and wait for its first output (so request errors become HTTP errors before any
-        streaming). Returns [(first RequestOutput, generator, t_start)]."""
-        started = []
+    async def admit(endpoint: str, jobs: list[tuple[list[int], Any]]) -> list[RequestStream]:
+        """Queue every job of one request, all or none; errors become HTTP errors."""
         try:
-            for prompt, params in jobs:
-                gen = async_llm.generate(prompt, params, uuid.uuid4().hex)
-                started.append((gen, time.perf_counter()))
-            firsts = await asyncio.gather(*(gen.__anext__() for gen, _ in started), return_exceptions=True)
-            for f in firsts:
-                if isinstance(f, BaseException):
-                    raise f
+            check_accepting()
+            if len(jobs) > max_seqs_per_request:
+                raise P.ApiError(400, f"this request would start {len(jobs)} sequences (prompts x n); the server "
+                                      f"allows {max_seqs_per_request} per request", param="n",
+                                 code="too_many_sequences")
+            cap = async_llm.capacity
+            if cap is not None and len(jobs) > cap:
+                raise P.ApiError(400, f"this request needs {len(jobs)} sequences at once but the server holds at "
+                                      f"most {cap} (running + waiting); it could never run", param="n",
+                                 code="too_many_sequences")
+            return await async_llm.add_requests(jobs)
         except BaseException as e:
-            for gen, _ in started:
-                await _close(gen)
-            metrics.requests.labels(endpoint, _outcome(e)).inc()
-            raise _map_engine_error(e) from None
-        now = time.perf_counter()
-        for (_, t0), first in zip(started, firsts):
-            if first.new_token_ids:
-                metrics.ttft.observe(now - t0)
-        return [(f, g, t0) for f, (g, t0) in zip(firsts, started)]
+            if not isinstance(e, asyncio.CancelledError):
+                metrics.requests.labels(endpoint, P.outcome(e)).inc()
+            raise P.map_engine_error(e) from None
 
-    def observe_done(item, t0, t_first) -> None:
-        n = len(item.output.token_ids)
-        metrics.generation_tokens.inc(n)
-        if n > 1 and t_first is not None:
-            metrics.tpot.observe((time.perf_counter() - t_first) / (n - 1))
+    class _Timer:
+        """TTFT / TPOT of one choice."""
 
-    async def collect(prompt_jobs, endpoint):
-        """Non-streaming: every job to completion -> list of finished outputs (GenerationOutput)."""
-        started = await start(prompt_jobs, endpoint)
+        def __init__(self):
+            self.t0, self.first = time.perf_counter(), None
 
-        async def finish(first, gen, t0):
-            item, t_first = first, (time.perf_counter() if first.new_token_ids else None)
-            while not item.finished:
-                item = await gen.__anext__()
-                if t_first is None and item.new_token_ids:
-                    t_first = time.perf_counter()
-                    metrics.ttft.observe(t_first - t0)
-            observe_done(item, t0, t_first)
-            return item.output
+        def saw(self, item) -> None:
+            if self.first is None and item.new_token_ids:
+                self.first = time.perf_counter()
+                metrics.ttft.observe(self.first - self.t0)
+            if item.finished:
+                n = len(item.output.token_ids)
+                metrics.generation_tokens.inc(n)
+                if n > 1 and self.first is not None:
+                    metrics.tpot.observe((time.perf_counter() - self.first) / (n - 1))
 
+    async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Any]]:
+        """(choice index, RequestOutput) from every stream in arrival order, until all finished;
+        raises _Expired when the shutdown timeout runs out, and a stream's own error."""
+        q: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, s: RequestStream):
+            try:
+                async for item in s:
+                    q.put_nowait((i, item))
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                q.put_nowait((i, e))
+
+        async def watch():
+            await life.expired.wait()
+            q.put_nowait((-1, _Expired()))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)] + [asyncio.create_task(watch())]
+        left = len(streams)
         try:
-            outs = await asyncio.gather(*(finish(*s) for s in started), return_exceptions=True)
-            for o in outs:
-                if isinstance(o, BaseException):
-                    raise o
-        except BaseException as e:
-            for _, gen, _ in started:
-                await _close(gen)
-            metrics.requests.labels(endpoint, _outcome(e)).inc()
-            raise _map_engine_error(e) from None
-        metrics.requests.labels(endpoint, "success").inc()
-        return outs
-
-    async def stream_items(started, endpoint) -> AsyncIterator[tuple[int, Any]]:
-        """Streaming: (choice index, RequestOutput) in arrival order, the first outputs first."""
-        t_first: dict[int, float | None] = {}
-
-        async def rest(i, first, gen):
-            if first.finished:
-                return
-            async for item in gen:
-                yield item
-
-        gens = [rest(i, f, g) for i, (f, g, _) in enumerate(started)]
-        merged = _merge(gens)
-        outcome = "success"
-        try:
-            for i, (first, _, _) in enumerate(started):
-                t_first[i] = time.perf_counter() if first.new_token_ids else None
-                yield i, first
-                if first.finished:
-                    observe_done(first, started[i][2], t_first[i])
-            async for i, item in merged:
-                if t_first[i] is None and item.new_token_ids:
-                    t_first[i] = time.perf_counter()
-                    metrics.ttft.observe(t_first[i] - started[i][2])
+            while left:
+                i, item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
                 yield i, item
-                if item.finished:
-                    observe_done(item, started[i][2], t_first[i])
-        except BaseException as e:
-            outcome = "disconnected" if isinstance(e, (asyncio.CancelledError, GeneratorExit)) else _outcome(e)
-            raise
+                left -= item.finished
         finally:
-            with anyio.CancelScope(shield=True):
-                await _close(merged)
-                for _, gen, _ in started:
-                    await _close(gen)
-            metrics.requests.labels(endpoint, outcome).inc()
+            for t in tasks:  # no await here: see close_all
+                t.cancel()
 
-    # ------------------------------------------------------------------ endpoints
+    def close_all(streams: list[RequestStream]) -> None:
+        """Abort every unfinished request. Synchronous on purpose: it must run to the end even inside a
+        cancelled scope (a client that left), where every await would be cancelled again."""
+        for s in streams:
+            s.close()
+
+    async def wait_disconnect(request: Request) -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    async def collect(request: Request, endpoint: str, streams: list[RequestStream]) -> list:
+        """Non-streaming: every request to its end -> finished outputs; the client leaving aborts them."""
+        timers = [_Timer() for _ in streams]
+        outs: list = [None] * len(streams)
+
+        async def run():
+            async for i, item in merged(streams):
+                timers[i].saw(item)
+                if item.finished:
+                    outs[i] = item.output
+
+        work, gone = asyncio.create_task(run()), asyncio.create_task(wait_disconnect(request))
+        result = "success"
+        try:
+            await asyncio.wait([work, gone], return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                result = "disconnected"
+                raise ClientGone()
+            try:
+                work.result()
+            except _Expired:
+                result = "shutdown"
+                raise P.shutting_down() from None
+            except RuntimeError as e:
+                result = "error"
+                raise P.map_engine_error(e) from None
+            failed = next((o for o in outs if o.finish_reason == "error"), None)
+            if failed is not None:
+                result = "error"
+                raise P.server_error(f"the request failed in the engine: {failed.error}", code="request_failed")
+            return outs
+        finally:
+            for t in (work, gone):
+                t.cancel()
+            close_all(streams)
+            metrics.requests.labels(endpoint, result).inc()
+
+    async def stream_events(endpoint: str, streams: list[RequestStream], render) -> AsyncIterator[str]:
+        """Streaming: SSE lines from `render(i, item)` for every output; the stream ends with
+        `data: [DONE]`, after an `error` event if the request failed, the engine died or the server
+        is shutting down. Closing the generator (client gone) aborts every unfinished request."""
+        timers = [_Timer() for _ in streams]
+        result = "disconnected"  # unless we reach the end
+        try:
+            try:
+                async for i, item in merged(streams):
+                    timers[i].saw(item)
+                    if item.finished and item.output.finish_reason == "error":
+                        raise P.server_error(f"the request failed in the engine: {item.output.error}",
+                                             code="request_failed")
+                    for line in render(i, item):
+                        yield line
+                result = "success"
+            except _Expired:
+                result = "shutdown"
+                yield sse(P.shutting_down().body())
+            except (P.ApiError, RuntimeError) as e:
+                result = "error"
+                err = e if isinstance(e, P.ApiError) else P.map_engine_error(e)
+                yield sse(err.body())
+            for line in render(None, None):  # the closing lines (usage, [DONE])
+                yield line
+        finally:
+            close_all(streams)
+            metrics.requests.labels(endpoint, result).inc()
+
+    # ------------------------------------------------------------------ info routes
 
     @app.get("/health")
     async def health():
         if not async_llm.is_healthy:
-            return _error_response(ApiError(503, "the engine is not running", type_="server_error",
-                                            code="engine_dead"))
+            return error_response(P.engine_dead())
+        if life.draining:
+            return error_response(P.shutting_down())
         return {"status": "ok"}
 
     @app.get("/metrics")
     async def metrics_endpoint():
-        metrics.refresh(async_llm)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.render(async_llm, life.draining), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/version")
+    async def version():
+        return {"version": idlm.__version__}
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "idlm", "max_model_len": max_len}]}
 
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        st = tok.special_tokens
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len,
+                "eos_token": st.get("eos_token"), "bos_token": st.get("bos_token"), "pad_token": st.get("pad_token"),
+                "unk_token": st.get("unk_token"), "add_bos_token": tok.add_bos_token,
+                "chat_template": tok.chat_template, "vocab_size": vocab}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        req = await read_body(request, P.TokenizeRequest)
+        if (req.prompt is None) == (req.messages is None):
+            raise P.ApiError(400, "send exactly one of prompt or messages", param="prompt")
+        if req.prompt is not None:
+            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        else:
+            ids = encode_chat(req.messages, req.add_generation_prompt)
+        return {"count": len(ids), "max_model_len": max_len, "tokens": ids, "token_strs": None}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        req = await read_body(request, P.DetokenizeRequest)
+        check_ids(req.tokens, "tokens")
+        return {"prompt": tok.decode(req.tokens)}
+
+    # ------------------------------------------------------------------ completions
+
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = await read_body(request, CompletionRequest)
-        check_model(req)
-        check_healthy()
-        p = req.prompt
-        if isinstance(p, str):
-            prompts = [p]
-        elif p and all(isinstance(x, int) for x in p):
-            prompts = [p]
-        else:
-            prompts = list(p)
+        req = await read_body(request, P.CompletionRequest)
+        check_accepting()
+        prompts = req.prompts()
         if not prompts:
-            raise ApiError(400, "prompt must not be empty", param="prompt")
-        if req.logprobs is not None and not 0 <= req.logprobs <= 20:
-            raise ApiError(400, f"logprobs={req.logprobs} must be between 0 and 20", param="logprobs")
-        if req.echo:
-            raise ApiError(400, "echo is not supported", param="echo")
-        ids_list = []
+            raise P.ApiError(400, "prompt must not be empty", param="prompt")
+        ids_list, texts = [], []
         for pr in prompts:
             ids = tok.encode(pr, add_special_tokens=True) if isinstance(pr, str) else list(pr)
             if not ids:
-                raise ApiError(400, "prompt must not be empty", param="prompt")
-            bad = [t for t in ids if not 0 <= t < engine.model.config.vocab_size]
-            if bad:
-                raise ApiError(400, f"prompt token id {bad[0]} is outside the vocabulary", param="prompt")
+                raise P.ApiError(400, "prompt must not be empty", param="prompt")
+            check_ids(ids, "prompt")
             ids_list.append(ids)
-        jobs = []
-        for ids in ids_list:
-            for sp in make_params(req, len(ids), COMPLETION_DEFAULT_MAX_TOKENS):
+            texts.append(pr if isinstance(pr, str) else tok.decode(ids))
+        jobs, owner = [], []  # owner[choice index] = prompt index
+        for k, ids in enumerate(ids_list):
+            for sp in P.to_sampling_params(req, len(ids), max_len, server_stride=server_stride, defaults=defaults,
+                                           default_max_tokens=P.COMPLETION_DEFAULT_MAX_TOKENS):
                 jobs.append((ids, sp))
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        want_lp = req.logprobs is not None
+                owner.append(k)
+        ptoks = sum(len(ids) for ids in ids_list)  # each prompt once, whatever n is
+        streams = await admit("completions", jobs)
+        metrics.prompt_tokens.inc(ptoks)
+        rid, want_lp = f"cmpl-{uuid.uuid4().hex}", req.logprobs is not None
 
-        def lp_block(ids: list[int], probs: list[float], offset0: int) -> dict:
-            toks = [tok.decode([t]) for t in ids]
-            offs, o = [], offset0
-            for t in toks:
-                offs.append(o)
-                o += len(t)
-            return {"tokens": toks, "token_logprobs": [_logprob(q) for q in probs],
-                    "top_logprobs": None, "text_offset": offs}
+        def prompt_part(i: int, out) -> tuple[str, dict | None]:
+            """The echoed prompt of choice i: its text and (with logprobs) its logprobs block."""
+            k = owner[i]
+            if not want_lp:
+                return texts[k], None
+            ids = ids_list[k]
+            lps = out.prompt_logprobs if len(out.prompt_logprobs) == len(ids) else [None] * len(ids)
+            tops = out.prompt_top_logprobs if len(out.prompt_top_logprobs) == len(ids) else [[]] * len(ids)
+            return texts[k], P.completion_logprobs(tt, ids, lps, tops)
+
+        def gen_logprobs(out, n0: int, n1: int, offset0: int) -> dict:
+            return P.completion_logprobs(tt, out.token_ids[n0:n1], out.logprobs[n0:n1], P.top_or_empty(out, n0, n1),
+                                         offset0)
 
         if not req.stream:
-            outs = await collect(jobs, "completions")
+            outs = await collect(request, "completions", streams)
             choices = []
             for i, o in enumerate(outs):
-                choices.append({"index": i, "text": o.text or "", "finish_reason": _finish(o.finish_reason),
-                                "logprobs": lp_block(o.token_ids, o.token_probs, 0) if want_lp else None})
-            ptoks = sum(len(j[0]) for j in jobs)
-            ctoks = sum(len(o.token_ids) for o in outs)
-            metrics.prompt_tokens.inc(ptoks)
-            return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                    "choices": choices,
-                    "usage": _usage(ptoks, ctoks)}
-
-        started = await start(jobs, "completions")
-        ptoks = sum(len(j[0]) for j in jobs)
-        metrics.prompt_tokens.inc(ptoks)
-        include_usage = bool((req.stream_options or {}).get("include_usage"))
-
-        async def sse():
-            seen = [0] * len(jobs)
-            text_off = [0] * len(jobs)
-            ctoks = 0
-            async for i, item in stream_items(started, "completions"):
-                n0 = seen[i]
-                new = item.new_token_ids
-                seen[i] = n0 + len(new)
-                if not new and not item.new_text and not item.finished:
-                    continue
-                lp = None
+                text, lp = o.text or "", None
+                if req.echo:
+                    ptext, plp = prompt_part(i, o)
+                    text = ptext + text
                 if want_lp:
-                    lp = lp_block(new, item.output.token_probs[n0:n0 + len(new)], text_off[i])
-                text_off[i] += len(item.new_text)
-                choice = {"index": i, "text": item.new_text, "logprobs": lp,
-                          "finish_reason": _finish(item.output.finish_reason) if item.finished else None}
-                if item.finished:
-                    ctoks += len(item.output.token_ids)
-                yield _sse({"id": rid, "object": "text_completion", "created": int(time.time()),
-                            "model": model_name, "choices": [choice]})
-            if include_usage:
-                yield _sse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                            "choices": [], "usage": _usage(ptoks, ctoks)})
-            yield "data: [DONE]\n\n"
+                    lp = gen_logprobs(o, 0, len(o.token_ids), len(ptext) if req.echo else 0)
+                    if req.echo:
+                        lp = {key: plp[key] + lp[key] for key in lp}
+                choices.append({"index": i, "text": text, "logprobs": lp,
+                                "finish_reason": P.finish_reason(o.finish_reason)})
+            return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
+                    "choices": choices, "usage": P.usage(ptoks, sum(len(o.token_ids) for o in outs))}
 
-        return _SSEResponse(sse())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        seen, offset, started = [0] * len(jobs), [0] * len(jobs), [False] * len(jobs)
+        ctoks = 0
+
+        def chunk(choices: list, usage_: dict | None = None) -> str:
+            d = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
+                 "choices": choices}
+            if usage_ is not None:
+                d["usage"] = usage_
+            return sse(d)
+
+        def render(i, item):
+            nonlocal ctoks
+            if item is None:
+                if include_usage:
+                    yield chunk([], P.usage(ptoks, ctoks))
+                yield "data: [DONE]\n\n"
+                return
+            out = item.output
+            if req.echo and not started[i]:
+                started[i] = True
+                ptext, plp = prompt_part(i, out)
+                offset[i] = len(ptext)
+                yield chunk([{"index": i, "text": ptext, "logprobs": plp, "finish_reason": None}])
+            n0, n1 = seen[i], seen[i] + len(item.new_token_ids)
+            seen[i] = n1
+            if n1 == n0 and not item.new_text and not item.finished:
+                return
+            lp = gen_logprobs(out, n0, n1, offset[i]) if want_lp else None
+            offset[i] += len(item.new_text)
+            if item.finished:
+                ctoks += len(out.token_ids)
+            yield chunk([{"index": i, "text": item.new_text, "logprobs": lp,
+                          "finish_reason": P.finish_reason(out.finish_reason) if item.finished else None}])
+
+        return SSEResponse(stream_events("completions", streams, render), on_close=lambda: close_all(streams))
+
+    # ------------------------------------------------------------------ chat
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        req = await read_body(request, ChatRequest)
-        check_model(req)
-        check_healthy()
-        if not req.messages:
-            raise ApiError(400, "messages must not be empty", param="messages")
-        messages = []
-        for m in req.messages:
-            c = m.get("content")
-            if isinstance(c, list):  # OpenAI content parts: keep the text ones
-                c = "".join(part.get("text", "") for part in c if isinstance(part, dict))
-            messages.append({**m, "content": c if c is not None else ""})
-        try:
-            ids = tok.encode_chat(messages, add_generation_prompt=True)
-        except (IdlmError, ValueError, TypeError, KeyError) as e:
-            raise ApiError(400, f"cannot apply the chat template: {e}", param="messages") from None
-        except Exception as e:  # jinja2 errors raised by the template
-            raise ApiError(400, f"cannot apply the chat template: {e}", param="messages") from None
-        jobs = [(ids, sp) for sp in make_params(req, len(ids), None)]
+        req = await read_body(request, P.ChatRequest)
+        check_accepting()
+        ids = encode_chat(req.messages)
+        params = P.to_sampling_params(req, len(ids), max_len, server_stride=server_stride, defaults=defaults,
+                                      default_max_tokens=None)
+        streams = await admit("chat", [(ids, sp) for sp in params])
+        metrics.prompt_tokens.inc(len(ids))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
 
+        def logprobs(out, n0: int, n1: int) -> dict | None:
+            if not req.logprobs:
+                return None
+            return P.chat_logprobs(tt, out.token_ids[n0:n1], out.logprobs[n0:n1], P.top_or_empty(out, n0, n1))
+
         if not req.stream:
-            outs = await collect(jobs, "chat")
-            choices = []
-            for i, o in enumerate(outs):
-                lp = None
-                if req.logprobs:
-                    lp = {"content": [{"token": tok.decode([t]), "logprob": _logprob(q), "bytes": None,
-                                       "top_logprobs": []} for t, q in zip(o.token_ids, o.token_probs)]}
-                choices.append({"index": i, "message": {"role": "assistant", "content": o.text or ""},
-                                "logprobs": lp, "finish_reason": _finish(o.finish_reason)})
-            ptoks = len(ids) * len(jobs)
-            ctoks = sum(len(o.token_ids) for o in outs)
-            metrics.prompt_tokens.inc(ptoks)
+            outs = await collect(request, "chat", streams)
+            choices = [{"index": i, "message": {"role": "assistant", "content": o.text or ""},
+                        "logprobs": logprobs(o, 0, len(o.token_ids)), "finish_reason": P.finish_reason(o.finish_reason)}
+                       for i, o in enumerate(outs)]
             return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
-                    "choices": choices,
-                    "usage": _usage(ptoks, ctoks)}
+                    "choices": choices, "usage": P.usage(len(ids), sum(len(o.token_ids) for o in outs))}
 
-        started = await start(jobs, "chat")
-        ptoks = len(ids) * len(jobs)
-        metrics.prompt_tokens.inc(ptoks)
-        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        seen = [0] * len(streams)
+        ctoks = 0
 
-        def chunk(choices, usage=None):
+        def chunk(choices: list, usage_: dict | None = None) -> str:
             d = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name,
                  "choices": choices}
-            if usage is not None:
-                d["usage"] = usage
-            return _sse(d)
+            if usage_ is not None:
+                d["usage"] = usage_
+            return sse(d)
 
-        async def sse():
-            for i in range(len(jobs)):
-                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-            ctoks = 0
-            async for i, item in stream_items(started, "chat"):
-                if not item.new_text and not item.finished:
-                    continue
-                if item.finished:
-                    ctoks += len(item.output.token_ids)
-                delta = {"content": item.new_text} if item.new_text else {}
-                yield chunk([{"index": i, "delta": delta, "logprobs": None,
-                              "finish_reason": _finish(item.output.finish_reason) if item.finished else None}])
-            if include_usage:
-                yield chunk([], _usage(ptoks, ctoks))
-            yield "data: [DONE]\n\n"
+        def render(i, item):
+            nonlocal ctoks
+            if item is None:
+                if include_usage:
+                    yield chunk([], P.usage(len(ids), ctoks))
+                yield "data: [DONE]\n\n"
+                return
+            out = item.output
+            n0, n1 = seen[i], seen[i] + len(item.new_token_ids)
+            seen[i] = n1
+            if not item.new_text and not item.finished and not (req.logprobs and n1 > n0):
+                return
+            if item.finished:
+                ctoks += len(out.token_ids)
+            delta = {"content": item.new_text} if item.new_text else {}
+            yield chunk([{"index": i, "delta": delta, "logprobs": logprobs(out, n0, n1),
+                          "finish_reason": P.finish_reason(out.finish_reason) if item.finished else None}])
 
-        return _SSEResponse(sse())
+        async def with_roles():
+            events = stream_events("chat", streams, render)
+            try:
+                for i in range(len(streams)):  # the role first, at once: the response starts before any token
+                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                  "finish_reason": None}])
+                async for line in events:
+                    yield line
+            finally:
+                await events.aclose()
+
+        return SSEResponse(with_roles(), on_close=lambda: close_all(streams))
 
     return app
 
 
-class _SSEResponse(StreamingResponse):
-    """A StreamingResponse that always watches for the client leaving (whatever the ASGI spec version) and
-    always closes its body iterator, so an abandoned stream aborts its engine requests at once."""
+class SSEResponse(StreamingResponse):
+    """A StreamingResponse that watches for the client leaving from the first byte on (whatever the ASGI
+    spec version) and always closes its body iterator, so an abandoned stream aborts its requests at once."""
 
-    def __init__(self, content):
+    def __init__(self, content, on_close=None):
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close  # synchronous; runs even if the iterator never started
 
     async def __call__(self, scope, receive, send):
+        import anyio
+
         try:
             async with anyio.create_task_group() as tg:
                 async def stream():
@@ -625,48 +559,14 @@ class _SSEResponse(StreamingResponse):
                 tg.start_soon(watch)
         finally:
             with anyio.CancelScope(shield=True):
-                await _close(self.body_iterator)
+                try:
+                    await self.body_iterator.aclose()
+                except Exception:  # noqa: BLE001 - closing an abandoned stream must not raise
+                    pass
+            if self._on_close is not None:
+                self._on_close()
 
 
-async def _close(gen) -> None:
-    try:
-        await gen.aclose()  # an unfinished AsyncLLM stream aborts its request here
-    except (RuntimeError, Exception):
-        pass
-
-
-def _sse(obj: dict) -> str:
+def sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-
-def _finish(reason: str | None) -> str | None:
-    return "length" if reason == "length" else ("stop" if reason in ("stop", "abort") else reason)
-
-
-def _outcome(e: BaseException) -> str:
-    if isinstance(e, QueueFullError):
-        return "queue_full"
-    if isinstance(e, (ConfigError, IdlmError)):
-        return "invalid"
-    if isinstance(e, (asyncio.CancelledError, GeneratorExit)):
-        return "disconnected"
-    return "error"
-
-
-def _map_engine_error(e: BaseException) -> BaseException:
-    if isinstance(e, ApiError):
-        return e
-    if isinstance(e, QueueFullError):
-        return ApiError(429, str(e), type_="rate_limit_error", code="queue_full")
-    if isinstance(e, IdlmError):
-        return ApiError(400, str(e))
-    if isinstance(e, RuntimeError):
-        return ApiError(503, str(e), type_="server_error", code="engine_dead")
-    return e
-
-
-def _from_validation(errors: list) -> ApiError:
-    err = errors[0] if errors else {}
-    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-    param = loc[0] if loc else None
-    return ApiError(400, f"invalid value for {'.'.join(loc) or 'body'}: {err.get('msg', 'invalid')}", param=param)

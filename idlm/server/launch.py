@@ -44,7 +44,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health)")
     p.add_argument("--max-running-requests", type=int, default=64, help="requests decoded together (max_num_seqs)")
-    p.add_argument("--max-waiting", type=int, default=None, help="queued requests beyond this get HTTP 429")
+    p.add_argument("--max-waiting", type=int, default=None,
+                   help="queued sequences beyond this get HTTP 429 (default: 4 x --max-running-requests, at least 256)")
+    p.add_argument("--max-seqs-per-request", type=int, default=256,
+                   help="most sequences (prompts x n) one request may start; more is a 400")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds running requests may finish before their responses end with an error")
+    p.add_argument("--timeout-keep-alive", type=float, default=5.0, help="close idle keep-alive connections after this")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="a request body not complete this many seconds after its headers gets 408")
     p.add_argument("--dllm-algorithm", default=None, help="IDLMBlockN (ISD), RISD, SDAR or AR")
     p.add_argument("--dllm-algorithm-config", default=None, help="YAML with the official algorithm keys")
     p.add_argument("--decoder", default=None, choices=["ar", "isd", "risd", "sdar"],
@@ -125,20 +133,33 @@ def resolve_options(args) -> dict:
     SamplingParams(**defaults)  # validate (ConfigError names the key)
     if args.max_running_requests < 1:
         raise ConfigError(f"--max-running-requests {args.max_running_requests} must be >= 1")
+    max_waiting = args.max_waiting if args.max_waiting is not None else max(256, 4 * args.max_running_requests)
+    if max_waiting < 0:
+        raise ConfigError(f"--max-waiting {args.max_waiting} must be >= 0")
+    if args.max_seqs_per_request < 1:
+        raise ConfigError(f"--max-seqs-per-request {args.max_seqs_per_request} must be >= 1")
+    for name in ("shutdown_timeout", "timeout_keep_alive", "body_timeout"):
+        v = getattr(args, name)
+        if not v >= 0 or v == float("inf"):
+            raise ConfigError(f"--{name.replace('_', '-')} {v} must be a finite number of seconds >= 0")
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port {args.port} must be in 1..65535")
     return {"decoder": decoder, "stride": stride or 4, "threshold": cfg.get("confidence_threshold", 0.9),
-            "defaults": defaults, "algorithm_config": cfg}
+            "defaults": defaults, "algorithm_config": cfg, "max_waiting": max_waiting}
 
 
 def cmd_serve(args) -> int:
+    """Serve until SIGTERM/SIGINT (exit 0, after draining for --shutdown-timeout) or until the engine
+    loop dies (exit 1, so a supervisor restarts the server)."""
+    import logging
+
     import torch
     import uvicorn
 
     from idlm.engine.async_engine import AsyncLLM
     from idlm.engine.llm_engine import EngineConfig, LLMEngine
     from idlm.models.loader import load_pretrained, resolve_model_path
-    from idlm.server.app import build_app
+    from idlm.server.app import Lifecycle, build_app
 
     opts = resolve_options(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -155,14 +176,38 @@ def cmd_serve(args) -> int:
                           max_num_seqs=args.max_running_requests, num_blocks=args.num_blocks,
                           attention=args.attention)
     engine = LLMEngine(model, tok, config, lora=lora)
-    async_llm = AsyncLLM(engine, max_waiting=args.max_waiting).start()
+    life = Lifecycle()
+    exit_code = 0
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # SIGTERM / SIGINT: drain first, then stop
+            if not self.should_exit:
+                life.drain(args.shutdown_timeout)
+            super().handle_exit(sig, frame)
+
+    server: Server | None = None
+
+    def on_engine_death(error: BaseException) -> None:  # from the engine thread
+        nonlocal exit_code
+        exit_code = 1
+        logging.getLogger("idlm.server").critical("the engine died (%r): stopping the server with exit code 1",
+                                                  error)
+        if server is not None and life.loop is not None and not life.loop.is_closed():
+            life.loop.call_soon_threadsafe(setattr, server, "should_exit", True)
+            life.drain(0)
+
+    async_llm = AsyncLLM(engine, max_waiting=opts["max_waiting"], on_death=on_engine_death).start()
     name = args.served_model_name or str(args.model)
     app = build_app(async_llm, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                    stride=opts["stride"], sampling_defaults=opts["defaults"])
+                    stride=opts["stride"], sampling_defaults=opts["defaults"],
+                    max_seqs_per_request=args.max_seqs_per_request, body_timeout=args.body_timeout, lifecycle=life)
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                   timeout_keep_alive=args.timeout_keep_alive,
+                                   timeout_graceful_shutdown=args.shutdown_timeout + 5))
     print(f"idlm serve: {name} ({opts['decoder']}, N={opts['stride']}) on http://{args.host}:{args.port}/v1",
           flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        server.run()
     finally:
         async_llm.close(timeout=10)
-    return 0
+    return exit_code

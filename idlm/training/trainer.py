@@ -5,8 +5,9 @@ One loop, four objectives (`idlm.training.objectives`). What a demanding user ex
   clipping, bf16 autocast on CUDA, gradient accumulation, optional torch.compile;
 - data parallel through `torchrun` (DDP; the same script on one GPU or on CPU with gloo);
 - metrics as JSONL (`metrics.jsonl`), a PNG loss plot, a tqdm progress bar with loss and tokens/s;
-- checkpoints written atomically (a temp directory renamed into place, then a `latest` pointer
-  replaced atomically): a run killed or out of disk mid-save leaves the previous checkpoint intact;
+- checkpoints written atomically and durably (a temp directory, fsynced, renamed into place, then a
+  `latest` pointer replaced the same way): a run killed, out of disk or losing power mid-save leaves
+  the previous checkpoint intact, and the temp files it left are swept by the next save;
 - exact resume: model, optimizer, scheduler, data position and RNG states; resuming from a
   checkpoint of a different config is refused.
 """
@@ -16,19 +17,42 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
-import uuid
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from idlm.atomic import atomic_dir
+from idlm.atomic import atomic_dir, atomic_write_text, ensure_dir, remove_abandoned, sweep_leftovers
 from idlm.errors import CheckpointError, ConfigError
 from idlm.training.config import NOT_FINGERPRINTED, TrainConfig
 from idlm.training.objectives import ar_loss, idlm_loss, sdar_loss
+
+# ----------------------------------------------------------------------------------- checkpoints
+_STEP_NAME = re.compile(r"step-\d+")
+_OLD_POINTER_TMP = re.compile(r"\.latest-[0-9a-f]{6}")  # the temp pointer name of earlier versions
+
+
+def sweep_checkpoint_leftovers(ckdir: str | os.PathLike) -> list[Path]:
+    """Remove what killed saves left in a checkpoints directory; returns the paths removed.
+
+    `.step-N.tmp-XXXXXXXX` / `.step-N.old-XXXXXXXX` of every step (a killed run's half-written checkpoint
+    has another step's name than the next save), `.latest.tmp-XXXXXXXX` and the older `.latest-XXXXXX`
+    temp pointers. Nothing a live save holds, and nothing else, is touched (see `idlm.atomic`).
+    """
+    ckdir = Path(ckdir)
+    removed = sweep_leftovers(ckdir, _STEP_NAME) + sweep_leftovers(ckdir, "latest")
+    try:
+        entries = list(os.scandir(ckdir))
+    except FileNotFoundError:
+        return removed
+    for e in entries:
+        if _OLD_POINTER_TMP.fullmatch(e.name) and not e.is_symlink() and remove_abandoned(e.path):
+            removed.append(Path(e.path))
+    return removed
 
 
 # ----------------------------------------------------------------------------------- distributed
@@ -173,7 +197,8 @@ class Trainer:
         cfg = self.cfg
         if resume:
             self.load_checkpoint()
-        elif self.rank == 0 and (self.out / "checkpoints").exists() and any((self.out / "checkpoints").iterdir()):
+        elif self.rank == 0 and (self.out / "checkpoints").exists() and any(
+                not p.name.startswith(".") for p in (self.out / "checkpoints").iterdir()):  # leftovers do not count
             raise ConfigError(f"{self.out} already holds checkpoints: pass --resume to continue, or another 'out'")
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -277,8 +302,8 @@ class Trainer:
         """checkpoints/step-N/{weights, trainer_state.pt}, made complete before it appears."""
         if self.rank != 0:
             return None
-        ckdir = self.out / "checkpoints"
-        ckdir.mkdir(parents=True, exist_ok=True)
+        ckdir = ensure_dir(self.out / "checkpoints")
+        sweep_checkpoint_leftovers(ckdir)
         final = ckdir / f"step-{self.step:07d}"
         with atomic_dir(final) as tmp:
             self._save_weights(tmp / "weights")
@@ -287,9 +312,8 @@ class Trainer:
                      "rng_torch": torch.get_rng_state(), "rng_objective": self.generator.get_state(),
                      "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
             torch.save(state, tmp / "trainer_state.pt")
-        pointer = ckdir / f".latest-{uuid.uuid4().hex[:6]}"
-        pointer.write_text(final.name)
-        os.replace(pointer, ckdir / "latest")  # the pointer moves only once the checkpoint is complete
+        # the pointer moves only once the checkpoint is complete and durable (atomic_dir fsynced it)
+        atomic_write_text(ckdir / "latest", final.name)
         done = sorted(p for p in ckdir.glob("step-*") if p.is_dir())
         for old in done[: -self.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
