@@ -182,55 +182,16 @@ def test_tokenizer_routes(server):
 # ------------------------------------------------------------------ lm-evaluation-harness
 
 
-MC_DOCS = [
-    {"question": "def add(a, b):\n    return a", "choices": [" + b", " * b", " - b"], "answer": 0},
-    {"question": "def is_even(n):\n    return n %", "choices": [" 2 == 0", " 3 == 1"], "answer": 0},
-    {"question": "import", "choices": [" os", " 12345"], "answer": 0},
-    {"question": "for i in range(", "choices": ["10):", "xyz]"], "answer": 0},
-]
-GEN_DOCS = [
-    {"question": "def fibonacci(n):", "answer": ""},
-    {"question": "class Stack:", "answer": ""},
-    {"question": "import os\nimport", "answer": " sys"},
-]
+REPO = Path(__file__).resolve().parent.parent
+TASKS = REPO / "tests" / "lm_eval_tasks"  # idlm_mc (multiple choice) and idlm_gen (generate_until) on local JSONL
 
 
-def _task_files(tmp: Path) -> Path:
-    tasks = tmp / "tasks"
-    tasks.mkdir()
-    (tmp / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in MC_DOCS))
-    (tmp / "gen.jsonl").write_text("".join(json.dumps(d) + "\n" for d in GEN_DOCS))
-    (tasks / "idlm_mc.yaml").write_text(f"""task: idlm_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {tmp / 'mc.jsonl'}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-target_delimiter: ""
-metric_list:
-  - metric: acc
-""")
-    (tasks / "idlm_gen.yaml").write_text(f"""task: idlm_gen
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {tmp / 'gen.jsonl'}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{question}}}}"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs:
-  until: ["\\n\\n"]
-  max_gen_toks: 24
-  do_sample: false
-metric_list:
-  - metric: exact_match
-""")
-    return tasks
+def lm_eval_command(base: str, out: Path) -> list[str]:
+    """The command docs/server.md records (run from the repository root): no tokenizer= argument."""
+    return [sys.executable, "-m", "lm_eval", "run", "--model", "local-completions",
+            "--model_args", f"model={MODEL},base_url={base}/v1/completions,num_concurrent=2,max_retries=1",
+            "--tasks", "idlm_mc,idlm_gen", "--include_path", str(TASKS), "--output_path", str(out),
+            "--log_samples", "--seed", "0"]
 
 
 @pytest.mark.slow
@@ -239,13 +200,11 @@ def test_lm_eval_harness_local_completions(tmp_path):
     (no tokenizer= argument: it finds /tokenizer_info and /tokenize). Its log-likelihoods equal HF
     transformers' on the same token ids; its generations equal the engine's greedy output."""
     pytest.importorskip("lm_eval")
-    tasks = _task_files(tmp_path)
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_CACHE": str(tmp_path / "hf"), "TOKENIZERS_PARALLELISM": "false"}
-    serve = subprocess.Popen([sys.executable, "-m", "idlm.cli", "serve", "--port", str(port), "--num-blocks", "256",
-                              "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
+    serve = subprocess.Popen([sys.executable, "-m", "idlm.cli", "serve", "--port", str(port), "--log-level", "warning"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
@@ -255,14 +214,10 @@ def test_lm_eval_harness_local_completions(tmp_path):
             except httpx.HTTPError:
                 time.sleep(0.1)
         out = tmp_path / "out"
-        cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "local-completions",
-               "--model_args", f"model={MODEL},base_url={base}/v1/completions,num_concurrent=2,max_retries=1,"
-                               "max_length=2048",
-               "--tasks", "idlm_mc,idlm_gen", "--include_path", str(tasks), "--output_path", str(out),
-               "--log_samples", "--seed", "0"]
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        res = subprocess.run(lm_eval_command(base, out), env=env, cwd=REPO, capture_output=True, text=True,
+                             timeout=900)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
-        assert "Using remote tokenizer" in res.stderr + res.stdout or "remote" in res.stderr
+        assert "Auto-detected remote tokenizer support" in res.stdout + res.stderr
     finally:
         serve.terminate()
         serve.wait(30)
@@ -273,7 +228,7 @@ def test_lm_eval_harness_local_completions(tmp_path):
     # log-likelihoods: recompute each (context, continuation) with HF transformers on lm-eval's own split
     model, tok = load_pretrained(MODEL)
     samples = [json.loads(ln) for f in out.rglob("samples_idlm_mc_*.jsonl") for ln in f.read_text().splitlines()]
-    assert len(samples) == len(MC_DOCS)
+    assert len(samples) == len((TASKS / "mc.jsonl").read_text().splitlines())
     for s in samples:
         args = [s["arguments"][f"gen_args_{j}"] for j in range(len(s["arguments"]))]
         assert len(args) == len(s["resps"]) == len(s["doc"]["choices"])
@@ -292,7 +247,7 @@ def test_lm_eval_harness_local_completions(tmp_path):
 
     engine = LLMEngine(model, tok, EngineConfig(decoder="isd", stride=4, num_blocks=64, max_num_seqs=4))
     gens = [json.loads(ln) for f in out.rglob("samples_idlm_gen_*.jsonl") for ln in f.read_text().splitlines()]
-    assert len(gens) == len(GEN_DOCS)
+    assert len(gens) == len((TASKS / "gen.jsonl").read_text().splitlines())
     for s in gens:
         prompt = s["arguments"]["gen_args_0"]["arg_0"]
         ref = engine.run([tok.encode(prompt)], SamplingParams(temperature=0, max_tokens=24,

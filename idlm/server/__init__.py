@@ -1,8 +1,10 @@
 """The OpenAI-compatible HTTP server (`idlm serve`).
 
 Why it exists: clients (the `openai` SDK, curl, load generators) talk to idlm over HTTP with the
-OpenAI wire format; this package turns those requests into `AsyncLLM.generate` calls and streams the
-committed tokens back. `app.build_app` makes the FastAPI app; `launch` holds the CLI plumbing.
+OpenAI wire format; this package turns those requests into `AsyncLLM` requests and streams the
+committed tokens back. `protocol` is the wire format, `app.build_app` makes the FastAPI app,
+`middleware` guards it, `metrics` counts, `launch` holds the CLI plumbing. docs/server.md says what
+the server guarantees and how it was measured.
 """
 
 __all__ = ["build_app"]

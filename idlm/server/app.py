@@ -175,19 +175,22 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None, 
 
     # ------------------------------------------------------------------ running
 
+    def check_fanout(count: int) -> None:
+        """Refuse, before any tokenizing, a request starting more sequences (prompts x n) than allowed."""
+        if count > max_seqs_per_request:
+            raise P.ApiError(400, f"this request would start {count} sequences (prompts x n); the server "
+                                  f"allows {max_seqs_per_request} per request", param="n", code="too_many_sequences")
+        cap = async_llm.capacity
+        if cap is not None and count > cap:
+            raise P.ApiError(400, f"this request needs {count} sequences at once but the server holds at most "
+                                  f"{cap} (running + waiting); it could never run", param="n",
+                             code="too_many_sequences")
+
     async def admit(endpoint: str, jobs: list[tuple[list[int], Any]]) -> list[RequestStream]:
         """Queue every job of one request, all or none; errors become HTTP errors."""
         try:
             check_accepting()
-            if len(jobs) > max_seqs_per_request:
-                raise P.ApiError(400, f"this request would start {len(jobs)} sequences (prompts x n); the server "
-                                      f"allows {max_seqs_per_request} per request", param="n",
-                                 code="too_many_sequences")
-            cap = async_llm.capacity
-            if cap is not None and len(jobs) > cap:
-                raise P.ApiError(400, f"this request needs {len(jobs)} sequences at once but the server holds at "
-                                      f"most {cap} (running + waiting); it could never run", param="n",
-                                 code="too_many_sequences")
+            check_fanout(len(jobs))
             return await async_llm.add_requests(jobs)
         except BaseException as e:
             if not isinstance(e, asyncio.CancelledError):
@@ -372,6 +375,7 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None, 
         prompts = req.prompts()
         if not prompts:
             raise P.ApiError(400, "prompt must not be empty", param="prompt")
+        check_fanout(len(prompts) * req.n)
         ids_list, texts = [], []
         for pr in prompts:
             ids = tok.encode(pr, add_special_tokens=True) if isinstance(pr, str) else list(pr)
@@ -465,6 +469,7 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None, 
     async def chat(request: Request):
         req = await read_body(request, P.ChatRequest)
         check_accepting()
+        check_fanout(req.n)
         ids = encode_chat(req.messages)
         params = P.to_sampling_params(req, len(ids), max_len, server_stride=server_stride, defaults=defaults,
                                       default_max_tokens=None)
