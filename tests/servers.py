@@ -7,8 +7,11 @@ client, disconnects and slow clients behave as in production) and stops it after
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -71,3 +74,31 @@ def assert_still_serving(base: str, llm, model: str, headers: dict | None = None
     assert metric(m, "idlm_waiting_requests") == 0
     assert metric(m, "idlm_kv_pages_free") == metric(m, "idlm_kv_pages_total")
     assert metric(m, "idlm_engine_healthy") == 1
+
+
+def wait_healthy(base: str, proc=None, timeout: float = 120.0) -> None:
+    """Wait until /health answers 200 (raising if `proc`, the server process, exits first)."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"idlm serve exited early: {proc.stdout.read() if proc.stdout else ''}")
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"{base} did not become healthy within {timeout} s")
+
+
+def start_serve(port: int, *options: str, env: dict | None = None) -> subprocess.Popen:
+    """`idlm serve` as a user runs it (a process of its own, so signals and exit codes are real), healthy."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "idlm.cli", "serve", "--port", str(port), "--log-level", "warning", *options]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", proc)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from idlm.cli import main
 from idlm.decoding import make_decoder
 from idlm.decoding.runner import generate
@@ -22,11 +20,6 @@ def test_assets_exist_with_model_cards_and_fit_the_budget():
         assert (path / "README.md").exists()
         total += sum(f.stat().st_size for f in path.iterdir())
     assert total <= 80 * 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_pretrained("idlm-tiny")
 
 
 def test_idlm_tiny_is_the_cli_default(capsys):

@@ -7,11 +7,13 @@ stress test uses a tiny random model and a small KV pool so preemption happens c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 
 import pytest
 import torch
+from faults import POISON_SEED, poisoned_step
 from tiny import tiny_transformer
 
 from idlm.cli import main
@@ -21,23 +23,10 @@ from idlm.decoding.sampling import SamplingParams
 from idlm.engine.llm_engine import EngineConfig, LLMEngine
 from idlm.errors import ConfigError
 from idlm.layers.attention import KVCache
-from idlm.layers.lora import LoRAAdapter
 from idlm.layers.paged_attention import PagedAttention, PagedKVCache
-from idlm.models import registry
 from idlm.models.loader import load_pretrained
 
 MASK = 5
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_pretrained("idlm-tiny", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def tiny_ar():
-    model, tok = load_pretrained("idlm-tiny-ar", dtype="float32")
-    return model, tok, LoRAAdapter.load(registry.fetch("idlm-tiny-ar-risd-lora"), model.config)
 
 
 def _workload(tok, n=64, seed=0):
@@ -311,28 +300,19 @@ def test_a_request_whose_step_raises_fails_alone(tiny, where):
     prompts, params = _workload(tok, n=12, seed=3)
     ref = _small_engine(model, tok, "isd", 4).run(prompts, params)
     engine = _small_engine(model, tok, "isd", 4)
-    bad = SamplingParams(temperature=1.0, max_tokens=20, seed=666)
+    bad = SamplingParams(temperature=1.0, max_tokens=20, seed=POISON_SEED)
     if where == "prefill":
         bad.top_k = 2**64  # what API validation now rejects: torch cannot hold it
-    else:
-        decoder = engine._decoder(4)
-        original = decoder.step_inputs
-
-        def poisoned(states, ps, *a, **kw):
-            if any(p.seed == 666 for p in ps):
-                raise ValueError("injected")
-            return original(states, ps, *a, **kw)
-
-        decoder.step_inputs = poisoned
     rids = [engine.add_request(p, sp) for p, sp in zip(prompts[:6], params[:6])]
     bad_rid = engine.add_request(prompts[0], bad)
     rids += [engine.add_request(p, sp) for p, sp in zip(prompts[6:], params[6:])]
     outs = {r: engine.seqs[r].output for r in rids + [bad_rid]}
     finished = {}
-    while engine.has_unfinished():
-        for o in engine.step():
-            if o.finished:
-                finished[o.request_id] = o
+    with poisoned_step(engine._decoder(4)) if where == "decode" else contextlib.nullcontext():
+        while engine.has_unfinished():
+            for o in engine.step():
+                if o.finished:
+                    finished[o.request_id] = o
     failed = outs[bad_rid]
     assert failed.finish_reason == "error" and failed.error
     assert ("Overflow" in failed.error) if where == "prefill" else ("injected" in failed.error)

@@ -25,24 +25,10 @@ from idlm.engine import model_runner
 from idlm.engine.llm_engine import EngineConfig, LLMEngine
 from idlm.errors import ConfigError
 from idlm.layers.attention import DenseAttention
-from idlm.layers.lora import LoRAAdapter
-from idlm.models import registry
-from idlm.models.loader import load_pretrained
 
 ATOL = 1e-4
 TEXTS = ["def fibonacci(n):", "What is 17 + 25?", "class Stack:\n    def push(self, x):", "import os\n",
          "Reverse the order of the words in this text:\none two three"]
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_pretrained("idlm-tiny", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def tiny_ar():
-    model, tok = load_pretrained("idlm-tiny-ar", dtype="float32")
-    return model, tok, LoRAAdapter.load(registry.fetch("idlm-tiny-ar-risd-lora"), model.config)
 
 
 @torch.no_grad()

@@ -11,14 +11,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 import torch
-from servers import assert_still_serving, free_port, serving
+from servers import assert_still_serving, free_port, serving, start_serve
 
 from idlm.engine.async_engine import AsyncLLM
 from idlm.engine.llm_engine import EngineConfig, LLMEngine
@@ -203,16 +202,9 @@ def test_lm_eval_harness_local_completions(tmp_path):
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_CACHE": str(tmp_path / "hf"), "TOKENIZERS_PARALLELISM": "false"}
-    serve = subprocess.Popen([sys.executable, "-m", "idlm.cli", "serve", "--port", str(port), "--log-level", "warning"],
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    serve = start_serve(port, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
         out = tmp_path / "out"
         res = subprocess.run(lm_eval_command(base, out), env=env, cwd=REPO, capture_output=True, text=True,
                              timeout=900)

@@ -12,17 +12,15 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
-from servers import assert_still_serving, free_port, metric, serving, wait_idle
+from faults import POISON_SEED, poisoned_step
+from servers import assert_still_serving, free_port, metric, serving, start_serve, wait_healthy, wait_idle
 
 from idlm.engine.async_engine import AsyncLLM
 from idlm.engine.llm_engine import EngineConfig, LLMEngine
@@ -104,16 +102,7 @@ def test_a_failing_step_fails_only_its_request(server):
     decoder's step inputs for one marked seed) ends alone with a 500 / an error event; a request
     running beside it completes, and the engine stays healthy."""
     engine = server["engine"]
-    decoder = engine._decoder(engine.config.stride)
-    original = decoder.step_inputs
-
-    def poisoned(states, params, *a, **kw):
-        if any(p.seed == 666 for p in params):
-            raise ValueError("Overflow when unpacking long long (injected)")
-        return original(states, params, *a, **kw)
-
-    decoder.step_inputs = poisoned
-    try:
+    with poisoned_step(engine._decoder(engine.config.stride), "Overflow when unpacking long long (injected)"):
         good = {}
 
         def normal_stream():
@@ -124,17 +113,15 @@ def test_a_failing_step_fails_only_its_request(server):
 
         th = threading.Thread(target=normal_stream)
         th.start()
-        r = post(server, {"prompt": "x = 1", "max_tokens": 16, "temperature": 1.0, "seed": 666})
+        r = post(server, {"prompt": "x = 1", "max_tokens": 16, "temperature": 1.0, "seed": POISON_SEED})
         assert_error(r, 500, code="request_failed")
         with httpx.stream("POST", server["base"] + "/v1/completions", timeout=60,
-                          json={"prompt": "x = 1", "max_tokens": 16, "seed": 666, "stream": True}) as s:
+                          json={"prompt": "x = 1", "max_tokens": 16, "seed": POISON_SEED, "stream": True}) as s:
             lines = [ln for ln in s.iter_lines() if ln]
         assert json.loads(lines[-2][6:])["error"]["code"] == "request_failed" and lines[-1] == "data: [DONE]"
         th.join(60)
         done = json.loads(good["lines"][-2][6:])
         assert done["choices"][0]["finish_reason"] == "length", good["lines"][-3:]
-    finally:
-        decoder.step_inputs = original
     m = httpx.get(server["base"] + "/metrics").text
     assert metric(m, "idlm_engine_failed_requests") >= 2
     still_serving(server)
@@ -372,29 +359,10 @@ def test_api_key_is_checked_for_every_route_but_health(model_tok, server):
 # ------------------------------------------------------------------ 6 and 8: shutdown and engine death (processes)
 
 
-def _start_serve(port: int, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "idlm.cli", "serve", "--port", str(port), "--max-running-requests", "4",
-           "--num-blocks", "128", "--log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise AssertionError(f"idlm serve exited early: {proc.stdout.read()}")
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError("idlm serve did not start")
-
-
 @pytest.mark.slow
 def test_sigterm_drains_then_ends_open_streams_with_an_error_event():
     port = free_port()
-    proc = _start_serve(port, "--shutdown-timeout", "2")
+    proc = start_serve(port, "--max-running-requests", "4", "--num-blocks", "128", "--shutdown-timeout", "2")
     base = f"http://127.0.0.1:{port}"
     try:
         lines, short = [], {}
@@ -459,12 +427,7 @@ def test_engine_death_is_logged_visible_and_exits_non_zero(monkeypatch, caplog):
     with caplog.at_level(logging.ERROR):
         th.start()
         base = f"http://127.0.0.1:{port}"
-        for _ in range(600):
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.05)
+        wait_healthy(base)
         with httpx.stream("POST", base + "/v1/completions", timeout=30,
                           json={"prompt": "a", "max_tokens": 100, "ignore_eos": True, "stream": True}) as r:
             lines = [ln for ln in r.iter_lines() if ln]

@@ -289,16 +289,21 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None, 
             close_all(streams)
             metrics.requests.labels(endpoint, result).inc()
 
-    async def stream_events(endpoint: str, streams: list[RequestStream], render) -> AsyncIterator[str]:
-        """Streaming: SSE lines from `render(i, item)` for every output; the stream ends with
-        `data: [DONE]`, after an `error` event if the request failed, the engine died or the server
-        is shutting down. Closing the generator (client gone) aborts every unfinished request."""
+    async def stream_events(endpoint: str, streams: list[RequestStream], render, chunk,
+                            usage_prompt_tokens: int | None) -> AsyncIterator[str]:
+        """Streaming: SSE lines from `render(i, item)` for every output; the stream ends with the usage
+        chunk (`usage_prompt_tokens` not None: stream_options.include_usage) and `data: [DONE]`, after an
+        `error` event if the request failed, the engine died or the server is shutting down. Closing
+        the generator (client gone) aborts every unfinished request."""
         timers = [_Timer() for _ in streams]
         result = "disconnected"  # unless we reach the end
+        completion_tokens = 0
         try:
             try:
                 async for i, item in merged(streams):
                     timers[i].saw(item)
+                    if item.finished:
+                        completion_tokens += len(item.output.token_ids)
                     if item.finished and item.output.finish_reason == "error":
                         raise P.server_error(f"the request failed in the engine: {item.output.error}",
                                              code="request_failed")
@@ -312,8 +317,9 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None, 
                 result = "error"
                 err = e if isinstance(e, P.ApiError) else P.map_engine_error(e)
                 yield sse(err.body())
-            for line in render(None, None):  # the closing lines (usage, [DONE])
-                yield line
+            if usage_prompt_tokens is not None:
+                yield chunk([], P.usage(usage_prompt_tokens, completion_tokens))
+            yield "data: [DONE]\n\n"
         finally:
             close_all(streams)
             metrics.requests.labels(endpoint, result).inc()
@@ -423,27 +429,15 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None, 
                         lp = {key: plp[key] + lp[key] for key in lp}
                 choices.append({"index": i, "text": text, "logprobs": lp,
                                 "finish_reason": P.finish_reason(o.finish_reason)})
-            return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                    "choices": choices, "usage": P.usage(ptoks, sum(len(o.token_ids) for o in outs))}
+            return P.envelope(rid, "text_completion", model_name, choices,
+                              P.usage(ptoks, sum(len(o.token_ids) for o in outs)))
 
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
         seen, offset, started = [0] * len(jobs), [0] * len(jobs), [False] * len(jobs)
-        ctoks = 0
 
         def chunk(choices: list, usage_: dict | None = None) -> str:
-            d = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                 "choices": choices}
-            if usage_ is not None:
-                d["usage"] = usage_
-            return sse(d)
+            return sse(P.envelope(rid, "text_completion", model_name, choices, usage_))
 
         def render(i, item):
-            nonlocal ctoks
-            if item is None:
-                if include_usage:
-                    yield chunk([], P.usage(ptoks, ctoks))
-                yield "data: [DONE]\n\n"
-                return
             out = item.output
             if req.echo and not started[i]:
                 started[i] = True
@@ -456,12 +450,11 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None, 
                 return
             lp = gen_logprobs(out, n0, n1, offset[i]) if want_lp else None
             offset[i] += len(item.new_text)
-            if item.finished:
-                ctoks += len(out.token_ids)
             yield chunk([{"index": i, "text": item.new_text, "logprobs": lp,
                           "finish_reason": P.finish_reason(out.finish_reason) if item.finished else None}])
 
-        return SSEResponse(stream_events("completions", streams, render), on_close=lambda: close_all(streams))
+        events = stream_events("completions", streams, render, chunk, ptoks if include_usage(req) else None)
+        return SSEResponse(events, on_close=lambda: close_all(streams))
 
     # ------------------------------------------------------------------ chat
 
@@ -487,40 +480,26 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None, 
             choices = [{"index": i, "message": {"role": "assistant", "content": o.text or ""},
                         "logprobs": logprobs(o, 0, len(o.token_ids)), "finish_reason": P.finish_reason(o.finish_reason)}
                        for i, o in enumerate(outs)]
-            return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
-                    "choices": choices, "usage": P.usage(len(ids), sum(len(o.token_ids) for o in outs))}
+            return P.envelope(rid, "chat.completion", model_name, choices,
+                              P.usage(len(ids), sum(len(o.token_ids) for o in outs)))
 
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
         seen = [0] * len(streams)
-        ctoks = 0
 
         def chunk(choices: list, usage_: dict | None = None) -> str:
-            d = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name,
-                 "choices": choices}
-            if usage_ is not None:
-                d["usage"] = usage_
-            return sse(d)
+            return sse(P.envelope(rid, "chat.completion.chunk", model_name, choices, usage_))
 
         def render(i, item):
-            nonlocal ctoks
-            if item is None:
-                if include_usage:
-                    yield chunk([], P.usage(len(ids), ctoks))
-                yield "data: [DONE]\n\n"
-                return
             out = item.output
             n0, n1 = seen[i], seen[i] + len(item.new_token_ids)
             seen[i] = n1
             if not item.new_text and not item.finished and not (req.logprobs and n1 > n0):
                 return
-            if item.finished:
-                ctoks += len(out.token_ids)
             delta = {"content": item.new_text} if item.new_text else {}
             yield chunk([{"index": i, "delta": delta, "logprobs": logprobs(out, n0, n1),
                           "finish_reason": P.finish_reason(out.finish_reason) if item.finished else None}])
 
         async def with_roles():
-            events = stream_events("chat", streams, render)
+            events = stream_events("chat", streams, render, chunk, len(ids) if include_usage(req) else None)
             try:
                 for i in range(len(streams)):  # the role first, at once: the response starts before any token
                     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -570,6 +549,10 @@ class SSEResponse(StreamingResponse):
                     pass
             if self._on_close is not None:
                 self._on_close()
+
+
+def include_usage(req) -> bool:
+    return bool(req.stream_options and req.stream_options.include_usage)
 
 
 def sse(obj: dict) -> str:

@@ -21,6 +21,7 @@ the app (`app.py`) only runs requests, and each rule is testable without a serve
 from __future__ import annotations
 
 import math
+import time
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -321,6 +322,14 @@ def to_sampling_params(req: CompletionRequest | ChatRequest, prompt_len: int, ma
 
 
 # --------------------------------------------------------------------------- responses
+
+
+def envelope(rid: str, obj: str, model: str, choices: list, usage_: dict | None = None) -> dict:
+    """A response or stream chunk: {id, object, created, model, choices[, usage]}."""
+    d = {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": choices}
+    if usage_ is not None:
+        d["usage"] = usage_
+    return d
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
