@@ -1,10 +1,11 @@
 """The OpenAI-compatible HTTP server (`idlm serve`).
 
-Why it exists: clients (the `openai` SDK, curl, load generators) talk to idlm over HTTP with the
-OpenAI wire format; this package turns those requests into `AsyncLLM` requests and streams the
-committed tokens back. `protocol` is the wire format, `app.build_app` makes the FastAPI app,
-`middleware` guards it, `metrics` counts, `launch` holds the CLI plumbing. docs/server.md says what
-the server guarantees and how it was measured.
+Why it exists: clients (the `openai` SDK, curl, load generators, lm-evaluation-harness) talk to idlm
+over HTTP with the OpenAI wire format; this package turns those requests into `AsyncLLM` requests and
+streams the committed tokens back. `protocol` is the wire format, `app.build_app` makes the FastAPI
+app, `runner` runs a request's engine streams (admission, cancellation, shutdown), `middleware`
+guards it, `metrics` counts, `launch` holds the CLI plumbing. docs/server.md says what the server
+guarantees and how it was measured.
 """
 
 __all__ = ["build_app"]

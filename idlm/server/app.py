@@ -1,19 +1,20 @@
 """The FastAPI app: OpenAI `/v1/completions` and `/v1/chat/completions` (and vLLM's tokenizer routes) on `AsyncLLM`.
 
-Why it exists: it runs requests — admission, streaming, cancellation, shutdown — and leaves the wire
-format to `protocol.py`, the guards to `middleware.py` and the series to `metrics.py`. Its rules:
+Why it exists: it is the endpoints — parse (`protocol.py`), tokenize, admit and run (`runner.py`),
+and render each output in its endpoint's wire format — with the guards in `middleware.py` and the
+series in `metrics.py`. Its rules:
 
-- no request can hurt the server: the body is parsed strictly (protocol), a request is admitted all
-  or none (prompts x n, capped by `max_seqs_per_request`; one that could never fit the engine's
-  running + waiting capacity is a 400, a full queue a 429 with Retry-After), and a failure inside one
-  request's engine step fails that request alone (500, or an error event when streaming);
+- no request can hurt the server: the body is parsed strictly, a request is admitted all or none
+  (prompts x n capped by `max_seqs_per_request`; one that could never fit the engine's running +
+  waiting capacity is a 400, a full queue a 429 with Retry-After), and a failure inside one request's
+  engine step fails that request alone (500, or an error event when streaming);
 - a response starts as soon as its requests are queued, and a client that leaves — streaming or
   not — has its requests aborted and their KV pages freed;
 - statuses: 400 bad input, 401 key, 404 model / route, 408 slow body, 413 body too large, 429 queue
   full, 500 a request failed in the engine, 503 engine dead or shutting down; every error body is
   OpenAI-style JSON (never plain text), and an error after a stream started is an SSE `error` event;
-- graceful shutdown (`Lifecycle`): on SIGTERM new requests get 503 while running ones may finish
-  for `shutdown_timeout` seconds; then every open response ends with an error.
+- graceful shutdown (`runner.Lifecycle`): on SIGTERM new requests get 503 while running ones may
+  finish for `shutdown_timeout` seconds; then every open response ends with an error.
 """
 
 from __future__ import annotations
@@ -23,56 +24,26 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 import idlm
-from idlm.engine.async_engine import AsyncLLM, RequestStream
+from idlm.engine.async_engine import AsyncLLM
 from idlm.errors import IdlmError
 from idlm.server import protocol as P
 from idlm.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from idlm.server.middleware import GuardMiddleware, error_response
+from idlm.server.runner import ClientGone, Lifecycle, RequestRunner, SSEResponse, close_all, sse
 
 logger = logging.getLogger("idlm.server")
 
 DEFAULT_MAX_SEQS_PER_REQUEST = 256
-
-
-class Lifecycle:
-    """Graceful shutdown of one app. `drain(timeout)` may be called from a signal handler: new
-    generation requests get 503 at once, and `timeout` seconds later `expired` is set, which ends
-    every open response with an error (their requests are aborted)."""
-
-    def __init__(self):
-        self.draining = False
-        self.expired = asyncio.Event()
-        self.loop: asyncio.AbstractEventLoop | None = None  # set when the app starts
-
-    def drain(self, timeout: float) -> None:
-        self.draining = True
-        loop = self.loop
-        if loop is None or loop.is_closed():
-            return
-        if timeout <= 0:
-            loop.call_soon_threadsafe(self.expired.set)
-        else:
-            loop.call_soon_threadsafe(loop.call_later, timeout, self.expired.set)
-
-
-class ClientGone(Exception):
-    """The client disconnected (during upload or while its response was being computed)."""
-
-
-class _Expired(Exception):
-    """The shutdown timeout ran out while this response was open."""
 
 
 def build_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None, max_body_bytes: int = 1 << 20,
@@ -91,6 +62,7 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None, 
                 **(sampling_defaults or {})}
     metrics = ServerMetrics()
     life = lifecycle or Lifecycle()
+    runner = RequestRunner(async_llm, metrics, life, max_seqs_per_request)
     tt = P.TokenText(tok)
     created = int(time.time())
 
@@ -156,12 +128,6 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None, 
                              param="model", code="model_not_found")
         return req
 
-    def check_accepting() -> None:
-        if life.draining:
-            raise P.shutting_down()
-        if not async_llm.is_healthy:
-            raise P.engine_dead()
-
     def check_ids(ids: list[int], param: str) -> None:
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
@@ -172,157 +138,6 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None, 
             return tok.encode_chat([m.as_template_message() for m in messages], add_generation_prompt)
         except (IdlmError, ValueError, TypeError, KeyError) as e:
             raise P.ApiError(400, f"cannot apply the chat template: {e}", param="messages") from None
-
-    # ------------------------------------------------------------------ running
-
-    def check_fanout(count: int) -> None:
-        """Refuse, before any tokenizing, a request starting more sequences (prompts x n) than allowed."""
-        if count > max_seqs_per_request:
-            raise P.ApiError(400, f"this request would start {count} sequences (prompts x n); the server "
-                                  f"allows {max_seqs_per_request} per request", param="n", code="too_many_sequences")
-        cap = async_llm.capacity
-        if cap is not None and count > cap:
-            raise P.ApiError(400, f"this request needs {count} sequences at once but the server holds at most "
-                                  f"{cap} (running + waiting); it could never run", param="n",
-                             code="too_many_sequences")
-
-    async def admit(endpoint: str, jobs: list[tuple[list[int], Any]]) -> list[RequestStream]:
-        """Queue every job of one request, all or none; errors become HTTP errors."""
-        try:
-            check_accepting()
-            check_fanout(len(jobs))
-            return await async_llm.add_requests(jobs)
-        except BaseException as e:
-            if not isinstance(e, asyncio.CancelledError):
-                metrics.requests.labels(endpoint, P.outcome(e)).inc()
-            raise P.map_engine_error(e) from None
-
-    class _Timer:
-        """TTFT / TPOT of one choice."""
-
-        def __init__(self):
-            self.t0, self.first = time.perf_counter(), None
-
-        def saw(self, item) -> None:
-            if self.first is None and item.new_token_ids:
-                self.first = time.perf_counter()
-                metrics.ttft.observe(self.first - self.t0)
-            if item.finished:
-                n = len(item.output.token_ids)
-                metrics.generation_tokens.inc(n)
-                if n > 1 and self.first is not None:
-                    metrics.tpot.observe((time.perf_counter() - self.first) / (n - 1))
-
-    async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Any]]:
-        """(choice index, RequestOutput) from every stream in arrival order, until all finished;
-        raises _Expired when the shutdown timeout runs out, and a stream's own error."""
-        q: asyncio.Queue = asyncio.Queue()
-
-        async def pump(i: int, s: RequestStream):
-            try:
-                async for item in s:
-                    q.put_nowait((i, item))
-            except BaseException as e:  # noqa: BLE001 - handed to the consumer
-                q.put_nowait((i, e))
-
-        async def watch():
-            await life.expired.wait()
-            q.put_nowait((-1, _Expired()))
-
-        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)] + [asyncio.create_task(watch())]
-        left = len(streams)
-        try:
-            while left:
-                i, item = await q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield i, item
-                left -= item.finished
-        finally:
-            for t in tasks:  # no await here: see close_all
-                t.cancel()
-
-    def close_all(streams: list[RequestStream]) -> None:
-        """Abort every unfinished request. Synchronous on purpose: it must run to the end even inside a
-        cancelled scope (a client that left), where every await would be cancelled again."""
-        for s in streams:
-            s.close()
-
-    async def wait_disconnect(request: Request) -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    async def collect(request: Request, endpoint: str, streams: list[RequestStream]) -> list:
-        """Non-streaming: every request to its end -> finished outputs; the client leaving aborts them."""
-        timers = [_Timer() for _ in streams]
-        outs: list = [None] * len(streams)
-
-        async def run():
-            async for i, item in merged(streams):
-                timers[i].saw(item)
-                if item.finished:
-                    outs[i] = item.output
-
-        work, gone = asyncio.create_task(run()), asyncio.create_task(wait_disconnect(request))
-        result = "success"
-        try:
-            await asyncio.wait([work, gone], return_when=asyncio.FIRST_COMPLETED)
-            if not work.done():
-                result = "disconnected"
-                raise ClientGone()
-            try:
-                work.result()
-            except _Expired:
-                result = "shutdown"
-                raise P.shutting_down() from None
-            except RuntimeError as e:
-                result = "error"
-                raise P.map_engine_error(e) from None
-            failed = next((o for o in outs if o.finish_reason == "error"), None)
-            if failed is not None:
-                result = "error"
-                raise P.server_error(f"the request failed in the engine: {failed.error}", code="request_failed")
-            return outs
-        finally:
-            for t in (work, gone):
-                t.cancel()
-            close_all(streams)
-            metrics.requests.labels(endpoint, result).inc()
-
-    async def stream_events(endpoint: str, streams: list[RequestStream], render, chunk,
-                            usage_prompt_tokens: int | None) -> AsyncIterator[str]:
-        """Streaming: SSE lines from `render(i, item)` for every output; the stream ends with the usage
-        chunk (`usage_prompt_tokens` not None: stream_options.include_usage) and `data: [DONE]`, after an
-        `error` event if the request failed, the engine died or the server is shutting down. Closing
-        the generator (client gone) aborts every unfinished request."""
-        timers = [_Timer() for _ in streams]
-        result = "disconnected"  # unless we reach the end
-        completion_tokens = 0
-        try:
-            try:
-                async for i, item in merged(streams):
-                    timers[i].saw(item)
-                    if item.finished:
-                        completion_tokens += len(item.output.token_ids)
-                    if item.finished and item.output.finish_reason == "error":
-                        raise P.server_error(f"the request failed in the engine: {item.output.error}",
-                                             code="request_failed")
-                    for line in render(i, item):
-                        yield line
-                result = "success"
-            except _Expired:
-                result = "shutdown"
-                yield sse(P.shutting_down().body())
-            except (P.ApiError, RuntimeError) as e:
-                result = "error"
-                err = e if isinstance(e, P.ApiError) else P.map_engine_error(e)
-                yield sse(err.body())
-            if usage_prompt_tokens is not None:
-                yield chunk([], P.usage(usage_prompt_tokens, completion_tokens))
-            yield "data: [DONE]\n\n"
-        finally:
-            close_all(streams)
-            metrics.requests.labels(endpoint, result).inc()
 
     # ------------------------------------------------------------------ info routes
 
@@ -377,11 +192,11 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None, 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = await read_body(request, P.CompletionRequest)
-        check_accepting()
+        runner.check_accepting()
         prompts = req.prompts()
         if not prompts:
             raise P.ApiError(400, "prompt must not be empty", param="prompt")
-        check_fanout(len(prompts) * req.n)
+        runner.check_fanout(len(prompts) * req.n)
         ids_list, texts = [], []
         for pr in prompts:
             ids = tok.encode(pr, add_special_tokens=True) if isinstance(pr, str) else list(pr)
@@ -397,7 +212,7 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None, 
                 jobs.append((ids, sp))
                 owner.append(k)
         ptoks = sum(len(ids) for ids in ids_list)  # each prompt once, whatever n is
-        streams = await admit("completions", jobs)
+        streams = await runner.admit("completions", jobs)
         metrics.prompt_tokens.inc(ptoks)
         rid, want_lp = f"cmpl-{uuid.uuid4().hex}", req.logprobs is not None
 
@@ -416,7 +231,7 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None, 
                                          offset0)
 
         if not req.stream:
-            outs = await collect(request, "completions", streams)
+            outs = await runner.collect(request, "completions", streams)
             choices = []
             for i, o in enumerate(outs):
                 text, lp = o.text or "", None
@@ -453,7 +268,7 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None, 
             yield chunk([{"index": i, "text": item.new_text, "logprobs": lp,
                           "finish_reason": P.finish_reason(out.finish_reason) if item.finished else None}])
 
-        events = stream_events("completions", streams, render, chunk, ptoks if include_usage(req) else None)
+        events = runner.stream_events("completions", streams, render, chunk, ptoks if include_usage(req) else None)
         return SSEResponse(events, on_close=lambda: close_all(streams))
 
     # ------------------------------------------------------------------ chat
@@ -461,12 +276,12 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None, 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         req = await read_body(request, P.ChatRequest)
-        check_accepting()
-        check_fanout(req.n)
+        runner.check_accepting()
+        runner.check_fanout(req.n)
         ids = encode_chat(req.messages)
         params = P.to_sampling_params(req, len(ids), max_len, server_stride=server_stride, defaults=defaults,
                                       default_max_tokens=None)
-        streams = await admit("chat", [(ids, sp) for sp in params])
+        streams = await runner.admit("chat", [(ids, sp) for sp in params])
         metrics.prompt_tokens.inc(len(ids))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
 
@@ -476,7 +291,7 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None, 
             return P.chat_logprobs(tt, out.token_ids[n0:n1], out.logprobs[n0:n1], P.top_or_empty(out, n0, n1))
 
         if not req.stream:
-            outs = await collect(request, "chat", streams)
+            outs = await runner.collect(request, "chat", streams)
             choices = [{"index": i, "message": {"role": "assistant", "content": o.text or ""},
                         "logprobs": logprobs(o, 0, len(o.token_ids)), "finish_reason": P.finish_reason(o.finish_reason)}
                        for i, o in enumerate(outs)]
@@ -499,7 +314,7 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None, 
                           "finish_reason": P.finish_reason(out.finish_reason) if item.finished else None}])
 
         async def with_roles():
-            events = stream_events("chat", streams, render, chunk, len(ids) if include_usage(req) else None)
+            events = runner.stream_events("chat", streams, render, chunk, len(ids) if include_usage(req) else None)
             try:
                 for i in range(len(streams)):  # the role first, at once: the response starts before any token
                     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -514,47 +329,7 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None, 
     return app
 
 
-class SSEResponse(StreamingResponse):
-    """A StreamingResponse that watches for the client leaving from the first byte on (whatever the ASGI
-    spec version) and always closes its body iterator, so an abandoned stream aborts its requests at once."""
-
-    def __init__(self, content, on_close=None):
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._on_close = on_close  # synchronous; runs even if the iterator never started
-
-    async def __call__(self, scope, receive, send):
-        import anyio
-
-        try:
-            async with anyio.create_task_group() as tg:
-                async def stream():
-                    try:
-                        await self.stream_response(send)
-                    except OSError:
-                        pass  # the client left while we were sending
-                    tg.cancel_scope.cancel()
-
-                async def watch():
-                    await self.listen_for_disconnect(receive)
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(stream)
-                tg.start_soon(watch)
-        finally:
-            with anyio.CancelScope(shield=True):
-                try:
-                    await self.body_iterator.aclose()
-                except Exception:  # noqa: BLE001 - closing an abandoned stream must not raise
-                    pass
-            if self._on_close is not None:
-                self._on_close()
 
 
 def include_usage(req) -> bool:
     return bool(req.stream_options and req.stream_options.include_usage)
-
-
-def sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-

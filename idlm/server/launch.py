@@ -159,7 +159,8 @@ def cmd_serve(args) -> int:
     from idlm.engine.async_engine import AsyncLLM
     from idlm.engine.llm_engine import EngineConfig, LLMEngine
     from idlm.models.loader import load_pretrained, resolve_model_path
-    from idlm.server.app import Lifecycle, build_app
+    from idlm.server.app import build_app
+    from idlm.server.runner import Lifecycle
 
     opts = resolve_options(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
