@@ -330,6 +330,23 @@ def test_a_body_that_never_completes_gets_408(server):
     still_serving(server)
 
 
+def test_idle_keep_alive_connections_are_closed(server):
+    """uvicorn closes a keep-alive connection idle for --timeout-keep-alive (here 1 s); idlm serve passes it."""
+    from idlm.server.launch import add_serve_arguments
+
+    p = argparse.ArgumentParser()
+    add_serve_arguments(p)
+    assert p.parse_args([]).timeout_keep_alive == 5.0
+    with serving(build_app(server["llm"], MODEL), timeout_keep_alive=1) as base:
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert b" 200 " in s.recv(65536).split(b"\r\n", 1)[0]
+            t0 = time.time()
+            assert s.recv(65536) == b""  # closed by the server, not by us
+            assert 0.5 < time.time() - t0 < 5
+
+
 def test_a_client_that_disconnects_during_upload_logs_no_error(server, caplog):
     port = int(server["base"].rsplit(":", 1)[1])
     head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
