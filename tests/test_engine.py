@@ -23,7 +23,9 @@ from idlm.decoding.sampling import SamplingParams
 from idlm.engine.llm_engine import EngineConfig, LLMEngine
 from idlm.errors import ConfigError
 from idlm.layers.attention import KVCache
+from idlm.layers.lora import LoRAAdapter
 from idlm.layers.paged_attention import PagedAttention, PagedKVCache
+from idlm.models import registry
 from idlm.models.loader import load_pretrained
 
 MASK = 5
@@ -276,6 +278,34 @@ def test_bench_commands_print_one_json_line(capsys, tmp_path):
     r = last["results"][0]
     assert r["concurrency"] == 2 and r["generated_tokens"] == r["requests"] * 6 and r["tpf"] >= 1
     assert main(["bench", "latency", "--shape", "no-such-shape"]) == 2
+
+
+def test_fused_lora_risd_equals_ar():
+    """R-ISD with the LoRA folded into the projections (fuse_projections=True, the CUDA default for small
+    models) still emits exactly greedy AR's tokens, drafts almost as well, and its forward matches the
+    separate low-rank path. (Its own model and adapter: fusing changes the objects.)"""
+    model, tok = load_pretrained("idlm-tiny-ar", dtype="float32")
+    lora = LoRAAdapter.load(registry.fetch("idlm-tiny-ar-risd-lora"), model.config)
+    prompts, params = _workload(tok, n=24, seed=5)
+    ar = _small_engine(model, tok, "ar", 4).run(prompts, params)
+    unfused = _small_engine(model, tok, "risd", 4, lora=lora).run(prompts, params)
+    assert model.model.layers[0].self_attn.qkv_lora is None
+    engine = _small_engine(model, tok, "risd", 4, lora=lora, fuse_projections=True)
+    assert model.model.layers[0].self_attn.qkv_lora is not None and model.model.layers[0].mlp.down_lora is not None
+    fused = engine.run(prompts, params)
+    assert [o.token_ids for o in fused] == [o.token_ids for o in ar]
+    tpf = [sum(o.stats.committed for o in outs) / sum(o.stats.forwards for o in outs) for outs in (fused, unfused)]
+    assert tpf[0] > 1.1 and abs(tpf[0] - tpf[1]) < 0.05 * tpf[1], tpf
+    # the forward itself: fused vs separate projections, gated and ungated rows
+    ids = torch.randint(4, model.config.vocab_size, (3, 7), generator=torch.Generator().manual_seed(0))
+    gate = torch.tensor([[False, True, True, False, True, True, True]] * 3)
+    with torch.no_grad():
+        fused_h = model(ids, lora=lora, lora_gate=gate, is_mask=gate)
+        model.fuse_lora(None)
+        sep_h = model(ids, lora=lora, lora_gate=gate, is_mask=gate)
+    torch.testing.assert_close(fused_h, sep_h, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="does not fit"):
+        tiny_transformer(64).fuse_lora(lora)
 
 
 def test_fused_projections_engine_equals_reference():

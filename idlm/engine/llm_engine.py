@@ -78,7 +78,8 @@ class EngineConfig:
     # decode-step attention: "auto" = the Triton paged kernel on CUDA where Triton is installed, else the
     # gather + SDPA reference path; "triton" requires the kernel; "sdpa" always takes the reference path
     attention: str = "auto"
-    # one q/k/v and one gate/up matmul per layer (weight copies); None = auto: on CUDA when the copies are <= 1 GiB
+    # one q/k/v and one gate/up matmul per layer (weight copies), and R-ISD's LoRA folded into the projections
+    # (Transformer.fuse_lora); None = auto: on CUDA when the copies are <= 1 GiB
     fuse_projections: bool | None = None
 
     def __post_init__(self):

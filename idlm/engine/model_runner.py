@@ -13,7 +13,9 @@ a few host-to-device copies, one graph launch and one device-to-host copy (the p
 The KV pool is sized from free GPU memory (`gpu_memory_utilization`) or given as `num_blocks`.
 Decode steps attend over the pool with the Triton paged kernel on CUDA (`attention="auto"`); prefill
 chunks, and every step elsewhere, take the gather + SDPA reference path. On CUDA a model whose q/k/v
-and gate/up weights take ≤ 1 GiB runs them as two fused matmuls per layer (`fuse_projections`).
+and gate/up weights take ≤ 1 GiB runs them as two fused matmuls per layer (`fuse_projections`), and
+an R-ISD adapter is folded into the projections (`Transformer.fuse_lora`: [x, g·x] times [W | D]) when
+those copies take ≤ 1 GiB, so an R-ISD step runs as many matmuls as an AR step.
 """
 
 from __future__ import annotations
@@ -67,9 +69,11 @@ class ModelRunner:
         self.model, self.lora = model, lora
         self.attn_kernel = _use_kernel(attention, model.device)
         if fuse_projections is None:  # auto: on CUDA, where launches bound small models, if the copies are small
-            fuse_projections = model.device.type == "cuda" and model.fusable_bytes() <= FUSE_MAX_BYTES
+            fuse_projections = model.device.type == "cuda" and model.fusable_bytes(lora=lora is not None) <= FUSE_MAX_BYTES
         if fuse_projections:
             model.fuse_projections()
+            if lora is not None:  # R-ISD: the gated LoRA folded into the projections (as many matmuls as AR)
+                model.fuse_lora(lora)
         self.config = cfg = model.config
         self.device, self.dtype = model.device, model.dtype
         self.block_size = block_size

@@ -4,6 +4,12 @@ RMSNorm, RoPE with per-token positions, grouped-query attention (optional q/k/v/
 per-head q/k RMSNorm), SwiGLU MLP, tied or untied embeddings. Parameter names equal HF transformers'
 (`model.layers.N.self_attn.q_proj.weight`, ...), so checkpoints load without a name map.
 
+R-ISD's gated LoRA (SPEC §5, `idlm.layers.lora`) runs either as separate low-rank matmuls
+(`_project`, training and the reference path) or, for inference, folded into the projections
+(`fuse_lora`): each projection group is one matmul of the doubled input [x, g·x] with [W | D],
+D = scale·B·A, so a gated row gets (W + D)x and an ungated row exactly Wx + D·0 = Wx, with the same
+number of matmuls as plain AR and the [x, g·x] pairs built by the kernels that produce x anyway.
+
 The model is agnostic of where KV lives: `forward` takes an attention backend
 (`idlm.layers.attention`) that owns the cache. It returns hidden states; `compute_logits` turns the
 rows you need into logits, so callers pay the vocabulary projection only where logits are used.
@@ -38,11 +44,33 @@ def _cat_linear(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]
     return torch.cat([m.weight for m in linears]), bias
 
 
+def _lora_linear(layer_lora, named: list[tuple[str, nn.Linear]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [out, 2·in], bias) of `fuse_lora`: [W | D] for the projections `named` side by side, where
+    D = scale·B·A of each targeted projection (computed in float32) and 0 for the others."""
+    weight, bias = _cat_linear(*(m for _, m in named))
+    deltas = []
+    for name, m in named:
+        pair = layer_lora.pairs[name] if name in layer_lora.pairs else None
+        if pair is None:
+            deltas.append(torch.zeros_like(m.weight))
+        else:
+            d = layer_lora.scale * (pair.lora_B.weight.float() @ pair.lora_A.weight.float())
+            deltas.append(d.to(m.weight.dtype))
+    return torch.cat([weight, torch.cat(deltas)], dim=1), bias
+
+
+@cuda_fused
+def gated_pair(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x [B, T, D], gate [B, T] (0/1) -> [x, gate·x] [B, T, 2D]: the input of a `fuse_lora` matmul."""
+    return torch.cat([x, x * gate[..., None].to(x.dtype)], dim=-1)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # set by Transformer.fuse_projections
+        self.qkv_lora = self.o_lora = None  # set by Transformer.fuse_lora: (weight [out, 2 in], bias)
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         h, q, kv = cfg.hidden_size, self.n_heads * self.head_dim, self.n_kv * self.head_dim
         self.q_proj = nn.Linear(h, q, bias=cfg.qkv_bias)
@@ -55,10 +83,15 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, cos, sin, attn: AttentionBackend, lora=None):  # x [B, T, H]
+    def forward(self, x, cos, sin, attn: AttentionBackend, lora=None):
+        """x [B, T, H] (with a fused LoRA, lora=(layer LoRA, gate, True): x is already [x, g·x] [B, T, 2H])."""
         B, T, _ = x.shape
-        if self.qkv is not None and lora is None:
-            q, k, v = F.linear(x, *self.qkv).split([self.n_heads * self.head_dim] + [self.n_kv * self.head_dim] * 2, -1)
+        fused_lora = lora is not None and lora[2]
+        split = [self.n_heads * self.head_dim] + [self.n_kv * self.head_dim] * 2
+        if fused_lora:
+            q, k, v = F.linear(x, *self.qkv_lora).split(split, -1)
+        elif self.qkv is not None and lora is None:
+            q, k, v = F.linear(x, *self.qkv).split(split, -1)
         else:
             q, k, v = (_project(m, name, x, lora) for m, name in
                        ((self.q_proj, "q_proj"), (self.k_proj, "k_proj"), (self.v_proj, "v_proj")))
@@ -70,13 +103,23 @@ class Attention(nn.Module):
         # attention takes [B, H, T, D] views of the [B, T, H, D] tensors: a paged cache writes k/v rows and
         # the Triton kernel returns o without a copy
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        o = attn.attend(self.layer_idx, q, k, v)  # [B, Hq, T, D]
-        return _project(self.o_proj, "o_proj", o.transpose(1, 2).reshape(B, T, -1), lora)
+        o = attn.attend(self.layer_idx, q, k, v).transpose(1, 2).reshape(B, T, -1)  # [B, T, Hq·D]
+        if fused_lora:
+            return F.linear(gated_pair(o, lora[1]), *self.o_lora)
+        return _project(self.o_proj, "o_proj", o, lora)
 
 
 @cuda_fused
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
+
+
+@cuda_fused
+def silu_mul_pair(gate_up: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """`gated_pair(silu(gate) · up, g)` in one kernel: the fused-LoRA down projection's input."""
+    gate, up = gate_up.chunk(2, -1)
+    a = F.silu(gate) * up
+    return torch.cat([a, a * g[..., None].to(a.dtype)], dim=-1)
 
 
 class MLP(nn.Module):
@@ -87,8 +130,11 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
         self.gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None  # Transformer.fuse_projections
+        self.gate_up_lora = self.down_lora = None  # Transformer.fuse_lora
 
     def forward(self, x, lora=None):
+        if lora is not None and lora[2]:  # fused LoRA: x is [x, g·x]
+            return F.linear(silu_mul_pair(F.linear(x, *self.gate_up_lora), lora[1]), *self.down_lora)
         if self.gate_up is not None and lora is None:
             gate, up = F.linear(x, *self.gate_up).chunk(2, -1)
         else:
@@ -108,12 +154,13 @@ class DecoderLayer(nn.Module):
         """Pre-norm block in the residual-stream form: h is the previous block's output (the embeddings when
         residual is None) and the stream is residual + h; returns (this block's output, the stream
         before it). Each residual add runs fused with the norm that follows it."""
+        pair = None if lora is None or not lora[2] else lora[1]  # fused LoRA: norms emit [x, g·x]
         if residual is None:
-            residual, x = h, self.input_layernorm(h)
+            residual, x = h, self.input_layernorm(h, pair=pair)
         else:
-            residual, x = self.input_layernorm(h, residual)
+            residual, x = self.input_layernorm(h, residual, pair=pair)
         h = self.self_attn(x, cos, sin, attn, lora)
-        residual, x = self.post_attention_layernorm(h, residual)
+        residual, x = self.post_attention_layernorm(h, residual, pair=pair)
         return self.mlp(x, lora), residual
 
 
@@ -170,10 +217,39 @@ class Transformer(nn.Module):
                 m.gate_up = _cat_linear(m.gate_proj, m.up_proj)
         return self
 
-    def fusable_bytes(self) -> int:
-        """Bytes that `fuse_projections` copies (the q, k, v, gate and up weights)."""
+    @torch.no_grad()
+    def fuse_lora(self, adapter=None):
+        """Inference with an R-ISD adapter: per layer, [q; k; v], o, [gate; up] and down each become one
+        matmul of [x, g·x] with [W | D], D = scale·B·A (`_lora_linear`), so a decode step with the
+        adapter runs as many matmuls as plain AR. Forwards with this very adapter use them; any other
+        adapter (or None) takes the separate projections. Idempotent for the same adapter;
+        adapter=None drops the copies. The copies are 2x the projection weights (`fusable_bytes(lora=True)`)."""
+        if adapter is None:
+            for layer in self.model.layers:
+                layer.self_attn.qkv_lora = layer.self_attn.o_lora = None
+                layer.mlp.gate_up_lora = layer.mlp.down_lora = None
+            self._fused_lora = None
+            return self
+        if getattr(self, "_fused_lora", None) is adapter:
+            return self
+        adapter.check_fits(self.config)
+        for layer, la in zip(self.model.layers, adapter.layers):
+            a, m = layer.self_attn, layer.mlp
+            a.qkv_lora = _lora_linear(la, [("q_proj", a.q_proj), ("k_proj", a.k_proj), ("v_proj", a.v_proj)])
+            a.o_lora = _lora_linear(la, [("o_proj", a.o_proj)])
+            m.gate_up_lora = _lora_linear(la, [("gate_proj", m.gate_proj), ("up_proj", m.up_proj)])
+            m.down_lora = _lora_linear(la, [("down_proj", m.down_proj)])
+        self._fused_lora = adapter
+        return self
+
+    def fusable_bytes(self, lora: bool = False) -> int:
+        """Bytes that `fuse_projections` copies (the q, k, v, gate and up weights), or `fuse_lora` (lora=True)."""
         names = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-        return sum(p.numel() * p.element_size() for n, p in self.named_parameters() if n.split(".")[-2] in names)
+        if lora:  # fuse_lora: [W | D] of every projection, twice the weights
+            names += ("o_proj", "down_proj")
+        size = sum(p.numel() * p.element_size() for n, p in self.named_parameters()
+                   if n.split(".")[-2] in names and n.endswith("weight"))
+        return 2 * size if lora else size
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
@@ -199,8 +275,10 @@ class Transformer(nn.Module):
                 lora_gate = torch.zeros(B, T, device=x.device)
         cos, sin = self.model.rotary_emb(positions, x.dtype)
         residual = None
+        fused = lora is not None and getattr(self, "_fused_lora", None) is lora
         for i, layer in enumerate(self.model.layers):
-            x, residual = layer(x, residual, cos, sin, attn, None if lora is None else (lora.layers[i], lora_gate))
+            x, residual = layer(x, residual, cos, sin, attn,
+                                None if lora is None else (lora.layers[i], lora_gate, fused))
         return self.model.norm(x, residual)[1]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
