@@ -1,0 +1,156 @@
+"""GPU driver for the R-ISD issue's engine measurements (run on the device; JSON lines, a summary last,
+and $OUT/bench_risd.json).
+
+Stages (comma-separated argv[1], default all):
+  exact  fp32 and bf16: engine R-ISD (the fused step: LoRA folded into the projections) vs engine AR on
+         idlm-tiny-ar, greedy, 64 prompts x 128 tokens: how many requests are identical
+  step   bf16, batch 1: the decode step of AR, R-ISD fused and R-ISD unfused (separate LoRA matmuls),
+         for idlm-tiny-ar (its trained adapter) and a SmolLM2-135M-shaped model (random weights and a
+         random rank-128 adapter: step cost does not depend on the values)
+  tiny   bf16: per-request tokens/s of engine AR vs engine R-ISD (fused) on idlm-tiny-ar, C = 1, 16, 64,
+         greedy and T = 0.7
+
+Each configuration is measured REPS times, interleaved, and the median is kept (host timing varies).
+
+    python scripts/bench_risd.py exact,step,tiny
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from idlm.bench.offline import bench_offline, bench_prompts  # noqa: E402
+from idlm.decoding.sampling import SamplingParams  # noqa: E402
+from idlm.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
+from idlm.layers.lora import LoRAAdapter, LoRAConfig  # noqa: E402
+from idlm.models.loader import load_pretrained, resolve_model_path  # noqa: E402
+from idlm.models.random import random_model  # noqa: E402
+
+DEV = "cuda"
+REPS = 3
+results: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda}
+
+
+def emit(key, value):
+    results[key] = value
+    print(json.dumps({key: value}), flush=True)
+
+
+def tiny_ar(dtype: str):
+    model, tok = load_pretrained("idlm-tiny-ar", dtype=dtype, device=DEV)
+    lora = LoRAAdapter.load(resolve_model_path("idlm-tiny-ar-risd-lora"), model.config, device=DEV, dtype=model.dtype)
+    return model, tok, lora
+
+
+def stage_exact():
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        model, tok, lora = tiny_ar(dtype)
+        prompts = bench_prompts(tok, 64)
+        params = SamplingParams(temperature=0, max_tokens=128)
+        ar = LLMEngine(model, tok, EngineConfig(decoder="ar", max_num_seqs=64)).run(prompts, params)
+        eng = LLMEngine(model, tok, EngineConfig(decoder="risd", stride=4, max_num_seqs=64), lora=lora)
+        fused = model.model.layers[0].self_attn.qkv_lora is not None
+        risd = eng.run(prompts, params)
+        same = [a.token_ids == b.token_ids for a, b in zip(ar, risd)]
+        agree = []
+        for a, b in zip(ar, risd):
+            n = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y),
+                     min(len(a.token_ids), len(b.token_ids)))
+            agree.append(n / max(1, len(a.token_ids)))
+        out[dtype] = {"fused_lora": fused, "identical": sum(same), "of": len(same),
+                      "tokens_before_first_divergence": round(sum(agree) / len(agree), 4),
+                      "tpf": round(sum(o.stats.committed for o in risd) / sum(o.stats.forwards for o in risd), 3)}
+    emit("exact", out)
+
+
+def median(runs: list[dict], key: str) -> dict:
+    ordered = sorted(runs, key=lambda r: r[key])
+    return dict(ordered[len(ordered) // 2], **{f"reps_{key}": [r[key] for r in runs]})
+
+
+def stage_step():
+    """Decode step wall time at batch 1 (engine: forward + decoder compute + host work, CUDA graphs)."""
+    out = {}
+    for name in ("idlm-tiny-ar", "smollm2-135m"):
+        if name == "idlm-tiny-ar":
+            model_f, tok, lora_f = tiny_ar("bfloat16")
+            model_u, _, lora_u = tiny_ar("bfloat16")
+            prompts = bench_prompts(tok, 8)
+        else:
+            model_f, model_u = (random_model("smollm2-135m", dtype="bfloat16", device=DEV) for _ in range(2))
+            lora_f, lora_u = (LoRAAdapter(m.config, LoRAConfig(rank=128)).init_weights(std=0.02, seed=0, zero_b=False)
+                              .to(device=DEV, dtype=m.dtype) for m in (model_f, model_u))
+            tok = None
+            g = torch.Generator().manual_seed(0)
+            prompts = [torch.randint(10, 40000, (64,), generator=g).tolist() for _ in range(8)]
+        engines = {
+            "ar": LLMEngine(model_f, tok, EngineConfig(decoder="ar", max_num_seqs=1, num_blocks=512)),
+            "risd_fused": LLMEngine(model_f, tok, EngineConfig(decoder="risd", stride=4, max_num_seqs=1,
+                                                               num_blocks=512, fuse_projections=True), lora=lora_f),
+            "risd_unfused": LLMEngine(model_u, tok, EngineConfig(decoder="risd", stride=4, max_num_seqs=1,
+                                                                 num_blocks=512, fuse_projections=False), lora=lora_u),
+        }
+        runs = {k: [] for k in engines}
+        for rep in range(REPS):
+            for k, eng in engines.items():
+                runs[k].append(bench_offline(eng, prompts, [1], max_tokens=128, num_requests=4, warmup=rep == 0)[0])
+        med = {k: median(v, "decode_step_ms") for k, v in runs.items()}
+        out[name] = {k: {"decode_step_ms": m["decode_step_ms"], "reps": m["reps_decode_step_ms"], "tpf": m["tpf"]}
+                     for k, m in med.items()}
+        out[name]["risd_fused_over_ar"] = round(med["risd_fused"]["decode_step_ms"] / med["ar"]["decode_step_ms"], 3)
+        out[name]["risd_unfused_over_ar"] = round(med["risd_unfused"]["decode_step_ms"] / med["ar"]["decode_step_ms"],
+                                                  3)
+    emit("step", out)
+
+
+def stage_tiny():
+    model, tok, lora = tiny_ar("bfloat16")
+    conc = [1, 16, 64]
+    engines = {"ar": LLMEngine(model, tok, EngineConfig(decoder="ar", max_num_seqs=64, num_blocks=8192)),
+               "risd": LLMEngine(model, tok, EngineConfig(decoder="risd", stride=4, max_num_seqs=64, num_blocks=8192),
+                                 lora=lora)}
+    prompts = bench_prompts(tok, 256)
+    out = {}
+    for temp in (0.0, 0.7):
+        rows = []
+        for c in conc:
+            runs = {k: [] for k in engines}
+            for rep in range(REPS):
+                for k, eng in engines.items():
+                    runs[k].append(bench_offline(eng, prompts, [c], max_tokens=128, temperature=temp,
+                                                 warmup=rep == 0)[0])
+            med = {k: median(v, "per_request_tok_s") for k, v in runs.items()}
+            rows.append({"concurrency": c, "ar": med["ar"], "risd": med["risd"],
+                         "risd_over_ar": round(med["risd"]["per_request_tok_s"] / med["ar"]["per_request_tok_s"], 3)})
+        out[f"T={temp}"] = rows
+    emit("tiny", out)
+
+
+def main():
+    stages = (sys.argv[1] if len(sys.argv) > 1 else "exact,step,tiny").split(",")
+    for s in stages:
+        globals()[f"stage_{s}"]()
+    summary = {"summary": True}
+    if "exact" in results:
+        summary["exact_fp32"] = f"{results['exact']['float32']['identical']}/{results['exact']['float32']['of']}"
+        summary["exact_bf16"] = f"{results['exact']['bfloat16']['identical']}/{results['exact']['bfloat16']['of']}"
+    if "step" in results:
+        summary["step_risd_over_ar"] = {k: v["risd_fused_over_ar"] for k, v in results["step"].items()}
+    if "tiny" in results:
+        summary["tiny_risd_over_ar"] = {t: [r["risd_over_ar"] for r in rows] for t, rows in results["tiny"].items()}
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "bench_risd.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()
