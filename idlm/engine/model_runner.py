@@ -69,7 +69,8 @@ class ModelRunner:
         self.model, self.lora = model, lora
         self.attn_kernel = _use_kernel(attention, model.device)
         if fuse_projections is None:  # auto: on CUDA, where launches bound small models, if the copies are small
-            fuse_projections = model.device.type == "cuda" and model.fusable_bytes(lora=lora is not None) <= FUSE_MAX_BYTES
+            copies = model.fusable_bytes(lora=lora is not None)
+            fuse_projections = model.device.type == "cuda" and copies <= FUSE_MAX_BYTES
         if fuse_projections:
             model.fuse_projections()
             if lora is not None:  # R-ISD: the gated LoRA folded into the projections (as many matmuls as AR)
