@@ -7,6 +7,8 @@ Stages (comma-separated argv[1], default all):
   step   bf16, batch 1: the decode step of AR, R-ISD fused and R-ISD unfused (separate LoRA matmuls),
          for idlm-tiny-ar (its trained adapter) and a SmolLM2-135M-shaped model (random weights and a
          random rank-128 adapter: step cost does not depend on the values)
+  profile  batch 1, AR vs fused R-ISD: GPU time of the step's CUDA graph alone vs the engine step, and
+         kernels per step (torch.profiler)
   tiny   bf16: per-request tokens/s of engine AR vs engine R-ISD (fused) on idlm-tiny-ar, C = 1, 16, 64,
          greedy and T = 0.7
 
@@ -108,6 +110,57 @@ def stage_step():
         out[name]["risd_unfused_over_ar"] = round(med["risd_unfused"]["decode_step_ms"] / med["ar"]["decode_step_ms"],
                                                   3)
     emit("step", out)
+
+
+def stage_profile():
+    """Where an R-ISD step's time goes, batch 1: the CUDA graph replayed alone (GPU time, no host work)
+    vs the whole engine step, and the kernels per step (torch.profiler), for AR and fused R-ISD."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for name in ("idlm-tiny-ar", "smollm2-135m"):
+        if name == "idlm-tiny-ar":
+            model, tok, lora = tiny_ar("bfloat16")
+            prompt = bench_prompts(tok, 1)[0]
+        else:
+            model = random_model("smollm2-135m", dtype="bfloat16", device=DEV)
+            lora = LoRAAdapter(model.config, LoRAConfig(rank=128)).init_weights(std=0.02, seed=0, zero_b=False)
+            lora, tok = lora.to(device=DEV, dtype=model.dtype), None
+            prompt = list(range(100, 164))
+        for dec in ("ar", "risd"):
+            eng = LLMEngine(model, tok, EngineConfig(decoder=dec, stride=4, max_num_seqs=1, num_blocks=512),
+                            lora=lora if dec == "risd" else None)
+            p = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
+            eng.run([prompt], p)
+            eng.add_request(prompt, p)
+            for _ in range(5):
+                eng.step()
+            graph = next(iter(eng.runner._graphs.values()))[0]  # batch 1, greedy: a single graph
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            for _ in range(50):
+                graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            gpu_ms = start.elapsed_time(end) / 50
+            f0, t0 = eng.counters["decode_forwards"], eng.counters["decode_time_s"]
+            steps = 20
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    eng.step()
+                torch.cuda.synchronize()
+            step_ms = 1e3 * (eng.counters["decode_time_s"] - t0) / max(1, eng.counters["decode_forwards"] - f0)
+            kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+            n_kernels = sum(e.count for e in kernels) / steps
+            top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]
+            while eng.has_unfinished():
+                eng.step()
+            out[f"{name}/{dec}"] = {
+                "graphs": len(eng.runner._graphs), "graph_replay_gpu_ms": round(gpu_ms, 4),
+                "step_wall_ms_profiled": round(step_ms, 4), "kernels_per_step": n_kernels,
+                "top_kernels_us_per_step": {e.key[:60]: round(e.self_device_time_total / steps, 1) for e in top}}
+    emit("profile", out)
 
 
 def stage_tiny():
