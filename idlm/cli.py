@@ -43,27 +43,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load_for_decoding(args):
-    """Model, tokenizer, decoder and (for R-ISD) LoRA adapter from the common options."""
-    import torch
-
+    """Model, tokenizer, decoder and (for R-ISD) LoRA adapter from the common options (`idlm.inference`:
+    `--decoder risd` without `--lora` takes the model's known adapter)."""
     from idlm.decoding import make_decoder
-    from idlm.models.loader import load_pretrained
+    from idlm.inference import load_for_inference
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise IdlmError(f"--device {args.device}: CUDA is not available on this machine")
-    model, tok = load_pretrained(args.model, dtype=args.dtype, device=args.device)
-    decoder = make_decoder(args.decoder, args.stride, model.config, tok, threshold=args.threshold)
-    lora = None
-    if args.decoder == "risd":
-        if not args.lora:
-            raise IdlmError("--decoder risd needs --lora PATH (the gated LoRA adapter of this base model)")
-        from idlm.layers.lora import LoRAAdapter
-        from idlm.models.loader import resolve_model_path
-
-        lora = LoRAAdapter.load(resolve_model_path(args.lora), model.config, device=args.device, dtype=model.dtype)
-    elif args.lora:
-        raise IdlmError(f"--lora is only used by --decoder risd, not {args.decoder!r}")
-    return model, tok, decoder, lora
+    inf = load_for_inference(args.model, args.decoder, args.lora, args.device, args.dtype)
+    decoder = make_decoder(inf.decoder, args.stride, inf.model.config, inf.tokenizer, threshold=args.threshold)
+    return inf.model, inf.tokenizer, decoder, inf.adapter
 
 
 def _encode_prompt(tok, text: str, chat: bool) -> list[int]:

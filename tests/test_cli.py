@@ -112,6 +112,6 @@ def test_generate_with_diffusion_decoders_reports_stats(ckpt, tmp_path, capsys):
     risd = run_json(capsys, *base, "--decoder", "risd", "--stride", "3", "--lora", str(tmp_path / "lora"))
     assert risd["token_ids"] == ar["token_ids"]  # R-ISD is lossless
     assert main([*base, "--decoder", "risd"]) == 2
-    assert "needs --lora PATH" in capsys.readouterr().err
+    assert "needs a gated LoRA adapter and none is known" in capsys.readouterr().err
     assert main([*base, "--decoder", "isd", "--stride", "1"]) == 2
     assert "ISD needs N >= 2" in capsys.readouterr().err

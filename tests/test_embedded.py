@@ -15,7 +15,7 @@ from idlm.models.loader import load_pretrained
 
 def test_assets_exist_with_model_cards_and_fit_the_budget():
     total = 0
-    for name in registry.EMBEDDED:
+    for name in registry.embedded():
         path = registry.fetch(name)
         assert (path / "README.md").exists()
         total += sum(f.stat().st_size for f in path.iterdir())

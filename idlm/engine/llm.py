@@ -13,31 +13,19 @@ import torch
 from idlm.decoding.runner import GenerationOutput
 from idlm.decoding.sampling import SamplingParams
 from idlm.engine.llm_engine import EngineConfig, LLMEngine
-from idlm.errors import ConfigError
 
 
 class LLM:
-    def __init__(self, model: str | None = None, decoder: str = "isd", stride: int = 4, lora: str | None = None,
+    def __init__(self, model: str | None = None, decoder: str | None = None, stride: int = 4, lora: str | None = None,
                  dtype: str | torch.dtype | None = None, device: str | None = None, **engine_options):
-        from idlm.models.loader import load_pretrained, resolve_model_path
+        """decoder None: ISD for an I-DLM, lossless R-ISD for an AR model with a known adapter, else AR
+        (`idlm.inference`); `lora`: an R-ISD adapter name or path (default: the model's known one)."""
+        from idlm.inference import load_for_inference
 
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if str(device).startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"device {device!r}: CUDA is not available on this machine")
-        if dtype is None:
-            dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-        from idlm.models.registry import DEFAULT_MODEL
-
-        self.model, self.tokenizer = load_pretrained(model or DEFAULT_MODEL, dtype=dtype, device=device)
-        adapter = None
-        if lora is not None:
-            from idlm.layers.lora import LoRAAdapter
-
-            adapter = LoRAAdapter.load(resolve_model_path(lora), self.model.config, device=device,
-                                       dtype=self.model.dtype)
-        config = EngineConfig(decoder=decoder, stride=stride, **engine_options)
-        self.engine = LLMEngine(self.model, self.tokenizer, config, lora=adapter)
+        inf = load_for_inference(model, decoder, lora, device, dtype)
+        self.model, self.tokenizer, self.decoder = inf.model, inf.tokenizer, inf.decoder
+        config = EngineConfig(decoder=inf.decoder, stride=stride, **engine_options)
+        self.engine = LLMEngine(self.model, self.tokenizer, config, lora=inf.adapter)
 
     def generate(self, prompts: str | list, params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[GenerationOutput]:

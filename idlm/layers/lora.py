@@ -28,6 +28,9 @@ ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 ALL_TARGETS = ATTN_TARGETS + MLP_TARGETS
 _PEFT_PREFIX = "base_model.model.model.layers"
+# what an adapter records of its base model (adapter_config.json "idlm_base") and checks on load
+BASE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim")
 
 
 @dataclass
@@ -133,8 +136,7 @@ class LoRAAdapter(nn.Module):
             save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
             meta = {"peft_type": "LORA", "r": self.config.rank, "lora_alpha": self.config.alpha,
                     "target_modules": list(self.config.targets), "bias": "none", "task_type": "CAUSAL_LM",
-                    "idlm_gated": True, "idlm_base": {"hidden_size": self.model_config.hidden_size,
-                                                      "num_hidden_layers": self.model_config.num_hidden_layers}}
+                    "idlm_gated": True, "idlm_base": {k: getattr(self.model_config, k) for k in BASE_FIELDS}}
             (tmp / "adapter_config.json").write_text(json.dumps(meta, indent=2))
         return path
 
@@ -155,6 +157,11 @@ class LoRAAdapter(nn.Module):
                              targets=tuple(meta["target_modules"]))
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{cfg_file} is not a valid LoRA config: {e}") from None
+        base = meta.get("idlm_base") or {}
+        for k in BASE_FIELDS:  # older adapters record fewer fields; the tensor shapes are checked below anyway
+            if k in base and base[k] != getattr(model_config, k):
+                raise CheckpointError(f"LoRA adapter {path} was trained for a base model with {k}={base[k]}, "
+                                      f"but this model has {k}={getattr(model_config, k)}: it does not fit")
         try:
             tensors = load_file(str(st_file))
         except (SafetensorError, OSError) as e:

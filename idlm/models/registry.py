@@ -48,14 +48,36 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL = "idlm-tiny"  # what every command, idlm.LLM and idlm serve use without a model
 
 EMBEDDED = ("idlm-tiny", "idlm-tiny-ar", "idlm-tiny-ar-risd-lora")
+# Embedded once trained (idlm/assets/<name>); known to `fetch` only when the asset is in this installation.
+OPTIONAL_EMBEDDED = ("smollm2-135m-instruct-risd-lora",)
+
+# The R-ISD adapter (gated LoRA + MASK embedding, SPEC §5) known for a base model: `--decoder risd`
+# uses it without --lora, and it makes R-ISD the default decoder of that model (idlm serve, idlm.LLM).
+RISD_ADAPTERS = {"idlm-tiny-ar": "idlm-tiny-ar-risd-lora",
+                 "smollm2-135m-instruct": "smollm2-135m-instruct-risd-lora"}
+
+
+def embedded() -> tuple[str, ...]:
+    """The embedded models present in this installation."""
+    return EMBEDDED + tuple(n for n in OPTIONAL_EMBEDDED if (ASSETS / n).exists())
+
+
+def risd_adapter(model: str) -> str | None:
+    """The known R-ISD adapter of a model name (None if there is none in this installation)."""
+    name = RISD_ADAPTERS.get(model)
+    return name if name is not None and name in embedded() else None
+
+
+def risd_adapters_text() -> str:
+    return ", ".join(f"{m} -> {a}" for m, a in RISD_ADAPTERS.items() if risd_adapter(m)) or "none"
 
 
 def names() -> list[str]:
-    return sorted(_KNOWN) + list(EMBEDDED)
+    return sorted(_KNOWN) + list(embedded())
 
 
 def is_known(name: str) -> bool:
-    return name in _KNOWN or name in EMBEDDED
+    return name in _KNOWN or name in embedded()
 
 
 def cache_dir() -> Path:
@@ -72,7 +94,7 @@ def _sha256(path: Path) -> str:
 
 def fetch(name: str) -> Path:
     """The local path of a named model, fetching it once into the cache."""
-    if name in EMBEDDED:
+    if name in embedded():
         path = ASSETS / name
         if not path.exists():
             raise CheckpointError(f"the embedded model {name} is missing from this installation ({path})")

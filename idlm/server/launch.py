@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from idlm.errors import ConfigError, IdlmError
+from idlm.errors import ConfigError
 
 # The official release's algorithm config keys. Keys marked "accepted" are validated and recorded but have
 # no separate switch in idlm (its ISD always verifies speculatively and exactly, SPEC §4.3).
@@ -34,6 +34,7 @@ ALGORITHMS = {"IDLMBlockN": "isd", "IDLMBlock": "isd", "ISD": "isd", "RISD": "ri
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    from idlm.decoding import DECODERS
     from idlm.layers.paged_kernel import ATTENTION_BACKENDS
     from idlm.models.registry import DEFAULT_MODEL
 
@@ -55,8 +56,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="a request body not complete this many seconds after its headers gets 408")
     p.add_argument("--dllm-algorithm", default=None, help="IDLMBlockN (ISD), RISD, SDAR or AR")
     p.add_argument("--dllm-algorithm-config", default=None, help="YAML with the official algorithm keys")
-    p.add_argument("--decoder", default=None, choices=["ar", "isd", "risd", "sdar"],
-                   help="default: isd (risd with --lora-paths)")
+    p.add_argument("--decoder", default=None, choices=DECODERS,
+                   help="default: isd for an I-DLM, risd for an AR model with a known R-ISD adapter (or "
+                        "--lora-paths), else ar")
     p.add_argument("--stride", type=int, default=None, help="ISD stride N (default 4, or gen_block_size)")
     p.add_argument("--lora-paths", "--lora", dest="lora", default=None, help="R-ISD gated LoRA adapter")
     p.add_argument("--num-blocks", type=int, default=None, help="KV pages (default: from free memory)")
@@ -116,14 +118,10 @@ def resolve_options(args) -> dict:
         if decoder is not None and decoder != algo and not (algo == "isd" and decoder == "risd"):
             raise ConfigError(f"--dllm-algorithm {args.dllm_algorithm} conflicts with --decoder {decoder}")
         decoder = decoder or algo
-    if decoder is None:
-        decoder = "risd" if args.lora else "isd"
-    if args.lora and decoder == "isd":
+    if args.lora and decoder in (None, "isd"):
         decoder = "risd"  # IDLMBlockN + a LoRA adapter = R-ISD
-    if decoder == "risd" and not args.lora:
-        raise ConfigError("--decoder risd needs --lora-paths PATH (the gated LoRA adapter of the base model)")
-    if args.lora and decoder != "risd":
-        raise ConfigError(f"--lora-paths is only used by R-ISD, not --decoder {decoder}")
+    # decoder None: chosen once the model is loaded (idlm.inference.choose_decoder: ISD for an I-DLM,
+    # R-ISD for an AR model with a known adapter, else AR); the R-ISD adapter rule is checked there too
     stride = args.stride
     if cfg.get("gen_block_size") is not None:
         if stride is not None and stride != cfg["gen_block_size"]:
@@ -153,26 +151,18 @@ def cmd_serve(args) -> int:
     loop dies (exit 1, so a supervisor restarts the server)."""
     import logging
 
-    import torch
     import uvicorn
 
     from idlm.engine.async_engine import AsyncLLM
     from idlm.engine.llm_engine import EngineConfig, LLMEngine
-    from idlm.models.loader import load_pretrained, resolve_model_path
+    from idlm.inference import load_for_inference
     from idlm.server.app import build_app
     from idlm.server.runner import Lifecycle
 
     opts = resolve_options(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise IdlmError(f"--device {device}: CUDA is not available on this machine")
-    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    model, tok = load_pretrained(args.model, dtype=dtype, device=device)
-    lora = None
-    if args.lora:
-        from idlm.layers.lora import LoRAAdapter
-
-        lora = LoRAAdapter.load(resolve_model_path(args.lora), model.config, device=device, dtype=model.dtype)
+    inf = load_for_inference(args.model, opts["decoder"], args.lora, args.device, args.dtype)
+    model, tok, lora = inf.model, inf.tokenizer, inf.adapter
+    opts["decoder"] = inf.decoder
     config = EngineConfig(decoder=opts["decoder"], stride=opts["stride"], threshold=opts["threshold"],
                           max_num_seqs=args.max_running_requests, num_blocks=args.num_blocks,
                           attention=args.attention)
