@@ -37,9 +37,10 @@ def hf_generate_speed(hf, prompts: list[list[int]], max_new_tokens: int = 128, c
     at a time, each `reps` times after one warm-up generation (which also compiles); median tokens/s,
     and the generated ids of the last run of each prompt (to check they equal idlm's greedy AR)."""
     device = next(hf.parameters()).device
-    kw = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
-              cache_implementation="static", disable_compile=not compile,
-              pad_token_id=hf.config.eos_token_id if isinstance(hf.config.eos_token_id, int) else 0)
+    # EOS ignored by stopping on no token (not by min_new_tokens, which would also forbid choosing it), as
+    # idlm's ignore_eos: both sides then generate exactly the same max_new_tokens tokens
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, cache_implementation="static",
+              disable_compile=not compile, eos_token_id=[], pad_token_id=0)
     speeds, outputs = [], []
     for p in prompts:
         ids = torch.tensor([p], device=device)
