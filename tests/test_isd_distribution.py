@@ -180,6 +180,20 @@ def test_isd_joint_law_equals_ar(model, adapter, kind, draft, sampling, stride):
         assert p > PASS_P, f"joint law of the tokens ({view}) differs from AR's (p = {p:.3g})"
 
 
+def test_fused_risd_joint_law_equals_ar(model, adapter):
+    """R-ISD with the LoRA folded into the projections (`Transformer.fuse_lora`, the engine's CUDA path):
+    its tokens still follow AR's law exactly."""
+    import copy
+
+    fused = copy.deepcopy(model).fuse_projections().fuse_lora(adapter)
+    assert fused.model.layers[0].self_attn.qkv_lora is not None
+    pvalues, acceptance, rounds = check(fused, ISDDecoder(2, None, lora=True), {**TRUNC, "draft": "sample"}, seed=4,
+                                        lora=adapter)
+    assert 0.2 < acceptance < 0.8 and rounds["verify_rejected"] > N_SAMPLES // 10
+    for view, p in pvalues.items():
+        assert p > PASS_P, f"joint law of the tokens ({view}) differs from AR's (p = {p:.3g})"
+
+
 @pytest.mark.parametrize("seed", [2, 3])
 def test_reference_biased_rule_is_detected(model, seed):
     """SPEC §10.1: argmax draft tested with min(1, p̃/q̃) and corrected from max(0, p̃ − q̃) is biased."""
