@@ -3,7 +3,8 @@ SmolLM2 R-ISD config: the prompt builder is deterministic, de-duplicated, mixes 
 by a stable text hash; distillation on the embedded idlm-tiny-ar writes shards whose loss mask covers
 exactly the responses, whose responses are what the engine gives for the same prompt and sampling
 parameters, end with the model's own end token (or are cut at max_tokens with none), keep held-out
-prompts apart, stop at target_tokens, resume, and agree with the manifest; the CLI prints its JSON line and rejects bad input with exit 2.
+prompts apart, stop at target_tokens, resume, and agree with the manifest; the CLI prints its JSON
+line and rejects bad input with exit 2.
 All on CPU in well under a minute.
 """
 
