@@ -1,0 +1,305 @@
+"""The SmolLM2-135M-Instruct R-ISD drafter on the GPU: data, training, evaluation (issue 12), a stage per call.
+
+Why it exists: the drafter is built where the GPU is, and only numbers, logs and the adapter (≤ 25 MB)
+can come back, so the whole pipeline is this one script, run stage by stage in back-to-back device
+calls (a machine goes back 30 s after a call; its disk survives until then):
+
+    stash    copy the first half of the GGUF (.carry/smolA/part) to /root/smol/
+    setup    join it with .carry/smolB/part, check its sha256, install the carried wheels (.whl)
+    distill  `idlm data distill` (self-distillation, greedy and T = 0.7; resumable; --budget seconds)
+    train    `idlm train lora` on configs/smollm2/lora.yaml (resumes from its checkpoint; --budget seconds);
+             when done, the adapter comes back through $OUT (split in < 16 MiB pieces)
+    eval     fp32 exactness (R-ISD ≡ AR, 64 held-out chat prompts x 256 tokens), bf16 agreement, TPF at
+             N = 4 (greedy, T = 0.7), engine AR vs R-ISD per-request speed at C = 1, 16, 64 and the batch-1
+             step cost, HF transformers generate (static cache, compiled) on the same weights, HumanEval
+             pass@1 of AR and R-ISD (fp32)
+
+The repository plus a 47 MiB part exceeds the device's 64 MiB working tree, so the embedded assets
+(not used here) stay behind for the two carrying calls:
+
+    git rm -r -q --cached idlm/assets && echo /idlm/assets/ >> .git/info/exclude
+    run(carry=[".carry/smolA"]): python scripts/smollm2_risd.py stash
+    run(carry=[".carry/smolB", ".whl"]): python scripts/smollm2_risd.py setup distill --budget 500
+    run: python scripts/smollm2_risd.py train --budget 540      (again until it reports done)
+    run: python scripts/smollm2_risd.py eval
+    git reset -q idlm/assets   (and drop the exclude line)
+
+`--smoke` runs distill/train/eval on CPU-sized settings with the embedded idlm-tiny-ar (and its
+adapter for eval), to test this script without a GPU. Prints JSON lines, a summary last; every stage
+also writes $OUT/<stage>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+STATE = Path(os.environ.get("SMOL_STATE", "/root/smol"))
+SITE = STATE / "site"
+MODEL = "smollm2-135m-instruct"
+OUT = os.environ.get("OUT")
+results: dict = {}
+
+
+def emit(key: str, value) -> None:
+    results[key] = value
+    print(json.dumps({key: value}), flush=True)
+    if OUT:
+        with open(os.path.join(OUT, f"{key}.json"), "w") as f:
+            json.dump(value, f, indent=1)
+
+
+def env() -> dict:
+    """The environment of the idlm subprocesses: the cache holding the GGUF, the carried wheels."""
+    return {**os.environ, "IDLM_CACHE": str(STATE / "cache"), "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join([str(SITE), str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
+def idlm(*args: str, budget: float | None = None) -> tuple[int, str]:
+    """Run an idlm command (its last stdout line is JSON); a command stopped by the budget returns rc -9."""
+    cmd = [sys.executable, "-m", "idlm.cli", *args]
+    print("$ idlm " + " ".join(args), flush=True)
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    lines, t0 = [], time.time()
+    for line in proc.stdout:
+        lines.append(line)
+        sys.stdout.write(line)
+        if budget is not None and time.time() - t0 > budget:
+            proc.kill()
+            break
+    rc = proc.wait()
+    return rc, "".join(lines)
+
+
+def last_json(text: str) -> dict | None:
+    for line in reversed(text.strip().splitlines()):
+        try:
+            return json.loads(line)
+        except ValueError:
+            continue
+    return None
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def stage_stash(args) -> None:
+    STATE.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(REPO / ".carry/smolA/part", STATE / "partA")
+    emit("stash", {"bytes": (STATE / "partA").stat().st_size})
+
+
+def stage_setup(args) -> None:
+    from idlm.models.registry import _KNOWN
+
+    spec = _KNOWN[MODEL]
+    target = STATE / "cache" / MODEL / spec.filename
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".part")
+        with open(tmp, "wb") as out:
+            for part in (STATE / "partA", REPO / ".carry/smolB/part"):
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 24)
+        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        if digest != spec.sha256:
+            raise SystemExit(f"the joined GGUF has sha256 {digest}, expected {spec.sha256}")
+        os.replace(tmp, target)
+    wheels = sorted(glob.glob(str(REPO / ".whl/*.whl")))
+    if wheels:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                        "--upgrade", "--target", str(SITE), *wheels], check=True)
+    emit("setup", {"gguf": str(target), "wheels": [Path(w).name for w in wheels]})
+
+
+def stage_distill(args) -> None:
+    model = "idlm-tiny-ar" if args.smoke else MODEL
+    opts = (["--num-prompts", "24", "--max-tokens", "16", "--max-num-seqs", "8", "--device", "cpu", "--dtype",
+             "float32", "--target-tokens", "300"] if args.smoke else
+            ["--num-prompts", str(args.num_prompts), "--max-tokens", "512", "--max-num-seqs", str(args.max_num_seqs),
+             "--target-tokens", str(args.target_tokens), "--device", "cuda", "--dtype", "bfloat16"])
+    t0 = time.time()
+    rc, text = idlm("data", "distill", "--model", model, "--out", str(STATE / "distill"), "--temperatures", "0,0.7",
+                    "--heldout-fraction", "0.3" if args.smoke else "0.02", "--seed", "0", *opts, budget=args.budget)
+    manifest = STATE / "distill" / "distill.json"
+    emit("distill", {"rc": rc, "done": rc == 0, "wall_s": round(time.time() - t0, 1), "last": last_json(text),
+                     "manifest": json.loads(manifest.read_text()) if manifest.exists() else None})
+
+
+def stage_train(args) -> None:
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "configs/smollm2/lora.yaml").read_text())
+    cfg.update(data=str(STATE / "distill"), out=str(STATE / "lora"), init="idlm-tiny-ar" if args.smoke else MODEL)
+    if args.smoke:
+        cfg.update(seq_len=64, batch_size=4, max_steps=6, log_every=1, eval_every=3, eval_batches=1, save_every=3,
+                   dtype="fp32", lora_rank=4, lora_alpha=4)
+        cfg.pop("micro_batch_size", None)
+    if args.budget:
+        cfg["max_time_s"] = args.budget - 60  # room to save the checkpoint and leave
+    path = STATE / "lora.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    resume = (STATE / "lora" / "checkpoints" / "latest").exists()
+    t0 = time.time()
+    rc, text = idlm("train", "lora", str(path), *(["--resume"] if resume else []),
+                    *(["--device", "cpu"] if args.smoke else []))
+    final = STATE / "lora" / "final"
+    done = (final / "adapter_model.safetensors").exists()
+    report = {"rc": rc, "resumed": resume, "done": done, "wall_s": round(time.time() - t0, 1), "last": last_json(text)}
+    if OUT:
+        for name in ("metrics.jsonl", "loss.png"):
+            if (STATE / "lora" / name).exists():
+                shutil.copyfile(STATE / "lora" / name, os.path.join(OUT, name))
+        if done:  # < 16 MiB per file comes back: the weights in pieces (join with `cat`), the config whole
+            import torch
+            from safetensors.torch import load_file, save
+
+            shutil.copyfile(final / "adapter_config.json", os.path.join(OUT, "adapter_config.json"))
+            # the trainer saves fp32; the embedded asset is bf16 (half the size: <= 25 MB at rank 40)
+            tensors = {k: v.to(torch.bfloat16) for k, v in load_file(str(final / "adapter_model.safetensors")).items()}
+            data = save(tensors, metadata={"format": "pt"})
+            piece = 15 << 20
+            report["adapter_sha256"] = hashlib.sha256(data).hexdigest()
+            report["adapter_pieces"] = []
+            for i in range(0, len(data), piece):
+                name = f"adapter_model.safetensors.{i // piece}"
+                Path(OUT, name).write_bytes(data[i: i + piece])
+                report["adapter_pieces"].append(name)
+    emit("train", report)
+
+
+def stage_eval(args) -> None:
+    import torch
+
+    from idlm.bench.offline import bench_offline
+    from idlm.data.chat_prompts import read_prompts
+    from idlm.decoding.base import DecodeStats
+    from idlm.decoding.sampling import SamplingParams
+    from idlm.engine.llm_engine import EngineConfig, LLMEngine
+    from idlm.layers.lora import LoRAAdapter
+    from idlm.models.loader import load_pretrained, resolve_model_path
+
+    os.environ.update({k: v for k, v in env().items() if k == "IDLM_CACHE"})
+    sys.path.insert(0, str(SITE))
+    dev = "cpu" if args.smoke else "cuda"
+    name = "idlm-tiny-ar" if args.smoke else MODEL
+    adapter_dir = resolve_model_path("idlm-tiny-ar-risd-lora") if args.smoke else STATE / "lora" / "final"
+    n_exact, n_new, reps = (4, 16, 1) if args.smoke else (64, 256, 3)
+    conc = [1, 2] if args.smoke else [1, 16, 64]
+    heldout = STATE / "distill" / "prompts.jsonl"
+    msgs = [p["messages"] for p in read_prompts(str(heldout))] if heldout.exists() else []
+    out: dict = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "torch": torch.__version__,
+                 "heldout_prompts": len(msgs)}
+
+    def load(dtype):
+        model, tok = load_pretrained(name, dtype=dtype, device=dev)
+        return model, tok, LoRAAdapter.load(adapter_dir, model.config, device=dev, dtype=model.dtype)
+
+    def engines(model, tok, lora, n):
+        return (LLMEngine(model, tok, EngineConfig(decoder="ar", max_num_seqs=n)),
+                LLMEngine(model, tok, EngineConfig(decoder="risd", stride=4, max_num_seqs=n), lora=lora))
+
+    # exactness (fp32) and agreement (bf16): greedy R-ISD vs greedy AR, held-out chat prompts
+    for dtype in ("float32", "bfloat16"):
+        model, tok, lora = load(dtype)
+        prompts = [tok.encode_chat(m) for m in msgs[:n_exact]]
+        ar, risd = engines(model, tok, lora, n_exact)
+        p = SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True)
+        a, r = ar.run(prompts, p), risd.run(prompts, p)
+        same = sum(x.token_ids == y.token_ids for x, y in zip(a, r))
+        first = [next((i for i, (u, v) in enumerate(zip(x.token_ids, y.token_ids)) if u != v), len(x.token_ids))
+                 / len(x.token_ids) for x, y in zip(a, r)]
+        out[f"exact_{dtype}"] = {"identical": same, "of": len(prompts), "tokens_before_divergence":
+                                 round(statistics.mean(first), 4),
+                                 "fused_lora": model.model.layers[0].self_attn.qkv_lora is not None}
+        emit("eval", out)
+    # TPF at N = 4 (bf16): held-out chat prompts, natural stopping
+    model, tok, lora = load("bfloat16")
+    prompts = [tok.encode_chat(m) for m in msgs[: 4 * n_exact]]
+    for temp in (0.0, 0.7):
+        eng = LLMEngine(model, tok, EngineConfig(decoder="risd", stride=4, max_num_seqs=64), lora=lora)
+        outs = eng.run(prompts, SamplingParams(temperature=temp, max_tokens=n_new, seed=0))
+        total = DecodeStats()
+        for o in outs:
+            total = total.merge(o.stats)
+        out[f"tpf_T{temp}"] = {"tpf": round(total.tpf, 4), "prompts": len(prompts), "stats": total.to_dict(),
+                               "acceptance_per_position": [round(a / max(1, v), 4) for a, v in
+                                                           zip(total.accepted_per_position, total.verified_per_position)]}
+    emit("eval", out)
+    # per-request speed, engines side by side, interleaved reps, median
+    ar, risd = engines(model, tok, lora, max(conc))
+    speed = {}
+    for temp in (0.0, 0.7):
+        rows = []
+        for c in conc:
+            runs = {"ar": [], "risd": []}
+            for rep in range(reps):
+                for key, eng in (("ar", ar), ("risd", risd)):
+                    runs[key].append(bench_offline(eng, prompts, [c], max_tokens=128 if not args.smoke else 8,
+                                                   temperature=temp, warmup=rep == 0)[0])
+            med = {k: sorted(v, key=lambda r: r["per_request_tok_s"])[len(v) // 2] for k, v in runs.items()}
+            rows.append({"concurrency": c, **{f"{k}_tok_s": m["per_request_tok_s"] for k, m in med.items()},
+                         **{f"{k}_step_ms": m["decode_step_ms"] for k, m in med.items()},
+                         "risd_tpf": med["risd"]["tpf"],
+                         "risd_over_ar": round(med["risd"]["per_request_tok_s"] / med["ar"]["per_request_tok_s"], 3),
+                         "reps": {k: [r["per_request_tok_s"] for r in v] for k, v in runs.items()}})
+        speed[f"T{temp}"] = rows
+    out["speed"] = speed
+    emit("eval", out)
+    # the outside baseline: HF generate, static cache, compiled (CUDA), same bf16 weights, batch 1
+    from idlm.bench.hf import hf_generate_speed, load_hf
+
+    hf = load_hf(model, tok)
+    base = hf_generate_speed(hf, prompts[:3], max_new_tokens=128 if not args.smoke else 8, compile=dev == "cuda",
+                             reps=reps)
+    ours = LLMEngine(model, tok, EngineConfig(decoder="ar", max_num_seqs=1)).run(
+        prompts[:3], SamplingParams(temperature=0, max_tokens=base["max_new_tokens"], ignore_eos=True))
+    out["hf_generate"] = {k: v for k, v in base.items() if k != "outputs"}
+    out["hf_generate"]["same_tokens_as_idlm_ar"] = sum(o.token_ids == h for o, h in zip(ours, base["outputs"]))
+    del hf
+    emit("eval", out)
+    # HumanEval pass@1, AR and R-ISD (fp32: identical completions expected)
+    from idlm.eval.humaneval import evaluate_humaneval
+
+    model, tok, lora = load("float32")
+    he = {}
+    for dec, lo in (("ar", None), ("risd", lora)):
+        path = os.path.join(OUT, f"humaneval_{dec}.jsonl") if OUT else None
+        he[dec] = evaluate_humaneval(model, tok, dec, stride=4, lora=lo, limit=3 if args.smoke else None,
+                                     max_tokens=32 if args.smoke else 512, batch=164, out=path)
+    if OUT:
+        rows = {d: [json.loads(x) for x in open(os.path.join(OUT, f"humaneval_{d}.jsonl"))] for d in he}
+        he["identical_completions"] = sum(a["completion"] == b["completion"] for a, b in zip(rows["ar"], rows["risd"]))
+    out["humaneval"] = he
+    emit("eval", out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("stages", nargs="+", choices=["stash", "setup", "distill", "train", "eval"])
+    ap.add_argument("--budget", type=float, default=None, help="seconds a distill/train stage may run (resumable)")
+    ap.add_argument("--num-prompts", type=int, default=60000)
+    ap.add_argument("--target-tokens", type=int, default=20_000_000)
+    ap.add_argument("--max-num-seqs", type=int, default=384)
+    ap.add_argument("--smoke", action="store_true", help="CPU-sized run with idlm-tiny-ar (tests this script)")
+    args = ap.parse_args()
+    for s in args.stages:
+        globals()[f"stage_{s}"](args)
+    print(json.dumps({"summary": True, **{k: v for k, v in results.items() if k != "eval"},
+                      "eval": results.get("eval")}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
