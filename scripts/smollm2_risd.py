@@ -234,9 +234,9 @@ def stage_eval(args) -> None:
         total = DecodeStats()
         for o in outs:
             total = total.merge(o.stats)
+        per_position = zip(total.accepted_per_position, total.verified_per_position)
         out[f"tpf_T{temp}"] = {"tpf": round(total.tpf, 4), "prompts": len(prompts), "stats": total.to_dict(),
-                               "acceptance_per_position": [round(a / max(1, v), 4) for a, v in
-                                                           zip(total.accepted_per_position, total.verified_per_position)]}
+                               "acceptance_per_position": [round(a / max(1, v), 4) for a, v in per_position]}
     emit("eval", out)
     # per-request speed, engines side by side, interleaved reps, median
     ar, risd = engines(model, tok, lora, max(conc))
