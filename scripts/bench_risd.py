@@ -9,6 +9,7 @@ Stages (comma-separated argv[1], default all):
          random rank-128 adapter: step cost does not depend on the values)
   profile  batch 1, AR vs fused R-ISD: GPU time of the step's CUDA graph alone vs the engine step, and
          kernels per step (torch.profiler)
+  throughput  bf16: offline tokens/s of engine AR and R-ISD at C = 64, 256 (SmolLM2 shape, random weights)
   tiny   bf16: per-request tokens/s of engine AR vs engine R-ISD (fused) on idlm-tiny-ar, C = 1, 16, 64,
          greedy and T = 0.7
 
@@ -161,6 +162,25 @@ def stage_profile():
                 "step_wall_ms_profiled": round(step_ms, 4), "kernels_per_step": n_kernels,
                 "top_kernels_us_per_step": {e.key[:60]: round(e.self_device_time_total / steps, 1) for e in top}}
     emit("profile", out)
+
+
+def stage_throughput():
+    """Offline throughput at large batch (what self-distillation runs): engine AR and R-ISD on a
+    SmolLM2-135M-shaped model (random weights and adapter), 512 requests x 128 tokens, C = 64 and 256."""
+    model = random_model("smollm2-135m", dtype="bfloat16", device=DEV)
+    lora = LoRAAdapter(model.config, LoRAConfig(rank=40)).init_weights(std=0.02, seed=0, zero_b=False)
+    lora = lora.to(device=DEV, dtype=model.dtype)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(10, 40000, (int(torch.randint(32, 160, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(512)]
+    out = {}
+    for dec in ("ar", "risd"):
+        eng = LLMEngine(model, None, EngineConfig(decoder=dec, stride=4, max_num_seqs=256),
+                        lora=lora if dec == "risd" else None)
+        rows = bench_offline(eng, prompts, [64, 256], max_tokens=128, num_requests=512)
+        out[dec] = [{k: r[k] for k in ("concurrency", "throughput_tok_s", "per_request_tok_s", "decode_step_ms", "tpf")}
+                    for r in rows]
+    emit("throughput", out)
 
 
 def stage_tiny():

@@ -14,7 +14,7 @@ import random
 import pytest
 import torch
 from faults import POISON_SEED, poisoned_step
-from tiny import tiny_transformer
+from tiny import mixed_prompt, tiny_transformer
 
 from idlm.cli import main
 from idlm.decoding import make_decoder
@@ -34,13 +34,9 @@ MASK = 5
 def _workload(tok, n=64, seed=0):
     """n mixed-length prompts (chat and raw, truncated at random) and per-request greedy params."""
     rng = random.Random(seed)
-    texts = ["def fibonacci(n):", "What is 17 + 25?", "Copy this text exactly:\nabc def", "class Stack:\n",
-             "Reverse the order of the words in this text:\none two three", "import os\n", "The quick brown fox"]
     prompts, params = [], []
     for i in range(n):
-        t = texts[i % len(texts)]
-        ids = tok.encode_chat([{"role": "user", "content": t}]) if i % 2 else tok.encode(t)
-        prompts.append(ids[: rng.randint(max(1, len(ids) // 2), len(ids))])
+        prompts.append(mixed_prompt(tok, i, rng))
         params.append(SamplingParams(temperature=0, max_tokens=rng.randint(1, 24)))
     return prompts, params
 

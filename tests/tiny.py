@@ -83,3 +83,14 @@ def tiny_transformer(vocab_size: int, std: float = 0.5, seed: int = 0, **overrid
                num_attention_heads=4, num_key_value_heads=2, head_dim=8, qk_norm=True, max_position_embeddings=128)
     cfg.update(overrides)
     return Transformer(ModelConfig(**cfg)).init_weights(std=std, seed=seed).eval()
+
+
+PROMPT_TEXTS = ["def fibonacci(n):", "What is 17 + 25?", "Copy this text exactly:\nabc def", "class Stack:\n",
+                "Reverse the order of the words in this text:\none two three", "import os\n", "The quick brown fox"]
+
+
+def mixed_prompt(tok, i: int, rng) -> list[int]:
+    """Prompt i of a mixed workload for the embedded models: chat (odd i) or raw text, cut at random."""
+    t = PROMPT_TEXTS[i % len(PROMPT_TEXTS)]
+    ids = tok.encode_chat([{"role": "user", "content": t}]) if i % 2 else tok.encode(t)
+    return ids[: rng.randint(max(1, len(ids) // 2), len(ids))]

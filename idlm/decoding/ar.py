@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from idlm.decoding.base import Block, Decoder, StepResult
+from idlm.decoding.base import Block, BlockBatch, Decoder, ParamsInputs, StepResult
 from idlm.decoding.logprobs import first_token_logprobs, logprob_columns, logprobs_static, unpack_logprobs
 from idlm.decoding.sampling import (
     exponential_noise,
@@ -40,16 +41,25 @@ class ARDecoder(Decoder):
     def block(self, state: ARState) -> Block:
         return Block(tokens=[state.last], is_mask=[False])
 
+    def blocks(self, states):
+        tokens = np.fromiter((s.last for s in states), np.int64, len(states))[:, None]
+        return BlockBatch(tokens, np.zeros(tokens.shape, dtype=bool))
+
     fused = True
 
-    def step_inputs(self, states, params, generators, vocab_size, device):
+    def params_inputs(self, params):
         temp, top_k, top_p = params_tensors(params, "cpu")  # host tensors; noise on the device
-        tensors = {"temperature": temp, "top_k": top_k, "top_p": top_p}
-        if not all(p.greedy for p in params):
-            tensors["noise"] = exponential_noise((vocab_size,), generators, device)  # [B, V]
         greedy = all(p.greedy for p in params)
-        return tensors, {"truncate": needs_truncation(params) and not greedy, "greedy": greedy,
-                         "logprobs": logprobs_static(params)}
+        return ParamsInputs({"temperature": temp, "top_k": top_k, "top_p": top_p},
+                            {"truncate": needs_truncation(params) and not greedy, "greedy": greedy,
+                             "logprobs": logprobs_static(params)}, sampled=not greedy)
+
+    def step_inputs(self, states, params, generators, vocab_size, device):
+        fixed = self.batch_params(params)
+        tensors = dict(fixed.tensors)
+        if fixed.sampled:
+            tensors["noise"] = exponential_noise((vocab_size,), generators, device)  # [B, V]
+        return tensors, dict(fixed.static)
 
     def compute(self, logits, tensors, truncate=True, greedy=False, logprobs=None):
         if greedy:  # p̃ is the point mass on the argmax: skip the distribution entirely
@@ -63,14 +73,16 @@ class ARDecoder(Decoder):
             packed = torch.cat([packed, logprob_columns(logits, packed[:, :1].long(), logprobs)], dim=-1)
         return packed, None
 
-    def finish(self, states, rows, extra, params, stats):
-        results = []
-        for s, row, p in zip(states, rows, params):
-            s.last = int(row[0])
-            res = StepResult([s.last], 1, [row[1]])
-            if p.logprobs is not None:
-                res.logprobs, res.top_logprobs = unpack_logprobs(row, 2, 1, 1, p.logprobs)
-            results.append(res)
+    def finish(self, states, packed, extra, params, stats):
+        tokens, probs = packed[:, 0].astype(np.int64).tolist(), packed[:, 1].tolist()
+        for s, t in zip(states, tokens):
+            s.last = t
+        results = [StepResult([t], 1, [q]) for t, q in zip(tokens, probs)]
+        if self.batch_params(params).static["logprobs"] is not None:  # some rows want logprobs
+            for b, p in enumerate(params):
+                if p.logprobs is not None:
+                    results[b].logprobs, results[b].top_logprobs = unpack_logprobs(packed[b].tolist(), 2, 1, 1,
+                                                                                   p.logprobs)
         return results
 
 

@@ -6,13 +6,15 @@ and, given the logits of that block, decides which tokens are committed (with th
 the request asks: `StepResult.logprobs`), how many of the block's KV slots to keep (`advance`), and the
 request's next state (`step`). The reference runner
 (`idlm.decoding.runner`) and the batched engine both drive decoders through this interface, so the
-algorithm is written once.
+algorithm is written once. The engine asks for a whole batch's blocks at once (`blocks`: host arrays,
+row b = `block(states[b])`), which decoders on its hot path compute without a per-row Block.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from idlm.decoding.sampling import SamplingParams
@@ -29,6 +31,37 @@ class Block:
 
 
 @dataclass
+class BlockBatch:
+    """The query blocks of a batch as host arrays, row b = `Decoder.block(states[b])`."""
+    tokens: np.ndarray  # [B, Q] int64
+    is_mask: np.ndarray  # [B, Q] bool
+    gate: np.ndarray | None = None  # [B, Q] bool (R-ISD); None when no block has a gate
+    visible: np.ndarray | None = None  # [B, Q] int64, causal rows = arange(Q); None when every block is causal
+
+    @classmethod
+    def stack(cls, blocks: list[Block]) -> "BlockBatch":
+        q = len(blocks[0].tokens)
+        gate = visible = None
+        if any(b.gate is not None for b in blocks):
+            gate = np.array([[False] * q if b.gate is None else b.gate for b in blocks], dtype=bool)
+        if any(b.visible is not None for b in blocks):
+            visible = np.array([list(range(q)) if b.visible is None else b.visible for b in blocks], dtype=np.int64)
+        return cls(np.array([b.tokens for b in blocks], dtype=np.int64),
+                   np.array([b.is_mask for b in blocks], dtype=bool), gate, visible)
+
+
+@dataclass
+class ParamsInputs:
+    """What a fused step derives from its rows' SamplingParams alone (`Decoder.params_inputs`): host tensors
+    for `compute`, its static options, and per-row values `finish` reads. Read-only: every step of an
+    unchanged batch shares it (`Decoder.batch_params`)."""
+    tensors: dict[str, torch.Tensor]
+    static: dict
+    sampled: bool  # some row samples (temperature > 0): the step draws random numbers
+    rows: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
 class StepResult:
     emitted: list[int]  # tokens committed this step, in order (the runner applies stop rules)
     advance: int  # block KV slots kept, from the start of the block
@@ -104,7 +137,7 @@ class Decoder:
     middle one on the device inside its CUDA graph, with one host sync per step:
       `step_inputs`  host: per-row tensors besides the logits, incl. every random draw of the step
       `compute`      device, pure and capturable: logits -> one packed float32 result per row
-      `finish`       host: the packed rows (one `.tolist()`) -> StepResults, next states, stats
+      `finish`       host: the packed rows (one copy to a numpy array) -> StepResults, next states, stats
     `step` composes them; the reference runner and the engine thus share every line of the algorithm.
     """
     name: str = "decoder"
@@ -112,6 +145,7 @@ class Decoder:
     needs_mask_token: bool = False
     uses_lora: bool = False
     fused: bool = False
+    _params_memo: tuple | None = None  # (params list, its ParamsInputs): `batch_params`
 
     def start(self, logits: torch.Tensor, params: list[SamplingParams],
               generators: list[torch.Generator | None]) -> tuple[list, list[StepResult]]:
@@ -120,6 +154,24 @@ class Decoder:
 
     def block(self, state) -> Block:
         raise NotImplementedError
+
+    def blocks(self, states: list) -> BlockBatch:
+        """Every state's `block`, as arrays (what the engine feeds the model runner). Decoders whose
+        blocks follow a simple pattern override it to build the arrays without per-row Blocks."""
+        return BlockBatch.stack([self.block(s) for s in states])
+
+    def params_inputs(self, params: list[SamplingParams]) -> ParamsInputs:
+        """The part of `step_inputs` that depends on the params alone (fused decoders)."""
+        raise NotImplementedError
+
+    def batch_params(self, params: list[SamplingParams]) -> ParamsInputs:
+        """`params_inputs(params)`, memoized on the list object: the engine hands its decoders the same
+        params list for as long as its decode batch is unchanged (and a new list when it changes), so
+        steady steps skip this per-row work. Other callers pass fresh lists and simply recompute."""
+        memo = self._params_memo
+        if memo is None or memo[0] is not params:
+            memo = self._params_memo = (params, self.params_inputs(params))
+        return memo[1]
 
     def step_inputs(self, states: list, params: list[SamplingParams], generators: list[torch.Generator | None],
                     vocab_size: int, device) -> tuple[dict[str, torch.Tensor], dict]:
@@ -133,8 +185,10 @@ class Decoder:
         """logits [B, Q, V] -> (packed [B, F] float32, an extra device tensor the next step needs, or None)."""
         raise NotImplementedError
 
-    def finish(self, states: list, rows: list[list[float]], extra: torch.Tensor | None,
+    def finish(self, states: list, packed: np.ndarray, extra: torch.Tensor | None,
                params: list[SamplingParams], stats: list[DecodeStats]) -> list[StepResult]:
+        """packed: `compute`'s result on the host, float32 [B, F]. Read it by columns (`.tolist()` of the
+        ones needed: Python ints and floats, never numpy scalars, go into the results)."""
         raise NotImplementedError
 
     def step(self, states: list, logits: torch.Tensor, params: list[SamplingParams],
@@ -144,4 +198,4 @@ class Decoder:
             raise NotImplementedError
         tensors, static = self.step_inputs(states, params, generators, logits.shape[-1], logits.device)
         packed, extra = self.compute(logits, to_device(tensors, logits.device), **static)
-        return self.finish(states, packed.tolist(), extra, params, stats)
+        return self.finish(states, packed.cpu().numpy(), extra, params, stats)

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from idlm.decoding.acceptance import verify_drafts
-from idlm.decoding.base import Block, Decoder, StepResult
+from idlm.decoding.base import Block, BlockBatch, Decoder, ParamsInputs, StepResult
 from idlm.decoding.logprobs import first_token_logprobs, logprob_columns, logprobs_static, unpack_logprobs
 from idlm.decoding.sampling import (
     exponential_noise,
@@ -36,6 +37,7 @@ from idlm.decoding.sampling import (
     params_tensors,
     race,
     sample_tokens,
+    to_float32,
     uniforms,
 )
 from idlm.errors import ConfigError
@@ -92,40 +94,67 @@ class ISDDecoder(Decoder):
         return ([ISDState("C", t) for t in tokens],
                 [StepResult([t], 0, [q], *lp) for t, q, lp in zip(tokens, probs, lps)])
 
-    def block(self, state: ISDState) -> Block:
+    def _restart_stale(self, state: ISDState) -> None:
         if state.mode == "V" and len(state.specs) != self.stride - 1:
             # drafts made under another stride (the engine may change N between steps): restart cold.
             # Exact: C only means "no drafts to verify"; the pending token is still the next input.
             state.mode, state.specs, state.spec_q, state.spec_qd = "C", [], None, []
+
+    def block(self, state: ISDState) -> Block:
+        self._restart_stale(state)
         b = isd_block(state, self.stride, self.mask_token_id)
         if not self.uses_lora:
             b.gate = None
         return b
 
+    def blocks(self, states):
+        """`isd_block` of every state as arrays: [last, MASK...] (C) or [last, drafts, MASK...] (V)."""
+        n, B = self.stride, len(states)
+        for s in states:
+            self._restart_stale(s)
+        is_v = np.fromiter((s.mode == "V" for s in states), bool, B)
+        tokens = np.full((B, self.query_len), self.mask_token_id, dtype=np.int64)
+        tokens[:, 0] = np.fromiter((s.last for s in states), np.int64, B)
+        if is_v.any():
+            tokens[is_v, 1:n] = [s.specs for s in states if s.mode == "V"]
+        first_mask = np.where(is_v, n, 1)[:, None]  # the MASK slots: C 1.., V N..
+        index = np.arange(self.query_len)
+        is_mask = index >= first_mask
+        gate = is_mask & (index < first_mask + n - 1) if self.uses_lora else None  # `draft_slots`
+        return BlockBatch(tokens, is_mask, gate)
+
     fused = True
 
-    def step_inputs(self, states, params, generators, vocab_size, device):
-        k = self.stride - 1
+    def params_inputs(self, params):
         temp, top_k, top_p = params_tensors(params, "cpu")
-        point_mass = [_point_mass(p) for p in params]
-        tensors = {  # small per-row tensors on the host (the engine packs them into one copy)
-            "temperature": temp, "top_k": top_k, "top_p": top_p,
-            "is_v": torch.tensor([s.mode == "V" for s in states]),
-            "specs": torch.tensor([s.specs if s.mode == "V" else [0] * k for s in states]),
-            "point_mass": torch.tensor(point_mass),
-            "argmax_draft": torch.tensor([p.draft != "sample" or p.greedy for p in params]),
-            "alpha": torch.tensor([p.verify_alpha for p in params], dtype=torch.float32),
-        }
-        if any(s.mode == "V" and not pm for s, pm in zip(states, point_mass)):
+        n = len(params)
+        point_mass = np.fromiter((_point_mass(p) for p in params), bool, n)
+        argmax_draft = np.fromiter((p.draft != "sample" or p.greedy for p in params), bool, n)
+        alpha = to_float32(np.fromiter((p.verify_alpha for p in params), np.float64, n))
+        greedy = all(p.greedy and p.verify_alpha <= 1 for p in params)
+        tensors = {"temperature": temp, "top_k": top_k, "top_p": top_p, "point_mass": torch.from_numpy(point_mass),
+                   "argmax_draft": torch.from_numpy(argmax_draft), "alpha": torch.from_numpy(alpha)}
+        return ParamsInputs(tensors, {"truncate": needs_truncation(params) and not greedy, "greedy": greedy,
+                                      "logprobs": logprobs_static(params)},
+                            sampled=not all(p.greedy for p in params), rows={"point_mass": point_mass})
+
+    def step_inputs(self, states, params, generators, vocab_size, device):
+        k, B = self.stride - 1, len(states)
+        fixed = self.batch_params(params)
+        is_v = np.fromiter((s.mode == "V" for s in states), bool, B)
+        specs = np.zeros((B, k), dtype=np.int64)
+        if is_v.any():
+            specs[is_v] = [s.specs for s in states if s.mode == "V"]
+        # small per-row tensors on the host (the engine packs them into one copy)
+        tensors = {**fixed.tensors, "is_v": torch.from_numpy(is_v), "specs": torch.from_numpy(specs)}
+        if (is_v & ~fixed.rows["point_mass"]).any():  # a V row keeps the q̃ its drafts were sampled from
             zeros = torch.zeros(k, vocab_size, device=device)
             tensors["q_old"] = torch.stack([s.spec_q if s.mode == "V" and s.spec_q is not None else zeros
                                             for s in states])  # [B, K, V]
-        if not all(p.greedy for p in params):  # one fixed draw per row and step: noise, then u
+        if fixed.sampled:  # one fixed draw per row and step: noise, then u
             tensors["noise"] = exponential_noise((self.stride, vocab_size), generators, device)  # [B, N, V]
             tensors["u"] = uniforms((k,), generators, device)  # [B, K]
-        greedy = all(p.greedy and p.verify_alpha <= 1 for p in params)
-        return tensors, {"truncate": needs_truncation(params) and not greedy, "greedy": greedy,
-                         "logprobs": logprobs_static(params)}
+        return tensors, dict(fixed.static)
 
     def compute(self, logits, tensors, truncate=True, greedy=False, logprobs=None):
         """-> packed [B, 2K+3] (see below), + [N·(1+2k)] logprob columns of the clean indices 0..K when the
@@ -179,27 +208,32 @@ class ISDDecoder(Decoder):
         the clean argmax where verification stopped. Same packed layout, every q = 1."""
         return greedy_isd_step(logits, is_v, specs), None
 
-    def finish(self, states, rows, extra, params, stats):
+    def finish(self, states, packed, extra, params, stats):
+        """The packed columns (see `_compute_sampled`) -> each row's emitted tokens and next state."""
         k = self.stride - 1
+        n_acc, final = packed[:, 0].astype(np.int64).tolist(), packed[:, 1].astype(np.int64).tolist()
+        drafts, final_q = packed[:, 2: 2 + k].astype(np.int64).tolist(), packed[:, 2 + k].tolist()
+        drafts_q = packed[:, 3 + k: 3 + 2 * k].tolist()
+        kept_q = [None] * len(states) if extra is None else extra.unbind(0)  # the new drafts' q̃ (rows of extra)
+        point_mass = self.batch_params(params).rows["point_mass"].tolist()
         results = []
         for b, s in enumerate(states):
-            row = rows[b]
-            j, final, final_q = int(row[0]), int(row[1]), row[2 + k]
-            drafts, drafts_q = [int(x) for x in row[2: 2 + k]], row[3 + k: 3 + 2 * k]
-            keep_q = extra is not None and not _point_mass(params[b])
-            fresh = ISDState("V", final, drafts, extra[b] if keep_q else None, drafts_q)
+            j = n_acc[b]
             if s.mode == "C":
-                emitted, probs, advance, nxt = [final], [final_q], 1, fresh
+                emitted, probs, advance = [final[b]], [final_q[b]], 1
                 stats[b].rounds["cold"] += 1
             else:
                 stats[b].record_verify(k, j)
-                emitted, probs = s.specs[:j] + [final], s.spec_qd[:j] + [final_q]
-                advance, nxt = 1 + j, (fresh if j == k else ISDState("C", final))
-            s.mode, s.last, s.specs, s.spec_q, s.spec_qd = nxt.mode, nxt.last, nxt.specs, nxt.spec_q, nxt.spec_qd
+                emitted, probs, advance = s.specs[:j] + [final[b]], s.spec_qd[:j] + [final_q[b]], 1 + j
+            if s.mode == "C" or j == k:  # next: verify the new drafts
+                spec_q = None if point_mass[b] else kept_q[b]
+                s.mode, s.last, s.specs, s.spec_q, s.spec_qd = "V", final[b], drafts[b], spec_q, drafts_q[b]
+            else:  # a draft was rejected: cold start from the correction
+                s.mode, s.last, s.specs, s.spec_q, s.spec_qd = "C", final[b], [], None, []
             res = StepResult(emitted, advance, probs)
             if params[b].logprobs is not None:  # emitted token i is predicted by clean index i
-                res.logprobs, res.top_logprobs = unpack_logprobs(row, 3 + 2 * k, self.stride, len(emitted),
-                                                                 params[b].logprobs)
+                res.logprobs, res.top_logprobs = unpack_logprobs(packed[b].tolist(), 3 + 2 * k, self.stride,
+                                                                 len(emitted), params[b].logprobs)
             results.append(res)
         return results
 

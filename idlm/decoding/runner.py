@@ -61,18 +61,17 @@ def apply_result(out: GenerationOutput, checker: StopChecker, res: StepResult, f
     """Append one step's emitted tokens (with their q and, if asked, logprobs) to `out`, applying the stop
     rules token by token (tokens after a stop are dropped); True once the request is finished. Shared by
     this runner and the engine."""
-    probs = res.probs if res.probs is not None else [float("nan")] * len(res.emitted)
-    for i, (t, q) in enumerate(zip(res.emitted, probs)):
-        out.token_ids.append(t)
-        out.token_probs.append(q)
-        if res.logprobs is not None:
-            out.logprobs.append(res.logprobs[i])
-            out.top_logprobs.append(res.top_logprobs[i] if res.top_logprobs is not None else [])
-        if from_decode:
-            out.stats.committed += 1
-        if checker.add(t):
-            out.finish_reason = checker.finish_reason
-            return True
+    n = checker.accept(res.emitted)  # tokens kept: all, or up to the one that finished the request
+    out.token_ids += res.emitted[:n]
+    out.token_probs += res.probs[:n] if res.probs is not None else [float("nan")] * n
+    if res.logprobs is not None:
+        out.logprobs += res.logprobs[:n]
+        out.top_logprobs += res.top_logprobs[:n] if res.top_logprobs is not None else [[] for _ in range(n)]
+    if from_decode:
+        out.stats.committed += n
+    if checker.finish_reason is not None:
+        out.finish_reason = checker.finish_reason
+        return True
     return False
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from idlm.errors import ConfigError
@@ -136,10 +137,20 @@ def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
 
 
 def params_tensors(params: list[SamplingParams], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row (temperature, top_k, top_p) tensors [B] for `filtered_probs`."""
-    return (torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
-            torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
-            torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device))
+    """Per-row (temperature, top_k, top_p) tensors [B] for `filtered_probs` (float32, int64, float32; built
+    through numpy: a few times faster than torch.tensor of Python lists, same values)."""
+    n = len(params)
+    temperature, top_p = (to_float32(np.fromiter((getattr(p, name) for p in params), np.float64, n))
+                          for name in ("temperature", "top_p"))
+    top_k = np.fromiter((p.top_k for p in params), np.int64, n)
+    return tuple(torch.from_numpy(a).to(device) for a in (temperature, top_k, top_p))
+
+
+def to_float32(values: np.ndarray) -> np.ndarray:
+    """float64 -> float32 rounded to nearest as torch.tensor(..., dtype=float32) does (beyond its range: ±inf,
+    without numpy's overflow warning)."""
+    with np.errstate(over="ignore"):
+        return values.astype(np.float32)
 
 
 def _per_row(shape: tuple[int, ...], generators: list[torch.Generator | None], device, fill) -> torch.Tensor:
@@ -149,8 +160,8 @@ def _per_row(shape: tuple[int, ...], generators: list[torch.Generator | None], d
     if all(g is None for g in generators):
         fill(out, None)
         return out
-    for b, g in enumerate(generators):
-        fill(out[b], g)
+    for row, g in zip(out.unbind(0), generators):  # (unbind: every row's view in one call)
+        fill(row, g)
     return out
 
 

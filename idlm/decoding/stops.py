@@ -48,6 +48,26 @@ class StopChecker:
             self.text += self.detok.flush()
         return self.finish_reason is not None
 
+    def accept(self, token_ids: list[int]) -> int:
+        """Account a step's emitted tokens in order, as `add` each; returns how many are kept: all of them,
+        or up to and including the one that finished the request."""
+        if self.detok is not None:
+            for i, t in enumerate(token_ids):
+                if self.add(t):
+                    return i + 1
+            return len(token_ids)
+        # no text: the first stop id, or the token that reaches max_tokens, ends the request
+        n = min(len(token_ids), max(1, self.params.max_tokens - self.n_tokens))
+        for i in range(n):
+            if token_ids[i] in self.stop_ids:
+                self.n_tokens += i + 1
+                self.finish_reason = "stop"
+                return i + 1
+        self.n_tokens += n
+        if n and self.n_tokens >= self.params.max_tokens:
+            self.finish_reason = "length"
+        return n
+
     def new_text(self) -> str:
         """Text that is safe to stream now (all of it once finished)."""
         end = len(self.text) if self.finish_reason else max(self.sent, len(self.text) - self.holdback)

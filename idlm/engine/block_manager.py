@@ -1,4 +1,4 @@
-"""Paged KV-cache bookkeeping for the serving engine (SPEC §4.4, §8): pure Python, no tensors.
+"""Paged KV-cache bookkeeping for the serving engine (SPEC §4.4, §8): pure Python and numpy, no tensors.
 
 Why each piece exists
 ---------------------
@@ -35,12 +35,20 @@ Why each piece exists
   private (ref 1) and unhashed, because only full committed pages are ever hashed or shared. `slots`
   asserts this for the pages it maps past the committed length; `check_invariants` verifies the whole
   state (used in tests).
+* **Host block tables, kept up to date.** Every request also owns a row of one int64 array that mirrors
+  its block table (zero past its end), updated by the operations that change its pages. A decode step
+  then gets the tables and slots of its whole batch with a few array operations (`decode_mapping`)
+  instead of rebuilding every request's table from its list of pages each step. (Decode rows write only
+  at or past the committed length, into pages `reserve` just took or the private partial page, so the
+  write-safety invariant holds there by construction; `check_invariants` checks it and the mirror.)
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from idlm.errors import ConfigError, IdlmError
 
@@ -74,6 +82,7 @@ class SeqBlocks:
     num_tokens: int = 0  # committed length: KV of positions 0..num_tokens-1 is valid and kept
     partial_tokens: list[int] = field(default_factory=list)  # committed tokens of the last, non-full page
     last_hash: int = _ROOT_HASH  # chained hash of the last full committed page
+    row: int = -1  # its row of the host block tables (BlockManager._tables)
 
 
 class BlockManager:
@@ -91,6 +100,9 @@ class BlockManager:
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))  # front = reused first
         self._hash_to_block: dict[int, int] = {}
         self._seqs: dict[object, SeqBlocks] = {}
+        # host block tables: row r mirrors the block_ids of the request holding it, padded with page 0
+        self._tables = np.zeros((0, 16), dtype=np.int64)
+        self._free_rows: list[int] = []
 
     # ------------------------------------------------------------------ queries
 
@@ -138,6 +150,25 @@ class BlockManager:
             assert block.ref_count == 1 and block.hash is None, f"page {block.block_id} is shared or cached"
         return out
 
+    def decode_mapping(self, seq_ids: list, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A decode step's mapping for requests that each write `n` slots right after their committed
+        length (room made by `reserve`): (starts [B], slots [B, n], block tables [B, M]) int64 arrays,
+        row b = seq_ids[b], M = the most pages any of them holds. Equals `length`, `slots(id, length, n)`
+        and `block_table` (zero-padded) per request, computed for the whole batch at once."""
+        seqs = [self._seq(s) for s in seq_ids]
+        B, bs = len(seqs), self.block_size
+        rows = np.fromiter((s.row for s in seqs), np.int64, B)
+        starts = np.fromiter((s.num_tokens for s in seqs), np.int64, B)
+        pages = np.fromiter((len(s.block_ids) for s in seqs), np.int64, B)
+        for b in np.flatnonzero(starts + n > pages * bs)[:1]:
+            raise BlockManagerError(
+                f"positions {starts[b]}..{starts[b] + n - 1} of request {seq_ids[b]!r} are outside its "
+                f"{pages[b] * bs} reserved slots; call reserve() first")
+        tables = self._tables[rows, : pages.max(initial=0)]
+        pos = starts[:, None] + np.arange(n)
+        slots = np.take_along_axis(tables, pos // bs, axis=1) * bs + pos % bs
+        return starts, slots, tables
+
     # ------------------------------------------------------------------ mutations
 
     def allocate(self, seq_id, token_ids, max_hit: int | None = None) -> int:
@@ -182,6 +213,8 @@ class BlockManager:
         seq = SeqBlocks(seq_id, block_ids=hit_blocks + [self._take_free() for _ in range(n_new)])
         seq.num_tokens = len(hit_blocks) * bs
         seq.last_hash = last_hash
+        seq.row = self._take_row()
+        self._sync_table(seq, 0, 0)
         self._seqs[seq_id] = seq
         return seq.num_tokens
 
@@ -194,9 +227,13 @@ class BlockManager:
             raise BlockManagerError(f"n_new_tokens must be >= 0, got {n_new_tokens}")
         seq = self._seq(seq_id)
         need = self._pages_to_reserve(seq, n_new_tokens)
+        if need == 0:  # the usual decode step: its pages already have room
+            return True
         if need > len(self._free):
             return False
+        old = len(seq.block_ids)
         seq.block_ids.extend(self._take_free() for _ in range(need))
+        self._sync_table(seq, old, old)
         return True
 
     def commit(self, seq_id, new_length: int, token_ids, release: bool = True) -> None:
@@ -231,9 +268,12 @@ class BlockManager:
         seq.num_tokens = new_length
         if not release:
             return
-        keep = self.blocks_needed(new_length)
+        keep = -(-new_length // bs)  # pages holding committed tokens
+        if len(seq.block_ids) == keep:  # nothing past new_length (the usual AR step)
+            return
         dropped = seq.block_ids[keep:]
         del seq.block_ids[keep:]
+        self._sync_table(seq, keep, keep + len(dropped))
         for bid in reversed(dropped):
             self._release(bid)
 
@@ -242,6 +282,8 @@ class BlockManager:
         seq = self._seqs.pop(seq_id, None)
         if seq is None:
             raise BlockManagerError(f"unknown request {seq_id!r}")
+        self._tables[seq.row, : len(seq.block_ids)] = 0
+        self._free_rows.append(seq.row)
         for bid in reversed(seq.block_ids):
             self._release(bid)
 
@@ -265,6 +307,14 @@ class BlockManager:
             assert (block.ref_count == 0) == (block.block_id in self._free), f"page {block.block_id}: free/used"
         for h, bid in self._hash_to_block.items():
             assert self._blocks[bid].hash == h, "hash table points at a page with another hash"
+        rows = [seq.row for seq in self._seqs.values()]
+        assert len(set(rows)) == len(rows) and set(rows).isdisjoint(self._free_rows), "a table row is shared"
+        assert sorted(rows + self._free_rows) == list(range(len(self._tables))), "a table row is lost"
+        for seq in self._seqs.values():
+            n = len(seq.block_ids)
+            assert self._tables[seq.row, :n].tolist() == seq.block_ids, "host block table is stale"
+            assert not self._tables[seq.row, n:].any(), "host block table is not zero past its end"
+        assert not self._tables[self._free_rows].any(), "a free table row is not zero"
 
     # ------------------------------------------------------------------ internals
 
@@ -275,7 +325,28 @@ class BlockManager:
             raise BlockManagerError(f"unknown request {seq_id!r}") from None
 
     def _pages_to_reserve(self, seq: SeqBlocks, n_new_tokens: int) -> int:
-        return max(0, self.blocks_needed(seq.num_tokens + n_new_tokens) - len(seq.block_ids))
+        return max(0, -(-(seq.num_tokens + n_new_tokens) // self.block_size) - len(seq.block_ids))
+
+    def _take_row(self) -> int:
+        """A free row of the host block tables (the array doubles when none is left)."""
+        if not self._free_rows:
+            n, width = self._tables.shape
+            self._tables = np.concatenate([self._tables, np.zeros((max(n, 8), width), dtype=np.int64)])
+            self._free_rows = list(range(len(self._tables) - 1, n - 1, -1))  # lowest rows first
+        return self._free_rows.pop()
+
+    def _sync_table(self, seq: SeqBlocks, start: int, old_len: int) -> None:
+        """Mirror seq.block_ids[start:] into its host table row, which held old_len pages (zero the rest).
+        Scalar writes: a decode step changes one page or none, where slice writes cost more."""
+        n = len(seq.block_ids)
+        if n > self._tables.shape[1]:  # widen (double) the table
+            width = max(n, 2 * self._tables.shape[1])
+            self._tables = np.pad(self._tables, ((0, 0), (0, width - self._tables.shape[1])))
+        tables, r = self._tables, seq.row
+        for i in range(start, n):
+            tables[r, i] = seq.block_ids[i]
+        for i in range(n, old_len):
+            tables[r, i] = 0
 
     def _take_free(self) -> int:
         bid, _ = self._free.popitem(last=False)

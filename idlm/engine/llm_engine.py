@@ -18,6 +18,14 @@ overflows, a bug on a rare path) finishes that request alone with finish_reason 
 `output.error`, and every other request goes on (`_isolated`); errors that poison the device
 (`is_fatal`) still stop the engine.
 
+Host work per decode step is kept per batch where it can be (on a GPU a small model's step is bound by
+it, not by the one graph replay): the decode rows go to the runner as one `DecodeBatch` of arrays
+(`Decoder.blocks`, `BlockManager.decode_mapping` over its mirrored block tables), the per-request lists
+of an unchanged batch are reused (`_BatchRows`, and with them the decoders' params tensors,
+`Decoder.batch_params`), the packed results reach the host as one array read by columns, and stop
+checks without a tokenizer take no per-token detour (`StopChecker.accept`). What remains per request
+is applying its result: commit, output, stop rules. `tests/test_engine_host.py` measures it.
+
 Logprobs (`SamplingParams.logprobs`) come out of the decoders' `compute`/`finish` like the tokens.
 Prompt logprobs (`prompt_logprobs`) are scored from the prefill forward itself, chunk by chunk (a
 chunk's last position predicts the next chunk's first token), once per prompt token even across
@@ -39,7 +47,7 @@ from idlm.decoding.runner import GenerationOutput, apply_result, check_request
 from idlm.decoding.sampling import SamplingParams
 from idlm.decoding.stops import StopChecker
 from idlm.engine.block_manager import BlockManager
-from idlm.engine.model_runner import ModelRunner, Row
+from idlm.engine.model_runner import DecodeBatch, ModelRunner, Row
 from idlm.engine.scheduler import Scheduler
 from idlm.engine.sequence import Sequence
 from idlm.errors import ConfigError
@@ -116,7 +124,7 @@ class EngineConfig:
         return self.stride_schedule[-1][1]
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     """What one step changed for one request (the streaming unit)."""
     request_id: str
@@ -128,6 +136,25 @@ class RequestOutput:
     @property
     def finish_reason(self) -> str | None:
         return self.output.finish_reason
+
+
+@dataclass
+class _BatchRows:
+    """A decode batch's per-request lists, built once per batch composition: while the batch does not
+    change (the scheduler's stationary batch) every step reuses them, and the decoders reuse what they
+    derive from the same params list (`Decoder.batch_params`). Every entry is fixed for a request's life."""
+    seqs: tuple[Sequence, ...]
+    request_ids: list[str] = field(init=False)
+    states: list = field(init=False)
+    params: list[SamplingParams] = field(init=False)
+    generators: list = field(init=False)
+    stats: list[DecodeStats] = field(init=False)
+
+    def __post_init__(self):
+        seqs = self.seqs
+        self.request_ids, self.states = [s.request_id for s in seqs], [s.state for s in seqs]
+        self.params, self.generators = [s.params for s in seqs], [s.generator for s in seqs]
+        self.stats = [s.output.stats for s in seqs]
 
 
 def _prompt_positions(seq: Sequence, n: int) -> tuple[int, list[int], int] | None:
@@ -181,6 +208,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
+        self._batch: _BatchRows | None = None  # the last decode batch's lists
         self._ids = itertools.count()
         self.decode_stats = DecodeStats()  # SPEC §7 counters summed over finished and aborted requests
         self.counters = {"decode_forwards": 0, "prefill_forwards": 0, "prefill_tokens": 0, "decode_query_tokens": 0,
@@ -306,15 +334,16 @@ class LLMEngine:
         updates[seq.request_id] = RequestOutput(seq.request_id, prev.new_token_ids if prev else [],
                                                 prev.new_text if prev else "", True, seq.output)
 
-    def _apply_each(self, seqs: list[Sequence], apply, updates) -> None:
-        """Apply a computed step to each request; an error while applying fails that request alone."""
-        for seq, *args in seqs:
+    def _apply_each(self, items: list[tuple], apply, updates) -> None:
+        """Apply a computed step to each request (`apply(seq, *rest)` per item); an error while applying
+        fails that request alone."""
+        for item in items:
             try:
-                apply(seq, *args)
+                apply(*item)
             except Exception as e:
                 if is_fatal(e):
                     raise
-                self._fail(seq, e, updates)
+                self._fail(item[0], e, updates)
 
     def _emit(self, seq: Sequence, res: StepResult, from_decode: bool, updates) -> None:
         n0 = len(seq.output.token_ids)
@@ -374,22 +403,35 @@ class LLMEngine:
 
         self._apply_each([(seq, i, n, row) for i, ((seq, n), row) in enumerate(zip(prefills, rows))], apply, updates)
 
+    def _batch_rows(self, seqs: list[Sequence]) -> _BatchRows:
+        key = tuple(seqs)
+        if self._batch is None or self._batch.seqs != key:  # (Sequences compare by identity)
+            self._batch = _BatchRows(key)
+        return self._batch
+
+    def _decode_batch(self, rows: _BatchRows, decoder, query_len: int) -> tuple[DecodeBatch, list[list[int]]]:
+        """The step's DecodeBatch (decoder blocks + the block manager's slots and tables, all as arrays) and
+        each row's block tokens as a list (the first `advance` of them are committed)."""
+        blocks = decoder.blocks(rows.states)
+        starts, slots, tables = self.block_manager.decode_mapping(rows.request_ids, query_len)
+        lora = decoder.uses_lora
+        batch = DecodeBatch(blocks.tokens, starts, slots, tables, is_mask=blocks.is_mask if lora else None,
+                            gate=blocks.gate if lora else None, visible=blocks.visible)
+        return batch, blocks.tokens.tolist()
+
     def _decode(self, seqs: list[Sequence], query_len: int, updates) -> None:
         # compute: nothing in the engine changes until the step's results are on the host
         decoder = next(d for d in self._decoders.values() if d.query_len == query_len)
-        blocks = [decoder.block(s.state) for s in seqs]
-        lora = decoder.uses_lora
-        rows = [self._row(s, b.tokens, is_mask=b.is_mask if lora else None, gate=b.gate if lora else None,
-                          visible=b.visible) for s, b in zip(seqs, blocks)]
-        states, params = [s.state for s in seqs], [s.params for s in seqs]
-        generators, stats = [s.generator for s in seqs], [s.output.stats for s in seqs]
+        rows = self._batch_rows(seqs)
+        batch, block_tokens = self._decode_batch(rows, decoder, query_len)
+        states, params, generators, stats = rows.states, rows.params, rows.generators, rows.stats
         if decoder.fused:
             tensors, static = decoder.step_inputs(states, params, generators, self.model.config.vocab_size,
                                                   self.runner.device)
-            packed, extra = self.runner.decode(rows, decoder, tensors, static)
+            packed, extra = self.runner.decode(batch, decoder, tensors, static)
             if extra is not None and self.runner.use_graphs:
                 extra = extra.clone()  # graph outputs are overwritten by the next replay
-            host = packed.tolist()  # the one host sync
+            host = packed.cpu().numpy()  # the one host sync
             try:  # finish updates every row's decoder state: past this point a failure fails the whole batch
                 results = decoder.finish(states, host, extra, params, stats)
             except Exception as e:
@@ -399,22 +441,21 @@ class LLMEngine:
                     self._fail(seq, e, updates)
                 return
         else:
-            results = decoder.step(states, self.runner.forward_logits(rows, last_only=False), params, generators,
-                                   stats)
+            results = decoder.step(states, self.runner.decode_logits(batch), params, generators, stats)
         self.counters["decode_forwards"] += 1
         self.counters["decode_query_tokens"] += len(seqs) * query_len
 
-        def apply(seq: Sequence, blk, res: StepResult) -> None:
+        def apply(seq: Sequence, tokens: list[int], res: StepResult) -> None:
             if not 0 <= res.advance <= query_len:
                 raise RuntimeError(f"decoder {decoder.name} kept {res.advance} of {query_len} slots")
-            kept = blk.tokens[: res.advance]
+            kept = tokens[: res.advance]
             self.block_manager.commit(seq.request_id, seq.num_computed + res.advance, kept)
             seq.kv_tokens += kept
             seq.num_computed += res.advance
             seq.output.stats.forwards += 1
             self._emit(seq, res, True, updates)
 
-        self._apply_each(list(zip(seqs, blocks, results)), apply, updates)
+        self._apply_each(list(zip(seqs, block_tokens, results)), apply, updates)
 
     # ----------------------------------------------------------------- convenience
 

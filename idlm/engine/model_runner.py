@@ -3,13 +3,15 @@ CUDA graphs for decode steps.
 
 A forward takes rows (one per request) of T query tokens each, right-padded to one T: tokens at
 positions start..start+n−1, written at the slots the block manager maps them to (padding writes the
-pool's trash slot). Prefill chunks run eagerly; only the last token's hidden state of a finished
-prompt goes through the vocabulary projection (plus, for requests that want prompt logprobs, the
-prompt positions they still need). A decode step of a fused decoder (AR, ISD, R-ISD)
-is forward + logits + the decoder's `compute` (sampling, verification) in one function; on CUDA it
-is captured once per (batch bucket, Q, page bucket, decoder options — incl. the static logprobs
-width, so steps without logprobs keep their own graphs) and replayed, so one step is
-a few host-to-device copies, one graph launch and one device-to-host copy (the packed results).
+pool's trash slot). Prefill chunks come as `Row`s; a decode step as one `DecodeBatch` of host arrays
+(the engine builds it without per-request objects: `BlockManager.decode_mapping`, `Decoder.blocks`).
+Prefill chunks run eagerly; only the last token's hidden state of a finished prompt goes through the
+vocabulary projection (plus, for requests that want prompt logprobs, the prompt positions they still
+need). A decode step of a fused decoder (AR, ISD, R-ISD) is forward + logits + the decoder's `compute`
+(sampling, verification) in one function; on CUDA it is captured once per (batch bucket, Q, page
+bucket, decoder options — incl. the static logprobs width, so steps without logprobs keep their own
+graphs) and replayed, so one step is a few host-to-device copies, one graph launch and one
+device-to-host copy (the packed results).
 The KV pool is sized from free GPU memory (`gpu_memory_utilization`) or given as `num_blocks`.
 Decode steps attend over the pool with the Triton paged kernel on CUDA (`attention="auto"`); prefill
 chunks, and every step elsewhere, take the gather + SDPA reference path. On CUDA a model whose q/k/v
@@ -46,6 +48,38 @@ class Row:
     is_mask: list[bool] | None = None  # R-ISD: MASK slots take the adapter's MASK embedding
     gate: list[bool] | None = None  # R-ISD: LoRA gate
     visible: list[int] | None = None  # block-bidirectional attention (SDAR); None = causal
+
+
+@dataclass
+class DecodeBatch:
+    """A decode step's rows as host arrays: Q query tokens per request, row b = one request."""
+    tokens: np.ndarray  # [B, Q] int64
+    starts: np.ndarray  # [B] int64, position of tokens[:, 0]
+    slots: np.ndarray  # [B, Q] int64, physical KV slots of the tokens
+    tables: np.ndarray  # [B, M] int64, page ids covering positions 0..start+Q−1 (padded with page 0)
+    is_mask: np.ndarray | None = None  # [B, Q] bool (R-ISD)
+    gate: np.ndarray | None = None  # [B, Q] bool (R-ISD; None: all off)
+    visible: np.ndarray | None = None  # [B, Q] int64 (SDAR; None: causal)
+
+    @classmethod
+    def from_rows(cls, rows: list[Row]) -> "DecodeBatch":
+        """Rows of one length Q as a batch (same padding as the prefill path)."""
+        tables = np.zeros((len(rows), max(len(r.block_table) for r in rows)), dtype=np.int64)
+        for b, r in enumerate(rows):
+            tables[b, : len(r.block_table)] = r.block_table
+        q = len(rows[0].tokens)
+
+        def optional(name, default, dtype):
+            if all(getattr(r, name) is None for r in rows):
+                return None
+            return np.array([default if getattr(r, name) is None else getattr(r, name) for r in rows], dtype=dtype)
+
+        def ints(values) -> np.ndarray:
+            return np.array(values, dtype=np.int64)
+
+        return cls(ints([r.tokens for r in rows]), ints([r.start for r in rows]), ints([r.slots for r in rows]), tables,
+                   optional("is_mask", [False] * q, bool), optional("gate", [False] * q, bool),
+                   optional("visible", list(range(q)), np.int64))
 
 
 def _bucket(n: int, buckets) -> int:
@@ -134,6 +168,27 @@ class ModelRunner:
                     out["visible"][b, : len(r.tokens)] = r.visible
         return {k: torch.from_numpy(v) for k, v in out.items()}
 
+    def _batch_tensors(self, batch: DecodeBatch, B: int, M: int) -> dict[str, torch.Tensor]:
+        """`_tensors` of a decode batch, padded to B >= its rows and M >= its table width."""
+        n, Q = batch.tokens.shape
+
+        def pad(a: np.ndarray, fill, width: int | None = None) -> np.ndarray:
+            out = np.full((B, width or a.shape[1]), fill, dtype=a.dtype)
+            out[:n, : a.shape[1]] = a
+            return out
+
+        starts = np.zeros(B, dtype=np.int64)
+        starts[:n] = batch.starts
+        out = {"tokens": pad(batch.tokens, 0), "positions": starts[:, None] + np.arange(Q),
+               "slots": pad(batch.slots, self.kv.trash_slot), "tables": pad(batch.tables, 0, M), "starts": starts}
+        if batch.is_mask is not None:
+            out["is_mask"] = pad(batch.is_mask, False)
+            out["gate"] = pad(batch.gate, False) if batch.gate is not None else np.zeros((B, Q), dtype=bool)
+        if batch.visible is not None:
+            out["visible"] = np.tile(np.arange(Q), (B, 1))
+            out["visible"][:n] = batch.visible
+        return {k: torch.from_numpy(v) for k, v in out.items()}
+
     def _forward(self, t: dict[str, torch.Tensor], kernel: bool = False) -> torch.Tensor:
         """Tensors of `_tensors` (on the device) -> hidden [B, T, H]. kernel: attention through the Triton
         kernel (decode steps; prefill chunks of every length take the reference path, so the kernel
@@ -180,17 +235,26 @@ class ModelRunner:
         return logits, scored
 
     @torch.no_grad()
-    def decode(self, rows: list[Row], decoder, tensors: dict[str, torch.Tensor], static: dict):
-        """One fused decode step: rows of Q tokens each -> decoder.compute's (packed [B, F], extra).
+    def decode_logits(self, batch: DecodeBatch) -> torch.Tensor:
+        """Eager decode forward (non-fused decoders): logits [B, Q, V] at every query position."""
+        host = self._batch_tensors(batch, len(batch.tokens), batch.tables.shape[1])
+        t = {k: v.to(self.device) for k, v in host.items()}
+        return self.model.compute_logits(self._forward(t))
+
+    @torch.no_grad()
+    def decode(self, batch: DecodeBatch | list[Row], decoder, tensors: dict[str, torch.Tensor], static: dict):
+        """One fused decode step: a batch (or rows) of Q tokens each -> decoder.compute's (packed [B, F], extra).
         `tensors` are decoder.step_inputs' (host or device tensors with B rows)."""
-        B, Q = len(rows), len(rows[0].tokens)
+        if not isinstance(batch, DecodeBatch):
+            batch = DecodeBatch.from_rows(batch)
+        (B, Q), pages = batch.tokens.shape, batch.tables.shape[1]
         if not self.use_graphs:
-            t = {k: v.to(self.device) for k, v in self._tensors(rows, Q, B, self._pages(rows)).items()}
+            t = {k: v.to(self.device) for k, v in self._batch_tensors(batch, B, pages).items()}
             dec = {k: v.to(self.device) for k, v in tensors.items()}
-            return decoder.compute(self.model.compute_logits(self._forward(t, self.attn_kernel)), dec, **static)
+            return self._device_step(decoder, t, dec, static)
         Bp = _bucket(B, self.batch_buckets)
-        M = min(_pow2_at_least(self._pages(rows)), self.max_pages)
-        host = self._tensors(rows, Q, Bp, M)
+        M = min(_pow2_at_least(pages), self.max_pages)
+        host = self._batch_tensors(batch, Bp, M)
         on_host = {"dec." + k: v for k, v in tensors.items() if v.device.type == "cpu"}
         on_device = {"dec." + k: v for k, v in tensors.items() if v.device.type != "cpu"}
         host.update({k: _pad_rows(v, Bp) for k, v in on_host.items()})
@@ -208,6 +272,11 @@ class ModelRunner:
             dev_inputs[k][:B].copy_(v)
         graph.replay()
         return packed[:B], (None if extra is None else extra[:B])
+
+    def _device_step(self, decoder, t: dict[str, torch.Tensor], dec: dict[str, torch.Tensor], static: dict):
+        """The device part of a fused decode step (what a CUDA graph captures): forward, vocabulary
+        projection, decoder.compute -> (packed, extra)."""
+        return decoder.compute(self.model.compute_logits(self._forward(t, self.attn_kernel)), dec, **static)
 
     def _capture(self, decoder, host, on_device, static, Bp):
         # host tensors travel packed: int64 (ids, positions, bools) and float32 groups, one buffer each
@@ -237,7 +306,7 @@ class ModelRunner:
         def run():
             inputs = unpack()
             dec = {k[4:]: v for k, v in inputs.items() if k.startswith("dec.")}
-            return decoder.compute(self.model.compute_logits(self._forward(inputs, self.attn_kernel)), dec, **static)
+            return self._device_step(decoder, inputs, dec, static)
 
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())

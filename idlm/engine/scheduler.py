@@ -14,7 +14,9 @@ Requests that do not fit wait; none is dropped. `abort` removes a request wherev
 its pages.
 
 Stationary batch (SPEC §8): when nothing waits and the running set did not change since the last
-step, the previous decode batch is reused as is and only the KV reservations are made.
+step, the previous decode batch is reused as is and only the KV reservations are made (one `reserve`
+per request, free when its pages already have room); the engine then reuses the batch's per-request
+lists too.
 """
 
 from __future__ import annotations
@@ -93,16 +95,16 @@ class Scheduler:
             for seq in decodes:
                 if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
                     continue
-                while not self.bm.can_reserve(seq.request_id, q):
+                while not self.bm.reserve(seq.request_id, q):  # False: nothing reserved, the pool is short
                     victim = self.running[-1]
                     self.preempt(victim)
                     out.preempted.append(victim)
                     if victim is seq:
                         break
                 else:
-                    self.bm.reserve(seq.request_id, q)
                     out.decodes.append(seq)
-            out.decodes = [s for s in out.decodes if s not in out.preempted]
+            if out.preempted:
+                out.decodes = [s for s in out.decodes if s not in out.preempted]
             budget -= len(out.decodes) * q
         changed = bool(out.preempted)
 

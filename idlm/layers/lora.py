@@ -158,7 +158,9 @@ class LoRAAdapter(nn.Module):
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{cfg_file} is not a valid LoRA config: {e}") from None
         base = meta.get("idlm_base") or {}
-        for k in BASE_FIELDS:  # older adapters record fewer fields; the tensor shapes are checked below anyway
+        # what the tensors cannot show (their shapes are checked one by one below, naming the tensor):
+        # the vocabulary the MASK embedding and the drafts were trained against
+        for k in ("vocab_size",):
             if k in base and base[k] != getattr(model_config, k):
                 raise CheckpointError(f"LoRA adapter {path} was trained for a base model with {k}={base[k]}, "
                                       f"but this model has {k}={getattr(model_config, k)}: it does not fit")
