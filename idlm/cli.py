@@ -192,6 +192,18 @@ def cmd_eval_humaneval(args) -> int:
     return 0
 
 
+STRIDE_SCHEDULE_HELP = ("N per decode-batch size, 'MAXBATCH:N,...' ascending, e.g. '16:4,64:2,100000:1' "
+                        "(ISD/R-ISD: N=1 = plain AR steps)")
+
+
+def stride_schedule_arg(text: str) -> list[tuple[int, int]]:
+    """'16:4,64:2,100000:1' -> [(16, 4), (64, 2), (100000, 1)] (checked by EngineConfig)."""
+    try:
+        return [tuple(int(x) for x in part.split(":")) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MAXBATCH:N pairs like 16:4,100000:1, got {text!r}") from None
+
+
 def _ints(text: str) -> list[int]:
     try:
         vals = [int(x) for x in text.split(",") if x.strip()]
@@ -213,9 +225,9 @@ def cmd_bench_offline(args) -> int:
     from idlm.engine.llm_engine import EngineConfig, LLMEngine
 
     model, tok, decoder, lora = _load_for_decoding(args)
-    cfg = EngineConfig(decoder=args.decoder, stride=args.stride, threshold=args.threshold,
+    cfg = EngineConfig(decoder=decoder.name, stride=args.stride, threshold=args.threshold,
                        max_num_seqs=max(args.concurrency), cuda_graphs=not args.no_cuda_graphs,
-                       num_blocks=args.num_blocks, attention=args.attention)
+                       num_blocks=args.num_blocks, attention=args.attention, stride_schedule=args.stride_schedule)
     engine = LLMEngine(model, tok, cfg, lora=lora)
     prompts = bench_prompts(tok, max(64, max(args.concurrency)))
     results = bench_offline(engine, prompts, args.concurrency, args.max_tokens, args.temperature)
@@ -324,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     bo.add_argument("--num-blocks", type=int, default=None, help="KV pages (default: from free memory)")
     bo.add_argument("--no-cuda-graphs", action="store_true")
     bo.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto", help=ATTENTION_HELP)
+    bo.add_argument("--stride-schedule", type=stride_schedule_arg, default=None, help=STRIDE_SCHEDULE_HELP)
     _add_model_args(bo)
     _add_decoder_args(bo)
     _add_sampling_args(bo)

@@ -18,6 +18,7 @@ from tiny import mixed_prompt, tiny_transformer
 
 from idlm.cli import main
 from idlm.decoding import make_decoder
+from idlm.decoding.base import DecodeStats
 from idlm.decoding.runner import generate
 from idlm.decoding.sampling import SamplingParams
 from idlm.engine.llm_engine import EngineConfig, LLMEngine
@@ -347,3 +348,30 @@ def test_a_request_whose_step_raises_fails_alone(tiny, where):
         assert outs[r].token_ids == want.token_ids and outs[r].finish_reason == want.finish_reason
     assert engine.counters["failed"] == 1
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_stride_schedule_with_plain_ar_steps_stays_exact(tiny, tiny_ar):
+    """N = 1 in an ISD / R-ISD stride schedule runs plain AR steps on the ISD states (`ISDPlainStep`):
+    greedy output is still greedy AR's, with the schedule switching back and forth as the batch changes;
+    and with every step at N = 1 a seeded sampled request draws exactly the AR engine's tokens."""
+    model, tok = tiny
+    prompts, params = _workload(tok, n=24, seed=7)
+    ar = _small_engine(model, tok, "ar", 4).run(prompts, params)
+    eng = _small_engine(model, tok, "isd", 4, stride_schedule=[(6, 4), (12, 2), (10**6, 1)])
+    got = _engine_staggered(eng, prompts, params, per_step=4)
+    assert [o.token_ids for o in got] == [o.token_ids for o in ar]
+    rounds = DecodeStats()
+    for o in got:
+        rounds = rounds.merge(o.stats)
+    assert rounds.rounds.get("ar", 0) > 0 and rounds.rounds["verify_accepted"] + rounds.rounds["verify_rejected"] > 0
+    # R-ISD with a fallback to AR for batches above 4
+    base, tok2, lora = tiny_ar
+    p2, q2 = _workload(tok2, n=16, seed=8)
+    ar2 = _small_engine(base, tok2, "ar", 4).run(p2, q2)
+    risd = _small_engine(base, tok2, "risd", 4, lora=lora, stride_schedule=[(4, 4), (10**6, 1)])
+    assert [o.token_ids for o in _engine_staggered(risd, p2, q2, per_step=4)] == [o.token_ids for o in ar2]
+    # seeded sampling, every decode step at N = 1: token for token the AR engine's draws
+    sampled = [SamplingParams(temperature=0.9, top_p=0.95, seed=100 + i, max_tokens=12) for i in range(8)]
+    want = _small_engine(model, tok, "ar", 4).run(prompts[:8], sampled)
+    got = _small_engine(model, tok, "isd", 4, stride_schedule=[(10**6, 1)]).run(prompts[:8], sampled)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from idlm.decoding.acceptance import verify_drafts
+from idlm.decoding.ar import ARDecoder
 from idlm.decoding.base import Block, BlockBatch, Decoder, ParamsInputs, StepResult
 from idlm.decoding.logprobs import first_token_logprobs, logprob_columns, logprobs_static, unpack_logprobs
 from idlm.decoding.sampling import (
@@ -276,3 +277,43 @@ def _point_mass(p) -> bool:
 def _per_slot(row_params, m: int) -> list[torch.Tensor]:
     """Per-row parameter tensors [B] repeated for m slots per row -> [B*m] each."""
     return [t.repeat_interleave(m) for t in row_params]
+
+
+class ISDPlainStep(ARDecoder):
+    """N = 1 in an ISD / R-ISD stride schedule (`EngineConfig.stride_schedule`): a plain AR step on ISD
+    states — the pending token is fed alone, the base model (no MASK slots, no LoRA) gives p̃ and the next
+    token is drawn from it. Where a batch is so large that a 2N−1-token step costs more than its
+    drafts gain, the engine can fall back to this and stay exactly AR (SPEC §9).
+
+    Exact for the same reason a stride change is: drafts made earlier are dropped (the state restarts
+    cold: "no drafts to verify"), the pending token is still the next input, and every emitted token is
+    drawn from p̃ of the base model. The next ISD step starts cold from the token drawn here.
+    """
+    stride = 1
+    query_len = 1
+    uses_lora = False
+
+    def __init__(self, name: str):
+        self.name = name  # "isd" or "risd": the decoder this step stands in for
+
+    def start(self, logits, params, generators):
+        raise RuntimeError("a request's first token is drawn by its ISD decoder, not by an AR fallback step")
+
+    @staticmethod
+    def _cold(state: ISDState) -> None:
+        state.mode, state.specs, state.spec_q, state.spec_qd = "C", [], None, []
+
+    def block(self, state: ISDState) -> Block:
+        self._cold(state)
+        return super().block(state)
+
+    def blocks(self, states):
+        for s in states:
+            self._cold(s)
+        return super().blocks(states)
+
+    def finish(self, states, packed, extra, params, stats):
+        results = super().finish(states, packed, extra, params, stats)  # sets each state's pending token
+        for st in stats:
+            st.rounds["ar"] = st.rounds.get("ar", 0) + 1
+        return results

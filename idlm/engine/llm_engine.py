@@ -43,6 +43,7 @@ import torch
 
 from idlm.decoding import make_decoder
 from idlm.decoding.base import DecodeStats, StepResult
+from idlm.decoding.isd import ISDPlainStep
 from idlm.decoding.runner import GenerationOutput, apply_result, check_request
 from idlm.decoding.sampling import SamplingParams
 from idlm.decoding.stops import StopChecker
@@ -73,7 +74,8 @@ class EngineConfig:
     stride: int = 4  # N (ISD/R-ISD), block size (SDAR)
     threshold: float = 0.9  # SDAR confidence threshold
     # [(max decode batch, N), ...] ascending; the first entry whose bound >= the batch size gives N.
-    # None: always `stride`. Example: [(8, 4), (32, 3), (1_000_000, 2)].
+    # None: always `stride`. Example: [(8, 4), (32, 3), (1_000_000, 2)]. For ISD / R-ISD, N = 1 means plain
+    # AR steps (exact: `ISDPlainStep`), e.g. [(32, 4), (1_000_000, 1)] where big batches make ISD lose.
     stride_schedule: list[tuple[int, int]] | None = None
     block_size: int = 16
     num_blocks: int | None = None  # None: from free GPU memory (CPU: up to 1 GiB)
@@ -216,8 +218,12 @@ class LLMEngine:
 
     def _decoder(self, stride: int):
         if stride not in self._decoders:
-            self._decoders[stride] = make_decoder(self.config.decoder, stride, self.model.config, self.tokenizer,
-                                                  self.config.threshold)
+            if stride == 1 and self.config.decoder in ("isd", "risd") and stride != self.config.stride:
+                decoder = ISDPlainStep(self.config.decoder)  # a schedule's N = 1: plain AR steps, exact
+            else:
+                decoder = make_decoder(self.config.decoder, stride, self.model.config, self.tokenizer,
+                                       self.config.threshold)
+            self._decoders[stride] = decoder
         return self._decoders[stride]
 
     # ----------------------------------------------------------------- requests
