@@ -38,6 +38,7 @@ generated, they are few), then training prompts until `target_tokens` response t
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import logging
@@ -585,6 +586,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     options = {"cuda_graphs": not args.no_cuda_graphs}
     if args.num_blocks is not None:
         options["num_blocks"] = args.num_blocks
+    gc.freeze()  # the model, tokenizer and prompt set live to the end: keep the collector off them
     m = distill(model, tok, prompts, args.out, args.temperatures, args.max_tokens, args.max_num_seqs,
                 args.target_tokens, args.seed, top_p=args.top_p, top_k=args.top_k,
                 max_prompt_tokens=args.max_prompt_tokens, model_name=str(args.model), engine_options=options,

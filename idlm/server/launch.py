@@ -151,6 +151,7 @@ def resolve_options(args) -> dict:
 def cmd_serve(args) -> int:
     """Serve until SIGTERM/SIGINT (exit 0, after draining for --shutdown-timeout) or until the engine
     loop dies (exit 1, so a supervisor restarts the server)."""
+    import gc
     import logging
 
     import uvicorn
@@ -189,6 +190,7 @@ def cmd_serve(args) -> int:
             life.loop.call_soon_threadsafe(setattr, server, "should_exit", True)
             life.drain(0)
 
+    gc.freeze()  # model, engine and tokenizer live as long as the server: keep the collector off them
     async_llm = AsyncLLM(engine, max_waiting=opts["max_waiting"], on_death=on_engine_death).start()
     name = args.served_model_name or str(args.model)
     app = build_app(async_llm, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
