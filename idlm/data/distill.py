@@ -587,10 +587,13 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if args.num_blocks is not None:
         options["num_blocks"] = args.num_blocks
     gc.freeze()  # the model, tokenizer and prompt set live to the end: keep the collector off them
-    m = distill(model, tok, prompts, args.out, args.temperatures, args.max_tokens, args.max_num_seqs,
-                args.target_tokens, args.seed, top_p=args.top_p, top_k=args.top_k,
-                max_prompt_tokens=args.max_prompt_tokens, model_name=str(args.model), engine_options=options,
-                progress=not args.no_progress)
+    try:
+        m = distill(model, tok, prompts, args.out, args.temperatures, args.max_tokens, args.max_num_seqs,
+                    args.target_tokens, args.seed, top_p=args.top_p, top_k=args.top_k,
+                    max_prompt_tokens=args.max_prompt_tokens, model_name=str(args.model), engine_options=options,
+                    progress=not args.no_progress)
+    finally:
+        gc.unfreeze()
     print(json.dumps({
         "out": args.out, "model": str(args.model), "device": device, "dtype": dtype,
         "prompts": m["prompts"]["total"], "heldout_prompts": m["prompts"]["splits"].get("heldout", 0),

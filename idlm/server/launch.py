@@ -205,4 +205,5 @@ def cmd_serve(args) -> int:
         server.run()
     finally:
         async_llm.close(timeout=10)
+        gc.unfreeze()  # let interpreter shutdown collect them (extension modules report leaks otherwise)
     return exit_code
