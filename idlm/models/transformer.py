@@ -6,9 +6,10 @@ per-head q/k RMSNorm), SwiGLU MLP, tied or untied embeddings. Parameter names eq
 
 R-ISD's gated LoRA (SPEC §5, `idlm.layers.lora`) runs either as separate low-rank matmuls
 (`_project`, training and the reference path) or, for inference, folded into the projections
-(`fuse_lora`): each projection group is one matmul of the doubled input [x, g·x] with [W | D],
-D = scale·B·A, so a gated row gets (W + D)x and an ungated row exactly Wx + D·0 = Wx, with the same
-number of matmuls as plain AR and the [x, g·x] pairs built by the kernels that produce x anyway.
+(`fuse_lora`, D = scale·B·A): q/k/v and gate/up take the doubled input [x, g·x] times [W | D] (a gated
+row gets (W + D)x, an ungated one exactly Wx + D·0 = Wx), built by the norm before them; o and down
+output the halves [Wx, Dx] times [W ; D] and the norm after them adds Wx + g·Dx to the residual stream
+(exactly Wx where g = 0). So an R-ISD step runs the same matmuls as plain AR and no extra kernel.
 
 The model is agnostic of where KV lives: `forward` takes an attention backend
 (`idlm.layers.attention`) that owns the cache. It returns hidden states; `compute_logits` turns the
@@ -59,10 +60,16 @@ def _lora_linear(layer_lora, named: list[tuple[str, nn.Linear]]) -> tuple[torch.
     return torch.cat([weight, torch.cat(deltas)], dim=1), bias
 
 
-@cuda_fused
-def gated_pair(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """x [B, T, D], gate [B, T] (0/1) -> [x, gate·x] [B, T, 2D]: the input of a `fuse_lora` matmul."""
-    return torch.cat([x, x * gate[..., None].to(x.dtype)], dim=-1)
+def _lora_linear_out(layer_lora, name: str, m: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [2·out, in], bias) of `fuse_lora` for a projection whose consumer applies the gate:
+    [W ; D] (D = scale·B·A, or 0) gives the halves [Wx, Dx]; the bias goes to the first half only."""
+    pair = layer_lora.pairs[name] if name in layer_lora.pairs else None
+    if pair is None:
+        d = torch.zeros_like(m.weight)
+    else:
+        d = (layer_lora.scale * (pair.lora_B.weight.float() @ pair.lora_A.weight.float())).to(m.weight.dtype)
+    bias = None if m.bias is None else torch.cat([m.bias, torch.zeros_like(m.bias)])
+    return torch.cat([m.weight, d]), bias
 
 
 class Attention(nn.Module):
@@ -104,8 +111,8 @@ class Attention(nn.Module):
         # the Triton kernel returns o without a copy
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         o = attn.attend(self.layer_idx, q, k, v).transpose(1, 2).reshape(B, T, -1)  # [B, T, Hq·D]
-        if fused_lora:
-            return F.linear(gated_pair(o, lora[1]), *self.o_lora)
+        if fused_lora:  # [W_o o, D_o o]: the next norm adds W_o o + g·D_o o to the residual stream
+            return F.linear(o, *self.o_lora)
         return _project(self.o_proj, "o_proj", o, lora)
 
 
@@ -115,11 +122,10 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 @cuda_fused
-def silu_mul_pair(gate_up: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """`gated_pair(silu(gate) · up, g)` in one kernel: the fused-LoRA down projection's input."""
+def silu_mul_chunks(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) · up of a fused [gate, up] matmul output, one kernel."""
     gate, up = gate_up.chunk(2, -1)
-    a = F.silu(gate) * up
-    return torch.cat([a, a * g[..., None].to(a.dtype)], dim=-1)
+    return F.silu(gate) * up
 
 
 class MLP(nn.Module):
@@ -133,8 +139,8 @@ class MLP(nn.Module):
         self.gate_up_lora = self.down_lora = None  # Transformer.fuse_lora
 
     def forward(self, x, lora=None):
-        if lora is not None and lora[2]:  # fused LoRA: x is [x, g·x]
-            return F.linear(silu_mul_pair(F.linear(x, *self.gate_up_lora), lora[1]), *self.down_lora)
+        if lora is not None and lora[2]:  # fused LoRA: x is [x, g·x]; returns [W_d a, D_d a] (the next norm gates)
+            return F.linear(silu_mul_chunks(F.linear(x, *self.gate_up_lora)), *self.down_lora)
         if self.gate_up is not None and lora is None:
             gate, up = F.linear(x, *self.gate_up).chunk(2, -1)
         else:
@@ -154,13 +160,23 @@ class DecoderLayer(nn.Module):
         """Pre-norm block in the residual-stream form: h is the previous block's output (the embeddings when
         residual is None) and the stream is residual + h; returns (this block's output, the stream
         before it). Each residual add runs fused with the norm that follows it."""
-        pair = None if lora is None or not lora[2] else lora[1]  # fused LoRA: norms emit [x, g·x]
+        if lora is None or not lora[2]:
+            if residual is None:
+                residual, x = h, self.input_layernorm(h)
+            else:
+                residual, x = self.input_layernorm(h, residual)
+            h = self.self_attn(x, cos, sin, attn, lora)
+            residual, x = self.post_attention_layernorm(h, residual)
+            return self.mlp(x, lora), residual
+        # fused LoRA (`Transformer.fuse_lora`): blocks output [base, delta] halves ("dual") that the next norm
+        # adds to the stream as base + g·delta, and norms emit [x, g·x] for the next matmul ("pair")
+        g = lora[1]
         if residual is None:
-            residual, x = h, self.input_layernorm(h, pair=pair)
+            residual, x = h, self.input_layernorm(h, gate=g, pair=True)
         else:
-            residual, x = self.input_layernorm(h, residual, pair=pair)
+            residual, x = self.input_layernorm(h, residual, gate=g, pair=True, dual=True)
         h = self.self_attn(x, cos, sin, attn, lora)
-        residual, x = self.post_attention_layernorm(h, residual, pair=pair)
+        residual, x = self.post_attention_layernorm(h, residual, gate=g, pair=True, dual=True)
         return self.mlp(x, lora), residual
 
 
@@ -236,9 +252,9 @@ class Transformer(nn.Module):
         for layer, la in zip(self.model.layers, adapter.layers):
             a, m = layer.self_attn, layer.mlp
             a.qkv_lora = _lora_linear(la, [("q_proj", a.q_proj), ("k_proj", a.k_proj), ("v_proj", a.v_proj)])
-            a.o_lora = _lora_linear(la, [("o_proj", a.o_proj)])
+            a.o_lora = _lora_linear_out(la, "o_proj", a.o_proj)
             m.gate_up_lora = _lora_linear(la, [("gate_proj", m.gate_proj), ("up_proj", m.up_proj)])
-            m.down_lora = _lora_linear(la, [("down_proj", m.down_proj)])
+            m.down_lora = _lora_linear_out(la, "down_proj", m.down_proj)
         self._fused_lora = adapter
         return self
 
@@ -279,6 +295,8 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.model.layers):
             x, residual = layer(x, residual, cos, sin, attn,
                                 None if lora is None else (lora.layers[i], lora_gate, fused))
+        if fused:  # the last block's output is [base, delta] halves
+            return self.model.norm(x, residual, gate=lora_gate, dual=True)[1]
         return self.model.norm(x, residual)[1]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
