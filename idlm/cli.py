@@ -57,7 +57,7 @@ def _encode_prompt(tok, text: str, chat: bool) -> list[int]:
     """A plain prompt, or a user message rendered through the chat template."""
     if chat:
         return tok.encode_chat([{"role": "user", "content": text}], add_generation_prompt=True)
-    return tok.encode(text, add_special_tokens=True)
+    return tok.encode_prompt(text)
 
 
 def cmd_generate(args) -> int:

@@ -320,6 +320,11 @@ class Tokenizer:
             ids.insert(0, self._bos_id)
         return ids
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """A plain-text prompt as the model expects it: with the special tokens the tokenizer adds (a BOS
+        for Llama-style models). The one prompt encoding of `idlm.LLM`, `idlm serve` and the CLI."""
+        return self.encode(text, add_special_tokens=True)
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         ids = [int(i) for i in ids]
         if ids and min(ids) < 0:

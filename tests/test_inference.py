@@ -77,3 +77,36 @@ def test_generate_picks_the_known_adapter(capsys):
     assert risd["token_ids"] == ar["token_ids"] and risd["stats"]["decoder"] == "risd"
     assert main(["generate", "hi", "--decoder", "risd"]) == 2  # idlm-tiny has no known adapter
     assert "none is known for 'idlm-tiny'" in capsys.readouterr().err
+
+
+def test_every_entry_point_encodes_a_prompt_the_same_way(tmp_path, capsys):
+    """A tokenizer that adds a BOS: `idlm generate`, `idlm.LLM` and `/v1/completions` (and /tokenize) all run
+    the same token ids for the same text (`Tokenizer.encode_prompt`, the one prompt encoding)."""
+    from fastapi.testclient import TestClient
+    from tiny import write_tiny_checkpoint
+
+    from idlm.cli import main
+    from idlm.decoding.sampling import SamplingParams
+    from idlm.engine.async_engine import AsyncLLM
+    from idlm.engine.llm import LLM
+    from idlm.models.loader import load_pretrained
+    from idlm.server.app import build_app
+
+    ckpt = write_tiny_checkpoint(tmp_path / "bos", tokenizer_config={"bos_token": "<|im_start|>",
+                                                                       "add_bos_token": True})
+    _, tok = load_pretrained(ckpt)
+    text = "hello world"
+    want = tok.encode(text, add_special_tokens=True)
+    assert want[0] == tok.bos_token_id and want[1:] == tok.encode(text)
+    assert main(["generate", text, "--model", str(ckpt), "--max-tokens", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["prompt_token_ids"] == want
+    llm = LLM(str(ckpt), decoder="ar", device="cpu", num_blocks=32)
+    assert llm.generate(text, SamplingParams(max_tokens=2))[0].prompt_token_ids == want
+    async_llm = AsyncLLM(llm.engine)
+    with TestClient(build_app(async_llm, "bos")) as c:
+        r = c.post("/v1/completions", json={"prompt": text, "max_tokens": 1, "echo": True, "logprobs": 0,
+                                            "temperature": 0}).json()
+        assert r["usage"]["prompt_tokens"] == len(want)
+        assert len(r["choices"][0]["logprobs"]["tokens"]) == len(want) + 1
+        assert c.post("/tokenize", json={"prompt": text}).json()["tokens"] == want
+    async_llm.close(5)

@@ -53,15 +53,17 @@ def write_tiny_tokenizer(path: Path, chat_template: str | None = CHATML, special
     return path
 
 
-def write_tiny_checkpoint(path: Path, family: str = "qwen3", mask: bool = True, seed: int = 0, **overrides) -> Path:
-    """A random tiny model + tiny tokenizer saved as an HF checkpoint (loadable by idlm and transformers)."""
+def write_tiny_checkpoint(path: Path, family: str = "qwen3", mask: bool = True, seed: int = 0,
+                          tokenizer_config: dict | None = None, **overrides) -> Path:
+    """A random tiny model + tiny tokenizer saved as an HF checkpoint (loadable by idlm and transformers).
+    tokenizer_config: extra tokenizer_config.json entries (e.g. a BOS token the tokenizer adds)."""
     from idlm.models.config import ModelConfig
     from idlm.models.loader import save_pretrained
     from idlm.models.transformer import Transformer
     from idlm.tokenizer import Tokenizer
 
     specials = SPECIALS if mask else [t for t in SPECIALS if t != "<|MASK|>"]
-    tok_dir = write_tiny_tokenizer(Path(str(path) + "-tokenizer"), specials=specials)
+    tok_dir = write_tiny_tokenizer(Path(str(path) + "-tokenizer"), specials=specials, **(tokenizer_config or {}))
     tok = Tokenizer.from_dir(tok_dir)
     cfg = dict(family=family, vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,

@@ -235,7 +235,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ConfigError("a text prompt needs a tokenizer; pass token ids instead")
-            prompt = self.tokenizer.encode(prompt)
+            prompt = self.tokenizer.encode_prompt(prompt)
         prompt = list(prompt)
         check_request(prompt, params, self.max_model_len, self.model.config.vocab_size)
         need = self.block_manager.blocks_needed(len(prompt) + params.max_tokens + self.max_query_len)

@@ -86,7 +86,7 @@ def generate_completions(engine, problems: list[dict], max_tokens: int) -> list:
     tok = engine.tokenizer
     prompts, params, index = [], [], []
     for i, p in enumerate(problems):
-        ids = tok.encode(p["prompt"], add_special_tokens=True)  # plain completion, as `idlm generate`
+        ids = tok.encode_prompt(p["prompt"])  # plain completion, as `idlm generate`
         room = engine.max_model_len - len(ids)
         if room < 1:
             continue

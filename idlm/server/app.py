@@ -176,7 +176,7 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None, 
         if (req.prompt is None) == (req.messages is None):
             raise P.ApiError(400, "send exactly one of prompt or messages", param="prompt")
         if req.prompt is not None:
-            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            ids = tok.encode_prompt(req.prompt) if req.add_special_tokens else tok.encode(req.prompt)
         else:
             ids = encode_chat(req.messages, req.add_generation_prompt)
         return {"count": len(ids), "max_model_len": max_len, "tokens": ids, "token_strs": None}
@@ -199,7 +199,7 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None, 
         runner.check_fanout(len(prompts) * req.n)
         ids_list, texts = [], []
         for pr in prompts:
-            ids = tok.encode(pr, add_special_tokens=True) if isinstance(pr, str) else list(pr)
+            ids = tok.encode_prompt(pr) if isinstance(pr, str) else list(pr)
             if not ids:
                 raise P.ApiError(400, "prompt must not be empty", param="prompt")
             check_ids(ids, "prompt")
