@@ -1,8 +1,9 @@
 """The `idlm` command line: one entry point, one subcommand per job.
 
-Subcommands now: `generate` (AR generation from any checkpoint). Later issues add `serve`, `train`,
-`eval` and `bench`. Errors caused by input print one line `error: ...` and exit with status 2;
-`--json` output is one JSON object on the last stdout line, for scripts.
+Subcommands: `serve` (the OpenAI-compatible server), `generate`, `data build|distill`,
+`train pretrain|convert|lora|sdar`, `eval alpha|loss|tasks|humaneval`, `bench offline|latency`. Errors
+caused by input print one line `error: ...` and exit with status 2; `--json` output (and every eval /
+bench command's last stdout line) is one JSON object, for scripts.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_decoder_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--decoder", default="ar", choices=["ar", "isd", "risd", "sdar"],
+    from idlm.decoding import DECODERS
+
+    p.add_argument("--decoder", default="ar", choices=DECODERS,
                    help="ar: one token per forward; isd: introspective strided decoding (an I-DLM); "
                         "risd: lossless ISD of an AR model with a gated LoRA (--lora); sdar: block-diffusion baseline")
     p.add_argument("--stride", type=int, default=4, help="ISD stride N (tokens per forward at most); SDAR block size")

@@ -41,9 +41,9 @@ from idlm.data.shards import META, TokenDataset, write_shards
 from idlm.data.synthetic import EVAL_SEED, eval_tasks, make_split
 from idlm.data.tokenizer_train import SPECIAL_TOKENS, plain_text_backend, train_tokenizer
 from idlm.errors import ConfigError, IdlmError
+from idlm.eval.tasks import COMMITTED_TASKS
 from idlm.tokenizer import Tokenizer
 
-COMMITTED_TASKS = os.path.join(os.path.dirname(__file__), "eval", "tasks.jsonl")
 TOKENIZER_DIR = "tokenizer"
 _ENCODE_CHUNK = 1024  # samples per encode_batch call
 Sample = tuple[list[int], int, str]  # (token ids, n_prompt, source) as write_shards takes them

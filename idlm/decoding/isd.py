@@ -161,7 +161,8 @@ class ISDDecoder(Decoder):
         """-> packed [B, 2K+3] (see below), + [N·(1+2k)] logprob columns of the clean indices 0..K when the
         static option `logprobs` = k is set (`clean_logprobs`), and the kept q̃ of the new drafts (or None)."""
         if greedy:
-            packed, extra = self._compute_greedy(logits, tensors["is_v"], tensors["specs"])
+            # every row greedy: all p̃ and q̃ are point masses on argmaxes (alpha <= 1 changes nothing then)
+            packed, extra = greedy_isd_step(logits, tensors["is_v"], tensors["specs"]), None
         else:
             packed, extra = self._compute_sampled(logits, tensors, truncate)
         if logprobs is not None:
@@ -202,12 +203,6 @@ class ISDDecoder(Decoder):
         # [B, 2K+3]: n_accepted, final token, K drafts, q(final), K q̃(draft) (ids exact in float32 < 2^24)
         packed = torch.cat([n_acc[:, None].float(), final[:, None].float(), new_drafts.float(), final_q, drafts_q], -1)
         return packed, q_new
-
-    def _compute_greedy(self, logits, is_v, specs):
-        """`compute` when every row is greedy (all p̃ and q̃ are point masses on argmaxes; alpha <= 1 changes
-        nothing then): a draft is accepted iff it equals the clean argmax, the correction / bonus token is
-        the clean argmax where verification stopped. Same packed layout, every q = 1."""
-        return greedy_isd_step(logits, is_v, specs), None
 
     def finish(self, states, packed, extra, params, stats):
         """The packed columns (see `_compute_sampled`) -> each row's emitted tokens and next state."""

@@ -5,7 +5,7 @@ them to a backend, which stores k/v wherever its cache lives and returns the att
 the same model runs
 - a plain forward with a causal or explicit mask (`DenseAttention`: full sequences, training masks),
 - a batch of requests over a contiguous per-request KV cache (`KVCache`: reference decoders), and
-- later the engine's paged KV cache,
+- the engine's paged KV pool (`idlm.layers.paged_attention.PagedAttention`),
 without the model knowing which. All backends use strict causal attention over the cache: the
 I-DLM query block at positions P..P+2N-2 sees the committed prefix and the block's earlier tokens.
 """
