@@ -375,3 +375,25 @@ def test_stride_schedule_with_plain_ar_steps_stays_exact(tiny, tiny_ar):
     want = _small_engine(model, tok, "ar", 4).run(prompts[:8], sampled)
     got = _small_engine(model, tok, "isd", 4, stride_schedule=[(10**6, 1)]).run(prompts[:8], sampled)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
+
+
+@pytest.mark.parametrize("decoder", ["ar", "isd", "risd"])
+def test_a_seeded_request_draws_the_same_tokens_alone_and_in_any_batch(tiny, tiny_ar, decoder):
+    """Counter-based sampling (`idlm.decoding.rng`): a seeded sampled request's tokens depend only on its
+    seed and its own steps — the same alone, inside 64 mixed requests arriving at different steps (greedy,
+    other seeds, unseeded, top-k/top-p), and in the reference runner."""
+    model, tok, lora = (*tiny, None) if decoder != "risd" else tiny_ar
+    prompts, _ = _workload(tok, n=64, seed=11)
+    rng = random.Random(5)
+    mixed = [SamplingParams(temperature=rng.choice([0.0, 0.7, 1.0]), top_k=rng.choice([0, 20]),
+                            top_p=rng.choice([1.0, 0.9]), seed=rng.choice([None, 1000 + i]),
+                            max_tokens=rng.randint(4, 24)) for i in range(64)]
+    probe = SamplingParams(temperature=1.0, top_p=0.95, seed=424242, max_tokens=24, ignore_eos=True)
+    alone = _small_engine(model, tok, decoder, 4, lora=lora).run([prompts[5]], [probe])[0]
+    batch = list(zip(prompts, mixed))
+    batch.insert(37, (prompts[5], probe))
+    outs = _engine_staggered(_small_engine(model, tok, decoder, 4, lora=lora), [p for p, _ in batch],
+                             [q for _, q in batch], per_step=6)
+    assert outs[37].token_ids == alone.token_ids and len(alone.token_ids) == 24
+    ref = generate(model, make_decoder(decoder, 4, model.config, tok), [prompts[5]], [probe], lora=lora)[0]
+    assert ref.token_ids == alone.token_ids

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from idlm.decoding.sampling import SamplingParams, filtered_probs, params_tensors, sample
+from idlm.decoding.sampling import RequestRNG, SamplingParams, filtered_probs, params_tensors, sample
 from idlm.errors import ConfigError
 
 
@@ -48,14 +48,14 @@ def test_filtered_probs_matches_brute_force_with_per_row_params():
 def test_sampler_follows_the_distribution_and_seeds_reproduce():
     probs = torch.tensor([[0.5, 0.25, 0.15, 0.1, 0.0]])
     n = 40_000
-    gen = torch.Generator().manual_seed(1)
-    draws = torch.stack([sample(probs, [gen]) for _ in range(n)]).flatten()
+    stream = RequestRNG(1)  # each call takes the next draw of the same request
+    draws = torch.stack([sample(probs, [stream]) for _ in range(n)]).flatten()
     freq = torch.bincount(draws, minlength=5).double() / n
     sigma = (probs[0].double() * (1 - probs[0].double()) / n).sqrt()
     assert ((freq - probs[0]).abs() <= 5 * sigma + 1e-12).all(), freq
     assert freq[4] == 0  # a filtered-out token is never drawn
-    a = [sample(probs, [SamplingParams(seed=3).generator()]).item() for _ in range(20)]
-    assert len(set(a)) == 1  # a fresh generator with the same seed draws the same token
+    a = [sample(probs, [SamplingParams(seed=3).rng()]).item() for _ in range(20)]
+    assert len(set(a)) == 1  # a fresh stream with the same seed draws the same token
 
 
 @pytest.mark.parametrize("kwargs, name", [

@@ -9,7 +9,7 @@ import torch
 from idlm.decoding import make_decoder
 from idlm.decoding.base import DecodeStats
 from idlm.decoding.runner import generate
-from idlm.decoding.sampling import SamplingParams, filtered_probs, sample
+from idlm.decoding.sampling import RequestRNG, SamplingParams, filtered_probs, sample
 from idlm.decoding.sdar import SDARDecoder, unmask_choice
 from idlm.errors import ConfigError
 from idlm.layers.attention import DenseAttention
@@ -43,9 +43,9 @@ def dense_mask(prompt_len: int, total: int, block: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reference_sdar(model, prompt, block, threshold, max_tokens, params=None, generator=None, eos=()):
+def reference_sdar(model, prompt, block, threshold, max_tokens, params=None, rng=None, eos=()):
     """Brute force: every forward recomputes [prompt | committed blocks | current block] from scratch.
-    Greedy when params is None; else candidates ~ p̃ drawn with `sample` from `generator` (the same
+    Greedy when params is None; else candidates ~ p̃ drawn with `sample` from `rng` (the same
     random stream the decoder consumes: one [B, V] exponential draw per forward).
     Returns (tokens, forwards, q): q = p̃(token) when it was drawn (1 under greedy decoding)."""
     seq, out, qs, forwards = list(prompt), [], [], 0
@@ -63,7 +63,7 @@ def reference_sdar(model, prompt, block, threshold, max_tokens, params=None, gen
             else:
                 rep = lambda x: torch.tensor([x] * block)  # noqa: E731
                 p = filtered_probs(logits, rep(float(params.temperature)), rep(params.top_k), rep(float(params.top_p)))
-                cand = sample(p[None], [generator])[0]
+                cand = sample(p[None], [rng])[0]
                 conf = prob = p.gather(-1, cand[:, None])[:, 0]
             conf, cand, prob = conf.tolist(), cand.tolist(), prob.tolist()
             open_slots = [j for j in range(block) if masked[j]]
@@ -101,7 +101,7 @@ def test_seeded_sampling_equals_reference_and_is_batch_independent(model):
     dec = SDARDecoder(4, MASK, 0.3)
     batched = generate(model, dec, prompts, [greedy, sp])
     alone = generate(model, dec, [prompts[1]], sp)[0]
-    ref, forwards, qs = reference_sdar(model, prompts[1], 4, 0.3, 10, params=sp, generator=sp.generator())
+    ref, forwards, qs = reference_sdar(model, prompts[1], 4, 0.3, 10, params=sp, rng=sp.rng())
     assert batched[1].token_ids == alone.token_ids == ref
     assert alone.stats.forwards == forwards
     assert alone.token_probs == pytest.approx(qs, abs=1e-5) and all(0 < q <= 1 for q in qs)
@@ -149,7 +149,8 @@ def test_eos_inside_a_block_truncates_after_it(model):
 def test_layout_and_kv_accounting_with_scripted_logits():
     """B = 2: [current | MASK pad] keeps nothing; after a finish [finished clean | new block] keeps B."""
     dec, V = SDARDecoder(2, 9, 0.9), 10
-    states, first = dec.start(torch.zeros(1, V), [SamplingParams(temperature=0)], [None])
+    rngs = [RequestRNG(0)]
+    states, first = dec.start(torch.zeros(1, V), [SamplingParams(temperature=0)], rngs)
     assert [(r.emitted, r.advance) for r in first] == [([], 0)] and dec.query_len == 4
 
     def logits_for(rows):  # {query index: (token, logit)} -> [1, 4, V]
@@ -160,7 +161,7 @@ def test_layout_and_kv_accounting_with_scripted_logits():
 
     def run(rows):
         st = DecodeStats()
-        res = dec.step(states, logits_for(rows), [SamplingParams(temperature=0)], [None], [st])[0]
+        res = dec.step(states, logits_for(rows), [SamplingParams(temperature=0)], rngs, [st])[0]
         return res.emitted, res.advance
 
     blk = dec.block(states[0])

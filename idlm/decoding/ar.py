@@ -11,15 +11,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from idlm.decoding import rng
 from idlm.decoding.base import Block, BlockBatch, Decoder, ParamsInputs, StepResult
 from idlm.decoding.logprobs import first_token_logprobs, logprob_columns, logprobs_static, unpack_logprobs
 from idlm.decoding.sampling import (
-    exponential_noise,
     filtered_probs,
+    inverse_cdf,
     needs_truncation,
     params_tensors,
-    race,
     sample_tokens,
+    take_draws,
 )
 from idlm.layers.fused import cuda_fused
 
@@ -33,8 +34,8 @@ class ARDecoder(Decoder):
     name = "ar"
     query_len = 1
 
-    def start(self, logits, params, generators):
-        tokens, probs = (t.tolist() for t in sample_tokens(logits, params, generators))
+    def start(self, logits, params, rngs):
+        tokens, probs = (t.tolist() for t in sample_tokens(logits, params, rngs))
         lps = first_token_logprobs(logits, tokens, params)
         return [ARState(t) for t in tokens], [StepResult([t], 0, [q], *lp) for t, q, lp in zip(tokens, probs, lps)]
 
@@ -54,11 +55,11 @@ class ARDecoder(Decoder):
                             {"truncate": needs_truncation(params) and not greedy, "greedy": greedy,
                              "logprobs": logprobs_static(params)}, sampled=not greedy)
 
-    def step_inputs(self, states, params, generators, vocab_size, device):
+    def step_inputs(self, states, params, rngs, vocab_size, device):
         fixed = self.batch_params(params)
         tensors = dict(fixed.tensors)
-        if fixed.sampled:
-            tensors["noise"] = exponential_noise((vocab_size,), generators, device)  # [B, V]
+        if fixed.sampled:  # the keys and draw numbers of each row's uniform, drawn in `compute` (on the device)
+            tensors["keys"], tensors["draw"] = take_draws(rngs)
         return tensors, dict(fixed.static)
 
     def compute(self, logits, tensors, truncate=True, greedy=False, logprobs=None):
@@ -66,7 +67,8 @@ class ARDecoder(Decoder):
             packed = greedy_ar_step(logits)
         else:
             p = filtered_probs(logits[:, 0], tensors["temperature"], tensors["top_k"], tensors["top_p"], truncate)
-            tokens = race(p, tensors.get("noise"))  # [B]
+            u = rng.uniforms(tensors["keys"], tensors["draw"], rng.STREAM_TOKENS, 1)[:, 0]  # [B]
+            tokens = inverse_cdf(p, u)  # [B]
             q = p.gather(-1, tokens[:, None]).squeeze(-1)
             packed = torch.stack([tokens.float(), q], dim=-1)  # [B, 2]: token, p̃(token)
         if logprobs is not None:  # + [1 + 2k]: the token's raw logprob, top-k ids, top-k logprobs

@@ -135,7 +135,8 @@ class Decoder:
 
     A *fused* decoder (AR, ISD, R-ISD) splits `step` into three parts so the engine can run the
     middle one on the device inside its CUDA graph, with one host sync per step:
-      `step_inputs`  host: per-row tensors besides the logits, incl. every random draw of the step
+      `step_inputs`  host: per-row tensors besides the logits, incl. each sampled row's Philox key and
+                     draw number (`RequestRNG`: the step's random numbers are drawn in `compute`)
       `compute`      device, pure and capturable: logits -> one packed float32 result per row
       `finish`       host: the packed rows (one copy to a numpy array) -> StepResults, next states, stats
     `step` composes them; the reference runner and the engine thus share every line of the algorithm.
@@ -148,7 +149,7 @@ class Decoder:
     _params_memo: tuple | None = None  # (params list, its ParamsInputs): `batch_params`
 
     def start(self, logits: torch.Tensor, params: list[SamplingParams],
-              generators: list[torch.Generator | None]) -> tuple[list, list[StepResult]]:
+              rngs: list) -> tuple[list, list[StepResult]]:  # rngs: each row's `RequestRNG`
         """After prefill: last-prompt-token logits [B, V] -> (states, what is emitted now; advance 0)."""
         raise NotImplementedError
 
@@ -173,11 +174,11 @@ class Decoder:
             memo = self._params_memo = (params, self.params_inputs(params))
         return memo[1]
 
-    def step_inputs(self, states: list, params: list[SamplingParams], generators: list[torch.Generator | None],
+    def step_inputs(self, states: list, params: list[SamplingParams], rngs: list,
                     vocab_size: int, device) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors, static options) for `compute`; the static options pick a code path (and a CUDA graph).
-        Small per-row tensors are built on the host, random draws and kept distributions on `device`:
-        callers move them (`to_device`) or pack them into one transfer (the engine)."""
+        Small per-row tensors are built on the host (kept distributions stay on `device`): callers move them
+        (`to_device`) or pack them into one transfer (the engine). `rngs`: each row's `RequestRNG`."""
         raise NotImplementedError
 
     def compute(self, logits: torch.Tensor, tensors: dict[str, torch.Tensor],
@@ -192,10 +193,10 @@ class Decoder:
         raise NotImplementedError
 
     def step(self, states: list, logits: torch.Tensor, params: list[SamplingParams],
-             generators: list[torch.Generator | None], stats: list[DecodeStats]) -> list[StepResult]:
+             rngs: list, stats: list[DecodeStats]) -> list[StepResult]:
         """logits [B, Q, V] of the blocks `block(state)` -> results; updates states and stats in place."""
         if not self.fused:
             raise NotImplementedError
-        tensors, static = self.step_inputs(states, params, generators, logits.shape[-1], logits.device)
+        tensors, static = self.step_inputs(states, params, rngs, logits.shape[-1], logits.device)
         packed, extra = self.compute(logits, to_device(tensors, logits.device), **static)
         return self.finish(states, packed.cpu().numpy(), extra, params, stats)

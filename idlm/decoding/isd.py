@@ -27,19 +27,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from idlm.decoding import rng
 from idlm.decoding.acceptance import verify_drafts
 from idlm.decoding.ar import ARDecoder
 from idlm.decoding.base import Block, BlockBatch, Decoder, ParamsInputs, StepResult
 from idlm.decoding.logprobs import first_token_logprobs, logprob_columns, logprobs_static, unpack_logprobs
 from idlm.decoding.sampling import (
-    exponential_noise,
     filtered_probs,
+    inverse_cdf,
     needs_truncation,
     params_tensors,
-    race,
     sample_tokens,
+    take_draws,
     to_float32,
-    uniforms,
 )
 from idlm.errors import ConfigError
 from idlm.layers.fused import cuda_fused
@@ -89,8 +89,8 @@ class ISDDecoder(Decoder):
         self.name = "risd" if lora else "isd"
         self.query_len = 2 * stride - 1
 
-    def start(self, logits, params, generators):
-        tokens, probs = (t.tolist() for t in sample_tokens(logits, params, generators))
+    def start(self, logits, params, rngs):
+        tokens, probs = (t.tolist() for t in sample_tokens(logits, params, rngs))
         lps = first_token_logprobs(logits, tokens, params)
         return ([ISDState("C", t) for t in tokens],
                 [StepResult([t], 0, [q], *lp) for t, q, lp in zip(tokens, probs, lps)])
@@ -139,7 +139,7 @@ class ISDDecoder(Decoder):
                                       "logprobs": logprobs_static(params)},
                             sampled=not all(p.greedy for p in params), rows={"point_mass": point_mass})
 
-    def step_inputs(self, states, params, generators, vocab_size, device):
+    def step_inputs(self, states, params, rngs, vocab_size, device):
         k, B = self.stride - 1, len(states)
         fixed = self.batch_params(params)
         is_v = np.fromiter((s.mode == "V" for s in states), bool, B)
@@ -152,9 +152,8 @@ class ISDDecoder(Decoder):
             zeros = torch.zeros(k, vocab_size, device=device)
             tensors["q_old"] = torch.stack([s.spec_q if s.mode == "V" and s.spec_q is not None else zeros
                                             for s in states])  # [B, K, V]
-        if fixed.sampled:  # one fixed draw per row and step: noise, then u
-            tensors["noise"] = exponential_noise((self.stride, vocab_size), generators, device)  # [B, N, V]
-            tensors["u"] = uniforms((k,), generators, device)  # [B, K]
+        if fixed.sampled:  # each row's keys and draw number: its uniforms are drawn in `compute` (on the device)
+            tensors["keys"], tensors["draw"] = take_draws(rngs)
         return tensors, dict(fixed.static)
 
     def compute(self, logits, tensors, truncate=True, greedy=False, logprobs=None):
@@ -174,8 +173,15 @@ class ISDDecoder(Decoder):
         B, Q, V = logits.shape
         n, k = self.stride, self.stride - 1
         dev = logits.device
-        is_v, noise = tensors["is_v"], tensors.get("noise")
+        is_v = tensors["is_v"]
         rep = [tensors[name] for name in ("temperature", "top_k", "top_p")]
+        # this step's uniforms of each row: N token draws (K drafts, then the final token), K acceptances
+        if "keys" in tensors:
+            keys, draw = tensors["keys"], tensors["draw"]
+            u_tok = rng.uniforms(keys, draw, rng.STREAM_TOKENS, n)  # [B, N]
+            u = rng.uniforms(keys, draw, rng.STREAM_ACCEPT, k)  # [B, K]
+        else:  # every row greedy (some with verify_alpha > 1): point masses, acceptance is 0/1
+            u_tok, u = None, torch.zeros(B, k, device=dev)
 
         # p̃ at the clean indices 0..K (C rows use index 0 only)  [B, N, V]
         p = filtered_probs(logits[:, :n].reshape(B * n, V), *_per_slot(rep, n), truncate).view(B, n, V)
@@ -184,12 +190,10 @@ class ISDDecoder(Decoder):
         idx = torch.where(is_v, n, 1)[:, None] + torch.arange(k, device=dev)
         draft_logits = logits.gather(1, idx[..., None].expand(B, k, V))
         q_new = filtered_probs(draft_logits.reshape(B * k, V), *_per_slot(rep, k), truncate).view(B, k, V)
-        sampled = race(q_new, None if noise is None else noise[:, :k])
+        sampled = q_new.argmax(-1) if u_tok is None else inverse_cdf(q_new, u_tok[:, :k])
         new_drafts = torch.where(tensors["argmax_draft"][:, None], draft_logits.argmax(-1), sampled)
 
         # verify the previous drafts (V rows; C rows' results are ignored)
-        u = tensors.get("u")
-        u = torch.zeros(B, k, device=dev) if u is None else u  # all greedy: acceptance is 0/1
         n_acc, correction = verify_drafts(p[:, :k], tensors["specs"], tensors.get("q_old"),
                                           tensors["point_mass"], tensors["alpha"], u)
 
@@ -197,7 +201,7 @@ class ISDDecoder(Decoder):
         rows = torch.arange(B, device=dev)
         all_ok = is_v & (n_acc == k)
         final_p = torch.where(is_v[:, None], torch.where(all_ok[:, None], p[rows, k], correction), p[:, 0])
-        final = race(final_p, None if noise is None else noise[:, k])
+        final = final_p.argmax(-1) if u_tok is None else inverse_cdf(final_p, u_tok[:, k])
         final_q = final_p.gather(-1, final[:, None])
         drafts_q = q_new.gather(-1, new_drafts[..., None]).squeeze(-1)  # q̃_j(d_j) [B, K]
         # [B, 2K+3]: n_accepted, final token, K drafts, q(final), K q̃(draft) (ids exact in float32 < 2^24)
@@ -291,7 +295,7 @@ class ISDPlainStep(ARDecoder):
     def __init__(self, name: str):
         self.name = name  # "isd" or "risd": the decoder this step stands in for
 
-    def start(self, logits, params, generators):
+    def start(self, logits, params, rngs):
         raise RuntimeError("a request's first token is drawn by its ISD decoder, not by an AR fallback step")
 
     @staticmethod

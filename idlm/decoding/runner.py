@@ -107,7 +107,7 @@ def generate(model, decoder: Decoder, prompts: list[list[int]], params: Sampling
     B, Q = len(prompts), decoder.query_len
     outs = [GenerationOutput(list(p)) for p in prompts]
     checkers = [StopChecker(sp, eos, tokenizer) for sp in params]
-    generators = [sp.generator(device) for sp in params]
+    rngs = [sp.rng() for sp in params]  # each request's counter-based random stream
     stats = [o.stats for o in outs]
     lens = [len(p) for p in prompts]
     max_len = max(n + sp.max_tokens for n, sp in zip(lens, params)) + Q
@@ -132,7 +132,7 @@ def generate(model, decoder: Decoder, prompts: list[list[int]], params: Sampling
         if sp.prompt_logprobs is not None:
             lps, tops = score(model.compute_logits(hidden[b, : lens[b] - 1]), prompts[b][1:], sp.prompt_logprobs)
             outs[b].prompt_logprobs, outs[b].prompt_top_logprobs = [None, *lps], [[], *tops]
-    states, first = decoder.start(logits, params, generators)
+    states, first = decoder.start(logits, params, rngs)
     active = [b for b in range(B) if not commit(b, first[b], from_decode=False)]
     prefill_s = time.perf_counter() - t0
 
@@ -154,7 +154,7 @@ def generate(model, decoder: Decoder, prompts: list[list[int]], params: Sampling
         hidden = model(tokens, positions, cache.view(rows, starts, visible), **kwargs)
         logits = model.compute_logits(hidden)  # [A, Q, V]
         results = decoder.step([states[b] for b in active], logits, [params[b] for b in active],
-                               [generators[b] for b in active], [stats[b] for b in active])
+                               [rngs[b] for b in active], [stats[b] for b in active])
         batch_forwards += 1
         still = []
         for b, res in zip(active, results):

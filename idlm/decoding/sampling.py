@@ -4,6 +4,8 @@ p̃ = filter(softmax(logits / T)), filter = top-k then top-p, renormalised; T = 
 the point mass on the argmax). Every token idlm emits is drawn from p̃, and speculative verification
 (the decoders issue) compares drafts against the same p̃, so this file is the single place it is
 defined. Functions are batched with per-row parameters, so requests in one batch keep their own.
+Tokens are drawn by inversion (`inverse_cdf`) with uniforms from each request's counter-based stream
+(`RequestRNG`, `idlm.decoding.rng`): one uniform per distribution, computed on the device.
 `SamplingParams.logprobs` / `prompt_logprobs` ask for the model's raw logprobs, which are not p̃: they
 are computed from the unfiltered logits (`idlm.decoding.logprobs`).
 """
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from idlm.decoding import rng
 from idlm.errors import ConfigError
 
 # "argmax-ratio" is the reference release's rule (argmax draft tested with min(1, p̃/q̃)): biased when
@@ -93,11 +96,9 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
-        """A fresh generator for this request (None without a seed: torch's global RNG)."""
-        if self.seed is None:
-            return None
-        return torch.Generator(device=device).manual_seed(self.seed)
+    def rng(self) -> RequestRNG:
+        """A fresh random stream for one request with these parameters (a random seed without `seed`)."""
+        return RequestRNG(self.seed)
 
 
 def needs_truncation(params: list[SamplingParams]) -> bool:
@@ -153,43 +154,54 @@ def to_float32(values: np.ndarray) -> np.ndarray:
         return values.astype(np.float32)
 
 
-def _per_row(shape: tuple[int, ...], generators: list[torch.Generator | None], device, fill) -> torch.Tensor:
-    """A [B, *shape] tensor where row b is filled by `fill(tensor, generator_b)`; rows without a
-    generator share one call on torch's global RNG."""
-    out = torch.empty((len(generators), *shape), device=device)
-    if all(g is None for g in generators):
-        fill(out, None)
-        return out
-    for row, g in zip(out.unbind(0), generators):  # (unbind: every row's view in one call)
-        fill(row, g)
-    return out
+class RequestRNG:
+    """A request's random numbers (`idlm.decoding.rng`): its 64-bit seed (the Philox key) and how many
+    draws it has taken (the counter). Where torch code would hold a torch.Generator per request, idlm
+    holds one of these: a step's random numbers are then a pure function of (seed, draw number),
+    computed on the device inside the step's graph, the same in any batch, on CPU and GPU.
+    A request without a seed gets one from torch's global generator (so torch.manual_seed governs it)."""
+    __slots__ = ("seed", "key", "draw")
+
+    def __init__(self, seed: int | None = None):
+        self.seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed) % 2**64
+        self.key = (self.seed & 0xFFFFFFFF, self.seed >> 32)
+        self.draw = 0
 
 
-def uniforms(shape: tuple[int, ...], generators: list[torch.Generator | None], device) -> torch.Tensor:
-    """U[0, 1) draws [B, *shape], row b from generators[b]."""
-    return _per_row(shape, generators, device, lambda t, g: t.uniform_(generator=g))
+def take_draws(rngs: list[RequestRNG | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys [B, 2], draw numbers [B]) for one step's draws of these requests, as host int64 tensors, and
+    each request's counter advanced: every step of a request uses numbers no other step of it uses.
+    A None (a caller that keeps no stream, e.g. for greedy rows) draws from a fresh unseeded stream."""
+    rngs = [r if r is not None else RequestRNG() for r in rngs]
+    keys = torch.tensor([r.key for r in rngs], dtype=torch.int64).reshape(len(rngs), 2)
+    draw = torch.tensor([r.draw for r in rngs], dtype=torch.int64)
+    for r in rngs:
+        r.draw += 1
+    return keys, draw
 
 
-def exponential_noise(shape: tuple[int, ...], generators: list[torch.Generator | None], device) -> torch.Tensor:
-    """Exp(1) draws [B, *shape], row b from generators[b]: the randomness of `race`."""
-    return _per_row(shape, generators, device, lambda t, g: t.exponential_(generator=g))
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """A token per distribution by inversion: probs [..., V] (rows sum to ~1), u [...] in (0, 1) -> [...] long.
+    Picks the first index whose cumulative mass exceeds u times the row's total, so token i comes with
+    probability p_i and a token of probability 0 never does. One uniform per distribution; no host sync."""
+    cdf = probs.float().cumsum(-1)
+    x = (u * cdf[..., -1]).unsqueeze(-1)
+    idx = torch.searchsorted(cdf.contiguous(), x.contiguous(), right=True).squeeze(-1)
+    return idx.clamp(max=probs.shape[-1] - 1)
 
 
-def race(probs: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
-    """The exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. picks token i with probability p_i.
-    probs [..., V], noise like probs (None: argmax, for point masses) -> [...] long. No host sync."""
-    return (probs if noise is None else probs / noise).argmax(dim=-1)
-
-
-def sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-    """One token per distribution: probs [B, ..., V] -> [B, ...] long, row b using generators[b].
-    Consumes a fixed amount of each row's random stream."""
-    return race(probs, exponential_noise(tuple(probs.shape[1:]), generators, probs.device))
+def sample(probs: torch.Tensor, rngs: list[RequestRNG], stream: int = rng.STREAM_TOKENS) -> torch.Tensor:
+    """One token per distribution: probs [B, ..., V] -> [B, ...] long, row b with request b's numbers
+    (one draw of its counter)."""
+    keys, draw = take_draws(rngs)
+    shape = probs.shape[1:-1]
+    u = rng.uniforms(keys.to(probs.device), draw.to(probs.device), stream, math.prod(shape))
+    return inverse_cdf(probs, u.view(probs.shape[0], *shape))
 
 
 def sample_tokens(logits: torch.Tensor, params: list[SamplingParams],
-                  generators: list[torch.Generator | None]) -> tuple[torch.Tensor, torch.Tensor]:
+                  rngs: list[RequestRNG]) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row from p̃ of logits [B, V] -> (tokens [B] long, p̃(token) [B])."""
     probs = filtered_probs(logits, *params_tensors(params, logits.device))
-    tokens = sample(probs, generators)
+    tokens = sample(probs, rngs)
     return tokens, probs.gather(-1, tokens[:, None]).squeeze(-1)

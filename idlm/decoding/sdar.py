@@ -111,7 +111,7 @@ def current_offset(state: SDARState, block_size: int) -> int:
     return 0 if state.finished is None else block_size
 
 
-def candidates(logits: torch.Tensor, params, generators) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def candidates(logits: torch.Tensor, params, rngs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per slot a candidate, its confidence and p̃ of it: logits [R, B, V] -> (tokens [R, B] long,
     conf [R, B], q [R, B] float32).
 
@@ -122,7 +122,7 @@ def candidates(logits: torch.Tensor, params, generators) -> tuple[torch.Tensor, 
     temp, top_k, top_p = params_tensors(params, logits.device)
     p = filtered_probs(logits.reshape(R * B, V), *(t.repeat_interleave(B) for t in (temp, top_k, top_p)))
     p = p.view(R, B, V)
-    drawn = sample(p, generators)  # [R, B]; drawn every step so each row's random stream is fixed
+    drawn = sample(p, rngs)  # [R, B]; drawn every step so each row's draw number counts its steps
     greedy = (temp <= 0)[:, None]  # [R, 1]
     top = logits.float().argmax(-1)  # [R, B]
     tokens = torch.where(greedy, top, drawn)
@@ -166,7 +166,7 @@ class SDARDecoder(Decoder):
         """The block size under the name the CLI gives it (`--stride`), for reports."""
         return self.block_size
 
-    def start(self, logits, params, generators):
+    def start(self, logits, params, rngs):
         """The prefill logits are not used (no logit shift): every request begins with B MASKs, emitting nothing."""
         n = logits.shape[0]
         return ([fresh_state(self.block_size, self.mask_token_id) for _ in range(n)],
@@ -176,13 +176,13 @@ class SDARDecoder(Decoder):
         return sdar_block(state, self.block_size, self.mask_token_id)
 
     @torch.no_grad()
-    def step(self, states, logits, params, generators, stats):
+    def step(self, states, logits, params, rngs, stats):
         R, Q, V = logits.shape
         b, dev = self.block_size, logits.device
         offset = torch.tensor([current_offset(s, b) for s in states], device=dev)
         idx = offset[:, None] + torch.arange(b, device=dev)  # [R, B]
         cur = logits.gather(1, idx[..., None].expand(R, b, V))  # [R, B, V] the current block's logits
-        tokens, conf, q = candidates(cur, params, generators)
+        tokens, conf, q = candidates(cur, params, rngs)
         masked = torch.tensor([s.masked for s in states], dtype=torch.bool, device=dev)
         chosen = unmask_choice(conf, masked, self.threshold).tolist()
         tokens_l, q_l = tokens.tolist(), q.tolist()

@@ -149,13 +149,13 @@ class _BatchRows:
     request_ids: list[str] = field(init=False)
     states: list = field(init=False)
     params: list[SamplingParams] = field(init=False)
-    generators: list = field(init=False)
+    rngs: list = field(init=False)
     stats: list[DecodeStats] = field(init=False)
 
     def __post_init__(self):
         seqs = self.seqs
         self.request_ids, self.states = [s.request_id for s in seqs], [s.state for s in seqs]
-        self.params, self.generators = [s.params for s in seqs], [s.generator for s in seqs]
+        self.params, self.rngs = [s.params for s in seqs], [s.rng for s in seqs]
         self.stats = [s.output.stats for s in seqs]
 
 
@@ -246,7 +246,7 @@ class LLMEngine:
         if rid in self.seqs:
             raise ConfigError(f"request id {rid!r} is already in use")
         seq = Sequence(rid, prompt, params, StopChecker(params, self.eos, self.tokenizer),
-                       params.generator(self.runner.device))
+                       params.rng())
         self.seqs[rid] = seq
         self.scheduler.add(seq)
         return rid
@@ -391,7 +391,7 @@ class LLMEngine:
         if started:
             seqs = [prefills[i][0] for i in started]
             states, results = self._decoder(self.config.stride).start(
-                logits[started], [s.params for s in seqs], [s.generator for s in seqs])
+                logits[started], [s.params for s in seqs], [s.rng for s in seqs])
             first = {i: (st, res) for i, st, res in zip(started, states, results)}
         self.counters["prefill_forwards"] += 1
 
@@ -430,9 +430,9 @@ class LLMEngine:
         decoder = next(d for d in self._decoders.values() if d.query_len == query_len)
         rows = self._batch_rows(seqs)
         batch, block_tokens = self._decode_batch(rows, decoder, query_len)
-        states, params, generators, stats = rows.states, rows.params, rows.generators, rows.stats
+        states, params, rngs, stats = rows.states, rows.params, rows.rngs, rows.stats
         if decoder.fused:
-            tensors, static = decoder.step_inputs(states, params, generators, self.model.config.vocab_size,
+            tensors, static = decoder.step_inputs(states, params, rngs, self.model.config.vocab_size,
                                                   self.runner.device)
             packed, extra = self.runner.decode(batch, decoder, tensors, static)
             if extra is not None and self.runner.use_graphs:
@@ -447,7 +447,7 @@ class LLMEngine:
                     self._fail(seq, e, updates)
                 return
         else:
-            results = decoder.step(states, self.runner.decode_logits(batch), params, generators, stats)
+            results = decoder.step(states, self.runner.decode_logits(batch), params, rngs, stats)
         self.counters["decode_forwards"] += 1
         self.counters["decode_query_tokens"] += len(seqs) * query_len
 

@@ -18,10 +18,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from idlm.decoding.runner import GenerationOutput
-from idlm.decoding.sampling import SamplingParams
+from idlm.decoding.sampling import RequestRNG, SamplingParams
 from idlm.decoding.stops import StopChecker
 
 
@@ -37,7 +35,7 @@ class Sequence:
     prompt: list[int]
     params: SamplingParams
     checker: StopChecker
-    generator: torch.Generator | None
+    rng: RequestRNG  # its counter-based random stream (seed + draw number)
     arrival: float = field(default_factory=time.perf_counter)
     status: SeqStatus = SeqStatus.WAITING
     kv_tokens: list[int] = field(default_factory=list)

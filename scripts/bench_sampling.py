@@ -1,0 +1,112 @@
+"""GPU driver for the sampling measurements of issue 13 (device sampling with counter-based draws).
+
+Stages (comma-separated argv[1], default all):
+  step      batch-1 decode step of idlm-tiny ISD N = 4 and AR (idlm-tiny-ar) at T = 0 and T = 1 (top-p 0.95 too),
+            engine with CUDA graphs, bf16; REPS interleaved repetitions, median
+  invariant a seeded sampled request's tokens alone vs inside 64 mixed requests (ISD N = 4, AR), and
+            engine vs reference runner, bf16 and fp32
+
+    python scripts/bench_sampling.py step,invariant
+
+JSON lines, a summary last, and $OUT/bench_sampling.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from idlm.bench.offline import bench_offline, bench_prompts  # noqa: E402
+from idlm.decoding import make_decoder  # noqa: E402
+from idlm.decoding.runner import generate  # noqa: E402
+from idlm.decoding.sampling import SamplingParams  # noqa: E402
+from idlm.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
+from idlm.models.loader import load_pretrained  # noqa: E402
+
+DEV = "cuda"
+REPS = 3
+results: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda}
+
+
+def emit(key, value):
+    results[key] = value
+    print(json.dumps({key: value}), flush=True)
+
+
+def stage_step():
+    out = {}
+    for name, model_name, decoder in (("isd4", "idlm-tiny", "isd"), ("ar", "idlm-tiny-ar", "ar")):
+        model, tok = load_pretrained(model_name, dtype="bfloat16", device=DEV)
+        eng = LLMEngine(model, tok, EngineConfig(decoder=decoder, stride=4, max_num_seqs=1, num_blocks=512))
+        prompts = bench_prompts(tok, 8)
+        settings = {"T0": dict(temperature=0.0), "T1": dict(temperature=1.0), "T1_top_p": dict(temperature=1.0,
+                                                                                            top_p=0.95)}
+        runs = {k: [] for k in settings}
+        for rep in range(REPS):
+            for k, kw in settings.items():
+                r = bench_offline(eng, prompts, [1], max_tokens=128, temperature=kw["temperature"], num_requests=4,
+                                  warmup=rep == 0)[0] if "top_p" not in kw else _run_top_p(eng, prompts, rep == 0)
+                runs[k].append(r)
+        med = {k: sorted(v, key=lambda r: r["decode_step_ms"])[len(v) // 2] for k, v in runs.items()}
+        out[name] = {k: {"decode_step_ms": m["decode_step_ms"], "per_request_tok_s": m["per_request_tok_s"],
+                         "tpf": m["tpf"], "reps_ms": [r["decode_step_ms"] for r in runs[k]]} for k, m in med.items()}
+        out[name]["T1_over_T0_step"] = round(med["T1"]["decode_step_ms"] / med["T0"]["decode_step_ms"], 3)
+    emit("step", out)
+
+
+def _run_top_p(eng, prompts, warmup):
+    """bench_offline's measurement with top_p 0.95 (it takes only a temperature)."""
+    import idlm.bench.offline as off
+
+    params = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=128, ignore_eos=True, seed=0)
+    work = [prompts[i % len(prompts)] for i in range(4)]
+    if warmup:
+        off._run(eng, work, params, 1)
+    return off._run(eng, work, params, 1)
+
+
+def stage_invariant():
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        for decoder, model_name in (("isd", "idlm-tiny"), ("ar", "idlm-tiny-ar")):
+            model, tok = load_pretrained(model_name, dtype=dtype, device=DEV)
+            prompts = bench_prompts(tok, 64)
+            rng = random.Random(0)
+            mixed = [SamplingParams(temperature=rng.choice([0.0, 0.7, 1.0]), top_p=rng.choice([1.0, 0.9]),
+                                    seed=rng.choice([None, 1000 + i]), max_tokens=rng.randint(8, 64))
+                     for i in range(64)]
+            probe = SamplingParams(temperature=1.0, top_p=0.95, seed=424242, max_tokens=64, ignore_eos=True)
+            alone = LLMEngine(model, tok, EngineConfig(decoder=decoder, stride=4, max_num_seqs=64)).run(
+                [prompts[3]], [probe])[0]
+            eng = LLMEngine(model, tok, EngineConfig(decoder=decoder, stride=4, max_num_seqs=64))
+            outs = eng.run(prompts[:32] + [prompts[3]] + prompts[32:], mixed[:32] + [probe] + mixed[32:])
+            ref = generate(model, make_decoder(decoder, 4, model.config, tok), [prompts[3]], [probe])[0]
+            out[f"{decoder}_{dtype}"] = {"alone_equals_batched": outs[32].token_ids == alone.token_ids,
+                                         "engine_equals_reference": ref.token_ids == alone.token_ids,
+                                         "tokens": len(alone.token_ids)}
+    emit("invariant", out)
+
+
+def main():
+    for s in (sys.argv[1] if len(sys.argv) > 1 else "step,invariant").split(","):
+        globals()[f"stage_{s}"]()
+    summary = {"summary": True}
+    if "step" in results:
+        summary["T1_over_T0_step"] = {k: v["T1_over_T0_step"] for k, v in results["step"].items()}
+    if "invariant" in results:
+        summary["invariant"] = {k: v["alone_equals_batched"] for k, v in results["invariant"].items()}
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "bench_sampling.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()
