@@ -46,8 +46,10 @@ def _mulhilo(m: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def philox4x32(c0, c1, c2, c3, k0, k1, rounds: int = ROUNDS):
     """Philox4x32-`rounds` of counters (c0..c3) under keys (k0, k1): int64 tensors (or ints) holding
     32-bit values, broadcast together -> four int64 tensors of 32-bit random words."""
-    c0, c1, c2, c3, k0, k1 = torch.broadcast_tensors(*(torch.as_tensor(v, dtype=torch.int64)
-                                                       for v in (c0, c1, c2, c3, k0, k1)))
+    args = (c0, c1, c2, c3, k0, k1)
+    device = next((v.device for v in args if isinstance(v, torch.Tensor)), None)  # plain ints join the tensors
+    c0, c1, c2, c3, k0, k1 = torch.broadcast_tensors(*(torch.as_tensor(v, dtype=torch.int64, device=device)
+                                                       for v in args))
     for r in range(rounds):
         if r:
             k0, k1 = (k0 + _W0) & MASK32, (k1 + _W1) & MASK32
