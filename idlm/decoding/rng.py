@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from idlm.layers.fused import cuda_fused
+
 MASK32 = 0xFFFFFFFF
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57  # Philox4x32 multipliers
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85  # Weyl key increments (golden ratio, sqrt(3) - 1)
@@ -47,16 +49,16 @@ def philox4x32(c0, c1, c2, c3, k0, k1, rounds: int = ROUNDS):
     """Philox4x32-`rounds` of counters (c0..c3) under keys (k0, k1): int64 tensors (or ints) holding
     32-bit values, broadcast together -> four int64 tensors of 32-bit random words."""
     args = (c0, c1, c2, c3, k0, k1)
-    device = next((v.device for v in args if isinstance(v, torch.Tensor)), None)  # plain ints join the tensors
-    c0, c1, c2, c3, k0, k1 = torch.broadcast_tensors(*(torch.as_tensor(v, dtype=torch.int64, device=device)
-                                                       for v in args))
+    if not any(isinstance(v, torch.Tensor) for v in args):
+        c0, c1, c2, c3, k0, k1 = (torch.tensor(v, dtype=torch.int64) for v in args)
+    # plain ints stay Python scalars in the ops (no host-to-device copy: capturable in a CUDA graph)
     for r in range(rounds):
         if r:
             k0, k1 = (k0 + _W0) & MASK32, (k1 + _W1) & MASK32
         hi0, lo0 = _mulhilo(_M0, c0)
         hi1, lo1 = _mulhilo(_M1, c2)
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-    return c0, c1, c2, c3
+    return torch.broadcast_tensors(c0, c1, c2, c3)
 
 
 def seed_keys(seeds: list[int]) -> torch.Tensor:
@@ -65,6 +67,7 @@ def seed_keys(seeds: list[int]) -> torch.Tensor:
                         dtype=torch.int64).reshape(len(seeds), 2)
 
 
+@cuda_fused
 def uniforms(keys: torch.Tensor, draw: torch.Tensor, stream: int, n: int) -> torch.Tensor:
     """n uniforms in (0, 1) per row: keys [B, 2] int64, draw [B] int64 (the request's draw number)
     -> [B, n] float32, multiples of 2^-24 (never 0 or 1). Row b depends only on (keys[b], draw[b],
