@@ -10,6 +10,7 @@ Stages (comma-separated argv[1], default all):
   profile  batch 1, AR vs fused R-ISD: GPU time of the step's CUDA graph alone vs the engine step, and
          kernels per step (torch.profiler)
   throughput  bf16: offline tokens/s of engine AR and R-ISD at C = 64, 256 (SmolLM2 shape, random weights)
+  churn  the self-distillation workload (384 requests of varied lengths, admitted every step): time split
   tiny   bf16: per-request tokens/s of engine AR vs engine R-ISD (fused) on idlm-tiny-ar, C = 1, 16, 64,
          greedy and T = 0.7
 
@@ -35,7 +36,7 @@ from idlm.layers.lora import LoRAAdapter, LoRAConfig  # noqa: E402
 from idlm.models.loader import load_pretrained, resolve_model_path  # noqa: E402
 from idlm.models.random import random_model  # noqa: E402
 
-DEV = "cuda"
+DEV = os.environ.get("IDLM_BENCH_DEVICE", "cuda")
 REPS = 3
 results: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda}
 
@@ -181,6 +182,56 @@ def stage_throughput():
         out[dec] = [{k: r[k] for k in ("concurrency", "throughput_tok_s", "per_request_tok_s", "decode_step_ms", "tpf")}
                     for r in rows]
     emit("throughput", out)
+
+
+def stage_churn():
+    """The self-distillation workload (SmolLM2-135M shape, random weights): 384 running requests whose
+    lengths differ (prompts 30-300 tokens, 50-512 new tokens, greedy and T = 0.7 mixed), so requests
+    finish and are admitted every step. Where a step's time goes: prefill vs decode time, forwards,
+    tokens/s, and a cProfile of 100 steps (host functions; the GPU waits show up in the one sync)."""
+    import cProfile
+    import io
+    import pstats
+    import random
+    import time
+
+    model = random_model("smollm2-135m", dtype="bfloat16", device=DEV)
+    rng = random.Random(0)
+    out = {}
+    for max_seqs in (384,):
+        eng = LLMEngine(model, None, EngineConfig(decoder="ar", max_num_seqs=max_seqs))
+        for i in range(4000):
+            eng.add_request([rng.randrange(10, 40000) for _ in range(rng.randrange(30, 300))],
+                            SamplingParams(temperature=rng.choice([0.0, 0.7]), max_tokens=rng.randrange(50, 512),
+                                           ignore_eos=True, seed=i))
+        t_end = time.time() + float(os.environ.get("CHURN_WARMUP_S", "20"))
+        while time.time() < t_end:  # warm up into the steady state (requests of every age)
+            eng.step()
+        torch.cuda.synchronize()
+        c0, t0 = dict(eng.counters), time.perf_counter()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(int(os.environ.get("CHURN_STEPS", "150"))):
+            eng.step()
+        torch.cuda.synchronize()
+        prof.disable()
+        wall = time.perf_counter() - t0
+        d = {k: round(eng.counters[k] - c0[k], 4) for k in c0}
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
+        out[max_seqs] = {"steps": 150, "wall_s": round(wall, 3), "step_ms": round(1e3 * wall / 150, 3),
+                         "tok_s": round(d["generated_tokens"] / wall, 1), "counters": d,
+                         "running": len(eng.seqs), "profile_tottime": buf.getvalue()[-6000:]}
+        emit("churn", {k: {kk: vv for kk, vv in v.items() if kk != "profile_tottime"} for k, v in out.items()})
+        print(out[max_seqs]["profile_tottime"], flush=True)
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as tprof:
+            for _ in range(20):
+                eng.step()
+            torch.cuda.synchronize()
+        print(tprof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70),
+              flush=True)
 
 
 def stage_tiny():

@@ -154,6 +154,8 @@ def stage_distill(args) -> None:
     rc, text = idlm("data", "distill", "--model", model, "--out", str(STATE / "distill"), "--temperatures", "0,0.7",
                     "--heldout-fraction", "0.3" if args.smoke else "0.02", "--seed", "0", *opts, budget=args.budget)
     manifest = STATE / "distill" / "distill.json"
+    if OUT and (STATE / "distill" / "prompts.jsonl").exists():  # the held-out prompts, for the record
+        shutil.copyfile(STATE / "distill" / "prompts.jsonl", os.path.join(OUT, "heldout_prompts.jsonl"))
     emit("distill", {"rc": rc, "done": rc == 0, "wall_s": round(time.time() - t0, 1), "last": last_json(text),
                      "manifest": json.loads(manifest.read_text()) if manifest.exists() else None})
 

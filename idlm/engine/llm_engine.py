@@ -214,7 +214,8 @@ class LLMEngine:
         self._ids = itertools.count()
         self.decode_stats = DecodeStats()  # SPEC §7 counters summed over finished and aborted requests
         self.counters = {"decode_forwards": 0, "prefill_forwards": 0, "prefill_tokens": 0, "decode_query_tokens": 0,
-                         "generated_tokens": 0, "finished": 0, "aborted": 0, "failed": 0, "decode_time_s": 0.0}
+                         "generated_tokens": 0, "finished": 0, "aborted": 0, "failed": 0, "decode_time_s": 0.0,
+                         "prefill_time_s": 0.0}
 
     def _decoder(self, stride: int):
         if stride not in self._decoders:
@@ -292,7 +293,9 @@ class LLMEngine:
         sched = self.scheduler.schedule(lambda b: self._decoder(self.config.stride_for(b)).query_len)
         updates: dict[str, RequestOutput] = {}
         if sched.prefills:
+            t0 = time.perf_counter()
             self._isolated(self._prefill, sched.prefills, updates)
+            self.counters["prefill_time_s"] += time.perf_counter() - t0
         if sched.decodes:
             t0 = time.perf_counter()
             self._isolated(lambda seqs, upd: self._decode(seqs, sched.query_len, upd), sched.decodes, updates)

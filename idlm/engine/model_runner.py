@@ -204,7 +204,11 @@ class ModelRunner:
 
     # ----------------------------------------------------------------- entry points
 
+    # Eager forwards run the eager versions of the `cuda_fused` functions: a compiled dynamic-shape call
+    # costs ~0.24 ms of host time (guards, wrappers) against ~0.03 ms eager, and prefill chunks are not
+    # CUDA graphs (measured on an H200: scripts/bench_risd.py churn, docs/runs/risd/churn.md).
     @torch.no_grad()
+    @torch.compiler.set_stance("force_eager")
     def forward_logits(self, rows: list[Row], last_only: bool = True, score: dict | None = None):
         """Eager forward (prefill chunks, non-fused decoders): logits [B, V] at each row's last token,
         or [B, T, V] at every position with last_only=False.

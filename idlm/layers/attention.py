@@ -16,6 +16,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class AttentionBackend(Protocol):
@@ -24,12 +25,20 @@ class AttentionBackend(Protocol):
         ...
 
 
+# cuDNN's SDPA builds an execution plan per new shape (~1.7 ms of host time on an H200, measured:
+# scripts/bench_risd.py churn), and prefill chunks come in a new (T, S) almost every step; the
+# memory-efficient kernel (or the math path) has no such cost, so masked CUDA calls avoid cuDNN.
+_NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
          is_causal: bool = False) -> torch.Tensor:
     """Scaled dot-product attention with grouped-query heads; mask is bool, True = may attend."""
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=q.shape[1] != k.shape[1]
-    )
+    gqa = q.shape[1] != k.shape[1]
+    if q.is_cuda:
+        with sdpa_kernel(_NO_CUDNN):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
 
 
 class DenseAttention:
