@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from idlm.errors import IdlmError
+from idlm.errors import ConfigError, IdlmError
 from idlm.models.registry import DEFAULT_MODEL  # the embedded trained I-DLM, used when --model is not given
 
 
@@ -30,7 +30,9 @@ def _add_decoder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder", default="ar", choices=DECODERS,
                    help="ar: one token per forward; isd: introspective strided decoding (an I-DLM); "
                         "risd: lossless ISD of an AR model with a gated LoRA (--lora); sdar: block-diffusion baseline")
-    p.add_argument("--stride", type=int, default=4, help="ISD stride N (tokens per forward at most); SDAR block size")
+    p.add_argument("--stride", type=stride_arg, default=4,
+                   help="ISD stride N (tokens per forward at most), or 'auto' (engine commands: the adaptive "
+                        "stride, N = 1..8 chosen per step); SDAR block size")
     p.add_argument("--draft", default="sample", choices=["sample", "argmax"],
                    help="ISD drafts: sampled from q (accept min(1, p/q)) or argmax (accept p(d)); both exact")
     p.add_argument("--verify-alpha", type=float, default=1.0, help="accept min(1, p/(alpha q)); lossy unless 1")
@@ -52,7 +54,8 @@ def _load_for_decoding(args):
     from idlm.inference import load_for_inference
 
     inf = load_for_inference(args.model, args.decoder, args.lora, args.device, args.dtype)
-    decoder = make_decoder(inf.decoder, args.stride, inf.model.config, inf.tokenizer, threshold=args.threshold)
+    stride = 4 if args.stride == "auto" else args.stride  # "auto": the engine chooses; any N validates the decoder
+    decoder = make_decoder(inf.decoder, stride, inf.model.config, inf.tokenizer, threshold=args.threshold)
     return inf.model, inf.tokenizer, decoder, inf.adapter
 
 
@@ -70,6 +73,9 @@ def cmd_generate(args) -> int:
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             seed=args.seed, max_tokens=args.max_tokens, stop=list(args.stop or []),
                             draft=args.draft, verify_alpha=args.verify_alpha)
+    if args.stride == "auto":
+        raise ConfigError("--stride auto is chosen by the batched engine (idlm serve, idlm bench offline, "
+                          "idlm eval humaneval, idlm.LLM); idlm generate needs a number")
     model, tok, decoder, lora = _load_for_decoding(args)
     prompt_ids = _encode_prompt(tok, args.prompt, args.chat)
     eos = sorted(set(tok.eos_token_ids) | set(model.config.eos_token_ids))
@@ -190,13 +196,27 @@ def cmd_eval_humaneval(args) -> int:
     model, tok, decoder, lora = _load_for_decoding(args)
     res = evaluate_humaneval(model, tok, decoder.name, stride=args.stride, threshold=args.threshold, lora=lora,
                              limit=args.limit, max_tokens=args.max_tokens, batch=args.batch, timeout=args.timeout,
-                             memory_mb=args.memory_mb, workers=args.workers, out=args.out)
+                             memory_mb=args.memory_mb, workers=args.workers, out=args.out,
+                             prompt_format=args.format)
     print(json.dumps({**res, "model": str(args.model)}))
     return 0
 
 
 STRIDE_SCHEDULE_HELP = ("N per decode-batch size, 'MAXBATCH:N,...' ascending, e.g. '16:4,64:2,100000:1' "
                         "(ISD/R-ISD: N=1 = plain AR steps)")
+
+
+def stride_arg(text: str) -> int | str:
+    """'auto' or a positive integer (the ISD stride N)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"the stride must be >= 1, got {n}")
+    return n
 
 
 def stride_schedule_arg(text: str) -> list[tuple[int, int]]:
@@ -221,23 +241,37 @@ ATTENTION_HELP = ("paged attention of decode steps: the Triton kernel (auto: on 
                   "or the gather + SDPA reference path")
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not vals:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+    return vals
+
+
 def cmd_bench_offline(args) -> int:
     import json
 
-    from idlm.bench.offline import bench_offline, bench_prompts
+    from idlm.bench.offline import ar_engine_for, bench_compare, bench_prompts, check_bench_options
     from idlm.engine.llm_engine import EngineConfig, LLMEngine
 
+    check_bench_options(args.temperature, args.reps, args.num_requests, args.decoder, args.compare_ar)
     model, tok, decoder, lora = _load_for_decoding(args)
     cfg = EngineConfig(decoder=decoder.name, stride=args.stride, threshold=args.threshold,
                        max_num_seqs=max(args.concurrency), cuda_graphs=not args.no_cuda_graphs,
                        num_blocks=args.num_blocks, attention=args.attention, stride_schedule=args.stride_schedule)
     engine = LLMEngine(model, tok, cfg, lora=lora)
+    ar_engine = ar_engine_for(engine) if args.compare_ar else None
     prompts = bench_prompts(tok, max(64, max(args.concurrency)))
-    results = bench_offline(engine, prompts, args.concurrency, args.max_tokens, args.temperature)
+    results = bench_compare(engine, prompts, args.concurrency, args.temperature, args.max_tokens,
+                            num_requests=args.num_requests, reps=args.reps, ar_engine=ar_engine)
     for r in results:
         print(json.dumps(r))
     print(json.dumps({"model": args.model, "decoder": args.decoder, "stride": args.stride, "device": args.device,
-                      "dtype": args.dtype, "results": results}))
+                      "dtype": args.dtype, "temperatures": args.temperature, "reps": args.reps,
+                      "compare_ar": args.compare_ar, "results": results}))
     return 0
 
 
@@ -316,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     he.add_argument("--memory-mb", type=int, default=1024, help="address-space limit of each test run")
     he.add_argument("--workers", type=int, default=None, help="test runs at a time (default and at most: CPU count)")
     he.add_argument("--out", default=None, help="write one JSON row per problem (task_id, completion, status, ...)")
+    he.add_argument("--format", default="auto", choices=["auto", "completion", "chat"],
+                    help="prompt format: the plain HumanEval prompt (completion), or an instruction in the chat "
+                         "template followed by '```python' + the prompt (chat); auto: chat when the tokenizer "
+                         "has a chat template")
     _add_model_args(he)
     _add_decoder_args(he)
     he.set_defaults(func=cmd_eval_humaneval)
@@ -334,8 +372,14 @@ def build_parser() -> argparse.ArgumentParser:
     dd.set_defaults(func=cmd_distill)
 
     be = sub.add_parser("bench", help="engine benchmarks").add_subparsers(dest="bench_command", required=True)
-    bo = be.add_parser("offline", help="engine speed vs concurrency (last stdout line is JSON)")
+    bo = be.add_parser("offline", help="engine speed vs concurrency and temperature, optionally beside plain AR "
+                                       "(last stdout line is JSON)", conflict_handler="resolve")
     bo.add_argument("--concurrency", type=_ints, default=[1, 64], help="comma-separated, e.g. 1,8,64")
+    bo.add_argument("--num-requests", type=int, default=None, help="requests per measurement (default max(8, 2·C))")
+    bo.add_argument("--reps", type=int, default=3,
+                    help="measurements per cell (interleaved with AR's under --compare-ar); the median is reported")
+    bo.add_argument("--compare-ar", action="store_true",
+                    help="also measure plain AR on the same model and prompts; rows add AR's numbers and ratios")
     bo.add_argument("--num-blocks", type=int, default=None, help="KV pages (default: from free memory)")
     bo.add_argument("--no-cuda-graphs", action="store_true")
     bo.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto", help=ATTENTION_HELP)
@@ -343,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(bo)
     _add_decoder_args(bo)
     _add_sampling_args(bo)
+    bo.add_argument("--temperature", type=_floats, default=[0.0],  # replaces the single-value option
+                    help="comma-separated, e.g. 0,0.7,1: every temperature × every concurrency (0 = greedy)")
     bo.set_defaults(func=cmd_bench_offline)
     bl = be.add_parser("latency", help="per-forward latency vs query tokens and batch (last stdout line is JSON)")
     bl.add_argument("--shape", default=None, help="random weights of a named shape (qwen3-8b, qwen3-0.6b) "

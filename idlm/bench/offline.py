@@ -1,21 +1,32 @@
-"""`idlm bench offline`: engine speed vs concurrency on a fixed prompt set.
+"""`idlm bench offline`: engine speed vs concurrency and temperature on a fixed prompt set, optionally
+side by side with plain AR on the same model.
 
-For each concurrency C, waves of exactly C requests are submitted together (`num_requests` in all,
-default max(8, 2·C)); a wave runs to completion before the next starts, so every request decodes
-alongside C − 1 others from its first token to its last. Reported per C:
+For each cell (temperature T, concurrency C), waves of exactly C requests are submitted together
+(`num_requests` in all, default max(8, 2·C)); a wave runs to completion before the next starts, so every
+request decodes alongside C − 1 others from its first token to its last. Reported per cell:
 - per-request decode speed: mean over requests of (tokens − 1) / (finish − first token) — the
   user-visible tokens/s once streaming starts (the paper's per-request tok/s, SPEC §9),
 - throughput: all generated tokens / wall time, and TPF (committed tokens per decode forward).
 A warm-up pass over the same workload runs first (untimed) so CUDA-graph capture is not measured.
 Outputs are fixed length (`ignore_eos`, `max_tokens`) so every decoder generates the same token count.
+
+Host timing varies from run to run, so a cell is measured `reps` times and the row is the rep with the
+median per-request speed (all its fields), with every rep's speeds beside it (`reps_*`). With an AR
+engine (`ar_engine_for`: the same model and engine options, decoder "ar", no LoRA) the decoder's and
+AR's reps are interleaved (A B B A ...), so drift in clocks or load hits both alike, and the row adds
+AR's median run and the ratios `per_request_over_ar` and `throughput_over_ar` — the speed-up a user
+sees, measured in one process on one workload.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import statistics
 import time
 
 from idlm.decoding.sampling import SamplingParams
+from idlm.errors import ConfigError
 from idlm.eval.tasks import COMMITTED_TASKS, load_jsonl
 
 
@@ -35,9 +46,45 @@ def bench_prompts(tokenizer, n: int) -> list[list[int]]:
     return out
 
 
+def check_bench_options(temperatures: list[float], reps: int = 1, num_requests: int | None = None,
+                        decoder: str | None = None, compare_ar: bool = False) -> None:
+    """ConfigError (naming the option) for a sweep that cannot run; checked before any model loads."""
+    if not temperatures:
+        raise ConfigError("--temperature: give at least one temperature", param="temperature")
+    for t in temperatures:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise ConfigError(f"--temperature {t!r}: each temperature must be a finite number >= 0 (0 = greedy)",
+                              param="temperature")
+    if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:
+        raise ConfigError(f"--reps {reps!r}: must be a positive integer (repetitions per cell)", param="reps")
+    if num_requests is not None and (isinstance(num_requests, bool) or not isinstance(num_requests, int)
+                                     or num_requests < 1):
+        raise ConfigError(f"--num-requests {num_requests!r}: must be a positive integer", param="num_requests")
+    if compare_ar and decoder == "ar":
+        raise ConfigError("--compare-ar: the decoder under test is already 'ar'; compare a decoder such as "
+                          "--decoder isd, risd or sdar against it", param="compare_ar")
+
+
+def ar_engine_for(engine):
+    """A plain-AR LLMEngine on the same model object: the same EngineConfig but decoder "ar", and no LoRA
+    (stride and stride schedule are dropped: AR has none). Its KV pool is its own: with `num_blocks` unset
+    it is sized from the memory the first engine left, so on a GPU give `num_blocks` for equal pools."""
+    from idlm.engine.llm_engine import LLMEngine
+
+    if engine.config.decoder == "ar":
+        raise ConfigError("--compare-ar: the decoder under test is already 'ar'", param="compare_ar")
+    cfg = dataclasses.replace(engine.config, decoder="ar", stride=1, stride_schedule=None)
+    try:
+        return LLMEngine(engine.model, engine.tokenizer, cfg, eos_token_ids=engine.eos)
+    except MemoryError as e:
+        raise ConfigError(f"--compare-ar: no room for the AR engine's KV pool ({e}); pass --num-blocks "
+                          "to size both engines' pools", param="num_blocks") from None
+
+
 def _run(engine, prompts, params, wave: int) -> dict:
     seqs = []
     forwards0, decode_t0 = engine.counters["decode_forwards"], engine.counters["decode_time_s"]
+    mix0 = dict(engine.stride_mix)
     t0 = time.perf_counter()
     for i in range(0, len(prompts), wave):
         seqs += [engine.seqs[engine.add_request(p, params)] for p in prompts[i: i + wave]]
@@ -50,6 +97,8 @@ def _run(engine, prompts, params, wave: int) -> dict:
     committed = sum(s.output.stats.committed for s in seqs)
     forwards = sum(s.output.stats.forwards for s in seqs)
     ttft = [s.first_token_time - s.arrival for s in seqs]
+    if engine.block_manager.num_free_blocks != engine.block_manager.num_blocks:
+        raise RuntimeError("KV pages leaked during the benchmark")
     return {"requests": len(seqs), "generated_tokens": tokens, "wall_s": round(wall, 4),
             "throughput_tok_s": round(tokens / wall, 1),
             "per_request_tok_s": round(statistics.mean(speeds), 1) if speeds else None,
@@ -58,22 +107,70 @@ def _run(engine, prompts, params, wave: int) -> dict:
             # wall time of one decode step (forward + acceptance + host bookkeeping), averaged
             "decode_step_ms": round(1e3 * (engine.counters["decode_time_s"] - decode_t0)
                                     / max(1, engine.counters["decode_forwards"] - forwards0), 4),
-            "mean_ttft_s": round(statistics.mean(ttft), 4)}
+            "mean_ttft_s": round(statistics.mean(ttft), 4),
+            # decode steps per stride N (1 = plain AR steps): the adaptive stride's mix
+            "stride_mix": {n: c - mix0.get(n, 0) for n, c in sorted(engine.stride_mix.items()) if c > mix0.get(n, 0)}}
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The rep with the median per-request tok/s (the upper one of an even count), all its fields, plus
+    every rep's per-request speed and throughput."""
+    ordered = sorted(runs, key=lambda r: -1.0 if r["per_request_tok_s"] is None else r["per_request_tok_s"])
+    return dict(ordered[len(ordered) // 2], reps_per_request_tok_s=[r["per_request_tok_s"] for r in runs],
+                reps_throughput_tok_s=[r["throughput_tok_s"] for r in runs])
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b to 3 decimals; None where either is missing or b is 0."""
+    return round(a / b, 3) if a is not None and b else None
+
+
+def _check_pool(engine, work: list[list[int]], max_tokens: int, c: int) -> None:
+    """A wave of c requests must fit the KV pool at once, or they would not decode side by side."""
+    bm = engine.block_manager
+    longest = sorted((len(p) for p in work), reverse=True)[:c]
+    need = sum(bm.blocks_needed(n + max_tokens + engine.max_query_len) for n in longest)
+    if need > bm.num_blocks:
+        raise ConfigError(f"the {engine.config.decoder} engine's KV pool has {bm.num_blocks} pages but a wave of "
+                          f"{c} requests needs up to {need}: raise --num-blocks or lower --max-tokens / "
+                          "--concurrency", param="num_blocks")
+
+
+def bench_compare(engine, prompts: list[list[int]], concurrency: list[int], temperatures: list[float],
+                  max_tokens: int = 128, num_requests: int | None = None, warmup: bool = True, reps: int = 1,
+                  ar_engine=None) -> list[dict]:
+    """One row per temperature × concurrency cell (temperatures outermost): the decoder's median run of
+    `reps` and, with `ar_engine`, AR's median run under "ar" and the ratios decoder / AR."""
+    check_bench_options(temperatures, reps, num_requests, engine.config.decoder, ar_engine is not None)
+    if ar_engine is not None and ar_engine.config.decoder != "ar":
+        raise ConfigError(f"ar_engine runs decoder {ar_engine.config.decoder!r}, not 'ar'", param="compare_ar")
+    engines = [engine] if ar_engine is None else [engine, ar_engine]
+    results = []
+    for t in temperatures:
+        params = SamplingParams(temperature=t, max_tokens=max_tokens, ignore_eos=True, seed=0)
+        for c in concurrency:
+            n = num_requests or max(8, 2 * c)
+            work = [prompts[i % len(prompts)] for i in range(n)]
+            for e in engines:
+                _check_pool(e, work, max_tokens, c)
+                e.scheduler.max_num_seqs = c
+                if warmup:
+                    _run(e, work, params, c)
+            runs = [[] for _ in engines]
+            for rep in range(reps):
+                order = range(len(engines)) if rep % 2 == 0 else reversed(range(len(engines)))  # A B, B A, ...
+                for k in order:
+                    runs[k].append(_run(engines[k], work, params, c))
+            row = {"decoder": engine.config.decoder, "temperature": t, "concurrency": c, **median_run(runs[0])}
+            if ar_engine is not None:
+                ar = median_run(runs[1])
+                row.update(ar=ar, per_request_over_ar=ratio(row["per_request_tok_s"], ar["per_request_tok_s"]),
+                           throughput_over_ar=ratio(row["throughput_tok_s"], ar["throughput_tok_s"]))
+            results.append(row)
+    return results
 
 
 def bench_offline(engine, prompts: list[list[int]], concurrency: list[int], max_tokens: int = 128,
                   temperature: float = 0.0, num_requests: int | None = None, warmup: bool = True) -> list[dict]:
-    params = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True, seed=0)
-    results = []
-    for c in concurrency:
-        n = num_requests or max(8, 2 * c)
-        work = [prompts[i % len(prompts)] for i in range(n)]
-        engine.scheduler.max_num_seqs = c
-        if warmup:
-            _run(engine, work, params, c)
-        r = _run(engine, work, params, c)
-        r["concurrency"] = c
-        results.append(r)
-        if engine.block_manager.num_free_blocks != engine.block_manager.num_blocks:
-            raise RuntimeError("KV pages leaked during the benchmark")
-    return results
+    """One temperature, one measurement per concurrency, no AR side (`bench_compare` with reps=1)."""
+    return bench_compare(engine, prompts, concurrency, [temperature], max_tokens, num_requests, warmup)

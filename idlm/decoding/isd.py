@@ -170,43 +170,10 @@ class ISDDecoder(Decoder):
         return packed, extra
 
     def _compute_sampled(self, logits, tensors, truncate):
-        B, Q, V = logits.shape
-        n, k = self.stride, self.stride - 1
-        dev = logits.device
-        is_v = tensors["is_v"]
-        rep = [tensors[name] for name in ("temperature", "top_k", "top_p")]
-        # this step's uniforms of each row: N token draws (K drafts, then the final token), K acceptances
-        if "keys" in tensors:
-            keys, draw = tensors["keys"], tensors["draw"]
-            u_tok = rng.uniforms(keys, draw, rng.STREAM_TOKENS, n)  # [B, N]
-            u = rng.uniforms(keys, draw, rng.STREAM_ACCEPT, k)  # [B, K]
-        else:  # every row greedy (some with verify_alpha > 1): point masses, acceptance is 0/1
-            u_tok, u = None, torch.zeros(B, k, device=dev)
-
-        # p̃ at the clean indices 0..K (C rows use index 0 only)  [B, N, V]
-        p = filtered_probs(logits[:, :n].reshape(B * n, V), *_per_slot(rep, n), truncate).view(B, n, V)
-
-        # next drafts from the MASK slots (C: 1..N−1, V: N..2N−2)  [B, K]
-        idx = torch.where(is_v, n, 1)[:, None] + torch.arange(k, device=dev)
-        draft_logits = logits.gather(1, idx[..., None].expand(B, k, V))
-        q_new = filtered_probs(draft_logits.reshape(B * k, V), *_per_slot(rep, k), truncate).view(B, k, V)
-        sampled = q_new.argmax(-1) if u_tok is None else inverse_cdf(q_new, u_tok[:, :k])
-        new_drafts = torch.where(tensors["argmax_draft"][:, None], draft_logits.argmax(-1), sampled)
-
-        # verify the previous drafts (V rows; C rows' results are ignored)
-        n_acc, correction = verify_drafts(p[:, :k], tensors["specs"], tensors.get("q_old"),
-                                          tensors["point_mass"], tensors["alpha"], u)
-
-        # the one token each row draws at the end: c (C), bonus c (V all accepted) or the correction
-        rows = torch.arange(B, device=dev)
-        all_ok = is_v & (n_acc == k)
-        final_p = torch.where(is_v[:, None], torch.where(all_ok[:, None], p[rows, k], correction), p[:, 0])
-        final = final_p.argmax(-1) if u_tok is None else inverse_cdf(final_p, u_tok[:, k])
-        final_q = final_p.gather(-1, final[:, None])
-        drafts_q = q_new.gather(-1, new_drafts[..., None]).squeeze(-1)  # q̃_j(d_j) [B, K]
-        # [B, 2K+3]: n_accepted, final token, K drafts, q(final), K q̃(draft) (ids exact in float32 < 2^24)
-        packed = torch.cat([n_acc[:, None].float(), final[:, None].float(), new_drafts.float(), final_q, drafts_q], -1)
-        return packed, q_new
+        t = tensors
+        return sampled_isd_step(logits, t["is_v"], t["specs"], t["temperature"], t["top_k"], t["top_p"],
+                                t["point_mass"], t["argmax_draft"], t["alpha"], t.get("keys"), t.get("draw"),
+                                t.get("q_old"), truncate)
 
     def finish(self, states, packed, extra, params, stats):
         """The packed columns (see `_compute_sampled`) -> each row's emitted tokens and next state."""
@@ -236,6 +203,54 @@ class ISDDecoder(Decoder):
                                                                  len(emitted), params[b].logprobs)
             results.append(res)
         return results
+
+
+@cuda_fused
+def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tensor, temperature: torch.Tensor,
+                     top_k: torch.Tensor, top_p: torch.Tensor, point_mass: torch.Tensor, argmax_draft: torch.Tensor,
+                     alpha: torch.Tensor, keys: torch.Tensor | None, draw: torch.Tensor | None,
+                     q_old: torch.Tensor | None, truncate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampled ISD step as one function (compiled into a few fused kernels on CUDA, inside the decode
+    graph). logits [B, 2N−1, V]; per row: is_v, specs [B, K], temperature/top_k/top_p, point_mass,
+    argmax_draft, alpha; keys [B, 2] / draw [B] (None: every row greedy with verify_alpha > 1); q_old
+    [B, K, V] the q̃ of a V row's drafts (None: all point masses) -> (packed [B, 2K+3], q̃ of the new
+    drafts [B, K, V]). No host sync, no data-dependent shapes."""
+    B, Q, V = logits.shape
+    n = (Q + 1) // 2
+    k = n - 1
+    dev = logits.device
+    rep = (temperature, top_k, top_p)
+    # this step's uniforms of each row: N token draws (K drafts, then the final token), K acceptances
+    if keys is not None:
+        uniforms = rng.uniforms.__wrapped__  # already inside a compiled region on CUDA
+        u_tok = uniforms(keys, draw, rng.STREAM_TOKENS, n)  # [B, N]
+        u = uniforms(keys, draw, rng.STREAM_ACCEPT, k)  # [B, K]
+    else:  # every row greedy (some with verify_alpha > 1): point masses, acceptance is 0/1
+        u_tok, u = None, torch.zeros(B, k, device=dev)
+
+    # p̃ at the clean indices 0..K (C rows use index 0 only)  [B, N, V]
+    p = filtered_probs(logits[:, :n].reshape(B * n, V), *_per_slot(rep, n), truncate).view(B, n, V)
+
+    # next drafts from the MASK slots (C: 1..N−1, V: N..2N−2)  [B, K]
+    idx = torch.where(is_v, n, 1)[:, None] + torch.arange(k, device=dev)
+    draft_logits = logits.gather(1, idx[..., None].expand(B, k, V))
+    q_new = filtered_probs(draft_logits.reshape(B * k, V), *_per_slot(rep, k), truncate).view(B, k, V)
+    sampled = q_new.argmax(-1) if u_tok is None else inverse_cdf(q_new, u_tok[:, :k])
+    new_drafts = torch.where(argmax_draft[:, None], draft_logits.argmax(-1), sampled)
+
+    # verify the previous drafts (V rows; C rows' results are ignored)
+    n_acc, correction = verify_drafts(p[:, :k], specs, q_old, point_mass, alpha, u)
+
+    # the one token each row draws at the end: c (C), bonus c (V all accepted) or the correction
+    rows = torch.arange(B, device=dev)
+    all_ok = is_v & (n_acc == k)
+    final_p = torch.where(is_v[:, None], torch.where(all_ok[:, None], p[rows, k], correction), p[:, 0])
+    final = final_p.argmax(-1) if u_tok is None else inverse_cdf(final_p, u_tok[:, k])
+    final_q = final_p.gather(-1, final[:, None])
+    drafts_q = q_new.gather(-1, new_drafts[..., None]).squeeze(-1)  # q̃_j(d_j) [B, K]
+    # [B, 2K+3]: n_accepted, final token, K drafts, q(final), K q̃(draft) (ids exact in float32 < 2^24)
+    packed = torch.cat([n_acc[:, None].float(), final[:, None].float(), new_drafts.float(), final_q, drafts_q], -1)
+    return packed, q_new
 
 
 @cuda_fused

@@ -7,9 +7,11 @@ same functions the reference runner uses (`Decoder.block/step_inputs/compute/fin
 the block manager by length after every step (`Block.tokens[:advance]`), so MASK and rejected slots
 are rolled back and only committed tokens ever reach the prefix cache.
 
-The stride is chosen per step (`EngineConfig.stride_schedule`: the largest N allowed for the current
-decode batch size), so a policy can shrink N as the batch grows (SPEC §9); a request whose drafts
-were made under another stride restarts cold, which is exact.
+The stride is chosen per step: fixed, by batch size (`EngineConfig.stride_schedule`), or adaptively
+(`stride="auto"`, ISD / R-ISD: every `auto_interval` steps the N ∈ 1..`auto_max_stride` that maximises
+expected committed tokens per second from the running requests' acceptance so far and a step-cost model
+of the device, `idlm.decoding.stride_policy`; N = 1 is a plain AR step). A request whose drafts were
+made under another stride restarts cold, which is exact; the choice reads only committed history.
 
 Fault isolation: a step computes everything (forward, sampling, results on the host) before it
 changes any engine state, then applies each request's result on its own. If the computation
@@ -47,7 +49,10 @@ from idlm.decoding.isd import ISDPlainStep
 from idlm.decoding.runner import GenerationOutput, apply_result, check_request
 from idlm.decoding.sampling import SamplingParams
 from idlm.decoding.stops import StopChecker
+from idlm.decoding.stride_policy import (MAX_STRIDE, CostTracker, StepCostModel, StrideChoice,
+                                         acceptance_estimate, choose_stride, default_prior)
 from idlm.engine.block_manager import BlockManager
+from idlm.engine.calibrate import calibrate_step_cost
 from idlm.engine.model_runner import DecodeBatch, ModelRunner, Row
 from idlm.engine.scheduler import Scheduler
 from idlm.engine.sequence import Sequence
@@ -71,7 +76,12 @@ def _seq_of(item) -> Sequence:
 @dataclass
 class EngineConfig:
     decoder: str = "isd"  # ar | isd | risd | sdar
-    stride: int = 4  # N (ISD/R-ISD), block size (SDAR)
+    stride: int | str = 4  # N (ISD/R-ISD), block size (SDAR); "auto" (ISD/R-ISD): the adaptive stride
+    auto_max_stride: int = 8  # the largest N "auto" may pick
+    auto_interval: int = 8  # decode steps between two choices of "auto"
+    # (base s, per row s, per query token s) of a decode step (`StepCostModel`); None with "auto": measured
+    # at start-up on this device and cached (`idlm.engine.calibrate`)
+    step_cost: tuple[float, float, float] | None = None
     threshold: float = 0.9  # SDAR confidence threshold
     # [(max decode batch, N), ...] ascending; the first entry whose bound >= the batch size gives N.
     # None: always `stride`. Example: [(8, 4), (32, 3), (1_000_000, 2)]. For ISD / R-ISD, N = 1 means plain
@@ -81,6 +91,11 @@ class EngineConfig:
     num_blocks: int | None = None  # None: from free GPU memory (CPU: up to 1 GiB)
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
+    # while requests are decoding, admit waiting ones only when this many seats are free (or every waiting
+    # request fits): an eager prefill forward has a fixed host cost (~50 ms for a 30-layer model on the
+    # H200's host), so admitting one request per step as seats free up made prefill the bottleneck of a
+    # saturated engine. None = max(1, max_num_seqs // 16); 1 = admit at once (lowest time to first token).
+    admit_batch: int | None = None
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     gpu_memory_utilization: float = 0.85
     enable_prefix_caching: bool = True
@@ -98,10 +113,29 @@ class EngineConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"invalid engine option {name}={v!r}: must be a positive integer")
 
-        for name in ("stride", "block_size", "max_num_seqs", "max_num_batched_tokens"):
+        if self.stride != "auto":
+            positive("stride")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "auto_interval"):
             positive(name)
+        positive("auto_max_stride")
+        if self.auto_max_stride > MAX_STRIDE:
+            raise ConfigError(f"invalid engine option auto_max_stride={self.auto_max_stride}: at most {MAX_STRIDE}")
+        if self.stride == "auto" and self.decoder not in ("isd", "risd"):
+            raise ConfigError(f"stride 'auto' is for the isd and risd decoders, not {self.decoder!r}")
+        if self.stride == "auto" and self.stride_schedule is not None:
+            raise ConfigError("give stride 'auto' or a stride_schedule, not both")
+        if self.step_cost is not None:
+            try:
+                self.step_cost = tuple(float(x) for x in self.step_cost)
+                StepCostModel(*self.step_cost)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"invalid engine option step_cost={self.step_cost!r}: need (base, per_row, "
+                                  f"per_token) seconds >= 0 ({e})") from None
         if self.num_blocks is not None:
             positive("num_blocks")
+        if self.admit_batch is None:
+            self.admit_batch = max(1, self.max_num_seqs // 16)
+        positive("admit_batch")
         if self.max_model_len is not None:
             positive("max_model_len")
         if self.attention not in ATTENTION_BACKENDS:
@@ -117,7 +151,16 @@ class EngineConfig:
                                   "(max batch size, stride) pairs of positive integers")
             self.stride_schedule = sched
 
+    @property
+    def strides(self) -> list[int]:
+        """Every stride this configuration may run."""
+        if self.stride == "auto":
+            return list(range(1, self.auto_max_stride + 1))
+        return sorted({self.stride} | {n for _, n in self.stride_schedule or ()})
+
     def stride_for(self, batch_size: int) -> int:
+        if self.stride == "auto":
+            raise ValueError("stride 'auto' is chosen by the engine (LLMEngine._choose_stride)")
         if self.stride_schedule is None:
             return self.stride
         for bound, n in self.stride_schedule:
@@ -188,10 +231,12 @@ class LLMEngine:
             raise ConfigError(f"max_model_len {self.max_model_len} exceeds the model's context of "
                               f"{mcfg.max_position_embeddings} tokens")
         self._decoders: dict[int, object] = {}
-        strides = {config.stride} | {n for _, n in config.stride_schedule or ()}
+        strides = config.strides
         for n in strides:
             self._decoder(n)  # validate every stride up front (MASK token, N >= 2, ...)
-        dec = self._decoder(config.stride)
+        # the decoder that draws each request's first token (any ISD stride starts the same cold state)
+        self._start_stride = config.stride if config.stride != "auto" else max(strides)
+        dec = self._decoder(self._start_stride)
         if dec.uses_lora and lora is None:
             raise ConfigError(f"decoder {dec.name!r} needs a LoRA adapter (lora=...)")
         if lora is not None:
@@ -208,11 +253,19 @@ class LLMEngine:
                                   cuda_graphs=config.cuda_graphs, max_num_seqs=config.max_num_seqs,
                                   attention=config.attention, fuse_projections=config.fuse_projections)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   admit_batch=config.admit_batch)
         self.seqs: dict[str, Sequence] = {}
         self._batch: _BatchRows | None = None  # the last decode batch's lists
         self._ids = itertools.count()
         self.decode_stats = DecodeStats()  # SPEC §7 counters summed over finished and aborted requests
+        self.stride_mix: dict[int, int] = {}  # decode steps per stride
+        self._cost: CostTracker | None = None
+        self._auto: StrideChoice | None = None
+        self._auto_steps = 0
+        if config.stride == "auto":
+            self._cost = CostTracker(StepCostModel(*config.step_cost) if config.step_cost is not None
+                                     else calibrate_step_cost(self))
         self.counters = {"decode_forwards": 0, "prefill_forwards": 0, "prefill_tokens": 0, "decode_query_tokens": 0,
                          "generated_tokens": 0, "finished": 0, "aborted": 0, "failed": 0, "decode_time_s": 0.0,
                          "prefill_time_s": 0.0}
@@ -226,6 +279,31 @@ class LLMEngine:
                                        self.config.threshold)
             self._decoders[stride] = decoder
         return self._decoders[stride]
+
+    def _step_query_len(self, decodes: list[Sequence]) -> int:
+        """Q of this step's decode rows: the stride's query length (fixed, scheduled or "auto")."""
+        if self.config.stride != "auto":
+            n = self.config.stride_for(len(decodes))
+        else:
+            if self._auto is None or self._auto_steps % self.config.auto_interval == 0:
+                self._auto = self._choose_stride(decodes)
+            self._auto_steps += 1
+            n = self._auto.stride
+        self.stride_mix[n] = self.stride_mix.get(n, 0) + 1
+        return self._decoder(n).query_len
+
+    def _choose_stride(self, decodes: list[Sequence]) -> StrideChoice:
+        """The adaptive stride from committed history only: each row's per-position acceptance counts,
+        smoothed towards the pooled counts of every request (finished ones included)."""
+        k = self.config.auto_max_stride - 1
+        pooled = self.decode_stats
+        for seq in decodes:
+            pooled = pooled.merge(seq.output.stats)
+        prior = default_prior(pooled.accepted_per_position, pooled.verified_per_position, k)
+        rows = [acceptance_estimate(s.output.stats.accepted_per_position, s.output.stats.verified_per_position,
+                                    prior) for s in decodes]
+        current = self._auto.stride if self._auto is not None else None
+        return choose_stride(rows, self._cost.model, self.config.strides, current=current, cost_scale=self._cost.scales(self.config.strides))
 
     # ----------------------------------------------------------------- requests
 
@@ -290,7 +368,7 @@ class LLMEngine:
     # ----------------------------------------------------------------- one step
 
     def step(self) -> list[RequestOutput]:
-        sched = self.scheduler.schedule(lambda b: self._decoder(self.config.stride_for(b)).query_len)
+        sched = self.scheduler.schedule(self._step_query_len)
         updates: dict[str, RequestOutput] = {}
         if sched.prefills:
             t0 = time.perf_counter()
@@ -299,7 +377,10 @@ class LLMEngine:
         if sched.decodes:
             t0 = time.perf_counter()
             self._isolated(lambda seqs, upd: self._decode(seqs, sched.query_len, upd), sched.decodes, updates)
-            self.counters["decode_time_s"] += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self.counters["decode_time_s"] += dt
+            if self._cost is not None:  # the adaptive stride learns what its steps really cost
+                self._cost.observe(self._auto.stride, len(sched.decodes), dt)
         return list(updates.values())
 
     # ----------------------------------------------------------------- fault isolation
@@ -393,7 +474,7 @@ class LLMEngine:
         first: dict[int, tuple] = {}
         if started:
             seqs = [prefills[i][0] for i in started]
-            states, results = self._decoder(self.config.stride).start(
+            states, results = self._decoder(self._start_stride).start(
                 logits[started], [s.params for s in seqs], [s.rng for s in seqs])
             first = {i: (st, res) for i, st, res in zip(started, states, results)}
         self.counters["prefill_forwards"] += 1

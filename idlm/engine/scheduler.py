@@ -10,6 +10,9 @@ Every step the scheduler builds, under a token budget (`max_num_batched_tokens`)
      prompts), then waiting requests in arrival order (FCFS; preempted ones go first) while the pool
      can hold their whole prompt and `max_num_seqs` allows. Prefix-cache hits are taken on admission,
      except over prompt positions whose logprobs a request still needs (`Sequence.max_prefix_hit`).
+     While requests are running, admission waits until `admit_batch` seats are free (or every waiting
+     request has a seat), so that a saturated engine runs one prefill forward for a group of new
+     requests instead of one per step (`admits_now`); an idle engine admits at once.
 Requests that do not fit wait; none is dropped. `abort` removes a request wherever it is and frees
 its pages.
 
@@ -37,11 +40,20 @@ class SchedulerOutput:
     preempted: list[Sequence] = field(default_factory=list)
 
 
+def admits_now(running: int, waiting: int, max_num_seqs: int, admit_batch: int) -> bool:
+    """Whether waiting requests may be admitted this step: always when nothing runs, else once the free
+    seats reach `admit_batch` or hold every waiting request."""
+    free = max_num_seqs - running
+    return running == 0 or free >= min(admit_batch, waiting)
+
+
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 admit_batch: int = 1):
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.admit_batch = admit_batch
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order (preemption takes from the end)
         self._stationary: list[Sequence] | None = None  # last decode batch, while nothing changed
@@ -81,8 +93,8 @@ class Scheduler:
 
     # ----------------------------------------------------------------- one step
 
-    def schedule(self, query_len: Callable[[int], int]) -> SchedulerOutput:
-        """query_len(number of decode rows) -> Q for this step (the engine's stride policy)."""
+    def schedule(self, query_len: Callable[[list[Sequence]], int]) -> SchedulerOutput:
+        """query_len(the decode rows) -> Q for this step (the engine's stride policy)."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         if self._stationary is not None and not self.waiting:
@@ -90,7 +102,7 @@ class Scheduler:
         else:
             decodes = [s for s in self.running if not s.prefilling]
         if decodes:
-            out.query_len = q = query_len(len(decodes))
+            out.query_len = q = query_len(decodes)
             decodes = decodes[: max(1, budget // q)]
             for seq in decodes:
                 if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
@@ -115,7 +127,8 @@ class Scheduler:
                 n = min(len(seq.kv_tokens) - seq.num_computed, budget)
                 out.prefills.append((seq, n))
                 budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        admit = admits_now(len(self.running), len(self.waiting), self.max_num_seqs, self.admit_batch)
+        while admit and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq in out.preempted:  # just preempted for lack of pages: not back in the same step
                 break

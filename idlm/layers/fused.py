@@ -11,9 +11,12 @@ Set IDLM_FUSE=0 to disable (debugging, or a machine without a working Triton).
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def raise_dynamo_limits() -> None:
@@ -26,16 +29,23 @@ def raise_dynamo_limits() -> None:
 
 
 def cuda_fused(fn):
+    """`fn` compiled on CUDA (eager elsewhere, and eager for good after a compilation error, with one
+    warning: a Triton or inductor problem on some machine must cost speed, never a request). The eager
+    function stays reachable as `__wrapped__` (for calls from inside another compiled function)."""
     compiled = None
 
     @functools.wraps(fn)
     def wrapper(*args):
         nonlocal compiled
-        if args[0].is_cuda and os.environ.get("IDLM_FUSE", "1") != "0":
+        if compiled is not False and args[0].is_cuda and os.environ.get("IDLM_FUSE", "1") != "0":
             if compiled is None:
                 raise_dynamo_limits()
                 compiled = torch.compile(fn, dynamic=True)
-            return compiled(*args)
+            try:
+                return compiled(*args)
+            except torch._dynamo.exc.BackendCompilerFailed as e:  # (errors of fn itself are raised as they are)
+                logger.warning("compiling %s failed; it runs eagerly from now on: %s", fn.__qualname__, e)
+                compiled = False
         return fn(*args)
 
     return wrapper

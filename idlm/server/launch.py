@@ -34,7 +34,7 @@ ALGORITHMS = {"IDLMBlockN": "isd", "IDLMBlock": "isd", "ISD": "isd", "RISD": "ri
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    from idlm.cli import STRIDE_SCHEDULE_HELP, stride_schedule_arg
+    from idlm.cli import STRIDE_SCHEDULE_HELP, stride_arg, stride_schedule_arg
     from idlm.decoding import DECODERS
     from idlm.layers.paged_kernel import ATTENTION_BACKENDS
     from idlm.models.registry import DEFAULT_MODEL
@@ -60,7 +60,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder", default=None, choices=DECODERS,
                    help="default: isd for an I-DLM, risd for an AR model with a known R-ISD adapter (or "
                         "--lora-paths), else ar")
-    p.add_argument("--stride", type=int, default=None, help="ISD stride N (default 4, or gen_block_size)")
+    p.add_argument("--stride", type=stride_arg, default=None,
+                   help="ISD stride N (default 4, or gen_block_size), or 'auto': the adaptive stride")
     p.add_argument("--stride-schedule", type=stride_schedule_arg, default=None, help=STRIDE_SCHEDULE_HELP)
     p.add_argument("--lora-paths", "--lora", dest="lora", default=None, help="R-ISD gated LoRA adapter")
     p.add_argument("--num-blocks", type=int, default=None, help="KV pages (default: from free memory)")

@@ -1,0 +1,169 @@
+"""The adaptive stride (`--stride auto`): which N each decode step uses, from what has been committed so far.
+
+Why: a fixed stride cannot win everywhere (SPEC §9, issue 13). A larger N drafts more tokens per step,
+but the step costs more (2N−1 query tokens per request, which matters once the batch is large), and a
+row whose far drafts are rarely accepted loses more than it gains: ISD cold-starts after every rejection,
+and a cold step commits one token. So each step the engine picks the N ∈ {1, 2, …, 8} (1 = a plain AR
+step) that maximises committed tokens per second, from
+  (a) each request's acceptance so far, per draft position (`DecodeStats`, Beta-smoothed towards the
+      engine-wide estimate, so a new request starts from what the others show), and
+  (b) a step-cost model cost(batch, query tokens) of the device (`StepCostModel`).
+
+Exactness: the choice reads only statistics of already-committed steps, never the current draws, and a
+stride change is itself exact (drafts of another length are dropped and the row restarts cold, drawing
+from p̃ as always), so the output distribution is the same as with any fixed N.
+
+The math, as small pure functions:
+- `isd_tpf(a)`: expected tokens per forward of ISD with stride N = len(a) + 1 and conditional
+  acceptance a_j of draft j given drafts 1..j−1 were accepted. ISD alternates cold steps (commit 1,
+  draft N−1) and verify steps (commit 1 + the accepted prefix; after a rejection the next step is
+  cold). A renewal argument gives TPF = (1 − P + E) / (2 − P), P = Π a_j (all accepted: verify again),
+  E = 1 + Σ_j Π_{i ≤ j} a_i (tokens of a verify step). With a_j = p this is SPEC §7's
+  (2 + p + … + p^(N−2)) / (2 − p^(N−1)).
+- `acceptance_estimate`: per-position conditional acceptance from counts, smoothed by a prior.
+- `choose_stride`: argmax over N of Σ_rows TPF_row(N) / cost(batch, batch·(2N−1)), with a hysteresis
+  (a change must gain a few percent: every change drops the rows' drafts), the modelled cost corrected
+  per stride by the measured/modelled ratio of the engine's own recent steps (`CostTracker`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+MAX_STRIDE = 8
+STRIDES = tuple(range(1, MAX_STRIDE + 1))
+
+
+def isd_tpf(accept: Sequence[float]) -> float:
+    """Expected committed tokens per forward of ISD with stride len(accept) + 1 (see the module
+    docstring); accept[j] = P(draft j+1 accepted | drafts before it accepted). [] -> 1 (plain AR)."""
+    if not accept:
+        return 1.0
+    run, verify_tokens = 1.0, 1.0
+    for a in accept:
+        if not 0.0 <= a <= 1.0:
+            raise ValueError(f"acceptance probabilities must be in [0, 1], got {a}")
+        run *= a
+        verify_tokens += run
+    return (1.0 - run + verify_tokens) / (2.0 - run)
+
+
+def acceptance_estimate(accepted: Sequence[int], verified: Sequence[int], prior: Sequence[float],
+                        strength: float = 8.0) -> list[float]:
+    """Per-position conditional acceptance: (accepted_j + s·prior_j) / (verified_j + s) for j < len(prior);
+    positions with no counts take the prior. accepted/verified: a request's `DecodeStats` per-position
+    counts (verified_j = drafts at position j that were checked, accepted_j = those accepted)."""
+    out = []
+    for j, p in enumerate(prior):
+        a = accepted[j] if j < len(accepted) else 0
+        v = verified[j] if j < len(verified) else 0
+        out.append((a + strength * p) / (v + strength))
+    return out
+
+
+def default_prior(accepted: Sequence[int], verified: Sequence[int], length: int = MAX_STRIDE - 1,
+                  fallback: float = 0.5) -> list[float]:
+    """The engine-wide prior per position: pooled rates where there are counts; further positions
+    repeat the last measured conditional rate (acceptance does not rise with distance); `fallback`
+    before anything was measured."""
+    out, last = [], fallback
+    for j in range(length):
+        v = verified[j] if j < len(verified) else 0
+        if v > 0:
+            last = accepted[j] / v
+        out.append(last)
+    return out
+
+
+@dataclass
+class StepCostModel:
+    """Seconds of one decode step as a function of (batch size B, query tokens per request Q):
+    cost = base + per_row·B + per_token·B·Q (weights read once per step; per-row work; per-token FLOPs
+    and KV writes). Fitted from measurements (`fit`), e.g. a start-up calibration on the device, or given."""
+    base: float = 1e-3
+    per_row: float = 0.0
+    per_token: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("base", "per_row", "per_token"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"StepCostModel.{name} must be a finite number >= 0, got {v!r}")
+        if self.base + self.per_row + self.per_token <= 0:
+            raise ValueError("StepCostModel: every coefficient is 0")
+
+    def cost(self, batch: int, query_len: int) -> float:
+        return self.base + self.per_row * batch + self.per_token * batch * query_len
+
+    @classmethod
+    def fit(cls, samples: Sequence[tuple[int, int, float]]) -> StepCostModel:
+        """Least squares (non-negative by clipping) over (batch, query_len, seconds) samples."""
+        import numpy as np
+
+        if len(samples) < 3:
+            raise ValueError("StepCostModel.fit needs at least 3 (batch, query_len, seconds) samples")
+        x = np.array([[1.0, b, b * q] for b, q, _ in samples])
+        y = np.array([t for _, _, t in samples])
+        coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+        coef = np.clip(coef, 0.0, None)
+        if coef.sum() <= 0:
+            coef[0] = float(y.mean())
+        return cls(*map(float, coef))
+
+
+def query_len_of(stride: int) -> int:
+    """Query tokens per request of an ISD step with this stride (1: a plain AR step)."""
+    return 1 if stride == 1 else 2 * stride - 1
+
+
+@dataclass
+class StrideChoice:
+    stride: int
+    rate: float  # expected committed tokens per second of the batch at that stride
+    rates: dict[int, float] = field(default_factory=dict)
+
+
+def choose_stride(row_accepts: Sequence[Sequence[float]], cost: StepCostModel, strides: Sequence[int] = STRIDES,
+                  current: int | None = None, hysteresis: float = 0.03,
+                  cost_scale: dict[int, float] | None = None) -> StrideChoice:
+    """The batch's stride: argmax_N Σ_rows isd_tpf(a_row[:N−1]) / (cost(B, Q(N)) · scale_N). row_accepts:
+    each row's conditional acceptance per position (at least max(strides) − 1 long); cost_scale: measured
+    step time / modelled step time per stride (what the forward-only model misses: sampling, host work),
+    1 where unknown. The current stride is kept unless another one is more than `hysteresis` faster (a
+    change drops every row's drafts)."""
+    if not row_accepts:
+        raise ValueError("choose_stride needs at least one row")
+    if not strides or any(s < 1 or s > MAX_STRIDE for s in strides):
+        raise ValueError(f"strides must be within 1..{MAX_STRIDE}, got {list(strides)}")
+    B = len(row_accepts)
+    rates = {}
+    for n in strides:
+        tokens = sum(isd_tpf(a[: n - 1]) for a in row_accepts)
+        rates[n] = tokens / (cost.cost(B, query_len_of(n)) * (cost_scale or {}).get(n, 1.0))
+    best = max(rates, key=lambda n: (rates[n], -n))  # ties: the smaller stride
+    if current in rates and rates[best] <= rates[current] * (1.0 + hysteresis):
+        best = current
+    return StrideChoice(best, rates[best], rates)
+
+
+class CostTracker:
+    """Per stride, an exponential moving average of measured step time / modelled step time: corrects the
+    forward-only cost model for what it does not see (the decoder's sampling and acceptance work, host
+    bookkeeping) from the engine's own steps. A stride not yet run takes the ratio of the nearest stride
+    that has run (1 before any step), so only measured differences between strides move the choice."""
+
+    def __init__(self, model: StepCostModel, decay: float = 0.9):
+        self.model, self.decay = model, decay
+        self.scale: dict[int, float] = {}
+
+    def observe(self, stride: int, batch: int, seconds: float) -> None:
+        r = seconds / self.model.cost(batch, query_len_of(stride))
+        old = self.scale.get(stride)
+        self.scale[stride] = r if old is None else self.decay * old + (1 - self.decay) * r
+
+    def scales(self, strides: Sequence[int]) -> dict[int, float]:
+        if not self.scale:
+            return {n: 1.0 for n in strides}
+        return {n: self.scale[min(self.scale, key=lambda m: (abs(m - n), m))] for n in strides}

@@ -1,0 +1,119 @@
+"""Start-up calibration of the decode-step cost model that the adaptive stride uses (`stride="auto"`).
+
+Why: whether a 2N−1-token ISD step pays depends on the device, the model and the batch (SPEC §9: at
+batch 128 an 8B model's Q = 7 step costs 4.6× its Q = 1 step on an H200, at batch 1 almost the same), so
+the engine measures it where it runs: a few decode forwards of the engine's own runner (CUDA graphs,
+attention backend and KV pool as in serving) at batch 1, max/4 and max and Q = 1, 7 and the largest
+query length, each the median of a few timed steps, fitted to cost = base + per_row·B + per_token·B·Q
+(`StepCostModel.fit`). The result is cached per device + model + engine shape under
+`$IDLM_CACHE/step_cost/` (a few seconds saved at every later start); `EngineConfig.step_cost` skips it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import statistics
+import time
+
+import torch
+
+from idlm.atomic import atomic_write_text
+from idlm.decoding.stride_policy import StepCostModel, query_len_of
+from idlm.engine.model_runner import Row
+
+logger = logging.getLogger(__name__)
+
+CONTEXT = 128  # KV tokens per request while measuring
+
+
+class _ForwardOnly:
+    """A stand-in decoder: the decode step's forward and logits, then an argmax (as `idlm bench latency`)."""
+    name = "calibrate"
+    fused = True
+    uses_lora = False
+
+    def __init__(self, query_len: int):
+        self.query_len = self.stride = query_len
+
+    def compute(self, logits, tensors):
+        return logits.argmax(-1).float(), None
+
+
+def calibration_points(max_num_seqs: int, max_stride: int, capacity: int) -> list[tuple[int, int]]:
+    """(batch, query_len) pairs to time: batches 1, max/4, max (within what the pool holds), Q = 1, 7, max."""
+    batches = sorted({1, max(1, max_num_seqs // 4), max_num_seqs})
+    batches = [b for b in batches if b <= capacity] or [1]
+    queries = sorted({1, min(7, query_len_of(max_stride)), query_len_of(max_stride)})
+    return [(b, q) for b in batches for q in queries]
+
+
+def _cache_key(engine) -> str:
+    runner, cfg = engine.runner, engine.config
+    ident = {"device": torch.cuda.get_device_name(runner.device) if runner.device.type == "cuda" else "cpu",
+             "torch": torch.__version__, "model": engine.model.config.__dict__ if hasattr(engine.model.config, "__dict__")
+             else repr(engine.model.config), "dtype": str(engine.model.dtype), "graphs": runner.use_graphs,
+             "attention": cfg.attention, "max_num_seqs": cfg.max_num_seqs, "max_stride": cfg.auto_max_stride,
+             "lora": engine.lora is not None, "context": CONTEXT}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+@torch.no_grad()
+def measure_step_costs(engine, points: list[tuple[int, int]], iters: int = 5) -> list[tuple[int, int, float]]:
+    """Median seconds of the engine runner's decode forward at each (batch, query_len), over dummy requests
+    that hold CONTEXT tokens of KV (allocated from the engine's pool and freed again)."""
+    bm, runner = engine.block_manager, engine.runner
+    max_b, max_q = max(b for b, _ in points), max(q for _, q in points)
+    ids = [f"__calibrate_{i}" for i in range(max_b)]
+    samples = []
+    caching, bm.enable_prefix_caching = bm.enable_prefix_caching, False  # dummy KV must never be a prefix hit
+    try:
+        for rid in ids:
+            bm.allocate(rid, [1] * CONTEXT)
+            bm.commit(rid, CONTEXT, [1] * CONTEXT, release=False)
+            bm.reserve(rid, max_q)
+        for B, Q in points:
+            rows = [Row([1] * Q, CONTEXT, bm.slots(rid, CONTEXT, Q), bm.block_table(rid)) for rid in ids[:B]]
+            dec = _ForwardOnly(Q)
+            for _ in range(2):  # warm-up: graph capture, kernel selection
+                runner.decode(rows, dec, {}, {})[0].tolist()
+            times = []
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                runner.decode(rows, dec, {}, {})[0].tolist()  # includes the step's one host sync
+                times.append(time.perf_counter() - t0)
+            samples.append((B, Q, statistics.median(times)))
+    finally:
+        for rid in ids:
+            if rid in bm:
+                bm.free(rid)
+        bm.enable_prefix_caching = caching
+    return samples
+
+
+def calibrate_step_cost(engine, use_cache: bool = True) -> StepCostModel:
+    """The engine's StepCostModel: from the cache, or measured now (and cached)."""
+    from idlm.models.registry import cache_dir
+
+    path = cache_dir() / "step_cost" / f"{_cache_key(engine)}.json"
+    if use_cache and path.exists():
+        try:
+            data = json.loads(path.read_text())
+            return StepCostModel(*data["coefficients"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            logger.warning("ignoring the unreadable step-cost cache %s: %s", path, e)
+    capacity = engine.block_manager.num_free_blocks // (-(-(CONTEXT + 15) // engine.config.block_size))
+    points = calibration_points(engine.config.max_num_seqs, engine.config.auto_max_stride, capacity)
+    t0 = time.perf_counter()
+    samples = measure_step_costs(engine, points)
+    model = StepCostModel.fit(samples)
+    logger.info("step-cost calibration (%.1f s): %s", time.perf_counter() - t0, model)
+    if use_cache:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps({"coefficients": [model.base, model.per_row, model.per_token],
+                                                "samples": samples}, indent=1))
+        except OSError as e:
+            logger.warning("could not cache the step-cost calibration at %s: %s", path, e)
+    return model

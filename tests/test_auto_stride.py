@@ -1,0 +1,112 @@
+"""`stride="auto"`: the engine's adaptive stride (idlm/decoding/stride_policy.py) stays exact, reads only
+committed history, reports its N mix, and calibrates its step-cost model on the engine's own runner."""
+
+from __future__ import annotations
+
+import pytest
+from test_engine import _engine_staggered, _small_engine, _workload
+
+from idlm.decoding.sampling import SamplingParams
+from idlm.decoding.stride_policy import StepCostModel, acceptance_estimate, choose_stride, default_prior
+from idlm.engine.calibrate import calibration_points
+from idlm.engine.llm_engine import EngineConfig, LLMEngine
+from idlm.errors import ConfigError
+
+WEIGHT_BOUND = (1e-3, 0.0, 1e-7)  # extra query tokens nearly free: long strides pay
+TOKEN_BOUND = (1e-4, 0.0, 1e-3)  # every query token costs: plain AR steps
+
+
+@pytest.mark.parametrize("cost", [WEIGHT_BOUND, TOKEN_BOUND, (1e-3, 0.0, 2e-5)])
+def test_auto_stride_greedy_equals_ar(tiny, cost):
+    model, tok = tiny
+    prompts, params = _workload(tok, n=24, seed=11)
+    want = _small_engine(model, tok, "ar", 4).run(prompts, params)
+    eng = _small_engine(model, tok, "isd", "auto", step_cost=cost, auto_interval=2, num_blocks=200)
+    got = _engine_staggered(eng, prompts, params, per_step=4)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert sum(eng.stride_mix.values()) == eng.counters["decode_forwards"]
+    if cost == TOKEN_BOUND:
+        assert set(eng.stride_mix) == {1}
+    if cost == WEIGHT_BOUND:
+        assert max(eng.stride_mix) >= 4
+
+
+def test_auto_stride_risd_greedy_equals_ar(tiny_ar):
+    base, tok, lora = tiny_ar
+    prompts, params = _workload(tok, n=16, seed=12)
+    want = _small_engine(base, tok, "ar", 4).run(prompts, params)
+    eng = _small_engine(base, tok, "risd", "auto", lora=lora, step_cost=(1e-3, 0.0, 2e-5), auto_interval=1,
+                        num_blocks=200)
+    assert [o.token_ids for o in _engine_staggered(eng, prompts, params, per_step=4)] == [o.token_ids for o in want]
+
+
+def test_auto_stride_seeded_sampling_is_batch_invariant(tiny):
+    """Token for token the same seeded requests alone and in a batch, when every step is an AR step."""
+    model, tok = tiny
+    prompts, _ = _workload(tok, n=8, seed=13)
+    sampled = [SamplingParams(temperature=0.9, seed=200 + i, max_tokens=10) for i in range(8)]
+    batch = _small_engine(model, tok, "isd", "auto", step_cost=TOKEN_BOUND).run(prompts, sampled)
+    alone = [_small_engine(model, tok, "isd", "auto", step_cost=TOKEN_BOUND).run([p], [s])[0]
+             for p, s in zip(prompts[:3], sampled[:3])]
+    assert [o.token_ids for o in alone] == [o.token_ids for o in batch[:3]]
+
+
+def test_the_choice_is_a_function_of_committed_statistics(tiny):
+    """Every choice equals choose_stride recomputed from the rows' DecodeStats as they were before the
+    step (committed history) and the measured cost of earlier steps, whatever the step then draws."""
+    model, tok = tiny
+    prompts, params = _workload(tok, n=16, seed=14)
+    eng = _small_engine(model, tok, "isd", "auto", step_cost=(1e-3, 0.0, 2e-5), auto_interval=1, num_blocks=200)
+    seen = []
+    original = eng._choose_stride
+
+    def spy(decodes):
+        snapshot = [(list(s.output.stats.accepted_per_position), list(s.output.stats.verified_per_position))
+                    for s in decodes]
+        pooled = eng.decode_stats
+        for s in decodes:
+            pooled = pooled.merge(s.output.stats)
+        current = eng._auto.stride if eng._auto is not None else None
+        scales = eng._cost.scales(eng.config.strides)  # measured step times of earlier steps
+        choice = original(decodes)
+        seen.append((snapshot, (list(pooled.accepted_per_position), list(pooled.verified_per_position)),
+                     current, scales, choice.stride))
+        return choice
+
+    eng._choose_stride = spy
+    _engine_staggered(eng, prompts, params, per_step=4)
+    assert len(seen) > 5
+    cost = StepCostModel(*eng.config.step_cost)
+    for rows, (acc, ver), current, scales, stride in seen:
+        prior = default_prior(acc, ver, 7)
+        estimates = [acceptance_estimate(a, v, prior) for a, v in rows]
+        assert choose_stride(estimates, cost, list(range(1, 9)), current=current, cost_scale=scales).stride == stride
+
+
+def test_auto_stride_options_are_checked(tiny):
+    model, tok = tiny
+    with pytest.raises(ConfigError, match="auto"):
+        EngineConfig(decoder="ar", stride="auto")
+    with pytest.raises(ConfigError, match="stride_schedule"):
+        EngineConfig(decoder="isd", stride="auto", stride_schedule=[(8, 4)])
+    with pytest.raises(ConfigError, match="auto_max_stride"):
+        EngineConfig(decoder="isd", stride="auto", auto_max_stride=9)
+    with pytest.raises(ConfigError, match="step_cost"):
+        EngineConfig(decoder="isd", stride="auto", step_cost=(1.0, -1.0, 0.0))
+    with pytest.raises(ConfigError, match="stride"):
+        EngineConfig(decoder="isd", stride="fast")
+
+
+def test_calibration_measures_on_the_engine_runner(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("IDLM_CACHE", str(tmp_path))
+    model, tok = tiny
+    cfg = EngineConfig(decoder="isd", stride="auto", auto_max_stride=4, max_num_seqs=8, block_size=8, num_blocks=200)
+    eng = LLMEngine(model, tok, cfg)
+    assert eng._cost.model.base + eng._cost.model.per_row + eng._cost.model.per_token > 0
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks  # calibration freed its pages
+    cached = list((tmp_path / "step_cost").glob("*.json"))
+    assert len(cached) == 1
+    again = LLMEngine(model, tok, cfg)  # from the cache: the same model
+    assert again._cost.model == eng._cost.model
+    assert calibration_points(256, 8, 1000) == [(b, q) for b in (1, 64, 256) for q in (1, 7, 15)]
+    assert calibration_points(4, 2, 2) == [(1, 1), (1, 3)]

@@ -1,0 +1,153 @@
+"""`idlm bench offline`: the temperature × concurrency sweep, the interleaved comparison with plain AR
+(`--compare-ar`, `--reps`) on a tiny random checkpoint, and the options' clean errors (exit 2)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from types import SimpleNamespace
+
+import pytest
+from tiny import write_tiny_checkpoint
+
+from idlm.bench import offline
+from idlm.bench.offline import (
+    ar_engine_for,
+    bench_compare,
+    bench_offline,
+    bench_prompts,
+    check_bench_options,
+    median_run,
+    ratio,
+)
+from idlm.cli import main
+from idlm.engine.llm_engine import EngineConfig, LLMEngine
+from idlm.errors import ConfigError
+from idlm.models.loader import load_pretrained
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("bench") / "tiny", max_position_embeddings=1024)
+
+
+def run_lines(capsys, *argv) -> list[dict]:
+    assert main(list(argv)) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+
+
+def test_cli_temperature_sweep_with_compare_ar(ckpt, capsys):
+    *rows, summary = run_lines(capsys, "bench", "offline", "--model", str(ckpt), "--decoder", "isd",
+                               "--concurrency", "2", "--temperature", "0,1", "--compare-ar", "--reps", "1",
+                               "--max-tokens", "3", "--num-requests", "2", "--no-cuda-graphs")
+    assert summary["results"] == rows and summary["temperatures"] == [0.0, 1.0]
+    assert summary["compare_ar"] is True and summary["reps"] == 1
+    assert [(r["temperature"], r["concurrency"]) for r in rows] == [(0.0, 2), (1.0, 2)]
+    for r in rows:
+        ar = r["ar"]
+        assert r["decoder"] == "isd" and r["tpf"] >= 1 and ar["tpf"] == 1.0
+        assert r["generated_tokens"] == ar["generated_tokens"] == 2 * 3
+        assert r["reps_per_request_tok_s"] == [r["per_request_tok_s"]] and ar["reps_throughput_tok_s"] == \
+            [ar["throughput_tok_s"]]
+        assert r["per_request_over_ar"] == round(r["per_request_tok_s"] / ar["per_request_tok_s"], 3)
+        assert r["throughput_over_ar"] == round(r["throughput_tok_s"] / ar["throughput_tok_s"], 3)
+
+
+def test_cli_without_compare_has_no_ar_side(ckpt, capsys):
+    *rows, summary = run_lines(capsys, "bench", "offline", "--model", str(ckpt), "--decoder", "isd",
+                               "--concurrency", "1", "--temperature", "0.7", "--reps", "2", "--max-tokens", "3",
+                               "--num-requests", "1", "--no-cuda-graphs")
+    assert summary["compare_ar"] is False and len(rows) == 1
+    r = rows[0]
+    assert r["temperature"] == 0.7 and "ar" not in r and "per_request_over_ar" not in r
+    assert len(r["reps_per_request_tok_s"]) == 2 and r["per_request_tok_s"] in r["reps_per_request_tok_s"]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--decoder", "ar", "--compare-ar"], "--compare-ar"),
+    (["--decoder", "isd", "--temperature", "0,-1"], "--temperature"),
+    (["--decoder", "isd", "--reps", "0"], "--reps"),
+    (["--decoder", "isd", "--num-requests", "0"], "--num-requests"),
+])
+def test_cli_bad_options_exit_2_naming_the_option(argv, needle, capsys):
+    assert main(["bench", "offline", "--model", "/no/such/model", *argv]) == 2  # checked before the model loads
+    assert needle in capsys.readouterr().err
+
+
+def test_cli_temperature_must_be_numbers(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "offline", "--temperature", "0,warm"])
+    assert e.value.code == 2 and "--temperature" in capsys.readouterr().err
+
+
+def test_check_bench_options_names_the_parameter():
+    check_bench_options([0.0, 0.7, 1.0], reps=3, num_requests=4, decoder="isd", compare_ar=True)
+    for kwargs, param in [(dict(temperatures=[]), "temperature"), (dict(temperatures=[float("nan")]), "temperature"),
+                          (dict(temperatures=[0.0], reps=0), "reps"),
+                          (dict(temperatures=[0.0], num_requests=0), "num_requests"),
+                          (dict(temperatures=[0.0], decoder="ar", compare_ar=True), "compare_ar")]:
+        with pytest.raises(ConfigError) as e:
+            check_bench_options(**kwargs)
+        assert e.value.param == param
+
+
+def test_median_run_and_ratio():
+    runs = [{"per_request_tok_s": s, "throughput_tok_s": 10 * s, "wall_s": w}
+            for s, w in [(3.0, 1), (1.0, 2), (2.0, 3)]]
+    m = median_run(runs)
+    assert m["per_request_tok_s"] == 2.0 and m["wall_s"] == 3  # every field from the median rep
+    assert m["reps_per_request_tok_s"] == [3.0, 1.0, 2.0] and m["reps_throughput_tok_s"] == [30.0, 10.0, 20.0]
+    assert median_run(runs[:2])["per_request_tok_s"] == 3.0  # even count: the upper middle
+    assert median_run([{"per_request_tok_s": None, "throughput_tok_s": 1.0}])["per_request_tok_s"] is None
+    assert ratio(3.0, 2.0) == 1.5 and ratio(None, 2.0) is None and ratio(3.0, 0) is None
+
+
+def _fake_engine(decoder: str, num_blocks: int = 100):
+    bm = SimpleNamespace(num_blocks=num_blocks, blocks_needed=lambda n: -(-n // 16))
+    return SimpleNamespace(config=SimpleNamespace(decoder=decoder), scheduler=SimpleNamespace(max_num_seqs=0),
+                           block_manager=bm, max_query_len=5)
+
+
+def test_bench_compare_interleaves_reps_and_warms_both(monkeypatch):
+    calls = []
+
+    def fake_run(engine, work, params, wave):
+        calls.append((engine.config.decoder, params.temperature, wave))
+        return {"per_request_tok_s": 2.0 if engine.config.decoder == "isd" else 1.0, "throughput_tok_s": 4.0}
+
+    monkeypatch.setattr(offline, "_run", fake_run)
+    eng, ar = _fake_engine("isd"), _fake_engine("ar")
+    rows = bench_compare(eng, [[1, 2, 3]], [2], [0.0, 1.0], max_tokens=4, reps=3, ar_engine=ar)
+    order = [d for d, t, _ in calls if t == 0.0]
+    assert order == ["isd", "ar"] + ["isd", "ar", "ar", "isd", "isd", "ar"]  # warm-up, then A B, B A, A B
+    assert [r["temperature"] for r in rows] == [0.0, 1.0]
+    assert eng.scheduler.max_num_seqs == ar.scheduler.max_num_seqs == 2
+    assert rows[0]["per_request_over_ar"] == 2.0 and rows[0]["throughput_over_ar"] == 1.0
+    assert rows[0]["reps_per_request_tok_s"] == [2.0] * 3 and rows[0]["ar"]["reps_per_request_tok_s"] == [1.0] * 3
+
+
+def test_bench_compare_rejects_bad_engines_and_small_pools(monkeypatch):
+    monkeypatch.setattr(offline, "_run", lambda *a: pytest.fail("measured despite a bad setup"))
+    with pytest.raises(ConfigError) as e:
+        bench_compare(_fake_engine("ar"), [[1]], [1], [0.0], ar_engine=_fake_engine("ar"))
+    assert e.value.param == "compare_ar"
+    with pytest.raises(ConfigError) as e:
+        bench_compare(_fake_engine("isd"), [[1]], [1], [0.0], ar_engine=_fake_engine("isd"))
+    assert e.value.param == "compare_ar"
+    # a wave of 4 requests of 100 + 128 + 5 tokens needs 4 · 15 pages
+    with pytest.raises(ConfigError) as e:
+        bench_compare(_fake_engine("isd", num_blocks=59), [[0] * 100], [4], [0.0], max_tokens=128)
+    assert e.value.param == "num_blocks" and "--num-blocks" in str(e.value)
+
+
+def test_ar_engine_shares_the_model_and_config(ckpt):
+    model, tok = load_pretrained(ckpt)
+    eng = LLMEngine(model, tok, EngineConfig(decoder="isd", stride=3, num_blocks=48, max_num_seqs=4, cuda_graphs=False))
+    ar = ar_engine_for(eng)
+    assert ar.model is model and ar.lora is None and ar.config.decoder == "ar"
+    assert {**asdict(ar.config), "decoder": "isd"} == asdict(eng.config)
+    with pytest.raises(ConfigError):
+        ar_engine_for(ar)
+    # the scripts' entry point keeps its signature: one temperature, one run per concurrency
+    rows = bench_offline(eng, bench_prompts(tok, 4), [1], max_tokens=3, temperature=0.5, num_requests=1, warmup=False)
+    assert [(r["temperature"], r["concurrency"], r["generated_tokens"]) for r in rows] == [(0.5, 1, 3)]

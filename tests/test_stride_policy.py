@@ -1,0 +1,96 @@
+"""The adaptive stride's math (idlm/decoding/stride_policy.py) against independent oracles."""
+
+import random
+
+import pytest
+
+from idlm.decoding.acceptance import analytic_tpf
+from idlm.decoding.stride_policy import (StepCostModel, acceptance_estimate, choose_stride, default_prior,
+                                         isd_tpf, query_len_of)
+
+
+def simulate_isd(accept, forwards=200_000, seed=0) -> float:
+    """Monte Carlo of ISD's cold/verify alternation: committed tokens per forward."""
+    rng = random.Random(seed)
+    mode, committed = "C", 0
+    for _ in range(forwards):
+        if mode == "C":
+            committed += 1
+            mode = "V"
+            continue
+        j = 0
+        while j < len(accept) and rng.random() < accept[j]:
+            j += 1
+        committed += j + 1
+        mode = "V" if j == len(accept) else "C"
+    return committed / forwards
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.7, 0.95, 1.0])
+@pytest.mark.parametrize("n", [2, 3, 4, 8])
+def test_isd_tpf_matches_the_closed_form(p, n):
+    assert isd_tpf([p] * (n - 1)) == pytest.approx(analytic_tpf(p, n), rel=1e-12)
+
+
+@pytest.mark.parametrize("accept", [[0.9, 0.0], [0.9, 0.6, 0.3], [0.5], [0.8, 0.8, 0.8, 0.1, 0.9]])
+def test_isd_tpf_matches_simulation(accept):
+    assert isd_tpf(accept) == pytest.approx(simulate_isd(accept), rel=0.01)
+
+
+def test_isd_tpf_is_not_monotone_in_the_stride():
+    # far drafts never accepted: a longer stride cold-starts after every verify and loses
+    assert isd_tpf([0.9]) > isd_tpf([0.9, 0.0])
+    assert isd_tpf([]) == 1.0
+    with pytest.raises(ValueError):
+        isd_tpf([1.5])
+
+
+def test_acceptance_estimate_and_prior():
+    prior = default_prior([80, 30], [100, 80], length=4)
+    assert prior == [0.8, 0.375, 0.375, 0.375]
+    assert default_prior([], [], length=2, fallback=0.4) == [0.4, 0.4]
+    est = acceptance_estimate([10, 0], [10, 10], prior, strength=10)
+    assert est[0] == pytest.approx((10 + 8) / 20) and est[1] == pytest.approx(3.75 / 20)
+    assert est[2:] == prior[2:]  # no counts: the prior
+
+
+def test_cost_model_fit_recovers_coefficients():
+    true = StepCostModel(base=2e-3, per_row=1e-5, per_token=3e-6)
+    samples = [(b, q, true.cost(b, q)) for b in (1, 8, 64, 256) for q in (1, 3, 7, 15)]
+    fit = StepCostModel.fit(samples)
+    for name in ("base", "per_row", "per_token"):
+        assert getattr(fit, name) == pytest.approx(getattr(true, name), rel=1e-6)
+    with pytest.raises(ValueError):
+        StepCostModel(base=-1)
+    with pytest.raises(ValueError):
+        StepCostModel.fit(samples[:2])
+
+
+def test_choose_stride():
+    weight_bound = StepCostModel(base=1e-3, per_row=0, per_token=1e-8)  # small batch: extra query tokens ~free
+    good = [[0.9] * 7]
+    assert choose_stride(good, weight_bound).stride == 8
+    bad = [[0.02] * 7]
+    assert choose_stride(bad, StepCostModel(base=1e-3, per_token=1e-5)).stride == 1  # 2% acceptance: AR
+    compute_bound = StepCostModel(base=1e-3, per_row=0, per_token=1e-4)
+    assert choose_stride([[0.6] * 7] * 256, compute_bound).stride == 1  # a big batch pays per token
+    mixed = [[0.95, 0.0] + [0.0] * 5]  # the second draft is never accepted: N = 2
+    assert choose_stride(mixed, weight_bound).stride == 2
+    # hysteresis: a marginally better stride does not replace the current one
+    c = choose_stride(good, weight_bound, strides=(7, 8), current=7, hysteresis=0.5)
+    assert c.stride == 7 and set(c.rates) == {7, 8}
+    assert query_len_of(1) == 1 and query_len_of(4) == 7
+    with pytest.raises(ValueError):
+        choose_stride([], weight_bound)
+
+
+def test_cost_tracker_fills_unrun_strides_from_the_nearest():
+    from idlm.decoding.stride_policy import CostTracker
+
+    t = CostTracker(StepCostModel(base=1e-3, per_token=0.0), decay=0.5)
+    assert t.scales([1, 4]) == {1: 1.0, 4: 1.0}
+    t.observe(4, 8, 2e-3)  # twice the model
+    assert t.scales([1, 2, 4, 8]) == {1: 2.0, 2: 2.0, 4: 2.0, 8: 2.0}
+    t.observe(1, 8, 1e-3)
+    t.observe(4, 8, 4e-3)  # EMA: 0.5 * 2 + 0.5 * 4
+    assert t.scales([1, 2, 3, 4]) == {1: 1.0, 2: 1.0, 3: 3.0, 4: 3.0}
