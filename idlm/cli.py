@@ -301,7 +301,7 @@ def cmd_bench_latency(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from idlm.layers.paged_kernel import ATTENTION_BACKENDS
+    from idlm.engine.options import ATTENTION_BACKENDS
 
     parser = argparse.ArgumentParser(prog="idlm", description="Introspective Diffusion Language Models")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
-import torch
 
 from idlm.data import DataError
+
+if TYPE_CHECKING:
+    import torch
 from idlm.data.io import atomic_writer, read_json, sha256_file, write_json
 from idlm.errors import ConfigError
 
@@ -223,6 +225,8 @@ class TokenDataset:
             raise DataError(f"shard file corrupt: {shard_paths(self.path, self.split)['tokens']} holds token id "
                             f"{int(tokens.max())} >= vocab_size {self.vocab_size}")
         mask = np.asarray(self.lossmask[idx]) != 0
+        import torch  # (imported on use: the command line's parser imports this module)
+
         return torch.from_numpy(tokens), torch.from_numpy(mask)
 
     def window(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:

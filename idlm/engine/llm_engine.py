@@ -57,7 +57,7 @@ from idlm.engine.model_runner import DecodeBatch, ModelRunner, Row
 from idlm.engine.scheduler import Scheduler
 from idlm.engine.sequence import Sequence
 from idlm.errors import ConfigError
-from idlm.layers.paged_kernel import ATTENTION_BACKENDS
+from idlm.engine.options import ATTENTION_BACKENDS
 
 logger = logging.getLogger("idlm.engine")
 

@@ -24,7 +24,6 @@ import os
 
 import torch
 
-ATTENTION_BACKENDS = ("auto", "triton", "sdpa")  # the engine's `attention` option (see ModelRunner)
 MAX_TILE_ROWS = 128  # G·T rows per program; beyond this (long prefill chunks) use the reference path
 
 

@@ -36,7 +36,7 @@ ALGORITHMS = {"IDLMBlockN": "isd", "IDLMBlock": "isd", "ISD": "isd", "RISD": "ri
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     from idlm.cli import STRIDE_SCHEDULE_HELP, stride_arg, stride_schedule_arg
     from idlm.decoding import DECODERS
-    from idlm.layers.paged_kernel import ATTENTION_BACKENDS
+    from idlm.engine.options import ATTENTION_BACKENDS
     from idlm.models.registry import DEFAULT_MODEL
 
     p.add_argument("--model-path", "--model", dest="model", default=DEFAULT_MODEL,
