@@ -1,0 +1,70 @@
+"""GPU driver for issue 13's speed table: idlm-tiny ISD with the adaptive stride (`--stride auto`) and
+with a fixed N = 4, each against AR on the same model, same prompts, same run (interleaved reps, median),
+per-request tok/s over T ∈ {0, 0.7, 1} × C ∈ {1, 8, 64, 256}; plus each cell's stride mix and TPF.
+
+    python scripts/bench_stride.py                 (bf16, CUDA graphs; JSON lines, a summary last,
+                                                    and $OUT/bench_stride.json)
+Environment: REPS (default 3), MAX_TOKENS (128), CONCURRENCY ("1,8,64,256"), TEMPERATURES ("0,0.7,1").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from idlm.bench.offline import ar_engine_for, bench_compare, bench_prompts  # noqa: E402
+from idlm.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
+from idlm.models.loader import load_pretrained  # noqa: E402
+
+
+def main() -> None:
+    reps = int(os.environ.get("REPS", "3"))
+    max_tokens = int(os.environ.get("MAX_TOKENS", "128"))
+    conc = [int(x) for x in os.environ.get("CONCURRENCY", "1,8,64,256").split(",")]
+    temps = [float(x) for x in os.environ.get("TEMPERATURES", "0,0.7,1").split(",")]
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = "bfloat16" if dev == "cuda" else "float32"
+    model, tok = load_pretrained("idlm-tiny", dtype=dtype, device=dev)
+    prompts = bench_prompts(tok, max(64, max(conc)))
+    blocks = max(1024, max(conc) * 2 * (-(-(200 + max_tokens) // 16)))
+    out = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "torch": torch.__version__,
+           "dtype": dtype, "reps": reps, "max_tokens": max_tokens, "num_blocks": blocks}
+    table = {}
+    for label, stride in (("auto", "auto"), ("n4", 4)):
+        t0 = time.perf_counter()
+        eng = LLMEngine(model, tok, EngineConfig(decoder="isd", stride=stride, max_num_seqs=max(conc),
+                                                 num_blocks=blocks))
+        calib_s = time.perf_counter() - t0
+        ar = ar_engine_for(eng)
+        rows = bench_compare(eng, prompts, conc, temps, max_tokens=max_tokens, reps=reps, ar_engine=ar)
+        table[label] = [{"temperature": r["temperature"], "concurrency": r["concurrency"],
+                         "tok_s": r["per_request_tok_s"], "ar_tok_s": r["ar"]["per_request_tok_s"],
+                         "over_ar": r["per_request_over_ar"], "tpf": r["tpf"], "stride_mix": r.get("stride_mix"),
+                         "step_ms": r["decode_step_ms"], "ar_step_ms": r["ar"]["decode_step_ms"],
+                         "reps": r.get("reps_per_request_tok_s"), "ar_reps": r["ar"].get("reps_per_request_tok_s")}
+                        for r in rows]
+        if stride == "auto":
+            c = eng._cost.model
+            out["cost_model"] = {"base": c.base, "per_row": c.per_row, "per_token": c.per_token,
+                                 "engine_start_s": round(calib_s, 2), "scales": eng._cost.scale}
+        for r in table[label]:
+            print(json.dumps({label: r}), flush=True)
+        del eng, ar
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    out["table"] = table
+    out["min_over_ar"] = {k: min(r["over_ar"] for r in v) for k, v in table.items()}
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "bench_stride.json"), "w") as f:
+            json.dump(out, f, indent=1)
+    print(json.dumps({"summary": True, **{k: v for k, v in out.items() if k != "table"}}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
