@@ -39,6 +39,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -70,18 +71,27 @@ def env() -> dict:
 
 
 def idlm(*args: str, budget: float | None = None) -> tuple[int, str]:
-    """Run an idlm command (its last stdout line is JSON); a command stopped by the budget returns rc -9."""
+    """Run an idlm command (its last stdout line is JSON); a command stopped by the budget returns rc -9.
+    It runs in a session of its own, and a stop kills its whole process group: the engines that
+    `idlm data distill --engines P` starts stop with it."""
     cmd = [sys.executable, "-m", "idlm.cli", *args]
     print("$ idlm " + " ".join(args), flush=True)
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                            start_new_session=True)
     lines, t0 = [], time.time()
-    for line in proc.stdout:
-        lines.append(line)
-        sys.stdout.write(line)
-        if budget is not None and time.time() - t0 > budget:
-            proc.kill()
-            break
-    rc = proc.wait()
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            sys.stdout.write(line)
+            if budget is not None and time.time() - t0 > budget:
+                break
+    finally:
+        if proc.poll() is None:  # over budget, or this script interrupted
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        rc = proc.wait()
     return rc, "".join(lines)
 
 
@@ -149,7 +159,8 @@ def stage_distill(args) -> None:
     opts = (["--num-prompts", "24", "--max-tokens", "16", "--max-num-seqs", "8", "--device", "cpu", "--dtype",
              "float32", "--target-tokens", "300"] if args.smoke else
             ["--num-prompts", str(args.num_prompts), "--max-tokens", "512", "--max-num-seqs", str(args.max_num_seqs),
-             "--target-tokens", str(args.target_tokens), "--device", "cuda", "--dtype", "bfloat16"])
+             "--target-tokens", str(args.target_tokens), "--device", "cuda", "--dtype", "bfloat16"]) + [
+                "--engines", str(args.engines)]
     t0 = time.time()
     rc, text = idlm("data", "distill", "--model", model, "--out", str(STATE / "distill"), "--temperatures", "0,0.7",
                     "--heldout-fraction", "0.3" if args.smoke else "0.02", "--seed", "0", *opts, budget=args.budget)
@@ -315,6 +326,8 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=60000)
     ap.add_argument("--target-tokens", type=int, default=20_000_000)
     ap.add_argument("--max-num-seqs", type=int, default=384)
+    ap.add_argument("--engines", type=int, default=3, help="distill engine processes sharing the GPU (the engine's "
+                                                          "host work bounds one)")
     ap.add_argument("--smoke", action="store_true", help="CPU-sized run with idlm-tiny-ar (tests this script)")
     args = ap.parse_args()
     for s in args.stages:

@@ -4,14 +4,20 @@ by a stable text hash; distillation on the embedded idlm-tiny-ar writes shards w
 exactly the responses, whose responses are what the engine gives for the same prompt and sampling
 parameters, end with the model's own end token (or are cut at max_tokens with none), keep held-out
 prompts apart, stop at target_tokens, resume, and agree with the manifest; the CLI prints its JSON
-line and rejects bad input with exit 2.
-All on CPU in well under a minute.
+line and rejects bad input with exit 2. Several engines (`--engines P`): the jobs are dealt by prompt,
+each engine writes its own part files, and P engines (in turn in one process, or as the CLI's child
+processes) give the same samples and responses as one, stop at their share of the target, resume
+without duplicates and sum up in the manifest; a failed child engine fails the command, naming it, and
+an interrupted command stops its children.
+All on CPU, a few minutes on 2 cores.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +26,7 @@ import torch
 
 from idlm.cli import main
 from idlm.data import DataError
+from idlm.data import distill as distill_mod
 from idlm.data.chat_prompts import (
     SOURCES,
     build_prompts,
@@ -36,6 +43,8 @@ from idlm.data.distill import distill as run_distill
 from idlm.data.distill import (
     encode_prompt,
     end_token_id,
+    engine_share,
+    finalize_distill,
     parse_temperatures,
     read_parts,
     sampling_params,
@@ -307,6 +316,107 @@ def test_distill_rejects_bad_arguments(tiny_ar, prompts, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# several engines
+
+
+def _raw_keys(out: Path) -> list[str]:
+    """Every row's key in every part file (read_parts would hide duplicates)."""
+    return [r["key"] for f in sorted((out / "parts").glob("*.jsonl")) for r in read_jsonl(str(f))]
+
+
+def _rows_by_key(out: Path) -> dict[str, tuple]:
+    return {r["key"]: (s, r["finish"], tuple(r["response_ids"]))
+            for s in ("train", "heldout") for r in read_parts(str(out), s)}
+
+
+def test_engine_share_deals_prompts_in_order_and_part_files_are_read_engine_by_engine(tmp_path):
+    class Job:
+        def __init__(self, pid, t):
+            self.prompt, self.temperature = {"id": pid}, t
+
+    jobs = [Job(p, t) for p in "abcde" for t in TEMPS]
+    shares = [[(j.prompt["id"], j.temperature) for j in engine_share(jobs, 3, i)] for i in range(3)]
+    assert shares == [[("a", 0.0), ("a", 0.7), ("d", 0.0), ("d", 0.7)], [("b", 0.0), ("b", 0.7), ("e", 0.0),
+                      ("e", 0.7)], [("c", 0.0), ("c", 0.7)]]
+    assert engine_share(jobs, 1, 0) == jobs
+    for engines, index in ((0, 0), (2, 2), (2, -1), (True, 0)):
+        with pytest.raises(ConfigError, match="engine"):
+            engine_share(jobs, engines, index)
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for name in ("train-e1-000000", "train-000001", "train-e0-000001", "train-000000", "train-e0-000000",
+                 "heldout-e1-000000", "train-e10-000000"):
+        (parts / f"{name}.jsonl").write_text(json.dumps({"key": name, "finish": "stop"}) + "\n")
+    (parts / ".train-e0-000002.jsonl.tmp-x").write_text("not a part")  # an unfinished atomic write
+    assert [r["key"] for r in read_parts(str(tmp_path), "train")] == [
+        "train-000000", "train-000001", "train-e0-000000", "train-e0-000001", "train-e1-000000", "train-e10-000000"]
+    writer = distill_mod._PartWriter(str(parts), "train", 10, 60.0, engine=0)
+    assert writer.next_index == 2  # after its own files, whatever the others wrote
+    assert distill_mod._PartWriter(str(parts), "train", 10, 60.0).next_index == 2  # a single engine's names
+
+
+def test_two_engines_equal_one_and_resume_without_duplicates(tiny_ar, prompts, full_run, tmp_path):
+    """Two engines run in turn in this process (as the CLI's processes do side by side) over six prompts:
+    first to a target (each to its half), then resumed to the end; the samples and responses are the
+    one-engine run's (full_run over the same prompts: per-request seeds, batch-independent responses)."""
+    model, tok, _ = tiny_ar
+    full_out, _ = full_run
+    sub = [p for p in prompts if p["split"] == "heldout"][:2] + [p for p in prompts if p["split"] == "train"][:4]
+    kw = dict(max_tokens=MAX_TOKENS, max_num_seqs=4, seed=0, model_name="idlm-tiny-ar", progress=False,
+              flush_samples=2, engines=2, finalize=False)
+    with pytest.raises(DataError, match="engine 0 prepares"):  # engine 1 joins a run engine 0 prepared
+        run_distill(model, tok, sub, str(tmp_path), TEMPS, engine_index=1, **kw)
+    sessions = [run_distill(model, tok, sub, str(tmp_path), TEMPS, target_tokens=3, engine_index=i, **kw)
+                for i in range(2)]
+    assert [s["target_tokens"] for s in sessions] == [2, 2] and all(s["stopped_early"] for s in sessions)
+    part = finalize_distill(str(tmp_path), 2)
+    names = {f.name for f in (tmp_path / "parts").iterdir()}
+    assert {"heldout-e0-000000.jsonl", "heldout-e1-000000.jsonl", "train-e0-000000.jsonl", "train-e1-000000.jsonl",
+            "session-e0.json", "session-e1.json"} <= names
+    assert not any(distill_mod._PART_RE.match(n) and "-e" not in n for n in names)  # no single-engine names
+    assert part["stopped_early"] is True and part["samples"] == {"heldout": 4, "train": 2}  # one per engine
+    assert part["session"]["finished"] == 6 and [e["finished"] for e in part["session"]["engines"]] == [3, 3]
+    # each engine ran its own prompts: the held-out prompt and the train prompts at its positions
+    order = [p["id"] for p in sub]
+    for i in range(2):
+        for f in (tmp_path / "parts").glob(f"*-e{i}-*.jsonl"):
+            assert all(order.index(r["id"]) % 2 == i for r in read_jsonl(str(f)))
+    assert read_json(str(tmp_path / "distill.json")) == part
+    # resume to the end: nothing twice, everything the one-engine run has
+    for i in range(2):
+        run_distill(model, tok, sub, str(tmp_path), TEMPS, engine_index=i, **kw)
+    final = finalize_distill(str(tmp_path), 2)
+    keys = _raw_keys(tmp_path)
+    assert len(keys) == len(set(keys)) == 2 * len(sub)
+    ones = _rows_by_key(full_out)
+    assert _rows_by_key(tmp_path) == {k: ones[k] for k in keys}  # greedy and T = 0.7 alike
+    s = final["session"]
+    assert s["resumed"] is True and s["resumed_samples"] == 6 and s["finished"] == 2 * len(sub) - 6
+    assert [e["resumed_samples"] + e["finished"] for e in s["engines"]] == [6, 6]
+    assert s["generated_tokens"] == sum(e["generated_tokens"] for e in s["engines"]) > 0
+    assert final["stopped_early"] is False and final["config"]["engines"] == 2
+    assert sum(final["samples"].values()) == sum(final["finish"].values()) == 2 * len(sub)
+    assert sum(final["tokens_per_temperature"].values()) == sum(final["response_tokens"].values())
+    meta = load_meta(str(tmp_path))
+    for split in ("train", "heldout"):
+        assert final["response_tokens"][split] == meta["splits"][split]["targets"]
+        assert [r for _, r in _samples_from_shards(tmp_path, split)] == [
+            r["response_ids"] for r in read_parts(str(tmp_path), split)]
+    with pytest.raises(DataError, match=r"2 engine\(s\), not 3"):  # the sessions of this run's engines only
+        finalize_distill(str(tmp_path), 3)
+    (tmp_path / "parts" / "session-e1.json").unlink()
+    with pytest.raises(DataError, match="engine 1 of 2 did not finish"):
+        finalize_distill(str(tmp_path), 2)
+
+
+def test_distill_rejects_bad_engine_arguments(tiny_ar, prompts, tmp_path):
+    model, tok, _ = tiny_ar
+    for kw in ({"engines": 0}, {"engines": 2, "engine_index": 2}, {"engine_index": -1}):
+        with pytest.raises(ConfigError, match="engine"):
+            run_distill(model, tok, prompts, str(tmp_path), progress=False, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
 # the command line
 
 
@@ -323,6 +433,69 @@ def test_cli_prints_one_json_line(src, tmp_path, capsys):
     assert line["response_tokens"]["train"] == load_meta(str(out))["splits"]["train"]["targets"]
 
 
+def test_cli_two_engines_as_processes_equal_one_engine(prompts, full_run, tmp_path, capsys):
+    """`--engines 2`: engine 1 is a child process (`python -m idlm.cli ... --engine-index 1`); the run
+    equals the one-engine run over the same prompts, and both engines' sessions reach the manifest."""
+    full_out, _ = full_run
+    sub = [p for p in prompts if p["split"] == "heldout"][:1] + [p for p in prompts if p["split"] == "train"][:3]
+    write_prompts(str(tmp_path / "p.jsonl"), sub)
+    out = tmp_path / "cli2"
+    argv = ["data", "distill", "--model", "idlm-tiny-ar", "--out", str(out), "--prompts", str(tmp_path / "p.jsonl"),
+            "--max-tokens", str(MAX_TOKENS), "--max-num-seqs", "4", "--temperatures", "0,0.7", "--no-progress",
+            "--device", "cpu", "--engines", "2"]
+    assert main(argv) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["engines"] == 2 and sum(line["samples"].values()) == 2 * len(sub)
+    ones = _rows_by_key(full_out)
+    keys = _raw_keys(out)
+    assert len(keys) == len(set(keys)) == 2 * len(sub) and _rows_by_key(out) == {k: ones[k] for k in keys}
+    assert {f.name.split("-")[1] for f in (out / "parts").glob("*.jsonl")} == {"e0", "e1"}
+    manifest = read_json(str(out / "distill.json"))
+    assert [e["engine"] for e in manifest["session"]["engines"]] == [0, 1]
+    assert [e["finished"] for e in manifest["session"]["engines"]] == [4, 4]
+    assert manifest["session"]["finished"] == 8 and manifest["config"]["engines"] == 2
+
+
+def _engine_stub(code: str):
+    """A stand-in for the child engines' command line: a Python one-liner (pid file under argv[-1])."""
+    def argv(args, device, dtype, index):
+        return [sys.executable, "-c", code, str(Path(args.out) / f"child{index}.pid")]
+    return argv
+
+
+def test_cli_failed_child_engine_fails_the_command_naming_it(prompts, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(distill_mod, "_engine_argv", _engine_stub("import sys; sys.exit(3)"))
+    write_prompts(str(tmp_path / "p.jsonl"), prompts[:2])
+    out = tmp_path / "o"
+    argv = ["data", "distill", "--model", "idlm-tiny-ar", "--out", str(out), "--prompts", str(tmp_path / "p.jsonl"),
+            "--max-tokens", "2", "--no-progress", "--device", "cpu", "--engines", "2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "engine 1 of 2" in err and "exited with code 3" in err and "resume" in err
+    assert not (out / "distill.json").exists() and (out / "parts" / "session-e0.json").exists()
+
+
+def test_cli_interrupted_parent_stops_its_child_engines(prompts, tmp_path, monkeypatch):
+    code = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(120)"
+    monkeypatch.setattr(distill_mod, "_engine_argv", _engine_stub(code))
+    out = tmp_path / "o"
+
+    def interrupted(*args, **kwargs):
+        deadline = time.monotonic() + 60
+        while not (out / "child1.pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill_mod, "_generate", interrupted)
+    write_prompts(str(tmp_path / "p.jsonl"), prompts[:2])
+    argv = ["data", "distill", "--model", "idlm-tiny-ar", "--out", str(out), "--prompts", str(tmp_path / "p.jsonl"),
+            "--no-progress", "--device", "cpu", "--engines", "2"]
+    assert main(argv) == 130
+    pid = int((out / "child1.pid").read_text())
+    with pytest.raises(ProcessLookupError):  # terminated and reaped
+        os.kill(pid, 0)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--model", "/nonexistent/model-dir"], "/nonexistent/model-dir"),
     (["--model", "idlm-tiny-ar", "--num-prompts", "0"], "--num-prompts"),
@@ -332,6 +505,10 @@ def test_cli_prints_one_json_line(src, tmp_path, capsys):
     (["--model", "idlm-tiny-ar", "--prompts", "/nonexistent/prompts.jsonl"], "--prompts"),
     (["--model", "idlm-tiny-ar", "--top-p", "0"], "top_p"),
     (["--model", "idlm-tiny-ar", "--heldout-fraction", "1.5"], "--heldout-fraction"),
+    (["--model", "idlm-tiny-ar", "--engines", "0"], "--engines"),
+    (["--model", "idlm-tiny-ar", "--engines", "2", "--engine-index", "2"], "--engine-index"),
+    (["--model", "idlm-tiny-ar", "--engines", "2", "--engine-index", "1"], "--engine-index"),
+    (["--model", "idlm-tiny-ar", "--gpu-memory-utilization", "0"], "--gpu-memory-utilization"),
     (["--out-missing"], "--model"),
 ])
 def test_cli_bad_input_exits_2_naming_the_problem(extra, message, tmp_path, capsys):

@@ -17,7 +17,10 @@ token, whose loss mask is 0, so nothing is learned across the cut).
 Layout of `out_dir`:
     parts/run.json                 what defines the run (model, sampling, prompt-set hash); a resume must match
     parts/{split}-NNNNNN.jsonl     finished samples in completion order, one row each: key, id, source,
-                                   kind, temperature, finish, prompt_ids, response_ids (written atomically)
+                                   kind, temperature, finish, prompt_ids, response_ids (written atomically);
+                                   `{split}-eI-NNNNNN.jsonl` when engine I of several wrote them
+    parts/session-eI.json          what engine I did in its last session (counts, seconds); the manifest's
+                                   "session" sums them
     train.*.bin, heldout.*.bin, meta.json   the shards (`idlm.data.shards`), rebuilt from parts at the end
     tokenizer/                     the model's tokenizer (meta.json's "tokenizer")
     prompt_set.jsonl               every prompt of the run (with its split); prompts.jsonl: the held-out ones
@@ -28,6 +31,18 @@ Resumable: finished samples are flushed to a new part file every `flush_samples`
 `flush_seconds`; run it again with the same arguments and it skips every (prompt, temperature)
 already in a part, then rebuilds the shards from all parts. Memory stays flat: samples stream from
 the part files into the shard writer.
+
+Several engines (`--engines P`): the engine's Python host work per step (microseconds per running
+request, plus a fixed cost per eager prefill forward) bounds one process well below what the GPU can do
+for a small model, so P processes share the GPU, each with 1/P of the KV memory. The jobs are dealt by
+prompt, by position in the full job list (every P-th prompt, both temperatures of a prompt together),
+before the finished ones are dropped, so a resume with the same P deals them identically; each engine
+stops at its ceil(target/P) share of `target_tokens`, counting only its own jobs' rows. Engine 0 (the
+command itself) writes run.json, the prompt files and the tokenizer, then starts engines 1..P-1 as
+child processes (`--engine-index`, reading its prompt_set.jsonl), runs its own share, waits for them and
+builds the shards and manifest once from every engine's parts (`finalize_distill`). P changes which
+process runs a request, not its sampling: every request has its own seed (on CPU in float32 the
+responses are identical for any P).
 
 Speed: requests are kept queued continuously (the engine always has a full batch, no wave tails),
 the engine runs without a tokenizer (no per-token detokenization; responses are token ids), and on
@@ -45,9 +60,12 @@ import logging
 import math
 import os
 import re
+import subprocess
+import sys
+import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 from idlm.data import DataError
 from idlm.data.io import json_line, read_json, read_jsonl, write_json, write_jsonl
@@ -64,7 +82,9 @@ PROMPT_SET = "prompt_set.jsonl"
 TOKENIZER_DIR = "tokenizer"
 SPLITS = ("heldout", "train")
 KEPT = ("stop", "length")  # finish reasons whose response becomes a sample
-_PART_RE = re.compile(r"^(?P<split>[a-z]+)-(?P<index>\d{6})\.jsonl$")
+SESSION = "session-e{}.json"  # under parts/, one per engine
+_PART_RE = re.compile(r"^(?P<split>[a-z]+)-(?:e(?P<engine>\d+)-)?(?P<index>\d{6})\.jsonl$")
+_SESSION_RE = re.compile(r"^session-e\d+\.json$")
 _MAX_VOCAB = 1 << 16  # shards store uint16 token ids
 
 
@@ -156,17 +176,33 @@ def _positive(name: str, v, allow_none: bool = False) -> None:
 # parts: finished samples, flushed atomically
 
 
-def _part_files(parts_dir: str, split: str) -> list[str]:
+def _part_key(name: str) -> tuple[str, int, int] | None:
+    """(split, engine, index) of a part file's name; engine -1 for a single engine's `{split}-NNNNNN.jsonl`."""
+    m = _PART_RE.match(name)
+    if m is None:
+        return None
+    return m["split"], -1 if m["engine"] is None else int(m["engine"]), int(m["index"])
+
+
+def _part_name(split: str, engine: int, index: int) -> str:
+    return f"{split}-{index:06d}.jsonl" if engine < 0 else f"{split}-e{engine}-{index:06d}.jsonl"
+
+
+def _part_files(parts_dir: str, split: str, engine: int | None = None) -> list[str]:
+    """A split's part files (only `engine`'s unless None), ordered by (engine, index): each engine's rows
+    in the order it wrote them, engine after engine, so the stream does not depend on when files were flushed."""
     try:
         names = os.listdir(parts_dir)
     except FileNotFoundError:
         return []
-    found = sorted((int(m["index"]), n) for n in names if (m := _PART_RE.match(n)) and m["split"] == split)
-    return [os.path.join(parts_dir, n) for _, n in found]
+    found = sorted((k[1], k[2], n) for n in names
+                   if (k := _part_key(n)) and k[0] == split and (engine is None or k[1] == engine))
+    return [os.path.join(parts_dir, n) for _, _, n in found]
 
 
 def read_parts(out_dir: str, split: str) -> Iterator[dict]:
-    """The rows of a split's part files, in the order they were written (each key once)."""
+    """The rows of a split's part files, every engine's, in a fixed order: engine by engine, each in the
+    order it wrote them (each key once)."""
     seen: set[str] = set()
     for path in _part_files(os.path.join(out_dir, PARTS), split):
         for row in read_jsonl(path):
@@ -179,13 +215,14 @@ def read_parts(out_dir: str, split: str) -> Iterator[dict]:
 
 
 class _PartWriter:
-    """Buffers finished rows of one split; writes them as a new part file every n rows or t seconds."""
+    """Buffers finished rows of one split; writes them as a new part file every n rows or t seconds.
+    engine: the writer's engine number in a run of several (its own file names), -1 for a single engine."""
 
-    def __init__(self, parts_dir: str, split: str, flush_samples: int, flush_seconds: float):
-        self.parts_dir, self.split = parts_dir, split
+    def __init__(self, parts_dir: str, split: str, flush_samples: int, flush_seconds: float, engine: int = -1):
+        self.parts_dir, self.split, self.engine = parts_dir, split, engine
         self.flush_samples, self.flush_seconds = flush_samples, flush_seconds
-        files = _part_files(parts_dir, split)
-        self.next_index = int(_PART_RE.match(os.path.basename(files[-1]))["index"]) + 1 if files else 0
+        files = _part_files(parts_dir, split, engine)
+        self.next_index = _part_key(os.path.basename(files[-1]))[2] + 1 if files else 0
         self.rows: list[dict] = []
         self.last = time.monotonic()
 
@@ -198,7 +235,7 @@ class _PartWriter:
         self.last = time.monotonic()
         if not self.rows:
             return
-        write_jsonl(os.path.join(self.parts_dir, f"{self.split}-{self.next_index:06d}.jsonl"), self.rows)
+        write_jsonl(os.path.join(self.parts_dir, _part_name(self.split, self.engine, self.next_index)), self.rows)
         self.next_index += 1
         self.rows = []
 
@@ -226,8 +263,9 @@ def _prompts_sha(prompts: list[dict]) -> str:
     return h.hexdigest()
 
 
-def _check_run(parts_dir: str, fingerprint: dict) -> bool:
-    """Write run.json for a new run; for an existing one, refuse a different fingerprint. True if resuming."""
+def _check_run(parts_dir: str, fingerprint: dict, create: bool = True) -> bool:
+    """Write run.json for a new run (create: engine 0 only); for an existing one, refuse a different
+    fingerprint. True if resuming."""
     path = os.path.join(parts_dir, RUN_FILE)
     if os.path.exists(path):
         old = read_json(path)
@@ -238,14 +276,38 @@ def _check_run(parts_dir: str, fingerprint: dict) -> bool:
             raise DataError(f"{os.path.dirname(parts_dir)} holds a distill run with other settings (differs in: "
                             f"{', '.join(diff)}){hint}; use another output directory or delete it")
         return True
+    if not create:
+        raise DataError(f"{os.path.dirname(parts_dir)} has no distill run to join ({PARTS}/{RUN_FILE} is missing): "
+                        "engine 0 prepares the run before the other engines start")
     os.makedirs(parts_dir, exist_ok=True)
     write_json(path, fingerprint)
     return False
 
 
+def _check_engines(engines, engine_index) -> None:
+    _positive("engines", engines)
+    if isinstance(engine_index, bool) or not isinstance(engine_index, int) or not 0 <= engine_index < engines:
+        raise ConfigError(f"engine_index must be an integer in [0, {engines}) for {engines} engine(s), "
+                          f"got {engine_index!r}")
+
+
+def engine_share(jobs: list, engines: int, engine_index: int) -> list:
+    """Engine `engine_index`'s share of the full ordered job list: the jobs of every `engines`-th prompt
+    (by the prompt's first position in the list; a prompt's temperatures stay together, in one engine's
+    prompt-encoding cache). Dealt before finished jobs are dropped, so the same P always deals the same."""
+    _check_engines(engines, engine_index)
+    order: dict[str, int] = {}
+    share = []
+    for job in jobs:
+        n = order.setdefault(job.prompt["id"], len(order))
+        if n % engines == engine_index:
+            share.append(job)
+    return share
+
+
 def _generate(engine, tokenizer, jobs: list[_Job], writers: dict[str, _PartWriter], params_of, eos: set[int],
               end: int, max_prompt_tokens: int, targets: dict[str, int], target_tokens: int | None,
-              progress: bool) -> dict:
+              progress: bool, desc: str = "distill") -> dict:
     """Run the jobs through the engine, keeping it full; finished samples go to the part writers."""
     from tqdm import tqdm
 
@@ -260,7 +322,7 @@ def _generate(engine, tokenizer, jobs: list[_Job], writers: dict[str, _PartWrite
         return target_tokens is not None and targets["train"] >= target_tokens
 
     bar = tqdm(total=target_tokens, initial=min(targets["train"], target_tokens or targets["train"]),
-               desc="distill", unit="tok", unit_scale=True, dynamic_ncols=True, disable=not progress)
+               desc=desc, unit="tok", unit_scale=True, dynamic_ncols=True, disable=not progress)
     try:
         while True:
             if not stopping and reached():
@@ -361,24 +423,33 @@ def distill(
     flush_samples: int = 2048,
     flush_seconds: float = 120.0,
     progress: bool = True,
+    engines: int = 1,
+    engine_index: int = 0,
+    finalize: bool = True,
+    on_ready: Callable[[], None] | None = None,
 ) -> dict:
     """Generate one response per (prompt, temperature) with the batched engine and write the dataset.
 
     prompts: dicts {"id", "messages", "split" ("train"/"heldout"), "source", ...} (`idlm.data.chat_prompts`).
     target_tokens: stop once this many training response tokens are written (None: every prompt).
     max_prompt_tokens: longer prompts are skipped (and counted). engine_options: extra `EngineConfig`
-    fields (cuda_graphs, num_blocks, gpu_memory_utilization, ...). Returns the manifest (distill.json).
+    fields (cuda_graphs, num_blocks, gpu_memory_utilization, ...: this engine's, not shared out by
+    `engines`). engines / engine_index: this call is engine `engine_index` of `engines` sharing the run
+    (its jobs and its share of target_tokens); engine 0 prepares the run (run.json, prompt files,
+    tokenizer) and then calls `on_ready` (where the other engines are started), the others only join it.
+    finalize: build the shards and manifest here (`finalize_distill`; with several engines, once all have
+    finished). Returns the manifest (distill.json), or without finalize this engine's session.
     """
     from idlm.data.chat_prompts import check_prompts, summarize, write_prompts
-    from idlm.data.shards import write_shards
     from idlm.engine.llm_engine import EngineConfig, LLMEngine
 
-    t_start = time.perf_counter()
+    started = time.time()
     temps = parse_temperatures(temperatures)
     for name, v in (("max_tokens", max_tokens), ("max_num_seqs", max_num_seqs),
                     ("max_prompt_tokens", max_prompt_tokens), ("flush_samples", flush_samples)):
         _positive(name, v)
     _positive("target_tokens", target_tokens, allow_none=True)
+    _check_engines(engines, engine_index)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"seed must be an int, got {seed!r}")
     sampling_params("check", temps[0], seed, max_tokens, top_p, top_k)  # top_p / top_k errors before any work
@@ -405,29 +476,38 @@ def distill(
         "temperatures": list(temps), "top_p": top_p, "top_k": top_k, "max_tokens": max_tokens, "seed": seed,
         "max_prompt_tokens": max_prompt_tokens, "eos": eos, "end_token": end, "prompts_sha256": _prompts_sha(prompts),
     }
-    resumed = _check_run(parts_dir, fingerprint)
-    write_prompts(os.path.join(out_dir, PROMPT_SET), prompts)
-    write_prompts(os.path.join(out_dir, HELDOUT_PROMPTS), (p for p in prompts if p.get("split") == "heldout"))
-    tok_name = None
-    try:
-        tokenizer.save(os.path.join(out_dir, TOKENIZER_DIR))
-        tok_name = TOKENIZER_DIR
-    except (IdlmError, OSError) as e:  # the shards do not need it; note it and go on
-        logger.warning("could not save the tokenizer next to the shards: %s", e)
+    lead = engine_index == 0
+    resumed = _check_run(parts_dir, fingerprint, create=lead)
+    tok_name = TOKENIZER_DIR
+    if lead:
+        for name in os.listdir(parts_dir):  # the last session's engines: finalize reads this session's only
+            if _SESSION_RE.match(name):
+                os.remove(os.path.join(parts_dir, name))
+        write_prompts(os.path.join(out_dir, PROMPT_SET), prompts)
+        write_prompts(os.path.join(out_dir, HELDOUT_PROMPTS), (p for p in prompts if p.get("split") == "heldout"))
+        try:
+            tokenizer.save(os.path.join(out_dir, TOKENIZER_DIR))
+        except (IdlmError, OSError) as e:  # the shards do not need it; note it and go on
+            tok_name = None
+            logger.warning("could not save the tokenizer next to the shards: %s", e)
+        if on_ready is not None:
+            on_ready()
 
-    # what earlier sessions finished
+    jobs = engine_share([_Job(split, p, t, _job_key(p["id"], t)) for split in SPLITS for p in prompts
+                         if p.get("split", "train") == split for t in temps], engines, engine_index)
+    mine = {j.key for j in jobs}
+    # what earlier sessions finished (of this engine's jobs: other engines' rows count for them)
     done: set[str] = set()
     targets = {s: 0 for s in SPLITS}
     for split in SPLITS:
         for row in read_parts(out_dir, split):
-            done.add(row["key"])
-            if row["finish"] in KEPT:
-                targets[split] += len(row["response_ids"])
+            if row["key"] in mine:
+                done.add(row["key"])
+                if row["finish"] in KEPT:
+                    targets[split] += len(row["response_ids"])
     resumed_samples = len(done)
-
-    jobs = [_Job(split, p, t, _job_key(p["id"], t)) for split in SPLITS for p in prompts
-            if p.get("split", "train") == split for t in temps]
     jobs = [j for j in jobs if j.key not in done]
+    share = None if target_tokens is None else -(-target_tokens // engines)
 
     engine_options = dict(engine_options or {})
     engine_options.setdefault("max_model_len", min(context, max_prompt_tokens + max_tokens))
@@ -436,38 +516,77 @@ def distill(
     def params_of(job: _Job):
         return sampling_params(job.prompt["id"], job.temperature, seed, max_tokens, top_p, top_k)
 
-    writers = {s: _PartWriter(parts_dir, s, flush_samples, flush_seconds) for s in SPLITS}
+    multi = engines > 1
+    writers = {s: _PartWriter(parts_dir, s, flush_samples, flush_seconds, engine_index if multi else -1)
+               for s in SPLITS}
     t_gen = time.perf_counter()
     gen0 = engine.counters["generated_tokens"]
     counts = _generate(engine, tokenizer, jobs, writers, params_of, set(eos), end, max_prompt_tokens, targets,
-                       target_tokens, progress)
+                       share, progress, f"distill e{engine_index}/{engines}" if multi else "distill")
     gen_s = time.perf_counter() - t_gen
     generated = engine.counters["generated_tokens"] - gen0
+    session = {
+        "engine": engine_index, "engines": engines, "started": started, "resumed": resumed,
+        "resumed_samples": resumed_samples, "finished": counts["finished"], "failed": counts["failed"],
+        "aborted": counts["aborted"], "skipped_long": counts["skipped_long"], "stopped_early": counts["stopped_early"],
+        "target_tokens": share, "generated_tokens": generated, "generation_s": round(gen_s, 3),
+        "tok_s": round(generated / gen_s, 1) if gen_s > 0 else None,
+        "prefill_tokens": engine.counters["prefill_tokens"], "decode_forwards": engine.counters["decode_forwards"],
+        "run": {"model": model_name, "dtype": fingerprint["dtype"], "device": str(model.device),
+                "vocab_size": mcfg.vocab_size, "tokenizer": tok_name, "prompts": summarize(prompts),
+                "config": {"temperatures": list(temps), "top_p": top_p, "top_k": top_k, "max_tokens": max_tokens,
+                           "max_num_seqs": max_num_seqs, "target_tokens": target_tokens, "seed": seed,
+                           "max_prompt_tokens": max_prompt_tokens, "eos_token_ids": eos, "end_token_id": end,
+                           "engines": engines}},
+    }
+    write_json(os.path.join(parts_dir, SESSION.format(engine_index)), session)
+    del engine
+    return finalize_distill(out_dir, engines) if finalize else session
 
-    # the shards, streamed from the parts
+
+_SUMMED = ("resumed_samples", "finished", "failed", "aborted", "skipped_long", "generated_tokens", "prefill_tokens",
+           "decode_forwards")
+
+
+def finalize_distill(out_dir: str, engines: int = 1) -> dict:
+    """The shards and the manifest (distill.json), streamed from every engine's parts; run once after all
+    `engines` engines of the session finished (each left parts/session-eI.json). Returns the manifest."""
+    from idlm.data.shards import write_shards
+
+    _positive("engines", engines)
+    out_dir = os.fspath(out_dir)
+    sessions = []
+    for i in range(engines):
+        path = os.path.join(out_dir, PARTS, SESSION.format(i))
+        if not os.path.isfile(path):
+            raise DataError(f"{path} is missing: engine {i} of {engines} did not finish this session")
+        sessions.append(read_json(path))
+        if sessions[-1].get("engines") != engines:
+            raise DataError(f"{path} is from a run with {sessions[-1].get('engines')} engine(s), not {engines}")
+    run = sessions[0]["run"]
     stats = {s: _new_stats() for s in SPLITS}
     shard_info = {}
     for split in SPLITS:
         shard_info[split] = write_shards(out_dir, split, _samples(out_dir, split, stats[split]),
-                                         vocab_size=mcfg.vocab_size, tokenizer=tok_name)
+                                         vocab_size=run["vocab_size"], tokenizer=run["tokenizer"])
         if shard_info[split]["samples"] != stats[split]["samples"]:  # both count the same stream
             raise DataError(f"internal error: {split} shard and manifest counts differ")
-    wall = time.perf_counter() - t_start
+    wall = time.time() - min(s["started"] for s in sessions)
     by_temp: dict[str, dict] = {}
     for split in SPLITS:
         for t, e in stats[split]["by_temperature"].items():
             agg = by_temp.setdefault(t, {"samples": 0, "response_tokens": 0, "stop": 0, "length": 0})
             for k in agg:
                 agg[k] += e[k]
+    generated = sum(s["generated_tokens"] for s in sessions)
+    gen_s = max(s["generation_s"] for s in sessions)  # the engines ran side by side
     manifest = {
         "format": FORMAT,
-        "model": model_name,
-        "dtype": fingerprint["dtype"],
-        "device": str(model.device),
-        "config": {"temperatures": list(temps), "top_p": top_p, "top_k": top_k, "max_tokens": max_tokens,
-                   "max_num_seqs": max_num_seqs, "target_tokens": target_tokens, "seed": seed,
-                   "max_prompt_tokens": max_prompt_tokens, "eos_token_ids": eos, "end_token_id": end},
-        "prompts": {**summarize(prompts)},
+        "model": run["model"],
+        "dtype": run["dtype"],
+        "device": run["device"],
+        "config": run["config"],
+        "prompts": run["prompts"],
         "splits": stats,
         "samples": {s: stats[s]["samples"] for s in SPLITS},
         "response_tokens": {s: stats[s]["response_tokens"] for s in SPLITS},
@@ -475,13 +594,10 @@ def distill(
         "by_temperature": dict(sorted(by_temp.items())),
         "finish": {k: sum(stats[s]["finish"][k] for s in SPLITS) for k in KEPT},
         "shards": {s: {k: shard_info[s][k] for k in ("tokens", "targets", "samples")} for s in SPLITS},
-        "stopped_early": counts["stopped_early"],
-        "session": {"resumed": resumed, "resumed_samples": resumed_samples, "finished": counts["finished"],
-                    "failed": counts["failed"], "aborted": counts["aborted"], "skipped_long": counts["skipped_long"],
-                    "generated_tokens": generated, "generation_s": round(gen_s, 3),
-                    "tok_s": round(generated / gen_s, 1) if gen_s > 0 else None,
-                    "prefill_tokens": engine.counters["prefill_tokens"],
-                    "decode_forwards": engine.counters["decode_forwards"]},
+        "stopped_early": any(s["stopped_early"] for s in sessions),
+        "session": {"resumed": sessions[0]["resumed"], **{k: sum(s[k] for s in sessions) for k in _SUMMED},
+                    "generation_s": gen_s, "tok_s": round(generated / gen_s, 1) if gen_s > 0 else None,
+                    "engines": [{k: v for k, v in s.items() if k != "run"} for s in sessions]},
         "wall_s": round(wall, 3),
         "tok_s": round(generated / wall, 1) if wall > 0 else None,
     }
@@ -547,11 +663,67 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--num-blocks", type=int, default=None, help="KV pages (default: from free GPU memory)")
     p.add_argument("--workers", type=int, default=None, help="processes for mining instruction prompts")
+    p.add_argument("--engines", type=int, default=1,
+                   help="engine processes sharing the device, each generating every P-th prompt up to 1/P of "
+                        "--target-tokens (for a small model one process is bound by the engine's host work per "
+                        "step, not by the GPU); resume with the same P")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85,
+                   help="share of free GPU memory for the KV caches of all engines together (each gets 1/P)")
+    p.add_argument("--engine-index", type=int, default=0, help=argparse.SUPPRESS)  # set for the engines it starts
     p.add_argument("--no-progress", action="store_true")
 
 
+def _engine_argv(args: argparse.Namespace, device: str, dtype: str, index: int) -> list[str]:
+    """The command line of engine `index` (a child of engine 0): the same run, reading engine 0's prompt set."""
+    argv = [sys.executable, "-m", "idlm.cli", "data", "distill", "--model", str(args.model), "--out", args.out,
+            "--prompts", os.path.join(args.out, PROMPT_SET),
+            "--temperatures", ",".join(repr(t) for t in args.temperatures), "--top-p", repr(args.top_p),
+            "--top-k", str(args.top_k), "--max-tokens", str(args.max_tokens),
+            "--max-prompt-tokens", str(args.max_prompt_tokens), "--max-num-seqs", str(args.max_num_seqs),
+            "--device", device, "--dtype", dtype, "--seed", str(args.seed),
+            "--gpu-memory-utilization", repr(args.gpu_memory_utilization), "--engines", str(args.engines),
+            "--engine-index", str(index), "--no-progress"]
+    if args.target_tokens is not None:
+        argv += ["--target-tokens", str(args.target_tokens)]
+    if args.no_cuda_graphs:
+        argv.append("--no-cuda-graphs")
+    if args.num_blocks is not None:
+        argv += ["--num-blocks", str(args.num_blocks)]
+    return argv
+
+
+def _exit_with_parent() -> None:
+    """In a child engine: exit once the process that started it is gone (killed without stopping its
+    children), rather than generate on unseen. Rows not yet flushed are lost; a resume redoes them."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        logger.error("the distill process that started this engine is gone: stopping")
+        os._exit(1)
+
+    threading.Thread(target=watch, name="distill-parent-watch", daemon=True).start()
+
+
+def _stop(children: list[tuple[int, subprocess.Popen]], grace_s: float = 10.0) -> None:
+    """Terminate the child engines still running (SIGTERM, then SIGKILL after grace_s)."""
+    for _, proc in children:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + grace_s
+    for _, proc in children:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
-    """`idlm data distill`: build (or read) the prompt set, load the model, distill; last stdout line is JSON."""
+    """`idlm data distill`: build (or read) the prompt set, load the model, distill; last stdout line is JSON.
+    With --engines P > 1 it is engine 0 and starts engines 1..P-1 as child processes (same process group,
+    so a signal to the group stops them all; they also exit if it dies), then builds the shards once."""
     import torch
 
     from idlm.data.chat_prompts import build_prompts, read_prompts
@@ -561,14 +733,24 @@ def cmd_distill(args: argparse.Namespace) -> int:
         _positive("--num-prompts", args.num_prompts)
     if not 0 <= args.heldout_fraction < 1:
         raise ConfigError(f"--heldout-fraction must be in [0, 1), got {args.heldout_fraction}")
-    for name in ("max_tokens", "max_prompt_tokens", "max_num_seqs"):
+    for name in ("max_tokens", "max_prompt_tokens", "max_num_seqs", "engines"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
+    if not 0 <= args.engine_index < args.engines:
+        raise ConfigError(f"--engine-index must be in [0, {args.engines}), got {args.engine_index}")
+    child = args.engine_index > 0
+    if child and args.prompts is None:
+        raise ConfigError("--engine-index is set only for the engines that `idlm data distill --engines P` starts "
+                          "(with --prompts OUT/prompt_set.jsonl)")
+    if not 0 < args.gpu_memory_utilization <= 1:
+        raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
     _positive("--target-tokens", args.target_tokens, allow_none=True)
     if args.num_blocks is not None:
         _positive("--num-blocks", args.num_blocks)
     if args.prompts is not None and not os.path.isfile(args.prompts):
         raise ConfigError(f"--prompts: file not found: {args.prompts}")
     sampling_params("check", args.temperatures[0], args.seed, args.max_tokens, args.top_p, args.top_k)
+    if child:
+        _exit_with_parent()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: CUDA is not available on this machine")
@@ -583,23 +765,41 @@ def cmd_distill(args: argparse.Namespace) -> int:
         prompts = build_prompts(args.num_prompts, args.seed, args.weights, args.heldout_fraction, args.roots,
                                 args.workers, progress=not args.no_progress)
     prompt_s = time.perf_counter() - t0
-    options = {"cuda_graphs": not args.no_cuda_graphs}
+    options = {"cuda_graphs": not args.no_cuda_graphs, "gpu_memory_utilization": args.gpu_memory_utilization /
+               args.engines}
     if args.num_blocks is not None:
         options["num_blocks"] = args.num_blocks
+    children: list[tuple[int, subprocess.Popen]] = []
+
+    def start_engines() -> None:  # engine 0 has written run.json and prompt_set.jsonl
+        for i in range(1, args.engines):
+            children.append((i, subprocess.Popen(_engine_argv(args, device, dtype, i))))
+
     gc.freeze()  # the model, tokenizer and prompt set live to the end: keep the collector off them
     try:
         m = distill(model, tok, prompts, args.out, args.temperatures, args.max_tokens, args.max_num_seqs,
                     args.target_tokens, args.seed, top_p=args.top_p, top_k=args.top_k,
                     max_prompt_tokens=args.max_prompt_tokens, model_name=str(args.model), engine_options=options,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress and not child, engines=args.engines,
+                    engine_index=args.engine_index, finalize=args.engines == 1, on_ready=start_engines)
+        if child:
+            return 0
+        if children:
+            failed = [(i, proc.pid, rc) for i, proc in children if (rc := proc.wait()) != 0]
+            if failed:
+                raise DataError("; ".join(f"engine {i} of {args.engines} (pid {pid}) exited with code {rc}"
+                                          for i, pid, rc in failed)
+                                + ": no shards built; the finished samples are kept, run the same command to resume")
+            m = finalize_distill(args.out, args.engines)
     finally:
         gc.unfreeze()
+        _stop(children)
     print(json.dumps({
         "out": args.out, "model": str(args.model), "device": device, "dtype": dtype,
         "prompts": m["prompts"]["total"], "heldout_prompts": m["prompts"]["splits"].get("heldout", 0),
         "samples": m["samples"], "response_tokens": m["response_tokens"],
         "tokens_per_temperature": m["tokens_per_temperature"], "finish": m["finish"],
         "stopped_early": m["stopped_early"], "prompt_set_s": round(prompt_s, 2), "wall_s": m["wall_s"],
-        "tok_s": m["tok_s"], "generation_tok_s": m["session"]["tok_s"],
+        "tok_s": m["tok_s"], "generation_tok_s": m["session"]["tok_s"], "engines": args.engines,
     }))
     return 0
