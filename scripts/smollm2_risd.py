@@ -11,7 +11,7 @@ calls (a machine goes back 30 s after a call; its disk survives until then):
     train    `idlm train lora` on configs/smollm2/lora.yaml (resumes from its checkpoint; --budget seconds);
              when done, the adapter comes back through $OUT (split in < 16 MiB pieces)
     eval     fp32 exactness (R-ISD ≡ AR, 64 held-out chat prompts x 256 tokens), bf16 agreement, TPF at
-             N = 4 (greedy, T = 0.7), engine AR vs R-ISD per-request speed at C = 1, 16, 64 and the batch-1
+             N = 4 (greedy, T = 0.7), engine AR vs R-ISD (N = 4 and --stride auto) per-request speed at C = 1, 16, 64 and the batch-1
              step cost, HF transformers generate (static cache, compiled) on the same weights, HumanEval
              pass@1 of AR and R-ISD (fp32)
 
@@ -271,15 +271,16 @@ def stage_eval(args) -> None:
         out[f"tpf_T{temp}"] = {"tpf": round(total.tpf, 4), "prompts": len(prompts), "stats": total.to_dict(),
                                "acceptance_per_position": [round(a / max(1, v), 4) for a, v in per_position]}
     emit("eval", out)
-    # per-request speed, engines side by side, interleaved reps, median
+    # per-request speed, engines side by side, interleaved reps, median; R-ISD at N = 4 and adaptive
     ar, risd = engines(model, tok, lora, max(conc))
+    auto = LLMEngine(model, tok, EngineConfig(decoder="risd", stride="auto", max_num_seqs=max(conc)), lora=lora)
     speed = {}
     for temp in (0.0, 0.7):
         rows = []
         for c in conc:
-            runs = {"ar": [], "risd": []}
+            runs = {"ar": [], "risd": [], "risd_auto": []}
             for rep in range(reps):
-                for key, eng in (("ar", ar), ("risd", risd)):
+                for key, eng in (("ar", ar), ("risd", risd), ("risd_auto", auto)):
                     runs[key].append(bench_offline(eng, prompts, [c], max_tokens=128 if not args.smoke else 8,
                                                    temperature=temp, warmup=rep == 0)[0])
             med = {k: sorted(v, key=lambda r: r["per_request_tok_s"])[len(v) // 2] for k, v in runs.items()}
@@ -287,6 +288,9 @@ def stage_eval(args) -> None:
                          **{f"{k}_step_ms": m["decode_step_ms"] for k, m in med.items()},
                          "risd_tpf": med["risd"]["tpf"],
                          "risd_over_ar": round(med["risd"]["per_request_tok_s"] / med["ar"]["per_request_tok_s"], 3),
+                         "risd_auto_over_ar": round(med["risd_auto"]["per_request_tok_s"]
+                                                    / med["ar"]["per_request_tok_s"], 3),
+                         "risd_auto_stride_mix": med["risd_auto"].get("stride_mix"),
                          "reps": {k: [r["per_request_tok_s"] for r in v] for k, v in runs.items()}})
         speed[f"T{temp}"] = rows
     out["speed"] = speed
