@@ -12,8 +12,9 @@ copies of gigabytes behind for ever.
   (so the renames survive a power cut, and a renamed directory is never empty or short afterwards), and
   the old copy is removed. When the block fails (an exception, a full disk, Ctrl-C) the temporary
   directory is removed and `path` is left exactly as it was.
-- `atomic_write_text(path, text)` does the same for one small file: write a temporary sibling, flush,
-  fsync it, `os.replace` it onto `path`, fsync the directory.
+- `atomic_file(path)` does the same for one file (the data pipeline streams its outputs through it):
+  write a temporary sibling, flush, fsync it, `os.replace` it onto `path`, fsync the directory;
+  `atomic_write_text(path, text)` writes one small file that way.
 - Leftovers of a save that was killed (`.NAME.tmp-XXXXXXXX`, `.NAME.old-XXXXXXXX`, exactly that pattern)
   are swept by the next save of the same NAME in the same directory (`sweep_leftovers`); nothing else
   in the directory is touched. A save in progress holds an exclusive `flock` on its temporary directory
@@ -39,7 +40,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
 try:
     import fcntl
@@ -281,12 +282,17 @@ def _new_tmp_dir(parent: Path, name: str) -> tuple[Path, int]:
     raise FileExistsError(f"cannot create a temporary directory for {parent / name}")
 
 
-def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
-    """Replace the file `path` with `text` atomically and durably (temp file, fsync, rename, fsync dir)."""
+@contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w", encoding: str = "utf-8") -> Iterator[IO]:
+    """Yield a file to fill, open on a temporary sibling `.NAME.tmp-XXXXXXXX`; when the block completes it
+    is flushed, fsynced and renamed onto `path` (then the directory is fsynced), when it fails it is removed
+    and `path` is left as it was. mode "w" (text in `encoding`, "\n" line ends on every platform) or "wb".
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_file mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
     parent = ensure_dir(path.parent)
     sweep_leftovers(parent, path.name)
-    data = text.encode(encoding)
     for _ in range(_ATTEMPTS):
         tmp = parent / f".{path.name}.tmp-{_token()}"
         try:
@@ -299,8 +305,9 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
     else:
         raise FileExistsError(f"cannot create a temporary file for {path}")
     try:
-        with open(fd, "wb", closefd=False) as f:
-            f.write(data)
+        text = {"encoding": encoding, "newline": "\n"} if mode == "w" else {}
+        with open(fd, mode, closefd=False, **text) as f:
+            yield f
             f.flush()
             os.fsync(fd)
         os.replace(tmp, path)
@@ -311,4 +318,11 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
         raise
     finally:
         os.close(fd)
-    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Replace the file `path` with `text` atomically and durably (temp file, fsync, rename, fsync dir)."""
+    data = text.encode(encoding)
+    with atomic_file(path, "wb") as f:
+        f.write(data)
+    return Path(path)

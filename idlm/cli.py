@@ -17,11 +17,11 @@ from idlm.models.registry import DEFAULT_MODEL  # the embedded trained I-DLM, us
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--seed", type=int, default=None, help="same seed, same output")
-    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same output (default: none, a fresh seed)")
+    p.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (an EOS token ends earlier)")
 
 
 def _add_decoder_args(p: argparse.ArgumentParser) -> None:
@@ -29,7 +29,8 @@ def _add_decoder_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--decoder", default="ar", choices=DECODERS,
                    help="ar: one token per forward; isd: introspective strided decoding (an I-DLM); "
-                        "risd: lossless ISD of an AR model with a gated LoRA (--lora); sdar: block-diffusion baseline")
+                        "risd: lossless ISD of an AR model with a gated LoRA (--lora); sdar: block-diffusion baseline "
+                        "(idlm serve and idlm.LLM: the best exact decoder of the model)")
     p.add_argument("--stride", type=stride_arg, default=4,
                    help="ISD stride N (tokens per forward at most), or 'auto' (engine commands: the adaptive "
                         "stride, N = 1..8 chosen per step); SDAR block size")
@@ -37,14 +38,19 @@ def _add_decoder_args(p: argparse.ArgumentParser) -> None:
                    help="ISD drafts: sampled from q (accept min(1, p/q)) or argmax (accept p(d)); both exact")
     p.add_argument("--verify-alpha", type=float, default=1.0, help="accept min(1, p/(alpha q)); lossy unless 1")
     p.add_argument("--threshold", type=float, default=0.9, help="SDAR: unmask slots whose confidence >= this")
-    p.add_argument("--lora", default=None, help="R-ISD gated LoRA adapter directory (or idlm-tiny-ar-risd-lora)")
+    p.add_argument("--lora", default=None, help="R-ISD gated LoRA adapter directory or name, e.g. idlm-tiny-ar-risd-lora "
+                                                "(default: the model's known adapter, if any)")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"checkpoint directory, .gguf file or known model name (default: {DEFAULT_MODEL})")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+                   help="checkpoint directory, .gguf file or known model name (idlm-tiny, idlm-tiny-ar, "
+                        "smollm2-135m-instruct)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights' dtype")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads (default: $IDLM_NUM_THREADS, else 1 for a model under 50 M parameters "
+                        "- more only slow a small model down - else min(physical cores, 8))")
 
 
 def _load_for_decoding(args):
@@ -53,10 +59,47 @@ def _load_for_decoding(args):
     from idlm.decoding import make_decoder
     from idlm.inference import load_for_inference
 
-    inf = load_for_inference(args.model, args.decoder, args.lora, args.device, args.dtype)
+    inf = load_for_inference(args.model, args.decoder, args.lora, args.device, args.dtype, threads=args.threads)
     stride = 4 if args.stride == "auto" else args.stride  # "auto": the engine chooses; any N validates the decoder
     decoder = make_decoder(inf.decoder, stride, inf.model.config, inf.tokenizer, threshold=args.threshold)
     return inf.model, inf.tokenizer, decoder, inf.adapter
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def _cpu_threads(model, args) -> None:
+    """--threads / $IDLM_NUM_THREADS / the size rule for commands that load a model themselves."""
+    if model.device.type == "cpu":
+        from idlm.inference import set_cpu_threads
+
+        set_cpu_threads(model, args.threads)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless its help says it already or it is a flag."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default:" in text or "%(default)" in text or action.default is None or action.default is False
+                or action.default is argparse.SUPPRESS or not action.option_strings):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _set_formatter(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _set_formatter(sub)
 
 
 def _encode_prompt(tok, text: str, chat: bool) -> list[int]:
@@ -67,7 +110,7 @@ def _encode_prompt(tok, text: str, chat: bool) -> list[int]:
 
 
 def cmd_generate(args) -> int:
-    from idlm.decoding.runner import generate
+    from idlm.decoding.reference import generate
     from idlm.decoding.sampling import SamplingParams
 
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -88,7 +131,7 @@ def cmd_generate(args) -> int:
                    on_text=None if args.json else on_text)[0]
     if args.json:
         stats = out.stats.to_dict()
-        stats.update(decoder=decoder.name, stride=getattr(decoder, "stride", 1),
+        stats.update(decoder=decoder.name, stride=decoder.stride,
                      prompt_tokens=len(prompt_ids), generated_tokens=len(out.token_ids), **out.timing)
         print(json.dumps({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
                           "prompt_token_ids": prompt_ids, "stats": stats}))
@@ -103,19 +146,24 @@ def _read_prompts(path: str | None) -> list[str]:
 
     if path is None:
         return list(DEFAULT_PROMPTS)
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = [ln for ln in f.read().splitlines() if ln.strip()]
-    except OSError as e:
-        raise IdlmError(f"cannot read prompts file {path}: {e}") from None
     if not path.endswith(".jsonl"):
-        return lines
-    prompts = []
-    for i, ln in enumerate(lines, 1):
         try:
-            obj = json.loads(ln)
+            with open(path, encoding="utf-8") as f:
+                return [ln for ln in f.read().splitlines() if ln.strip()]
+        except OSError as e:
+            raise IdlmError(f"cannot read prompts file {path}: {e}") from None
+    from idlm.data import DataError
+    from idlm.data.io import read_jsonl
+
+    try:
+        rows = list(read_jsonl(path))
+    except DataError as e:
+        raise IdlmError(f"cannot read prompts file {path}: {e}") from None
+    prompts = []
+    for i, obj in enumerate(rows, 1):
+        try:
             prompts.append(obj["prompt"] if isinstance(obj, dict) else obj)
-        except (ValueError, KeyError):
+        except KeyError:
             raise IdlmError(f"{path}:{i}: expected a JSON object with a \"prompt\" field") from None
         if not isinstance(prompts[-1], str):
             raise IdlmError(f"{path}:{i}: \"prompt\" must be a string")
@@ -140,7 +188,7 @@ def cmd_eval_alpha(args) -> int:
         torch.manual_seed(args.seed)
     eos = sorted(set(tok.eos_token_ids) | set(model.config.eos_token_ids))
     result = introspective_alpha(model, decoder, prompts, params, lora=lora, eos_token_ids=eos)
-    result.update(model=str(args.model), decoder=decoder.name, stride=getattr(decoder, "stride", 1),
+    result.update(model=str(args.model), decoder=decoder.name, stride=decoder.stride,
                   temperature=args.temperature)
     print(json.dumps(result))
     return 0
@@ -170,6 +218,7 @@ def cmd_eval_loss(args) -> int:
     from idlm.models.loader import load_pretrained
 
     model, _ = load_pretrained(args.model, dtype=args.dtype, device=args.device)
+    _cpu_threads(model, args)
     stride = args.stride if model.config.mask_token_id is not None and not args.clean_only else None
     res = heldout_loss(model, args.data, args.split, args.seq_len, args.max_windows, stride=stride)
     print(json.dumps({"model": str(args.model), **res}))
@@ -184,7 +233,7 @@ def cmd_eval_tasks(args) -> int:
     if args.limit:
         tasks = tasks[: args.limit]
     res = evaluate_tasks(model, tok, decoder, tasks, lora=lora)
-    print(json.dumps({"model": str(args.model), "decoder": decoder.name, "stride": getattr(decoder, "stride", 1),
+    print(json.dumps({"model": str(args.model), "decoder": decoder.name, "stride": decoder.stride,
                       "tasks": str(args.tasks or COMMITTED_TASKS), **res}))
     return 0
 
@@ -210,13 +259,7 @@ def stride_arg(text: str) -> int | str:
     """'auto' or a positive integer (the ISD stride N)."""
     if text.strip().lower() == "auto":
         return "auto"
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"the stride must be >= 1, got {n}")
-    return n
+    return _positive_int(text)
 
 
 def stride_schedule_arg(text: str) -> list[tuple[int, int]]:
@@ -291,6 +334,7 @@ def cmd_bench_latency(args) -> int:
         from idlm.models.loader import load_model
 
         model = load_model(args.model, dtype=args.dtype, device=args.device)
+    _cpu_threads(model, args)
     results = bench_latency(model, args.query, args.batch, args.context, args.iters,
                             cuda_graphs=not args.no_cuda_graphs, attention=args.attention)
     for r in results:
@@ -307,10 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text from a prompt")
-    g.add_argument("prompt")
+    g.add_argument("prompt", help="the prompt text (with --chat: the user message)")
     g.add_argument("--chat", action="store_true", help="send PROMPT as a user message through the chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object with text, token_ids and stats")
-    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--stop", action="append", help="stop string (repeatable; default: none)")
     _add_model_args(g)
     _add_decoder_args(g)
     _add_sampling_args(g)
@@ -318,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="eval_command", required=True)
     a = ev.add_parser("alpha", help="introspective acceptance rate α (SPEC §7); last stdout line is JSON")
-    a.add_argument("--prompts", default=None, help=".jsonl ({\"prompt\": ...} per line) or text file, one per line")
+    a.add_argument("--prompts", default=None, help=".jsonl ({\"prompt\": ...} per line) or text file, one per line "
+                                                   "(default: the built-in prompt set)")
     a.add_argument("--chat", action="store_true", help="send each prompt through the chat template")
     _add_model_args(a)
     _add_decoder_args(a)
@@ -327,29 +372,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     lo = ev.add_parser("loss", help="held-out clean (and, for an I-DLM, noisy) loss; last stdout line is JSON")
     lo.add_argument("--data", required=True, help="dataset directory (idlm data build)")
-    lo.add_argument("--split", default="heldout")
-    lo.add_argument("--seq-len", type=int, default=512)
-    lo.add_argument("--max-windows", type=int, default=256)
+    lo.add_argument("--split", default="heldout", help="which split of the dataset to score")
+    lo.add_argument("--seq-len", type=int, default=512, help="tokens per scored window")
+    lo.add_argument("--max-windows", type=int, default=256, help="score at most this many windows")
     lo.add_argument("--stride", type=int, default=4, help="stride of the noisy loss (models with a MASK token)")
-    lo.add_argument("--clean-only", action="store_true")
+    lo.add_argument("--clean-only", action="store_true", help="only the clean loss, even for an I-DLM")
     _add_model_args(lo)
     lo.set_defaults(func=cmd_eval_loss)
 
     t = ev.add_parser("tasks", help="accuracy on held-out tasks for a model + decoder; last stdout line is JSON")
     t.add_argument("--tasks", default=None, help="JSONL of {kind, prompt, answer} (default: the committed set)")
-    t.add_argument("--limit", type=int, default=None)
+    t.add_argument("--limit", type=int, default=None, help="only the first K tasks (default: all)")
     _add_model_args(t)
     _add_decoder_args(t)
     t.set_defaults(func=cmd_eval_tasks)
 
     he = ev.add_parser("humaneval", help="HumanEval pass@1 (greedy, sandboxed execution); last stdout line is JSON")
-    he.add_argument("--limit", type=int, default=None, help="only the first K problems")
-    he.add_argument("--max-tokens", type=int, default=512)
+    he.add_argument("--limit", type=int, default=None, help="only the first K problems (default: all 164)")
+    he.add_argument("--max-tokens", type=int, default=512, help="longest completion")
     he.add_argument("--batch", type=int, default=16, help="requests decoded together by the engine")
     he.add_argument("--timeout", type=float, default=10.0, help="seconds per problem's test run")
     he.add_argument("--memory-mb", type=int, default=1024, help="address-space limit of each test run")
     he.add_argument("--workers", type=int, default=None, help="test runs at a time (default and at most: CPU count)")
-    he.add_argument("--out", default=None, help="write one JSON row per problem (task_id, completion, status, ...)")
+    he.add_argument("--out", default=None, help="write one JSON row per problem (task_id, completion, status, ...; "
+                                                    "default: none)")
     he.add_argument("--format", default="auto", choices=["auto", "completion", "chat"],
                     help="prompt format: the plain HumanEval prompt (completion), or an instruction in the chat "
                          "template followed by '```python' + the prompt (chat); auto: chat when the tokenizer "
@@ -381,9 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     bo.add_argument("--compare-ar", action="store_true",
                     help="also measure plain AR on the same model and prompts; rows add AR's numbers and ratios")
     bo.add_argument("--num-blocks", type=int, default=None, help="KV pages (default: from free memory)")
-    bo.add_argument("--no-cuda-graphs", action="store_true")
+    bo.add_argument("--no-cuda-graphs", action="store_true", help="run CUDA decode steps eagerly")
     bo.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto", help=ATTENTION_HELP)
-    bo.add_argument("--stride-schedule", type=stride_schedule_arg, default=None, help=STRIDE_SCHEDULE_HELP)
+    bo.add_argument("--stride-schedule", type=stride_schedule_arg, default=None,
+                    help=STRIDE_SCHEDULE_HELP + " (default: none, --stride always)")
     _add_model_args(bo)
     _add_decoder_args(bo)
     _add_sampling_args(bo)
@@ -394,10 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--shape", default=None, help="random weights of a named shape (qwen3-8b, qwen3-0.6b) "
                                                   "or an HF config.json; default: load --model")
     bl.add_argument("--query", type=_ints, default=[1, 7], help="query tokens per request, e.g. 1,7")
-    bl.add_argument("--batch", type=_ints, default=[1, 2, 4, 8, 16, 32, 64])
+    bl.add_argument("--batch", type=_ints, default=[1, 2, 4, 8, 16, 32, 64], help="batch sizes, e.g. 1,8,64")
     bl.add_argument("--context", type=int, default=1024, help="KV tokens held by each request")
-    bl.add_argument("--iters", type=int, default=20)
-    bl.add_argument("--no-cuda-graphs", action="store_true")
+    bl.add_argument("--iters", type=int, default=20, help="timed forwards per setting")
+    bl.add_argument("--no-cuda-graphs", action="store_true", help="run CUDA forwards eagerly")
     bl.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto", help=ATTENTION_HELP)
     _add_model_args(bl)
     bl.set_defaults(func=cmd_bench_latency)
@@ -416,10 +463,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = tr.add_parser(kind, help=what)
         p.add_argument("config", help="YAML run config")
         p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
-        p.add_argument("--out", default=None, help="override the config's out directory")
-        p.add_argument("--max-steps", type=int, default=None, help="override max_steps")
+        p.add_argument("--out", default=None, help="override the config's out directory (default: the config's)")
+        p.add_argument("--max-steps", type=int, default=None, help="override max_steps (default: the config's)")
         p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
         p.set_defaults(func=cmd_train, kind=kind)
+    _set_formatter(parser)
     return parser
 
 

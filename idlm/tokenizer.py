@@ -10,12 +10,10 @@ turns a stream of generated ids into text deltas for the server without splittin
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
 import re
-import tempfile
 from datetime import datetime
 from typing import Any, Iterable, Mapping
 
@@ -25,6 +23,7 @@ import jinja2.sandbox
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
 
+from idlm.atomic import atomic_write_text
 from idlm.errors import TokenizerError
 
 _MASK_TOKENS = ("<|MASK|>", "<|mask|>")
@@ -54,18 +53,10 @@ def _read_json(path: str) -> dict[str, Any] | None:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    """Write `text` to a temp file next to `path`, then rename it over `path`."""
-    tmp = None
+    """Write `text` to a temp file next to `path`, then rename it over `path` (`idlm.atomic`)."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; saved tokenizers are ordinary readable files
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
     except OSError as e:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
         raise TokenizerError(f"cannot write {path}: {e}") from e
 
 

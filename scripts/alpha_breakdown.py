@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from idlm.decoding import isd as isd_module  # noqa: E402
 from idlm.decoding import make_decoder  # noqa: E402
-from idlm.decoding.runner import generate  # noqa: E402
+from idlm.decoding.reference import generate  # noqa: E402
 from idlm.decoding.sampling import SamplingParams  # noqa: E402
 from idlm.eval.alpha import clean_scores  # noqa: E402
 from idlm.eval.tasks import COMMITTED_TASKS, load_jsonl  # noqa: E402

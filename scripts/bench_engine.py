@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from idlm.bench.latency import bench_latency  # noqa: E402
 from idlm.bench.offline import bench_offline, bench_prompts  # noqa: E402
 from idlm.decoding import make_decoder  # noqa: E402
-from idlm.decoding.runner import generate  # noqa: E402
+from idlm.decoding.reference import generate  # noqa: E402
 from idlm.decoding.sampling import SamplingParams  # noqa: E402
 from idlm.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from idlm.layers.lora import LoRAAdapter  # noqa: E402

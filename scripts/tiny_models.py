@@ -188,7 +188,7 @@ def evaluate() -> dict:
     """Everything the model cards report, on the exported (bf16-stored) models, computed in fp32."""
     from idlm.decoding import make_decoder
     from idlm.decoding.acceptance import analytic_tpf
-    from idlm.decoding.runner import generate
+    from idlm.decoding.reference import generate
     from idlm.decoding.sampling import SamplingParams
     from idlm.eval.alpha import introspective_alpha
     from idlm.eval.loss import heldout_loss

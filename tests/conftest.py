@@ -5,8 +5,14 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# Triton reads TRITON_INTERPRET when it is first imported (anything may import it: torch's compiler
+# does): set before any import so that the paged kernel's CPU tests run it in the interpreter
+# whatever test module is collected first. (The engine's "auto" attention still takes the reference
+# path on CPU; only attention="triton" runs the kernel there.)
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

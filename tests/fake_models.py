@@ -1,6 +1,6 @@
 """Small deterministic fake models with the interface the reference runner uses.
 
-`idlm.decoding.runner.generate` calls `hidden = model(tokens [B, Q], positions [B, Q], attn, **kwargs)`
+`idlm.decoding.reference.generate` calls `hidden = model(tokens [B, Q], positions [B, Q], attn, **kwargs)`
 and then `model.compute_logits(hidden)`, and reads `model.config`, `model.device` and `model.dtype`.
 A fake returns logits directly from `__call__` (so `compute_logits` is the identity) and never uses
 the attention backend: its output at a position depends only on the tokens of the current query

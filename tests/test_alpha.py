@@ -43,7 +43,7 @@ def test_mismatched_drafter_has_alpha_below_one(model):
 
 def test_isd_token_probs_are_the_generating_distributions(model):
     """Clean tokens (t0, c, corrections excluded) carry p̃ exactly: for greedy decoding every q is 1."""
-    from idlm.decoding.runner import generate
+    from idlm.decoding.reference import generate
     outs = generate(model, ISDDecoder(3, 31), PROMPTS, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
     for prompt, out in zip(PROMPTS, outs):
         p = clean_scores(model, prompt, out.token_ids, SamplingParams(temperature=0))

@@ -145,7 +145,9 @@ def test_ar_engine_shares_the_model_and_config(ckpt):
     eng = LLMEngine(model, tok, EngineConfig(decoder="isd", stride=3, num_blocks=48, max_num_seqs=4, cuda_graphs=False))
     ar = ar_engine_for(eng)
     assert ar.model is model and ar.lora is None and ar.config.decoder == "ar"
-    assert {**asdict(ar.config), "decoder": "isd"} == asdict(eng.config)
+    # the same options, except what only a drafting decoder has (AR has no stride)
+    assert {**asdict(ar.config), "decoder": "isd", "stride": 3} == asdict(eng.config)
+    assert ar.config.stride == 1 and ar.config.stride_schedule is None
     with pytest.raises(ConfigError):
         ar_engine_for(ar)
     # the scripts' entry point keeps its signature: one temperature, one run per concurrency

@@ -6,7 +6,7 @@ import json
 
 from idlm.cli import main
 from idlm.decoding import make_decoder
-from idlm.decoding.runner import generate
+from idlm.decoding.reference import generate
 from idlm.decoding.sampling import SamplingParams
 from idlm.layers.lora import LoRAAdapter
 from idlm.models import registry

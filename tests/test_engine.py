@@ -19,7 +19,7 @@ from tiny import mixed_prompt, tiny_transformer
 from idlm.cli import main
 from idlm.decoding import make_decoder
 from idlm.decoding.base import DecodeStats
-from idlm.decoding.runner import generate
+from idlm.decoding.reference import generate
 from idlm.decoding.sampling import SamplingParams
 from idlm.engine.llm_engine import EngineConfig, LLMEngine
 from idlm.errors import ConfigError

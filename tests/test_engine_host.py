@@ -36,7 +36,7 @@ from idlm.decoding import ar, isd, make_decoder, sampling
 from idlm.decoding.ar import ARState
 from idlm.decoding.base import BlockBatch
 from idlm.decoding.isd import ISDDecoder, ISDState
-from idlm.decoding.runner import generate
+from idlm.decoding.reference import generate
 from idlm.decoding.sampling import SamplingParams
 from idlm.decoding.stops import StopChecker
 from idlm.engine.block_manager import BlockManager, BlockManagerError

@@ -24,7 +24,7 @@ from idlm.decoding.acceptance import analytic_tpf
 from idlm.decoding.ar import ARDecoder
 from idlm.decoding.base import DecodeStats
 from idlm.decoding.isd import ISDDecoder, ISDState, draft_slots, isd_block
-from idlm.decoding.runner import generate
+from idlm.decoding.reference import generate
 from idlm.decoding.sampling import SamplingParams
 from idlm.errors import CheckpointError, ConfigError
 from idlm.layers.lora import LoRAAdapter, LoRAConfig
@@ -422,7 +422,7 @@ def test_isd_block_layouts():
 
 def test_in_memory_adapter_that_does_not_fit_is_refused():
     from idlm.decoding.isd import ISDDecoder
-    from idlm.decoding.runner import generate
+    from idlm.decoding.reference import generate
     from idlm.decoding.sampling import SamplingParams
     from idlm.errors import ConfigError
     from idlm.layers.lora import LoRAAdapter, LoRAConfig

@@ -29,7 +29,7 @@ import torch
 
 from idlm.decoding.ar import ARDecoder
 from idlm.decoding.isd import ISDDecoder
-from idlm.decoding.runner import generate
+from idlm.decoding.reference import generate
 from idlm.decoding.sampling import SamplingParams, filtered_probs
 from idlm.layers.lora import LoRAAdapter, LoRAConfig
 from idlm.models.config import ModelConfig

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from idlm.decoding import make_decoder
-from idlm.decoding.runner import generate
+from idlm.decoding.reference import generate
 from idlm.decoding.sampling import MAX_LOGPROBS, SamplingParams
 from idlm.engine import model_runner
 from idlm.engine.llm_engine import EngineConfig, LLMEngine

@@ -8,7 +8,7 @@ import torch
 
 from idlm.decoding import make_decoder
 from idlm.decoding.base import DecodeStats
-from idlm.decoding.runner import generate
+from idlm.decoding.reference import generate
 from idlm.decoding.sampling import RequestRNG, SamplingParams, filtered_probs, sample
 from idlm.decoding.sdar import SDARDecoder, unmask_choice
 from idlm.errors import ConfigError

@@ -92,7 +92,7 @@ def test_diffusion_kinds_train_from_the_pretrained_model(kind, data_dir, pretrai
     rows = [json.loads(x) for x in (tmp_path / kind / "metrics.jsonl").read_text().splitlines()]
     assert [r["stride"] for r in rows if "loss" in r] == [2, 2, 2, 3, 3, 3]
     from idlm.decoding import make_decoder
-    from idlm.decoding.runner import generate
+    from idlm.decoding.reference import generate
     from idlm.decoding.sampling import SamplingParams
     from idlm.models.loader import load_pretrained
     if kind == "lora":

@@ -649,20 +649,20 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
                                                             "Python's stdlib and site-packages)")
     p.add_argument("--temperatures", type=_temperatures_arg, default=(0.0, 0.7),
                    help="comma-separated; one response per prompt per temperature (0 = greedy)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off")
     p.add_argument("--max-tokens", type=int, default=512, help="longest response (longer ones are cut and ended)")
     p.add_argument("--max-prompt-tokens", type=int, default=1024, help="longer prompts are skipped")
     p.add_argument("--max-num-seqs", type=int, default=256, help="requests decoded together")
     p.add_argument("--target-tokens", type=int, default=None, help="stop once this many training response tokens "
-                                                                  "are written")
+                                                                  "are written (default: none, every prompt)")
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-cuda-graphs", action="store_true")
+                   help="weights' dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompt set and the sampled responses")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="run CUDA decode steps eagerly")
     p.add_argument("--num-blocks", type=int, default=None, help="KV pages (default: from free GPU memory)")
-    p.add_argument("--workers", type=int, default=None, help="processes for mining instruction prompts")
+    p.add_argument("--workers", type=int, default=None, help="processes for mining instruction prompts (default: min(CPU count, 16))")
     p.add_argument("--engines", type=int, default=1,
                    help="engine processes sharing the device, each generating every P-th prompt up to 1/P of "
                         "--target-tokens (for a small model one process is bound by the engine's host work per "
@@ -670,7 +670,7 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85,
                    help="share of free GPU memory for the KV caches of all engines together (each gets 1/P)")
     p.add_argument("--engine-index", type=int, default=0, help=argparse.SUPPRESS)  # set for the engines it starts
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _engine_argv(args: argparse.Namespace, device: str, dtype: str, index: int) -> list[str]:

@@ -1,45 +1,34 @@
 """Small file helpers shared by the data pipeline: atomic writes, JSONL, sha256.
 
 Every output of the pipeline is written to a temporary name in the same directory and renamed into
-place, so an interrupted build never leaves a half-written file under the final name (a reader sees
-either the old file or the new one). JSONL is written with sorted keys and no platform-dependent
-formatting, so the same rows give the same bytes on every machine.
+place (`idlm.atomic.atomic_file`), so an interrupted build never leaves a half-written file under the
+final name (a reader sees either the old file or the new one). JSONL is written with sorted keys and
+no platform-dependent formatting, so the same rows give the same bytes on every machine; every JSONL
+file idlm reads goes through `read_jsonl`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import json
 import os
-import tempfile
 from typing import IO, Any, Iterable, Iterator
 
+from idlm.atomic import atomic_file
 from idlm.data import DataError
 
 
 @contextlib.contextmanager
 def atomic_writer(path: str, mode: str = "w") -> Iterator[IO]:
-    """Open a temp file next to `path` for writing; on success rename it over `path`, else delete it."""
-    if mode not in ("w", "wb"):
-        raise ValueError(f"atomic_writer mode must be 'w' or 'wb', got {mode!r}")
-    directory = os.path.dirname(os.path.abspath(path))
+    """`idlm.atomic.atomic_file` (a temp file next to `path`, renamed over it on success, deleted on
+    failure), reporting OSError as DataError naming the file."""
     try:
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.tmp-")
+        with atomic_file(path, mode) as f:
+            yield f
     except OSError as e:
         raise DataError(f"cannot write {path}: {e}") from e
-    try:
-        with os.fdopen(fd, mode, **({"encoding": "utf-8", "newline": "\n"} if mode == "w" else {})) as f:
-            yield f
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary readable files
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise DataError(f"cannot write {path}: {e}") from e
-        raise
 
 
 def json_line(obj: Any) -> str:
@@ -74,12 +63,14 @@ def read_json(path: str) -> Any:
         raise DataError(f"cannot parse {path}: {e}") from e
 
 
-def read_jsonl(path: str) -> Iterator[Any]:
-    """Rows of a JSONL file, lazily; DataError naming file and line when a line is not JSON."""
+def read_jsonl(path: str | os.PathLike) -> Iterator[Any]:
+    """Rows of a JSONL file (gzip-compressed if its name ends in .gz), lazily, blank lines skipped;
+    DataError naming file and line when a line is not JSON."""
     if not os.path.isfile(path):
         raise DataError(f"file not found: {path}")
     try:
-        with open(path, encoding="utf-8") as f:
+        opener = gzip.open if os.fspath(path).endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -87,7 +78,7 @@ def read_jsonl(path: str) -> Iterator[Any]:
                     yield json.loads(line)
                 except ValueError as e:
                     raise DataError(f"{path}:{lineno}: not a JSON line: {e}") from e
-    except (OSError, UnicodeDecodeError) as e:
+    except (OSError, UnicodeDecodeError, EOFError) as e:
         raise DataError(f"cannot read {path}: {e}") from e
 
 

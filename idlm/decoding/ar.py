@@ -89,8 +89,8 @@ class ARDecoder(Decoder):
 
 
 def generate_ar(model, prompts, params, **kwargs):
-    """AR generation for a batch of prompts (keyword arguments: `idlm.decoding.runner.generate`)."""
-    from idlm.decoding.runner import generate
+    """AR generation for a batch of prompts (keyword arguments: `idlm.decoding.reference.generate`)."""
+    from idlm.decoding.reference import generate
 
     return generate(model, ARDecoder(), prompts, params, **kwargs)
 

@@ -5,7 +5,7 @@ A decoder never runs the model. Per step it says which query block each request 
 and, given the logits of that block, decides which tokens are committed (with their raw logprobs when
 the request asks: `StepResult.logprobs`), how many of the block's KV slots to keep (`advance`), and the
 request's next state (`step`). The reference runner
-(`idlm.decoding.runner`) and the batched engine both drive decoders through this interface, so the
+(`idlm.decoding.reference`) and the batched engine both drive decoders through this interface, so the
 algorithm is written once. The engine asks for a whole batch's blocks at once (`blocks`: host arrays,
 row b = `block(states[b])`), which decoders on its hot path compute without a per-row Block.
 """
@@ -143,6 +143,7 @@ class Decoder:
     """
     name: str = "decoder"
     query_len: int = 1
+    stride: int = 1  # the stride N (AR: 1; ISD / R-ISD set theirs, SDAR reports its block size)
     needs_mask_token: bool = False
     uses_lora: bool = False
     fused: bool = False

@@ -1,6 +1,22 @@
 """Serving engine (SPEC §8): paged KV block manager, continuous-batching scheduler, model runner
-(paged attention, CUDA graphs), the step loop (`LLMEngine`) and the offline API (`LLM`)."""
+(paged attention, CUDA graphs), the step loop (`LLMEngine`) and the offline API (`LLM`).
+
+Exported here: `LLMEngine`, `EngineConfig` and `LLM` (imported lazily, so `idlm.engine.options` stays
+importable without torch), and the block manager's `BlockManager`, `SeqBlocks` and its errors.
+"""
 
 from idlm.engine.block_manager import AllocationError, BlockManager, BlockManagerError, SeqBlocks
 
-__all__ = ["AllocationError", "BlockManager", "BlockManagerError", "SeqBlocks"]
+__all__ = ["LLM", "LLMEngine", "EngineConfig", "AllocationError", "BlockManager", "BlockManagerError", "SeqBlocks"]
+
+
+def __getattr__(name):
+    if name == "LLM":
+        from idlm.engine.llm import LLM
+
+        return LLM
+    if name in ("LLMEngine", "EngineConfig"):
+        from idlm.engine import llm_engine
+
+        return getattr(llm_engine, name)
+    raise AttributeError(f"module 'idlm.engine' has no attribute {name!r}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from idlm.decoding.runner import GenerationOutput
+from idlm.decoding.output import GenerationOutput
 from idlm.decoding.sampling import SamplingParams
 from idlm.engine.llm_engine import EngineConfig, LLMEngine
 

@@ -46,7 +46,7 @@ import torch
 from idlm.decoding import make_decoder
 from idlm.decoding.base import DecodeStats, StepResult
 from idlm.decoding.isd import ISDPlainStep
-from idlm.decoding.runner import GenerationOutput, apply_result, check_request
+from idlm.decoding.output import GenerationOutput, apply_result, check_request
 from idlm.decoding.sampling import SamplingParams
 from idlm.decoding.stops import StopChecker
 from idlm.decoding.stride_policy import (MAX_STRIDE, CostTracker, StepCostModel, StrideChoice,

@@ -12,7 +12,8 @@ need). A decode step of a fused decoder (AR, ISD, R-ISD) is forward + logits + t
 bucket, decoder options — incl. the static logprobs width, so steps without logprobs keep their own
 graphs) and replayed, so one step is a few host-to-device copies, one graph launch and one
 device-to-host copy (the packed results).
-The KV pool is sized from free GPU memory (`gpu_memory_utilization`) or given as `num_blocks`.
+The KV pool is sized from free GPU memory (`gpu_memory_utilization`; on CPU from what the model and
+`max_num_seqs` requests of `max_model_len` need, at most 1 GiB) or given as `num_blocks`.
 Decode steps attend over the pool with the Triton paged kernel on CUDA (`attention="auto"`); prefill
 chunks, and every step elsewhere, take the gather + SDPA reference path. On CUDA a model whose q/k/v
 and gate/up weights take ≤ 1 GiB runs them as two fused matmuls per layer (`fuse_projections`), and
@@ -30,6 +31,7 @@ import torch
 
 from idlm.decoding.logprobs import score as score_logprobs
 from idlm.errors import ConfigError
+from idlm.layers.fused import eager_fused
 from idlm.layers.paged_attention import PagedAttention, PagedKVCache
 from idlm.layers.paged_kernel import triton_available
 
@@ -96,6 +98,10 @@ def _pow2_at_least(n: int, floor: int = 4) -> int:
     return m
 
 
+CPU_FULL_REQUESTS = 4  # CPU KV pool: room for this many full-length requests (see ModelRunner._cpu_blocks)
+CPU_KV_MAX_BYTES = 1 << 30
+
+
 class ModelRunner:
     def __init__(self, model, block_size: int, num_blocks: int | None, max_model_len: int, lora=None,
                  gpu_memory_utilization: float = 0.85, cuda_graphs: bool = True, max_num_seqs: int = 256,
@@ -125,17 +131,28 @@ class ModelRunner:
 
     def _blocks_from_memory(self, utilization: float, max_num_seqs: int) -> int:
         """Pages for the KV pool: `utilization` of the free device memory (less 512 MiB for activations
-        and graphs), at most what max_num_seqs requests of full length can use. CPU: up to 1 GiB."""
+        and graphs), at most what max_num_seqs requests of full length can use. CPU: `_cpu_blocks`."""
         per_block = PagedKVCache.bytes_per_block(self.config, self.block_size, self.dtype)
         cap = max_num_seqs * self.max_pages
         if self.device.type != "cuda":
-            return max(16, min(cap, (1 << 30) // per_block))
+            return self._cpu_blocks(per_block, cap, max_num_seqs)
         free, _ = torch.cuda.mem_get_info(self.device)
         budget = free * utilization - (512 << 20)
         if budget < per_block * self.max_pages:
             raise MemoryError(f"not enough free GPU memory for a KV cache of one full-length request "
                               f"({free / 2**30:.1f} GiB free)")
         return int(min(cap, budget // per_block))
+
+    def _cpu_blocks(self, per_block: int, cap: int, max_num_seqs: int) -> int:
+        """CPU pages, sized to the model rather than to a fixed 1 GiB (which made a 14.6 M model's server
+        take 1.5 GB): room for min(max_num_seqs, CPU_FULL_REQUESTS) full-length requests or as many bytes
+        as the weights take, whichever is more, never above what max_num_seqs full-length requests can
+        use nor above 1 GiB (but always one full-length request). A CPU decodes few long requests at a
+        time; when the pool runs out the engine preempts and recomputes, so outputs do not change."""
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        want = max(min(max_num_seqs, CPU_FULL_REQUESTS) * self.max_pages, weights // per_block)
+        ceiling = max(self.max_pages, CPU_KV_MAX_BYTES // per_block)
+        return max(16, min(cap, want, ceiling))
 
     # ----------------------------------------------------------------- batch tensors
 
@@ -206,9 +223,9 @@ class ModelRunner:
 
     # Eager forwards run the eager versions of the `cuda_fused` functions: a compiled dynamic-shape call
     # costs ~0.24 ms of host time (guards, wrappers) against ~0.03 ms eager, and prefill chunks are not
-    # CUDA graphs (measured on an H200: scripts/bench_risd.py churn, docs/runs/risd/churn.md).
+    # CUDA graphs (measured on an H200: scripts/bench_risd.py churn, docs/runs/risd/smollm2_pilot/).
     @torch.no_grad()
-    @torch.compiler.set_stance("force_eager")
+    @eager_fused
     def forward_logits(self, rows: list[Row], last_only: bool = True, score: dict | None = None):
         """Eager forward (prefill chunks, non-fused decoders): logits [B, V] at each row's last token,
         or [B, T, V] at every position with last_only=False.
@@ -262,7 +279,7 @@ class ModelRunner:
         on_host = {"dec." + k: v for k, v in tensors.items() if v.device.type == "cpu"}
         on_device = {"dec." + k: v for k, v in tensors.items() if v.device.type != "cpu"}
         host.update({k: _pad_rows(v, Bp) for k, v in on_host.items()})
-        key = (Bp, Q, M, decoder.name, getattr(decoder, "stride", 1), tuple(sorted(static.items())),
+        key = (Bp, Q, M, decoder.name, decoder.stride, tuple(sorted(static.items())),
                tuple(sorted(host)), tuple(sorted(on_device)))
         entry = self._graphs.get(key)
         if entry is None:

@@ -18,7 +18,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from idlm.decoding.runner import GenerationOutput
+from idlm.decoding.output import GenerationOutput
 from idlm.decoding.sampling import RequestRNG, SamplingParams
 from idlm.decoding.stops import StopChecker
 

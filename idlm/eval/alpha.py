@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from idlm.decoding.runner import generate
+from idlm.decoding.reference import generate
 from idlm.decoding.sampling import SamplingParams, filtered_probs, params_tensors
 
 # A small default prompt set for `idlm eval alpha` when no --prompts file is given.

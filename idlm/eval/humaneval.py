@@ -32,11 +32,12 @@ Greedy ISD and R-ISD emit exactly greedy AR's tokens, so their completions, and 
 
 from __future__ import annotations
 
-import gzip
 import json
 import time
 from pathlib import Path
 
+from idlm.data import DataError
+from idlm.data.io import read_jsonl
 from idlm.errors import ConfigError, IdlmError
 
 STOP_STRINGS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]  # HumanEval's standard stops
@@ -68,9 +69,8 @@ def load_problems(limit: int | None = None, path: str | Path | None = None) -> l
     """The problems in their file's order (HumanEval/0 ... HumanEval/163), the first `limit` of them."""
     path = Path(path) if path is not None else problems_file()
     try:
-        with gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    except (OSError, ValueError) as e:
+        rows = list(read_jsonl(path))
+    except DataError as e:
         raise IdlmError(f"cannot read HumanEval problems from {path}: {e}") from None
     need = ("task_id", "prompt", "test", "entry_point")
     for i, row in enumerate(rows, 1):

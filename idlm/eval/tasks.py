@@ -9,21 +9,22 @@ exactly; parsing is the weaker, still checkable signal). Prompts go through the 
 from __future__ import annotations
 
 import ast
-import json
 from pathlib import Path
 
-from idlm.decoding.runner import generate
+from idlm.decoding.reference import generate
 from idlm.decoding.sampling import SamplingParams
 
 COMMITTED_TASKS = Path(__file__).resolve().parent.parent / "data" / "eval" / "tasks.jsonl"
 
 
 def load_jsonl(path: str | Path) -> list[dict]:
+    from idlm.data import DataError
+    from idlm.data.io import read_jsonl
     from idlm.errors import ConfigError
 
     try:
-        rows = [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
-    except (OSError, ValueError) as e:
+        rows = list(read_jsonl(path))
+    except DataError as e:
         raise ConfigError(f"cannot read task file {path}: {e}") from None
     out = []
     for i, r in enumerate(rows, 1):

@@ -49,3 +49,16 @@ def cuda_fused(fn):
         return fn(*args)
 
     return wrapper
+
+
+def eager_fused(fn):
+    """Run `fn` with every `cuda_fused` function in it eager (torch.compile's "force_eager" stance): for
+    forwards outside CUDA graphs, where a compiled dynamic-shape call costs more host time than its eager
+    kernels. The stance is entered per call (importing dynamo on first use, not at import time)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.compiler.set_stance("force_eager"):
+            return fn(*args, **kwargs)
+
+    return wrapper

@@ -10,6 +10,7 @@ model code.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -168,3 +169,86 @@ def gguf_state_dict(reader, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
         state[hf] = tensor
     del gguf
     return state
+
+
+
+# ------------------------------------------------------------------ converted-weights cache
+CONVERTED_FORMAT = "idlm-gguf-f32-v1"  # bump when gguf_metadata's or gguf_state_dict's output changes
+
+
+def _file_sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def converted_path(gguf_path: str | os.PathLike, sha256: str) -> Path:
+    """Where the converted (float32, HF-named) weights of a GGUF are cached: next to the GGUF when it lives
+    in idlm's cache directory (a fetched model), else under `$IDLM_CACHE/converted/`; keyed by its sha256."""
+    from idlm.models.registry import cache_dir
+
+    gguf_path, cache = Path(gguf_path).resolve(), cache_dir().resolve()
+    folder = gguf_path.parent if cache in gguf_path.parents else cache / "converted"
+    return folder / f"{gguf_path.stem}.{sha256[:16]}.safetensors"
+
+
+def _read_converted(target: Path, sha: str):
+    """(metadata, GGUF tensor names, state dict) from a converted file, or None if absent or not usable."""
+    import json
+
+    from safetensors import safe_open
+
+    if not target.is_file():
+        return None
+    try:
+        with safe_open(os.fspath(target), framework="pt") as f:
+            info = f.metadata() or {}
+            if info.get("format") != CONVERTED_FORMAT or info.get("gguf_sha256") != sha:
+                return None
+            return (json.loads(info["gguf_metadata"]), set(json.loads(info["gguf_tensors"])),
+                    {k: f.get_tensor(k) for k in f.keys()})
+    except Exception:  # a damaged cache file: convert again and replace it
+        return None
+
+
+def load_gguf(gguf_path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+    """(metadata, HF config, float32 HF state dict) of a GGUF file, through a cache: the first load parses
+    and dequantizes the file (SmolLM2-135M: ~5 s on 2 cores, most of it the reader walking the vocabulary)
+    and saves the result as one safetensors file (atomically, at `converted_path`); later loads of a file
+    with the same sha256 read that instead. A cache that cannot be written is skipped, never fatal;
+    `IDLM_GGUF_CACHE=0` turns it off."""
+    import json
+
+    use_cache = os.environ.get("IDLM_GGUF_CACHE", "1").strip() != "0"
+    if not os.path.isfile(gguf_path):
+        raise CheckpointError(f"GGUF file not found: {os.fspath(gguf_path)}")
+    sha = _file_sha256(gguf_path) if use_cache else ""
+    target = converted_path(gguf_path, sha) if use_cache else None
+    cached = _read_converted(target, sha) if use_cache else None
+    if cached is not None:
+        meta, names, state = cached
+        return meta, gguf_config(meta, names), state
+    reader = open_gguf(gguf_path)
+    meta = gguf_metadata(reader)
+    names = {t.name for t in reader.tensors}
+    hf = gguf_config(meta, names)
+    state = gguf_state_dict(reader, hf)
+    if use_cache:
+        try:
+            from safetensors.torch import save
+
+            from idlm.atomic import atomic_file
+
+            data = save({k: v.contiguous() for k, v in state.items()},
+                        metadata={"format": CONVERTED_FORMAT, "gguf_sha256": sha,
+                                  "source": os.path.basename(gguf_path), "gguf_metadata": json.dumps(meta),
+                                  "gguf_tensors": json.dumps(sorted(names))})
+            with atomic_file(target, "wb") as f:
+                f.write(data)
+        except (OSError, TypeError, ValueError):  # read-only/full cache, metadata JSON cannot hold
+            pass
+    return meta, hf, state

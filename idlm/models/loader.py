@@ -153,7 +153,8 @@ def load_pretrained(name_or_path, dtype: str | torch.dtype = torch.float32, devi
                     with_tokenizer: bool = True):
     """(model, tokenizer) of a checkpoint; the tokenizer is None when with_tokenizer is False.
 
-    A GGUF file is parsed once for both (parsing its vocabulary is the slow part of opening it).
+    A GGUF file is parsed once for both, and only on its first load: `idlm.models.gguf.load_gguf` caches
+    the converted weights and metadata (keyed by the file's sha256).
     """
     from idlm.tokenizer import Tokenizer
 
@@ -162,12 +163,10 @@ def load_pretrained(name_or_path, dtype: str | torch.dtype = torch.float32, devi
     gguf_path = _gguf_file(path)
     tokenizer = None
     if gguf_path is not None:
-        from idlm.models.gguf import gguf_config, gguf_metadata, gguf_state_dict, open_gguf
+        from idlm.models.gguf import load_gguf
 
-        reader = open_gguf(gguf_path)
-        meta = gguf_metadata(reader)
-        hf = gguf_config(meta, {t.name for t in reader.tensors})
-        cfg, tensors, source = ModelConfig.from_hf(hf), gguf_state_dict(reader, hf).items(), str(gguf_path)
+        meta, hf, state = load_gguf(gguf_path)  # parsed and converted once, then read from the cache
+        cfg, tensors, source = ModelConfig.from_hf(hf), state.items(), str(gguf_path)
         if with_tokenizer:
             tokenizer = Tokenizer.from_gguf_metadata(meta)
     else:

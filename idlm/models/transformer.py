@@ -271,15 +271,15 @@ class Transformer(nn.Module):
         return self.model.embed_tokens(input_ids)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                attn: AttentionBackend | None = None, inputs_embeds: torch.Tensor | None = None,
-                lora=None, lora_gate: torch.Tensor | None = None, is_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids [B, T] (or inputs_embeds [B, T, H]), positions [B, T] -> final hidden [B, T, H].
+                attn: AttentionBackend | None = None, lora=None, lora_gate: torch.Tensor | None = None,
+                is_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, T], positions [B, T] -> final hidden [B, T, H].
 
         positions default to 0..T-1; attn defaults to plain causal attention without a cache.
         With a `lora` adapter (idlm.layers.lora.LoRAAdapter), tokens where `is_mask` [B, T] is true take
         the adapter's MASK embedding and every projection adds the LoRA delta where `lora_gate` [B, T] is 1.
         """
-        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        x = self.embed(input_ids)
         B, T = x.shape[:2]
         if positions is None:
             positions = torch.arange(T, device=x.device).expand(B, T)

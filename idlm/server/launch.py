@@ -42,9 +42,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-path", "--model", dest="model", default=DEFAULT_MODEL,
                    help=f"checkpoint directory, .gguf file or known model name (default: {DEFAULT_MODEL})")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model-path)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (all but /health; default: no key)")
     p.add_argument("--max-running-requests", type=int, default=64, help="requests decoded together (max_num_seqs)")
     p.add_argument("--max-waiting", type=int, default=None,
                    help="queued sequences beyond this get HTTP 429 (default: 4 x --max-running-requests, at least 256)")
@@ -55,22 +56,31 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout-keep-alive", type=float, default=5.0, help="close idle keep-alive connections after this")
     p.add_argument("--body-timeout", type=float, default=30.0,
                    help="a request body not complete this many seconds after its headers gets 408")
-    p.add_argument("--dllm-algorithm", default=None, help="IDLMBlockN (ISD), RISD, SDAR or AR")
-    p.add_argument("--dllm-algorithm-config", default=None, help="YAML with the official algorithm keys")
+    p.add_argument("--dllm-algorithm", default=None, help="IDLMBlockN (ISD), RISD, SDAR or AR (default: from --decoder)")
+    p.add_argument("--dllm-algorithm-config", default=None, help="YAML with the official algorithm keys, e.g. configs/idlm_blockN4_config.yaml "
+                                                                    "(default: none)")
     p.add_argument("--decoder", default=None, choices=DECODERS,
-                   help="default: isd for an I-DLM, risd for an AR model with a known R-ISD adapter (or "
-                        "--lora-paths), else ar")
+                   help="the decoder (default: isd for an I-DLM such as idlm-tiny, risd for an AR model with a "
+                        "known R-ISD adapter (or --lora-paths), else ar)")
     p.add_argument("--stride", type=stride_arg, default=None,
-                   help="ISD stride N (default 4, or gen_block_size), or 'auto': the adaptive stride")
-    p.add_argument("--stride-schedule", type=stride_schedule_arg, default=None, help=STRIDE_SCHEDULE_HELP)
-    p.add_argument("--lora-paths", "--lora", dest="lora", default=None, help="R-ISD gated LoRA adapter")
-    p.add_argument("--num-blocks", type=int, default=None, help="KV pages (default: from free memory)")
+                   help="ISD stride N, or 'auto': the adaptive stride (default: 4, or the config's "
+                        "gen_block_size)")
+    p.add_argument("--stride-schedule", type=stride_schedule_arg, default=None,
+                   help=STRIDE_SCHEDULE_HELP + " (default: none, --stride always)")
+    p.add_argument("--lora-paths", "--lora", dest="lora", default=None,
+                   help="R-ISD gated LoRA adapter (default: the model's known adapter, if any)")
+    p.add_argument("--num-blocks", type=int, default=None,
+                   help="KV pages (default: CUDA: from free GPU memory; CPU: what the model and "
+                        "--max-running-requests need, at most 1 GiB)")
     p.add_argument("--attention-backend", dest="attention", default="auto", choices=ATTENTION_BACKENDS,
                    help="paged attention of decode steps: Triton kernel (auto: on CUDA) or gather + SDPA")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights' dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:1, ... (default: cuda if available; CPU threads: $IDLM_NUM_THREADS, "
+                        "else 1 for a model under 50 M parameters, else min(physical cores, 8))")
+    p.add_argument("--log-level", default="info", help="uvicorn log level")
 
 
 def read_algorithm_config(path: str) -> dict:

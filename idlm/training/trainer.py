@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from idlm.atomic import atomic_dir, atomic_write_text, ensure_dir, remove_abandoned, sweep_leftovers
+from idlm.data.io import read_jsonl
 from idlm.errors import CheckpointError, ConfigError
 from idlm.training.config import NOT_FINGERPRINTED, TrainConfig
 from idlm.training.objectives import ar_loss, idlm_loss, sdar_loss
@@ -367,7 +368,7 @@ class Trainer:
         except ImportError:
             print("matplotlib not installed: no loss plot")
             return None
-        rows = [json.loads(ln) for ln in (self.out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        rows = list(read_jsonl(self.out / "metrics.jsonl"))
         fig, ax = plt.subplots(figsize=(7, 4))
         for key in ("loss", "l_noisy", "l_clean", "eval_clean", "eval_noisy"):
             pts = [(r["step"], r[key]) for r in rows if key in r]
