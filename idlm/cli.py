@@ -304,7 +304,7 @@ def cmd_bench_offline(args) -> int:
     model, tok, decoder, lora = _load_for_decoding(args)
     cfg = EngineConfig(decoder=decoder.name, stride=args.stride, threshold=args.threshold,
                        max_num_seqs=max(args.concurrency), cuda_graphs=not args.no_cuda_graphs,
-                       num_blocks=args.num_blocks, attention=args.attention, stride_schedule=args.stride_schedule)
+                       num_pages=args.num_pages, attention=args.attention, stride_schedule=args.stride_schedule)
     engine = LLMEngine(model, tok, cfg, lora=lora)
     ar_engine = ar_engine_for(engine) if args.compare_ar else None
     prompts = bench_prompts(tok, max(64, max(args.concurrency)))
@@ -426,7 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="measurements per cell (interleaved with AR's under --compare-ar); the median is reported")
     bo.add_argument("--compare-ar", action="store_true",
                     help="also measure plain AR on the same model and prompts; rows add AR's numbers and ratios")
-    bo.add_argument("--num-blocks", type=int, default=None, help="KV pages (default: from free memory)")
+    bo.add_argument("--num-pages", "--num-blocks", dest="num_pages", type=int, default=None,
+                    help="KV-cache pages (default: from free memory; --num-blocks: the old name)")
     bo.add_argument("--no-cuda-graphs", action="store_true", help="run CUDA decode steps eagerly")
     bo.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto", help=ATTENTION_HELP)
     bo.add_argument("--stride-schedule", type=stride_schedule_arg, default=None,

@@ -112,7 +112,7 @@ def stage_tiny():
         lora = None
         if lora_name:
             lora = LoRAAdapter.load(resolve_model_path(lora_name), model.config, device=DEV, dtype=model.dtype)
-        cfg = EngineConfig(decoder=decoder, stride=4, max_num_seqs=max(conc), num_blocks=8192)
+        cfg = EngineConfig(decoder=decoder, stride=4, max_num_seqs=max(conc), num_pages=8192)
         engines[key] = (LLMEngine(model, tok, cfg, lora=lora), bench_prompts(tok, 256))
     res = {k: [] for k in engines}
     for c in conc:
@@ -140,7 +140,7 @@ def stage_smollm2():
     # on its own copy of the model); engines side by side, measured in turn REPS times
     fused = load_pretrained(path, dtype="bfloat16", device=DEV)[0]
     configs = (("sdpa", model, "sdpa", False), ("triton", model, "triton", False), ("default", fused, "auto", None))
-    engines = {key: LLMEngine(m, tok, EngineConfig(decoder="ar", max_num_seqs=1, attention=att, num_blocks=256,
+    engines = {key: LLMEngine(m, tok, EngineConfig(decoder="ar", max_num_seqs=1, attention=att, num_pages=256,
                                                    fuse_projections=fuse))
                for key, m, att, fuse in configs}
     assert fused.model.layers[0].self_attn.qkv is not None and model.model.layers[0].self_attn.qkv is None

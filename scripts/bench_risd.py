@@ -95,11 +95,11 @@ def stage_step():
             g = torch.Generator().manual_seed(0)
             prompts = [torch.randint(10, 40000, (64,), generator=g).tolist() for _ in range(8)]
         engines = {
-            "ar": LLMEngine(model_f, tok, EngineConfig(decoder="ar", max_num_seqs=1, num_blocks=512)),
+            "ar": LLMEngine(model_f, tok, EngineConfig(decoder="ar", max_num_seqs=1, num_pages=512)),
             "risd_fused": LLMEngine(model_f, tok, EngineConfig(decoder="risd", stride=4, max_num_seqs=1,
-                                                               num_blocks=512, fuse_projections=True), lora=lora_f),
+                                                               num_pages=512, fuse_projections=True), lora=lora_f),
             "risd_unfused": LLMEngine(model_u, tok, EngineConfig(decoder="risd", stride=4, max_num_seqs=1,
-                                                                 num_blocks=512, fuse_projections=False), lora=lora_u),
+                                                                 num_pages=512, fuse_projections=False), lora=lora_u),
         }
         runs = {k: [] for k in engines}
         for rep in range(REPS):
@@ -130,7 +130,7 @@ def stage_profile():
             lora, tok = lora.to(device=DEV, dtype=model.dtype), None
             prompt = list(range(100, 164))
         for dec in ("ar", "risd"):
-            eng = LLMEngine(model, tok, EngineConfig(decoder=dec, stride=4, max_num_seqs=1, num_blocks=512),
+            eng = LLMEngine(model, tok, EngineConfig(decoder=dec, stride=4, max_num_seqs=1, num_pages=512),
                             lora=lora if dec == "risd" else None)
             p = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
             eng.run([prompt], p)
@@ -237,8 +237,8 @@ def stage_churn():
 def stage_tiny():
     model, tok, lora = tiny_ar("bfloat16")
     conc = [1, 16, 64]
-    engines = {"ar": LLMEngine(model, tok, EngineConfig(decoder="ar", max_num_seqs=64, num_blocks=8192)),
-               "risd": LLMEngine(model, tok, EngineConfig(decoder="risd", stride=4, max_num_seqs=64, num_blocks=8192),
+    engines = {"ar": LLMEngine(model, tok, EngineConfig(decoder="ar", max_num_seqs=64, num_pages=8192)),
+               "risd": LLMEngine(model, tok, EngineConfig(decoder="risd", stride=4, max_num_seqs=64, num_pages=8192),
                                  lora=lora)}
     prompts = bench_prompts(tok, 256)
     out = {}

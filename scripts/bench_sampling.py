@@ -43,7 +43,7 @@ def stage_step():
     out = {}
     for name, model_name, decoder in (("isd4", "idlm-tiny", "isd"), ("ar", "idlm-tiny-ar", "ar")):
         model, tok = load_pretrained(model_name, dtype="bfloat16", device=DEV)
-        eng = LLMEngine(model, tok, EngineConfig(decoder=decoder, stride=4, max_num_seqs=1, num_blocks=512))
+        eng = LLMEngine(model, tok, EngineConfig(decoder=decoder, stride=4, max_num_seqs=1, num_pages=512))
         prompts = bench_prompts(tok, 8)
         settings = {"T0": dict(temperature=0.0), "T1": dict(temperature=1.0), "T1_top_p": dict(temperature=1.0,
                                                                                             top_p=0.95)}

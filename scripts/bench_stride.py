@@ -32,14 +32,14 @@ def main() -> None:
     dtype = "bfloat16" if dev == "cuda" else "float32"
     model, tok = load_pretrained("idlm-tiny", dtype=dtype, device=dev)
     prompts = bench_prompts(tok, max(64, max(conc)))
-    blocks = max(1024, max(conc) * 2 * (-(-(200 + max_tokens) // 16)))
+    pages = max(1024, max(conc) * 2 * (-(-(200 + max_tokens) // 16)))
     out = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "torch": torch.__version__,
-           "dtype": dtype, "reps": reps, "max_tokens": max_tokens, "num_blocks": blocks}
+           "dtype": dtype, "reps": reps, "max_tokens": max_tokens, "num_pages": pages}
     table = {}
     for label, stride in (("auto", "auto"), ("n4", 4)):
         t0 = time.perf_counter()
         eng = LLMEngine(model, tok, EngineConfig(decoder="isd", stride=stride, max_num_seqs=max(conc),
-                                                 num_blocks=blocks))
+                                                 num_pages=pages))
         calib_s = time.perf_counter() - t0
         ar = ar_engine_for(eng)
         rows = bench_compare(eng, prompts, conc, temps, max_tokens=max_tokens, reps=reps, ar_engine=ar)

@@ -31,7 +31,7 @@ def model():
 
 
 def make_engine(model, **kw) -> LLMEngine:
-    cfg = dict(decoder="isd", stride=4, block_size=16, num_blocks=64, max_num_batched_tokens=512, cuda_graphs=False)
+    cfg = dict(decoder="isd", stride=4, page_size=16, num_pages=64, max_num_batched_tokens=512, cuda_graphs=False)
     cfg.update(kw)
     return LLMEngine(model, None, EngineConfig(**cfg))
 

@@ -21,7 +21,7 @@ def test_auto_stride_greedy_equals_ar(tiny, cost):
     model, tok = tiny
     prompts, params = _workload(tok, n=24, seed=11)
     want = _small_engine(model, tok, "ar", 4).run(prompts, params)
-    eng = _small_engine(model, tok, "isd", "auto", step_cost=cost, auto_interval=2, num_blocks=200)
+    eng = _small_engine(model, tok, "isd", "auto", step_cost=cost, auto_interval=2, num_pages=200)
     got = _engine_staggered(eng, prompts, params, per_step=4)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert sum(eng.stride_mix.values()) == eng.counters["decode_forwards"]
@@ -36,7 +36,7 @@ def test_auto_stride_risd_greedy_equals_ar(tiny_ar):
     prompts, params = _workload(tok, n=16, seed=12)
     want = _small_engine(base, tok, "ar", 4).run(prompts, params)
     eng = _small_engine(base, tok, "risd", "auto", lora=lora, step_cost=(1e-3, 0.0, 2e-5), auto_interval=1,
-                        num_blocks=200)
+                        num_pages=200)
     assert [o.token_ids for o in _engine_staggered(eng, prompts, params, per_step=4)] == [o.token_ids for o in want]
 
 
@@ -56,7 +56,7 @@ def test_the_choice_is_a_function_of_committed_statistics(tiny):
     step (committed history) and the measured cost of earlier steps, whatever the step then draws."""
     model, tok = tiny
     prompts, params = _workload(tok, n=16, seed=14)
-    eng = _small_engine(model, tok, "isd", "auto", step_cost=(1e-3, 0.0, 2e-5), auto_interval=1, num_blocks=200)
+    eng = _small_engine(model, tok, "isd", "auto", step_cost=(1e-3, 0.0, 2e-5), auto_interval=1, num_pages=200)
     seen = []
     original = eng._choose_stride
 
@@ -100,10 +100,10 @@ def test_auto_stride_options_are_checked(tiny):
 def test_calibration_measures_on_the_engine_runner(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("IDLM_CACHE", str(tmp_path))
     model, tok = tiny
-    cfg = EngineConfig(decoder="isd", stride="auto", auto_max_stride=4, max_num_seqs=8, block_size=8, num_blocks=200)
+    cfg = EngineConfig(decoder="isd", stride="auto", auto_max_stride=4, max_num_seqs=8, page_size=8, num_pages=200)
     eng = LLMEngine(model, tok, cfg)
     assert eng._cost.model.base + eng._cost.model.per_row + eng._cost.model.per_token > 0
-    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks  # calibration freed its pages
+    assert eng.block_manager.num_free_pages == eng.block_manager.num_pages  # calibration freed its pages
     cached = list((tmp_path / "step_cost").glob("*.json"))
     assert len(cached) == 1
     again = LLMEngine(model, tok, cfg)  # from the cache: the same model

@@ -102,8 +102,8 @@ def test_median_run_and_ratio():
     assert ratio(3.0, 2.0) == 1.5 and ratio(None, 2.0) is None and ratio(3.0, 0) is None
 
 
-def _fake_engine(decoder: str, num_blocks: int = 100):
-    bm = SimpleNamespace(num_blocks=num_blocks, blocks_needed=lambda n: -(-n // 16))
+def _fake_engine(decoder: str, num_pages: int = 100):
+    bm = SimpleNamespace(num_pages=num_pages, pages_needed=lambda n: -(-n // 16))
     return SimpleNamespace(config=SimpleNamespace(decoder=decoder), scheduler=SimpleNamespace(max_num_seqs=0),
                            block_manager=bm, max_query_len=5)
 
@@ -136,13 +136,13 @@ def test_bench_compare_rejects_bad_engines_and_small_pools(monkeypatch):
     assert e.value.param == "compare_ar"
     # a wave of 4 requests of 100 + 128 + 5 tokens needs 4 · 15 pages
     with pytest.raises(ConfigError) as e:
-        bench_compare(_fake_engine("isd", num_blocks=59), [[0] * 100], [4], [0.0], max_tokens=128)
-    assert e.value.param == "num_blocks" and "--num-blocks" in str(e.value)
+        bench_compare(_fake_engine("isd", num_pages=59), [[0] * 100], [4], [0.0], max_tokens=128)
+    assert e.value.param == "num_pages" and "--num-pages" in str(e.value)
 
 
 def test_ar_engine_shares_the_model_and_config(ckpt):
     model, tok = load_pretrained(ckpt)
-    eng = LLMEngine(model, tok, EngineConfig(decoder="isd", stride=3, num_blocks=48, max_num_seqs=4, cuda_graphs=False))
+    eng = LLMEngine(model, tok, EngineConfig(decoder="isd", stride=3, num_pages=48, max_num_seqs=4, cuda_graphs=False))
     ar = ar_engine_for(eng)
     assert ar.model is model and ar.lora is None and ar.config.decoder == "ar"
     # the same options, except what only a drafting decoder has (AR has no stride)

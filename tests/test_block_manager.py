@@ -7,39 +7,39 @@ import random
 
 import pytest
 
-from idlm.engine import AllocationError, BlockManager, BlockManagerError
+from idlm.engine import AllocationError, PageManager, PageManagerError
 from idlm.errors import ConfigError
 
 JUNK = -1  # what a MASK / rejected slot writes into the KV
 
 
-def _state(bm: BlockManager):
+def _state(bm: PageManager):
     return copy.deepcopy((list(bm._free), bm._blocks, bm._hash_to_block, bm._seqs))
 
 
-def _owners(bm: BlockManager) -> list[int]:
-    owners = [0] * bm.num_blocks
+def _owners(bm: PageManager) -> list[int]:
+    owners = [0] * bm.num_pages
     for seq in bm._seqs.values():
         for bid in seq.block_ids:
             owners[bid] += 1
     return owners
 
 
-def _check(bm: BlockManager) -> None:
+def _check(bm: PageManager) -> None:
     bm.check_invariants()
     owners = _owners(bm)
     used = {bid for bid, n in enumerate(owners) if n}
     assert used.isdisjoint(bm._free)
-    assert len(used) + bm.num_free_blocks == bm.num_blocks
+    assert len(used) + bm.num_free_pages == bm.num_pages
     assert [b.ref_count for b in bm._blocks] == owners
 
 
 class KV:
     """Brute-force model of the physical KV tensor: one token id per slot."""
 
-    def __init__(self, bm: BlockManager):
+    def __init__(self, bm: PageManager):
         self.bm = bm
-        self.mem = [None] * (bm.num_blocks * bm.block_size)
+        self.mem = [None] * (bm.num_pages * bm.page_size)
 
     def write(self, seq_id, start: int, values: list[int]) -> None:
         for slot, v in zip(self.bm.slots(seq_id, start, len(values)), values, strict=True):
@@ -49,14 +49,14 @@ class KV:
         return [self.mem[s] for s in self.bm.slots(seq_id, 0, n)]
 
 
-def _prefill(bm: BlockManager, kv: KV, seq_id, prompt: list[int]) -> int:
+def _prefill(bm: PageManager, kv: KV, seq_id, prompt: list[int]) -> int:
     hit = bm.allocate(seq_id, prompt)
     kv.write(seq_id, hit, prompt[hit:])
     bm.commit(seq_id, len(prompt), prompt[hit:])
     return hit
 
 
-def _isd_step(bm: BlockManager, kv: KV, rng: random.Random, seq_id, committed: list[int], n: int) -> bool:
+def _isd_step(bm: PageManager, kv: KV, rng: random.Random, seq_id, committed: list[int], n: int) -> bool:
     """One ISD forward: write 2N−1 slots, keep 1..N of them. False if the pool is full."""
     if not bm.reserve(seq_id, 2 * n - 1):
         return False
@@ -75,20 +75,20 @@ def _isd_step(bm: BlockManager, kv: KV, rng: random.Random, seq_id, committed: l
 @pytest.mark.parametrize(
     "kwargs, name",
     [
-        ({"num_blocks": 0, "block_size": 4}, "num_blocks"),
-        ({"num_blocks": 4, "block_size": 0}, "block_size"),
-        ({"num_blocks": 2.5, "block_size": 4}, "num_blocks"),
-        ({"num_blocks": 4, "block_size": True}, "block_size"),
+        ({"num_pages": 0, "page_size": 4}, "num_pages"),
+        ({"num_pages": 4, "page_size": 0}, "page_size"),
+        ({"num_pages": 2.5, "page_size": 4}, "num_pages"),
+        ({"num_pages": 4, "page_size": True}, "page_size"),
     ],
 )
 def test_config_validation(kwargs, name):
     with pytest.raises(ConfigError, match=name):
-        BlockManager(**kwargs)
+        PageManager(**kwargs)
 
 
 def test_slot_mapping_matches_brute_force():
     bs = 4
-    bm = BlockManager(num_blocks=16, block_size=bs)
+    bm = PageManager(num_pages=16, page_size=bs)
     lengths = {"a": 5, "b": 8, "c": 1, "d": 0}
     for sid, n in lengths.items():
         assert bm.allocate(sid, list(range(100 * ord(sid), 100 * ord(sid) + n))) == 0
@@ -109,23 +109,23 @@ def test_slot_mapping_matches_brute_force():
             assert bm.slots(sid, 1, cap - 2) == slots[1:cap - 1]
         all_slots += slots
     assert len(all_slots) == len(set(all_slots)), "two requests share a private slot"
-    assert bm.num_free_blocks == 16 - len(all_slots) // bs
-    with pytest.raises(BlockManagerError, match="reserve"):
+    assert bm.num_free_pages == 16 - len(all_slots) // bs
+    with pytest.raises(PageManagerError, match="reserve"):
         bm.slots("c", 0, bs + 1)
     _check(bm)
 
 
 def test_rollback_frees_exactly_pages_past_new_length():
     bs = 4
-    bm = BlockManager(num_blocks=10, block_size=bs)
+    bm = PageManager(num_pages=10, page_size=bs)
     kv = KV(bm)
     _prefill(bm, kv, "r", [1, 2, 3, 4, 5, 6])  # 2 pages, length 6
     assert bm.reserve("r", 13)  # up to position 18 -> 5 pages
     table = bm.block_table("r")
-    assert len(table) == 5 and bm.num_free_blocks == 5
+    assert len(table) == 5 and bm.num_free_pages == 5
     bm.commit("r", 9, [7, 8, 9])  # keep ceil(9/4) = 3 pages
     assert bm.block_table("r") == table[:3]
-    assert bm.num_free_blocks == 7
+    assert bm.num_free_pages == 7
     assert set(table[3:]) <= set(bm._free)
     bm.commit("r", 9, [])  # no-op rollback of nothing
     assert bm.block_table("r") == table[:3]
@@ -135,16 +135,16 @@ def test_rollback_frees_exactly_pages_past_new_length():
     assert bm.reserve("r", 1)
     assert len(bm.block_table("r")) == 4
     bm.commit("r", 12, [])  # the page for position 12 is discarded again
-    assert bm.block_table("r") == table[:3] and bm.num_free_blocks == 7
-    with pytest.raises(BlockManagerError, match="committed"):
+    assert bm.block_table("r") == table[:3] and bm.num_free_pages == 7
+    with pytest.raises(PageManagerError, match="committed"):
         bm.commit("r", 11, [])  # never shrinks below the committed length
-    with pytest.raises(BlockManagerError, match="capacity"):
+    with pytest.raises(PageManagerError, match="capacity"):
         bm.commit("r", 13, [13])
-    with pytest.raises(BlockManagerError, match="new token ids"):
+    with pytest.raises(PageManagerError, match="new token ids"):
         bm.reserve("r", 2) and bm.commit("r", 14, [1])
     _check(bm)
     bm.free("r")
-    assert bm.num_free_blocks == 10
+    assert bm.num_free_pages == 10
     _check(bm)
 
 
@@ -152,7 +152,7 @@ def test_rollback_frees_exactly_pages_past_new_length():
 def test_isd_loop_keeps_invariants_and_kv_contents(n):
     rng = random.Random(n)
     bs = 8
-    bm = BlockManager(num_blocks=64, block_size=bs)
+    bm = PageManager(num_pages=64, page_size=bs)
     kv = KV(bm)
     seqs = {}
     for i in range(6):
@@ -174,13 +174,13 @@ def test_isd_loop_keeps_invariants_and_kv_contents(n):
     for i in seqs:
         assert kv.read(i, len(seqs[i])) == seqs[i]
         bm.free(i)
-    assert bm.num_free_blocks == bm.num_blocks
+    assert bm.num_free_pages == bm.num_pages
     _check(bm)
 
 
 def test_prefix_caching_shares_full_pages():
     bs = 8
-    bm = BlockManager(num_blocks=32, block_size=bs)
+    bm = PageManager(num_pages=32, page_size=bs)
     kv = KV(bm)
     prompt = list(range(1, 38))  # 37 tokens: 4 full pages + 5
     assert _prefill(bm, kv, "a", prompt) == 0
@@ -212,14 +212,14 @@ def test_prefix_caching_shares_full_pages():
     _check(bm)
     for sid in "abcd":
         bm.free(sid)
-    assert bm.num_free_blocks == bm.num_blocks
+    assert bm.num_free_pages == bm.num_pages
     assert all(b.ref_count == 0 for b in bm._blocks)
     _check(bm)
 
 
 @pytest.mark.parametrize("length, expected", [(1, 0), (8, 0), (9, 8), (16, 8), (17, 16), (40, 32)])
 def test_prefix_hit_leaves_last_token_to_compute(length, expected):
-    bm = BlockManager(num_blocks=16, block_size=8)
+    bm = PageManager(num_pages=16, page_size=8)
     kv = KV(bm)
     prompt = list(range(length))
     _prefill(bm, kv, "a", prompt)
@@ -231,20 +231,20 @@ def test_prefix_hit_leaves_last_token_to_compute(length, expected):
 
 def test_freed_cached_pages_are_revived_and_later_evicted():
     bs = 4
-    bm = BlockManager(num_blocks=6, block_size=bs)
+    bm = PageManager(num_pages=6, page_size=bs)
     kv = KV(bm)
     prompt = list(range(10, 23))  # 13 tokens: 3 full pages + 1
     _prefill(bm, kv, "a", prompt)
     cached = bm.block_table("a")[:3]
     bm.free("a")
-    assert bm.num_free_blocks == 6
+    assert bm.num_free_pages == 6
     # Unhashed pages are reused first, so a small request does not evict the cached prefix.
     _prefill(bm, kv, "x", [1, 2, 3])
     assert not set(bm.block_table("x")) & set(cached)
     bm.free("x")
     assert bm.allocate("b", prompt) == 12
     assert bm.block_table("b")[:3] == cached
-    assert bm.num_free_blocks == 2
+    assert bm.num_free_pages == 2
     _check(bm)
     kv.write("b", 12, prompt[12:])
     bm.commit("b", 13, prompt[12:])
@@ -255,12 +255,12 @@ def test_freed_cached_pages_are_revived_and_later_evicted():
     bm.free("y")
     assert bm.allocate("c", prompt) == 0
     bm.free("c")
-    assert bm.num_free_blocks == 6
+    assert bm.num_free_pages == 6
     _check(bm)
 
 
 def test_prefix_caching_disabled():
-    bm = BlockManager(num_blocks=16, block_size=4, enable_prefix_caching=False)
+    bm = PageManager(num_pages=16, page_size=4, enable_prefix_caching=False)
     kv = KV(bm)
     prompt = list(range(20))
     _prefill(bm, kv, "a", prompt)
@@ -272,7 +272,7 @@ def test_prefix_caching_disabled():
 
 def test_allocation_failure_leaves_state_unchanged():
     bs = 4
-    bm = BlockManager(num_blocks=5, block_size=bs)
+    bm = PageManager(num_pages=5, page_size=bs)
     kv = KV(bm)
     _prefill(bm, kv, "a", list(range(9)))  # 3 pages
     before = _state(bm)
@@ -289,21 +289,21 @@ def test_allocation_failure_leaves_state_unchanged():
         bm.allocate("c", list(range(9)) + list(range(100, 112)))
     assert _state(bm) == before
     assert bm.can_reserve("a", 11) and bm.reserve("a", 11)
-    assert bm.num_free_blocks == 0
+    assert bm.num_free_pages == 0
     with pytest.raises(AllocationError):
         bm.allocate("d", [1])
     _check(bm)
 
 
 def test_misuse_is_reported():
-    bm = BlockManager(num_blocks=4, block_size=4)
+    bm = PageManager(num_pages=4, page_size=4)
     bm.allocate("a", [1, 2])
-    with pytest.raises(BlockManagerError, match="already allocated"):
+    with pytest.raises(PageManagerError, match="already allocated"):
         bm.allocate("a", [1])
     for call in (lambda: bm.free("zz"), lambda: bm.length("zz"), lambda: bm.reserve("zz", 1)):
-        with pytest.raises(BlockManagerError, match="unknown request"):
+        with pytest.raises(PageManagerError, match="unknown request"):
             call()
-    with pytest.raises(BlockManagerError, match=">= 0"):
+    with pytest.raises(PageManagerError, match=">= 0"):
         bm.reserve("a", -1)
     _check(bm)
 
@@ -311,7 +311,7 @@ def test_misuse_is_reported():
 def test_stress_random_requests_aborts_and_isd_commits():
     rng = random.Random(1234)
     bs = 16
-    bm = BlockManager(num_blocks=96, block_size=bs)
+    bm = PageManager(num_pages=96, page_size=bs)
     kv = KV(bm)
     prefixes = [[rng.randrange(50) for _ in range(rng.randint(16, 64))] for _ in range(5)]
     live: dict[int, tuple[list[int], int, int]] = {}  # id -> (tokens, N, remaining steps)
@@ -346,7 +346,7 @@ def test_stress_random_requests_aborts_and_isd_commits():
         if steps % 50 == 0:
             _check(bm)
     assert hits > 100, "prefix caching never kicked in"
-    assert bm.num_free_blocks == bm.num_blocks
+    assert bm.num_free_pages == bm.num_pages
     assert all(b.ref_count == 0 for b in bm._blocks)
     assert not bm._seqs
     _check(bm)

@@ -56,7 +56,7 @@ def _engine_staggered(engine, prompts, params, per_step=8):
 
 
 def _small_engine(model, tok, decoder, stride, lora=None, **kw):
-    cfg = dict(decoder=decoder, stride=stride, block_size=8, num_blocks=96, max_num_batched_tokens=256, max_num_seqs=32)
+    cfg = dict(decoder=decoder, stride=stride, page_size=8, num_pages=96, max_num_batched_tokens=256, max_num_seqs=32)
     cfg.update(kw)
     return LLMEngine(model, tok, EngineConfig(**cfg), lora=lora)
 
@@ -66,14 +66,14 @@ def test_engine_greedy_equals_reference_request_by_request(tiny, decoder, stride
     model, tok = tiny
     prompts, params = _workload(tok)
     ref = generate(model, make_decoder(decoder, stride, model.config, tok), prompts, params)
-    engine = _small_engine(model, tok, decoder, stride, num_blocks=40)
+    engine = _small_engine(model, tok, decoder, stride, num_pages=40)
     got = _engine_staggered(engine, prompts, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in ref]
     assert [o.finish_reason for o in got] == [o.finish_reason for o in ref]
     if decoder == "isd":  # the same decode trajectory, so the same per-request statistics
         assert [o.stats.forwards for o in got] == [o.stats.forwards for o in ref]
         assert sum(o.stats.committed for o in got) > sum(o.stats.forwards for o in got)  # drafts were accepted
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert engine.block_manager.num_free_pages == engine.block_manager.num_pages
     engine.block_manager.check_invariants()
 
 
@@ -83,11 +83,11 @@ def test_engine_stays_exact_under_constant_preemption(tiny, decoder):
     prompts, _ = _workload(tok, n=32, seed=5)
     params = [SamplingParams(temperature=0, max_tokens=24 + i % 17, ignore_eos=True) for i in range(32)]
     ref = generate(model, make_decoder(decoder, 4, model.config, tok), prompts, params)
-    engine = _small_engine(model, tok, decoder, 4, num_blocks=20, max_num_batched_tokens=24)
+    engine = _small_engine(model, tok, decoder, 4, num_pages=20, max_num_batched_tokens=24)
     got = _engine_staggered(engine, prompts, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in ref]
     assert engine.scheduler.num_preemptions > 0
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert engine.block_manager.num_free_pages == engine.block_manager.num_pages
 
 
 def test_engine_risd_equals_reference_and_engine_ar(tiny_ar):
@@ -105,10 +105,10 @@ def test_stride_schedule_changes_n_between_steps_and_stays_exact(tiny):
     model, tok = tiny
     prompts, params = _workload(tok, n=24, seed=2)
     ref = generate(model, make_decoder("ar", 2, model.config, tok), prompts, params)
-    engine = _small_engine(model, tok, "isd", 4, stride_schedule=[(2, 8), (8, 4), (1000, 2)], num_blocks=400)
+    engine = _small_engine(model, tok, "isd", 4, stride_schedule=[(2, 8), (8, 4), (1000, 2)], num_pages=400)
     got = _engine_staggered(engine, prompts, params, per_step=3)
     assert [o.token_ids for o in got] == [o.token_ids for o in ref]
-    assert len(engine._decoders) == 3 and engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert len(engine._decoders) == 3 and engine.block_manager.num_free_pages == engine.block_manager.num_pages
 
 
 def test_sampling_with_seed_equals_reference_runner(tiny):
@@ -117,7 +117,7 @@ def test_sampling_with_seed_equals_reference_runner(tiny):
     prompts, _ = _workload(tok, n=12, seed=3)
     params = [SamplingParams(temperature=1.0, top_p=0.9, seed=100 + i, max_tokens=16) for i in range(12)]
     ref = generate(model, make_decoder("isd", 4, model.config, tok), prompts, params)
-    got = _small_engine(model, tok, "isd", 4, num_blocks=400).run(prompts, params)
+    got = _small_engine(model, tok, "isd", 4, num_pages=400).run(prompts, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in ref]
 
 
@@ -125,14 +125,14 @@ def test_sdar_engine_equals_reference_without_preemption(tiny):
     model, tok = tiny
     prompts, params = _workload(tok, n=16, seed=4)
     ref = generate(model, make_decoder("sdar", 4, model.config, tok), prompts, params)
-    engine = _small_engine(model, tok, "sdar", 4, num_blocks=400)
+    engine = _small_engine(model, tok, "sdar", 4, num_pages=400)
     assert [o.token_ids for o in engine.run(prompts, params)] == [o.token_ids for o in ref]
     assert engine.scheduler.num_preemptions == 0
 
 
 def test_thousand_requests_with_aborts_and_preemption_leak_nothing():
     model = tiny_transformer(64, mask_token_id=MASK, max_position_embeddings=64)
-    engine = LLMEngine(model, None, EngineConfig(decoder="isd", stride=3, block_size=4, num_blocks=40,
+    engine = LLMEngine(model, None, EngineConfig(decoder="isd", stride=3, page_size=4, num_pages=40,
                                                  max_num_seqs=16, max_num_batched_tokens=48))
     rng = random.Random(0)
     submitted, aborted, finished = [], set(), []
@@ -161,22 +161,22 @@ def test_thousand_requests_with_aborts_and_preemption_leak_nothing():
     assert engine.scheduler.num_preemptions > 100
     assert len(finished) == len(set(finished))  # each exactly once
     assert set(finished) | aborted == set(submitted) and not set(finished) & aborted
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert engine.block_manager.num_free_pages == engine.block_manager.num_pages
     assert not engine.abort_request(submitted[0]) or submitted[0] in aborted
 
 
 def test_more_requests_than_the_pool_holds_wait_and_all_finish():
     model = tiny_transformer(64, mask_token_id=MASK, max_position_embeddings=64)
-    engine = LLMEngine(model, None, EngineConfig(decoder="ar", block_size=4, num_blocks=12, max_num_seqs=64))
+    engine = LLMEngine(model, None, EngineConfig(decoder="ar", page_size=4, num_pages=12, max_num_seqs=64))
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     outs = engine.run([[7 + i % 50] * 20 for i in range(30)], params)
     assert all(len(o.token_ids) == 20 and o.finish_reason == "length" for o in outs)
-    assert engine.block_manager.num_free_blocks == 12
+    assert engine.block_manager.num_free_pages == 12
 
 
 def test_bad_requests_and_options_are_clear_errors():
     model = tiny_transformer(64, mask_token_id=MASK, max_position_embeddings=64)
-    engine = LLMEngine(model, None, EngineConfig(decoder="isd", stride=4, block_size=4, num_blocks=8))
+    engine = LLMEngine(model, None, EngineConfig(decoder="isd", stride=4, page_size=4, num_pages=8))
     with pytest.raises(ConfigError, match="exceeds the model's context of 64"):
         engine.add_request([7] * 70, SamplingParams(max_tokens=1))
     with pytest.raises(ConfigError, match="max_tokens 60 exceeds"):
@@ -190,8 +190,8 @@ def test_bad_requests_and_options_are_clear_errors():
     engine.add_request([7], SamplingParams(max_tokens=1), request_id="a")
     with pytest.raises(ConfigError, match="already in use"):
         engine.add_request([7], SamplingParams(max_tokens=1), request_id="a")
-    with pytest.raises(ConfigError, match="block_size"):
-        EngineConfig(block_size=0)
+    with pytest.raises(ConfigError, match="page_size"):
+        EngineConfig(page_size=0)
     with pytest.raises(ConfigError, match="stride_schedule"):
         EngineConfig(stride_schedule=[(8, 4), (2, 2)])
     with pytest.raises(ConfigError, match="needs a LoRA"):
@@ -254,7 +254,7 @@ def test_llm_api_generates_text():
     from idlm import LLM
     from idlm import SamplingParams as SP
 
-    llm = LLM(num_blocks=64, device="cpu")
+    llm = LLM(num_pages=64, device="cpu")
     outs = llm.generate(["def add(a, b):", "What is 2 + 2?"], SP(temperature=0, max_tokens=8))
     assert len(outs) == 2 and all(o.token_ids and isinstance(o.text, str) for o in outs)
 
@@ -270,7 +270,7 @@ def test_bench_commands_print_one_json_line(capsys, tmp_path):
     assert [(r["batch"], r["query_len"]) for r in last["results"]] == [(1, 1), (1, 3), (2, 1), (2, 3)]
     assert all(r["latency_ms"] > 0 for r in last["results"])
     assert main(["bench", "offline", "--decoder", "isd", "--concurrency", "2", "--max-tokens", "6",
-                 "--num-blocks", "64"]) == 0
+                 "--num-pages", "64"]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     r = last["results"][0]
     assert r["concurrency"] == 2 and r["generated_tokens"] == r["requests"] * 6 and r["tpf"] >= 1
@@ -347,7 +347,7 @@ def test_a_request_whose_step_raises_fails_alone(tiny, where):
     for r, want in zip(rids, ref):
         assert outs[r].token_ids == want.token_ids and outs[r].finish_reason == want.finish_reason
     assert engine.counters["failed"] == 1
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert engine.block_manager.num_free_pages == engine.block_manager.num_pages
 
 
 def test_stride_schedule_with_plain_ar_steps_stays_exact(tiny, tiny_ar):
@@ -397,3 +397,42 @@ def test_a_seeded_request_draws_the_same_tokens_alone_and_in_any_batch(tiny, tin
     assert outs[37].token_ids == alone.token_ids and len(alone.token_ids) == 24
     ref = generate(model, make_decoder(decoder, 4, model.config, tok), [prompts[5]], [probe], lora=lora)[0]
     assert ref.token_ids == alone.token_ids
+
+
+def test_deprecated_block_names():
+    """The KV cache's units are pages: the old block names still work for one release, with a warning."""
+    import argparse
+    import dataclasses
+    import warnings
+
+    from idlm.cli import build_parser
+    from idlm.data.distill import add_distill_arguments
+    from idlm.engine import BlockManager, BlockManagerError, PageManager, PageManagerError
+    from idlm.server.launch import add_serve_arguments
+
+    with pytest.warns(DeprecationWarning, match="block_size is deprecated, use page_size"):
+        cfg = EngineConfig(block_size=8)
+    assert cfg.page_size == 8
+    with pytest.warns(DeprecationWarning, match="num_blocks is deprecated, use num_pages"):
+        cfg = EngineConfig(num_blocks=40, page_size=4)
+    assert (cfg.num_pages, cfg.page_size) == (40, 4)
+    assert "block_size" not in dataclasses.asdict(cfg) and "num_blocks" not in dataclasses.asdict(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dataclasses.replace(cfg, decoder="ar").num_pages == 40
+    with pytest.warns(DeprecationWarning), pytest.raises(ConfigError, match="conflict"):
+        EngineConfig(num_blocks=40, num_pages=30)
+    with pytest.warns(DeprecationWarning), pytest.raises(ConfigError, match="conflict"):
+        EngineConfig(block_size=8, page_size=4)
+    with pytest.warns(DeprecationWarning), pytest.raises(ConfigError, match="page_size"):
+        EngineConfig(block_size=0)
+    assert BlockManager is PageManager and BlockManagerError is PageManagerError
+    bm = PageManager(num_pages=6, page_size=4)
+    assert (bm.num_blocks, bm.block_size, bm.num_free_blocks, bm.blocks_needed(5)) == (6, 4, 6, 2)
+    for add, required in ((add_serve_arguments, []), (add_distill_arguments, ["--model", "m", "--out", "o"])):
+        p = argparse.ArgumentParser()
+        add(p)
+        for option in ("--num-blocks", "--num-pages"):
+            assert p.parse_args([*required, option, "64"]).num_pages == 64
+    for option in ("--num-blocks", "--num-pages"):
+        assert build_parser().parse_args(["bench", "offline", option, "64"]).num_pages == 64

@@ -39,7 +39,7 @@ from idlm.decoding.isd import ISDDecoder, ISDState
 from idlm.decoding.reference import generate
 from idlm.decoding.sampling import SamplingParams
 from idlm.decoding.stops import StopChecker
-from idlm.engine.block_manager import BlockManager, BlockManagerError
+from idlm.engine.block_manager import PageManager, PageManagerError
 from idlm.engine.llm_engine import EngineConfig, LLMEngine, _BatchRows
 from idlm.engine.model_runner import DecodeBatch, ModelRunner, Row
 
@@ -91,7 +91,7 @@ def test_large_batch_engine_equals_reference(tiny, decoder, sampled):
     model, tok = tiny
     prompts, params = _large_workload(tok, sampled)
     ref = generate(model, make_decoder(decoder, 4, model.config, tok), prompts, params, tokenizer=tok)
-    engine = LLMEngine(model, tok, EngineConfig(decoder=decoder, stride=4, block_size=8, num_blocks=1200,
+    engine = LLMEngine(model, tok, EngineConfig(decoder=decoder, stride=4, page_size=8, num_pages=1200,
                                                 max_num_seqs=96, max_num_batched_tokens=2048))
     seqs, most = _staggered(engine, prompts, params)
     assert most >= 64
@@ -106,7 +106,7 @@ def test_large_batch_engine_equals_reference(tiny, decoder, sampled):
     stopped_by_string = [r.text for r, sp in zip(ref, params) if sp.stop and r.finish_reason == "stop"]
     assert len(stopped_by_string) >= 3  # the stop-string path ran
     assert sum(len(o.token_ids) == sp.max_tokens for o, sp in zip(got, params)) >= 10
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert engine.block_manager.num_free_pages == engine.block_manager.num_pages
     engine.block_manager.check_invariants()
 
 
@@ -115,7 +115,7 @@ def test_engine_text_streams_equal_reference_text(tiny):
     model, tok = tiny
     prompts, params = _large_workload(tok, sampled=False, n=64, seed=1)
     ref = generate(model, make_decoder("isd", 4, model.config, tok), prompts, params, tokenizer=tok)
-    engine = LLMEngine(model, tok, EngineConfig(decoder="isd", stride=4, block_size=8, num_blocks=800,
+    engine = LLMEngine(model, tok, EngineConfig(decoder="isd", stride=4, page_size=8, num_pages=800,
                                                 max_num_seqs=64, max_num_batched_tokens=1024))
     rids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
     text = dict.fromkeys(rids, "")
@@ -154,7 +154,7 @@ def _churn(engine, n=300, seed=0):
 
 def _churn_engine(decoder: str) -> LLMEngine:
     model = tiny_transformer(64, mask_token_id=MASK, max_position_embeddings=128)
-    return LLMEngine(model, None, EngineConfig(decoder=decoder, stride=4, block_size=4, num_blocks=48,
+    return LLMEngine(model, None, EngineConfig(decoder=decoder, stride=4, page_size=4, num_pages=48,
                                                max_num_seqs=24, max_num_batched_tokens=96), eos_token_ids=[3])
 
 
@@ -165,7 +165,7 @@ def _disable_caches(engine: LLMEngine) -> None:
         dec.batch_params = dec.params_inputs
 
 
-def _brute_force_mapping(bm: BlockManager) -> None:
+def _brute_force_mapping(bm: PageManager) -> None:
     """Wrap `decode_mapping` to check each result against the per-request `length`, `slots` and
     `block_table` (the mirror-free computation), at the moment the engine asks for it."""
     mapping = bm.decode_mapping
@@ -198,7 +198,7 @@ def test_caches_are_invalidated_under_preemption_abort_and_finish(decoder):
     assert [o.finish_reason for o in got] == [o.finish_reason for o in want]
     assert cached.scheduler.num_preemptions > 20 and cached.counters["aborted"] > 5
     for eng in (cached, plain):
-        assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+        assert eng.block_manager.num_free_pages == eng.block_manager.num_pages
         assert not eng.block_manager._tables.any()
 
 
@@ -319,10 +319,10 @@ def test_params_tensors_equal_torch_tensor_of_lists():
 
 
 def test_decode_mapping_needs_reserved_room():
-    bm = BlockManager(8, 4)
+    bm = PageManager(8, 4)
     bm.allocate("a", [1, 2, 3])
     bm.commit("a", 3, [1, 2, 3])
-    with pytest.raises(BlockManagerError, match="call reserve"):
+    with pytest.raises(PageManagerError, match="call reserve"):
         bm.decode_mapping(["a"], 2)
     assert bm.reserve("a", 2)
     starts, slots, tables = bm.decode_mapping(["a"], 2)
@@ -349,7 +349,7 @@ def harness_engine(decoder: str, batch: int, stride: int = 4, **config) -> LLMEn
     model = tiny_transformer(HARNESS_VOCAB, num_hidden_layers=1, hidden_size=16, intermediate_size=32,
                              num_attention_heads=2, num_key_value_heads=1, head_dim=8,
                              max_position_embeddings=512, mask_token_id=HARNESS_MASK)
-    cfg = dict(decoder=decoder, stride=stride, block_size=16, num_blocks=batch * 17 + 16, max_num_seqs=batch,
+    cfg = dict(decoder=decoder, stride=stride, page_size=16, num_pages=batch * 17 + 16, max_num_seqs=batch,
                max_num_batched_tokens=max(8192, batch * 64), max_model_len=512)
     cfg.update(config)
     return LLMEngine(model, None, EngineConfig(**cfg), eos_token_ids=[])

@@ -100,7 +100,7 @@ def test_every_entry_point_encodes_a_prompt_the_same_way(tmp_path, capsys):
     assert want[0] == tok.bos_token_id and want[1:] == tok.encode(text)
     assert main(["generate", text, "--model", str(ckpt), "--max-tokens", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["prompt_token_ids"] == want
-    llm = LLM(str(ckpt), decoder="ar", device="cpu", num_blocks=32)
+    llm = LLM(str(ckpt), decoder="ar", device="cpu", num_pages=32)
     assert llm.generate(text, SamplingParams(max_tokens=2))[0].prompt_token_ids == want
     async_llm = AsyncLLM(llm.engine)
     with TestClient(build_app(async_llm, "bos")) as c:

@@ -86,7 +86,7 @@ def greedy(**kw):
 
 
 def engine_of(model, tok, decoder, stride, lora=None, **kw):
-    cfg = dict(decoder=decoder, stride=stride, block_size=8, num_blocks=96, max_num_batched_tokens=256,
+    cfg = dict(decoder=decoder, stride=stride, page_size=8, num_pages=96, max_num_batched_tokens=256,
                max_num_seqs=8)
     cfg.update(kw)
     return LLMEngine(model, tok, EngineConfig(**cfg), lora=lora)
@@ -192,7 +192,7 @@ def test_logprobs_survive_forced_preemption_without_duplicates(tiny, decoder):
               sampled(i, max_tokens=12 + i, ignore_eos=True, logprobs=3, prompt_logprobs=0)
               for i in range(len(prompts))]
     # a tiny pool and a small token budget: chunked prefills and constant preemption (recompute)
-    eng = engine_of(model, tok, decoder, 4, num_blocks=16, max_num_batched_tokens=12)
+    eng = engine_of(model, tok, decoder, 4, num_pages=16, max_num_batched_tokens=12)
     ids = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
     outs = [eng.seqs[r].output for r in ids]
     step, mid_prefill = 0, 0
@@ -207,7 +207,7 @@ def test_logprobs_survive_forced_preemption_without_duplicates(tiny, decoder):
     assert eng.scheduler.num_preemptions > 10 and mid_prefill > 0
     for o, sp in zip(outs, params):
         check_output(model, o, sp.logprobs, sp.prompt_logprobs)
-    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+    assert eng.block_manager.num_free_pages == eng.block_manager.num_pages
 
 
 @pytest.mark.parametrize("block", [1, 2])
@@ -274,9 +274,9 @@ def test_logprobs_bounds_are_valid():
 
 
 def test_block_manager_caps_the_prefix_hit():
-    from idlm.engine.block_manager import BlockManager
+    from idlm.engine.block_manager import PageManager
 
-    bm = BlockManager(16, 4)
+    bm = PageManager(16, 4)
     prompt = list(range(10, 23))  # 13 tokens: 3 full pages before the last token
     bm.allocate("a", prompt)
     bm.commit("a", len(prompt), prompt)

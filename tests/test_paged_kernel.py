@@ -76,11 +76,11 @@ def test_engine_with_kernel_equals_engine_without(decoder, stride):
     params = [SamplingParams(temperature=0, max_tokens=12 + 3 * i) for i in range(len(prompts))]
     outs = {}
     for attention in ("sdpa", "triton"):
-        eng = LLMEngine(model, None, EngineConfig(decoder=decoder, stride=stride, num_blocks=64, block_size=4,
+        eng = LLMEngine(model, None, EngineConfig(decoder=decoder, stride=stride, num_pages=64, page_size=4,
                                                   attention=attention))
         assert eng.runner.attn_kernel == (attention == "triton")
         outs[attention] = [o.token_ids for o in eng.run(prompts, params)]
-        assert eng.block_manager.num_free_blocks == 64
+        assert eng.block_manager.num_free_pages == 64
     assert outs["triton"] == outs["sdpa"]
 
 
@@ -90,7 +90,7 @@ def test_attention_option_errors(monkeypatch):
         EngineConfig(attention="flash")
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ConfigError, match="triton"):
-        LLMEngine(model, None, EngineConfig(decoder="ar", num_blocks=8, attention="triton"))
+        LLMEngine(model, None, EngineConfig(decoder="ar", num_pages=8, attention="triton"))
     # auto on CPU: the reference path
-    assert not LLMEngine(model, None, EngineConfig(decoder="ar", num_blocks=8)).runner.attn_kernel
+    assert not LLMEngine(model, None, EngineConfig(decoder="ar", num_pages=8)).runner.attn_kernel
     assert os.environ.get("TRITON_INTERPRET") is None

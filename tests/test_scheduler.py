@@ -2,7 +2,7 @@
 
 from idlm.decoding.sampling import SamplingParams
 from idlm.decoding.stops import StopChecker
-from idlm.engine.block_manager import BlockManager
+from idlm.engine.block_manager import PageManager
 from idlm.engine.scheduler import Scheduler, admits_now
 from idlm.engine.sequence import Sequence
 
@@ -21,7 +21,7 @@ def _seq(i: int, n: int = 4) -> Sequence:
 
 
 def test_scheduler_defers_admission_until_a_group_fits():
-    bm = BlockManager(num_blocks=64, block_size=4)
+    bm = PageManager(num_pages=64, page_size=4)
     sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=256, admit_batch=2)
     seqs = [_seq(i) for i in range(6)]
     for s in seqs:
@@ -36,4 +36,4 @@ def test_scheduler_defers_admission_until_a_group_fits():
     sched.finish(seqs[1])  # two seats free: both admitted in one prefill
     out = sched.schedule(lambda b: 1)
     assert [s.request_id for s, _ in out.prefills] == ["r4", "r5"]
-    assert bm.num_free_blocks < bm.num_blocks
+    assert bm.num_free_pages < bm.num_pages

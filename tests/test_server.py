@@ -27,7 +27,7 @@ MODEL = "idlm-tiny"
 @pytest.fixture(scope="module")
 def server():
     model, tok = load_pretrained(MODEL)
-    engine = LLMEngine(model, tok, EngineConfig(decoder="isd", stride=4, num_blocks=256, max_num_seqs=16))
+    engine = LLMEngine(model, tok, EngineConfig(decoder="isd", stride=4, num_pages=256, max_num_seqs=16))
     llm = AsyncLLM(engine, max_waiting=1024).start()
     with serving(build_app(llm, MODEL, max_body_bytes=4096, max_seqs_per_request=512)) as base:
         yield {"base": base, "llm": llm, "model": model, "tok": tok}
@@ -48,7 +48,7 @@ def test_greedy_completion_matches_offline(server, client):
     prompt, k = "def fibonacci(n):", 24
     r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=k, temperature=0)
     tok = server["tok"]
-    engine = LLMEngine(server["model"], tok, EngineConfig(decoder="isd", stride=4, num_blocks=64, max_num_seqs=2))
+    engine = LLMEngine(server["model"], tok, EngineConfig(decoder="isd", stride=4, num_pages=64, max_num_seqs=2))
     ids = tok.encode(prompt, add_special_tokens=True)
     ref = engine.run([ids], SamplingParams(temperature=0, max_tokens=k))[0]
     assert r.choices[0].text == ref.text
@@ -171,7 +171,7 @@ def test_bad_requests_while_streaming(server):
 
 def test_queue_full_429_and_dead_engine_503(server):
     model, tok = server["model"], server["tok"]
-    engine = LLMEngine(model, tok, EngineConfig(decoder="isd", stride=4, num_blocks=64, max_num_seqs=1))
+    engine = LLMEngine(model, tok, EngineConfig(decoder="isd", stride=4, num_pages=64, max_num_seqs=1))
     llm = AsyncLLM(engine, max_waiting=1)
     app = build_app(llm, MODEL)
     with TestClient(app) as c:

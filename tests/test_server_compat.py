@@ -31,7 +31,7 @@ ATOL = 2e-4
 @pytest.fixture(scope="module")
 def server():
     model, tok = load_pretrained(MODEL)
-    engine = LLMEngine(model, tok, EngineConfig(decoder="isd", stride=4, num_blocks=256, max_num_seqs=8))
+    engine = LLMEngine(model, tok, EngineConfig(decoder="isd", stride=4, num_pages=256, max_num_seqs=8))
     llm = AsyncLLM(engine, max_waiting=256).start()
     with serving(build_app(llm, MODEL)) as base:
         yield {"base": base, "llm": llm, "tok": tok}
@@ -62,7 +62,7 @@ def engine_ids(server, prompt_ids: list[int], **params) -> list[int]:
     from idlm.decoding.sampling import SamplingParams
 
     engine = LLMEngine(server["llm"].engine.model, server["tok"],
-                       EngineConfig(decoder="isd", stride=4, num_blocks=64, max_num_seqs=2))
+                       EngineConfig(decoder="isd", stride=4, num_pages=64, max_num_seqs=2))
     return engine.run([prompt_ids], SamplingParams(**params))[0].token_ids
 
 
@@ -237,7 +237,7 @@ def test_lm_eval_harness_local_completions(tmp_path):
     # generations: the engine's greedy output for the same ids, cut at the stop string
     from idlm.decoding.sampling import SamplingParams
 
-    engine = LLMEngine(model, tok, EngineConfig(decoder="isd", stride=4, num_blocks=64, max_num_seqs=4))
+    engine = LLMEngine(model, tok, EngineConfig(decoder="isd", stride=4, num_pages=64, max_num_seqs=4))
     gens = [json.loads(ln) for f in out.rglob("samples_idlm_gen_*.jsonl") for ln in f.read_text().splitlines()]
     assert len(gens) == len((TASKS / "gen.jsonl").read_text().splitlines())
     for s in gens:

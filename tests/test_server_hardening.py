@@ -39,7 +39,7 @@ def model_tok():
 @pytest.fixture(scope="module")
 def server(model_tok):
     model, tok = model_tok
-    engine = LLMEngine(model, tok, EngineConfig(decoder="isd", stride=4, num_blocks=256, max_num_seqs=MAX_RUNNING))
+    engine = LLMEngine(model, tok, EngineConfig(decoder="isd", stride=4, num_pages=256, max_num_seqs=MAX_RUNNING))
     llm = AsyncLLM(engine, max_waiting=MAX_WAITING).start()
     app = build_app(llm, MODEL, max_seqs_per_request=MAX_SEQS, body_timeout=1.0)
     with serving(app) as base:
@@ -240,7 +240,7 @@ def test_tiny_temperature_and_top_p_behave_as_their_limit(server):
 
 def test_a_request_that_can_never_fit_is_400_and_429_has_retry_after(model_tok):
     model, tok = model_tok
-    engine = LLMEngine(model, tok, EngineConfig(decoder="isd", stride=4, num_blocks=64, max_num_seqs=1))
+    engine = LLMEngine(model, tok, EngineConfig(decoder="isd", stride=4, num_pages=64, max_num_seqs=1))
     llm = AsyncLLM(engine, max_waiting=1).start()
     app = build_app(llm, MODEL)
     try:
@@ -379,7 +379,7 @@ def test_api_key_is_checked_for_every_route_but_health(model_tok, server):
 @pytest.mark.slow
 def test_sigterm_drains_then_ends_open_streams_with_an_error_event():
     port = free_port()
-    proc = start_serve(port, "--max-running-requests", "4", "--num-blocks", "128", "--shutdown-timeout", "2")
+    proc = start_serve(port, "--max-running-requests", "4", "--num-pages", "128", "--shutdown-timeout", "2")
     base = f"http://127.0.0.1:{port}"
     try:
         lines, short = [], {}
@@ -438,7 +438,7 @@ def test_engine_death_is_logged_visible_and_exits_non_zero(monkeypatch, caplog):
     port = free_port()
     p = argparse.ArgumentParser()
     add_serve_arguments(p)
-    args = p.parse_args(["--port", str(port), "--num-blocks", "64", "--log-level", "warning"])
+    args = p.parse_args(["--port", str(port), "--num-pages", "64", "--log-level", "warning"])
     result = {}
     th = threading.Thread(target=lambda: result.setdefault("code", cmd_serve(args)), daemon=True)
     with caplog.at_level(logging.ERROR):
@@ -456,7 +456,7 @@ def test_engine_death_is_logged_visible_and_exits_non_zero(monkeypatch, caplog):
 
 def test_dead_engine_health_and_metrics(model_tok):
     model, tok = model_tok
-    engine = LLMEngine(model, tok, EngineConfig(decoder="isd", stride=4, num_blocks=64, max_num_seqs=2))
+    engine = LLMEngine(model, tok, EngineConfig(decoder="isd", stride=4, num_pages=64, max_num_seqs=2))
     llm = AsyncLLM(engine).start()
     app = build_app(llm, MODEL)
 

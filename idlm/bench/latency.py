@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from idlm.engine.block_manager import BlockManager
+from idlm.engine.block_manager import PageManager
 from idlm.engine.model_runner import ModelRunner, Row
 from idlm.layers.paged_attention import PagedKVCache
 
@@ -44,7 +44,7 @@ def bench_latency(model, query_sizes: list[int], batch_sizes: list[int], context
     cuda = runner.device.type == "cuda"
     results = []
     for B in batch_sizes:
-        bm = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
+        bm = PageManager(num_blocks, block_size, enable_prefix_caching=False)
         for b in range(B):
             bm.allocate(b, [1] * context)
             bm.commit(b, context, [1] * context)

@@ -67,8 +67,8 @@ def check_bench_options(temperatures: list[float], reps: int = 1, num_requests: 
 
 def ar_engine_for(engine):
     """A plain-AR LLMEngine on the same model object: the same EngineConfig but decoder "ar", and no LoRA
-    (stride and stride schedule are dropped: AR has none). Its KV pool is its own: with `num_blocks` unset
-    it is sized from the memory the first engine left, so on a GPU give `num_blocks` for equal pools."""
+    (stride and stride schedule are dropped: AR has none). Its KV pool is its own: with `num_pages` unset
+    it is sized from the memory the first engine left, so on a GPU give `num_pages` for equal pools."""
     from idlm.engine.llm_engine import LLMEngine
 
     if engine.config.decoder == "ar":
@@ -77,8 +77,8 @@ def ar_engine_for(engine):
     try:
         return LLMEngine(engine.model, engine.tokenizer, cfg, eos_token_ids=engine.eos)
     except MemoryError as e:
-        raise ConfigError(f"--compare-ar: no room for the AR engine's KV pool ({e}); pass --num-blocks "
-                          "to size both engines' pools", param="num_blocks") from None
+        raise ConfigError(f"--compare-ar: no room for the AR engine's KV pool ({e}); pass --num-pages "
+                          "to size both engines' pools", param="num_pages") from None
 
 
 def _run(engine, prompts, params, wave: int) -> dict:
@@ -97,7 +97,7 @@ def _run(engine, prompts, params, wave: int) -> dict:
     committed = sum(s.output.stats.committed for s in seqs)
     forwards = sum(s.output.stats.forwards for s in seqs)
     ttft = [s.first_token_time - s.arrival for s in seqs]
-    if engine.block_manager.num_free_blocks != engine.block_manager.num_blocks:
+    if engine.block_manager.num_free_pages != engine.block_manager.num_pages:
         raise RuntimeError("KV pages leaked during the benchmark")
     return {"requests": len(seqs), "generated_tokens": tokens, "wall_s": round(wall, 4),
             "throughput_tok_s": round(tokens / wall, 1),
@@ -129,11 +129,11 @@ def _check_pool(engine, work: list[list[int]], max_tokens: int, c: int) -> None:
     """A wave of c requests must fit the KV pool at once, or they would not decode side by side."""
     bm = engine.block_manager
     longest = sorted((len(p) for p in work), reverse=True)[:c]
-    need = sum(bm.blocks_needed(n + max_tokens + engine.max_query_len) for n in longest)
-    if need > bm.num_blocks:
-        raise ConfigError(f"the {engine.config.decoder} engine's KV pool has {bm.num_blocks} pages but a wave of "
-                          f"{c} requests needs up to {need}: raise --num-blocks or lower --max-tokens / "
-                          "--concurrency", param="num_blocks")
+    need = sum(bm.pages_needed(n + max_tokens + engine.max_query_len) for n in longest)
+    if need > bm.num_pages:
+        raise ConfigError(f"the {engine.config.decoder} engine's KV pool has {bm.num_pages} pages but a wave of "
+                          f"{c} requests needs up to {need}: raise --num-pages or lower --max-tokens / "
+                          "--concurrency", param="num_pages")
 
 
 def bench_compare(engine, prompts: list[list[int]], concurrency: list[int], temperatures: list[float],

@@ -433,7 +433,7 @@ def distill(
     prompts: dicts {"id", "messages", "split" ("train"/"heldout"), "source", ...} (`idlm.data.chat_prompts`).
     target_tokens: stop once this many training response tokens are written (None: every prompt).
     max_prompt_tokens: longer prompts are skipped (and counted). engine_options: extra `EngineConfig`
-    fields (cuda_graphs, num_blocks, gpu_memory_utilization, ...: this engine's, not shared out by
+    fields (cuda_graphs, num_pages, gpu_memory_utilization, ...: this engine's, not shared out by
     `engines`). engines / engine_index: this call is engine `engine_index` of `engines` sharing the run
     (its jobs and its share of target_tokens); engine 0 prepares the run (run.json, prompt files,
     tokenizer) and then calls `on_ready` (where the other engines are started), the others only join it.
@@ -661,7 +661,8 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights' dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt set and the sampled responses")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run CUDA decode steps eagerly")
-    p.add_argument("--num-blocks", type=int, default=None, help="KV pages (default: from free GPU memory)")
+    p.add_argument("--num-pages", "--num-blocks", dest="num_pages", type=int, default=None,
+                   help="KV-cache pages (default: from free GPU memory; --num-blocks: the old name)")
     p.add_argument("--workers", type=int, default=None, help="processes for mining instruction prompts (default: min(CPU count, 16))")
     p.add_argument("--engines", type=int, default=1,
                    help="engine processes sharing the device, each generating every P-th prompt up to 1/P of "
@@ -687,8 +688,8 @@ def _engine_argv(args: argparse.Namespace, device: str, dtype: str, index: int) 
         argv += ["--target-tokens", str(args.target_tokens)]
     if args.no_cuda_graphs:
         argv.append("--no-cuda-graphs")
-    if args.num_blocks is not None:
-        argv += ["--num-blocks", str(args.num_blocks)]
+    if args.num_pages is not None:
+        argv += ["--num-pages", str(args.num_pages)]
     return argv
 
 
@@ -744,8 +745,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if not 0 < args.gpu_memory_utilization <= 1:
         raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
     _positive("--target-tokens", args.target_tokens, allow_none=True)
-    if args.num_blocks is not None:
-        _positive("--num-blocks", args.num_blocks)
+    if args.num_pages is not None:
+        _positive("--num-pages", args.num_pages)
     if args.prompts is not None and not os.path.isfile(args.prompts):
         raise ConfigError(f"--prompts: file not found: {args.prompts}")
     sampling_params("check", args.temperatures[0], args.seed, args.max_tokens, args.top_p, args.top_k)
@@ -767,8 +768,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     prompt_s = time.perf_counter() - t0
     options = {"cuda_graphs": not args.no_cuda_graphs, "gpu_memory_utilization": args.gpu_memory_utilization /
                args.engines}
-    if args.num_blocks is not None:
-        options["num_blocks"] = args.num_blocks
+    if args.num_pages is not None:
+        options["num_pages"] = args.num_pages
     children: list[tuple[int, subprocess.Popen]] = []
 
     def start_engines() -> None:  # engine 0 has written run.json and prompt_set.jsonl

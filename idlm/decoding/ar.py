@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from idlm.decoding import rng
-from idlm.decoding.base import Block, BlockBatch, Decoder, ParamsInputs, StepResult
+from idlm.decoding.base import BlockBatch, Decoder, ParamsInputs, QueryBlock, StepResult
 from idlm.decoding.logprobs import first_token_logprobs, logprob_columns, logprobs_static, unpack_logprobs
 from idlm.decoding.sampling import (
     filtered_probs,
@@ -39,8 +39,8 @@ class ARDecoder(Decoder):
         lps = first_token_logprobs(logits, tokens, params)
         return [ARState(t) for t in tokens], [StepResult([t], 0, [q], *lp) for t, q, lp in zip(tokens, probs, lps)]
 
-    def block(self, state: ARState) -> Block:
-        return Block(tokens=[state.last], is_mask=[False])
+    def block(self, state: ARState) -> QueryBlock:
+        return QueryBlock(tokens=[state.last], is_mask=[False])
 
     def blocks(self, states):
         tokens = np.fromiter((s.last for s in states), np.int64, len(states))[:, None]

@@ -7,7 +7,7 @@ the request asks: `StepResult.logprobs`), how many of the block's KV slots to ke
 request's next state (`step`). The reference runner
 (`idlm.decoding.reference`) and the batched engine both drive decoders through this interface, so the
 algorithm is written once. The engine asks for a whole batch's blocks at once (`blocks`: host arrays,
-row b = `block(states[b])`), which decoders on its hot path compute without a per-row Block.
+row b = `block(states[b])`), which decoders on its hot path compute without a per-row QueryBlock.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from idlm.decoding.sampling import SamplingParams
 
 
 @dataclass
-class Block:
+class QueryBlock:
     """One request's query block: tokens at positions P..P+Q-1, P = its kept KV length."""
     tokens: list[int]
     is_mask: list[bool]  # MASK slots (R-ISD replaces their input embedding by the adapter's)
@@ -39,7 +39,7 @@ class BlockBatch:
     visible: np.ndarray | None = None  # [B, Q] int64, causal rows = arange(Q); None when every block is causal
 
     @classmethod
-    def stack(cls, blocks: list[Block]) -> "BlockBatch":
+    def stack(cls, blocks: list[QueryBlock]) -> "BlockBatch":
         q = len(blocks[0].tokens)
         gate = visible = None
         if any(b.gate is not None for b in blocks):
@@ -154,7 +154,7 @@ class Decoder:
         """After prefill: last-prompt-token logits [B, V] -> (states, what is emitted now; advance 0)."""
         raise NotImplementedError
 
-    def block(self, state) -> Block:
+    def block(self, state) -> QueryBlock:
         raise NotImplementedError
 
     def blocks(self, states: list) -> BlockBatch:

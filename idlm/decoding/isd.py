@@ -30,7 +30,7 @@ import torch
 from idlm.decoding import rng
 from idlm.decoding.acceptance import verify_drafts
 from idlm.decoding.ar import ARDecoder
-from idlm.decoding.base import Block, BlockBatch, Decoder, ParamsInputs, StepResult
+from idlm.decoding.base import BlockBatch, Decoder, ParamsInputs, QueryBlock, StepResult
 from idlm.decoding.logprobs import first_token_logprobs, logprob_columns, logprobs_static, unpack_logprobs
 from idlm.decoding.sampling import (
     filtered_probs,
@@ -59,7 +59,7 @@ def draft_slots(mode: str, stride: int) -> range:
     return range(1, stride) if mode == "C" else range(stride, 2 * stride - 1)
 
 
-def isd_block(state: ISDState, stride: int, mask_token_id: int) -> Block:
+def isd_block(state: ISDState, stride: int, mask_token_id: int) -> QueryBlock:
     n = stride
     if state.mode == "C":
         tokens = [state.last] + [mask_token_id] * (2 * n - 2)
@@ -71,7 +71,7 @@ def isd_block(state: ISDState, stride: int, mask_token_id: int) -> Block:
     is_mask = [i >= first_mask for i in range(2 * n - 1)]
     slots = draft_slots(state.mode, n)
     gate = [i in slots for i in range(2 * n - 1)]
-    return Block(tokens=tokens, is_mask=is_mask, gate=gate)
+    return QueryBlock(tokens=tokens, is_mask=is_mask, gate=gate)
 
 
 class ISDDecoder(Decoder):
@@ -101,7 +101,7 @@ class ISDDecoder(Decoder):
             # Exact: C only means "no drafts to verify"; the pending token is still the next input.
             state.mode, state.specs, state.spec_q, state.spec_qd = "C", [], None, []
 
-    def block(self, state: ISDState) -> Block:
+    def block(self, state: ISDState) -> QueryBlock:
         self._restart_stale(state)
         b = isd_block(state, self.stride, self.mask_token_id)
         if not self.uses_lora:
@@ -317,7 +317,7 @@ class ISDPlainStep(ARDecoder):
     def _cold(state: ISDState) -> None:
         state.mode, state.specs, state.spec_q, state.spec_qd = "C", [], None, []
 
-    def block(self, state: ISDState) -> Block:
+    def block(self, state: ISDState) -> QueryBlock:
         self._cold(state)
         return super().block(state)
 

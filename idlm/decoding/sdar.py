@@ -65,7 +65,7 @@ from dataclasses import dataclass
 
 import torch
 
-from idlm.decoding.base import Block, Decoder, StepResult
+from idlm.decoding.base import Decoder, QueryBlock, StepResult
 from idlm.decoding.logprobs import logprob_columns, unpack_logprobs
 from idlm.decoding.sampling import filtered_probs, params_tensors, sample
 from idlm.errors import ConfigError
@@ -94,7 +94,7 @@ def sdar_visible(block_size: int) -> list[int]:
     return [block_size - 1] * block_size + [2 * block_size - 1] * block_size
 
 
-def sdar_block(state: SDARState, block_size: int, mask_token_id: int) -> Block:
+def sdar_block(state: SDARState, block_size: int, mask_token_id: int) -> QueryBlock:
     """The 2B query block: [current | MASK padding] mid-block, [finished clean | current] after a finish."""
     b = block_size
     if state.finished is None:
@@ -103,7 +103,7 @@ def sdar_block(state: SDARState, block_size: int, mask_token_id: int) -> Block:
     else:
         tokens = state.finished + state.tokens
         is_mask = [False] * b + state.masked
-    return Block(tokens=tokens, is_mask=is_mask, visible=sdar_visible(b))
+    return QueryBlock(tokens=tokens, is_mask=is_mask, visible=sdar_visible(b))
 
 
 def current_offset(state: SDARState, block_size: int) -> int:
@@ -172,7 +172,7 @@ class SDARDecoder(Decoder):
         return ([fresh_state(self.block_size, self.mask_token_id) for _ in range(n)],
                 [StepResult([], 0, []) for _ in range(n)])
 
-    def block(self, state: SDARState) -> Block:
+    def block(self, state: SDARState) -> QueryBlock:
         return sdar_block(state, self.block_size, self.mask_token_id)
 
     @torch.no_grad()

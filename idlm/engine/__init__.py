@@ -1,13 +1,22 @@
-"""Serving engine (SPEC §8): paged KV block manager, continuous-batching scheduler, model runner
+"""Serving engine (SPEC §8): paged KV page manager, continuous-batching scheduler, model runner
 (paged attention, CUDA graphs), the step loop (`LLMEngine`) and the offline API (`LLM`).
 
 Exported here: `LLMEngine`, `EngineConfig` and `LLM` (imported lazily, so `idlm.engine.options` stays
-importable without torch), and the block manager's `BlockManager`, `SeqBlocks` and its errors.
+importable without torch), and the page manager's `PageManager` (old name `BlockManager`), `SeqBlocks` and
+its errors.
 """
 
-from idlm.engine.block_manager import AllocationError, BlockManager, BlockManagerError, SeqBlocks
+from idlm.engine.block_manager import (
+    AllocationError,
+    BlockManager,
+    BlockManagerError,
+    PageManager,
+    PageManagerError,
+    SeqBlocks,
+)
 
-__all__ = ["LLM", "LLMEngine", "EngineConfig", "AllocationError", "BlockManager", "BlockManagerError", "SeqBlocks"]
+__all__ = ["LLM", "LLMEngine", "EngineConfig", "AllocationError", "PageManager", "PageManagerError", "BlockManager",
+           "BlockManagerError", "SeqBlocks"]
 
 
 def __getattr__(name):

@@ -2,10 +2,10 @@
 
 Why each piece exists
 ---------------------
-* **Fixed-size pages in one pool.** The KV cache is one preallocated tensor of `num_blocks * block_size`
+* **Fixed-size pages in one pool.** The KV cache is one preallocated tensor of `num_pages * page_size`
   slots; a request owns a list of page ids (its *block table*), so requests of any length share the pool
   without fragmentation and the attention kernel finds token `p` of a request at physical slot
-  `block_table[p // block_size] * block_size + p % block_size` (`slots`).
+  `block_table[p // page_size] * page_size + p % page_size` (`slots`).
 * **Committed length vs reserved capacity.** An ISD decode step writes 2N−1 query tokens at positions
   P..P+2N−2 but keeps only `advance` (1..N) of them (SPEC §4.4: MASK and rejected slots are dropped).
   `reserve` makes room for the writes before the forward; `commit(new_length)` afterwards keeps
@@ -20,7 +20,7 @@ Why each piece exists
   chained hash (and stored token ids, guarding against collisions) matches; it returns how many prompt
   tokens already have KV. The hit never covers the last prompt token (at least one token must be run
   to get logits), and because a request must never write into a shared page the hit is
-  `block_size * floor((len − 1) / block_size)`: whole pages that lie strictly before the last token.
+  `page_size * floor((len − 1) / page_size)`: whole pages that lie strictly before the last token.
   `allocate(..., max_hit=n)` caps the hit at n tokens (a request that wants prompt logprobs needs the
   logits of its prompt positions, so it must compute them).
 * **Freed pages keep their hash.** A page whose ref count drops to 0 goes back on the free list but
@@ -52,16 +52,20 @@ import numpy as np
 
 from idlm.errors import ConfigError, IdlmError
 
-__all__ = ["AllocationError", "BlockManager", "BlockManagerError", "SeqBlocks"]
+__all__ = ["AllocationError", "BlockManager", "BlockManagerError", "PageManager", "PageManagerError", "SeqBlocks"]
 
 _ROOT_HASH = -1  # the "previous page hash" of a sequence's first page
 
 
-class BlockManagerError(IdlmError):
-    """Misuse of the block manager: unknown or duplicate request id, out-of-range length."""
+class PageManagerError(IdlmError):
+    """Misuse of the page manager: unknown or duplicate request id, out-of-range length."""
 
 
-class AllocationError(BlockManagerError):
+# the old name, kept for one release
+BlockManagerError = PageManagerError
+
+
+class AllocationError(PageManagerError):
     """The pool has too few free pages; nothing was allocated."""
 
 
@@ -82,22 +86,22 @@ class SeqBlocks:
     num_tokens: int = 0  # committed length: KV of positions 0..num_tokens-1 is valid and kept
     partial_tokens: list[int] = field(default_factory=list)  # committed tokens of the last, non-full page
     last_hash: int = _ROOT_HASH  # chained hash of the last full committed page
-    row: int = -1  # its row of the host block tables (BlockManager._tables)
+    row: int = -1  # its row of the host block tables (PageManager._tables)
 
 
-class BlockManager:
-    """A paged KV pool of `num_blocks` pages of `block_size` slots, with optional prefix caching."""
+class PageManager:
+    """A paged KV pool of `num_pages` pages of `page_size` slots, with optional prefix caching."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
-        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
-            raise ConfigError(f"num_blocks must be a positive integer, got {num_blocks!r}")
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-            raise ConfigError(f"block_size must be a positive integer, got {block_size!r}")
-        self.num_blocks = num_blocks
-        self.block_size = block_size
+    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True):
+        if isinstance(num_pages, bool) or not isinstance(num_pages, int) or num_pages < 1:
+            raise ConfigError(f"num_pages must be a positive integer, got {num_pages!r}")
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+            raise ConfigError(f"page_size must be a positive integer, got {page_size!r}")
+        self.num_pages = num_pages
+        self.page_size = page_size
         self.enable_prefix_caching = bool(enable_prefix_caching)
-        self._blocks = [_Block(i) for i in range(num_blocks)]
-        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))  # front = reused first
+        self._blocks = [_Block(i) for i in range(num_pages)]
+        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_pages))  # front = reused first
         self._hash_to_block: dict[int, int] = {}
         self._seqs: dict[object, SeqBlocks] = {}
         # host block tables: row r mirrors the block_ids of the request holding it, padded with page 0
@@ -107,11 +111,27 @@ class BlockManager:
     # ------------------------------------------------------------------ queries
 
     @property
-    def num_free_blocks(self) -> int:
+    def num_free_pages(self) -> int:
         return len(self._free)
 
+    def pages_needed(self, n_tokens: int) -> int:
+        return -(-max(n_tokens, 0) // self.page_size)
+
+    # the old names, kept for one release
+    @property
+    def num_blocks(self) -> int:
+        return self.num_pages
+
+    @property
+    def block_size(self) -> int:
+        return self.page_size
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.num_free_pages
+
     def blocks_needed(self, n_tokens: int) -> int:
-        return -(-max(n_tokens, 0) // self.block_size)
+        return self.pages_needed(n_tokens)
 
     def __contains__(self, seq_id) -> bool:
         return seq_id in self._seqs
@@ -125,11 +145,11 @@ class BlockManager:
 
     def capacity(self, seq_id) -> int:
         """Number of positions the request's pages can hold (committed + reserved)."""
-        return len(self._seq(seq_id).block_ids) * self.block_size
+        return len(self._seq(seq_id).block_ids) * self.page_size
 
     def can_allocate(self, n_tokens: int) -> bool:
         """Whether a prompt of `n_tokens` can be admitted even with no prefix hit (a safe upper bound)."""
-        return self.blocks_needed(n_tokens) <= len(self._free)
+        return self.pages_needed(n_tokens) <= len(self._free)
 
     def can_reserve(self, seq_id, n_new_tokens: int) -> bool:
         return self._pages_to_reserve(self._seq(seq_id), n_new_tokens) <= len(self._free)
@@ -137,15 +157,15 @@ class BlockManager:
     def slots(self, seq_id, start: int, n: int) -> list[int]:
         """Physical slot ids of positions start..start+n-1 (the model runner's slot mapping)."""
         seq = self._seq(seq_id)
-        if start < 0 or n < 0 or start + n > len(seq.block_ids) * self.block_size:
-            raise BlockManagerError(
+        if start < 0 or n < 0 or start + n > len(seq.block_ids) * self.page_size:
+            raise PageManagerError(
                 f"positions {start}..{start + n - 1} of request {seq_id!r} are outside its "
-                f"{len(seq.block_ids) * self.block_size} reserved slots; call reserve() first"
+                f"{len(seq.block_ids) * self.page_size} reserved slots; call reserve() first"
             )
-        bs = self.block_size
+        bs = self.page_size
         out = [seq.block_ids[p // bs] * bs + p % bs for p in range(start, start + n)]
         # Write safety: every page covering a position at or past the committed length is private.
-        for idx in range(max(start, seq.num_tokens) // bs, self.blocks_needed(start + n)):
+        for idx in range(max(start, seq.num_tokens) // bs, self.pages_needed(start + n)):
             block = self._blocks[seq.block_ids[idx]]
             assert block.ref_count == 1 and block.hash is None, f"page {block.block_id} is shared or cached"
         return out
@@ -156,12 +176,12 @@ class BlockManager:
         row b = seq_ids[b], M = the most pages any of them holds. Equals `length`, `slots(id, length, n)`
         and `block_table` (zero-padded) per request, computed for the whole batch at once."""
         seqs = [self._seq(s) for s in seq_ids]
-        B, bs = len(seqs), self.block_size
+        B, bs = len(seqs), self.page_size
         rows = np.fromiter((s.row for s in seqs), np.int64, B)
         starts = np.fromiter((s.num_tokens for s in seqs), np.int64, B)
         pages = np.fromiter((len(s.block_ids) for s in seqs), np.int64, B)
         for b in np.flatnonzero(starts + n > pages * bs)[:1]:
-            raise BlockManagerError(
+            raise PageManagerError(
                 f"positions {starts[b]}..{starts[b] + n - 1} of request {seq_ids[b]!r} are outside its "
                 f"{pages[b] * bs} reserved slots; call reserve() first")
         tables = self._tables[rows, : pages.max(initial=0)]
@@ -181,9 +201,9 @@ class BlockManager:
         Raises AllocationError (state unchanged) when the pool is too small.
         """
         if seq_id in self._seqs:
-            raise BlockManagerError(f"request {seq_id!r} is already allocated")
+            raise PageManagerError(f"request {seq_id!r} is already allocated")
         tokens = list(token_ids)
-        bs = self.block_size
+        bs = self.page_size
         hit_blocks: list[int] = []
         last_hash = _ROOT_HASH
         if self.enable_prefix_caching:
@@ -198,12 +218,12 @@ class BlockManager:
                     break
                 hit_blocks.append(bid)
                 last_hash = h
-        n_new = self.blocks_needed(len(tokens)) - len(hit_blocks)
+        n_new = self.pages_needed(len(tokens)) - len(hit_blocks)
         revived = sum(1 for bid in hit_blocks if self._blocks[bid].ref_count == 0)
         if n_new + revived > len(self._free):
             raise AllocationError(
                 f"cannot admit request {seq_id!r}: needs {n_new + revived} free KV pages, "
-                f"{len(self._free)} of {self.num_blocks} are free"
+                f"{len(self._free)} of {self.num_pages} are free"
             )
         for bid in hit_blocks:
             block = self._blocks[bid]
@@ -224,7 +244,7 @@ class BlockManager:
         Returns False, allocating nothing, if the pool cannot supply the pages.
         """
         if n_new_tokens < 0:
-            raise BlockManagerError(f"n_new_tokens must be >= 0, got {n_new_tokens}")
+            raise PageManagerError(f"n_new_tokens must be >= 0, got {n_new_tokens}")
         seq = self._seq(seq_id)
         need = self._pages_to_reserve(seq, n_new_tokens)
         if need == 0:  # the usual decode step: its pages already have room
@@ -246,18 +266,18 @@ class BlockManager:
         """
         seq = self._seq(seq_id)
         new_tokens = list(token_ids)
-        capacity = len(seq.block_ids) * self.block_size
+        capacity = len(seq.block_ids) * self.page_size
         if not seq.num_tokens <= new_length <= capacity:
-            raise BlockManagerError(
+            raise PageManagerError(
                 f"commit length {new_length} for request {seq_id!r} must lie between its committed "
                 f"length {seq.num_tokens} and its reserved capacity {capacity}"
             )
         if len(new_tokens) != new_length - seq.num_tokens:
-            raise BlockManagerError(
+            raise PageManagerError(
                 f"commit of request {seq_id!r} to length {new_length} needs {new_length - seq.num_tokens} "
                 f"new token ids, got {len(new_tokens)}"
             )
-        bs = self.block_size
+        bs = self.page_size
         if self.enable_prefix_caching:
             pos = seq.num_tokens
             for tok in new_tokens:
@@ -281,7 +301,7 @@ class BlockManager:
         """Release all of a finished or aborted request's pages (cached ones stay revivable)."""
         seq = self._seqs.pop(seq_id, None)
         if seq is None:
-            raise BlockManagerError(f"unknown request {seq_id!r}")
+            raise PageManagerError(f"unknown request {seq_id!r}")
         self._tables[seq.row, : len(seq.block_ids)] = 0
         self._free_rows.append(seq.row)
         for bid in reversed(seq.block_ids):
@@ -291,17 +311,17 @@ class BlockManager:
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the bookkeeping is inconsistent (for tests and debugging)."""
-        owners = [0] * self.num_blocks
+        owners = [0] * self.num_pages
         for seq in self._seqs.values():
             assert len(set(seq.block_ids)) == len(seq.block_ids), "a request holds a page twice"
             for bid in seq.block_ids:
                 owners[bid] += 1
-            assert self.blocks_needed(seq.num_tokens) <= len(seq.block_ids), "committed KV without a page"
-            for idx in range(seq.num_tokens // self.block_size, len(seq.block_ids)):
+            assert self.pages_needed(seq.num_tokens) <= len(seq.block_ids), "committed KV without a page"
+            for idx in range(seq.num_tokens // self.page_size, len(seq.block_ids)):
                 block = self._blocks[seq.block_ids[idx]]
                 assert block.ref_count == 1 and block.hash is None, "writable page is shared or cached"
             if self.enable_prefix_caching:
-                assert len(seq.partial_tokens) == seq.num_tokens % self.block_size
+                assert len(seq.partial_tokens) == seq.num_tokens % self.page_size
         for block in self._blocks:
             assert block.ref_count == owners[block.block_id], f"page {block.block_id}: bad ref count"
             assert (block.ref_count == 0) == (block.block_id in self._free), f"page {block.block_id}: free/used"
@@ -322,10 +342,10 @@ class BlockManager:
         try:
             return self._seqs[seq_id]
         except KeyError:
-            raise BlockManagerError(f"unknown request {seq_id!r}") from None
+            raise PageManagerError(f"unknown request {seq_id!r}") from None
 
     def _pages_to_reserve(self, seq: SeqBlocks, n_new_tokens: int) -> int:
-        return max(0, -(-(seq.num_tokens + n_new_tokens) // self.block_size) - len(seq.block_ids))
+        return max(0, -(-(seq.num_tokens + n_new_tokens) // self.page_size) - len(seq.block_ids))
 
     def _take_row(self) -> int:
         """A free row of the host block tables (the array doubles when none is left)."""
@@ -381,3 +401,7 @@ class BlockManager:
         block.token_ids = page
         if h not in self._hash_to_block:  # an identical page may already be published by a sibling
             self._hash_to_block[h] = block.block_id
+
+
+# the old name, kept for one release (the KV cache's units are pages everywhere now)
+BlockManager = PageManager

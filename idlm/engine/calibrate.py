@@ -103,7 +103,7 @@ def calibrate_step_cost(engine, use_cache: bool = True) -> StepCostModel:
             return StepCostModel(*data["coefficients"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             logger.warning("ignoring the unreadable step-cost cache %s: %s", path, e)
-    capacity = engine.block_manager.num_free_blocks // (-(-(CONTEXT + 15) // engine.config.block_size))
+    capacity = engine.block_manager.num_free_pages // (-(-(CONTEXT + 15) // engine.config.page_size))
     points = calibration_points(engine.config.max_num_seqs, engine.config.auto_max_stride, capacity)
     t0 = time.perf_counter()
     samples = measure_step_costs(engine, points)

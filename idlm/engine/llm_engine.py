@@ -4,7 +4,7 @@
 rows (a CUDA graph on GPU) through the model runner, and applies each request's results with the
 same functions the reference runner uses (`Decoder.block/step_inputs/compute/finish`,
 `apply_result`), so engine output equals reference output request by request. KV is committed to
-the block manager by length after every step (`Block.tokens[:advance]`), so MASK and rejected slots
+the page manager by length after every step (`QueryBlock.tokens[:advance]`), so MASK and rejected slots
 are rolled back and only committed tokens ever reach the prefix cache.
 
 The stride is chosen per step: fixed, by batch size (`EngineConfig.stride_schedule`), or adaptively
@@ -22,7 +22,7 @@ overflows, a bug on a rare path) finishes that request alone with finish_reason 
 
 Host work per decode step is kept per batch where it can be (on a GPU a small model's step is bound by
 it, not by the one graph replay): the decode rows go to the runner as one `DecodeBatch` of arrays
-(`Decoder.blocks`, `BlockManager.decode_mapping` over its mirrored block tables), the per-request lists
+(`Decoder.blocks`, `PageManager.decode_mapping` over its mirrored block tables), the per-request lists
 of an unchanged batch are reused (`_BatchRows`, and with them the decoders' params tensors,
 `Decoder.batch_params`), the packed results reach the host as one array read by columns, and stop
 checks without a tokenizer take no per-token detour (`StopChecker.accept`). What remains per request
@@ -39,7 +39,8 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import InitVar, dataclass, field
 
 import torch
 
@@ -51,7 +52,7 @@ from idlm.decoding.sampling import SamplingParams
 from idlm.decoding.stops import StopChecker
 from idlm.decoding.stride_policy import (MAX_STRIDE, CostTracker, StepCostModel, StrideChoice,
                                          acceptance_estimate, choose_stride, default_prior)
-from idlm.engine.block_manager import BlockManager
+from idlm.engine.block_manager import PageManager
 from idlm.engine.calibrate import calibrate_step_cost
 from idlm.engine.model_runner import DecodeBatch, ModelRunner, Row
 from idlm.engine.scheduler import Scheduler
@@ -87,8 +88,8 @@ class EngineConfig:
     # None: always `stride`. Example: [(8, 4), (32, 3), (1_000_000, 2)]. For ISD / R-ISD, N = 1 means plain
     # AR steps (exact: `ISDPlainStep`), e.g. [(32, 4), (1_000_000, 1)] where big batches make ISD lose.
     stride_schedule: list[tuple[int, int]] | None = None
-    block_size: int = 16
-    num_blocks: int | None = None  # None: from free GPU memory (CPU: up to 1 GiB)
+    page_size: int = 16  # KV-cache page: token slots per page
+    num_pages: int | None = None  # KV-cache pages; None: from free GPU memory (CPU: up to 1 GiB)
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     # while requests are decoding, admit waiting ones only when this many seats are free (or every waiting
@@ -106,8 +107,15 @@ class EngineConfig:
     # one q/k/v and one gate/up matmul per layer (weight copies), and R-ISD's LoRA folded into the projections
     # (Transformer.fuse_lora); None = auto: on CUDA when the copies are <= 1 GiB
     fuse_projections: bool | None = None
+    # deprecated aliases of page_size / num_pages (one release): accepted as keyword arguments only, never
+    # stored (so `asdict` and `dataclasses.replace` see only the new names); read page_size / num_pages
+    block_size: InitVar[int | None] = None
+    num_blocks: InitVar[int | None] = None
 
-    def __post_init__(self):
+    def __post_init__(self, block_size=None, num_blocks=None):
+        self._resolve_alias("block_size", block_size, "page_size", 16)
+        self._resolve_alias("num_blocks", num_blocks, "num_pages", None)
+
         def positive(name):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -115,7 +123,7 @@ class EngineConfig:
 
         if self.stride != "auto":
             positive("stride")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "auto_interval"):
+        for name in ("page_size", "max_num_seqs", "max_num_batched_tokens", "auto_interval"):
             positive(name)
         positive("auto_max_stride")
         if self.auto_max_stride > MAX_STRIDE:
@@ -131,8 +139,8 @@ class EngineConfig:
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"invalid engine option step_cost={self.step_cost!r}: need (base, per_row, "
                                   f"per_token) seconds >= 0 ({e})") from None
-        if self.num_blocks is not None:
-            positive("num_blocks")
+        if self.num_pages is not None:
+            positive("num_pages")
         if self.admit_batch is None:
             self.admit_batch = max(1, self.max_num_seqs // 16)
         positive("admit_batch")
@@ -150,6 +158,17 @@ class EngineConfig:
                 raise ConfigError(f"invalid stride_schedule {self.stride_schedule!r}: need ascending "
                                   "(max batch size, stride) pairs of positive integers")
             self.stride_schedule = sched
+
+    def _resolve_alias(self, old: str, value, new: str, default) -> None:
+        """A deprecated keyword `old` given as `value`: warn and set `new` (a conflicting `new` is an error)."""
+        if value is None:
+            return
+        warnings.warn(f"EngineConfig option {old} is deprecated, use {new}", DeprecationWarning, stacklevel=4)
+        current = getattr(self, new)
+        if current != default and current != value:
+            raise ConfigError(f"engine options {old}={value!r} (deprecated alias of {new}) and {new}={current!r} "
+                              "conflict: give only " + new)
+        setattr(self, new, value)
 
     @property
     def strides(self) -> list[int]:
@@ -248,11 +267,11 @@ class LLMEngine:
             raise ConfigError(f"max_num_batched_tokens {config.max_num_batched_tokens} is below one decode "
                               f"block ({self.max_query_len} tokens)")
         self.eos = mcfg.eos_token_ids if eos_token_ids is None else list(eos_token_ids)
-        self.runner = ModelRunner(model, config.block_size, config.num_blocks, self.max_model_len, lora=lora,
+        self.runner = ModelRunner(model, config.page_size, config.num_pages, self.max_model_len, lora=lora,
                                   gpu_memory_utilization=config.gpu_memory_utilization,
                                   cuda_graphs=config.cuda_graphs, max_num_seqs=config.max_num_seqs,
                                   attention=config.attention, fuse_projections=config.fuse_projections)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = PageManager(self.runner.num_blocks, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    admit_batch=config.admit_batch)
         self.seqs: dict[str, Sequence] = {}
@@ -317,9 +336,9 @@ class LLMEngine:
             prompt = self.tokenizer.encode_prompt(prompt)
         prompt = list(prompt)
         check_request(prompt, params, self.max_model_len, self.model.config.vocab_size)
-        need = self.block_manager.blocks_needed(len(prompt) + params.max_tokens + self.max_query_len)
-        if need > self.block_manager.num_blocks:
-            raise ConfigError(f"request needs up to {need} KV pages but the pool has {self.block_manager.num_blocks}: "
+        need = self.block_manager.pages_needed(len(prompt) + params.max_tokens + self.max_query_len)
+        if need > self.block_manager.num_pages:
+            raise ConfigError(f"request needs up to {need} KV pages but the pool has {self.block_manager.num_pages}: "
                               "lower max_tokens or give the engine more KV memory")
         rid = str(next(self._ids)) if request_id is None else str(request_id)
         if rid in self.seqs:
@@ -564,6 +583,6 @@ class LLMEngine:
 
     def kv_usage(self) -> dict:
         bm = self.block_manager
-        return {"pages_total": bm.num_blocks, "pages_free": bm.num_free_blocks,
-                "pages_used": bm.num_blocks - bm.num_free_blocks}
+        return {"pages_total": bm.num_pages, "pages_free": bm.num_free_pages,
+                "pages_used": bm.num_pages - bm.num_free_pages}
 

@@ -4,7 +4,7 @@ CUDA graphs for decode steps.
 A forward takes rows (one per request) of T query tokens each, right-padded to one T: tokens at
 positions start..start+n−1, written at the slots the block manager maps them to (padding writes the
 pool's trash slot). Prefill chunks come as `Row`s; a decode step as one `DecodeBatch` of host arrays
-(the engine builds it without per-request objects: `BlockManager.decode_mapping`, `Decoder.blocks`).
+(the engine builds it without per-request objects: `PageManager.decode_mapping`, `Decoder.blocks`).
 Prefill chunks run eagerly; only the last token's hidden state of a finished prompt goes through the
 vocabulary projection (plus, for requests that want prompt logprobs, the prompt positions they still
 need). A decode step of a fused decoder (AR, ISD, R-ISD) is forward + logits + the decoder's `compute`
@@ -13,7 +13,7 @@ bucket, decoder options — incl. the static logprobs width, so steps without lo
 graphs) and replayed, so one step is a few host-to-device copies, one graph launch and one
 device-to-host copy (the packed results).
 The KV pool is sized from free GPU memory (`gpu_memory_utilization`; on CPU from what the model and
-`max_num_seqs` requests of `max_model_len` need, at most 1 GiB) or given as `num_blocks`.
+`max_num_seqs` requests of `max_model_len` need, at most 1 GiB) or given as `num_pages`.
 Decode steps attend over the pool with the Triton paged kernel on CUDA (`attention="auto"`); prefill
 chunks, and every step elsewhere, take the gather + SDPA reference path. On CUDA a model whose q/k/v
 and gate/up weights take ≤ 1 GiB runs them as two fused matmuls per layer (`fuse_projections`), and

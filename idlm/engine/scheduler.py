@@ -28,7 +28,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from idlm.engine.block_manager import AllocationError, BlockManager
+from idlm.engine.block_manager import AllocationError, PageManager
 from idlm.engine.sequence import SeqStatus, Sequence
 
 
@@ -48,7 +48,7 @@ def admits_now(running: int, waiting: int, max_num_seqs: int, admit_batch: int) 
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+    def __init__(self, block_manager: PageManager, max_num_seqs: int, max_num_batched_tokens: int,
                  admit_batch: int = 1):
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
@@ -133,7 +133,7 @@ class Scheduler:
             if seq in out.preempted:  # just preempted for lack of pages: not back in the same step
                 break
             # keep a page per running decode free so admission does not force immediate preemption
-            if self.running and self.bm.blocks_needed(len(seq.kv_tokens)) + len(self.running) > self.bm.num_free_blocks:
+            if self.running and self.bm.pages_needed(len(seq.kv_tokens)) + len(self.running) > self.bm.num_free_pages:
                 break
             try:
                 hit = self.bm.allocate(seq.request_id, seq.kv_tokens, max_hit=seq.max_prefix_hit)

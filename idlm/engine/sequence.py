@@ -1,7 +1,7 @@
 """One request inside the engine: its tokens, KV progress, decoder state and output.
 
 KV bookkeeping in one list: `kv_tokens` are the tokens whose KV belongs in the cache (the prompt,
-then each decode step's kept block tokens, `Block.tokens[:advance]`), and `num_computed` how many of
+then each decode step's kept block tokens, `QueryBlock.tokens[:advance]`), and `num_computed` how many of
 them have KV in the cache now. A request is *prefilling* while num_computed < len(kv_tokens): on
 admission (prompt), and again after preemption, which frees its pages and resets num_computed to
 0 (preemption by recompute: the decoder state and output are kept, so nothing is emitted twice).

@@ -69,8 +69,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help=STRIDE_SCHEDULE_HELP + " (default: none, --stride always)")
     p.add_argument("--lora-paths", "--lora", dest="lora", default=None,
                    help="R-ISD gated LoRA adapter (default: the model's known adapter, if any)")
-    p.add_argument("--num-blocks", type=int, default=None,
-                   help="KV pages (default: CUDA: from free GPU memory; CPU: what the model and "
+    p.add_argument("--num-pages", "--num-blocks", dest="num_pages", type=int, default=None,
+                   help="KV-cache pages (--num-blocks: the old name; default: CUDA: from free GPU memory; "
+                        "CPU: what the model and "
                         "--max-running-requests need, at most 1 GiB)")
     p.add_argument("--attention-backend", dest="attention", default="auto", choices=ATTENTION_BACKENDS,
                    help="paged attention of decode steps: Triton kernel (auto: on CUDA) or gather + SDPA")
@@ -178,7 +179,7 @@ def cmd_serve(args) -> int:
     model, tok, lora = inf.model, inf.tokenizer, inf.adapter
     opts["decoder"] = inf.decoder
     config = EngineConfig(decoder=opts["decoder"], stride=opts["stride"], threshold=opts["threshold"],
-                          max_num_seqs=args.max_running_requests, num_blocks=args.num_blocks,
+                          max_num_seqs=args.max_running_requests, num_pages=args.num_pages,
                           attention=args.attention, stride_schedule=args.stride_schedule)
     engine = LLMEngine(model, tok, config, lora=lora)
     life = Lifecycle()
