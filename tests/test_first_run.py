@@ -168,3 +168,13 @@ def test_fetched_gguf_is_cached_next_to_it(tmp_path, monkeypatch):
     inside = tmp_path / "smollm2-135m-instruct" / "m.gguf"
     assert converted_path(inside, "ab" * 32).parent == inside.parent
     assert converted_path(tmp_path.parent / "elsewhere" / "m.gguf", "ab" * 32).parent == tmp_path / "converted"
+
+
+def test_the_command_line_parser_does_not_import_torch():
+    """`idlm --help` answers without loading torch (a subcommand imports it when it runs)."""
+    import subprocess
+    import sys
+
+    code = "import sys, idlm.cli; idlm.cli.build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from idlm.decoding.reference import generate
-from idlm.decoding.sampling import SamplingParams
+if TYPE_CHECKING:
+    from idlm.decoding.sampling import SamplingParams
+
 
 COMMITTED_TASKS = Path(__file__).resolve().parent.parent / "data" / "eval" / "tasks.jsonl"
 
@@ -59,6 +61,8 @@ def evaluate_tasks(model, tokenizer, decoder, tasks: list[dict], *, lora=None, b
                    max_tokens: int | None = None, params: SamplingParams | None = None) -> dict:
     """Per-kind accuracy of greedy (by default) answers; instruction pairs also report `parses`."""
     from idlm.data.synthetic import check
+    from idlm.decoding.reference import generate  # (on use: the data commands import this module for its
+    from idlm.decoding.sampling import SamplingParams  # paths, and `idlm --help` should not load torch)
 
     eos = sorted(set(tokenizer.eos_token_ids) | set(model.config.eos_token_ids))
     by_kind: dict[str, list[float]] = {}
