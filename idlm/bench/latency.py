@@ -9,26 +9,12 @@ bandwidth counts the bytes a forward must read: all weights once plus each reque
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from idlm.engine.block_manager import PageManager
+from idlm.engine.calibrate import time_decode
 from idlm.engine.model_runner import ModelRunner, Row
 from idlm.layers.paged_attention import PagedKVCache
-
-
-class ForwardOnly:
-    """A stand-in decoder for timing: the forward and logits of a decode step, then an argmax."""
-    name = "forward"
-    fused = True
-    uses_lora = False
-
-    def __init__(self, query_len: int):
-        self.query_len = self.stride = query_len
-
-    def compute(self, logits, tensors):
-        return logits.argmax(-1).float(), None
 
 
 @torch.no_grad()
@@ -41,7 +27,6 @@ def bench_latency(model, query_sizes: list[int], batch_sizes: list[int], context
                          max_num_seqs=max(batch_sizes), attention=attention)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_token_bytes = PagedKVCache.bytes_per_block(cfg, 1, model.dtype)
-    cuda = runner.device.type == "cuda"
     results = []
     for B in batch_sizes:
         bm = PageManager(num_blocks, block_size, enable_prefix_caching=False)
@@ -53,15 +38,7 @@ def bench_latency(model, query_sizes: list[int], batch_sizes: list[int], context
             for b in range(B):
                 bm.reserve(b, Q)
                 rows.append(Row([1] * Q, context, bm.slots(b, context, Q), bm.block_table(b)))
-            dec = ForwardOnly(Q)
-            for _ in range(3):
-                runner.decode(rows, dec, {}, {})[0].tolist()
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                runner.decode(rows, dec, {}, {})[0].tolist()  # includes the step's one host sync
-            dt = (time.perf_counter() - t0) / iters
+            dt = sum(time_decode(runner, rows, Q, iters, warmup=3)) / iters
             bytes_read = weight_bytes + B * (context + Q) * kv_token_bytes
             results.append({"batch": B, "query_len": Q, "context": context, "latency_ms": round(dt * 1e3, 4),
                             "tokens_per_s": round(B * Q / dt, 1), "bandwidth_gb_s": round(bytes_read / dt / 1e9, 1)})

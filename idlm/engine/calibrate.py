@@ -28,9 +28,10 @@ logger = logging.getLogger(__name__)
 CONTEXT = 128  # KV tokens per request while measuring
 
 
-class _ForwardOnly:
-    """A stand-in decoder: the decode step's forward and logits, then an argmax (as `idlm bench latency`)."""
-    name = "calibrate"
+class ForwardOnly:
+    """A stand-in decoder for timing (here and `idlm bench latency`): the decode step's forward and
+    logits, then an argmax."""
+    name = "forward"
     fused = True
     uses_lora = False
 
@@ -39,6 +40,22 @@ class _ForwardOnly:
 
     def compute(self, logits, tensors):
         return logits.argmax(-1).float(), None
+
+
+def time_decode(runner, rows: list[Row], query_len: int, iters: int, warmup: int = 2) -> list[float]:
+    """Seconds of each of `iters` decode forwards of these rows (after `warmup` untimed ones: graph
+    capture, kernel selection), each including the step's one host sync."""
+    dec = ForwardOnly(query_len)
+    for _ in range(warmup):
+        runner.decode(rows, dec, {}, {})[0].tolist()
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        runner.decode(rows, dec, {}, {})[0].tolist()
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 def calibration_points(max_num_seqs: int, max_stride: int, capacity: int) -> list[tuple[int, int]]:
@@ -52,10 +69,9 @@ def calibration_points(max_num_seqs: int, max_stride: int, capacity: int) -> lis
 def _cache_key(engine) -> str:
     runner, cfg = engine.runner, engine.config
     ident = {"device": torch.cuda.get_device_name(runner.device) if runner.device.type == "cuda" else "cpu",
-             "torch": torch.__version__, "model": engine.model.config.__dict__ if hasattr(engine.model.config, "__dict__")
-             else repr(engine.model.config), "dtype": str(engine.model.dtype), "graphs": runner.use_graphs,
-             "attention": cfg.attention, "max_num_seqs": cfg.max_num_seqs, "max_stride": cfg.auto_max_stride,
-             "lora": engine.lora is not None, "context": CONTEXT}
+             "torch": torch.__version__, "model": repr(engine.model.config), "dtype": str(engine.model.dtype),
+             "graphs": runner.use_graphs, "attention": cfg.attention, "max_num_seqs": cfg.max_num_seqs,
+             "max_stride": cfg.auto_max_stride, "lora": engine.lora is not None, "context": CONTEXT}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -75,15 +91,7 @@ def measure_step_costs(engine, points: list[tuple[int, int]], iters: int = 5) ->
             bm.reserve(rid, max_q)
         for B, Q in points:
             rows = [Row([1] * Q, CONTEXT, bm.slots(rid, CONTEXT, Q), bm.block_table(rid)) for rid in ids[:B]]
-            dec = _ForwardOnly(Q)
-            for _ in range(2):  # warm-up: graph capture, kernel selection
-                runner.decode(rows, dec, {}, {})[0].tolist()
-            times = []
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                runner.decode(rows, dec, {}, {})[0].tolist()  # includes the step's one host sync
-                times.append(time.perf_counter() - t0)
-            samples.append((B, Q, statistics.median(times)))
+            samples.append((B, Q, statistics.median(time_decode(runner, rows, Q, iters))))
     finally:
         for rid in ids:
             if rid in bm:
@@ -103,7 +111,8 @@ def calibrate_step_cost(engine, use_cache: bool = True) -> StepCostModel:
             return StepCostModel(*data["coefficients"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             logger.warning("ignoring the unreadable step-cost cache %s: %s", path, e)
-    capacity = engine.block_manager.num_free_pages // (-(-(CONTEXT + 15) // engine.config.page_size))
+    max_q = query_len_of(engine.config.auto_max_stride)
+    capacity = engine.block_manager.num_free_pages // (-(-(CONTEXT + max_q) // engine.config.page_size))
     points = calibration_points(engine.config.max_num_seqs, engine.config.auto_max_stride, capacity)
     t0 = time.perf_counter()
     samples = measure_step_costs(engine, points)

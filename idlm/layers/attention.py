@@ -12,6 +12,7 @@ I-DLM query block at positions P..P+2N-2 sees the committed prefix and the block
 
 from __future__ import annotations
 
+import contextlib
 from typing import Protocol
 
 import torch
@@ -34,11 +35,9 @@ _NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBack
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
          is_causal: bool = False) -> torch.Tensor:
     """Scaled dot-product attention with grouped-query heads; mask is bool, True = may attend."""
-    gqa = q.shape[1] != k.shape[1]
-    if q.is_cuda:
-        with sdpa_kernel(_NO_CUDNN):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+    with sdpa_kernel(_NO_CUDNN) if q.is_cuda else contextlib.nullcontext():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                              enable_gqa=q.shape[1] != k.shape[1])
 
 
 class DenseAttention:
