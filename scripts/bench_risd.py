@@ -10,6 +10,10 @@ Stages (comma-separated argv[1], default all):
   profile  batch 1, AR vs fused R-ISD: GPU time of the step's CUDA graph alone vs the engine step, and
          kernels per step (torch.profiler)
   throughput  bf16: offline tokens/s of engine AR and R-ISD at C = 64, 256 (SmolLM2 shape, random weights)
+  sprofile  batch 1, SmolLM2 shape (random weights): where a sampled (T = 0.7) R-ISD / AR step's time goes
+         vs greedy: wall time per step, GPU kernel time per step, top kernels and top host ops (torch.profiler)
+  stime  batch 1, T = 0 vs 0.7, R-ISD: each step's wall time split into step_inputs / runner.decode (synced)
+         / finish, graph captures and dynamo recompiles over time (SmolLM2 shape random weights; idlm-tiny-ar)
   churn  the self-distillation workload (384 requests of varied lengths, admitted every step): time split
   tiny   bf16: per-request tokens/s of engine AR vs engine R-ISD (fused) on idlm-tiny-ar, C = 1, 16, 64,
          greedy and T = 0.7
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 
 import torch
@@ -163,6 +168,126 @@ def stage_profile():
                 "step_wall_ms_profiled": round(step_ms, 4), "kernels_per_step": n_kernels,
                 "top_kernels_us_per_step": {e.key[:60]: round(e.self_device_time_total / steps, 1) for e in top}}
     emit("profile", out)
+
+
+def stage_sprofile():
+    from torch.profiler import ProfilerActivity, profile
+
+    model = random_model("smollm2-135m", dtype="bfloat16", device=DEV)
+    lora = LoRAAdapter(model.config, LoRAConfig(rank=40)).init_weights(std=0.02, seed=0, zero_b=False)
+    lora = lora.to(device=DEV, dtype=model.dtype)
+    prompt = list(range(100, 164))
+    out = {}
+    for dec in ("ar", "risd"):
+        for temp in (0.0, 0.7):
+            eng = LLMEngine(model, None, EngineConfig(decoder=dec, stride=4, max_num_seqs=1, num_pages=512),
+                            lora=lora if dec == "risd" else None)
+            p = SamplingParams(temperature=temp, max_tokens=400, ignore_eos=True, seed=1)
+            eng.run([prompt], SamplingParams(temperature=temp, max_tokens=100, ignore_eos=True, seed=0))
+            eng.add_request(prompt, p)
+            for _ in range(10):
+                eng.step()
+            f0, t0 = eng.counters["decode_forwards"], eng.counters["decode_time_s"]
+            steps = 30
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    eng.step()
+                torch.cuda.synchronize()
+            step_ms = 1e3 * (eng.counters["decode_time_s"] - t0) / max(1, eng.counters["decode_forwards"] - f0)
+            f1, t1 = eng.counters["decode_forwards"], eng.counters["decode_time_s"]
+            for _ in range(30):
+                eng.step()
+            plain_ms = 1e3 * (eng.counters["decode_time_s"] - t1) / max(1, eng.counters["decode_forwards"] - f1)
+            ev = prof.key_averages()
+            kernels = [e for e in ev if e.device_type == torch.autograd.DeviceType.CUDA]
+            host = [e for e in ev if e.device_type == torch.autograd.DeviceType.CPU]
+            while eng.has_unfinished():
+                eng.step()
+            out[f"{dec}/T{temp}"] = {
+                "graphs": len(eng.runner._graphs), "step_ms": round(plain_ms, 4),
+                "step_ms_profiled": round(step_ms, 4),
+                "gpu_kernel_ms_per_step": round(sum(e.self_device_time_total for e in kernels) / steps / 1e3, 4),
+                "kernels_per_step": sum(e.count for e in kernels) / steps,
+                "top_kernels_us_per_step": {e.key[:70]: round(e.self_device_time_total / steps, 1) for e in
+                                            sorted(kernels, key=lambda e: -e.self_device_time_total)[:10]},
+                "top_host_us_per_step": {e.key[:70]: [round(e.self_cpu_time_total / steps, 1), e.count / steps]
+                                         for e in sorted(host, key=lambda e: -e.self_cpu_time_total)[:14]}}
+            print(json.dumps({f"{dec}/T{temp}": out[f"{dec}/T{temp}"]}), flush=True)
+    emit("sprofile", out)
+
+
+def stage_stime():
+
+
+    cases = []
+    if os.environ.get("SMOL_ADAPTER"):  # the real SmolLM2 (GGUF in $IDLM_CACHE) and a trained adapter
+        model, tok = load_pretrained("smollm2-135m-instruct", dtype="bfloat16", device=DEV)
+        lora = LoRAAdapter.load(os.environ["SMOL_ADAPTER"], model.config, device=DEV, dtype=model.dtype)
+        prompt = tok.encode_chat([{"role": "user", "content": "Explain how a bicycle works, step by step."}])
+        cases.append(("smollm2-trained", model, lora, prompt))
+    if os.environ.get("STIME_ONLY_REAL"):
+        return _stime(cases)
+    model = random_model("smollm2-135m", dtype="bfloat16", device=DEV)
+    lora = LoRAAdapter(model.config, LoRAConfig(rank=40)).init_weights(std=0.02, seed=0, zero_b=False)
+    cases.append(("smollm2-random", model, lora.to(device=DEV, dtype=model.dtype), list(range(100, 164))))
+    m2, tok2, lora2 = tiny_ar("bfloat16")
+    cases.append(("tiny-ar", m2, lora2, bench_prompts(tok2, 1)[0]))
+    _stime(cases)
+
+
+def _stime(cases):
+    import time as _t
+
+    import torch._dynamo.utils as dyn
+
+    out = {}
+    for name, model, lora, prompt in cases:
+        for temp in (0.0, 0.7):
+            eng = LLMEngine(model, None, EngineConfig(decoder="risd", stride=4, max_num_seqs=1, num_pages=512),
+                            lora=lora)
+            eng.run([prompt], SamplingParams(temperature=temp, max_tokens=300, ignore_eos=True, seed=0))
+            times = {"inputs": [], "decode": [], "finish": []}
+
+            def timed(obj, attr, key, sync=False):
+                fn = getattr(obj, attr)
+
+                def wrapper(*a, **k):
+                    t0 = _t.perf_counter()
+                    r = fn(*a, **k)
+                    if sync:
+                        torch.cuda.synchronize()
+                    times[key].append(_t.perf_counter() - t0)
+                    return r
+                setattr(obj, attr, wrapper)
+            for d in eng._decoders.values():
+                timed(d, "step_inputs", "inputs")
+                timed(d, "finish", "finish")
+            timed(eng.runner, "decode", "decode", sync=True)
+            eng.add_request(prompt, SamplingParams(temperature=temp, max_tokens=250, ignore_eos=True, seed=1))
+            steps, g0, rc0 = [], len(eng.runner._graphs), dict(dyn.counters["stats"])
+            while eng.has_unfinished():
+                t0 = _t.perf_counter()
+                eng.step()
+                steps.append(_t.perf_counter() - t0)
+            ms = lambda v: round(1e3 * statistics.median(v), 4) if v else None  # noqa: E731
+            out[f"{name}/T{temp}"] = {
+                "steps": len(steps), "step_ms_median": ms(steps),
+                "step_ms_mean": round(1e3 * sum(steps) / len(steps), 4),
+                "step_ms_max": round(1e3 * max(steps), 2), "slow_steps_over_3x_median":
+                    sum(s > 3 * statistics.median(steps) for s in steps),
+                **{f"{k}_ms_median": ms(v) for k, v in times.items()},
+                **{f"{k}_ms_mean": round(1e3 * sum(v) / max(1, len(v)), 4) for k, v in times.items()},
+                "new_graphs": len(eng.runner._graphs) - g0,
+                "dynamo_stats_delta": {k: v - rc0.get(k, 0) for k, v in dyn.counters["stats"].items()
+                                       if v != rc0.get(k, 0)},
+                "first_30_steps_ms": [round(1e3 * s, 2) for s in steps[:30]],
+                "tpf": round(250 / len(steps), 3)}
+            if name == "smollm2-trained":  # the eval's measurement on the same engine
+                r = bench_offline(eng, [prompt] * 4, [1], max_tokens=128, temperature=temp, warmup=False)[0]
+                out[f"{name}/T{temp}"]["bench_offline"] = {k: r[k] for k in ("per_request_tok_s", "decode_step_ms",
+                                                                             "tpf")}
+            print(json.dumps({f"{name}/T{temp}": out[f"{name}/T{temp}"]}), flush=True)
+    emit("stime", out)
 
 
 def stage_throughput():
