@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from idlm.bench.offline import bench_offline, bench_prompts  # noqa: E402
+from idlm.bench.offline import bench_offline, bench_prompts, step_phases  # noqa: E402
 from idlm.decoding.sampling import SamplingParams  # noqa: E402
 from idlm.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from idlm.layers.lora import LoRAAdapter, LoRAConfig  # noqa: E402
@@ -217,75 +216,26 @@ def stage_sprofile():
 
 
 def stage_stime():
-
-
     cases = []
     if os.environ.get("SMOL_ADAPTER"):  # the real SmolLM2 (GGUF in $IDLM_CACHE) and a trained adapter
         model, tok = load_pretrained("smollm2-135m-instruct", dtype="bfloat16", device=DEV)
         lora = LoRAAdapter.load(os.environ["SMOL_ADAPTER"], model.config, device=DEV, dtype=model.dtype)
         prompt = tok.encode_chat([{"role": "user", "content": "Explain how a bicycle works, step by step."}])
         cases.append(("smollm2-trained", model, lora, prompt))
-    if os.environ.get("STIME_ONLY_REAL"):
-        return _stime(cases)
-    model = random_model("smollm2-135m", dtype="bfloat16", device=DEV)
-    lora = LoRAAdapter(model.config, LoRAConfig(rank=40)).init_weights(std=0.02, seed=0, zero_b=False)
-    cases.append(("smollm2-random", model, lora.to(device=DEV, dtype=model.dtype), list(range(100, 164))))
-    m2, tok2, lora2 = tiny_ar("bfloat16")
-    cases.append(("tiny-ar", m2, lora2, bench_prompts(tok2, 1)[0]))
-    _stime(cases)
-
-
-def _stime(cases):
-    import time as _t
-
-    import torch._dynamo.utils as dyn
-
+    if not os.environ.get("STIME_ONLY_REAL"):
+        model = random_model("smollm2-135m", dtype="bfloat16", device=DEV)
+        lora = LoRAAdapter(model.config, LoRAConfig(rank=40)).init_weights(std=0.02, seed=0, zero_b=False)
+        cases.append(("smollm2-random", model, lora.to(device=DEV, dtype=model.dtype), list(range(100, 164))))
+        m2, tok2, lora2 = tiny_ar("bfloat16")
+        cases.append(("tiny-ar", m2, lora2, bench_prompts(tok2, 1)[0]))
     out = {}
     for name, model, lora, prompt in cases:
         for temp in (0.0, 0.7):
             eng = LLMEngine(model, None, EngineConfig(decoder="risd", stride=4, max_num_seqs=1, num_pages=512),
                             lora=lora)
-            eng.run([prompt], SamplingParams(temperature=temp, max_tokens=300, ignore_eos=True, seed=0))
-            times = {"inputs": [], "decode": [], "finish": []}
-
-            def timed(obj, attr, key, sync=False):
-                fn = getattr(obj, attr)
-
-                def wrapper(*a, **k):
-                    t0 = _t.perf_counter()
-                    r = fn(*a, **k)
-                    if sync:
-                        torch.cuda.synchronize()
-                    times[key].append(_t.perf_counter() - t0)
-                    return r
-                setattr(obj, attr, wrapper)
-            for d in eng._decoders.values():
-                timed(d, "step_inputs", "inputs")
-                timed(d, "finish", "finish")
-            timed(eng.runner, "decode", "decode", sync=True)
-            eng.add_request(prompt, SamplingParams(temperature=temp, max_tokens=250, ignore_eos=True, seed=1))
-            steps, g0, rc0 = [], len(eng.runner._graphs), dict(dyn.counters["stats"])
-            while eng.has_unfinished():
-                t0 = _t.perf_counter()
-                eng.step()
-                steps.append(_t.perf_counter() - t0)
-            ms = lambda v: round(1e3 * statistics.median(v), 4) if v else None  # noqa: E731
-            out[f"{name}/T{temp}"] = {
-                "steps": len(steps), "step_ms_median": ms(steps),
-                "step_ms_mean": round(1e3 * sum(steps) / len(steps), 4),
-                "step_ms_max": round(1e3 * max(steps), 2), "slow_steps_over_3x_median":
-                    sum(s > 3 * statistics.median(steps) for s in steps),
-                **{f"{k}_ms_median": ms(v) for k, v in times.items()},
-                **{f"{k}_ms_mean": round(1e3 * sum(v) / max(1, len(v)), 4) for k, v in times.items()},
-                "new_graphs": len(eng.runner._graphs) - g0,
-                "dynamo_stats_delta": {k: v - rc0.get(k, 0) for k, v in dyn.counters["stats"].items()
-                                       if v != rc0.get(k, 0)},
-                "first_30_steps_ms": [round(1e3 * s, 2) for s in steps[:30]],
-                "tpf": round(250 / len(steps), 3)}
-            if name == "smollm2-trained":  # the eval's measurement on the same engine
-                r = bench_offline(eng, [prompt] * 4, [1], max_tokens=128, temperature=temp, warmup=False)[0]
-                out[f"{name}/T{temp}"]["bench_offline"] = {k: r[k] for k in ("per_request_tok_s", "decode_step_ms",
-                                                                             "tpf")}
+            eng.run([prompt], SamplingParams(temperature=temp, max_tokens=300, ignore_eos=True, seed=0))  # warm-up
+            out[f"{name}/T{temp}"] = step_phases(eng, prompt, SamplingParams(temperature=temp, max_tokens=250,
+                                                                             ignore_eos=True, seed=1))
             print(json.dumps({f"{name}/T{temp}": out[f"{name}/T{temp}"]}), flush=True)
     emit("stime", out)
 

@@ -19,8 +19,10 @@ from idlm.bench.offline import (
     check_bench_options,
     median_run,
     ratio,
+    step_phases,
 )
 from idlm.cli import main
+from idlm.decoding.sampling import SamplingParams
 from idlm.engine.llm_engine import EngineConfig, LLMEngine
 from idlm.errors import ConfigError
 from idlm.models.loader import load_pretrained
@@ -153,3 +155,23 @@ def test_ar_engine_shares_the_model_and_config(ckpt):
     # the scripts' entry point keeps its signature: one temperature, one run per concurrency
     rows = bench_offline(eng, bench_prompts(tok, 4), [1], max_tokens=3, temperature=0.5, num_requests=1, warmup=False)
     assert [(r["temperature"], r["concurrency"], r["generated_tokens"]) for r in rows] == [(0.5, 1, 3)]
+
+
+@pytest.mark.parametrize("decoder, stride", [("ar", 1), ("isd", 3)])
+def test_step_phases_splits_each_decode_step_and_unpatches(ckpt, decoder, stride):
+    model, tok = load_pretrained(ckpt)
+    eng = LLMEngine(model, tok, EngineConfig(decoder=decoder, stride=stride, num_pages=48, max_num_seqs=2,
+                                             cuda_graphs=False))
+    params = SamplingParams(temperature=0.7, max_tokens=13, ignore_eos=True, seed=3)
+    r = step_phases(eng, bench_prompts(tok, 1)[0], params)
+    assert r["steps"] == eng.counters["decode_forwards"] >= 1
+    assert r["tokens_per_step"] == round(12 / r["steps"], 3)
+    if decoder == "ar":
+        assert r["steps"] == 12 and r["tokens_per_step"] == 1.0
+    parts = r["inputs_ms"] + r["decode_ms"] + r["finish_ms"]
+    assert 0 < parts <= r["step_ms"] * 1.5 and r["rest_ms"] >= 0 and r["new_graphs"] == 0
+    # the timing wrappers are gone: the engine runs the decoders' own methods again
+    assert not any(k in vars(d) for d in eng._decoders.values() for k in ("step_inputs", "finish"))
+    assert "decode" not in vars(eng.runner) and not eng.has_unfinished()
+    assert eng.run([bench_prompts(tok, 1)[0]], params)[0].token_ids == eng.run([bench_prompts(tok, 1)[0]],
+                                                                                 params)[0].token_ids

@@ -174,3 +174,58 @@ def bench_offline(engine, prompts: list[list[int]], concurrency: list[int], max_
                   temperature: float = 0.0, num_requests: int | None = None, warmup: bool = True) -> list[dict]:
     """One temperature, one measurement per concurrency, no AR side (`bench_compare` with reps=1)."""
     return bench_compare(engine, prompts, concurrency, [temperature], max_tokens, num_requests, warmup)
+
+
+def step_phases(engine, prompt: list[int], params: SamplingParams) -> dict:
+    """Where one request's decode steps spend their time (a diagnostic; run it on an idle engine): every
+    step's wall time, split into the decoder's host inputs (`step_inputs`), the runner's device step
+    (`decode`, synchronized so it holds the GPU time), the decoder's `finish`, and the rest of the engine
+    step (scheduler, commits, outputs). Medians in ms, the number of steps, the CUDA graphs captured
+    meanwhile and the slowest step (a capture or compile shows there)."""
+    import torch
+
+    cuda = engine.runner.device.type == "cuda"
+    parts: dict[str, list[float]] = {"inputs": [], "decode": [], "finish": []}
+    patched = []
+
+    def wrap(obj, attr: str, key: str, synced: bool = False) -> None:
+        fn = getattr(obj, attr)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            if synced and cuda:
+                torch.cuda.synchronize()
+            parts[key].append(time.perf_counter() - t0)
+            return out
+
+        setattr(obj, attr, timed)
+        patched.append((obj, attr))
+
+    steps: list[float] = []
+    graphs0 = len(getattr(engine.runner, "_graphs", {}))
+    if isinstance(engine.config.stride, int):
+        engine._decoder(engine.config.stride)  # created before the run, so that it is timed
+    try:
+        for d in engine._decoders.values():
+            wrap(d, "step_inputs", "inputs")
+            wrap(d, "finish", "finish")
+        wrap(engine.runner, "decode", "decode", synced=True)
+        engine.add_request(prompt, params)
+        while engine.has_unfinished():
+            t0 = time.perf_counter()
+            engine.step()
+            steps.append(time.perf_counter() - t0)
+    finally:
+        for obj, attr in patched:
+            delattr(obj, attr)  # the instance attribute goes; the class method shows through again
+
+    def ms(v: list[float]) -> float | None:
+        return round(1e3 * statistics.median(v), 4) if v else None
+
+    decode_steps = steps[1:]  # the first step is the prefill
+    rest = [s - a - b - c for s, a, b, c in zip(decode_steps, parts["inputs"], parts["decode"], parts["finish"])]
+    return {"steps": len(decode_steps), "step_ms": ms(decode_steps), **{f"{k}_ms": ms(v) for k, v in parts.items()},
+            "rest_ms": ms(rest), "max_step_ms": round(1e3 * max(decode_steps), 2) if decode_steps else None,
+            "new_graphs": len(getattr(engine.runner, "_graphs", {})) - graphs0,
+            "tokens_per_step": round((params.max_tokens - 1) / max(1, len(decode_steps)), 3)}
