@@ -142,3 +142,68 @@ def test_clean_loss_of_idlm_objective_equals_ar_loss(model):
     a = ar_loss(model, tokens, lossmask)["loss"]
     b = idlm_loss(model, tokens, lossmask, 2, 39, 0.2)["l_clean"]
     assert abs(float(a) - float(b)) < 1e-5
+
+
+def test_risd_soft_targets_are_the_base_models_own_distribution():
+    """distill_weight = w: loss = mean over MASK targets of (1 − w)·CE(token) + w·CE(p), p taken from an
+    independent plain causal forward of the base model (no LoRA) — the oracle for the teacher rows."""
+    from idlm.layers.lora import LoRAAdapter, LoRAConfig
+    from idlm.training.objectives import pair_attention
+
+    m = tiny_transformer(41, mask_token_id=None)
+    lora = LoRAAdapter(m.config, LoRAConfig(rank=4, alpha=8)).init_weights(std=0.3, seed=1, zero_b=False)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 40, (2, 15), generator=g)
+    lossmask = torch.rand(2, 15, generator=g) > 0.25
+    lossmask[:, :3] = False  # prompts
+    x0, tgt, valid = tokens[:, :-1], tokens[:, 1:], lossmask[:, 1:]
+    B, L = x0.shape
+    block, mask_id = 3, 0
+    with torch.no_grad():
+        p = torch.softmax(m.compute_logits(m(x0)).float(), -1)  # [B, L, V]: the base model alone
+        is_mask = lossmask[:, :-1]
+        x_t = torch.where(is_mask, torch.full_like(x0, mask_id), x0)
+        half = torch.zeros(B, 2 * L, dtype=torch.bool)
+        half[:, :L] = True
+        hidden = m(torch.cat([x_t, x0], 1), pair_positions(B, L, "cpu"), pair_attention("idlm", L, block, x0.device),
+                   lora=lora, lora_gate=half.float(), is_mask=torch.cat([is_mask, torch.zeros_like(is_mask)], 1))
+        log_q = torch.log_softmax(m.compute_logits(hidden[:, :L]).float(), -1)
+    noisy = is_mask & valid
+    n = valid.sum()
+    hard = -log_q.gather(-1, tgt[..., None]).squeeze(-1)[noisy].sum() / n
+    soft = -(p * log_q).sum(-1)[noisy].sum() / n
+    assert noisy.sum() > 5 and abs(float(soft) - float(hard)) > 1e-3  # the two targets differ here
+    plain = idlm_loss(m, tokens, lossmask, block, mask_id, lora=lora)
+    assert torch.allclose(plain["loss"], hard, atol=1e-5) and "l_soft" not in plain
+    for w in (0.3, 1.0):
+        out = idlm_loss(m, tokens, lossmask, block, mask_id, lora=lora, distill_weight=w)
+        assert torch.allclose(out["loss"], (1 - w) * hard + w * soft, atol=1e-5)
+        assert torch.allclose(out["l_noisy"], hard, atol=1e-5) and torch.allclose(out["l_soft"], soft, atol=1e-5)
+    # chunked rows give the same sums, and only the adapter gets gradients (the teacher is detached)
+    from idlm.training import objectives
+    x = torch.randn(7, m.config.hidden_size)
+    t = torch.randn(7, m.config.hidden_size)
+    y = torch.randint(0, 41, (7,))
+    whole = objectives._distill_ce_sums(m, x, t, y, 0.5)
+    parts = objectives._distill_ce_sums(m, x, t, y, 0.5, chunk=3)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(whole, parts))
+    for prm in m.parameters():
+        prm.requires_grad_(False)
+    out = idlm_loss(m, tokens, lossmask, block, mask_id, lora=lora, distill_weight=1.0)
+    out["loss"].backward()
+    assert all(prm.grad is None for prm in m.parameters())
+    assert sum(float(q.grad.abs().sum()) for q in lora.parameters() if q.grad is not None) > 0
+
+
+def test_distill_weight_is_validated_and_keeps_old_fingerprints():
+    from idlm.errors import ConfigError
+    from idlm.training.config import TrainConfig
+
+    base = dict(kind="lora", data="d", out="o", init="m")
+    assert TrainConfig(**base).fingerprint() == TrainConfig(**base, distill_weight=0).fingerprint()
+    assert TrainConfig(**base).fingerprint() != TrainConfig(**base, distill_weight=0.5).fingerprint()
+    for bad in (-0.1, 1.5, "x", True):
+        with pytest.raises(ConfigError, match="distill_weight"):
+            TrainConfig(**base, distill_weight=bad)
+    with pytest.raises(ConfigError, match="kind lora"):
+        TrainConfig(**{**base, "kind": "convert"}, distill_weight=0.5)

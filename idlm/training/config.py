@@ -47,6 +47,8 @@ class TrainConfig:
     curriculum: list[list[float]] = field(default_factory=lambda: [[1.0, 4]])  # [[until_fraction, stride N], ...]
     lora_rank: int = 32
     lora_alpha: float = 32.0
+    # lora: weight w of the soft targets, (1 − w)·CE(response token) + w·CE(base model's distribution), 0..1
+    distill_weight: float = 0.0
     log_every: int = 10
     eval_every: int = 200
     eval_batches: int = 20
@@ -77,6 +79,11 @@ class TrainConfig:
             raise ConfigError(f"attention must be auto, flex or sdpa, got {self.attention!r}")
         if not (self.clean_loss_scale == "auto" or isinstance(self.clean_loss_scale, (int, float))):
             raise ConfigError(f"clean_loss_scale must be a number or 'auto', got {self.clean_loss_scale!r}")
+        w = self.distill_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= 1:
+            raise ConfigError(f"distill_weight must be a number in [0, 1], got {w!r}")
+        if w and self.kind != "lora":
+            raise ConfigError(f"distill_weight is for kind lora (the frozen base is the teacher), not {self.kind!r}")
         self.betas = tuple(self.betas)
         self.curriculum = [list(c) for c in self.curriculum]
         last = 0.0
@@ -105,6 +112,8 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         for k in NOT_FINGERPRINTED:
             d.pop(k)
+        if d["distill_weight"] == 0:  # added later: at its default, runs keep the fingerprint they had
+            d.pop("distill_weight")
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     @classmethod

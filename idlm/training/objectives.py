@@ -43,6 +43,23 @@ def _ce_sum(model, hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Te
     return (ce * weight).sum() if weight is not None else ce.sum()
 
 
+def _distill_ce_sums(model, hidden: torch.Tensor, teacher_hidden: torch.Tensor, targets: torch.Tensor,
+                     weight: float, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sums over rows of ((1 − w)·CE(targets) + w·CE(p), CE(targets), CE(p)), where p = softmax of the teacher
+    rows' logits (no gradient) and CE(p) = −Σ_v p_v log q_v (= KL(p‖q) + H(p)). hidden, teacher_hidden [n, H];
+    rows are taken `chunk` at a time, so the [rows, V] temporaries stay bounded."""
+    mixed = hard_sum = soft_sum = hidden.sum() * 0.0
+    for i in range(0, hidden.shape[0], chunk):
+        log_q = F.log_softmax(model.compute_logits(hidden[i: i + chunk]).float(), dim=-1)  # [c, V]
+        with torch.no_grad():
+            p = F.softmax(model.compute_logits(teacher_hidden[i: i + chunk]).float(), dim=-1)
+        hard = -log_q.gather(-1, targets[i: i + chunk, None]).squeeze(-1)
+        soft = -(p * log_q).sum(-1)
+        mixed = mixed + ((1.0 - weight) * hard + weight * soft).sum()
+        hard_sum, soft_sum = hard_sum + hard.detach().sum(), soft_sum + soft.detach().sum()
+    return mixed, hard_sum, soft_sum
+
+
 def ar_loss(model, tokens: torch.Tensor, lossmask: torch.Tensor, attn=None) -> dict[str, torch.Tensor]:
     """Mean next-token cross-entropy over response targets (plain causal forward)."""
     x0, tgt, valid = tokens[:, :-1], tokens[:, 1:], lossmask[:, 1:]
@@ -58,10 +75,15 @@ def pair_positions(B: int, L: int, device) -> torch.Tensor:
 
 
 def idlm_loss(model, tokens, lossmask, block: int, mask_token_id: int, clean_scale="auto", *,
-              lora=None, attn_impl: str = "auto") -> dict[str, torch.Tensor]:
+              lora=None, attn_impl: str = "auto", distill_weight: float = 0.0) -> dict[str, torch.Tensor]:
     """L_noisy + s·L_clean (SPEC §3.3), or with `lora` the R-ISD drafter loss L_noisy (SPEC §5).
 
     x_t = x0 with every response token replaced by MASK; the MASK at i predicts x0[i+1] (logit shift).
+    With `lora` and distill_weight w > 0 the drafter's loss mixes in soft targets: the MASK at i learns
+    (1 − w)·CE(x0[i+1]) + w·CE(p_i), where p_i is the frozen base model's own next-token distribution at
+    clean position i — the x0 half of this very forward, whose rows the gate leaves exactly the base's
+    (no extra forward). p_i is what verification compares a draft with, so this fits the drafter to the
+    whole distribution rather than to one sampled token. `l_noisy` stays CE(x0[i+1]); `l_soft` is CE(p).
     """
     x0, tgt, valid = tokens[:, :-1], tokens[:, 1:], lossmask[:, 1:]
     B, L = x0.shape
@@ -78,6 +100,10 @@ def idlm_loss(model, tokens, lossmask, block: int, mask_token_id: int, clean_sca
     hidden = model(inp, pair_positions(B, L, tokens.device), attn, **kwargs)  # [B, 2L, H]
     n = valid.sum().clamp_min(1)
     noisy = is_mask & valid
+    if lora is not None and distill_weight:
+        mixed, hard, soft = _distill_ce_sums(model, hidden[:, :L][noisy], hidden[:, L:][noisy].detach(),
+                                             tgt[noisy], distill_weight)
+        return {"loss": mixed / n, "l_noisy": hard / n, "l_soft": soft / n, "targets": n}
     l_noisy = _ce_sum(model, hidden[:, :L][noisy], tgt[noisy]) / n
     if lora is not None:
         return {"loss": l_noisy, "l_noisy": l_noisy.detach(), "targets": n}

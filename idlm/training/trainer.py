@@ -88,7 +88,7 @@ class Objective(nn.Module):
             return idlm_loss(m, tokens, lossmask, stride - 1, mask, cfg.clean_loss_scale, attn_impl=cfg.attention)
         if cfg.kind == "lora":
             return idlm_loss(m, tokens, lossmask, stride - 1, mask if mask is not None else 0, lora=self.adapter,
-                             attn_impl=cfg.attention)
+                             attn_impl=cfg.attention, distill_weight=cfg.distill_weight)
         # SDAR: the curriculum's "stride" is its block size B (SPEC §6: B MASKs per block)
         return sdar_loss(m, tokens, lossmask, stride, mask, generator=generator, attn_impl=cfg.attention)
 
@@ -370,7 +370,7 @@ class Trainer:
             return None
         rows = list(read_jsonl(self.out / "metrics.jsonl"))
         fig, ax = plt.subplots(figsize=(7, 4))
-        for key in ("loss", "l_noisy", "l_clean", "eval_clean", "eval_noisy"):
+        for key in ("loss", "l_noisy", "l_clean", "l_soft", "eval_clean", "eval_noisy"):
             pts = [(r["step"], r[key]) for r in rows if key in r]
             if pts:
                 ax.plot(*zip(*pts), label=key, marker="o" if key.startswith("eval") else None, markersize=3)
