@@ -216,6 +216,18 @@ def stage_train(args) -> None:
     emit("train", report)
 
 
+def release() -> None:
+    """Free what dropped engines held (their KV pools and graphs sit in reference cycles) before the next
+    ones size their KV pools from the free memory: engines of earlier stages must not squeeze later ones."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def eval_target(args) -> tuple[str, str, Path]:
     """(device, model, adapter directory) of the eval and speed stages."""
     from idlm.models.loader import resolve_model_path
@@ -266,6 +278,8 @@ def stage_eval(args) -> None:
                                  round(statistics.mean(first), 4),
                                  "fused_lora": model.model.layers[0].self_attn.qkv_lora is not None}
         emit("eval", out)
+        del ar, risd, model, lora
+        release()
     # TPF at N = 4 (bf16): held-out chat prompts, natural stopping
     model, tok, lora = load("bfloat16")
     prompts = [tok.encode_chat(m) for m in msgs[: 4 * n_exact]]
@@ -278,6 +292,8 @@ def stage_eval(args) -> None:
         per_position = zip(total.accepted_per_position, total.verified_per_position)
         out[f"tpf_T{temp}"] = {"tpf": round(total.tpf, 4), "prompts": len(prompts), "stats": total.to_dict(),
                                "acceptance_per_position": [round(a / max(1, v), 4) for a, v in per_position]}
+        del eng
+        release()
     emit("eval", out)
     # the step split of R-ISD at C = 1 in this process, after the stages above (the speed stage measures it
     # again in a fresh process: a difference points at state this process accumulated)
@@ -286,6 +302,8 @@ def stage_eval(args) -> None:
     # HumanEval pass@1, AR and R-ISD (fp32: identical completions expected)
     from idlm.eval.humaneval import evaluate_humaneval
 
+    del model, lora
+    release()
     model, tok, lora = load("float32")
     he = {}
     for dec, lo in (("ar", None), ("risd", lora)):
@@ -313,6 +331,8 @@ def step_phase_table(model, tok, lora, prompt, smoke: bool) -> dict:
             p = SamplingParams(temperature=temp, max_tokens=16 if smoke else 200, ignore_eos=True, seed=1)
             eng.run([prompt], p)  # warm-up: graphs captured
             table[f"{dec}/T{temp}"] = step_phases(eng, prompt, p)
+        del eng
+        release()
     return table
 
 

@@ -181,7 +181,8 @@ def step_phases(engine, prompt: list[int], params: SamplingParams) -> dict:
     step's wall time, split into the decoder's host inputs (`step_inputs`), the runner's device step
     (`decode`, synchronized so it holds the GPU time), the decoder's `finish`, and the rest of the engine
     step (scheduler, commits, outputs). Medians in ms, the number of steps, the CUDA graphs captured
-    meanwhile and the slowest step (a capture or compile shows there)."""
+    meanwhile and the slowest step (a capture or compile shows there); on CUDA also the caching
+    allocator's retries meanwhile and the free device memory."""
     import torch
 
     cuda = engine.runner.device.type == "cuda"
@@ -204,6 +205,7 @@ def step_phases(engine, prompt: list[int], params: SamplingParams) -> dict:
 
     steps: list[float] = []
     graphs0 = len(getattr(engine.runner, "_graphs", {}))
+    retries0 = torch.cuda.memory_stats(engine.runner.device).get("num_alloc_retries", 0) if cuda else 0
     if isinstance(engine.config.stride, int):
         engine._decoder(engine.config.stride)  # created before the run, so that it is timed
     try:
@@ -223,9 +225,13 @@ def step_phases(engine, prompt: list[int], params: SamplingParams) -> dict:
     def ms(v: list[float]) -> float | None:
         return round(1e3 * statistics.median(v), 4) if v else None
 
+    memory = {}
+    if cuda:  # allocation retries (a cudaMalloc that failed, the cache freed, tried again): memory pressure
+        memory = {"alloc_retries": torch.cuda.memory_stats(engine.runner.device).get("num_alloc_retries", 0)
+                  - retries0, "free_gib": round(torch.cuda.mem_get_info(engine.runner.device)[0] / 2**30, 2)}
     decode_steps = steps[1:]  # the first step is the prefill
     rest = [s - a - b - c for s, a, b, c in zip(decode_steps, parts["inputs"], parts["decode"], parts["finish"])]
     return {"steps": len(decode_steps), "step_ms": ms(decode_steps), **{f"{k}_ms": ms(v) for k, v in parts.items()},
             "rest_ms": ms(rest), "max_step_ms": round(1e3 * max(decode_steps), 2) if decode_steps else None,
             "new_graphs": len(getattr(engine.runner, "_graphs", {})) - graphs0,
-            "tokens_per_step": round((params.max_tokens - 1) / max(1, len(decode_steps)), 3)}
+            "tokens_per_step": round((params.max_tokens - 1) / max(1, len(decode_steps)), 3), **memory}
