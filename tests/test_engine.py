@@ -194,6 +194,9 @@ def test_bad_requests_and_options_are_clear_errors():
         EngineConfig(page_size=0)
     with pytest.raises(ConfigError, match="stride_schedule"):
         EngineConfig(stride_schedule=[(8, 4), (2, 2)])
+    for decoder in ("sdar", "ar"):  # a schedule's strides only mean something for ISD / R-ISD
+        with pytest.raises(ConfigError, match=f"stride_schedule is for the isd and risd decoders.*{decoder}"):
+            EngineConfig(decoder=decoder, stride_schedule=[(8, 4)])
     with pytest.raises(ConfigError, match="needs a LoRA"):
         LLMEngine(model, None, EngineConfig(decoder="risd"))
     with pytest.raises(ConfigError, match="max_model_len"):

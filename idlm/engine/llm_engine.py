@@ -132,6 +132,9 @@ class EngineConfig:
             raise ConfigError(f"stride 'auto' is for the isd and risd decoders, not {self.decoder!r}")
         if self.stride == "auto" and self.stride_schedule is not None:
             raise ConfigError("give stride 'auto' or a stride_schedule, not both")
+        if self.stride_schedule is not None and self.decoder not in ("isd", "risd"):
+            raise ConfigError(f"stride_schedule is for the isd and risd decoders (their N = 1 is a plain AR step), "
+                              f"not {self.decoder!r}")
         if self.step_cost is not None:
             try:
                 self.step_cost = tuple(float(x) for x in self.step_cost)
@@ -270,7 +273,8 @@ class LLMEngine:
         self.runner = ModelRunner(model, config.page_size, config.num_pages, self.max_model_len, lora=lora,
                                   gpu_memory_utilization=config.gpu_memory_utilization,
                                   cuda_graphs=config.cuda_graphs, max_num_seqs=config.max_num_seqs,
-                                  attention=config.attention, fuse_projections=config.fuse_projections)
+                                  attention=config.attention, fuse_projections=config.fuse_projections,
+                                  max_query_len=self.max_query_len)
         self.block_manager = PageManager(self.runner.num_blocks, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    admit_batch=config.admit_batch)
@@ -299,8 +303,8 @@ class LLMEngine:
             self._decoders[stride] = decoder
         return self._decoders[stride]
 
-    def _step_query_len(self, decodes: list[Sequence]) -> int:
-        """Q of this step's decode rows: the stride's query length (fixed, scheduled or "auto")."""
+    def _step_decoder(self, decodes: list[Sequence]):
+        """The decoder of this step's decode rows: the one of the stride (fixed, scheduled or "auto")."""
         if self.config.stride != "auto":
             n = self.config.stride_for(len(decodes))
         else:
@@ -309,7 +313,7 @@ class LLMEngine:
             self._auto_steps += 1
             n = self._auto.stride
         self.stride_mix[n] = self.stride_mix.get(n, 0) + 1
-        return self._decoder(n).query_len
+        return self._decoder(n)
 
     def _choose_stride(self, decodes: list[Sequence]) -> StrideChoice:
         """The adaptive stride from committed history only: each row's per-position acceptance counts,
@@ -387,7 +391,7 @@ class LLMEngine:
     # ----------------------------------------------------------------- one step
 
     def step(self) -> list[RequestOutput]:
-        sched = self.scheduler.schedule(self._step_query_len)
+        sched = self.scheduler.schedule(self._step_decoder)
         updates: dict[str, RequestOutput] = {}
         if sched.prefills:
             t0 = time.perf_counter()
@@ -395,7 +399,7 @@ class LLMEngine:
             self.counters["prefill_time_s"] += time.perf_counter() - t0
         if sched.decodes:
             t0 = time.perf_counter()
-            self._isolated(lambda seqs, upd: self._decode(seqs, sched.query_len, upd), sched.decodes, updates)
+            self._isolated(lambda seqs, upd: self._decode(seqs, sched.decoder, upd), sched.decodes, updates)
             dt = time.perf_counter() - t0
             self.counters["decode_time_s"] += dt
             if self._cost is not None:  # the adaptive stride learns what its steps really cost
@@ -528,9 +532,9 @@ class LLMEngine:
                             gate=blocks.gate if lora else None, visible=blocks.visible)
         return batch, blocks.tokens.tolist()
 
-    def _decode(self, seqs: list[Sequence], query_len: int, updates) -> None:
+    def _decode(self, seqs: list[Sequence], decoder, updates) -> None:
         # compute: nothing in the engine changes until the step's results are on the host
-        decoder = next(d for d in self._decoders.values() if d.query_len == query_len)
+        query_len = decoder.query_len
         rows = self._batch_rows(seqs)
         batch, block_tokens = self._decode_batch(rows, decoder, query_len)
         states, params, rngs, stats = rows.states, rows.params, rows.rngs, rows.stats

@@ -105,7 +105,7 @@ CPU_KV_MAX_BYTES = 1 << 30
 class ModelRunner:
     def __init__(self, model, block_size: int, num_blocks: int | None, max_model_len: int, lora=None,
                  gpu_memory_utilization: float = 0.85, cuda_graphs: bool = True, max_num_seqs: int = 256,
-                 attention: str = "auto", fuse_projections: bool | None = None):
+                 attention: str = "auto", fuse_projections: bool | None = None, max_query_len: int = 1):
         self.model, self.lora = model, lora
         self.attn_kernel = _use_kernel(attention, model.device)
         if fuse_projections is None:  # auto: on CUDA, where launches bound small models, if the copies are small
@@ -118,7 +118,8 @@ class ModelRunner:
         self.config = cfg = model.config
         self.device, self.dtype = model.device, model.dtype
         self.block_size = block_size
-        self.max_pages = -(-(max_model_len + 64) // block_size)  # + room for a decode block past the end
+        # a request's last decode block may reach max_query_len − 1 positions past max_model_len
+        self.max_pages = -(-(max_model_len + max_query_len) // block_size)
         if num_blocks is None:
             num_blocks = self._blocks_from_memory(gpu_memory_utilization, max_num_seqs)
         self.kv = PagedKVCache(cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads,

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from idlm.engine.block_manager import AllocationError, PageManager
 from idlm.engine.sequence import SeqStatus, Sequence
@@ -34,10 +34,15 @@ from idlm.engine.sequence import SeqStatus, Sequence
 
 @dataclass
 class SchedulerOutput:
-    query_len: int = 0  # Q of every decode row this step
+    decoder: Any = None  # the decoder of every decode row this step (each row reserves its query_len tokens)
     decodes: list[Sequence] = field(default_factory=list)
     prefills: list[tuple[Sequence, int]] = field(default_factory=list)  # (request, tokens from num_computed)
     preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def query_len(self) -> int:
+        """Q: the query tokens of each decode row this step (0 without decodes)."""
+        return self.decoder.query_len if self.decoder is not None else 0
 
 
 def admits_now(running: int, waiting: int, max_num_seqs: int, admit_batch: int) -> bool:
@@ -93,8 +98,9 @@ class Scheduler:
 
     # ----------------------------------------------------------------- one step
 
-    def schedule(self, query_len: Callable[[list[Sequence]], int]) -> SchedulerOutput:
-        """query_len(the decode rows) -> Q for this step (the engine's stride policy)."""
+    def schedule(self, step_decoder: Callable[[list[Sequence]], Any]) -> SchedulerOutput:
+        """step_decoder(the decode rows) -> the decoder that runs them this step (the engine's stride
+        policy); each decode row reserves that decoder's `query_len` KV slots."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         if self._stationary is not None and not self.waiting:
@@ -102,7 +108,8 @@ class Scheduler:
         else:
             decodes = [s for s in self.running if not s.prefilling]
         if decodes:
-            out.query_len = q = query_len(decodes)
+            out.decoder = step_decoder(decodes)
+            q = out.decoder.query_len
             decodes = decodes[: max(1, budget // q)]
             for seq in decodes:
                 if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
