@@ -68,8 +68,9 @@ def test_kernel_declines_large_tiles_and_odd_head_dims():
     assert not kernel_supported(torch.zeros(1, 8, 1, 48), 2)  # head dim not a power of two
 
 
-@pytest.mark.parametrize("decoder,stride", [("ar", 4), ("isd", 4)])
-def test_engine_with_kernel_equals_engine_without(decoder, stride):
+@pytest.mark.parametrize("decoder,stride,splits", [("ar", 4, ""), ("isd", 4, ""), ("isd", 4, "3")])
+def test_engine_with_kernel_equals_engine_without(decoder, stride, splits, monkeypatch):
+    monkeypatch.setenv("IDLM_KV_SPLITS", splits)  # "3": every decode step through the split-KV kernels
     torch.manual_seed(0)
     model = tiny_transformer(64, head_dim=16, mask_token_id=MASK)
     prompts = [torch.randint(4, 64, (n,)).tolist() for n in (5, 23, 11, 40)]
@@ -94,3 +95,67 @@ def test_attention_option_errors(monkeypatch):
     # auto on CPU: the reference path
     assert not LLMEngine(model, None, EngineConfig(decoder="ar", num_pages=8)).runner.attn_kernel
     assert os.environ.get("TRITON_INTERPRET") is None
+
+
+def test_choose_splits_fills_the_sms_only_where_programs_are_few():
+    from idlm.layers.paged_kernel import MAX_SPLITS, MIN_SPLIT_KEYS, choose_splits
+
+    assert choose_splits(64, 8, 32768, 132) == 1  # 512 programs: the SMs are full already
+    assert choose_splits(1, 8, 1024, 132) == 1024 // MIN_SPLIT_KEYS  # short context: splits keep >= 512 keys
+    assert choose_splits(1, 8, 8192, 132) == 8192 // MIN_SPLIT_KEYS  # 8 x 16 = 128 programs
+    assert choose_splits(1, 8, 65536, 132) == 17  # ceil(132 / 8): enough to fill, no more
+    assert choose_splits(1, 1, 10**6, 132) == MAX_SPLITS
+    assert choose_splits(4, 3, 100, 132) == 1  # fewer keys than one split's minimum
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 7])
+@pytest.mark.parametrize("Hq,Hkv,T,visible", [(4, 2, 1, False), (6, 2, 7, False), (8, 2, 3, True)])
+def test_split_kv_equals_reference_path_in_fp32(splits, Hq, Hkv, T, visible):
+    """Split and unsplit kernels vs gather + SDPA, fp32, <= 2e-6; rows of very different lengths, so some
+    splits of the short rows see no key at all (their state must add nothing)."""
+    from idlm.layers.attention import last_visible
+    from idlm.layers.paged_kernel import paged_attention
+
+    B, D, page = 3, 16, 8
+    starts = [300, 2, 117]
+    vis = None
+    if visible:
+        vis = torch.stack([torch.arange(T), torch.full((T,), T - 1), torch.arange(T).clamp(min=T // 2)])
+    pool, slots, tables, st, q, k, v = _batch(B, Hq, Hkv, D, T, page, starts, seed=splits)
+    pool2 = PagedKVCache(1, pool.num_blocks, page, Hkv, D)
+    pool2.k.copy_(pool.k)
+    pool2.v.copy_(pool.v)
+    want = PagedAttention(pool, slots, tables, st, vis).attend(0, q, k, v)  # writes this block's K/V too
+    got = paged_attention(q, pool.k[0], pool.v[0], tables, last_visible(st, T, vis), page, splits=splits)
+    assert got.shape == want.shape and got.transpose(1, 2).is_contiguous()
+    assert (got - want).abs().max() <= 2e-6
+
+
+def test_split_count_override_and_bad_value(monkeypatch):
+    from idlm.layers import paged_kernel
+    from idlm.layers.attention import last_visible
+
+    B, Hq, Hkv, D, T, page = 1, 4, 2, 16, 1, 64
+    pool, slots, tables, st, q, k, v = _batch(B, Hq, Hkv, D, T, page, [1500])
+    PagedAttention(pool, slots, tables, st).attend(0, q, k, v)  # the block's K/V into the pool
+    last = last_visible(st, T, None)
+    seen = []
+    real = paged_kernel._kernel
+
+    def spy():
+        fwd, combine = real()
+
+        class Launch:
+            def __getitem__(self, grid):
+                seen.append(grid)
+                return fwd[grid]
+        return Launch(), combine
+
+    monkeypatch.setattr(paged_kernel, "_kernel", spy)
+    auto = paged_kernel.paged_attention(q, pool.k[0], pool.v[0], tables, last, page)
+    monkeypatch.setenv("IDLM_KV_SPLITS", "1")
+    one = paged_kernel.paged_attention(q, pool.k[0], pool.v[0], tables, last, page)
+    assert seen == [(1, 2, 1600 // 512), (1, 2, 1)]  # 25 pages of 64 = 1600 keys: auto splits 3, forced 1
+    assert (auto - one).abs().max() <= 2e-6
+    with pytest.raises(ValueError, match="splits"):
+        paged_kernel.paged_attention(q, pool.k[0], pool.v[0], tables, last, page, splits=0)

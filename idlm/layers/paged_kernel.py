@@ -13,8 +13,19 @@ straight from the pool:
 - query t sees keys j <= last[b, t] (causal: start + t; SDAR's block-bidirectional rows: start +
   visible[t]), so masks never materialise.
 
+Split KV (flash-decoding). With one program per (row, KV head), a small batch occupies a handful of
+the GPU's SMs while each program walks the whole context alone (8 programs for a Qwen3-8B-shaped
+batch of 1). With `splits` S > 1 the grid is (row, KV head, split): split s takes an equal share of the
+row's keys, keeps its own online-softmax state and writes it out unnormalised (running max m, sum l,
+accumulator [rows, D], all float32); a second kernel combines the S states of each query row:
+out = Σ_s e^(m_s − m) acc_s / Σ_s e^(m_s − m) l_s with m = max_s m_s (a split that saw no key has
+m = −inf and adds nothing). `choose_splits` picks S from the work: no split once B·Hkv programs fill the
+SMs, else enough splits to fill them without giving a split fewer than MIN_SPLIT_KEYS keys of the
+longest possible context. S depends only on (B, Hkv, pages): a CUDA graph key fixes it.
+$IDLM_KV_SPLITS=S forces S (1: never split), for measurements.
+
 Everything is on the device with shapes fixed by (B, T, pages), so CUDA graphs capture it. Under
-TRITON_INTERPRET=1 the same kernel runs on CPU tensors; the tests compare it with the reference path.
+TRITON_INTERPRET=1 the same kernels run on CPU tensors; the tests compare them with the reference path.
 """
 
 from __future__ import annotations
@@ -25,6 +36,8 @@ import os
 import torch
 
 MAX_TILE_ROWS = 128  # G·T rows per program; beyond this (long prefill chunks) use the reference path
+MIN_SPLIT_KEYS = 512  # split KV: no split gets fewer keys of the longest context than this
+MAX_SPLITS = 32
 
 
 @functools.cache
@@ -55,16 +68,17 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def paged_attn_fwd(Q, K, V, Out, TABLES, LAST, scale,
+    def paged_attn_fwd(Q, K, V, Out, TABLES, LAST, PART_M, PART_L, PART_ACC, scale,
                        s_qb, s_qh, s_qt,  # q [B, Hq, T, D], unit stride in D
                        s_ks, s_kh,  # k/v pool of one layer [slots, Hkv, D], unit stride in D
                        s_ob, s_ot, s_oh,  # out [B, T, Hq, D]
                        s_tb, s_lb,  # block tables [B, M], last [B, T]
-                       T, PAGE,
+                       T, PAGE, SPLITS,
                        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                       IEEE: tl.constexpr):
+                       IEEE: tl.constexpr, SPLIT: tl.constexpr):
         b = tl.program_id(0)
         hk = tl.program_id(1)
+        sp = tl.program_id(2)
         rows = tl.arange(0, BLOCK_M)  # tile row r = query token r // GROUP, head hk·GROUP + r % GROUP
         t = rows // GROUP
         h = hk * GROUP + rows % GROUP
@@ -74,13 +88,19 @@ def _kernel():
                     mask=row_ok[:, None], other=0.0)
         last = tl.load(LAST + b * s_lb + t, mask=row_ok, other=-1)  # [BLOCK_M]
         n_keys = tl.max(last, axis=0) + 1
+        lo = 0
+        hi = n_keys
+        if SPLIT:  # this split's share of the row's keys, whole BLOCK_N tiles (the last share may be short)
+            chunk = tl.cdiv(tl.cdiv(n_keys, SPLITS), BLOCK_N) * BLOCK_N
+            lo = sp * chunk
+            hi = tl.minimum(n_keys, lo + chunk)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         cols = tl.arange(0, BLOCK_N)
-        for start in range(0, n_keys, BLOCK_N):
+        for start in range(lo, hi, BLOCK_N):
             pos = start + cols  # key positions [BLOCK_N]
-            key_ok = pos < n_keys
+            key_ok = pos < hi
             page = tl.load(TABLES + b * s_tb + pos // PAGE, mask=key_ok, other=0)
             slot = page.to(tl.int64) * PAGE + pos % PAGE
             k = tl.load(K + slot[:, None] * s_ks + hk * s_kh + d[None, :], mask=key_ok[:, None], other=0.0)
@@ -100,19 +120,73 @@ def _kernel():
             else:
                 acc = acc * corr[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
             m_i = m_new
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(Out + b * s_ob + t[:, None] * s_ot + h[:, None] * s_oh + d[None, :],
-                 out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+        if SPLIT:  # the unnormalised state of this split: [B, Hkv, S, BLOCK_M] (m, l), [.., D] (acc)
+            base = ((b * tl.num_programs(1) + hk) * SPLITS + sp) * BLOCK_M
+            tl.store(PART_M + base + rows, m_i)
+            tl.store(PART_L + base + rows, l_i)
+            tl.store(PART_ACC + (base + rows)[:, None] * D + d[None, :], acc)
+        else:
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            tl.store(Out + b * s_ob + t[:, None] * s_ot + h[:, None] * s_oh + d[None, :],
+                     out.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
-    return paged_attn_fwd
+    @triton.jit
+    def paged_attn_combine(Out, PART_M, PART_L, PART_ACC, s_ob, s_ot, s_oh, T, SPLITS,
+                           GROUP: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr):
+        b = tl.program_id(0)
+        hk = tl.program_id(1)
+        rows = tl.arange(0, BLOCK_M)
+        t = rows // GROUP
+        h = hk * GROUP + rows % GROUP
+        d = tl.arange(0, D)
+        first = (b * tl.num_programs(1) + hk) * SPLITS * BLOCK_M
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        for sp in range(0, SPLITS):
+            m = tl.maximum(m, tl.load(PART_M + first + sp * BLOCK_M + rows))
+        m_safe = tl.where(m == float("-inf"), 0.0, m)  # rows no split saw a key for
+        l_sum = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        for sp in range(0, SPLITS):
+            at = first + sp * BLOCK_M + rows
+            w = tl.exp(tl.load(PART_M + at) - m_safe)  # 0 for a split that saw nothing (m = −inf)
+            l_sum += w * tl.load(PART_L + at)
+            acc += w[:, None] * tl.load(PART_ACC + at[:, None] * D + d[None, :])
+        out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+        tl.store(Out + b * s_ob + t[:, None] * s_ot + h[:, None] * s_oh + d[None, :],
+                 out.to(Out.dtype.element_ty), mask=(t < T)[:, None])
+
+    return paged_attn_fwd, paged_attn_combine
+
+
+def choose_splits(batch: int, kv_heads: int, max_keys: int, sm_count: int) -> int:
+    """Split-KV factor S for a decode launch of batch x kv_heads programs whose rows may see up to
+    max_keys keys: 1 once the programs fill the SMs; else the fewest splits that fill them, no more than
+    leave each split MIN_SPLIT_KEYS keys of the longest context, at most MAX_SPLITS."""
+    programs = batch * kv_heads
+    if programs >= sm_count:
+        return 1
+    want = -(-sm_count // programs)
+    return max(1, min(want, max_keys // MIN_SPLIT_KEYS, MAX_SPLITS))
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def device_sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (the interpreter on CPU: an H100/H200's 132)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 132
 
 
 def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
-                    last: torch.Tensor, page_size: int) -> torch.Tensor:
+                    last: torch.Tensor, page_size: int, splits: int | None = None) -> torch.Tensor:
     """q [B, Hq, T, D] (any strides with unit stride in D), k_pool/v_pool [slots, Hkv, D] (one layer),
     block_tables [B, M] page ids, last [B, T] the last key position each query sees (−1: none)
     -> out [B, Hq, T, D] (a transposed view of a contiguous [B, T, Hq, D], so the caller's
-    `transpose(1, 2).reshape(B, T, Hq·D)` is free)."""
+    `transpose(1, 2).reshape(B, T, Hq·D)` is free). splits: the split-KV factor (None: `choose_splits`
+    from the batch, the KV heads, the pages of the block table and the device)."""
     B, Hq, T, D = q.shape
     Hkv = k_pool.shape[1]
     if q.stride(-1) != 1 or k_pool.stride(-1) != 1 or v_pool.stride() != k_pool.stride():
@@ -120,11 +194,27 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     group = Hq // Hkv
     out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
     block_m = _tile_rows(group, T)
-    _kernel()[(B, Hkv)](
-        q, k_pool, v_pool, out, block_tables, last, D ** -0.5,
+    if splits is None:
+        forced = os.environ.get("IDLM_KV_SPLITS", "").strip()  # an override for measurements: 1 = never split
+        splits = int(forced) if forced else choose_splits(B, Hkv, block_tables.shape[1] * page_size,
+                                                          device_sm_count(q.device))
+    if splits < 1:
+        raise ValueError(f"splits must be >= 1, got {splits}")
+    fwd, combine = _kernel()
+    if splits > 1:
+        part_m = torch.empty(B, Hkv, splits, block_m, dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty(B, Hkv, splits, block_m, D, dtype=torch.float32, device=q.device)
+    else:
+        part_m = part_l = part_acc = out  # unused
+    fwd[(B, Hkv, splits)](
+        q, k_pool, v_pool, out, block_tables, last, part_m, part_l, part_acc, D ** -0.5,
         q.stride(0), q.stride(1), q.stride(2), k_pool.stride(0), k_pool.stride(1),
         out.stride(0), out.stride(1), out.stride(2), block_tables.stride(0), last.stride(0),
-        T, page_size, GROUP=group, BLOCK_M=block_m, BLOCK_N=64 if block_m <= 64 else 32, D=D,
-        IEEE=q.dtype == torch.float32, num_warps=4,
+        T, page_size, splits, GROUP=group, BLOCK_M=block_m, BLOCK_N=64 if block_m <= 64 else 32, D=D,
+        IEEE=q.dtype == torch.float32, SPLIT=splits > 1, num_warps=4,
     )
+    if splits > 1:
+        combine[(B, Hkv)](out, part_m, part_l, part_acc, out.stride(0), out.stride(1), out.stride(2), T, splits,
+                          GROUP=group, BLOCK_M=block_m, D=D, num_warps=4)
     return out.transpose(1, 2)
