@@ -38,8 +38,9 @@ def _add_decoder_args(p: argparse.ArgumentParser) -> None:
                    help="ISD drafts: sampled from q (accept min(1, p/q)) or argmax (accept p(d)); both exact")
     p.add_argument("--verify-alpha", type=float, default=1.0, help="accept min(1, p/(alpha q)); lossy unless 1")
     p.add_argument("--threshold", type=float, default=0.9, help="SDAR: unmask slots whose confidence >= this")
-    p.add_argument("--lora", default=None, help="R-ISD gated LoRA adapter directory or name, e.g. idlm-tiny-ar-risd-lora "
-                                                "(default: the model's known adapter, if any)")
+    p.add_argument("--lora", default=None,
+                   help="R-ISD gated LoRA adapter directory or name, e.g. idlm-tiny-ar-risd-lora "
+                        "(default: the model's known adapter, if any)")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -336,7 +337,7 @@ def cmd_bench_latency(args) -> int:
         model = load_model(args.model, dtype=args.dtype, device=args.device)
     _cpu_threads(model, args)
     results = bench_latency(model, args.query, args.batch, args.context, args.iters,
-                            cuda_graphs=not args.no_cuda_graphs, attention=args.attention)
+                            cuda_graphs=not args.no_cuda_graphs, attention=args.attention, roofline=args.roofline)
     for r in results:
         print(json.dumps(r))
     print(json.dumps({"model": args.shape or args.model, "device": args.device, "dtype": args.dtype,
@@ -446,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--context", type=int, default=1024, help="KV tokens held by each request")
     bl.add_argument("--iters", type=int, default=20, help="timed forwards per setting")
     bl.add_argument("--no-cuda-graphs", action="store_true", help="run CUDA forwards eagerly")
+    bl.add_argument("--roofline", action="store_true",
+                    help="also measure, in the same run, the GEMM-only floor (the weight matmuls alone, one CUDA "
+                         "graph, same rows) and the copy bandwidth; report efficiency = floor / latency")
     bl.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto", help=ATTENTION_HELP)
     _add_model_args(bl)
     bl.set_defaults(func=cmd_bench_latency)

@@ -5,7 +5,6 @@ converted once (the next load reads the cached safetensors)."""
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np

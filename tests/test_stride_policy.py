@@ -5,8 +5,14 @@ import random
 import pytest
 
 from idlm.decoding.acceptance import analytic_tpf
-from idlm.decoding.stride_policy import (StepCostModel, acceptance_estimate, choose_stride, default_prior,
-                                         isd_tpf, query_len_of)
+from idlm.decoding.stride_policy import (
+    StepCostModel,
+    acceptance_estimate,
+    choose_stride,
+    default_prior,
+    isd_tpf,
+    query_len_of,
+)
 
 
 def simulate_isd(accept, forwards=200_000, seed=0) -> float:

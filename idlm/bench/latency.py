@@ -5,12 +5,18 @@ AR step, Q = 2N−1 an ISD step: 7 at N = 4), so a row of the table is exactly t
 forward at that (batch, Q): paged attention, vocabulary projection at every query position, the
 CUDA graph when on GPU, plus an argmax and the one device-to-host copy of a step. Achieved memory
 bandwidth counts the bytes a forward must read: all weights once plus each request's KV.
+
+With `roofline`, each row also gets its floors, measured in the same run (`idlm.bench.roofline`): the
+GEMM-only CUDA graph of the model's own weight matmuls on the same B·Q rows (`gemm_floor_ms`,
+`efficiency` = floor / latency) and the bytes the step must read at the device's measured copy
+bandwidth (`bandwidth_floor_ms`, `bandwidth_efficiency`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from idlm.bench.roofline import copy_bandwidth, gemm_floor
 from idlm.engine.block_manager import PageManager
 from idlm.engine.calibrate import time_decode
 from idlm.engine.model_runner import ModelRunner, Row
@@ -19,7 +25,8 @@ from idlm.layers.paged_attention import PagedKVCache
 
 @torch.no_grad()
 def bench_latency(model, query_sizes: list[int], batch_sizes: list[int], context: int = 1024, iters: int = 20,
-                  block_size: int = 16, cuda_graphs: bool = True, attention: str = "auto") -> list[dict]:
+                  block_size: int = 16, cuda_graphs: bool = True, attention: str = "auto",
+                  roofline: bool = False) -> list[dict]:
     cfg = model.config
     per_seq = -(-(context + max(query_sizes)) // block_size)
     num_blocks = per_seq * max(batch_sizes) + 1
@@ -27,6 +34,8 @@ def bench_latency(model, query_sizes: list[int], batch_sizes: list[int], context
                          max_num_seqs=max(batch_sizes), attention=attention)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_token_bytes = PagedKVCache.bytes_per_block(cfg, 1, model.dtype)
+    copy_bw = copy_bandwidth(runner.device) if roofline else None
+    floors: dict[int, float] = {}
     results = []
     for B in batch_sizes:
         bm = PageManager(num_blocks, block_size, enable_prefix_caching=False)
@@ -40,6 +49,14 @@ def bench_latency(model, query_sizes: list[int], batch_sizes: list[int], context
                 rows.append(Row([1] * Q, context, bm.slots(b, context, Q), bm.block_table(b)))
             dt = sum(time_decode(runner, rows, Q, iters, warmup=3)) / iters
             bytes_read = weight_bytes + B * (context + Q) * kv_token_bytes
-            results.append({"batch": B, "query_len": Q, "context": context, "latency_ms": round(dt * 1e3, 4),
-                            "tokens_per_s": round(B * Q / dt, 1), "bandwidth_gb_s": round(bytes_read / dt / 1e9, 1)})
+            row = {"batch": B, "query_len": Q, "context": context, "latency_ms": round(dt * 1e3, 4),
+                   "tokens_per_s": round(B * Q / dt, 1), "bandwidth_gb_s": round(bytes_read / dt / 1e9, 1)}
+            if roofline:
+                if B * Q not in floors:
+                    floors[B * Q] = gemm_floor(model, B * Q, iters=iters, cuda_graph=cuda_graphs)["seconds"]
+                floor, bw_floor = floors[B * Q], bytes_read / copy_bw
+                row.update(gemm_floor_ms=round(floor * 1e3, 4), efficiency=round(floor / dt, 3),
+                           bandwidth_floor_ms=round(bw_floor * 1e3, 4), bandwidth_efficiency=round(bw_floor / dt, 3),
+                           copy_gb_s=round(copy_bw / 1e9, 1))
+            results.append(row)
     return results

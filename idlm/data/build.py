@@ -306,7 +306,8 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-synthetic", type=int, default=200_000, help="synthetic train tasks")
     p.add_argument("--n-eval", type=int, default=500, help="eval tasks per kind; most eval instruction pairs")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic tasks and shuffles")
-    p.add_argument("--max-files", type=int, default=None, help="consider at most this many files (quick runs; default: all)")
+    p.add_argument("--max-files", type=int, default=None,
+                   help="consider at most this many files (quick runs; default: all)")
     p.add_argument("--holdout-fraction", type=float, default=0.02, help="share of files held out (by path hash)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: min(CPU count, 16))")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -663,7 +663,8 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cuda-graphs", action="store_true", help="run CUDA decode steps eagerly")
     p.add_argument("--num-pages", "--num-blocks", dest="num_pages", type=int, default=None,
                    help="KV-cache pages (default: from free GPU memory; --num-blocks: the old name)")
-    p.add_argument("--workers", type=int, default=None, help="processes for mining instruction prompts (default: min(CPU count, 16))")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes for mining instruction prompts (default: min(CPU count, 16))")
     p.add_argument("--engines", type=int, default=1,
                    help="engine processes sharing the device, each generating every P-th prompt up to 1/P of "
                         "--target-tokens (for a small model one process is bound by the engine's host work per "

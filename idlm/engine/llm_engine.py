@@ -50,15 +50,22 @@ from idlm.decoding.isd import ISDPlainStep
 from idlm.decoding.output import GenerationOutput, apply_result, check_request
 from idlm.decoding.sampling import SamplingParams
 from idlm.decoding.stops import StopChecker
-from idlm.decoding.stride_policy import (MAX_STRIDE, CostTracker, StepCostModel, StrideChoice,
-                                         acceptance_estimate, choose_stride, default_prior)
+from idlm.decoding.stride_policy import (
+    MAX_STRIDE,
+    CostTracker,
+    StepCostModel,
+    StrideChoice,
+    acceptance_estimate,
+    choose_stride,
+    default_prior,
+)
 from idlm.engine.block_manager import PageManager
 from idlm.engine.calibrate import calibrate_step_cost
 from idlm.engine.model_runner import DecodeBatch, ModelRunner, Row
+from idlm.engine.options import ATTENTION_BACKENDS
 from idlm.engine.scheduler import Scheduler
 from idlm.engine.sequence import Sequence
 from idlm.errors import ConfigError
-from idlm.engine.options import ATTENTION_BACKENDS
 
 logger = logging.getLogger("idlm.engine")
 
@@ -326,7 +333,8 @@ class LLMEngine:
         rows = [acceptance_estimate(s.output.stats.accepted_per_position, s.output.stats.verified_per_position,
                                     prior) for s in decodes]
         current = self._auto.stride if self._auto is not None else None
-        return choose_stride(rows, self._cost.model, self.config.strides, current=current, cost_scale=self._cost.scales(self.config.strides))
+        return choose_stride(rows, self._cost.model, self.config.strides, current=current,
+                             cost_scale=self._cost.scales(self.config.strides))
 
     # ----------------------------------------------------------------- requests
 

@@ -56,9 +56,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout-keep-alive", type=float, default=5.0, help="close idle keep-alive connections after this")
     p.add_argument("--body-timeout", type=float, default=30.0,
                    help="a request body not complete this many seconds after its headers gets 408")
-    p.add_argument("--dllm-algorithm", default=None, help="IDLMBlockN (ISD), RISD, SDAR or AR (default: from --decoder)")
-    p.add_argument("--dllm-algorithm-config", default=None, help="YAML with the official algorithm keys, e.g. configs/idlm_blockN4_config.yaml "
-                                                                    "(default: none)")
+    p.add_argument("--dllm-algorithm", default=None,
+                   help="IDLMBlockN (ISD), RISD, SDAR or AR (default: from --decoder)")
+    p.add_argument("--dllm-algorithm-config", default=None,
+                   help="YAML with the official algorithm keys, e.g. configs/idlm_blockN4_config.yaml (default: none)")
     p.add_argument("--decoder", default=None, choices=DECODERS,
                    help="the decoder (default: isd for an I-DLM such as idlm-tiny, risd for an AR model with a "
                         "known R-ISD adapter (or --lora-paths), else ar)")

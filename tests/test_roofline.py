@@ -1,0 +1,62 @@
+"""The roofline of `idlm bench latency --roofline` (idlm.bench.roofline): the GEMM-only floor runs exactly
+the model's weight matmuls (as the engine fuses them), and the CLI reports floors and efficiencies."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny import tiny_transformer
+
+from idlm.bench.roofline import copy_bandwidth, gemm_floor, gemm_shapes, model_gemm_weights
+from idlm.cli import main
+
+
+def _linear_weights(model) -> int:
+    """Elements of every nn.Linear weight plus the LM head (the embedding when tied): the oracle."""
+    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return n + (model.model.embed_tokens.weight.numel() if model.lm_head is None else 0)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_floor_matmuls_are_the_models_own_fused_or_not(tied):
+    model = tiny_transformer(96, tie_word_embeddings=tied)
+    for fused in (False, True):
+        model.fuse_projections(fused)
+        weights = model_gemm_weights(model)
+        assert [tuple(w.shape) for _, w in weights] == [(o, k) for _, o, k in gemm_shapes(model.config, fused)]
+        assert sum(w.numel() for _, w in weights) == _linear_weights(model)
+        layers = model.config.num_hidden_layers
+        assert len(weights) == layers * (4 if fused else 7) + 1
+        # the weights are the model's tensors themselves (no copies), fused copies where fused
+        head = model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+        assert weights[-1][1] is head
+        attn = model.model.layers[0].self_attn
+        assert weights[0][1] is (attn.qkv[0] if fused else attn.q_proj.weight)
+    r = gemm_floor(model, rows=6, iters=2)
+    assert r["gemms"] == len(weights) and r["seconds"] > 0
+    assert r["flops"] == 2 * 6 * _linear_weights(model)
+    assert r["weight_bytes"] == 4 * _linear_weights(model)  # float32
+
+
+def test_copy_bandwidth_is_positive():
+    assert copy_bandwidth(torch.device("cpu"), nbytes=1 << 20, iters=2) > 0
+
+
+def test_cli_roofline_fields(capsys, tmp_path):
+    shape = tmp_path / "config.json"
+    shape.write_text(json.dumps(dict(model_type="qwen3", vocab_size=128, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                     max_position_embeddings=256)))
+    assert main(["bench", "latency", "--shape", str(shape), "--batch", "1,2", "--query", "1,3", "--context", "16",
+                 "--iters", "2", "--roofline"]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for r in last["results"]:
+        assert r["gemm_floor_ms"] > 0 and r["bandwidth_floor_ms"] > 0 and r["copy_gb_s"] > 0
+        assert r["efficiency"] == round(r["gemm_floor_ms"] / r["latency_ms"], 3) or \
+            abs(r["efficiency"] - r["gemm_floor_ms"] / r["latency_ms"]) < 2e-3
+    assert main(["bench", "latency", "--shape", str(shape), "--batch", "1", "--query", "1", "--context", "16",
+                 "--iters", "2"]) == 0
+    plain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"][0]
+    assert "efficiency" not in plain  # only with --roofline
