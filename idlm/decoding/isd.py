@@ -125,6 +125,14 @@ class ISDDecoder(Decoder):
         return BlockBatch(tokens, is_mask, gate)
 
     fused = True
+    _zeros_cache: tuple | None = None
+
+    def _zeros(self, k: int, vocab_size: int, device) -> torch.Tensor:
+        """A [K, V] zeros tensor (the q̃ of a row without kept drafts), made once per shape and device."""
+        key = (k, vocab_size, str(device))
+        if self._zeros_cache is None or self._zeros_cache[0] != key:
+            self._zeros_cache = (key, torch.zeros(k, vocab_size, device=device))
+        return self._zeros_cache[1]
 
     def params_inputs(self, params):
         temp, top_k, top_p = params_tensors(params, "cpu")
@@ -149,9 +157,12 @@ class ISDDecoder(Decoder):
         # small per-row tensors on the host (the engine packs them into one copy)
         tensors = {**fixed.tensors, "is_v": torch.from_numpy(is_v), "specs": torch.from_numpy(specs)}
         if (is_v & ~fixed.rows["point_mass"]).any():  # a V row keeps the q̃ its drafts were sampled from
-            zeros = torch.zeros(k, vocab_size, device=device)
-            tensors["q_old"] = torch.stack([s.spec_q if s.mode == "V" and s.spec_q is not None else zeros
-                                            for s in states])  # [B, K, V]
+            qs = [s.spec_q if s.mode == "V" and s.spec_q is not None else None for s in states]
+            if B == 1:  # the kept q̃ itself (no copy: the engine copies it into its graph input anyway)
+                tensors["q_old"] = (qs[0] if qs[0] is not None else self._zeros(k, vocab_size, device))[None]
+            else:
+                zeros = self._zeros(k, vocab_size, device)
+                tensors["q_old"] = torch.stack([q if q is not None else zeros for q in qs])  # [B, K, V]
         if fixed.sampled:  # each row's keys and draw number: its uniforms are drawn in `compute` (on the device)
             tensors["keys"], tensors["draw"] = take_draws(rngs)
         return tensors, dict(fixed.static)

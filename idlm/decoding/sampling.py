@@ -173,11 +173,12 @@ def take_draws(rngs: list[RequestRNG | None]) -> tuple[torch.Tensor, torch.Tenso
     each request's counter advanced: every step of a request uses numbers no other step of it uses.
     A None (a caller that keeps no stream, e.g. for greedy rows) draws from a fresh unseeded stream."""
     rngs = [r if r is not None else RequestRNG() for r in rngs]
-    keys = torch.tensor([r.key for r in rngs], dtype=torch.int64).reshape(len(rngs), 2)
-    draw = torch.tensor([r.draw for r in rngs], dtype=torch.int64)
+    n = len(rngs)
+    keys = np.fromiter((k for r in rngs for k in r.key), np.int64, 2 * n).reshape(n, 2)  # numpy: ~10x faster
+    draw = np.fromiter((r.draw for r in rngs), np.int64, n)                             # than torch.tensor(list)
     for r in rngs:
         r.draw += 1
-    return keys, draw
+    return torch.from_numpy(keys), torch.from_numpy(draw)
 
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
