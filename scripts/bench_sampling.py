@@ -5,6 +5,9 @@ Stages (comma-separated argv[1], default all):
             engine with CUDA graphs, bf16; REPS interleaved repetitions, median
   invariant a seeded sampled request's tokens alone vs inside 64 mixed requests (ISD N = 4, AR), and
             engine vs reference runner, bf16 and fp32
+  profile   where the sampled ISD step's extra time goes, batch 1, T = 0 vs T = 1: the step split
+            (`step_phases`: host inputs, device step, finish, rest) and the step's kernels (torch.profiler:
+            GPU time and count per step, the top kernels)
 
     python scripts/bench_sampling.py step,invariant
 
@@ -91,6 +94,43 @@ def stage_invariant():
                                          "engine_equals_reference": ref.token_ids == alone.token_ids,
                                          "tokens": len(alone.token_ids)}
     emit("invariant", out)
+
+
+def stage_profile():
+    from torch.profiler import ProfilerActivity, profile
+
+    from idlm.bench.offline import step_phases
+
+    model, tok = load_pretrained("idlm-tiny", dtype="bfloat16", device=DEV)
+    prompt = bench_prompts(tok, 1)[0]
+    out = {}
+    for label, temp in (("T0", 0.0), ("T1", 1.0)):
+        eng = LLMEngine(model, tok, EngineConfig(decoder="isd", stride=4, max_num_seqs=1, num_pages=512))
+        p = SamplingParams(temperature=temp, max_tokens=200, ignore_eos=True, seed=1)
+        eng.run([prompt], p)  # warm-up: graphs captured, kernels compiled
+        split = step_phases(eng, prompt, p)
+        eng.add_request(prompt, p)
+        for _ in range(5):
+            eng.step()
+        steps = 40
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                eng.step()
+            torch.cuda.synchronize()
+        while eng.has_unfinished():
+            eng.step()
+        ev = prof.key_averages()
+        kernels = [e for e in ev if e.device_type == torch.autograd.DeviceType.CUDA]
+        host = [e for e in ev if e.device_type == torch.autograd.DeviceType.CPU]
+        out[label] = {"split": split,
+                      "gpu_kernel_ms_per_step": round(sum(e.self_device_time_total for e in kernels) / steps / 1e3, 4),
+                      "kernels_per_step": sum(e.count for e in kernels) / steps,
+                      "top_kernels_us_per_step": {e.key[:70]: round(e.self_device_time_total / steps, 1) for e in
+                                                  sorted(kernels, key=lambda e: -e.self_device_time_total)[:12]},
+                      "top_host_us_per_step": {e.key[:60]: [round(e.self_cpu_time_total / steps, 1), e.count / steps]
+                                               for e in sorted(host, key=lambda e: -e.self_cpu_time_total)[:16]}}
+        print(json.dumps({label: out[label]}), flush=True)
+    emit("profile", out)
 
 
 def main():
