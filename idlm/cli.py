@@ -1,7 +1,7 @@
 """The `idlm` command line: one entry point, one subcommand per job.
 
 Subcommands: `serve` (the OpenAI-compatible server), `generate`, `data build|distill`,
-`train pretrain|convert|lora|sdar`, `eval alpha|loss|tasks|humaneval`, `bench offline|latency`. Errors
+`train pretrain|convert|lora|sdar`, `eval alpha|loss|tasks|humaneval`, `bench offline|latency|prefill`. Errors
 caused by input print one line `error: ...` and exit with status 2; `--json` output (and every eval /
 bench command's last stdout line) is one JSON object, for scripts.
 """
@@ -345,6 +345,31 @@ def cmd_bench_latency(args) -> int:
     return 0
 
 
+def cmd_bench_prefill(args) -> int:
+    import json
+
+    import torch
+
+    from idlm.bench.latency import bench_prefill
+    from idlm.models.random import random_model
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise IdlmError(f"--device {args.device}: CUDA is not available on this machine")
+    if args.shape:
+        model = random_model(args.shape, dtype=args.dtype, device=args.device)
+    else:
+        from idlm.models.loader import load_model
+
+        model = load_model(args.model, dtype=args.dtype, device=args.device)
+    _cpu_threads(model, args)
+    try:
+        result = bench_prefill(model, args.prompt_len, args.chunk, args.iters, args.peak_tflops, args.attention)
+    except ValueError as e:
+        raise IdlmError(str(e)) from None
+    print(json.dumps({"model": args.shape or args.model, "device": args.device, "dtype": args.dtype, **result}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from idlm.engine.options import ATTENTION_BACKENDS
 
@@ -453,6 +478,19 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto", help=ATTENTION_HELP)
     _add_model_args(bl)
     bl.set_defaults(func=cmd_bench_latency)
+    bp = be.add_parser("prefill", help="chunked prefill of one long prompt: tokens/s and TFLOP/s (one JSON line)")
+    bp.add_argument("--shape", default=None, help="random weights of a named shape (qwen3-8b, qwen3-0.6b) "
+                                                  "or an HF config.json; default: load --model")
+    bp.add_argument("--prompt-len", type=_positive_int, default=8192, help="prompt tokens")
+    bp.add_argument("--chunk", type=_positive_int, default=8192,
+                    help="prefill chunk: the engine's max_num_batched_tokens")
+    bp.add_argument("--iters", type=_positive_int, default=3, help="timed prefills (after one warm-up)")
+    bp.add_argument("--peak-tflops", type=float, default=None,
+                    help="the device's peak for the fraction reported (e.g. 790 for the H200's bf16; default: "
+                         "no fraction)")
+    bp.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto", help=ATTENTION_HELP)
+    _add_model_args(bp)
+    bp.set_defaults(func=cmd_bench_prefill)
 
     from idlm.server.launch import add_serve_arguments, cmd_serve
 

@@ -60,3 +60,29 @@ def test_cli_roofline_fields(capsys, tmp_path):
                  "--iters", "2"]) == 0
     plain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"][0]
     assert "efficiency" not in plain  # only with --roofline
+
+
+def test_prefill_flops_count():
+    from idlm.bench.latency import prefill_flops
+
+    model = tiny_transformer(96)
+    cfg = model.config
+    body = sum(m.weight.numel() for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and name != "lm_head")
+    T, chunks = 40, 3
+    attn = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * T * T
+    assert prefill_flops(cfg, T, chunks) == 2 * T * body + 2 * chunks * model.lm_head.weight.numel() + attn
+
+
+def test_cli_bench_prefill(capsys, tmp_path):
+    shape = tmp_path / "config.json"
+    shape.write_text(json.dumps(dict(model_type="qwen3", vocab_size=128, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                     max_position_embeddings=256)))
+    assert main(["bench", "prefill", "--shape", str(shape), "--prompt-len", "100", "--chunk", "32", "--iters", "1",
+                 "--peak-tflops", "1"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["chunks"] == 4 and r["tokens_per_s"] > 0 and r["tflops"] > 0
+    assert abs(r["fraction_of_peak"] - r["tflops"]) <= 1e-3 * r["tflops"]  # peak 1 TFLOP/s
+    assert main(["bench", "prefill", "--shape", str(shape), "--prompt-len", "256"]) == 2  # no room for a token
+    assert "positions" in capsys.readouterr().err
