@@ -1,0 +1,102 @@
+"""GPU driver for issue 14's measurements on a Qwen3-8B-shaped model (random bf16 weights: a step's cost
+does not depend on the values). One call, JSON lines, a summary last, and $OUT/bench_8b.json.
+
+Stages (comma-separated argv[1], default all):
+  roofline  context 1024, Q = 1 and 7, batch 1..64: step latency with the split-KV kernel (auto) and with
+            splits forced off (IDLM_KV_SPLITS=1), each beside the GEMM-only floor (`--roofline`)
+  long      context 8k and 32k, batch 1 and 8, Q = 1 and 7: auto splits vs no split vs the reference
+            gather + SDPA path, and the non-GEMM share of the step (1 − floor / latency)
+  prefill   an 8k-token prompt in one 8k chunk and in 2k chunks: tokens/s, TFLOP/s, fraction of 790
+  curve     the projection's input: Q = 1, 3, 5, 7, 15 × batch 1..128 at context 1024 (auto splits)
+
+    python scripts/bench_8b.py roofline,long,prefill,curve
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from idlm.bench.latency import bench_latency, bench_prefill  # noqa: E402
+from idlm.models.random import random_model  # noqa: E402
+
+results: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda}
+
+
+def emit(key, value):
+    results[key] = value
+    print(json.dumps({key: value}), flush=True)
+
+
+def with_splits(splits: str | None, fn):
+    old = os.environ.pop("IDLM_KV_SPLITS", None)
+    if splits is not None:
+        os.environ["IDLM_KV_SPLITS"] = splits
+    try:
+        return fn()
+    finally:
+        os.environ.pop("IDLM_KV_SPLITS", None)
+        if old is not None:
+            os.environ["IDLM_KV_SPLITS"] = old
+
+
+def stage_roofline(model):
+    out = {}
+    for label, splits in (("auto", None), ("nosplit", "1")):
+        out[label] = with_splits(splits, lambda: bench_latency(model, [1, 7], [1, 2, 4, 8, 16, 32, 64], 1024,
+                                                              iters=20, roofline=True))
+        torch.cuda.empty_cache()
+    emit("roofline", out)
+
+
+def stage_long(model):
+    out = {}
+    for context in (8192, 32768):
+        for label, splits, attention in (("auto", None, "auto"), ("nosplit", "1", "auto"), ("sdpa", None, "sdpa")):
+            out[f"{context}/{label}"] = with_splits(splits, lambda: bench_latency(
+                model, [1, 7], [1, 8], context, iters=10, attention=attention, roofline=label == "auto"))
+            torch.cuda.empty_cache()
+        for r in out[f"{context}/auto"]:
+            r["non_gemm_share"] = round(1 - r["gemm_floor_ms"] / r["latency_ms"], 3)
+    emit("long", out)
+
+
+def stage_prefill(model):
+    out = {f"chunk{c}": bench_prefill(model, 8192, chunk=c, iters=3, peak_tflops=790.0) for c in (8192, 2048)}
+    emit("prefill", out)
+
+
+def stage_curve(model):
+    emit("curve", bench_latency(model, [1, 3, 5, 7, 15], [1, 2, 4, 8, 16, 32, 64, 128], 1024, iters=10))
+
+
+def main():
+    stages = (sys.argv[1] if len(sys.argv) > 1 else "roofline,long,prefill,curve").split(",")
+    t0 = time.time()
+    model = random_model("qwen3-8b", dtype="bfloat16", device="cuda")
+    results["model_load_s"] = round(time.time() - t0, 1)
+    for s in stages:
+        t = time.time()
+        globals()[f"stage_{s}"](model)
+        results.setdefault("stage_s", {})[s] = round(time.time() - t, 1)
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "bench_8b.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    summary = {"summary": True, "stage_s": results.get("stage_s")}
+    if "roofline" in results:
+        summary["efficiency_q1"] = {r["batch"]: r["efficiency"] for r in results["roofline"]["auto"]
+                                    if r["query_len"] == 1}
+    if "prefill" in results:
+        summary["prefill_fraction"] = {k: v.get("fraction_of_peak") for k, v in results["prefill"].items()}
+    print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()
