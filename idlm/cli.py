@@ -310,12 +310,13 @@ def cmd_bench_offline(args) -> int:
     ar_engine = ar_engine_for(engine) if args.compare_ar else None
     prompts = bench_prompts(tok, max(64, max(args.concurrency)))
     results = bench_compare(engine, prompts, args.concurrency, args.temperature, args.max_tokens,
-                            num_requests=args.num_requests, reps=args.reps, ar_engine=ar_engine)
+                            num_requests=args.num_requests, reps=args.reps, ar_engine=ar_engine,
+                            stop_at_eos=args.stop_at_eos)
     for r in results:
         print(json.dumps(r))
     print(json.dumps({"model": args.model, "decoder": args.decoder, "stride": args.stride, "device": args.device,
                       "dtype": args.dtype, "temperatures": args.temperature, "reps": args.reps,
-                      "compare_ar": args.compare_ar, "results": results}))
+                      "compare_ar": args.compare_ar, "stop_at_eos": args.stop_at_eos, "results": results}))
     return 0
 
 
@@ -452,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="measurements per cell (interleaved with AR's under --compare-ar); the median is reported")
     bo.add_argument("--compare-ar", action="store_true",
                     help="also measure plain AR on the same model and prompts; rows add AR's numbers and ratios")
+    bo.add_argument("--stop-at-eos", action="store_true",
+                    help="requests end at their end token (--max-tokens a cap), as real ones do; default: exactly "
+                         "--max-tokens each (ignore_eos)")
     bo.add_argument("--num-pages", "--num-blocks", dest="num_pages", type=int, default=None,
                     help="KV-cache pages (default: from free memory; --num-blocks: the old name)")
     bo.add_argument("--no-cuda-graphs", action="store_true", help="run CUDA decode steps eagerly")

@@ -175,3 +175,14 @@ def test_step_phases_splits_each_decode_step_and_unpatches(ckpt, decoder, stride
     assert "decode" not in vars(eng.runner) and not eng.has_unfinished()
     assert eng.run([bench_prompts(tok, 1)[0]], params)[0].token_ids == eng.run([bench_prompts(tok, 1)[0]],
                                                                                  params)[0].token_ids
+
+
+def test_stop_at_eos_lets_requests_end_and_is_reported(ckpt):
+    model, tok = load_pretrained(ckpt)
+    eng = LLMEngine(model, tok, EngineConfig(decoder="isd", stride=3, num_pages=96, max_num_seqs=4, cuda_graphs=False))
+    eng.eos = [int(t) for t in range(model.config.vocab_size)]  # every token ends a request: 1 token each
+    prompts = bench_prompts(tok, 4)
+    fixed = bench_offline(eng, prompts, [2], max_tokens=5, num_requests=2, warmup=False)[0]
+    natural = bench_offline(eng, prompts, [2], max_tokens=5, num_requests=2, warmup=False, stop_at_eos=True)[0]
+    assert fixed["generated_tokens"] == 2 * 5 and fixed["stop_at_eos"] is False
+    assert natural["generated_tokens"] == 2 and natural["stop_at_eos"] is True

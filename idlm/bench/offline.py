@@ -9,6 +9,10 @@ request decodes alongside C − 1 others from its first token to its last. Repor
 - throughput: all generated tokens / wall time, and TPF (committed tokens per decode forward).
 A warm-up pass over the same workload runs first (untimed) so CUDA-graph capture is not measured.
 Outputs are fixed length (`ignore_eos`, `max_tokens`) so every decoder generates the same token count.
+`stop_at_eos=True` lets requests end at their end token instead (`max_tokens` a cap), as real requests
+do: a drafting decoder's acceptance past an answer's natural end (text the model was never meant to
+write) is not what users see. Greedy outputs are still identical between AR and a lossless decoder;
+`generated_tokens` reports what each run produced.
 
 Host timing varies from run to run, so a cell is measured `reps` times and the row is the rep with the
 median per-request speed (all its fields), with every rep's speeds beside it (`reps_*`). With an AR
@@ -138,7 +142,7 @@ def _check_pool(engine, work: list[list[int]], max_tokens: int, c: int) -> None:
 
 def bench_compare(engine, prompts: list[list[int]], concurrency: list[int], temperatures: list[float],
                   max_tokens: int = 128, num_requests: int | None = None, warmup: bool = True, reps: int = 1,
-                  ar_engine=None) -> list[dict]:
+                  ar_engine=None, stop_at_eos: bool = False) -> list[dict]:
     """One row per temperature × concurrency cell (temperatures outermost): the decoder's median run of
     `reps` and, with `ar_engine`, AR's median run under "ar" and the ratios decoder / AR."""
     check_bench_options(temperatures, reps, num_requests, engine.config.decoder, ar_engine is not None)
@@ -147,7 +151,7 @@ def bench_compare(engine, prompts: list[list[int]], concurrency: list[int], temp
     engines = [engine] if ar_engine is None else [engine, ar_engine]
     results = []
     for t in temperatures:
-        params = SamplingParams(temperature=t, max_tokens=max_tokens, ignore_eos=True, seed=0)
+        params = SamplingParams(temperature=t, max_tokens=max_tokens, ignore_eos=not stop_at_eos, seed=0)
         for c in concurrency:
             n = num_requests or max(8, 2 * c)
             work = [prompts[i % len(prompts)] for i in range(n)]
@@ -161,7 +165,8 @@ def bench_compare(engine, prompts: list[list[int]], concurrency: list[int], temp
                 order = range(len(engines)) if rep % 2 == 0 else reversed(range(len(engines)))  # A B, B A, ...
                 for k in order:
                     runs[k].append(_run(engines[k], work, params, c))
-            row = {"decoder": engine.config.decoder, "temperature": t, "concurrency": c, **median_run(runs[0])}
+            row = {"decoder": engine.config.decoder, "temperature": t, "concurrency": c, "stop_at_eos": stop_at_eos,
+                   **median_run(runs[0])}
             if ar_engine is not None:
                 ar = median_run(runs[1])
                 row.update(ar=ar, per_request_over_ar=ratio(row["per_request_tok_s"], ar["per_request_tok_s"]),
@@ -171,9 +176,11 @@ def bench_compare(engine, prompts: list[list[int]], concurrency: list[int], temp
 
 
 def bench_offline(engine, prompts: list[list[int]], concurrency: list[int], max_tokens: int = 128,
-                  temperature: float = 0.0, num_requests: int | None = None, warmup: bool = True) -> list[dict]:
+                  temperature: float = 0.0, num_requests: int | None = None, warmup: bool = True,
+                  stop_at_eos: bool = False) -> list[dict]:
     """One temperature, one measurement per concurrency, no AR side (`bench_compare` with reps=1)."""
-    return bench_compare(engine, prompts, concurrency, [temperature], max_tokens, num_requests, warmup)
+    return bench_compare(engine, prompts, concurrency, [temperature], max_tokens, num_requests, warmup,
+                         stop_at_eos=stop_at_eos)
 
 
 def step_phases(engine, prompt: list[int], params: SamplingParams) -> dict:
