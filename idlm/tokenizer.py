@@ -339,6 +339,21 @@ class Tokenizer:
                     return bytes(table[c] for c in piece)
         return self.decode([token_id]).encode("utf-8", "replace")
 
+    def add_mask_token(self, token: str = "<|MASK|>") -> int:
+        """Give a tokenizer without a MASK token one (a special token at the next free id) and return its
+        id; a tokenizer that has one keeps it. Saved with the tokenizer (and found again by its name)."""
+        from tokenizers import AddedToken
+
+        if self._mask_id is not None:
+            return self._mask_id
+        if token not in _MASK_TOKENS:
+            raise ValueError(f"the MASK token is one of {_MASK_TOKENS}, not {token!r}")
+        if self.token_to_id(token) is None:
+            self._tok.add_special_tokens([AddedToken(token, special=True, normalized=False)])
+            self._added = None
+        self._mask_id = self.token_to_id(token)
+        return self._mask_id
+
     def _added_ids(self) -> frozenset[int]:
         if self._added is None:
             self._added = frozenset(self._tok.get_added_tokens_decoder())

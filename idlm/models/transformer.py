@@ -218,6 +218,29 @@ class Transformer(nn.Module):
         return self
 
     @torch.no_grad()
+    def add_vocab_rows(self, n: int = 1) -> int:
+        """Grow the vocabulary by n tokens (the embedding, and the LM head when untied), each new row the
+        mean of the existing ones; config.vocab_size follows. Returns the first new id. For giving a model
+        that has none a MASK token before converting it to an I-DLM (SPEC §3): the new row is trained as
+        the MASK input, and the conversion (where it is never a target) teaches the head not to emit it."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        old = self.config.vocab_size
+
+        def grown(weight: torch.Tensor) -> nn.Parameter:
+            rows = weight.mean(0, keepdim=True).expand(n, -1)
+            return nn.Parameter(torch.cat([weight, rows], 0), requires_grad=weight.requires_grad)
+
+        emb = self.model.embed_tokens
+        emb.weight = grown(emb.weight)
+        emb.num_embeddings = old + n
+        if self.lm_head is not None:
+            self.lm_head.weight = grown(self.lm_head.weight)
+            self.lm_head.out_features = old + n
+        self.config.vocab_size = old + n
+        return old
+
+    @torch.no_grad()
     def fuse_projections(self, enable: bool = True):
         """Inference: one [q; k; v] and one [gate; up] matmul per layer instead of five (a small model's decode
         step is bound by kernel launches). Keeps copies of those weights beside the parameters (which,

@@ -47,6 +47,8 @@ class TrainConfig:
     curriculum: list[list[float]] = field(default_factory=lambda: [[1.0, 4]])  # [[until_fraction, stride N], ...]
     lora_rank: int = 32
     lora_alpha: float = 32.0
+    # convert/sdar from a model without a MASK token (e.g. SmolLM2): add one (a new vocabulary row, mean-initialised)
+    add_mask_token: bool = False
     # lora: weight w of the soft targets, (1 − w)·CE(response token) + w·CE(base model's distribution), 0..1
     distill_weight: float = 0.0
     log_every: int = 10
@@ -82,6 +84,8 @@ class TrainConfig:
         w = self.distill_weight
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= 1:
             raise ConfigError(f"distill_weight must be a number in [0, 1], got {w!r}")
+        if self.add_mask_token and self.kind not in ("convert", "sdar"):
+            raise ConfigError(f"add_mask_token is for kinds convert and sdar, not {self.kind!r}")
         if w and self.kind != "lora":
             raise ConfigError(f"distill_weight is for kind lora (the frozen base is the teacher), not {self.kind!r}")
         self.betas = tuple(self.betas)
@@ -112,8 +116,9 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         for k in NOT_FINGERPRINTED:
             d.pop(k)
-        if d["distill_weight"] == 0:  # added later: at its default, runs keep the fingerprint they had
-            d.pop("distill_weight")
+        for key, default in (("distill_weight", 0), ("add_mask_token", False)):  # added later: at their
+            if d[key] == default:  # defaults, runs keep the fingerprint they had
+                d.pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     @classmethod

@@ -122,6 +122,8 @@ class Trainer:
                               f"tokens: fewer than one batch of {cfg.batch_size}")
         torch.manual_seed(cfg.seed)
         self.model, self.tokenizer = self._build_model()
+        if cfg.add_mask_token and self.model.config.mask_token_id is None:
+            self._add_mask_token()
         self.adapter = None
         if cfg.kind == "lora":
             from idlm.layers.lora import LoRAAdapter, LoRAConfig
@@ -150,6 +152,21 @@ class Trainer:
                 find_unused_parameters=cfg.kind == "lora")
 
     # --------------------------------------------------------------------------------- building
+    def _add_mask_token(self) -> None:
+        """A MASK token for a model without one: the tokenizer's next id and a new vocabulary row (before the
+        optimizer sees the parameters; a resumed run adds the same row, then loads its trained values)."""
+        if self.tokenizer is None:
+            raise ConfigError(f"add_mask_token needs the model's tokenizer: {self.cfg.init} has none")
+        mcfg = self.model.config
+        if self.tokenizer.vocab_size != mcfg.vocab_size:
+            raise ConfigError(f"add_mask_token: the tokenizer has {self.tokenizer.vocab_size} tokens but the model "
+                              f"{mcfg.vocab_size} rows; the new token's id would not be its row")
+        mask = self.tokenizer.add_mask_token()
+        row = self.model.add_vocab_rows(1)
+        if mask != row:
+            raise ConfigError(f"add_mask_token: the tokenizer gave the MASK id {mask}, the model's new row is {row}")
+        mcfg.mask_token_id = mask
+
     def _build_model(self):
         from idlm.models.config import ModelConfig
         from idlm.models.loader import load_pretrained
