@@ -320,12 +320,10 @@ def cmd_bench_offline(args) -> int:
     return 0
 
 
-def cmd_bench_latency(args) -> int:
-    import json
-
+def _bench_model(args):
+    """The model of `bench latency` / `bench prefill`: random weights of --shape, else --model loaded."""
     import torch
 
-    from idlm.bench.latency import bench_latency
     from idlm.models.random import random_model
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -337,6 +335,15 @@ def cmd_bench_latency(args) -> int:
 
         model = load_model(args.model, dtype=args.dtype, device=args.device)
     _cpu_threads(model, args)
+    return model
+
+
+def cmd_bench_latency(args) -> int:
+    import json
+
+    from idlm.bench.latency import bench_latency
+
+    model = _bench_model(args)
     results = bench_latency(model, args.query, args.batch, args.context, args.iters,
                             cuda_graphs=not args.no_cuda_graphs, attention=args.attention, roofline=args.roofline)
     for r in results:
@@ -349,20 +356,9 @@ def cmd_bench_latency(args) -> int:
 def cmd_bench_prefill(args) -> int:
     import json
 
-    import torch
-
     from idlm.bench.latency import bench_prefill
-    from idlm.models.random import random_model
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise IdlmError(f"--device {args.device}: CUDA is not available on this machine")
-    if args.shape:
-        model = random_model(args.shape, dtype=args.dtype, device=args.device)
-    else:
-        from idlm.models.loader import load_model
-
-        model = load_model(args.model, dtype=args.dtype, device=args.device)
-    _cpu_threads(model, args)
+    model = _bench_model(args)
     try:
         result = bench_prefill(model, args.prompt_len, args.chunk, args.iters, args.peak_tflops, args.attention)
     except ValueError as e:

@@ -121,7 +121,7 @@ def stage_step():
 def stage_profile():
     """Where an R-ISD step's time goes, batch 1: the CUDA graph replayed alone (GPU time, no host work)
     vs the whole engine step, and the kernels per step (torch.profiler), for AR and fused R-ISD."""
-    from torch.profiler import ProfilerActivity, profile
+    from idlm.bench.profile import profile_steps, summarize
 
     out = {}
     for name in ("idlm-tiny-ar", "smollm2-135m"):
@@ -150,27 +150,20 @@ def stage_profile():
             end.record()
             torch.cuda.synchronize()
             gpu_ms = start.elapsed_time(end) / 50
-            f0, t0 = eng.counters["decode_forwards"], eng.counters["decode_time_s"]
             steps = 20
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                for _ in range(steps):
-                    eng.step()
-                torch.cuda.synchronize()
-            step_ms = 1e3 * (eng.counters["decode_time_s"] - t0) / max(1, eng.counters["decode_forwards"] - f0)
-            kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-            n_kernels = sum(e.count for e in kernels) / steps
-            top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]
+            prof, step_ms = profile_steps(eng, steps)
+            summary = summarize(prof, steps, top_kernels=8)
             while eng.has_unfinished():
                 eng.step()
             out[f"{name}/{dec}"] = {
                 "graphs": len(eng.runner._graphs), "graph_replay_gpu_ms": round(gpu_ms, 4),
-                "step_wall_ms_profiled": round(step_ms, 4), "kernels_per_step": n_kernels,
-                "top_kernels_us_per_step": {e.key[:60]: round(e.self_device_time_total / steps, 1) for e in top}}
+                "step_wall_ms_profiled": round(step_ms, 4), "kernels_per_step": summary["kernels_per_step"],
+                "top_kernels_us_per_step": summary["top_kernels_us_per_step"]}
     emit("profile", out)
 
 
 def stage_sprofile():
-    from torch.profiler import ProfilerActivity, profile
+    from idlm.bench.profile import profile_steps, summarize
 
     model = random_model("smollm2-135m", dtype="bfloat16", device=DEV)
     lora = LoRAAdapter(model.config, LoRAConfig(rank=40)).init_weights(std=0.02, seed=0, zero_b=False)
@@ -186,31 +179,16 @@ def stage_sprofile():
             eng.add_request(prompt, p)
             for _ in range(10):
                 eng.step()
-            f0, t0 = eng.counters["decode_forwards"], eng.counters["decode_time_s"]
             steps = 30
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                for _ in range(steps):
-                    eng.step()
-                torch.cuda.synchronize()
-            step_ms = 1e3 * (eng.counters["decode_time_s"] - t0) / max(1, eng.counters["decode_forwards"] - f0)
+            prof, step_ms = profile_steps(eng, steps)
             f1, t1 = eng.counters["decode_forwards"], eng.counters["decode_time_s"]
             for _ in range(30):
                 eng.step()
             plain_ms = 1e3 * (eng.counters["decode_time_s"] - t1) / max(1, eng.counters["decode_forwards"] - f1)
-            ev = prof.key_averages()
-            kernels = [e for e in ev if e.device_type == torch.autograd.DeviceType.CUDA]
-            host = [e for e in ev if e.device_type == torch.autograd.DeviceType.CPU]
             while eng.has_unfinished():
                 eng.step()
-            out[f"{dec}/T{temp}"] = {
-                "graphs": len(eng.runner._graphs), "step_ms": round(plain_ms, 4),
-                "step_ms_profiled": round(step_ms, 4),
-                "gpu_kernel_ms_per_step": round(sum(e.self_device_time_total for e in kernels) / steps / 1e3, 4),
-                "kernels_per_step": sum(e.count for e in kernels) / steps,
-                "top_kernels_us_per_step": {e.key[:70]: round(e.self_device_time_total / steps, 1) for e in
-                                            sorted(kernels, key=lambda e: -e.self_device_time_total)[:10]},
-                "top_host_us_per_step": {e.key[:70]: [round(e.self_cpu_time_total / steps, 1), e.count / steps]
-                                         for e in sorted(host, key=lambda e: -e.self_cpu_time_total)[:14]}}
+            out[f"{dec}/T{temp}"] = {"graphs": len(eng.runner._graphs), "step_ms": round(plain_ms, 4),
+                                     "step_ms_profiled": round(step_ms, 4), **summarize(prof, steps)}
             print(json.dumps({f"{dec}/T{temp}": out[f"{dec}/T{temp}"]}), flush=True)
     emit("sprofile", out)
 

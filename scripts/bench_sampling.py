@@ -97,9 +97,8 @@ def stage_invariant():
 
 
 def stage_profile():
-    from torch.profiler import ProfilerActivity, profile
-
     from idlm.bench.offline import step_phases
+    from idlm.bench.profile import profile_steps, summarize
 
     model, tok = load_pretrained("idlm-tiny", dtype="bfloat16", device=DEV)
     prompt = bench_prompts(tok, 1)[0]
@@ -113,22 +112,10 @@ def stage_profile():
         for _ in range(5):
             eng.step()
         steps = 40
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(steps):
-                eng.step()
-            torch.cuda.synchronize()
+        prof, _ = profile_steps(eng, steps)
         while eng.has_unfinished():
             eng.step()
-        ev = prof.key_averages()
-        kernels = [e for e in ev if e.device_type == torch.autograd.DeviceType.CUDA]
-        host = [e for e in ev if e.device_type == torch.autograd.DeviceType.CPU]
-        out[label] = {"split": split,
-                      "gpu_kernel_ms_per_step": round(sum(e.self_device_time_total for e in kernels) / steps / 1e3, 4),
-                      "kernels_per_step": sum(e.count for e in kernels) / steps,
-                      "top_kernels_us_per_step": {e.key[:70]: round(e.self_device_time_total / steps, 1) for e in
-                                                  sorted(kernels, key=lambda e: -e.self_device_time_total)[:12]},
-                      "top_host_us_per_step": {e.key[:60]: [round(e.self_cpu_time_total / steps, 1), e.count / steps]
-                                               for e in sorted(host, key=lambda e: -e.self_cpu_time_total)[:16]}}
+        out[label] = {"split": split, **summarize(prof, steps, top_kernels=12, top_host=16)}
         print(json.dumps({label: out[label]}), flush=True)
     emit("profile", out)
 

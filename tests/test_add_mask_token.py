@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from tiny import tiny_transformer, write_tiny_checkpoint, write_tiny_tokenizer
+from tiny import crash_in_step, tiny_transformer, write_tiny_checkpoint, write_tiny_tokenizer
 
 from idlm.errors import ConfigError
 from idlm.tokenizer import Tokenizer
@@ -92,14 +92,7 @@ def test_convert_adds_a_mask_token_and_resumes_exactly(no_mask_run, tmp_path, mo
         Trainer(_cfg(root, ckpt, tmp_path / "x", add_mask_token=False))
     Trainer(_cfg(root, ckpt, tmp_path / "a")).train()
     t = Trainer(_cfg(root, ckpt, tmp_path / "b"))
-    real, calls = t.optimizer.step, {"n": 0}
-
-    def crash(*a, **k):  # dies in step 5, after the checkpoint of step 3
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-    monkeypatch.setattr(t.optimizer, "step", crash)
+    crash_in_step(monkeypatch, t, 5)  # after the checkpoint of step 3
     with pytest.raises(KeyboardInterrupt):
         t.train()
     monkeypatch.undo()

@@ -14,7 +14,7 @@ import random
 import pytest
 import torch
 from faults import POISON_SEED, poisoned_step
-from tiny import mixed_prompt, tiny_transformer
+from tiny import mixed_prompt, tiny_transformer, write_tiny_shape
 
 from idlm.cli import main
 from idlm.decoding import make_decoder
@@ -263,10 +263,7 @@ def test_llm_api_generates_text():
 
 
 def test_bench_commands_print_one_json_line(capsys, tmp_path):
-    shape = tmp_path / "config.json"
-    shape.write_text(json.dumps(dict(model_type="qwen3", vocab_size=128, hidden_size=32, intermediate_size=64,
-                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                     max_position_embeddings=256)))
+    shape = write_tiny_shape(tmp_path / "config.json")
     assert main(["bench", "latency", "--shape", str(shape), "--batch", "1,2", "--query", "1,3", "--context", "16",
                  "--iters", "2"]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from tiny import tiny_transformer
+from tiny import tiny_transformer, write_tiny_shape
 
 from idlm.bench.roofline import copy_bandwidth, gemm_floor, gemm_shapes, model_gemm_weights
 from idlm.cli import main
@@ -45,10 +45,7 @@ def test_copy_bandwidth_is_positive():
 
 
 def test_cli_roofline_fields(capsys, tmp_path):
-    shape = tmp_path / "config.json"
-    shape.write_text(json.dumps(dict(model_type="qwen3", vocab_size=128, hidden_size=32, intermediate_size=64,
-                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                     max_position_embeddings=256)))
+    shape = write_tiny_shape(tmp_path / "config.json")
     assert main(["bench", "latency", "--shape", str(shape), "--batch", "1,2", "--query", "1,3", "--context", "16",
                  "--iters", "2", "--roofline"]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -75,10 +72,7 @@ def test_prefill_flops_count():
 
 
 def test_cli_bench_prefill(capsys, tmp_path):
-    shape = tmp_path / "config.json"
-    shape.write_text(json.dumps(dict(model_type="qwen3", vocab_size=128, hidden_size=32, intermediate_size=64,
-                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                     max_position_embeddings=256)))
+    shape = write_tiny_shape(tmp_path / "config.json")
     assert main(["bench", "prefill", "--shape", str(shape), "--prompt-len", "100", "--chunk", "32", "--iters", "1",
                  "--peak-tflops", "1"]) == 0
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -86,3 +80,19 @@ def test_cli_bench_prefill(capsys, tmp_path):
     assert abs(r["fraction_of_peak"] - r["tflops"]) <= 1e-3 * r["tflops"]  # peak 1 TFLOP/s
     assert main(["bench", "prefill", "--shape", str(shape), "--prompt-len", "256"]) == 2  # no room for a token
     assert "positions" in capsys.readouterr().err
+
+
+def test_profile_summary_of_engine_steps():
+    from idlm.bench.profile import profile_steps, summarize
+    from idlm.decoding.sampling import SamplingParams
+    from idlm.engine.llm_engine import EngineConfig, LLMEngine
+
+    eng = LLMEngine(tiny_transformer(96), None, EngineConfig(decoder="ar", num_pages=32, max_num_seqs=1))
+    eng.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    eng.step()  # the prefill
+    prof, step_ms = profile_steps(eng, 5)
+    assert step_ms > 0 and eng.counters["decode_forwards"] == 5
+    s = summarize(prof, 5, top_host=3)
+    assert s["gpu_kernel_ms_per_step"] == 0 and s["kernels_per_step"] == 0  # CPU: no CUDA activity
+    host = s["top_host_us_per_step"]
+    assert len(host) == 3 and all(v[0] >= 0 and v[1] > 0 for v in host.values())

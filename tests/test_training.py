@@ -12,6 +12,7 @@ import sysconfig
 import pytest
 import torch
 import yaml
+from tiny import crash_in_step
 
 from idlm.errors import CheckpointError, ConfigError, IdlmError
 from idlm.training.config import TrainConfig
@@ -64,15 +65,7 @@ def test_pretrain_loss_falls_and_writes_artifacts(pretrained):
 def test_interrupted_then_resumed_run_ends_with_identical_weights(data_dir, tmp_path, monkeypatch):
     Trainer(cfg(data_dir, tmp_path / "a")).train()
     t = Trainer(cfg(data_dir, tmp_path / "b"))
-    real_step = t.optimizer.step
-    calls = {"n": 0}
-
-    def crash(*a, **k):  # dies during step 9, after the checkpoint of step 6
-        calls["n"] += 1
-        if calls["n"] == 9:
-            raise KeyboardInterrupt
-        return real_step(*a, **k)
-    monkeypatch.setattr(t.optimizer, "step", crash)
+    crash_in_step(monkeypatch, t, 9)  # after the checkpoint of step 6
     with pytest.raises(KeyboardInterrupt):
         t.train()
     monkeypatch.undo()

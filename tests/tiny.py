@@ -96,3 +96,25 @@ def mixed_prompt(tok, i: int, rng) -> list[int]:
     t = PROMPT_TEXTS[i % len(PROMPT_TEXTS)]
     ids = tok.encode_chat([{"role": "user", "content": t}]) if i % 2 else tok.encode(t)
     return ids[: rng.randint(max(1, len(ids) // 2), len(ids))]
+
+
+def write_tiny_shape(path: Path) -> Path:
+    """A tiny Qwen3 HF config.json (random weights of it: `--shape PATH` of the bench commands)."""
+    import json
+
+    path.write_text(json.dumps(dict(model_type="qwen3", vocab_size=128, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                    max_position_embeddings=256)))
+    return path
+
+
+def crash_in_step(monkeypatch, trainer, n: int) -> None:
+    """Make the trainer's n-th optimizer step raise KeyboardInterrupt (a run killed mid-way)."""
+    real, calls = trainer.optimizer.step, {"n": 0}
+
+    def step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(trainer.optimizer, "step", step)
