@@ -207,3 +207,68 @@ def test_distill_weight_is_validated_and_keeps_old_fingerprints():
             TrainConfig(**base, distill_weight=bad)
     with pytest.raises(ConfigError, match="kind lora"):
         TrainConfig(**{**base, "kind": "convert"}, distill_weight=0.5)
+
+
+def test_draft_positions_equal_a_loop():
+    from idlm.training.objectives import draft_positions
+
+    g = torch.Generator().manual_seed(3)
+    for block in (1, 2, 3, 5):
+        is_mask = torch.rand(4, 17, generator=g) > 0.3
+        want = torch.zeros(4, 17, dtype=torch.long)
+        for b in range(4):
+            for i in range(17):
+                start = i // block * block
+                want[b, i] = int(is_mask[b, start:i].sum())  # MASKs before i in its block
+        assert torch.equal(draft_positions(is_mask, block), want)
+
+
+def test_position_decay_weighs_draft_positions():
+    """loss = Σ γ^j·ce / (n·mean γ^j) over MASK targets (soft targets too); γ = 1 is the plain loss; the
+    reported l_noisy stays the unweighted mean; other kinds refuse it."""
+    from idlm.layers.lora import LoRAAdapter, LoRAConfig
+    from idlm.training.objectives import draft_positions
+
+    m = tiny_transformer(41, mask_token_id=None)
+    lora = LoRAAdapter(m.config, LoRAConfig(rank=4, alpha=8)).init_weights(std=0.3, seed=1, zero_b=False)
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, 40, (2, 15), generator=g)
+    lossmask = torch.rand(2, 15, generator=g) > 0.2
+    lossmask[:, :2] = False
+    block, gamma = 3, 0.5
+    plain = idlm_loss(m, tokens, lossmask, block, 0, lora=lora)
+    assert torch.allclose(idlm_loss(m, tokens, lossmask, block, 0, lora=lora, position_decay=1.0)["loss"],
+                          plain["loss"])
+    # the per-target CEs from the plain loss's own definition, one target at a time (by masking the rest)
+    is_mask, valid = lossmask[:, :-1], lossmask[:, 1:]
+    noisy = is_mask & valid
+    n = valid.sum()
+    j = draft_positions(is_mask, block)[noisy].float()
+    w = gamma ** j
+    assert j.max() >= 1  # several draft positions occur
+    out = idlm_loss(m, tokens, lossmask, block, 0, lora=lora, position_decay=gamma)
+    assert torch.allclose(out["l_noisy"], plain["l_noisy"], atol=1e-6)
+    # the per-target CEs (the oracle: the forward written out, as in the soft-target test)
+    with torch.no_grad():
+        from idlm.training.objectives import pair_attention
+        x0, tgt = tokens[:, :-1], tokens[:, 1:]
+        B, L = x0.shape
+        x_t = torch.where(is_mask, torch.zeros_like(x0), x0)
+        half = torch.zeros(B, 2 * L, dtype=torch.bool)
+        half[:, :L] = True
+        hidden = m(torch.cat([x_t, x0], 1), pair_positions(B, L, "cpu"), pair_attention("idlm", L, block, x0.device),
+                   lora=lora, lora_gate=half.float(), is_mask=torch.cat([is_mask, torch.zeros_like(is_mask)], 1))
+        ce = torch.nn.functional.cross_entropy(m.compute_logits(hidden[:, :L][noisy]), tgt[noisy], reduction="none")
+    assert torch.allclose(ce.sum() / n, plain["loss"], atol=1e-5)  # the oracle reproduces the plain loss
+    assert torch.allclose(out["loss"], (w * ce).sum() / (n * w.mean()), atol=1e-5)
+    soft = idlm_loss(m, tokens, lossmask, block, 0, lora=lora, position_decay=gamma, distill_weight=1.0)
+    assert torch.allclose(soft["l_noisy"], plain["l_noisy"], atol=1e-5) and "l_soft" in soft
+    with pytest.raises(ValueError, match="position_decay"):
+        idlm_loss(m, tokens, lossmask, block, 0, position_decay=0.5)
+    from idlm.errors import ConfigError
+    from idlm.training.config import TrainConfig
+    with pytest.raises(ConfigError, match="position_decay"):
+        TrainConfig(kind="convert", data="d", out="o", init="m", position_decay=0.5)
+    for bad in (0, 1.5, "x"):
+        with pytest.raises(ConfigError, match="position_decay"):
+            TrainConfig(kind="lora", data="d", out="o", init="m", position_decay=bad)

@@ -51,6 +51,8 @@ class TrainConfig:
     add_mask_token: bool = False
     # lora: weight w of the soft targets, (1 − w)·CE(response token) + w·CE(base model's distribution), 0..1
     distill_weight: float = 0.0
+    # lora: weight γ^j for the MASK at draft position j (0 < γ <= 1; 1 = every position alike)
+    position_decay: float = 1.0
     log_every: int = 10
     eval_every: int = 200
     eval_batches: int = 20
@@ -84,6 +86,11 @@ class TrainConfig:
         w = self.distill_weight
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= 1:
             raise ConfigError(f"distill_weight must be a number in [0, 1], got {w!r}")
+        g = self.position_decay
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 < g <= 1:
+            raise ConfigError(f"position_decay must be a number in (0, 1], got {g!r}")
+        if g != 1 and self.kind != "lora":
+            raise ConfigError(f"position_decay is for kind lora (the drafter's positions), not {self.kind!r}")
         if self.add_mask_token and self.kind not in ("convert", "sdar"):
             raise ConfigError(f"add_mask_token is for kinds convert and sdar, not {self.kind!r}")
         if w and self.kind != "lora":
@@ -116,8 +123,9 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         for k in NOT_FINGERPRINTED:
             d.pop(k)
-        for key, default in (("distill_weight", 0), ("add_mask_token", False)):  # added later: at their
-            if d[key] == default:  # defaults, runs keep the fingerprint they had
+        later = (("distill_weight", 0), ("add_mask_token", False), ("position_decay", 1))
+        for key, default in later:  # options added later: at their defaults, runs keep their old fingerprint
+            if d[key] == default:
                 d.pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -35,6 +35,15 @@ def pair_attention(kind: str, L: int, block: int, device: torch.device, impl: st
     return _cached_mask(kind, L, block, str(device), impl)
 
 
+def draft_positions(is_mask: torch.Tensor, block: int) -> torch.Tensor:
+    """[B, L] -> for each position, how many MASKs precede it in its block of `block` positions: a MASK's
+    draft position j (0 = the draft right after the pending token; SPEC §4's MASK slots in order)."""
+    B, L = is_mask.shape
+    cs = torch.nn.functional.pad(is_mask.long().cumsum(1), (1, 0))  # [B, L + 1]: MASKs before each index
+    start = torch.arange(L, device=is_mask.device) // block * block  # each position's block start
+    return cs[:, :L] - cs[:, start]
+
+
 def _ce_sum(model, hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Sum of cross-entropies of hidden [n, H] against targets [n] (optionally weighted)."""
     if hidden.shape[0] == 0:
@@ -44,10 +53,12 @@ def _ce_sum(model, hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Te
 
 
 def _distill_ce_sums(model, hidden: torch.Tensor, teacher_hidden: torch.Tensor, targets: torch.Tensor,
-                     weight: float, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sums over rows of ((1 − w)·CE(targets) + w·CE(p), CE(targets), CE(p)), where p = softmax of the teacher
-    rows' logits (no gradient) and CE(p) = −Σ_v p_v log q_v (= KL(p‖q) + H(p)). hidden, teacher_hidden [n, H];
-    rows are taken `chunk` at a time, so the [rows, V] temporaries stay bounded."""
+                     weight: float, chunk: int = 8192, row_weight: torch.Tensor | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sums over rows of (r·((1 − w)·CE(targets) + w·CE(p)), CE(targets), CE(p)), where p = softmax of the
+    teacher rows' logits (no gradient), CE(p) = −Σ_v p_v log q_v (= KL(p‖q) + H(p)) and r the rows' weights
+    (default 1). hidden, teacher_hidden [n, H]; rows are taken `chunk` at a time, so the [rows, V]
+    temporaries stay bounded."""
     mixed = hard_sum = soft_sum = hidden.sum() * 0.0
     for i in range(0, hidden.shape[0], chunk):
         log_q = F.log_softmax(model.compute_logits(hidden[i: i + chunk]).float(), dim=-1)  # [c, V]
@@ -55,7 +66,8 @@ def _distill_ce_sums(model, hidden: torch.Tensor, teacher_hidden: torch.Tensor, 
             p = F.softmax(model.compute_logits(teacher_hidden[i: i + chunk]).float(), dim=-1)
         hard = -log_q.gather(-1, targets[i: i + chunk, None]).squeeze(-1)
         soft = -(p * log_q).sum(-1)
-        mixed = mixed + ((1.0 - weight) * hard + weight * soft).sum()
+        rw = 1.0 if row_weight is None else row_weight[i: i + chunk]
+        mixed = mixed + (rw * ((1.0 - weight) * hard + weight * soft)).sum()
         hard_sum, soft_sum = hard_sum + hard.detach().sum(), soft_sum + soft.detach().sum()
     return mixed, hard_sum, soft_sum
 
@@ -75,7 +87,8 @@ def pair_positions(B: int, L: int, device) -> torch.Tensor:
 
 
 def idlm_loss(model, tokens, lossmask, block: int, mask_token_id: int, clean_scale="auto", *,
-              lora=None, attn_impl: str = "auto", distill_weight: float = 0.0) -> dict[str, torch.Tensor]:
+              lora=None, attn_impl: str = "auto", distill_weight: float = 0.0,
+              position_decay: float = 1.0) -> dict[str, torch.Tensor]:
     """L_noisy + s·L_clean (SPEC §3.3), or with `lora` the R-ISD drafter loss L_noisy (SPEC §5).
 
     x_t = x0 with every response token replaced by MASK; the MASK at i predicts x0[i+1] (logit shift).
@@ -84,7 +97,12 @@ def idlm_loss(model, tokens, lossmask, block: int, mask_token_id: int, clean_sca
     clean position i — the x0 half of this very forward, whose rows the gate leaves exactly the base's
     (no extra forward). p_i is what verification compares a draft with, so this fits the drafter to the
     whole distribution rather than to one sampled token. `l_noisy` stays CE(x0[i+1]); `l_soft` is CE(p).
+    position_decay γ < 1 weighs the MASK at draft position j (`draft_positions`) by γ^j, normalised to
+    the weights' sum: a later draft counts only when the earlier ones were accepted, so the first ones
+    matter most for TPF. The reported `l_noisy` / `l_soft` stay unweighted means.
     """
+    if position_decay != 1.0 and lora is None:
+        raise ValueError("position_decay is for the R-ISD drafter loss (lora=...)")
     x0, tgt, valid = tokens[:, :-1], tokens[:, 1:], lossmask[:, 1:]
     B, L = x0.shape
     is_mask = lossmask[:, :-1]  # response tokens become MASK in x_t
@@ -100,6 +118,15 @@ def idlm_loss(model, tokens, lossmask, block: int, mask_token_id: int, clean_sca
     hidden = model(inp, pair_positions(B, L, tokens.device), attn, **kwargs)  # [B, 2L, H]
     n = valid.sum().clamp_min(1)
     noisy = is_mask & valid
+    if position_decay != 1.0:
+        w = float(position_decay) ** draft_positions(is_mask, block).float()[noisy]  # [n_noisy]
+        norm = n * w.sum() / w.numel() if w.numel() else n  # so that the loss is a weighted mean
+        if lora is not None and distill_weight:
+            mixed, hard, soft = _distill_ce_sums(model, hidden[:, :L][noisy], hidden[:, L:][noisy].detach(),
+                                                 tgt[noisy], distill_weight, row_weight=w)
+            return {"loss": mixed / norm, "l_noisy": hard / n, "l_soft": soft / n, "targets": n}
+        ce = F.cross_entropy(model.compute_logits(hidden[:, :L][noisy]), tgt[noisy], reduction="none")
+        return {"loss": (ce * w).sum() / norm, "l_noisy": ce.detach().sum() / n, "targets": n}
     if lora is not None and distill_weight:
         mixed, hard, soft = _distill_ce_sums(model, hidden[:, :L][noisy], hidden[:, L:][noisy].detach(),
                                              tgt[noisy], distill_weight)

@@ -88,7 +88,8 @@ class Objective(nn.Module):
             return idlm_loss(m, tokens, lossmask, stride - 1, mask, cfg.clean_loss_scale, attn_impl=cfg.attention)
         if cfg.kind == "lora":
             return idlm_loss(m, tokens, lossmask, stride - 1, mask if mask is not None else 0, lora=self.adapter,
-                             attn_impl=cfg.attention, distill_weight=cfg.distill_weight)
+                             attn_impl=cfg.attention, distill_weight=cfg.distill_weight,
+                             position_decay=cfg.position_decay)
         # SDAR: the curriculum's "stride" is its block size B (SPEC §6: B MASKs per block)
         return sdar_loss(m, tokens, lossmask, stride, mask, generator=generator, attn_impl=cfg.attention)
 
