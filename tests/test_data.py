@@ -26,7 +26,7 @@ from idlm.data.io import read_jsonl, write_jsonl
 from idlm.data.shards import TokenDataset, load_meta, shard_paths, write_shards
 from idlm.data.synthetic import KINDS, check, eval_tasks, make_split, make_tasks, safe_eval, solve
 from idlm.data.tokenizer_train import CHAT_TEMPLATE, SPECIAL_TOKENS, train_tokenizer
-from idlm.errors import ConfigError
+from idlm.errors import ConfigError, IdlmError
 from idlm.tokenizer import Tokenizer
 
 GOOD = '''"""A small module."""
@@ -339,7 +339,7 @@ def test_tokenizer_specials_template_and_round_trip(tok, tok_dir, tmp_path):
 def test_chat_samples_equal_encoding_the_full_conversation(tok):
     pairs = [(t["prompt"], t["answer"]) for t in make_split(60, 1)]
     pairs += [(p["user"], p["assistant"]) for p in mine_source(SOURCE)]
-    for (ids, n_prompt, source), (user, answer) in zip(_chat_samples(tok, pairs, "x"), pairs):
+    for (ids, n_prompt, source), (user, answer) in zip(_chat_samples(tok, pairs, "x", 0), pairs):
         full = tok.encode_chat(to_messages({"user": user, "assistant": answer}), add_generation_prompt=False)
         assert ids == full + [0] and source == "x"
         assert ids[:n_prompt] == tok.encode_chat([{"role": "user", "content": user}])
@@ -510,3 +510,31 @@ def test_build_dataset_end_to_end(tree, tmp_path):
 def test_eval_jsonl_writer_is_canonical(tmp_path):
     write_jsonl(str(tmp_path / "a.jsonl"), [{"b": 1, "a": "é"}])
     assert (tmp_path / "a.jsonl").read_text(encoding="utf-8") == '{"a": "é", "b": 1}\n'
+
+
+def test_build_with_an_existing_models_tokenizer(tree, tmp_path):
+    """--tokenizer: the data of a model being converted is encoded with that model's own tokenizer (here a
+    tiny checkpoint's, which has no MASK token), separated by its <|endoftext|>; nothing is trained."""
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    from tiny import write_tiny_checkpoint
+
+    from idlm.data.build import end_of_text_id
+
+    ckpt = write_tiny_checkpoint(tmp_path / "model", mask=False)
+    theirs = Tokenizer.from_dir(ckpt)
+    kw = dict(roots=[str(tree)], n_synthetic=50, n_eval=3, progress=False, workers=1, holdout_fraction=0.3,
+              max_file_bytes=3000)
+    summary = build_dataset(str(tmp_path / "ds"), tokenizer=str(ckpt), **kw)
+    assert summary["vocab_size"] == theirs.vocab_size and summary["config"]["tokenizer"] == str(ckpt)
+    saved = Tokenizer.from_dir(tmp_path / "ds" / "tokenizer")
+    text = "def f(x):\n    return x  # <|endoftext|> stays text"
+    assert saved.vocab_size == theirs.vocab_size and saved.encode(text) == theirs.encode(text)
+    ds = TokenDataset(tmp_path / "ds", "train", 16, verify=True)
+    eot = end_of_text_id(theirs)
+    assert eot == theirs.token_to_id("<|endoftext|>") and saved.mask_token_id is None
+    tokens = np.asarray(ds.tokens)
+    assert (tokens == eot).sum() == sum(part["samples"] for part in summary["mix"]["train"].values())
+    assert tokens.max() < theirs.vocab_size
+    with pytest.raises(IdlmError):
+        build_dataset(str(tmp_path / "bad"), tokenizer=str(tmp_path / "no-such-model"), **kw)

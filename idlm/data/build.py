@@ -66,6 +66,9 @@ class BuildConfig:
     tokenizer_bytes: int = 100_000_000  # at most this much corpus text trains the tokenizer
     eval_max_bytes: int = 1_900_000  # each eval JSONL stays below this (they are small enough to commit)
     workers: int | None = None  # processes for inspection and mining; None: min(cpu_count, 16)
+    # encode with this model's tokenizer (a known name, checkpoint dir or .gguf) instead of training one:
+    # data for converting that model (its <|endoftext|>, else its end token, separates samples)
+    tokenizer: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.out_dir, str) or not self.out_dir:
@@ -146,8 +149,15 @@ def run_build(cfg: BuildConfig, progress: bool = True) -> dict:
     write_jsonl(os.path.join(eval_dir, "instructions.jsonl"), pairs_eval)
     lap("instructions")
 
-    tok = train_tokenizer(_tokenizer_texts(corpus_dir, manifest, cfg, tasks_train), os.path.join(out, TOKENIZER_DIR),
-                          cfg.vocab_size, progress=progress)
+    if cfg.tokenizer is None:
+        tok = train_tokenizer(_tokenizer_texts(corpus_dir, manifest, cfg, tasks_train),
+                              os.path.join(out, TOKENIZER_DIR), cfg.vocab_size, progress=progress)
+    else:
+        from idlm.models.loader import load_tokenizer
+
+        tok = load_tokenizer(cfg.tokenizer)
+        tok.save(os.path.join(out, TOKENIZER_DIR))
+    eot = end_of_text_id(tok)
     lap("tokenizer")
 
     vocab = tok.vocab_size
@@ -155,15 +165,15 @@ def run_build(cfg: BuildConfig, progress: bool = True) -> dict:
     if os.path.exists(stale_meta):  # a previous build's description must not survive next to new shards
         os.remove(stale_meta)
     train_samples = _chain(
-        _document_samples(tok, corpus_mod.iter_corpus(corpus_dir, "train"), "corpus"),
-        _chat_samples(tok, ((t["prompt"], t["answer"]) for t in tasks_train), "synthetic"),
-        _chat_samples(tok, ((p["user"], p["assistant"]) for p in pairs_train), "instructions"),
+        _document_samples(tok, corpus_mod.iter_corpus(corpus_dir, "train"), "corpus", eot),
+        _chat_samples(tok, ((t["prompt"], t["answer"]) for t in tasks_train), "synthetic", eot),
+        _chat_samples(tok, ((p["user"], p["assistant"]) for p in pairs_train), "instructions", eot),
     )
     n_train_docs = len(manifest.split("train"))
     bar = dict(desc="shards: train", unit="sample", disable=not progress,
                total=n_train_docs + len(tasks_train) + len(pairs_train))
     train_info = write_shards(out, "train", tqdm(train_samples, **bar), vocab_size=vocab, tokenizer=TOKENIZER_DIR)
-    heldout_docs = _document_samples(tok, corpus_mod.iter_corpus(corpus_dir, "heldout"), "corpus")
+    heldout_docs = _document_samples(tok, corpus_mod.iter_corpus(corpus_dir, "heldout"), "corpus", eot)
     heldout_info = write_shards(out, "heldout", heldout_docs, vocab_size=vocab, tokenizer=TOKENIZER_DIR)
     lap("shards")
 
@@ -261,9 +271,18 @@ def _chain(*iterables: Iterable) -> Iterator:
         yield from it
 
 
-def _document_samples(tok: Tokenizer, rows: Iterable[dict], source: str) -> Iterator[Sample]:
-    """(ids + [<|endoftext|>], 0, source) per document; special-token strings in the text stay text."""
-    backend, eot = plain_text_backend(tok), SPECIAL_TOKENS.index("<|endoftext|>")
+def end_of_text_id(tok: Tokenizer) -> int:
+    """The token that ends every sample: <|endoftext|> where the tokenizer has it, else its end token."""
+    eot = tok.token_to_id("<|endoftext|>")
+    eot = eot if eot is not None else tok.eos_token_id
+    if eot is None:
+        raise DataError("the tokenizer has neither <|endoftext|> nor an end token to separate samples with")
+    return eot
+
+
+def _document_samples(tok: Tokenizer, rows: Iterable[dict], source: str, eot: int) -> Iterator[Sample]:
+    """(ids + [eot], 0, source) per document; special-token strings in the text stay text."""
+    backend = plain_text_backend(tok)
     for chunk in _chunks(rows, _ENCODE_CHUNK):
         for enc in backend.encode_batch([r["text"] for r in chunk], add_special_tokens=False):
             yield [*enc.ids, eot], 0, source
@@ -278,14 +297,13 @@ def chat_texts(tok: Tokenizer, user: str, assistant: str) -> tuple[str, str]:
     return prompt, full[len(prompt) :]
 
 
-def _chat_samples(tok: Tokenizer, pairs: Iterable[tuple[str, str]], source: str) -> Iterator[Sample]:
-    """(prompt ids + response ids + [<|endoftext|>], len(prompt ids), source) per (user, assistant) pair.
+def _chat_samples(tok: Tokenizer, pairs: Iterable[tuple[str, str]], source: str, eot: int) -> Iterator[Sample]:
+    """(prompt ids + response ids + [eot], len(prompt ids), source) per (user, assistant) pair.
 
     Prompt and response are encoded separately — exactly what the model sees at inference (the
     prompt encoded by the server, then its own tokens) — which equals encoding the whole rendering
     whenever the answer does not start with whitespace before a newline (true for all our data).
     """
-    eot = SPECIAL_TOKENS.index("<|endoftext|>")
     for chunk in _chunks(pairs, _ENCODE_CHUNK):
         texts = [chat_texts(tok, u, a) for u, a in chunk]
         prompts = tok.backend.encode_batch([p for p, _ in texts], add_special_tokens=False)
@@ -310,6 +328,9 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
                    help="consider at most this many files (quick runs; default: all)")
     p.add_argument("--holdout-fraction", type=float, default=0.02, help="share of files held out (by path hash)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: min(CPU count, 16))")
+    p.add_argument("--tokenizer", default=None,
+                   help="encode with this model's tokenizer (known name, checkpoint dir or .gguf) instead of "
+                        "training one, e.g. smollm2-135m-instruct (data to convert that model); default: train")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -318,6 +339,7 @@ def cmd_build(args: argparse.Namespace) -> dict:
     summary = build_dataset(
         args.out, args.roots, args.vocab_size, args.n_synthetic, args.n_eval, args.seed, args.max_files,
         progress=not args.no_progress, holdout_fraction=args.holdout_fraction, workers=args.workers,
+        tokenizer=args.tokenizer,
     )
     for split in ("train", "heldout"):
         if summary["tokens"][split] > 1:

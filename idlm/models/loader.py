@@ -181,6 +181,19 @@ def load_pretrained(name_or_path, dtype: str | torch.dtype = torch.float32, devi
     return model.eval(), tokenizer
 
 
+def load_tokenizer(name_or_path):
+    """The tokenizer of a checkpoint (a directory's tokenizer files, or a GGUF's metadata), no weights."""
+    from idlm.tokenizer import Tokenizer
+
+    path = resolve_model_path(name_or_path)
+    gguf_path = _gguf_file(path)
+    if gguf_path is not None:
+        from idlm.models.gguf import load_gguf
+
+        return Tokenizer.from_gguf_metadata(load_gguf(gguf_path)[0])
+    return Tokenizer.from_dir(path)
+
+
 def load_model(name_or_path, dtype: str | torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> Transformer:
     """Build the model a checkpoint describes and load its weights (strictly)."""
