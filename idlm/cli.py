@@ -1,6 +1,6 @@
 """The `idlm` command line: one entry point, one subcommand per job.
 
-Subcommands: `serve` (the OpenAI-compatible server), `generate`, `data build|distill`,
+Subcommands: `serve` (the OpenAI-compatible server), `generate`, `data build|distill|mix`,
 `train pretrain|convert|lora|sdar`, `eval alpha|loss|tasks|humaneval`, `bench offline|latency|prefill`. Errors
 caused by input print one line `error: ...` and exit with status 2; `--json` output (and every eval /
 bench command's last stdout line) is one JSON object, for scripts.
@@ -199,6 +199,13 @@ def cmd_data_build(args) -> int:
     from idlm.data.build import cmd_build
 
     print(json.dumps(cmd_build(args)))
+    return 0
+
+
+def cmd_data_mix(args) -> int:
+    from idlm.data.mix import cmd_mix
+
+    print(json.dumps(cmd_mix(args)))
     return 0
 
 
@@ -439,6 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(R-ISD drafter data); last stdout line is JSON")
     add_distill_arguments(dd)
     dd.set_defaults(func=cmd_distill)
+    from idlm.data.mix import add_mix_arguments
+
+    dm = d.add_parser("mix", help="one shard dataset from several in given token shares (same tokenizer); "
+                                  "last stdout line is JSON")
+    add_mix_arguments(dm)
+    dm.set_defaults(func=cmd_data_mix)
 
     be = sub.add_parser("bench", help="engine benchmarks").add_subparsers(dest="bench_command", required=True)
     bo = be.add_parser("offline", help="engine speed vs concurrency and temperature, optionally beside plain AR "
