@@ -553,3 +553,15 @@ def test_smollm2_lora_config_parses_and_its_adapter_fits_the_asset_budget(tmp_pa
     assert size <= 25_000_000 and others + size + card <= 80 * 1024 * 1024
     distill_cfg = (REPO / "configs" / "smollm2" / "distill.yaml").read_text()
     assert "idlm data distill" in distill_cfg and cfg.data.rstrip("/") in distill_cfg
+
+
+def test_smollm2_conversion_configs_parse_and_match():
+    """configs/smollm2/convert.yaml and its SDAR ablation: same model, data, budget; a MASK token added."""
+    from idlm.training.config import TrainConfig
+
+    conv = TrainConfig.from_yaml(REPO / "configs" / "smollm2" / "convert.yaml")
+    sdar = TrainConfig.from_yaml(REPO / "configs" / "smollm2" / "sdar.yaml")
+    assert (conv.kind, sdar.kind) == ("convert", "sdar") and conv.add_mask_token and sdar.add_mask_token
+    same = ("init", "data", "seq_len", "batch_size", "max_steps", "lr", "curriculum", "dtype", "min_lr_ratio")
+    assert all(getattr(conv, k) == getattr(sdar, k) for k in same) and conv.init == "smollm2-135m-instruct"
+    assert conv.curriculum[-1] == [1.0, 4] and conv.out != sdar.out
