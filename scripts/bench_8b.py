@@ -10,6 +10,8 @@ Stages (comma-separated argv[1], default all):
   curve     the projection's input: Q = 1, 3, 5, 7, 15 × batch 1..128 at context 1024 (auto splits)
 
     python scripts/bench_8b.py roofline,long,prefill,curve
+
+SMOKE=1 runs every stage CPU-sized on a tiny random shape (tests this script without a GPU).
 """
 
 from __future__ import annotations
@@ -26,7 +28,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from idlm.bench.latency import bench_latency, bench_prefill  # noqa: E402
 from idlm.models.random import random_model  # noqa: E402
 
-results: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda}
+SMOKE = os.environ.get("SMOKE") == "1"
+DEV = "cpu" if SMOKE else "cuda"
+results: dict = {"device": "cpu" if SMOKE else torch.cuda.get_device_name(0), "torch": torch.__version__,
+                 "cuda": torch.version.cuda}
+
+
+def sizes(batches, context):
+    """The stage's batches and context, CPU-sized under SMOKE."""
+    return ([1, 2] if SMOKE else batches), (48 if SMOKE else context)
+
+
+def release():
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
 
 
 def emit(key, value):
@@ -48,38 +63,48 @@ def with_splits(splits: str | None, fn):
 
 def stage_roofline(model):
     out = {}
+    batches, context = sizes([1, 2, 4, 8, 16, 32, 64], 1024)
     for label, splits in (("auto", None), ("nosplit", "1")):
-        out[label] = with_splits(splits, lambda: bench_latency(model, [1, 7], [1, 2, 4, 8, 16, 32, 64], 1024,
-                                                              iters=20, roofline=True))
-        torch.cuda.empty_cache()
+        out[label] = with_splits(splits, lambda: bench_latency(model, [1, 7], batches, context,
+                                                              iters=2 if SMOKE else 20, roofline=True))
+        release()
     emit("roofline", out)
 
 
 def stage_long(model):
     out = {}
-    for context in (8192, 32768):
+    for context in ((64, 96) if SMOKE else (8192, 32768)):
         for label, splits, attention in (("auto", None, "auto"), ("nosplit", "1", "auto"), ("sdpa", None, "sdpa")):
             out[f"{context}/{label}"] = with_splits(splits, lambda: bench_latency(
-                model, [1, 7], [1, 8], context, iters=10, attention=attention, roofline=label == "auto"))
-            torch.cuda.empty_cache()
+                model, [1, 7], [1, 8], context, iters=2 if SMOKE else 10, attention=attention,
+                roofline=label == "auto"))
+            release()
         for r in out[f"{context}/auto"]:
             r["non_gemm_share"] = round(1 - r["gemm_floor_ms"] / r["latency_ms"], 3)
     emit("long", out)
 
 
 def stage_prefill(model):
-    out = {f"chunk{c}": bench_prefill(model, 8192, chunk=c, iters=3, peak_tflops=790.0) for c in (8192, 2048)}
+    n = 128 if SMOKE else 8192
+    out = {f"chunk{c}": bench_prefill(model, n, chunk=c, iters=1 if SMOKE else 3, peak_tflops=790.0)
+           for c in ((128, 32) if SMOKE else (8192, 2048))}
     emit("prefill", out)
 
 
 def stage_curve(model):
-    emit("curve", bench_latency(model, [1, 3, 5, 7, 15], [1, 2, 4, 8, 16, 32, 64, 128], 1024, iters=10))
+    batches, context = sizes([1, 2, 4, 8, 16, 32, 64, 128], 1024)
+    emit("curve", bench_latency(model, [1, 3, 5, 7, 15], batches, context, iters=2 if SMOKE else 10))
 
 
 def main():
     stages = (sys.argv[1] if len(sys.argv) > 1 else "roofline,long,prefill,curve").split(",")
     t0 = time.time()
-    model = random_model("qwen3-8b", dtype="bfloat16", device="cuda")
+    if SMOKE:
+        shape = dict(model_type="qwen3", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
+        model = random_model(shape, dtype="float32", device="cpu")
+    else:
+        model = random_model("qwen3-8b", dtype="bfloat16", device="cuda")
     results["model_load_s"] = round(time.time() - t0, 1)
     for s in stages:
         t = time.time()
