@@ -159,3 +159,19 @@ def test_split_count_override_and_bad_value(monkeypatch):
     assert (auto - one).abs().max() <= 2e-6
     with pytest.raises(ValueError, match="splits"):
         paged_kernel.paged_attention(q, pool.k[0], pool.v[0], tables, last, page, splits=0)
+
+
+def test_store_kv_writes_both_pools_like_indexing():
+    from idlm.layers.paged_kernel import store_kv
+
+    g = torch.Generator().manual_seed(0)
+    pool_k, pool_v = torch.randn(40, 2, 16, generator=g), torch.randn(40, 2, 16, generator=g)
+    want_k, want_v = pool_k.clone(), pool_v.clone()
+    slots = torch.randperm(39, generator=g)[:7]  # 7 rows to 7 distinct slots (not the trash slot 39)
+    k = torch.randn(7, 2, 16, generator=g)
+    v = torch.randn(7, 2, 16, generator=g)
+    want_k[slots], want_v[slots] = k, v
+    store_kv(pool_k, pool_v, slots, k.reshape(7, 32), v.reshape(7, 32))
+    assert torch.equal(pool_k, want_k) and torch.equal(pool_v, want_v)
+    with pytest.raises(ValueError, match="contiguous"):
+        store_kv(pool_k, pool_v, slots, k.reshape(7, 32)[:, :16], v.reshape(7, 32)[:, :16])

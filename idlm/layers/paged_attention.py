@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from idlm.layers.attention import cache_mask, last_visible, sdpa
-from idlm.layers.paged_kernel import kernel_supported, paged_attention
+from idlm.layers.paged_kernel import kernel_supported, paged_attention, store_kv
 
 
 class PagedKVCache:
@@ -64,9 +64,14 @@ class PagedAttention:
         B, Hkv, T, D = k.shape
         kc, vc = self.cache.k[layer], self.cache.v[layer]
         flat = self.slot_mapping.reshape(-1)
-        kc[flat] = k.transpose(1, 2).reshape(B * T, Hkv, D).to(kc.dtype)
-        vc[flat] = v.transpose(1, 2).reshape(B * T, Hkv, D).to(vc.dtype)
-        if self.kernel and kernel_supported(q, Hkv):
+        use_kernel = self.kernel and kernel_supported(q, Hkv)
+        rows_k, rows_v = k.transpose(1, 2).reshape(B * T, Hkv * D), v.transpose(1, 2).reshape(B * T, Hkv * D)
+        if use_kernel and kc.is_contiguous():  # the decode path: both writes in one launch
+            store_kv(kc, vc, flat, rows_k, rows_v)
+        else:
+            kc[flat] = rows_k.view(B * T, Hkv, D).to(kc.dtype)
+            vc[flat] = rows_v.view(B * T, Hkv, D).to(vc.dtype)
+        if use_kernel:
             if self._last is None:  # shared by all layers
                 self._last = last_visible(self.starts, T, self.visible)
             return paged_attention(q, kc, vc, self.block_tables, self._last, self.cache.block_size)

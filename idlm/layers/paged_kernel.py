@@ -158,6 +158,40 @@ def _kernel():
     return paged_attn_fwd, paged_attn_combine
 
 
+@functools.cache
+def _store_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def store_kv_rows(K, V, KP, VP, SLOTS, s_k, s_v, s_slot, W: tl.constexpr, BLOCK: tl.constexpr):
+        r = tl.program_id(0)  # one query token: its Hkv·D values of K and of V to its slot
+        slot = tl.load(SLOTS + r).to(tl.int64)
+        for start in range(0, W, BLOCK):
+            i = start + tl.arange(0, BLOCK)
+            ok = i < W
+            k = tl.load(K + r * s_k + i, mask=ok)
+            v = tl.load(V + r * s_v + i, mask=ok)
+            tl.store(KP + slot * s_slot + i, k.to(KP.dtype.element_ty), mask=ok)
+            tl.store(VP + slot * s_slot + i, v.to(VP.dtype.element_ty), mask=ok)
+
+    return store_kv_rows
+
+
+def store_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor) -> None:
+    """pool[slots[r]] = row r of k / v, both pools in one launch (instead of two indexing kernels):
+    k_pool/v_pool [slots, Hkv, D] (one layer, contiguous per slot), slots [R], k/v [R, Hkv·D] rows with unit
+    stride inside a row (cast to the pool's dtype)."""
+    R, W = k.shape
+    if k.stride(1) != 1 or v.stride(1) != 1 or k_pool.stride(1) * k_pool.shape[1] != k_pool.stride(0) \
+            or k_pool.stride(2) != 1 or v_pool.stride() != k_pool.stride() or W != k_pool.shape[1] * k_pool.shape[2]:
+        raise ValueError("store_kv needs contiguous rows and slots")
+    block = min(1024, 1 << (W - 1).bit_length())
+    _store_kernel()[(R,)](k, v, k_pool, v_pool, slots, k.stride(0), v.stride(0), k_pool.stride(0), W=W,
+                          BLOCK=block, num_warps=4)
+
+
 def choose_splits(batch: int, kv_heads: int, max_keys: int, sm_count: int) -> int:
     """Split-KV factor S for a decode launch of batch x kv_heads programs whose rows may see up to
     max_keys keys: 1 once the programs fill the SMs; else the fewest splits that fill them, no more than
