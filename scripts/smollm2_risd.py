@@ -5,6 +5,7 @@ can come back, so the whole pipeline is this one script, run stage by stage in b
 calls (a machine goes back 30 s after a call; its disk survives until then):
 
     prepare  (here, not on the GPU) fetch the GGUF, split it into .carry/smolA|B, download the wheels
+    card     (here, after a run) the embedded asset and its model card from the returned files (--from DIR)
     stash    copy the first half of the GGUF (.carry/smolA/part) to /root/smol/
     setup    join it with .carry/smolB/part, check its sha256, install the carried wheels (.whl)
     distill  `idlm data distill` (self-distillation, greedy and T = 0.7; resumable; --budget seconds)
@@ -404,10 +405,70 @@ def stage_speed(args) -> None:
     emit("speed", out)
 
 
+def stage_card(args) -> None:
+    """Here, after a run: the embedded asset idlm/assets/smollm2-135m-instruct-risd-lora/ from the device's
+    outputs in --from (adapter pieces, adapter_config.json, train/eval/speed/distill JSON): the adapter
+    joined and checked against train.json's sha256, and a model card whose every number is read from
+    those files. Refuses an adapter over the asset budget (tests/test_embedded.py)."""
+    src = Path(args.from_dir)
+    train = json.loads((src / "train.json").read_text())
+    ev = json.loads((src / "eval.json").read_text())
+    speed = json.loads((src / "speed.json").read_text()) if (src / "speed.json").exists() else {}
+    distill = json.loads((src / "distill.json").read_text()) if (src / "distill.json").exists() else {}
+    data = b"".join((src / name).read_bytes() for name in train["adapter_pieces"])
+    if hashlib.sha256(data).hexdigest() != train["adapter_sha256"]:
+        raise SystemExit("the joined adapter's sha256 differs from train.json's: a piece is missing or corrupt")
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    from idlm.models.registry import ASSETS
+
+    dest = Path(args.to_dir) if args.to_dir else ASSETS / "smollm2-135m-instruct-risd-lora"
+    others = sum(f.stat().st_size for d in ASSETS.iterdir() if d.is_dir() and d.name != dest.name
+                 for f in d.iterdir())
+    if others + len(data) + 20_000 > 80 * 1024 * 1024:
+        raise SystemExit(f"the adapter ({len(data) / 1e6:.1f} MB) does not fit the 80 MiB asset budget beside "
+                         f"{others / 1e6:.1f} MB of other assets")
+    ex32, ex16 = ev["exact_float32"], ev["exact_bfloat16"]
+    tpf0, tpf7 = ev["tpf_T0.0"], ev["tpf_T0.7"]
+    last = train["last"]
+    manifest = (distill.get("manifest") or {})
+    tokens = manifest.get("response_tokens", {})
+    lines = [
+        "# smollm2-135m-instruct-risd-lora — gated LoRA for lossless R-ISD on SmolLM2-135M-Instruct", "",
+        f"The R-ISD drafter of SPEC §5 for the unchanged SmolLM2-135M-Instruct: a rank-{cfg['r']} LoRA "
+        f"(α {cfg['lora_alpha']:g}) on q, k, v, o, gate, up and down of all 30 layers plus a trained MASK input "
+        "embedding (SmolLM2 has no MASK token), bf16, PEFT's file layout. The gate is 1 only on the MASK slots "
+        "whose logits become drafts, so `idlm serve --model smollm2-135m-instruct` (R-ISD, N = 4, by default "
+        "with this adapter) emits exactly SmolLM2's own tokens; `--decoder ar` serves plain AR. "
+        "License: Apache-2.0 (as SmolLM2).", "",
+        "- **Data**: SmolLM2's own responses (greedy and T = 0.7) to prompts built offline "
+        f"(`idlm data distill`, `configs/smollm2/distill.yaml`): {tokens.get('train', 0) / 1e6:.2f} M training "
+        f"response tokens, {tokens.get('heldout', 0) / 1e6:.2f} M held out (prompts split by hash); "
+        f"{distill.get('wall_s', '?')} s on the GPU.",
+        f"- **Training**: `idlm train lora configs/smollm2/lora.yaml` (frozen bf16 base, L_noisy, curriculum "
+        f"N = 2 → 3 → 4): {last['step']} steps, final loss {last['loss']}, {train['wall_s']} s.",
+        f"- **Lossless**: greedy R-ISD ≡ greedy AR on {ex32['of']} held-out chat prompts × 256 tokens: "
+        f"{ex32['identical']}/{ex32['of']} in fp32, {ex16['identical']}/{ex16['of']} in bf16; HumanEval "
+        f"completions identical {ev['humaneval'].get('identical_completions', '?')}/164.",
+        f"- **Drafting**: tokens per forward at N = 4 on held-out chat prompts {tpf0['tpf']} greedy, "
+        f"{tpf7['tpf']} at T = 0.7.",
+    ]
+    for temp, rows in (speed.get("speed") or {}).items():
+        cells = ", ".join(f"C = {r['concurrency']}: {r['risd_over_ar']}×" for r in rows)
+        lines.append(f"- **Speed** ({temp}, per-request tok/s R-ISD / AR, {speed.get('device', '')}): {cells}.")
+    lines += ["", "Device, versions, commands and raw JSON: `docs/risd.md` and `docs/runs/risd/`.", ""]
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "adapter_model.safetensors").write_bytes(data)
+    (dest / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (dest / "README.md").write_text("\n".join(lines))
+    emit("card", {"asset": str(dest), "bytes": len(data), "assets_total_mb": round((others + len(data)) / 1e6, 2)})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("stages", nargs="+", choices=["prepare", "stash", "setup", "distill", "train", "eval",
-                                                       "speed"])
+                                                       "speed", "card"])
+    ap.add_argument("--from", dest="from_dir", default=None, help="card: the folder of the device's outputs")
+    ap.add_argument("--to", dest="to_dir", default=None, help="card: where to write (default: the embedded asset)")
     ap.add_argument("--budget", type=float, default=None, help="seconds a distill/train stage may run (resumable)")
     ap.add_argument("--num-prompts", type=int, default=60000)
     ap.add_argument("--target-tokens", type=int, default=20_000_000)
