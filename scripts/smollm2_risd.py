@@ -27,10 +27,11 @@ The repository plus a 47 MiB part exceeds the device's 64 MiB working tree, so t
     python scripts/smollm2_risd.py prepare                   (here: .carry/smolA|B/part and .whl/)
     git rm -r -q --cached idlm/assets && echo /idlm/assets/ >> .git/info/exclude
     run(carry=[".carry/smolA"]): python scripts/smollm2_risd.py stash
-    run(carry=[".carry/smolB", ".whl"]): python scripts/smollm2_risd.py setup distill --budget 500
-    run: python scripts/smollm2_risd.py train --budget 540      (again until it reports done)
+    run(carry=[".carry/smolB", ".whl"]): python scripts/smollm2_risd.py setup distill --budget 530
+    run: python scripts/smollm2_risd.py train --budget 590      (again until it reports done)
     run: python scripts/smollm2_risd.py eval; python scripts/smollm2_risd.py speed
     git reset -q idlm/assets   (and drop the exclude line)
+    python scripts/smollm2_risd.py card --from DIR            (here: the asset from the returned files)
 
 `--smoke` runs distill/train/eval on CPU-sized settings with the embedded idlm-tiny-ar (and its
 adapter for eval), to test this script without a GPU. Prints JSON lines, a summary last; every stage
