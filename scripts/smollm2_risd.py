@@ -383,7 +383,8 @@ def stage_speed(args) -> None:
             med = {k: sorted(v, key=lambda r: r["per_request_tok_s"])[len(v) // 2] for k, v in runs.items()}
             rows.append({"concurrency": c, **{f"{k}_tok_s": m["per_request_tok_s"] for k, m in med.items()},
                          **{f"{k}_step_ms": m["decode_step_ms"] for k, m in med.items()},
-                         "risd_tpf": med["risd"]["tpf"], "tokens": {k: m["generated_tokens"] for k, m in med.items()},
+                         "risd_tpf": med["risd"]["tpf"], "risd_auto_tpf": med["risd_auto"]["tpf"],
+                         "tokens": {k: m["generated_tokens"] for k, m in med.items()},
                          "risd_over_ar": round(med["risd"]["per_request_tok_s"] / med["ar"]["per_request_tok_s"], 3),
                          "risd_auto_over_ar": round(med["risd_auto"]["per_request_tok_s"]
                                                     / med["ar"]["per_request_tok_s"], 3),
