@@ -3,7 +3,8 @@ does not depend on the values). One call, JSON lines, a summary last, and $OUT/b
 
 Stages (comma-separated argv[1], default all):
   roofline  context 1024, Q = 1 and 7, batch 1..64: step latency with the split-KV kernel (auto) and with
-            splits forced off (IDLM_KV_SPLITS=1), each beside the GEMM-only floor (`--roofline`)
+            splits forced off (IDLM_KV_SPLITS=1), and at batch 1..8 with 8 and 16 splits forced, each beside
+            the GEMM-only floor (`--roofline`)
   long      context 8k and 32k, batch 1 and 8, Q = 1 and 7: auto splits vs no split vs the reference
             gather + SDPA path, and the non-GEMM share of the step (1 − floor / latency)
   prefill   an 8k-token prompt in one 8k chunk and in 2k chunks: tokens/s, TFLOP/s, fraction of 790
@@ -64,8 +65,11 @@ def with_splits(splits: str | None, fn):
 def stage_roofline(model):
     out = {}
     batches, context = sizes([1, 2, 4, 8, 16, 32, 64], 1024)
-    for label, splits in (("auto", None), ("nosplit", "1")):
-        out[label] = with_splits(splits, lambda: bench_latency(model, [1, 7], batches, context,
+    small, _ = sizes([1, 2, 4, 8], 1024)
+    # auto and no split at every batch; forced 8 and 16 splits where the programs are few (tunes choose_splits)
+    for label, splits, bs in (("auto", None, batches), ("nosplit", "1", batches), ("s8", "8", small),
+                              ("s16", "16", small)):
+        out[label] = with_splits(splits, lambda: bench_latency(model, [1, 7], bs, context,
                                                               iters=2 if SMOKE else 20, roofline=True))
         release()
     emit("roofline", out)
