@@ -67,3 +67,50 @@ def test_sampler_follows_the_distribution_and_seeds_reproduce():
 def test_bad_sampling_parameters_name_the_parameter(kwargs, name):
     with pytest.raises(ConfigError, match=f"invalid sampling parameter {name}="):
         SamplingParams(**kwargs)
+
+
+def test_top_k_selection_path_equals_the_brute_force_and_the_sort():
+    """truncate=K (every row 0 < top_k <= K): a top-K selection instead of the sort, same p̃."""
+    from idlm.decoding.sampling import TOPK_CAP, truncation
+
+    cases = [(1.0, 5, 1.0), (0.7, 10, 0.5), (1.3, 1, 1.0), (0.0, 3, 0.2), (2.0, 16, 0.9), (1.0, 7, 0.01)]
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(len(cases), 300, generator=g) * 3
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p) for t, k, p in cases]
+    assert truncation(params) == 16  # the largest top_k, rounded up to a power of two
+    tensors = params_tensors(params, "cpu")
+    fast, full = filtered_probs(logits, *tensors, truncate=16), filtered_probs(logits, *tensors, truncate=True)
+    assert torch.allclose(fast, full, atol=1e-6)
+    for row, (t, k, p) in enumerate(cases):
+        assert torch.allclose(fast[row], brute_force(logits[row], t, k, p), atol=1e-6), cases[row]
+    # the decision: no truncation, a selection, or the full sort (a row without top_k, or top_k too large)
+    sp = SamplingParams
+    assert truncation([sp(temperature=1.0), sp(temperature=0.5)]) is False
+    assert truncation([sp(top_k=3), sp(top_k=40, top_p=0.9)]) == 64
+    assert truncation([sp(top_k=3), sp(top_p=0.9)]) is True
+    assert truncation([sp(top_k=TOPK_CAP + 1)]) is True
+    assert filtered_probs(logits[:1, :8], *params_tensors([sp(top_k=5)], "cpu"), truncate=16).shape == (1, 8)
+
+
+def test_engine_with_top_k_rows_equals_the_reference_runner():
+    """A seeded top-k (+ top-p) batch takes the selection path in the engine and in the reference runner
+    alike: identical tokens, ISD and AR."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny import tiny_transformer
+
+    from idlm.decoding import make_decoder
+    from idlm.decoding.reference import generate
+    from idlm.engine.llm_engine import EngineConfig, LLMEngine
+
+    model = tiny_transformer(64, mask_token_id=3, max_position_embeddings=256)
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14]]
+    params = [SamplingParams(temperature=1.0, top_k=8, seed=1, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=2, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=1.2, top_k=3, seed=3, max_tokens=12, ignore_eos=True)]
+    for decoder in ("ar", "isd"):
+        eng = LLMEngine(model, None, EngineConfig(decoder=decoder, stride=3, num_pages=64, max_num_seqs=4))
+        got = [o.token_ids for o in eng.run(prompts, params)]
+        ref = [o.token_ids for o in generate(model, make_decoder(decoder, 3, model.config), prompts, params)]
+        assert got == ref and all(len(t) == 12 for t in got)

@@ -17,10 +17,10 @@ from idlm.decoding.logprobs import first_token_logprobs, logprob_columns, logpro
 from idlm.decoding.sampling import (
     filtered_probs,
     inverse_cdf,
-    needs_truncation,
     params_tensors,
     sample_tokens,
     take_draws,
+    truncation,
 )
 from idlm.layers.fused import cuda_fused
 
@@ -52,7 +52,7 @@ class ARDecoder(Decoder):
         temp, top_k, top_p = params_tensors(params, "cpu")  # host tensors; noise on the device
         greedy = all(p.greedy for p in params)
         return ParamsInputs({"temperature": temp, "top_k": top_k, "top_p": top_p},
-                            {"truncate": needs_truncation(params) and not greedy, "greedy": greedy,
+                            {"truncate": truncation(params) if not greedy else False, "greedy": greedy,
                              "logprobs": logprobs_static(params)}, sampled=not greedy)
 
     def step_inputs(self, states, params, rngs, vocab_size, device):

@@ -35,11 +35,11 @@ from idlm.decoding.logprobs import first_token_logprobs, logprob_columns, logpro
 from idlm.decoding.sampling import (
     filtered_probs,
     inverse_cdf,
-    needs_truncation,
     params_tensors,
     sample_tokens,
     take_draws,
     to_float32,
+    truncation,
 )
 from idlm.errors import ConfigError
 from idlm.layers.fused import cuda_fused
@@ -143,7 +143,7 @@ class ISDDecoder(Decoder):
         greedy = all(p.greedy and p.verify_alpha <= 1 for p in params)
         tensors = {"temperature": temp, "top_k": top_k, "top_p": top_p, "point_mass": torch.from_numpy(point_mass),
                    "argmax_draft": torch.from_numpy(argmax_draft), "alpha": torch.from_numpy(alpha)}
-        return ParamsInputs(tensors, {"truncate": needs_truncation(params) and not greedy, "greedy": greedy,
+        return ParamsInputs(tensors, {"truncate": truncation(params) if not greedy else False, "greedy": greedy,
                                       "logprobs": logprobs_static(params)},
                             sampled=not all(p.greedy for p in params), rows={"point_mass": point_mass})
 
@@ -220,7 +220,7 @@ class ISDDecoder(Decoder):
 def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tensor, temperature: torch.Tensor,
                      top_k: torch.Tensor, top_p: torch.Tensor, point_mass: torch.Tensor, argmax_draft: torch.Tensor,
                      alpha: torch.Tensor, keys: torch.Tensor | None, draw: torch.Tensor | None,
-                     q_old: torch.Tensor | None, truncate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                     q_old: torch.Tensor | None, truncate: bool | int) -> tuple[torch.Tensor, torch.Tensor]:
     """The sampled ISD step as one function (compiled into a few fused kernels on CUDA, inside the decode
     graph). logits [B, 2N−1, V]; per row: is_v, specs [B, K], temperature/top_k/top_p, point_mass,
     argmax_draft, alpha; keys [B, 2] / draw [B] (None: every row greedy with verify_alpha > 1); q_old

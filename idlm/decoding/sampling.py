@@ -101,27 +101,49 @@ class SamplingParams:
         return RequestRNG(self.seed)
 
 
+TOPK_CAP = 1024  # rows that all ask top_k <= this are filtered from a top-k selection, not a full sort
+
+
 def needs_truncation(params: list[SamplingParams]) -> bool:
     """Whether any row uses top-k or top-p (else `filtered_probs` can skip its sort)."""
     return any(p.top_k > 0 or p.top_p < 1 for p in params)
 
 
+def truncation(params: list[SamplingParams]) -> bool | int:
+    """`filtered_probs`' truncate option for a batch: False (no row truncates), K (every row asks
+    0 < top_k <= K, K a power of two <= TOPK_CAP: a top-K selection replaces the sort over the
+    vocabulary, top-p then works inside it) or True (a full sort)."""
+    if not needs_truncation(params):
+        return False
+    top = max(p.top_k for p in params)
+    if all(p.top_k > 0 for p in params) and top <= TOPK_CAP:
+        return 1 << (top - 1).bit_length()
+    return True
+
+
 def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                   top_p: torch.Tensor, truncate: bool = True) -> torch.Tensor:
+                   top_p: torch.Tensor, truncate: bool | int = True) -> torch.Tensor:
     """p̃ per row: logits [B, V], temperature/top_k/top_p [B] -> probabilities [B, V] (float32).
 
     Rows with temperature 0 get the point mass on their argmax (ties: lowest id). `truncate=False`
-    skips top-k/top-p (a caller that knows no row uses them saves a sort over the vocabulary). No
-    data-dependent control flow: the function is CUDA-graph capturable.
+    skips top-k/top-p (a caller that knows no row uses them saves a sort over the vocabulary); an int K
+    promises every row has 0 < top_k <= K (`truncation`): the K most probable tokens are selected instead
+    of sorting the vocabulary, and top-k then top-p act on them exactly as on the sorted vocabulary (only
+    the order among tokens of equal probability may differ). No data-dependent control flow: the
+    function is CUDA-graph capturable.
     """
     logits = logits.float()
     B, V = logits.shape
     greedy = temperature <= 0
     t = torch.where(greedy, torch.ones_like(temperature), temperature).float()
     probs = torch.softmax(logits / t[:, None], dim=-1)
-    if truncate:
+    if truncate is True:
         sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
-        rank = torch.arange(V, device=logits.device).expand(B, V)
+    elif truncate:
+        sorted_p, order = probs.topk(min(int(truncate), V), dim=-1, sorted=True)  # [B, K] descending
+    if truncate:
+        n = sorted_p.shape[-1]
+        rank = torch.arange(n, device=logits.device).expand(B, n)
         k = torch.where(top_k > 0, top_k, torch.full_like(top_k, V))
         keep = rank < k[:, None]
         sorted_p = sorted_p * keep
