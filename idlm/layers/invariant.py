@@ -1,0 +1,71 @@
+"""Batch-invariant matmul (issue 16's exact mode, first piece): y = x Wᵀ whose every row has the same
+bits whatever the other rows are — how many, in which order, from which requests.
+
+Why cuBLAS is not: it picks tile shapes, split-K and the reduction order per (M, N, K), so a token's
+projection in a 1-row AR step and in a 7-row ISD verify step (or a 64-row batch) may round differently in
+bf16, and a greedy near-tie can flip. This Triton kernel fixes everything a row's value depends on:
+tiles of BLOCK_M × BLOCK_N with a K loop in BLOCK_K steps from 0 upwards, float32 accumulation, no
+split-K, the same launch configuration for every M — so row i's dot products are computed by the same
+instructions in the same order whether the tile holds 1 row or 64, and rows never mix. The cost is
+a fixed tiling (no autotuning per shape); exact mode trades that speed for invariance.
+
+Under TRITON_INTERPRET=1 it runs on CPU tensors; tests check a row's bits are unchanged when rows are
+added, removed or reordered, and the values against torch.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+BLOCK_M, BLOCK_N, BLOCK_K = 32, 64, 64
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def invariant_mm(X, W, B, Y, M, N, K, s_xm, s_wn, s_ym, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        pm = tl.program_id(0)
+        pn = tl.program_id(1)
+        rm = pm * BM + tl.arange(0, BM)
+        rn = pn * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        acc = tl.zeros([BM, BN], tl.float32)
+        for k0 in range(0, K, BK):  # one fixed order of K chunks for every row
+            kk = k0 + rk
+            x = tl.load(X + rm[:, None] * s_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+            w = tl.load(W + rn[:, None] * s_wn + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0)
+            if IEEE:  # float32 operands: full-precision products (no TF32)
+                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w))
+        if HAS_BIAS:
+            acc += tl.load(B + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + rm[:, None] * s_ym + rn[None, :], acc.to(Y.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+    return invariant_mm
+
+
+def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ weight[N, K]ᵀ (+ bias [N]) -> [..., N] in x's dtype, each row's bits independent of the
+    other rows (module docstring). x and weight need unit stride in K."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    M, K = x2.shape
+    N = weight.shape[0]
+    if weight.shape[1] != K:
+        raise ValueError(f"invariant_linear: x has {K} features, weight expects {weight.shape[1]}")
+    if x2.stride(-1) != 1 or weight.stride(-1) != 1:
+        raise ValueError("invariant_linear needs unit stride in the feature dimension")
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    grid = (-(-M // BLOCK_M), -(-N // BLOCK_N))
+    _kernel()[grid](x2, weight, bias if bias is not None else weight, y, M, N, K, x2.stride(0), weight.stride(0),
+                    y.stride(0), HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, BM=BLOCK_M, BN=BLOCK_N,
+                    BK=BLOCK_K, num_warps=4)
+    return y.reshape(*shape[:-1], N)

@@ -1,0 +1,42 @@
+"""The batch-invariant matmul (idlm.layers.invariant, issue 16): a row's output bits do not depend on the
+other rows (added, removed, reordered), and the values match torch. Triton's interpreter on CPU."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton", reason="the invariant kernels need the triton package (dev extra)")
+
+from idlm.layers.invariant import BLOCK_M, invariant_linear  # noqa: E402
+
+
+@pytest.mark.parametrize("K,N,bias", [(48, 80, False), (200, 64, True), (64, 130, False)])
+def test_rows_keep_their_bits_whatever_the_batch(K, N, bias):
+    g = torch.Generator().manual_seed(K + N)
+    w = torch.randn(N, K, generator=g) / K ** 0.5
+    b = torch.randn(N, generator=g) if bias else None
+    rows = torch.randn(3 * BLOCK_M + 5, K, generator=g)
+    full = invariant_linear(rows, w, b)
+    torch.testing.assert_close(full, torch.nn.functional.linear(rows, w, b), rtol=1e-5, atol=1e-5)
+    # the same rows alone, in other batch sizes, shifted inside the tiles, and reordered: identical bits
+    alone = torch.cat([invariant_linear(rows[i:i + 1], w, b) for i in (0, 7, len(rows) - 1)])
+    assert torch.equal(alone, full[[0, 7, len(rows) - 1]])
+    assert torch.equal(invariant_linear(rows[3:10], w, b), full[3:10])
+    perm = torch.randperm(len(rows), generator=g)
+    assert torch.equal(invariant_linear(rows[perm], w, b), full[perm])
+    # a batch with other rows added around them
+    noise = torch.randn(11, K, generator=g)
+    mixed = invariant_linear(torch.cat([noise[:4], rows[:9], noise[4:]]), w, b)
+    assert torch.equal(mixed[4:13], full[:9])
+
+
+def test_shapes_and_errors():
+    w = torch.randn(16, 32)
+    x = torch.randn(2, 3, 32)
+    assert invariant_linear(x, w).shape == (2, 3, 16)
+    with pytest.raises(ValueError, match="features"):
+        invariant_linear(torch.randn(4, 31), w)
+    with pytest.raises(ValueError, match="stride"):
+        invariant_linear(torch.randn(32, 4).t(), w)
