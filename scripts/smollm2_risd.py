@@ -232,6 +232,14 @@ def release() -> None:
         torch.cuda.empty_cache()
 
 
+def ar_and_risd(model, tok, lora, n: int):
+    """Engine AR and engine R-ISD (N = 4) on the same model, n requests at a time."""
+    from idlm.engine.llm_engine import EngineConfig, LLMEngine
+
+    return (LLMEngine(model, tok, EngineConfig(decoder="ar", max_num_seqs=n)),
+            LLMEngine(model, tok, EngineConfig(decoder="risd", stride=4, max_num_seqs=n), lora=lora))
+
+
 def eval_target(args) -> tuple[str, str, Path]:
     """(device, model, adapter directory) of the eval and speed stages."""
     from idlm.models.loader import resolve_model_path
@@ -264,15 +272,11 @@ def stage_eval(args) -> None:
         model, tok = load_pretrained(name, dtype=dtype, device=dev)
         return model, tok, LoRAAdapter.load(adapter_dir, model.config, device=dev, dtype=model.dtype)
 
-    def engines(model, tok, lora, n):
-        return (LLMEngine(model, tok, EngineConfig(decoder="ar", max_num_seqs=n)),
-                LLMEngine(model, tok, EngineConfig(decoder="risd", stride=4, max_num_seqs=n), lora=lora))
-
     # exactness (fp32) and agreement (bf16): greedy R-ISD vs greedy AR, held-out chat prompts
     for dtype in ("float32", "bfloat16"):
         model, tok, lora = load(dtype)
         prompts = [tok.encode_chat(m) for m in msgs[:n_exact]]
-        ar, risd = engines(model, tok, lora, n_exact)
+        ar, risd = ar_and_risd(model, tok, lora, n_exact)
         p = SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True)
         a, r = ar.run(prompts, p), risd.run(prompts, p)
         same = sum(x.token_ids == y.token_ids for x, y in zip(a, r))
@@ -364,12 +368,8 @@ def stage_speed(args) -> None:
                  "step_phases": step_phase_table(model, tok, lora, prompts[0], args.smoke)}
     emit("speed", out)
 
-    def engines(model, tok, lora, n):
-        return (LLMEngine(model, tok, EngineConfig(decoder="ar", max_num_seqs=n)),
-                LLMEngine(model, tok, EngineConfig(decoder="risd", stride=4, max_num_seqs=n), lora=lora))
-
     # per-request speed, engines side by side, interleaved reps, median; R-ISD at N = 4 and adaptive
-    ar, risd = engines(model, tok, lora, max(conc))
+    ar, risd = ar_and_risd(model, tok, lora, max(conc))
     auto = LLMEngine(model, tok, EngineConfig(decoder="risd", stride="auto", max_num_seqs=max(conc)), lora=lora)
     speed = {}
     for temp in (0.0, 0.7):

@@ -24,8 +24,8 @@ import torch
 
 from idlm.bench.roofline import copy_bandwidth, gemm_floor
 from idlm.engine.block_manager import PageManager
-from idlm.engine.calibrate import time_decode
-from idlm.engine.model_runner import ModelRunner, Row
+from idlm.engine.calibrate import context_rows, hold_context, time_decode
+from idlm.engine.model_runner import ModelRunner
 from idlm.layers.paged_attention import PagedKVCache
 
 
@@ -45,14 +45,9 @@ def bench_latency(model, query_sizes: list[int], batch_sizes: list[int], context
     results = []
     for B in batch_sizes:
         bm = PageManager(num_blocks, block_size, enable_prefix_caching=False)
-        for b in range(B):
-            bm.allocate(b, [1] * context)
-            bm.commit(b, context, [1] * context)
+        hold_context(bm, list(range(B)), context)
         for Q in query_sizes:
-            rows = []
-            for b in range(B):
-                bm.reserve(b, Q)
-                rows.append(Row([1] * Q, context, bm.slots(b, context, Q), bm.block_table(b)))
+            rows = context_rows(bm, list(range(B)), context, Q)
             dt = sum(time_decode(runner, rows, Q, iters, warmup=3)) / iters
             bytes_read = weight_bytes + B * (context + Q) * kv_token_bytes
             row = {"batch": B, "query_len": Q, "context": context, "latency_ms": round(dt * 1e3, 4),

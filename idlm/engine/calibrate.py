@@ -58,6 +58,23 @@ def time_decode(runner, rows: list[Row], query_len: int, iters: int, warmup: int
     return times
 
 
+def hold_context(bm, ids: list, context: int) -> None:
+    """Dummy requests `ids` in page manager `bm`, each holding `context` committed tokens of KV (token 1)."""
+    for rid in ids:
+        bm.allocate(rid, [1] * context)
+        bm.commit(rid, context, [1] * context, release=False)
+
+
+def context_rows(bm, ids: list, context: int, query_len: int) -> list[Row]:
+    """One decode row of `query_len` query tokens right after the context of each of `hold_context`'s
+    requests (their slots reserved)."""
+    rows = []
+    for rid in ids:
+        bm.reserve(rid, query_len)
+        rows.append(Row([1] * query_len, context, bm.slots(rid, context, query_len), bm.block_table(rid)))
+    return rows
+
+
 def calibration_points(max_num_seqs: int, max_stride: int, capacity: int) -> list[tuple[int, int]]:
     """(batch, query_len) pairs to time: batches 1, max/4, max (within what the pool holds), Q = 1, 7, max."""
     batches = sorted({1, max(1, max_num_seqs // 4), max_num_seqs})
@@ -85,12 +102,10 @@ def measure_step_costs(engine, points: list[tuple[int, int]], iters: int = 5) ->
     samples = []
     caching, bm.enable_prefix_caching = bm.enable_prefix_caching, False  # dummy KV must never be a prefix hit
     try:
-        for rid in ids:
-            bm.allocate(rid, [1] * CONTEXT)
-            bm.commit(rid, CONTEXT, [1] * CONTEXT, release=False)
-            bm.reserve(rid, max_q)
+        hold_context(bm, ids, CONTEXT)
+        context_rows(bm, ids, CONTEXT, max_q)  # every row's slots reserved for the longest query at once
         for B, Q in points:
-            rows = [Row([1] * Q, CONTEXT, bm.slots(rid, CONTEXT, Q), bm.block_table(rid)) for rid in ids[:B]]
+            rows = context_rows(bm, ids[:B], CONTEXT, Q)
             samples.append((B, Q, statistics.median(time_decode(runner, rows, Q, iters))))
     finally:
         for rid in ids:

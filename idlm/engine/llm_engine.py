@@ -411,7 +411,7 @@ class LLMEngine:
             dt = time.perf_counter() - t0
             self.counters["decode_time_s"] += dt
             if self._cost is not None:  # the adaptive stride learns what its steps really cost
-                self._cost.observe(self._auto.stride, len(sched.decodes), dt)
+                self._cost.observe(sched.decoder.stride, len(sched.decodes), dt)
         return list(updates.values())
 
     # ----------------------------------------------------------------- fault isolation

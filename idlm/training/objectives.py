@@ -118,19 +118,17 @@ def idlm_loss(model, tokens, lossmask, block: int, mask_token_id: int, clean_sca
     hidden = model(inp, pair_positions(B, L, tokens.device), attn, **kwargs)  # [B, 2L, H]
     n = valid.sum().clamp_min(1)
     noisy = is_mask & valid
+    w, norm = None, n  # per-target weights (position_decay) and their normaliser: a weighted mean
     if position_decay != 1.0:
         w = float(position_decay) ** draft_positions(is_mask, block).float()[noisy]  # [n_noisy]
-        norm = n * w.sum() / w.numel() if w.numel() else n  # so that the loss is a weighted mean
-        if lora is not None and distill_weight:
-            mixed, hard, soft = _distill_ce_sums(model, hidden[:, :L][noisy], hidden[:, L:][noisy].detach(),
-                                                 tgt[noisy], distill_weight, row_weight=w)
-            return {"loss": mixed / norm, "l_noisy": hard / n, "l_soft": soft / n, "targets": n}
-        ce = F.cross_entropy(model.compute_logits(hidden[:, :L][noisy]), tgt[noisy], reduction="none")
-        return {"loss": (ce * w).sum() / norm, "l_noisy": ce.detach().sum() / n, "targets": n}
+        norm = n * w.mean() if w.numel() else n
     if lora is not None and distill_weight:
         mixed, hard, soft = _distill_ce_sums(model, hidden[:, :L][noisy], hidden[:, L:][noisy].detach(),
-                                             tgt[noisy], distill_weight)
-        return {"loss": mixed / n, "l_noisy": hard / n, "l_soft": soft / n, "targets": n}
+                                             tgt[noisy], distill_weight, row_weight=w)
+        return {"loss": mixed / norm, "l_noisy": hard / n, "l_soft": soft / n, "targets": n}
+    if w is not None:  # (lora only, checked above) the loss weighted, l_noisy the plain mean
+        ce = F.cross_entropy(model.compute_logits(hidden[:, :L][noisy]), tgt[noisy], reduction="none")
+        return {"loss": (ce * w).sum() / norm, "l_noisy": ce.detach().sum() / n, "targets": n}
     l_noisy = _ce_sum(model, hidden[:, :L][noisy], tgt[noisy]) / n
     if lora is not None:
         return {"loss": l_noisy, "l_noisy": l_noisy.detach(), "targets": n}
