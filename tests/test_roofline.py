@@ -9,8 +9,20 @@ import pytest
 import torch
 from tiny import tiny_transformer, write_tiny_shape
 
-from idlm.bench.roofline import copy_bandwidth, gemm_floor, gemm_shapes, model_gemm_weights
+from idlm.bench.roofline import copy_bandwidth, gemm_floor, model_gemm_weights
 from idlm.cli import main
+
+
+def gemm_shapes(cfg, fused: bool) -> list[tuple[str, int, int]]:
+    """The oracle, from the config alone: (name, out, in) of every weight matmul of one forward, in order:
+    per layer q, k, v (or qkv), o, gate, up (or gate_up), down; then the LM head."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    attn = [("qkv", q + 2 * kv, h)] if fused else [("q", q, h), ("k", kv, h), ("v", kv, h)]
+    mlp = [("gate_up", 2 * i, h)] if fused else [("gate", i, h), ("up", i, h)]
+    layer = attn + [("o", h, q)] + mlp + [("down", h, i)]
+    return [(f"{n}.{li}", o, k) for li in range(cfg.num_hidden_layers) for n, o, k in layer] + \
+        [("lm_head", cfg.vocab_size, h)]
 
 
 def _linear_weights(model) -> int:

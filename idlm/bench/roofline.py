@@ -18,18 +18,6 @@ import time
 import torch
 
 
-def gemm_shapes(cfg, fused: bool) -> list[tuple[str, int, int]]:
-    """(name, out_features, in_features) of every weight matmul of one forward, in order: per layer
-    q, k, v (or qkv), o, gate, up (or gate_up), down; then the LM head."""
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    attn = [("qkv", q + 2 * kv, h)] if fused else [("q", q, h), ("k", kv, h), ("v", kv, h)]
-    mlp = [("gate_up", 2 * i, h)] if fused else [("gate", i, h), ("up", i, h)]
-    layer = attn + [("o", h, q)] + mlp + [("down", h, i)]
-    return [(f"{n}.{li}", o, k) for li in range(cfg.num_hidden_layers) for n, o, k in layer] + \
-        [("lm_head", cfg.vocab_size, h)]
-
-
 def _time(fn, iters: int, sync) -> float:
     """Median seconds of fn() over iters calls (each synchronized)."""
     times = []
@@ -45,7 +33,7 @@ def _time(fn, iters: int, sync) -> float:
 def model_gemm_weights(model) -> list[tuple[str, torch.Tensor]]:
     """The weight of every matmul of one forward of `model`, as its decode step runs them: the fused
     [q; k; v] and [gate; up] copies where the model is fused, else the separate projections; then the
-    LM head (the embedding when tied). Shapes as `gemm_shapes`."""
+    LM head (the embedding when tied)."""
     out = []
     for li, layer in enumerate(model.model.layers):
         a, m = layer.self_attn, layer.mlp
