@@ -2,13 +2,13 @@
 does not depend on the values). One call, JSON lines, a summary last, and $OUT/bench_8b.json.
 
 Stages (comma-separated argv[1], default all):
-  roofline  context 1024, Q = 1 and 7, batch 1..64: step latency with the split-KV kernel (auto) and with
-            splits forced off (IDLM_KV_SPLITS=1), and at batch 1..8 with 8 and 16 splits forced, each beside
+  roofline  context 1024, Q = 1 and 7, batch 1..64: step latency with the split-KV kernel (IDLM_KV_SPLITS=auto)
+            and with splits off (=1, the default), and at batch 1..8 with 8 and 16 splits forced, each beside
             the GEMM-only floor (`--roofline`)
   long      context 8k and 32k, batch 1 and 8, Q = 1 and 7: auto splits vs no split vs the reference
             gather + SDPA path, and the non-GEMM share of the step (1 − floor / latency)
   prefill   an 8k-token prompt in one 8k chunk and in 2k chunks: tokens/s, TFLOP/s, fraction of 790
-  curve     the projection's input: Q = 1, 3, 5, 7, 15 × batch 1..128 at context 1024 (auto splits)
+  curve     the projection's input: Q = 1, 3, 5, 7, 15 × batch 1..128 at context 1024 (default: no split)
 
     python scripts/bench_8b.py roofline,long,prefill,curve
 
@@ -67,7 +67,7 @@ def stage_roofline(model):
     batches, context = sizes([1, 2, 4, 8, 16, 32, 64], 1024)
     small, _ = sizes([1, 2, 4, 8], 1024)
     # auto and no split at every batch; forced 8 and 16 splits where the programs are few (tunes choose_splits)
-    for label, splits, bs in (("auto", None, batches), ("nosplit", "1", batches), ("s8", "8", small),
+    for label, splits, bs in (("auto", "auto", batches), ("nosplit", "1", batches), ("s8", "8", small),
                               ("s16", "16", small)):
         out[label] = with_splits(splits, lambda: bench_latency(model, [1, 7], bs, context,
                                                               iters=2 if SMOKE else 20, roofline=True))
@@ -78,7 +78,7 @@ def stage_roofline(model):
 def stage_long(model):
     out = {}
     for context in ((64, 96) if SMOKE else (8192, 32768)):
-        for label, splits, attention in (("auto", None, "auto"), ("nosplit", "1", "auto"), ("sdpa", None, "sdpa")):
+        for label, splits, attention in (("auto", "auto", "auto"), ("nosplit", "1", "auto"), ("sdpa", None, "sdpa")):
             out[f"{context}/{label}"] = with_splits(splits, lambda: bench_latency(
                 model, [1, 7], [1, 8], context, iters=2 if SMOKE else 10, attention=attention,
                 roofline=label == "auto"))

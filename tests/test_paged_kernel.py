@@ -152,11 +152,19 @@ def test_split_count_override_and_bad_value(monkeypatch):
         return Launch(), combine
 
     monkeypatch.setattr(paged_kernel, "_kernel", spy)
+    monkeypatch.delenv("IDLM_KV_SPLITS", raising=False)
+    default = paged_kernel.paged_attention(q, pool.k[0], pool.v[0], tables, last, page)
+    monkeypatch.setenv("IDLM_KV_SPLITS", "auto")
     auto = paged_kernel.paged_attention(q, pool.k[0], pool.v[0], tables, last, page)
     monkeypatch.setenv("IDLM_KV_SPLITS", "1")
     one = paged_kernel.paged_attention(q, pool.k[0], pool.v[0], tables, last, page)
-    assert seen == [(1, 2, 1600 // 512), (1, 2, 1)]  # 25 pages of 64 = 1600 keys: auto splits 3, forced 1
-    assert (auto - one).abs().max() <= 2e-6
+    # 25 pages of 64 = 1600 keys: off by default, auto splits 3, forced 1
+    assert seen == [(1, 2, 1), (1, 2, 1600 // 512), (1, 2, 1)]
+    assert (auto - one).abs().max() <= 2e-6 and torch.equal(default, one)
+    monkeypatch.setenv("IDLM_KV_SPLITS", "many")
+    with pytest.raises(ValueError, match="IDLM_KV_SPLITS"):
+        paged_kernel.paged_attention(q, pool.k[0], pool.v[0], tables, last, page)
+    monkeypatch.setenv("IDLM_KV_SPLITS", "1")
     with pytest.raises(ValueError, match="splits"):
         paged_kernel.paged_attention(q, pool.k[0], pool.v[0], tables, last, page, splits=0)
 

@@ -28,24 +28,37 @@ def raise_dynamo_limits() -> None:
     torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 512)
 
 
+# Inductor options of the one retry after a failed compilation. torch 2.11's coalescing analysis of
+# tiling asserts on some dynamic-shape graphs (tiling_utils.get_pw_red_splits; on the H200 it hit
+# sampled_isd_step when a second batch size recompiled it, and the sampled ISD step then ran eagerly at
+# 2-4x its cost); the analysis only picks tile shapes, so the retry turns it off.
+RETRY_OPTIONS = {"triton.coalesce_tiling_analysis": False}
+
+
 def cuda_fused(fn):
-    """`fn` compiled on CUDA (eager elsewhere, and eager for good after a compilation error, with one
-    warning: a Triton or inductor problem on some machine must cost speed, never a request). The eager
-    function stays reachable as `__wrapped__` (for calls from inside another compiled function)."""
+    """`fn` compiled on CUDA (eager elsewhere). A failed compilation is retried once with
+    RETRY_OPTIONS, then `fn` runs eagerly for good, with a warning each time (a Triton or inductor
+    problem on some machine must cost speed, never a request; IDLM_FUSE_TRACE=1 adds the traceback).
+    The eager function stays reachable as `__wrapped__` (for calls from inside another compiled
+    function)."""
     compiled = None
+    options = None
 
     @functools.wraps(fn)
     def wrapper(*args):
-        nonlocal compiled
-        if compiled is not False and args[0].is_cuda and os.environ.get("IDLM_FUSE", "1") != "0":
+        nonlocal compiled, options
+        while compiled is not False and args[0].is_cuda and os.environ.get("IDLM_FUSE", "1") != "0":
             if compiled is None:
                 raise_dynamo_limits()
-                compiled = torch.compile(fn, dynamic=True)
+                compiled = torch.compile(fn, dynamic=True, options=options)
             try:
                 return compiled(*args)
             except torch._dynamo.exc.BackendCompilerFailed as e:  # (errors of fn itself are raised as they are)
-                logger.warning("compiling %s failed; it runs eagerly from now on: %s", fn.__qualname__, e)
-                compiled = False
+                retry = options is None
+                logger.warning("compiling %s failed; %s: %s", fn.__qualname__,
+                               "retrying with %s" % RETRY_OPTIONS if retry else "it runs eagerly from now on", e,
+                               exc_info=os.environ.get("IDLM_FUSE_TRACE") == "1")
+                compiled, options = (None, dict(RETRY_OPTIONS)) if retry else (False, options)
         return fn(*args)
 
     return wrapper

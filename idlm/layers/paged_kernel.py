@@ -22,7 +22,11 @@ out = Σ_s e^(m_s − m) acc_s / Σ_s e^(m_s − m) l_s with m = max_s m_s (a sp
 m = −inf and adds nothing). `choose_splits` picks S from the work: no split once B·Hkv programs fill the
 SMs, else enough splits to fill them without giving a split fewer than MIN_SPLIT_KEYS keys of the
 longest possible context. S depends only on (B, Hkv, pages): a CUDA graph key fixes it.
-$IDLM_KV_SPLITS=S forces S (1: never split), for measurements.
+Split KV is OFF by default (S = 1): on the H200 the engine's distillation of the real SmolLM2 hit an
+illegal memory access in CUDA-graph decode steps with automatic splits and ran clean with them off
+(2026-11-30, docs/engine.md); the eager kernel passed a GPU sweep of 840 (B, pages, S, T) shapes and
+random-weight engines did not reproduce it, so the cause is not found yet. $IDLM_KV_SPLITS=auto
+turns `choose_splits` on, =S forces S, for measurements.
 
 Everything is on the device with shapes fixed by (B, T, pages), so CUDA graphs capture it. Under
 TRITON_INTERPRET=1 the same kernels run on CPU tensors; the tests compare them with the reference path.
@@ -214,13 +218,26 @@ def device_sm_count(device: torch.device) -> int:
         if device.type == "cuda" else 132
 
 
+def kv_splits(batch: int, kv_heads: int, max_keys: int, device: torch.device) -> int:
+    """The split-KV factor of a launch from $IDLM_KV_SPLITS: unset or empty -> 1 (off, the default: see the
+    module docstring), "auto" -> `choose_splits`, an integer S >= 1 -> S."""
+    value = os.environ.get("IDLM_KV_SPLITS", "").strip().lower()
+    if not value:
+        return 1
+    if value == "auto":
+        return choose_splits(batch, kv_heads, max_keys, device_sm_count(device))
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"IDLM_KV_SPLITS must be 'auto' or an integer >= 1, got {value!r}") from None
+
+
 def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
                     last: torch.Tensor, page_size: int, splits: int | None = None) -> torch.Tensor:
     """q [B, Hq, T, D] (any strides with unit stride in D), k_pool/v_pool [slots, Hkv, D] (one layer),
     block_tables [B, M] page ids, last [B, T] the last key position each query sees (−1: none)
     -> out [B, Hq, T, D] (a transposed view of a contiguous [B, T, Hq, D], so the caller's
-    `transpose(1, 2).reshape(B, T, Hq·D)` is free). splits: the split-KV factor (None: `choose_splits`
-    from the batch, the KV heads, the pages of the block table and the device)."""
+    `transpose(1, 2).reshape(B, T, Hq·D)` is free). splits: the split-KV factor (None: `kv_splits`)."""
     B, Hq, T, D = q.shape
     Hkv = k_pool.shape[1]
     if q.stride(-1) != 1 or k_pool.stride(-1) != 1 or v_pool.stride() != k_pool.stride():
@@ -229,9 +246,7 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
     block_m = _tile_rows(group, T)
     if splits is None:
-        forced = os.environ.get("IDLM_KV_SPLITS", "").strip()  # an override for measurements: 1 = never split
-        splits = int(forced) if forced else choose_splits(B, Hkv, block_tables.shape[1] * page_size,
-                                                          device_sm_count(q.device))
+        splits = kv_splits(B, Hkv, block_tables.shape[1] * page_size, q.device)
     if splits < 1:
         raise ValueError(f"splits must be >= 1, got {splits}")
     fwd, combine = _kernel()

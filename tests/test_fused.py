@@ -1,0 +1,89 @@
+"""`cuda_fused`: the compile-or-eager wrapper of the elementwise chains. On CUDA it compiles `fn`; a failed
+compilation is retried once with RETRY_OPTIONS (an inductor analysis that asserted on the H200), then the
+function runs eagerly for good. Tested here with a stand-in for torch.compile and a CUDA-looking argument."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from idlm.layers import fused
+
+
+class CudaLike:
+    is_cuda = True
+
+    def __init__(self, value):
+        self.value = value
+
+
+def _failure():
+    return torch._dynamo.exc.BackendCompilerFailed(lambda *a: None, AssertionError("tiling"), None)
+
+
+@pytest.fixture
+def fake_compile(monkeypatch):
+    """torch.compile replaced: records each call's options; `fail` = how many compiled calls raise."""
+    state = {"options": [], "fail": 0, "compiled_calls": 0}
+
+    def compile_(fn, dynamic=None, options=None):
+        state["options"].append(options)
+
+        def compiled(*args):
+            state["compiled_calls"] += 1
+            if state["fail"] > 0:
+                state["fail"] -= 1
+                raise _failure()
+            return ("compiled", fn(*args))
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    monkeypatch.delenv("IDLM_FUSE", raising=False)
+    return state
+
+
+def double(x):
+    return x.value * 2
+
+
+def test_compiles_once_and_reuses(fake_compile):
+    f = fused.cuda_fused(double)
+    assert f(CudaLike(3)) == ("compiled", 6) and f(CudaLike(4)) == ("compiled", 8)
+    assert fake_compile["options"] == [None]
+
+
+def test_a_failed_compile_is_retried_with_the_fallback_options(fake_compile, caplog):
+    fake_compile["fail"] = 1
+    f = fused.cuda_fused(double)
+    with caplog.at_level(logging.WARNING, logger=fused.__name__):
+        assert f(CudaLike(5)) == ("compiled", 10)  # the same call succeeds on the retry
+    assert fake_compile["options"] == [None, fused.RETRY_OPTIONS]
+    assert "retrying" in caplog.text and "double" in caplog.text
+    assert f(CudaLike(1)) == ("compiled", 2) and len(fake_compile["options"]) == 2  # no third compile
+
+
+def test_two_failures_fall_back_to_eager_for_good(fake_compile, caplog):
+    fake_compile["fail"] = 2
+    f = fused.cuda_fused(double)
+    with caplog.at_level(logging.WARNING, logger=fused.__name__):
+        assert f(CudaLike(5)) == 10  # eager result, no "compiled" tag
+    assert "runs eagerly from now on" in caplog.text
+    calls = fake_compile["compiled_calls"]
+    assert f(CudaLike(6)) == 12 and fake_compile["compiled_calls"] == calls  # never tries again
+
+
+def test_errors_of_the_function_itself_are_not_swallowed(fake_compile):
+    def broken(x):
+        raise KeyError("mine")
+    with pytest.raises(KeyError, match="mine"):
+        fused.cuda_fused(broken)(CudaLike(0))
+
+
+def test_cpu_tensors_and_IDLM_FUSE_0_run_eagerly(fake_compile, monkeypatch):
+    f = fused.cuda_fused(lambda x: x + 1)
+    assert torch.equal(f(torch.ones(2)), torch.full((2,), 2.0))
+    monkeypatch.setenv("IDLM_FUSE", "0")
+    assert fused.cuda_fused(double)(CudaLike(2)) == 4
+    assert fake_compile["options"] == []
