@@ -40,6 +40,7 @@ def fake_compile(monkeypatch):
         return compiled
 
     monkeypatch.setattr(torch, "compile", compile_)
+    monkeypatch.setattr(fused, "_FUSED", [])  # the functions made here stay out of the package's registry
     monkeypatch.delenv("IDLM_FUSE", raising=False)
     return state
 
@@ -87,3 +88,29 @@ def test_cpu_tensors_and_IDLM_FUSE_0_run_eagerly(fake_compile, monkeypatch):
     monkeypatch.setenv("IDLM_FUSE", "0")
     assert fused.cuda_fused(double)(CudaLike(2)) == 4
     assert fake_compile["options"] == []
+
+
+def test_fallen_back_names_only_functions_that_gave_up(fake_compile):
+    fake_compile["fail"] = 2
+
+    def given_up(x):
+        return x.value
+
+    def fine(x):
+        return x.value
+
+    a, b = fused.cuda_fused(given_up), fused.cuda_fused(fine)
+    assert a(CudaLike(1)) == 1 and b(CudaLike(1)) == ("compiled", 1)
+    names = fused.fallen_back()
+    assert any(n.endswith("given_up") for n in names) and not any(n.endswith("fine") for n in names)
+
+
+def test_bench_rows_report_eager_fallbacks():
+    from idlm.bench.offline import bench_offline
+    from idlm.engine.llm_engine import EngineConfig, LLMEngine
+    from tiny import tiny_transformer
+
+    model = tiny_transformer(64, head_dim=16)
+    eng = LLMEngine(model, None, EngineConfig(decoder="ar", num_pages=64, page_size=4, max_num_seqs=2))
+    row = bench_offline(eng, [[5, 6, 7]], [1], max_tokens=4, num_requests=1, warmup=False)[0]
+    assert row["eager_fallbacks"] == fused.fallen_back() == []  # CPU: nothing compiled, nothing fell back

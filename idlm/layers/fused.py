@@ -34,6 +34,15 @@ def raise_dynamo_limits() -> None:
 # 2-4x its cost); the analysis only picks tile shapes, so the retry turns it off.
 RETRY_OPTIONS = {"triton.coalesce_tiling_analysis": False}
 
+# Every `cuda_fused` function, so a benchmark can say which of them run eagerly after a failed
+# compilation (`fallen_back`): a number measured on an eager fallback is not the compiled step's.
+_FUSED: list = []
+
+
+def fallen_back() -> list[str]:
+    """Names of the `cuda_fused` functions that gave up compiling and run eagerly for good."""
+    return sorted(w.__qualname__ for w in _FUSED if w.fell_back())
+
 
 def cuda_fused(fn):
     """`fn` compiled on CUDA (eager elsewhere). A failed compilation is retried once with
@@ -61,6 +70,8 @@ def cuda_fused(fn):
                 compiled, options = (None, dict(RETRY_OPTIONS)) if retry else (False, options)
         return fn(*args)
 
+    wrapper.fell_back = lambda: compiled is False
+    _FUSED.append(wrapper)
     return wrapper
 
 
