@@ -312,7 +312,8 @@ def cmd_bench_offline(args) -> int:
     model, tok, decoder, lora = _load_for_decoding(args)
     cfg = EngineConfig(decoder=decoder.name, stride=args.stride, threshold=args.threshold,
                        max_num_seqs=max(args.concurrency), cuda_graphs=not args.no_cuda_graphs,
-                       num_pages=args.num_pages, attention=args.attention, stride_schedule=args.stride_schedule)
+                       num_pages=args.num_pages, attention=args.attention, stride_schedule=args.stride_schedule,
+                       exact=args.exact)
     engine = LLMEngine(model, tok, cfg, lora=lora)
     ar_engine = ar_engine_for(engine) if args.compare_ar else None
     prompts = bench_prompts(tok, max(64, max(args.concurrency)))
@@ -375,7 +376,7 @@ def cmd_bench_prefill(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from idlm.engine.options import ATTENTION_BACKENDS
+    from idlm.engine.options import ATTENTION_BACKENDS, EXACT_HELP
 
     parser = argparse.ArgumentParser(prog="idlm", description="Introspective Diffusion Language Models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -469,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="KV-cache pages (default: from free memory; --num-blocks: the old name)")
     bo.add_argument("--no-cuda-graphs", action="store_true", help="run CUDA decode steps eagerly")
     bo.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto", help=ATTENTION_HELP)
+    bo.add_argument("--exact", action="store_true", help=EXACT_HELP)
     bo.add_argument("--stride-schedule", type=stride_schedule_arg, default=None,
                     help=STRIDE_SCHEDULE_HELP + " (default: none, --stride always)")
     _add_model_args(bo)

@@ -106,9 +106,10 @@ def test_fallen_back_names_only_functions_that_gave_up(fake_compile):
 
 
 def test_bench_rows_report_eager_fallbacks():
+    from tiny import tiny_transformer
+
     from idlm.bench.offline import bench_offline
     from idlm.engine.llm_engine import EngineConfig, LLMEngine
-    from tiny import tiny_transformer
 
     model = tiny_transformer(64, head_dim=16)
     eng = LLMEngine(model, None, EngineConfig(decoder="ar", num_pages=64, page_size=4, max_num_seqs=2))

@@ -114,6 +114,10 @@ class EngineConfig:
     # one q/k/v and one gate/up matmul per layer (weight copies), and R-ISD's LoRA folded into the projections
     # (Transformer.fuse_lora); None = auto: on CUDA when the copies are <= 1 GiB
     fuse_projections: bool | None = None
+    # exact mode (issue 16): every token row's logits bit-identical whatever the batch, the query block and
+    # the prefill chunk (batch-invariant matmuls, fixed-tile attention), so greedy ISD / R-ISD equal greedy
+    # AR in bf16 too; slower. Needs the Triton kernels (CUDA, or TRITON_INTERPRET=1 on CPU)
+    exact: bool = False
     # deprecated aliases of page_size / num_pages (one release): accepted as keyword arguments only, never
     # stored (so `asdict` and `dataclasses.replace` see only the new names); read page_size / num_pages
     block_size: InitVar[int | None] = None
@@ -158,6 +162,9 @@ class EngineConfig:
             positive("max_model_len")
         if self.attention not in ATTENTION_BACKENDS:
             raise ConfigError(f"invalid engine option attention={self.attention!r}: choose one of {ATTENTION_BACKENDS}")
+        if self.exact and self.attention == "sdpa":
+            raise ConfigError("exact mode runs attention through the Triton kernel's exact variant: "
+                              "it cannot be combined with attention='sdpa'")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"invalid engine option gpu_memory_utilization={self.gpu_memory_utilization!r}: "
                               "must be in (0, 1]")
@@ -281,7 +288,7 @@ class LLMEngine:
                                   gpu_memory_utilization=config.gpu_memory_utilization,
                                   cuda_graphs=config.cuda_graphs, max_num_seqs=config.max_num_seqs,
                                   attention=config.attention, fuse_projections=config.fuse_projections,
-                                  max_query_len=self.max_query_len)
+                                  max_query_len=self.max_query_len, exact=config.exact)
         self.block_manager = PageManager(self.runner.num_blocks, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    admit_batch=config.admit_batch)

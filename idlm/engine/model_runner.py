@@ -19,6 +19,9 @@ chunks, and every step elsewhere, take the gather + SDPA reference path. On CUDA
 and gate/up weights take ≤ 1 GiB runs them as two fused matmuls per layer (`fuse_projections`), and
 an R-ISD adapter is folded into the projections (`Transformer.fuse_lora`: [x, g·x] times [W | D]) when
 those copies take ≤ 1 GiB, so an R-ISD step runs as many matmuls as an AR step.
+`exact=True` (issue 16) runs every forward, prefill chunks included, through the batch-invariant matmul
+and the paged kernel's exact variant (and the compiled elementwise kernels in prefill too), so a
+token row's values do not depend on the batch, its query block or its prefill chunk.
 """
 
 from __future__ import annotations
@@ -105,9 +108,14 @@ CPU_KV_MAX_BYTES = 1 << 30
 class ModelRunner:
     def __init__(self, model, block_size: int, num_blocks: int | None, max_model_len: int, lora=None,
                  gpu_memory_utilization: float = 0.85, cuda_graphs: bool = True, max_num_seqs: int = 256,
-                 attention: str = "auto", fuse_projections: bool | None = None, max_query_len: int = 1):
-        self.model, self.lora = model, lora
+                 attention: str = "auto", fuse_projections: bool | None = None, max_query_len: int = 1,
+                 exact: bool = False):
+        self.model, self.lora, self.exact = model, lora, exact
         self.attn_kernel = _use_kernel(attention, model.device)
+        if exact and not (triton_available() and (model.device.type == "cuda"
+                                                  or os.environ.get("TRITON_INTERPRET") == "1")):
+            raise ConfigError("exact mode needs the Triton kernels: a CUDA device with triton installed "
+                              "(or TRITON_INTERPRET=1 on CPU, for tests)")
         if fuse_projections is None:  # auto: on CUDA, where launches bound small models, if the copies are small
             copies = model.fusable_bytes(lora=lora is not None)
             fuse_projections = model.device.type == "cuda" and copies <= FUSE_MAX_BYTES
@@ -211,11 +219,15 @@ class ModelRunner:
         """Tensors of `_tensors` (on the device) -> hidden [B, T, H]. kernel: attention through the Triton
         kernel (decode steps; prefill chunks of every length take the reference path, so the kernel
         is compiled for a few decode block shapes only)."""
-        attn = PagedAttention(self.kv, t["slots"], t["tables"], t["starts"], t.get("visible"), kernel=kernel)
+        attn = PagedAttention(self.kv, t["slots"], t["tables"], t["starts"], t.get("visible"), kernel=kernel,
+                              exact=self.exact)
         kwargs = {}
         if "is_mask" in t and self.lora is not None:
             kwargs = dict(lora=self.lora, lora_gate=t["gate"], is_mask=t["is_mask"])
-        return self.model(t["tokens"], t["positions"], attn, **kwargs)
+        return self.model(t["tokens"], t["positions"], attn, exact=self.exact, **kwargs)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.compute_logits(hidden, exact=self.exact)
 
     def _pages(self, rows: list[Row]) -> int:
         return max(len(r.block_table) for r in rows)
@@ -239,9 +251,9 @@ class ModelRunner:
         t = {k: v.to(self.device) for k, v in self._tensors(rows, T, len(rows), self._pages(rows)).items()}
         hidden = self._forward(t)
         if not last_only:
-            return self.model.compute_logits(hidden)
+            return self._logits(hidden)
         last = torch.tensor([len(r.tokens) - 1 for r in rows], device=self.device)
-        logits = self.model.compute_logits(hidden[torch.arange(len(rows), device=self.device), last])
+        logits = self._logits(hidden[torch.arange(len(rows), device=self.device), last])
         if score is None:
             return logits
         scored = {}
@@ -249,7 +261,7 @@ class ModelRunner:
             lps, tops = [], []
             for a in range(0, len(targets), SCORE_CHUNK):
                 part = targets[a: a + SCORE_CHUNK]
-                lp, top = score_logprobs(self.model.compute_logits(hidden[i, first + a: first + a + len(part)]),
+                lp, top = score_logprobs(self._logits(hidden[i, first + a: first + a + len(part)]),
                                          part, k)
                 lps += lp
                 tops += top
@@ -261,7 +273,7 @@ class ModelRunner:
         """Eager decode forward (non-fused decoders): logits [B, Q, V] at every query position."""
         host = self._batch_tensors(batch, len(batch.tokens), batch.tables.shape[1])
         t = {k: v.to(self.device) for k, v in host.items()}
-        return self.model.compute_logits(self._forward(t))
+        return self._logits(self._forward(t))
 
     @torch.no_grad()
     def decode(self, batch: DecodeBatch | list[Row], decoder, tensors: dict[str, torch.Tensor], static: dict):
@@ -298,7 +310,7 @@ class ModelRunner:
     def _device_step(self, decoder, t: dict[str, torch.Tensor], dec: dict[str, torch.Tensor], static: dict):
         """The device part of a fused decode step (what a CUDA graph captures): forward, vocabulary
         projection, decoder.compute -> (packed, extra)."""
-        return decoder.compute(self.model.compute_logits(self._forward(t, self.attn_kernel)), dec, **static)
+        return decoder.compute(self._logits(self._forward(t, self.attn_kernel)), dec, **static)
 
     def _capture(self, decoder, host, on_device, static, Bp):
         # host tensors travel packed: int64 (ids, positions, bools) and float32 groups, one buffer each

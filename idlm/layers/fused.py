@@ -76,12 +76,16 @@ def cuda_fused(fn):
 
 
 def eager_fused(fn):
-    """Run `fn` with every `cuda_fused` function in it eager (torch.compile's "force_eager" stance): for
-    forwards outside CUDA graphs, where a compiled dynamic-shape call costs more host time than its eager
-    kernels. The stance is entered per call (importing dynamo on first use, not at import time)."""
+    """Run the method `fn` with every `cuda_fused` function in it eager (torch.compile's "force_eager"
+    stance): for forwards outside CUDA graphs, where a compiled dynamic-shape call costs more host time
+    than its eager kernels. Not when the object's `exact` is true (issue 16's exact mode): there prefill
+    and decode rows must run the same kernels. The stance is entered per call (importing dynamo on first
+    use, not at import time)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if getattr(args[0], "exact", False):
+            return fn(*args, **kwargs)
         with torch.compiler.set_stance("force_eager"):
             return fn(*args, **kwargs)
 

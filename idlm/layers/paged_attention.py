@@ -14,7 +14,10 @@ is two paths with one meaning:
   mask hides both the gathered slots past a row's context and block-table padding;
 - `kernel=True` (the engine's decode steps on CUDA) runs `idlm.layers.paged_kernel`, one Triton launch
   per layer that reads the pool through the block table, for query blocks it supports (short ones);
-  other queries (long prefill chunks) still take the reference path.
+  other queries (long prefill chunks) still take the reference path;
+- `exact=True` (issue 16's exact mode) runs every query — decode blocks and prefill chunks alike —
+  through the kernel's fixed-tile exact variant, so a token row's output has the same bits whatever
+  the query length, the batch and the other rows.
 """
 
 from __future__ import annotations
@@ -46,9 +49,10 @@ class PagedAttention:
     valid page), starts [B], visible [B, T] or None; kernel: use the Triton kernel where supported."""
 
     def __init__(self, cache: PagedKVCache, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
-                 starts: torch.Tensor, visible: torch.Tensor | None = None, kernel: bool = False):
+                 starts: torch.Tensor, visible: torch.Tensor | None = None, kernel: bool = False,
+                 exact: bool = False):
         self.cache, self.slot_mapping, self.block_tables = cache, slot_mapping, block_tables
-        self.starts, self.visible, self.kernel = starts, visible, kernel
+        self.starts, self.visible, self.kernel, self.exact = starts, visible, kernel or exact, exact
         self._key_slots: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
         self._last: torch.Tensor | None = None
@@ -64,7 +68,10 @@ class PagedAttention:
         B, Hkv, T, D = k.shape
         kc, vc = self.cache.k[layer], self.cache.v[layer]
         flat = self.slot_mapping.reshape(-1)
-        use_kernel = self.kernel and kernel_supported(q, Hkv)
+        use_kernel = self.kernel and kernel_supported(q, Hkv, self.exact)
+        if self.exact and not use_kernel:
+            raise RuntimeError("exact mode needs the Triton paged kernel for this query (CUDA, or TRITON_INTERPRET=1 "
+                               "on CPU; head dim a power of two >= 16)")
         rows_k, rows_v = k.transpose(1, 2).reshape(B * T, Hkv * D), v.transpose(1, 2).reshape(B * T, Hkv * D)
         if use_kernel and kc.is_contiguous():  # the decode path: both writes in one launch
             store_kv(kc, vc, flat, rows_k, rows_v)
@@ -74,7 +81,7 @@ class PagedAttention:
         if use_kernel:
             if self._last is None:  # shared by all layers
                 self._last = last_visible(self.starts, T, self.visible)
-            return paged_attention(q, kc, vc, self.block_tables, self._last, self.cache.block_size)
+            return paged_attention(q, kc, vc, self.block_tables, self._last, self.cache.block_size, exact=self.exact)
         if self._mask is None:
             self._prepare(T)
         keys = kc[self._key_slots].transpose(1, 2).to(q.dtype)  # [B, Hkv, S, D]

@@ -42,6 +42,9 @@ import torch
 MAX_TILE_ROWS = 128  # G·T rows per program; beyond this (long prefill chunks) use the reference path
 MIN_SPLIT_KEYS = 512  # split KV: no split gets fewer keys of the longest context than this
 MAX_SPLITS = 32
+# exact mode (issue 16): one tile shape for every query length, so a query row is computed by the same
+# instructions in the same order whatever block, batch or prefill chunk it is in
+EXACT_BLOCK_M, EXACT_BLOCK_N = 64, 32
 
 
 @functools.cache
@@ -54,12 +57,12 @@ def triton_available() -> bool:
     return True
 
 
-def kernel_supported(q: torch.Tensor, num_kv_heads: int) -> bool:
-    """Can `paged_attention` run this query? q [B, Hq, T, D]."""
+def kernel_supported(q: torch.Tensor, num_kv_heads: int, exact: bool = False) -> bool:
+    """Can `paged_attention` run this query? q [B, Hq, T, D]. Exact mode tiles the query, so any T."""
     _, hq, t, d = q.shape
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     return (triton_available() and (q.is_cuda or interpret) and d >= 16 and d & (d - 1) == 0
-            and hq % num_kv_heads == 0 and _tile_rows(hq // num_kv_heads, t) <= MAX_TILE_ROWS)
+            and hq % num_kv_heads == 0 and (exact or _tile_rows(hq // num_kv_heads, t) <= MAX_TILE_ROWS))
 
 
 def _tile_rows(group: int, t: int) -> int:
@@ -79,14 +82,15 @@ def _kernel():
                        s_tb, s_lb,  # block tables [B, M], last [B, T]
                        T, PAGE, SPLITS,
                        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                       IEEE: tl.constexpr, SPLIT: tl.constexpr):
+                       IEEE: tl.constexpr, SPLIT: tl.constexpr, TQ: tl.constexpr):
         b = tl.program_id(0)
         hk = tl.program_id(1)
-        sp = tl.program_id(2)
-        rows = tl.arange(0, BLOCK_M)  # tile row r = query token r // GROUP, head hk·GROUP + r % GROUP
-        t = rows // GROUP
+        sp = tl.program_id(2)  # the split (SPLIT) or else the query tile: tokens sp·TQ .. sp·TQ + TQ − 1
+        rows = tl.arange(0, BLOCK_M)  # tile row r = query token t0 + r // GROUP, head hk·GROUP + r % GROUP
+        t0 = 0 if SPLIT else sp * TQ
+        t = t0 + rows // GROUP
         h = hk * GROUP + rows % GROUP
-        row_ok = t < T
+        row_ok = (rows // GROUP < TQ) & (t < T)
         d = tl.arange(0, D)
         q = tl.load(Q + b * s_qb + h[:, None] * s_qh + t[:, None] * s_qt + d[None, :],
                     mask=row_ok[:, None], other=0.0)
@@ -233,20 +237,35 @@ def kv_splits(batch: int, kv_heads: int, max_keys: int, device: torch.device) ->
 
 
 def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
-                    last: torch.Tensor, page_size: int, splits: int | None = None) -> torch.Tensor:
+                    last: torch.Tensor, page_size: int, splits: int | None = None, exact: bool = False) -> torch.Tensor:
     """q [B, Hq, T, D] (any strides with unit stride in D), k_pool/v_pool [slots, Hkv, D] (one layer),
     block_tables [B, M] page ids, last [B, T] the last key position each query sees (−1: none)
     -> out [B, Hq, T, D] (a transposed view of a contiguous [B, T, Hq, D], so the caller's
-    `transpose(1, 2).reshape(B, T, Hq·D)` is free). splits: the split-KV factor (None: `kv_splits`)."""
+    `transpose(1, 2).reshape(B, T, Hq·D)` is free). splits: the split-KV factor (None: `kv_splits`).
+
+    exact: every query row bit-identical whatever T, the batch and the other rows (issue 16): fixed
+    EXACT_BLOCK_M x EXACT_BLOCK_N tiles, the query split into tiles of EXACT_BLOCK_M / G tokens (one
+    program each, so any T — prefill chunks too), keys walked from 0 in the same tiles, no split KV.
+    A key tile that a row cannot see adds exact zeros to its state, so a row that sees keys 0..j gets
+    the same bits in a 1-token AR step, a 2N−1-token verify block or a prefill chunk."""
     B, Hq, T, D = q.shape
     Hkv = k_pool.shape[1]
     if q.stride(-1) != 1 or k_pool.stride(-1) != 1 or v_pool.stride() != k_pool.stride():
         raise ValueError("paged_attention needs unit stride in the head dimension and equal K/V pool layouts")
     group = Hq // Hkv
     out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
-    block_m = _tile_rows(group, T)
-    if splits is None:
-        splits = kv_splits(B, Hkv, block_tables.shape[1] * page_size, q.device)
+    if exact:
+        if splits not in (None, 1):
+            raise ValueError(f"exact paged attention does not split KV (splits={splits})")
+        splits, block_m, block_n = 1, max(EXACT_BLOCK_M, _tile_rows(group, 1)), EXACT_BLOCK_N
+        tq = block_m // group
+        programs = -(-T // tq)
+    else:
+        block_m = _tile_rows(group, T)
+        block_n, tq = (64 if block_m <= 64 else 32), block_m // group  # tq >= T: one query tile
+        if splits is None:
+            splits = kv_splits(B, Hkv, block_tables.shape[1] * page_size, q.device)
+        programs = splits
     if splits < 1:
         raise ValueError(f"splits must be >= 1, got {splits}")
     fwd, combine = _kernel()
@@ -256,12 +275,12 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
         part_acc = torch.empty(B, Hkv, splits, block_m, D, dtype=torch.float32, device=q.device)
     else:
         part_m = part_l = part_acc = out  # unused
-    fwd[(B, Hkv, splits)](
+    fwd[(B, Hkv, programs)](
         q, k_pool, v_pool, out, block_tables, last, part_m, part_l, part_acc, D ** -0.5,
         q.stride(0), q.stride(1), q.stride(2), k_pool.stride(0), k_pool.stride(1),
         out.stride(0), out.stride(1), out.stride(2), block_tables.stride(0), last.stride(0),
-        T, page_size, splits, GROUP=group, BLOCK_M=block_m, BLOCK_N=64 if block_m <= 64 else 32, D=D,
-        IEEE=q.dtype == torch.float32, SPLIT=splits > 1, num_warps=4,
+        T, page_size, splits, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, D=D,
+        IEEE=q.dtype == torch.float32, SPLIT=splits > 1, TQ=tq, num_warps=4,
     )
     if splits > 1:
         combine[(B, Hkv)](out, part_m, part_l, part_acc, out.stride(0), out.stride(1), out.stride(2), T, splits,

@@ -29,14 +29,22 @@ from idlm.layers.rotary import RotaryEmbedding, apply_rotary
 from idlm.models.config import ModelConfig
 
 
-def _project(linear: nn.Linear, name: str, x: torch.Tensor, lora) -> torch.Tensor:
-    """linear(x), plus the gated LoRA delta when `lora` = (LayerLoRA, gate [B, T]) is given (SPEC §5)."""
-    y = linear(x)
+def _project(linear: nn.Linear, name: str, x: torch.Tensor, lora, mm=F.linear) -> torch.Tensor:
+    """linear(x) (through `mm`, F.linear's signature), plus the gated LoRA delta when `lora` = (LayerLoRA,
+    gate [B, T]) is given (SPEC §5)."""
+    y = mm(x, linear.weight, linear.bias)
     if lora is not None:
         delta = lora[0].delta(name, x, lora[1])
         if delta is not None:
             y = y + delta
     return y
+
+
+def _exact_mm():
+    """Exact mode's matmul (imported on use: it needs Triton)."""
+    from idlm.layers.invariant import invariant_linear
+
+    return invariant_linear
 
 
 def _cat_linear(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -90,17 +98,18 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, cos, sin, attn: AttentionBackend, lora=None):
-        """x [B, T, H] (with a fused LoRA, lora=(layer LoRA, gate, True): x is already [x, g·x] [B, T, 2H])."""
+    def forward(self, x, cos, sin, attn: AttentionBackend, lora=None, mm=F.linear):
+        """x [B, T, H] (with a fused LoRA, lora=(layer LoRA, gate, True): x is already [x, g·x] [B, T, 2H]);
+        mm: every projection's matmul (F.linear, or exact mode's batch-invariant one)."""
         B, T, _ = x.shape
         fused_lora = lora is not None and lora[2]
         split = [self.n_heads * self.head_dim] + [self.n_kv * self.head_dim] * 2
         if fused_lora:
-            q, k, v = F.linear(x, *self.qkv_lora).split(split, -1)
+            q, k, v = mm(x, *self.qkv_lora).split(split, -1)
         elif self.qkv is not None and lora is None:
-            q, k, v = F.linear(x, *self.qkv).split(split, -1)
+            q, k, v = mm(x, *self.qkv).split(split, -1)
         else:
-            q, k, v = (_project(m, name, x, lora) for m, name in
+            q, k, v = (_project(m, name, x, lora, mm) for m, name in
                        ((self.q_proj, "q_proj"), (self.k_proj, "k_proj"), (self.v_proj, "v_proj")))
         q = q.view(B, T, self.n_heads, self.head_dim)
         k, v = k.view(B, T, self.n_kv, self.head_dim), v.view(B, T, self.n_kv, self.head_dim)
@@ -112,8 +121,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         o = attn.attend(self.layer_idx, q, k, v).transpose(1, 2).reshape(B, T, -1)  # [B, T, Hq·D]
         if fused_lora:  # [W_o o, D_o o]: the next norm adds W_o o + g·D_o o to the residual stream
-            return F.linear(o, *self.o_lora)
-        return _project(self.o_proj, "o_proj", o, lora)
+            return mm(o, *self.o_lora)
+        return _project(self.o_proj, "o_proj", o, lora, mm)
 
 
 @cuda_fused
@@ -138,14 +147,15 @@ class MLP(nn.Module):
         self.gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None  # Transformer.fuse_projections
         self.gate_up_lora = self.down_lora = None  # Transformer.fuse_lora
 
-    def forward(self, x, lora=None):
+    def forward(self, x, lora=None, mm=F.linear):
         if lora is not None and lora[2]:  # fused LoRA: x is [x, g·x]; returns [W_d a, D_d a] (the next norm gates)
-            return F.linear(silu_mul_chunks(F.linear(x, *self.gate_up_lora)), *self.down_lora)
+            return mm(silu_mul_chunks(mm(x, *self.gate_up_lora)), *self.down_lora)
         if self.gate_up is not None and lora is None:
-            gate, up = F.linear(x, *self.gate_up).chunk(2, -1)
+            gate, up = mm(x, *self.gate_up).chunk(2, -1)
         else:
-            gate, up = _project(self.gate_proj, "gate_proj", x, lora), _project(self.up_proj, "up_proj", x, lora)
-        return _project(self.down_proj, "down_proj", silu_mul(gate, up), lora)
+            gate = _project(self.gate_proj, "gate_proj", x, lora, mm)
+            up = _project(self.up_proj, "up_proj", x, lora, mm)
+        return _project(self.down_proj, "down_proj", silu_mul(gate, up), lora, mm)
 
 
 class DecoderLayer(nn.Module):
@@ -156,7 +166,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h, residual, cos, sin, attn, lora=None):
+    def forward(self, h, residual, cos, sin, attn, lora=None, mm=F.linear):
         """Pre-norm block in the residual-stream form: h is the previous block's output (the embeddings when
         residual is None) and the stream is residual + h; returns (this block's output, the stream
         before it). Each residual add runs fused with the norm that follows it."""
@@ -165,9 +175,9 @@ class DecoderLayer(nn.Module):
                 residual, x = h, self.input_layernorm(h)
             else:
                 residual, x = self.input_layernorm(h, residual)
-            h = self.self_attn(x, cos, sin, attn, lora)
+            h = self.self_attn(x, cos, sin, attn, lora, mm)
             residual, x = self.post_attention_layernorm(h, residual)
-            return self.mlp(x, lora), residual
+            return self.mlp(x, lora, mm), residual
         # fused LoRA (`Transformer.fuse_lora`): blocks output [base, delta] halves ("dual") that the next norm
         # adds to the stream as base + g·delta, and norms emit [x, g·x] for the next matmul ("pair")
         g = lora[1]
@@ -175,9 +185,9 @@ class DecoderLayer(nn.Module):
             residual, x = h, self.input_layernorm(h, gate=g, pair=True)
         else:
             residual, x = self.input_layernorm(h, residual, gate=g, pair=True, dual=True)
-        h = self.self_attn(x, cos, sin, attn, lora)
+        h = self.self_attn(x, cos, sin, attn, lora, mm)
         residual, x = self.post_attention_layernorm(h, residual, gate=g, pair=True, dual=True)
-        return self.mlp(x, lora), residual
+        return self.mlp(x, lora, mm), residual
 
 
 class Backbone(nn.Module):
@@ -295,13 +305,17 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 attn: AttentionBackend | None = None, lora=None, lora_gate: torch.Tensor | None = None,
-                is_mask: torch.Tensor | None = None) -> torch.Tensor:
+                is_mask: torch.Tensor | None = None, exact: bool = False) -> torch.Tensor:
         """input_ids [B, T], positions [B, T] -> final hidden [B, T, H].
 
         positions default to 0..T-1; attn defaults to plain causal attention without a cache.
         With a `lora` adapter (idlm.layers.lora.LoRAAdapter), tokens where `is_mask` [B, T] is true take
         the adapter's MASK embedding and every projection adds the LoRA delta where `lora_gate` [B, T] is 1.
+        exact (issue 16): every projection through the batch-invariant matmul (`idlm.layers.invariant`), so
+        a token row's values do not depend on the other rows; attention's part is the backend's (the paged
+        kernel's exact variant, `PagedAttention(exact=True)`).
         """
+        mm = _exact_mm() if exact else F.linear
         x = self.embed(input_ids)
         B, T = x.shape[:2]
         if positions is None:
@@ -317,15 +331,15 @@ class Transformer(nn.Module):
         fused = lora is not None and getattr(self, "_fused_lora", None) is lora
         for i, layer in enumerate(self.model.layers):
             x, residual = layer(x, residual, cos, sin, attn,
-                                None if lora is None else (lora.layers[i], lora_gate, fused))
+                                None if lora is None else (lora.layers[i], lora_gate, fused), mm)
         if fused:  # the last block's output is [base, delta] halves
             return self.model.norm(x, residual, gate=lora_gate, dual=True)[1]
         return self.model.norm(x, residual)[1]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [..., H] -> float32 logits [..., V]."""
+    def compute_logits(self, hidden: torch.Tensor, exact: bool = False) -> torch.Tensor:
+        """hidden [..., H] -> float32 logits [..., V] (exact: through the batch-invariant matmul)."""
         w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, w).float()
+        return (_exact_mm() if exact else F.linear)(hidden, w).float()
 
     def logits(self, input_ids, positions=None, attn=None) -> torch.Tensor:
         """Convenience: logits [B, T, V] at every position."""

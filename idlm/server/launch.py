@@ -36,7 +36,7 @@ ALGORITHMS = {"IDLMBlockN": "isd", "IDLMBlock": "isd", "ISD": "isd", "RISD": "ri
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     from idlm.cli import STRIDE_SCHEDULE_HELP, stride_arg, stride_schedule_arg
     from idlm.decoding import DECODERS
-    from idlm.engine.options import ATTENTION_BACKENDS
+    from idlm.engine.options import ATTENTION_BACKENDS, EXACT_HELP
     from idlm.models.registry import DEFAULT_MODEL
 
     p.add_argument("--model-path", "--model", dest="model", default=DEFAULT_MODEL,
@@ -76,6 +76,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "--max-running-requests need, at most 1 GiB)")
     p.add_argument("--attention-backend", dest="attention", default="auto", choices=ATTENTION_BACKENDS,
                    help="paged attention of decode steps: Triton kernel (auto: on CUDA) or gather + SDPA")
+    p.add_argument("--exact", action="store_true", help=EXACT_HELP)
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights' dtype (default: bfloat16 on CUDA, float32 on CPU)")
@@ -181,7 +182,7 @@ def cmd_serve(args) -> int:
     opts["decoder"] = inf.decoder
     config = EngineConfig(decoder=opts["decoder"], stride=opts["stride"], threshold=opts["threshold"],
                           max_num_seqs=args.max_running_requests, num_pages=args.num_pages,
-                          attention=args.attention, stride_schedule=args.stride_schedule)
+                          attention=args.attention, stride_schedule=args.stride_schedule, exact=args.exact)
     engine = LLMEngine(model, tok, config, lora=lora)
     life = Lifecycle()
     exit_code = 0

@@ -1,0 +1,137 @@
+"""Exact mode (issue 16): every kernel of the decode and prefill path gives a token row the same bits
+whatever the query length, the batch and the other rows. Run on CPU through Triton's interpreter."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton", reason="exact mode's kernels are Triton kernels (dev extra)")
+
+from idlm.layers.attention import last_visible  # noqa: E402
+from idlm.layers.paged_attention import PagedKVCache  # noqa: E402
+from idlm.layers.paged_kernel import EXACT_BLOCK_M, paged_attention  # noqa: E402
+
+
+def _pool(rows_pages, page, hkv, d, seed=0):
+    """A one-layer pool with random K/V and a random page table of `rows_pages` pages per row."""
+    g = torch.Generator().manual_seed(seed)
+    pool = PagedKVCache(1, rows_pages * 4 + 1, page, hkv, d)
+    pool.k.normal_(generator=g)
+    pool.v.normal_(generator=g)
+    return pool, g
+
+
+@pytest.mark.parametrize("hq,hkv,d,page", [(6, 2, 16, 8), (9, 3, 32, 16), (4, 4, 16, 4)])
+def test_exact_attention_row_bits_do_not_depend_on_block_batch_or_chunk(hq, hkv, d, page):
+    """The attention output of request A's query at position j, with A's keys 0..j: computed as a 1-token
+    AR step, inside a 7-token verify block, inside a long prefill chunk (several query tiles), and
+    beside other requests at other positions, in a different row order -> the same bits."""
+    pages = -(-200 // page)  # 200 positions
+    pool, g = _pool(pages, page, hkv, d)
+    table_a = torch.randperm(pages * 4, generator=g)[:pages]
+    table_b = torch.randperm(pages * 4, generator=g)[:pages]
+    j = 61
+    q_of = torch.randn(pages * page, hq, d, generator=g)  # A's query vectors by position
+
+    def run(tables, starts, T):
+        """Rows of T queries from `starts`; row r uses A's queries when its table is A's."""
+        q = torch.stack([q_of[s: s + T] if tables[r] is table_a else torch.randn(T, hq, d, generator=g)
+                         for r, s in enumerate(starts)]).transpose(1, 2)  # [B, Hq, T, D]
+        st = torch.tensor(starts)
+        out = paged_attention(q, pool.k[0], pool.v[0], torch.stack(tables), last_visible(st, T, None), page,
+                              exact=True)
+        return out  # [B, Hq, T, D]
+
+    alone = run([table_a], [j], 1)[0, :, 0]
+    verify = run([table_a], [j - 3], 7)[0, :, 3]
+    prefill_len = max(j + 4, 2 * (EXACT_BLOCK_M // (hq // hkv)) + 5)  # at least three query tiles
+    prefill = run([table_a], [0], prefill_len)[0, :, j]
+    batched = run([table_b, table_a, table_b], [17, j - 2, 90], 7)[1, :, 2]
+    assert torch.equal(alone, verify)
+    assert torch.equal(alone, batched)
+    assert torch.equal(alone, prefill)
+    # and the values are attention's: the reference softmax over A's keys 0..j
+    pos = torch.arange(j + 1)
+    slots = table_a[pos // page] * page + pos % page
+    k, v = pool.k[0][slots], pool.v[0][slots]  # [j+1, Hkv, D]
+    qh = q_of[j].view(hkv, hq // hkv, d)
+    att = torch.softmax(torch.einsum("hgd,khd->hgk", qh, k) * d ** -0.5, dim=-1)
+    want = torch.einsum("hgk,khd->hgd", att, v).reshape(hq, d)
+    torch.testing.assert_close(alone, want, rtol=1e-5, atol=1e-5)
+
+
+def test_exact_attention_refuses_split_kv():
+    pool, g = _pool(2, 4, 1, 16)
+    q = torch.randn(1, 1, 1, 16)
+    with pytest.raises(ValueError, match="split"):
+        paged_attention(q, pool.k[0], pool.v[0], torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 1,
+                        dtype=torch.long), 4, splits=2, exact=True)
+
+
+# ----------------------------------------------------------------- the engine in exact mode
+
+from tiny import tiny_transformer  # noqa: E402
+
+from idlm.decoding.sampling import SamplingParams  # noqa: E402
+from idlm.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
+from idlm.errors import ConfigError  # noqa: E402
+
+MASK = 3
+
+
+def _engine(model, decoder, stride=4, exact=True, max_num_seqs=8):
+    return LLMEngine(model, None, EngineConfig(decoder=decoder, stride=stride, num_pages=96, page_size=4,
+                                               max_num_seqs=max_num_seqs, exact=exact, cuda_graphs=False))
+
+
+def _run(engine, prompts, n=10):
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=0) for _ in prompts]
+    return [(o.token_ids, o.logprobs) for o in engine.run(prompts, params)]
+
+
+def test_exact_engine_logprobs_identical_alone_batched_and_across_decoders():
+    """The same greedy request: its tokens and the bits of every token's logprob (a function of that
+    position's logits row) are the same alone, inside a batch of other requests (other lengths, prefill
+    chunks of other sizes), and for ISD N = 2 / 4 (verify rows of 2N−1-token blocks) as for AR."""
+    torch.manual_seed(0)
+    model = tiny_transformer(64, head_dim=16, mask_token_id=MASK)
+    target = torch.randint(4, 64, (9,)).tolist()
+    others = [torch.randint(4, 64, (n,)).tolist() for n in (23, 4, 40)]
+    alone = _run(_engine(model, "ar"), [target])[0]
+    batched = _run(_engine(model, "ar"), [others[0], target, *others[1:]])[1]
+    assert alone == batched
+    for stride in (2, 4):
+        isd = _run(_engine(model, "isd", stride), [others[1], target])[1]
+        assert isd == alone, f"ISD N={stride}"
+
+
+def test_exact_mode_refuses_sdpa_attention():
+    with pytest.raises(ConfigError, match="exact"):
+        EngineConfig(exact=True, attention="sdpa")
+
+
+def test_bench_exact_script_smoke(tmp_path):
+    """scripts/bench_exact.py (the GPU driver of issue 16) CPU-sized: every stage runs, and in exact mode
+    every R-ISD / ISD output equals AR's, every logprob of the request is bit-identical alone and batched,
+    and the preempted run equals the unpreempted one."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_exact.py"
+    env = {**os.environ, "SMOKE": "1", "TRITON_INTERPRET": "1", "OUT": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(script), "agree,bits,preempt"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["summary"] is True
+    res = json.loads((tmp_path / "bench_exact.json").read_text())
+    for key, row in res["agree"].items():
+        if key.startswith("exact/"):
+            assert row["identical"] == row["of"], key
+    bits = res["bits"]["exact"]
+    assert bits["batch7"] == bits["batch64"] == bits["isd4_batch8"] == bits["of"] > 0
+    pre = res["preempt"]["exact"]
+    assert pre["preemptions"] > 0 and pre["identical_logprob_bits"] == pre["of"]
