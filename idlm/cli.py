@@ -128,8 +128,17 @@ def cmd_generate(args) -> int:
         sys.stdout.write(delta)
         sys.stdout.flush()
 
-    out = generate(model, decoder, [prompt_ids], params, lora=lora, eos_token_ids=eos, tokenizer=tok,
-                   on_text=None if args.json else on_text)[0]
+    if args.exact:  # exact mode lives in the engine's kernels: one request through an exact engine
+        from idlm.engine.llm_engine import EngineConfig, LLMEngine
+
+        cfg = EngineConfig(decoder=decoder.name, stride=decoder.stride, threshold=args.threshold, max_num_seqs=1,
+                           exact=True)
+        out = LLMEngine(model, tok, cfg, lora=lora, eos_token_ids=eos).run([prompt_ids], params)[0]
+        if not args.json:
+            sys.stdout.write(out.text or "")
+    else:
+        out = generate(model, decoder, [prompt_ids], params, lora=lora, eos_token_ids=eos, tokenizer=tok,
+                       on_text=None if args.json else on_text)[0]
     if args.json:
         stats = out.stats.to_dict()
         stats.update(decoder=decoder.name, stride=decoder.stride,
@@ -386,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="send PROMPT as a user message through the chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object with text, token_ids and stats")
     g.add_argument("--stop", action="append", help="stop string (repeatable; default: none)")
+    g.add_argument("--exact", action="store_true",
+                   help=EXACT_HELP + "; runs the request through the engine (no streaming)")
     _add_model_args(g)
     _add_decoder_args(g)
     _add_sampling_args(g)

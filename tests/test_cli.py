@@ -115,3 +115,22 @@ def test_generate_with_diffusion_decoders_reports_stats(ckpt, tmp_path, capsys):
     assert "needs a gated LoRA adapter and none is known" in capsys.readouterr().err
     assert main([*base, "--decoder", "isd", "--stride", "1"]) == 2
     assert "ISD needs N >= 2" in capsys.readouterr().err
+
+
+def test_generate_exact_equals_reference_and_needs_triton(ckpt, tmp_path, capsys, monkeypatch):
+    """`idlm generate --exact` runs the request through an exact-mode engine: the same greedy tokens as the
+    reference decoders; without the Triton kernels (CPU, no interpreter), or for a head dim the exact
+    attention kernel cannot take, one clear error."""
+    pytest.importorskip("triton", reason="exact mode's kernels are Triton kernels")
+    hd16 = write_tiny_checkpoint(tmp_path / "hd16", head_dim=16)
+    base = ["generate", "hello world", "--model", str(hd16), "--max-tokens", "6", "--json"]
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if not torch.cuda.is_available():
+        assert main([*base, "--exact"]) == 2
+        assert "exact mode needs the Triton kernels" in capsys.readouterr().err
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert main(["generate", "hi", "--model", str(ckpt), "--exact"]) == 2  # the fixture's head dim is 8
+    assert "power of two >= 16; this model's is 8" in capsys.readouterr().err
+    ref = run_json(capsys, *base, "--decoder", "isd", "--stride", "2")
+    exact = run_json(capsys, *base, "--decoder", "isd", "--stride", "2", "--exact")
+    assert exact["token_ids"] == ref["token_ids"] and exact["finish_reason"] == ref["finish_reason"]

@@ -116,6 +116,10 @@ class ModelRunner:
                                                   or os.environ.get("TRITON_INTERPRET") == "1")):
             raise ConfigError("exact mode needs the Triton kernels: a CUDA device with triton installed "
                               "(or TRITON_INTERPRET=1 on CPU, for tests)")
+        hd = model.config.head_dim
+        if exact and (hd < 16 or hd & (hd - 1)):
+            raise ConfigError(f"exact mode's attention kernel needs a head dim that is a power of two >= 16; "
+                              f"this model's is {hd}")
         if fuse_projections is None:  # auto: on CUDA, where launches bound small models, if the copies are small
             copies = model.fusable_bytes(lora=lora is not None)
             fuse_projections = model.device.type == "cuda" and copies <= FUSE_MAX_BYTES
