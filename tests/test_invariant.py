@@ -40,3 +40,13 @@ def test_shapes_and_errors():
         invariant_linear(torch.randn(4, 31), w)
     with pytest.raises(ValueError, match="stride"):
         invariant_linear(torch.randn(32, 4).t(), w)
+
+
+def test_column_tile_depends_on_the_weight_and_device_only():
+    from idlm.layers.invariant import block_n
+
+    assert block_n(151936, 132) == 64  # an LM head: 2374 tiles of 64 columns fill 132 SMs twice over
+    assert block_n(12288, 132) == 32  # 192 tiles of 64 would leave SMs idle; 384 of 32 do not
+    assert block_n(4096, 132) == 16  # even 16 columns give 256 < 264 tiles: the narrowest
+    assert block_n(960, 132) == 16
+    assert block_n(4096, 8) == 64

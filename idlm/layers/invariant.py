@@ -6,8 +6,9 @@ projection in a 1-row AR step and in a 7-row ISD verify step (or a 64-row batch)
 bf16, and a greedy near-tie can flip. This Triton kernel fixes everything a row's value depends on:
 tiles of BLOCK_M × BLOCK_N with a K loop in BLOCK_K steps from 0 upwards, float32 accumulation, no
 split-K, the same launch configuration for every M — so row i's dot products are computed by the same
-instructions in the same order whether the tile holds 1 row or 64, and rows never mix. The cost is
-a fixed tiling (no autotuning per shape); exact mode trades that speed for invariance.
+instructions in the same order whether the tile holds 1 row or 64, and rows never mix. The column tile
+is chosen from the weight's rows and the device (`block_n`), never from the number of input rows.
+The cost is a fixed tiling (no autotuning per shape); exact mode trades that speed for invariance.
 
 Under TRITON_INTERPRET=1 it runs on CPU tensors; tests check a row's bits are unchanged when rows are
 added, removed or reordered, and the values against torch.
@@ -19,7 +20,20 @@ import functools
 
 import torch
 
-BLOCK_M, BLOCK_N, BLOCK_K = 32, 64, 64
+from idlm.layers.paged_kernel import device_sm_count
+
+BLOCK_M, BLOCK_K = 32, 64
+BLOCK_N_CHOICES = (64, 32, 16)
+
+
+def block_n(n: int, sm_count: int) -> int:
+    """Output columns per program for a weight of n rows: the widest tile that still gives every SM two
+    programs (a decode step has one row tile, so the column tiles are all the parallelism), else 16. It
+    depends on the weight and the device only — never on the number of rows — so row invariance holds."""
+    for bn in BLOCK_N_CHOICES:
+        if -(-n // bn) >= 2 * sm_count:
+            return bn
+    return BLOCK_N_CHOICES[-1]
 
 
 @functools.cache
@@ -64,8 +78,9 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if x2.stride(-1) != 1 or weight.stride(-1) != 1:
         raise ValueError("invariant_linear needs unit stride in the feature dimension")
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    grid = (-(-M // BLOCK_M), -(-N // BLOCK_N))
+    bn = block_n(N, device_sm_count(x.device))
+    grid = (-(-M // BLOCK_M), -(-N // bn))
     _kernel()[grid](x2, weight, bias if bias is not None else weight, y, M, N, K, x2.stride(0), weight.stride(0),
-                    y.stride(0), HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, BM=BLOCK_M, BN=BLOCK_N,
+                    y.stride(0), HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, BM=BLOCK_M, BN=bn,
                     BK=BLOCK_K, num_warps=4)
     return y.reshape(*shape[:-1], N)
