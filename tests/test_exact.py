@@ -107,6 +107,20 @@ def test_exact_engine_logprobs_identical_alone_batched_and_across_decoders():
         assert isd == alone, f"ISD N={stride}"
 
 
+def test_exact_engine_seeded_sampled_request_alone_equals_batched():
+    """A seeded T = 1 request (top-p 0.9) draws from per-request counter-based streams, so once its logits
+    are batch-invariant its tokens and logprob bits are the same alone and inside a batch (ISD N = 4)."""
+    torch.manual_seed(1)
+    model = tiny_transformer(64, head_dim=16, mask_token_id=MASK)
+    target = torch.randint(4, 64, (7,)).tolist()
+    others = [torch.randint(4, 64, (n,)).tolist() for n in (19, 5)]
+    p = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=10, ignore_eos=True, logprobs=0)
+    q = SamplingParams(temperature=1.0, seed=7, max_tokens=10, ignore_eos=True)
+    alone = _engine(model, "isd").run([target], [p])[0]
+    batched = _engine(model, "isd").run([others[0], target, others[1]], [q, p, q])[1]
+    assert (alone.token_ids, alone.logprobs) == (batched.token_ids, batched.logprobs)
+
+
 def test_exact_mode_refuses_sdpa_attention():
     with pytest.raises(ConfigError, match="exact"):
         EngineConfig(exact=True, attention="sdpa")
