@@ -3,8 +3,9 @@ launched eagerly and synchronised one by one, so an out-of-bounds access fails a
 it (run with CUDA_LAUNCH_BLOCKING=1), and each split result compared with the unsplit one.
 
 Why it exists: the engine's distillation of the real SmolLM2 hit an illegal memory access in CUDA-graph
-decode steps with automatic splits (docs/engine.md); this sweep (840 shapes, SmolLM2's 3 KV heads of 64
-with 3 query heads each, bf16) passed on the H200, which puts the fault outside the kernel's own indexing.
+decode steps (docs/engine.md); this sweep (840 shapes, SmolLM2's 3 KV heads of 64 with 3 query heads
+each, bf16) passed on the H200, which put the fault outside the attention kernel's own indexing (it was
+most likely `store_kv` reading strided slots, fixed since).
 
     CUDA_LAUNCH_BLOCKING=1 python scripts/kv_split_sweep.py      (prints the shape before each launch; a JSON line last)
 """

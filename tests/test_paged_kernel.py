@@ -183,3 +183,24 @@ def test_store_kv_writes_both_pools_like_indexing():
     assert torch.equal(pool_k, want_k) and torch.equal(pool_v, want_v)
     with pytest.raises(ValueError, match="contiguous"):
         store_kv(pool_k, pool_v, slots, k.reshape(7, 32)[:, :16], v.reshape(7, 32)[:, :16])
+
+
+def test_store_kv_with_slots_viewed_from_a_packed_buffer():
+    """The engine's CUDA graphs hand the decode step its slots as a column of one packed int64 buffer, so
+    an AR step's [B, 1] slot mapping flattens to a strided view (stride = the buffer's row width). The
+    first version read slots[r] at unit stride: rows r >= 1 wrote their K/V to whatever the packed buffer
+    held there (tokens, page ids, sampling keys) — silent corruption, or an illegal address on the H200."""
+    from idlm.layers.paged_kernel import store_kv
+
+    g = torch.Generator().manual_seed(1)
+    B, width = 6, 9
+    packed = torch.randint(0, 10**6, (B, width), generator=g)  # other fields: values far outside the pool
+    packed[:, 4] = torch.randperm(30, generator=g)[:B]  # the slots column
+    slots = packed[:, 4:5].reshape(B, 1).reshape(-1)  # what PagedAttention.attend flattens (a view)
+    assert slots.stride() == (width,)
+    pool_k, pool_v = torch.zeros(31, 2, 16), torch.zeros(31, 2, 16)
+    k, v = torch.randn(B, 32, generator=g), torch.randn(B, 32, generator=g)
+    want_k, want_v = pool_k.clone(), pool_v.clone()
+    want_k[slots], want_v[slots] = k.view(B, 2, 16), v.view(B, 2, 16)
+    store_kv(pool_k, pool_v, slots, k, v)
+    assert torch.equal(pool_k, want_k) and torch.equal(pool_v, want_v)

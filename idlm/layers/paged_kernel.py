@@ -22,11 +22,9 @@ out = Σ_s e^(m_s − m) acc_s / Σ_s e^(m_s − m) l_s with m = max_s m_s (a sp
 m = −inf and adds nothing). `choose_splits` picks S from the work: no split once B·Hkv programs fill the
 SMs, else enough splits to fill them without giving a split fewer than MIN_SPLIT_KEYS keys of the
 longest possible context. S depends only on (B, Hkv, pages): a CUDA graph key fixes it.
-Split KV is OFF by default (S = 1): on the H200 the engine's distillation of the real SmolLM2 hit an
-illegal memory access in CUDA-graph decode steps with automatic splits and ran clean with them off
-(2026-11-30, docs/engine.md); the eager kernel passed a GPU sweep of 840 (B, pages, S, T) shapes and
-random-weight engines did not reproduce it, so the cause is not found yet. $IDLM_KV_SPLITS=auto
-turns `choose_splits` on, =S forces S, for measurements.
+Split KV is OFF by default (S = 1) until a GPU run clears and measures it: the H200 run that first used
+it crashed with an illegal memory access (most likely `store_kv`'s stride bug, fixed; docs/engine.md).
+$IDLM_KV_SPLITS=auto turns `choose_splits` on, =S forces S, for measurements.
 
 Everything is on the device with shapes fixed by (B, T, pages), so CUDA graphs capture it. Under
 TRITON_INTERPRET=1 the same kernels run on CPU tensors; the tests compare them with the reference path.
@@ -172,9 +170,9 @@ def _store_kernel():
     import triton.language as tl
 
     @triton.jit
-    def store_kv_rows(K, V, KP, VP, SLOTS, s_k, s_v, s_slot, W: tl.constexpr, BLOCK: tl.constexpr):
+    def store_kv_rows(K, V, KP, VP, SLOTS, s_k, s_v, s_slot, s_idx, W: tl.constexpr, BLOCK: tl.constexpr):
         r = tl.program_id(0)  # one query token: its Hkv·D values of K and of V to its slot
-        slot = tl.load(SLOTS + r).to(tl.int64)
+        slot = tl.load(SLOTS + r * s_idx).to(tl.int64)
         for start in range(0, W, BLOCK):
             i = start + tl.arange(0, BLOCK)
             ok = i < W
@@ -189,15 +187,18 @@ def _store_kernel():
 def store_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
              v: torch.Tensor) -> None:
     """pool[slots[r]] = row r of k / v, both pools in one launch (instead of two indexing kernels):
-    k_pool/v_pool [slots, Hkv, D] (one layer, contiguous per slot), slots [R], k/v [R, Hkv·D] rows with unit
-    stride inside a row (cast to the pool's dtype)."""
+    k_pool/v_pool [slots, Hkv, D] (one layer, contiguous per slot), slots [R] (any stride: in a CUDA graph an
+    AR step's slots are a strided view into the packed input buffer), k/v [R, Hkv·D] rows with unit stride
+    inside a row (cast to the pool's dtype)."""
     R, W = k.shape
+    if slots.dim() != 1 or slots.shape[0] != R:
+        raise ValueError(f"store_kv needs one slot per row: slots {tuple(slots.shape)} for {R} rows")
     if k.stride(1) != 1 or v.stride(1) != 1 or k_pool.stride(1) * k_pool.shape[1] != k_pool.stride(0) \
             or k_pool.stride(2) != 1 or v_pool.stride() != k_pool.stride() or W != k_pool.shape[1] * k_pool.shape[2]:
         raise ValueError("store_kv needs contiguous rows and slots")
     block = min(1024, 1 << (W - 1).bit_length())
-    _store_kernel()[(R,)](k, v, k_pool, v_pool, slots, k.stride(0), v.stride(0), k_pool.stride(0), W=W,
-                          BLOCK=block, num_warps=4)
+    _store_kernel()[(R,)](k, v, k_pool, v_pool, slots, k.stride(0), v.stride(0), k_pool.stride(0), slots.stride(0),
+                          W=W, BLOCK=block, num_warps=4)
 
 
 def choose_splits(batch: int, kv_heads: int, max_keys: int, sm_count: int) -> int:
