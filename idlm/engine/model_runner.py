@@ -138,6 +138,9 @@ class ModelRunner:
                                cfg.head_dim, self.dtype, self.device)
         self.num_blocks = num_blocks
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        # without graphs, still pass a decode step's inputs as the graph path does (strided views into packed
+        # buffers): lets CPU tests run the graph path's input layout through the kernels (set by tests)
+        self.packed_inputs = False
         self.batch_buckets = [b for b in BATCH_BUCKETS if b < max_num_seqs] + [max_num_seqs]
         self._graphs: dict[tuple, tuple] = {}
         self._pool = None
@@ -287,6 +290,14 @@ class ModelRunner:
             batch = DecodeBatch.from_rows(batch)
         (B, Q), pages = batch.tokens.shape, batch.tables.shape[1]
         if not self.use_graphs:
+            if self.packed_inputs:  # the graph path's input layout (views into packed buffers), no graph
+                host = self._batch_tensors(batch, B, pages)
+                host.update({"dec." + k: v for k, v in tensors.items() if v.device.type == "cpu"})
+                layout, _, buffers = _pack(host, B, self.device, pin=False)
+                on_device = {"dec." + k: v for k, v in tensors.items() if v.device.type != "cpu"}
+                inputs = _unpack(layout, buffers, on_device, B)
+                dec = {k[4:]: v for k, v in inputs.items() if k.startswith("dec.")}
+                return self._device_step(decoder, inputs, dec, static)
             t = {k: v.to(self.device) for k, v in self._batch_tensors(batch, B, pages).items()}
             dec = {k: v.to(self.device) for k, v in tensors.items()}
             return self._device_step(decoder, t, dec, static)
@@ -317,32 +328,11 @@ class ModelRunner:
         return decoder.compute(self._logits(self._forward(t, self.attn_kernel)), dec, **static)
 
     def _capture(self, decoder, host, on_device, static, Bp):
-        # host tensors travel packed: int64 (ids, positions, bools) and float32 groups, one buffer each
-        layout: dict[str, list] = {"i": [], "f": []}
-        for name, v in sorted(host.items()):
-            layout["f" if v.dtype.is_floating_point else "i"].append((name, tuple(v.shape[1:]), v.dtype))
-        layout = {g: names for g, names in layout.items() if names}
-        staging, buffers = {}, {}
-        for g, names in layout.items():
-            width = sum(int(np.prod(shape)) for _, shape, _ in names)
-            dtype = torch.float32 if g == "f" else torch.int64
-            staging[g] = torch.empty(Bp, width, dtype=dtype).pin_memory()
-            torch.cat([host[n].reshape(Bp, -1).to(dtype) for n, _, _ in names], dim=1, out=staging[g])
-            buffers[g] = staging[g].to(self.device)
+        layout, staging, buffers = _pack(host, Bp, self.device, pin=True)
         dev_inputs = {k: _pad_rows(v, Bp).clone() for k, v in on_device.items()}
 
-        def unpack() -> dict[str, torch.Tensor]:
-            out = dict(dev_inputs)
-            for g, names in layout.items():
-                off = 0
-                for name, shape, dtype in names:
-                    w = int(np.prod(shape))
-                    out[name] = buffers[g][:, off: off + w].reshape(Bp, *shape).to(dtype)
-                    off += w
-            return out
-
         def run():
-            inputs = unpack()
+            inputs = _unpack(layout, buffers, dev_inputs, Bp)
             dec = {k[4:]: v for k, v in inputs.items() if k.startswith("dec.")}
             return self._device_step(decoder, inputs, dec, static)
 
@@ -357,6 +347,39 @@ class ModelRunner:
             outputs = run()
         self._pool = graph.pool()
         return graph, staging, buffers, layout, dev_inputs, outputs
+
+
+def _pack(host: dict[str, torch.Tensor], rows: int, device, pin: bool):
+    """A decode step's host tensors as the CUDA graph takes them: an int64 group (ids, positions, slots,
+    tables, bools) and a float32 group, each one [rows, width] buffer (one host-to-device copy per group).
+    -> (layout {group: [(name, shape, dtype)]}, host staging buffers, device buffers)."""
+    layout: dict[str, list] = {"i": [], "f": []}
+    for name, v in sorted(host.items()):
+        layout["f" if v.dtype.is_floating_point else "i"].append((name, tuple(v.shape[1:]), v.dtype))
+    layout = {g: names for g, names in layout.items() if names}
+    staging, buffers = {}, {}
+    for g, names in layout.items():
+        width = sum(int(np.prod(shape)) for _, shape, _ in names)
+        dtype = torch.float32 if g == "f" else torch.int64
+        staging[g] = torch.empty(rows, width, dtype=dtype)
+        if pin:
+            staging[g] = staging[g].pin_memory()
+        torch.cat([host[n].reshape(rows, -1).to(dtype) for n, _, _ in names], dim=1, out=staging[g])
+        buffers[g] = staging[g].to(device)
+    return layout, staging, buffers
+
+
+def _unpack(layout, buffers, dev_inputs: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+    """The step's inputs as views into the packed device buffers — strided, not contiguous: every kernel
+    of the step must honour its inputs' strides (`ModelRunner.packed_inputs` tests that without a GPU)."""
+    out = dict(dev_inputs)
+    for g, names in layout.items():
+        off = 0
+        for name, shape, dtype in names:
+            w = int(np.prod(shape))
+            out[name] = buffers[g][:, off: off + w].reshape(rows, *shape).to(dtype)
+            off += w
+    return out
 
 
 def _use_kernel(attention: str, device: torch.device) -> bool:
