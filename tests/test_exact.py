@@ -126,6 +126,7 @@ def test_exact_mode_refuses_sdpa_attention():
         EngineConfig(exact=True, attention="sdpa")
 
 
+@pytest.mark.slow
 def test_bench_exact_script_smoke(tmp_path):
     """scripts/bench_exact.py (the GPU driver of issue 16) CPU-sized: every stage runs, and in exact mode
     every R-ISD / ISD output equals AR's, every logprob of the request is bit-identical alone and batched,

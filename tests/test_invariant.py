@@ -50,3 +50,35 @@ def test_column_tile_depends_on_the_weight_and_device_only():
     assert block_n(4096, 132) == 16  # even 16 columns give 256 < 264 tiles: the narrowest
     assert block_n(960, 132) == 16
     assert block_n(4096, 8) == 64
+
+
+@pytest.mark.parametrize("residual,pair,dual", [(False, False, False), (True, False, False), (False, True, False),
+                                                (True, True, False), (True, False, True), (True, True, True)])
+def test_rms_norm_matches_the_module_and_keeps_row_bits(residual, pair, dual):
+    """invariant_rms_norm = RMSNorm.forward (residual add, R-ISD pair/dual forms) within float rounding, and a
+    row's bits unchanged when rows are added, removed or reordered."""
+    from idlm.layers.invariant import invariant_rms_norm
+    from idlm.layers.norm import RMSNorm
+
+    g = torch.Generator().manual_seed(3)
+    dim, rows = 48, 13
+    norm = RMSNorm(dim, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(dim, generator=g) + 0.5)
+    x = torch.randn(rows, 2 * dim if dual else dim, generator=g)
+    res = torch.randn(rows, dim, generator=g) if residual else None
+    gate = (torch.rand(rows, generator=g) < 0.5).float() if (pair or dual) else None
+
+    def run(idx):
+        return invariant_rms_norm(x[idx], norm.weight, norm.eps, None if res is None else res[idx],
+                                  None if gate is None else gate[idx], pair, dual)
+
+    with torch.no_grad():
+        want = norm(x, res, gate, pair=pair, dual=dual)
+        got = run(torch.arange(rows))
+    flat = lambda o: torch.cat(o, -1) if isinstance(o, tuple) else o  # noqa: E731
+    torch.testing.assert_close(flat(got), flat(want), rtol=1e-5, atol=1e-5)
+    for idx in (torch.tensor([4]), torch.tensor([9, 4, 0]), torch.randperm(rows, generator=g)):
+        assert torch.equal(flat(run(idx)), flat(got)[idx])
+    with pytest.raises(ValueError, match="width"):
+        invariant_rms_norm(torch.randn(2, dim + 1), norm.weight, 1e-6)

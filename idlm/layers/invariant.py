@@ -1,4 +1,4 @@
-"""Batch-invariant matmul (issue 16's exact mode, first piece): y = x Wᵀ whose every row has the same
+"""Batch-invariant kernels (issue 16's exact mode): y = x Wᵀ and RMSNorm whose every row has the same
 bits whatever the other rows are — how many, in which order, from which requests.
 
 Why cuBLAS is not: it picks tile shapes, split-K and the reduction order per (M, N, K), so a token's
@@ -84,3 +84,64 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                     y.stride(0), HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, BM=BLOCK_M, BN=bn,
                     BK=BLOCK_K, num_warps=4)
     return y.reshape(*shape[:-1], N)
+
+
+@functools.cache
+def _norm_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def rms_norm_rows(X, RES, GATE, W, S_OUT, Y, dim, eps, s_x, s_r, s_s, s_y,
+                      HAS_RES: tl.constexpr, DUAL: tl.constexpr, PAIR: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)  # one row, its whole width in one block: one reduction order for every row
+        cols = tl.arange(0, BLOCK)
+        ok = cols < dim
+        x = tl.load(X + row * s_x + cols, mask=ok, other=0.0)
+        if DUAL or PAIR:
+            g = tl.load(GATE + row).to(x.dtype)
+        if DUAL:  # [base, delta] halves: base + gate·delta
+            x = x + tl.load(X + row * s_x + dim + cols, mask=ok, other=0.0) * g
+        if HAS_RES:
+            x = tl.load(RES + row * s_r + cols, mask=ok, other=0.0) + x
+            tl.store(S_OUT + row * s_s + cols, x, mask=ok)
+        xf = x.to(tl.float32)
+        inv = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / dim + eps)
+        y = tl.load(W + cols, mask=ok, other=0.0) * (xf * inv).to(x.dtype)
+        tl.store(Y + row * s_y + cols, y, mask=ok)
+        if PAIR:
+            tl.store(Y + row * s_y + dim + cols, y * g, mask=ok)
+
+    return rms_norm_rows
+
+
+def invariant_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                       gate: torch.Tensor | None = None, pair: bool = False, dual: bool = False):
+    """RMSNorm with `idlm.layers.norm.RMSNorm.forward`'s options (residual add; R-ISD's `dual` [base, delta]
+    input and `pair` [y, gate·y] output) in one launch, one program per row: a row's bits do not depend on
+    the other rows. x [..., dim] (dual: [..., 2·dim]) -> y, or (residual + x, y) with a residual."""
+    width = x.shape[-1]
+    dim = weight.shape[0]
+    if width != (2 * dim if dual else dim):
+        raise ValueError(f"invariant_rms_norm: input width {width} for a norm of {dim}{' (dual)' if dual else ''}")
+    if dual and residual is None:
+        raise ValueError("a dual input needs the residual stream it is added to")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, width)
+    rows = x2.shape[0]
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty(rows, 2 * dim if pair else dim, dtype=x.dtype, device=x.device)
+    res = residual.reshape(-1, dim) if residual is not None else x2
+    if res.stride(-1) != 1:
+        res = res.contiguous()
+    s_out = torch.empty(rows, dim, dtype=x.dtype, device=x.device) if residual is not None else y
+    g = gate.reshape(-1).to(x.dtype) if gate is not None else x2
+    if (pair or dual) and gate is None:
+        raise ValueError("pair and dual need the R-ISD gate")
+    if rows:
+        _norm_kernel()[(rows,)](x2, res, g, weight, s_out, y, dim, eps, x2.stride(0), res.stride(0), s_out.stride(0),
+                                y.stride(0), HAS_RES=residual is not None, DUAL=dual, PAIR=pair,
+                                BLOCK=1 << (dim - 1).bit_length(), num_warps=4)
+    y = y.reshape(*lead, y.shape[-1])
+    return (s_out.reshape(*lead, dim), y) if residual is not None else y

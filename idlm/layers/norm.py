@@ -67,11 +67,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, gate: torch.Tensor | None = None, *,
-                pair: bool = False, dual: bool = False):
+                pair: bool = False, dual: bool = False, exact: bool = False):
         """x [..., dim] -> rms_norm(x); with a residual: (residual + x, rms_norm(residual + x)).
         With an R-ISD gate [...] (0/1) for a fused LoRA (`Transformer.fuse_lora`): `dual` — x is the
         [base, delta] output of a fused matmul [..., 2·dim] and stands for base + gate·delta (needs a
-        residual); `pair` — the normalized output is [y, gate·y] [..., 2·dim] instead of y."""
+        residual); `pair` — the normalized output is [y, gate·y] [..., 2·dim] instead of y.
+        exact (issue 16): one Triton program per row (`idlm.layers.invariant.invariant_rms_norm`), so a
+        row's bits do not depend on the other rows (a reduction's order in PyTorch or inductor may)."""
+        if exact:
+            from idlm.layers.invariant import invariant_rms_norm
+
+            return invariant_rms_norm(x, self.weight, self.eps, residual, gate, pair, dual)
         if residual is None:
             if dual:
                 raise ValueError("a dual input needs the residual stream it is added to")

@@ -98,9 +98,10 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, cos, sin, attn: AttentionBackend, lora=None, mm=F.linear):
+    def forward(self, x, cos, sin, attn: AttentionBackend, lora=None, exact=False):
         """x [B, T, H] (with a fused LoRA, lora=(layer LoRA, gate, True): x is already [x, g·x] [B, T, 2H]);
-        mm: every projection's matmul (F.linear, or exact mode's batch-invariant one)."""
+        exact: batch-invariant matmuls and norms (issue 16)."""
+        mm = _exact_mm() if exact else F.linear
         B, T, _ = x.shape
         fused_lora = lora is not None and lora[2]
         split = [self.n_heads * self.head_dim] + [self.n_kv * self.head_dim] * 2
@@ -114,7 +115,7 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim)
         k, v = k.view(B, T, self.n_kv, self.head_dim), v.view(B, T, self.n_kv, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.q_norm(q, exact=exact), self.k_norm(k, exact=exact)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         # attention takes [B, H, T, D] views of the [B, T, H, D] tensors: a paged cache writes k/v rows and
         # the Triton kernel returns o without a copy
@@ -147,7 +148,8 @@ class MLP(nn.Module):
         self.gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None  # Transformer.fuse_projections
         self.gate_up_lora = self.down_lora = None  # Transformer.fuse_lora
 
-    def forward(self, x, lora=None, mm=F.linear):
+    def forward(self, x, lora=None, exact=False):
+        mm = _exact_mm() if exact else F.linear
         if lora is not None and lora[2]:  # fused LoRA: x is [x, g·x]; returns [W_d a, D_d a] (the next norm gates)
             return mm(silu_mul_chunks(mm(x, *self.gate_up_lora)), *self.down_lora)
         if self.gate_up is not None and lora is None:
@@ -166,28 +168,28 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h, residual, cos, sin, attn, lora=None, mm=F.linear):
+    def forward(self, h, residual, cos, sin, attn, lora=None, exact=False):
         """Pre-norm block in the residual-stream form: h is the previous block's output (the embeddings when
         residual is None) and the stream is residual + h; returns (this block's output, the stream
         before it). Each residual add runs fused with the norm that follows it."""
         if lora is None or not lora[2]:
             if residual is None:
-                residual, x = h, self.input_layernorm(h)
+                residual, x = h, self.input_layernorm(h, exact=exact)
             else:
-                residual, x = self.input_layernorm(h, residual)
-            h = self.self_attn(x, cos, sin, attn, lora, mm)
-            residual, x = self.post_attention_layernorm(h, residual)
-            return self.mlp(x, lora, mm), residual
+                residual, x = self.input_layernorm(h, residual, exact=exact)
+            h = self.self_attn(x, cos, sin, attn, lora, exact)
+            residual, x = self.post_attention_layernorm(h, residual, exact=exact)
+            return self.mlp(x, lora, exact), residual
         # fused LoRA (`Transformer.fuse_lora`): blocks output [base, delta] halves ("dual") that the next norm
         # adds to the stream as base + g·delta, and norms emit [x, g·x] for the next matmul ("pair")
         g = lora[1]
         if residual is None:
-            residual, x = h, self.input_layernorm(h, gate=g, pair=True)
+            residual, x = h, self.input_layernorm(h, gate=g, pair=True, exact=exact)
         else:
-            residual, x = self.input_layernorm(h, residual, gate=g, pair=True, dual=True)
-        h = self.self_attn(x, cos, sin, attn, lora, mm)
-        residual, x = self.post_attention_layernorm(h, residual, gate=g, pair=True, dual=True)
-        return self.mlp(x, lora, mm), residual
+            residual, x = self.input_layernorm(h, residual, gate=g, pair=True, dual=True, exact=exact)
+        h = self.self_attn(x, cos, sin, attn, lora, exact)
+        residual, x = self.post_attention_layernorm(h, residual, gate=g, pair=True, dual=True, exact=exact)
+        return self.mlp(x, lora, exact), residual
 
 
 class Backbone(nn.Module):
@@ -311,11 +313,10 @@ class Transformer(nn.Module):
         positions default to 0..T-1; attn defaults to plain causal attention without a cache.
         With a `lora` adapter (idlm.layers.lora.LoRAAdapter), tokens where `is_mask` [B, T] is true take
         the adapter's MASK embedding and every projection adds the LoRA delta where `lora_gate` [B, T] is 1.
-        exact (issue 16): every projection through the batch-invariant matmul (`idlm.layers.invariant`), so
-        a token row's values do not depend on the other rows; attention's part is the backend's (the paged
-        kernel's exact variant, `PagedAttention(exact=True)`).
+        exact (issue 16): every projection and norm through the batch-invariant kernels
+        (`idlm.layers.invariant`), so a token row's values do not depend on the other rows; attention's
+        part is the backend's (the paged kernel's exact variant, `PagedAttention(exact=True)`).
         """
-        mm = _exact_mm() if exact else F.linear
         x = self.embed(input_ids)
         B, T = x.shape[:2]
         if positions is None:
@@ -331,10 +332,10 @@ class Transformer(nn.Module):
         fused = lora is not None and getattr(self, "_fused_lora", None) is lora
         for i, layer in enumerate(self.model.layers):
             x, residual = layer(x, residual, cos, sin, attn,
-                                None if lora is None else (lora.layers[i], lora_gate, fused), mm)
+                                None if lora is None else (lora.layers[i], lora_gate, fused), exact)
         if fused:  # the last block's output is [base, delta] halves
-            return self.model.norm(x, residual, gate=lora_gate, dual=True)[1]
-        return self.model.norm(x, residual)[1]
+            return self.model.norm(x, residual, gate=lora_gate, dual=True, exact=exact)[1]
+        return self.model.norm(x, residual, exact=exact)[1]
 
     def compute_logits(self, hidden: torch.Tensor, exact: bool = False) -> torch.Tensor:
         """hidden [..., H] -> float32 logits [..., V] (exact: through the batch-invariant matmul)."""
