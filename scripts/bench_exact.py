@@ -3,9 +3,10 @@ logits bits alone and in batches, under preemption, and what exact mode costs. O
 summary last, and $OUT/bench_exact.json.
 
 Stages (comma-separated argv[1], default all):
-  agree     bf16, greedy, REQUESTS prompts x TOKENS new tokens: R-ISD N = 4 (idlm-tiny-ar + its adapter) and
-            ISD N = 2 / 4 / 8 (idlm-tiny) against AR of the same model, each in exact and in default mode:
-            identical outputs, and tokens before the first divergence
+  agree     bf16, greedy, REQUESTS prompts x TOKENS new tokens: R-ISD N = 4 (idlm-tiny-ar + its adapter; with
+            SMOL_ADAPTER=path also SmolLM2 + that adapter, GGUF in $IDLM_CACHE) and ISD N = 2 / 4 / 8
+            (idlm-tiny) against AR of the same model, each in exact and in default mode: identical
+            outputs, and tokens before the first divergence
   bits      one greedy request's per-token logprobs (each a function of its position's logits row) alone,
             in a batch of 7 and of 64 other requests, and for ISD N = 4, in exact and default mode: how
             many tokens' logprobs are bit-identical to the request alone (AR)
@@ -113,12 +114,22 @@ def models():
 
 def stage_agree(isd, arc, lora):
     out = {}
+    smol = None
+    if os.environ.get("SMOL_ADAPTER"):
+        model, tok = load_pretrained("smollm2-135m-instruct", dtype=DTYPE, device=DEV)
+        smol = (Case(model, tok), LoRAAdapter.load(os.environ["SMOL_ADAPTER"], model.config, device=DEV,
+                                                   dtype=model.dtype))
     for exact in (True, False):
         mode = "exact" if exact else "default"
         prompts = arc.prompts(REQUESTS)
         ar = engine(arc.model, arc.tok, "ar", exact).run(prompts, greedy())
         risd = engine(arc.model, arc.tok, "risd", exact, lora=lora).run(prompts, greedy())
         out[f"{mode}/risd4_vs_ar"] = agreement(ar, risd)
+        if smol is not None:  # SmolLM2 with its trained R-ISD adapter
+            prompts = smol[0].prompts(REQUESTS)
+            ar = engine(smol[0].model, smol[0].tok, "ar", exact).run(prompts, greedy())
+            risd = engine(smol[0].model, smol[0].tok, "risd", exact, lora=smol[1]).run(prompts, greedy())
+            out[f"{mode}/smollm2_risd4_vs_ar"] = agreement(ar, risd)
         prompts = isd.prompts(REQUESTS)
         ar = engine(isd.model, isd.tok, "ar", exact).run(prompts, greedy())
         for n in (2, 4, 8):

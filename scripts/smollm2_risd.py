@@ -20,6 +20,7 @@ calls (a machine goes back 30 s after a call; its disk survives until then):
              measured a TPF of 1.50 where the answers themselves give 1.89), and HF transformers
              generate (static cache, compiled) on the same weights. Its own process because the first full
              run measured R-ISD at T = 0.7 2× slower inside the eval process than in a fresh one
+    exact    issue 16's `scripts/bench_exact.py` with SmolLM2 + this adapter added (its own process)
 
 The repository plus a 47 MiB part exceeds the device's 64 MiB working tree, so the embedded assets
 (not used here) stay behind for the two carrying calls:
@@ -465,10 +466,24 @@ def stage_card(args) -> None:
     emit("card", {"asset": str(dest), "bytes": len(data), "assets_total_mb": round((others + len(data)) / 1e6, 2)})
 
 
+def stage_exact(args) -> None:
+    """Issue 16's exact-mode run (`scripts/bench_exact.py`) with SmolLM2 and the adapter just trained added
+    to its agreement and speed stages, in a process of its own."""
+    if args.smoke:
+        raise SystemExit("the exact stage has no smoke mode: run SMOKE=1 python scripts/bench_exact.py")
+    _, _, adapter_dir = eval_target(args)
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_exact.py"), "agree,bits,preempt,speed"],
+                          env={**env(), "SMOL": "1", "SMOL_ADAPTER": str(adapter_dir)}, capture_output=True,
+                          text=True)
+    print(proc.stdout[-4000:] + proc.stderr[-2000:], flush=True)
+    emit("exact", {"rc": proc.returncode, "wall_s": round(time.time() - t0, 1), "last": last_json(proc.stdout)})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("stages", nargs="+", choices=["prepare", "stash", "setup", "distill", "train", "eval",
-                                                       "speed", "card"])
+                                                       "speed", "exact", "card"])
     ap.add_argument("--from", dest="from_dir", default=None, help="card: the folder of the device's outputs")
     ap.add_argument("--to", dest="to_dir", default=None, help="card: where to write (default: the embedded asset)")
     ap.add_argument("--budget", type=float, default=None, help="seconds a distill/train stage may run (resumable)")
