@@ -512,8 +512,9 @@ class LLMEngine:
         first: dict[int, tuple] = {}
         if started:
             seqs = [prefills[i][0] for i in started]
-            states, results = self._decoder(self._start_stride).start(
-                logits[started], [s.params for s in seqs], [s.rng for s in seqs])
+            with self.runner.decoder_math():
+                states, results = self._decoder(self._start_stride).start(
+                    logits[started], [s.params for s in seqs], [s.rng for s in seqs])
             first = {i: (st, res) for i, st, res in zip(started, states, results)}
         self.counters["prefill_forwards"] += 1
 
@@ -569,7 +570,9 @@ class LLMEngine:
                     self._fail(seq, e, updates)
                 return
         else:
-            results = decoder.step(states, self.runner.decode_logits(batch), params, rngs, stats)
+            logits = self.runner.decode_logits(batch)
+            with self.runner.decoder_math():
+                results = decoder.step(states, logits, params, rngs, stats)
         self.counters["decode_forwards"] += 1
         self.counters["decode_query_tokens"] += len(seqs) * query_len
 

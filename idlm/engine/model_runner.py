@@ -26,6 +26,7 @@ token row's values do not depend on the batch, its query block or its prefill ch
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -325,7 +326,15 @@ class ModelRunner:
     def _device_step(self, decoder, t: dict[str, torch.Tensor], dec: dict[str, torch.Tensor], static: dict):
         """The device part of a fused decode step (what a CUDA graph captures): forward, vocabulary
         projection, decoder.compute -> (packed, extra)."""
-        return decoder.compute(self._logits(self._forward(t, self.attn_kernel)), dec, **static)
+        logits = self._logits(self._forward(t, self.attn_kernel))
+        with self.decoder_math():
+            return decoder.compute(logits, dec, **static)
+
+    def decoder_math(self):
+        """Context for a decoder's sampling math (`compute`, `start`, `step`): in exact mode its compiled
+        functions run eagerly, because ATen reduces a row (softmax, log_softmax, cumsum) the same way for
+        any number of rows while inductor may split a lone row's reduction (batch 1 is compiled apart)."""
+        return torch.compiler.set_stance("force_eager") if self.exact else contextlib.nullcontext()
 
     def _capture(self, decoder, host, on_device, static, Bp):
         layout, staging, buffers = _pack(host, Bp, self.device, pin=True)
