@@ -29,9 +29,10 @@ The repository plus a 47 MiB part exceeds the device's 64 MiB working tree, so t
     git rm -r -q --cached idlm/assets && echo /idlm/assets/ >> .git/info/exclude
     run(carry=[".carry/smolA"]): python scripts/smollm2_risd.py stash
     run(carry=[".carry/smolB", ".whl"]): python scripts/smollm2_risd.py setup distill --budget 530
+    git reset -q idlm/assets   (and drop the exclude line: later calls need the embedded models)
     run: python scripts/smollm2_risd.py train --budget 590      (again until it reports done)
     run: python scripts/smollm2_risd.py eval; python scripts/smollm2_risd.py speed
-    git reset -q idlm/assets   (and drop the exclude line)
+    run: python scripts/smollm2_risd.py exact                   (issue 16, exact mode, ~3 min)
     python scripts/smollm2_risd.py card --from DIR            (here: the asset from the returned files)
 
 `--smoke` runs distill/train/eval on CPU-sized settings with the embedded idlm-tiny-ar (and its
