@@ -230,3 +230,13 @@ def test_store_kv_with_slots_viewed_from_a_packed_buffer():
     want_k[slots], want_v[slots] = k.view(B, 2, 16), v.view(B, 2, 16)
     store_kv(pool_k, pool_v, slots, k, v)
     assert torch.equal(pool_k, want_k) and torch.equal(pool_v, want_v)
+
+
+def test_paged_attention_refuses_tables_strided_within_a_row():
+    from idlm.layers import paged_kernel
+
+    pool = PagedKVCache(1, 8, 4, 1, 16)
+    q = torch.randn(1, 1, 1, 16)
+    tables = torch.zeros(1, 4, dtype=torch.long)[:, ::2]  # every other page id: stride 2 along the row
+    with pytest.raises(ValueError, match="unit stride along each row"):
+        paged_kernel.paged_attention(q, pool.k[0], pool.v[0], tables, torch.zeros(1, 1, dtype=torch.long), 4)

@@ -253,6 +253,8 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     Hkv = k_pool.shape[1]
     if q.stride(-1) != 1 or k_pool.stride(-1) != 1 or v_pool.stride() != k_pool.stride():
         raise ValueError("paged_attention needs unit stride in the head dimension and equal K/V pool layouts")
+    if block_tables.stride(1) != 1 or last.stride(1) != 1:  # rows may be strided (graph views), entries not
+        raise ValueError("paged_attention needs block tables and `last` with unit stride along each row")
     group = Hq // Hkv
     out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
     if exact:
