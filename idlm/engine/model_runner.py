@@ -27,7 +27,6 @@ token row's values do not depend on the batch, its query block or its prefill ch
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +36,7 @@ from idlm.decoding.logprobs import score as score_logprobs
 from idlm.errors import ConfigError
 from idlm.layers.fused import eager_fused
 from idlm.layers.paged_attention import PagedAttention, PagedKVCache
-from idlm.layers.paged_kernel import triton_available
+from idlm.layers.paged_kernel import head_dim_supported, triton_usable
 
 SCORE_CHUNK = 512  # prompt positions per vocabulary projection when scoring prompt logprobs (bounds memory)
 FUSE_MAX_BYTES = 1 << 30  # auto-fuse q/k/v and gate/up when the weight copies take at most this
@@ -113,14 +112,12 @@ class ModelRunner:
                  exact: bool = False):
         self.model, self.lora, self.exact = model, lora, exact
         self.attn_kernel = _use_kernel(attention, model.device)
-        if exact and not (triton_available() and (model.device.type == "cuda"
-                                                  or os.environ.get("TRITON_INTERPRET") == "1")):
+        if exact and not triton_usable(model.device):
             raise ConfigError("exact mode needs the Triton kernels: a CUDA device with triton installed "
                               "(or TRITON_INTERPRET=1 on CPU, for tests)")
-        hd = model.config.head_dim
-        if exact and (hd < 16 or hd & (hd - 1)):
+        if exact and not head_dim_supported(model.config.head_dim):
             raise ConfigError(f"exact mode's attention kernel needs a head dim that is a power of two >= 16; "
-                              f"this model's is {hd}")
+                              f"this model's is {model.config.head_dim}")
         if fuse_projections is None:  # auto: on CUDA, where launches bound small models, if the copies are small
             copies = model.fusable_bytes(lora=lora is not None)
             fuse_projections = model.device.type == "cuda" and copies <= FUSE_MAX_BYTES
@@ -293,20 +290,17 @@ class ModelRunner:
         if not self.use_graphs:
             if self.packed_inputs:  # the graph path's input layout (views into packed buffers), no graph
                 host = self._batch_tensors(batch, B, pages)
-                host.update({"dec." + k: v for k, v in tensors.items() if v.device.type == "cpu"})
+                on_host, on_device = _decoder_inputs(tensors)
+                host.update(on_host)
                 layout, _, buffers = _pack(host, B, self.device, pin=False)
-                on_device = {"dec." + k: v for k, v in tensors.items() if v.device.type != "cpu"}
-                inputs = _unpack(layout, buffers, on_device, B)
-                dec = {k[4:]: v for k, v in inputs.items() if k.startswith("dec.")}
-                return self._device_step(decoder, inputs, dec, static)
+                return self._packed_step(decoder, _unpack(layout, buffers, on_device, B), static)
             t = {k: v.to(self.device) for k, v in self._batch_tensors(batch, B, pages).items()}
             dec = {k: v.to(self.device) for k, v in tensors.items()}
             return self._device_step(decoder, t, dec, static)
         Bp = _bucket(B, self.batch_buckets)
         M = min(_pow2_at_least(pages), self.max_pages)
         host = self._batch_tensors(batch, Bp, M)
-        on_host = {"dec." + k: v for k, v in tensors.items() if v.device.type == "cpu"}
-        on_device = {"dec." + k: v for k, v in tensors.items() if v.device.type != "cpu"}
+        on_host, on_device = _decoder_inputs(tensors)
         host.update({k: _pad_rows(v, Bp) for k, v in on_host.items()})
         key = (Bp, Q, M, decoder.name, decoder.stride, tuple(sorted(static.items())),
                tuple(sorted(host)), tuple(sorted(on_device)))
@@ -330,6 +324,11 @@ class ModelRunner:
         with self.decoder_math():
             return decoder.compute(logits, dec, **static)
 
+    def _packed_step(self, decoder, inputs: dict[str, torch.Tensor], static: dict):
+        """`_device_step` on `_unpack`ed inputs, whose decoder tensors carry the "dec." prefix."""
+        dec = {k[4:]: v for k, v in inputs.items() if k.startswith("dec.")}
+        return self._device_step(decoder, inputs, dec, static)
+
     def decoder_math(self):
         """Context for a decoder's sampling math (`compute`, `start`, `step`): in exact mode its compiled
         functions run eagerly, because ATen reduces a row (softmax, log_softmax, cumsum) the same way for
@@ -341,9 +340,7 @@ class ModelRunner:
         dev_inputs = {k: _pad_rows(v, Bp).clone() for k, v in on_device.items()}
 
         def run():
-            inputs = _unpack(layout, buffers, dev_inputs, Bp)
-            dec = {k[4:]: v for k, v in inputs.items() if k.startswith("dec.")}
-            return self._device_step(decoder, inputs, dec, static)
+            return self._packed_step(decoder, _unpack(layout, buffers, dev_inputs, Bp), static)
 
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -356,6 +353,13 @@ class ModelRunner:
             outputs = run()
         self._pool = graph.pool()
         return graph, staging, buffers, layout, dev_inputs, outputs
+
+
+def _decoder_inputs(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """A decoder's step tensors under "dec."-prefixed names: (host ones, packed with the batch's inputs;
+    device ones, e.g. a kept q̃, copied into the step's own buffers)."""
+    on_host = {"dec." + k: v for k, v in tensors.items() if v.device.type == "cpu"}
+    return on_host, {"dec." + k: v for k, v in tensors.items() if v.device.type != "cpu"}
 
 
 def _pack(host: dict[str, torch.Tensor], rows: int, device, pin: bool):
@@ -393,7 +397,7 @@ def _unpack(layout, buffers, dev_inputs: dict[str, torch.Tensor], rows: int) -> 
 
 def _use_kernel(attention: str, device: torch.device) -> bool:
     """Whether attention runs the Triton paged kernel (where it supports the query; see PagedAttention)."""
-    usable = triton_available() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+    usable = triton_usable(device)
     if attention == "triton" and not usable:
         raise ConfigError("attention='triton' needs the triton package and a CUDA device "
                           "(or TRITON_INTERPRET=1 on CPU)")

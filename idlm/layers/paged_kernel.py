@@ -55,12 +55,22 @@ def triton_available() -> bool:
     return True
 
 
+def triton_usable(device: torch.device) -> bool:
+    """Can Triton kernels run on tensors of `device`? CUDA with triton installed, or any device under
+    Triton's interpreter (TRITON_INTERPRET=1: the CPU tests)."""
+    return triton_available() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def head_dim_supported(d: int) -> bool:
+    """The paged kernel's tiles need a head dim that is a power of two >= 16."""
+    return d >= 16 and d & (d - 1) == 0
+
+
 def kernel_supported(q: torch.Tensor, num_kv_heads: int, exact: bool = False) -> bool:
     """Can `paged_attention` run this query? q [B, Hq, T, D]. Exact mode tiles the query, so any T."""
     _, hq, t, d = q.shape
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    return (triton_available() and (q.is_cuda or interpret) and d >= 16 and d & (d - 1) == 0
-            and hq % num_kv_heads == 0 and (exact or _tile_rows(hq // num_kv_heads, t) <= MAX_TILE_ROWS))
+    return (triton_usable(q.device) and head_dim_supported(d) and hq % num_kv_heads == 0
+            and (exact or _tile_rows(hq // num_kv_heads, t) <= MAX_TILE_ROWS))
 
 
 def _tile_rows(group: int, t: int) -> int:
@@ -195,7 +205,7 @@ def store_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, k:
         raise ValueError(f"store_kv needs one slot per row: slots {tuple(slots.shape)} for {R} rows")
     if k.stride(1) != 1 or v.stride(1) != 1 or k_pool.stride(1) * k_pool.shape[1] != k_pool.stride(0) \
             or k_pool.stride(2) != 1 or v_pool.stride() != k_pool.stride() or W != k_pool.shape[1] * k_pool.shape[2]:
-        raise ValueError("store_kv needs contiguous rows and slots")
+        raise ValueError("store_kv needs rows with unit stride and a pool contiguous per slot")
     block = min(1024, 1 << (W - 1).bit_length())
     _store_kernel()[(R,)](k, v, k_pool, v_pool, slots, k.stride(0), v.stride(0), k_pool.stride(0), slots.stride(0),
                           W=W, BLOCK=block, num_warps=4)

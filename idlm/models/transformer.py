@@ -40,8 +40,10 @@ def _project(linear: nn.Linear, name: str, x: torch.Tensor, lora, mm=F.linear) -
     return y
 
 
-def _exact_mm():
-    """Exact mode's matmul (imported on use: it needs Triton)."""
+def _matmul(exact: bool):
+    """F.linear, or in exact mode the batch-invariant matmul (imported on use: it needs Triton)."""
+    if not exact:
+        return F.linear
     from idlm.layers.invariant import invariant_linear
 
     return invariant_linear
@@ -101,7 +103,7 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, attn: AttentionBackend, lora=None, exact=False):
         """x [B, T, H] (with a fused LoRA, lora=(layer LoRA, gate, True): x is already [x, g·x] [B, T, 2H]);
         exact: batch-invariant matmuls and norms (issue 16)."""
-        mm = _exact_mm() if exact else F.linear
+        mm = _matmul(exact)
         B, T, _ = x.shape
         fused_lora = lora is not None and lora[2]
         split = [self.n_heads * self.head_dim] + [self.n_kv * self.head_dim] * 2
@@ -149,7 +151,7 @@ class MLP(nn.Module):
         self.gate_up_lora = self.down_lora = None  # Transformer.fuse_lora
 
     def forward(self, x, lora=None, exact=False):
-        mm = _exact_mm() if exact else F.linear
+        mm = _matmul(exact)
         if lora is not None and lora[2]:  # fused LoRA: x is [x, g·x]; returns [W_d a, D_d a] (the next norm gates)
             return mm(silu_mul_chunks(mm(x, *self.gate_up_lora)), *self.down_lora)
         if self.gate_up is not None and lora is None:
@@ -340,7 +342,7 @@ class Transformer(nn.Module):
     def compute_logits(self, hidden: torch.Tensor, exact: bool = False) -> torch.Tensor:
         """hidden [..., H] -> float32 logits [..., V] (exact: through the batch-invariant matmul)."""
         w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return (_exact_mm() if exact else F.linear)(hidden, w).float()
+        return _matmul(exact)(hidden, w).float()
 
     def logits(self, input_ids, positions=None, attn=None) -> torch.Tensor:
         """Convenience: logits [B, T, V] at every position."""
