@@ -436,6 +436,8 @@ def stage_card(args) -> None:
     last = train["last"]
     manifest = (distill.get("manifest") or {})
     tokens = manifest.get("response_tokens", {})
+    objective = ("SPEC §5's L_noisy against the base's whole next-token distribution (soft targets, "
+                 f"final L_noisy {last['l_noisy']})" if "l_soft" in last else "SPEC §5's L_noisy")
     lines = [
         "# smollm2-135m-instruct-risd-lora — gated LoRA for lossless R-ISD on SmolLM2-135M-Instruct", "",
         f"The R-ISD drafter of SPEC §5 for the unchanged SmolLM2-135M-Instruct: a rank-{cfg['r']} LoRA "
@@ -448,7 +450,7 @@ def stage_card(args) -> None:
         f"(`idlm data distill`, `configs/smollm2/distill.yaml`): {tokens.get('train', 0) / 1e6:.2f} M training "
         f"response tokens, {tokens.get('heldout', 0) / 1e6:.2f} M held out (prompts split by hash); "
         f"{distill.get('wall_s', '?')} s on the GPU.",
-        f"- **Training**: `idlm train lora configs/smollm2/lora.yaml` (frozen bf16 base, L_noisy, curriculum "
+        f"- **Training**: `idlm train lora configs/smollm2/lora.yaml` (frozen bf16 base, {objective}, curriculum "
         f"N = 2 → 3 → 4): {last['step']} steps, final loss {last['loss']}, {train['wall_s']} s.",
         f"- **Lossless**: greedy R-ISD ≡ greedy AR on {ex32['of']} held-out chat prompts × 256 tokens: "
         f"{ex32['identical']}/{ex32['of']} in fp32, {ex16['identical']}/{ex16['of']} in bf16; HumanEval "

@@ -47,3 +47,24 @@ def test_embedded_risd_lora_is_lossless():
     ar = generate(base, make_decoder("ar", 1, base.config), prompts, sp)
     risd = generate(base, make_decoder("risd", 4, base.config, tok), prompts, sp, lora=adapter)
     assert [o.token_ids for o in risd] == [o.token_ids for o in ar]
+
+
+def test_embedded_smollm2_adapter_fits_smollm2_and_is_lossless():
+    """The trained SmolLM2-135M-Instruct adapter (issue 12) loads onto SmolLM2's shape (every LoRA pair and
+    the MASK embedding the right size) and keeps R-ISD exact. The GGUF is not fetched here: a random model of
+    the same shape stands in (R-ISD's exactness does not depend on the base weights), fp32, 16 tokens."""
+    import torch
+
+    from idlm.models.random import random_model
+
+    assert registry.risd_adapter("smollm2-135m-instruct") == "smollm2-135m-instruct-risd-lora"
+    base = random_model("smollm2-135m", dtype="float32", std=0.05)
+    adapter = LoRAAdapter.load(registry.fetch("smollm2-135m-instruct-risd-lora"), base.config)
+    assert adapter.mask_embedding.shape == (base.config.hidden_size,)
+    assert all(float(p.detach().abs().sum()) > 0 for p in adapter.parameters())  # trained, not a zero init
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, base.config.vocab_size, (n,), generator=g).tolist() for n in (5, 11)]
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    ar = generate(base, make_decoder("ar", 1, base.config), prompts, sp)
+    risd = generate(base, make_decoder("risd", 4, base.config), prompts, sp, lora=adapter)
+    assert [o.token_ids for o in risd] == [o.token_ids for o in ar]

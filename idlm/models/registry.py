@@ -47,9 +47,7 @@ _KNOWN = {
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL = "idlm-tiny"  # what every command, idlm.LLM and idlm serve use without a model
 
-EMBEDDED = ("idlm-tiny", "idlm-tiny-ar", "idlm-tiny-ar-risd-lora")
-# Embedded once trained (idlm/assets/<name>); known to `fetch` only when the asset is in this installation.
-OPTIONAL_EMBEDDED = ("smollm2-135m-instruct-risd-lora",)
+EMBEDDED = ("idlm-tiny", "idlm-tiny-ar", "idlm-tiny-ar-risd-lora", "smollm2-135m-instruct-risd-lora")
 
 # The R-ISD adapter (gated LoRA + MASK embedding, SPEC §5) known for a base model: `--decoder risd`
 # uses it without --lora, and it makes R-ISD the default decoder of that model (idlm serve, idlm.LLM).
@@ -58,8 +56,8 @@ RISD_ADAPTERS = {"idlm-tiny-ar": "idlm-tiny-ar-risd-lora",
 
 
 def embedded() -> tuple[str, ...]:
-    """The embedded models present in this installation."""
-    return EMBEDDED + tuple(n for n in OPTIONAL_EMBEDDED if (ASSETS / n).exists())
+    """The models shipped inside the package (idlm/assets/<name>)."""
+    return EMBEDDED
 
 
 def risd_adapter(model: str) -> str | None:
