@@ -13,9 +13,11 @@ Stages (comma-separated argv[1], default all):
   preempt   the same request with a KV pool so small that it is preempted and recomputed: tokens and
             logprob bits vs an unpreempted run, exact and default
   speed     decode step cost, exact vs default: AR of idlm-tiny-ar at batch 1 and 64 (engine, CUDA graphs),
-            and with SMOL=1 (GGUF in $IDLM_CACHE) SmolLM2 AR at batch 1 and 64
+            and with SMOL=1 (GGUF in $IDLM_CACHE) SmolLM2 AR at batch 1 and 64; SHAPES=qwen3-8b (names of
+            idlm.models.random.SHAPES, comma-separated) adds random-weight models of those shapes
 
     python scripts/bench_exact.py agree,bits,preempt,speed
+    SHAPES=qwen3-8b python scripts/bench_exact.py speed         (issue 16's 8B rows)
 
 Logprobs (`SamplingParams.logprobs=0`) stand in for the logits: the logprob of the emitted token is a
 function of that position's whole logits row, so a flipped bit anywhere in the row changes it (up to
@@ -186,12 +188,18 @@ def stage_speed(isd, arc, lora):
     cases = [("idlm-tiny-ar", arc)]
     if os.environ.get("SMOL") == "1":
         cases.append(("smollm2", Case(*load_pretrained("smollm2-135m-instruct", dtype=DTYPE, device=DEV))))
+    for shape in filter(None, os.environ.get("SHAPES", "").split(",")):  # random weights of a named shape
+        from idlm.models.random import random_model
+
+        cases.append((shape, Case(random_model(shape, dtype=DTYPE, device=DEV), None)))
     out = {}
     for name, case in cases:
         model, mtok, prompts = case.model, case.tok, case.prompts(128)
         for c in ((1, 2) if SMOKE else (1, 64)):
             steps = {}
-            engines = {m: engine(model, mtok, "ar", m == "exact", max_num_seqs=c) for m in ("exact", "default")}
+            # a KV pool sized for the run (an 8B model's default pool would take most of the memory twice)
+            engines = {m: engine(model, mtok, "ar", m == "exact", max_num_seqs=c, num_pages=max(64, 16 * c))
+                       for m in ("exact", "default")}
             for rep in range(1 if SMOKE else 3):  # interleaved repetitions, median
                 for mode, eng in engines.items():
                     r = bench_offline(eng, prompts, [c], max_tokens=TOKENS if SMOKE else 128,

@@ -38,6 +38,14 @@ def main() -> None:
     out = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "torch": torch.__version__,
            "dtype": dtype, "reps": reps, "max_tokens": max_tokens, "num_pages": pages}
     table = {}
+
+    def save() -> None:  # after every cell: a call stopped by the device's time limit keeps what it measured
+        out["table"] = table
+        out["min_over_ar"] = {k: min(r["over_ar"] for r in v) for k, v in table.items() if v}
+        if os.environ.get("OUT"):
+            with open(os.path.join(os.environ["OUT"], "bench_stride.json"), "w") as f:
+                json.dump(out, f, indent=1)
+
     modes = os.environ.get("MODES", "auto,n4").split(",")  # one per call fits the device's 10-minute limit
     for label, stride in (m for m in (("auto", "auto"), ("n4", 4)) if m[0] in modes):
         t0 = time.perf_counter()
@@ -45,28 +53,27 @@ def main() -> None:
                                                  num_pages=pages))
         calib_s = time.perf_counter() - t0
         ar = ar_engine_for(eng)
-        rows = bench_compare(eng, prompts, conc, temps, max_tokens=max_tokens, reps=reps, ar_engine=ar)
-        table[label] = [{"temperature": r["temperature"], "concurrency": r["concurrency"],
-                         "tok_s": r["per_request_tok_s"], "ar_tok_s": r["ar"]["per_request_tok_s"],
-                         "over_ar": r["per_request_over_ar"], "tpf": r["tpf"], "stride_mix": r.get("stride_mix"),
-                         "step_ms": r["decode_step_ms"], "ar_step_ms": r["ar"]["decode_step_ms"],
-                         "reps": r.get("reps_per_request_tok_s"), "ar_reps": r["ar"].get("reps_per_request_tok_s"),
-                         "eager_fallbacks": r.get("eager_fallbacks")}
-                        for r in rows]
         if stride == "auto":
             c = eng._cost.model
             out["cost_model"] = {"base": c.base, "per_row": c.per_row, "per_token": c.per_token,
                                  "engine_start_s": round(calib_s, 2), "scales": eng._cost.scale}
-        for r in table[label]:
-            print(json.dumps({label: r}), flush=True)
+        table[label] = []
+        for t in temps:
+            for cc in conc:
+                r = bench_compare(eng, prompts, [cc], [t], max_tokens=max_tokens, reps=reps, ar_engine=ar)[0]
+                row = {"temperature": r["temperature"], "concurrency": r["concurrency"],
+                       "tok_s": r["per_request_tok_s"], "ar_tok_s": r["ar"]["per_request_tok_s"],
+                       "over_ar": r["per_request_over_ar"], "tpf": r["tpf"], "stride_mix": r.get("stride_mix"),
+                       "step_ms": r["decode_step_ms"], "ar_step_ms": r["ar"]["decode_step_ms"],
+                       "reps": r.get("reps_per_request_tok_s"), "ar_reps": r["ar"].get("reps_per_request_tok_s"),
+                       "eager_fallbacks": r.get("eager_fallbacks"), "compile_fallbacks": r.get("compile_fallbacks")}
+                table[label].append(row)
+                print(json.dumps({label: row}), flush=True)
+                save()
         del eng, ar
         if dev == "cuda":
             torch.cuda.empty_cache()
-    out["table"] = table
-    out["min_over_ar"] = {k: min(r["over_ar"] for r in v) for k, v in table.items()}
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "bench_stride.json"), "w") as f:
-            json.dump(out, f, indent=1)
+    save()
     print(json.dumps({"summary": True, **{k: v for k, v in out.items() if k != "table"}}), flush=True)
 
 

@@ -1,6 +1,6 @@
 """`cuda_fused`: the compile-or-eager wrapper of the elementwise chains. On CUDA it compiles `fn`; a failed
-compilation is retried once with RETRY_OPTIONS (an inductor analysis that asserted on the H200), then the
-function runs eagerly for good. Tested here with a stand-in for torch.compile and a CUDA-looking argument."""
+compilation moves on through ATTEMPTS (inductor analyses off, the batch dim static, every shape static),
+then the function runs eagerly for good. Tested here with a stand-in for torch.compile and a CUDA-looking argument."""
 
 from __future__ import annotations
 
@@ -25,11 +25,13 @@ def _failure():
 
 @pytest.fixture
 def fake_compile(monkeypatch):
-    """torch.compile replaced: records each call's options; `fail` = how many compiled calls raise."""
-    state = {"options": [], "fail": 0, "compiled_calls": 0}
+    """torch.compile replaced: records each call's options and `dynamic`; `fail` = how many compiled calls
+    raise; torch._dynamo.mark_static recorded in "static"."""
+    state = {"options": [], "dynamic": [], "fail": 0, "compiled_calls": 0, "static": []}
 
     def compile_(fn, dynamic=None, options=None):
         state["options"].append(options)
+        state["dynamic"].append(dynamic)
 
         def compiled(*args):
             state["compiled_calls"] += 1
@@ -40,6 +42,7 @@ def fake_compile(monkeypatch):
         return compiled
 
     monkeypatch.setattr(torch, "compile", compile_)
+    monkeypatch.setattr(torch._dynamo, "mark_static", lambda t, dim: state["static"].append((tuple(t.shape), dim)))
     monkeypatch.setattr(fused, "_FUSED", [])  # the functions made here stay out of the package's registry
     monkeypatch.delenv("IDLM_FUSE", raising=False)
     return state
@@ -60,19 +63,53 @@ def test_a_failed_compile_is_retried_with_the_fallback_options(fake_compile, cap
     f = fused.cuda_fused(double)
     with caplog.at_level(logging.WARNING, logger=fused.__name__):
         assert f(CudaLike(5)) == ("compiled", 10)  # the same call succeeds on the retry
-    assert fake_compile["options"] == [None, fused.RETRY_OPTIONS]
-    assert "retrying" in caplog.text and "double" in caplog.text
+    assert fake_compile["options"] == [None, fused.known_options(fused.RETRY_OPTIONS)]
+    assert fake_compile["dynamic"] == [True, True]
+    assert "trying dynamic, tiling analysis off" in caplog.text and "double" in caplog.text
     assert f(CudaLike(1)) == ("compiled", 2) and len(fake_compile["options"]) == 2  # no third compile
+    assert fused.compile_fallbacks() == {"double": "dynamic, tiling analysis off"}
 
 
-def test_two_failures_fall_back_to_eager_for_good(fake_compile, caplog):
+class CudaTensor(torch.Tensor):
+    """A CPU tensor that says it is on CUDA (the wrapper only compiles for CUDA arguments)."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+def test_the_attempts_after_that_fix_the_batch_then_every_shape(fake_compile):
     fake_compile["fail"] = 2
+    f = fused.cuda_fused(lambda x, y: x.sum() + y.sum())
+    x, y = torch.ones(3, 4).as_subclass(CudaTensor), torch.ones(3)
+    assert f(x, y)[0] == "compiled"
+    assert fake_compile["dynamic"] == [True, True, True]
+    assert fake_compile["static"] == [((3, 4), 0), ((3,), 0)]  # dim 0 (the batch) of every tensor argument
+    assert list(fused.compile_fallbacks().values()) == ["static batch"]
+    fake_compile["fail"] = 1
+    assert f(x, y)[0] == "compiled" and fake_compile["dynamic"][-1] is False  # the static attempt
+
+
+def test_retry_options_exist_in_this_torch():
+    """Options this torch lacks are dropped (torch.compile refuses unknown ones); the tiling analysis is
+    a setting of every torch this project supports."""
+    opts = fused.known_options(fused.RETRY_OPTIONS)
+    assert opts["triton.coalesce_tiling_analysis"] is False
+    assert fused.known_options({"no.such_setting": 1, "triton.coalesce_tiling_analysis": False}) == {
+        "triton.coalesce_tiling_analysis": False}
+    assert fused.known_options(None) is None
+
+
+def test_every_failure_falls_back_to_eager_for_good(fake_compile, caplog):
+    fake_compile["fail"] = len(fused.ATTEMPTS)
     f = fused.cuda_fused(double)
     with caplog.at_level(logging.WARNING, logger=fused.__name__):
         assert f(CudaLike(5)) == 10  # eager result, no "compiled" tag
     assert "runs eagerly from now on" in caplog.text
+    assert fake_compile["options"][0] is None and len(fake_compile["options"]) == len(fused.ATTEMPTS)
     calls = fake_compile["compiled_calls"]
     assert f(CudaLike(6)) == 12 and fake_compile["compiled_calls"] == calls  # never tries again
+    assert fused.compile_fallbacks() == {"double": "eager"}
 
 
 def test_errors_of_the_function_itself_are_not_swallowed(fake_compile):
@@ -91,7 +128,7 @@ def test_cpu_tensors_and_IDLM_FUSE_0_run_eagerly(fake_compile, monkeypatch):
 
 
 def test_fallen_back_names_only_functions_that_gave_up(fake_compile):
-    fake_compile["fail"] = 2
+    fake_compile["fail"] = len(fused.ATTEMPTS)
 
     def given_up(x):
         return x.value
@@ -115,3 +152,4 @@ def test_bench_rows_report_eager_fallbacks():
     eng = LLMEngine(model, None, EngineConfig(decoder="ar", num_pages=64, page_size=4, max_num_seqs=2))
     row = bench_offline(eng, [[5, 6, 7]], [1], max_tokens=4, num_requests=1, warmup=False)[0]
     assert row["eager_fallbacks"] == fused.fallen_back() == []  # CPU: nothing compiled, nothing fell back
+    assert row["compile_fallbacks"] == fused.compile_fallbacks() == {}

@@ -32,7 +32,7 @@ import time
 from idlm.decoding.sampling import SamplingParams
 from idlm.errors import ConfigError
 from idlm.eval.tasks import COMMITTED_TASKS, load_jsonl
-from idlm.layers.fused import fallen_back
+from idlm.layers.fused import compile_fallbacks, fallen_back
 
 
 def bench_prompts(tokenizer, n: int) -> list[list[int]]:
@@ -116,7 +116,7 @@ def _run(engine, prompts, params, wave: int) -> dict:
             # decode steps per stride N (1 = plain AR steps): the adaptive stride's mix
             "stride_mix": {n: c - mix0.get(n, 0) for n, c in sorted(engine.stride_mix.items()) if c > mix0.get(n, 0)},
             # fused functions that failed to compile and ran eagerly: such a run is not the compiled step's speed
-            "eager_fallbacks": fallen_back()}
+            "eager_fallbacks": fallen_back(), "compile_fallbacks": compile_fallbacks()}
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -245,4 +245,5 @@ def step_phases(engine, prompt: list[int], params: SamplingParams) -> dict:
             "rest_ms": ms(rest), "max_step_ms": round(1e3 * max(decode_steps), 2) if decode_steps else None,
             "new_graphs": len(engine.runner._graphs) - graphs0,  # (the first token comes from the prefill)
             "tokens_per_step": round((engine.counters["generated_tokens"] - generated0 - 1)
-                                     / max(1, len(decode_steps)), 3), "eager_fallbacks": fallen_back(), **memory}
+                                     / max(1, len(decode_steps)), 3), "eager_fallbacks": fallen_back(),
+            "compile_fallbacks": compile_fallbacks(), **memory}

@@ -28,14 +28,42 @@ def raise_dynamo_limits() -> None:
     torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 512)
 
 
-# Inductor options of the one retry after a failed compilation. torch 2.11's coalescing analysis of
-# tiling asserts on some dynamic-shape graphs (tiling_utils.get_pw_red_splits; on the H200 it hit
-# sampled_isd_step when a second batch size recompiled it, and the sampled ISD step then ran eagerly at
-# 2-4x its cost); the analysis only picks tile shapes, so the retry turns it off.
-RETRY_OPTIONS = {"triton.coalesce_tiling_analysis": False}
+# What to try after a failed compilation, in order, each a fresh torch.compile (then eager for good):
+# (label, dynamic, inductor options, batch dim static). torch 2.11's inductor asserts in
+# tiling_utils.get_pw_red_splits on some dynamic-shape graphs: on the H200 it hit sampled_isd_step when a
+# second batch size recompiled it with a symbolic batch (the first compile, at batch 1, specializes it),
+# and the sampled ISD step then ran eagerly at 2-4x its cost. The assertion is reached from the coalescing
+# analysis of tiling and (newer torch) from loop re-indexing after fusion, both mere tile/loop choices, so
+# the first retry turns them off. The one known-good compile had the batch static and the rest symbolic,
+# so the next retry marks dim 0 of every tensor argument static (one graph per batch bucket), and the
+# last compiles every shape statically.
+RETRY_OPTIONS = {"triton.coalesce_tiling_analysis": False, "loop_reindexing_after_fusion": False}
+ATTEMPTS = (("dynamic", True, None, False),
+            ("dynamic, tiling analysis off", True, RETRY_OPTIONS, False),
+            ("static batch", True, RETRY_OPTIONS, True),
+            ("static", False, RETRY_OPTIONS, False))
+
+
+def known_options(options: dict | None) -> dict | None:
+    """`options` less the inductor settings this torch does not have (torch.compile refuses unknown ones)."""
+    if options is None:
+        return None
+    import torch._inductor.config as config
+
+    def has(key: str) -> bool:
+        obj = config
+        for part in key.split("."):
+            if not hasattr(obj, part):
+                return False
+            obj = getattr(obj, part)
+        return True
+
+    return {k: v for k, v in options.items() if has(k)}
+
 
 # Every `cuda_fused` function, so a benchmark can say which of them run eagerly after a failed
-# compilation (`fallen_back`): a number measured on an eager fallback is not the compiled step's.
+# compilation (`fallen_back`) or compiled on a fallback attempt (`compile_fallbacks`): a number measured
+# on an eager fallback is not the compiled step's.
 _FUSED: list = []
 
 
@@ -44,33 +72,50 @@ def fallen_back() -> list[str]:
     return sorted(w.__qualname__ for w in _FUSED if w.fell_back())
 
 
+def compile_fallbacks() -> dict[str, str]:
+    """{name: the attempt in use ("eager" past the last)} of the `cuda_fused` functions whose first
+    compilation failed."""
+    return {w.__qualname__: w.attempt() for w in sorted(_FUSED, key=lambda w: w.__qualname__)
+            if w.attempt() != ATTEMPTS[0][0]}
+
+
+def _mark_batch_static(args) -> None:
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.dim() > 0:
+            torch._dynamo.mark_static(a, 0)
+
+
 def cuda_fused(fn):
-    """`fn` compiled on CUDA (eager elsewhere). A failed compilation is retried once with
-    RETRY_OPTIONS, then `fn` runs eagerly for good, with a warning each time (a Triton or inductor
-    problem on some machine must cost speed, never a request; IDLM_FUSE_TRACE=1 adds the traceback).
+    """`fn` compiled on CUDA (eager elsewhere). A failed compilation moves on to the next of ATTEMPTS,
+    past the last `fn` runs eagerly for good, with a warning each time (a Triton or inductor problem on
+    some machine must cost speed, never a request; IDLM_FUSE_TRACE=1 adds the traceback).
     The eager function stays reachable as `__wrapped__` (for calls from inside another compiled
     function)."""
     compiled = None
-    options = None
+    attempt = 0
 
     @functools.wraps(fn)
     def wrapper(*args):
-        nonlocal compiled, options
-        while compiled is not False and args[0].is_cuda and os.environ.get("IDLM_FUSE", "1") != "0":
+        nonlocal compiled, attempt
+        while attempt < len(ATTEMPTS) and args[0].is_cuda and os.environ.get("IDLM_FUSE", "1") != "0":
+            _, dynamic, options, batch_static = ATTEMPTS[attempt]
             if compiled is None:
                 raise_dynamo_limits()
-                compiled = torch.compile(fn, dynamic=True, options=options)
+                compiled = torch.compile(fn, dynamic=dynamic, options=known_options(options))
+            if batch_static:
+                _mark_batch_static(args)
             try:
                 return compiled(*args)
             except torch._dynamo.exc.BackendCompilerFailed as e:  # (errors of fn itself are raised as they are)
-                retry = options is None
-                logger.warning("compiling %s failed; %s: %s", fn.__qualname__,
-                               "retrying with %s" % RETRY_OPTIONS if retry else "it runs eagerly from now on", e,
+                attempt, compiled = attempt + 1, None
+                logger.warning("compiling %s (%s) failed; %s: %s", fn.__qualname__, ATTEMPTS[attempt - 1][0],
+                               "trying %s" % ATTEMPTS[attempt][0] if attempt < len(ATTEMPTS)
+                               else "it runs eagerly from now on", e,
                                exc_info=os.environ.get("IDLM_FUSE_TRACE") == "1")
-                compiled, options = (None, dict(RETRY_OPTIONS)) if retry else (False, options)
         return fn(*args)
 
-    wrapper.fell_back = lambda: compiled is False
+    wrapper.fell_back = lambda: attempt >= len(ATTEMPTS)
+    wrapper.attempt = lambda: ATTEMPTS[attempt][0] if attempt < len(ATTEMPTS) else "eager"
     _FUSED.append(wrapper)
     return wrapper
 
