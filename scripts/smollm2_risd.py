@@ -391,6 +391,8 @@ def stage_speed(args) -> None:
                          "risd_auto_over_ar": round(med["risd_auto"]["per_request_tok_s"]
                                                     / med["ar"]["per_request_tok_s"], 3),
                          "risd_auto_stride_mix": med["risd_auto"].get("stride_mix"),
+                         "eager_fallbacks": med["risd"].get("eager_fallbacks"),
+                         "compile_fallbacks": med["risd"].get("compile_fallbacks"),
                          "reps": {k: [r["per_request_tok_s"] for r in v] for k, v in runs.items()}})
         speed[f"T{temp}"] = rows
     out["speed"] = speed
