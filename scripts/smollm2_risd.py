@@ -407,6 +407,10 @@ def stage_speed(args) -> None:
         prompts[:3], SamplingParams(temperature=0, max_tokens=base["max_new_tokens"], ignore_eos=True))
     out["hf_generate"] = {k: v for k, v in base.items() if k != "outputs"}
     out["hf_generate"]["same_tokens_as_idlm_ar"] = sum(o.token_ids == h for o, h in zip(ours, base["outputs"]))
+    # where bf16 kernels part ways (HF: its own RMSNorm/RoPE/SDPA): tokens before the first difference
+    out["hf_generate"]["tokens_before_divergence"] = [
+        next((i for i, (a, b) in enumerate(zip(o.token_ids, h)) if a != b), min(len(o.token_ids), len(h)))
+        for o, h in zip(ours, base["outputs"])]
     del hf
     emit("speed", out)
 

@@ -1,5 +1,5 @@
 """`cuda_fused`: the compile-or-eager wrapper of the elementwise chains. On CUDA it compiles `fn`; a failed
-compilation moves on through ATTEMPTS (inductor analyses off, the batch dim static, every shape static),
+compilation moves on through ATTEMPTS (inductor analyses off, only the batch dim dynamic, every shape static),
 then the function runs eagerly for good. Tested here with a stand-in for torch.compile and a CUDA-looking argument."""
 
 from __future__ import annotations
@@ -78,16 +78,17 @@ class CudaTensor(torch.Tensor):
         return True
 
 
-def test_the_attempts_after_that_fix_the_batch_then_every_shape(fake_compile):
+def test_the_attempts_after_that_keep_only_the_batch_dynamic_then_none(fake_compile):
     fake_compile["fail"] = 2
-    f = fused.cuda_fused(lambda x, y: x.sum() + y.sum())
-    x, y = torch.ones(3, 4).as_subclass(CudaTensor), torch.ones(3)
-    assert f(x, y)[0] == "compiled"
+    f = fused.cuda_fused(lambda x, y, z: x.sum() + y.sum() + z.sum())
+    x, y, z = torch.ones(3, 4, 5).as_subclass(CudaTensor), torch.ones(3), torch.ones(3, 2)
+    assert f(x, y, z)[0] == "compiled"
     assert fake_compile["dynamic"] == [True, True, True]
-    assert fake_compile["static"] == [((3, 4), 0), ((3,), 0)]  # dim 0 (the batch) of every tensor argument
-    assert list(fused.compile_fallbacks().values()) == ["static batch"]
+    # every dim but dim 0 (the batch) of every tensor argument
+    assert fake_compile["static"] == [((3, 4, 5), 1), ((3, 4, 5), 2), ((3, 2), 1)]
+    assert list(fused.compile_fallbacks().values()) == ["only the batch dynamic"]
     fake_compile["fail"] = 1
-    assert f(x, y)[0] == "compiled" and fake_compile["dynamic"][-1] is False  # the static attempt
+    assert f(x, y, z)[0] == "compiled" and fake_compile["dynamic"][-1] is False  # the static attempt
 
 
 def test_retry_options_exist_in_this_torch():

@@ -29,18 +29,19 @@ def raise_dynamo_limits() -> None:
 
 
 # What to try after a failed compilation, in order, each a fresh torch.compile (then eager for good):
-# (label, dynamic, inductor options, batch dim static). torch 2.11's inductor asserts in
+# (label, dynamic, inductor options, only the batch dim symbolic). torch 2.11's inductor asserts in
 # tiling_utils.get_pw_red_splits on some dynamic-shape graphs: on the H200 it hit sampled_isd_step when a
 # second batch size recompiled it with a symbolic batch (the first compile, at batch 1, specializes it),
 # and the sampled ISD step then ran eagerly at 2-4x its cost. The assertion is reached from the coalescing
 # analysis of tiling and (newer torch) from loop re-indexing after fusion, both mere tile/loop choices, so
-# the first retry turns them off. The one known-good compile had the batch static and the rest symbolic,
-# so the next retry marks dim 0 of every tensor argument static (one graph per batch bucket), and the
-# last compiles every shape statically.
+# the first retry turns them off. It fires where a size is a product of a symbol and a sum (batch x
+# (Q + 1) // 2 - 1: the fix upstream compares such forms symbolically), so the next retry keeps only the
+# batch dim symbolic — every other dim of every tensor argument static (one graph per query length, not
+# per batch bucket) — and the last compiles every shape statically.
 RETRY_OPTIONS = {"triton.coalesce_tiling_analysis": False, "loop_reindexing_after_fusion": False}
 ATTEMPTS = (("dynamic", True, None, False),
             ("dynamic, tiling analysis off", True, RETRY_OPTIONS, False),
-            ("static batch", True, RETRY_OPTIONS, True),
+            ("only the batch dynamic", True, RETRY_OPTIONS, True),
             ("static", False, RETRY_OPTIONS, False))
 
 
@@ -79,10 +80,11 @@ def compile_fallbacks() -> dict[str, str]:
             if w.attempt() != ATTEMPTS[0][0]}
 
 
-def _mark_batch_static(args) -> None:
+def _mark_all_but_batch_static(args) -> None:
     for a in args:
-        if isinstance(a, torch.Tensor) and a.dim() > 0:
-            torch._dynamo.mark_static(a, 0)
+        if isinstance(a, torch.Tensor):
+            for d in range(1, a.dim()):
+                torch._dynamo.mark_static(a, d)
 
 
 def cuda_fused(fn):
@@ -98,12 +100,12 @@ def cuda_fused(fn):
     def wrapper(*args):
         nonlocal compiled, attempt
         while attempt < len(ATTEMPTS) and args[0].is_cuda and os.environ.get("IDLM_FUSE", "1") != "0":
-            _, dynamic, options, batch_static = ATTEMPTS[attempt]
+            _, dynamic, options, only_batch_dynamic = ATTEMPTS[attempt]
             if compiled is None:
                 raise_dynamo_limits()
                 compiled = torch.compile(fn, dynamic=dynamic, options=known_options(options))
-            if batch_static:
-                _mark_batch_static(args)
+            if only_batch_dynamic:
+                _mark_all_but_batch_static(args)
             try:
                 return compiled(*args)
             except torch._dynamo.exc.BackendCompilerFailed as e:  # (errors of fn itself are raised as they are)
