@@ -34,10 +34,10 @@ from idlm.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from idlm.layers.lora import LoRAAdapter  # noqa: E402
 from idlm.models.loader import load_pretrained, resolve_model_path  # noqa: E402
 
-DEV = "cuda"
-results: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # (the CPU runs the same stages slowly: a check of the script)
+results: dict = {"device": torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu", "torch": torch.__version__,
                  "cuda": torch.version.cuda,
-                 "mem_get_info_gib": [round(x / 2**30, 1) for x in torch.cuda.mem_get_info()]}
+                 "mem_get_info_gib": [round(x / 2**30, 1) for x in torch.cuda.mem_get_info()] if DEV == "cuda" else None}
 
 
 def emit(key, value):
