@@ -9,6 +9,10 @@ calls (a machine goes back 30 s after a call; its disk survives until then):
     stash    copy the first half of the GGUF (.carry/smolA/part) to /root/smol/
     setup    join it with .carry/smolB/part, check its sha256, install the carried wheels (.whl)
     distill  `idlm data distill` (self-distillation, greedy and T = 0.7; resumable; --budget seconds)
+    pack     the distilled data as < 16 MiB xz pieces through $OUT (75 MB of shards before compression): keep
+             them here in .carry/distill/
+             with pack.json, and a later session carries them back instead of distilling again
+    unpack   .carry/distill/ (carried) -> the distilled data on the machine, its sha256 checked
     train    `idlm train lora` on configs/smollm2/lora.yaml (resumes from its checkpoint; --budget seconds);
              when done, the adapter comes back through $OUT (split in < 16 MiB pieces)
     eval     fp32 exactness (R-ISD ≡ AR, 64 held-out chat prompts x 256 tokens), bf16 agreement, TPF at
@@ -22,17 +26,21 @@ calls (a machine goes back 30 s after a call; its disk survives until then):
              run measured R-ISD at T = 0.7 2× slower inside the eval process than in a fresh one
     exact    issue 16's `scripts/bench_exact.py` with SmolLM2 + this adapter added (its own process)
 
-The repository plus a 47 MiB part exceeds the device's 64 MiB working tree, so the embedded assets
-(not used here) stay behind for the two carrying calls:
+At most 64 MiB travels to the machine (working tree + carried paths) and the embedded assets alone are
+~79 MiB, so `scripts/device_tree.py` leaves assets behind for the calls (none at all for the two calls
+that carry a 47 MiB half of the GGUF) and tracks them again afterwards:
 
     python scripts/smollm2_risd.py prepare                   (here: .carry/smolA|B/part and .whl/)
-    git rm -r -q --cached idlm/assets && echo /idlm/assets/ >> .git/info/exclude
+    python scripts/device_tree.py slim --keep none
     run(carry=[".carry/smolA"]): python scripts/smollm2_risd.py stash
-    run(carry=[".carry/smolB", ".whl"]): python scripts/smollm2_risd.py setup distill --budget 530
-    git reset -q idlm/assets   (and drop the exclude line: later calls need the embedded models)
+    run(carry=[".carry/smolB", ".whl"]): python scripts/smollm2_risd.py setup distill pack --budget 480
+        (a session with .carry/distill/ from an earlier `pack`: setup only, then
+         run(carry=[".carry/distill"]): python scripts/smollm2_risd.py unpack)
+    python scripts/device_tree.py slim                      (idlm-tiny & co. travel again: the exact stage)
     run: python scripts/smollm2_risd.py train --budget 590      (again until it reports done)
     run: python scripts/smollm2_risd.py eval; python scripts/smollm2_risd.py speed
-    run: python scripts/smollm2_risd.py exact                   (issue 16, exact mode, ~3 min)
+    run: python scripts/smollm2_risd.py exact                   (issue 16, exact mode, ~2 min)
+    python scripts/device_tree.py restore                   (before any commit)
     python scripts/smollm2_risd.py card --from DIR            (here: the asset from the returned files)
 
 `--smoke` runs distill/train/eval on CPU-sized settings with the embedded idlm-tiny-ar (and its
@@ -180,6 +188,54 @@ def stage_distill(args) -> None:
                      "manifest": json.loads(manifest.read_text()) if manifest.exists() else None})
 
 
+PIECE = 15 << 20  # < 16 MiB: the device's limit per returned file
+
+
+def stage_pack(args) -> None:
+    """The distilled data (shards, manifest, held-out prompts; not the per-engine parts kept for resuming)
+    as an xz tarball in < 16 MiB pieces through $OUT, so a later session carries it back (`unpack`)
+    instead of spending ~6 device minutes distilling the same seeded data again."""
+    import io
+    import tarfile
+
+    src = STATE / "distill"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:xz", preset=3) as tar:
+        for f in sorted(src.iterdir()):
+            if f.is_file():
+                tar.add(f, arcname=f"distill/{f.name}")
+    data = buf.getvalue()
+    pieces = []
+    for i in range(0, len(data), PIECE):
+        name = f"distill.tar.xz.{i // PIECE}"
+        if OUT:
+            Path(OUT, name).write_bytes(data[i: i + PIECE])
+        pieces.append(name)
+    emit("pack", {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "pieces": pieces})
+
+
+def stage_unpack(args) -> None:
+    """The carried pieces of `pack` (.carry/distill/: the pieces and pack.json) -> STATE/distill, the
+    sha256 checked, extracted beside it and renamed into place (no half-extracted data)."""
+    import io
+    import tarfile
+
+    src = REPO / ".carry" / "distill"
+    manifest = json.loads((src / "pack.json").read_text())
+    data = b"".join((src / name).read_bytes() for name in manifest["pieces"])
+    if hashlib.sha256(data).hexdigest() != manifest["sha256"]:
+        raise SystemExit("the joined distill pieces differ from pack.json's sha256: a piece is missing or corrupt")
+    tmp = STATE / "distill.unpacking"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:xz") as tar:
+        tar.extractall(tmp, filter="data")
+    shutil.rmtree(STATE / "distill", ignore_errors=True)
+    os.replace(tmp / "distill", STATE / "distill")
+    shutil.rmtree(tmp)
+    emit("unpack", {"files": sorted(f.name for f in (STATE / "distill").iterdir()), "bytes": len(data)})
+
+
 def stage_train(args) -> None:
     import yaml
 
@@ -212,12 +268,11 @@ def stage_train(args) -> None:
             # the trainer saves fp32; the embedded asset is bf16 (half the size: <= 25 MB at rank 40)
             tensors = {k: v.to(torch.bfloat16) for k, v in load_file(str(final / "adapter_model.safetensors")).items()}
             data = save(tensors, metadata={"format": "pt"})
-            piece = 15 << 20
             report["adapter_sha256"] = hashlib.sha256(data).hexdigest()
             report["adapter_pieces"] = []
-            for i in range(0, len(data), piece):
-                name = f"adapter_model.safetensors.{i // piece}"
-                Path(OUT, name).write_bytes(data[i: i + piece])
+            for i in range(0, len(data), PIECE):
+                name = f"adapter_model.safetensors.{i // PIECE}"
+                Path(OUT, name).write_bytes(data[i: i + PIECE])
                 report["adapter_pieces"].append(name)
     emit("train", report)
 
@@ -491,8 +546,8 @@ def stage_exact(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("stages", nargs="+", choices=["prepare", "stash", "setup", "distill", "train", "eval",
-                                                       "speed", "exact", "card"])
+    ap.add_argument("stages", nargs="+", choices=["prepare", "stash", "setup", "distill", "pack", "unpack", "train",
+                                                       "eval", "speed", "exact", "card"])
     ap.add_argument("--from", dest="from_dir", default=None, help="card: the folder of the device's outputs")
     ap.add_argument("--to", dest="to_dir", default=None, help="card: where to write (default: the embedded asset)")
     ap.add_argument("--budget", type=float, default=None, help="seconds a distill/train stage may run (resumable)")

@@ -47,7 +47,10 @@ _KNOWN = {
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL = "idlm-tiny"  # what every command, idlm.LLM and idlm serve use without a model
 
-EMBEDDED = ("idlm-tiny", "idlm-tiny-ar", "idlm-tiny-ar-risd-lora", "smollm2-135m-instruct-risd-lora")
+EMBEDDED = ("idlm-tiny", "idlm-tiny-ar", "idlm-tiny-ar-risd-lora")
+# Embedded, but known to `fetch` only where the asset is present: the GPU machine's working tree cannot hold
+# every asset (64 MiB), so device runs leave this one behind (scripts/smollm2_risd.py says how).
+OPTIONAL_EMBEDDED = ("smollm2-135m-instruct-risd-lora",)
 
 # The R-ISD adapter (gated LoRA + MASK embedding, SPEC §5) known for a base model: `--decoder risd`
 # uses it without --lora, and it makes R-ISD the default decoder of that model (idlm serve, idlm.LLM).
@@ -56,8 +59,8 @@ RISD_ADAPTERS = {"idlm-tiny-ar": "idlm-tiny-ar-risd-lora",
 
 
 def embedded() -> tuple[str, ...]:
-    """The models shipped inside the package (idlm/assets/<name>)."""
-    return EMBEDDED
+    """The models shipped inside the package (idlm/assets/<name>) and present in this installation."""
+    return EMBEDDED + tuple(n for n in OPTIONAL_EMBEDDED if (ASSETS / n).exists())
 
 
 def risd_adapter(model: str) -> str | None:

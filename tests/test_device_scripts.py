@@ -1,0 +1,112 @@
+"""The GPU-run plumbing that must not lose anything: scripts/device_tree.py leaves assets out of what travels
+and brings them back exactly (in a scratch git repository), and scripts/smollm2_risd.py's pack / unpack
+round-trip the distilled data byte for byte and refuse a corrupt piece."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    return mod
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def scratch(tmp_path, monkeypatch):
+    """A git repository with two committed assets (1 MiB and 2 MiB) and a source file."""
+    repo = tmp_path / "repo"
+    for name, size in (("small", 1 << 20), ("big", 2 << 20)):
+        (repo / "idlm/assets" / name).mkdir(parents=True)
+        (repo / "idlm/assets" / name / "w.bin").write_bytes(b"x" * size)
+    (repo / "code.py").write_text("print(1)\n")
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "init")
+    (repo / ".git/info").mkdir(exist_ok=True)
+    (repo / ".git/info/exclude").write_text("# a line of the user's\n")
+    dt = _load("device_tree")
+    monkeypatch.setattr(dt, "REPO", repo)
+    monkeypatch.setattr(dt, "EXCLUDE", repo / ".git/info/exclude")
+    return dt, repo
+
+
+def test_slim_leaves_assets_behind_and_restore_brings_them_back(scratch):
+    dt, repo = scratch
+    full = dt.travelling_mib()
+    assert full == pytest.approx(3.0, abs=0.01)
+    assert dt.slim(["small"]) == ["big"]
+    assert dt.travelling_mib() == pytest.approx(1.0, abs=0.01)
+    assert (repo / "idlm/assets/big/w.bin").stat().st_size == 2 << 20  # the files stay where they are
+    assert dt.slim([]) == ["big", "small"]  # slimming again starts from the full tree, it does not stack
+    assert dt.travelling_mib() < 0.01
+    assert sorted(dt.restore()) == ["big", "small"]
+    assert dt.travelling_mib() == full
+    assert _git(repo, "status", "--porcelain") == ""  # exactly the committed tree again
+    assert (repo / ".git/info/exclude").read_text() == "# a line of the user's\n"
+
+
+@pytest.fixture
+def smol(tmp_path, monkeypatch):
+    mod = _load("smollm2_risd")
+    state, out, repo = tmp_path / "state", tmp_path / "out", tmp_path / "repo"
+    (state / "distill" / "parts").mkdir(parents=True)
+    out.mkdir()
+    (state / "distill" / "train.tokens.bin").write_bytes(random.Random(0).randbytes(5000))  # incompressible
+    (state / "distill" / "meta.json").write_text(json.dumps({"format": "x"}))
+    (state / "distill" / "parts" / "engine0.jsonl").write_text("resume state\n")
+    monkeypatch.setattr(mod, "STATE", state)
+    monkeypatch.setattr(mod, "OUT", str(out))
+    monkeypatch.setattr(mod, "REPO", repo)
+    monkeypatch.setattr(mod, "PIECE", 1000)  # several pieces from a small tarball
+    return mod, state, out, repo
+
+
+def test_pack_and_unpack_round_trip_the_distilled_data(smol):
+    mod, state, out, repo = smol
+    mod.stage_pack(None)
+    packed = json.loads((out / "pack.json").read_text())
+    assert len(packed["pieces"]) > 1
+    carry = repo / ".carry" / "distill"
+    carry.mkdir(parents=True)
+    for name in [*packed["pieces"], "pack.json"]:
+        (carry / name).write_bytes((out / name).read_bytes())
+    original = {f.name: f.read_bytes() for f in (state / "distill").iterdir() if f.is_file()}
+    mod.stage_unpack(None)
+    restored = {f.name: f.read_bytes() for f in (state / "distill").iterdir()}
+    assert restored == original  # byte for byte, and the resume-only parts/ folder stayed behind
+
+
+def test_unpack_refuses_a_corrupt_piece(smol):
+    mod, state, out, repo = smol
+    mod.stage_pack(None)
+    packed = json.loads((out / "pack.json").read_text())
+    carry = repo / ".carry" / "distill"
+    carry.mkdir(parents=True)
+    for name in [*packed["pieces"], "pack.json"]:
+        (carry / name).write_bytes((out / name).read_bytes())
+    bad = carry / packed["pieces"][0]
+    bad.write_bytes(b"\0" + bad.read_bytes()[1:])
+    before = sorted(p.name for p in (state / "distill").iterdir())
+    with pytest.raises(SystemExit, match="sha256"):
+        mod.stage_unpack(None)
+    assert sorted(p.name for p in (state / "distill").iterdir()) == before  # nothing replaced
