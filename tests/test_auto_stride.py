@@ -110,3 +110,24 @@ def test_calibration_measures_on_the_engine_runner(tiny, tmp_path, monkeypatch):
     assert again._cost.model == eng._cost.model
     assert calibration_points(256, 8, 1000) == [(b, q) for b in (1, 64, 256) for q in (1, 7, 15)]
     assert calibration_points(4, 2, 2) == [(1, 1), (1, 3)]
+
+
+def test_a_close_stride_never_run_is_probed_once(tiny):
+    """The policy's choice is N = 4 every time; N = 1 (a plain AR step, rated 0.8 of it) has never run, so
+    the second interval runs N = 1 to measure it; N = 8 (rated 0.5) is never probed. Greedy output stays
+    AR's whatever the strides."""
+    from idlm.decoding.stride_policy import StrideChoice
+
+    model, tok = tiny
+    prompts, params = _workload(tok, n=6, seed=3)
+    params = [SamplingParams(temperature=0, max_tokens=p.max_tokens, ignore_eos=True) for p in params]
+    eng = _small_engine(model, tok, "isd", "auto", step_cost=WEIGHT_BOUND, auto_interval=2)
+    eng._choose_stride = lambda decodes: StrideChoice(4, 1.0, {1: 0.8, 4: 1.0, 8: 0.5})
+    chosen = []
+    step_decoder = eng._step_decoder
+    eng._step_decoder = lambda decodes: chosen.append(step_decoder(decodes).stride) or eng._decoder(chosen[-1])
+    got = eng.run(prompts, params)
+    assert chosen[:2] == [4, 4] and chosen[2:4] == [1, 1] and set(chosen[4:]) == {4}
+    assert 8 not in eng.stride_mix
+    ar = _small_engine(model, tok, "ar", 1).run(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in ar]

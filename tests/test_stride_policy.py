@@ -100,3 +100,16 @@ def test_cost_tracker_fills_unrun_strides_from_the_nearest():
     t.observe(1, 8, 1e-3)
     t.observe(4, 8, 4e-3)  # EMA: 0.5 * 2 + 0.5 * 4
     assert t.scales([1, 2, 3, 4]) == {1: 1.0, 2: 1.0, 3: 3.0, 4: 3.0}
+
+
+def test_stride_to_probe_measures_the_other_kind_of_step_once():
+    from idlm.decoding.stride_policy import StrideChoice, stride_to_probe
+
+    choice = StrideChoice(4, 1.0, {1: 0.8, 2: 0.9, 4: 1.0, 8: 0.5})
+    assert stride_to_probe(choice, measured=set()) is None  # nothing run yet: nothing to borrow a scale from
+    assert stride_to_probe(choice, measured={4}) == 1  # only ISD steps have run: the AR step, rated close
+    assert stride_to_probe(choice, measured={4, 1}) is None  # both kinds measured (2 borrows 4's scale)
+    assert stride_to_probe(choice, measured={4}, within=0.85) is None  # AR not close enough to be worth it
+    ar_choice = StrideChoice(1, 1.0, {1: 1.0, 2: 0.7, 4: 0.9, 8: 0.4})
+    assert stride_to_probe(ar_choice, measured={1}) == 4  # only AR steps have run: the best ISD stride
+    assert stride_to_probe(StrideChoice(4, 1.0, {4: 1.0}), measured={1}) is None  # the choice itself: no probe

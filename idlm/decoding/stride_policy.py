@@ -24,13 +24,16 @@ The math, as small pure functions:
 - `choose_stride`: argmax over N of Σ_rows TPF_row(N) / cost(batch, batch·(2N−1)), with a hysteresis
   (a change must gain a few percent: every change drops the rows' drafts), the modelled cost corrected
   per stride by the measured/modelled ratio of the engine's own recent steps (`CostTracker`).
+- `stride_to_probe`: while only ISD strides (or only plain AR steps) have run, a stride of the other kind
+  whose expected rate comes close to the chosen one's is run for one interval, so its cost is measured
+  rather than borrowed from a step of another kind.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Collection, Sequence
 
 MAX_STRIDE = 8
 STRIDES = tuple(range(1, MAX_STRIDE + 1))
@@ -146,6 +149,22 @@ def choose_stride(row_accepts: Sequence[Sequence[float]], cost: StepCostModel, s
     if current in rates and rates[best] <= rates[current] * (1.0 + hysteresis):
         best = current
     return StrideChoice(best, rates[best], rates)
+
+
+def stride_to_probe(choice: StrideChoice, measured: Collection[int], within: float = 0.75) -> int | None:
+    """A stride to run for one interval instead of `choice`, so that its real cost gets measured: one of a
+    kind (a plain AR step, N = 1, or an ISD step, N ≥ 2) no stride of which has run yet, whose expected
+    rate — costed with a scale borrowed from the other kind — is at least `within` of the chosen stride's.
+    Borrowing across kinds can be far off (a sampled ISD step's decoder work and host time say little about
+    a plain AR step's), and a stride never run is never measured, so without probing the policy could keep
+    ISD steps slower than AR for good; within a kind the nearest measured stride's scale is a fair guess.
+    None before any stride has run and once both kinds have (the best-rated candidate first)."""
+    if not measured:
+        return None
+    kinds = {n == 1 for n in measured}
+    near = [n for n, r in choice.rates.items()
+            if (n == 1) not in kinds and n != choice.stride and r >= within * choice.rate]
+    return max(near, key=lambda n: (choice.rates[n], -n)) if near else None
 
 
 class CostTracker:

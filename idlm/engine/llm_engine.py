@@ -58,6 +58,7 @@ from idlm.decoding.stride_policy import (
     acceptance_estimate,
     choose_stride,
     default_prior,
+    stride_to_probe,
 )
 from idlm.engine.block_manager import PageManager
 from idlm.engine.calibrate import calibrate_step_cost
@@ -323,7 +324,9 @@ class LLMEngine:
             n = self.config.stride_for(len(decodes))
         else:
             if self._auto is None or self._auto_steps % self.config.auto_interval == 0:
-                self._auto = self._choose_stride(decodes)
+                choice = self._choose_stride(decodes)
+                probe = stride_to_probe(choice, self._cost.scale)  # measure a close stride never run
+                self._auto = choice if probe is None else StrideChoice(probe, choice.rates[probe], choice.rates)
             self._auto_steps += 1
             n = self._auto.stride
         self.stride_mix[n] = self.stride_mix.get(n, 0) + 1
