@@ -8,6 +8,10 @@ Stages (comma-separated argv[1], default all):
   profile   where the sampled ISD step's extra time goes, batch 1, T = 0 vs T = 1: the step split
             (`step_phases`: host inputs, device step, finish, rest) and the step's kernels (torch.profiler:
             GPU time and count per step, the top kernels)
+  compile   the sampled ISD step recompiled for new batch sizes (idlm-tiny ISD N = 4, T = 1 then T = 0, at
+            C = 1, 8, 64 in one process, 48 tokens): which `cuda_fused` attempt each function ended on
+            (`compile_fallbacks`) and the sampled / greedy step time per C — a minute's check that the
+            step stays compiled (torch 2.11's inductor asserted here, docs/stride.md)
 
     python scripts/bench_sampling.py step,invariant
 
@@ -32,9 +36,10 @@ from idlm.decoding.sampling import SamplingParams  # noqa: E402
 from idlm.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from idlm.models.loader import load_pretrained  # noqa: E402
 
-DEV = "cuda"
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # (the CPU runs the stages slowly: a check of the script)
 REPS = 3
-results: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda}
+results: dict = {"device": torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu", "torch": torch.__version__,
+                 "cuda": torch.version.cuda}
 
 
 def emit(key, value):
@@ -118,6 +123,23 @@ def stage_profile():
         out[label] = {"split": split, **summarize(prof, steps, top_kernels=12, top_host=16)}
         print(json.dumps({label: out[label]}), flush=True)
     emit("profile", out)
+
+
+def stage_compile():
+    from idlm.layers.fused import compile_fallbacks, fallen_back
+
+    model, tok = load_pretrained("idlm-tiny", dtype="bfloat16", device=DEV)
+    prompts = bench_prompts(tok, 128)
+    eng = LLMEngine(model, tok, EngineConfig(decoder="isd", stride=4, max_num_seqs=64))
+    rows = {}
+    for temp in (1.0, 0.0):
+        for c in (1, 8, 64):
+            r = bench_offline(eng, prompts, [c], max_tokens=48, temperature=temp)[0]
+            rows[f"T{temp:g}/C{c}"] = {"step_ms": r["decode_step_ms"], "tpf": r["tpf"]}
+            print(json.dumps({f"T{temp:g}/C{c}": rows[f"T{temp:g}/C{c}"]}), flush=True)
+    ratio = {f"C{c}": round(rows[f"T1/C{c}"]["step_ms"] / rows[f"T0/C{c}"]["step_ms"], 3) for c in (1, 8, 64)}
+    emit("compile", {"rows": rows, "sampled_over_greedy_step": ratio, "compile_fallbacks": compile_fallbacks(),
+                     "eager_fallbacks": fallen_back()})
 
 
 def main():
