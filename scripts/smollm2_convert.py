@@ -12,6 +12,18 @@ scripts/smollm2_risd.py's `stash`, `setup` and `distill` (the self-distilled res
              format); synthetic-task accuracy; per-request speed at C = 1, 16, 64 (ISD N = 4 and --stride
              auto vs SmolLM2's AR, answers ending at their end token)
 
+Device calls (the tree must stay under 64 MiB: scripts/device_tree.py; each run right after the last):
+
+    python scripts/device_tree.py slim --keep none
+    run(carry=[".carry/smolA"]): python scripts/smollm2_risd.py stash
+    run(carry=[".carry/smolB", ".whl"]): python scripts/smollm2_risd.py setup
+    run(carry=[".carry/distill"]): python scripts/smollm2_risd.py unpack      (data packed by an earlier
+        session's `smollm2_risd.py ... distill pack`; without it: `setup distill pack` above, ~6 min)
+    run: python scripts/smollm2_convert.py text mix convert --budget 540      (convert again until done)
+    run: python scripts/smollm2_convert.py sdar --budget 560                   (the ablation, same budget)
+    run: python scripts/smollm2_convert.py eval
+    python scripts/device_tree.py restore
+
 A converted model (270 MB) cannot come back through the device's output: everything is measured here and
 only JSON comes back ($OUT/<stage>.json). `--smoke` runs every stage CPU-sized on the embedded idlm-tiny-ar
 (its own data stands in for the distilled responses) to test the script.
