@@ -19,7 +19,8 @@ Device calls (the tree must stay under 64 MiB: scripts/device_tree.py; each run 
     run(carry=[".carry/smolB", ".whl"]): python scripts/smollm2_risd.py setup
     run(carry=[".carry/distill"]): python scripts/smollm2_risd.py unpack      (data packed by an earlier
         session's `smollm2_risd.py ... distill pack`; without it: `setup distill pack` above, ~6 min)
-    run: python scripts/smollm2_convert.py text mix convert --budget 540      (convert again until done)
+    run: python scripts/smollm2_convert.py text mix
+    run: python scripts/smollm2_convert.py convert --budget 560                (again until done)
     run: python scripts/smollm2_convert.py sdar --budget 560                   (the ablation, same budget)
     run: python scripts/smollm2_convert.py eval
     python scripts/device_tree.py restore
