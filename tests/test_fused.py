@@ -154,3 +154,16 @@ def test_bench_rows_report_eager_fallbacks():
     row = bench_offline(eng, [[5, 6, 7]], [1], max_tokens=4, num_requests=1, warmup=False)[0]
     assert row["eager_fallbacks"] == fused.fallen_back() == []  # CPU: nothing compiled, nothing fell back
     assert row["compile_fallbacks"] == fused.compile_fallbacks() == {}
+
+
+def test_a_function_can_start_at_a_later_attempt(fake_compile):
+    f = fused.cuda_fused(start="only the batch dynamic")(double)
+    assert f(CudaLike(2)) == ("compiled", 4)
+    assert fake_compile["options"] == [fused.known_options(fused.RETRY_OPTIONS)]
+    assert fused.compile_fallbacks() == {}  # where it started is not a fallback
+    fake_compile["fail"] = 1
+    g = fused.cuda_fused(start="only the batch dynamic")(lambda x: x.value)
+    assert g(CudaLike(3)) == ("compiled", 3) and fake_compile["dynamic"][-1] is False  # next: static
+    assert list(fused.compile_fallbacks().values()) == ["static"]
+    with pytest.raises(ValueError, match="start must be one of"):
+        fused.cuda_fused(start="fastest")

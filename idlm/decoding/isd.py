@@ -216,7 +216,9 @@ class ISDDecoder(Decoder):
         return results
 
 
-@cuda_fused
+# torch 2.11's inductor fails this step's dynamic-batch compile (tiling_utils.get_pw_red_splits asserts on
+# batch x ((Q + 1) // 2 - 1) sizes; seen in three H200 runs, docs/stride.md): start with only the batch dynamic
+@cuda_fused(start="only the batch dynamic")
 def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tensor, temperature: torch.Tensor,
                      top_k: torch.Tensor, top_p: torch.Tensor, point_mass: torch.Tensor, argmax_draft: torch.Tensor,
                      alpha: torch.Tensor, keys: torch.Tensor | None, draw: torch.Tensor | None,

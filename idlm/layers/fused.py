@@ -76,8 +76,7 @@ def fallen_back() -> list[str]:
 def compile_fallbacks() -> dict[str, str]:
     """{name: the attempt in use ("eager" past the last)} of the `cuda_fused` functions whose first
     compilation failed."""
-    return {w.__qualname__: w.attempt() for w in sorted(_FUSED, key=lambda w: w.__qualname__)
-            if w.attempt() != ATTEMPTS[0][0]}
+    return {w.__qualname__: w.attempt() for w in sorted(_FUSED, key=lambda w: w.__qualname__) if w.moved_on()}
 
 
 def _mark_all_but_batch_static(args) -> None:
@@ -87,14 +86,21 @@ def _mark_all_but_batch_static(args) -> None:
                 torch._dynamo.mark_static(a, d)
 
 
-def cuda_fused(fn):
-    """`fn` compiled on CUDA (eager elsewhere). A failed compilation moves on to the next of ATTEMPTS,
-    past the last `fn` runs eagerly for good, with a warning each time (a Triton or inductor problem on
-    some machine must cost speed, never a request; IDLM_FUSE_TRACE=1 adds the traceback).
-    The eager function stays reachable as `__wrapped__` (for calls from inside another compiled
-    function)."""
+def cuda_fused(fn=None, *, start: str = ATTEMPTS[0][0]):
+    """`fn` compiled on CUDA (eager elsewhere), as `@cuda_fused` or `@cuda_fused(start=label)` to begin
+    at a later one of ATTEMPTS (a function known to fail the earlier ones on the torch we run). A failed
+    compilation moves on to the next attempt, past the last `fn` runs eagerly for good, with a warning
+    each time (a Triton or inductor problem on some machine must cost speed, never a request;
+    IDLM_FUSE_TRACE=1 adds the traceback). The eager function stays reachable as `__wrapped__` (for calls
+    from inside another compiled function)."""
+    labels = [a[0] for a in ATTEMPTS]
+    if start not in labels:
+        raise ValueError(f"cuda_fused: start must be one of {labels}, got {start!r}")
+    if fn is None:
+        return functools.partial(cuda_fused, start=start)
+    first = labels.index(start)
     compiled = None
-    attempt = 0
+    attempt = first
 
     @functools.wraps(fn)
     def wrapper(*args):
@@ -117,6 +123,7 @@ def cuda_fused(fn):
         return fn(*args)
 
     wrapper.fell_back = lambda: attempt >= len(ATTEMPTS)
+    wrapper.moved_on = lambda: attempt != first
     wrapper.attempt = lambda: ATTEMPTS[attempt][0] if attempt < len(ATTEMPTS) else "eager"
     _FUSED.append(wrapper)
     return wrapper
