@@ -3,7 +3,7 @@ files plus the carried paths, and the embedded assets alone are ~79 MiB. This le
 does not need behind (untracked and ignored for the calls) and brings them back afterwards.
 
     python scripts/device_tree.py size                        what would travel now, in MiB
-    python scripts/device_tree.py slim                        leave smollm2-135m-instruct-risd-lora behind
+    python scripts/device_tree.py slim                        leave the optional assets behind (the SmolLM2 adapter)
     python scripts/device_tree.py slim --keep none            leave every asset behind (the GGUF-carrying calls)
     python scripts/device_tree.py slim --keep idlm-tiny       keep only the named assets (comma-separated)
     python scripts/device_tree.py restore                     track every asset again (do it before committing)
@@ -17,9 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from idlm.models.registry import OPTIONAL_EMBEDDED  # noqa: E402  (assets known only where present)
+
 ASSETS = "idlm/assets"
 EXCLUDE = REPO / ".git" / "info" / "exclude"
 BEGIN, END = "# device_tree.py: assets left behind", "# device_tree.py: end"
@@ -73,12 +78,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("action", choices=["size", "slim", "restore"])
     ap.add_argument("--keep", default=None, help="slim: the assets that travel (comma-separated, or 'none'); "
-                                                  "default: every one but smollm2-135m-instruct-risd-lora")
+                                                  "default: every one but the optional ones (registry.OPTIONAL_EMBEDDED)")
     args = ap.parse_args()
     out: dict = {}
     if args.action == "slim":
         if args.keep is None:
-            keep = [a for a in assets() if a != "smollm2-135m-instruct-risd-lora"]
+            keep = [a for a in assets() if a not in OPTIONAL_EMBEDDED]
         else:
             keep = [] if args.keep == "none" else args.keep.split(",")
             unknown = sorted(set(keep) - set(assets()))
