@@ -191,6 +191,24 @@ def stage_distill(args) -> None:
 PIECE = 15 << 20  # < 16 MiB: the device's limit per returned file
 
 
+def write_pieces(data: bytes, stem: str) -> list[str]:
+    """`data` as files stem.0, stem.1, ... of < 16 MiB each in $OUT (when set) -> their names."""
+    names = []
+    for i in range(0, len(data), PIECE):
+        names.append(f"{stem}.{i // PIECE}")
+        if OUT:
+            Path(OUT, names[-1]).write_bytes(data[i: i + PIECE])
+    return names
+
+
+def join_pieces(src: Path, names: list[str], sha256: str, what: str) -> bytes:
+    """The pieces `names` in `src` joined, checked against `sha256` (SystemExit naming `what` if not)."""
+    data = b"".join((src / name).read_bytes() for name in names)
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise SystemExit(f"the joined {what} pieces differ from their recorded sha256: a piece is missing or corrupt")
+    return data
+
+
 def stage_pack(args) -> None:
     """The distilled data (shards, manifest, held-out prompts; not the per-engine parts kept for resuming)
     as an xz tarball in < 16 MiB pieces through $OUT, so a later session carries it back (`unpack`)
@@ -205,13 +223,8 @@ def stage_pack(args) -> None:
             if f.is_file():
                 tar.add(f, arcname=f"distill/{f.name}")
     data = buf.getvalue()
-    pieces = []
-    for i in range(0, len(data), PIECE):
-        name = f"distill.tar.xz.{i // PIECE}"
-        if OUT:
-            Path(OUT, name).write_bytes(data[i: i + PIECE])
-        pieces.append(name)
-    emit("pack", {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "pieces": pieces})
+    emit("pack", {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                  "pieces": write_pieces(data, "distill.tar.xz")})
 
 
 def stage_unpack(args) -> None:
@@ -222,9 +235,7 @@ def stage_unpack(args) -> None:
 
     src = REPO / ".carry" / "distill"
     manifest = json.loads((src / "pack.json").read_text())
-    data = b"".join((src / name).read_bytes() for name in manifest["pieces"])
-    if hashlib.sha256(data).hexdigest() != manifest["sha256"]:
-        raise SystemExit("the joined distill pieces differ from pack.json's sha256: a piece is missing or corrupt")
+    data = join_pieces(src, manifest["pieces"], manifest["sha256"], "distill")
     tmp = STATE / "distill.unpacking"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -269,11 +280,7 @@ def stage_train(args) -> None:
             tensors = {k: v.to(torch.bfloat16) for k, v in load_file(str(final / "adapter_model.safetensors")).items()}
             data = save(tensors, metadata={"format": "pt"})
             report["adapter_sha256"] = hashlib.sha256(data).hexdigest()
-            report["adapter_pieces"] = []
-            for i in range(0, len(data), PIECE):
-                name = f"adapter_model.safetensors.{i // PIECE}"
-                Path(OUT, name).write_bytes(data[i: i + PIECE])
-                report["adapter_pieces"].append(name)
+            report["adapter_pieces"] = write_pieces(data, "adapter_model.safetensors")
     emit("train", report)
 
 
@@ -480,9 +487,7 @@ def stage_card(args) -> None:
     ev = json.loads((src / "eval.json").read_text())
     speed = json.loads((src / "speed.json").read_text()) if (src / "speed.json").exists() else {}
     distill = json.loads((src / "distill.json").read_text()) if (src / "distill.json").exists() else {}
-    data = b"".join((src / name).read_bytes() for name in train["adapter_pieces"])
-    if hashlib.sha256(data).hexdigest() != train["adapter_sha256"]:
-        raise SystemExit("the joined adapter's sha256 differs from train.json's: a piece is missing or corrupt")
+    data = join_pieces(src, train["adapter_pieces"], train["adapter_sha256"], "adapter")
     cfg = json.loads((src / "adapter_config.json").read_text())
     from idlm.models.registry import ASSETS
 
