@@ -26,13 +26,13 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from idlm.bench import environment  # noqa: E402
 from idlm.bench.latency import bench_latency, bench_prefill  # noqa: E402
 from idlm.models.random import random_model  # noqa: E402
 
 SMOKE = os.environ.get("SMOKE") == "1"
 DEV = "cpu" if SMOKE else "cuda"
-results: dict = {"device": "cpu" if SMOKE else torch.cuda.get_device_name(0), "torch": torch.__version__,
-                 "cuda": torch.version.cuda}
+results: dict = environment(DEV)
 
 
 def sizes(batches, context):

@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from idlm.bench import environment  # noqa: E402
 from idlm.bench.latency import bench_latency  # noqa: E402
 from idlm.bench.offline import bench_offline, bench_prompts  # noqa: E402
 from idlm.decoding import make_decoder  # noqa: E402
@@ -35,9 +36,8 @@ from idlm.layers.lora import LoRAAdapter  # noqa: E402
 from idlm.models.loader import load_pretrained, resolve_model_path  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # (the CPU runs the same stages slowly: a check of the script)
-results: dict = {"device": torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu", "torch": torch.__version__,
-                 "cuda": torch.version.cuda,
-                 "mem_get_info_gib": [round(x / 2**30, 1) for x in torch.cuda.mem_get_info()] if DEV == "cuda" else None}
+results: dict = {**environment(DEV), "mem_get_info_gib": (
+    [round(x / 2**30, 1) for x in torch.cuda.mem_get_info()] if DEV == "cuda" else None)}
 
 
 def emit(key, value):

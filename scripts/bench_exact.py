@@ -40,6 +40,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from idlm.bench import environment  # noqa: E402
 from idlm.bench.offline import bench_offline, bench_prompts  # noqa: E402
 from idlm.decoding.sampling import SamplingParams  # noqa: E402
 from idlm.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
@@ -50,8 +51,7 @@ DEV = "cpu" if SMOKE else "cuda"
 DTYPE = "float32" if SMOKE else "bfloat16"
 REQUESTS = 3 if SMOKE else 64
 TOKENS = 6 if SMOKE else 256
-results: dict = {"device": "cpu (smoke)" if SMOKE else torch.cuda.get_device_name(0), "torch": torch.__version__,
-                 "cuda": torch.version.cuda, "dtype": DTYPE}
+results: dict = {**environment(DEV), "dtype": DTYPE}
 
 
 def emit(key, value):

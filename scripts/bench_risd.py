@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from idlm.bench import environment  # noqa: E402
 from idlm.bench.offline import bench_offline, bench_prompts, step_phases  # noqa: E402
 from idlm.decoding.sampling import SamplingParams  # noqa: E402
 from idlm.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
@@ -42,7 +43,7 @@ from idlm.models.random import random_model  # noqa: E402
 
 DEV = os.environ.get("IDLM_BENCH_DEVICE", "cuda")
 REPS = 3
-results: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda}
+results: dict = environment(DEV)
 
 
 def emit(key, value):

@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from idlm.bench import environment  # noqa: E402
 from idlm.bench.offline import bench_offline, bench_prompts  # noqa: E402
 from idlm.decoding import make_decoder  # noqa: E402
 from idlm.decoding.reference import generate  # noqa: E402
@@ -38,8 +39,7 @@ from idlm.models.loader import load_pretrained  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # (the CPU runs the stages slowly: a check of the script)
 REPS = 3
-results: dict = {"device": torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu", "torch": torch.__version__,
-                 "cuda": torch.version.cuda}
+results: dict = environment(DEV)
 
 
 def emit(key, value):

@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from idlm.bench import environment  # noqa: E402
 from idlm.bench.offline import ar_engine_for, bench_compare, bench_prompts  # noqa: E402
 from idlm.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from idlm.models.loader import load_pretrained  # noqa: E402
@@ -35,7 +36,7 @@ def main() -> None:
     model, tok = load_pretrained("idlm-tiny", dtype=dtype, device=dev)
     prompts = bench_prompts(tok, max(64, max(conc)))
     pages = max(1024, max(conc) * 2 * (-(-(200 + max_tokens) // 16)))
-    out = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "torch": torch.__version__,
+    out = {**environment(dev),
            "dtype": dtype, "reps": reps, "max_tokens": max_tokens, "num_pages": pages}
     table = {}
 

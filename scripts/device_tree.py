@@ -77,8 +77,8 @@ def slim(keep: list[str]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("action", choices=["size", "slim", "restore"])
-    ap.add_argument("--keep", default=None, help="slim: the assets that travel (comma-separated, or 'none'); "
-                                                  "default: every one but the optional ones (registry.OPTIONAL_EMBEDDED)")
+    ap.add_argument("--keep", default=None, help="slim: the assets that travel (comma-separated, or 'none'); default: "
+                                                  "every one but the optional ones (registry.OPTIONAL_EMBEDDED)")
     args = ap.parse_args()
     out: dict = {}
     if args.action == "slim":

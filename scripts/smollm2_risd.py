@@ -314,8 +314,8 @@ def eval_target(args) -> tuple[str, str, Path]:
 
 
 def stage_eval(args) -> None:
-    import torch
 
+    from idlm.bench import environment
     from idlm.data.chat_prompts import read_prompts
     from idlm.decoding.base import DecodeStats
     from idlm.decoding.sampling import SamplingParams
@@ -329,8 +329,7 @@ def stage_eval(args) -> None:
     n_exact, n_new = (4, 16) if args.smoke else (64, 256)
     heldout = STATE / "distill" / "prompts.jsonl"
     msgs = [p["messages"] for p in read_prompts(str(heldout))] if heldout.exists() else []
-    out: dict = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "torch": torch.__version__,
-                 "heldout_prompts": len(msgs)}
+    out: dict = {**environment(dev), "heldout_prompts": len(msgs)}
 
     def load(dtype):
         model, tok = load_pretrained(name, dtype=dtype, device=dev)
@@ -411,8 +410,8 @@ def step_phase_table(model, tok, lora, prompt, smoke: bool) -> dict:
 def stage_speed(args) -> None:
     """Engine AR vs R-ISD (N = 4 and --stride auto) per-request speed, and HF generate, in a process of
     its own (run it as its own command after `eval`: nothing else has run in this process)."""
-    import torch
 
+    from idlm.bench import environment
     from idlm.bench.offline import bench_offline
     from idlm.data.chat_prompts import read_prompts
     from idlm.decoding.sampling import SamplingParams
@@ -428,8 +427,7 @@ def stage_speed(args) -> None:
     lora = LoRAAdapter.load(adapter_dir, model.config, device=dev, dtype=model.dtype)
     heldout = STATE / "distill" / "prompts.jsonl"
     prompts = [tok.encode_chat(p["messages"]) for p in read_prompts(str(heldout))][:256]
-    out: dict = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "torch": torch.__version__,
-                 "step_phases": step_phase_table(model, tok, lora, prompts[0], args.smoke)}
+    out: dict = {**environment(dev), "step_phases": step_phase_table(model, tok, lora, prompts[0], args.smoke)}
     emit("speed", out)
 
     # per-request speed, engines side by side, interleaved reps, median; R-ISD at N = 4 and adaptive

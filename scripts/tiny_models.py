@@ -27,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from idlm.bench import environment  # noqa: E402
 from idlm.training.config import TrainConfig  # noqa: E402
 from idlm.training.trainer import Trainer  # noqa: E402
 
@@ -210,7 +211,7 @@ def evaluate() -> dict:
     ar, tok = models["ar"]
     lora = LoRAAdapter.load(lora_path, ar.config, device=dev) if lora_path.exists() else None
     data = RUNS / "data"
-    out: dict = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "torch": torch.__version__}
+    out: dict = environment(dev)
 
     log("held-out losses")
     out["loss"] = {k: heldout_loss(m, str(data), stride=4 if k == "idlm" else None) for k, (m, _) in models.items()}
