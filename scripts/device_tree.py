@@ -35,10 +35,12 @@ def git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=REPO, check=True, capture_output=True, text=True).stdout
 
 
-def travelling_mib() -> float:
-    """Tracked + untracked-not-ignored files (what a device call sends without carry), in MiB."""
+def travelling_mib(leave: tuple[str, ...] = ()) -> float:
+    """Tracked + untracked-not-ignored files (what a device call sends without carry), in MiB; `leave`:
+    asset names to count as left behind."""
     names = git("ls-files", "-z", "--cached", "--others", "--exclude-standard").split("\0")
-    total = sum((REPO / n).stat().st_size for n in names if n and (REPO / n).is_file())
+    left = tuple(f"{ASSETS}/{a}/" for a in leave)
+    total = sum((REPO / n).stat().st_size for n in names if n and not n.startswith(left) and (REPO / n).is_file())
     return round(total / 2**20, 2)
 
 

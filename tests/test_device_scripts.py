@@ -116,9 +116,5 @@ def test_the_default_slim_tree_fits_the_device():
     """What `device_tree.py slim` sends by default (every tracked file but the optional embedded assets) fits
     the GPU machine's 64 MiB, so the tiny models' GPU runs need no further slimming; a repository that has
     grown past it must leave more behind (`--keep`) or shrink."""
-    from idlm.models.registry import OPTIONAL_EMBEDDED
-
-    names = _git(REPO, "ls-files", "-z").split("\0")
-    left = tuple(f"idlm/assets/{n}/" for n in OPTIONAL_EMBEDDED)
-    size = sum((REPO / n).stat().st_size for n in names if n and not n.startswith(left) and (REPO / n).is_file())
-    assert size <= 64 * 2**20, f"{size / 2**20:.1f} MiB would travel"
+    dt = _load("device_tree")
+    assert dt.travelling_mib(leave=dt.OPTIONAL_EMBEDDED) <= 64
