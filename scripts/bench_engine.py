@@ -60,7 +60,7 @@ def stage_exact():
         key = f"{name}{n if name != 'ar' else ''}" + ("-base" if m is ar else "")
         out[key] = {"equal": sum(a.token_ids == b.token_ids for a, b in zip(ref, got)), "of": len(prompts),
                     "tpf": round(sum(o.stats.committed for o in got) / max(1, sum(o.stats.forwards for o in got)), 3),
-                    "graphs": len(eng.runner._graphs)}
+                    "graphs": eng.runner.graphs_captured}
     emit("exact", out)
 
 

@@ -157,7 +157,7 @@ def stage_profile():
             while eng.has_unfinished():
                 eng.step()
             out[f"{name}/{dec}"] = {
-                "graphs": len(eng.runner._graphs), "graph_replay_gpu_ms": round(gpu_ms, 4),
+                "graphs": eng.runner.graphs_captured, "graph_replay_gpu_ms": round(gpu_ms, 4),
                 "step_wall_ms_profiled": round(step_ms, 4), "kernels_per_step": summary["kernels_per_step"],
                 "top_kernels_us_per_step": summary["top_kernels_us_per_step"]}
     emit("profile", out)
@@ -188,7 +188,7 @@ def stage_sprofile():
             plain_ms = 1e3 * (eng.counters["decode_time_s"] - t1) / max(1, eng.counters["decode_forwards"] - f1)
             while eng.has_unfinished():
                 eng.step()
-            out[f"{dec}/T{temp}"] = {"graphs": len(eng.runner._graphs), "step_ms": round(plain_ms, 4),
+            out[f"{dec}/T{temp}"] = {"graphs": eng.runner.graphs_captured, "step_ms": round(plain_ms, 4),
                                      "step_ms_profiled": round(step_ms, 4), **summarize(prof, steps)}
             print(json.dumps({f"{dec}/T{temp}": out[f"{dec}/T{temp}"]}), flush=True)
     emit("sprofile", out)

@@ -22,6 +22,7 @@ def test_auto_stride_greedy_equals_ar(tiny, cost):
     prompts, params = _workload(tok, n=24, seed=11)
     want = _small_engine(model, tok, "ar", 4).run(prompts, params)
     eng = _small_engine(model, tok, "isd", "auto", step_cost=cost, auto_interval=2, num_pages=200)
+    eng._rates.rates = lambda bucket: {}  # the cost model alone decides (measured rates: tests below)
     got = _engine_staggered(eng, prompts, params, per_step=4)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert sum(eng.stride_mix.values()) == eng.counters["decode_forwards"]
@@ -68,19 +69,22 @@ def test_the_choice_is_a_function_of_committed_statistics(tiny):
             pooled = pooled.merge(s.output.stats)
         current = eng._auto.stride if eng._auto is not None else None
         scales = eng._cost.scales(eng.config.strides)  # measured step times of earlier steps
+        measured = eng._rates.rates(eng.runner.bucket(len(decodes)))  # and what earlier steps committed
         choice = original(decodes)
         seen.append((snapshot, (list(pooled.accepted_per_position), list(pooled.verified_per_position)),
-                     current, scales, choice.stride))
+                     current, scales, measured, choice.stride))
         return choice
 
     eng._choose_stride = spy
     _engine_staggered(eng, prompts, params, per_step=4)
     assert len(seen) > 5
     cost = StepCostModel(*eng.config.step_cost)
-    for rows, (acc, ver), current, scales, stride in seen:
+    assert any(m for *_, m, _ in seen)  # measured rates took part
+    for rows, (acc, ver), current, scales, measured, stride in seen:
         prior = default_prior(acc, ver, 7)
         estimates = [acceptance_estimate(a, v, prior) for a, v in rows]
-        assert choose_stride(estimates, cost, list(range(1, 9)), current=current, cost_scale=scales).stride == stride
+        assert choose_stride(estimates, cost, list(range(1, 9)), current=current, cost_scale=scales,
+                             measured=measured).stride == stride
 
 
 def test_auto_stride_options_are_checked(tiny):
@@ -114,8 +118,9 @@ def test_calibration_measures_on_the_engine_runner(tiny, tmp_path, monkeypatch):
 
 def test_a_close_stride_never_run_is_probed_once(tiny):
     """The policy's choice is N = 4 every time; N = 1 (a plain AR step, rated 0.8 of it) has never run, so
-    the second interval runs N = 1 to measure it; N = 8 (rated 0.5) is never probed. Greedy output stays
-    AR's whatever the strides."""
+    the second interval runs N = 1 to measure it — once per batch bucket (a step's cost is its bucket's),
+    never twice in a row at one bucket; N = 8 (rated 0.5) is never probed. Greedy output stays AR's
+    whatever the strides."""
     from idlm.decoding.stride_policy import StrideChoice
 
     model, tok = tiny
@@ -125,9 +130,18 @@ def test_a_close_stride_never_run_is_probed_once(tiny):
     eng._choose_stride = lambda decodes: StrideChoice(4, 1.0, {1: 0.8, 4: 1.0, 8: 0.5})
     chosen = []
     step_decoder = eng._step_decoder
-    eng._step_decoder = lambda decodes: chosen.append(step_decoder(decodes).stride) or eng._decoder(chosen[-1])
+    buckets = []
+
+    def spy(decodes):
+        chosen.append(step_decoder(decodes).stride)
+        buckets.append(eng.runner.bucket(len(decodes)))
+        return eng._decoder(chosen[-1])
+
+    eng._step_decoder = spy
     got = eng.run(prompts, params)
-    assert chosen[:2] == [4, 4] and chosen[2:4] == [1, 1] and set(chosen[4:]) == {4}
+    assert chosen[:2] == [4, 4] and chosen[2:4] == [1, 1] and set(chosen) == {1, 4}
+    probes = [(i, buckets[i]) for i in range(len(chosen)) if chosen[i] == 1 and (i == 0 or chosen[i - 1] != 1)]
+    assert len({b for _, b in probes}) == len(probes)  # one probe per bucket
     assert 8 not in eng.stride_mix
     ar = _small_engine(model, tok, "ar", 1).run(prompts, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in ar]

@@ -93,13 +93,30 @@ def test_choose_stride():
 def test_cost_tracker_fills_unrun_strides_from_the_nearest():
     from idlm.decoding.stride_policy import CostTracker
 
-    t = CostTracker(StepCostModel(base=1e-3, per_token=0.0), decay=0.5)
+    t = CostTracker(StepCostModel(base=1e-3, per_token=0.0), window=3)
     assert t.scales([1, 4]) == {1: 1.0, 4: 1.0}
     t.observe(4, 8, 2e-3)  # twice the model
     assert t.scales([1, 2, 4, 8]) == {1: 2.0, 2: 2.0, 4: 2.0, 8: 2.0}
     t.observe(1, 8, 1e-3)
-    t.observe(4, 8, 4e-3)  # EMA: 0.5 * 2 + 0.5 * 4
+    t.observe(4, 8, 4e-3)  # median of (2, 4)
     assert t.scales([1, 2, 3, 4]) == {1: 1.0, 2: 1.0, 3: 3.0, 4: 3.0}
+    with pytest.raises(ValueError):
+        CostTracker(StepCostModel(), window=0)
+
+
+def test_cost_tracker_one_slow_step_does_not_exile_a_stride():
+    """A stride's estimate is a windowed median: one step thousands of times slower than the rest (a
+    kernel compiled on first use; seen on the H200) moves it little, and is forgotten after `window`."""
+    from idlm.decoding.stride_policy import CostTracker
+
+    t = CostTracker(StepCostModel(base=1e-3, per_token=0.0), window=4)
+    t.observe(4, 8, 4.0)  # a first step that compiled: 4000x the model
+    for _ in range(2):
+        t.observe(4, 8, 1e-3)
+    assert t.scale[4] == 1.0
+    for _ in range(4):
+        t.observe(4, 8, 1.5e-3)
+    assert t.scale[4] == 1.5  # the outlier left the window
 
 
 def test_stride_to_probe_measures_the_other_kind_of_step_once():
@@ -113,3 +130,39 @@ def test_stride_to_probe_measures_the_other_kind_of_step_once():
     ar_choice = StrideChoice(1, 1.0, {1: 1.0, 2: 0.7, 4: 0.9, 8: 0.4})
     assert stride_to_probe(ar_choice, measured={1}) == 4  # only AR steps have run: the best ISD stride
     assert stride_to_probe(StrideChoice(4, 1.0, {4: 1.0}), measured={1}) is None  # the choice itself: no probe
+
+
+def test_measured_rates_override_the_model():
+    """A stride that has run is rated by what it committed per second, not by the model: the model
+    (tokens nearly free) prefers N = 8, but N = 8 was measured slow and N = 4 fast, so N = 4 wins; N = 6,
+    never run, keeps its (optimistic) modelled rate and wins once it is rated above the measured ones."""
+    weight_bound = StepCostModel(base=1e-3, per_row=0.0, per_token=1e-7)
+    rows = [[0.8] * 7] * 4
+    model_only = choose_stride(rows, weight_bound, strides=(1, 4, 8))
+    assert model_only.stride == 8
+    c = choose_stride(rows, weight_bound, strides=(1, 4, 8), measured={8: 300.0, 4: 900.0, 1: 500.0})
+    assert c.stride == 4 and c.rates[4] == 900.0 * 4 and c.rates[1] == 500.0 * 4
+    c = choose_stride(rows, weight_bound, strides=(1, 4, 6, 8), measured={8: 300.0, 4: 500.0})
+    assert c.stride == 6 and c.rates[6] > 500.0 * 4  # never run, modelled: tried next
+
+
+def test_rate_tracker_window_buckets_and_staleness():
+    from idlm.decoding.stride_policy import RateTracker
+
+    t = RateTracker(window=4, min_samples=2, stale_steps=10)
+    t.observe(4, 8, rows=8, tokens=16, seconds=1e-3)  # 2 tokens per row per ms
+    assert t.rates(8) == {}  # one sample is not a measurement
+    t.observe(4, 8, rows=8, tokens=16, seconds=1e-3)
+    assert t.rates(8) == {4: 2000.0} and t.rates(16) == {}  # per batch bucket
+    t.observe(1, 8, rows=6, tokens=6, seconds=0.5e-3)
+    t.observe(1, 8, rows=6, tokens=6, seconds=0.5e-3)
+    assert t.rates(8) == {4: 2000.0, 1: 2000.0}
+    for _ in range(4):  # the window forgets older steps
+        t.observe(4, 8, rows=8, tokens=8, seconds=1e-3)
+    assert t.rates(8)[4] == 1000.0
+    for _ in range(10):  # stride 1 not run for stale_steps steps: re-measure it
+        t.observe(4, 8, rows=8, tokens=8, seconds=1e-3)
+    assert t.rates(8) == {4: 1000.0}
+    t.observe(4, 8, rows=0, tokens=0, seconds=1e-3)  # no rows, no sample
+    with pytest.raises(ValueError):
+        RateTracker(window=2, min_samples=3)

@@ -214,7 +214,7 @@ def step_phases(engine, prompt: list[int], params: SamplingParams) -> dict:
         patched.append((obj, attr))
 
     steps: list[float] = []
-    graphs0, generated0 = len(engine.runner._graphs), engine.counters["generated_tokens"]
+    graphs0, generated0 = engine.runner.graphs_captured, engine.counters["generated_tokens"]
     retries0 = torch.cuda.memory_stats(engine.runner.device).get("num_alloc_retries", 0) if cuda else 0
     if isinstance(engine.config.stride, int):
         engine._decoder(engine.config.stride)  # created before the run, so that it is timed
@@ -243,7 +243,7 @@ def step_phases(engine, prompt: list[int], params: SamplingParams) -> dict:
     rest = [s - a - b - c for s, a, b, c in zip(decode_steps, parts["inputs"], parts["decode"], parts["finish"])]
     return {"steps": len(decode_steps), "step_ms": ms(decode_steps), **{f"{k}_ms": ms(v) for k, v in parts.items()},
             "rest_ms": ms(rest), "max_step_ms": round(1e3 * max(decode_steps), 2) if decode_steps else None,
-            "new_graphs": len(engine.runner._graphs) - graphs0,  # (the first token comes from the prefill)
+            "new_graphs": engine.runner.graphs_captured - graphs0,  # (the first token comes from the prefill)
             "tokens_per_step": round((engine.counters["generated_tokens"] - generated0 - 1)
                                      / max(1, len(decode_steps)), 3), "eager_fallbacks": fallen_back(),
             "compile_fallbacks": compile_fallbacks(), **memory}

@@ -21,9 +21,13 @@ The math, as small pure functions:
   E = 1 + Σ_j Π_{i ≤ j} a_i (tokens of a verify step). With a_j = p this is SPEC §7's
   (2 + p + … + p^(N−2)) / (2 − p^(N−1)).
 - `acceptance_estimate`: per-position conditional acceptance from counts, smoothed by a prior.
-- `choose_stride`: argmax over N of Σ_rows TPF_row(N) / cost(batch, batch·(2N−1)), with a hysteresis
+- `choose_stride`: argmax over N of the batch's committed tokens per second — measured (`RateTracker`: the
+  engine's own recent steps of that stride at this batch size) where the stride has run, else modelled as
+  Σ_rows TPF_row(N) / cost(batch, batch·(2N−1)); the model is optimistic for long strides, so a stride it
+  rates best gets run once and is then judged by its measured rate — with a hysteresis
   (a change must gain a few percent: every change drops the rows' drafts), the modelled cost corrected
-  per stride by the measured/modelled ratio of the engine's own recent steps (`CostTracker`).
+  per stride by the median measured/modelled ratio of the engine's own recent steps (`CostTracker`;
+  steps that captured a CUDA graph or compiled a kernel are not counted).
 - `stride_to_probe`: while only ISD strides (or only plain AR steps) have run, a stride of the other kind
   whose expected rate comes close to the chosen one's is run for one interval, so its cost is measured
   rather than borrowed from a step of another kind.
@@ -32,6 +36,7 @@ The math, as small pure functions:
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Collection, Sequence
 
@@ -130,8 +135,13 @@ class StrideChoice:
 
 def choose_stride(row_accepts: Sequence[Sequence[float]], cost: StepCostModel, strides: Sequence[int] = STRIDES,
                   current: int | None = None, hysteresis: float = 0.03,
-                  cost_scale: dict[int, float] | None = None) -> StrideChoice:
-    """The batch's stride: argmax_N Σ_rows isd_tpf(a_row[:N−1]) / (cost(B, Q(N)) · scale_N). row_accepts:
+                  cost_scale: dict[int, float] | None = None,
+                  measured: dict[int, float] | None = None) -> StrideChoice:
+    """The batch's stride: argmax_N of its rate, committed tokens per second of the batch. A stride with a
+    `measured` rate (committed tokens per row-second of recent steps at this batch size, `RateTracker`)
+    is rated by it (× B); any other by the model, Σ_rows isd_tpf(a_row[:N−1]) / (cost(B, Q(N)) · scale_N),
+    which is optimistic for long strides (it takes acceptance per position as independent of N) — so an
+    unmeasured stride rated best is run, measured, and from then on judged by what it did. row_accepts:
     each row's conditional acceptance per position (at least max(strides) − 1 long); cost_scale: measured
     step time / modelled step time per stride (what the forward-only model misses: sampling, host work),
     1 where unknown. The current stride is kept unless another one is more than `hysteresis` faster (a
@@ -143,6 +153,9 @@ def choose_stride(row_accepts: Sequence[Sequence[float]], cost: StepCostModel, s
     B = len(row_accepts)
     rates = {}
     for n in strides:
+        if measured and n in measured:
+            rates[n] = measured[n] * B
+            continue
         tokens = sum(isd_tpf(a[: n - 1]) for a in row_accepts)
         rates[n] = tokens / (cost.cost(B, query_len_of(n)) * (cost_scale or {}).get(n, 1.0))
     best = max(rates, key=lambda n: (rates[n], -n))  # ties: the smaller stride
@@ -168,21 +181,63 @@ def stride_to_probe(choice: StrideChoice, measured: Collection[int], within: flo
 
 
 class CostTracker:
-    """Per stride, an exponential moving average of measured step time / modelled step time: corrects the
-    forward-only cost model for what it does not see (the decoder's sampling and acceptance work, host
-    bookkeeping) from the engine's own steps. A stride not yet run takes the ratio of the nearest stride
-    that has run (1 before any step), so only measured differences between strides move the choice."""
+    """Per stride, the median of the last `window` ratios measured step time / modelled step time: corrects
+    the forward-only cost model for what it does not see (the decoder's sampling and acceptance work, host
+    bookkeeping) from the engine's own steps. A median, not a mean: one slow step (a garbage collection, a
+    kernel compiled on first use) must not rate a stride thousands of times too slow, because a stride rated
+    too slow is never chosen again and so never re-measured (seen on the H200: a 4000x outlier kept the
+    policy on N = 8 where N = 4 was best). A stride not yet run takes the ratio of the nearest stride that
+    has run (1 before any step), so only measured differences between strides move the choice."""
 
-    def __init__(self, model: StepCostModel, decay: float = 0.9):
-        self.model, self.decay = model, decay
-        self.scale: dict[int, float] = {}
+    def __init__(self, model: StepCostModel, window: int = 16):
+        if window < 1:
+            raise ValueError(f"CostTracker window must be >= 1, got {window}")
+        self.model, self.window = model, window
+        self._ratios: dict[int, list[float]] = {}
+        self.scale: dict[int, float] = {}  # stride -> current estimate (median of its window)
 
     def observe(self, stride: int, batch: int, seconds: float) -> None:
-        r = seconds / self.model.cost(batch, query_len_of(stride))
-        old = self.scale.get(stride)
-        self.scale[stride] = r if old is None else self.decay * old + (1 - self.decay) * r
+        ratios = self._ratios.setdefault(stride, [])
+        ratios.append(seconds / self.model.cost(batch, query_len_of(stride)))
+        del ratios[:-self.window]
+        self.scale[stride] = statistics.median(ratios)
 
     def scales(self, strides: Sequence[int]) -> dict[int, float]:
         if not self.scale:
             return {n: 1.0 for n in strides}
         return {n: self.scale[min(self.scale, key=lambda m: (abs(m - n), m))] for n in strides}
+
+
+class RateTracker:
+    """Per (stride, batch bucket): what the engine's own recent steps committed, in tokens per row-second
+    (the median of the last `window` steps; a step's rate = tokens it committed / (rows × seconds)). This is
+    the quantity the policy maximises, measured, so it holds whatever the model gets wrong: a long stride's
+    drafts accepted less often than the shorter stride's measured acceptance suggests (seen on the H200 at
+    T = 0.7: N = 6 committed 1.91 tokens per step where N = 4 committed 2.30), a sampled step's host work.
+    Keyed by the runner's batch bucket because a step's cost is that of the bucket's CUDA graph. A rate
+    needs `min_samples` steps and expires `stale_steps` observed steps after its stride last ran at that
+    bucket (the workload may have changed: other temperatures, other prompts), so it gets re-measured."""
+
+    def __init__(self, window: int = 8, min_samples: int = 3, stale_steps: int = 2048):
+        if not 1 <= min_samples <= window or stale_steps < 1:
+            raise ValueError(f"RateTracker needs 1 <= min_samples <= window and stale_steps >= 1, got "
+                             f"window={window}, min_samples={min_samples}, stale_steps={stale_steps}")
+        self.window, self.min_samples, self.stale_steps = window, min_samples, stale_steps
+        self._samples: dict[tuple[int, int], list[float]] = {}
+        self._last: dict[tuple[int, int], int] = {}
+        self.steps = 0
+
+    def observe(self, stride: int, bucket: int, rows: int, tokens: int, seconds: float) -> None:
+        if rows < 1 or seconds <= 0:
+            return
+        self.steps += 1
+        key = (stride, bucket)
+        samples = self._samples.setdefault(key, [])
+        samples.append(tokens / (rows * seconds))
+        del samples[:-self.window]
+        self._last[key] = self.steps
+
+    def rates(self, bucket: int) -> dict[int, float]:
+        """stride -> measured tokens per row-second at this bucket (fresh and with enough samples only)."""
+        return {n: statistics.median(v) for (n, b), v in self._samples.items()
+                if b == bucket and len(v) >= self.min_samples and self.steps - self._last[(n, b)] < self.stale_steps}

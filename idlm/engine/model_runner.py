@@ -143,6 +143,16 @@ class ModelRunner:
         self._graphs: dict[tuple, tuple] = {}
         self._pool = None
 
+    def bucket(self, batch: int) -> int:
+        """The padded batch size a decode step of `batch` rows runs at (its CUDA graph's)."""
+        return _bucket(batch, self.batch_buckets)
+
+    @property
+    def graphs_captured(self) -> int:
+        """CUDA graphs captured so far (a step that captures one also compiles its kernels: seconds, not
+        milliseconds, so timing-based decisions skip it)."""
+        return len(self._graphs)
+
     def _blocks_from_memory(self, utilization: float, max_num_seqs: int) -> int:
         """Pages for the KV pool: `utilization` of the free device memory (less 512 MiB for activations
         and graphs), at most what max_num_seqs requests of full length can use. CPU: `_cpu_blocks`."""
@@ -297,7 +307,7 @@ class ModelRunner:
             t = {k: v.to(self.device) for k, v in self._batch_tensors(batch, B, pages).items()}
             dec = {k: v.to(self.device) for k, v in tensors.items()}
             return self._device_step(decoder, t, dec, static)
-        Bp = _bucket(B, self.batch_buckets)
+        Bp = self.bucket(B)
         M = min(_pow2_at_least(pages), self.max_pages)
         host = self._batch_tensors(batch, Bp, M)
         on_host, on_device = _decoder_inputs(tensors)
