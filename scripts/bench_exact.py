@@ -15,9 +15,18 @@ Stages (comma-separated argv[1], default all):
   speed     decode step cost, exact vs default: AR of idlm-tiny-ar at batch 1 and 64 (engine, CUDA graphs),
             and with SMOL=1 (GGUF in $IDLM_CACHE) SmolLM2 AR at batch 1 and 64; SHAPES=qwen3-8b (names of
             idlm.models.random.SHAPES, comma-separated) adds random-weight models of those shapes
+  mm        the exact-mode matmul alone: `invariant_linear` vs F.linear (cuBLAS), bf16, at M = 1 (a decode
+            step) and M = 64, for Qwen3-8B's weights (hidden 4096: fused qkv 6144 x 4096, o_proj 4096 x 4096,
+            fused gate/up 24576 x 4096, down 4096 x 12288, LM head 151936 x 4096); median of CUDA-event
+            timings over weight copies cycled past the L2 cache (a decode step reads every weight cold),
+            with the split-K count and column tile `invariant_linear` chose, and "layer/M*" the four layer
+            matmuls summed. SPLITS=1,2,4,8 also times each forced split count (tuning `split_k`). No model
+            is loaded when it runs alone
 
-    python scripts/bench_exact.py agree,bits,preempt,speed
+    python scripts/bench_exact.py agree,bits,preempt,speed,mm
+    python scripts/bench_exact.py mm                             (the matmul alone, ~20 s)
     SHAPES=qwen3-8b python scripts/bench_exact.py speed         (issue 16's 8B rows)
+    SPLIT_K=1 SHAPES=qwen3-8b python scripts/bench_exact.py speed   (the same, every split-K count forced)
 
 Logprobs (`SamplingParams.logprobs=0`) stand in for the logits: the logprob of the emitted token is a
 function of that position's whole logits row, so a flipped bit anywhere in the row changes it (up to
@@ -185,6 +194,11 @@ def stage_preempt(isd, *_):
 
 
 def stage_speed(isd, arc, lora):
+    if os.environ.get("SPLIT_K"):  # tuning: every exact-mode matmul with this many K splits
+        import idlm.layers.invariant as inv
+
+        inv.split_k = lambda n, k, sm, s=int(os.environ["SPLIT_K"]): inv.k_partition(k, s)[0]
+        results["split_k_forced"] = int(os.environ["SPLIT_K"])
     cases = [("idlm-tiny-ar", arc)]
     if os.environ.get("SMOL") == "1":
         cases.append(("smollm2", Case(*load_pretrained("smollm2-135m-instruct", dtype=DTYPE, device=DEV))))
@@ -213,12 +227,88 @@ def stage_speed(isd, arc, lora):
     emit("speed", out)
 
 
+# Qwen3-8B's linear weights [N, K]: hidden 4096, 32 query + 8 KV heads of 128, intermediate 12288, vocab 151936
+MM_SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (24576, 4096), "down": (4096, 12288),
+             "lm_head": (151936, 4096)}
+SMOKE_MM_SHAPES = {"qkv": (48, 256), "o_proj": (32, 32), "gate_up": (128, 32), "down": (32, 512),
+                   "lm_head": (64, 32)}
+
+
+def _time_ms(fn, xs, ws, iters, reps) -> float:
+    """Median over `reps` of the mean ms of `iters` calls fn(x, w), cycling through the weight copies `ws`.
+    On CUDA the calls are captured in one CUDA graph and replayed, as a decode step runs them: timing
+    eager calls would time Triton's host-side launch (tens of µs), not the kernels."""
+    for i in range(3):  # compile / autotune, warm the allocator
+        fn(xs, ws[i % len(ws)])
+    times = []
+    graph = None
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(iters):
+                fn(xs, ws[i % len(ws)])
+        graph.replay()
+    for _ in range(reps):
+        if DEV == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / iters)
+        else:
+            t0 = time.perf_counter()
+            for i in range(iters):
+                fn(xs, ws[i % len(ws)])
+            times.append((time.perf_counter() - t0) * 1e3 / iters)
+    return round(sorted(times)[len(times) // 2], 4)
+
+
+def stage_mm(*_):
+    from idlm.layers.invariant import block_n, invariant_linear, split_k
+    from idlm.layers.paged_kernel import device_sm_count
+
+    dtype = getattr(torch, DTYPE)
+    sm = device_sm_count(torch.device(DEV))
+    forced = [int(v) for v in os.environ.get("SPLITS", "").split(",") if v.strip()]
+    iters, reps = (1, 1) if SMOKE else (50, 5)
+    g = torch.Generator(device=DEV).manual_seed(0)
+    out = {}
+    for name, (n, k) in (SMOKE_MM_SHAPES if SMOKE else MM_SHAPES).items():
+        # enough copies of the weight that cycling through them misses the L2 cache (H200: 50 MB), as a decode
+        # step's weights do
+        copies = max(1, -(-(256 << 20) // (n * k * torch.finfo(dtype).bits // 8)))
+        ws = [torch.randn(n, k, generator=g, device=DEV, dtype=dtype) * k ** -0.5 for _ in range(copies)]
+        for m in (1, 64):
+            x = torch.randn(m, k, generator=g, device=DEV, dtype=dtype)
+            row = {"n": n, "k": k, "m": m, "splits": split_k(n, k, sm), "block_n": block_n(n, sm)}
+            row["invariant_ms"] = _time_ms(invariant_linear, x, ws, iters, reps)
+            row["torch_ms"] = _time_ms(torch.nn.functional.linear, x, ws, iters, reps)
+            row["invariant_over_torch"] = round(row["invariant_ms"] / row["torch_ms"], 3)
+            row["invariant_GBps"] = round(n * k * ws[0].element_size() / row["invariant_ms"] / 1e6, 1)  # weight bytes
+            for s in forced:
+                row[f"invariant_ms_splits{s}"] = _time_ms(lambda a, b, s=s: invariant_linear(a, b, splits=s), x, ws,
+                                                          iters, reps)
+            out[f"{name}/M{m}"] = row
+            print(json.dumps({f"mm/{name}/M{m}": row}), flush=True)
+        del ws
+    for m in (1, 64):  # one decoder layer's four matmuls
+        parts = [out[f"{name}/M{m}"] for name in ("qkv", "o_proj", "gate_up", "down")]
+        inv, ref = sum(p["invariant_ms"] for p in parts), sum(p["torch_ms"] for p in parts)
+        out[f"layer/M{m}"] = {"invariant_ms": round(inv, 4), "torch_ms": round(ref, 4),
+                              "invariant_over_torch": round(inv / ref, 3)}
+        print(json.dumps({f"mm/layer/M{m}": out[f"layer/M{m}"]}), flush=True)
+    emit("mm", out)
+
+
 def main() -> None:
-    stages = (sys.argv[1] if len(sys.argv) > 1 else "agree,bits,preempt,speed").split(",")
+    stages = (sys.argv[1] if len(sys.argv) > 1 else "agree,bits,preempt,speed,mm").split(",")
     t0 = time.time()
-    loaded = models()
+    loaded = models() if set(stages) - {"mm"} else (None, None, None)
     for stage in stages:
-        {"agree": stage_agree, "bits": stage_bits, "preempt": stage_preempt, "speed": stage_speed}[stage](*loaded)
+        {"agree": stage_agree, "bits": stage_bits, "preempt": stage_preempt, "speed": stage_speed,
+         "mm": stage_mm}[stage](*loaded)
     results["wall_s"] = round(time.time() - t0, 1)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "bench_exact.json"), "w") as f:
@@ -228,6 +318,8 @@ def main() -> None:
         summary["exact_identical"] = {k: v["identical"] for k, v in results["agree"].items() if k.startswith("exact")}
     if "speed" in results:
         summary["exact_over_default"] = {k: v["exact_over_default"] for k, v in results["speed"].items()}
+    if "mm" in results:
+        summary["mm_invariant_over_torch"] = {k: v["invariant_over_torch"] for k, v in results["mm"].items()}
     print(json.dumps(summary))
 
 
