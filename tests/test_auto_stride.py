@@ -22,7 +22,7 @@ def test_auto_stride_greedy_equals_ar(tiny, cost):
     prompts, params = _workload(tok, n=24, seed=11)
     want = _small_engine(model, tok, "ar", 4).run(prompts, params)
     eng = _small_engine(model, tok, "isd", "auto", step_cost=cost, auto_interval=2, num_pages=200)
-    eng._rates.rates = lambda bucket: {}  # the cost model alone decides (measured rates: tests below)
+    eng._times.seconds = lambda bucket: {}  # the cost model alone decides (measured step times: below)
     got = _engine_staggered(eng, prompts, params, per_step=4)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert sum(eng.stride_mix.values()) == eng.counters["decode_forwards"]
@@ -69,7 +69,7 @@ def test_the_choice_is_a_function_of_committed_statistics(tiny):
             pooled = pooled.merge(s.output.stats)
         current = eng._auto.stride if eng._auto is not None else None
         scales = eng._cost.scales(eng.config.strides)  # measured step times of earlier steps
-        measured = eng._rates.rates(eng.runner.bucket(len(decodes)))  # and what earlier steps committed
+        measured = eng._times.seconds(eng.runner.bucket(len(decodes)))  # and step times at this bucket
         choice = original(decodes)
         seen.append((snapshot, (list(pooled.accepted_per_position), list(pooled.verified_per_position)),
                      current, scales, measured, choice.stride))
@@ -79,7 +79,7 @@ def test_the_choice_is_a_function_of_committed_statistics(tiny):
     _engine_staggered(eng, prompts, params, per_step=4)
     assert len(seen) > 5
     cost = StepCostModel(*eng.config.step_cost)
-    assert any(m for *_, m, _ in seen)  # measured rates took part
+    assert any(m for *_, m, _ in seen)  # measured step times took part
     for rows, (acc, ver), current, scales, measured, stride in seen:
         prior = default_prior(acc, ver, 7)
         estimates = [acceptance_estimate(a, v, prior) for a, v in rows]

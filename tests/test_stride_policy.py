@@ -132,37 +132,40 @@ def test_stride_to_probe_measures_the_other_kind_of_step_once():
     assert stride_to_probe(StrideChoice(4, 1.0, {4: 1.0}), measured={1}) is None  # the choice itself: no probe
 
 
-def test_measured_rates_override_the_model():
-    """A stride that has run is rated by what it committed per second, not by the model: the model
-    (tokens nearly free) prefers N = 8, but N = 8 was measured slow and N = 4 fast, so N = 4 wins; N = 6,
-    never run, keeps its (optimistic) modelled rate and wins once it is rated above the measured ones."""
+def test_measured_step_times_override_the_model():
+    """A stride that has run at this batch size is costed by its measured step time, not by the model:
+    the model (query tokens nearly free) prefers N = 8, but N = 8's steps were measured 3x slower than
+    N = 4's, so N = 4 wins; N = 6, never run, keeps its modelled cost (the model's scale) and is rated by it."""
     weight_bound = StepCostModel(base=1e-3, per_row=0.0, per_token=1e-7)
     rows = [[0.8] * 7] * 4
-    model_only = choose_stride(rows, weight_bound, strides=(1, 4, 8))
-    assert model_only.stride == 8
-    c = choose_stride(rows, weight_bound, strides=(1, 4, 8), measured={8: 300.0, 4: 900.0, 1: 500.0})
-    assert c.stride == 4 and c.rates[4] == 900.0 * 4 and c.rates[1] == 500.0 * 4
-    c = choose_stride(rows, weight_bound, strides=(1, 4, 6, 8), measured={8: 300.0, 4: 500.0})
-    assert c.stride == 6 and c.rates[6] > 500.0 * 4  # never run, modelled: tried next
+    assert choose_stride(rows, weight_bound, strides=(1, 4, 8)).stride == 8
+    c = choose_stride(rows, weight_bound, strides=(1, 4, 8), measured={8: 3e-3, 4: 1e-3, 1: 0.9e-3})
+    assert c.stride == 4
+    assert c.rates[4] == pytest.approx(4 * isd_tpf([0.8] * 3) / 1e-3)
+    assert c.rates[1] == pytest.approx(4 / 0.9e-3)
+    c = choose_stride(rows, weight_bound, strides=(1, 4, 6, 8), measured={8: 3e-3, 4: 1e-3},
+                      cost_scale={6: 1.0})
+    assert c.stride == 6  # modelled at ~1 ms with more tokens per step: tried next
 
 
-def test_rate_tracker_window_buckets_and_staleness():
-    from idlm.decoding.stride_policy import RateTracker
+def test_step_timer_window_buckets_and_staleness():
+    from idlm.decoding.stride_policy import StepTimer
 
-    t = RateTracker(window=4, min_samples=2, stale_steps=10)
-    t.observe(4, 8, rows=8, tokens=16, seconds=1e-3)  # 2 tokens per row per ms
-    assert t.rates(8) == {}  # one sample is not a measurement
-    t.observe(4, 8, rows=8, tokens=16, seconds=1e-3)
-    assert t.rates(8) == {4: 2000.0} and t.rates(16) == {}  # per batch bucket
-    t.observe(1, 8, rows=6, tokens=6, seconds=0.5e-3)
-    t.observe(1, 8, rows=6, tokens=6, seconds=0.5e-3)
-    assert t.rates(8) == {4: 2000.0, 1: 2000.0}
+    t = StepTimer(window=4, min_samples=2, stale_steps=10)
+    t.observe(4, 8, 1e-3)
+    assert t.seconds(8) == {}  # one sample is not a measurement
+    t.observe(4, 8, 1e-3)
+    assert t.seconds(8) == {4: 1e-3} and t.seconds(16) == {}  # per batch bucket
+    t.observe(1, 8, 0.5e-3)
+    t.observe(1, 8, 2.0)  # a step that stalled: the median shrugs it off once there are more
+    t.observe(1, 8, 0.5e-3)
+    assert t.seconds(8) == {4: 1e-3, 1: 0.5e-3}
     for _ in range(4):  # the window forgets older steps
-        t.observe(4, 8, rows=8, tokens=8, seconds=1e-3)
-    assert t.rates(8)[4] == 1000.0
+        t.observe(4, 8, 2e-3)
+    assert t.seconds(8)[4] == 2e-3
     for _ in range(10):  # stride 1 not run for stale_steps steps: re-measure it
-        t.observe(4, 8, rows=8, tokens=8, seconds=1e-3)
-    assert t.rates(8) == {4: 1000.0}
-    t.observe(4, 8, rows=0, tokens=0, seconds=1e-3)  # no rows, no sample
+        t.observe(4, 8, 2e-3)
+    assert t.seconds(8) == {4: 2e-3}
+    t.observe(4, 8, 0.0)  # nothing measured, no sample
     with pytest.raises(ValueError):
-        RateTracker(window=2, min_samples=3)
+        StepTimer(window=2, min_samples=3)

@@ -21,10 +21,8 @@ The math, as small pure functions:
   E = 1 + Σ_j Π_{i ≤ j} a_i (tokens of a verify step). With a_j = p this is SPEC §7's
   (2 + p + … + p^(N−2)) / (2 − p^(N−1)).
 - `acceptance_estimate`: per-position conditional acceptance from counts, smoothed by a prior.
-- `choose_stride`: argmax over N of the batch's committed tokens per second — measured (`RateTracker`: the
-  engine's own recent steps of that stride at this batch size) where the stride has run, else modelled as
-  Σ_rows TPF_row(N) / cost(batch, batch·(2N−1)); the model is optimistic for long strides, so a stride it
-  rates best gets run once and is then judged by its measured rate — with a hysteresis
+- `choose_stride`: argmax over N of Σ_rows TPF_row(N) / step seconds(N), the step time measured at this
+  batch bucket where the stride has run (`StepTimer`), else cost(batch, batch·(2N−1)) — with a hysteresis
   (a change must gain a few percent: every change drops the rows' drafts), the modelled cost corrected
   per stride by the median measured/modelled ratio of the engine's own recent steps (`CostTracker`;
   steps that captured a CUDA graph or compiled a kernel are not counted).
@@ -137,15 +135,14 @@ def choose_stride(row_accepts: Sequence[Sequence[float]], cost: StepCostModel, s
                   current: int | None = None, hysteresis: float = 0.03,
                   cost_scale: dict[int, float] | None = None,
                   measured: dict[int, float] | None = None) -> StrideChoice:
-    """The batch's stride: argmax_N of its rate, committed tokens per second of the batch. A stride with a
-    `measured` rate (committed tokens per row-second of recent steps at this batch size, `RateTracker`)
-    is rated by it (× B); any other by the model, Σ_rows isd_tpf(a_row[:N−1]) / (cost(B, Q(N)) · scale_N),
-    which is optimistic for long strides (it takes acceptance per position as independent of N) — so an
-    unmeasured stride rated best is run, measured, and from then on judged by what it did. row_accepts:
-    each row's conditional acceptance per position (at least max(strides) − 1 long); cost_scale: measured
-    step time / modelled step time per stride (what the forward-only model misses: sampling, host work),
-    1 where unknown. The current stride is kept unless another one is more than `hysteresis` faster (a
-    change drops every row's drafts)."""
+    """The batch's stride: argmax_N of Σ_rows isd_tpf(a_row[:N−1]) / seconds_N, expected committed tokens
+    per second of the batch. seconds_N: the `measured` step time of stride N at this batch size
+    (`StepTimer`) where it has run, else the model's cost(B, Q(N)) · scale_N (cost_scale: measured /
+    modelled step time per stride, what the forward-only model misses — sampling, host work; 1 where
+    unknown). row_accepts: each row's conditional acceptance per position (at least max(strides) − 1 long;
+    positions never measured carry an optimistic prior, so a long stride may be rated best, run, and then
+    judged by what its drafts and steps really did). The current stride is kept unless another one is more
+    than `hysteresis` faster (a change drops every row's drafts)."""
     if not row_accepts:
         raise ValueError("choose_stride needs at least one row")
     if not strides or any(s < 1 or s > MAX_STRIDE for s in strides):
@@ -153,11 +150,9 @@ def choose_stride(row_accepts: Sequence[Sequence[float]], cost: StepCostModel, s
     B = len(row_accepts)
     rates = {}
     for n in strides:
-        if measured and n in measured:
-            rates[n] = measured[n] * B
-            continue
         tokens = sum(isd_tpf(a[: n - 1]) for a in row_accepts)
-        rates[n] = tokens / (cost.cost(B, query_len_of(n)) * (cost_scale or {}).get(n, 1.0))
+        seconds = (measured or {}).get(n) or cost.cost(B, query_len_of(n)) * (cost_scale or {}).get(n, 1.0)
+        rates[n] = tokens / seconds
     best = max(rates, key=lambda n: (rates[n], -n))  # ties: the smaller stride
     if current in rates and rates[best] <= rates[current] * (1.0 + hysteresis):
         best = current
@@ -208,36 +203,36 @@ class CostTracker:
         return {n: self.scale[min(self.scale, key=lambda m: (abs(m - n), m))] for n in strides}
 
 
-class RateTracker:
-    """Per (stride, batch bucket): what the engine's own recent steps committed, in tokens per row-second
-    (the median of the last `window` steps; a step's rate = tokens it committed / (rows × seconds)). This is
-    the quantity the policy maximises, measured, so it holds whatever the model gets wrong: a long stride's
-    drafts accepted less often than the shorter stride's measured acceptance suggests (seen on the H200 at
-    T = 0.7: N = 6 committed 1.91 tokens per step where N = 4 committed 2.30), a sampled step's host work.
-    Keyed by the runner's batch bucket because a step's cost is that of the bucket's CUDA graph. A rate
-    needs `min_samples` steps and expires `stale_steps` observed steps after its stride last ran at that
-    bucket (the workload may have changed: other temperatures, other prompts), so it gets re-measured."""
+class StepTimer:
+    """Per (stride, batch bucket), the measured seconds of the engine's recent decode steps (the median of
+    the last `window`). Keyed by the runner's batch bucket because a step runs that bucket's CUDA graph, so
+    its cost is the bucket's, not a smooth function of the batch size that `StepCostModel` can fit: the
+    engine's per-row host work, a sampled step's extra kernels and a graph's padding are all in it. A step
+    time needs `min_samples` steps and expires `stale_steps` observed steps after its stride last ran at
+    that bucket, so it gets re-measured. Step time, not committed tokens per second: tokens per step are
+    estimated from the acceptance counts of every step (`isd_tpf`), far less noisy at batch 1 than the
+    tokens of a few steps (at T = 1 one ISD step commits 1 to 4)."""
 
-    def __init__(self, window: int = 8, min_samples: int = 3, stale_steps: int = 2048):
+    def __init__(self, window: int = 16, min_samples: int = 3, stale_steps: int = 2048):
         if not 1 <= min_samples <= window or stale_steps < 1:
-            raise ValueError(f"RateTracker needs 1 <= min_samples <= window and stale_steps >= 1, got "
+            raise ValueError(f"StepTimer needs 1 <= min_samples <= window and stale_steps >= 1, got "
                              f"window={window}, min_samples={min_samples}, stale_steps={stale_steps}")
         self.window, self.min_samples, self.stale_steps = window, min_samples, stale_steps
         self._samples: dict[tuple[int, int], list[float]] = {}
         self._last: dict[tuple[int, int], int] = {}
         self.steps = 0
 
-    def observe(self, stride: int, bucket: int, rows: int, tokens: int, seconds: float) -> None:
-        if rows < 1 or seconds <= 0:
+    def observe(self, stride: int, bucket: int, seconds: float) -> None:
+        if seconds <= 0:
             return
         self.steps += 1
         key = (stride, bucket)
         samples = self._samples.setdefault(key, [])
-        samples.append(tokens / (rows * seconds))
+        samples.append(seconds)
         del samples[:-self.window]
         self._last[key] = self.steps
 
-    def rates(self, bucket: int) -> dict[int, float]:
-        """stride -> measured tokens per row-second at this bucket (fresh and with enough samples only)."""
+    def seconds(self, bucket: int) -> dict[int, float]:
+        """stride -> measured seconds of a step at this bucket (fresh and with enough samples only)."""
         return {n: statistics.median(v) for (n, b), v in self._samples.items()
                 if b == bucket and len(v) >= self.min_samples and self.steps - self._last[(n, b)] < self.stale_steps}

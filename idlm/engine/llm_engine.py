@@ -9,9 +9,9 @@ are rolled back and only committed tokens ever reach the prefix cache.
 
 The stride is chosen per step: fixed, by batch size (`EngineConfig.stride_schedule`), or adaptively
 (`stride="auto"`, ISD / R-ISD: every `auto_interval` steps the N ∈ 1..`auto_max_stride` that maximises
-committed tokens per second: measured on the engine's own recent steps at this batch size where that stride
-has run, else expected from the running requests' acceptance so far and a step-cost model of the device,
-`idlm.decoding.stride_policy`; N = 1 is a plain AR step). A request whose drafts were
+expected committed tokens per second, from the running requests' acceptance so far and each stride's step
+time — measured on the engine's own recent steps at this batch size where that stride has run, else a
+step-cost model of the device, `idlm.decoding.stride_policy`; N = 1 is a plain AR step). A request whose drafts were
 made under another stride restarts cold, which is exact; the choice reads only committed history.
 
 Fault isolation: a step computes everything (forward, sampling, results on the host) before it
@@ -54,8 +54,8 @@ from idlm.decoding.stops import StopChecker
 from idlm.decoding.stride_policy import (
     MAX_STRIDE,
     CostTracker,
-    RateTracker,
     StepCostModel,
+    StepTimer,
     StrideChoice,
     acceptance_estimate,
     choose_stride,
@@ -301,14 +301,14 @@ class LLMEngine:
         self.decode_stats = DecodeStats()  # SPEC §7 counters summed over finished and aborted requests
         self.stride_mix: dict[int, int] = {}  # decode steps per stride
         self._cost: CostTracker | None = None
-        self._rates: RateTracker | None = None
+        self._times: StepTimer | None = None
         self._auto: StrideChoice | None = None
         self._auto_steps = 0
         if config.stride == "auto":
             self._cost = CostTracker(StepCostModel(*config.step_cost) if config.step_cost is not None
                                      else calibrate_step_cost(self))
             # a stride tried for one interval must count as measured after it
-            self._rates = RateTracker(window=max(8, config.auto_interval), min_samples=min(3, config.auto_interval))
+            self._times = StepTimer(window=max(16, config.auto_interval), min_samples=min(3, config.auto_interval))
         self.counters = {"decode_forwards": 0, "prefill_forwards": 0, "prefill_tokens": 0, "decode_query_tokens": 0,
                          "generated_tokens": 0, "finished": 0, "aborted": 0, "failed": 0, "decode_time_s": 0.0,
                          "prefill_time_s": 0.0}
@@ -330,7 +330,7 @@ class LLMEngine:
         else:
             if self._auto is None or self._auto_steps % self.config.auto_interval == 0:
                 choice = self._choose_stride(decodes)
-                measured = self._rates.rates(self.runner.bucket(len(decodes)))
+                measured = self._times.seconds(self.runner.bucket(len(decodes)))
                 probe = stride_to_probe(choice, measured)  # measure a close stride of the kind never run
                 self._auto = choice if probe is None else StrideChoice(probe, choice.rates[probe], choice.rates)
             self._auto_steps += 1
@@ -351,7 +351,7 @@ class LLMEngine:
         current = self._auto.stride if self._auto is not None else None
         return choose_stride(rows, self._cost.model, self.config.strides, current=current,
                              cost_scale=self._cost.scales(self.config.strides),
-                             measured=self._rates.rates(self.runner.bucket(len(decodes))))
+                             measured=self._times.seconds(self.runner.bucket(len(decodes))))
 
     # ----------------------------------------------------------------- requests
 
@@ -423,16 +423,16 @@ class LLMEngine:
             self._isolated(self._prefill, sched.prefills, updates)
             self.counters["prefill_time_s"] += time.perf_counter() - t0
         if sched.decodes:
-            t0, graphs, tokens = time.perf_counter(), self.runner.graphs_captured, self.counters["generated_tokens"]
+            t0, graphs = time.perf_counter(), self.runner.graphs_captured
             self._isolated(lambda seqs, upd: self._decode(seqs, sched.decoder, upd), sched.decodes, updates)
             dt = time.perf_counter() - t0
             self.counters["decode_time_s"] += dt
             if self._cost is not None and self.runner.graphs_captured == graphs:
-                # the adaptive stride learns what its steps really cost and commit (not from a step that
-                # captured a graph: that one took seconds)
+                # the adaptive stride learns what its steps really cost (not from a step that captured a
+                # graph: that one took seconds)
                 rows, n = len(sched.decodes), sched.decoder.stride
                 self._cost.observe(n, rows, dt)
-                self._rates.observe(n, self.runner.bucket(rows), rows, self.counters["generated_tokens"] - tokens, dt)
+                self._times.observe(n, self.runner.bucket(rows), dt)
         return list(updates.values())
 
     # ----------------------------------------------------------------- fault isolation
