@@ -5,8 +5,10 @@ per-request tok/s over T ∈ {0, 0.7, 1} × C ∈ {1, 8, 64, 256}; plus each cel
     python scripts/bench_stride.py                 (bf16, CUDA graphs; JSON lines, a summary last,
                                                     and $OUT/bench_stride.json)
 Environment: REPS (default 3), MAX_TOKENS (128), CONCURRENCY ("1,8,64,256"), TEMPERATURES ("0,0.7,1"),
-MODES ("auto,n4"; the whole table took more than the device's 10-minute call limit on the H200: run
-MODES=auto and MODES=n4 as two calls).
+MODES ("auto,n4"; also n2 … n8, fixed strides — e.g. MODES=n2,n3,n5,n6,n7,n8 TEMPERATURES=0
+CONCURRENCY=1 for the best fixed N the issue compares `auto` with at T = 0, C = 1; the whole table took
+more than the device's 10-minute call limit on the H200: run MODES=auto and MODES=n4 as two calls, and
+split `auto` by TEMPERATURES if it explores many strides — each new stride compiles its step once).
 """
 
 from __future__ import annotations
@@ -48,7 +50,10 @@ def main() -> None:
                 json.dump(out, f, indent=1)
 
     modes = os.environ.get("MODES", "auto,n4").split(",")  # one per call fits the device's 10-minute limit
-    for label, stride in (m for m in (("auto", "auto"), ("n4", 4)) if m[0] in modes):
+    for label in modes:
+        if label != "auto" and not (label[:1] == "n" and label[1:].isdigit() and 2 <= int(label[1:]) <= 8):
+            raise SystemExit(f"MODES: {label!r} is neither 'auto' nor n2 … n8")
+        stride = "auto" if label == "auto" else int(label[1:])
         t0 = time.perf_counter()
         eng = LLMEngine(model, tok, EngineConfig(decoder="isd", stride=stride, max_num_seqs=max(conc),
                                                  num_pages=pages))
@@ -61,13 +66,21 @@ def main() -> None:
         table[label] = []
         for t in temps:
             for cc in conc:
+                t_cell, graphs = time.perf_counter(), eng.runner.graphs_captured
                 r = bench_compare(eng, prompts, [cc], [t], max_tokens=max_tokens, reps=reps, ar_engine=ar)[0]
                 row = {"temperature": r["temperature"], "concurrency": r["concurrency"],
                        "tok_s": r["per_request_tok_s"], "ar_tok_s": r["ar"]["per_request_tok_s"],
                        "over_ar": r["per_request_over_ar"], "tpf": r["tpf"], "stride_mix": r.get("stride_mix"),
                        "step_ms": r["decode_step_ms"], "ar_step_ms": r["ar"]["decode_step_ms"],
                        "reps": r.get("reps_per_request_tok_s"), "ar_reps": r["ar"].get("reps_per_request_tok_s"),
-                       "eager_fallbacks": r.get("eager_fallbacks"), "compile_fallbacks": r.get("compile_fallbacks")}
+                       "eager_fallbacks": r.get("eager_fallbacks"), "compile_fallbacks": r.get("compile_fallbacks"),
+                       # wall time of the cell (warm-up included: compiles and graph captures show here)
+                       "cell_s": round(time.perf_counter() - t_cell, 1),
+                       "new_graphs": eng.runner.graphs_captured - graphs}
+                if stride == "auto":  # what the policy knew at the end of the cell (ms per step)
+                    row["step_times_ms"] = {n: round(v * 1e3, 4) for n, v in
+                                            eng._times.seconds(eng.runner.bucket(cc)).items()}
+                    row["cost_scales"] = {n: round(v, 3) for n, v in eng._cost.scale.items()}
                 table[label].append(row)
                 print(json.dumps({label: row}), flush=True)
                 save()
