@@ -169,3 +169,34 @@ def test_step_timer_window_buckets_and_staleness():
     t.observe(4, 8, 0.0)  # nothing measured, no sample
     with pytest.raises(ValueError):
         StepTimer(window=2, min_samples=3)
+
+
+def test_batched_estimates_equal_the_per_row_functions():
+    """The engine's vectorised path (position_counts -> acceptance_rows -> isd_tpf_rows) gives what the
+    per-row reference functions give, for rows whose count lists have any length."""
+    import numpy as np
+
+    from idlm.decoding.base import DecodeStats
+    from idlm.decoding.stride_policy import acceptance_rows, isd_tpf_rows, position_counts
+
+    rng = random.Random(5)
+    stats = []
+    for _ in range(40):
+        st = DecodeStats()
+        st.verified_per_position = [rng.randint(0, 30) for _ in range(rng.randint(0, 9))]
+        st.accepted_per_position = [rng.randint(0, v) for v in st.verified_per_position]
+        stats.append(st)
+    acc, ver = position_counts(stats, 7)
+    assert acc.shape == ver.shape == (40, 7)
+    prior = default_prior(list(acc.sum(0)), list(ver.sum(0)), 7)
+    rows = acceptance_rows(acc, ver, prior)
+    for st, row in zip(stats, rows):
+        want = acceptance_estimate(st.accepted_per_position, st.verified_per_position, prior)
+        assert list(row) == want
+        for n in range(1, 9):
+            assert isd_tpf_rows(np.array([row[: n - 1]]))[0] == pytest.approx(isd_tpf(want[: n - 1]), abs=1e-12)
+    assert list(isd_tpf_rows(np.zeros((3, 0)))) == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError):
+        isd_tpf_rows(np.array([[1.5]]))
+    with pytest.raises(ValueError):
+        choose_stride([[0.5] * 3], StepCostModel(), strides=(1, 8))  # rows shorter than the longest stride

@@ -38,6 +38,8 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Collection, Sequence
 
+import numpy as np
+
 MAX_STRIDE = 8
 STRIDES = tuple(range(1, MAX_STRIDE + 1))
 
@@ -54,6 +56,39 @@ def isd_tpf(accept: Sequence[float]) -> float:
         run *= a
         verify_tokens += run
     return (1.0 - run + verify_tokens) / (2.0 - run)
+
+
+def isd_tpf_rows(accept) -> "np.ndarray":
+    """`isd_tpf` of many rows at once: accept [B, N−1] conditional acceptances -> [B] expected tokens per
+    forward at stride N (N = 1: a [B, 0] array, every row 1). The engine's path at large batches."""
+    a = np.asarray(accept, dtype=np.float64)
+    if a.ndim != 2:
+        raise ValueError(f"isd_tpf_rows needs a [rows, positions] array, got shape {a.shape}")
+    if a.size and not ((a >= 0.0) & (a <= 1.0)).all():
+        raise ValueError("acceptance probabilities must be in [0, 1]")
+    if a.shape[1] == 0:
+        return np.ones(a.shape[0])
+    run = np.cumprod(a, axis=1)  # P(drafts 1..j accepted)
+    p_all, verify_tokens = run[:, -1], 1.0 + run.sum(axis=1)
+    return (1.0 - p_all + verify_tokens) / (2.0 - p_all)
+
+
+def acceptance_rows(accepted, verified, prior: Sequence[float], strength: float = 8.0) -> "np.ndarray":
+    """`acceptance_estimate` of many rows at once: accepted / verified [B, k] counts (k = len(prior))
+    -> [B, k] smoothed conditional acceptance."""
+    acc, ver = np.asarray(accepted, dtype=np.float64), np.asarray(verified, dtype=np.float64)
+    p = np.asarray(prior, dtype=np.float64)
+    return (acc + strength * p) / (ver + strength)
+
+
+def position_counts(stats: Sequence, k: int) -> tuple["np.ndarray", "np.ndarray"]:
+    """(accepted, verified) [len(stats), k] int arrays of per-position draft counts from `DecodeStats`-like
+    objects (`accepted_per_position` / `verified_per_position` lists of any length: cut or padded to k)."""
+    acc, ver = np.zeros((len(stats), k), dtype=np.int64), np.zeros((len(stats), k), dtype=np.int64)
+    for i, st in enumerate(stats):
+        a, v = st.accepted_per_position[:k], st.verified_per_position[:k]
+        acc[i, :len(a)], ver[i, :len(v)] = a, v
+    return acc, ver
 
 
 def acceptance_estimate(accepted: Sequence[int], verified: Sequence[int], prior: Sequence[float],
@@ -143,14 +178,17 @@ def choose_stride(row_accepts: Sequence[Sequence[float]], cost: StepCostModel, s
     positions never measured carry an optimistic prior, so a long stride may be rated best, run, and then
     judged by what its drafts and steps really did). The current stride is kept unless another one is more
     than `hysteresis` faster (a change drops every row's drafts)."""
-    if not row_accepts:
+    if len(row_accepts) == 0:
         raise ValueError("choose_stride needs at least one row")
     if not strides or any(s < 1 or s > MAX_STRIDE for s in strides):
         raise ValueError(f"strides must be within 1..{MAX_STRIDE}, got {list(strides)}")
     B = len(row_accepts)
+    accepts = np.asarray(row_accepts, dtype=np.float64)  # [B, positions]
+    if accepts.ndim != 2 or accepts.shape[1] < max(strides) - 1:
+        raise ValueError(f"row_accepts must be [rows, >= {max(strides) - 1} positions], got {accepts.shape}")
     rates = {}
     for n in strides:
-        tokens = sum(isd_tpf(a[: n - 1]) for a in row_accepts)
+        tokens = float(isd_tpf_rows(accepts[:, : n - 1]).sum())
         seconds = (measured or {}).get(n) or cost.cost(B, query_len_of(n)) * (cost_scale or {}).get(n, 1.0)
         rates[n] = tokens / seconds
     best = max(rates, key=lambda n: (rates[n], -n))  # ties: the smaller stride

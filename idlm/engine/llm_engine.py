@@ -57,9 +57,10 @@ from idlm.decoding.stride_policy import (
     StepCostModel,
     StepTimer,
     StrideChoice,
-    acceptance_estimate,
+    acceptance_rows,
     choose_stride,
     default_prior,
+    position_counts,
     stride_to_probe,
 )
 from idlm.engine.block_manager import PageManager
@@ -342,12 +343,10 @@ class LLMEngine:
         """The adaptive stride from committed history only: each row's per-position acceptance counts,
         smoothed towards the pooled counts of every request (finished ones included)."""
         k = self.config.auto_max_stride - 1
-        pooled = self.decode_stats
-        for seq in decodes:
-            pooled = pooled.merge(seq.output.stats)
-        prior = default_prior(pooled.accepted_per_position, pooled.verified_per_position, k)
-        rows = [acceptance_estimate(s.output.stats.accepted_per_position, s.output.stats.verified_per_position,
-                                    prior) for s in decodes]
+        acc, ver = position_counts([s.output.stats for s in decodes], k)  # [B, k] each
+        done = position_counts([self.decode_stats], k)  # finished requests
+        prior = default_prior(list(acc.sum(0) + done[0][0]), list(ver.sum(0) + done[1][0]), k)
+        rows = acceptance_rows(acc, ver, prior)
         current = self._auto.stride if self._auto is not None else None
         return choose_stride(rows, self._cost.model, self.config.strides, current=current,
                              cost_scale=self._cost.scales(self.config.strides),
