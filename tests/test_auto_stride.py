@@ -145,3 +145,33 @@ def test_a_close_stride_never_run_is_probed_once(tiny):
     assert 8 not in eng.stride_mix
     ar = _small_engine(model, tok, "ar", 1).run(prompts, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in ar]
+
+
+def test_warmup_runs_every_stride_and_leaves_no_trace(tiny):
+    """`LLMEngine.warmup` runs each stride of an auto engine (greedy and sampled) and leaves the engine as
+    it found it: no requests, statistics, counters, stride mix or learned step times; what it serves
+    afterwards is what a fresh engine serves (greedy: AR's tokens)."""
+    model, tok = tiny
+    prompts, params = _workload(tok, n=6, seed=21)
+    eng = _small_engine(model, tok, "isd", "auto", step_cost=(1e-3, 0.0, 2e-5), auto_interval=2, num_pages=200)
+    before = (dict(eng.counters), eng.decode_stats.to_dict(), dict(eng.stride_mix))
+    seconds = eng.warmup()
+    assert sorted(seconds) == list(range(1, 9)) and all(s > 0 for s in seconds.values())
+    assert (dict(eng.counters), eng.decode_stats.to_dict(), dict(eng.stride_mix)) == before
+    assert not eng.has_unfinished() and not eng.seqs
+    assert eng._cost.scale == {} and eng._times.seconds(1) == {} and eng._auto is None
+    assert eng.block_manager.num_free_pages == eng.block_manager.num_pages  # (cached pages count as free)
+    eng.block_manager.check_invariants()
+    want = _small_engine(model, tok, "ar", 4).run(prompts, params)
+    got = eng.run(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    eng.add_request(prompts[0], params[0])
+    with pytest.raises(ConfigError, match="idle"):
+        eng.warmup()
+
+
+def test_warmup_of_a_fixed_stride_runs_that_stride_only(tiny):
+    model, tok = tiny
+    eng = _small_engine(model, tok, "isd", 3)
+    assert list(eng.warmup()) == [3]
+    assert eng.stride_mix == {} and eng.counters["decode_forwards"] == 0

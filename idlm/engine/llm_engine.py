@@ -305,6 +305,7 @@ class LLMEngine:
         self._times: StepTimer | None = None
         self._auto: StrideChoice | None = None
         self._auto_steps = 0
+        self._forced_stride: int | None = None  # `warmup` runs each stride in turn
         if config.stride == "auto":
             self._cost = CostTracker(StepCostModel(*config.step_cost) if config.step_cost is not None
                                      else calibrate_step_cost(self))
@@ -326,7 +327,9 @@ class LLMEngine:
 
     def _step_decoder(self, decodes: list[Sequence]):
         """The decoder of this step's decode rows: the one of the stride (fixed, scheduled or "auto")."""
-        if self.config.stride != "auto":
+        if self._forced_stride is not None:
+            n = self._forced_stride
+        elif self.config.stride != "auto":
             n = self.config.stride_for(len(decodes))
         else:
             if self._auto is None or self._auto_steps % self.config.auto_interval == 0:
@@ -615,6 +618,37 @@ class LLMEngine:
             for seq in seqs:
                 seq.output.text = seq.checker.text
         return [seq.output for seq in seqs]
+
+    def warmup(self, max_tokens: int = 6) -> dict[int, float]:
+        """Run every stride this engine may use (`EngineConfig.strides`) on a dummy request, once greedy and
+        once sampled, so that compiling each decode step and capturing its first CUDA graphs happen now, not
+        while requests wait: a `stride="auto"` engine would otherwise stall every running request for the
+        compile of each stride the policy tries first (on the H200 a bench cell spent minutes so). Call it on
+        an idle engine; it leaves no trace in what the engine reports or learns (statistics, counters, stride
+        mix, the adaptive stride's state and measurements are reset to what they were or fresh). -> wall
+        seconds per stride (both variants; on CUDA mostly compile and capture)."""
+        if self.has_unfinished():
+            raise ConfigError("warmup needs an idle engine (requests are running or waiting)")
+        saved = (self.decode_stats, dict(self.counters), dict(self.stride_mix), self._auto, self._auto_steps)
+        prompt = [1 + i % (self.model.config.vocab_size - 1) for i in range(8)]
+        seconds = {}
+        try:
+            for n in self.config.strides:
+                self._forced_stride = n
+                t0 = time.perf_counter()
+                for temperature in (0.0, 1.0):
+                    self.run([prompt], [SamplingParams(temperature=temperature, seed=0, max_tokens=max_tokens,
+                                                       ignore_eos=True)])
+                seconds[n] = round(time.perf_counter() - t0, 3)
+        finally:
+            self._forced_stride = None
+            for rid in list(self.seqs):  # only warm-up requests can be here (the engine was idle)
+                self.abort_request(rid)
+            self.decode_stats, self.counters, self.stride_mix, self._auto, self._auto_steps = saved
+            if self._cost is not None:  # what the dummy steps measured is not the workload's
+                self._cost = CostTracker(self._cost.model)
+                self._times = StepTimer(self._times.window, self._times.min_samples, self._times.stale_steps)
+        return seconds
 
     def kv_usage(self) -> dict:
         bm = self.block_manager
