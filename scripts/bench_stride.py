@@ -71,6 +71,7 @@ def main() -> None:
                 row = {"temperature": r["temperature"], "concurrency": r["concurrency"],
                        "tok_s": r["per_request_tok_s"], "ar_tok_s": r["ar"]["per_request_tok_s"],
                        "over_ar": r["per_request_over_ar"], "tpf": r["tpf"], "stride_mix": r.get("stride_mix"),
+                       "row_stride_mix": r.get("row_stride_mix"),
                        "step_ms": r["decode_step_ms"], "ar_step_ms": r["ar"]["decode_step_ms"],
                        "reps": r.get("reps_per_request_tok_s"), "ar_reps": r["ar"].get("reps_per_request_tok_s"),
                        "eager_fallbacks": r.get("eager_fallbacks"), "compile_fallbacks": r.get("compile_fallbacks"),

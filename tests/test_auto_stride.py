@@ -84,7 +84,7 @@ def test_the_choice_is_a_function_of_committed_statistics(tiny):
         prior = default_prior(acc, ver, 7)
         estimates = [acceptance_estimate(a, v, prior) for a, v in rows]
         assert choose_stride(estimates, cost, list(range(1, 9)), current=current, cost_scale=scales,
-                             measured=measured).stride == stride
+                             measured=measured, per_row=True).stride == stride
 
 
 def test_auto_stride_options_are_checked(tiny):
@@ -175,3 +175,68 @@ def test_warmup_of_a_fixed_stride_runs_that_stride_only(tiny):
     eng = _small_engine(model, tok, "isd", 3)
     assert list(eng.warmup()) == [3]
     assert eng.stride_mix == {} and eng.counters["decode_forwards"] == 0
+
+
+def _per_row_engine(model, tok, decoder, row_n, lora=None, step=4, **kw):
+    """An auto engine whose every choice is a step of stride `step` with each request's own stride
+    row_n[request index] (request ids are "0", "1", ... in submission order)."""
+    from idlm.decoding.stride_policy import StrideChoice
+
+    eng = _small_engine(model, tok, decoder, "auto", lora=lora, step_cost=WEIGHT_BOUND, auto_interval=1,
+                        num_pages=200, **kw)
+    eng._choose_stride = lambda decodes: StrideChoice(step, 1.0, {step: 1.0},
+                                                      [row_n[int(s.request_id)] for s in decodes])
+    return eng
+
+
+@pytest.mark.parametrize("decoder", ["isd", "risd"])
+def test_rows_of_different_strides_in_one_step_keep_greedy_ar(tiny, tiny_ar, decoder):
+    """Steps of stride 4 whose rows run N = 1, 2, 3 or 4 (blocks padded to 7 slots): greedy output is
+    AR's, request by request, for ISD and R-ISD; the row mix is reported."""
+    model, tok = tiny
+    lora = None
+    if decoder == "risd":
+        model, tok, lora = tiny_ar
+    prompts, params = _workload(tok, n=12, seed=31)
+    params = [SamplingParams(temperature=0, max_tokens=p.max_tokens + 8) for p in params]
+    row_n = [1, 2, 3, 4] * 3
+    eng = _per_row_engine(model, tok, decoder, row_n, lora=lora)
+    got = _engine_staggered(eng, prompts, params, per_step=4)
+    want = _small_engine(model, tok, "ar", 4).run(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert set(eng.row_stride_mix) == {1, 2, 3, 4} and set(eng.stride_mix) == {4}
+    assert sum(eng.row_stride_mix.values()) == sum(o.stats.forwards for o in got)  # each decode row once
+
+
+def test_a_seeded_row_samples_as_at_its_own_fixed_stride(tiny):
+    """A seeded T = 1 request that runs N = 2 or 3 inside steps of stride 4 (padded blocks, other rows of
+    other strides beside it) draws exactly the tokens it draws alone at that fixed stride: its uniforms
+    and distributions are its own (so the padded path inherits the fixed path's exactness)."""
+    model, tok = tiny
+    prompts, _ = _workload(tok, n=8, seed=32)
+    sampled = [SamplingParams(temperature=1.0, top_p=0.95, seed=500 + i, max_tokens=16, ignore_eos=True)
+               for i in range(8)]
+    row_n = [2, 3, 4, 1, 3, 2, 1, 4]
+    eng = _per_row_engine(model, tok, "isd", row_n)
+    mixed = eng.run(prompts, sampled)
+    assert set(eng.row_stride_mix) == {1, 2, 3, 4}
+    packed = _per_row_engine(model, tok, "isd", row_n)
+    packed.runner.packed_inputs = True  # the CUDA graph's input layout (k_row among the packed columns)
+    assert [o.token_ids for o in packed.run(prompts, sampled)] == [o.token_ids for o in mixed]
+    for i, n in enumerate(row_n):
+        if n == 1:
+            continue  # no fixed ISD stride of 1 (those rows are plain AR steps)
+        alone = _small_engine(model, tok, "isd", n).run([prompts[i]], [sampled[i]])[0]
+        assert alone.token_ids == mixed[i].token_ids, (i, n)
+
+
+def test_row_strides_pick_each_rows_best_n():
+    from idlm.decoding.stride_policy import row_strides
+
+    accepts = [[0.9, 0.0] + [0.0] * 5, [0.95] * 7, [0.0] * 7]
+    n, tpf = row_strides(accepts, range(1, 9), 8)
+    assert list(n) == [2, 8, 1]  # far drafts never accepted: N = 2; all good: 8; none: a plain AR step
+    assert list(row_strides(accepts, range(1, 9), 4)[0]) == [2, 4, 1]  # capped by the step's stride
+    c = choose_stride(accepts, StepCostModel(1e-3, 0.0, 1e-7), per_row=True)
+    assert c.stride == 8 and c.rows == [2, 8, 1]
+    assert c.rates[8] == pytest.approx(float(tpf.sum()) / StepCostModel(1e-3, 0.0, 1e-7).cost(3, 15))

@@ -86,10 +86,14 @@ def ar_engine_for(engine):
                           "to size both engines' pools", param="num_pages") from None
 
 
+def _delta(counts: dict[int, int], before: dict[int, int]) -> dict[int, int]:
+    return {n: c - before.get(n, 0) for n, c in sorted(counts.items()) if c > before.get(n, 0)}
+
+
 def _run(engine, prompts, params, wave: int) -> dict:
     seqs = []
     forwards0, decode_t0 = engine.counters["decode_forwards"], engine.counters["decode_time_s"]
-    mix0 = dict(engine.stride_mix)
+    mix0, rows0 = dict(engine.stride_mix), dict(engine.row_stride_mix)
     t0 = time.perf_counter()
     for i in range(0, len(prompts), wave):
         seqs += [engine.seqs[engine.add_request(p, params)] for p in prompts[i: i + wave]]
@@ -114,7 +118,9 @@ def _run(engine, prompts, params, wave: int) -> dict:
                                     / max(1, engine.counters["decode_forwards"] - forwards0), 4),
             "mean_ttft_s": round(statistics.mean(ttft), 4),
             # decode steps per stride N (1 = plain AR steps): the adaptive stride's mix
-            "stride_mix": {n: c - mix0.get(n, 0) for n, c in sorted(engine.stride_mix.items()) if c > mix0.get(n, 0)},
+            "stride_mix": _delta(engine.stride_mix, mix0),
+            # decode rows per the stride each row ran (auto per row: rows of one step may differ)
+            "row_stride_mix": _delta(engine.row_stride_mix, rows0),
             # fused functions that failed to compile and ran eagerly: such a run is not the compiled step's speed
             "eager_fallbacks": fallen_back(), "compile_fallbacks": compile_fallbacks()}
 

@@ -52,6 +52,9 @@ class ISDState:
     specs: list[int] = field(default_factory=list)  # V: drafts s_0..s_{K-1}
     spec_q: torch.Tensor | None = None  # V: [K, V] the distributions q̃ the drafts came from
     spec_qd: list[float] = field(default_factory=list)  # V: q̃_j(s_j), for the α statistic
+    # this row's own stride in the coming steps, <= the step's (the adaptive stride's per-row choice:
+    # a shorter block padded to the step's 2N−1 slots); None: the step's stride
+    n: int | None = None
 
 
 def draft_slots(mode: str, stride: int) -> range:
@@ -95,33 +98,61 @@ class ISDDecoder(Decoder):
         return ([ISDState("C", t) for t in tokens],
                 [StepResult([t], 0, [q], *lp) for t, q, lp in zip(tokens, probs, lps)])
 
+    def row_stride(self, state: ISDState) -> int:
+        """The N this row runs in a step of this decoder: its own (`ISDState.n`, at most the step's), or the
+        step's. A row of N < the step's fills the first 2N−1 slots of the block; the rest is padding (MASK
+        tokens after the row's last query position: causal attention keeps them out of the row's logits,
+        and their KV is never committed)."""
+        if state.n is None:
+            return self.stride
+        if not 1 <= state.n <= self.stride:
+            raise ValueError(f"a row's stride {state.n} must be within 1..{self.stride} (the step's)")
+        return state.n
+
     def _restart_stale(self, state: ISDState) -> None:
-        if state.mode == "V" and len(state.specs) != self.stride - 1:
+        if state.mode == "V" and len(state.specs) != self.row_stride(state) - 1:
             # drafts made under another stride (the engine may change N between steps): restart cold.
             # Exact: C only means "no drafts to verify"; the pending token is still the next input.
             state.mode, state.specs, state.spec_q, state.spec_qd = "C", [], None, []
 
     def block(self, state: ISDState) -> QueryBlock:
         self._restart_stale(state)
-        b = isd_block(state, self.stride, self.mask_token_id)
-        if not self.uses_lora:
-            b.gate = None
+        n = self.row_stride(state)
+        b = isd_block(state, n, self.mask_token_id) if n > 1 else QueryBlock([state.last], [False], [False])
+        pad = self.query_len - len(b.tokens)  # a shorter row's block, padded (see `row_stride`)
+        b.tokens, b.is_mask = b.tokens + [self.mask_token_id] * pad, b.is_mask + [True] * pad
+        b.gate = b.gate + [False] * pad if self.uses_lora else None
         return b
 
+    def row_strides(self, states) -> np.ndarray | None:
+        """[B] each row's N (`row_stride`), or None when every row runs the step's stride."""
+        if all(s.n is None or s.n == self.stride for s in states):
+            return None
+        return np.fromiter((self.row_stride(s) for s in states), np.int64, len(states))
+
     def blocks(self, states):
-        """`isd_block` of every state as arrays: [last, MASK...] (C) or [last, drafts, MASK...] (V)."""
+        """`isd_block` of every state as arrays: [last, MASK...] (C) or [last, drafts, MASK...] (V); a row
+        of a shorter stride (`row_stride`) fills the first 2n−1 slots, MASK padding after them."""
         n, B = self.stride, len(states)
         for s in states:
             self._restart_stale(s)
+        rows_n = self.row_strides(states)
         is_v = np.fromiter((s.mode == "V" for s in states), bool, B)
         tokens = np.full((B, self.query_len), self.mask_token_id, dtype=np.int64)
         tokens[:, 0] = np.fromiter((s.last for s in states), np.int64, B)
-        if is_v.any():
-            tokens[is_v, 1:n] = [s.specs for s in states if s.mode == "V"]
-        first_mask = np.where(is_v, n, 1)[:, None]  # the MASK slots: C 1.., V N..
+        if rows_n is None:
+            if is_v.any():
+                tokens[is_v, 1:n] = [s.specs for s in states if s.mode == "V"]
+            row_n = np.full((B, 1), n)
+        else:
+            for b in np.flatnonzero(is_v):
+                tokens[b, 1:rows_n[b]] = states[b].specs
+            row_n = rows_n[:, None]
+        first_mask = np.where(is_v[:, None], row_n, 1)  # the MASK slots: C 1.., V N.. (n = 1: none)
         index = np.arange(self.query_len)
         is_mask = index >= first_mask
-        gate = is_mask & (index < first_mask + n - 1) if self.uses_lora else None  # `draft_slots`
+        # `draft_slots`; a row of n = 1 has none
+        gate = is_mask & (index < first_mask + row_n - 1) if self.uses_lora else None
         return BlockBatch(tokens, is_mask, gate)
 
     fused = True
@@ -150,18 +181,27 @@ class ISDDecoder(Decoder):
     def step_inputs(self, states, params, rngs, vocab_size, device):
         k, B = self.stride - 1, len(states)
         fixed = self.batch_params(params)
+        rows_n = self.row_strides(states)
         is_v = np.fromiter((s.mode == "V" for s in states), bool, B)
         specs = np.zeros((B, k), dtype=np.int64)
-        if is_v.any():
-            specs[is_v] = [s.specs for s in states if s.mode == "V"]
+        if rows_n is None:
+            if is_v.any():
+                specs[is_v] = [s.specs for s in states if s.mode == "V"]
+        else:
+            for b in np.flatnonzero(is_v):
+                specs[b, :rows_n[b] - 1] = states[b].specs
         # small per-row tensors on the host (the engine packs them into one copy)
         tensors = {**fixed.tensors, "is_v": torch.from_numpy(is_v), "specs": torch.from_numpy(specs)}
+        if rows_n is not None:  # rows of other strides: each row's K (absent: every row the step's)
+            tensors["k_row"] = torch.from_numpy(rows_n - 1)
         if (is_v & ~fixed.rows["point_mass"]).any():  # a V row keeps the q̃ its drafts were sampled from
             qs = [s.spec_q if s.mode == "V" and s.spec_q is not None else None for s in states]
+            zeros = self._zeros(k, vocab_size, device)
+            if rows_n is not None:  # a shorter row's q̃ [k_b, V], padded to [K, V] with zeros
+                qs = [q if q is None or len(q) == k else torch.cat([q, zeros[len(q):]]) for q in qs]
             if B == 1:  # the kept q̃ itself (no copy: the engine copies it into its graph input anyway)
-                tensors["q_old"] = (qs[0] if qs[0] is not None else self._zeros(k, vocab_size, device))[None]
+                tensors["q_old"] = (qs[0] if qs[0] is not None else zeros)[None]
             else:
-                zeros = self._zeros(k, vocab_size, device)
                 tensors["q_old"] = torch.stack([q if q is not None else zeros for q in qs])  # [B, K, V]
         if fixed.sampled:  # each row's keys and draw number: its uniforms are drawn in `compute` (on the device)
             tensors["keys"], tensors["draw"] = take_draws(rngs)
@@ -172,7 +212,7 @@ class ISDDecoder(Decoder):
         static option `logprobs` = k is set (`clean_logprobs`), and the kept q̃ of the new drafts (or None)."""
         if greedy:
             # every row greedy: all p̃ and q̃ are point masses on argmaxes (alpha <= 1 changes nothing then)
-            packed, extra = greedy_isd_step(logits, tensors["is_v"], tensors["specs"]), None
+            packed, extra = greedy_isd_step(logits, tensors["is_v"], tensors["specs"], tensors.get("k_row")), None
         else:
             packed, extra = self._compute_sampled(logits, tensors, truncate)
         if logprobs is not None:
@@ -184,11 +224,13 @@ class ISDDecoder(Decoder):
         t = tensors
         return sampled_isd_step(logits, t["is_v"], t["specs"], t["temperature"], t["top_k"], t["top_p"],
                                 t["point_mass"], t["argmax_draft"], t["alpha"], t.get("keys"), t.get("draw"),
-                                t.get("q_old"), truncate)
+                                t.get("q_old"), truncate, t.get("k_row"))
 
     def finish(self, states, packed, extra, params, stats):
         """The packed columns (see `_compute_sampled`) -> each row's emitted tokens and next state."""
         k = self.stride - 1
+        rows_n = self.row_strides(states)
+        ks = [k] * len(states) if rows_n is None else (rows_n - 1).tolist()
         n_acc, final = packed[:, 0].astype(np.int64).tolist(), packed[:, 1].astype(np.int64).tolist()
         drafts, final_q = packed[:, 2: 2 + k].astype(np.int64).tolist(), packed[:, 2 + k].tolist()
         drafts_q = packed[:, 3 + k: 3 + 2 * k].tolist()
@@ -196,17 +238,19 @@ class ISDDecoder(Decoder):
         point_mass = self.batch_params(params).rows["point_mass"].tolist()
         results = []
         for b, s in enumerate(states):
-            j = n_acc[b]
+            j, kb = n_acc[b], ks[b]
             if s.mode == "C":
                 emitted, probs, advance = [final[b]], [final_q[b]], 1
-                stats[b].rounds["cold"] += 1
+                kind = "cold" if kb else "ar"  # kb = 0: a row of N = 1, a plain AR step
+                stats[b].rounds[kind] = stats[b].rounds.get(kind, 0) + 1
             else:
-                stats[b].record_verify(k, j)
+                stats[b].record_verify(kb, j)
                 emitted, probs, advance = s.specs[:j] + [final[b]], s.spec_qd[:j] + [final_q[b]], 1 + j
-            if s.mode == "C" or j == k:  # next: verify the new drafts
-                spec_q = None if point_mass[b] else kept_q[b]
-                s.mode, s.last, s.specs, s.spec_q, s.spec_qd = "V", final[b], drafts[b], spec_q, drafts_q[b]
-            else:  # a draft was rejected: cold start from the correction
+            if kb and (s.mode == "C" or j == kb):  # next: verify the new drafts
+                spec_q = None if point_mass[b] or kept_q[b] is None else kept_q[b][:kb]
+                s.mode, s.last, s.specs, s.spec_q, s.spec_qd = ("V", final[b], drafts[b][:kb], spec_q,
+                                                                drafts_q[b][:kb])
+            else:  # a draft was rejected (or the row drafts nothing): cold start from the final token
                 s.mode, s.last, s.specs, s.spec_q, s.spec_qd = "C", final[b], [], None, []
             res = StepResult(emitted, advance, probs)
             if params[b].logprobs is not None:  # emitted token i is predicted by clean index i
@@ -222,12 +266,16 @@ class ISDDecoder(Decoder):
 def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tensor, temperature: torch.Tensor,
                      top_k: torch.Tensor, top_p: torch.Tensor, point_mass: torch.Tensor, argmax_draft: torch.Tensor,
                      alpha: torch.Tensor, keys: torch.Tensor | None, draw: torch.Tensor | None,
-                     q_old: torch.Tensor | None, truncate: bool | int) -> tuple[torch.Tensor, torch.Tensor]:
+                     q_old: torch.Tensor | None, truncate: bool | int,
+                     k_row: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The sampled ISD step as one function (compiled into a few fused kernels on CUDA, inside the decode
     graph). logits [B, 2N−1, V]; per row: is_v, specs [B, K], temperature/top_k/top_p, point_mass,
     argmax_draft, alpha; keys [B, 2] / draw [B] (None: every row greedy with verify_alpha > 1); q_old
-    [B, K, V] the q̃ of a V row's drafts (None: all point masses) -> (packed [B, 2K+3], q̃ of the new
-    drafts [B, K, V]). No host sync, no data-dependent shapes."""
+    [B, K, V] the q̃ of a V row's drafts (None: all point masses); k_row [B] each row's own K = n − 1 <= K
+    (None: every row K; a shorter row's block fills the first 2n − 1 slots, specs / q_old zero-padded)
+    -> (packed [B, 2K+3], q̃ of the new drafts [B, K, V]; a shorter row's first k_row columns are its
+    own). A row's draws use uniform columns 0..k_row only, so it gets the same numbers as in a step of its
+    own stride. No host sync, no data-dependent shapes."""
     B, Q, V = logits.shape
     n = (Q + 1) // 2
     k = n - 1
@@ -244,8 +292,11 @@ def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tens
     # p̃ at the clean indices 0..K (C rows use index 0 only)  [B, N, V]
     p = filtered_probs(logits[:, :n].reshape(B * n, V), *_per_slot(rep, n), truncate).view(B, n, V)
 
-    # next drafts from the MASK slots (C: 1..N−1, V: N..2N−2)  [B, K]
-    idx = torch.where(is_v, n, 1)[:, None] + torch.arange(k, device=dev)
+    # next drafts from the MASK slots (C: 1..N−1, V: N..2N−2; a row of its own n: C 1..n−1, V n..2n−2)  [B, K]
+    kr = k_row if k_row is not None else None
+    idx = torch.where(is_v, n if kr is None else kr + 1, 1)[:, None] + torch.arange(k, device=dev)
+    if kr is not None:
+        idx = idx.clamp(max=Q - 1)  # a shorter row's columns past its own K: ignored on the host
     draft_logits = logits.gather(1, idx[..., None].expand(B, k, V))
     q_new = filtered_probs(draft_logits.reshape(B * k, V), *_per_slot(rep, k), truncate).view(B, k, V)
     sampled = q_new.argmax(-1) if u_tok is None else inverse_cdf(q_new, u_tok[:, :k])
@@ -253,12 +304,17 @@ def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tens
 
     # verify the previous drafts (V rows; C rows' results are ignored)
     n_acc, correction = verify_drafts(p[:, :k], specs, q_old, point_mass, alpha, u)
+    kb = k if kr is None else kr  # each row's K
+    if kr is not None:  # a shorter row has accepted all its drafts once its first k_row are
+        n_acc = torch.minimum(n_acc, kr)
 
     # the one token each row draws at the end: c (C), bonus c (V all accepted) or the correction
     rows = torch.arange(B, device=dev)
-    all_ok = is_v & (n_acc == k)
-    final_p = torch.where(is_v[:, None], torch.where(all_ok[:, None], p[rows, k], correction), p[:, 0])
-    final = final_p.argmax(-1) if u_tok is None else inverse_cdf(final_p, u_tok[:, k])
+    all_ok = is_v & (n_acc == kb)
+    bonus = p[rows, k] if kr is None else p[rows, kr]
+    final_p = torch.where(is_v[:, None], torch.where(all_ok[:, None], bonus, correction), p[:, 0])
+    u_final = None if u_tok is None else (u_tok[:, k] if kr is None else u_tok.gather(1, kr[:, None]).squeeze(1))
+    final = final_p.argmax(-1) if u_tok is None else inverse_cdf(final_p, u_final)
     final_q = final_p.gather(-1, final[:, None])
     drafts_q = q_new.gather(-1, new_drafts[..., None]).squeeze(-1)  # q̃_j(d_j) [B, K]
     # [B, 2K+3]: n_accepted, final token, K drafts, q(final), K q̃(draft) (ids exact in float32 < 2^24)
@@ -267,15 +323,24 @@ def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tens
 
 
 @cuda_fused
-def greedy_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tensor) -> torch.Tensor:
+def greedy_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tensor,
+                    k_row: torch.Tensor | None = None) -> torch.Tensor:
     """The greedy ISD step as one function (a couple of fused kernels on CUDA). logits [B, 2N−1, V],
-    is_v [B] bool, specs [B, K] -> packed [B, 2K+3] (see ISDDecoder.compute)."""
-    n = (logits.shape[1] + 1) // 2
+    is_v [B] bool, specs [B, K], k_row [B] each row's own K (None: all K; see `sampled_isd_step`)
+    -> packed [B, 2K+3] (see ISDDecoder.compute)."""
+    Q = logits.shape[1]
+    n = (Q + 1) // 2
     k = n - 1
     am = logits.argmax(-1)  # [B, 2N−1]: argmax at every index
     clean = am[:, :n]  # the clean indices 0..K
-    drafts = torch.where(is_v[:, None], am[:, n:], am[:, 1:n])  # MASK slots: V N..2N−2, C 1..N−1
     miss = specs != clean[:, :k]  # [B, K]
+    if k_row is None:
+        drafts = torch.where(is_v[:, None], am[:, n:], am[:, 1:n])  # MASK slots: V N..2N−2, C 1..N−1
+    else:  # a row of its own n: V n..2n−2, C 1..n−1; columns past its K are ignored on the host
+        cols = torch.arange(k, device=logits.device)
+        idx = (torch.where(is_v, k_row + 1, 1)[:, None] + cols).clamp(max=Q - 1)
+        drafts = am.gather(1, idx)
+        miss = miss | (cols >= k_row[:, None])  # stop after the row's own drafts
     n_acc = torch.where(miss.any(-1), miss.int().argmax(-1), k)  # leading accepted drafts
     final = torch.where(is_v, clean.gather(1, n_acc[:, None]).squeeze(1), clean[:, 0])
     ones = torch.ones_like(drafts, dtype=torch.float32)

@@ -26,6 +26,8 @@ The math, as small pure functions:
   (a change must gain a few percent: every change drops the rows' drafts), the modelled cost corrected
   per stride by the median measured/modelled ratio of the engine's own recent steps (`CostTracker`;
   steps that captured a CUDA graph or compiled a kernel are not counted).
+- `row_strides` (per_row): within a step of stride N each row runs its own n <= N, the one its acceptance
+  commits most tokens with; the block is padded to the step's 2N−1 slots (so the step's cost is N's).
 - `stride_to_probe`: while only ISD strides (or only plain AR steps) have run, a stride of the other kind
   whose expected rate comes close to the chosen one's is run for one interval, so its cost is measured
   rather than borrowed from a step of another kind.
@@ -161,15 +163,29 @@ def query_len_of(stride: int) -> int:
 
 @dataclass
 class StrideChoice:
-    stride: int
+    stride: int  # the step's stride: its query blocks are 2N−1 tokens (N = 1: a plain AR step)
     rate: float  # expected committed tokens per second of the batch at that stride
     rates: dict[int, float] = field(default_factory=dict)
+    rows: list[int] | None = None  # per_row: each row's own stride (<= stride) at choice time
+
+
+def row_strides(accepts, strides: Sequence[int], limit: int) -> tuple["np.ndarray", "np.ndarray"]:
+    """Each row's best stride among `strides` that are <= limit, by expected tokens per forward
+    (`isd_tpf`; ties: the smaller stride), and that TPF: accepts [B, >= limit − 1] -> ([B] int, [B] float).
+    In a step of stride `limit` every row pays for 2·limit − 1 query slots whatever its own N (the batch is
+    rectangular), so each row simply takes the N it commits most tokens with — not always the largest:
+    a row whose far drafts are rarely accepted cold-starts after most steps (TPF is not monotone in N)."""
+    a = np.asarray(accepts, dtype=np.float64)
+    cands = sorted(n for n in strides if n <= limit) or [limit]
+    tpf = np.stack([isd_tpf_rows(a[:, : n - 1]) for n in cands], axis=1)  # [B, candidates]
+    best = tpf.argmax(axis=1)  # the first maximum: the smaller stride on ties
+    return np.asarray(cands)[best], tpf[np.arange(len(a)), best]
 
 
 def choose_stride(row_accepts: Sequence[Sequence[float]], cost: StepCostModel, strides: Sequence[int] = STRIDES,
                   current: int | None = None, hysteresis: float = 0.03,
                   cost_scale: dict[int, float] | None = None,
-                  measured: dict[int, float] | None = None) -> StrideChoice:
+                  measured: dict[int, float] | None = None, per_row: bool = False) -> StrideChoice:
     """The batch's stride: argmax_N of Σ_rows isd_tpf(a_row[:N−1]) / seconds_N, expected committed tokens
     per second of the batch. seconds_N: the `measured` step time of stride N at this batch size
     (`StepTimer`) where it has run, else the model's cost(B, Q(N)) · scale_N (cost_scale: measured /
@@ -177,7 +193,8 @@ def choose_stride(row_accepts: Sequence[Sequence[float]], cost: StepCostModel, s
     unknown). row_accepts: each row's conditional acceptance per position (at least max(strides) − 1 long;
     positions never measured carry an optimistic prior, so a long stride may be rated best, run, and then
     judged by what its drafts and steps really did). The current stride is kept unless another one is more
-    than `hysteresis` faster (a change drops every row's drafts)."""
+    than `hysteresis` faster (a change drops every row's drafts). per_row: rows of one step may run
+    different N (`row_strides`): a step of stride N commits Σ_rows max_{n <= N} TPF_row(n)."""
     if len(row_accepts) == 0:
         raise ValueError("choose_stride needs at least one row")
     if not strides or any(s < 1 or s > MAX_STRIDE for s in strides):
@@ -188,13 +205,14 @@ def choose_stride(row_accepts: Sequence[Sequence[float]], cost: StepCostModel, s
         raise ValueError(f"row_accepts must be [rows, >= {max(strides) - 1} positions], got {accepts.shape}")
     rates = {}
     for n in strides:
-        tokens = float(isd_tpf_rows(accepts[:, : n - 1]).sum())
+        tokens = float((row_strides(accepts, strides, n)[1] if per_row else isd_tpf_rows(accepts[:, : n - 1])).sum())
         seconds = (measured or {}).get(n) or cost.cost(B, query_len_of(n)) * (cost_scale or {}).get(n, 1.0)
         rates[n] = tokens / seconds
     best = max(rates, key=lambda n: (rates[n], -n))  # ties: the smaller stride
     if current in rates and rates[best] <= rates[current] * (1.0 + hysteresis):
         best = current
-    return StrideChoice(best, rates[best], rates)
+    rows = row_strides(accepts, strides, best)[0].tolist() if per_row else None
+    return StrideChoice(best, rates[best], rates, rows)
 
 
 def stride_to_probe(choice: StrideChoice, measured: Collection[int], within: float = 0.75) -> int | None:

@@ -11,7 +11,8 @@ The stride is chosen per step: fixed, by batch size (`EngineConfig.stride_schedu
 (`stride="auto"`, ISD / R-ISD: every `auto_interval` steps the N ∈ 1..`auto_max_stride` that maximises
 expected committed tokens per second, from the running requests' acceptance so far and each stride's step
 time — measured on the engine's own recent steps at this batch size where that stride has run, else a
-step-cost model of the device, `idlm.decoding.stride_policy`; N = 1 is a plain AR step). A request whose drafts were
+step-cost model of the device, `idlm.decoding.stride_policy`; N = 1 is a plain AR step), and within it each row its own N <= the step's
+(`auto_per_row`: the row's block padded to the step's length). A request whose drafts were
 made under another stride restarts cold, which is exact; the choice reads only committed history.
 
 Fault isolation: a step computes everything (forward, sampling, results on the host) before it
@@ -91,6 +92,9 @@ class EngineConfig:
     stride: int | str = 4  # N (ISD/R-ISD), block size (SDAR); "auto" (ISD/R-ISD): the adaptive stride
     auto_max_stride: int = 8  # the largest N "auto" may pick
     auto_interval: int = 8  # decode steps between two choices of "auto"
+    # "auto": each row of a step runs its own N <= the step's (`row_strides`: the N its drafts commit most
+    # tokens with; the block is padded to the step's 2N−1 slots). False: every row the step's N
+    auto_per_row: bool = True
     # (base s, per row s, per query token s) of a decode step (`StepCostModel`); None with "auto": measured
     # at start-up on this device and cached (`idlm.engine.calibrate`)
     step_cost: tuple[float, float, float] | None = None
@@ -141,6 +145,8 @@ class EngineConfig:
         for name in ("page_size", "max_num_seqs", "max_num_batched_tokens", "auto_interval"):
             positive(name)
         positive("auto_max_stride")
+        if not isinstance(self.auto_per_row, bool):
+            raise ConfigError(f"invalid engine option auto_per_row={self.auto_per_row!r}: must be True or False")
         if self.auto_max_stride > MAX_STRIDE:
             raise ConfigError(f"invalid engine option auto_max_stride={self.auto_max_stride}: at most {MAX_STRIDE}")
         if self.stride == "auto" and self.decoder not in ("isd", "risd"):
@@ -300,7 +306,9 @@ class LLMEngine:
         self._batch: _BatchRows | None = None  # the last decode batch's lists
         self._ids = itertools.count()
         self.decode_stats = DecodeStats()  # SPEC §7 counters summed over finished and aborted requests
-        self.stride_mix: dict[int, int] = {}  # decode steps per stride
+        self.stride_mix: dict[int, int] = {}  # decode steps per stride (the step's: its query length)
+        self.row_stride_mix: dict[int, int] = {}  # decode rows per stride each row ran (auto per row)
+        self._auto_rows: dict[str, int] = {}  # request id -> its own stride at the last choice
         self._cost: CostTracker | None = None
         self._times: StepTimer | None = None
         self._auto: StrideChoice | None = None
@@ -337,10 +345,23 @@ class LLMEngine:
                 measured = self._times.seconds(self.runner.bucket(len(decodes)))
                 probe = stride_to_probe(choice, measured)  # measure a close stride of the kind never run
                 self._auto = choice if probe is None else StrideChoice(probe, choice.rates[probe], choice.rates)
+                rows = self._auto.rows or ()
+                self._auto_rows = {seq.request_id: r for seq, r in zip(decodes, rows) if r < self._auto.stride}
             self._auto_steps += 1
             n = self._auto.stride
+            self._set_row_strides(decodes, n)
         self.stride_mix[n] = self.stride_mix.get(n, 0) + 1
         return self._decoder(n)
+
+    def _set_row_strides(self, decodes: list[Sequence], n: int) -> None:
+        """Each row's own stride for a step of stride n (`ISDState.n`; None: n): what the last choice gave
+        it, n for rows that arrived since. Counted in `row_stride_mix`."""
+        mix, own = self.row_stride_mix, self._auto_rows if n > 1 else {}
+        for seq in decodes:
+            r = own.get(seq.request_id)
+            seq.state.n = r
+            r = r or n
+            mix[r] = mix.get(r, 0) + 1
 
     def _choose_stride(self, decodes: list[Sequence]) -> StrideChoice:
         """The adaptive stride from committed history only: each row's per-position acceptance counts,
@@ -353,7 +374,8 @@ class LLMEngine:
         current = self._auto.stride if self._auto is not None else None
         return choose_stride(rows, self._cost.model, self.config.strides, current=current,
                              cost_scale=self._cost.scales(self.config.strides),
-                             measured=self._times.seconds(self.runner.bucket(len(decodes))))
+                             measured=self._times.seconds(self.runner.bucket(len(decodes))),
+                             per_row=self.config.auto_per_row)
 
     # ----------------------------------------------------------------- requests
 
@@ -629,7 +651,8 @@ class LLMEngine:
         seconds per stride (both variants; on CUDA mostly compile and capture)."""
         if self.has_unfinished():
             raise ConfigError("warmup needs an idle engine (requests are running or waiting)")
-        saved = (self.decode_stats, dict(self.counters), dict(self.stride_mix), self._auto, self._auto_steps)
+        saved = (self.decode_stats, dict(self.counters), dict(self.stride_mix), dict(self.row_stride_mix),
+                 self._auto, self._auto_steps)
         prompt = [1 + i % (self.model.config.vocab_size - 1) for i in range(8)]
         seconds = {}
         try:
@@ -644,7 +667,8 @@ class LLMEngine:
             self._forced_stride = None
             for rid in list(self.seqs):  # only warm-up requests can be here (the engine was idle)
                 self.abort_request(rid)
-            self.decode_stats, self.counters, self.stride_mix, self._auto, self._auto_steps = saved
+            (self.decode_stats, self.counters, self.stride_mix, self.row_stride_mix, self._auto,
+             self._auto_steps) = saved
             if self._cost is not None:  # what the dummy steps measured is not the workload's
                 self._cost = CostTracker(self._cost.model)
                 self._times = StepTimer(self._times.window, self._times.min_samples, self._times.stale_steps)
