@@ -512,3 +512,22 @@ def test_200_streams_half_disconnecting_leak_no_pages(server):
     assert results.count("left") == n // 2 and results.count("done") == n // 2
     wait_idle(llm)
     still_serving(server)
+
+
+@pytest.mark.slow
+def test_serve_warmup_with_the_adaptive_stride(tmp_path):
+    """`idlm serve --stride auto --warmup` warms every stride up before it listens, then serves: the
+    first completion is answered, and the warm-up's requests are not in what the server reports."""
+    port = free_port()
+    proc = start_serve(port, "--stride", "auto", "--warmup", "--max-running-requests", "4", "--num-pages", "128",
+                       env={"IDLM_CACHE": str(tmp_path)})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        r = httpx.post(base + "/v1/completions", json={"prompt": "Copy this text exactly:\nabc", "max_tokens": 8,
+                                                      "temperature": 0}, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"]
+        # the warm-up's requests left no trace in the counters: one prompt, one prefill forward
+        assert metric(httpx.get(base + "/metrics", timeout=10).text, "idlm_prefill_forwards") == 1
+    finally:
+        proc.terminate()
+        proc.wait(30)

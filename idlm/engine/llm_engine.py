@@ -11,9 +11,10 @@ The stride is chosen per step: fixed, by batch size (`EngineConfig.stride_schedu
 (`stride="auto"`, ISD / R-ISD: every `auto_interval` steps the N ∈ 1..`auto_max_stride` that maximises
 expected committed tokens per second, from the running requests' acceptance so far and each stride's step
 time — measured on the engine's own recent steps at this batch size where that stride has run, else a
-step-cost model of the device, `idlm.decoding.stride_policy`; N = 1 is a plain AR step), and within it each row its own N <= the step's
-(`auto_per_row`: the row's block padded to the step's length). A request whose drafts were
-made under another stride restarts cold, which is exact; the choice reads only committed history.
+step-cost model of the device, `idlm.decoding.stride_policy`; N = 1 is a plain AR step), and within it
+each row its own N <= the step's (`auto_per_row`: the row's block padded to the step's length). A request
+whose drafts were made under another stride restarts cold, which is exact; the choice reads only committed
+history.
 
 Fault isolation: a step computes everything (forward, sampling, results on the host) before it
 changes any engine state, then applies each request's result on its own. If the computation

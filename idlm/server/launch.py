@@ -77,6 +77,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backend", dest="attention", default="auto", choices=ATTENTION_BACKENDS,
                    help="paged attention of decode steps: Triton kernel (auto: on CUDA) or gather + SDPA")
     p.add_argument("--exact", action="store_true", help=EXACT_HELP)
+    p.add_argument("--warmup", action="store_true",
+                   help="before listening, run every stride the engine may use (greedy and sampled) on a dummy "
+                        "request, so compiling and capturing decode steps does not stall the first requests "
+                        "(most useful with --stride auto on CUDA)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights' dtype (default: bfloat16 on CUDA, float32 on CPU)")
@@ -184,6 +188,9 @@ def cmd_serve(args) -> int:
                           max_num_seqs=args.max_running_requests, num_pages=args.num_pages,
                           attention=args.attention, stride_schedule=args.stride_schedule, exact=args.exact)
     engine = LLMEngine(model, tok, config, lora=lora)
+    if args.warmup:
+        seconds = engine.warmup()
+        logging.getLogger("idlm.server").info("warm-up: %.1f s (per stride: %s)", sum(seconds.values()), seconds)
     life = Lifecycle()
     exit_code = 0
 
