@@ -91,10 +91,17 @@ def _run(engine, prompts, n=10):
     return [(o.token_ids, o.logprobs) for o in engine.run(prompts, params)]
 
 
-def test_exact_engine_logprobs_identical_alone_batched_and_across_decoders():
+@pytest.mark.parametrize("split_k", [False, True])
+def test_exact_engine_logprobs_identical_alone_batched_and_across_decoders(split_k, monkeypatch):
     """The same greedy request: its tokens and the bits of every token's logprob (a function of that
     position's logits row) are the same alone, inside a batch of other requests (other lengths, prefill
-    chunks of other sizes), and for ISD N = 2 / 4 (verify rows of 2N−1-token blocks) as for AR."""
+    chunks of other sizes), and for ISD N = 2 / 4 (verify rows of 2N−1-token blocks) as for AR; also with
+    every projection's K split (`invariant.split_k`, which only large weights take on their own)."""
+    if split_k:
+        import idlm.layers.invariant as inv
+
+        monkeypatch.setattr(inv, "MIN_SPLIT_ELEMENTS", 0)
+        monkeypatch.setattr(inv, "BLOCK_K", 16)  # the tiny model's K of 64: four chunks to split
     torch.manual_seed(0)
     model = tiny_transformer(64, head_dim=16, mask_token_id=MASK)
     target = torch.randint(4, 64, (9,)).tolist()

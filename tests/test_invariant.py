@@ -104,9 +104,11 @@ def _rows_keep_bits(f, rows, g):
 
 @pytest.mark.parametrize("K,N,bias,splits", [(256, 48, True, None), (512, 48, False, None), (600, 40, True, 3),
                                              (640, 48, True, 3), (256, 48, False, 16)])
-def test_split_k_matches_torch_and_keeps_row_bits(K, N, bias, splits):
+def test_split_k_matches_torch_and_keeps_row_bits(K, N, bias, splits, monkeypatch):
+    import idlm.layers.invariant as inv
     from idlm.layers.invariant import k_partition, split_k
 
+    monkeypatch.setattr(inv, "MIN_SPLIT_ELEMENTS", 0)  # the automatic choice splits these small weights too
     S = k_partition(K, split_k(N, K, 132) if splits is None else splits)[0]
     assert S > 1  # these shapes take the split path (the interpreter's device counts 132 SMs)
     g = torch.Generator().manual_seed(K + N)
@@ -130,7 +132,7 @@ def test_split_k_half_precision_keeps_row_bits(dtype):
     w = (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype)
     b = torch.randn(N, generator=g).to(dtype)
     rows = torch.randn(64, K, generator=g).to(dtype)
-    full = _rows_keep_bits(lambda x: invariant_linear(x, w, b), rows, g)
+    full = _rows_keep_bits(lambda x: invariant_linear(x, w, b, splits=4), rows, g)
     assert full.dtype == dtype
     if dtype == torch.float16:
         want = torch.nn.functional.linear(rows.float(), w.float(), b.float())
@@ -153,7 +155,7 @@ def test_split_k_row_slabs_do_not_change_bits(monkeypatch):
 def test_split_choice_depends_on_the_weight_and_device_only():
     import inspect
 
-    from idlm.layers.invariant import BLOCK_K, MAX_SPLITS, PROGRAMS_PER_SM, block_n, k_partition, split_k
+    from idlm.layers.invariant import split_k
 
     assert list(inspect.signature(split_k).parameters) == ["n", "k", "sm_count"]  # no row count to depend on
     # Qwen3-8B on an H200 (132 SMs): qkv, o_proj, gate/up, down, LM head
@@ -162,6 +164,16 @@ def test_split_choice_depends_on_the_weight_and_device_only():
     assert split_k(24576, 4096, 132) == 2  # 384 tiles of 64 -> 768
     assert split_k(4096, 12288, 132) == 4
     assert split_k(151936, 4096, 132) == 1  # 2374 tiles already fill the SMs: one kernel, no partials
+    assert split_k(960, 576, 132) == 1  # SmolLM2's q/k/v: too small to gain from a second kernel
+    assert split_k(4096, 1024, 132) == 1  # below MIN_SPLIT_ELEMENTS
+    assert split_k(48, 1 << 16, 132) == 1  # 3.1 M elements: below the floor however few its tiles
+
+
+def test_split_choice_rule_without_the_size_floor(monkeypatch):
+    import idlm.layers.invariant as inv
+    from idlm.layers.invariant import BLOCK_K, MAX_SPLITS, PROGRAMS_PER_SM, block_n, k_partition, split_k
+
+    monkeypatch.setattr(inv, "MIN_SPLIT_ELEMENTS", 0)
     assert split_k(960, 64, 132) == 1  # a single BLOCK_K chunk cannot be split
     assert split_k(48, 1 << 16, 132) == MAX_SPLITS  # capped
     for n in (48, 960, 4096, 6144, 24576, 151936):

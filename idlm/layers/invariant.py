@@ -38,6 +38,11 @@ from idlm.layers.paged_kernel import device_sm_count
 BLOCK_M, BLOCK_K = 32, 128
 BLOCK_N_CHOICES = (64, 32, 16)
 PROGRAMS_PER_SM = 4  # split K until the grid of a one-row-tile (decode) launch has this many programs per SM
+# split only weights of at least this many elements (32 MiB in bf16): streaming a large weight with few
+# programs leaves HBM bandwidth unused, which K splits recover (an 8B model's projections: H200 exact/default
+# step 1.24x -> 1.13x at batch 1, docs/exact.md); a small weight is read in a few µs, where the second
+# kernel's launch would cost more than it saves (a 135M model's step is bound by kernel count)
+MIN_SPLIT_ELEMENTS = 1 << 24
 MAX_SPLITS = 16
 PARTIAL_ELEMENTS = 1 << 24  # float32 partial sums held at once (64 MiB): large M runs in row slabs
 REDUCE_BLOCK = 1024
@@ -65,11 +70,14 @@ def k_partition(k: int, splits: int) -> tuple[int, int]:
 
 
 def split_k(n: int, k: int, sm_count: int) -> int:
-    """K splits S for a weight [n, k] on a device of sm_count SMs: 1 when the column tiles of one row tile
-    (ceil(n / block_n)) already give PROGRAMS_PER_SM programs per SM, else the smallest power of two with
+    """K splits S for a weight [n, k] on a device of sm_count SMs: 1 for a weight of fewer than
+    MIN_SPLIT_ELEMENTS elements or when the column tiles of one row tile (ceil(n / block_n)) already give
+    PROGRAMS_PER_SM programs per SM, else the smallest power of two with
     tiles · S >= PROGRAMS_PER_SM · sm_count, at most MAX_SPLITS and at most the number of BLOCK_K chunks
     (`k_partition`). A function of the weight and the device only — never of the number of rows — so a
     row's partial sums and their reduction order are the same in every batch."""
+    if n * k < MIN_SPLIT_ELEMENTS:
+        return 1
     tiles = -(-n // block_n(n, sm_count))
     want = PROGRAMS_PER_SM * sm_count
     s = 1
