@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from idlm.bench import environment  # noqa: E402
+from idlm.bench import environment, save_record  # noqa: E402
 from idlm.bench.latency import bench_latency, bench_prefill  # noqa: E402
 from idlm.models.random import random_model  # noqa: E402
 
@@ -114,10 +114,7 @@ def main():
         t = time.time()
         globals()[f"stage_{s}"](model)
         results.setdefault("stage_s", {})[s] = round(time.time() - t, 1)
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "bench_8b.json"), "w") as f:
-            json.dump(results, f, indent=1)
+        save_record(results, "bench_8b.json")  # after every stage: a call cut off keeps what it measured
     summary = {"summary": True, "stage_s": results.get("stage_s")}
     if "roofline" in results:
         summary["efficiency_q1"] = {r["batch"]: r["efficiency"] for r in results["roofline"]["auto"]

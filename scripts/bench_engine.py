@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from idlm.bench import environment  # noqa: E402
+from idlm.bench import environment, save_record  # noqa: E402
 from idlm.bench.latency import bench_latency  # noqa: E402
 from idlm.bench.offline import bench_offline, bench_prompts  # noqa: E402
 from idlm.decoding import make_decoder  # noqa: E402
@@ -235,8 +235,5 @@ if __name__ == "__main__":
             traceback.print_exc()
             emit(f"{s}_error", repr(e))
         results.setdefault("stage_s", {})[s] = round(time.perf_counter() - t0, 1)
-        out = os.environ.get("OUT")
-        if out:
-            with open(os.path.join(out, "bench_engine.json"), "w") as f:
-                json.dump(results, f, indent=1)
+        save_record(results, "bench_engine.json")
     print(json.dumps(results))

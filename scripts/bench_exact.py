@@ -49,7 +49,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from idlm.bench import environment  # noqa: E402
+from idlm.bench import environment, save_record  # noqa: E402
 from idlm.bench.offline import bench_offline, bench_prompts  # noqa: E402
 from idlm.decoding.sampling import SamplingParams  # noqa: E402
 from idlm.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
@@ -309,10 +309,9 @@ def main() -> None:
     for stage in stages:
         {"agree": stage_agree, "bits": stage_bits, "preempt": stage_preempt, "speed": stage_speed,
          "mm": stage_mm}[stage](*loaded)
+        save_record(results, "bench_exact.json")  # after every stage: a call cut off keeps what it measured
     results["wall_s"] = round(time.time() - t0, 1)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "bench_exact.json"), "w") as f:
-            json.dump(results, f, indent=1)
+    save_record(results, "bench_exact.json")
     summary = {"summary": True, "wall_s": results["wall_s"]}
     if "agree" in results:
         summary["exact_identical"] = {k: v["identical"] for k, v in results["agree"].items() if k.startswith("exact")}

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from idlm.bench import environment  # noqa: E402
+from idlm.bench import environment, save_record  # noqa: E402
 from idlm.bench.offline import bench_offline, bench_prompts, step_phases  # noqa: E402
 from idlm.decoding.sampling import SamplingParams  # noqa: E402
 from idlm.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
@@ -323,10 +323,7 @@ def main():
         summary["step_risd_over_ar"] = {k: v["risd_fused_over_ar"] for k, v in results["step"].items()}
     if "tiny" in results:
         summary["tiny_risd_over_ar"] = {t: [r["risd_over_ar"] for r in rows] for t, rows in results["tiny"].items()}
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "bench_risd.json"), "w") as f:
-            json.dump(results, f, indent=1)
+    save_record(results, "bench_risd.json")
     print(json.dumps(summary), flush=True)
 
 

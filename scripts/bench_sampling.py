@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from idlm.bench import environment  # noqa: E402
+from idlm.bench import environment, save_record  # noqa: E402
 from idlm.bench.offline import bench_offline, bench_prompts  # noqa: E402
 from idlm.decoding import make_decoder  # noqa: E402
 from idlm.decoding.reference import generate  # noqa: E402
@@ -150,10 +150,7 @@ def main():
         summary["T1_over_T0_step"] = {k: v["T1_over_T0_step"] for k, v in results["step"].items()}
     if "invariant" in results:
         summary["invariant"] = {k: v["alone_equals_batched"] for k, v in results["invariant"].items()}
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "bench_sampling.json"), "w") as f:
-            json.dump(results, f, indent=1)
+    save_record(results, "bench_sampling.json")
     print(json.dumps(summary), flush=True)
 
 

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from idlm.bench import environment  # noqa: E402
+from idlm.bench import environment, save_record  # noqa: E402
 from idlm.bench.offline import ar_engine_for, bench_compare, bench_prompts  # noqa: E402
 from idlm.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from idlm.models.loader import load_pretrained  # noqa: E402
@@ -45,9 +45,7 @@ def main() -> None:
     def save() -> None:  # after every cell: a call stopped by the device's time limit keeps what it measured
         out["table"] = table
         out["min_over_ar"] = {k: min(r["over_ar"] for r in v) for k, v in table.items() if v}
-        if os.environ.get("OUT"):
-            with open(os.path.join(os.environ["OUT"], "bench_stride.json"), "w") as f:
-                json.dump(out, f, indent=1)
+        save_record(out, "bench_stride.json")
 
     modes = os.environ.get("MODES", "auto,n4").split(",")  # one per call fits the device's 10-minute limit
     for label in modes:

@@ -186,3 +186,17 @@ def test_stop_at_eos_lets_requests_end_and_is_reported(ckpt):
     natural = bench_offline(eng, prompts, [2], max_tokens=5, num_requests=2, warmup=False, stop_at_eos=True)[0]
     assert fixed["generated_tokens"] == 2 * 5 and fixed["stop_at_eos"] is False
     assert natural["generated_tokens"] == 2 and natural["stop_at_eos"] is True
+
+
+def test_save_record_writes_json_under_out_atomically(tmp_path, monkeypatch):
+    import json
+
+    from idlm.bench import save_record
+
+    monkeypatch.delenv("OUT", raising=False)
+    assert save_record({"a": 1}, "r.json") is None  # no $OUT: nothing written
+    monkeypatch.setenv("OUT", str(tmp_path))
+    save_record({"a": 1}, "r.json")
+    path = save_record({"a": 2, "stage": "second"}, "r.json")  # a later stage replaces the whole record
+    assert json.loads(open(path).read()) == {"a": 2, "stage": "second"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]  # no temp files left behind

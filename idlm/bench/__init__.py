@@ -9,3 +9,20 @@ def environment(device) -> dict:
     device = torch.device(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda}
+
+
+def save_record(record: dict, name: str) -> str | None:
+    """Write a benchmark record as $OUT/<name> (JSON, atomically), where the device tool collects outputs;
+    nothing without $OUT. A driver calls it after every stage, so a run stopped by a time limit keeps what
+    it measured. -> the path written, or None."""
+    import json
+    import os
+
+    from idlm.atomic import atomic_write_text
+
+    out = os.environ.get("OUT")
+    if not out:
+        return None
+    path = os.path.join(out, name)
+    atomic_write_text(path, json.dumps(record, indent=1))
+    return path
