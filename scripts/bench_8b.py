@@ -9,6 +9,8 @@ Stages (comma-separated argv[1], default all):
             gather + SDPA path, and the non-GEMM share of the step (1 − floor / latency)
   prefill   an 8k-token prompt in one 8k chunk and in 2k chunks: tokens/s, TFLOP/s, fraction of 790
   curve     the projection's input: Q = 1, 3, 5, 7, 15 × batch 1..128 at context 1024 (default: no split)
+  profile   torch.profiler of the forward-only decode step (batch 1 and 8, Q = 1 and 7, context 1024): GPU
+            kernel time and count per step, top kernels; tables in $OUT/profile_8b.txt (not in the default)
 
     python scripts/bench_8b.py roofline,long,prefill,curve
 
@@ -93,6 +95,50 @@ def stage_prefill(model):
     out = {f"chunk{c}": bench_prefill(model, n, chunk=c, iters=1 if SMOKE else 3, peak_tflops=790.0)
            for c in ((128, 32) if SMOKE else (8192, 2048))}
     emit("prefill", out)
+
+
+def stage_profile(model):
+    """Where a decode step's time goes beyond the weight matmuls: torch.profiler over the runner's
+    forward-only step (CUDA graph, as `bench_latency` times it), batch 1 and 8, Q = 1 and 7, context 1024:
+    GPU kernel time and count per step, the costliest kernels; the kernel tables go to
+    $OUT/profile_8b.txt."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from idlm.bench.profile import summarize
+    from idlm.engine.block_manager import PageManager
+    from idlm.engine.calibrate import ForwardOnly, context_rows, hold_context
+    from idlm.engine.model_runner import ModelRunner
+
+    batches, context = sizes([1, 8], 1024)
+    steps = 3 if SMOKE else 20
+    runner = ModelRunner(model, 16, (-(-(context + 7) // 16)) * max(batches) + 1, context + 7,
+                         cuda_graphs=DEV == "cuda", max_num_seqs=max(batches))
+    out, tables = {}, []
+    for B in batches:
+        bm = PageManager(runner.num_blocks, 16, enable_prefix_caching=False)
+        hold_context(bm, list(range(B)), context)
+        for Q in (1, 7):
+            rows, dec = context_rows(bm, list(range(B)), context, Q), ForwardOnly(Q)
+            for _ in range(3):  # capture and warm up outside the profile
+                runner.decode(rows, dec, {}, {})[0].tolist()
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+            t0 = time.perf_counter()
+            with profile(activities=activities) as prof:
+                for _ in range(steps):
+                    runner.decode(rows, dec, {}, {})[0].tolist()
+            wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+            out[f"B{B}/Q{Q}"] = {"wall_ms_per_step_profiled": round(wall_ms, 4), **summarize(prof, steps)}
+            tables.append(f"== batch {B}, Q {Q}, context {context}: {steps} steps ==\n"
+                          + prof.key_averages().table(sort_by="self_cuda_time_total" if DEV == "cuda"
+                                                      else "self_cpu_time_total", row_limit=30))
+            print(json.dumps({f"profile/B{B}/Q{Q}": {k: v for k, v in out[f"B{B}/Q{Q}"].items()
+                                                     if not k.startswith("top_host")}}), flush=True)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "profile_8b.txt"), "w") as f:
+            f.write("\n\n".join(tables))
+    del runner
+    release()
+    emit("profile", out)
 
 
 def stage_curve(model):
