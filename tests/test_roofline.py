@@ -108,3 +108,26 @@ def test_profile_summary_of_engine_steps():
     assert s["gpu_kernel_ms_per_step"] == 0 and s["kernels_per_step"] == 0  # CPU: no CUDA activity
     host = s["top_host_us_per_step"]
     assert len(host) == 3 and all(v[0] >= 0 and v[1] > 0 for v in host.values())
+
+
+@pytest.mark.slow
+def test_bench_8b_script_smoke(tmp_path):
+    """scripts/bench_8b.py (issue 14's GPU driver) CPU-sized: every stage runs and its record is on disk,
+    efficiencies are fractions, and the profile stage writes its kernel tables."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_8b.py"
+    env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(script), "roofline,long,prefill,curve,profile"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["summary"] is True
+    rec = json.loads((tmp_path / "bench_8b.json").read_text())
+    assert set(rec["stage_s"]) == {"roofline", "long", "prefill", "curve", "profile"}
+    assert all(0 < r["efficiency"] <= 1.5 for r in rec["roofline"]["auto"])
+    assert set(rec["profile"]) == {"B1/Q1", "B1/Q7", "B2/Q1", "B2/Q7"}
+    assert "batch 1, Q 1" in (tmp_path / "profile_8b.txt").read_text()
