@@ -338,6 +338,8 @@ class LLMEngine:
         """The decoder of this step's decode rows: the one of the stride (fixed, scheduled or "auto")."""
         if self._forced_stride is not None:
             n = self._forced_stride
+            if self._times is not None:  # auto: the warm-up's rows may run their own strides
+                self._set_row_strides(decodes, n)
         elif self.config.stride != "auto":
             n = self.config.stride_for(len(decodes))
         else:
@@ -655,17 +657,24 @@ class LLMEngine:
         saved = (self.decode_stats, dict(self.counters), dict(self.stride_mix), dict(self.row_stride_mix),
                  self._auto, self._auto_steps)
         prompt = [1 + i % (self.model.config.vocab_size - 1) for i in range(8)]
+        mixed = self._times is not None and self.config.auto_per_row  # steps whose rows run other strides
         seconds = {}
         try:
             for n in self.config.strides:
                 self._forced_stride = n
                 t0 = time.perf_counter()
                 for temperature in (0.0, 1.0):
-                    self.run([prompt], [SamplingParams(temperature=temperature, seed=0, max_tokens=max_tokens,
-                                                       ignore_eos=True)])
+                    params = SamplingParams(temperature=temperature, seed=0, max_tokens=max_tokens, ignore_eos=True)
+                    self.run([prompt], [params])
+                    if mixed and n > 1:  # two rows, the second a plain AR row: the per-row (k_row) step
+                        ids = [self.add_request(prompt, params, f"__warmup_{n}_{temperature}_{i}") for i in (0, 1)]
+                        self._auto_rows = {ids[1]: 1}
+                        while self.has_unfinished():
+                            self.step()
+                        self._auto_rows = {}
                 seconds[n] = round(time.perf_counter() - t0, 3)
         finally:
-            self._forced_stride = None
+            self._forced_stride, self._auto_rows = None, {}
             for rid in list(self.seqs):  # only warm-up requests can be here (the engine was idle)
                 self.abort_request(rid)
             (self.decode_stats, self.counters, self.stride_mix, self.row_stride_mix, self._auto,
