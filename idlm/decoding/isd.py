@@ -293,7 +293,7 @@ def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tens
     p = filtered_probs(logits[:, :n].reshape(B * n, V), *_per_slot(rep, n), truncate).view(B, n, V)
 
     # next drafts from the MASK slots (C: 1..N−1, V: N..2N−2; a row of its own n: C 1..n−1, V n..2n−2)  [B, K]
-    kr = k_row if k_row is not None else None
+    kr = k_row
     idx = torch.where(is_v, n if kr is None else kr + 1, 1)[:, None] + torch.arange(k, device=dev)
     if kr is not None:
         idx = idx.clamp(max=Q - 1)  # a shorter row's columns past its own K: ignored on the host
