@@ -124,9 +124,14 @@ class ISDDecoder(Decoder):
         b.gate = b.gate + [False] * pad if self.uses_lora else None
         return b
 
+    # set by an engine whose rows may run their own strides (the adaptive stride per row): its steps then
+    # always take the per-row inputs, so each stride compiles one step function, not two
+    per_row = False
+
     def row_strides(self, states) -> np.ndarray | None:
-        """[B] each row's N (`row_stride`), or None when every row runs the step's stride."""
-        if all(s.n is None or s.n == self.stride for s in states):
+        """[B] each row's N (`row_stride`), or None when every row runs the step's stride (and the decoder
+        is not `per_row`)."""
+        if not self.per_row and all(s.n is None or s.n == self.stride for s in states):
             return None
         return np.fromiter((self.row_stride(s) for s in states), np.int64, len(states))
 

@@ -331,6 +331,8 @@ class LLMEngine:
             else:
                 decoder = make_decoder(self.config.decoder, stride, self.model.config, self.tokenizer,
                                        self.config.threshold)
+                if self.config.stride == "auto" and self.config.auto_per_row:
+                    decoder.per_row = True  # every step with per-row inputs: one compiled step per stride
             self._decoders[stride] = decoder
         return self._decoders[stride]
 
@@ -338,7 +340,7 @@ class LLMEngine:
         """The decoder of this step's decode rows: the one of the stride (fixed, scheduled or "auto")."""
         if self._forced_stride is not None:
             n = self._forced_stride
-            if self._times is not None:  # auto: the warm-up's rows may run their own strides
+            if self._times is not None:  # auto: each row's own stride is the forced one
                 self._set_row_strides(decodes, n)
         elif self.config.stride != "auto":
             n = self.config.stride_for(len(decodes))
@@ -657,24 +659,17 @@ class LLMEngine:
         saved = (self.decode_stats, dict(self.counters), dict(self.stride_mix), dict(self.row_stride_mix),
                  self._auto, self._auto_steps)
         prompt = [1 + i % (self.model.config.vocab_size - 1) for i in range(8)]
-        mixed = self._times is not None and self.config.auto_per_row  # steps whose rows run other strides
         seconds = {}
         try:
-            for n in self.config.strides:
+            for n in self.config.strides:  # (an auto engine's decoders always take per-row inputs: one variant)
                 self._forced_stride = n
                 t0 = time.perf_counter()
                 for temperature in (0.0, 1.0):
-                    params = SamplingParams(temperature=temperature, seed=0, max_tokens=max_tokens, ignore_eos=True)
-                    self.run([prompt], [params])
-                    if mixed and n > 1:  # two rows, the second a plain AR row: the per-row (k_row) step
-                        ids = [self.add_request(prompt, params, f"__warmup_{n}_{temperature}_{i}") for i in (0, 1)]
-                        self._auto_rows = {ids[1]: 1}
-                        while self.has_unfinished():
-                            self.step()
-                        self._auto_rows = {}
+                    self.run([prompt], [SamplingParams(temperature=temperature, seed=0, max_tokens=max_tokens,
+                                                       ignore_eos=True)])
                 seconds[n] = round(time.perf_counter() - t0, 3)
         finally:
-            self._forced_stride, self._auto_rows = None, {}
+            self._forced_stride = None
             for rid in list(self.seqs):  # only warm-up requests can be here (the engine was idle)
                 self.abort_request(rid)
             (self.decode_stats, self.counters, self.stride_mix, self.row_stride_mix, self._auto,
