@@ -8,7 +8,8 @@ Environment: REPS (default 3), MAX_TOKENS (128), CONCURRENCY ("1,8,64,256"), TEM
 MODES ("auto,n4"; also n2 … n8, fixed strides — e.g. MODES=n2,n3,n5,n6,n7,n8 TEMPERATURES=0
 CONCURRENCY=1 for the best fixed N the issue compares `auto` with at T = 0, C = 1; the whole table took
 more than the device's 10-minute call limit on the H200: run MODES=auto and MODES=n4 as two calls, and
-split `auto` by TEMPERATURES if it explores many strides — each new stride compiles its step once).
+split `auto` by TEMPERATURES if it explores many strides — each new stride compiles its step once),
+AUTO_MAX_STRIDE (8: the largest N `auto` may pick; the issue's table uses 8).
 """
 
 from __future__ import annotations
@@ -53,8 +54,9 @@ def main() -> None:
             raise SystemExit(f"MODES: {label!r} is neither 'auto' nor n2 … n8")
         stride = "auto" if label == "auto" else int(label[1:])
         t0 = time.perf_counter()
+        auto = {"auto_max_stride": int(os.environ.get("AUTO_MAX_STRIDE", "8"))} if stride == "auto" else {}
         eng = LLMEngine(model, tok, EngineConfig(decoder="isd", stride=stride, max_num_seqs=max(conc),
-                                                 num_pages=pages))
+                                                 num_pages=pages, **auto))
         calib_s = time.perf_counter() - t0
         # compile and capture every stride before the cells (LLMEngine.warmup): the cost measured here,
         # not inside a cell's warm-up run
