@@ -66,6 +66,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from idlm.bench import save_record  # noqa: E402  (imports nothing heavy: this script also runs before torch)
+
 STATE = Path(os.environ.get("SMOL_STATE", "/root/smol"))
 SITE = STATE / "site"
 MODEL = "smollm2-135m-instruct"
@@ -76,9 +78,7 @@ results: dict = {}
 def emit(key: str, value) -> None:
     results[key] = value
     print(json.dumps({key: value}), flush=True)
-    if OUT:
-        with open(os.path.join(OUT, f"{key}.json"), "w") as f:
-            json.dump(value, f, indent=1)
+    save_record(value, f"{key}.json", OUT)
 
 
 def env() -> dict:

@@ -11,16 +11,16 @@ def environment(device) -> dict:
     return {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda}
 
 
-def save_record(record: dict, name: str) -> str | None:
-    """Write a benchmark record as $OUT/<name> (JSON, atomically), where the device tool collects outputs;
-    nothing without $OUT. A driver calls it after every stage, so a run stopped by a time limit keeps what
-    it measured. -> the path written, or None."""
+def save_record(record, name: str, out: str | None = None) -> str | None:
+    """Write a benchmark record as <out>/<name> (JSON, atomically); `out` defaults to $OUT, where the device
+    tool collects outputs; nothing without either. A driver calls it after every stage, so a run stopped by
+    a time limit keeps what it measured. -> the path written, or None."""
     import json
     import os
 
     from idlm.atomic import atomic_write_text
 
-    out = os.environ.get("OUT")
+    out = out or os.environ.get("OUT")
     if not out:
         return None
     path = os.path.join(out, name)

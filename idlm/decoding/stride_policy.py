@@ -48,16 +48,9 @@ STRIDES = tuple(range(1, MAX_STRIDE + 1))
 
 def isd_tpf(accept: Sequence[float]) -> float:
     """Expected committed tokens per forward of ISD with stride len(accept) + 1 (see the module
-    docstring); accept[j] = P(draft j+1 accepted | drafts before it accepted). [] -> 1 (plain AR)."""
-    if not accept:
-        return 1.0
-    run, verify_tokens = 1.0, 1.0
-    for a in accept:
-        if not 0.0 <= a <= 1.0:
-            raise ValueError(f"acceptance probabilities must be in [0, 1], got {a}")
-        run *= a
-        verify_tokens += run
-    return (1.0 - run + verify_tokens) / (2.0 - run)
+    docstring); accept[j] = P(draft j+1 accepted | drafts before it accepted). [] -> 1 (plain AR).
+    One row of `isd_tpf_rows`."""
+    return float(isd_tpf_rows(np.asarray(accept, dtype=np.float64).reshape(1, -1))[0])
 
 
 def isd_tpf_rows(accept) -> "np.ndarray":
@@ -97,13 +90,11 @@ def acceptance_estimate(accepted: Sequence[int], verified: Sequence[int], prior:
                         strength: float = 8.0) -> list[float]:
     """Per-position conditional acceptance: (accepted_j + s·prior_j) / (verified_j + s) for j < len(prior);
     positions with no counts take the prior. accepted/verified: a request's `DecodeStats` per-position
-    counts (verified_j = drafts at position j that were checked, accepted_j = those accepted)."""
-    out = []
-    for j, p in enumerate(prior):
-        a = accepted[j] if j < len(accepted) else 0
-        v = verified[j] if j < len(verified) else 0
-        out.append((a + strength * p) / (v + strength))
-    return out
+    counts (verified_j = drafts at position j that were checked, accepted_j = those accepted). One row of
+    `acceptance_rows`."""
+    k = len(prior)
+    pad = lambda c: list(c[:k]) + [0] * (k - len(c[:k]))  # noqa: E731
+    return acceptance_rows([pad(accepted)], [pad(verified)], prior, strength)[0].tolist()
 
 
 def default_prior(accepted: Sequence[int], verified: Sequence[int], length: int = MAX_STRIDE - 1,

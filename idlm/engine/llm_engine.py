@@ -362,6 +362,11 @@ class LLMEngine:
         """Each row's own stride for a step of stride n (`ISDState.n`; None: n): what the last choice gave
         it, n for rows that arrived since. Counted in `row_stride_mix`."""
         mix, own = self.row_stride_mix, self._auto_rows if n > 1 else {}
+        if not own:  # the common case: every row runs the step's stride
+            for seq in decodes:
+                seq.state.n = None
+            mix[n] = mix.get(n, 0) + len(decodes)
+            return
         for seq in decodes:
             r = own.get(seq.request_id)
             seq.state.n = r
@@ -373,8 +378,8 @@ class LLMEngine:
         smoothed towards the pooled counts of every request (finished ones included)."""
         k = self.config.auto_max_stride - 1
         acc, ver = position_counts([s.output.stats for s in decodes], k)  # [B, k] each
-        done = position_counts([self.decode_stats], k)  # finished requests
-        prior = default_prior(list(acc.sum(0) + done[0][0]), list(ver.sum(0) + done[1][0]), k)
+        acc_done, ver_done = position_counts([self.decode_stats], k)  # [1, k]: finished requests
+        prior = default_prior(list(acc.sum(0) + acc_done[0]), list(ver.sum(0) + ver_done[0]), k)
         rows = acceptance_rows(acc, ver, prior)
         current = self._auto.stride if self._auto is not None else None
         return choose_stride(rows, self._cost.model, self.config.strides, current=current,
