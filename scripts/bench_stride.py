@@ -29,6 +29,13 @@ from idlm.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from idlm.models.loader import load_pretrained  # noqa: E402
 
 
+def dynamo_graphs() -> int:
+    """torch.compile graphs compiled so far in this process (every engine's, the AR baseline's too)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def main() -> None:
     reps = int(os.environ.get("REPS", "3"))
     max_tokens = int(os.environ.get("MAX_TOKENS", "128"))
@@ -60,7 +67,9 @@ def main() -> None:
         calib_s = time.perf_counter() - t0
         # compile and capture every stride before the cells (LLMEngine.warmup): the cost measured here,
         # not inside a cell's warm-up run
+        compiles = dynamo_graphs()
         out.setdefault("warmup_s", {})[label] = eng.warmup()
+        out.setdefault("warmup_compiles", {})[label] = dynamo_graphs() - compiles
         print(json.dumps({"warmup_s": {label: out["warmup_s"][label]}}), flush=True)
         ar = ar_engine_for(eng)
         if stride == "auto":
@@ -70,7 +79,7 @@ def main() -> None:
         table[label] = []
         for t in temps:
             for cc in conc:
-                t_cell, graphs = time.perf_counter(), eng.runner.graphs_captured
+                t_cell, graphs, compiles = time.perf_counter(), eng.runner.graphs_captured, dynamo_graphs()
                 r = bench_compare(eng, prompts, [cc], [t], max_tokens=max_tokens, reps=reps, ar_engine=ar)[0]
                 row = {"temperature": r["temperature"], "concurrency": r["concurrency"],
                        "tok_s": r["per_request_tok_s"], "ar_tok_s": r["ar"]["per_request_tok_s"],
@@ -81,7 +90,8 @@ def main() -> None:
                        "eager_fallbacks": r.get("eager_fallbacks"), "compile_fallbacks": r.get("compile_fallbacks"),
                        # wall time of the cell (warm-up included: compiles and graph captures show here)
                        "cell_s": round(time.perf_counter() - t_cell, 1),
-                       "new_graphs": eng.runner.graphs_captured - graphs}
+                       "new_graphs": eng.runner.graphs_captured - graphs,
+                       "new_compiles": dynamo_graphs() - compiles}  # torch.compile graphs (seconds each)
                 if stride == "auto":  # what the policy knew at the end of the cell (ms per step)
                     row["step_times_ms"] = {n: round(v * 1e3, 4) for n, v in
                                             eng._times.seconds(eng.runner.bucket(cc)).items()}

@@ -253,3 +253,18 @@ def test_row_strides_pick_each_rows_best_n():
     c = choose_stride(accepts, StepCostModel(1e-3, 0.0, 1e-7), per_row=True)
     assert c.stride == 8 and c.rows == [2, 8, 1]
     assert c.rates[8] == pytest.approx(float(tpf.sum()) / StepCostModel(1e-3, 0.0, 1e-7).cost(3, 15))
+
+
+def test_a_step_is_never_longer_than_its_longest_row():
+    """Every row commits most with N = 4 (later drafts are never accepted): longer strides would only pad
+    the blocks, so the step is N = 4 — even when N = 8 is the current stride, and even when the cost model
+    rates every stride's step alike (seen on the H200: N = 8 steps whose rows all ran 4)."""
+    accepts = [[0.9, 0.9, 0.9] + [0.0] * 4] * 3
+    flat = StepCostModel(1e-3, 0.0, 0.0)  # a longer query costs nothing more
+    for current in (None, 8, 6):
+        c = choose_stride(accepts, flat, per_row=True, current=current)
+        assert c.stride == 4 and c.rows == [4, 4, 4], current
+        assert c.rates[8] == c.rates[4]  # N = 8 runs as an N = 4 step
+    # the step time measured at N = 4 is what every longer N is rated with
+    c = choose_stride(accepts, flat, per_row=True, measured={4: 1.1e-3, 8: 1e-3})
+    assert c.stride == 4 and c.rates[8] == pytest.approx(c.rates[4])

@@ -435,3 +435,31 @@ def test_in_memory_adapter_that_does_not_fit_is_refused():
         adapter = LoRAAdapter(ModelConfig(**{**base, **change}), LoRAConfig(rank=2, alpha=2))
         with pytest.raises(ConfigError, match=f"does not fit the model: it was built for {next(iter(change))}="):
             generate(model, ISDDecoder(3, None, lora=True), [[1, 2]], SamplingParams(max_tokens=3), lora=adapter)
+
+
+def test_kept_q_takes_each_rows_own_columns_from_the_last_steps_output():
+    """`_kept_q` (one gather from the last step's q̃ output) gives every V row with kept drafts its own
+    first k_b columns, in any row order, when the step's K shrank or grew — as the per-row stack does."""
+    from idlm.decoding.isd import ISDDecoder, ISDState
+
+    V, g = 11, torch.Generator().manual_seed(0)
+    out = torch.rand(4, 3, V, generator=g)  # a step's q̃ output: 4 rows, K' = 3
+
+    def state(b, kb, mode="V"):
+        return ISDState(mode, 1, [1] * kb, spec_q=out[b, :kb], spec_qd=[0.5] * kb, spec_row=(out, b))
+
+    for k in (2, 3, 5):
+        dec = ISDDecoder.__new__(ISDDecoder)
+        cases = [[state(0, min(k, 3)), state(1, 1), state(2, min(k, 2))],  # the output's rows in order
+                 [state(3, 1), ISDState("C", 1), state(1, min(k, 3))]]  # reordered, a C row between
+        for states in cases:
+            q = dec._kept_q(states, k, V, "cpu")
+            assert q.shape == (len(states), k, V) and torch.isfinite(q).all()
+            for s, row in zip(states, q):
+                if s.mode == "V":
+                    assert torch.equal(row[: len(s.spec_q)], s.spec_q)
+    # rows from two different steps: the per-row path, zero padding
+    other = torch.rand(1, 2, V, generator=g)
+    mixed = [state(0, 2), ISDState("V", 1, [1], spec_q=other[0, :1], spec_qd=[0.5], spec_row=(other, 0))]
+    q = ISDDecoder.__new__(ISDDecoder)._kept_q(mixed, 2, V, "cpu")
+    assert torch.equal(q[0], out[0, :2]) and torch.equal(q[1, :1], other[0, :1]) and not q[1, 1].any()

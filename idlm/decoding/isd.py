@@ -51,6 +51,8 @@ class ISDState:
     last: int  # C: t0, V: the pending token (emitted, no KV yet)
     specs: list[int] = field(default_factory=list)  # V: drafts s_0..s_{K-1}
     spec_q: torch.Tensor | None = None  # V: [K, V] the distributions q̃ the drafts came from
+    # V with spec_q: (the step's q̃ output [B', K', V], this row's index in it); spec_q is a view of that row
+    spec_row: tuple[torch.Tensor, int] | None = None
     spec_qd: list[float] = field(default_factory=list)  # V: q̃_j(s_j), for the α statistic
     # this row's own stride in the coming steps, <= the step's (the adaptive stride's per-row choice:
     # a shorter block padded to the step's 2N−1 slots); None: the step's stride
@@ -200,17 +202,33 @@ class ISDDecoder(Decoder):
         if rows_n is not None:  # rows of other strides: each row's K (absent: every row the step's)
             tensors["k_row"] = torch.from_numpy(rows_n - 1)
         if (is_v & ~fixed.rows["point_mass"]).any():  # a V row keeps the q̃ its drafts were sampled from
-            qs = [s.spec_q if s.mode == "V" and s.spec_q is not None else None for s in states]
-            zeros = self._zeros(k, vocab_size, device)
-            if rows_n is not None:  # a shorter row's q̃ [k_b, V], padded to [K, V] with zeros
-                qs = [q if q is None or len(q) == k else torch.cat([q, zeros[len(q):]]) for q in qs]
-            if B == 1:  # the kept q̃ itself (no copy: the engine copies it into its graph input anyway)
-                tensors["q_old"] = (qs[0] if qs[0] is not None else zeros)[None]
-            else:
-                tensors["q_old"] = torch.stack([q if q is not None else zeros for q in qs])  # [B, K, V]
+            tensors["q_old"] = self._kept_q(states, k, vocab_size, device)
         if fixed.sampled:  # each row's keys and draw number: its uniforms are drawn in `compute` (on the device)
             tensors["keys"], tensors["draw"] = take_draws(rngs)
         return tensors, dict(fixed.static)
+
+    def _kept_q(self, states, k: int, vocab_size: int, device) -> torch.Tensor:
+        """[B, K, V] the kept q̃ of each V row's drafts in its first k_b columns; what the other columns and
+        rows hold is never read (C rows' verification is ignored, point-mass rows use δ_d, a shorter row
+        stops after its own k_b) but is finite. Usually every kept q̃ is a row of the last step's output:
+        then that output's rows are taken in one gather (a view when the rows come in the same order), not
+        one copy per row (a kernel launch per row: hundreds per step in a large sampled batch)."""
+        kept = [s.spec_row if s.mode == "V" and s.spec_q is not None else None for s in states]
+        sources = {id(r[0]) for r in kept if r is not None}
+        if len(sources) == 1:
+            out = next(r[0] for r in kept if r is not None)  # [B', K', V]
+            index = [0 if r is None else r[1] for r in kept]
+            if index == list(range(len(index))):
+                q = out[: len(index)]
+            else:
+                q = out.index_select(0, torch.tensor(index, device=out.device))
+            if q.shape[1] >= k:
+                return q[:, :k]
+            return torch.nn.functional.pad(q, (0, 0, 0, k - q.shape[1]))  # the step's stride grew
+        zeros = self._zeros(k, vocab_size, device)  # rows from several steps (e.g. after a preemption)
+        qs = [zeros if s.mode != "V" or s.spec_q is None else
+              s.spec_q if len(s.spec_q) == k else torch.cat([s.spec_q, zeros[len(s.spec_q):]]) for s in states]
+        return torch.stack(qs)
 
     def compute(self, logits, tensors, truncate=True, greedy=False, logprobs=None):
         """-> packed [B, 2K+3] (see below), + [N·(1+2k)] logprob columns of the clean indices 0..K when the
@@ -255,6 +273,7 @@ class ISDDecoder(Decoder):
                 spec_q = None if point_mass[b] or kept_q[b] is None else kept_q[b][:kb]
                 s.mode, s.last, s.specs, s.spec_q, s.spec_qd = ("V", final[b], drafts[b][:kb], spec_q,
                                                                 drafts_q[b][:kb])
+                s.spec_row = None if spec_q is None else (extra, b)
             else:  # a draft was rejected (or the row drafts nothing): cold start from the final token
                 s.mode, s.last, s.specs, s.spec_q, s.spec_qd = "C", final[b], [], None, []
             res = StepResult(emitted, advance, probs)
@@ -266,8 +285,9 @@ class ISDDecoder(Decoder):
 
 
 # torch 2.11's inductor fails this step's dynamic-batch compile (tiling_utils.get_pw_red_splits asserts on
-# batch x ((Q + 1) // 2 - 1) sizes; seen in three H200 runs, docs/stride.md): start with only the batch dynamic
-@cuda_fused(start="only the batch dynamic")
+# batch x ((Q + 1) // 2 - 1) sizes; seen in three H200 runs, docs/stride.md): start with only the batch
+# dynamic, size-oblivious (one compile per stride serves every batch bucket)
+@cuda_fused(start="batch-oblivious")
 def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tensor, temperature: torch.Tensor,
                      top_k: torch.Tensor, top_p: torch.Tensor, point_mass: torch.Tensor, argmax_draft: torch.Tensor,
                      alpha: torch.Tensor, keys: torch.Tensor | None, draw: torch.Tensor | None,
@@ -327,7 +347,7 @@ def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tens
     return packed, q_new
 
 
-@cuda_fused
+@cuda_fused(start="batch-oblivious")  # one compile per stride serves every batch bucket
 def greedy_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tensor,
                     k_row: torch.Tensor | None = None) -> torch.Tensor:
     """The greedy ISD step as one function (a couple of fused kernels on CUDA). logits [B, 2N−1, V],
