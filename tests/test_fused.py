@@ -43,13 +43,6 @@ def fake_compile(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", compile_)
     monkeypatch.setattr(torch._dynamo, "mark_static", lambda t, dim: state["static"].append((tuple(t.shape), dim)))
-    state["unbacked"] = []
-    real_mark_unbacked = torch._dynamo.decorators.mark_unbacked
-
-    def mark_unbacked(t, dim):
-        state["unbacked"].append((tuple(t.shape), dim))
-        real_mark_unbacked(t, dim)
-    monkeypatch.setattr(torch._dynamo.decorators, "mark_unbacked", mark_unbacked)
     monkeypatch.setattr(fused, "_FUSED", [])  # the functions made here stay out of the package's registry
     monkeypatch.delenv("IDLM_FUSE", raising=False)
     return state
@@ -91,38 +84,11 @@ def test_the_attempts_after_that_keep_only_the_batch_dynamic_then_none(fake_comp
     x, y, z = torch.ones(3, 4, 5).as_subclass(CudaTensor), torch.ones(3), torch.ones(3, 2)
     assert f(x, y, z)[0] == "compiled"
     assert fake_compile["dynamic"] == [True, True, True]
-    # every dim but dim 0 (the batch) of every tensor argument; dim 0 unbacked (size-oblivious)
+    # every dim but dim 0 (the batch) of every tensor argument
     assert fake_compile["static"] == [((3, 4, 5), 1), ((3, 4, 5), 2), ((3, 2), 1)]
-    assert fake_compile["unbacked"] == [((3, 4, 5), 0), ((3,), 0), ((3, 2), 0)]
-    assert list(fused.compile_fallbacks().values()) == ["batch-oblivious"]
-    fake_compile["fail"], fake_compile["static"] = 1, []
-    assert f(x, y, z)[0] == "compiled"  # an ordinary symbolic batch: the failed attempt's marks removed
-    assert fake_compile["static"] and all(0 not in getattr(t, "_dynamo_unbacked_indices", ()) for t in (x, y, z))
     assert list(fused.compile_fallbacks().values()) == ["only the batch dynamic"]
     fake_compile["fail"] = 1
     assert f(x, y, z)[0] == "compiled" and fake_compile["dynamic"][-1] is False  # the static attempt
-
-
-def test_a_size_oblivious_compile_that_fails_in_tracing_moves_on(fake_compile, monkeypatch):
-    """An unbacked batch can fail where dynamo guards on its value (not a backend failure): the function
-    moves on to an ordinary symbolic batch, and the decode steps start size-oblivious."""
-    from idlm.decoding.isd import greedy_isd_step, sampled_isd_step
-
-    calls = []
-
-    def compile_(fn, dynamic=None, options=None):
-        def compiled(*args):
-            calls.append(len(calls))
-            if len(calls) == 1:
-                raise torch._dynamo.exc.Unsupported("guard on an unbacked symbol")
-            return ("compiled", fn(*args))
-        return compiled
-
-    monkeypatch.setattr(torch, "compile", compile_)
-    f = fused.cuda_fused(start="batch-oblivious")(lambda x: x.sum())
-    assert f(torch.ones(2).as_subclass(CudaTensor))[0] == "compiled"
-    assert list(fused.compile_fallbacks().values()) == ["only the batch dynamic"]
-    assert sampled_isd_step.attempt() == greedy_isd_step.attempt() == "batch-oblivious"
 
 
 def test_retry_options_exist_in_this_torch():
@@ -201,3 +167,26 @@ def test_a_function_can_start_at_a_later_attempt(fake_compile):
     assert list(fused.compile_fallbacks().values()) == ["static"]
     with pytest.raises(ValueError, match="start must be one of"):
         fused.cuda_fused(start="fastest")
+
+
+def test_batch_rows_pads_a_lone_row_and_cuts_the_outputs_back(fake_compile):
+    """A decode step's function (`batch_rows=True`) is compiled for two or more contiguous rows only: a
+    batch of one is padded with a copy of its row, strided views are made contiguous (dynamo guards on
+    strides), and the outputs are cut back to the caller's batch."""
+    seen = []
+
+    def step(x, y, flag):
+        seen.append((tuple(x.shape), x.is_contiguous(), tuple(y.shape), flag))
+        return x * 2, y.sum(-1)
+
+    f = fused.cuda_fused(batch_rows=True)(step)
+    packed = torch.arange(12.0).view(2, 6)
+    x1, y1 = packed[:1, :2].as_subclass(CudaTensor), packed[:1, 2:5]  # views into a packed buffer
+    tag, (a, b) = f(x1, y1, True)
+    assert tag == "compiled" and seen[-1] == ((2, 2), True, (2, 3), True)
+    assert torch.equal(a, packed[:1, :2] * 2) and torch.equal(b, packed[:1, 2:5].sum(-1))
+    x2, y2 = packed[:, :2].as_subclass(CudaTensor), packed[:, 2:5]
+    tag, (a, b) = f(x2, y2, False)
+    assert seen[-1] == ((2, 2), True, (2, 3), False) and a.shape == (2, 2) and b.shape == (2,)
+    assert fake_compile["options"] == [None]  # one compiled function for both batches
+    assert torch.equal(fused.batch_rows_of([packed[:, 1:3]])[0], packed[:, 1:3])

@@ -2,6 +2,7 @@
 
 import random
 
+import numpy as np
 import pytest
 
 from idlm.decoding.acceptance import analytic_tpf
@@ -127,6 +128,8 @@ def test_stride_to_probe_measures_the_other_kind_of_step_once():
     assert stride_to_probe(choice, measured={4}) == 1  # only ISD steps have run: the AR step, rated close
     assert stride_to_probe(choice, measured={4, 1}) is None  # both kinds measured (2 borrows 4's scale)
     assert stride_to_probe(choice, measured={4}, within=0.85) is None  # AR not close enough to be worth it
+    # ISD committing 1.46 tokens a step (T = 1) rates the AR step at 1 / 1.46 with a borrowed scale: probed
+    assert stride_to_probe(StrideChoice(4, 1.46, {1: 1.0, 4: 1.46}), measured={4}) == 1
     ar_choice = StrideChoice(1, 1.0, {1: 1.0, 2: 0.7, 4: 0.9, 8: 0.4})
     assert stride_to_probe(ar_choice, measured={1}) == 4  # only AR steps have run: the best ISD stride
     assert stride_to_probe(StrideChoice(4, 1.0, {4: 1.0}), measured={1}) is None  # the choice itself: no probe
@@ -200,3 +203,17 @@ def test_batched_estimates_equal_the_per_row_functions():
         isd_tpf_rows(np.array([[1.5]]))
     with pytest.raises(ValueError):
         choose_stride([[0.5] * 3], StepCostModel(), strides=(1, 8))  # rows shorter than the longest stride
+
+
+def test_tpf_table_is_isd_tpf_rows_at_every_stride():
+    from idlm.decoding.stride_policy import isd_tpf_rows, tpf_table
+
+    rng = np.random.default_rng(0)
+    a = rng.random((5, 7))
+    a[0] = 1.0  # every draft accepted
+    a[1, 2:] = 0.0  # never past the second draft
+    table = tpf_table(a, [1, 2, 3, 5, 8])
+    for col, n in enumerate([1, 2, 3, 5, 8]):
+        np.testing.assert_allclose(table[:, col], isd_tpf_rows(a[:, : n - 1]), rtol=1e-12)
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        tpf_table(a + 1.0, [2])

@@ -286,8 +286,8 @@ class ISDDecoder(Decoder):
 
 # torch 2.11's inductor fails this step's dynamic-batch compile (tiling_utils.get_pw_red_splits asserts on
 # batch x ((Q + 1) // 2 - 1) sizes; seen in three H200 runs, docs/stride.md): start with only the batch
-# dynamic, size-oblivious (one compile per stride serves every batch bucket)
-@cuda_fused(start="batch-oblivious")
+# dynamic; batch_rows: one compile per (stride, variant) serves every batch bucket (`batch_rows_of`)
+@cuda_fused(start="only the batch dynamic", batch_rows=True)
 def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tensor, temperature: torch.Tensor,
                      top_k: torch.Tensor, top_p: torch.Tensor, point_mass: torch.Tensor, argmax_draft: torch.Tensor,
                      alpha: torch.Tensor, keys: torch.Tensor | None, draw: torch.Tensor | None,
@@ -347,7 +347,7 @@ def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tens
     return packed, q_new
 
 
-@cuda_fused(start="batch-oblivious")  # one compile per stride serves every batch bucket
+@cuda_fused(batch_rows=True)  # one compile serves every batch bucket (`batch_rows_of`)
 def greedy_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tensor,
                     k_row: torch.Tensor | None = None) -> torch.Tensor:
     """The greedy ISD step as one function (a couple of fused kernels on CUDA). logits [B, 2N−1, V],

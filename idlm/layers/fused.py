@@ -29,30 +29,20 @@ def raise_dynamo_limits() -> None:
 
 
 # What to try after a failed compilation, in order, each a fresh torch.compile (then eager for good):
-# (label, dynamic, inductor options, only the batch dim symbolic, the batch dim size-oblivious). torch 2.11's
-# inductor asserts in tiling_utils.get_pw_red_splits on some dynamic-shape graphs: on the H200 it hit
-# sampled_isd_step when a second batch size recompiled it with a symbolic batch (the first compile, at
-# batch 1, specializes it), and the sampled ISD step then ran eagerly at 2-4x its cost. The assertion is
-# reached from the coalescing analysis of tiling and (newer torch) from loop re-indexing after fusion, both
-# mere tile/loop choices, so the first retry turns them off. It fires where a size is a product of a symbol
-# and a sum (batch x (Q + 1) // 2 - 1: the fix upstream compares such forms symbolically), so the next
-# retries keep only the batch dim symbolic — every other dim of every tensor argument static (one graph per
-# query length, not per batch bucket) — first size-oblivious (an unbacked batch: batch 1 is not
-# specialized, so one compile serves every batch size), then an ordinary symbolic batch (batch 1 compiled
-# apart), and the last compiles every shape statically.
-# A decode step's own functions start at "batch-oblivious": compiled with a batch-1 request at start-up
-# (`LLMEngine.warmup`) they serve every batch bucket; specialized on batch 1, each (stride, kept-q̃ or not)
-# compiled again the first time a larger batch ran it — seen on the H200: 14 such compiles of the sampled
-# ISD step, 4-5 s each, stalled an adaptive-stride run's first T = 0.7 cells for minutes.
+# (label, dynamic, inductor options, only the batch dim symbolic). torch 2.11's inductor asserts in
+# tiling_utils.get_pw_red_splits on some dynamic-shape graphs: on the H200 it hit sampled_isd_step when a
+# second batch size recompiled it with a symbolic batch (the first compile, at batch 1, specializes it),
+# and the sampled ISD step then ran eagerly at 2-4x its cost. The assertion is reached from the coalescing
+# analysis of tiling and (newer torch) from loop re-indexing after fusion, both mere tile/loop choices, so
+# the first retry turns them off. It fires where a size is a product of a symbol and a sum (batch x
+# (Q + 1) // 2 - 1: the fix upstream compares such forms symbolically), so the next retry keeps only the
+# batch dim symbolic — every other dim of every tensor argument static (one graph per query length, not
+# per batch bucket) — and the last compiles every shape statically.
 RETRY_OPTIONS = {"triton.coalesce_tiling_analysis": False, "loop_reindexing_after_fusion": False}
-# an unbacked batch also trips inductor's constant folding of uniform tensors (a guard on batch ∈ {0, 1}:
-# the greedy ISD step's ones_like, on torch 2.13's CPU inductor)
-OBLIVIOUS_OPTIONS = {**RETRY_OPTIONS, "joint_graph_constant_folding": False}
-ATTEMPTS = (("dynamic", True, None, False, False),
-            ("dynamic, tiling analysis off", True, RETRY_OPTIONS, False, False),
-            ("batch-oblivious", True, OBLIVIOUS_OPTIONS, True, True),
-            ("only the batch dynamic", True, RETRY_OPTIONS, True, False),
-            ("static", False, RETRY_OPTIONS, False, False))
+ATTEMPTS = (("dynamic", True, None, False),
+            ("dynamic, tiling analysis off", True, RETRY_OPTIONS, False),
+            ("only the batch dynamic", True, RETRY_OPTIONS, True),
+            ("static", False, RETRY_OPTIONS, False))
 
 
 def known_options(options: dict | None) -> dict | None:
@@ -89,43 +79,56 @@ def compile_fallbacks() -> dict[str, str]:
     return {w.__qualname__: w.attempt() for w in sorted(_FUSED, key=lambda w: w.__qualname__) if w.moved_on()}
 
 
-def _mark_all_but_batch_static(args, oblivious: bool = False) -> None:
-    """Every dim but dim 0 of each tensor argument static; `oblivious`: dim 0 unbacked (no 0/1
-    specialization, so a batch of 1 and a batch of 64 share one compiled graph)."""
+def _mark_all_but_batch_static(args) -> None:
     for a in args:
         if isinstance(a, torch.Tensor):
-            if oblivious and a.dim() > 0:
-                torch._dynamo.decorators.mark_unbacked(a, 0)
             for d in range(1, a.dim()):
                 torch._dynamo.mark_static(a, d)
 
 
-def _unmark_unbacked(args) -> None:
+def batch_rows_of(args) -> list:
+    """`args` as a decode step's compiled function takes them (`cuda_fused(batch_rows=True)`): each tensor
+    contiguous, and a batch of one row (dim 0) padded to two by repeating it. Why: dynamo specializes a
+    dim of size 1, so a step compiled at batch 1 (the start-up warm-up) is compiled again at the first larger
+    batch, and it guards on strides, which for the engine's graph inputs (views into one packed buffer) change
+    with the width of the whole packed row; on the H200 such recompiles of the sampled ISD step (4-5 s each,
+    14 of them) stalled an adaptive-stride run's first T = 0.7 cells for minutes. Padded and contiguous, one
+    compile per (stride, variant) serves every batch bucket. (Marking the batch dim unbacked instead made
+    each compile of that step 20-27 s on the H200.) Row-wise functions only: a row's outputs must not
+    depend on the other rows."""
+    out, rows = [], args[0].shape[0]
     for a in args:
         if isinstance(a, torch.Tensor):
-            getattr(a, "_dynamo_unbacked_indices", set()).discard(0)
+            a = a.contiguous()
+            if rows == 1:
+                a = a.expand(2, *a.shape[1:]).contiguous()
+        out.append(a)
+    return out
 
 
-def _compile_errors(oblivious: bool) -> tuple:
-    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+def _first_rows(result, rows: int):
+    if isinstance(result, torch.Tensor):
+        return result[:rows]
+    if isinstance(result, (tuple, list)):
+        return type(result)(_first_rows(r, rows) for r in result)
+    return result
 
-    if oblivious:
-        return torch._dynamo.exc.TorchDynamoException, GuardOnDataDependentSymNode
-    return (torch._dynamo.exc.BackendCompilerFailed,)
 
-
-def cuda_fused(fn=None, *, start: str = ATTEMPTS[0][0]):
+def cuda_fused(fn=None, *, start: str = ATTEMPTS[0][0], batch_rows: bool = False):
     """`fn` compiled on CUDA (eager elsewhere), as `@cuda_fused` or `@cuda_fused(start=label)` to begin
     at a later one of ATTEMPTS (a function known to fail the earlier ones on the torch we run). A failed
     compilation moves on to the next attempt, past the last `fn` runs eagerly for good, with a warning
     each time (a Triton or inductor problem on some machine must cost speed, never a request;
     IDLM_FUSE_TRACE=1 adds the traceback). The eager function stays reachable as `__wrapped__` (for calls
-    from inside another compiled function)."""
+    from inside another compiled function). `batch_rows`: the compiled function gets its tensor arguments
+    through `batch_rows_of` (a decode step's function: dim 0 is the batch of every tensor argument and of
+    every output, rows independent) and its outputs cut back to the batch."""
     labels = [a[0] for a in ATTEMPTS]
     if start not in labels:
         raise ValueError(f"cuda_fused: start must be one of {labels}, got {start!r}")
     if fn is None:
-        return functools.partial(cuda_fused, start=start)
+        return functools.partial(cuda_fused, start=start, batch_rows=batch_rows)
+    pad = batch_rows
     first = labels.index(start)
     compiled = None
     attempt = first
@@ -134,19 +137,18 @@ def cuda_fused(fn=None, *, start: str = ATTEMPTS[0][0]):
     def wrapper(*args):
         nonlocal compiled, attempt
         while attempt < len(ATTEMPTS) and args[0].is_cuda and os.environ.get("IDLM_FUSE", "1") != "0":
-            _, dynamic, options, only_batch_dynamic, oblivious = ATTEMPTS[attempt]
+            _, dynamic, options, only_batch_dynamic = ATTEMPTS[attempt]
             if compiled is None:
                 raise_dynamo_limits()
                 compiled = torch.compile(fn, dynamic=dynamic, options=known_options(options))
+            call_args = batch_rows_of(args) if pad else args
             if only_batch_dynamic:
-                _mark_all_but_batch_static(args, oblivious)
+                _mark_all_but_batch_static(call_args)
             try:
-                return compiled(*args)
-            # (errors of fn itself are raised as they are; an unbacked batch may also fail in tracing, e.g. on
-            # a guard on its value: any error of dynamo's is then a failed compilation)
-            except _compile_errors(oblivious) as e:
-                if oblivious:  # the marks stay on the arguments, which the next attempt compiles with
-                    _unmark_unbacked(args)
+                if pad:
+                    return _first_rows(compiled(*call_args), args[0].shape[0])
+                return compiled(*call_args)
+            except torch._dynamo.exc.BackendCompilerFailed as e:  # (errors of fn itself are raised as they are)
                 attempt, compiled = attempt + 1, None
                 logger.warning("compiling %s (%s) failed; %s: %s", fn.__qualname__, ATTEMPTS[attempt - 1][0],
                                "trying %s" % ATTEMPTS[attempt][0] if attempt < len(ATTEMPTS)
