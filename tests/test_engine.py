@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -348,6 +349,25 @@ def test_a_request_whose_step_raises_fails_alone(tiny, where):
         assert outs[r].token_ids == want.token_ids and outs[r].finish_reason == want.finish_reason
     assert engine.counters["failed"] == 1
     assert engine.block_manager.num_free_pages == engine.block_manager.num_pages
+
+
+@pytest.mark.parametrize("message", ["Triton Error [CUDA]: an illegal memory access was encountered",
+                                     "CUDA error: device-side assert triggered"])
+def test_a_device_error_stops_the_engine_instead_of_failing_requests(tiny, message):
+    """A sticky device error (torch's "CUDA error", or a Triton kernel launcher's plain RuntimeError) is
+    not one request's fault: the engine raises it rather than retrying the batch row by row on a poisoned
+    context (seen on the H200) and failing every request."""
+    from idlm.engine.llm_engine import is_fatal
+
+    assert is_fatal(RuntimeError(message)) and not is_fatal(ValueError("top_k overflow"))
+    model, tok = tiny
+    engine = _small_engine(model, tok, "isd", 4)
+    engine.add_request([1, 2, 3], SamplingParams(temperature=1.0, max_tokens=8))
+    engine.add_request([1, 2, 3], SamplingParams(temperature=1.0, max_tokens=8, seed=POISON_SEED))
+    with poisoned_step(engine._decoder(4), message), pytest.raises(ValueError, match=re.escape(message)):
+        while engine.has_unfinished():
+            engine.step()
+    assert engine.counters["failed"] == 0
 
 
 def test_stride_schedule_with_plain_ar_steps_stays_exact(tiny, tiny_ar):

@@ -240,3 +240,38 @@ def test_paged_attention_refuses_tables_strided_within_a_row():
     tables = torch.zeros(1, 4, dtype=torch.long)[:, ::2]  # every other page id: stride 2 along the row
     with pytest.raises(ValueError, match="unit stride along each row"):
         paged_kernel.paged_attention(q, pool.k[0], pool.v[0], tables, torch.zeros(1, 1, dtype=torch.long), 4)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_padded_tokens_never_read_past_their_rows_pages(exact):
+    """A right-padded chunk whose rows start late (prefix-cache hits): a padded token's nominal position
+    lies past its row's pages. The kernel must not read block-table entries beyond the row's own (there:
+    the next row's entries, or past the table for the last row — an illegal address on the H200): padded
+    tokens see no keys at all (their outputs are exactly 0; their nominal positions reach the table's
+    poisoned last entry), while the real tokens equal the reference path."""
+    B, Hq, Hkv, D, page, T = 2, 4, 2, 16, 4, 6
+    lengths, starts = [2, 6], [9, 5]  # row 0: 2 real tokens at 9, 10 (+ 4 padded: nominal 11 .. 14)
+    pool = PagedKVCache(1, 12, page, Hkv, D)
+    g = torch.Generator().manual_seed(0)
+    pool.k.normal_(generator=g)
+    pool.v.normal_(generator=g)
+    poison = 11  # a page that no row owns
+    own = [[0, 1, 2], [3, 4, 5]]  # row 0 needs pages 0..2 (positions 0..10), row 1 pages 0..2 (0..10)
+    tables = torch.tensor([r + [poison] for r in own])  # [B, 4]: the entry past a row's pages is poisoned
+    slots = torch.full((B, T), pool.trash_slot)
+    for b in range(B):
+        for t in range(lengths[b]):
+            p = starts[b] + t
+            slots[b, t] = own[b][p // page] * page + p % page
+    q = torch.randn(B, Hq, T, D, generator=g)
+    k = torch.randn(B, T, Hkv, D, generator=g).transpose(1, 2)
+    v = torch.randn(B, T, Hkv, D, generator=g).transpose(1, 2)
+    ref_pool = PagedKVCache(1, 12, page, Hkv, D)
+    ref_pool.k.copy_(pool.k)
+    ref_pool.v.copy_(pool.v)
+    st = torch.tensor(starts)
+    got = PagedAttention(pool, slots, tables, st, kernel=True, exact=exact).attend(0, q, k, v)
+    want = PagedAttention(ref_pool, slots, tables, st).attend(0, q, k, v)
+    for b in range(B):
+        torch.testing.assert_close(got[b, :, : lengths[b]], want[b, :, : lengths[b]], rtol=1e-5, atol=1e-5)
+    assert not got[0, :, lengths[0]:].any()  # padded tokens: no keys read

@@ -76,11 +76,18 @@ from idlm.errors import ConfigError
 logger = logging.getLogger("idlm.engine")
 
 
+# what a sticky device error says, from torch ("CUDA error: …") or from a Triton kernel's launcher ("Triton
+# Error [CUDA]: an illegal memory access was encountered" — a plain RuntimeError: on the H200 one was taken
+# for a request's own error, the batch was retried row by row, and the retry died on the poisoned context)
+FATAL_MESSAGES = ("CUDA error", "Triton Error [CUDA]", "illegal memory access", "device-side assert",
+                  "unspecified launch failure")
+
+
 def is_fatal(error: BaseException) -> bool:
     """Errors after which the device cannot be trusted (a CUDA error poisons the whole context): the
     engine stops instead of failing requests one by one for ever."""
     accel = getattr(torch, "AcceleratorError", None)
-    return (accel is not None and isinstance(error, accel)) or "CUDA error" in str(error)
+    return (accel is not None and isinstance(error, accel)) or any(m in str(error) for m in FATAL_MESSAGES)
 
 
 def _seq_of(item) -> Sequence:

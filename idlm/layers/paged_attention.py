@@ -44,6 +44,15 @@ class PagedKVCache:
         return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
 
 
+def kernel_last(last: torch.Tensor, slot_mapping: torch.Tensor, trash_slot: int) -> torch.Tensor:
+    """`last` [B, T] for the kernel: −1 (no keys) for padded query tokens (written to the trash slot). A
+    padded token's nominal position starts[b] + t can lie past the row's pages — a right-padded prefill
+    chunk of a row that starts late (a prefix-cache hit) — where the kernel would read block-table entries
+    that are not the row's, past the table's end for the last row: on the H200 an exact-mode prefill of 64
+    requests, half of them prefix hits, died with an illegal memory access. Real tokens are unchanged."""
+    return last.masked_fill(slot_mapping.reshape(last.shape) == trash_slot, -1)
+
+
 class PagedAttention:
     """Backend for one forward. slot_mapping [B, T], block_tables [B, M] (page ids, padded with any
     valid page), starts [B], visible [B, T] or None; kernel: use the Triton kernel where supported."""
@@ -80,7 +89,8 @@ class PagedAttention:
             vc[flat] = rows_v.view(B * T, Hkv, D).to(vc.dtype)
         if use_kernel:
             if self._last is None:  # shared by all layers
-                self._last = last_visible(self.starts, T, self.visible)
+                self._last = kernel_last(last_visible(self.starts, T, self.visible), self.slot_mapping,
+                                         self.cache.trash_slot)
             return paged_attention(q, kc, vc, self.block_tables, self._last, self.cache.block_size, exact=self.exact)
         if self._mask is None:
             self._prepare(T)
