@@ -155,19 +155,22 @@ def test_warmup_runs_every_stride_and_leaves_no_trace(tiny):
     prompts, params = _workload(tok, n=6, seed=21)
     eng = _small_engine(model, tok, "isd", "auto", step_cost=(1e-3, 0.0, 2e-5), auto_interval=2, num_pages=200)
     before = (dict(eng.counters), eng.decode_stats.to_dict(), dict(eng.stride_mix))
-    k_rows = []  # whether each warm-up step took the per-row inputs (an auto engine's only variant)
+    k_rows, batches = [], set()  # whether each warm-up step took the per-row inputs (an auto engine's only
+    # variant); (stride, rows) of each step
 
-    def spying(step_inputs):
-        def spy(*args, **kwargs):
-            tensors, static = step_inputs(*args, **kwargs)
+    def spying(n, step_inputs):
+        def spy(states, *args, **kwargs):
+            tensors, static = step_inputs(states, *args, **kwargs)
             k_rows.append("k_row" in tensors)
+            batches.add((n, len(states)))
             return tensors, static
         return spy
 
     for n in range(2, 9):
-        eng._decoder(n).step_inputs = spying(eng._decoder(n).step_inputs)
+        eng._decoder(n).step_inputs = spying(n, eng._decoder(n).step_inputs)
     seconds = eng.warmup()
     assert k_rows and all(k_rows)
+    assert (8, 2) in batches and (4, 2) not in batches  # two rows at the longest stride only (and at N = 1)
     assert sorted(seconds) == list(range(1, 9)) and all(s > 0 for s in seconds.values())
     assert (dict(eng.counters), eng.decode_stats.to_dict(), dict(eng.stride_mix)) == before
     assert eng.row_stride_mix == {} and eng._auto_rows == {}

@@ -679,6 +679,12 @@ class LLMEngine:
                 for temperature in (0.0, 1.0):
                     self.run([prompt], [SamplingParams(temperature=temperature, seed=0, max_tokens=max_tokens,
                                                        ignore_eos=True)])
+                if n in (self.config.strides[0], self.config.strides[-1]):
+                    # two rows: the forward's compiled elementwise functions, specialized on a batch of 1
+                    # above, compile their any-batch version now (once for Q = 1, once for longer blocks);
+                    # the decode steps' own functions serve every batch already (`cuda_fused(batch_rows)`)
+                    self.run([prompt, prompt[::-1]], [SamplingParams(temperature=0.0, max_tokens=max_tokens,
+                                                                     ignore_eos=True)] * 2)
                 seconds[n] = round(time.perf_counter() - t0, 3)
         finally:
             self._forced_stride = None
