@@ -461,12 +461,22 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> str:
         """Append one id; return the text it completes (possibly "")."""
-        token_id = int(token_id)
-        if token_id < 0:
-            raise TokenizerError(f"cannot decode a negative token id ({token_id})")
-        if token_id in self._skip_ids:
+        return self.add_many((token_id,))
+
+    def add_many(self, token_ids) -> str:
+        """Append several ids (a decode step's committed tokens) with two decodes in all, not two per id;
+        return the text they complete (possibly ""). The text over a stream is the same as adding them
+        one by one; only where a delta ends may differ (text held back while a character is unfinished)."""
+        new = []
+        for token_id in token_ids:
+            token_id = int(token_id)
+            if token_id < 0:
+                raise TokenizerError(f"cannot decode a negative token id ({token_id})")
+            if token_id not in self._skip_ids:
+                new.append(token_id)
+        if not new:
             return ""
-        self._ids.append(token_id)
+        self._ids += new
         done, full = self._decode(self._ids[: self._read]), self._decode(self._ids)
         if len(full) <= len(done) or full.endswith("\ufffd"):
             return ""

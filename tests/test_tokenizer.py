@@ -255,6 +255,23 @@ def test_detokenizer_random_ids(tiny, skip):
             assert not any("\ufffd" in d for d in deltas)
 
 
+@pytest.mark.parametrize("skip", [False, True])
+def test_detokenizer_add_many_gives_the_same_text_in_any_chunking(tiny, skip):
+    """A decode step adds its committed tokens at once (`add_many`: two window decodes per step): over a
+    stream, random chunks of 1-6 ids give the same text as adding them one by one, multibyte text too."""
+    rng = random.Random(7)
+    streams = [[rng.randrange(tiny.vocab_size) for _ in range(rng.randint(1, 120))] for _ in range(20)]
+    streams += [tiny.encode(t) for t in MULTIBYTE_TEXTS + TEXTS]
+    for ids in streams:
+        det, out, i = IncrementalDetokenizer(tiny, skip_special_tokens=skip), [], 0
+        while i < len(ids):
+            n = rng.randint(1, 6)
+            out.append(det.add_many(ids[i: i + n]))
+            i += n
+        assert "".join(out) + det.flush() == "".join(_stream(tiny, ids, skip))
+    assert IncrementalDetokenizer(tiny).add_many([]) == ""
+
+
 def test_detokenizer_multibyte_text(tiny):
     for text in MULTIBYTE_TEXTS + TEXTS:
         ids = tiny.encode(text)

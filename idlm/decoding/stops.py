@@ -51,21 +51,25 @@ class StopChecker:
     def accept(self, token_ids: list[int]) -> int:
         """Account a step's emitted tokens in order, as `add` each; returns how many are kept: all of them,
         or up to and including the one that finished the request."""
-        if self.detok is not None:
+        if self.detok is not None and self.params.stop:  # a stop string may end the request mid-step
             for i, t in enumerate(token_ids):
                 if self.add(t):
                     return i + 1
             return len(token_ids)
-        # no text: the first stop id, or the token that reaches max_tokens, ends the request
+        # by ids alone: the first stop id, or the token that reaches max_tokens, ends the request
         n = min(len(token_ids), max(1, self.params.max_tokens - self.n_tokens))
         for i in range(n):
             if token_ids[i] in self.stop_ids:
-                self.n_tokens += i + 1
                 self.finish_reason = "stop"
-                return i + 1
+                n = i + 1
+                break
         self.n_tokens += n
-        if n and self.n_tokens >= self.params.max_tokens:
+        if self.finish_reason is None and n and self.n_tokens >= self.params.max_tokens:
             self.finish_reason = "length"
+        if self.detok is not None:  # the kept tokens' text in one window decode (not two per token)
+            self.text += self.detok.add_many(token_ids[:n])
+            if self.finish_reason is not None:
+                self.text += self.detok.flush()
         return n
 
     def new_text(self) -> str:
