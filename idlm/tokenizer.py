@@ -464,9 +464,9 @@ class IncrementalDetokenizer:
         return self.add_many((token_id,))
 
     def add_many(self, token_ids) -> str:
-        """Append several ids (a decode step's committed tokens) with two decodes in all, not two per id;
-        return the text they complete (possibly ""). The text over a stream is the same as adding them
-        one by one; only where a delta ends may differ (text held back while a character is unfinished)."""
+        """Append several ids (a decode step's committed tokens); return the text they complete (possibly
+        ""), exactly what adding them one by one returns in all. Two decodes for the chunk when its text
+        ends on a whole character (the common case), not two per id; else one id at a time."""
         new = []
         for token_id in token_ids:
             token_id = int(token_id)
@@ -474,15 +474,25 @@ class IncrementalDetokenizer:
                 raise TokenizerError(f"cannot decode a negative token id ({token_id})")
             if token_id not in self._skip_ids:
                 new.append(token_id)
-        if not new:
-            return ""
-        self._ids += new
+        if len(new) > 1:
+            before = len(self._ids)
+            text = self._append(new)
+            if text is not None:
+                return text
+            del self._ids[before:]  # held back (an unfinished character): as `add` would, one id at a time
+        return "".join(t for t in (self._append([i]) for i in new) if t)
+
+    def _append(self, ids: list[int]) -> str | None:
+        """Add ids to the window: the text they complete, with the window slid past them; or None, ids kept
+        in the window (held back), when the window's text is no longer than what was emitted or ends in an
+        unfinished character."""
+        self._ids += ids
         done, full = self._decode(self._ids[: self._read]), self._decode(self._ids)
         if len(full) <= len(done) or full.endswith("\ufffd"):
-            return ""
+            return None
         del self._ids[: self._read]
         self._read = len(self._ids)
-        return full[len(done) :]
+        return full[len(done):]
 
     def flush(self) -> str:
         """End of stream: return whatever is held back (an unfinished character decodes as U+FFFD)."""
