@@ -48,8 +48,10 @@ def kernel_last(last: torch.Tensor, slot_mapping: torch.Tensor, trash_slot: int)
     """`last` [B, T] for the kernel: −1 (no keys) for padded query tokens (written to the trash slot). A
     padded token's nominal position starts[b] + t can lie past the row's pages — a right-padded prefill
     chunk of a row that starts late (a prefix-cache hit) — where the kernel would read block-table entries
-    that are not the row's, past the table's end for the last row: on the H200 an exact-mode prefill of 64
-    requests, half of them prefix hits, died with an illegal memory access. Real tokens are unchanged."""
+    that are not the row's, past the table's end for the last row (on the H200 an exact-mode benchmark
+    died with an illegal memory access in a batch-64 prefill whose requests repeat the prompts of its
+    warm-up run, so prefix hits; this is the out-of-range read found in that path). Real tokens are
+    unchanged."""
     return last.masked_fill(slot_mapping.reshape(last.shape) == trash_slot, -1)
 
 
