@@ -458,6 +458,10 @@ def test_kept_q_takes_each_rows_own_columns_from_the_last_steps_output():
             for s, row in zip(states, q):
                 if s.mode == "V":
                     assert torch.equal(row[: len(s.spec_q)], s.spec_q)
+    # the last step's rows in their order, a cold row among them: a view of that output, no copy
+    in_order = [state(0, 3), ISDState("C", 1), state(2, 2)]
+    q = ISDDecoder.__new__(ISDDecoder)._kept_q(in_order, 3, V, "cpu")
+    assert q.data_ptr() == out.data_ptr() and torch.equal(q[2, :2], out[2, :2])
     # rows from two different steps: the per-row path, zero padding
     other = torch.rand(1, 2, V, generator=g)
     mixed = [state(0, 2), ISDState("V", 1, [1], spec_q=other[0, :1], spec_qd=[0.5], spec_row=(other, 0))]

@@ -217,7 +217,9 @@ class ISDDecoder(Decoder):
         sources = {id(r[0]) for r in kept if r is not None}
         if len(sources) == 1:
             out = next(r[0] for r in kept if r is not None)  # [B', K', V]
-            index = [0 if r is None else r[1] for r in kept]
+            # a row without kept q̃ takes any row: its own place where it exists (so that a batch in the
+            # last step's order is a view, with its cold rows too), else row 0
+            index = [(b if b < len(out) else 0) if r is None else r[1] for b, r in enumerate(kept)]
             if index == list(range(len(index))):
                 q = out[: len(index)]
             else:
