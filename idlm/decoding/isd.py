@@ -147,7 +147,7 @@ class ISDDecoder(Decoder):
         is_v = np.fromiter((s.mode == "V" for s in states), bool, B)
         tokens = np.full((B, self.query_len), self.mask_token_id, dtype=np.int64)
         tokens[:, 0] = np.fromiter((s.last for s in states), np.int64, B)
-        if rows_n is None:
+        if rows_n is None or (rows_n == n).all():  # every row the step's stride: one assignment
             if is_v.any():
                 tokens[is_v, 1:n] = [s.specs for s in states if s.mode == "V"]
             row_n = np.full((B, 1), n)
@@ -191,7 +191,7 @@ class ISDDecoder(Decoder):
         rows_n = self.row_strides(states)
         is_v = np.fromiter((s.mode == "V" for s in states), bool, B)
         specs = np.zeros((B, k), dtype=np.int64)
-        if rows_n is None:
+        if rows_n is None or (rows_n == self.stride).all():  # every row the step's stride: one assignment
             if is_v.any():
                 specs[is_v] = [s.specs for s in states if s.mode == "V"]
         else:
