@@ -446,7 +446,7 @@ def test_kept_q_takes_each_rows_own_columns_from_the_last_steps_output():
     out = torch.rand(4, 3, V, generator=g)  # a step's q̃ output: 4 rows, K' = 3
 
     def state(b, kb, mode="V"):
-        return ISDState(mode, 1, [1] * kb, spec_q=out[b, :kb], spec_qd=[0.5] * kb, spec_row=(out, b))
+        return ISDState(mode, 1, [1] * kb, spec_q=(out, b), spec_qd=[0.5] * kb)
 
     for k in (2, 3, 5):
         dec = ISDDecoder.__new__(ISDDecoder)
@@ -457,13 +457,14 @@ def test_kept_q_takes_each_rows_own_columns_from_the_last_steps_output():
             assert q.shape == (len(states), k, V) and torch.isfinite(q).all()
             for s, row in zip(states, q):
                 if s.mode == "V":
-                    assert torch.equal(row[: len(s.spec_q)], s.spec_q)
+                    kb = len(s.specs)
+                    assert torch.equal(row[:kb], out[s.spec_q[1], :kb])
     # the last step's rows in their order, a cold row among them: a view of that output, no copy
     in_order = [state(0, 3), ISDState("C", 1), state(2, 2)]
     q = ISDDecoder.__new__(ISDDecoder)._kept_q(in_order, 3, V, "cpu")
     assert q.data_ptr() == out.data_ptr() and torch.equal(q[2, :2], out[2, :2])
     # rows from two different steps: the per-row path, zero padding
     other = torch.rand(1, 2, V, generator=g)
-    mixed = [state(0, 2), ISDState("V", 1, [1], spec_q=other[0, :1], spec_qd=[0.5], spec_row=(other, 0))]
+    mixed = [state(0, 2), ISDState("V", 1, [1], spec_q=(other, 0), spec_qd=[0.5])]
     q = ISDDecoder.__new__(ISDDecoder)._kept_q(mixed, 2, V, "cpu")
     assert torch.equal(q[0], out[0, :2]) and torch.equal(q[1, :1], other[0, :1]) and not q[1, 1].any()

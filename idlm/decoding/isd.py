@@ -50,9 +50,9 @@ class ISDState:
     mode: str  # "C" (cold start) or "V" (verify)
     last: int  # C: t0, V: the pending token (emitted, no KV yet)
     specs: list[int] = field(default_factory=list)  # V: drafts s_0..s_{K-1}
-    spec_q: torch.Tensor | None = None  # V: [K, V] the distributions q̃ the drafts came from
-    # V with spec_q: (the step's q̃ output [B', K', V], this row's index in it); spec_q is a view of that row
-    spec_row: tuple[torch.Tensor, int] | None = None
+    # V, sampled drafts: where the distributions q̃ they came from are kept — (the step's q̃ output
+    # [B', K', V], this row's index in it); the row's q̃ are that row's first len(specs) columns
+    spec_q: tuple[torch.Tensor, int] | None = None
     spec_qd: list[float] = field(default_factory=list)  # V: q̃_j(s_j), for the α statistic
     # this row's own stride in the coming steps, <= the step's (the adaptive stride's per-row choice:
     # a shorter block padded to the step's 2N−1 slots); None: the step's stride
@@ -131,9 +131,8 @@ class ISDDecoder(Decoder):
     per_row = False
 
     def row_strides(self, states) -> np.ndarray | None:
-        """[B] each row's N (`row_stride`), or None when every row runs the step's stride (and the decoder
-        is not `per_row`)."""
-        if not self.per_row and all(s.n is None or s.n == self.stride for s in states):
+        """[B] each row's N (`row_stride`), or None when every row runs the step's stride."""
+        if all(s.n is None or s.n == self.stride for s in states):
             return None
         return np.fromiter((self.row_stride(s) for s in states), np.int64, len(states))
 
@@ -147,7 +146,7 @@ class ISDDecoder(Decoder):
         is_v = np.fromiter((s.mode == "V" for s in states), bool, B)
         tokens = np.full((B, self.query_len), self.mask_token_id, dtype=np.int64)
         tokens[:, 0] = np.fromiter((s.last for s in states), np.int64, B)
-        if rows_n is None or (rows_n == n).all():  # every row the step's stride: one assignment
+        if rows_n is None:
             if is_v.any():
                 tokens[is_v, 1:n] = [s.specs for s in states if s.mode == "V"]
             row_n = np.full((B, 1), n)
@@ -191,7 +190,7 @@ class ISDDecoder(Decoder):
         rows_n = self.row_strides(states)
         is_v = np.fromiter((s.mode == "V" for s in states), bool, B)
         specs = np.zeros((B, k), dtype=np.int64)
-        if rows_n is None or (rows_n == self.stride).all():  # every row the step's stride: one assignment
+        if rows_n is None:
             if is_v.any():
                 specs[is_v] = [s.specs for s in states if s.mode == "V"]
         else:
@@ -199,8 +198,8 @@ class ISDDecoder(Decoder):
                 specs[b, :rows_n[b] - 1] = states[b].specs
         # small per-row tensors on the host (the engine packs them into one copy)
         tensors = {**fixed.tensors, "is_v": torch.from_numpy(is_v), "specs": torch.from_numpy(specs)}
-        if rows_n is not None:  # rows of other strides: each row's K (absent: every row the step's)
-            tensors["k_row"] = torch.from_numpy(rows_n - 1)
+        if rows_n is not None or self.per_row:  # each row's K (absent: every row the step's)
+            tensors["k_row"] = torch.from_numpy(rows_n - 1 if rows_n is not None else np.full(B, k))
         if (is_v & ~fixed.rows["point_mass"]).any():  # a V row keeps the q̃ its drafts were sampled from
             tensors["q_old"] = self._kept_q(states, k, vocab_size, device)
         if fixed.sampled:  # each row's keys and draw number: its uniforms are drawn in `compute` (on the device)
@@ -213,7 +212,7 @@ class ISDDecoder(Decoder):
         stops after its own k_b) but is finite. Usually every kept q̃ is a row of the last step's output:
         then that output's rows are taken in one gather (a view when the rows come in the same order), not
         one copy per row (a kernel launch per row: hundreds per step in a large sampled batch)."""
-        kept = [s.spec_row if s.mode == "V" and s.spec_q is not None else None for s in states]
+        kept = [s.spec_q if s.mode == "V" else None for s in states]
         sources = {id(r[0]) for r in kept if r is not None}
         if len(sources) == 1:
             out = next(r[0] for r in kept if r is not None)  # [B', K', V]
@@ -228,9 +227,8 @@ class ISDDecoder(Decoder):
                 return q[:, :k]
             return torch.nn.functional.pad(q, (0, 0, 0, k - q.shape[1]))  # the step's stride grew
         zeros = self._zeros(k, vocab_size, device)  # rows from several steps (e.g. after a preemption)
-        qs = [zeros if s.mode != "V" or s.spec_q is None else
-              s.spec_q if len(s.spec_q) == k else torch.cat([s.spec_q, zeros[len(s.spec_q):]]) for s in states]
-        return torch.stack(qs)
+        return torch.stack([zeros if r is None else torch.cat([r[0][r[1], :len(s.specs)], zeros[len(s.specs):]])
+                            for s, r in zip(states, kept)])
 
     def compute(self, logits, tensors, truncate=True, greedy=False, logprobs=None):
         """-> packed [B, 2K+3] (see below), + [N·(1+2k)] logprob columns of the clean indices 0..K when the
@@ -259,7 +257,6 @@ class ISDDecoder(Decoder):
         n_acc, final = packed[:, 0].astype(np.int64).tolist(), packed[:, 1].astype(np.int64).tolist()
         drafts, final_q = packed[:, 2: 2 + k].astype(np.int64).tolist(), packed[:, 2 + k].tolist()
         drafts_q = packed[:, 3 + k: 3 + 2 * k].tolist()
-        kept_q = [None] * len(states) if extra is None else extra.unbind(0)  # the new drafts' q̃ (rows of extra)
         point_mass = self.batch_params(params).rows["point_mass"].tolist()
         results = []
         for b, s in enumerate(states):
@@ -272,10 +269,9 @@ class ISDDecoder(Decoder):
                 stats[b].record_verify(kb, j)
                 emitted, probs, advance = s.specs[:j] + [final[b]], s.spec_qd[:j] + [final_q[b]], 1 + j
             if kb and (s.mode == "C" or j == kb):  # next: verify the new drafts
-                spec_q = None if point_mass[b] or kept_q[b] is None else kept_q[b][:kb]
+                spec_q = None if point_mass[b] or extra is None else (extra, b)  # the new drafts' q̃: row b
                 s.mode, s.last, s.specs, s.spec_q, s.spec_qd = ("V", final[b], drafts[b][:kb], spec_q,
                                                                 drafts_q[b][:kb])
-                s.spec_row = None if spec_q is None else (extra, b)
             else:  # a draft was rejected (or the row drafts nothing): cold start from the final token
                 s.mode, s.last, s.specs, s.spec_q, s.spec_qd = "C", final[b], [], None, []
             res = StepResult(emitted, advance, probs)
