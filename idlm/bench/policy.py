@@ -75,7 +75,7 @@ def bench_policy(engine, prompts: list[list[int]], concurrency: int, max_tokens:
         return c
 
     engine._choose_stride = recording
-    before = dict(engine.counters)
+    before, graphs = dict(engine.counters), engine.runner.graphs_captured
     mix0, rows0 = dict(engine.stride_mix), dict(engine.row_stride_mix)
     try:
         params = [SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True) for _ in range(concurrency)]
@@ -92,4 +92,5 @@ def bench_policy(engine, prompts: list[list[int]], concurrency: int, max_tokens:
             "measured_tok_s_per_request": round(decoded / seconds / concurrency, 1) if seconds else None,
             "predicted_tok_s_per_request": None if predicted is None else round(predicted, 1),
             "tpf": round(decoded / max(1, sum(rows.values())), 3) if rows else None,
-            "stride_mix": dict(sorted(mix.items())), "row_stride_mix": dict(sorted(rows.items()))}
+            "stride_mix": dict(sorted(mix.items())), "row_stride_mix": dict(sorted(rows.items())),
+            "new_graphs": engine.runner.graphs_captured - graphs}  # > 0: a capture's seconds are in decode_s
