@@ -97,6 +97,8 @@ def test_auto_stride_options_are_checked(tiny):
         EngineConfig(decoder="isd", stride="auto", auto_max_stride=9)
     with pytest.raises(ConfigError, match="step_cost"):
         EngineConfig(decoder="isd", stride="auto", step_cost=(1.0, -1.0, 0.0))
+    with pytest.raises(ConfigError, match="auto_refresh"):
+        EngineConfig(decoder="isd", stride="auto", auto_refresh=-1)
     with pytest.raises(ConfigError, match="stride"):
         EngineConfig(decoder="isd", stride="fast")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from idlm.bench.policy import bench_policy, leading_successes, synthetic_acceptance
+from idlm.bench.policy import bench_policy, leading_successes, synthetic_acceptance, virtual_device
 from idlm.decoding.sampling import SamplingParams
 from idlm.engine.llm_engine import EngineConfig, LLMEngine
 
@@ -55,6 +55,76 @@ def test_bench_policy_reports_prediction_measurement_and_mix(tiny):
     assert sum(r["stride_mix"].values()) == r["decode_steps"]
     assert r["tpf"] >= 1.0
     assert eng._choose_stride.__name__ == "_choose_stride"  # the recording wrapper is gone
+
+
+SMALL = dict(model_type="qwen3", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+             mask_token_id=255)
+
+
+def _per_request_tok_s(engine, prompts, params) -> float:
+    before = dict(engine.counters)
+    engine.run(prompts, params)
+    tokens = engine.counters["generated_tokens"] - before["generated_tokens"] - len(prompts)
+    return tokens / (engine.counters["decode_time_s"] - before["decode_time_s"]) / len(prompts)
+
+
+def _closed_loop(p: float, ar_ms, isd_ms, runs: int = 3, requests: int = 4, **config) -> tuple[list[float], dict]:
+    """AR and `--stride auto` engines on a virtual device whose decode step costs ar_ms(batch) for a plain
+    AR step and isd_ms(batch, phase) for an ISD one (phase = the auto engine's run index), drafts
+    accepted with probability p -> (auto / AR per-request tok/s of each run, the last run's stride mix).
+    The AR engine's steps cost ar_ms(batch, None)."""
+    from idlm.models.random import random_model
+
+    model = random_model(SMALL, dtype="float32", device="cpu")
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 250, 16).tolist() for _ in range(requests)]
+    params = [SamplingParams(temperature=1.0, max_tokens=96, ignore_eos=True, seed=i) for i in range(requests)]
+    cfg = dict(max_num_seqs=4, num_pages=64, cuda_graphs=False)
+    phase = [0]
+    with virtual_device() as clock:
+        ar = LLMEngine(model, None, EngineConfig(decoder="ar", stride=1, **cfg))
+        clock.attach(ar, lambda n, b: ar_ms(b, None) * 1e-3)
+        ar_tok_s = _per_request_tok_s(ar, prompts, params)
+        auto = LLMEngine(model, None, EngineConfig(decoder="isd", stride="auto", step_cost=(5e-4, 2e-6, 2.5e-7),
+                                                   **cfg, **config))
+        synthetic_acceptance(auto, p, seed=1)
+        clock.attach(auto, lambda n, b: (ar_ms(b, phase[0]) if n == 1 else isd_ms(b, phase[0])) * 1e-3)
+        ratios = []
+        for run in range(runs):
+            phase[0] = run
+            mix0 = dict(auto.stride_mix)
+            ratios.append(_per_request_tok_s(auto, prompts, params) / ar_tok_s)
+        mix = {n: c - mix0.get(n, 0) for n, c in auto.stride_mix.items() if c != mix0.get(n, 0)}
+    return ratios, mix
+
+
+def test_auto_falls_back_to_ar_steps_where_isd_loses_and_keeps_isd_where_it_wins():
+    """The closed loop (measured step times, acceptance estimates, choices) on a virtual device with the
+    H200's idlm-tiny costs at batch 1–8 (an AR step 0.66–0.78 ms, an ISD step 1.04–1.32 ms: 1.6x): at
+    p = 0.5 (T = 1-like, TPF ~1.5 < 1.6) ISD loses, and after its first run's exploration `auto` runs plain
+    AR steps and matches AR; at p = 0.9 (TPF ~2.9 at N = 4) ISD wins and `auto` keeps it."""
+    ar_ms = lambda b, phase: 0.66 + 0.02 * b  # noqa: E731
+    isd_ms = lambda b, phase: 1.04 + 0.04 * b  # noqa: E731
+    lose, mix = _closed_loop(0.5, ar_ms, isd_ms)
+    assert lose[0] > 0.85 and min(lose[1:]) > 0.97, lose  # exploration costs the first run a little
+    assert mix.get(1, 0) > 0.9 * sum(mix.values()), mix
+    win, mix = _closed_loop(0.9, ar_ms, isd_ms)
+    assert min(win[1:]) > 1.5, win
+    assert mix.get(1, 0) < 0.2 * sum(mix.values()), mix
+
+
+def test_auto_re_measures_a_stride_first_measured_at_a_slow_moment():
+    """Plain AR steps cost 1 ms during the first run (a slow moment of the host: the policy measures them,
+    rates them below ISD and stops running them) and 0.66 ms afterwards (ISD steps 1.04 ms, p = 0.5: AR
+    is then better). Once that measurement expires the policy runs AR steps again (the other kind's probe,
+    and the refresh of expired strides), sees them faster and moves to them. One request (C = 1): no
+    batch tail where rows finishing at small batch sizes would measure AR steps afresh anyway."""
+    ar_ms = lambda b, phase: 1.0 if phase == 0 else 0.66  # noqa: E731
+    isd_ms = lambda b, phase: 1.04  # noqa: E731
+    ratios, mix = _closed_loop(0.5, ar_ms, isd_ms, runs=12, requests=1, auto_refresh=64)  # ~70 steps a run
+    assert min(ratios[:4]) < 0.97  # ISD at first, from the slow reading
+    assert ratios[-1] > 0.97 and mix.get(1, 0) > 0.8 * sum(mix.values()), (ratios, mix)
 
 
 @pytest.mark.slow

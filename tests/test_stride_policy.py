@@ -217,3 +217,29 @@ def test_tpf_table_is_isd_tpf_rows_at_every_stride():
         np.testing.assert_allclose(table[:, col], isd_tpf_rows(a[:, : n - 1]), rtol=1e-12)
     with pytest.raises(ValueError, match="in \\[0, 1\\]"):
         tpf_table(a + 1.0, [2])
+
+
+def test_stride_to_refresh_re_measures_the_best_expired_stride():
+    from idlm.decoding.stride_policy import StrideChoice, stride_to_refresh
+
+    choice = StrideChoice(3, 1.0, {1: 0.7, 2: 0.8, 3: 1.0, 4: 0.95, 8: 0.5})
+    assert stride_to_refresh(choice, expired=set()) is None  # every measurement fresh (or never taken)
+    assert stride_to_refresh(choice, expired={4, 1}) == 4  # the best-rated expired one
+    assert stride_to_refresh(choice, expired={1, 8}) == 1
+    assert stride_to_refresh(choice, expired={8}) is None  # rated under `within` of the choice: not worth it
+    assert stride_to_refresh(choice, expired={3}) is None  # the choice itself runs anyway
+
+
+def test_step_timer_lists_expired_measurements_and_restarts_them_afresh():
+    from idlm.decoding.stride_policy import StepTimer
+
+    t = StepTimer(window=8, min_samples=2, stale_steps=4)
+    for _ in range(2):
+        t.observe(1, 1, 2e-3)  # measured at a slow moment
+    for _ in range(4):
+        t.observe(4, 1, 1e-3)
+    assert t.expired(1) == {1} and t.seconds(1) == {4: 1e-3}
+    assert t.expired(2) == set()
+    for _ in range(2):
+        t.observe(1, 1, 0.5e-3)  # re-measured: the old moment's samples are dropped, not mixed in
+    assert t.seconds(1)[1] == 0.5e-3 and t.expired(1) == set()

@@ -13,9 +13,18 @@ committed as if accepted): a benchmark of speed and of the policy only, never of
 `bench_policy` runs one cell (a concurrency) and reports the policy's predicted committed tokens per
 second (the rate of each choice it made, `StrideChoice.rate`, averaged over its steps) beside the measured
 one (tokens committed by decode steps / decode time), per request, and the stride mix.
+
+`virtual_device` goes one step further for tests and what-if studies on a CPU: the engine's clock becomes
+a virtual one that each decode step advances by a given step-time function of (stride, batch), with
+optional noise, so the closed loop — measured step times, acceptance estimates, choices — runs exactly
+as on a device with those costs, deterministically (`tests/test_policy_bench.py` checks that the policy
+falls back to AR steps where ISD loses and keeps ISD where it wins).
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -94,3 +103,45 @@ def bench_policy(engine, prompts: list[list[int]], concurrency: int, max_tokens:
             "tpf": round(decoded / max(1, sum(rows.values())), 3) if rows else None,
             "stride_mix": dict(sorted(mix.items())), "row_stride_mix": dict(sorted(rows.items())),
             "new_graphs": engine.runner.graphs_captured - graphs}  # > 0: a capture's seconds are in decode_s
+
+
+class VirtualClock:
+    """A stand-in for the `time` module in `idlm.engine.llm_engine`: `perf_counter` returns virtual seconds,
+    advanced only by the decode steps of engines attached with `VirtualClock.attach` (prefill takes none)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return self.now
+
+    def attach(self, engine, step_seconds: Callable[[int, int], float], noise: float = 0.0, seed: int = 0) -> None:
+        """Every decode step of `engine` (stride n, batch B) takes step_seconds(n, B) · (1 + noise · z) virtual
+        seconds, z standard normal (clipped so a step never takes under 30% of its time)."""
+        rng = np.random.default_rng(seed)
+        decode = engine.runner.decode
+
+        def timed(batch, decoder, tensors, static):
+            out = decode(batch, decoder, tensors, static)
+            rows = len(batch) if isinstance(batch, list) else batch.tokens.shape[0]
+            self.now += step_seconds(decoder.stride, rows) * max(0.3, 1.0 + noise * rng.standard_normal())
+            return out
+
+        engine.runner.decode = timed
+
+
+@contextlib.contextmanager
+def virtual_device() -> Iterator[VirtualClock]:
+    """Within the block, engines measure time on a `VirtualClock` (attach each engine to give its steps
+    their costs); the real clock is restored on exit."""
+    from idlm.engine import llm_engine
+
+    clock, real = VirtualClock(), llm_engine.time
+    llm_engine.time = clock
+    try:
+        yield clock
+    finally:
+        llm_engine.time = real

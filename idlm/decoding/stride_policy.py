@@ -32,6 +32,8 @@ The math, as small pure functions:
 - `stride_to_probe`: while only ISD strides (or only plain AR steps) have run, a stride of the other kind
   whose expected rate comes close to the chosen one's is run for one interval, so its cost is measured
   rather than borrowed from a step of another kind.
+- `stride_to_refresh`: now and then the runner-up stride is run for one interval when its measurement at
+  this batch bucket has expired, so a measurement taken at a slow moment does not exclude it for good.
 """
 
 from __future__ import annotations
@@ -262,6 +264,23 @@ def stride_to_probe(choice: StrideChoice, measured: Collection[int], within: flo
     return max(near, key=lambda n: (choice.rates[n], -n)) if near else None
 
 
+def stride_to_refresh(choice: StrideChoice, expired: Collection[int], within: float = 0.6) -> int | None:
+    """The best-rated stride other than `choice` whose step time at this batch bucket was measured but has
+    expired (`StepTimer.expired`), if its expected rate is at least `within` of the chosen stride's; else
+    None. The engine runs it for one interval now and then (`EngineConfig.auto_refresh`), so that one
+    measurement taken at a slow moment cannot exclude a stride for good: a stride that is not chosen is
+    never re-measured, and its rate then rests on that old reading (the cost model's scale), while host
+    timing drifts by ±30% (seen on the H200: at T = 1, C = 1 the policy kept ISD steps against a 0.87 ms
+    reading of its own plain AR step while AR's engine ran its step at 0.66 ms in the same cell; at T = 0,
+    C = 1 it ran N = 2–3 where N = 4 was best). A stride never run at this bucket is rated by the model and
+    its nearest stride's scale instead, and tried when that rates it best."""
+    others = {n: r for n, r in choice.rates.items() if n != choice.stride and n in expired}
+    if not others:
+        return None
+    n = max(others, key=lambda m: (others[m], -m))
+    return n if others[n] >= within * choice.rate else None
+
+
 class CostTracker:
     """Per stride, the median of the last `window` ratios measured step time / modelled step time: corrects
     the forward-only cost model for what it does not see (the decoder's sampling and acceptance work, host
@@ -300,7 +319,7 @@ class StepTimer:
     estimated from the acceptance counts of every step (`isd_tpf`), far less noisy at batch 1 than the
     tokens of a few steps (at T = 1 one ISD step commits 1 to 4)."""
 
-    def __init__(self, window: int = 16, min_samples: int = 3, stale_steps: int = 2048):
+    def __init__(self, window: int = 16, min_samples: int = 3, stale_steps: int = 512):
         if not 1 <= min_samples <= window or stale_steps < 1:
             raise ValueError(f"StepTimer needs 1 <= min_samples <= window and stale_steps >= 1, got "
                              f"window={window}, min_samples={min_samples}, stale_steps={stale_steps}")
@@ -315,9 +334,15 @@ class StepTimer:
         self.steps += 1
         key = (stride, bucket)
         samples = self._samples.setdefault(key, [])
+        if samples and self.steps - 1 - self._last[key] >= self.stale_steps:
+            samples.clear()  # expired: a re-measurement starts afresh, not mixed with the old moment's times
         samples.append(seconds)
         del samples[:-self.window]
         self._last[key] = self.steps
+
+    def expired(self, bucket: int) -> set[int]:
+        """Strides measured at this bucket whose measurement is no longer fresh (`stale_steps`)."""
+        return {n for (n, b) in self._samples if b == bucket and self.steps - self._last[(n, b)] >= self.stale_steps}
 
     def seconds(self, bucket: int) -> dict[int, float]:
         """stride -> measured seconds of a step at this bucket (fresh and with enough samples only)."""

@@ -64,6 +64,7 @@ from idlm.decoding.stride_policy import (
     default_prior,
     position_counts,
     stride_to_probe,
+    stride_to_refresh,
 )
 from idlm.engine.block_manager import PageManager
 from idlm.engine.calibrate import calibrate_step_cost
@@ -106,6 +107,9 @@ class EngineConfig:
     # (base s, per row s, per query token s) of a decode step (`StepCostModel`); None with "auto": measured
     # at start-up on this device and cached (`idlm.engine.calibrate`)
     step_cost: tuple[float, float, float] | None = None
+    # "auto": at most every this many decode steps, the runner-up stride runs one interval when its step time
+    # at the batch's bucket is no longer measured (`stride_to_refresh`); 0: never
+    auto_refresh: int = 256
     threshold: float = 0.9  # SDAR confidence threshold
     # [(max decode batch, N), ...] ascending; the first entry whose bound >= the batch size gives N.
     # None: always `stride`. Example: [(8, 4), (32, 3), (1_000_000, 2)]. For ISD / R-ISD, N = 1 means plain
@@ -153,6 +157,8 @@ class EngineConfig:
         for name in ("page_size", "max_num_seqs", "max_num_batched_tokens", "auto_interval"):
             positive(name)
         positive("auto_max_stride")
+        if not isinstance(self.auto_refresh, int) or isinstance(self.auto_refresh, bool) or self.auto_refresh < 0:
+            raise ConfigError(f"invalid engine option auto_refresh={self.auto_refresh!r}: must be an integer >= 0")
         if not isinstance(self.auto_per_row, bool):
             raise ConfigError(f"invalid engine option auto_per_row={self.auto_per_row!r}: must be True or False")
         if self.auto_max_stride > MAX_STRIDE:
@@ -321,6 +327,7 @@ class LLMEngine:
         self._times: StepTimer | None = None
         self._auto: StrideChoice | None = None
         self._auto_steps = 0
+        self._refreshed = 0  # `_auto_steps` at the last refresh probe
         self._forced_stride: int | None = None  # `warmup` runs each stride in turn
         if config.stride == "auto":
             self._cost = CostTracker(StepCostModel(*config.step_cost) if config.step_cost is not None
@@ -356,6 +363,12 @@ class LLMEngine:
                 choice = self._choose_stride(decodes)
                 measured = self._times.seconds(self.runner.bucket(len(decodes)))
                 probe = stride_to_probe(choice, measured)  # measure a close stride of the kind never run
+                refresh = self.config.auto_refresh
+                if probe is None and refresh and self._auto_steps - self._refreshed >= refresh:
+                    # re-measure the runner-up when its measurement here has expired
+                    probe = stride_to_refresh(choice, self._times.expired(self.runner.bucket(len(decodes))))
+                    if probe is not None:
+                        self._refreshed = self._auto_steps
                 self._auto = choice if probe is None else StrideChoice(probe, choice.rates[probe], choice.rates)
                 rows = self._auto.rows or ()
                 self._auto_rows = {seq.request_id: r for seq, r in zip(decodes, rows) if r < self._auto.stride}
@@ -692,6 +705,7 @@ class LLMEngine:
                 self.abort_request(rid)
             (self.decode_stats, self.counters, self.stride_mix, self.row_stride_mix, self._auto,
              self._auto_steps) = saved
+            self._refreshed = min(self._refreshed, self._auto_steps)
             if self._cost is not None:  # what the dummy steps measured is not the workload's
                 self._cost = CostTracker(self._cost.model)
                 self._times = StepTimer(self._times.window, self._times.min_samples, self._times.stale_steps)
