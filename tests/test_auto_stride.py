@@ -68,7 +68,7 @@ def test_the_choice_is_a_function_of_committed_statistics(tiny):
         for s in decodes:
             pooled = pooled.merge(s.output.stats)
         current = eng._auto.stride if eng._auto is not None else None
-        scales = eng._cost.scales(eng.config.strides)  # measured step times of earlier steps
+        scales = eng._cost.scales(eng.config.strides, len(decodes))  # measured step times of earlier steps
         measured = eng._times.seconds(eng.runner.bucket(len(decodes)))  # and step times at this bucket
         choice = original(decodes)
         seen.append((snapshot, (list(pooled.accepted_per_position), list(pooled.verified_per_position)),

@@ -243,3 +243,22 @@ def test_step_timer_lists_expired_measurements_and_restarts_them_afresh():
     for _ in range(2):
         t.observe(1, 1, 0.5e-3)  # re-measured: the old moment's samples are dropped, not mixed in
     assert t.seconds(1)[1] == 0.5e-3 and t.expired(1) == set()
+
+
+def test_cost_scales_come_from_the_nearest_batch_size_class():
+    """A sampled ISD step's extra work grows with the batch faster than the forward-only model: its ratio
+    at batch 64 is not its ratio at batch 8. Each stride's scale comes from the nearest batch class
+    (power of two) where it ran; strides never run borrow the nearest stride's at that batch."""
+    from idlm.decoding.stride_policy import CostTracker
+
+    model = StepCostModel(base=1.0, per_token=0.0)  # ratios = the seconds
+    t = CostTracker(model, window=4)
+    t.observe(7, 8, 1.3)
+    t.observe(7, 64, 3.5)
+    t.observe(1, 64, 2.0)
+    assert t.scales([7], 64) == {7: 3.5} and t.scales([7], 8) == {7: 1.3}
+    assert t.scales([7], 48) == {7: 3.5}  # class of 32..63: nearer 64 than 8
+    assert t.scales([7], 1) == {7: 1.3}
+    assert t.scales([1, 2], 8) == {1: 2.0, 2: 2.0}  # stride 1 ran only at 64: its own ratio, the nearest class
+    assert t.scales([7]) == {7: 2.4}  # no batch: the all-batch median, as before
+

@@ -288,25 +288,43 @@ class CostTracker:
     kernel compiled on first use) must not rate a stride thousands of times too slow, because a stride rated
     too slow is never chosen again and so never re-measured (seen on the H200: a 4000x outlier kept the
     policy on N = 8 where N = 4 was best). A stride not yet run takes the ratio of the nearest stride that
-    has run (1 before any step), so only measured differences between strides move the choice."""
+    has run (1 before any step), so only measured differences between strides move the choice.
+
+    The ratio also depends on the batch (on the H200, idlm-tiny at T = 1: a sampled N = 7 step measured
+    1.3x the model at batch 8 and 3.5x at batch 64, where the decoder's work over [B, K, V] grows and the
+    forward-only model does not see it), so `scales(strides, batch)` takes each stride's ratios from the
+    batch-size class (powers of two) nearest to `batch` where it has run; `scale` keeps the all-batch
+    median per stride, for reports."""
 
     def __init__(self, model: StepCostModel, window: int = 16):
         if window < 1:
             raise ValueError(f"CostTracker window must be >= 1, got {window}")
         self.model, self.window = model, window
         self._ratios: dict[int, list[float]] = {}
-        self.scale: dict[int, float] = {}  # stride -> current estimate (median of its window)
+        self._by_class: dict[tuple[int, int], list[float]] = {}  # (stride, batch.bit_length()) -> ratios
+        self.scale: dict[int, float] = {}  # stride -> current estimate (median of its window, any batch)
 
     def observe(self, stride: int, batch: int, seconds: float) -> None:
-        ratios = self._ratios.setdefault(stride, [])
-        ratios.append(seconds / self.model.cost(batch, query_len_of(stride)))
-        del ratios[:-self.window]
-        self.scale[stride] = statistics.median(ratios)
+        ratio = seconds / self.model.cost(batch, query_len_of(stride))
+        by_class = self._by_class.setdefault((stride, batch.bit_length()), [])
+        for ratios in (self._ratios.setdefault(stride, []), by_class):
+            ratios.append(ratio)
+            del ratios[:-self.window]
+        self.scale[stride] = statistics.median(self._ratios[stride])
 
-    def scales(self, strides: Sequence[int]) -> dict[int, float]:
+    def _at(self, stride: int, batch: int | None) -> float:
+        if batch is None:
+            return self.scale[stride]
+        c = batch.bit_length()
+        k = min((k for (n, k) in self._by_class if n == stride), key=lambda k: (abs(k - c), k))
+        return statistics.median(self._by_class[(stride, k)])
+
+    def scales(self, strides: Sequence[int], batch: int | None = None) -> dict[int, float]:
+        """stride -> measured / modelled step time for a step of `batch` rows (None: over every batch)."""
         if not self.scale:
             return {n: 1.0 for n in strides}
-        return {n: self.scale[min(self.scale, key=lambda m: (abs(m - n), m))] for n in strides}
+        own = {n: self._at(n, batch) for n in self.scale}
+        return {n: own[min(own, key=lambda m: (abs(m - n), m))] for n in strides}
 
 
 class StepTimer:

@@ -403,7 +403,7 @@ class LLMEngine:
         rows = acceptance_rows(acc, ver, prior)
         current = self._auto.stride if self._auto is not None else None
         return choose_stride(rows, self._cost.model, self.config.strides, current=current,
-                             cost_scale=self._cost.scales(self.config.strides),
+                             cost_scale=self._cost.scales(self.config.strides, len(decodes)),
                              measured=self._times.seconds(self.runner.bucket(len(decodes))),
                              per_row=self.config.auto_per_row)
 
