@@ -230,12 +230,13 @@ class ModelRunner:
             out["visible"][:n] = batch.visible
         return {k: torch.from_numpy(v) for k, v in out.items()}
 
-    def _forward(self, t: dict[str, torch.Tensor], kernel: bool = False) -> torch.Tensor:
+    def _forward(self, t: dict[str, torch.Tensor], kernel: bool = False,
+                 host_rows: list[tuple[int, int]] | None = None) -> torch.Tensor:
         """Tensors of `_tensors` (on the device) -> hidden [B, T, H]. kernel: attention through the Triton
         kernel (decode steps; prefill chunks of every length take the reference path, so the kernel
         is compiled for a few decode block shapes only)."""
         attn = PagedAttention(self.kv, t["slots"], t["tables"], t["starts"], t.get("visible"), kernel=kernel,
-                              exact=self.exact)
+                              exact=self.exact, host_rows=host_rows)
         kwargs = {}
         if "is_mask" in t and self.lora is not None:
             kwargs = dict(lora=self.lora, lora_gate=t["gate"], is_mask=t["is_mask"])
@@ -264,7 +265,7 @@ class ModelRunner:
         {row index: (logprobs, top-k lists)})."""
         T = max(len(r.tokens) for r in rows)
         t = {k: v.to(self.device) for k, v in self._tensors(rows, T, len(rows), self._pages(rows)).items()}
-        hidden = self._forward(t)
+        hidden = self._forward(t, host_rows=[(r.start, len(r.tokens)) for r in rows])
         if not last_only:
             return self._logits(hidden)
         last = torch.tensor([len(r.tokens) - 1 for r in rows], device=self.device)

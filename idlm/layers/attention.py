@@ -40,6 +40,22 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
                                               enable_gqa=q.shape[1] != k.shape[1])
 
 
+def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
+    """Causal attention of n query tokens that follow `past` earlier keys: q [B, Hq, n, D], k/v
+    [B, Hkv, past + n, D]; query t sees keys 0..past + t. No mask tensor: SDPA's flash / memory-efficient
+    kernels run (causal, grouped-query heads natively when past = 0; past > 0 takes the bottom-right
+    aligned `causal_lower_right`, whose kernels want K/V with every query head, so they are repeated)."""
+    if past == 0:
+        return sdpa(q, k, v, None, is_causal=True)
+    from torch.nn.attention.bias import causal_lower_right
+
+    g = q.shape[1] // k.shape[1]
+    if g > 1:
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    with sdpa_kernel(_NO_CUDNN) if q.is_cuda else contextlib.nullcontext():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]))
+
+
 class DenseAttention:
     """No cache: every query sees the keys of this forward under `mask` ([B|1, 1, T, T] bool) or,
     when mask is None, plain causal attention."""

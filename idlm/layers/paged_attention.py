@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from idlm.layers.attention import cache_mask, last_visible, sdpa
+from idlm.layers.attention import cache_mask, causal_sdpa, last_visible, sdpa
 from idlm.layers.paged_kernel import kernel_supported, paged_attention, store_kv
 
 
@@ -55,15 +55,26 @@ def kernel_last(last: torch.Tensor, slot_mapping: torch.Tensor, trash_slot: int)
     return last.masked_fill(slot_mapping.reshape(last.shape) == trash_slot, -1)
 
 
+# host_rows: a row-by-row causal SDPA instead of one masked SDPA over the batch when a row has this many
+# query tokens (or the batch is this small): a long prefill chunk then runs SDPA's flash kernel on exactly its
+# keys, where the masked call fell back to the math path (a bool mask with grouped-query heads: on the H200 an
+# 8k-token prefill of a Qwen3-8B shape ran at 7% of the bf16 peak, docs/engine.md)
+ROW_CAUSAL_MIN_TOKENS = 256
+ROW_CAUSAL_MAX_ROWS = 2
+
+
 class PagedAttention:
     """Backend for one forward. slot_mapping [B, T], block_tables [B, M] (page ids, padded with any
-    valid page), starts [B], visible [B, T] or None; kernel: use the Triton kernel where supported."""
+    valid page), starts [B], visible [B, T] or None; kernel: use the Triton kernel where supported.
+    host_rows: [(start, tokens)] of the real rows, known on the host (prefill): lets plain causal rows
+    take `_attend_rows` (per row, exactly its keys, SDPA's causal kernels) — not under CUDA graphs."""
 
     def __init__(self, cache: PagedKVCache, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
                  starts: torch.Tensor, visible: torch.Tensor | None = None, kernel: bool = False,
-                 exact: bool = False):
+                 exact: bool = False, host_rows: list[tuple[int, int]] | None = None):
         self.cache, self.slot_mapping, self.block_tables = cache, slot_mapping, block_tables
         self.starts, self.visible, self.kernel, self.exact = starts, visible, kernel or exact, exact
+        self.host_rows = host_rows
         self._key_slots: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
         self._last: torch.Tensor | None = None
@@ -94,8 +105,30 @@ class PagedAttention:
                 self._last = kernel_last(last_visible(self.starts, T, self.visible), self.slot_mapping,
                                          self.cache.trash_slot)
             return paged_attention(q, kc, vc, self.block_tables, self._last, self.cache.block_size, exact=self.exact)
+        rows = self.host_rows
+        if rows is not None and self.visible is None and (max(n for _, n in rows) >= ROW_CAUSAL_MIN_TOKENS
+                                                          or len(rows) <= ROW_CAUSAL_MAX_ROWS):
+            return self._attend_rows(kc, vc, q)
         if self._mask is None:
             self._prepare(T)
         keys = kc[self._key_slots].transpose(1, 2).to(q.dtype)  # [B, Hkv, S, D]
         values = vc[self._key_slots].transpose(1, 2).to(q.dtype)
         return sdpa(q, keys, values, self._mask)
+
+    def _attend_rows(self, kc: torch.Tensor, vc: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """Causal attention row by row: row b's n query tokens at positions start..start+n−1 see keys
+        0..start+n−1 — exactly those keys gathered, and SDPA told it is causal (`causal_sdpa`), so it runs
+        its flash kernel instead of materialising scores under a mask. Padded query tokens (t >= n) get
+        zeros (nothing reads them). q [B, Hq, T, D] -> [B, Hq, T, D]."""
+        B, Hq, T, D = q.shape
+        bs = self.cache.block_size
+        out = q.new_zeros(B, Hq, T, D)
+        for b, (start, n) in enumerate(self.host_rows):
+            if n == 0:
+                continue
+            pos = torch.arange(start + n, device=q.device)
+            slots = self.block_tables[b, pos // bs] * bs + pos % bs
+            k = kc[slots].transpose(0, 1)[None].to(q.dtype)  # [1, Hkv, start + n, D]
+            v = vc[slots].transpose(0, 1)[None].to(q.dtype)
+            out[b: b + 1, :, :n] = causal_sdpa(q[b: b + 1, :, :n], k, v, start)
+        return out
