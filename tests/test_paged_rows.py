@@ -94,3 +94,23 @@ def test_engine_prefill_unchanged_by_the_row_path(tiny, monkeypatch):
     for (t1, l1), (t2, l2) in zip(on, off):
         assert t1 == t2
         assert l1 == pytest.approx(l2, abs=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (SDPA's flash kernels)")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_row_causal_path_on_cuda(dtype, tol):
+    """On the GPU the row path runs SDPA's flash / memory-efficient kernels (the masked path: the math one):
+    Qwen3-8B's head layout, a whole 300-token prompt and a 512-token chunk after 200 kept keys. The H200
+    gave max |difference| 0 and 1.9e-6 in fp32 and 0.0156 (one bf16 rounding step) in bf16."""
+    for rows in ([(0, 300)], [(0, 64), (200, 512)]):
+        pool, slots, tables, starts, q, k, v = _chunk(32, 8, 128, 16, rows)
+        ref = _copy(pool)
+        for p in (pool, ref):
+            p.k, p.v = p.k.cuda().to(dtype), p.v.cuda().to(dtype)
+        slots, tables, starts = slots.cuda(), tables.cuda(), starts.cuda()
+        q, k, v = (x.cuda().to(dtype) for x in (q, k, v))
+        want = PagedAttention(ref, slots, tables, starts).attend(0, q, k, v)
+        got = PagedAttention(pool, slots, tables, starts, host_rows=rows).attend(0, q, k, v)
+        for b, (_, n) in enumerate(rows):
+            torch.testing.assert_close(got[b, :, :n], want[b, :, :n], rtol=tol, atol=tol)
