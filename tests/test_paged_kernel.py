@@ -157,6 +157,37 @@ def test_split_kv_equals_reference_path_in_fp32(splits, Hq, Hkv, T, visible):
     assert (got - want).abs().max() <= 2e-6
 
 
+@pytest.mark.parametrize("prefetch,block_n,warps,splits", [("1", "", "", 1), ("1", "16", "2", 3), ("0", "32", "8", 1),
+                                                      ("1", "128", "1", 2)])
+def test_kernel_tuning_knobs_keep_the_result(monkeypatch, prefetch, block_n, warps, splits):
+    """$IDLM_ATTN_PREFETCH / _BLOCK_N / _WARPS (what `scripts/attn_sweep.py` measures) change how the kernel
+    walks the keys, not what it computes: vs gather + SDPA in fp32, <= 2e-6, split or not, rows of very
+    different lengths (tiles past a short row's keys, a next tile past a split's end)."""
+    from idlm.layers.attention import last_visible
+    from idlm.layers.paged_kernel import paged_attention
+
+    monkeypatch.setenv("IDLM_ATTN_PREFETCH", prefetch)
+    monkeypatch.setenv("IDLM_ATTN_BLOCK_N", block_n)
+    monkeypatch.setenv("IDLM_ATTN_WARPS", warps)
+    B, Hq, Hkv, D, T, page = 3, 8, 2, 16, 7, 8
+    pool, slots, tables, st, q, k, v = _batch(B, Hq, Hkv, D, T, page, [300, 2, 117], seed=5)
+    want = PagedAttention(pool, slots, tables, st).attend(0, q, k, v)  # writes this block's K/V too
+    got = paged_attention(q, pool.k[0], pool.v[0], tables, last_visible(st, T, None), page, splits=splits)
+    assert (got - want).abs().max() <= 2e-6
+
+
+def test_kernel_tuning_refuses_bad_values(monkeypatch):
+    from idlm.layers.paged_kernel import kernel_tuning
+
+    assert kernel_tuning() == (False, None, 4)
+    for name, value in [("IDLM_ATTN_PREFETCH", "yes"), ("IDLM_ATTN_BLOCK_N", "48"), ("IDLM_ATTN_BLOCK_N", "512"),
+                        ("IDLM_ATTN_WARPS", "3")]:
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValueError, match=name):
+            kernel_tuning()
+        monkeypatch.delenv(name)
+
+
 def test_split_count_override_and_bad_value(monkeypatch):
     from idlm.layers import paged_kernel
     from idlm.layers.attention import last_visible
@@ -275,3 +306,22 @@ def test_padded_tokens_never_read_past_their_rows_pages(exact):
     for b in range(B):
         torch.testing.assert_close(got[b, :, : lengths[b]], want[b, :, : lengths[b]], rtol=1e-5, atol=1e-5)
     assert not got[0, :, lengths[0]:].any()  # padded tokens: no keys read
+
+
+@pytest.mark.slow
+def test_attn_sweep_script_smoke(tmp_path):
+    """scripts/attn_sweep.py CPU-sized: every setting of the grid runs and matches the default's result."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "attn_sweep.py"
+    env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["summary"] is True
+    rec = json.loads((tmp_path / "attn_sweep.json").read_text())
+    assert set(rec["shapes"]) == {"1x64x1", "2x40x7"}
+    for cell in rec["shapes"].values():
+        assert len(cell["all"]) >= 8 and cell["worst_diff"] < 1e-5

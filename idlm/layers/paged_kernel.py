@@ -83,6 +83,29 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
+    def _tile(q, k, v, pos, last, m_i, l_i, acc, scale, IEEE: tl.constexpr):
+        """One key tile into a query tile's online-softmax state (m, l, acc): q [BLOCK_M, D], k/v [BLOCK_N, D]."""
+        if IEEE:  # float32 pools: full-precision products (no TF32), like the reference path
+            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, tl.trans(k.to(q.dtype))) * scale  # [BLOCK_M, BLOCK_N] float32
+        s = tl.where(pos[None, :] <= last[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
+        p = tl.exp(s - m_safe[:, None])
+        corr = tl.exp(m_i - m_safe)
+        l_i = l_i * corr + tl.sum(p, axis=1)
+        if IEEE:
+            acc = acc * corr[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * corr[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        return m_new, l_i, acc
+
+    # a jitted function finds the functions it calls among its module's globals (not in this closure);
+    # triton is imported lazily, so the helper is put there when the kernels are first built
+    globals()["_tile"] = _tile
+
+    @triton.jit
     def paged_attn_fwd(Q, K, V, Out, TABLES, LAST, PART_M, PART_L, PART_ACC, scale,
                        s_qb, s_qh, s_qt,  # q [B, Hq, T, D], unit stride in D
                        s_ks, s_kh,  # k/v pool of one layer [slots, Hkv, D], unit stride in D
@@ -90,7 +113,7 @@ def _kernel():
                        s_tb, s_lb,  # block tables [B, M], last [B, T]
                        T, PAGE, SPLITS,
                        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                       IEEE: tl.constexpr, SPLIT: tl.constexpr, TQ: tl.constexpr):
+                       IEEE: tl.constexpr, SPLIT: tl.constexpr, TQ: tl.constexpr, PREFETCH: tl.constexpr):
         b = tl.program_id(0)
         hk = tl.program_id(1)
         sp = tl.program_id(2)  # the split (SPLIT) or else the query tile: tokens sp·TQ .. sp·TQ + TQ − 1
@@ -114,28 +137,32 @@ def _kernel():
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         cols = tl.arange(0, BLOCK_N)
-        for start in range(lo, hi, BLOCK_N):
-            pos = start + cols  # key positions [BLOCK_N]
-            key_ok = pos < hi
-            page = tl.load(TABLES + b * s_tb + pos // PAGE, mask=key_ok, other=0)
+        if PREFETCH:
+            # the same tiles and arithmetic, loads issued earlier: a tile's slots come from the previous
+            # iteration (the first tile's from before the loop) and its K and V are both requested before
+            # any math, with the next tile's page ids — so one memory latency per tile, not three in a row
+            # (page ids -> K -> V; on the H200 a tile took ~6 µs at batch 1, latency-bound)
+            pos = lo + cols
+            page = tl.load(TABLES + b * s_tb + pos // PAGE, mask=pos < hi, other=0)
             slot = page.to(tl.int64) * PAGE + pos % PAGE
-            k = tl.load(K + slot[:, None] * s_ks + hk * s_kh + d[None, :], mask=key_ok[:, None], other=0.0)
-            if IEEE:  # float32 pools: full-precision products (no TF32), like the reference path
-                s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * scale
-            else:
-                s = tl.dot(q, tl.trans(k.to(q.dtype))) * scale  # [BLOCK_M, BLOCK_N] float32
-            s = tl.where(pos[None, :] <= last[:, None], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
-            p = tl.exp(s - m_safe[:, None])
-            corr = tl.exp(m_i - m_safe)
-            l_i = l_i * corr + tl.sum(p, axis=1)
-            v = tl.load(V + slot[:, None] * s_ks + hk * s_kh + d[None, :], mask=key_ok[:, None], other=0.0)
-            if IEEE:
-                acc = acc * corr[:, None] + tl.dot(p, v, input_precision="ieee")
-            else:
-                acc = acc * corr[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
-            m_i = m_new
+            for start in range(lo, hi, BLOCK_N):
+                pos = start + cols
+                key_ok = pos < hi
+                k = tl.load(K + slot[:, None] * s_ks + hk * s_kh + d[None, :], mask=key_ok[:, None], other=0.0)
+                v = tl.load(V + slot[:, None] * s_ks + hk * s_kh + d[None, :], mask=key_ok[:, None], other=0.0)
+                nxt = pos + BLOCK_N
+                page = tl.load(TABLES + b * s_tb + nxt // PAGE, mask=nxt < hi, other=0)
+                slot = page.to(tl.int64) * PAGE + nxt % PAGE
+                m_i, l_i, acc = _tile(q, k, v, pos, last, m_i, l_i, acc, scale, IEEE)
+        else:
+            for start in range(lo, hi, BLOCK_N):
+                pos = start + cols  # key positions [BLOCK_N]
+                key_ok = pos < hi
+                page = tl.load(TABLES + b * s_tb + pos // PAGE, mask=key_ok, other=0)
+                slot = page.to(tl.int64) * PAGE + pos % PAGE
+                k = tl.load(K + slot[:, None] * s_ks + hk * s_kh + d[None, :], mask=key_ok[:, None], other=0.0)
+                v = tl.load(V + slot[:, None] * s_ks + hk * s_kh + d[None, :], mask=key_ok[:, None], other=0.0)
+                m_i, l_i, acc = _tile(q, k, v, pos, last, m_i, l_i, acc, scale, IEEE)
         if SPLIT:  # the unnormalised state of this split: [B, Hkv, S, BLOCK_M] (m, l), [.., D] (acc)
             base = ((b * tl.num_programs(1) + hk) * SPLITS + sp) * BLOCK_M
             tl.store(PART_M + base + rows, m_i)
@@ -247,6 +274,27 @@ def kv_splits(batch: int, kv_heads: int, max_keys: int, device: torch.device) ->
         raise ValueError(f"IDLM_KV_SPLITS must be 'auto' or an integer >= 1, got {value!r}") from None
 
 
+def kernel_tuning() -> tuple[bool, int | None, int]:
+    """Tuning knobs of the decode kernel, from the environment (for measurements: `scripts/attn_sweep.py`
+    sweeps them on the GPU to choose defaults): $IDLM_ATTN_PREFETCH "1" (each key tile's loads issued one
+    step ahead; default "0"), $IDLM_ATTN_BLOCK_N keys per tile (a power of two 16..256; default: 64, or 32
+    for tiles of more than 64 query rows), $IDLM_ATTN_WARPS warps per program (1, 2, 4 or 8; default 4).
+    Exact mode ignores them (its tiles are fixed). -> (prefetch, block_n or None, warps)."""
+    def read(name: str, default: str, ok) -> str:
+        value = os.environ.get(name, "").strip() or default
+        if not ok(value):
+            raise ValueError(f"{name}={value!r} is not valid (see idlm.layers.paged_kernel.kernel_tuning)")
+        return value
+
+    def power_of_two_in(lo: int, hi: int):
+        return lambda v: v.isdigit() and lo <= int(v) <= hi and int(v) & (int(v) - 1) == 0
+
+    prefetch = read("IDLM_ATTN_PREFETCH", "0", lambda v: v in ("0", "1")) == "1"
+    block_n = read("IDLM_ATTN_BLOCK_N", "0", lambda v: v == "0" or power_of_two_in(16, 256)(v))
+    warps = int(read("IDLM_ATTN_WARPS", "4", power_of_two_in(1, 8)))
+    return prefetch, int(block_n) or None, warps
+
+
 def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
                     last: torch.Tensor, page_size: int, splits: int | None = None, exact: bool = False) -> torch.Tensor:
     """q [B, Hq, T, D] (any strides with unit stride in D), k_pool/v_pool [slots, Hkv, D] (one layer),
@@ -267,6 +315,7 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
         raise ValueError("paged_attention needs block tables and `last` with unit stride along each row")
     group = Hq // Hkv
     out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
+    prefetch, tuned_n, warps = kernel_tuning()
     if exact:
         if splits not in (None, 1):
             raise ValueError(f"exact paged attention does not split KV (splits={splits})")
@@ -275,7 +324,7 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
         programs = -(-T // tq)
     else:
         block_m = _tile_rows(group, T)
-        block_n, tq = (64 if block_m <= 64 else 32), block_m // group  # tq >= T: one query tile
+        block_n, tq = tuned_n or (64 if block_m <= 64 else 32), block_m // group  # tq >= T: one query tile
         if splits is None:
             splits = kv_splits(B, Hkv, block_tables.shape[1] * page_size, q.device)
         programs = splits
@@ -293,7 +342,8 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
         q.stride(0), q.stride(1), q.stride(2), k_pool.stride(0), k_pool.stride(1),
         out.stride(0), out.stride(1), out.stride(2), block_tables.stride(0), last.stride(0),
         T, page_size, splits, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, D=D,
-        IEEE=q.dtype == torch.float32, SPLIT=splits > 1, TQ=tq, num_warps=4,
+        IEEE=q.dtype == torch.float32, SPLIT=splits > 1, TQ=tq, PREFETCH=prefetch and not exact,
+        num_warps=4 if exact else warps,
     )
     if splits > 1:
         combine[(B, Hkv)](out, part_m, part_l, part_acc, out.stride(0), out.stride(1), out.stride(2), T, splits,

@@ -1,0 +1,141 @@
+"""GPU sweep of the paged decode kernel's tuning knobs on a Qwen3-8B head layout, to choose its defaults
+(issue 14: at batch 1 and context 1024 the kernel took 49 µs per layer on the H200, ~40x the time its
+4 MB of K/V take at the memory's speed — latency-bound, not bandwidth-bound).
+
+For each shape (batch × context × query length) and each setting of
+  $IDLM_ATTN_PREFETCH (0/1), $IDLM_ATTN_BLOCK_N (32/64/128), $IDLM_ATTN_WARPS (2/4/8), splits (1, auto, 4..32)
+it times the kernel alone — R launches in one CUDA graph, each over its own block tables and pages so that
+consecutive launches do not find their K/V in L2 (as consecutive layers would not) — and checks the result
+against the default setting's. Reports per shape the default's µs per launch, the best setting and its µs,
+and the K/V bytes / µs (GB/s) of both.
+
+    python scripts/attn_sweep.py                 (H200: JSON lines, a summary last, $OUT/attn_sweep.json)
+    SMOKE=1 python scripts/attn_sweep.py         (CPU, Triton interpreter, two tiny shapes: tests this script)
+
+Environment: SHAPES ("1x1024x1,1x1024x7,8x1024x1,8x1024x7,32x1024x1,1x8192x1,8x8192x1"; batch x context x
+query length), REPEAT (launches per graph replay; default: enough for 256 MB of K/V, at most 36).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+import time
+
+SMOKE = os.environ.get("SMOKE") == "1"
+if SMOKE:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from idlm.bench import environment, save_record  # noqa: E402
+from idlm.layers.paged_kernel import choose_splits, device_sm_count, paged_attention  # noqa: E402
+
+DEV = "cpu" if SMOKE else "cuda"
+HQ, HKV, D, PAGE = (4, 2, 16, 8) if SMOKE else (32, 8, 128, 16)
+KNOBS = ("IDLM_ATTN_PREFETCH", "IDLM_ATTN_BLOCK_N", "IDLM_ATTN_WARPS")
+
+
+def settings(batch: int, context: int) -> list[dict]:
+    auto = choose_splits(batch, HKV, context, device_sm_count(torch.device(DEV)))
+    splits = sorted({1, auto} | ({2} if SMOKE else {s for s in (4, 8, 16, 32) if s * 64 <= context}))
+    grid = itertools.product(("0", "1"), ("32", "64") if SMOKE else ("32", "64", "128"),
+                             ("4",) if SMOKE else ("2", "4", "8"), splits)
+    return [{"IDLM_ATTN_PREFETCH": p, "IDLM_ATTN_BLOCK_N": n, "IDLM_ATTN_WARPS": w, "splits": s}
+            for p, n, w, s in grid]
+
+
+def launch_set(batch: int, context: int, q_len: int, repeat: int, g: torch.Generator):
+    """`repeat` independent launches' inputs (own tables, so own pages) over one pool."""
+    pages_per_row = -(-(context + q_len) // PAGE)
+    total = batch * pages_per_row * repeat
+    dtype = torch.float32 if SMOKE else torch.bfloat16
+    kp = torch.randn(total * PAGE + 1, HKV, D, generator=g).to(DEV, dtype)
+    vp = torch.randn(total * PAGE + 1, HKV, D, generator=g).to(DEV, dtype)
+    perm = torch.randperm(total, generator=g).to(DEV).view(repeat, batch, pages_per_row)
+    last = (context + torch.arange(q_len)).repeat(batch, 1).to(DEV)  # every row sees its whole context
+    q = [torch.randn(batch, q_len, HQ, D, generator=g).to(DEV, dtype).transpose(1, 2) for _ in range(repeat)]
+    return kp, vp, perm, last, q
+
+
+def run(inputs, splits: int) -> list[torch.Tensor]:
+    kp, vp, perm, last, q = inputs
+    return [paged_attention(q[r], kp, vp, perm[r], last, PAGE, splits=splits) for r in range(len(q))]
+
+
+def time_setting(inputs, splits: int, iters: int) -> float:
+    """Seconds per launch: the launches captured in one CUDA graph, replayed `iters` times (CPU: eager)."""
+    repeat = len(inputs[4])
+    if SMOKE:
+        t0 = time.perf_counter()
+        run(inputs, splits)
+        return (time.perf_counter() - t0) / repeat
+    run(inputs, splits)  # compile
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run(inputs, splits)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / iters / repeat
+
+
+def main() -> None:
+    spec = os.environ.get("SHAPES", "1x64x1,2x40x7" if SMOKE else
+                          "1x1024x1,1x1024x7,8x1024x1,8x1024x7,32x1024x1,1x8192x1,8x8192x1")
+    shapes = [tuple(int(x) for x in s.split("x")) for s in spec.split(",")]
+    g = torch.Generator().manual_seed(0)
+    out = {**environment(DEV), "heads": [HQ, HKV, D], "page": PAGE, "shapes": {}}
+    saved = {k: os.environ.get(k) for k in KNOBS}
+    t_start = time.time()
+    try:
+        for batch, context, q_len in shapes:
+            kv_bytes = 2 * batch * (context + q_len) * HKV * D * (4 if SMOKE else 2)
+            repeat = int(os.environ.get("REPEAT", "0")) or max(1, min(36, (256 << 20) // kv_bytes))
+            inputs = launch_set(batch, context, q_len, 2 if SMOKE else repeat, g)
+            for k in KNOBS:
+                os.environ.pop(k, None)
+            reference = run(inputs, 1)  # the defaults, unsplit
+            default_s = time_setting(inputs, 1, 1 if SMOKE else 50)
+            rows = []
+            for st in settings(batch, context):
+                os.environ.update({k: st[k] for k in KNOBS})
+                got = run(inputs, st["splits"])
+                err = max(float((a.float() - b.float()).abs().max()) for a, b in zip(got, reference))
+                secs = time_setting(inputs, st["splits"], 1 if SMOKE else 50)
+                rows.append({**st, "us": round(secs * 1e6, 2), "max_abs_diff": err})
+            best = min(rows, key=lambda r: r["us"])
+            cell = {"repeat": len(inputs[4]), "kv_mb": round(kv_bytes / 2**20, 2),
+                    "default_us": round(default_s * 1e6, 2), "default_gb_s": round(kv_bytes / default_s / 1e9, 1),
+                    "best": best, "best_gb_s": round(kv_bytes / (best["us"] * 1e-6) / 1e9, 1),
+                    "worst_diff": max(r["max_abs_diff"] for r in rows), "all": rows}
+            key = f"{batch}x{context}x{q_len}"
+            out["shapes"][key] = cell
+            print(json.dumps({key: {k: v for k, v in cell.items() if k != "all"}}), flush=True)
+            save_record(out, "attn_sweep.json")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    out["wall_s"] = round(time.time() - t_start, 1)
+    save_record(out, "attn_sweep.json")
+    print(json.dumps({"summary": True, "wall_s": out["wall_s"],
+                      "best": {k: {**{n: c["best"][n] for n in ("IDLM_ATTN_PREFETCH", "IDLM_ATTN_BLOCK_N",
+                                                                "IDLM_ATTN_WARPS", "splits", "us")},
+                                   "default_us": c["default_us"]} for k, c in out["shapes"].items()}}))
+
+
+if __name__ == "__main__":
+    main()
