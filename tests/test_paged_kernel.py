@@ -127,11 +127,12 @@ def test_choose_splits_fills_the_sms_only_where_programs_are_few():
     from idlm.layers.paged_kernel import MAX_SPLITS, MIN_SPLIT_KEYS, choose_splits
 
     assert choose_splits(64, 8, 32768, 132) == 1  # 512 programs: the SMs are full already
-    assert choose_splits(1, 8, 1024, 132) == 1024 // MIN_SPLIT_KEYS  # short context: splits keep >= 512 keys
-    assert choose_splits(1, 8, 8192, 132) == 8192 // MIN_SPLIT_KEYS  # 8 x 16 = 128 programs
+    assert choose_splits(1, 8, 512, 132) == 512 // MIN_SPLIT_KEYS  # short context: splits keep >= 64 keys
+    assert choose_splits(1, 8, 1024, 132) == 16  # 8 x 16 = 128 programs (the H200's best at 1k, batch 1)
+    assert choose_splits(8, 8, 1024, 132) == 3  # ceil(132 / 64)
     assert choose_splits(1, 8, 65536, 132) == 17  # ceil(132 / 8): enough to fill, no more
     assert choose_splits(1, 1, 10**6, 132) == MAX_SPLITS
-    assert choose_splits(4, 3, 100, 132) == 1  # fewer keys than one split's minimum
+    assert choose_splits(4, 3, 60, 132) == 1  # fewer keys than one split's minimum
 
 
 @pytest.mark.parametrize("splits", [1, 2, 3, 7])
@@ -215,9 +216,9 @@ def test_split_count_override_and_bad_value(monkeypatch):
     auto = paged_kernel.paged_attention(q, pool.k[0], pool.v[0], tables, last, page)
     monkeypatch.setenv("IDLM_KV_SPLITS", "1")
     one = paged_kernel.paged_attention(q, pool.k[0], pool.v[0], tables, last, page)
-    # 25 pages of 64 = 1600 keys: off by default, auto splits 3, forced 1
-    assert seen == [(1, 2, 1), (1, 2, 1600 // 512), (1, 2, 1)]
-    assert (auto - one).abs().max() <= 2e-6 and torch.equal(default, one)
+    # 25 pages of 64 = 1600 keys: auto by default (132 SMs / 2 programs, at most 1600 // 64 = 25), forced 1
+    assert seen == [(1, 2, 25), (1, 2, 25), (1, 2, 1)]
+    assert (auto - one).abs().max() <= 2e-6 and torch.equal(default, auto)
     monkeypatch.setenv("IDLM_KV_SPLITS", "many")
     with pytest.raises(ValueError, match="IDLM_KV_SPLITS"):
         paged_kernel.paged_attention(q, pool.k[0], pool.v[0], tables, last, page)
