@@ -3,7 +3,7 @@
 4 MB of K/V take at the memory's speed — latency-bound, not bandwidth-bound).
 
 For each shape (batch × context × query length) and each setting of
-  $IDLM_ATTN_PREFETCH (0/1), $IDLM_ATTN_BLOCK_N (32/64/128), $IDLM_ATTN_WARPS (2/4/8), splits (1, auto, 4..32)
+  $IDLM_ATTN_PREFETCH (0/1), $IDLM_ATTN_BLOCK_N (16/32/64/128), $IDLM_ATTN_WARPS (2/4), splits (1, auto, 4..32)
 it times the kernel alone — R launches in one CUDA graph, each over its own block tables and pages so that
 consecutive launches do not find their K/V in L2 (as consecutive layers would not) — and checks the result
 against the default setting's. Reports per shape the default's µs per launch, the best setting and its µs,
@@ -43,8 +43,9 @@ KNOBS = ("IDLM_ATTN_PREFETCH", "IDLM_ATTN_BLOCK_N", "IDLM_ATTN_WARPS")
 def settings(batch: int, context: int) -> list[dict]:
     auto = choose_splits(batch, HKV, context, device_sm_count(torch.device(DEV)))
     splits = sorted({1, auto} | ({2} if SMOKE else {s for s in (4, 8, 16, 32) if s * 64 <= context}))
-    grid = itertools.product(("0", "1"), ("32", "64") if SMOKE else ("32", "64", "128"),
-                             ("4",) if SMOKE else ("2", "4", "8"), splits)
+    # 16-key tiles: what vLLM's Triton decode kernel uses for 16-bit caches (many short, pipelined iterations)
+    grid = itertools.product(("0", "1"), ("32", "64") if SMOKE else ("16", "32", "64", "128"),
+                             ("4",) if SMOKE else ("2", "4"), splits)
     return [{"IDLM_ATTN_PREFETCH": p, "IDLM_ATTN_BLOCK_N": n, "IDLM_ATTN_WARPS": w, "splits": s}
             for p, n, w, s in grid]
 
