@@ -626,9 +626,11 @@ class LLMEngine:
             tensors, static = decoder.step_inputs(states, params, rngs, self.model.config.vocab_size,
                                                   self.runner.device)
             packed, extra = self.runner.decode(batch, decoder, tensors, static)
-            if extra is not None and self.runner.use_graphs:
-                extra = extra.clone()  # graph outputs are overwritten by the next replay
             host = packed.cpu().numpy()  # the one host sync
+            if extra is not None and self.runner.use_graphs:
+                # graph outputs are overwritten by the next replay; cloned after the sync, so the copy runs
+                # on the device while the host finishes the step (stream order puts it before the next replay)
+                extra = extra.clone()
             try:  # finish updates every row's decoder state: past this point a failure fails the whole batch
                 results = decoder.finish(states, host, extra, params, stats)
             except Exception as e:
