@@ -107,8 +107,8 @@ class EngineConfig:
     # (base s, per row s, per query token s) of a decode step (`StepCostModel`); None with "auto": measured
     # at start-up on this device and cached (`idlm.engine.calibrate`)
     step_cost: tuple[float, float, float] | None = None
-    # "auto": at most every this many decode steps, the runner-up stride runs one interval when its step time
-    # at the batch's bucket is no longer measured (`stride_to_refresh`); 0: never
+    # "auto": at most every this many decode steps, the best-rated stride whose step time at the batch's bucket
+    # was measured but has expired runs one interval, to be measured afresh (`stride_to_refresh`); 0: never
     auto_refresh: int = 256
     threshold: float = 0.9  # SDAR confidence threshold
     # [(max decode batch, N), ...] ascending; the first entry whose bound >= the batch size gives N.
@@ -365,7 +365,7 @@ class LLMEngine:
                 probe = stride_to_probe(choice, measured)  # measure a close stride of the kind never run
                 refresh = self.config.auto_refresh
                 if probe is None and refresh and self._auto_steps - self._refreshed >= refresh:
-                    # re-measure the runner-up when its measurement here has expired
+                    # re-measure the best stride whose measurement here has expired
                     probe = stride_to_refresh(choice, self._times.expired(self.runner.bucket(len(decodes))))
                     if probe is not None:
                         self._refreshed = self._auto_steps
