@@ -103,6 +103,33 @@ def test_diffusion_kinds_train_from_the_pretrained_model(kind, data_dir, pretrai
         assert 1 <= len(out[0].token_ids) <= 6
 
 
+def test_lora_continues_from_a_trained_adapter(data_dir, pretrained, tmp_path):
+    """`init_adapter`: a LoRA run starts from a trained adapter's weights (more training for a shipped
+    drafter), not a fresh init; another rank is refused with the field named; only kind lora takes it."""
+    from idlm.layers.lora import LoRAAdapter
+    from idlm.models.loader import load_pretrained
+
+    first = cfg(data_dir, tmp_path / "a", kind="lora", init=str(pretrained / "final"), model=None, max_steps=6,
+                curriculum=[[1.0, 3]], lora_rank=4, lora_alpha=4)
+    Trainer(first).train()
+    base, _ = load_pretrained(pretrained / "final")
+    trained = LoRAAdapter.load(tmp_path / "a" / "final", base.config).state_dict()
+    more = cfg(data_dir, tmp_path / "b", kind="lora", init=str(pretrained / "final"), model=None, max_steps=6,
+               curriculum=[[1.0, 3]], lora_rank=4, lora_alpha=4, init_adapter=str(tmp_path / "a" / "final"))
+    t = Trainer(more)
+    start = t.adapter.state_dict()
+    assert all(torch.equal(start[k].cpu(), trained[k]) for k in trained)  # the run starts where the other ended
+    fresh = Trainer(cfg(data_dir, tmp_path / "c", kind="lora", init=str(pretrained / "final"), model=None,
+                        max_steps=6, curriculum=[[1.0, 3]], lora_rank=4, lora_alpha=4)).adapter.state_dict()
+    assert not all(torch.equal(fresh[k].cpu(), trained[k]) for k in trained)
+    with pytest.raises(ConfigError, match="lora_rank"):
+        Trainer(cfg(data_dir, tmp_path / "d", kind="lora", init=str(pretrained / "final"), model=None, max_steps=6,
+                    lora_rank=8, lora_alpha=4, init_adapter=str(tmp_path / "a" / "final")))
+    with pytest.raises(ConfigError, match="init_adapter"):
+        cfg(data_dir, tmp_path / "e", kind="convert", init=str(pretrained / "final"), model=None,
+            init_adapter=str(tmp_path / "a" / "final"))
+
+
 def test_config_errors(data_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"unknown key 'lerning_rate' \(did you mean 'learning_rate'|unknown key"):
         TrainConfig.from_dict(dict(kind="pretrain", data=data_dir, out=str(tmp_path), model=MODEL, lerning_rate=1))

@@ -47,6 +47,9 @@ class TrainConfig:
     curriculum: list[list[float]] = field(default_factory=lambda: [[1.0, 4]])  # [[until_fraction, stride N], ...]
     lora_rank: int = 32
     lora_alpha: float = 32.0
+    # lora: start from this adapter's weights (a registry name or an adapter directory) instead of a fresh
+    # init — more training for a shipped drafter across runs (its rank and alpha must be lora_rank/_alpha)
+    init_adapter: str | None = None
     # convert/sdar from a model without a MASK token (e.g. SmolLM2): add one (a new vocabulary row, mean-initialised)
     add_mask_token: bool = False
     # lora: weight w of the soft targets, (1 − w)·CE(response token) + w·CE(base model's distribution), 0..1
@@ -95,6 +98,10 @@ class TrainConfig:
             raise ConfigError(f"add_mask_token is for kinds convert and sdar, not {self.kind!r}")
         if w and self.kind != "lora":
             raise ConfigError(f"distill_weight is for kind lora (the frozen base is the teacher), not {self.kind!r}")
+        if self.init_adapter is not None and (self.kind != "lora" or not isinstance(self.init_adapter, str)
+                                              or not self.init_adapter.strip()):
+            raise ConfigError(f"init_adapter (an adapter to start from: a registry name or a directory) is for kind "
+                              f"lora, got {self.init_adapter!r} with kind {self.kind!r}")
         self.betas = tuple(self.betas)
         self.curriculum = [list(c) for c in self.curriculum]
         last = 0.0
@@ -123,7 +130,7 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         for k in NOT_FINGERPRINTED:
             d.pop(k)
-        later = (("distill_weight", 0), ("add_mask_token", False), ("position_decay", 1))
+        later = (("distill_weight", 0), ("add_mask_token", False), ("position_decay", 1), ("init_adapter", None))
         for key, default in later:  # options added later: at their defaults, runs keep their old fingerprint
             if d[key] == default:
                 d.pop(key)

@@ -132,6 +132,8 @@ class Trainer:
             self.model.requires_grad_(False)
             self.adapter = LoRAAdapter(self.model.config, LoRAConfig(cfg.lora_rank, cfg.lora_alpha))
             self.adapter.init_weights(seed=cfg.seed).to(self.device)
+            if cfg.init_adapter is not None:
+                self._load_init_adapter(cfg.init_adapter)
         if cfg.kind != "pretrain" and cfg.kind != "lora" and self.model.config.mask_token_id is None:
             raise ConfigError(f"{cfg.kind} needs a model with a MASK token (mask_token_id): {cfg.init}")
         self.objective = Objective(cfg, self.model, self.adapter)
@@ -167,6 +169,20 @@ class Trainer:
         if mask != row:
             raise ConfigError(f"add_mask_token: the tokenizer gave the MASK id {mask}, the model's new row is {row}")
         mcfg.mask_token_id = mask
+
+    def _load_init_adapter(self, name: str) -> None:
+        """Start the LoRA from a trained adapter (`init_adapter`): its weights, fp32, into the fresh adapter;
+        its rank and alpha must be the config's (a different rank is another run, not more training)."""
+        from idlm.layers.lora import LoRAAdapter
+        from idlm.models.loader import resolve_model_path
+
+        loaded = LoRAAdapter.load(resolve_model_path(name), self.model.config, device=self.device)
+        mine, theirs = self.adapter.config, loaded.config
+        for field_, a, b in (("lora_rank", mine.rank, theirs.rank), ("lora_alpha", mine.alpha, theirs.alpha),
+                             ("targets", tuple(mine.targets), tuple(theirs.targets))):
+            if a != b:
+                raise ConfigError(f"init_adapter {name!r} has {field_}={b!r} but this run's is {a!r}")
+        self.adapter.load_state_dict(loaded.state_dict())
 
     def _build_model(self):
         from idlm.models.config import ModelConfig
