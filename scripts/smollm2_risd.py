@@ -250,12 +250,13 @@ def stage_unpack(args) -> None:
 def stage_train(args) -> None:
     import yaml
 
-    cfg = yaml.safe_load((REPO / "configs/smollm2/lora.yaml").read_text())
+    cfg = yaml.safe_load((REPO / args.config).read_text())
     cfg.update(data=str(STATE / "distill"), out=str(STATE / "lora"), init="idlm-tiny-ar" if args.smoke else MODEL)
     if args.smoke:
         cfg.update(seq_len=64, batch_size=4, max_steps=6, log_every=1, eval_every=3, eval_batches=1, save_every=3,
                    dtype="fp32", lora_rank=4, lora_alpha=4)
         cfg.pop("micro_batch_size", None)
+        cfg.pop("init_adapter", None)  # SmolLM2's adapter does not fit idlm-tiny-ar
     if args.budget:
         cfg["max_time_s"] = args.budget - 60  # room to save the checkpoint and leave
     path = STATE / "lora.yaml"
@@ -266,7 +267,8 @@ def stage_train(args) -> None:
                     *(["--device", "cpu"] if args.smoke else []))
     final = STATE / "lora" / "final"
     done = (final / "adapter_model.safetensors").exists()
-    report = {"rc": rc, "resumed": resume, "done": done, "wall_s": round(time.time() - t0, 1), "last": last_json(text)}
+    report = {"rc": rc, "resumed": resume, "done": done, "wall_s": round(time.time() - t0, 1), "last": last_json(text),
+              "config": args.config, "init_adapter": cfg.get("init_adapter"), "curriculum": cfg.get("curriculum")}
     if OUT:
         for name in ("metrics.jsonl", "loss.png"):
             if (STATE / "lora" / name).exists():
@@ -514,8 +516,10 @@ def stage_card(args) -> None:
         f"(`idlm data distill`, `configs/smollm2/distill.yaml`): {tokens.get('train', 0) / 1e6:.2f} M training "
         f"response tokens, {tokens.get('heldout', 0) / 1e6:.2f} M held out (prompts split by hash); "
         f"{distill.get('wall_s', '?')} s on the GPU.",
-        f"- **Training**: `idlm train lora configs/smollm2/lora.yaml` (frozen bf16 base, {objective}, curriculum "
-        f"N = 2 → 3 → 4): {last['step']} steps, final loss {last['loss']}, {train['wall_s']} s.",
+        f"- **Training**: `idlm train lora {train.get('config', 'configs/smollm2/lora.yaml')}` (frozen bf16 base, "
+        f"{objective}, curriculum {train.get('curriculum') or 'N = 2 → 3 → 4'}"
+        + (f", started from the adapter {train['init_adapter']}" if train.get("init_adapter") else "")
+        + f"): {last['step']} steps, final loss {last['loss']}, {train['wall_s']} s.",
         f"- **Lossless**: greedy R-ISD ≡ greedy AR on {ex32['of']} held-out chat prompts × 256 tokens: "
         f"{ex32['identical']}/{ex32['of']} in fp32, {ex16['identical']}/{ex16['of']} in bf16; HumanEval "
         f"completions identical {ev['humaneval'].get('identical_completions', '?')}/164.",
@@ -554,6 +558,8 @@ def main() -> None:
     ap.add_argument("--from", dest="from_dir", default=None, help="card: the folder of the device's outputs")
     ap.add_argument("--to", dest="to_dir", default=None, help="card: where to write (default: the embedded asset)")
     ap.add_argument("--budget", type=float, default=None, help="seconds a distill/train stage may run (resumable)")
+    ap.add_argument("--config", default="configs/smollm2/lora.yaml",
+                    help="train: the LoRA config (configs/smollm2/lora_more.yaml: more steps from the shipped adapter)")
     ap.add_argument("--num-prompts", type=int, default=60000)
     ap.add_argument("--target-tokens", type=int, default=20_000_000)
     ap.add_argument("--max-num-seqs", type=int, default=384)

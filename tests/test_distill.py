@@ -553,6 +553,14 @@ def test_smollm2_lora_config_parses_and_its_adapter_fits_the_asset_budget(tmp_pa
     assert size <= 25_000_000 and others + size + card <= 80 * 1024 * 1024
     distill_cfg = (REPO / "configs" / "smollm2" / "distill.yaml").read_text()
     assert "idlm data distill" in distill_cfg and cfg.data.rstrip("/") in distill_cfg
+    # the continuation: the same adapter shape, started from the shipped adapter, at the last stride
+    more = TrainConfig.from_yaml(REPO / "configs" / "smollm2" / "lora_more.yaml")
+    assert more.kind == "lora" and more.init == cfg.init and more.data == cfg.data
+    assert (more.lora_rank, more.lora_alpha, more.distill_weight) == (cfg.lora_rank, cfg.lora_alpha, cfg.distill_weight)
+    assert more.init_adapter == "smollm2-135m-instruct-risd-lora" and is_known(more.init_adapter)
+    assert more.curriculum == [[1.0, 4]]
+    shipped = json.loads((registry.fetch(more.init_adapter) / "adapter_config.json").read_text())
+    assert (shipped["r"], shipped["lora_alpha"]) == (more.lora_rank, more.lora_alpha)
 
 
 def test_smollm2_conversion_configs_parse_and_match():
