@@ -517,7 +517,8 @@ def stage_card(args) -> None:
         f"response tokens, {tokens.get('heldout', 0) / 1e6:.2f} M held out (prompts split by hash); "
         f"{distill.get('wall_s', '?')} s on the GPU.",
         f"- **Training**: `idlm train lora {train.get('config', 'configs/smollm2/lora.yaml')}` (frozen bf16 base, "
-        f"{objective}, curriculum {train.get('curriculum') or 'N = 2 → 3 → 4'}"
+        f"{objective}, curriculum N = "
+        f"{' → '.join(str(int(n)) for _, n in train.get('curriculum') or [[0, 2], [0, 3], [0, 4]])}"
         + (f", started from the adapter {train['init_adapter']}" if train.get("init_adapter") else "")
         + f"): {last['step']} steps, final loss {last['loss']}, {train['wall_s']} s.",
         f"- **Lossless**: greedy R-ISD ≡ greedy AR on {ex32['of']} held-out chat prompts × 256 tokens: "
