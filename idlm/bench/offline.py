@@ -30,6 +30,7 @@ import statistics
 import time
 
 from idlm.decoding.sampling import SamplingParams
+from idlm.engine.llm_engine import freeze_gc
 from idlm.errors import ConfigError
 from idlm.eval.tasks import COMMITTED_TASKS, load_jsonl
 from idlm.layers.fused import compile_fallbacks, fallen_back
@@ -169,6 +170,7 @@ def bench_compare(engine, prompts: list[list[int]], concurrency: list[int], temp
                 e.scheduler.max_num_seqs = c
                 if warmup:
                     _run(e, work, params, c)
+            freeze_gc()  # what lives now, out of the collector's view: no full collection stalls a timed run
             runs = [[] for _ in engines]
             for rep in range(reps):
                 order = range(len(engines)) if rep % 2 == 0 else reversed(range(len(engines)))  # A B, B A, ...
