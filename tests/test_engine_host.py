@@ -524,18 +524,10 @@ def test_freeze_gc_freezes_what_lives_and_frees_what_was_dropped():
 
 def test_host_overhead_script_smoke(tmp_path):
     """scripts/host_overhead.py CPU-sized: both cases measured with the collector live and after freeze_gc."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tiny import run_script
 
-    script = Path(__file__).resolve().parent.parent / "scripts" / "host_overhead.py"
-    env = {**os.environ, "CASES": "ar:1:3,isd:4:3", "MAX_TOKENS": "8"}
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    last = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert last["summary"] is True and set(last["cases"]) == {"ar:1:3", "isd:4:3"}
+    last = run_script("host_overhead.py", CASES="ar:1:3,isd:4:3", MAX_TOKENS="8")
+    assert set(last["cases"]) == {"ar:1:3", "isd:4:3"}
     for case in last["cases"].values():
         for run in case.values():
             assert run["steps"] > 0 and run["host_ms_per_step"] > 0

@@ -159,16 +159,10 @@ def test_bench_exact_script_smoke(tmp_path):
     every R-ISD / ISD output equals AR's, every logprob of the request is bit-identical alone and batched,
     and the preempted run equals the unpreempted one."""
     import json
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_exact.py"
-    env = {**os.environ, "SMOKE": "1", "TRITON_INTERPRET": "1", "OUT": str(tmp_path)}
-    proc = subprocess.run([sys.executable, str(script), "agree,bits,preempt"], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["summary"] is True
+    from tiny import run_script
+
+    run_script("bench_exact.py", "agree,bits,preempt", SMOKE="1", TRITON_INTERPRET="1", OUT=str(tmp_path))
     res = json.loads((tmp_path / "bench_exact.json").read_text())
     for key, row in res["agree"].items():
         if key.startswith("exact/"):

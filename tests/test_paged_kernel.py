@@ -313,15 +313,10 @@ def test_padded_tokens_never_read_past_their_rows_pages(exact):
 def test_attn_sweep_script_smoke(tmp_path):
     """scripts/attn_sweep.py CPU-sized: every setting of the grid runs and matches the default's result."""
     import json
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parent.parent / "scripts" / "attn_sweep.py"
-    env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path)}
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["summary"] is True
+    from tiny import run_script
+
+    run_script("attn_sweep.py", SMOKE="1", OUT=str(tmp_path))
     rec = json.loads((tmp_path / "attn_sweep.json").read_text())
     assert set(rec["shapes"]) == {"1x64x1", "2x40x7"}
     for cell in rec["shapes"].values():

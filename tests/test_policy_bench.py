@@ -4,13 +4,10 @@ weights that draft nothing useful (issue 13's Qwen3-8B-shaped table), and its GP
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny import run_script
 
 from idlm.bench.policy import bench_policy, leading_successes, synthetic_acceptance, virtual_device
 from idlm.decoding.sampling import SamplingParams
@@ -129,11 +126,7 @@ def test_auto_re_measures_a_stride_first_measured_at_a_slow_moment():
 
 @pytest.mark.slow
 def test_bench_policy_script_smoke(tmp_path):
-    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_policy.py"
-    env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path)}
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["summary"] is True
+    run_script("bench_policy.py", SMOKE="1", OUT=str(tmp_path))
     rec = json.loads((tmp_path / "bench_policy.json").read_text())
     assert set(rec["auto"]) == {"0.9", "0.7", "0.5"} and set(rec["auto"]["0.9"]) == {"1", "2"}
     assert all(c["over_ar"] > 0 for cells in rec["auto"].values() for c in cells.values())

@@ -115,17 +115,10 @@ def test_bench_8b_script_smoke(tmp_path):
     """scripts/bench_8b.py (issue 14's GPU driver) CPU-sized: every stage runs and its record is on disk,
     efficiencies are fractions, and the profile stage writes its kernel tables."""
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_8b.py"
-    env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path)}
-    proc = subprocess.run([sys.executable, str(script), "roofline,long,prefill,curve,profile"], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["summary"] is True
+    from tiny import run_script
+
+    run_script("bench_8b.py", "roofline,long,prefill,curve,profile", SMOKE="1", OUT=str(tmp_path))
     rec = json.loads((tmp_path / "bench_8b.json").read_text())
     assert set(rec["stage_s"]) == {"roofline", "long", "prefill", "curve", "profile"}
     assert all(0 < r["efficiency"] <= 1.5 for r in rec["roofline"]["auto"])

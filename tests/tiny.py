@@ -118,3 +118,20 @@ def crash_in_step(monkeypatch, trainer, n: int) -> None:
             raise KeyboardInterrupt
         return real(*a, **k)
     monkeypatch.setattr(trainer.optimizer, "step", step)
+
+
+def run_script(name: str, *args: str, **env: str) -> dict:
+    """Run scripts/<name> in a fresh interpreter with these environment additions (e.g. SMOKE="1",
+    OUT=...), require a clean exit (its stderr's tail shown otherwise), and return its last stdout line,
+    the JSON summary every benchmark script prints last (checked to say so)."""
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / name
+    proc = subprocess.run([sys.executable, str(script), *args], env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert last["summary"] is True
+    return last
