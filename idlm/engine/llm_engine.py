@@ -99,7 +99,7 @@ _UNFREEZE_AT_EXIT: list[bool] = []
 
 
 def freeze_gc() -> None:
-    """Move every object alive now out of the cyclic garbage collector's view (`gc.freeze`), as the server
+    """Move every object alive now out of the cyclic garbage collector's view (`gc.freeze`), as `idlm serve`
     does once at start: a model, its engine, compiled functions and tokenizer live as long as the process,
     and a full collection walks them all — measured on this project's CPU, one such collection during a
     64-step AR run at batch 256 took ~120 ms (a stall of one step; a benchmark cell lasts under a second).
@@ -384,12 +384,12 @@ class LLMEngine:
         else:
             if self._auto is None or self._auto_steps % self.config.auto_interval == 0:
                 choice = self._choose_stride(decodes)
-                measured = self._times.seconds(self.runner.bucket(len(decodes)))
-                probe = stride_to_probe(choice, measured)  # measure a close stride of the kind never run
+                bucket = self.runner.bucket(len(decodes))
+                probe = stride_to_probe(choice, self._times.seconds(bucket))  # a close stride of a kind never run
                 refresh = self.config.auto_refresh
                 if probe is None and refresh and self._auto_steps - self._refreshed >= refresh:
                     # re-measure the best stride whose measurement here has expired
-                    probe = stride_to_refresh(choice, self._times.expired(self.runner.bucket(len(decodes))))
+                    probe = stride_to_refresh(choice, self._times.expired(bucket))
                     if probe is not None:
                         self._refreshed = self._auto_steps
                 self._auto = choice if probe is None else StrideChoice(probe, choice.rates[probe], choice.rates)

@@ -175,7 +175,7 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from idlm.engine.async_engine import AsyncLLM
-    from idlm.engine.llm_engine import EngineConfig, LLMEngine
+    from idlm.engine.llm_engine import EngineConfig, LLMEngine, freeze_gc
     from idlm.inference import load_for_inference
     from idlm.server.app import build_app
     from idlm.server.runner import Lifecycle
@@ -211,7 +211,7 @@ def cmd_serve(args) -> int:
             life.loop.call_soon_threadsafe(setattr, server, "should_exit", True)
             life.drain(0)
 
-    gc.freeze()  # model, engine and tokenizer live as long as the server: keep the collector off them
+    freeze_gc()  # model, engine and tokenizer live as long as the server: keep the collector off them
     async_llm = AsyncLLM(engine, max_waiting=opts["max_waiting"], on_death=on_engine_death).start()
     name = args.served_model_name or str(args.model)
     app = build_app(async_llm, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
