@@ -38,7 +38,7 @@ from idlm.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from idlm.models.loader import load_pretrained  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # (the CPU runs the stages slowly: a check of the script)
-REPS = 3
+REPS = int(os.environ.get("REPS", "3"))  # interleaved repetitions per cell (median)
 results: dict = environment(DEV)
 
 

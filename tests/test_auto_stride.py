@@ -6,8 +6,15 @@ from __future__ import annotations
 import pytest
 from test_engine import _engine_staggered, _small_engine, _workload
 
+from idlm.decoding.base import DecodeStats
 from idlm.decoding.sampling import SamplingParams
-from idlm.decoding.stride_policy import StepCostModel, acceptance_estimate, choose_stride, default_prior
+from idlm.decoding.stride_policy import (
+    StepCostModel,
+    acceptance_estimate,
+    choose_stride,
+    default_prior,
+    sampling_class,
+)
 from idlm.engine.calibrate import calibration_points
 from idlm.engine.llm_engine import EngineConfig, LLMEngine
 from idlm.errors import ConfigError
@@ -188,6 +195,38 @@ def test_warmup_runs_every_stride_and_leaves_no_trace(tiny):
         eng.warmup()
 
 
+def test_warmup_all_batches_runs_every_stride_at_every_bucket(tiny):
+    """`warmup(all_batches=True)` (an auto engine's default where CUDA graphs are captured) runs every
+    stride at every batch bucket up to max_num_seqs, greedy and sampled, the sampled ones with and without
+    kept q̃: each step variant a graph is captured for, so none is captured while requests run. Here (CPU, no
+    graphs) the runner's decode calls are recorded; the engine is left as it was found."""
+    model, tok = tiny
+    eng = _small_engine(model, tok, "isd", "auto", step_cost=(1e-3, 0.0, 2e-5), auto_max_stride=3, max_num_seqs=8,
+                        num_pages=400)
+    before = (dict(eng.counters), eng.decode_stats.to_dict(), dict(eng.stride_mix))
+    seen = set()
+    decode = eng.runner.decode
+
+    def spy(batch, decoder, tensors, static):
+        greedy = static.get("greedy", False) or "keys" not in tensors
+        seen.add((decoder.stride, eng.runner.bucket(len(batch.tokens)), greedy, "q_old" in tensors))
+        return decode(batch, decoder, tensors, static)
+
+    eng.runner.decode = spy
+    seconds = eng.warmup(all_batches=True)
+    assert sorted(seconds) == [1, 2, 3]
+    for n in (1, 2, 3):
+        for bucket in (2, 4, 8):
+            assert (n, bucket, True, False) in seen, (n, bucket)
+            assert (n, bucket, False, False) in seen, (n, bucket)
+            if n > 1:  # verify steps of sampled drafts carry the q̃ they were drawn from
+                assert (n, bucket, False, True) in seen, (n, bucket)
+    assert (dict(eng.counters), eng.decode_stats.to_dict(), dict(eng.stride_mix)) == before
+    assert not eng.has_unfinished() and eng._times.seconds(2) == {} and eng._cost.scale == {}
+    assert eng.block_manager.num_free_pages == eng.block_manager.num_pages
+    eng.block_manager.check_invariants()
+
+
 def test_warmup_of_a_fixed_stride_runs_that_stride_only(tiny):
     model, tok = tiny
     eng = _small_engine(model, tok, "isd", 3)
@@ -273,3 +312,30 @@ def test_a_step_is_never_longer_than_its_longest_row():
     # the step time measured at N = 4 is what every longer N is rated with
     c = choose_stride(accepts, flat, per_row=True, measured={4: 1.1e-3, 8: 1e-3})
     assert c.stride == 4 and c.rates[8] == pytest.approx(c.rates[4])
+
+
+def test_acceptance_prior_is_pooled_per_sampling_class(tiny):
+    """A request with no history starts from what requests sampled like it showed, not from every request:
+    greedy requests that finished with 95% acceptance set the prior of a new greedy request, not of a new
+    T = 1 one (which starts from the 0.5 fallback, its class having no counts yet). On the H200 a T = 1 cell
+    run after greedy ones kept N = 4 (0.91x AR) on the greedy prior. Finished requests reach the pool
+    through `_retire_stats`, and a request's own counts still outweigh its prior as they grow."""
+    model, tok = tiny
+    eng = _small_engine(model, tok, "isd", "auto", step_cost=(1e-3, 0.0, 2e-5), auto_max_stride=4)
+    greedy, hot = SamplingParams(temperature=0.0, max_tokens=8), SamplingParams(temperature=1.0, max_tokens=8)
+    assert sampling_class(greedy) != sampling_class(hot)
+    assert sampling_class(SamplingParams(temperature=0.98)) == sampling_class(hot)  # (rounded: bounded keys)
+    done = DecodeStats(verified_per_position=[100, 95, 90], accepted_per_position=[95, 90, 85])
+    eng._class_stats[sampling_class(greedy)] = done
+    ids = [eng.add_request([5, 6, 7, 8], greedy), eng.add_request([9, 10, 11], hot)]
+    seqs = [eng.seqs[i] for i in ids]
+    rows = eng._acceptance(seqs)
+    assert rows.shape == (2, 3)
+    assert rows[0] == pytest.approx([0.95, 90 / 95, 85 / 90])  # greedy: the greedy pool
+    assert rows[1] == pytest.approx([0.5] * 3)  # T = 1: nothing of its class yet
+    seqs[1].output.stats.record_verify(3, 0)  # its own history: one verify, first draft rejected
+    rows = eng._acceptance(seqs)
+    assert rows[1][0] == pytest.approx((0 + 8 * 0.0) / (1 + 8))  # its class's pool is now its own counts
+    eng.abort_request(ids[1])  # retired: its counts join its class's pool only
+    assert eng._class_stats[sampling_class(hot)].verified_per_position == [1, 0, 0]
+    assert eng._class_stats[sampling_class(greedy)].verified_per_position == [100, 95, 90]

@@ -71,9 +71,19 @@ def isd_tpf_rows(accept) -> "np.ndarray":
     return (1.0 - p_all + verify_tokens) / (2.0 - p_all)
 
 
-def acceptance_rows(accepted, verified, prior: Sequence[float], strength: float = 8.0) -> "np.ndarray":
-    """`acceptance_estimate` of many rows at once: accepted / verified [B, k] counts (k = len(prior))
-    -> [B, k] smoothed conditional acceptance."""
+def sampling_class(params) -> tuple:
+    """The key under which the adaptive stride pools the acceptance of requests sampled alike (the prior of a
+    request with no history yet): draft acceptance depends on how tokens are drawn — greedy drafts of the
+    same model may be accepted 80% of the time and T = 1 ones 50% (idlm-tiny on the H200, docs/stride.md) —
+    so a T = 1 request must not start from what greedy ones showed. Temperature to 0.1 (at most 2), top-p to
+    0.05, top-k as given (0 = off) up to 1000, and the draft rule: a bounded set of keys."""
+    t = 0.0 if params.temperature <= 0 else min(2.0, round(params.temperature, 1))
+    return t, min(int(params.top_k), 1000), round(float(params.top_p) * 20) / 20, params.draft
+
+
+def acceptance_rows(accepted, verified, prior, strength: float = 8.0) -> "np.ndarray":
+    """`acceptance_estimate` of many rows at once: accepted / verified [B, k] counts, prior [k] (every row's)
+    or [B, k] (each row its own) -> [B, k] smoothed conditional acceptance."""
     acc, ver = np.asarray(accepted, dtype=np.float64), np.asarray(verified, dtype=np.float64)
     p = np.asarray(prior, dtype=np.float64)
     return (acc + strength * p) / (ver + strength)

@@ -45,6 +45,7 @@ import time
 import warnings
 from dataclasses import InitVar, dataclass, field
 
+import numpy as np
 import torch
 
 from idlm.decoding import make_decoder
@@ -63,6 +64,7 @@ from idlm.decoding.stride_policy import (
     choose_stride,
     default_prior,
     position_counts,
+    sampling_class,
     stride_to_probe,
     stride_to_refresh,
 )
@@ -343,6 +345,9 @@ class LLMEngine:
         self._batch: _BatchRows | None = None  # the last decode batch's lists
         self._ids = itertools.count()
         self.decode_stats = DecodeStats()  # SPEC §7 counters summed over finished and aborted requests
+        # the same per sampling class (`sampling_class`): the adaptive stride's prior for a request is what
+        # requests sampled like it showed (greedy drafts are accepted far more often than T = 1 ones)
+        self._class_stats: dict[tuple, DecodeStats] = {}
         self.stride_mix: dict[int, int] = {}  # decode steps per stride (the step's: its query length)
         self.row_stride_mix: dict[int, int] = {}  # decode rows per stride each row ran (auto per row)
         self._auto_rows: dict[str, int] = {}  # request id -> its own stride at the last choice
@@ -416,19 +421,35 @@ class LLMEngine:
             r = r or n
             mix[r] = mix.get(r, 0) + 1
 
+    def _retire_stats(self, seq: Sequence) -> None:
+        """A finished, failed or aborted request's counters into the engine's totals and its class's."""
+        self.decode_stats = self.decode_stats.merge(seq.output.stats)
+        key = sampling_class(seq.params)
+        self._class_stats[key] = self._class_stats.get(key, DecodeStats()).merge(seq.output.stats)
+
     def _choose_stride(self, decodes: list[Sequence]) -> StrideChoice:
-        """The adaptive stride from committed history only: each row's per-position acceptance counts,
-        smoothed towards the pooled counts of every request (finished ones included)."""
-        k = self.config.auto_max_stride - 1
-        acc, ver = position_counts([s.output.stats for s in decodes], k)  # [B, k] each
-        acc_done, ver_done = position_counts([self.decode_stats], k)  # [1, k]: finished requests
-        prior = default_prior(list(acc.sum(0) + acc_done[0]), list(ver.sum(0) + ver_done[0]), k)
-        rows = acceptance_rows(acc, ver, prior)
+        """The adaptive stride from committed history only (`_acceptance`)."""
         current = self._auto.stride if self._auto is not None else None
-        return choose_stride(rows, self._cost.model, self.config.strides, current=current,
+        return choose_stride(self._acceptance(decodes), self._cost.model, self.config.strides, current=current,
                              cost_scale=self._cost.scales(self.config.strides, len(decodes)),
                              measured=self._times.seconds(self.runner.bucket(len(decodes))),
                              per_row=self.config.auto_per_row)
+
+    def _acceptance(self, decodes: list[Sequence]) -> np.ndarray:
+        """[B, auto_max_stride − 1] each row's per-position conditional acceptance: its own counts, smoothed
+        towards the pooled counts of the requests of its sampling class (`sampling_class`; running and
+        finished ones)."""
+        k = self.config.auto_max_stride - 1
+        acc, ver = position_counts([s.output.stats for s in decodes], k)  # [B, k] each
+        classes = [sampling_class(s.params) for s in decodes]
+        prior = np.empty(acc.shape)  # [B, k]: each row's class prior
+        for key in set(classes):
+            mine = np.array([c == key for c in classes])
+            done = self._class_stats.get(key)
+            acc_done, ver_done = position_counts([done] if done is not None else [], k)
+            prior[mine] = default_prior(list(acc[mine].sum(0) + acc_done.sum(0)),
+                                        list(ver[mine].sum(0) + ver_done.sum(0)), k)
+        return acceptance_rows(acc, ver, prior)
 
     # ----------------------------------------------------------------- requests
 
@@ -473,7 +494,7 @@ class LLMEngine:
         seq = self.seqs.pop(str(request_id), None)
         if seq is None:
             return False
-        self.decode_stats = self.decode_stats.merge(seq.output.stats)
+        self._retire_stats(seq)
         seq.output.finish_reason = seq.output.finish_reason or "abort"
         self.scheduler.finish(seq)
         self.counters["aborted"] += 1
@@ -545,7 +566,7 @@ class LLMEngine:
                        exc_info=error)
         seq.output.finish_reason = "error"
         seq.output.error = f"{type(error).__name__}: {error}"
-        self.decode_stats = self.decode_stats.merge(seq.output.stats)
+        self._retire_stats(seq)
         self.scheduler.finish(seq)
         self.seqs.pop(seq.request_id, None)
         self.counters["failed"] += 1
@@ -578,7 +599,7 @@ class LLMEngine:
         updates[seq.request_id] = RequestOutput(seq.request_id, new, text, done, seq.output)
         if done:
             seq.finish_time = time.perf_counter()
-            self.decode_stats = self.decode_stats.merge(seq.output.stats)
+            self._retire_stats(seq)
             self.scheduler.finish(seq)
             self.seqs.pop(seq.request_id, None)
             self.counters["finished"] += 1
@@ -696,17 +717,24 @@ class LLMEngine:
                 seq.output.text = seq.checker.text
         return [seq.output for seq in seqs]
 
-    def warmup(self, max_tokens: int = 6) -> dict[int, float]:
+    def warmup(self, max_tokens: int = 6, all_batches: bool | None = None) -> dict[int, float]:
         """Run every stride this engine may use (`EngineConfig.strides`) on a dummy request, once greedy and
         once sampled, so that compiling each decode step and capturing its first CUDA graphs happen now, not
         while requests wait: a `stride="auto"` engine would otherwise stall every running request for the
         compile of each stride the policy tries first (on the H200 a bench cell spent minutes so). Call it on
         an idle engine; it leaves no trace in what the engine reports or learns (statistics, counters, stride
         mix, the adaptive stride's state and measurements are reset to what they were or fresh). -> wall
-        seconds per stride (both variants; on CUDA mostly compile and capture)."""
+        seconds per stride (both variants; on CUDA mostly compile and capture).
+
+        all_batches (default: on for `stride="auto"` with CUDA graphs): also run every stride at every batch
+        bucket up to max_num_seqs (`_warm_batches`), so that each (stride, bucket) step's graphs, greedy and
+        sampled, are captured now, as vLLM captures its graphs at start. An adaptive engine moves between
+        strides as its batch shrinks and grows; captured lazily, each new pair stalled the running requests
+        mid-run (an H200 table run captured 7 to 63 graphs inside the timed cells)."""
         if self.has_unfinished():
             raise ConfigError("warmup needs an idle engine (requests are running or waiting)")
-        saved = (self.decode_stats, dict(self.counters), dict(self.stride_mix), dict(self.row_stride_mix),
+        saved = (self.decode_stats, dict(self._class_stats), dict(self.counters), dict(self.stride_mix),
+                 dict(self.row_stride_mix),
                  self._auto, self._auto_steps)
         prompt = [1 + i % (self.model.config.vocab_size - 1) for i in range(8)]
         seconds = {}
@@ -724,11 +752,13 @@ class LLMEngine:
                     self.run([prompt, prompt[::-1]], [SamplingParams(temperature=0.0, max_tokens=max_tokens,
                                                                      ignore_eos=True)] * 2)
                 seconds[n] = round(time.perf_counter() - t0, 3)
+            if all_batches if all_batches is not None else (self.config.stride == "auto" and self.runner.use_graphs):
+                self._warm_batches(prompt, max_tokens, seconds)
         finally:
             self._forced_stride = None
             for rid in list(self.seqs):  # only warm-up requests can be here (the engine was idle)
                 self.abort_request(rid)
-            (self.decode_stats, self.counters, self.stride_mix, self.row_stride_mix, self._auto,
+            (self.decode_stats, self._class_stats, self.counters, self.stride_mix, self.row_stride_mix, self._auto,
              self._auto_steps) = saved
             self._refreshed = min(self._refreshed, self._auto_steps)
             if self._cost is not None:  # what the dummy steps measured is not the workload's
@@ -736,6 +766,21 @@ class LLMEngine:
                 self._times = StepTimer(self._times.window, self._times.min_samples, self._times.stale_steps)
         freeze_gc()  # the compiled functions and graphs made here live as long as the engine
         return seconds
+
+    def _warm_batches(self, prompt: list[int], max_tokens: int, seconds: dict[int, float]) -> None:
+        """`warmup`'s sweep over the batch buckets: each stride runs a batch of every bucket size above 1 (up
+        to the scheduler's max_num_seqs), greedy and sampled (whose steps with and without kept q̃ use two
+        graphs); its wall time is added to the stride's."""
+        limit = self.scheduler.max_num_seqs
+        sizes = [b for b in self.runner.batch_buckets if 1 < b <= limit]
+        for n in self.config.strides:
+            self._forced_stride = n
+            t0 = time.perf_counter()
+            for size in sizes:
+                for temperature in (0.0, 1.0):
+                    self.run([prompt] * size, [SamplingParams(temperature=temperature, seed=0, max_tokens=max_tokens,
+                                                              ignore_eos=True)] * size)
+            seconds[n] = round(seconds.get(n, 0.0) + time.perf_counter() - t0, 3)
 
     def kv_usage(self) -> dict:
         bm = self.block_manager

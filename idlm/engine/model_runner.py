@@ -101,6 +101,8 @@ def _pow2_at_least(n: int, floor: int = 4) -> int:
     return m
 
 
+# the kernel path's smallest decode block table (pages): with 16-token pages, contexts up to 1024 tokens
+KERNEL_TABLE_PAGES = 64
 CPU_FULL_REQUESTS = 4  # CPU KV pool: room for this many full-length requests (see ModelRunner._cpu_blocks)
 CPU_KV_MAX_BYTES = 1 << 30
 
@@ -140,6 +142,10 @@ class ModelRunner:
         # buffers): lets CPU tests run the graph path's input layout through the kernels (set by tests)
         self.packed_inputs = False
         self.batch_buckets = [b for b in BATCH_BUCKETS if b < max_num_seqs] + [max_num_seqs]
+        # a decode graph's block-table width: a power of two >= this many pages. The kernel reads only the
+        # entries a row uses, so its graphs take a wide floor (one graph serves every context up to
+        # KERNEL_TABLE_PAGES pages instead of one per doubling); gather + SDPA reads every entry: narrow
+        self.min_table = KERNEL_TABLE_PAGES if self.attn_kernel else 4
         self._graphs: dict[tuple, tuple] = {}
         self._pool = None
 
@@ -309,7 +315,7 @@ class ModelRunner:
             dec = {k: v.to(self.device) for k, v in tensors.items()}
             return self._device_step(decoder, t, dec, static)
         Bp = self.bucket(B)
-        M = min(_pow2_at_least(pages), self.max_pages)
+        M = min(_pow2_at_least(pages, self.min_table), self.max_pages)
         host = self._batch_tensors(batch, Bp, M)
         on_host, on_device = _decoder_inputs(tensors)
         host.update({k: _pad_rows(v, Bp) for k, v in on_host.items()})

@@ -145,9 +145,9 @@ def _kernel():
             # iteration (the first tile's from before the loop) and its K and V are both requested before
             # any math, with the next tile's page ids — so one memory latency per tile, not three in a row
             # (page ids -> K -> V; on the H200 a tile took ~6 µs at batch 1, latency-bound)
-            pos = lo + cols
-            page = tl.load(TABLES + b * s_tb + pos // PAGE, mask=pos < hi, other=0)
-            slot = page.to(tl.int64) * PAGE + pos % PAGE
+            first = lo + cols  # (not `pos`: the loop assigns it, so Triton would carry it with this type)
+            page = tl.load(TABLES + b * s_tb + first // PAGE, mask=first < hi, other=0)
+            slot = page.to(tl.int64) * PAGE + first % PAGE
             for start in range(lo, hi, BLOCK_N):
                 pos = start + cols
                 key_ok = pos < hi
@@ -275,12 +275,15 @@ def kv_splits(batch: int, kv_heads: int, max_keys: int, device: torch.device) ->
         raise ValueError(f"IDLM_KV_SPLITS must be 'auto' or an integer >= 1, got {value!r}") from None
 
 
-def kernel_tuning() -> tuple[bool, int | None, int]:
+def kernel_tuning() -> tuple[bool, int | None, int | None]:
     """Tuning knobs of the decode kernel, from the environment (for measurements: `scripts/attn_sweep.py`
     sweeps them on the GPU to choose defaults): $IDLM_ATTN_PREFETCH "1" (each key tile's loads issued one
-    step ahead; default "0"), $IDLM_ATTN_BLOCK_N keys per tile (a power of two 16..256; default: 64, or 32
-    for tiles of more than 64 query rows), $IDLM_ATTN_WARPS warps per program (1, 2, 4 or 8; default 4).
-    Exact mode ignores them (its tiles are fixed). -> (prefetch, block_n or None, warps)."""
+    step ahead) or "0"; $IDLM_ATTN_BLOCK_N keys per tile (a power of two 16..256; default: 64, or 32 for
+    tiles of more than 64 query rows); $IDLM_ATTN_WARPS warps per program (1, 2, 4 or 8; default: 2, or 4
+    for tiles of more than 64 query rows). The defaults are the H200 sweep's (docs/engine.md, "Kernel
+    tuning": prefetch, 64 keys, 2 warps were the fastest setting over five decode shapes of a Qwen3-8B
+    layout, 0.79x the old default's time on average). Exact mode ignores them (its tiles are fixed).
+    -> (prefetch, block_n or None, warps or None)."""
     def read(name: str, default: str, ok) -> str:
         value = os.environ.get(name, "").strip() or default
         if not ok(value):
@@ -290,10 +293,10 @@ def kernel_tuning() -> tuple[bool, int | None, int]:
     def power_of_two_in(lo: int, hi: int):
         return lambda v: v.isdigit() and lo <= int(v) <= hi and int(v) & (int(v) - 1) == 0
 
-    prefetch = read("IDLM_ATTN_PREFETCH", "0", lambda v: v in ("0", "1")) == "1"
+    prefetch = read("IDLM_ATTN_PREFETCH", "1", lambda v: v in ("0", "1")) == "1"
     block_n = read("IDLM_ATTN_BLOCK_N", "0", lambda v: v == "0" or power_of_two_in(16, 256)(v))
-    warps = int(read("IDLM_ATTN_WARPS", "4", power_of_two_in(1, 8)))
-    return prefetch, int(block_n) or None, warps
+    warps = read("IDLM_ATTN_WARPS", "0", lambda v: v == "0" or power_of_two_in(1, 8)(v))
+    return prefetch, int(block_n) or None, int(warps) or None
 
 
 def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
@@ -316,7 +319,7 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
         raise ValueError("paged_attention needs block tables and `last` with unit stride along each row")
     group = Hq // Hkv
     out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
-    prefetch, tuned_n, warps = kernel_tuning()
+    prefetch, tuned_n, tuned_warps = kernel_tuning()
     if exact:
         if splits not in (None, 1):
             raise ValueError(f"exact paged attention does not split KV (splits={splits})")
@@ -326,6 +329,7 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     else:
         block_m = _tile_rows(group, T)
         block_n, tq = tuned_n or (64 if block_m <= 64 else 32), block_m // group  # tq >= T: one query tile
+        warps = tuned_warps or (2 if block_m <= 64 else 4)
         if splits is None:
             splits = kv_splits(B, Hkv, block_tables.shape[1] * page_size, q.device)
         programs = splits
