@@ -127,12 +127,12 @@ def test_choose_splits_fills_the_sms_only_where_programs_are_few():
     from idlm.layers.paged_kernel import MAX_SPLITS, MIN_SPLIT_KEYS, choose_splits
 
     assert choose_splits(64, 8, 32768, 132) == 1  # 512 programs: the SMs are full already
-    assert choose_splits(1, 8, 512, 132) == 512 // MIN_SPLIT_KEYS  # short context: splits keep >= 64 keys
-    assert choose_splits(1, 8, 1024, 132) == 16  # 8 x 16 = 128 programs (the H200's best at 1k, batch 1)
-    assert choose_splits(8, 8, 1024, 132) == 3  # ceil(132 / 64)
+    assert choose_splits(1, 8, 512, 132) == 512 // MIN_SPLIT_KEYS  # short context: splits keep >= 128 keys
+    assert choose_splits(1, 8, 1024, 132) == 8  # 8 x 8 = 64 programs (the H200 sweep's best at 1k, batch 1)
+    assert choose_splits(8, 8, 1024, 132) == 3  # ceil(132 / 64) (the sweep's best: 3-4)
     assert choose_splits(1, 8, 65536, 132) == 17  # ceil(132 / 8): enough to fill, no more
     assert choose_splits(1, 1, 10**6, 132) == MAX_SPLITS
-    assert choose_splits(4, 3, 60, 132) == 1  # fewer keys than one split's minimum
+    assert choose_splits(4, 3, 100, 132) == 1  # fewer keys than one split's minimum
 
 
 @pytest.mark.parametrize("splits", [1, 2, 3, 7])

@@ -39,9 +39,10 @@ import os
 import torch
 
 MAX_TILE_ROWS = 128  # G·T rows per program; beyond this (long prefill chunks) use the reference path
-# split KV: no split gets fewer keys of the longest context than this (one key tile; at 1k context on the
-# H200 at batch 1, 16 splits beat 8, which beat the 2 that a minimum of 512 keys allowed: docs/engine.md)
-MIN_SPLIT_KEYS = 64
+# split KV: no split gets fewer keys of the longest context than this (two key tiles). At 1k context on
+# the H200 with the prefetching 64-key tiles, batch 1: 8 splits 14.3 µs, 16 splits 16.7 µs; batch 8: 3-4
+# splits best; these are the counts this minimum gives (scripts/attn_sweep.py, docs/engine.md "Kernel tuning")
+MIN_SPLIT_KEYS = 128
 MAX_SPLITS = 32
 # exact mode (issue 16): one tile shape for every query length, so a query row is computed by the same
 # instructions in the same order whatever block, batch or prefill chunk it is in
