@@ -291,6 +291,31 @@ def test_fused_projections_match_separate_ones():
     assert model.model.layers[0].self_attn.qkv is not None
     torch.testing.assert_close(model.logits(ids), want, rtol=1e-5, atol=1e-5)
     assert set(model.state_dict()) == set(tiny_transformer(64).state_dict())  # names unchanged
+    # no copy kept: the parameters are row slices of the fused weights, so each weight is stored once
+    a, m = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    fused_qkv, fused_gu = a.qkv[0], m.gate_up[0]
+    assert a.q_proj.weight.data_ptr() == fused_qkv.data_ptr()
+    assert a.v_proj.weight.untyped_storage().data_ptr() == fused_qkv.untyped_storage().data_ptr()
+    assert m.up_proj.weight.untyped_storage().data_ptr() == fused_gu.untyped_storage().data_ptr()
+    torch.testing.assert_close(model.logits(ids), want, rtol=1e-5, atol=1e-5)  # separate path: same values
+    model.fuse_projections()  # idempotent: the same fused tensors (graphs captured on them stay valid)
+    assert a.qkv[0] is fused_qkv
     model.fuse_projections(False)
     assert model.model.layers[0].mlp.gate_up is None
+    assert a.q_proj.weight.untyped_storage().data_ptr() != a.k_proj.weight.untyped_storage().data_ptr()
     torch.testing.assert_close(model.logits(ids), want, rtol=0, atol=0)
+
+
+def test_save_pretrained_of_a_fused_model(tmp_path):
+    """A fused model (parameters sharing the fused weights' storage) saves as the same checkpoint as the
+    unfused one (safetensors before 0.8 refuses tensors that share memory: the saver copies the views)."""
+    from tiny import tiny_transformer
+
+    from idlm.models.loader import load_pretrained, save_pretrained
+
+    model = tiny_transformer(64)
+    ids = torch.randint(0, 64, (2, 9))
+    want = model.logits(ids)
+    save_pretrained(model.fuse_projections(), tmp_path / "fused")
+    back, _ = load_pretrained(str(tmp_path / "fused"), with_tokenizer=False)
+    torch.testing.assert_close(back.logits(ids), want, rtol=0, atol=0)

@@ -216,8 +216,8 @@ def test_split_count_override_and_bad_value(monkeypatch):
     auto = paged_kernel.paged_attention(q, pool.k[0], pool.v[0], tables, last, page)
     monkeypatch.setenv("IDLM_KV_SPLITS", "1")
     one = paged_kernel.paged_attention(q, pool.k[0], pool.v[0], tables, last, page)
-    # 25 pages of 64 = 1600 keys: auto by default (132 SMs / 2 programs, at most 1600 // 64 = 25), forced 1
-    assert seen == [(1, 2, 25), (1, 2, 25), (1, 2, 1)]
+    # 25 pages of 64 = 1600 keys: auto by default (132 SMs / 2 programs, at most 1600 // 128 = 12), forced 1
+    assert seen == [(1, 2, 12), (1, 2, 12), (1, 2, 1)]
     assert (auto - one).abs().max() <= 2e-6 and torch.equal(default, auto)
     monkeypatch.setenv("IDLM_KV_SPLITS", "many")
     with pytest.raises(ValueError, match="IDLM_KV_SPLITS"):

@@ -753,7 +753,7 @@ class LLMEngine:
                                                                      ignore_eos=True)] * 2)
                 seconds[n] = round(time.perf_counter() - t0, 3)
             if all_batches if all_batches is not None else (self.config.stride == "auto" and self.runner.use_graphs):
-                self._warm_batches(prompt, max_tokens, seconds)
+                self._warm_batches(prompt, seconds)
         finally:
             self._forced_stride = None
             for rid in list(self.seqs):  # only warm-up requests can be here (the engine was idle)
@@ -767,10 +767,11 @@ class LLMEngine:
         freeze_gc()  # the compiled functions and graphs made here live as long as the engine
         return seconds
 
-    def _warm_batches(self, prompt: list[int], max_tokens: int, seconds: dict[int, float]) -> None:
+    def _warm_batches(self, prompt: list[int], seconds: dict[int, float], max_tokens: int = 3) -> None:
         """`warmup`'s sweep over the batch buckets: each stride runs a batch of every bucket size above 1 (up
-        to the scheduler's max_num_seqs), greedy and sampled (whose steps with and without kept q̃ use two
-        graphs); its wall time is added to the stride's."""
+        to the scheduler's max_num_seqs), greedy and sampled, for 3 tokens (the first from the prefill, then a
+        cold step and a verify step: sampled, the two graphs without and with kept q̃); its wall time is added
+        to the stride's."""
         limit = self.scheduler.max_num_seqs
         sizes = [b for b in self.runner.batch_buckets if 1 < b <= limit]
         for n in self.config.strides:

@@ -211,6 +211,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
 
 
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """t itself, or a copy where t is a view into a larger storage."""
+    return t.clone() if t._is_view() or t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
+
+
 def save_pretrained(model: Transformer, path: str | os.PathLike, tokenizer=None,
                     max_shard_bytes: int = 2 * 1024**3) -> Path:
     """Write config.json + safetensors (sharded above max_shard_bytes) + tokenizer files, atomically."""
@@ -218,7 +223,9 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, tokenizer=None,
 
     path = Path(path)
     with atomic_dir(path) as tmp:
-        state = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters()}
+        # (a fused model's q/k/v and gate/up parameters are row slices of one tensor; safetensors before 0.8
+        # refuses tensors that share memory, so views are copied — the pin allows >= 0.4)
+        state = {n: _own(p.detach().contiguous().cpu()) for n, p in model.named_parameters()}
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         for name, t in state.items():

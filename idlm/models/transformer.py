@@ -55,6 +55,18 @@ def _cat_linear(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]
     return torch.cat([m.weight for m in linears]), bias
 
 
+def _share_rows(linears, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Point each Linear's weight (and bias) at its rows of the fused `weight` (`bias`), made by `_cat_linear`
+    from these very Linears: the values are unchanged and the separate tensors are freed (no copy kept)."""
+    start = 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight.data = weight[start: start + n]
+        if bias is not None:
+            lin.bias.data = bias[start: start + n]
+        start += n
+
+
 def _lora_linear(layer_lora, named: list[tuple[str, nn.Linear]]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight [out, 2·in], bias) of `fuse_lora`: [W | D] for the projections `named` side by side, where
     D = scale·B·A of each targeted projection (computed in float32) and 0 for the others."""
@@ -257,17 +269,28 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def fuse_projections(self, enable: bool = True):
         """Inference: one [q; k; v] and one [gate; up] matmul per layer instead of five (a small model's decode
-        step is bound by kernel launches). Keeps copies of those weights beside the parameters (which,
-        with their names, stay as they are); forwards with a LoRA use the separate projections.
-        Idempotent: an already fused model keeps its copies (CUDA graphs captured on them stay valid).
-        enable=False drops the copies (then fuse again after changing weights)."""
+        step is bound by kernel launches; an 8B one's k and v matmuls read their weights at half the speed
+        of one wide matmul, docs/engine.md). No extra memory: the fused weights are built once and the
+        parameters (which keep their names) become row slices of them (`_share_rows`), so each projection's
+        weight is stored once. Forwards with a LoRA use the separate projections (the same values).
+        Idempotent: an already fused model keeps its fused weights (CUDA graphs captured on them stay
+        valid). enable=False gives each parameter its own storage again and drops the fused weights (then
+        fuse again after changing weights)."""
         for layer in self.model.layers:
             a, m = layer.self_attn, layer.mlp
-            if not enable:
-                a.qkv = m.gate_up = None
-            elif a.qkv is None:
-                a.qkv = _cat_linear(a.q_proj, a.k_proj, a.v_proj)
-                m.gate_up = _cat_linear(m.gate_proj, m.up_proj)
+            groups = ((a, "qkv", (a.q_proj, a.k_proj, a.v_proj)), (m, "gate_up", (m.gate_proj, m.up_proj)))
+            for owner, name, linears in groups:
+                if not enable:
+                    if getattr(owner, name) is not None:
+                        for lin in linears:  # own storage again (the fused tensor goes with the attribute)
+                            for p in (lin.weight, lin.bias):
+                                if p is not None:
+                                    p.data = p.data.clone()
+                    setattr(owner, name, None)
+                elif getattr(owner, name) is None:
+                    fused = _cat_linear(*linears)
+                    _share_rows(linears, *fused)
+                    setattr(owner, name, fused)
         return self
 
     @torch.no_grad()
@@ -296,7 +319,9 @@ class Transformer(nn.Module):
         return self
 
     def fusable_bytes(self, lora: bool = False) -> int:
-        """Bytes that `fuse_projections` copies (the q, k, v, gate and up weights), or `fuse_lora` (lora=True)."""
+        """Bytes that `fuse_projections` builds (the q, k, v, gate and up weights; while fusing, one layer's
+        separate and fused copies live at once, then the separate ones are freed), or that `fuse_lora`
+        adds (lora=True)."""
         names = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
         if lora:  # fuse_lora: [W | D] of every projection, twice the weights
             names += ("o_proj", "down_proj")
