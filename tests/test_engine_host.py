@@ -531,3 +531,39 @@ def test_host_overhead_script_smoke(tmp_path):
     for case in last["cases"].values():
         for run in case.values():
             assert run["steps"] > 0 and run["host_ms_per_step"] > 0
+
+
+def test_replay_packing_fills_what_the_graph_unpacks():
+    """`_fill` (numpy, the replay path) writes a step's host inputs into the staging buffers so that `_unpack`
+    gives back each input, its rows past its own padded with its row 0 (`_pad_rows`), in its own dtype:
+    torch tensors and numpy arrays, bool / int / float, 1-d and 2-d and 3-d, fewer rows than the bucket."""
+    import numpy as np
+
+    from idlm.engine import model_runner as mr
+
+    g = torch.Generator().manual_seed(3)
+    rows = 4
+    host = {"tokens": np.arange(4 * 3).reshape(4, 3), "starts": np.array([5, 6, 7, 8]),
+            "dec.is_v": torch.tensor([True, False]), "dec.specs": torch.randint(0, 9, (2, 3), generator=g),
+            "dec.temperature": torch.rand(2, generator=g), "dec.q_old": torch.rand(2, 3, 5, generator=g)}
+    layout, staging, buffers = mr._pack(host, rows, "cpu", pin=False)
+    got = mr._unpack(layout, buffers, {}, rows)
+    for name, v in host.items():
+        want = mr._pad_rows(v if isinstance(v, torch.Tensor) else torch.from_numpy(v), rows)
+        assert got[name].dtype == want.dtype and torch.equal(got[name], want), name
+    # a replay overwrites the same buffers with the next step's inputs
+    host2 = {k: (v + 1 if k != "dec.is_v" else ~v) for k, v in host.items()}
+    mr._fill({k: t.numpy() for k, t in staging.items()}, layout, host2, rows)
+    got = mr._unpack(layout, {k: t.clone() for k, t in staging.items()}, {}, rows)
+    for name, v in host2.items():
+        want = mr._pad_rows(v if isinstance(v, torch.Tensor) else torch.from_numpy(v), rows)
+        assert torch.equal(got[name], want), name
+
+
+def test_host_pack_script_smoke():
+    """scripts/host_pack.py CPU-sized: the replay packing and the torch-ops packing it replaced, timed."""
+    from tiny import run_script
+
+    last = run_script("host_pack.py", CASES="isd:4:2", REPS="20")
+    assert set(last) == {"summary", "isd4_b2_T0", "isd4_b2_T1"}
+    assert all(pack > 0 and old > 0 for pack, old in (last["isd4_b2_T0"], last["isd4_b2_T1"]))
