@@ -130,3 +130,39 @@ def test_bench_policy_script_smoke(tmp_path):
     rec = json.loads((tmp_path / "bench_policy.json").read_text())
     assert set(rec["auto"]) == {"0.9", "0.7", "0.5"} and set(rec["auto"]["0.9"]) == {"1", "2"}
     assert all(c["over_ar"] > 0 for cells in rec["auto"].values() for c in cells.values())
+
+
+def test_a_sampled_phase_after_a_greedy_one_falls_back_to_ar_steps():
+    """The H200 table's T = 1 cells ran after its greedy ones, and `auto` kept N = 4 there (0.91x AR): each new
+    T = 1 request started from an acceptance prior pooled over every request served, mostly greedy ones with
+    far higher acceptance. With the prior pooled per sampling class, the same sequence on a virtual device
+    (greedy drafts accepted with p = 0.9, T = 1 ones with p = 0.5; the H200's idlm-tiny costs, an ISD step
+    1.6x an AR one) matches AR in the T = 1 phase, after its first run."""
+    from idlm.models.random import random_model
+
+    model = random_model(SMALL, dtype="float32", device="cpu")
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 250, 16).tolist() for _ in range(4)]
+
+    def params(temperature):
+        return [SamplingParams(temperature=temperature, max_tokens=96, ignore_eos=True, seed=i) for i in range(4)]
+
+    cfg = dict(max_num_seqs=4, num_pages=64, cuda_graphs=False)
+    ar_ms, isd_ms = (lambda b: 0.66 + 0.02 * b), (lambda b: 1.04 + 0.04 * b)
+    with virtual_device() as clock:
+        ar = LLMEngine(model, None, EngineConfig(decoder="ar", stride=1, **cfg))
+        clock.attach(ar, lambda n, b: ar_ms(b) * 1e-3)
+        ar_tok_s = _per_request_tok_s(ar, prompts, params(1.0))
+        auto = LLMEngine(model, None, EngineConfig(decoder="isd", stride="auto", step_cost=(5e-4, 2e-6, 2.5e-7), **cfg))
+        synthetic_acceptance(auto, lambda p: 0.9 if p.greedy else 0.5, seed=1)
+        clock.attach(auto, lambda n, b: (ar_ms(b) if n == 1 else isd_ms(b)) * 1e-3)
+        greedy = [_per_request_tok_s(auto, prompts, params(0.0)) / _per_request_tok_s(ar, prompts, params(0.0))
+                  for _ in range(3)]
+        sampled = []
+        for _ in range(3):
+            mix0 = dict(auto.stride_mix)
+            sampled.append(_per_request_tok_s(auto, prompts, params(1.0)) / ar_tok_s)
+        mix = {n: c - mix0.get(n, 0) for n, c in auto.stride_mix.items() if c != mix0.get(n, 0)}
+    assert min(greedy[1:]) > 1.5, greedy  # ISD where it wins
+    assert min(sampled[1:]) > 0.97, sampled  # AR steps where it loses, whatever came before
+    assert mix.get(1, 0) > 0.9 * sum(mix.values()), mix

@@ -31,8 +31,9 @@ import numpy as np
 from idlm.decoding.sampling import SamplingParams
 
 
-def leading_successes(rng: np.random.Generator, p: float, k: np.ndarray) -> np.ndarray:
-    """[B] the number of leading successes among k[b] independent Bernoulli(p) draws (0..k[b])."""
+def leading_successes(rng: np.random.Generator, p, k: np.ndarray) -> np.ndarray:
+    """[B] the number of leading successes among k[b] independent Bernoulli(p) draws (0..k[b]); p a float or
+    [B, 1] per-row probabilities."""
     k = np.asarray(k, dtype=np.int64)
     width = int(k.max(initial=0))
     if width == 0:
@@ -42,12 +43,17 @@ def leading_successes(rng: np.random.Generator, p: float, k: np.ndarray) -> np.n
     return np.cumprod(ok, axis=1).sum(axis=1)
 
 
-def synthetic_acceptance(engine, p: float, seed: int = 0) -> None:
+def synthetic_acceptance(engine, p: float | Callable[[SamplingParams], float], seed: int = 0) -> None:
     """Make every ISD step of `engine` accept its drafts with probability p each (module docstring): the
     decoders it builds from now on get a `finish` that overwrites column 0 of the packed results (the
-    number of accepted drafts) of each verifying row before the usual bookkeeping."""
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"acceptance probability must be in [0, 1], got {p!r}")
+    number of accepted drafts) of each verifying row before the usual bookkeeping. p may be a function of a
+    request's SamplingParams (e.g. greedy requests' drafts accepted more often than T = 1 ones)."""
+    def check(value: float) -> float:
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"acceptance probability must be in [0, 1], got {value!r}")
+        return value
+
+    prob = p if callable(p) else (lambda _params, value=check(p): value)
     rng = np.random.default_rng(seed)
     build = engine._decoder
     patched: set[int] = set()
@@ -63,7 +69,8 @@ def synthetic_acceptance(engine, p: float, seed: int = 0) -> None:
                 k = np.full(len(states), dec.stride - 1) if rows_n is None else rows_n - 1
                 verify = np.fromiter((s.mode == "V" for s in states), bool, len(states))
                 packed = packed.copy()
-                packed[verify, 0] = leading_successes(rng, p, k[verify])
+                rows = np.array([check(prob(params[b])) for b in np.flatnonzero(verify)])[:, None]
+                packed[verify, 0] = leading_successes(rng, rows, k[verify])
                 return finish(states, packed, extra, params, stats)
 
             dec.finish = synthetic_finish
