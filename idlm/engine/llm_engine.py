@@ -727,7 +727,7 @@ class LLMEngine:
         seconds per stride (both variants; on CUDA mostly compile and capture).
 
         all_batches (default: on for `stride="auto"` with CUDA graphs): also run every stride at every batch
-        bucket up to max_num_seqs (`_warm_batches`), so that each (stride, bucket) step's graphs, greedy and
+        bucket up to max_num_seqs, so that each (stride, bucket) step's graphs, greedy and
         sampled, are captured now, as vLLM captures its graphs at start. An adaptive engine moves between
         strides as its batch shrinks and grows; captured lazily, each new pair stalled the running requests
         mid-run (an H200 table run captured 7 to 63 graphs inside the timed cells)."""
@@ -738,13 +738,19 @@ class LLMEngine:
                  self._auto, self._auto_steps)
         prompt = [1 + i % (self.model.config.vocab_size - 1) for i in range(8)]
         seconds = {}
+
+        def greedy_and_sampled(rows: int, tokens: int) -> None:
+            for temperature in (0.0, 1.0):
+                self.run([prompt] * rows, [SamplingParams(temperature=temperature, seed=0, max_tokens=tokens,
+                                                          ignore_eos=True)] * rows)
+
+        sweep = all_batches if all_batches is not None else (self.config.stride == "auto" and self.runner.use_graphs)
+        sizes = [b for b in self.runner.batch_buckets if 1 < b <= self.scheduler.max_num_seqs] if sweep else []
         try:
             for n in self.config.strides:  # (an auto engine's decoders always take per-row inputs: one variant)
                 self._forced_stride = n
                 t0 = time.perf_counter()
-                for temperature in (0.0, 1.0):
-                    self.run([prompt], [SamplingParams(temperature=temperature, seed=0, max_tokens=max_tokens,
-                                                       ignore_eos=True)])
+                greedy_and_sampled(1, max_tokens)
                 if n in (self.config.strides[0], self.config.strides[-1]):
                     # two rows: the forward's compiled elementwise functions, specialized on a batch of 1
                     # above, compile their any-batch version now (once for Q = 1, once for longer blocks);
@@ -752,8 +758,12 @@ class LLMEngine:
                     self.run([prompt, prompt[::-1]], [SamplingParams(temperature=0.0, max_tokens=max_tokens,
                                                                      ignore_eos=True)] * 2)
                 seconds[n] = round(time.perf_counter() - t0, 3)
-            if all_batches if all_batches is not None else (self.config.stride == "auto" and self.runner.use_graphs):
-                self._warm_batches(prompt, seconds)
+            for n in self.config.strides if sizes else ():  # all_batches: every bucket above 1
+                self._forced_stride = n
+                t0 = time.perf_counter()
+                for rows in sizes:  # 3 tokens: the prefill's, a cold step, a verify step (sampled: the graphs
+                    greedy_and_sampled(rows, 3)  # without and with kept q̃)
+                seconds[n] = round(seconds[n] + time.perf_counter() - t0, 3)
         finally:
             self._forced_stride = None
             for rid in list(self.seqs):  # only warm-up requests can be here (the engine was idle)
@@ -766,22 +776,6 @@ class LLMEngine:
                 self._times = StepTimer(self._times.window, self._times.min_samples, self._times.stale_steps)
         freeze_gc()  # the compiled functions and graphs made here live as long as the engine
         return seconds
-
-    def _warm_batches(self, prompt: list[int], seconds: dict[int, float], max_tokens: int = 3) -> None:
-        """`warmup`'s sweep over the batch buckets: each stride runs a batch of every bucket size above 1 (up
-        to the scheduler's max_num_seqs), greedy and sampled, for 3 tokens (the first from the prefill, then a
-        cold step and a verify step: sampled, the two graphs without and with kept q̃); its wall time is added
-        to the stride's."""
-        limit = self.scheduler.max_num_seqs
-        sizes = [b for b in self.runner.batch_buckets if 1 < b <= limit]
-        for n in self.config.strides:
-            self._forced_stride = n
-            t0 = time.perf_counter()
-            for size in sizes:
-                for temperature in (0.0, 1.0):
-                    self.run([prompt] * size, [SamplingParams(temperature=temperature, seed=0, max_tokens=max_tokens,
-                                                              ignore_eos=True)] * size)
-            seconds[n] = round(seconds.get(n, 0.0) + time.perf_counter() - t0, 3)
 
     def kv_usage(self) -> dict:
         bm = self.block_manager

@@ -212,8 +212,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _own(t: torch.Tensor) -> torch.Tensor:
-    """t itself, or a copy where t is a view into a larger storage."""
-    return t.clone() if t._is_view() or t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
+    """t itself, or a copy where t is a slice of a larger storage."""
+    return t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
 
 
 def save_pretrained(model: Transformer, path: str | os.PathLike, tokenizer=None,
