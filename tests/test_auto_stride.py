@@ -108,6 +108,38 @@ def test_auto_stride_options_are_checked(tiny):
         EngineConfig(decoder="isd", stride="auto", auto_refresh=-1)
     with pytest.raises(ConfigError, match="stride"):
         EngineConfig(decoder="isd", stride="fast")
+    for bad in (-0.1, 1.5, "0.1", True):
+        with pytest.raises(ConfigError, match="auto_ar_margin"):
+            EngineConfig(decoder="isd", stride="auto", auto_ar_margin=bad)
+
+
+def test_the_choice_is_made_while_the_device_runs_the_step_before(tiny):
+    """With a steady batch, every choice after the first is made inside the previous decode step, between
+    its launch and the host sync (`_prechoose`), and the next step takes it; greedy output stays AR's."""
+    model, tok = tiny
+    prompts, _ = _workload(tok, n=4, seed=15)
+    params = [SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)] * 4
+    want = _small_engine(model, tok, "ar", 4).run(prompts, params)
+    eng = _small_engine(model, tok, "isd", "auto", step_cost=WEIGHT_BOUND, auto_interval=2, num_pages=200)
+    where, inside = [], [False]
+    choose, prechoose = eng._choose_stride, eng._prechoose
+
+    def spy_choose(decodes):
+        where.append(inside[0])
+        return choose(decodes)
+
+    def spy_prechoose(decodes):
+        inside[0] = True
+        try:
+            prechoose(decodes)
+        finally:
+            inside[0] = False
+
+    eng._choose_stride, eng._prechoose = spy_choose, spy_prechoose
+    assert [o.token_ids for o in eng.run(prompts, params)] == [o.token_ids for o in want]
+    steps = eng.counters["decode_forwards"]
+    assert where.count(True) >= steps // 2 - 4  # nearly every choice (one per two steps) made inside a step
+    assert where.count(False) <= 4  # the first, and where the batch left its bucket as requests finished
 
 
 def test_calibration_measures_on_the_engine_runner(tiny, tmp_path, monkeypatch):

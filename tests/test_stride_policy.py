@@ -91,6 +91,21 @@ def test_choose_stride():
         choose_stride([], weight_bound)
 
 
+def test_an_isd_stride_must_clearly_beat_the_ar_step():
+    """ar_margin: N >= 2 replaces N = 1 only when rated more than the margin faster, whatever runs now."""
+    rows = [[0.5] * 7]
+    # measured: N = 1 at 1.0 ms, N = 2 at 1.25 ms -> TPF(2) = 1 + 0.5 / 1.5 = 4/3: rated 1.067x the AR step
+    measured = {1: 1e-3, 2: 1.25e-3}
+    c = choose_stride(rows, StepCostModel(), strides=(1, 2), measured=measured, ar_margin=0.0)
+    assert c.stride == 2 and c.rates[2] / c.rates[1] == pytest.approx(16 / 15)
+    for current in (None, 1, 2):  # a margin of 10%: the AR step, also when N = 2 is running
+        assert choose_stride(rows, StepCostModel(), strides=(1, 2), measured=measured, current=current).stride == 1
+    # a clear win is taken: N = 2 at 1.1 ms is rated 1.21x
+    assert choose_stride(rows, StepCostModel(), strides=(1, 2), measured={1: 1e-3, 2: 1.1e-3}).stride == 2
+    # without N = 1 among the candidates the margin plays no part
+    assert choose_stride(rows, StepCostModel(), strides=(2, 3), measured={2: 1.25e-3, 3: 9e-3}).stride == 2
+
+
 def test_cost_tracker_fills_unrun_strides_from_the_nearest():
     from idlm.decoding.stride_policy import CostTracker
 

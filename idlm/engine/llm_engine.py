@@ -135,6 +135,9 @@ class EngineConfig:
     # "auto": at most every this many decode steps, the best-rated stride whose step time at the batch's bucket
     # was measured but has expired runs one interval, to be measured afresh (`stride_to_refresh`); 0: never
     auto_refresh: int = 256
+    # "auto": an ISD stride replaces the plain AR step only if rated more than this fraction faster
+    # (`choose_stride`'s ar_margin: ISD's rate rests on estimated acceptances); 0: the plain argmax
+    auto_ar_margin: float = 0.1
     threshold: float = 0.9  # SDAR confidence threshold
     # [(max decode batch, N), ...] ascending; the first entry whose bound >= the batch size gives N.
     # None: always `stride`. Example: [(8, 4), (32, 3), (1_000_000, 2)]. For ISD / R-ISD, N = 1 means plain
@@ -184,6 +187,10 @@ class EngineConfig:
         positive("auto_max_stride")
         if not isinstance(self.auto_refresh, int) or isinstance(self.auto_refresh, bool) or self.auto_refresh < 0:
             raise ConfigError(f"invalid engine option auto_refresh={self.auto_refresh!r}: must be an integer >= 0")
+        if (isinstance(self.auto_ar_margin, bool) or not isinstance(self.auto_ar_margin, (int, float))
+                or not 0.0 <= self.auto_ar_margin <= 1.0):
+            raise ConfigError(f"invalid engine option auto_ar_margin={self.auto_ar_margin!r}: must be a number "
+                              "in [0, 1]")
         if not isinstance(self.auto_per_row, bool):
             raise ConfigError(f"invalid engine option auto_per_row={self.auto_per_row!r}: must be True or False")
         if self.auto_max_stride > MAX_STRIDE:
@@ -354,6 +361,8 @@ class LLMEngine:
         self._cost: CostTracker | None = None
         self._times: StepTimer | None = None
         self._auto: StrideChoice | None = None
+        # (choice, the rows it was made for): the next choice, made while the device ran the last step
+        self._prechosen: tuple[StrideChoice, list[Sequence]] | None = None
         self._auto_steps = 0
         self._refreshed = 0  # `_auto_steps` at the last refresh probe
         self._forced_stride: int | None = None  # `warmup` runs each stride in turn
@@ -388,8 +397,12 @@ class LLMEngine:
             n = self.config.stride_for(len(decodes))
         else:
             if self._auto is None or self._auto_steps % self.config.auto_interval == 0:
-                choice = self._choose_stride(decodes)
                 bucket = self.runner.bucket(len(decodes))
+                pre, self._prechosen = self._prechosen, None
+                if pre is not None and self.runner.bucket(len(pre[1])) == bucket:
+                    choice, chosen_for = pre  # made during the last step (`_prechoose`)
+                else:
+                    choice, chosen_for = self._choose_stride(decodes), decodes
                 probe = stride_to_probe(choice, self._times.seconds(bucket))  # a close stride of a kind never run
                 refresh = self.config.auto_refresh
                 if probe is None and refresh and self._auto_steps - self._refreshed >= refresh:
@@ -399,7 +412,7 @@ class LLMEngine:
                         self._refreshed = self._auto_steps
                 self._auto = choice if probe is None else StrideChoice(probe, choice.rates[probe], choice.rates)
                 rows = self._auto.rows or ()
-                self._auto_rows = {seq.request_id: r for seq, r in zip(decodes, rows) if r < self._auto.stride}
+                self._auto_rows = {seq.request_id: r for seq, r in zip(chosen_for, rows) if r < self._auto.stride}
             self._auto_steps += 1
             n = self._auto.stride
             self._set_row_strides(decodes, n)
@@ -421,6 +434,19 @@ class LLMEngine:
             r = r or n
             mix[r] = mix.get(r, 0) + 1
 
+    def _prechoose(self, decodes: list[Sequence]) -> None:
+        """Called while the device runs a decode step (between its launch and the host sync): if the next
+        step is one where "auto" chooses, make that choice now, from what is committed so far — the step
+        running now is not (`_acceptance` reads finished steps only). The next step takes it if its batch
+        falls in the same bucket (rows that joined meanwhile run the step's stride; `_set_row_strides`),
+        else chooses afresh. The host would otherwise wait idle for the device here; made on the host
+        before the step, the choice (~0.1–0.4 ms every `auto_interval` steps) cost the H200's batch-1 ISD
+        engine ~0.07 ms a step against the AR engine's."""
+        if self._times is None or self._forced_stride is not None or self._auto is None:
+            return
+        if self._auto_steps % self.config.auto_interval == 0:
+            self._prechosen = (self._choose_stride(decodes), list(decodes))
+
     def _retire_stats(self, seq: Sequence) -> None:
         """A finished, failed or aborted request's counters into the engine's totals and its class's."""
         self.decode_stats = self.decode_stats.merge(seq.output.stats)
@@ -433,7 +459,7 @@ class LLMEngine:
         return choose_stride(self._acceptance(decodes), self._cost.model, self.config.strides, current=current,
                              cost_scale=self._cost.scales(self.config.strides, len(decodes)),
                              measured=self._times.seconds(self.runner.bucket(len(decodes))),
-                             per_row=self.config.auto_per_row)
+                             per_row=self.config.auto_per_row, ar_margin=self.config.auto_ar_margin)
 
     def _acceptance(self, decodes: list[Sequence]) -> np.ndarray:
         """[B, auto_max_stride − 1] each row's per-position conditional acceptance: its own counts, smoothed
@@ -670,6 +696,7 @@ class LLMEngine:
             tensors, static = decoder.step_inputs(states, params, rngs, self.model.config.vocab_size,
                                                   self.runner.device)
             packed, extra = self.runner.decode(batch, decoder, tensors, static)
+            self._prechoose(seqs)  # host work while the device runs the step
             host = packed.cpu().numpy()  # the one host sync
             if extra is not None and self.runner.use_graphs:
                 # graph outputs are overwritten by the next replay; cloned after the sync, so the copy runs
@@ -770,6 +797,7 @@ class LLMEngine:
                 self.abort_request(rid)
             (self.decode_stats, self._class_stats, self.counters, self.stride_mix, self.row_stride_mix, self._auto,
              self._auto_steps) = saved
+            self._prechosen = None
             self._refreshed = min(self._refreshed, self._auto_steps)
             if self._cost is not None:  # what the dummy steps measured is not the workload's
                 self._cost = CostTracker(self._cost.model)
