@@ -15,12 +15,8 @@ import sys
 import threading
 import time
 
-import pytest
-
-# a machine where idlm was not pip-installed (the GPU machine runs the working tree on its own packages)
-# may lack the server's packages: it skips the server tests instead of failing their collection
-httpx = pytest.importorskip("httpx", reason="the server tests need httpx (pip install -e '.[cpu,dev]')")
-uvicorn = pytest.importorskip("uvicorn", reason="the server tests need uvicorn (pip install -e '.[cpu,dev]')")
+import httpx
+import uvicorn
 
 
 def free_port() -> int:
