@@ -12,6 +12,22 @@ import os
 # path on CPU; only attention="triton" runs the kernel there.)
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512f" in line for line in f)
+    except OSError:
+        return False
+
+
+# The interpreter's tl.dot is numpy's matmul (OpenBLAS): its SkylakeX kernel computes a tile's rows alike
+# wherever they sit, the Zen / Haswell ones do not (tests/blas.py). This workplace's machines set
+# OPENBLAS_CORETYPE=Haswell for every process; the test run takes SkylakeX instead where the CPU can run it
+# (AVX-512), before numpy loads — else the exact mode's bit-invariance tests skip, saying why
+if _has_avx512():
+    os.environ["OPENBLAS_CORETYPE"] = "SkylakeX"
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

@@ -188,6 +188,30 @@ def test_a_close_stride_never_run_is_probed_once(tiny):
     assert [o.token_ids for o in got] == [o.token_ids for o in ar]
 
 
+def test_a_probe_runs_only_the_steps_that_measure_it(tiny):
+    """With an interval of 8 steps, a probe of the never-run plain AR step lasts `StepTimer.min_samples` (3)
+    steps, then the policy chooses again (N = 4 for a full interval)."""
+    from idlm.decoding.stride_policy import StrideChoice
+
+    model, tok = tiny
+    prompts, _ = _workload(tok, n=1, seed=4)
+    params = [SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)]
+    eng = _small_engine(model, tok, "isd", "auto", step_cost=WEIGHT_BOUND, auto_interval=8)
+    assert eng._times.min_samples == 3
+    eng._choose_stride = lambda decodes: StrideChoice(4, 1.0, {1: 0.8, 4: 1.0})
+    chosen = []
+    step_decoder = eng._step_decoder
+
+    def spy(decodes):
+        chosen.append(step_decoder(decodes).stride)
+        return eng._decoder(chosen[-1])
+
+    eng._step_decoder = spy
+    eng.run(prompts, params)
+    assert len(chosen) >= 19
+    assert chosen[:19] == [4] * 8 + [1] * 3 + [4] * 8
+
+
 def test_warmup_runs_every_stride_and_leaves_no_trace(tiny):
     """`LLMEngine.warmup` runs each stride of an auto engine (greedy and sampled) and leaves the engine as
     it found it: no requests, statistics, counters, stride mix or learned step times; what it serves

@@ -170,9 +170,14 @@ def test_step_phases_splits_each_decode_step_and_unpatches(ckpt, decoder, stride
         assert r["steps"] == 12 and r["tokens_per_step"] == 1.0
     parts = r["inputs_ms"] + r["decode_ms"] + r["finish_ms"]
     assert 0 < parts <= r["step_ms"] * 1.5 and r["rest_ms"] >= 0 and r["new_graphs"] == 0
+    # the rest's split: every piece measured, each within the step (medians: their sum need not match)
+    finer = ("schedule_ms", "batch_ms", "apply_ms", "sync_and_clone_ms", "outside_ms")
+    assert all(r[k] is not None and -0.05 <= r[k] <= r["step_ms"] for k in finer)
+    assert r["batch_ms"] > 0 and r["apply_ms"] > 0 and r["schedule_ms"] > 0
     # the timing wrappers are gone: the engine runs the decoders' own methods again
     assert not any(k in vars(d) for d in eng._decoders.values() for k in ("step_inputs", "finish"))
     assert "decode" not in vars(eng.runner) and not eng.has_unfinished()
+    assert not {"_decode_batch", "_apply_each", "_decode"} & set(vars(eng)) and "schedule" not in vars(eng.scheduler)
     assert eng.run([bench_prompts(tok, 1)[0]], params)[0].token_ids == eng.run([bench_prompts(tok, 1)[0]],
                                                                                  params)[0].token_ids
 

@@ -9,9 +9,14 @@ import torch
 os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="exact mode's kernels are Triton kernels (dev extra)")
 
+from blas import NOT_ROW_INVARIANT, row_invariant_matmul  # noqa: E402
+
 from idlm.layers.attention import last_visible  # noqa: E402
 from idlm.layers.paged_attention import PagedKVCache  # noqa: E402
 from idlm.layers.paged_kernel import EXACT_BLOCK_M, paged_attention  # noqa: E402
+
+# the bit-invariance tests need a BLAS whose matmul computes a tile's rows alike (tests/blas.py)
+bit_invariance = pytest.mark.skipif(not row_invariant_matmul(), reason=NOT_ROW_INVARIANT)
 
 
 def _pool(rows_pages, page, hkv, d, seed=0):
@@ -23,6 +28,7 @@ def _pool(rows_pages, page, hkv, d, seed=0):
     return pool, g
 
 
+@bit_invariance
 @pytest.mark.parametrize("hq,hkv,d,page", [(6, 2, 16, 8), (9, 3, 32, 16), (4, 4, 16, 4)])
 def test_exact_attention_row_bits_do_not_depend_on_block_batch_or_chunk(hq, hkv, d, page):
     """The attention output of request A's query at position j, with A's keys 0..j: computed as a 1-token
@@ -91,6 +97,7 @@ def _run(engine, prompts, n=10):
     return [(o.token_ids, o.logprobs) for o in engine.run(prompts, params)]
 
 
+@bit_invariance
 @pytest.mark.parametrize("split_k", [False, True])
 def test_exact_engine_logprobs_identical_alone_batched_and_across_decoders(split_k, monkeypatch):
     """The same greedy request: its tokens and the bits of every token's logprob (a function of that
@@ -114,6 +121,7 @@ def test_exact_engine_logprobs_identical_alone_batched_and_across_decoders(split
         assert isd == alone, f"ISD N={stride}"
 
 
+@bit_invariance
 def test_exact_engine_seeded_sampled_request_alone_equals_batched():
     """A seeded T = 1 request (top-p 0.9) draws from per-request counter-based streams, so once its logits
     are batch-invariant its tokens and logprob bits are the same alone and inside a batch (ISD N = 4)."""
@@ -153,6 +161,7 @@ def test_exact_mode_refuses_sdpa_attention():
         EngineConfig(exact=True, attention="sdpa")
 
 
+@bit_invariance
 @pytest.mark.slow
 def test_bench_exact_script_smoke(tmp_path):
     """scripts/bench_exact.py (the GPU driver of issue 16) CPU-sized: every stage runs, and in exact mode

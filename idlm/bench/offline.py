@@ -198,13 +198,17 @@ def step_phases(engine, prompt: list[int], params: SamplingParams) -> dict:
     """Where one request's decode steps spend their time (a diagnostic; run it on an idle engine): every
     step's wall time, split into the decoder's host inputs (`step_inputs`), the runner's device step
     (`decode`, synchronized so it holds the GPU time), the decoder's `finish`, and the rest of the engine
-    step (scheduler, commits, outputs). Medians in ms, the number of steps, the CUDA graphs captured
-    meanwhile and the slowest step (a capture or compile shows there); on CUDA also the caching
+    step (scheduler, commits, outputs); and that rest split further: the scheduler (`schedule_ms`, the
+    adaptive stride's choice included), the step's block arrays and KV slots (`batch_ms`), the commits and
+    outputs (`apply_ms`), the decode phase's remainder (`sync_and_clone_ms`: the host sync's copy, the clone
+    of a kept q̃, counters) and the engine step's own (`outside_ms`). Medians in ms, the number of steps, the
+    CUDA graphs captured meanwhile and the slowest step (a capture or compile shows there); on CUDA also the caching
     allocator's retries meanwhile and the free device memory."""
     import torch
 
     cuda = engine.runner.device.type == "cuda"
     parts: dict[str, list[float]] = {"inputs": [], "decode": [], "finish": []}
+    extra_parts: dict[str, list[float]] = {"schedule": [], "batch": [], "apply": [], "phase": []}
     patched = []
 
     def wrap(obj, attr: str, key: str, synced: bool = False) -> None:
@@ -215,7 +219,7 @@ def step_phases(engine, prompt: list[int], params: SamplingParams) -> dict:
             out = fn(*args, **kwargs)
             if synced and cuda:
                 torch.cuda.synchronize()
-            parts[key].append(time.perf_counter() - t0)
+            (parts if key in parts else extra_parts)[key].append(time.perf_counter() - t0)
             return out
 
         setattr(obj, attr, timed)
@@ -231,6 +235,9 @@ def step_phases(engine, prompt: list[int], params: SamplingParams) -> dict:
             wrap(d, "step_inputs", "inputs")
             wrap(d, "finish", "finish")
         wrap(engine.runner, "decode", "decode", synced=True)
+        wrap(engine.scheduler, "schedule", "schedule")
+        for attr, key in (("_decode_batch", "batch"), ("_apply_each", "apply"), ("_decode", "phase")):
+            wrap(engine, attr, key)
         engine.add_request(prompt, params)
         while engine.has_unfinished():
             t0 = time.perf_counter()
@@ -249,8 +256,15 @@ def step_phases(engine, prompt: list[int], params: SamplingParams) -> dict:
                   - retries0, "free_gib": round(torch.cuda.mem_get_info(engine.runner.device)[0] / 2**30, 2)}
     decode_steps = steps[1:]  # the first step is the prefill
     rest = [s - a - b - c for s, a, b, c in zip(decode_steps, parts["inputs"], parts["decode"], parts["finish"])]
+    # the decode steps' entries (the prefill step also schedules and applies: its entries are dropped)
+    sched, batch, apply, phase = (v[len(v) - len(decode_steps):] for v in extra_parts.values())
+    sync = [ph - b - i - d - f - a for ph, b, i, d, f, a in zip(phase, batch, parts["inputs"], parts["decode"],
+                                                                parts["finish"], apply)]
+    outside = [s - ph - sc for s, ph, sc in zip(decode_steps, phase, sched)]
     return {"steps": len(decode_steps), "step_ms": ms(decode_steps), **{f"{k}_ms": ms(v) for k, v in parts.items()},
-            "rest_ms": ms(rest), "max_step_ms": round(1e3 * max(decode_steps), 2) if decode_steps else None,
+            "rest_ms": ms(rest), "schedule_ms": ms(sched), "batch_ms": ms(batch), "apply_ms": ms(apply),
+            "sync_and_clone_ms": ms(sync), "outside_ms": ms(outside),
+            "max_step_ms": round(1e3 * max(decode_steps), 2) if decode_steps else None,
             "new_graphs": engine.runner.graphs_captured - graphs0,  # (the first token comes from the prefill)
             "tokens_per_step": round((engine.counters["generated_tokens"] - generated0 - 1)
                                      / max(1, len(decode_steps)), 3), "eager_fallbacks": fallen_back(),

@@ -364,6 +364,7 @@ class LLMEngine:
         # (choice, the rows it was made for): the next choice, made while the device ran the last step
         self._prechosen: tuple[StrideChoice, list[Sequence]] | None = None
         self._auto_steps = 0
+        self._next_choice = 0  # `_auto_steps` at which "auto" chooses next (`_choice_due`)
         self._refreshed = 0  # `_auto_steps` at the last refresh probe
         self._forced_stride: int | None = None  # `warmup` runs each stride in turn
         if config.stride == "auto":
@@ -396,7 +397,7 @@ class LLMEngine:
         elif self.config.stride != "auto":
             n = self.config.stride_for(len(decodes))
         else:
-            if self._auto is None or self._auto_steps % self.config.auto_interval == 0:
+            if self._choice_due():
                 bucket = self.runner.bucket(len(decodes))
                 pre, self._prechosen = self._prechosen, None
                 if pre is not None and self.runner.bucket(len(pre[1])) == bucket:
@@ -411,6 +412,11 @@ class LLMEngine:
                     if probe is not None:
                         self._refreshed = self._auto_steps
                 self._auto = choice if probe is None else StrideChoice(probe, choice.rates[probe], choice.rates)
+                # a probe runs only the steps that measure it (`StepTimer.min_samples`), not a whole interval:
+                # it is a stride rated below the choice, and at a large batch each of its steps can cost
+                # several plain AR steps (the H200's 8B table: 0.85x AR at C = 128 with 20 steps of probes)
+                self._next_choice = self._auto_steps + (self.config.auto_interval if probe is None
+                                                        else self._times.min_samples)
                 rows = self._auto.rows or ()
                 self._auto_rows = {seq.request_id: r for seq, r in zip(chosen_for, rows) if r < self._auto.stride}
             self._auto_steps += 1
@@ -434,6 +440,11 @@ class LLMEngine:
             r = r or n
             mix[r] = mix.get(r, 0) + 1
 
+    def _choice_due(self) -> bool:
+        """Whether this step chooses the stride: the first, then every `auto_interval` steps (after a probe,
+        once the probed stride has run `StepTimer.min_samples` steps)."""
+        return self._auto is None or self._auto_steps >= self._next_choice
+
     def _prechoose(self, decodes: list[Sequence]) -> None:
         """Called while the device runs a decode step (between its launch and the host sync): if the next
         step is one where "auto" chooses, make that choice now, from what is committed so far — the step
@@ -442,9 +453,9 @@ class LLMEngine:
         else chooses afresh. The host would otherwise wait idle for the device here; made on the host
         before the step, the choice (~0.1–0.4 ms every `auto_interval` steps) cost the H200's batch-1 ISD
         engine ~0.07 ms a step against the AR engine's."""
-        if self._times is None or self._forced_stride is not None or self._auto is None:
+        if self._times is None or self._forced_stride is not None:
             return
-        if self._auto_steps % self.config.auto_interval == 0:
+        if self._auto is not None and self._choice_due():
             self._prechosen = (self._choose_stride(decodes), list(decodes))
 
     def _retire_stats(self, seq: Sequence) -> None:
@@ -762,7 +773,7 @@ class LLMEngine:
             raise ConfigError("warmup needs an idle engine (requests are running or waiting)")
         saved = (self.decode_stats, dict(self._class_stats), dict(self.counters), dict(self.stride_mix),
                  dict(self.row_stride_mix),
-                 self._auto, self._auto_steps)
+                 self._auto, self._auto_steps, self._next_choice)
         prompt = [1 + i % (self.model.config.vocab_size - 1) for i in range(8)]
         seconds = {}
 
@@ -796,7 +807,7 @@ class LLMEngine:
             for rid in list(self.seqs):  # only warm-up requests can be here (the engine was idle)
                 self.abort_request(rid)
             (self.decode_stats, self._class_stats, self.counters, self.stride_mix, self.row_stride_mix, self._auto,
-             self._auto_steps) = saved
+             self._auto_steps, self._next_choice) = saved
             self._prechosen = None
             self._refreshed = min(self._refreshed, self._auto_steps)
             if self._cost is not None:  # what the dummy steps measured is not the workload's
