@@ -91,6 +91,22 @@ def test_the_attempts_after_that_keep_only_the_batch_dynamic_then_none(fake_comp
     assert f(x, y, z)[0] == "compiled" and fake_compile["dynamic"][-1] is False  # the static attempt
 
 
+def test_the_last_attempts_turn_split_reductions_off(fake_compile):
+    """Past the static attempt: the batch dynamic, then static, both with inductor's split reductions off
+    (`NO_SPLIT_OPTIONS`), then eager."""
+    fake_compile["fail"] = 4
+    f = fused.cuda_fused(lambda x: x.sum())
+    x = torch.ones(3, 4).as_subclass(CudaTensor)
+    assert f(x)[0] == "compiled"
+    assert fake_compile["dynamic"] == [True, True, True, False, True]
+    assert fake_compile["options"][-1] == fused.known_options(fused.NO_SPLIT_OPTIONS)
+    assert fake_compile["options"][-1]["split_reductions"] is False
+    assert list(fused.compile_fallbacks().values()) == ["only the batch dynamic, split reductions off"]
+    fake_compile["fail"] = 1
+    assert f(x)[0] == "compiled" and fake_compile["dynamic"][-1] is False
+    assert list(fused.compile_fallbacks().values()) == ["static, split reductions off"]
+
+
 def test_retry_options_exist_in_this_torch():
     """Options this torch lacks are dropped (torch.compile refuses unknown ones); the tiling analysis is
     a setting of every torch this project supports."""

@@ -37,12 +37,19 @@ def raise_dynamo_limits() -> None:
 # the first retry turns them off. It fires where a size is a product of a symbol and a sum (batch x
 # (Q + 1) // 2 - 1: the fix upstream compares such forms symbolically), so the next retry keeps only the
 # batch dim symbolic — every other dim of every tensor argument static (one graph per query length, not
-# per batch bucket) — and the last compiles every shape statically.
+# per batch bucket) — and the next compiles every shape statically. On the H200 the sampled ISD step at
+# Qwen3-8B's vocabulary (151,936) failed even the static compile (`TypeError: list indices must be integers
+# or slices, not NoneType` in inductor's scheduler; docs/stride.md); at idlm-tiny's it compiles. A reduction
+# over a vocabulary that long in a batch of a few rows is where inductor splits reductions in two kernels,
+# so the last two attempts (a guess, not yet run on the GPU) turn the split off: one program per row.
 RETRY_OPTIONS = {"triton.coalesce_tiling_analysis": False, "loop_reindexing_after_fusion": False}
+NO_SPLIT_OPTIONS = {**RETRY_OPTIONS, "split_reductions": False}
 ATTEMPTS = (("dynamic", True, None, False),
             ("dynamic, tiling analysis off", True, RETRY_OPTIONS, False),
             ("only the batch dynamic", True, RETRY_OPTIONS, True),
-            ("static", False, RETRY_OPTIONS, False))
+            ("static", False, RETRY_OPTIONS, False),
+            ("only the batch dynamic, split reductions off", True, NO_SPLIT_OPTIONS, True),
+            ("static, split reductions off", False, NO_SPLIT_OPTIONS, False))
 
 
 def known_options(options: dict | None) -> dict | None:
