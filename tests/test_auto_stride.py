@@ -142,6 +142,40 @@ def test_the_choice_is_made_while_the_device_runs_the_step_before(tiny):
     assert where.count(False) <= 4  # the first, and where the batch left its bucket as requests finished
 
 
+def test_a_failing_choice_inside_the_step_does_not_fail_the_step(tiny):
+    """An error of the choice made inside a decode step (`_prechoose`) is not that step's: its requests go
+    on, and the next step chooses afresh, where the error is raised to the caller as before."""
+    model, tok = tiny
+    prompts, _ = _workload(tok, n=2, seed=16)
+    params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)] * 2
+    eng = _small_engine(model, tok, "isd", "auto", step_cost=WEIGHT_BOUND, auto_interval=2, num_pages=200)
+    choose, calls = eng._choose_stride, []
+
+    def flaky(decodes):
+        calls.append(len(calls))
+        if len(calls) == 2:  # the first choice made inside a step
+            raise ValueError("policy bug")
+        return choose(decodes)
+
+    eng._choose_stride = flaky
+    ids = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
+    outputs = {}
+
+    def step():
+        for out in eng.step():
+            outputs[out.request_id] = out.output
+
+    for _ in range(3):  # prefill, the first choice (in schedule), the step whose in-step choice raises
+        step()
+    assert len(calls) == 2 and eng.counters["failed"] == 0 and eng.num_running == 2
+    assert eng._prechosen is None  # the next choice is made afresh
+    while eng.has_unfinished():
+        step()
+    assert len(calls) > 2 and eng.counters["failed"] == 0
+    want = _small_engine(model, tok, "ar", 4).run(prompts, params)
+    assert [outputs[i].token_ids for i in ids] == [o.token_ids for o in want]
+
+
 def test_calibration_measures_on_the_engine_runner(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("IDLM_CACHE", str(tmp_path))
     model, tok = tiny

@@ -456,7 +456,12 @@ class LLMEngine:
         if self._times is None or self._forced_stride is not None:
             return
         if self._auto is not None and self._choice_due():
-            self._prechosen = (self._choose_stride(decodes), list(decodes))
+            try:
+                self._prechosen = (self._choose_stride(decodes), list(decodes))
+            except Exception as e:  # not this step's failure: the next step chooses afresh (and raises there)
+                if is_fatal(e):
+                    raise
+                self._prechosen = None
 
     def _retire_stats(self, seq: Sequence) -> None:
         """A finished, failed or aborted request's counters into the engine's totals and its class's."""
