@@ -91,6 +91,68 @@ def test_engine_stays_exact_under_constant_preemption(tiny, decoder):
     assert engine.block_manager.num_free_pages == engine.block_manager.num_pages
 
 
+def _graph_like_outputs(engine):
+    """Make the engine's decode steps return their outputs the way CUDA graphs do on the GPU: in one buffer
+    per (batch bucket, decoder, stride) that later steps overwrite — here every step overwrites every such
+    buffer (on the GPU only the same graph's next replay does), the harshest case; the engine then keeps a
+    sampled step's q̃ by reference (`runner.use_graphs`), as it does on CUDA."""
+    runner, buffers = engine.runner, {}
+    decode = runner.decode
+
+    def replay(batch, decoder, tensors, static):
+        runner.use_graphs = False  # the eager step computes; its outputs are then copied into the "graph's"
+        try:
+            packed, extra = decode(batch, decoder, tensors, static)
+        finally:
+            runner.use_graphs = True
+        B = packed.shape[0]
+        key = (1 << (B - 1).bit_length(), decoder.name, decoder.stride, extra is None)
+        if key not in buffers:
+            buffers[key] = (torch.empty((key[0], *packed.shape[1:]), dtype=packed.dtype),
+                            None if extra is None else torch.empty((key[0], *extra.shape[1:]), dtype=extra.dtype))
+        for _, kept in buffers.values():  # what any earlier step's rows kept there is gone
+            if kept is not None:
+                kept.fill_(float("nan"))
+        out_packed, out_extra = buffers[key]
+        out_packed[:B].copy_(packed)
+        if extra is not None:
+            out_extra[:B].copy_(extra)
+        return out_packed[:B], None if extra is None else out_extra[:B]
+
+    runner.use_graphs = True
+    runner.decode = replay
+
+
+def test_kept_draft_probabilities_survive_graph_output_reuse(tiny):
+    """Sampled ISD keeps each row's q̃ as a row of the step's output, which on CUDA is a graph buffer the
+    next replay overwrites. Under constant preemption and a small token budget (rows left out of steps),
+    seeded sampled requests give the same tokens as on the engine whose outputs are fresh tensors: the
+    rows that sit a step out keep a copy (`LLMEngine._spill_kept`)."""
+    model, tok = tiny
+    prompts, _ = _workload(tok, n=24, seed=6)
+    params = [SamplingParams(temperature=1.0, seed=100 + i, max_tokens=20 + i % 9, ignore_eos=True)
+              for i in range(24)]
+    fresh = _small_engine(model, tok, "isd", 4, num_pages=20, max_num_batched_tokens=36)
+    want = _engine_staggered(fresh, prompts, params)
+    reused = _small_engine(model, tok, "isd", 4, num_pages=20, max_num_batched_tokens=36)
+    _graph_like_outputs(reused)
+    spilled = []
+    spill = reused._spill_kept
+
+    def counting(seqs):
+        before = {id(s): s.state.spec_q for s in reused.scheduler.running + list(reused.scheduler.waiting)
+                  if getattr(s.state, "spec_q", None) is not None}
+        spill(seqs)
+        spilled.extend(i for i, q in before.items() if any(id(s) == i and s.state.spec_q is not q
+                                                           for s in reused.seqs.values()))
+
+    reused._spill_kept = counting
+    got = _engine_staggered(reused, prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert reused.scheduler.num_preemptions > 0 and spilled  # the case this test is about happened
+    assert not any(o.finish_reason == "error" for o in got)
+
+
 def test_engine_risd_equals_reference_and_engine_ar(tiny_ar):
     model, tok, lora = tiny_ar
     prompts, params = _workload(tok, seed=1)

@@ -73,7 +73,7 @@ from idlm.engine.calibrate import calibrate_step_cost
 from idlm.engine.model_runner import DecodeBatch, ModelRunner, Row
 from idlm.engine.options import ATTENTION_BACKENDS
 from idlm.engine.scheduler import Scheduler
-from idlm.engine.sequence import Sequence
+from idlm.engine.sequence import SeqStatus, Sequence
 from idlm.errors import ConfigError
 
 logger = logging.getLogger("idlm.engine")
@@ -361,6 +361,9 @@ class LLMEngine:
         self._cost: CostTracker | None = None
         self._times: StepTimer | None = None
         self._auto: StrideChoice | None = None
+        # (the rows of the last decode step, its q̃ output): a CUDA graph's output buffer, which the graph's
+        # next replay overwrites; rows that keep a q̃ row of it outside a step get a copy (`_spill_kept`)
+        self._kept_from: tuple[list[Sequence], torch.Tensor] | None = None
         # (choice, the rows it was made for): the next choice, made while the device ran the last step
         self._prechosen: tuple[StrideChoice, list[Sequence]] | None = None
         self._auto_steps = 0
@@ -702,8 +705,24 @@ class LLMEngine:
                             gate=blocks.gate if lora else None, visible=blocks.visible)
         return batch, blocks.tokens.tolist()
 
+    def _spill_kept(self, seqs: list[Sequence]) -> None:
+        """Before a decode step: the rows of the last step that are not in this one (preempted, left out by the
+        token budget, or the other rows while a failed batch is rerun one request at a time) and still keep
+        their drafts' q̃ as a row of the last step's graph output get their own copy of that row, since a
+        replay of that graph would overwrite it. The rows of this step read theirs before it replays (the
+        runner copies its inputs in first), so the output is not cloned every step."""
+        if self._kept_from is None:
+            return
+        rows, out = self._kept_from
+        here = set(map(id, seqs))
+        for seq in rows:
+            kept = getattr(seq.state, "spec_q", None)
+            if id(seq) not in here and kept is not None and kept[0] is out and seq.status is not SeqStatus.FINISHED:
+                seq.state.spec_q = (out[kept[1]: kept[1] + 1].clone(), 0)
+
     def _decode(self, seqs: list[Sequence], decoder, updates) -> None:
         # compute: nothing in the engine changes until the step's results are on the host
+        self._spill_kept(seqs)
         query_len = decoder.query_len
         rows = self._batch_rows(seqs)
         batch, block_tokens = self._decode_batch(rows, decoder, query_len)
@@ -714,10 +733,8 @@ class LLMEngine:
             packed, extra = self.runner.decode(batch, decoder, tensors, static)
             self._prechoose(seqs)  # host work while the device runs the step
             host = packed.cpu().numpy()  # the one host sync
-            if extra is not None and self.runner.use_graphs:
-                # graph outputs are overwritten by the next replay; cloned after the sync, so the copy runs
-                # on the device while the host finishes the step (stream order puts it before the next replay)
-                extra = extra.clone()
+            # a graph's q̃ output is kept by reference (`_spill_kept` copies what must outlive a replay)
+            self._kept_from = (list(seqs), extra) if extra is not None and self.runner.use_graphs else None
             try:  # finish updates every row's decoder state: past this point a failure fails the whole batch
                 results = decoder.finish(states, host, extra, params, stats)
             except Exception as e:
@@ -727,6 +744,7 @@ class LLMEngine:
                     self._fail(seq, e, updates)
                 return
         else:
+            self._kept_from = None  # (rows of the last step not in this one were spilled above)
             logits = self.runner.decode_logits(batch)
             with self.runner.decoder_math():
                 results = decoder.step(states, logits, params, rngs, stats)
