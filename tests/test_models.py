@@ -319,3 +319,25 @@ def test_save_pretrained_of_a_fused_model(tmp_path):
     save_pretrained(model.fuse_projections(), tmp_path / "fused")
     back, _ = load_pretrained(str(tmp_path / "fused"), with_tokenizer=False)
     torch.testing.assert_close(back.logits(ids), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_qk_norm_and_rotary_equal_the_separate_functions(dtype):
+    """`qk_norm_rotary` / `rotary_qk` (one compiled function per layer on CUDA) compute what the separate
+    norms and `apply_rotary` calls did, bit for bit on CPU (eager), on the strided q/k views of a fused qkv."""
+    from idlm.layers.norm import rms_norm
+    from idlm.layers.rotary import RotaryEmbedding, apply_rotary, qk_norm_rotary, rotary_qk
+
+    g = torch.Generator().manual_seed(0)
+    B, T, hq, hkv, d = 2, 5, 6, 2, 16
+    qkv = torch.randn(B, T, (hq + 2 * hkv) * d, generator=g).to(dtype)
+    q, k, _ = qkv.split([hq * d, hkv * d, hkv * d], -1)
+    q, k = q.view(B, T, hq, d), k.view(B, T, hkv, d)  # non-contiguous, as in the attention layer
+    cos, sin = RotaryEmbedding(d, 10000.0)(torch.arange(B * T).view(B, T), dtype)
+    qw, kw = torch.rand(d, generator=g).to(dtype), torch.rand(d, generator=g).to(dtype)
+    q2, k2 = qk_norm_rotary(q, k, qw, kw, 1e-6, cos, sin)
+    assert torch.equal(q2, apply_rotary(rms_norm(q, qw, 1e-6), cos, sin))
+    assert torch.equal(k2, apply_rotary(rms_norm(k, kw, 1e-6), cos, sin))
+    q3, k3 = rotary_qk(q, k, cos, sin)
+    assert torch.equal(q3, apply_rotary(q, cos, sin)) and torch.equal(k3, apply_rotary(k, cos, sin))
+    assert q2.dtype == k3.dtype == dtype

@@ -25,7 +25,7 @@ from torch import nn
 from idlm.layers.attention import AttentionBackend, DenseAttention
 from idlm.layers.fused import cuda_fused
 from idlm.layers.norm import RMSNorm
-from idlm.layers.rotary import RotaryEmbedding, apply_rotary
+from idlm.layers.rotary import RotaryEmbedding, apply_rotary, qk_norm_rotary, rotary_qk
 from idlm.models.config import ModelConfig
 
 
@@ -128,9 +128,14 @@ class Attention(nn.Module):
                        ((self.q_proj, "q_proj"), (self.k_proj, "k_proj"), (self.v_proj, "v_proj")))
         q = q.view(B, T, self.n_heads, self.head_dim)
         k, v = k.view(B, T, self.n_kv, self.head_dim), v.view(B, T, self.n_kv, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q, exact=exact), self.k_norm(k, exact=exact)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if exact:  # batch-invariant norms (issue 16), then RoPE
+            if self.q_norm is not None:
+                q, k = self.q_norm(q, exact=True), self.k_norm(k, exact=True)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        elif self.q_norm is not None:  # one compiled function for norms and RoPE (same math as above)
+            q, k = qk_norm_rotary(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin)
+        else:
+            q, k = rotary_qk(q, k, cos, sin)
         # attention takes [B, H, T, D] views of the [B, T, H, D] tensors: a paged cache writes k/v rows and
         # the Triton kernel returns o without a copy
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
