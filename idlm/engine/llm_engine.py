@@ -831,7 +831,7 @@ class LLMEngine:
                 self.abort_request(rid)
             (self.decode_stats, self._class_stats, self.counters, self.stride_mix, self.row_stride_mix, self._auto,
              self._auto_steps, self._next_choice) = saved
-            self._prechosen = None
+            self._prechosen = self._kept_from = None  # (the warm-up's rows are gone)
             self._refreshed = min(self._refreshed, self._auto_steps)
             if self._cost is not None:  # what the dummy steps measured is not the workload's
                 self._cost = CostTracker(self._cost.model)
