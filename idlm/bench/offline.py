@@ -200,10 +200,10 @@ def step_phases(engine, prompt: list[int], params: SamplingParams) -> dict:
     (`decode`, synchronized so it holds the GPU time), the decoder's `finish`, and the rest of the engine
     step (scheduler, commits, outputs); and that rest split further: the scheduler (`schedule_ms`, the
     adaptive stride's choice included), the step's block arrays and KV slots (`batch_ms`), the commits and
-    outputs (`apply_ms`), the decode phase's remainder (`sync_and_clone_ms`: the host sync's copy, the clone
-    of a kept q̃, counters) and the engine step's own (`outside_ms`). Medians in ms, the number of steps, the
-    CUDA graphs captured meanwhile and the slowest step (a capture or compile shows there); on CUDA also the caching
-    allocator's retries meanwhile and the free device memory."""
+    outputs (`apply_ms`), the decode phase's remainder (`sync_ms`: the host sync's copy, copies of kept q̃
+    rows that sit a step out, counters) and the engine step's own (`outside_ms`). Medians in ms, the number
+    of steps, the CUDA graphs captured meanwhile and the slowest step (a capture or compile shows there); on
+    CUDA also the caching allocator's retries meanwhile and the free device memory."""
     import torch
 
     cuda = engine.runner.device.type == "cuda"
@@ -263,7 +263,7 @@ def step_phases(engine, prompt: list[int], params: SamplingParams) -> dict:
     outside = [s - ph - sc for s, ph, sc in zip(decode_steps, phase, sched)]
     return {"steps": len(decode_steps), "step_ms": ms(decode_steps), **{f"{k}_ms": ms(v) for k, v in parts.items()},
             "rest_ms": ms(rest), "schedule_ms": ms(sched), "batch_ms": ms(batch), "apply_ms": ms(apply),
-            "sync_and_clone_ms": ms(sync), "outside_ms": ms(outside),
+            "sync_ms": ms(sync), "outside_ms": ms(outside),
             "max_step_ms": round(1e3 * max(decode_steps), 2) if decode_steps else None,
             "new_graphs": engine.runner.graphs_captured - graphs0,  # (the first token comes from the prefill)
             "tokens_per_step": round((engine.counters["generated_tokens"] - generated0 - 1)

@@ -228,11 +228,11 @@ def choose_stride(row_accepts: Sequence[Sequence[float]], cost: StepCostModel, s
     its rate rests on estimated acceptances while the AR step's does not, and the argmax over noisy
     estimates favours the ones that are too high (on the H200 at T = 1, C = 8, where ISD and AR steps
     were rated within 6% of each other, the policy's ISD steps realised 4% less than the AR engine's).
-    per_row: rows of one step may run
-    different N (`row_strides`): a step of stride N commits Σ_rows max_{n <= N} TPF_row(n) and costs a step
-    of the longest stride its rows take (a longer step would only pad every block: on the H200 a step of
-    N = 8 whose rows all took 4 cost 12% more than an N = 4 step, and N = 4 was never run so never
-    measured), so the choice is that stride (a tie keeps the smaller N)."""
+    per_row: rows of one step may run different N (`row_strides`): a step of stride N commits
+    Σ_rows max_{n <= N} TPF_row(n) and costs a step of the longest stride its rows take (a longer step would
+    only pad every block: on the H200 a step of N = 8 whose rows all took 4 cost 12% more than an N = 4
+    step, and N = 4 was never run so never measured), so the choice is that stride (a tie keeps the
+    smaller N)."""
     if len(row_accepts) == 0:
         raise ValueError("choose_stride needs at least one row")
     if not strides or any(s < 1 or s > MAX_STRIDE for s in strides):

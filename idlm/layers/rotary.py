@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from idlm.layers.fused import cuda_fused
-from idlm.layers.norm import _rms_norm
+from idlm.layers.norm import rms_norm
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
@@ -60,13 +60,11 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype)[:, :, None], emb.sin().to(dtype)[:, :, None]
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+@cuda_fused
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, T, H, D] rotated by (cos, sin) [B, T, 1, D], the rotate-half convention of HF."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
-apply_rotary = cuda_fused(_rotate)
 
 
 @cuda_fused
@@ -74,7 +72,8 @@ def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     """(`apply_rotary`(q), `apply_rotary`(k)) as one compiled function: a decode step of an L-layer model
     launches L kernels fewer (at batch 1 each small kernel costs ~2 µs of a step that reads the weights
     once: docs/engine.md)."""
-    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    rotate = apply_rotary.__wrapped__  # the eager body: this function is the compiled unit
+    return rotate(q, cos, sin), rotate(k, cos, sin)
 
 
 @cuda_fused
@@ -82,4 +81,5 @@ def qk_norm_rotary(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_w
                    cos: torch.Tensor, sin: torch.Tensor):
     """Qwen3's per-head RMSNorm of q and k, then RoPE, as one compiled function (four kernels per layer before):
     (rotary(rms_norm(q)), rotary(rms_norm(k))), q [B, T, Hq, D], k [B, T, Hkv, D]."""
-    return _rotate(_rms_norm(q, q_weight, eps), cos, sin), _rotate(_rms_norm(k, k_weight, eps), cos, sin)
+    rotate, norm = apply_rotary.__wrapped__, rms_norm.__wrapped__
+    return rotate(norm(q, q_weight, eps), cos, sin), rotate(norm(k, k_weight, eps), cos, sin)
