@@ -114,3 +114,59 @@ def test_engine_with_top_k_rows_equals_the_reference_runner():
         got = [o.token_ids for o in eng.run(prompts, params)]
         ref = [o.token_ids for o in generate(model, make_decoder(decoder, 3, model.config), prompts, params)]
         assert got == ref and all(len(t) == 12 for t in got)
+
+
+def _graph_ops(fn, *args) -> set[str]:
+    """The ops of the FX graph torch.compile hands its backend for fn(*args) (no inductor: aot_eager's input)."""
+    seen: set[str] = set()
+
+    def backend(gm, example_inputs):
+        seen.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return seen
+
+
+def test_compiled_cumulative_sums_are_opaque_calls_with_eager_values():
+    """Inside a compiled function the CDF's and top-p's cumulative sums are the `idlm::cumsum_last` op (ATen's
+    cumsum, opaque to inductor, whose split-scan kernel fails on a long vocabulary in torch 2.11: the whole
+    sampled step then ran eagerly on the H200), eagerly plain cumsum; same numbers either way."""
+    from idlm.decoding.sampling import cumsum_last, inverse_cdf
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(3, 4096, generator=g), -1)
+    u = torch.rand(3, generator=g)
+    ops = _graph_ops(inverse_cdf, probs, u)
+    assert any("cumsum_last" in o for o in ops) and not any(o.endswith("cumsum") for o in ops), ops
+    assert torch.equal(torch.compile(inverse_cdf)(probs, u), inverse_cdf(probs, u))
+    assert torch.equal(cumsum_last(probs), probs.cumsum(-1))
+    temperature, top_k, top_p = torch.ones(3), torch.zeros(3, dtype=torch.long), torch.full((3,), 0.9)
+    ops = _graph_ops(filtered_probs, probs.log(), temperature, top_k, top_p)
+    assert any("cumsum_last" in o for o in ops) and not any(o.endswith("cumsum") for o in ops), ops
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (inductor's Triton kernels)")
+@pytest.mark.parametrize("vocab", [49152, 151936])
+def test_sampled_isd_step_compiles_at_long_vocabularies(vocab):
+    """The sampled ISD step compiles (no fallback attempt, no eager run) at SmolLM2's and Qwen3's vocabularies,
+    where torch 2.11's inductor failed every attempt before the cumulative sums became opaque calls."""
+    from idlm.decoding.isd import sampled_isd_step
+    from idlm.layers.fused import compile_fallbacks
+
+    torch._dynamo.reset()
+    B, n = 2, 4
+    k, dev = n - 1, "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    logits = torch.randn(B, 2 * n - 1, vocab, device=dev, generator=g)
+    args = (logits, torch.tensor([True, False], device=dev), torch.randint(0, vocab, (B, k), device=dev, generator=g),
+            torch.full((B,), 0.7, device=dev), torch.zeros(B, dtype=torch.long, device=dev), torch.ones(B, device=dev),
+            torch.zeros(B, dtype=torch.bool, device=dev), torch.zeros(B, dtype=torch.bool, device=dev),
+            torch.ones(B, device=dev), torch.randint(0, 2**31, (B, 2), device=dev, generator=g),
+            torch.arange(B, device=dev), torch.softmax(torch.randn(B, k, vocab, device=dev, generator=g), -1), False)
+    packed, _ = sampled_isd_step(*args)
+    eager, _ = sampled_isd_step.__wrapped__(*args)
+    assert "sampled_isd_step" not in compile_fallbacks()
+    assert torch.equal(packed[:, :2 + k], eager[:, :2 + k])  # accepted count, final token and drafts

@@ -149,7 +149,7 @@ def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
         sorted_p = sorted_p * keep
         sorted_p = sorted_p / sorted_p.sum(-1, keepdim=True)
         # top-p: keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        mass_before = sorted_p.cumsum(-1) - sorted_p
+        mass_before = cumsum_last(sorted_p) - sorted_p
         # (the top token always stays: a top_p that rounds to 0 in float32 means top-1, not nothing)
         keep = keep & ((mass_before < top_p[:, None].float()) | (rank == 0))
         sorted_p = sorted_p * keep
@@ -203,11 +203,31 @@ def take_draws(rngs: list[RequestRNG | None]) -> tuple[torch.Tensor, torch.Tenso
     return torch.from_numpy(keys), torch.from_numpy(draw)
 
 
+@torch.library.custom_op("idlm::cumsum_last", mutates_args=())
+def _cumsum_op(x: torch.Tensor) -> torch.Tensor:
+    return x.cumsum(-1)
+
+
+@_cumsum_op.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def cumsum_last(x: torch.Tensor) -> torch.Tensor:
+    """x.cumsum(-1); inside a compiled function, ATen's cumsum as an opaque call. Why: for a few rows of a
+    long vocabulary torch 2.11's inductor generates a split-scan Triton kernel, and fails ("list indices must
+    be integers or slices, not NoneType") as soon as a per-row value — a row's temperature, its accepted
+    count, a normaliser — is fused into it: the whole sampled decode step then ran eagerly at SmolLM2's and
+    Qwen3's vocabularies (docs/sampling.md). Opaque, the scan's input is its own fused kernel and the scan
+    ATen's. Same values as x.cumsum(-1) on the same device."""
+    return _cumsum_op(x) if torch.compiler.is_compiling() else x.cumsum(-1)
+
+
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """A token per distribution by inversion: probs [..., V] (rows sum to ~1), u [...] in (0, 1) -> [...] long.
     Picks the first index whose cumulative mass exceeds u times the row's total, so token i comes with
     probability p_i and a token of probability 0 never does. One uniform per distribution; no host sync."""
-    cdf = probs.float().cumsum(-1)
+    cdf = cumsum_last(probs.float())
     x = (u * cdf[..., -1]).unsqueeze(-1)
     idx = torch.searchsorted(cdf.contiguous(), x.contiguous(), right=True).squeeze(-1)
     return idx.clamp(max=probs.shape[-1] - 1)

@@ -1,0 +1,92 @@
+"""Inductor's Triton code generation for the sampled decode steps, checked on a machine without a GPU.
+
+Why it exists: the sampled ISD step failed to compile on the H200 at SmolLM2's and Qwen3's vocabularies
+(torch 2.11: "list indices must be integers or slices, not NoneType" in inductor's scheduler), every
+attempt of `cuda_fused`, so it ran eagerly at 2-3x the cost; the CPU's inductor (C++ code) compiles the
+same function, so no CPU test saw it. Inductor can generate *Triton* code for CPU tensors
+(`cpu_backend = "triton"`), and the failure is in that generation, before anything is compiled for a
+device. This script runs it for the step at given shapes in the torch it is started with, and reports
+whether generation succeeds ("codegen ok": the kernels' source was written; loading them then needs a
+Triton CPU backend, which is not installed and is not what is checked).
+
+    python -m venv /tmp/v211 && /tmp/v211/bin/pip install torch==2.11.0 numpy   (the GPU machine's torch)
+    /tmp/v211/bin/python scripts/triton_codegen_check.py [--vocab 49152,151936] [--stride 4] [--k-row]
+        [--truncate 0|1|K]
+
+Prints a JSON line per case, a summary last; exit status 1 when a case fails. What it found and fixed:
+docs/sampling.md ("The sampled step ran eagerly at long vocabularies").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+
+def triton_for_cpu() -> None:
+    """Inductor generates Triton kernels for CPU tensors; the backend hash (which asks Triton for an active
+    driver, and there is none without a GPU) is replaced by a constant: it only names cache entries."""
+    import torch._inductor.config as inductor_config
+    import torch.utils._triton as triton_utils
+
+    inductor_config.cpu_backend = "triton"
+    triton_utils.triton_hash_with_backend = lambda: "codegen-check"
+
+
+def step_args(vocab: int, stride: int, k_row: bool, truncate):
+    from idlm.decoding import rng
+
+    B, n = 2, stride
+    k = n - 1
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(B, 2 * n - 1, vocab, generator=g), torch.tensor([True, False]),
+            torch.randint(0, vocab, (B, k), generator=g), torch.full((B,), 0.7), torch.zeros(B, dtype=torch.long),
+            torch.full((B,), 0.95 if truncate else 1.0), torch.zeros(B, dtype=torch.bool),
+            torch.zeros(B, dtype=torch.bool), torch.ones(B), rng.seed_keys([1, 2]), torch.arange(B),
+            torch.softmax(torch.randn(B, k, vocab, generator=g), -1), truncate]
+    if k_row:
+        args.append(torch.tensor([k - 1, k]))
+    return args
+
+
+def check(vocab: int, stride: int, k_row: bool, truncate) -> dict:
+    from idlm.decoding.isd import sampled_isd_step
+
+    torch._dynamo.reset()
+    case = {"vocab": vocab, "stride": stride, "k_row": k_row, "truncate": truncate}
+    try:
+        torch.compile(sampled_isd_step.__wrapped__, dynamic=False)(*step_args(vocab, stride, k_row, truncate))
+        return {**case, "ok": True, "ran": True}
+    except Exception as e:  # noqa: BLE001 — the generation's error is the result
+        msg = str(e)
+        if "compatible backends" in msg or "active drivers" in msg:  # generated; Triton cannot build for the CPU
+            return {**case, "ok": True, "ran": False}
+        return {**case, "ok": False, "error": msg.splitlines()[0][:300]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vocab", default="49152,151936")
+    ap.add_argument("--stride", type=int, default=4)
+    ap.add_argument("--k-row", action="store_true", help="the adaptive stride's per-row variant")
+    ap.add_argument("--truncate", default="0", help="0: no top-k/top-p, 1: full sort, K: top-K selection")
+    args = ap.parse_args()
+    truncate = {"0": False, "1": True}.get(args.truncate) if args.truncate in ("0", "1") else int(args.truncate)
+    triton_for_cpu()
+    results = []
+    for v in (int(x) for x in args.vocab.split(",")):
+        results.append(check(v, args.stride, args.k_row, truncate))
+        print(json.dumps(results[-1]), flush=True)
+    ok = all(r["ok"] for r in results)
+    print(json.dumps({"summary": True, "torch": torch.__version__, "ok": ok}))
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
