@@ -7,7 +7,9 @@ Stages (comma-separated argv[1], default all):
             engine vs reference runner, fp32, bf16, and bf16 in exact mode
   profile   where the sampled ISD step's extra time goes, batch 1, T = 0 vs T = 1: the step split
             (`step_phases`: host inputs, device step, finish, rest) and the step's kernels (torch.profiler:
-            GPU time and count per step, the top kernels)
+            GPU time and count per step, the top kernels); with PROFILE_AUTO=1 also a `--stride auto` engine
+            held at N = 4 (its per-row step variant and per-step bookkeeping, no choices): the H200 table of
+            session 14 had auto's sampled steps ~45% dearer than a fixed N = 4 engine's (docs/stride.md)
   compile   the sampled ISD step recompiled for new batch sizes (idlm-tiny ISD N = 4, T = 1 then T = 0, at
             C = 1, 8, 64 in one process, 48 tokens): which `cuda_fused` attempt each function ended on
             (`compile_fallbacks`) and the sampled / greedy step time per C — a minute's check that the
@@ -110,8 +112,14 @@ def stage_profile():
     model, tok = load_pretrained("idlm-tiny", dtype="bfloat16", device=DEV)
     prompt = bench_prompts(tok, 1)[0]
     out = {}
-    for label, temp in (("T0", 0.0), ("T1", 1.0)):
-        eng = LLMEngine(model, tok, EngineConfig(decoder="isd", stride=4, max_num_seqs=1, num_pages=512))
+    cases = [("T0", 0.0, 4), ("T1", 1.0, 4)]
+    if os.environ.get("PROFILE_AUTO") == "1":
+        cases += [("auto4_T0", 0.0, "auto"), ("auto4_T1", 1.0, "auto")]
+    for label, temp, stride in cases:
+        auto = {"auto_max_stride": 4} if stride == "auto" else {}
+        eng = LLMEngine(model, tok, EngineConfig(decoder="isd", stride=stride, max_num_seqs=1, num_pages=512, **auto))
+        if stride == "auto":
+            eng._forced_stride = 4  # every step N = 4 as the fixed engine's (how `warmup` runs each stride)
         p = SamplingParams(temperature=temp, max_tokens=200, ignore_eos=True, seed=1)
         eng.run([prompt], p)  # warm-up: graphs captured, kernels compiled
         split = step_phases(eng, prompt, p)

@@ -188,7 +188,20 @@ def test_calibration_measures_on_the_engine_runner(tiny, tmp_path, monkeypatch):
     again = LLMEngine(model, tok, cfg)  # from the cache: the same model
     assert again._cost.model == eng._cost.model
     assert calibration_points(256, 8, 1000) == [(b, q) for b in (1, 64, 256) for q in (1, 7, 15)]
-    assert calibration_points(4, 2, 2) == [(1, 1), (1, 3)]
+    assert calibration_points(4, 2, 2) == [(1, 1), (1, 3), (2, 1), (2, 3)]  # batch 2: the per-row term
+    assert calibration_points(1, 4, 100) == [(1, 1), (1, 7)]
+
+
+def test_an_auto_engine_of_one_sequence_starts(tiny, tmp_path, monkeypatch):
+    """max_num_seqs 1 calibrates batch 1 at two query lengths only; the cost model still fits (it failed to
+    start: "needs at least 3 samples")."""
+    monkeypatch.setenv("IDLM_CACHE", str(tmp_path))
+    model, tok = tiny
+    eng = LLMEngine(model, tok, EngineConfig(decoder="isd", stride="auto", auto_max_stride=4, max_num_seqs=1,
+                                             page_size=8, num_pages=100))
+    assert eng._cost.model.per_row == 0 and eng._cost.model.base + eng._cost.model.per_token > 0
+    out = eng.run([[5, 6, 7]], SamplingParams(max_tokens=8, ignore_eos=True))
+    assert len(out[0].token_ids) == 8
 
 
 def test_a_close_stride_never_run_is_probed_once(tiny):

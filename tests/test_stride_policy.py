@@ -70,7 +70,13 @@ def test_cost_model_fit_recovers_coefficients():
     with pytest.raises(ValueError):
         StepCostModel(base=-1)
     with pytest.raises(ValueError):
-        StepCostModel.fit(samples[:2])
+        StepCostModel.fit([])
+    # one batch only (an engine of max_num_seqs 1): no per-row term, the points themselves fitted exactly
+    ones = [(1, q, true.cost(1, q)) for q in (1, 7)]
+    fit = StepCostModel.fit(ones)
+    assert fit.per_row == 0 and all(fit.cost(1, q) == pytest.approx(t, rel=1e-9) for _, q, t in ones)
+    fit = StepCostModel.fit(ones[:1])
+    assert fit.per_row == fit.per_token == 0 and fit.cost(1, 1) == pytest.approx(ones[0][2])
 
 
 def test_choose_stride():

@@ -146,14 +146,19 @@ class StepCostModel:
 
     @classmethod
     def fit(cls, samples: Sequence[tuple[int, int, float]]) -> StepCostModel:
-        """Least squares (non-negative by clipping) over (batch, query_len, seconds) samples."""
+        """Least squares (non-negative by clipping) over (batch, query_len, seconds) samples. A term the
+        samples cannot tell apart from the others is 0: per_row when every sample has the same batch (an
+        engine of max_num_seqs 1 calibrates batch 1 only), per_token too when they share one batch x
+        query_len as well."""
         import numpy as np
 
-        if len(samples) < 3:
-            raise ValueError("StepCostModel.fit needs at least 3 (batch, query_len, seconds) samples")
+        if not samples:
+            raise ValueError("StepCostModel.fit needs at least one (batch, query_len, seconds) sample")
         x = np.array([[1.0, b, b * q] for b, q, _ in samples])
         y = np.array([t for _, _, t in samples])
-        coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+        cols = [0] + [c for c in (1, 2) if len(set(x[:, c])) > 1]  # the terms the samples determine
+        coef = np.zeros(3)
+        coef[cols], *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
         coef = np.clip(coef, 0.0, None)
         if coef.sum() <= 0:
             coef[0] = float(y.mean())

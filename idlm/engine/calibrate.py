@@ -76,9 +76,12 @@ def context_rows(bm, ids: list, context: int, query_len: int) -> list[Row]:
 
 
 def calibration_points(max_num_seqs: int, max_stride: int, capacity: int) -> list[tuple[int, int]]:
-    """(batch, query_len) pairs to time: batches 1, max/4, max (within what the pool holds), Q = 1, 7, max."""
+    """(batch, query_len) pairs to time: batches 1, max/4, max (within what the pool holds), Q = 1, 7, max;
+    batch 2 as well where no other batch fits (so the per-row term is measured, not assumed 0)."""
     batches = sorted({1, max(1, max_num_seqs // 4), max_num_seqs})
     batches = [b for b in batches if b <= capacity] or [1]
+    if batches == [1] and min(max_num_seqs, capacity) >= 2:
+        batches.append(2)
     queries = sorted({1, min(7, query_len_of(max_stride)), query_len_of(max_stride)})
     return [(b, q) for b in batches for q in queries]
 
