@@ -225,8 +225,10 @@ def cmd_train(args) -> int:
     cfg = TrainConfig.from_yaml(args.config, defaults={"kind": args.kind}, out=args.out, max_steps=args.max_steps)
     if cfg.kind != args.kind:
         raise IdlmError(f"{args.config} is a {cfg.kind!r} config, not {args.kind!r}")
-    last = Trainer(cfg, device=args.device).train(resume=args.resume)
-    print(json.dumps({"kind": cfg.kind, "out": cfg.out, **last}))
+    trainer = Trainer(cfg, device=args.device)
+    last = trainer.train(resume=args.resume)
+    if trainer.rank == 0:  # (under torchrun every rank returns here; one result line)
+        print(json.dumps({"kind": cfg.kind, "out": cfg.out, **last}))
     return 0
 
 

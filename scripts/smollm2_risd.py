@@ -43,6 +43,10 @@ that carry a 47 MiB half of the GGUF) and tracks them again afterwards:
     python scripts/device_tree.py restore                   (before any commit)
     python scripts/smollm2_risd.py card --from DIR            (here: the asset from the returned files)
 
+On a machine of several GPUs (`run(kind="nvidia-h200-x8")`, when lent: device time counts per machine,
+not per GPU) `distill` deals its engines over the GPUs (3 per GPU) and `train` runs data-parallel through
+torchrun (`--gpus`, default every GPU; the config's global batch split over the ranks).
+
 `--smoke` runs distill/train/eval on CPU-sized settings with the embedded idlm-tiny-ar (and its
 adapter for eval), to test this script without a GPU. Prints JSON lines, a summary last; every stage
 also writes $OUT/<stage>.json.
@@ -87,11 +91,14 @@ def env() -> dict:
             "PYTHONPATH": os.pathsep.join([str(SITE), str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 
-def idlm(*args: str, budget: float | None = None) -> tuple[int, str]:
+def idlm(*args: str, budget: float | None = None, ranks: int = 1) -> tuple[int, str]:
     """Run an idlm command (its last stdout line is JSON); a command stopped by the budget returns rc -9.
     It runs in a session of its own, and a stop kills its whole process group: the engines that
-    `idlm data distill --engines P` starts stop with it."""
-    cmd = [sys.executable, "-m", "idlm.cli", *args]
+    `idlm data distill --engines P` starts stop with it. ranks > 1: through torchrun, one process per GPU
+    (the trainer's data parallelism)."""
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+              if ranks > 1 else [sys.executable])
+    cmd = [*launch, "-m", "idlm.cli", *args]
     print("$ idlm " + " ".join(args), flush=True)
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                             start_new_session=True)
@@ -177,7 +184,7 @@ def stage_distill(args) -> None:
              "float32", "--target-tokens", "300"] if args.smoke else
             ["--num-prompts", str(args.num_prompts), "--max-tokens", "512", "--max-num-seqs", str(args.max_num_seqs),
              "--target-tokens", str(args.target_tokens), "--device", "cuda", "--dtype", "bfloat16"]) + [
-                "--engines", str(args.engines)]
+                "--engines", str(args.engines or (1 if args.smoke else 3 * visible_gpus()))]
     t0 = time.time()
     rc, text = idlm("data", "distill", "--model", model, "--out", str(STATE / "distill"), "--temperatures", "0,0.7",
                     "--heldout-fraction", "0.3" if args.smoke else "0.02", "--seed", "0", *opts, budget=args.budget)
@@ -259,15 +266,19 @@ def stage_train(args) -> None:
         cfg.pop("init_adapter", None)  # SmolLM2's adapter does not fit idlm-tiny-ar
     if args.budget:
         cfg["max_time_s"] = args.budget - 60  # room to save the checkpoint and leave
+    ranks = train_ranks(args.gpus, cfg["batch_size"])
+    if ranks > 1 and cfg.get("micro_batch_size"):  # the same global batch, split over the ranks
+        cfg["micro_batch_size"] = min(cfg["micro_batch_size"], cfg["batch_size"] // ranks)
     path = STATE / "lora.yaml"
     path.write_text(yaml.safe_dump(cfg))
     resume = (STATE / "lora" / "checkpoints" / "latest").exists()
     t0 = time.time()
     rc, text = idlm("train", "lora", str(path), *(["--resume"] if resume else []),
-                    *(["--device", "cpu"] if args.smoke else []))
+                    *(["--device", "cpu"] if args.smoke else []), ranks=ranks)
     final = STATE / "lora" / "final"
     done = (final / "adapter_model.safetensors").exists()
     report = {"rc": rc, "resumed": resume, "done": done, "wall_s": round(time.time() - t0, 1), "last": last_json(text),
+              "ranks": ranks,
               "config": args.config, "init_adapter": cfg.get("init_adapter"), "curriculum": cfg.get("curriculum")}
     if OUT:
         for name in ("metrics.jsonl", "loss.png"):
@@ -284,6 +295,22 @@ def stage_train(args) -> None:
             report["adapter_sha256"] = hashlib.sha256(data).hexdigest()
             report["adapter_pieces"] = write_pieces(data, "adapter_model.safetensors")
     emit("train", report)
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 1
+
+
+def train_ranks(gpus: int | None, batch_size: int) -> int:
+    """Training processes: `gpus` (None: every visible GPU), at most the ones that divide the global batch
+    (a machine of 2, 4 or 8 GPUs trains the same recipe data-parallel; the device's time is counted per
+    machine, not per GPU)."""
+    gpus = max(1, visible_gpus() if gpus is None else gpus)
+    while batch_size % gpus:
+        gpus -= 1
+    return gpus
 
 
 def release() -> None:
@@ -564,8 +591,10 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=60000)
     ap.add_argument("--target-tokens", type=int, default=20_000_000)
     ap.add_argument("--max-num-seqs", type=int, default=384)
-    ap.add_argument("--engines", type=int, default=3, help="distill engine processes sharing the GPU (the engine's "
-                                                          "host work bounds one)")
+    ap.add_argument("--engines", type=int, default=None,
+                    help="distill engine processes (default: 3 per visible GPU; the engine's host work bounds one)")
+    ap.add_argument("--gpus", type=int, default=None,
+                    help="train: data-parallel processes (default: every visible GPU; 1 on CPU)")
     ap.add_argument("--smoke", action="store_true", help="CPU-sized run with idlm-tiny-ar (tests this script)")
     args = ap.parse_args()
     for s in args.stages:

@@ -573,3 +573,20 @@ def test_smollm2_conversion_configs_parse_and_match():
     same = ("init", "data", "seq_len", "batch_size", "max_steps", "lr", "curriculum", "dtype", "min_lr_ratio")
     assert all(getattr(conv, k) == getattr(sdar, k) for k in same) and conv.init == "smollm2-135m-instruct"
     assert conv.curriculum[-1] == [1.0, 4] and conv.out != sdar.out
+
+
+def test_engines_are_dealt_over_the_gpus(monkeypatch):
+    """Several GPUs: engine i on GPU i mod G, a child told its GPU through CUDA_VISIBLE_DEVICES as the parent's
+    own list names it; one GPU: no environment of its own."""
+    from idlm.data.distill import _child_env, engine_gpus
+
+    assert engine_gpus(3, 1) == [0, 0, 0]
+    assert engine_gpus(24, 8) == [i % 8 for i in range(24)]
+    assert engine_gpus(5, 2) == [0, 1, 0, 1, 0]
+    with pytest.raises(ConfigError):
+        engine_gpus(0, 2)
+    assert _child_env(0, 1) is None
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert _child_env(3, 8)["CUDA_VISIBLE_DEVICES"] == "3"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert _child_env(1, 4)["CUDA_VISIBLE_DEVICES"] == "5"

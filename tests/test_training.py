@@ -200,4 +200,6 @@ def test_ddp_two_ranks_on_cpu_with_gloo(data_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]  # rank 0 alone logs
+    results = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+    assert len(results) == 1 and json.loads(results[0])["step"] == 4  # one result line, not one per rank
     assert (tmp_path / "ddp" / "final" / "model.safetensors").exists()

@@ -40,7 +40,9 @@ before the finished ones are dropped, so a resume with the same P deals them ide
 stops at its ceil(target/P) share of `target_tokens`, counting only its own jobs' rows. Engine 0 (the
 command itself) writes run.json, the prompt files and the tokenizer, then starts engines 1..P-1 as
 child processes (`--engine-index`, reading its prompt_set.jsonl), runs its own share, waits for them and
-builds the shards and manifest once from every engine's parts (`finalize_distill`). P changes which
+builds the shards and manifest once from every engine's parts (`finalize_distill`). On a machine of G
+GPUs (`--device cuda`) engine i runs on GPU i mod G (`engine_gpus`; a child sees only its GPU), each GPU's
+memory shared by the engines on it. P changes which
 process runs a request, not its sampling: every request has its own seed (on CPU in float32 the
 responses are identical for any P).
 
@@ -666,11 +668,13 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="processes for mining instruction prompts (default: min(CPU count, 16))")
     p.add_argument("--engines", type=int, default=1,
-                   help="engine processes sharing the device, each generating every P-th prompt up to 1/P of "
-                        "--target-tokens (for a small model one process is bound by the engine's host work per "
-                        "step, not by the GPU); resume with the same P")
+                   help="engine processes, each generating every P-th prompt up to 1/P of --target-tokens (for a "
+                        "small model one process is bound by the engine's host work per step, not by the GPU); "
+                        "with --device cuda on a machine of several GPUs they are dealt over the GPUs (engine i on "
+                        "GPU i mod G); resume with the same P")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85,
-                   help="share of free GPU memory for the KV caches of all engines together (each gets 1/P)")
+                   help="share of each GPU's free memory for the KV caches of the engines on it together")
+    p.add_argument("--engines-per-device", type=int, default=None, help=argparse.SUPPRESS)  # set for the children
     p.add_argument("--engine-index", type=int, default=0, help=argparse.SUPPRESS)  # set for the engines it starts
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -685,6 +689,8 @@ def _engine_argv(args: argparse.Namespace, device: str, dtype: str, index: int) 
             "--device", device, "--dtype", dtype, "--seed", str(args.seed),
             "--gpu-memory-utilization", repr(args.gpu_memory_utilization), "--engines", str(args.engines),
             "--engine-index", str(index), "--no-progress"]
+    if args.engines_per_device is not None:
+        argv += ["--engines-per-device", str(args.engines_per_device)]
     if args.target_tokens is not None:
         argv += ["--target-tokens", str(args.target_tokens)]
     if args.no_cuda_graphs:
@@ -692,6 +698,24 @@ def _engine_argv(args: argparse.Namespace, device: str, dtype: str, index: int) 
     if args.num_pages is not None:
         argv += ["--num-pages", str(args.num_pages)]
     return argv
+
+
+def engine_gpus(engines: int, gpus: int) -> list[int]:
+    """The GPU (an index among the visible ones) of each of `engines` engines on `gpus` GPUs: engine i on
+    GPU i mod G, so the GPUs hold ceil(P / G) or floor(P / G) engines each."""
+    _positive("engines", engines)
+    _positive("gpus", gpus)
+    return [i % gpus for i in range(engines)]
+
+
+def _child_env(gpu: int, gpus: int) -> dict | None:
+    """The environment of a child engine on visible GPU `gpu` of `gpus`: CUDA_VISIBLE_DEVICES naming that
+    one GPU (as the parent's own list names it), so the child's "cuda" is that GPU. None on one GPU."""
+    if gpus <= 1:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [x.strip() for x in visible.split(",")] if visible else [str(i) for i in range(gpus)]
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": ids[gpu]}
 
 
 def _exit_with_parent() -> None:
@@ -767,15 +791,21 @@ def cmd_distill(args: argparse.Namespace) -> int:
         prompts = build_prompts(args.num_prompts, args.seed, args.weights, args.heldout_fraction, args.roots,
                                 args.workers, progress=not args.no_progress)
     prompt_s = time.perf_counter() - t0
+    gpus = torch.cuda.device_count() if device == "cuda" and not child else 1  # a child sees its one GPU
+    placement = engine_gpus(args.engines, gpus)
+    if not child:  # engines sharing one GPU share its memory; the children are told how many share theirs
+        args.engines_per_device = max(placement.count(g) for g in range(gpus))
+    per_device = args.engines_per_device or args.engines
     options = {"cuda_graphs": not args.no_cuda_graphs, "gpu_memory_utilization": args.gpu_memory_utilization /
-               args.engines}
+               per_device}
     if args.num_pages is not None:
         options["num_pages"] = args.num_pages
     children: list[tuple[int, subprocess.Popen]] = []
 
     def start_engines() -> None:  # engine 0 has written run.json and prompt_set.jsonl
         for i in range(1, args.engines):
-            children.append((i, subprocess.Popen(_engine_argv(args, device, dtype, i))))
+            children.append((i, subprocess.Popen(_engine_argv(args, device, dtype, i),
+                                                 env=_child_env(placement[i], gpus))))
 
     gc.freeze()  # the model, tokenizer and prompt set live to the end: keep the collector off them
     try:
@@ -797,7 +827,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         gc.unfreeze()
         _stop(children)
     print(json.dumps({
-        "out": args.out, "model": str(args.model), "device": device, "dtype": dtype,
+        "out": args.out, "model": str(args.model), "device": device, "gpus": gpus, "dtype": dtype,
         "prompts": m["prompts"]["total"], "heldout_prompts": m["prompts"]["splits"].get("heldout", 0),
         "samples": m["samples"], "response_tokens": m["response_tokens"],
         "tokens_per_temperature": m["tokens_per_temperature"], "finish": m["finish"],

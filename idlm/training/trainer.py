@@ -246,7 +246,7 @@ class Trainer:
         t_last, tokens_since, last = time.perf_counter(), 0, {}
         t_start = t_last
         while self.step < cfg.max_steps:
-            if cfg.max_time_s is not None and time.perf_counter() - t_start > cfg.max_time_s:
+            if cfg.max_time_s is not None and self._all_ranks_any(time.perf_counter() - t_start > cfg.max_time_s):
                 self._log({"step": self.step, "stopped_early": True, "reason": f"max_time_s {cfg.max_time_s}"})
                 self.save_checkpoint()
                 break
@@ -272,6 +272,7 @@ class Trainer:
             self.step += 1
             tokens_since += tokens.numel() * self.world
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                sums = self._mean_over_ranks(sums)
                 now = time.perf_counter()
                 last = {"step": self.step, **{k: round(v, 5) for k, v in sums.items()},
                         "grad_norm": round(grad_norm, 4), "lr": self.scheduler.get_last_lr()[0], "stride": stride,
@@ -289,6 +290,23 @@ class Trainer:
             self.save_final()
             self.plot()
         return last
+
+    def _all_ranks_any(self, flag: bool) -> bool:
+        """Whether `flag` holds on any rank: a decision every rank must take together (stopping at
+        max_time_s: a rank that stopped alone would leave the others waiting in their next all-reduce)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+    def _mean_over_ranks(self, sums: dict[str, float]) -> dict[str, float]:
+        """The logged losses averaged over the ranks (each rank saw its own part of the global batch)."""
+        if self.world == 1 or not sums:
+            return sums
+        t = torch.tensor(list(sums.values()), dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return {k: float(v) / self.world for k, v in zip(sums, t.tolist())}
 
     @torch.no_grad()
     def evaluate(self) -> dict:
