@@ -14,6 +14,7 @@ AUTO_MAX_STRIDE (8: the largest N `auto` may pick; the issue's table uses 8).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -24,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from idlm.bench import environment, save_record  # noqa: E402
-from idlm.bench.offline import ar_engine_for, bench_compare, bench_prompts  # noqa: E402
+from idlm.bench.offline import ar_engine_for, bench_compare, bench_prompts, sample_trace, traced_choices  # noqa: E402
 from idlm.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from idlm.models.loader import load_pretrained  # noqa: E402
 
@@ -77,22 +78,12 @@ def main() -> None:
             out["cost_model"] = {"base": c.base, "per_row": c.per_row, "per_token": c.per_token,
                                  "engine_start_s": round(calib_s, 2), "scales": eng._cost.scale}
         table[label] = []
-        trace: list = []  # each choice of the policy: (batch, chosen stride, its rate, the two best others)
-        if stride == "auto":
-            choose = eng._choose_stride
-
-            def traced(decodes, choose=choose, trace=trace):
-                c = choose(decodes)
-                best = sorted(((r, n) for n, r in c.rates.items() if n != c.stride), reverse=True)[:2]
-                trace.append([len(decodes), c.stride, round(c.rate, 1), [[n, round(r, 1)] for r, n in best]])
-                return c
-
-            eng._choose_stride = traced
         for t in temps:
             for cc in conc:
                 t_cell, graphs, compiles = time.perf_counter(), eng.runner.graphs_captured, dynamo_graphs()
-                trace.clear()
-                r = bench_compare(eng, prompts, [cc], [t], max_tokens=max_tokens, reps=reps, ar_engine=ar)[0]
+                # each choice of the policy (`traced_choices`: batch, stride, its rate, every rate, step times)
+                with traced_choices(eng) if stride == "auto" else contextlib.nullcontext([]) as trace:
+                    r = bench_compare(eng, prompts, [cc], [t], max_tokens=max_tokens, reps=reps, ar_engine=ar)[0]
                 row = {"temperature": r["temperature"], "concurrency": r["concurrency"],
                        "tok_s": r["per_request_tok_s"], "ar_tok_s": r["ar"]["per_request_tok_s"],
                        "over_ar": r["per_request_over_ar"], "tpf": r["tpf"], "stride_mix": r.get("stride_mix"),
@@ -110,7 +101,7 @@ def main() -> None:
                     row["cost_scales"] = {n: round(v, 3) for n, v in eng._cost.scale.items()}
                     # the choices of the cell (AR runs and warm-up runs included), at most 24 spread evenly:
                     # why a stride was taken (its rate in tokens/s against the runner-ups')
-                    row["choices"] = trace[:: max(1, -(-len(trace) // 24))]
+                    row["choices"] = sample_trace(trace)
                     row["choices_n"] = len(trace)
                 table[label].append(row)
                 print(json.dumps({label: row}), flush=True)

@@ -441,7 +441,7 @@ def stage_speed(args) -> None:
     its own (run it as its own command after `eval`: nothing else has run in this process)."""
 
     from idlm.bench import environment
-    from idlm.bench.offline import bench_offline
+    from idlm.bench.offline import bench_offline, sample_trace, traced_choices
     from idlm.data.chat_prompts import read_prompts
     from idlm.decoding.sampling import SamplingParams
     from idlm.engine.llm_engine import EngineConfig, LLMEngine
@@ -462,15 +462,17 @@ def stage_speed(args) -> None:
     # per-request speed, engines side by side, interleaved reps, median; R-ISD at N = 4 and adaptive
     ar, risd = ar_and_risd(model, tok, lora, max(conc))
     auto = LLMEngine(model, tok, EngineConfig(decoder="risd", stride="auto", max_num_seqs=max(conc)), lora=lora)
+    out["auto_warmup_s"] = auto.warmup()  # every stride compiled and captured now, not inside a timed run
     speed = {}
     for temp in (0.0, 0.7):
         rows = []
         for c in conc:
             runs = {"ar": [], "risd": [], "risd_auto": []}
-            for rep in range(reps):
-                for key, eng in (("ar", ar), ("risd", risd), ("risd_auto", auto)):
-                    runs[key].append(bench_offline(eng, prompts, [c], max_tokens=256 if not args.smoke else 8,
-                                                   temperature=temp, warmup=rep == 0, stop_at_eos=True)[0])
+            with traced_choices(auto) as trace:  # why `auto` took its strides (its rates and step times)
+                for rep in range(reps):
+                    for key, eng in (("ar", ar), ("risd", risd), ("risd_auto", auto)):
+                        runs[key].append(bench_offline(eng, prompts, [c], max_tokens=256 if not args.smoke else 8,
+                                                       temperature=temp, warmup=rep == 0, stop_at_eos=True)[0])
             med = {k: sorted(v, key=lambda r: r["per_request_tok_s"])[len(v) // 2] for k, v in runs.items()}
             rows.append({"concurrency": c, **{f"{k}_tok_s": m["per_request_tok_s"] for k, m in med.items()},
                          **{f"{k}_step_ms": m["decode_step_ms"] for k, m in med.items()},
@@ -480,6 +482,7 @@ def stage_speed(args) -> None:
                          "risd_auto_over_ar": round(med["risd_auto"]["per_request_tok_s"]
                                                     / med["ar"]["per_request_tok_s"], 3),
                          "risd_auto_stride_mix": med["risd_auto"].get("stride_mix"),
+                         "risd_auto_choices": sample_trace(trace, 12), "risd_auto_choices_n": len(trace),
                          "eager_fallbacks": med["risd"].get("eager_fallbacks"),
                          "compile_fallbacks": med["risd"].get("compile_fallbacks"),
                          "reps": {k: [r["per_request_tok_s"] for r in v] for k, v in runs.items()}})

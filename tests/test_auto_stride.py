@@ -442,3 +442,22 @@ def test_acceptance_prior_is_pooled_per_sampling_class(tiny):
     eng.abort_request(ids[1])  # retired: its counts join its class's pool only
     assert eng._class_stats[sampling_class(hot)].verified_per_position == [1, 0, 0]
     assert eng._class_stats[sampling_class(greedy)].verified_per_position == [100, 95, 90]
+
+
+def test_traced_choices_records_why_and_restores_the_engine(tiny, tmp_path, monkeypatch):
+    """`idlm.bench.offline.traced_choices` records each choice (batch, stride, its rate, every stride's rate,
+    the measured step times) and leaves the engine's own method in place afterwards."""
+    from idlm.bench.offline import sample_trace, traced_choices
+
+    monkeypatch.setenv("IDLM_CACHE", str(tmp_path))
+    model, tok = tiny
+    eng = LLMEngine(model, tok, EngineConfig(decoder="isd", stride="auto", auto_max_stride=4, max_num_seqs=2,
+                                             page_size=8, num_pages=200, auto_interval=2))
+    with traced_choices(eng) as trace:
+        eng.run([[5, 6, 7], [8, 9]], SamplingParams(max_tokens=12, ignore_eos=True))
+    assert trace and all(len(t) == 5 for t in trace)
+    batch, stride, rate, rates, measured = trace[0]
+    assert batch in (1, 2) and rates[stride] == rate  # (not always the highest rate: AR wins ties by a margin)
+    assert isinstance(measured, dict)
+    assert "_choose_stride" not in vars(eng)  # the class's method again
+    assert sample_trace(list(range(100)), 24) == list(range(0, 100, 5))

@@ -24,6 +24,7 @@ sees, measured in one process on one workload.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import statistics
@@ -192,6 +193,34 @@ def bench_offline(engine, prompts: list[list[int]], concurrency: list[int], max_
     """One temperature, one measurement per concurrency, no AR side (`bench_compare` with reps=1)."""
     return bench_compare(engine, prompts, concurrency, [temperature], max_tokens, num_requests, warmup,
                          stop_at_eos=stop_at_eos)
+
+
+@contextlib.contextmanager
+def traced_choices(engine):
+    """Record every choice of a `--stride auto` engine while the block runs: yields a list that fills with
+    [batch, chosen stride, its rate, {stride: rate} of every stride rated, {stride: measured ms per step}
+    at the batch's bucket] (rates in committed tokens/s of the batch), so a run can say why the policy
+    took a stride. `sample_trace` thins it for a report."""
+    trace: list = []
+    choose = engine._choose_stride
+
+    def traced(decodes):
+        c = choose(decodes)
+        measured = engine._times.seconds(engine.runner.bucket(len(decodes)))
+        trace.append([len(decodes), c.stride, round(c.rate, 1), {n: round(r, 1) for n, r in sorted(c.rates.items())},
+                      {n: round(t * 1e3, 4) for n, t in sorted(measured.items())}])
+        return c
+
+    engine._choose_stride = traced
+    try:
+        yield trace
+    finally:
+        del engine._choose_stride  # the class's method again
+
+
+def sample_trace(trace: list, most: int = 24) -> list:
+    """At most `most` entries of a trace, spread evenly."""
+    return trace[:: max(1, -(-len(trace) // most))]
 
 
 def step_phases(engine, prompt: list[int], params: SamplingParams) -> dict:
