@@ -7,7 +7,8 @@ For each shape (batch × context × query length) and each setting of
 it times the kernel alone — R launches in one CUDA graph, each over its own block tables and pages so that
 consecutive launches do not find their K/V in L2 (as consecutive layers would not) — and checks the result
 against the default setting's. Reports per shape the default's µs per launch, the best setting and its µs,
-and the K/V bytes / µs (GB/s) of both.
+and the K/V bytes / µs (GB/s) of both; and the default with its split states combined in the same launch
+($IDLM_ATTN_FUSED_COMBINE=1, `default_fused_combine_us`, checked against the same reference).
 
     python scripts/attn_sweep.py                 (H200: JSON lines, a summary last, $OUT/attn_sweep.json)
     SMOKE=1 python scripts/attn_sweep.py         (CPU, Triton interpreter, two tiny shapes: tests this script)
@@ -33,7 +34,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from idlm.bench import environment, save_record  # noqa: E402
-from idlm.layers.paged_kernel import choose_splits, device_sm_count, paged_attention  # noqa: E402
+from idlm.layers.paged_kernel import choose_splits, device_sm_count, paged_attention, split_counters  # noqa: E402
 
 DEV = "cpu" if SMOKE else "cuda"
 HQ, HKV, D, PAGE = (4, 2, 16, 8) if SMOKE else (32, 8, 128, 16)
@@ -60,12 +61,14 @@ def launch_set(batch: int, context: int, q_len: int, repeat: int, g: torch.Gener
     perm = torch.randperm(total, generator=g).to(DEV).view(repeat, batch, pages_per_row)
     last = (context + torch.arange(q_len)).repeat(batch, 1).to(DEV)  # every row sees its whole context
     q = [torch.randn(batch, q_len, HQ, D, generator=g).to(DEV, dtype).transpose(1, 2) for _ in range(repeat)]
-    return kp, vp, perm, last, q
+    counters = split_counters(batch * HKV, DEV)  # the fused combine's tickets ($IDLM_ATTN_FUSED_COMBINE=1)
+    return kp, vp, perm, last, q, counters
 
 
 def run(inputs, splits: int) -> list[torch.Tensor]:
-    kp, vp, perm, last, q = inputs
-    return [paged_attention(q[r], kp, vp, perm[r], last, PAGE, splits=splits) for r in range(len(q))]
+    kp, vp, perm, last, q, counters = inputs
+    return [paged_attention(q[r], kp, vp, perm[r], last, PAGE, splits=splits, counters=counters)
+            for r in range(len(q))]
 
 
 def time_setting(inputs, splits: int, iters: int) -> float:
@@ -110,6 +113,12 @@ def main() -> None:
             # the timing to beat: the engine's default (default tiles, split KV as `choose_splits` picks)
             default_splits = choose_splits(batch, HKV, context, device_sm_count(torch.device(DEV)))
             default_s = time_setting(inputs, default_splits, 1 if SMOKE else 50)
+            # the default with its split states combined in the same launch (`fused_combine`)
+            os.environ["IDLM_ATTN_FUSED_COMBINE"] = "1"
+            fused_err = max(float((a.float() - b.float()).abs().max())
+                            for a, b in zip(run(inputs, default_splits), reference))
+            fused_s = time_setting(inputs, default_splits, 1 if SMOKE else 50)
+            os.environ.pop("IDLM_ATTN_FUSED_COMBINE")
             rows = []
             for st in settings(batch, context):
                 os.environ.update({k: st[k] for k in KNOBS})
@@ -120,6 +129,7 @@ def main() -> None:
             best = min(rows, key=lambda r: r["us"])
             cell = {"repeat": len(inputs[4]), "kv_mb": round(kv_bytes / 2**20, 2), "default_splits": default_splits,
                     "default_us": round(default_s * 1e6, 2), "default_gb_s": round(kv_bytes / default_s / 1e9, 1),
+                    "default_fused_combine_us": round(fused_s * 1e6, 2), "fused_combine_diff": fused_err,
                     "best": best, "best_gb_s": round(kv_bytes / (best["us"] * 1e-6) / 1e9, 1),
                     "worst_diff": max(r["max_abs_diff"] for r in rows), "all": rows}
             key = f"{batch}x{context}x{q_len}"
@@ -137,7 +147,9 @@ def main() -> None:
     print(json.dumps({"summary": True, "wall_s": out["wall_s"],
                       "best": {k: {**{n: c["best"][n] for n in ("IDLM_ATTN_PREFETCH", "IDLM_ATTN_BLOCK_N",
                                                                 "IDLM_ATTN_WARPS", "splits", "us")},
-                                   "default_us": c["default_us"]} for k, c in out["shapes"].items()}}))
+                                   "default_us": c["default_us"],
+                                   "default_fused_combine_us": c["default_fused_combine_us"]}
+                               for k, c in out["shapes"].items()}}))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from idlm.layers.attention import cache_mask, causal_sdpa, last_visible, sdpa
-from idlm.layers.paged_kernel import kernel_supported, paged_attention, store_kv
+from idlm.layers.paged_kernel import kernel_supported, paged_attention, split_counters, store_kv
 
 
 class PagedKVCache:
@@ -36,6 +36,8 @@ class PagedKVCache:
         shape = (num_layers, self.trash_slot + 1, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # the decode kernel's fused split-KV combine: a ticket per (row, KV head), zero between launches
+        self.split_counters = split_counters((num_blocks + 1) * num_kv_heads, device)
 
     @staticmethod
     def bytes_per_block(cfg, block_size: int, dtype: torch.dtype) -> int:
@@ -104,7 +106,8 @@ class PagedAttention:
             if self._last is None:  # shared by all layers
                 self._last = kernel_last(last_visible(self.starts, T, self.visible), self.slot_mapping,
                                          self.cache.trash_slot)
-            return paged_attention(q, kc, vc, self.block_tables, self._last, self.cache.block_size, exact=self.exact)
+            return paged_attention(q, kc, vc, self.block_tables, self._last, self.cache.block_size, exact=self.exact,
+                                   counters=self.cache.split_counters)
         rows = self.host_rows
         if rows is not None and self.visible is None and (max(n for _, n in rows) >= ROW_CAUSAL_MIN_TOKENS
                                                           or len(rows) <= ROW_CAUSAL_MAX_ROWS):

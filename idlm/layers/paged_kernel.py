@@ -17,7 +17,8 @@ Split KV (flash-decoding). With one program per (row, KV head), a small batch oc
 the GPU's SMs while each program walks the whole context alone (8 programs for a Qwen3-8B-shaped
 batch of 1). With `splits` S > 1 the grid is (row, KV head, split): split s takes an equal share of the
 row's keys, keeps its own online-softmax state and writes it out unnormalised (running max m, sum l,
-accumulator [rows, D], all float32); a second kernel combines the S states of each query row:
+accumulator [rows, D], all float32); a second kernel (or, with $IDLM_ATTN_FUSED_COMBINE=1, the last split
+of the same launch to finish: `fused_combine`) combines the S states of each query row:
 out = Σ_s e^(m_s − m) acc_s / Σ_s e^(m_s − m) l_s with m = max_s m_s (a split that saw no key has
 m = −inf and adds nothing). `choose_splits` picks S from the work: no split once B·Hkv programs fill the
 SMs, else enough splits to fill them without giving a split fewer than MIN_SPLIT_KEYS keys of the
@@ -105,19 +106,57 @@ def _kernel():
             acc = acc * corr[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
         return m_new, l_i, acc
 
+    @triton.jit
+    def _combine(Out, PART_M, PART_L, PART_ACC, b, hk, n_kv, s_ob, s_ot, s_oh, T, SPLITS,
+                 GROUP: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, BYPASS_L1: tl.constexpr):
+        """The S split states of (row b, KV head hk) into its output rows. BYPASS_L1: read the states from L2
+        (`.cg`), written by other programs of the same launch (the fused combine)."""
+        rows = tl.arange(0, BLOCK_M)
+        t = rows // GROUP
+        h = hk * GROUP + rows % GROUP
+        d = tl.arange(0, D)
+        first = (b * n_kv + hk) * SPLITS * BLOCK_M
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        for sp in range(0, SPLITS):
+            if BYPASS_L1:
+                m = tl.maximum(m, tl.load(PART_M + first + sp * BLOCK_M + rows, cache_modifier=".cg"))
+            else:
+                m = tl.maximum(m, tl.load(PART_M + first + sp * BLOCK_M + rows))
+        m_safe = tl.where(m == float("-inf"), 0.0, m)  # rows no split saw a key for
+        l_sum = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        for sp in range(0, SPLITS):
+            at = first + sp * BLOCK_M + rows
+            if BYPASS_L1:
+                pm = tl.load(PART_M + at, cache_modifier=".cg")
+                pl = tl.load(PART_L + at, cache_modifier=".cg")
+                pa = tl.load(PART_ACC + at[:, None] * D + d[None, :], cache_modifier=".cg")
+            else:
+                pm = tl.load(PART_M + at)
+                pl = tl.load(PART_L + at)
+                pa = tl.load(PART_ACC + at[:, None] * D + d[None, :])
+            w = tl.exp(pm - m_safe)  # 0 for a split that saw nothing (m = −inf)
+            l_sum += w * pl
+            acc += w[:, None] * pa
+        out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+        tl.store(Out + b * s_ob + t[:, None] * s_ot + h[:, None] * s_oh + d[None, :],
+                 out.to(Out.dtype.element_ty), mask=(t < T)[:, None])
+
     # a jitted function finds the functions it calls among its module's globals (not in this closure);
-    # triton is imported lazily, so the helper is put there when the kernels are first built
+    # triton is imported lazily, so the helpers are put there when the kernels are first built
     globals()["_tile"] = _tile
+    globals()["_combine"] = _combine
 
     @triton.jit
-    def paged_attn_fwd(Q, K, V, Out, TABLES, LAST, PART_M, PART_L, PART_ACC, scale,
+    def paged_attn_fwd(Q, K, V, Out, TABLES, LAST, PART_M, PART_L, PART_ACC, COUNTERS, scale,
                        s_qb, s_qh, s_qt,  # q [B, Hq, T, D], unit stride in D
                        s_ks, s_kh,  # k/v pool of one layer [slots, Hkv, D], unit stride in D
                        s_ob, s_ot, s_oh,  # out [B, T, Hq, D]
                        s_tb, s_lb,  # block tables [B, M], last [B, T]
                        T, PAGE, SPLITS,
                        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                       IEEE: tl.constexpr, SPLIT: tl.constexpr, TQ: tl.constexpr, PREFETCH: tl.constexpr):
+                       IEEE: tl.constexpr, SPLIT: tl.constexpr, TQ: tl.constexpr, PREFETCH: tl.constexpr,
+                       FUSED_COMBINE: tl.constexpr):
         b = tl.program_id(0)
         hk = tl.program_id(1)
         sp = tl.program_id(2)  # the split (SPLIT) or else the query tile: tokens sp·TQ .. sp·TQ + TQ − 1
@@ -172,6 +211,14 @@ def _kernel():
             tl.store(PART_M + base + rows, m_i)
             tl.store(PART_L + base + rows, l_i)
             tl.store(PART_ACC + (base + rows)[:, None] * D + d[None, :], acc)
+            if FUSED_COMBINE:  # the last split of (b, hk) to finish combines: no second launch
+                tl.debug_barrier()  # every thread's state stored before the ticket (release, cumulative)
+                counter = COUNTERS + b * tl.num_programs(1) + hk
+                ticket = tl.atomic_add(counter, 1, sem="acq_rel")
+                if ticket == SPLITS - 1:
+                    _combine(Out, PART_M, PART_L, PART_ACC, b, hk, tl.num_programs(1), s_ob, s_ot, s_oh, T, SPLITS,
+                             GROUP, BLOCK_M, D, True)
+                    tl.atomic_xchg(counter, 0)  # ready for the next launch (a CUDA graph's next replay)
         else:
             out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
             tl.store(Out + b * s_ob + t[:, None] * s_ot + h[:, None] * s_oh + d[None, :],
@@ -180,27 +227,8 @@ def _kernel():
     @triton.jit
     def paged_attn_combine(Out, PART_M, PART_L, PART_ACC, s_ob, s_ot, s_oh, T, SPLITS,
                            GROUP: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr):
-        b = tl.program_id(0)
-        hk = tl.program_id(1)
-        rows = tl.arange(0, BLOCK_M)
-        t = rows // GROUP
-        h = hk * GROUP + rows % GROUP
-        d = tl.arange(0, D)
-        first = (b * tl.num_programs(1) + hk) * SPLITS * BLOCK_M
-        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        for sp in range(0, SPLITS):
-            m = tl.maximum(m, tl.load(PART_M + first + sp * BLOCK_M + rows))
-        m_safe = tl.where(m == float("-inf"), 0.0, m)  # rows no split saw a key for
-        l_sum = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, D], tl.float32)
-        for sp in range(0, SPLITS):
-            at = first + sp * BLOCK_M + rows
-            w = tl.exp(tl.load(PART_M + at) - m_safe)  # 0 for a split that saw nothing (m = −inf)
-            l_sum += w * tl.load(PART_L + at)
-            acc += w[:, None] * tl.load(PART_ACC + at[:, None] * D + d[None, :])
-        out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
-        tl.store(Out + b * s_ob + t[:, None] * s_ot + h[:, None] * s_oh + d[None, :],
-                 out.to(Out.dtype.element_ty), mask=(t < T)[:, None])
+        _combine(Out, PART_M, PART_L, PART_ACC, tl.program_id(0), tl.program_id(1), tl.num_programs(1),
+                 s_ob, s_ot, s_oh, T, SPLITS, GROUP, BLOCK_M, D, False)
 
     return paged_attn_fwd, paged_attn_combine
 
@@ -300,12 +328,33 @@ def kernel_tuning() -> tuple[bool, int | None, int | None]:
     return prefetch, int(block_n) or None, int(warps) or None
 
 
+def fused_combine() -> bool:
+    """$IDLM_ATTN_FUSED_COMBINE "1": split KV combines in the forward kernel's last split of each (row, KV
+    head) — an atomic ticket per (row, head), the last to arrive reads the others' states — instead of a
+    second launch (36 x ~5 µs a step for a Qwen3-8B shape at batch 1, docs/engine.md). Off ("0") by default
+    until a GPU run has checked it: the interpreter runs programs one after another, so the CPU tests show
+    the arithmetic and the ticket logic, not the GPU's memory ordering."""
+    value = os.environ.get("IDLM_ATTN_FUSED_COMBINE", "").strip() or "0"
+    if value not in ("0", "1"):
+        raise ValueError(f"IDLM_ATTN_FUSED_COMBINE={value!r} is not valid: '0' or '1'")
+    return value == "1"
+
+
+def split_counters(num: int, device) -> torch.Tensor:
+    """Zeroed int32 tickets for the fused combine, one per (row, KV head) of a launch (each launch leaves
+    them zero again). Made once, with the KV pool (`PagedKVCache.split_counters`)."""
+    return torch.zeros(num, dtype=torch.int32, device=device)
+
+
 def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
-                    last: torch.Tensor, page_size: int, splits: int | None = None, exact: bool = False) -> torch.Tensor:
+                    last: torch.Tensor, page_size: int, splits: int | None = None, exact: bool = False,
+                    counters: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, Hq, T, D] (any strides with unit stride in D), k_pool/v_pool [slots, Hkv, D] (one layer),
     block_tables [B, M] page ids, last [B, T] the last key position each query sees (−1: none)
     -> out [B, Hq, T, D] (a transposed view of a contiguous [B, T, Hq, D], so the caller's
     `transpose(1, 2).reshape(B, T, Hq·D)` is free). splits: the split-KV factor (None: `kv_splits`).
+    counters: zeroed int32 tickets (`split_counters`, at least B·Hkv): with $IDLM_ATTN_FUSED_COMBINE=1 a split
+    launch combines in its last split instead of a second kernel (`fused_combine`).
 
     exact: every query row bit-identical whatever T, the batch and the other rows (issue 16): fixed
     EXACT_BLOCK_M x EXACT_BLOCK_N tiles, the query split into tiles of EXACT_BLOCK_M / G tokens (one
@@ -343,15 +392,16 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
         part_acc = torch.empty(B, Hkv, splits, block_m, D, dtype=torch.float32, device=q.device)
     else:
         part_m = part_l = part_acc = out  # unused
+    fuse = splits > 1 and counters is not None and counters.numel() >= B * Hkv and fused_combine()
     fwd[(B, Hkv, programs)](
-        q, k_pool, v_pool, out, block_tables, last, part_m, part_l, part_acc, D ** -0.5,
+        q, k_pool, v_pool, out, block_tables, last, part_m, part_l, part_acc, counters if fuse else out, D ** -0.5,
         q.stride(0), q.stride(1), q.stride(2), k_pool.stride(0), k_pool.stride(1),
         out.stride(0), out.stride(1), out.stride(2), block_tables.stride(0), last.stride(0),
         T, page_size, splits, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, D=D,
         IEEE=q.dtype == torch.float32, SPLIT=splits > 1, TQ=tq, PREFETCH=prefetch and not exact,
-        num_warps=4 if exact else warps,
+        FUSED_COMBINE=fuse, num_warps=4 if exact else warps,
     )
-    if splits > 1:
+    if splits > 1 and not fuse:
         combine[(B, Hkv)](out, part_m, part_l, part_acc, out.stride(0), out.stride(1), out.stride(2), T, splits,
                           GROUP=group, BLOCK_M=block_m, D=D, num_warps=4)
     return out.transpose(1, 2)
