@@ -40,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from smollm2_risd import MODEL, REPO, STATE, emit, idlm, last_json, results  # noqa: E402
+from smollm2_risd import MODEL, REPO, STATE, data_parallel, emit, idlm, last_json, results  # noqa: E402
 
 
 def stage_text(args) -> None:
@@ -75,16 +75,17 @@ def _train(args, kind: str) -> None:
         cfg.pop("micro_batch_size", None)
     if args.budget:
         cfg["max_time_s"] = args.budget - 60
+    ranks = data_parallel(cfg, args.gpus)  # a machine of several GPUs: data-parallel through torchrun
     path = STATE / f"{kind}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     resume = (out / "checkpoints" / "latest").exists()
     rc, text = idlm("train", kind, str(path), *(["--resume"] if resume else []),
-                    *(["--device", "cpu"] if args.smoke else []))
+                    *(["--device", "cpu"] if args.smoke else []), ranks=ranks)
     if os.environ.get("OUT"):
         for name in ("metrics.jsonl", "loss.png"):
             if (out / name).exists():
                 Path(os.environ["OUT"], f"{kind}_{name}").write_bytes((out / name).read_bytes())
-    emit(kind, {"rc": rc, "resumed": resume, "done": (out / "final").exists(), "last": last_json(text)})
+    emit(kind, {"rc": rc, "resumed": resume, "done": (out / "final").exists(), "last": last_json(text), "ranks": ranks})
 
 
 def stage_convert(args) -> None:
@@ -141,6 +142,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("stages", nargs="+", choices=["text", "mix", "convert", "sdar", "eval"])
     ap.add_argument("--budget", type=float, default=None, help="seconds a build/train stage may run")
+    ap.add_argument("--gpus", type=int, default=None,
+                    help="convert/sdar: data-parallel processes (default: every visible GPU; 1 on CPU)")
     ap.add_argument("--smoke", action="store_true", help="CPU-sized run on idlm-tiny-ar (tests this script)")
     args = ap.parse_args()
     args.model = "idlm-tiny-ar" if args.smoke else MODEL

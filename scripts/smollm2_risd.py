@@ -266,9 +266,7 @@ def stage_train(args) -> None:
         cfg.pop("init_adapter", None)  # SmolLM2's adapter does not fit idlm-tiny-ar
     if args.budget:
         cfg["max_time_s"] = args.budget - 60  # room to save the checkpoint and leave
-    ranks = train_ranks(args.gpus, cfg["batch_size"])
-    if ranks > 1 and cfg.get("micro_batch_size"):  # the same global batch, split over the ranks
-        cfg["micro_batch_size"] = min(cfg["micro_batch_size"], cfg["batch_size"] // ranks)
+    ranks = data_parallel(cfg, args.gpus)
     path = STATE / "lora.yaml"
     path.write_text(yaml.safe_dump(cfg))
     resume = (STATE / "lora" / "checkpoints" / "latest").exists()
@@ -311,6 +309,15 @@ def train_ranks(gpus: int | None, batch_size: int) -> int:
     while batch_size % gpus:
         gpus -= 1
     return gpus
+
+
+def data_parallel(cfg: dict, gpus: int | None) -> int:
+    """The training processes of a run (`train_ranks`), the config's micro-batch fitted to each rank's share
+    of the same global batch. -> ranks (for `idlm(..., ranks=)`)."""
+    ranks = train_ranks(gpus, cfg["batch_size"])
+    if ranks > 1 and cfg.get("micro_batch_size"):
+        cfg["micro_batch_size"] = min(cfg["micro_batch_size"], cfg["batch_size"] // ranks)
+    return ranks
 
 
 def release() -> None:
