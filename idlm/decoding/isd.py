@@ -312,18 +312,19 @@ def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tens
     else:  # every row greedy (some with verify_alpha > 1): point masses, acceptance is 0/1
         u_tok, u = None, torch.zeros(B, k, device=dev)
 
-    # p̃ at the clean indices 0..K (C rows use index 0 only)  [B, N, V]
-    p = filtered_probs(logits[:, :n].reshape(B * n, V), *_per_slot(rep, n), truncate).view(B, n, V)
+    # the filtered distribution of every slot at once (one set of softmax / sort kernels, not one for the
+    # clean slots and another for the drafts' slots; row-wise, so each slot's values are what it gets alone)
+    probs = filtered_probs(logits.reshape(B * Q, V), *_per_slot(rep, Q), truncate).view(B, Q, V)
+    p = probs[:, :n]  # p̃ at the clean indices 0..K (C rows use index 0 only)  [B, N, V]
 
     # next drafts from the MASK slots (C: 1..N−1, V: N..2N−2; a row of its own n: C 1..n−1, V n..2n−2)  [B, K]
     kr = k_row
     idx = torch.where(is_v, n if kr is None else kr + 1, 1)[:, None] + torch.arange(k, device=dev)
     if kr is not None:
         idx = idx.clamp(max=Q - 1)  # a shorter row's columns past its own K: ignored on the host
-    draft_logits = logits.gather(1, idx[..., None].expand(B, k, V))
-    q_new = filtered_probs(draft_logits.reshape(B * k, V), *_per_slot(rep, k), truncate).view(B, k, V)
+    q_new = probs.gather(1, idx[..., None].expand(B, k, V))  # q̃ of the drafts' slots  [B, K, V]
     sampled = q_new.argmax(-1) if u_tok is None else inverse_cdf(q_new, u_tok[:, :k])
-    new_drafts = torch.where(argmax_draft[:, None], draft_logits.argmax(-1), sampled)
+    new_drafts = torch.where(argmax_draft[:, None], logits.argmax(-1).gather(1, idx), sampled)
 
     # verify the previous drafts (V rows; C rows' results are ignored)
     n_acc, correction = verify_drafts(p[:, :k], specs, q_old, point_mass, alpha, u)
