@@ -321,8 +321,22 @@ def test_llm_api_generates_text():
     from idlm import SamplingParams as SP
 
     llm = LLM(num_pages=64, device="cpu")
+    assert llm.engine.config.stride == "auto"  # ISD's default: the adaptive stride (issue 13)
     outs = llm.generate(["def add(a, b):", "What is 2 + 2?"], SP(temperature=0, max_tokens=8))
     assert len(outs) == 2 and all(o.token_ids and isinstance(o.text, str) for o in outs)
+    fixed = LLM(num_pages=64, device="cpu", stride=4)
+    assert [o.token_ids for o in fixed.generate(["def add(a, b):"], SP(temperature=0, max_tokens=8))] == \
+        [outs[0].token_ids]  # greedy ISD is lossless: the same tokens whatever N each step took
+
+
+def test_default_stride():
+    """No stride given: the adaptive stride for ISD / R-ISD; a fixed 4 in exact mode (a seeded request's tokens
+    must not follow a timing-driven choice), beside a stride schedule, and for SDAR / AR."""
+    from idlm.engine.options import default_stride
+
+    assert default_stride("isd") == default_stride("risd") == "auto"
+    assert default_stride("isd", exact=True) == default_stride("risd", stride_schedule=[(8, 4)]) == 4
+    assert default_stride("sdar") == default_stride("ar") == 4
 
 
 def test_bench_commands_print_one_json_line(capsys, tmp_path):

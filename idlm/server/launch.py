@@ -64,8 +64,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="the decoder (default: isd for an I-DLM such as idlm-tiny, risd for an AR model with a "
                         "known R-ISD adapter (or --lora-paths), else ar)")
     p.add_argument("--stride", type=stride_arg, default=None,
-                   help="ISD stride N, or 'auto': the adaptive stride (default: 4, or the config's "
-                        "gen_block_size)")
+                   help="ISD stride N, or 'auto': the adaptive stride (default: the config's gen_block_size, else "
+                        "'auto' for ISD / R-ISD — 4 with --exact or --stride-schedule — and 4 otherwise)")
     p.add_argument("--stride-schedule", type=stride_schedule_arg, default=None,
                    help=STRIDE_SCHEDULE_HELP + " (default: none, --stride always)")
     p.add_argument("--lora-paths", "--lora", dest="lora", default=None,
@@ -162,7 +162,7 @@ def resolve_options(args) -> dict:
             raise ConfigError(f"--{name.replace('_', '-')} {v} must be a finite number of seconds >= 0")
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port {args.port} must be in 1..65535")
-    return {"decoder": decoder, "stride": stride or 4, "threshold": cfg.get("confidence_threshold", 0.9),
+    return {"decoder": decoder, "stride": stride, "threshold": cfg.get("confidence_threshold", 0.9),
             "defaults": defaults, "algorithm_config": cfg, "max_waiting": max_waiting}
 
 
@@ -176,6 +176,7 @@ def cmd_serve(args) -> int:
 
     from idlm.engine.async_engine import AsyncLLM
     from idlm.engine.llm_engine import EngineConfig, LLMEngine, freeze_gc
+    from idlm.engine.options import default_stride
     from idlm.inference import load_for_inference
     from idlm.server.app import build_app
     from idlm.server.runner import Lifecycle
@@ -184,6 +185,8 @@ def cmd_serve(args) -> int:
     inf = load_for_inference(args.model, opts["decoder"], args.lora, args.device, args.dtype)
     model, tok, lora = inf.model, inf.tokenizer, inf.adapter
     opts["decoder"] = inf.decoder
+    if opts["stride"] is None:  # not given: the adaptive stride for ISD / R-ISD (`default_stride`)
+        opts["stride"] = default_stride(inf.decoder, args.exact, args.stride_schedule)
     config = EngineConfig(decoder=opts["decoder"], stride=opts["stride"], threshold=opts["threshold"],
                           max_num_seqs=args.max_running_requests, num_pages=args.num_pages,
                           attention=args.attention, stride_schedule=args.stride_schedule, exact=args.exact)
