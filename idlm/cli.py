@@ -326,6 +326,9 @@ def cmd_bench_offline(args) -> int:
                        num_pages=args.num_pages, attention=args.attention, stride_schedule=args.stride_schedule,
                        exact=args.exact)
     engine = LLMEngine(model, tok, cfg, lora=lora)
+    # the adaptive stride explores strides the workload's warm-up pass may not reach: compile and capture them
+    # all now, not inside a timed run (as `idlm serve --warmup`)
+    warmup_s = engine.warmup() if args.stride == "auto" else None
     ar_engine = ar_engine_for(engine) if args.compare_ar else None
     prompts = bench_prompts(tok, max(64, max(args.concurrency)))
     results = bench_compare(engine, prompts, args.concurrency, args.temperature, args.max_tokens,
@@ -335,7 +338,8 @@ def cmd_bench_offline(args) -> int:
         print(json.dumps(r))
     print(json.dumps({"model": args.model, "decoder": args.decoder, "stride": args.stride, "device": args.device,
                       "dtype": args.dtype, "temperatures": args.temperature, "reps": args.reps,
-                      "compare_ar": args.compare_ar, "stop_at_eos": args.stop_at_eos, "results": results}))
+                      "compare_ar": args.compare_ar, "stop_at_eos": args.stop_at_eos, "warmup_s": warmup_s,
+                      "results": results}))
     return 0
 
 

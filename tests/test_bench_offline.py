@@ -63,6 +63,17 @@ def test_cli_without_compare_has_no_ar_side(ckpt, capsys):
     r = rows[0]
     assert r["temperature"] == 0.7 and "ar" not in r and "per_request_over_ar" not in r
     assert len(r["reps_per_request_tok_s"]) == 2 and r["per_request_tok_s"] in r["reps_per_request_tok_s"]
+    assert summary["warmup_s"] is None  # a fixed stride: the workload's own warm-up pass is enough
+
+
+def test_cli_adaptive_stride_warms_every_stride_up_first(ckpt, capsys, tmp_path, monkeypatch):
+    """`--stride auto` may explore strides its workload's warm-up pass never reached: every one runs (compiles,
+    captures) before the timed runs, and the summary says how long each took."""
+    monkeypatch.setenv("IDLM_CACHE", str(tmp_path))  # the step-cost calibration's cache
+    *rows, summary = run_lines(capsys, "bench", "offline", "--model", str(ckpt), "--decoder", "isd",
+                               "--stride", "auto", "--concurrency", "1", "--reps", "1", "--max-tokens", "3",
+                               "--num-requests", "1", "--no-cuda-graphs")
+    assert sorted(int(n) for n in summary["warmup_s"]) == list(range(1, 9)) and len(rows) == 1
 
 
 @pytest.mark.parametrize("argv, needle", [
