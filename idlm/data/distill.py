@@ -794,7 +794,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     gpus = torch.cuda.device_count() if device == "cuda" and not child else 1  # a child sees its one GPU
     placement = engine_gpus(args.engines, gpus)
     if not child:  # engines sharing one GPU share its memory; the children are told how many share theirs
-        args.engines_per_device = max(placement.count(g) for g in range(gpus))
+        args.engines_per_device = -(-args.engines // gpus)  # the most any GPU holds (engine i on GPU i mod G)
     per_device = args.engines_per_device or args.engines
     options = {"cuda_graphs": not args.no_cuda_graphs, "gpu_memory_utilization": args.gpu_memory_utilization /
                per_device}

@@ -108,9 +108,9 @@ def _kernel():
 
     @triton.jit
     def _combine(Out, PART_M, PART_L, PART_ACC, b, hk, n_kv, s_ob, s_ot, s_oh, T, SPLITS,
-                 GROUP: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, BYPASS_L1: tl.constexpr):
-        """The S split states of (row b, KV head hk) into its output rows. BYPASS_L1: read the states from L2
-        (`.cg`), written by other programs of the same launch (the fused combine)."""
+                 GROUP: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, CACHE: tl.constexpr):
+        """The S split states of (row b, KV head hk) into its output rows. CACHE: the states' load cache
+        modifier (".cg": from L2, for states other programs of the same launch wrote — the fused combine)."""
         rows = tl.arange(0, BLOCK_M)
         t = rows // GROUP
         h = hk * GROUP + rows % GROUP
@@ -118,26 +118,15 @@ def _kernel():
         first = (b * n_kv + hk) * SPLITS * BLOCK_M
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
         for sp in range(0, SPLITS):
-            if BYPASS_L1:
-                m = tl.maximum(m, tl.load(PART_M + first + sp * BLOCK_M + rows, cache_modifier=".cg"))
-            else:
-                m = tl.maximum(m, tl.load(PART_M + first + sp * BLOCK_M + rows))
+            m = tl.maximum(m, tl.load(PART_M + first + sp * BLOCK_M + rows, cache_modifier=CACHE))
         m_safe = tl.where(m == float("-inf"), 0.0, m)  # rows no split saw a key for
         l_sum = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         for sp in range(0, SPLITS):
             at = first + sp * BLOCK_M + rows
-            if BYPASS_L1:
-                pm = tl.load(PART_M + at, cache_modifier=".cg")
-                pl = tl.load(PART_L + at, cache_modifier=".cg")
-                pa = tl.load(PART_ACC + at[:, None] * D + d[None, :], cache_modifier=".cg")
-            else:
-                pm = tl.load(PART_M + at)
-                pl = tl.load(PART_L + at)
-                pa = tl.load(PART_ACC + at[:, None] * D + d[None, :])
-            w = tl.exp(pm - m_safe)  # 0 for a split that saw nothing (m = −inf)
-            l_sum += w * pl
-            acc += w[:, None] * pa
+            w = tl.exp(tl.load(PART_M + at, cache_modifier=CACHE) - m_safe)  # 0 for a split that saw nothing
+            l_sum += w * tl.load(PART_L + at, cache_modifier=CACHE)
+            acc += w[:, None] * tl.load(PART_ACC + at[:, None] * D + d[None, :], cache_modifier=CACHE)
         out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
         tl.store(Out + b * s_ob + t[:, None] * s_ot + h[:, None] * s_oh + d[None, :],
                  out.to(Out.dtype.element_ty), mask=(t < T)[:, None])
@@ -217,7 +206,7 @@ def _kernel():
                 ticket = tl.atomic_add(counter, 1, sem="acq_rel")
                 if ticket == SPLITS - 1:
                     _combine(Out, PART_M, PART_L, PART_ACC, b, hk, tl.num_programs(1), s_ob, s_ot, s_oh, T, SPLITS,
-                             GROUP, BLOCK_M, D, True)
+                             GROUP, BLOCK_M, D, ".cg")
                     tl.atomic_xchg(counter, 0)  # ready for the next launch (a CUDA graph's next replay)
         else:
             out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -228,7 +217,7 @@ def _kernel():
     def paged_attn_combine(Out, PART_M, PART_L, PART_ACC, s_ob, s_ot, s_oh, T, SPLITS,
                            GROUP: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr):
         _combine(Out, PART_M, PART_L, PART_ACC, tl.program_id(0), tl.program_id(1), tl.num_programs(1),
-                 s_ob, s_ot, s_oh, T, SPLITS, GROUP, BLOCK_M, D, False)
+                 s_ob, s_ot, s_oh, T, SPLITS, GROUP, BLOCK_M, D, "")
 
     return paged_attn_fwd, paged_attn_combine
 
