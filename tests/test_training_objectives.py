@@ -209,6 +209,17 @@ def test_distill_weight_is_validated_and_keeps_old_fingerprints():
         TrainConfig(**{**base, "kind": "convert"}, distill_weight=0.5)
 
 
+def test_compile_does_not_change_the_fingerprint():
+    """A compiled run resumes eagerly (scripts/smollm2_risd.py retries without the compiler when it fails), and
+    runs saved before `compile` was left out keep their fingerprint (the value the code had then)."""
+    from idlm.training.config import TrainConfig
+
+    base = dict(kind="lora", data="d", out="o", init="m")
+    assert TrainConfig(**base).fingerprint() == "2a8912187c696cdc"
+    assert TrainConfig(**base, compile=True).fingerprint() == TrainConfig(**base).fingerprint()
+    assert TrainConfig(**base, lr=2e-3).fingerprint() != TrainConfig(**base).fingerprint()
+
+
 def test_draft_positions_equal_a_loop():
     from idlm.training.objectives import draft_positions
 

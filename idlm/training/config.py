@@ -130,6 +130,9 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         for k in NOT_FINGERPRINTED:
             d.pop(k)
+        # how the step runs, not what it computes: a compiled run resumes eagerly (and the other way round) when
+        # the compiler fails on a machine; kept in the dict at False so runs before this keep their fingerprint
+        d["compile"] = False
         later = (("distill_weight", 0), ("add_mask_token", False), ("position_decay", 1), ("init_adapter", None))
         for key, default in later:  # options added later: at their defaults, runs keep their old fingerprint
             if d[key] == default:
