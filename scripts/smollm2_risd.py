@@ -290,7 +290,8 @@ def stage_train(args) -> None:
             resume = (STATE / "lora" / "checkpoints" / "latest").exists()
             rc, text = idlm("train", "lora", str(path), *(["--resume"] if resume else []), ranks=ranks)
     final = STATE / "lora" / "final"
-    done = (final / "adapter_model.safetensors").exists()
+    paused = bool((last_json(text) or {}).get("stopped_early"))  # max_time_s: a checkpoint, not the end
+    done = rc == 0 and (final / "adapter_model.safetensors").exists() and not paused
     report = {"rc": rc, "resumed": resume, "done": done, "wall_s": round(time.time() - t0, 1), "last": last_json(text),
               "ranks": ranks, "compile": cfg.get("compile", False), "eager_retry": eager_retry,
               "config": args.config, "init_adapter": cfg.get("init_adapter"), "curriculum": cfg.get("curriculum")}
@@ -599,6 +600,13 @@ def stage_card(args) -> None:
                          f"{others / 1e6:.1f} MB of other assets")
     ex32, ex16 = ev["exact_float32"], ev["exact_bfloat16"]
     tpf0, tpf7 = ev["tpf_T0.0"], ev["tpf_T0.7"]
+    tpf_file = src / "tpf_final.json"  # a `tpf` stage run on the final adapter, after eval measured a checkpoint
+    if tpf_file.exists():
+        tpf = json.loads(tpf_file.read_text())
+        tpf0, tpf7 = tpf["tpf_T0.0"], tpf["tpf_T0.7"]
+    eval_file = src / "eval_adapter.json"  # which adapter eval.json measured, when not the final one
+    eval_of = json.loads(eval_file.read_text()) if eval_file.exists() else None
+    walls = [train["wall_s"]] + [json.loads(f.read_text())["wall_s"] for f in sorted(src.glob("train_part*.json"))]
     last = train["last"]
     manifest = (distill.get("manifest") or {})
     tokens = manifest.get("response_tokens", {})
@@ -619,13 +627,19 @@ def stage_card(args) -> None:
         f"- **Training**: `idlm train lora {train.get('config', 'configs/smollm2/lora.yaml')}` (frozen bf16 base, "
         f"{objective}, curriculum N = "
         f"{' → '.join(str(int(n)) for _, n in train.get('curriculum') or [[0, 2], [0, 3], [0, 4]])}"
-        + (f", started from the adapter {train['init_adapter']}" if train.get("init_adapter") else "")
-        + f"): {last['step']} steps, final loss {last['loss']}, {train['wall_s']} s.",
+        + (f", continued from the earlier version of this adapter ({train['init_adapter']})"
+           if train.get("init_adapter") == dest.name else
+           f", started from the adapter {train['init_adapter']}" if train.get("init_adapter") else "")
+        + f"): {last['step']} steps, final loss {last['loss']}, "
+        + (f"{round(sum(walls), 1)} s in {len(walls)} resumed calls." if len(walls) > 1 else f"{walls[0]} s."),
         f"- **Lossless**: greedy R-ISD ≡ greedy AR on {ex32['of']} held-out chat prompts × 256 tokens: "
         f"{ex32['identical']}/{ex32['of']} in fp32, {ex16['identical']}/{ex16['of']} in bf16; HumanEval "
-        f"completions identical {ev['humaneval'].get('identical_completions', '?')}/164.",
+        f"completions identical {ev['humaneval'].get('identical_completions', '?')}/164"
+        + (f" (measured on this run's step-{eval_of['step']} checkpoint, adapter sha256 "
+           f"{eval_of['adapter_sha256'][:12]}…; the gate makes it a property of the method, not of the weights)"
+           if eval_of else "") + ".",
         f"- **Drafting**: tokens per forward at N = 4 on held-out chat prompts {tpf0['tpf']} greedy, "
-        f"{tpf7['tpf']} at T = 0.7.",
+        f"{tpf7['tpf']} at T = 0.7" + (" (the final adapter)" if tpf_file.exists() else "") + ".",
     ]
     for temp, rows in (speed.get("speed") or {}).items():
         cells = ", ".join(f"C = {r['concurrency']}: {r['risd_over_ar']}×" for r in rows)

@@ -59,3 +59,24 @@ def test_card_refuses_a_corrupt_piece_and_an_adapter_over_budget(tmp_path):
     big = _outputs(tmp_path / "b", 30 << 20)
     r = _run("--from", str(big), "--to", str(tmp_path / "asset2"))
     assert r.returncode != 0 and "asset budget" in r.stderr + r.stdout and not (tmp_path / "asset2").exists()
+
+
+def test_card_of_a_continued_run_names_what_each_number_measured(tmp_path):
+    """A run resumed over several calls whose eval measured a checkpoint and whose `tpf` stage measured the
+    final adapter: the card takes TPF from tpf_final.json, names the checkpoint eval measured, sums the
+    calls' wall times."""
+    src = _outputs(tmp_path, 1 << 16)
+    train = json.loads((src / "train.json").read_text())
+    train.update(init_adapter="asset", wall_s=100.0)
+    (src / "train.json").write_text(json.dumps(train))
+    (src / "train_part1.json").write_text(json.dumps({"wall_s": 500.5}))
+    (src / "train_part2.json").write_text(json.dumps({"wall_s": 300.0}))
+    (src / "tpf_final.json").write_text(json.dumps({"tpf_T0.0": {"tpf": 1.9973}, "tpf_T0.7": {"tpf": 1.5393}}))
+    (src / "eval_adapter.json").write_text(json.dumps({"step": 530, "adapter_sha256": "d68c54a0bf69" + "0" * 52}))
+    r = _run("--from", str(src), "--to", str(tmp_path / "asset"))
+    assert r.returncode == 0, r.stderr
+    card = (tmp_path / "asset" / "README.md").read_text()
+    for text in ("1.9973 greedy", "1.5393 at T = 0.7", "(the final adapter)", "step-530 checkpoint", "d68c54a0bf69",
+                 "900.5 s in 3 resumed calls", "continued from the earlier version of this adapter"):
+        assert text in card, text
+    assert "2.61 greedy" not in card

@@ -75,6 +75,21 @@ def test_interrupted_then_resumed_run_ends_with_identical_weights(data_dir, tmp_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_paused_by_max_time_s_leaves_no_final_and_resumes_to_the_same_weights(data_dir, tmp_path):
+    """max_time_s stops at a checkpoint (a pause, not the end): no final/ appears until the resumed run ends,
+    and the resumed run ends with the weights of an uninterrupted one."""
+    Trainer(cfg(data_dir, tmp_path / "a")).train()
+    t = Trainer(cfg(data_dir, tmp_path / "b", max_time_s=0.0))
+    last = t.train()
+    assert last["stopped_early"] is True and last["step"] == 0
+    assert not (tmp_path / "b" / "final").exists()
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text() == "step-0000000"
+    done = Trainer(cfg(data_dir, tmp_path / "b")).train(resume=True)
+    assert "stopped_early" not in done and done["step"] == 12
+    a, b = weights(tmp_path / "a" / "final"), weights(tmp_path / "b" / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("kind", ["convert", "sdar", "lora"])
 def test_diffusion_kinds_train_from_the_pretrained_model(kind, data_dir, pretrained, tmp_path):
     c = cfg(data_dir, tmp_path / kind, kind=kind, init=str(pretrained / "final"), model=None, max_steps=6,

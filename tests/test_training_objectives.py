@@ -184,9 +184,16 @@ def test_risd_soft_targets_are_the_base_models_own_distribution():
     x = torch.randn(7, m.config.hidden_size)
     t = torch.randn(7, m.config.hidden_size)
     y = torch.randint(0, 41, (7,))
-    whole = objectives._distill_ce_sums(m, x, t, y, 0.5)
-    parts = objectives._distill_ce_sums(m, x, t, y, 0.5, chunk=3)
+    r = torch.tensor([1.0, 0.0, 2.0, 1.0, 0.0, 0.5, 1.0])  # row weights; 0 leaves a row out of every sum
+    whole = objectives._distill_ce_sums(m, x, t, y, 0.5, row_weight=r)
+    parts = objectives._distill_ce_sums(m, x, t, y, 0.5, row_weight=r, chunk=3)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(whole, parts))
+    kept = r > 0  # the oracle: the kept rows selected by index
+    sel = objectives._distill_ce_sums(m, x[kept], t[kept], y[kept], 0.5, row_weight=r[kept])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(whole, sel))
+    ce = torch.nn.functional.cross_entropy(m.compute_logits(x), y, reduction="none")
+    both = objectives._ce_sum(m, x, y, r, kept.float(), chunk=2)
+    assert torch.allclose(both[0], (ce * r).sum(), atol=1e-5) and torch.allclose(both[1], ce[kept].sum(), atol=1e-5)
     for prm in m.parameters():
         prm.requires_grad_(False)
     out = idlm_loss(m, tokens, lossmask, block, mask_id, lora=lora, distill_weight=1.0)
@@ -283,3 +290,40 @@ def test_position_decay_weighs_draft_positions():
     for bad in (0, 1.5, "x"):
         with pytest.raises(ConfigError, match="position_decay"):
             TrainConfig(kind="lora", data="d", out="o", init="m", position_decay=bad)
+
+
+@pytest.mark.parametrize("kind", ["risd_soft", "risd_decay", "convert", "sdar"])
+def test_compiled_objective_does_not_recompile_for_each_batch(kind):
+    """How many loss rows a batch has depends on its data; the objectives' shapes must not (dynamo traced a
+    new graph per count before, up to its limit of 64, on the H200: docs/risd.md). Three batches with
+    different prompt lengths: after the first, nothing is traced again."""
+    from torch._dynamo.testing import CompileCounter
+
+    from idlm.layers.lora import LoRAAdapter, LoRAConfig
+
+    torch._dynamo.reset()
+    m = tiny_transformer(41, mask_token_id=40)
+    lora = LoRAAdapter(m.config, LoRAConfig(rank=4, alpha=8)).init_weights(std=0.3, seed=1, zero_b=False)
+    g = torch.Generator().manual_seed(0)
+
+    def objective(tokens, lossmask):
+        if kind == "risd_soft":
+            return idlm_loss(m, tokens, lossmask, 3, 0, lora=lora, distill_weight=1.0)["loss"]
+        if kind == "risd_decay":
+            return idlm_loss(m, tokens, lossmask, 3, 0, lora=lora, position_decay=0.7)["loss"]
+        if kind == "convert":
+            return idlm_loss(m, tokens, lossmask, 3, 40, "auto")["loss"]
+        return sdar_loss(m, tokens, lossmask, 3, 40, generator=torch.Generator().manual_seed(1))["loss"]
+
+    counter = CompileCounter()
+    compiled = torch.compile(objective, backend=counter)
+    frames = []
+    for prompt in (3, 7, 5):
+        tokens = torch.randint(0, 40, (2, 17), generator=g)
+        lossmask = torch.ones_like(tokens, dtype=torch.bool)
+        lossmask[:, :prompt] = False
+        lossmask[1, prompt + 4] = False  # a hole: the two rows differ
+        expected = objective(tokens, lossmask)  # eager first: it also fills the model's lazy caches (rotary)
+        assert torch.allclose(compiled(tokens, lossmask), expected, atol=1e-5)
+        frames.append(counter.frame_count)
+    assert frames[0] > 0 and frames[1] == frames[0] and frames[2] == frames[0], frames

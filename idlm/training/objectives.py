@@ -44,21 +44,31 @@ def draft_positions(is_mask: torch.Tensor, block: int) -> torch.Tensor:
     return cs[:, :L] - cs[:, start]
 
 
-def _ce_sum(model, hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Sum of cross-entropies of hidden [n, H] against targets [n] (optionally weighted)."""
-    if hidden.shape[0] == 0:
-        return hidden.sum() * 0.0
-    ce = F.cross_entropy(model.compute_logits(hidden), targets, reduction="none")
-    return (ce * weight).sum() if weight is not None else ce.sum()
+CHUNK = 8192  # loss rows per LM-head call: the [rows, V] temporaries stay bounded
+
+
+def _ce_sum(model, hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, *more: torch.Tensor,
+            chunk: int = CHUNK):
+    """Σ_rows weight·CE(logits(hidden), targets) over hidden [n, H], targets [n], weight [n] (0 leaves a row
+    out); with further weight vectors `more`, a tuple of one such sum per vector (their CEs detached), from
+    the same logits. Every row is computed, none selected by a mask: a batch's shapes never depend on its
+    data, so a compiled step compiles once, not once per count of loss rows (the H200 run of docs/risd.md
+    recompiled the loss 64 times, dynamo's limit, before this)."""
+    totals = [hidden.sum() * 0.0 for _ in range(1 + len(more))]
+    for i in range(0, hidden.shape[0], chunk):
+        ce = F.cross_entropy(model.compute_logits(hidden[i: i + chunk]), targets[i: i + chunk], reduction="none")
+        for j, w in enumerate((weight, *more)):
+            totals[j] = totals[j] + ((ce if j == 0 else ce.detach()) * w[i: i + chunk]).sum()
+    return tuple(totals) if more else totals[0]
 
 
 def _distill_ce_sums(model, hidden: torch.Tensor, teacher_hidden: torch.Tensor, targets: torch.Tensor,
-                     weight: float, chunk: int = 8192, row_weight: torch.Tensor | None = None,
+                     weight: float, row_weight: torch.Tensor, chunk: int = CHUNK,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sums over rows of (r·((1 − w)·CE(targets) + w·CE(p)), CE(targets), CE(p)), where p = softmax of the
-    teacher rows' logits (no gradient), CE(p) = −Σ_v p_v log q_v (= KL(p‖q) + H(p)) and r the rows' weights
-    (default 1). hidden, teacher_hidden [n, H]; rows are taken `chunk` at a time, so the [rows, V]
-    temporaries stay bounded."""
+    """Sums over rows of (r·((1 − w)·CE(targets) + w·CE(p)), m·CE(targets), m·CE(p)), where p = softmax of the
+    teacher rows' logits (no gradient), CE(p) = −Σ_v p_v log q_v (= KL(p‖q) + H(p)), r the rows' weights
+    and m = (r > 0) whether a row counts at all. hidden, teacher_hidden [n, H]; targets, row_weight [n]; rows
+    are taken `chunk` at a time (every row computed, as in `_ce_sum`)."""
     mixed = hard_sum = soft_sum = hidden.sum() * 0.0
     for i in range(0, hidden.shape[0], chunk):
         log_q = F.log_softmax(model.compute_logits(hidden[i: i + chunk]).float(), dim=-1)  # [c, V]
@@ -66,18 +76,20 @@ def _distill_ce_sums(model, hidden: torch.Tensor, teacher_hidden: torch.Tensor, 
             p = F.softmax(model.compute_logits(teacher_hidden[i: i + chunk]).float(), dim=-1)
         hard = -log_q.gather(-1, targets[i: i + chunk, None]).squeeze(-1)
         soft = -(p * log_q).sum(-1)
-        rw = 1.0 if row_weight is None else row_weight[i: i + chunk]
+        rw = row_weight[i: i + chunk]
+        counts = (rw > 0).to(hard.dtype)
         mixed = mixed + (rw * ((1.0 - weight) * hard + weight * soft)).sum()
-        hard_sum, soft_sum = hard_sum + hard.detach().sum(), soft_sum + soft.detach().sum()
+        hard_sum = hard_sum + (counts * hard.detach()).sum()
+        soft_sum = soft_sum + (counts * soft.detach()).sum()
     return mixed, hard_sum, soft_sum
 
 
 def ar_loss(model, tokens: torch.Tensor, lossmask: torch.Tensor, attn=None) -> dict[str, torch.Tensor]:
     """Mean next-token cross-entropy over response targets (plain causal forward)."""
     x0, tgt, valid = tokens[:, :-1], tokens[:, 1:], lossmask[:, 1:]
-    hidden = model(x0, attn=attn)
+    hidden = model(x0, attn=attn)  # [B, L, H]
     n = valid.sum().clamp_min(1)
-    loss = _ce_sum(model, hidden[valid], tgt[valid]) / n
+    loss = _ce_sum(model, hidden.flatten(0, 1), tgt.flatten(), valid.flatten().float()) / n
     return {"loss": loss, "l_clean": loss.detach(), "targets": n}
 
 
@@ -117,22 +129,24 @@ def idlm_loss(model, tokens, lossmask, block: int, mask_token_id: int, clean_sca
                       is_mask=torch.cat([is_mask, torch.zeros_like(is_mask)], dim=1))
     hidden = model(inp, pair_positions(B, L, tokens.device), attn, **kwargs)  # [B, 2L, H]
     n = valid.sum().clamp_min(1)
-    noisy = is_mask & valid
-    w, norm = None, n  # per-target weights (position_decay) and their normaliser: a weighted mean
+    noisy = (is_mask & valid).flatten().float()  # [B·L]: the MASK rows with a target (1) — a weight, not an index
+    h_t, h_0 = hidden[:, :L].flatten(0, 1), hidden[:, L:].flatten(0, 1)  # [B·L, H] each
+    tgt = tgt.flatten()
+    w, norm = noisy, n  # per-target weights (position_decay) and their normaliser: a weighted mean
     if position_decay != 1.0:
-        w = float(position_decay) ** draft_positions(is_mask, block).float()[noisy]  # [n_noisy]
-        norm = n * w.mean() if w.numel() else n
+        w = noisy * float(position_decay) ** draft_positions(is_mask, block).flatten().float()
+        count = noisy.sum()
+        norm = torch.where(count > 0, n * w.sum() / count.clamp_min(1), n.float())
     if lora is not None and distill_weight:
-        mixed, hard, soft = _distill_ce_sums(model, hidden[:, :L][noisy], hidden[:, L:][noisy].detach(),
-                                             tgt[noisy], distill_weight, row_weight=w)
+        mixed, hard, soft = _distill_ce_sums(model, h_t, h_0.detach(), tgt, distill_weight, row_weight=w)
         return {"loss": mixed / norm, "l_noisy": hard / n, "l_soft": soft / n, "targets": n}
-    if w is not None:  # (lora only, checked above) the loss weighted, l_noisy the plain mean
-        ce = F.cross_entropy(model.compute_logits(hidden[:, :L][noisy]), tgt[noisy], reduction="none")
-        return {"loss": (ce * w).sum() / norm, "l_noisy": ce.detach().sum() / n, "targets": n}
-    l_noisy = _ce_sum(model, hidden[:, :L][noisy], tgt[noisy]) / n
+    if position_decay != 1.0:  # (lora only, checked above) the loss weighted, l_noisy the plain mean
+        weighted, plain = _ce_sum(model, h_t, tgt, w, noisy)
+        return {"loss": weighted / norm, "l_noisy": plain / n, "targets": n}
+    l_noisy = _ce_sum(model, h_t, tgt, noisy) / n
     if lora is not None:
         return {"loss": l_noisy, "l_noisy": l_noisy.detach(), "targets": n}
-    l_clean = _ce_sum(model, hidden[:, L:][valid], tgt[valid]) / n
+    l_clean = _ce_sum(model, h_0, tgt, valid.flatten().float()) / n
     scale = (l_noisy / l_clean.clamp_min(1e-6)).detach() if clean_scale == "auto" else float(clean_scale)
     return {"loss": l_noisy + scale * l_clean, "l_noisy": l_noisy.detach(), "l_clean": l_clean.detach(),
             "clean_scale": torch.as_tensor(scale).detach(), "targets": n}
@@ -154,5 +168,6 @@ def sdar_loss(model, tokens, lossmask, block: int, mask_token_id: int, *, genera
     attn = pair_attention("sdar", L, block, dev, attn_impl)
     hidden = model(torch.cat([x_t, x0], dim=1), pair_positions(B, L, dev), attn)
     n = resp.sum().clamp_min(1)
-    loss = _ce_sum(model, hidden[:, :L][masked], x0[masked], weight=(1.0 / t_tok)[masked]) / n
+    weight = (masked.float() / t_tok).flatten()  # 1/t on the masked rows, 0 elsewhere
+    loss = _ce_sum(model, hidden[:, :L].flatten(0, 1), x0.flatten(), weight) / n
     return {"loss": loss, "l_noisy": loss.detach(), "targets": n}

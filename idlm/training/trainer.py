@@ -245,10 +245,12 @@ class Trainer:
         data = self._batches(self.step)
         t_last, tokens_since, last = time.perf_counter(), 0, {}
         t_start = t_last
+        stopped = False
         while self.step < cfg.max_steps:
             if cfg.max_time_s is not None and self._all_ranks_any(time.perf_counter() - t_start > cfg.max_time_s):
                 self._log({"step": self.step, "stopped_early": True, "reason": f"max_time_s {cfg.max_time_s}"})
                 self.save_checkpoint()
+                stopped = True
                 break
             stride = cfg.stride_at(self.step)
             tokens, lossmask = next(data)
@@ -287,9 +289,10 @@ class Trainer:
             bar.update(1)
         bar.close()
         if self.rank == 0:
-            self.save_final()
+            if not stopped:  # final/ is a finished run's; a run paused by max_time_s resumes from its checkpoint
+                self.save_final()
             self.plot()
-        return last
+        return {**last, "step": self.step, "stopped_early": True} if stopped else last
 
     def _all_ranks_any(self, flag: bool) -> bool:
         """Whether `flag` holds on any rank: a decision every rank must take together (stopping at
