@@ -36,6 +36,9 @@ def _add_decoder_args(p: argparse.ArgumentParser) -> None:
                         "stride, N = 1..8 chosen per step); SDAR block size")
     p.add_argument("--draft", default="sample", choices=["sample", "argmax"],
                    help="ISD drafts: sampled from q (accept min(1, p/q)) or argmax (accept p(d)); both exact")
+    p.add_argument("--draft-temperature", type=float, default=None,
+                   help="ISD sampled drafts: draw them from q at this temperature instead of --temperature "
+                        "(exact at any value; changes only how often drafts are accepted)")
     p.add_argument("--verify-alpha", type=float, default=1.0, help="accept min(1, p/(alpha q)); lossy unless 1")
     p.add_argument("--threshold", type=float, default=0.9, help="SDAR: unmask slots whose confidence >= this")
     p.add_argument("--lora", default=None,
@@ -116,7 +119,8 @@ def cmd_generate(args) -> int:
 
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             seed=args.seed, max_tokens=args.max_tokens, stop=list(args.stop or []),
-                            draft=args.draft, verify_alpha=args.verify_alpha)
+                            draft=args.draft, draft_temperature=args.draft_temperature,
+                            verify_alpha=args.verify_alpha)
     if args.stride == "auto":
         raise ConfigError("--stride auto is chosen by the batched engine (idlm serve, idlm bench offline, "
                           "idlm eval humaneval, idlm.LLM); idlm generate needs a number")
@@ -186,7 +190,7 @@ def cmd_eval_alpha(args) -> int:
 
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             seed=args.seed, max_tokens=args.max_tokens, draft=args.draft,
-                            verify_alpha=args.verify_alpha)
+                            draft_temperature=args.draft_temperature, verify_alpha=args.verify_alpha)
     model, tok, decoder, lora = _load_for_decoding(args)
     texts = _read_prompts(args.prompts)
     if not texts:

@@ -429,23 +429,26 @@ def stage_eval(args) -> None:
     emit("eval", out)
 
 
-def tpf_table(model, tok, lora, prompts: list, max_tokens: int) -> dict:
+def tpf_table(model, tok, lora, prompts: list, max_tokens: int, draft_temperatures: tuple = ()) -> dict:
     """TPF of R-ISD at N = 4 (engine, 64 requests at a time, answers ending at their end token) greedy and at
-    T = 0.7 -> {"tpf_T0.0": {...}, "tpf_T0.7": {...}} with the acceptance per draft position."""
+    T = 0.7 -> {"tpf_T0.0": {...}, "tpf_T0.7": {...}} with the acceptance per draft position; each draft
+    temperature Td adds "tpf_T0.7_Td{Td}" (T = 0.7, drafts drawn from q̃ at Td: exact, other acceptance)."""
     from idlm.decoding.base import DecodeStats
     from idlm.decoding.sampling import SamplingParams
     from idlm.engine.llm_engine import EngineConfig, LLMEngine
 
     out = {}
-    for temp in (0.0, 0.7):
+    cases = [(0.0, None), (0.7, None)] + [(0.7, float(td)) for td in draft_temperatures]
+    for temp, td in cases:
         eng = LLMEngine(model, tok, EngineConfig(decoder="risd", stride=4, max_num_seqs=64), lora=lora)
-        outs = eng.run(prompts, SamplingParams(temperature=temp, max_tokens=max_tokens, seed=0))
+        outs = eng.run(prompts, SamplingParams(temperature=temp, max_tokens=max_tokens, seed=0, draft_temperature=td))
         total = DecodeStats()
         for o in outs:
             total = total.merge(o.stats)
         per_position = zip(total.accepted_per_position, total.verified_per_position)
-        out[f"tpf_T{temp}"] = {"tpf": round(total.tpf, 4), "prompts": len(prompts), "stats": total.to_dict(),
-                               "acceptance_per_position": [round(a / max(1, v), 4) for a, v in per_position]}
+        out[f"tpf_T{temp}" + ("" if td is None else f"_Td{td}")] = {
+            "tpf": round(total.tpf, 4), "prompts": len(prompts), "stats": total.to_dict(),
+            "acceptance_per_position": [round(a / max(1, v), 4) for a, v in per_position]}
         del eng
         release()
     return out
@@ -481,7 +484,8 @@ def stage_tpf(args) -> None:
         raise SystemExit(f"tpf: no held-out prompts at {heldout} (run distill or unpack first)")
     model, tok = load_pretrained(name, dtype="bfloat16" if dev == "cuda" else "float32", device=dev)
     lora = LoRAAdapter.load(adapter, model.config, device=dev, dtype=model.dtype)
-    rows = tpf_table(model, tok, lora, [tok.encode_chat(m) for m in msgs], n_new)
+    rows = tpf_table(model, tok, lora, [tok.encode_chat(m) for m in msgs], n_new,
+                     tuple(float(x) for x in args.draft_temperatures.split(",")) if args.draft_temperatures else ())
     key = f"tpf_{Path(adapter).parent.name if Path(adapter).name == 'weights' else Path(adapter).name}"
     emit(key, {"adapter": str(adapter), **rows})
     del model, lora
@@ -677,6 +681,8 @@ def main() -> None:
                     help="train: the LoRA config (configs/smollm2/lora_more.yaml: more steps from the shipped adapter)")
     ap.add_argument("--adapter", default=None,
                     help="tpf: the adapter (directory or registry name; default the training run's newest checkpoint)")
+    ap.add_argument("--draft-temperatures", default="",
+                    help="tpf: also TPF at T = 0.7 with sampled drafts drawn at these temperatures (e.g. 0.3,0.5)")
     ap.add_argument("--num-prompts", type=int, default=60000)
     ap.add_argument("--target-tokens", type=int, default=20_000_000)
     ap.add_argument("--max-num-seqs", type=int, default=384)

@@ -461,3 +461,13 @@ def test_traced_choices_records_why_and_restores_the_engine(tiny, tmp_path, monk
     assert isinstance(measured, dict)
     assert "_choose_stride" not in vars(eng)  # the class's method again
     assert sample_trace(list(range(100)), 24) == list(range(0, 100, 5))
+
+
+def test_sampling_class_keeps_the_draft_temperature_apart():
+    """Drafts drawn at another temperature are accepted at another rate: their own prior; None is the
+    request's temperature, and greedy requests ignore it (their drafts are argmaxes)."""
+    hot = SamplingParams(temperature=0.7)
+    assert sampling_class(SamplingParams(temperature=0.7, draft_temperature=0.3)) != sampling_class(hot)
+    assert sampling_class(SamplingParams(temperature=0.7, draft_temperature=0.7)) == sampling_class(hot)
+    assert sampling_class(SamplingParams(temperature=0, draft_temperature=0.3)) == sampling_class(
+        SamplingParams(temperature=0))

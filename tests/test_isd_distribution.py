@@ -164,11 +164,20 @@ EXACT = [
     ("isd", "argmax", TRUNC, 2),
     ("risd", "sample", TRUNC, 2),
     ("risd", "argmax", FULL, 3),
+    # drafts from q̃ at another temperature than p̃'s (sharper and flatter): still AR's law
+    ("isd", "sample", {**FULL, "draft_temperature": 0.5}, 3),
+    ("risd", "sample", {**TRUNC, "draft_temperature": 1.5}, 2),
 ]
 
 
-@pytest.mark.parametrize("kind,draft,sampling,stride", EXACT,
-                         ids=[f"{k}-{d}-{'T1' if s is FULL else 'T0.8-k5-p0.9'}-N{n}" for k, d, s, n in EXACT])
+def _case_id(kind, draft, sampling, stride) -> str:
+    name = "T1" if sampling["temperature"] == 1.0 else "T0.8-k5-p0.9"
+    if "draft_temperature" in sampling:
+        name += f"-Td{sampling['draft_temperature']}"
+    return f"{kind}-{draft}-{name}-N{stride}"
+
+
+@pytest.mark.parametrize("kind,draft,sampling,stride", EXACT, ids=[_case_id(*case) for case in EXACT])
 def test_isd_joint_law_equals_ar(model, adapter, kind, draft, sampling, stride):
     decoder = ISDDecoder(stride, MASK) if kind == "isd" else ISDDecoder(stride, None, lora=True)
     pvalues, acceptance, rounds = check(model, decoder, {**sampling, "draft": draft}, seed=1,

@@ -62,7 +62,8 @@ def test_sampler_follows_the_distribution_and_seeds_reproduce():
     (dict(temperature=-0.1), "temperature"), (dict(temperature=float("nan")), "temperature"),
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.01), "top_p"), (dict(top_k=-1), "top_k"),
     (dict(top_k=2.5), "top_k"), (dict(max_tokens=0), "max_tokens"), (dict(seed="x"), "seed"),
-    (dict(stop_token_ids=[-1]), "stop_token_ids"),
+    (dict(stop_token_ids=[-1]), "stop_token_ids"), (dict(draft_temperature=0.0), "draft_temperature"),
+    (dict(draft_temperature=float("inf")), "draft_temperature"), (dict(draft_temperature="0.5"), "draft_temperature"),
 ])
 def test_bad_sampling_parameters_name_the_parameter(kwargs, name):
     with pytest.raises(ConfigError, match=f"invalid sampling parameter {name}="):

@@ -61,6 +61,21 @@ def test_greedy_completion_matches_offline(server, client):
     assert r2.choices[0].text == ref.text
 
 
+def test_seeded_sampled_completion_with_a_draft_temperature_matches_offline(server, client):
+    """`draft_temperature` reaches the engine: a seeded T = 1 completion drawing its drafts at 0.4 equals the
+    offline engine's with the same parameters (and the seed's tokens do not depend on the server's batch)."""
+    prompt, k = "def fibonacci(n):", 24
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=k, temperature=1.0, seed=7,
+                                  extra_body={"draft_temperature": 0.4})
+    tok = server["tok"]
+    engine = LLMEngine(server["model"], tok, EngineConfig(decoder="isd", stride=4, num_pages=64, max_num_seqs=2))
+    ids = tok.encode(prompt, add_special_tokens=True)
+    ref = engine.run([ids], SamplingParams(temperature=1.0, max_tokens=k, seed=7, draft_temperature=0.4))[0]
+    other = engine.run([ids], SamplingParams(temperature=1.0, max_tokens=k, seed=7))[0]
+    assert r.choices[0].text == ref.text
+    assert ref.stats.forwards != other.stats.forwards or ref.text != other.text  # the option changed the run
+
+
 def test_completion_default_max_tokens_and_logprobs(client):
     r = client.completions.create(model=MODEL, prompt="import os", temperature=0, logprobs=0,
                                   extra_body={"ignore_eos": True})
@@ -302,9 +317,10 @@ def test_algorithm_config_defaults(tmp_path):
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("block_size: 7\ngen_block_size: 4\ntemperature: 0.5\ntop_p: 0.9\nverify_alpha: 1.0\n"
+                   "draft_temperature: 0.3\n"
                    "use_spec_verify: true\n")
     p = argparse.ArgumentParser()
     add_serve_arguments(p)
     o = resolve_options(p.parse_args(["--dllm-algorithm", "IDLMBlockN", "--dllm-algorithm-config", str(cfg)]))
     assert o["decoder"] == "isd" and o["stride"] == 4
-    assert o["defaults"] == {"temperature": 0.5, "top_p": 0.9, "verify_alpha": 1.0}
+    assert o["defaults"] == {"temperature": 0.5, "top_p": 0.9, "verify_alpha": 1.0, "draft_temperature": 0.3}

@@ -81,7 +81,8 @@ def still_serving(server):
 
 @pytest.mark.parametrize("field,value", [("top_k", 2**63), ("top_k", -2), ("seed", 2**64), ("seed", -(2**63) - 1),
                                          ("max_tokens", 2**63), ("stop_token_ids", [2**63]), ("n", 129),
-                                         ("temperature", 1e400), ("verify_alpha", 0)])
+                                         ("temperature", 1e400), ("verify_alpha", 0),
+                                         ("draft_temperature", 0), ("draft_temperature", 1e400)])
 def test_numeric_fields_out_of_range_are_400(server, field, value):
     raw = json.dumps({"model": MODEL, "prompt": "a", field: value}).replace("Infinity", "1e400")
     r = httpx.post(server["base"] + "/v1/completions", content=raw, headers={"content-type": "application/json"},

@@ -178,8 +178,11 @@ class ISDDecoder(Decoder):
         argmax_draft = np.fromiter((p.draft != "sample" or p.greedy for p in params), bool, n)
         alpha = to_float32(np.fromiter((p.verify_alpha for p in params), np.float64, n))
         greedy = all(p.greedy and p.verify_alpha <= 1 for p in params)
+        draft_temp = to_float32(np.fromiter((p.temperature if p.draft_temperature is None else p.draft_temperature
+                                             for p in params), np.float64, n))
         tensors = {"temperature": temp, "top_k": top_k, "top_p": top_p, "point_mass": torch.from_numpy(point_mass),
-                   "argmax_draft": torch.from_numpy(argmax_draft), "alpha": torch.from_numpy(alpha)}
+                   "argmax_draft": torch.from_numpy(argmax_draft), "alpha": torch.from_numpy(alpha),
+                   "draft_temperature": torch.from_numpy(draft_temp)}
         return ParamsInputs(tensors, {"truncate": truncation(params) if not greedy else False, "greedy": greedy,
                                       "logprobs": logprobs_static(params)},
                             sampled=not all(p.greedy for p in params), rows={"point_mass": point_mass})
@@ -247,7 +250,7 @@ class ISDDecoder(Decoder):
         t = tensors
         return sampled_isd_step(logits, t["is_v"], t["specs"], t["temperature"], t["top_k"], t["top_p"],
                                 t["point_mass"], t["argmax_draft"], t["alpha"], t.get("keys"), t.get("draw"),
-                                t.get("q_old"), truncate, t.get("k_row"))
+                                t.get("q_old"), truncate, t.get("k_row"), t.get("draft_temperature"))
 
     def finish(self, states, packed, extra, params, stats):
         """The packed columns (see `_compute_sampled`) -> each row's emitted tokens and next state."""
@@ -290,12 +293,14 @@ def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tens
                      top_k: torch.Tensor, top_p: torch.Tensor, point_mass: torch.Tensor, argmax_draft: torch.Tensor,
                      alpha: torch.Tensor, keys: torch.Tensor | None, draw: torch.Tensor | None,
                      q_old: torch.Tensor | None, truncate: bool | int,
-                     k_row: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     k_row: torch.Tensor | None = None,
+                     draft_temperature: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The sampled ISD step as one function (compiled into a few fused kernels on CUDA, inside the decode
     graph). logits [B, 2N−1, V]; per row: is_v, specs [B, K], temperature/top_k/top_p, point_mass,
     argmax_draft, alpha; keys [B, 2] / draw [B] (None: every row greedy with verify_alpha > 1); q_old
     [B, K, V] the q̃ of a V row's drafts (None: all point masses); k_row [B] each row's own K = n − 1 <= K
-    (None: every row K; a shorter row's block fills the first 2n − 1 slots, specs / q_old zero-padded)
+    (None: every row K; a shorter row's block fills the first 2n − 1 slots, specs / q_old zero-padded);
+    draft_temperature [B] the temperature of the MASK slots' q̃ (None: `temperature`)
     -> (packed [B, 2K+3], q̃ of the new drafts [B, K, V]; a shorter row's first k_row columns are its
     own). A row's draws use uniform columns 0..k_row only, so it gets the same numbers as in a step of its
     own stride. No host sync, no data-dependent shapes."""
@@ -303,7 +308,7 @@ def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tens
     n = (Q + 1) // 2
     k = n - 1
     dev = logits.device
-    rep = (temperature, top_k, top_p)
+    first_mask = torch.where(is_v, n if k_row is None else k_row + 1, 1)  # [B]: the first MASK slot of each row
     # this step's uniforms of each row: N token draws (K drafts, then the final token), K acceptances
     if keys is not None:
         uniforms = rng.uniforms.__wrapped__  # already inside a compiled region on CUDA
@@ -314,12 +319,17 @@ def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tens
 
     # the filtered distribution of every slot at once (one set of softmax / sort kernels, not one for the
     # clean slots and another for the drafts' slots; row-wise, so each slot's values are what it gets alone)
-    probs = filtered_probs(logits.reshape(B * Q, V), *_per_slot(rep, Q), truncate).view(B, Q, V)
+    slot_temp = temperature[:, None].expand(B, Q)  # [B, Q]: clean slots at the request's temperature ...
+    if draft_temperature is not None:  # ... its MASK slots (q̃) at the draft temperature
+        is_mask_slot = torch.arange(Q, device=dev)[None, :] >= first_mask[:, None]
+        slot_temp = torch.where(is_mask_slot, draft_temperature[:, None], slot_temp)
+    probs = filtered_probs(logits.reshape(B * Q, V), slot_temp.reshape(B * Q),
+                           *_per_slot((top_k, top_p), Q), truncate).view(B, Q, V)
     p = probs[:, :n]  # p̃ at the clean indices 0..K (C rows use index 0 only)  [B, N, V]
 
     # next drafts from the MASK slots (C: 1..N−1, V: N..2N−2; a row of its own n: C 1..n−1, V n..2n−2)  [B, K]
     kr = k_row
-    idx = torch.where(is_v, n if kr is None else kr + 1, 1)[:, None] + torch.arange(k, device=dev)
+    idx = first_mask[:, None] + torch.arange(k, device=dev)
     if kr is not None:
         idx = idx.clamp(max=Q - 1)  # a shorter row's columns past its own K: ignored on the host
     q_new = probs.gather(1, idx[..., None].expand(B, k, V))  # q̃ of the drafts' slots  [B, K, V]

@@ -42,6 +42,9 @@ class SamplingParams:
     ignore_eos: bool = False
     # speculative verification (ISD/R-ISD, SPEC §4.3)
     draft: str = "sample"  # "sample": d ~ q̃, accept min(1, p̃/q̃); "argmax": d = argmax q, accept p̃(d)
+    # "sample" drafts from q̃ at this temperature instead of `temperature` (None: the same). Exact at any value:
+    # acceptance tests each draft against the q̃ it was drawn from; only how often drafts are accepted changes
+    draft_temperature: float | None = None
     verify_alpha: float = 1.0  # accept min(1, p̃ / (alpha · q̃)); exact only at 1 (the official lossy knob)
     # raw model logprobs (log_softmax of the logits before temperature/top-k/top-p, as vLLM's default), see
     # idlm.decoding.logprobs. None: none. k in 0..MAX_LOGPROBS: every emitted token's logprob plus its top-k
@@ -85,6 +88,10 @@ class SamplingParams:
             bad("stop", "must be non-empty strings")
         if self.draft not in DRAFT_MODES:
             bad("draft", f"must be one of {', '.join(DRAFT_MODES)}")
+        if self.draft_temperature is not None:
+            number("draft_temperature")
+            if not self.draft_temperature >= GREEDY_BELOW:
+                bad("draft_temperature", f"must be None or >= {GREEDY_BELOW} (argmax drafts: draft='argmax')")
         number("verify_alpha")
         if not self.verify_alpha > 0:
             bad("verify_alpha", "must be > 0 (1 = exact)")

@@ -76,9 +76,11 @@ def sampling_class(params) -> tuple:
     request with no history yet): draft acceptance depends on how tokens are drawn — greedy drafts of the
     same model may be accepted 80% of the time and T = 1 ones 50% (idlm-tiny on the H200, docs/stride.md) —
     so a T = 1 request must not start from what greedy ones showed. Temperature to 0.1 (at most 2), top-p to
-    0.05, top-k as given (0 = off) up to 1000, and the draft rule: a bounded set of keys."""
+    0.05, top-k as given (0 = off) up to 1000, the draft rule and the draft temperature (to 0.1, at most 2;
+    None: the temperature): a bounded set of keys."""
     t = 0.0 if params.temperature <= 0 else min(2.0, round(params.temperature, 1))
-    return t, min(int(params.top_k), 1000), round(float(params.top_p) * 20) / 20, params.draft
+    td = t if params.draft_temperature is None or t == 0 else min(2.0, round(params.draft_temperature, 1))
+    return t, min(int(params.top_k), 1000), round(float(params.top_p) * 20) / 20, params.draft, td
 
 
 def acceptance_rows(accepted, verified, prior, strength: float = 8.0) -> "np.ndarray":

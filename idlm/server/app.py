@@ -51,7 +51,8 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None, 
               max_seqs_per_request: int = DEFAULT_MAX_SEQS_PER_REQUEST, body_timeout: float = 30.0,
               lifecycle: Lifecycle | None = None) -> FastAPI:
     """The OpenAI-compatible app. `stride`: the server's stride (a request may only repeat it);
-    `sampling_defaults`: per-request defaults for temperature / top_k / top_p / verify_alpha / draft;
+    `sampling_defaults`: per-request defaults for temperature / top_k / top_p / verify_alpha / draft /
+    draft_temperature;
     `max_seqs_per_request`: the most sequences (prompts x n) one request may start."""
     engine = async_llm.engine
     tok = engine.tokenizer

@@ -21,6 +21,7 @@ ALGORITHM_KEYS = {
     "top_p": "per-request default",
     "use_spec_verify": "accepted (always on)",
     "verify_alpha": "per-request default",
+    "draft_temperature": "per-request default (idlm's: sampled drafts from q at this temperature)",
     "verify_num_specs": "accepted",
     "confidence_accept_threshold": "accepted",
     "fast_verify": "accepted",
@@ -147,7 +148,8 @@ def resolve_options(args) -> dict:
         if stride is not None and stride != cfg["gen_block_size"]:
             raise ConfigError(f"--stride {stride} conflicts with gen_block_size={cfg['gen_block_size']}")
         stride = cfg["gen_block_size"]
-    defaults = {k: cfg[k] for k in ("temperature", "top_k", "top_p", "verify_alpha") if cfg.get(k) is not None}
+    defaults = {k: cfg[k] for k in ("temperature", "top_k", "top_p", "verify_alpha", "draft_temperature")
+                if cfg.get(k) is not None}
     SamplingParams(**defaults)  # validate (ConfigError names the key)
     if args.max_running_requests < 1:
         raise ConfigError(f"--max-running-requests {args.max_running_requests} must be >= 1")

@@ -211,6 +211,7 @@ class _Common(BaseModel):
     # idlm decoder options
     stride: Annotated[int, Field(ge=1, le=INT64_MAX)] | None = None
     draft: Literal[HTTP_DRAFT_MODES] | None = None  # type: ignore[valid-type]
+    draft_temperature: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     verify_alpha: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
 
 
@@ -277,7 +278,8 @@ def to_sampling_params(req: CompletionRequest | ChatRequest, prompt_len: int, ma
                        defaults: dict, default_max_tokens: int | None) -> list[SamplingParams]:
     """The `SamplingParams` of each of the request's n choices for one prompt of `prompt_len` tokens.
 
-    `defaults`: the server's per-request defaults (temperature, top_k, top_p, verify_alpha, draft);
+    `defaults`: the server's per-request defaults (temperature, top_k, top_p, verify_alpha, draft,
+    draft_temperature);
     `default_max_tokens`: None = what is left of the context, capped at CHAT_DEFAULT_MAX_TOKENS.
     Raises ApiError (400) naming the field.
     """
@@ -309,6 +311,8 @@ def to_sampling_params(req: CompletionRequest | ChatRequest, prompt_len: int, ma
               max_tokens=max_tokens, stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
               stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
               draft=defaults.get("draft", "sample") if req.draft is None else req.draft,
+              draft_temperature=defaults.get("draft_temperature") if req.draft_temperature is None
+              else req.draft_temperature,
               verify_alpha=defaults.get("verify_alpha", 1.0) if req.verify_alpha is None else req.verify_alpha,
               logprobs=logprobs, prompt_logprobs=prompt_logprobs)
     out = []
