@@ -70,6 +70,12 @@ def test_flex_attention_output_equals_sdpa_with_dense_mask():
     bm = create_block_mask(lambda b, h, qi, ki: fn(qi, ki), None, None, 2 * L, 2 * L, device="cpu")
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(fn, 2 * L))
     assert (flex_attention(q, k, v, block_mask=bm) - ref).abs().max() < 1e-5
+    # the x_t rows alone (R-ISD's split forward: `risd_halves`): queries 0..L−1 against all 2L keys
+    from idlm.training.masks import flex_block_mask
+    rows = flex_block_mask(fn, 2 * L, device="cpu", rows=L)
+    assert torch.equal(dense_mask(fn, 2 * L, rows=L)[0, 0], dense_mask(fn, 2 * L)[0, 0, :L])
+    out = flex_attention(q[:, :, :L], k, v, block_mask=rows)
+    assert (out - ref[:, :, :L]).abs().max() < 1e-5
 
 
 
@@ -327,3 +333,42 @@ def test_compiled_objective_does_not_recompile_for_each_batch(kind):
         assert torch.allclose(compiled(tokens, lossmask), expected, atol=1e-5)
         frames.append(counter.frame_count)
     assert frames[0] > 0 and frames[1] == frames[0] and frames[2] == frames[0], frames
+
+
+def test_risd_split_forward_equals_the_joint_forward_with_its_gradients():
+    """`risd_halves` (the clean half alone without autograd, then x_t over its recorded keys) gives the joint
+    [x_t | x0] forward's hidden states and, through the loss, the same adapter gradients — the oracle is
+    the joint forward written out (one forward, gate 1 on x_t, 0 on x0, the pair mask)."""
+    from idlm.layers.lora import LoRAAdapter, LoRAConfig
+    from idlm.training import objectives
+    from idlm.training.objectives import pair_attention, risd_halves
+
+    m = tiny_transformer(41, mask_token_id=None).requires_grad_(False)
+    lora = LoRAAdapter(m.config, LoRAConfig(rank=4, alpha=8)).init_weights(std=0.3, seed=1, zero_b=False)
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, 40, (3, 17), generator=g)
+    lossmask = torch.rand(3, 17, generator=g) > 0.3
+    lossmask[:, :4] = False
+    x0, tgt, valid = tokens[:, :-1], tokens[:, 1:], lossmask[:, 1:]
+    B, L = x0.shape
+    block = 3
+    is_mask = lossmask[:, :-1]
+    x_t = torch.where(is_mask, torch.zeros_like(x0), x0)
+    half = torch.zeros(B, 2 * L)
+    half[:, :L] = 1
+    joint = m(torch.cat([x_t, x0], 1), pair_positions(B, L, "cpu"), pair_attention("idlm", L, block, x0.device),
+              lora=lora, lora_gate=half, is_mask=torch.cat([is_mask, torch.zeros_like(is_mask)], 1))
+    h_t, h_0 = risd_halves(m, x_t, x0, is_mask, block, lora)
+    assert torch.allclose(h_t, joint[:, :L].flatten(0, 1), atol=1e-5)
+    assert torch.allclose(h_0, joint[:, L:].flatten(0, 1), atol=1e-5) and not h_0.requires_grad
+    w = (is_mask & valid).flatten().float()
+    oracle = objectives._distill_ce_sums(m, joint[:, :L].flatten(0, 1), joint[:, L:].flatten(0, 1).detach(),
+                                         tgt.flatten(), 0.5, row_weight=w)[0] / valid.sum()
+    oracle.backward()
+    want = {k: p.grad.clone() for k, p in lora.named_parameters() if p.grad is not None}
+    lora.zero_grad()
+    idlm_loss(m, tokens, lossmask, block, 0, lora=lora, distill_weight=0.5)["loss"].backward()
+    got = {k: p.grad for k, p in lora.named_parameters() if p.grad is not None}
+    assert want.keys() == got.keys() and len(want) > 3
+    for k in want:
+        assert torch.allclose(got[k], want[k], atol=1e-5, rtol=1e-4), k

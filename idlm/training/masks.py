@@ -57,14 +57,16 @@ def sdar_mask_fn(L: int, block: int) -> MaskFn:
     return allowed
 
 
-def dense_mask(fn: MaskFn, size: int, device="cpu") -> torch.Tensor:
-    """The mask as a [1, 1, size, size] bool tensor (True = may attend) for SDPA."""
+def dense_mask(fn: MaskFn, size: int, device="cpu", rows: int | None = None) -> torch.Tensor:
+    """The mask as a [1, 1, rows, size] bool tensor (True = may attend) for SDPA: query indices 0..rows−1
+    (default all `size`; the x_t half alone is rows = L) against key indices 0..size−1."""
     idx = torch.arange(size, device=device)
-    return fn(idx[:, None], idx[None, :])[None, None]
+    return fn(idx[: size if rows is None else rows, None], idx[None, :])[None, None]
 
 
-def flex_block_mask(fn: MaskFn, size: int, device="cuda"):
-    """The mask as a FlexAttention BlockMask (sparse: fully masked tiles are skipped)."""
+def flex_block_mask(fn: MaskFn, size: int, device="cuda", rows: int | None = None):
+    """The mask as a FlexAttention BlockMask (sparse: fully masked tiles are skipped); rows as `dense_mask`."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    return create_block_mask(lambda b, h, q, k: fn(q, k), None, None, size, size, device=device)
+    return create_block_mask(lambda b, h, q, k: fn(q, k), None, None, size if rows is None else rows, size,
+                             device=device)

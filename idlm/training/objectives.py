@@ -21,18 +21,47 @@ from idlm.training.masks import dense_mask, flex_block_mask, idlm_mask_fn, sdar_
 
 
 @lru_cache(maxsize=16)
-def _cached_mask(kind: str, L: int, block: int, device: str, impl: str):
+def _cached_mask(kind: str, L: int, block: int, device: str, impl: str, rows: int | None = None):
     fn = (idlm_mask_fn if kind == "idlm" else sdar_mask_fn)(L, block)
     if impl == "flex":
-        return FlexAttentionBackend(flex_block_mask(fn, 2 * L, device=device))
-    return DenseAttention(dense_mask(fn, 2 * L, device=device))
+        return FlexAttentionBackend(flex_block_mask(fn, 2 * L, device=device, rows=rows))
+    return DenseAttention(dense_mask(fn, 2 * L, device=device, rows=rows))
 
 
-def pair_attention(kind: str, L: int, block: int, device: torch.device, impl: str = "auto"):
-    """The attention backend for a [x_t | x0] forward: FlexAttention on CUDA, explicit-mask SDPA elsewhere."""
+def pair_attention(kind: str, L: int, block: int, device: torch.device, impl: str = "auto",
+                   xt_only: bool = False):
+    """The attention backend for a [x_t | x0] forward: FlexAttention on CUDA, explicit-mask SDPA elsewhere.
+    xt_only: the mask's x_t rows alone (queries 0..L−1 against all 2L keys), for `XtOverX0`."""
     if impl == "auto":
         impl = "flex" if device.type == "cuda" else "sdpa"
-    return _cached_mask(kind, L, block, str(device), impl)
+    return _cached_mask(kind, L, block, str(device), impl, L if xt_only else None)
+
+
+class RecordKV:
+    """Causal attention (a plain forward) that keeps every layer's keys and values: the x0 half's, which
+    the x_t half then attends to (`XtOverX0`)."""
+
+    def __init__(self):
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+
+    def attend(self, layer, q, k, v):
+        self.k[layer], self.v[layer] = k, v
+        return DenseAttention().attend(layer, q, k, v)
+
+
+class XtOverX0:
+    """The x_t half's attention in a [x_t | x0] forward run as two: its own keys first, then the x0 half's
+    recorded by a clean forward (`RecordKV`), under the pair mask's x_t rows — the same keys, values and
+    mask each x_t query has in the joint forward (x0 never attends to x_t, so its half is a plain causal
+    forward)."""
+
+    def __init__(self, inner, x0_kv: RecordKV):
+        self.inner, self.x0 = inner, x0_kv
+
+    def attend(self, layer, q, k, v):
+        return self.inner.attend(layer, q, torch.cat([k, self.x0.k[layer]], dim=2),
+                                 torch.cat([v, self.x0.v[layer]], dim=2))
 
 
 def draft_positions(is_mask: torch.Tensor, block: int) -> torch.Tensor:
@@ -98,6 +127,23 @@ def pair_positions(B: int, L: int, device) -> torch.Tensor:
     return torch.arange(L, device=device).repeat(2).expand(B, 2 * L)
 
 
+def risd_halves(model, x_t, x0, is_mask, block: int, lora, attn_impl: str = "auto"):
+    """The two halves of an R-ISD training forward over [x_t | x0] as two forwards -> (h_t, h_0) [B·L, H]
+    each: the clean half x0 (the frozen base model, gate 0: a plain causal forward) without autograd,
+    recording its keys and values; then x_t (LoRA on, MASK slots with the adapter's embedding) attending
+    to its own keys and to those (`XtOverX0`). The same values as the joint forward (the x0 half never
+    attends to x_t), but autograd keeps only the x_t half: the backward no longer runs through the clean
+    half, and its activations are not stored. h_0 carries no gradient (it is the teacher / context)."""
+    B, L = x0.shape
+    positions = torch.arange(L, device=x0.device).expand(B, L)
+    record = RecordKV()
+    with torch.no_grad():
+        h_0 = model(x0, positions, record)  # [B, L, H]
+    attn = XtOverX0(pair_attention("idlm", L, block, x0.device, attn_impl, xt_only=True), record)
+    h_t = model(x_t, positions, attn, lora=lora, lora_gate=torch.ones(B, L, device=x0.device), is_mask=is_mask)
+    return h_t.flatten(0, 1), h_0.flatten(0, 1)
+
+
 def idlm_loss(model, tokens, lossmask, block: int, mask_token_id: int, clean_scale="auto", *,
               lora=None, attn_impl: str = "auto", distill_weight: float = 0.0,
               position_decay: float = 1.0) -> dict[str, torch.Tensor]:
@@ -106,8 +152,8 @@ def idlm_loss(model, tokens, lossmask, block: int, mask_token_id: int, clean_sca
     x_t = x0 with every response token replaced by MASK; the MASK at i predicts x0[i+1] (logit shift).
     With `lora` and distill_weight w > 0 the drafter's loss mixes in soft targets: the MASK at i learns
     (1 − w)·CE(x0[i+1]) + w·CE(p_i), where p_i is the frozen base model's own next-token distribution at
-    clean position i — the x0 half of this very forward, whose rows the gate leaves exactly the base's
-    (no extra forward). p_i is what verification compares a draft with, so this fits the drafter to the
+    clean position i — the clean half's rows, which are exactly the base model's (`risd_halves`: no extra
+    forward). p_i is what verification compares a draft with, so this fits the drafter to the
     whole distribution rather than to one sampled token. `l_noisy` stays CE(x0[i+1]); `l_soft` is CE(p).
     position_decay γ < 1 weighs the MASK at draft position j (`draft_positions`) by γ^j, normalised to
     the weights' sum: a later draft counts only when the earlier ones were accepted, so the first ones
@@ -119,18 +165,14 @@ def idlm_loss(model, tokens, lossmask, block: int, mask_token_id: int, clean_sca
     B, L = x0.shape
     is_mask = lossmask[:, :-1]  # response tokens become MASK in x_t
     x_t = torch.where(is_mask, torch.full_like(x0, mask_token_id), x0)
-    inp = torch.cat([x_t, x0], dim=1)  # [B, 2L]
-    attn = pair_attention("idlm", L, block, tokens.device, attn_impl)
-    kwargs = {}
-    if lora is not None:  # R-ISD: the LoRA acts on x_t only; MASK slots take the adapter's embedding
-        half = torch.zeros(B, 2 * L, dtype=torch.bool, device=tokens.device)
-        half[:, :L] = True
-        kwargs = dict(lora=lora, lora_gate=half.float(),
-                      is_mask=torch.cat([is_mask, torch.zeros_like(is_mask)], dim=1))
-    hidden = model(inp, pair_positions(B, L, tokens.device), attn, **kwargs)  # [B, 2L, H]
+    if lora is None:  # one forward over [x_t | x0]: the clean half is trained too
+        attn = pair_attention("idlm", L, block, tokens.device, attn_impl)
+        hidden = model(torch.cat([x_t, x0], dim=1), pair_positions(B, L, tokens.device), attn)  # [B, 2L, H]
+        h_t, h_0 = hidden[:, :L].flatten(0, 1), hidden[:, L:].flatten(0, 1)  # [B·L, H] each
+    else:  # R-ISD: the frozen base's clean half needs no gradient: run it alone, without autograd, then x_t
+        h_t, h_0 = risd_halves(model, x_t, x0, is_mask, block, lora, attn_impl)
     n = valid.sum().clamp_min(1)
     noisy = (is_mask & valid).flatten().float()  # [B·L]: the MASK rows with a target (1) — a weight, not an index
-    h_t, h_0 = hidden[:, :L].flatten(0, 1), hidden[:, L:].flatten(0, 1)  # [B·L, H] each
     tgt = tgt.flatten()
     w, norm = noisy, n  # per-target weights (position_decay) and their normaliser: a weighted mean
     if position_decay != 1.0:
@@ -138,7 +180,7 @@ def idlm_loss(model, tokens, lossmask, block: int, mask_token_id: int, clean_sca
         count = noisy.sum()
         norm = torch.where(count > 0, n * w.sum() / count.clamp_min(1), n.float())
     if lora is not None and distill_weight:
-        mixed, hard, soft = _distill_ce_sums(model, h_t, h_0.detach(), tgt, distill_weight, row_weight=w)
+        mixed, hard, soft = _distill_ce_sums(model, h_t, h_0, tgt, distill_weight, row_weight=w)
         return {"loss": mixed / norm, "l_noisy": hard / n, "l_soft": soft / n, "targets": n}
     if position_decay != 1.0:  # (lora only, checked above) the loss weighted, l_noisy the plain mean
         weighted, plain = _ce_sum(model, h_t, tgt, w, noisy)
