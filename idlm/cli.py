@@ -37,8 +37,8 @@ def _add_decoder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", default="sample", choices=["sample", "argmax"],
                    help="ISD drafts: sampled from q (accept min(1, p/q)) or argmax (accept p(d)); both exact")
     p.add_argument("--draft-temperature", type=float, default=None,
-                   help="ISD sampled drafts: draw them from q at this temperature instead of --temperature "
-                        "(exact at any value; changes only how often drafts are accepted)")
+                   help="ISD sampled drafts: draw them from q at this temperature (default: the --temperature; "
+                        "exact at any value, it changes only how often drafts are accepted)")
     p.add_argument("--verify-alpha", type=float, default=1.0, help="accept min(1, p/(alpha q)); lossy unless 1")
     p.add_argument("--threshold", type=float, default=0.9, help="SDAR: unmask slots whose confidence >= this")
     p.add_argument("--lora", default=None,

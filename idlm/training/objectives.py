@@ -28,6 +28,7 @@ def _cached_mask(kind: str, L: int, block: int, device: str, impl: str, rows: in
     return DenseAttention(dense_mask(fn, 2 * L, device=device, rows=rows))
 
 
+@torch.compiler.disable  # in a compiled step: called as Python (its cache holds), not traced into each step
 def pair_attention(kind: str, L: int, block: int, device: torch.device, impl: str = "auto",
                    xt_only: bool = False):
     """The attention backend for a [x_t | x0] forward: FlexAttention on CUDA, explicit-mask SDPA elsewhere.
