@@ -40,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from smollm2_risd import MODEL, REPO, STATE, data_parallel, emit, idlm, last_json, results  # noqa: E402
+from smollm2_risd import MODEL, REPO, STATE, emit, idlm, last_json, results, run_training  # noqa: E402
 
 
 def stage_text(args) -> None:
@@ -73,19 +73,12 @@ def _train(args, kind: str) -> None:
         cfg.update(seq_len=32, batch_size=4, max_steps=6, log_every=1, eval_every=3, eval_batches=1, save_every=3,
                    dtype="fp32", warmup_steps=1)
         cfg.pop("micro_batch_size", None)
-    if args.budget:
-        cfg["max_time_s"] = args.budget - 60
-    ranks = data_parallel(cfg, args.gpus)  # a machine of several GPUs: data-parallel through torchrun
-    path = STATE / f"{kind}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    resume = (out / "checkpoints" / "latest").exists()
-    rc, text = idlm("train", kind, str(path), *(["--resume"] if resume else []),
-                    *(["--device", "cpu"] if args.smoke else []), ranks=ranks)
+    report = run_training(kind, cfg, out, args)  # data-parallel over the GPUs, resumable, --budget
     if os.environ.get("OUT"):
         for name in ("metrics.jsonl", "loss.png"):
             if (out / name).exists():
                 Path(os.environ["OUT"], f"{kind}_{name}").write_bytes((out / name).read_bytes())
-    emit(kind, {"rc": rc, "resumed": resume, "done": (out / "final").exists(), "last": last_json(text), "ranks": ranks})
+    emit(kind, report)
 
 
 def stage_convert(args) -> None:

@@ -267,34 +267,10 @@ def stage_train(args) -> None:
                    dtype="fp32", lora_rank=4, lora_alpha=4)
         cfg.pop("micro_batch_size", None)
         cfg.pop("init_adapter", None)  # SmolLM2's adapter does not fit idlm-tiny-ar
-    if args.budget:
-        cfg["max_time_s"] = args.budget - 60  # room to save the checkpoint and leave
-    ranks = data_parallel(cfg, args.gpus)
-    path = STATE / "lora.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    resume = (STATE / "lora" / "checkpoints" / "latest").exists()
-    t0 = time.time()
-    rc, text = idlm("train", "lora", str(path), *(["--resume"] if resume else []),
-                    *(["--device", "cpu"] if args.smoke else []), ranks=ranks)
-    eager_retry = None
-    if rc not in (0, -9) and cfg.get("compile") and not args.smoke:
-        # torch.compile of the training step failed (inductor bugs differ between torch versions: the sampled
-        # decode step's did): the same run eagerly in what is left of the budget, from its last checkpoint
-        left = None if args.budget is None else args.budget - (time.time() - t0)
-        eager_retry = {"compiled_rc": rc, "compiled_tail": text.strip().splitlines()[-3:], "left_s": left}
-        if left is None or left > 120:
-            cfg["compile"] = False
-            if left is not None:
-                cfg["max_time_s"] = left - 60
-            path.write_text(yaml.safe_dump(cfg))
-            resume = (STATE / "lora" / "checkpoints" / "latest").exists()
-            rc, text = idlm("train", "lora", str(path), *(["--resume"] if resume else []), ranks=ranks)
+    report = run_training("lora", cfg, STATE / "lora", args)
     final = STATE / "lora" / "final"
-    paused = bool((last_json(text) or {}).get("stopped_early"))  # max_time_s: a checkpoint, not the end
-    done = rc == 0 and (final / "adapter_model.safetensors").exists() and not paused
-    report = {"rc": rc, "resumed": resume, "done": done, "wall_s": round(time.time() - t0, 1), "last": last_json(text),
-              "ranks": ranks, "compile": cfg.get("compile", False), "eager_retry": eager_retry,
-              "config": args.config, "init_adapter": cfg.get("init_adapter"), "curriculum": cfg.get("curriculum")}
+    done = report["done"]
+    report.update(config=args.config, init_adapter=cfg.get("init_adapter"), curriculum=cfg.get("curriculum"))
     if OUT:
         for name in ("metrics.jsonl", "loss.png"):
             if (STATE / "lora" / name).exists():
@@ -310,6 +286,44 @@ def stage_train(args) -> None:
             report["adapter_sha256"] = hashlib.sha256(data).hexdigest()
             report["adapter_pieces"] = write_pieces(data, "adapter_model.safetensors")
     emit("train", report)
+
+
+def run_training(kind: str, cfg: dict, out: Path, args) -> dict:
+    """`idlm train KIND` on `cfg` (written to STATE/<out's name>.yaml) into `out`, resuming from its checkpoint,
+    data-parallel over the GPUs, stopping at --budget with a checkpoint. A config with `compile: true` whose
+    compiled run fails (inductor bugs differ between torch versions: the sampled decode step's did) goes on
+    eagerly from its last checkpoint in what is left of the budget (`compile` is not in a run's
+    fingerprint). -> the stage's report: rc, resumed, done (the run reached max_steps), wall_s, the trainer's
+    last JSON line, ranks, compile, eager_retry."""
+    import yaml
+
+    if args.budget:
+        cfg["max_time_s"] = args.budget - 60  # room to save the checkpoint and leave
+    ranks = data_parallel(cfg, args.gpus)
+    path = STATE / f"{out.name}.yaml"
+    t0 = time.time()
+
+    def launch() -> tuple[bool, int, str]:
+        path.write_text(yaml.safe_dump(cfg))
+        resume = (out / "checkpoints" / "latest").exists()
+        return resume, *idlm("train", kind, str(path), *(["--resume"] if resume else []),
+                             *(["--device", "cpu"] if args.smoke else []), ranks=ranks)
+
+    resume, rc, text = launch()
+    eager_retry = None
+    if rc not in (0, -9) and cfg.get("compile") and not args.smoke:
+        left = None if args.budget is None else args.budget - (time.time() - t0)
+        eager_retry = {"compiled_rc": rc, "compiled_tail": text.strip().splitlines()[-3:], "left_s": left}
+        if left is None or left > 120:
+            cfg["compile"] = False
+            if left is not None:
+                cfg["max_time_s"] = left - 60
+            _, rc, text = launch()
+    last = last_json(text)
+    paused = bool((last or {}).get("stopped_early"))  # max_time_s: a checkpoint, not the end
+    done = rc == 0 and (out / "final").is_dir() and any((out / "final").iterdir()) and not paused
+    return {"rc": rc, "resumed": resume, "done": done, "wall_s": round(time.time() - t0, 1), "last": last,
+            "ranks": ranks, "compile": cfg.get("compile", False), "eager_retry": eager_retry}
 
 
 def visible_gpus() -> int:
