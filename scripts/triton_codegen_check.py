@@ -50,8 +50,8 @@ def step_args(vocab: int, stride: int, k_row: bool, truncate):
             torch.full((B,), 0.95 if truncate else 1.0), torch.zeros(B, dtype=torch.bool),
             torch.zeros(B, dtype=torch.bool), torch.ones(B), rng.seed_keys([1, 2]), torch.arange(B),
             torch.softmax(torch.randn(B, k, vocab, generator=g), -1), truncate]
-    if k_row:
-        args.append(torch.tensor([k - 1, k]))
+    args.append(torch.tensor([k - 1, k]) if k_row else None)
+    args.append(torch.tensor([0.5, 0.7]))  # draft_temperature (the engine always passes it)
     return args
 
 
