@@ -58,12 +58,9 @@ def main() -> None:
             t0 = time.perf_counter()
             outs = eng.run(prompts, [SamplingParams(temperature=temp, max_tokens=args.max_tokens, ignore_eos=True,
                                                     seed=i, draft_temperature=td) for i in range(len(prompts))])
-            total = DecodeStats()
-            for o in outs:
-                total = total.merge(o.stats)
+            total = DecodeStats.total(o.stats for o in outs)
             rows.append({"temperature": temp, "draft_temperature": td, "tpf": round(total.tpf, 4),
-                         "acceptance_per_position": [round(a / max(1, v), 4) for a, v in
-                                                     zip(total.accepted_per_position, total.verified_per_position)],
+                         "acceptance_per_position": total.acceptance_per_position,
                          "forwards": total.forwards, "wall_s": round(time.perf_counter() - t0, 2)})
             print(json.dumps(rows[-1]), flush=True)
     best = {}

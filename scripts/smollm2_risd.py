@@ -372,33 +372,46 @@ def ar_and_risd(model, tok, lora, n: int):
 
 
 def eval_target(args) -> tuple[str, str, Path]:
-    """(device, model, adapter directory) of the eval and speed stages."""
+    """(device, model, adapter directory) of the eval, tpf and speed stages, this process set up to load them
+    (the GGUF's cache, the carried wheels)."""
     from idlm.models.loader import resolve_model_path
 
+    os.environ.update({k: v for k, v in env().items() if k == "IDLM_CACHE"})
+    sys.path.insert(0, str(SITE))
     if args.smoke:
         return "cpu", "idlm-tiny-ar", resolve_model_path("idlm-tiny-ar-risd-lora")
     return "cuda", MODEL, STATE / "lora" / "final"
 
 
-def stage_eval(args) -> None:
-
-    from idlm.bench import environment
-    from idlm.data.chat_prompts import read_prompts
-    from idlm.decoding.sampling import SamplingParams
+def load_target(name: str, adapter, dev: str, dtype: str):
+    """-> (model, tokenizer, adapter) of `eval_target`'s model and an adapter directory, in `dtype`."""
     from idlm.layers.lora import LoRAAdapter
     from idlm.models.loader import load_pretrained
 
-    os.environ.update({k: v for k, v in env().items() if k == "IDLM_CACHE"})
-    sys.path.insert(0, str(SITE))
+    model, tok = load_pretrained(name, dtype=dtype, device=dev)
+    return model, tok, LoRAAdapter.load(adapter, model.config, device=dev, dtype=model.dtype)
+
+
+def heldout_messages() -> list:
+    """The held-out prompts' chat messages (distill's prompts.jsonl; none before distill or unpack)."""
+    from idlm.data.chat_prompts import read_prompts
+
+    heldout = STATE / "distill" / "prompts.jsonl"
+    return [p["messages"] for p in read_prompts(str(heldout))] if heldout.exists() else []
+
+
+def stage_eval(args) -> None:
+
+    from idlm.bench import environment
+    from idlm.decoding.sampling import SamplingParams
+
     dev, name, adapter_dir = eval_target(args)
     n_exact, n_new = (4, 16) if args.smoke else (64, 256)
-    heldout = STATE / "distill" / "prompts.jsonl"
-    msgs = [p["messages"] for p in read_prompts(str(heldout))] if heldout.exists() else []
+    msgs = heldout_messages()
     out: dict = {**environment(dev), "heldout_prompts": len(msgs)}
 
     def load(dtype):
-        model, tok = load_pretrained(name, dtype=dtype, device=dev)
-        return model, tok, LoRAAdapter.load(adapter_dir, model.config, device=dev, dtype=model.dtype)
+        return load_target(name, adapter_dir, dev, dtype)
 
     # exactness (fp32) and agreement (bf16): greedy R-ISD vs greedy AR, held-out chat prompts
     for dtype in ("float32", "bfloat16"):
@@ -456,13 +469,10 @@ def tpf_table(model, tok, lora, prompts: list, max_tokens: int, draft_temperatur
     for temp, td in cases:
         eng = LLMEngine(model, tok, EngineConfig(decoder="risd", stride=4, max_num_seqs=64), lora=lora)
         outs = eng.run(prompts, SamplingParams(temperature=temp, max_tokens=max_tokens, seed=0, draft_temperature=td))
-        total = DecodeStats()
-        for o in outs:
-            total = total.merge(o.stats)
-        per_position = zip(total.accepted_per_position, total.verified_per_position)
+        total = DecodeStats.total(o.stats for o in outs)
         out[f"tpf_T{temp}" + ("" if td is None else f"_Td{td}")] = {
             "tpf": round(total.tpf, 4), "prompts": len(prompts), "stats": total.to_dict(),
-            "acceptance_per_position": [round(a / max(1, v), 4) for a, v in per_position]}
+            "acceptance_per_position": total.acceptance_per_position}
         del eng
         release()
     return out
@@ -483,21 +493,15 @@ def stage_tpf(args) -> None:
     """TPF at N = 4 (greedy, T = 0.7) of one adapter on the held-out chat prompts, bf16: `--adapter DIR` (or a
     registry name: the shipped adapter), default the training run's newest checkpoint — a point of the
     TPF-against-training curve, cheaper than `eval` (no exactness, no HumanEval)."""
-    from idlm.data.chat_prompts import read_prompts
-    from idlm.layers.lora import LoRAAdapter
-    from idlm.models.loader import load_pretrained, resolve_model_path
+    from idlm.models.loader import resolve_model_path
 
-    os.environ.update({k: v for k, v in env().items() if k == "IDLM_CACHE"})
-    dev, name, _ = eval_target(args)
-    adapter = (resolve_model_path(args.adapter) if args.adapter else
-               resolve_model_path("idlm-tiny-ar-risd-lora") if args.smoke else latest_adapter())
+    dev, name, default = eval_target(args)
+    adapter = (resolve_model_path(args.adapter) if args.adapter else default if args.smoke else latest_adapter())
     n, n_new = (8, 16) if args.smoke else (256, 256)
-    heldout = STATE / "distill" / "prompts.jsonl"
-    msgs = [p["messages"] for p in read_prompts(str(heldout))][:n] if heldout.exists() else []
+    msgs = heldout_messages()[:n]
     if not msgs:
-        raise SystemExit(f"tpf: no held-out prompts at {heldout} (run distill or unpack first)")
-    model, tok = load_pretrained(name, dtype="bfloat16" if dev == "cuda" else "float32", device=dev)
-    lora = LoRAAdapter.load(adapter, model.config, device=dev, dtype=model.dtype)
+        raise SystemExit(f"tpf: no held-out prompts under {STATE / 'distill'} (run distill or unpack first)")
+    model, tok, lora = load_target(name, adapter, dev, "bfloat16" if dev == "cuda" else "float32")
     rows = tpf_table(model, tok, lora, [tok.encode_chat(m) for m in msgs], n_new,
                      tuple(float(x) for x in args.draft_temperatures.split(",")) if args.draft_temperatures else ())
     key = f"tpf_{Path(adapter).parent.name if Path(adapter).name == 'weights' else Path(adapter).name}"
@@ -531,20 +535,13 @@ def stage_speed(args) -> None:
 
     from idlm.bench import environment
     from idlm.bench.offline import bench_offline, sample_trace, traced_choices
-    from idlm.data.chat_prompts import read_prompts
     from idlm.decoding.sampling import SamplingParams
     from idlm.engine.llm_engine import EngineConfig, LLMEngine
-    from idlm.layers.lora import LoRAAdapter
-    from idlm.models.loader import load_pretrained
 
-    os.environ.update({k: v for k, v in env().items() if k == "IDLM_CACHE"})
-    sys.path.insert(0, str(SITE))
     dev, name, adapter_dir = eval_target(args)
     reps, conc = (1, [1, 2]) if args.smoke else (3, [1, 16, 64])
-    model, tok = load_pretrained(name, dtype="bfloat16", device=dev)
-    lora = LoRAAdapter.load(adapter_dir, model.config, device=dev, dtype=model.dtype)
-    heldout = STATE / "distill" / "prompts.jsonl"
-    prompts = [tok.encode_chat(p["messages"]) for p in read_prompts(str(heldout))][:256]
+    model, tok, lora = load_target(name, adapter_dir, dev, "bfloat16")
+    prompts = [tok.encode_chat(m) for m in heldout_messages()[:256]]
     out: dict = {**environment(dev), "step_phases": step_phase_table(model, tok, lora, prompts[0], args.smoke)}
     emit("speed", out)
 

@@ -468,3 +468,17 @@ def test_kept_q_takes_each_rows_own_columns_from_the_last_steps_output():
     mixed = [state(0, 2), ISDState("V", 1, [1], spec_q=(other, 0), spec_qd=[0.5])]
     q = ISDDecoder.__new__(ISDDecoder)._kept_q(mixed, 2, V, "cpu")
     assert torch.equal(q[0], out[0, :2]) and torch.equal(q[1, :1], other[0, :1]) and not q[1, 1].any()
+
+
+def test_decode_stats_total_and_acceptance_per_position():
+    """`DecodeStats.total` is the merge of many; acceptance per position is accepted / verified per index."""
+    from idlm.decoding.base import DecodeStats
+
+    a, b = DecodeStats(forwards=2, committed=5), DecodeStats(forwards=1, committed=1)
+    a.record_verify(3, 3)  # all three accepted
+    b.record_verify(3, 1)  # first accepted, second rejected (third not verified)
+    t = DecodeStats.total([a, b])
+    assert (t.forwards, t.committed) == (3, 6)
+    assert t.verified_per_position == [2, 2, 1] and t.accepted_per_position == [2, 1, 1]
+    assert t.acceptance_per_position == [1.0, 0.5, 1.0]
+    assert DecodeStats.total([]).acceptance_per_position == []

@@ -104,6 +104,20 @@ class DecodeStats:
         v = sum(self.verified_per_position)
         return sum(self.accepted_per_position) / v if v else None
 
+    @property
+    def acceptance_per_position(self) -> list[float]:
+        """Accepted / verified drafts at each draft index (conditional: index j is verified only when
+        0..j−1 were accepted), rounded to 4 digits."""
+        return [round(a / max(1, v), 4) for a, v in zip(self.accepted_per_position, self.verified_per_position)]
+
+    @classmethod
+    def total(cls, stats) -> "DecodeStats":
+        """The merge of many requests' stats (e.g. `[o.stats for o in outputs]`)."""
+        out = cls()
+        for s in stats:
+            out = out.merge(s)
+        return out
+
     def merge(self, other: "DecodeStats") -> "DecodeStats":
         out = DecodeStats(self.forwards + other.forwards, self.committed + other.committed)
         k = max(len(self.verified_per_position), len(other.verified_per_position))

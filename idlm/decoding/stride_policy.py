@@ -78,8 +78,11 @@ def sampling_class(params) -> tuple:
     so a T = 1 request must not start from what greedy ones showed. Temperature to 0.1 (at most 2), top-p to
     0.05, top-k as given (0 = off) up to 1000, the draft rule and the draft temperature (to 0.1, at most 2;
     None: the temperature): a bounded set of keys."""
-    t = 0.0 if params.temperature <= 0 else min(2.0, round(params.temperature, 1))
-    td = t if params.draft_temperature is None or t == 0 else min(2.0, round(params.draft_temperature, 1))
+    def key(temperature: float) -> float:
+        return min(2.0, round(temperature, 1))
+
+    t = 0.0 if params.temperature <= 0 else key(params.temperature)
+    td = t if params.draft_temperature is None or t == 0 else key(params.draft_temperature)
     return t, min(int(params.top_k), 1000), round(float(params.top_p) * 20) / 20, params.draft, td
 
 

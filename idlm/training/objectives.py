@@ -16,7 +16,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from idlm.layers.attention import DenseAttention, FlexAttentionBackend
+from idlm.layers.attention import DenseAttention, FlexAttentionBackend, sdpa
 from idlm.training.masks import dense_mask, flex_block_mask, idlm_mask_fn, sdar_mask_fn
 
 
@@ -48,7 +48,7 @@ class RecordKV:
 
     def attend(self, layer, q, k, v):
         self.k[layer], self.v[layer] = k, v
-        return DenseAttention().attend(layer, q, k, v)
+        return sdpa(q, k, v, None, is_causal=True)
 
 
 class XtOverX0:
