@@ -12,6 +12,8 @@ Stages (comma-separated argv[1], default all):
   throughput  bf16: offline tokens/s of engine AR and R-ISD at C = 64, 256 (SmolLM2 shape, random weights)
   sprofile  batch 1, SmolLM2 shape (random weights): where a sampled (T = 0.7) R-ISD / AR step's time goes
          vs greedy: wall time per step, GPU kernel time per step, top kernels and top host ops (torch.profiler)
+  bprofile  batch $BATCH (64), SmolLM2 shape: AR, R-ISD N = 4 and an R-ISD engine's plain AR steps (N = 1),
+         greedy and T = 0.7: step time, GPU kernel time and top kernels
   stime  batch 1, T = 0 vs 0.7, R-ISD: each step's wall time split into step_inputs / runner.decode (synced)
          / finish, graph captures and dynamo recompiles over time (SmolLM2 shape random weights; idlm-tiny-ar)
   churn  the self-distillation workload (384 requests of varied lengths, admitted every step): time split
@@ -192,6 +194,48 @@ def stage_sprofile():
                                      "step_ms_profiled": round(step_ms, 4), **summarize(prof, steps)}
             print(json.dumps({f"{dec}/T{temp}": out[f"{dec}/T{temp}"]}), flush=True)
     emit("sprofile", out)
+
+
+def stage_bprofile():
+    """At batch BATCH (default 64), SmolLM2 shape (random weights and adapter): the decode step of the AR
+    engine, of R-ISD N = 4 and of an R-ISD engine's plain AR steps (a stride schedule of N = 1: what the
+    adaptive stride falls back to), greedy and T = 0.7 — step time unprofiled, GPU kernel time, top
+    kernels. Why: at C = 64, T = 0.7 the adaptive engine ran mostly N = 1 steps yet lost to the AR engine
+    (docs/risd.md, session 16)."""
+    from idlm.bench.profile import profile_steps, summarize
+
+    batch = int(os.environ.get("BATCH", "64"))
+    model = random_model("smollm2-135m", dtype="bfloat16", device=DEV)
+    lora = LoRAAdapter(model.config, LoRAConfig(rank=32)).init_weights(std=0.02, seed=0, zero_b=False)
+    lora = lora.to(device=DEV, dtype=model.dtype)
+    prompts = [list(range(100 + b, 164 + b)) for b in range(batch)]
+    kinds = {"ar": dict(decoder="ar"), "risd4": dict(decoder="risd", stride=4),
+             "risd_n1": dict(decoder="risd", stride=4, stride_schedule=[(1 << 20, 1)])}
+    out = {"batch": batch}
+    for kind, cfg in kinds.items():
+        eng = LLMEngine(model, None, EngineConfig(max_num_seqs=batch, num_pages=64 * batch, **cfg),
+                        lora=lora if cfg["decoder"] == "risd" else None)
+        for temp in (0.0, 0.7):
+            eng.run(prompts, SamplingParams(temperature=temp, max_tokens=48, ignore_eos=True, seed=0))  # warm-up
+            for b, pr in enumerate(prompts):
+                eng.add_request(pr, SamplingParams(temperature=temp, max_tokens=600, ignore_eos=True, seed=b))
+            for _ in range(10):
+                eng.step()
+            steps = 20
+            prof, step_ms = profile_steps(eng, steps)
+            f1, t1 = eng.counters["decode_forwards"], eng.counters["decode_time_s"]
+            for _ in range(40):
+                eng.step()
+            plain_ms = 1e3 * (eng.counters["decode_time_s"] - t1) / max(1, eng.counters["decode_forwards"] - f1)
+            for seq in list(eng.seqs):
+                eng.abort_request(seq)
+            while eng.has_unfinished():
+                eng.step()
+            key = f"{kind}/T{temp}"
+            out[key] = {"step_ms": round(plain_ms, 4), "step_ms_profiled": round(step_ms, 4),
+                        "graphs": eng.runner.graphs_captured, **summarize(prof, steps, top_kernels=14)}
+            print(json.dumps({key: out[key]}), flush=True)
+    emit("bprofile", out)
 
 
 def stage_stime():

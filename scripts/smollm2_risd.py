@@ -25,8 +25,10 @@ calls (a machine goes back 30 s after a call; its disk survives until then):
              --stride auto) per-request speed at C = 1, 16, 64, greedy and T = 0.7 (responses end at their
              end token, at most 256 tokens: the first full run's fixed 128 tokens past the answer's end
              measured a TPF of 1.50 where the answers themselves give 1.89), and HF transformers
-             generate (static cache, compiled) on the same weights. Its own process because the first full
-             run measured R-ISD at T = 0.7 2× slower inside the eval process than in a fresh one
+             Its own process because the first full run measured R-ISD at T = 0.7 2× slower inside the
+             eval process than in a fresh one
+    hf       HF transformers generate (static cache, compiled) on the same weights at batch 1, beside idlm AR
+             and R-ISD on the same prompts in the same process (its own call: `speed` fills one)
     exact    issue 16's `scripts/bench_exact.py` with SmolLM2 + this adapter added (its own process)
 
 At most 64 MiB travels to the machine (working tree + carried paths) and the embedded assets alone are
@@ -535,7 +537,6 @@ def stage_speed(args) -> None:
 
     from idlm.bench import environment
     from idlm.bench.offline import bench_offline, sample_trace, traced_choices
-    from idlm.decoding.sampling import SamplingParams
     from idlm.engine.llm_engine import EngineConfig, LLMEngine
 
     dev, name, adapter_dir = eval_target(args)
@@ -575,22 +576,44 @@ def stage_speed(args) -> None:
         speed[f"T{temp}"] = rows
     out["speed"] = speed
     emit("speed", out)
-    # the outside baseline: HF generate, static cache, compiled (CUDA), same bf16 weights, batch 1
-    from idlm.bench.hf import hf_generate_speed, load_hf
 
+
+def stage_hf(args) -> None:
+    """The outside baseline, in a process of its own (`speed` fills most of a device call): HF transformers
+    `generate` (static cache, compiled on CUDA) on the same bf16 weights at batch 1, and in the same process
+    idlm's engine AR and R-ISD (N = 4) on the same prompts and token counts (EOS ignored on both sides:
+    the same 128 tokens), interleaved reps, median."""
+    from idlm.bench import environment
+    from idlm.bench.hf import hf_generate_speed, load_hf
+    from idlm.bench.offline import bench_offline
+    from idlm.decoding.sampling import SamplingParams
+
+    dev, name, adapter_dir = eval_target(args)
+    reps, n_new = (1, 8) if args.smoke else (3, 128)
+    model, tok, lora = load_target(name, adapter_dir, dev, "bfloat16")
+    prompts = [tok.encode_chat(m) for m in heldout_messages()[:3]]
+    out: dict = environment(dev)
     hf = load_hf(model, tok)
-    base = hf_generate_speed(hf, prompts[:3], max_new_tokens=128 if not args.smoke else 8, compile=dev == "cuda",
-                             reps=reps)
-    ours = LLMEngine(model, tok, EngineConfig(decoder="ar", max_num_seqs=1)).run(
-        prompts[:3], SamplingParams(temperature=0, max_tokens=base["max_new_tokens"], ignore_eos=True))
+    base = hf_generate_speed(hf, prompts, max_new_tokens=n_new, compile=dev == "cuda", reps=reps)
+    del hf
+    ar, risd = ar_and_risd(model, tok, lora, 1)
+    runs = {"ar": [], "risd": []}
+    for rep in range(reps):
+        for key, eng in (("ar", ar), ("risd", risd)):
+            runs[key].append(bench_offline(eng, prompts, [1], max_tokens=n_new, temperature=0.0, warmup=rep == 0)[0])
+    med = {k: sorted(v, key=lambda r: r["per_request_tok_s"])[len(v) // 2] for k, v in runs.items()}
+    ours = ar.run(prompts, SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True))
     out["hf_generate"] = {k: v for k, v in base.items() if k != "outputs"}
     out["hf_generate"]["same_tokens_as_idlm_ar"] = sum(o.token_ids == h for o, h in zip(ours, base["outputs"]))
     # where bf16 kernels part ways (HF: its own RMSNorm/RoPE/SDPA): tokens before the first difference
     out["hf_generate"]["tokens_before_divergence"] = [
         next((i for i, (a, b) in enumerate(zip(o.token_ids, h)) if a != b), min(len(o.token_ids), len(h)))
         for o, h in zip(ours, base["outputs"])]
-    del hf
-    emit("speed", out)
+    out["idlm_same_prompts"] = {k: {"per_request_tok_s": m["per_request_tok_s"], "tpf": m["tpf"],
+                                    "reps": [r["per_request_tok_s"] for r in runs[k]]} for k, m in med.items()}
+    hf_tok_s = base["per_request_tok_s"]
+    out["over_hf"] = {k: round(m["per_request_tok_s"] / hf_tok_s, 3) for k, m in med.items()}
+    emit("hf", out)
 
 
 def stage_card(args) -> None:
@@ -684,7 +707,7 @@ def stage_exact(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("stages", nargs="+", choices=["prepare", "stash", "setup", "distill", "pack", "unpack", "train",
-                                                       "tpf", "eval", "speed", "exact", "card"])
+                                                       "tpf", "eval", "speed", "hf", "exact", "card"])
     ap.add_argument("--from", dest="from_dir", default=None, help="card: the folder of the device's outputs")
     ap.add_argument("--to", dest="to_dir", default=None, help="card: where to write (default: the embedded asset)")
     ap.add_argument("--budget", type=float, default=None, help="seconds a distill/train stage may run (resumable)")
