@@ -171,3 +171,73 @@ def test_sampled_isd_step_compiles_at_long_vocabularies(vocab):
     eager, _ = sampled_isd_step.__wrapped__(*args)
     assert "sampled_isd_step" not in compile_fallbacks()
     assert torch.equal(packed[:, :2 + k], eager[:, :2 + k])  # accepted count, final token and drafts
+
+
+# ----------------------------------------------------------------- inverse_cdf in two levels
+
+def _first_above(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Brute-force oracle in float64: the first index whose cumulative mass exceeds u times the total."""
+    cdf = p.double().cumsum(-1)
+    x = u.double()[:, None] * cdf[:, -1:]
+    return (cdf <= x).sum(-1)
+
+
+@pytest.mark.parametrize("vocab", [4096 + 37, 49152, 3 * 1024 + 1])
+def test_two_level_inverse_cdf_picks_the_token_of_the_flat_cdf(vocab):
+    """Rows longer than two blocks are inverted block first, then inside the block: the token of the flat
+    float64 cumulative sum, except where x lies within float32 rounding of an interval's edge."""
+    from idlm.decoding.sampling import inverse_cdf
+
+    g = torch.Generator().manual_seed(1)
+    p = torch.softmax(3 * torch.randn(512, vocab, generator=g), -1)
+    p[:, 5::11] = 0  # zeros everywhere, block edges included
+    u = (torch.randint(0, 1 << 24, (512,), generator=g).float() + 0.5) / (1 << 24)
+    got, want = inverse_cdf(p, u), _first_above(p, u)
+    cdf = p.double().cumsum(-1)
+    x = u.double() * cdf[:, -1]
+    off = got != want
+    # a difference only at an edge: x within 1e-5 of the cumulative mass at the oracle's token's boundary
+    edge = torch.minimum((cdf.gather(-1, want[:, None]).squeeze(-1) - x).abs(),
+                         (cdf.gather(-1, (want - 1).clamp(min=0)[:, None]).squeeze(-1) - x).abs())
+    assert off.sum() <= 2 and bool((edge[off] < 1e-5).all()), (off.sum(), edge[off])
+    assert bool((p.gather(-1, got[:, None]) > 0).all())
+
+
+def test_two_level_inverse_cdf_follows_the_distribution_on_a_stratified_grid():
+    """With u on an even grid of M points, token i must come ~M·p_i times (±2): a deterministic check of the
+    law, over mass spread across blocks, a short last block and zeros between."""
+    from idlm.decoding.sampling import CDF_BLOCK, inverse_cdf
+
+    vocab, M = 5 * CDF_BLOCK + 300, 40_000
+    g = torch.Generator().manual_seed(2)
+    support = torch.randperm(vocab, generator=g)[:200]
+    support[0] = vocab - 1  # the short last block's last id has mass
+    p = torch.zeros(vocab)
+    p[support] = torch.rand(200, generator=g) + 0.05
+    p /= p.sum()
+    u = (torch.arange(M, dtype=torch.float64) + 0.5) / M
+    tokens = inverse_cdf(p.expand(M, vocab), u.float())
+    counts = torch.bincount(tokens, minlength=vocab).double()
+    assert bool((counts[p == 0] == 0).all())
+    assert float((counts - M * p.double()).abs().max()) <= 2.0
+
+
+def test_inverse_cdf_never_picks_a_token_without_mass():
+    """u at its extremes, one-hot rows at either end of the vocabulary, mass only in the short last block,
+    rounding onto the total: the token always has mass (flat and two-level paths)."""
+    from idlm.decoding.sampling import CDF_BLOCK, inverse_cdf
+
+    lo, hi = 0.5 / (1 << 24), 1 - 0.5 / (1 << 24)
+    for vocab in (1000, 4 * CDF_BLOCK + 10):
+        rows = torch.zeros(5, vocab)
+        rows[0, 0] = 1.0
+        rows[1, vocab - 1] = 1.0
+        rows[2, -10:-3] = 1 / 7  # the short last block (two-level) / the row's end (flat)
+        edge = CDF_BLOCK if vocab > CDF_BLOCK else vocab // 2
+        rows[3, edge - 1] = 0.5  # a block's last id and the next block's first
+        rows[3, edge] = 0.5
+        rows[4, :] = 1 / vocab
+        rows[4, -1] = 0.0
+        for u in (lo, hi, 0.5):
+            tok = inverse_cdf(rows, torch.full((5,), u))
+            assert bool((rows.gather(-1, tok[:, None]) > 0).all()), (vocab, u, tok)
