@@ -12,7 +12,8 @@ Stages (comma-separated argv[1], default all):
   throughput  bf16: offline tokens/s of engine AR and R-ISD at C = 64, 256 (SmolLM2 shape, random weights)
   sprofile  batch 1, SmolLM2 shape (random weights): where a sampled (T = 0.7) R-ISD / AR step's time goes
          vs greedy: wall time per step, GPU kernel time per step, top kernels and top host ops (torch.profiler)
-  bprofile  batch $BATCH (64), SmolLM2 shape: AR, R-ISD N = 4 and an R-ISD engine's plain AR steps (N = 1),
+  bprofile  batch $BATCH (64; $KINDS: some of ar,risd4,risd_n1), SmolLM2 shape: AR, R-ISD N = 4 and an
+         R-ISD engine's plain AR steps (N = 1),
          greedy and T = 0.7: step time, GPU kernel time and top kernels
   stime  batch 1, T = 0 vs 0.7, R-ISD: each step's wall time split into step_inputs / runner.decode (synced)
          / finish, graph captures and dynamo recompiles over time (SmolLM2 shape random weights; idlm-tiny-ar)
@@ -203,6 +204,7 @@ def stage_bprofile():
     kernels. Why: at C = 64, T = 0.7 the adaptive engine ran mostly N = 1 steps yet lost to the AR engine
     (docs/risd.md, session 16)."""
     from idlm.bench.profile import profile_steps, summarize
+    from idlm.layers.fused import compile_fallbacks
 
     batch = int(os.environ.get("BATCH", "64"))
     model = random_model("smollm2-135m", dtype="bfloat16", device=DEV)
@@ -211,6 +213,8 @@ def stage_bprofile():
     prompts = [list(range(100 + b, 164 + b)) for b in range(batch)]
     kinds = {"ar": dict(decoder="ar"), "risd4": dict(decoder="risd", stride=4),
              "risd_n1": dict(decoder="risd", stride=4, stride_schedule=[(1 << 20, 1)])}
+    only = os.environ.get("KINDS")
+    kinds = {k: v for k, v in kinds.items() if not only or k in only.split(",")}
     out = {"batch": batch}
     for kind, cfg in kinds.items():
         eng = LLMEngine(model, None, EngineConfig(max_num_seqs=batch, num_pages=64 * batch, **cfg),
@@ -233,6 +237,7 @@ def stage_bprofile():
                 eng.step()
             key = f"{kind}/T{temp}"
             out[key] = {"step_ms": round(plain_ms, 4), "step_ms_profiled": round(step_ms, 4),
+                        "compile_fallbacks": compile_fallbacks(),
                         "graphs": eng.runner.graphs_captured, **summarize(prof, steps, top_kernels=14)}
             print(json.dumps({key: out[key]}), flush=True)
     emit("bprofile", out)

@@ -11,7 +11,7 @@ Triton CPU backend, which is not installed and is not what is checked).
 
     python -m venv /tmp/v211 && /tmp/v211/bin/pip install torch==2.11.0 numpy   (the GPU machine's torch)
     /tmp/v211/bin/python scripts/triton_codegen_check.py [--vocab 49152,151936] [--stride 4] [--k-row]
-        [--truncate 0|1|K]
+        [--truncate 0|1|K]                                  (--stride 1: the sampled AR step)
 
 Prints a JSON line per case, a summary last; exit status 1 when a case fails. What it found and fixed:
 docs/sampling.md ("The sampled step ran eagerly at long vocabularies").
@@ -55,13 +55,24 @@ def step_args(vocab: int, stride: int, k_row: bool, truncate):
     return args
 
 
+def ar_args(vocab: int, truncate):
+    from idlm.decoding import rng
+
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(2, 1, vocab, generator=g), torch.full((2,), 0.7), torch.zeros(2, dtype=torch.long),
+            torch.full((2,), 0.95 if truncate else 1.0), rng.seed_keys([1, 2]), torch.arange(2), truncate]
+
+
 def check(vocab: int, stride: int, k_row: bool, truncate) -> dict:
+    from idlm.decoding.ar import sampled_ar_step
     from idlm.decoding.isd import sampled_isd_step
 
     torch._dynamo.reset()
     case = {"vocab": vocab, "stride": stride, "k_row": k_row, "truncate": truncate}
+    fn, args = ((sampled_ar_step, ar_args(vocab, truncate)) if stride == 1
+                else (sampled_isd_step, step_args(vocab, stride, k_row, truncate)))
     try:
-        torch.compile(sampled_isd_step.__wrapped__, dynamic=False)(*step_args(vocab, stride, k_row, truncate))
+        torch.compile(fn.__wrapped__, dynamic=False)(*args)
         return {**case, "ok": True, "ran": True}
     except Exception as e:  # noqa: BLE001 — the generation's error is the result
         msg = str(e)

@@ -66,11 +66,8 @@ class ARDecoder(Decoder):
         if greedy:  # p̃ is the point mass on the argmax: skip the distribution entirely
             packed = greedy_ar_step(logits)
         else:
-            p = filtered_probs(logits[:, 0], tensors["temperature"], tensors["top_k"], tensors["top_p"], truncate)
-            u = rng.uniforms(tensors["keys"], tensors["draw"], rng.STREAM_TOKENS, 1)[:, 0]  # [B]
-            tokens = inverse_cdf(p, u)  # [B]
-            q = p.gather(-1, tokens[:, None]).squeeze(-1)
-            packed = torch.stack([tokens.float(), q], dim=-1)  # [B, 2]: token, p̃(token)
+            packed = sampled_ar_step(logits, tensors["temperature"], tensors["top_k"], tensors["top_p"],
+                                     tensors["keys"], tensors["draw"], truncate)
         if logprobs is not None:  # + [1 + 2k]: the token's raw logprob, top-k ids, top-k logprobs
             packed = torch.cat([packed, logprob_columns(logits, packed[:, :1].long(), logprobs)], dim=-1)
         return packed, None
@@ -100,3 +97,16 @@ def greedy_ar_step(logits: torch.Tensor) -> torch.Tensor:
     """logits [B, 1, V] -> packed [B, 2]: the argmax token and q = 1 (one fused kernel on CUDA)."""
     tokens = logits[:, 0].argmax(-1)
     return torch.stack([tokens.float(), torch.ones_like(tokens, dtype=torch.float32)], dim=-1)
+
+
+@cuda_fused(start="only the batch dynamic", batch_rows=True)
+def sampled_ar_step(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                    keys: torch.Tensor, draw: torch.Tensor, truncate: bool | int) -> torch.Tensor:
+    """logits [B, 1, V], per-row temperature / top_k / top_p [B], Philox keys [B, 2] and draw numbers [B]
+    -> packed [B, 2]: the token drawn from p̃ and p̃(token). One compiled function on CUDA (a few fused
+    kernels inside the decode graph, as the sampled ISD step), eager elsewhere."""
+    p = filtered_probs(logits[:, 0], temperature, top_k, top_p, truncate)
+    u = rng.uniforms.__wrapped__(keys, draw, rng.STREAM_TOKENS, 1)[:, 0]  # [B] (inside a compiled region on CUDA)
+    tokens = inverse_cdf(p, u)  # [B]
+    q = p.gather(-1, tokens[:, None]).squeeze(-1)
+    return torch.stack([tokens.float(), q], dim=-1)
