@@ -12,8 +12,8 @@ Stages (comma-separated argv[1], default all):
   throughput  bf16: offline tokens/s of engine AR and R-ISD at C = 64, 256 (SmolLM2 shape, random weights)
   sprofile  batch 1, SmolLM2 shape (random weights): where a sampled (T = 0.7) R-ISD / AR step's time goes
          vs greedy: wall time per step, GPU kernel time per step, top kernels and top host ops (torch.profiler)
-  bprofile  batch $BATCH (64; $KINDS: some of ar,risd4,risd_n1), SmolLM2 shape: AR, R-ISD N = 4 and an
-         R-ISD engine's plain AR steps (N = 1),
+  bprofile  batch $BATCH (64; $KINDS, default ar,risd4,risd_n1; also risd_auto), SmolLM2 shape: AR, R-ISD
+         N = 4, an R-ISD engine's plain AR steps (N = 1) and `--stride auto`,
          greedy and T = 0.7: step time, GPU kernel time and top kernels
   stime  batch 1, T = 0 vs 0.7, R-ISD: each step's wall time split into step_inputs / runner.decode (synced)
          / finish, graph captures and dynamo recompiles over time (SmolLM2 shape random weights; idlm-tiny-ar)
@@ -212,14 +212,18 @@ def stage_bprofile():
     lora = lora.to(device=DEV, dtype=model.dtype)
     prompts = [list(range(100 + b, 164 + b)) for b in range(batch)]
     kinds = {"ar": dict(decoder="ar"), "risd4": dict(decoder="risd", stride=4),
-             "risd_n1": dict(decoder="risd", stride=4, stride_schedule=[(1 << 20, 1)])}
-    only = os.environ.get("KINDS")
+             "risd_n1": dict(decoder="risd", stride=4, stride_schedule=[(1 << 20, 1)]),
+             "risd_auto": dict(decoder="risd", stride="auto")}  # its own choices (warmed up first)
+    only = os.environ.get("KINDS", "ar,risd4,risd_n1")
     kinds = {k: v for k, v in kinds.items() if not only or k in only.split(",")}
     out = {"batch": batch}
     for kind, cfg in kinds.items():
         eng = LLMEngine(model, None, EngineConfig(max_num_seqs=batch, num_pages=64 * batch, **cfg),
                         lora=lora if cfg["decoder"] == "risd" else None)
+        if cfg.get("stride") == "auto":
+            eng.warmup()
         for temp in (0.0, 0.7):
+            mix0 = dict(eng.stride_mix)
             eng.run(prompts, SamplingParams(temperature=temp, max_tokens=48, ignore_eos=True, seed=0))  # warm-up
             for b, pr in enumerate(prompts):
                 eng.add_request(pr, SamplingParams(temperature=temp, max_tokens=600, ignore_eos=True, seed=b))
@@ -238,6 +242,7 @@ def stage_bprofile():
             key = f"{kind}/T{temp}"
             out[key] = {"step_ms": round(plain_ms, 4), "step_ms_profiled": round(step_ms, 4),
                         "compile_fallbacks": compile_fallbacks(),
+                        "stride_mix": {n: c - mix0.get(n, 0) for n, c in eng.stride_mix.items() if c > mix0.get(n, 0)},
                         "graphs": eng.runner.graphs_captured, **summarize(prof, steps, top_kernels=14)}
             print(json.dumps({key: out[key]}), flush=True)
     emit("bprofile", out)
