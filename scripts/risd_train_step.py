@@ -6,7 +6,7 @@ the same gradients (tests/test_training_objectives.py), and this script measures
 on CPU or CUDA, for a model shape of your choice (default: small enough for a laptop CPU).
 
     python scripts/risd_train_step.py                                  (CPU, a 6-layer 256-wide model)
-    python scripts/risd_train_step.py --device cuda --hidden 576 --layers 30 --batch 32 --seq 1024
+    python scripts/risd_train_step.py --device cuda --shape smollm2-135m --batch 32 --seq 1024 --rank 32
 
 Interleaved repetitions, the first of each dropped, median. Prints one JSON line.
 """
@@ -26,6 +26,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--shape", default=None,
+                    help="a named model shape (idlm.models.random: e.g. smollm2-135m); else --hidden/--layers/--vocab")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--vocab", type=int, default=2048)
@@ -39,16 +41,21 @@ def main() -> None:
 
     from idlm.layers.lora import LoRAAdapter, LoRAConfig
     from idlm.models.config import ModelConfig
+    from idlm.models.random import shape_config
     from idlm.models.transformer import Transformer
     from idlm.training import objectives
     from idlm.training.objectives import idlm_loss, pair_attention, pair_positions
 
     dev = torch.device(args.device)
-    heads = max(1, args.hidden // 64)
-    cfg = ModelConfig(family="llama", vocab_size=args.vocab, hidden_size=args.hidden,
-                      intermediate_size=3 * args.hidden, num_hidden_layers=args.layers, num_attention_heads=heads,
-                      num_key_value_heads=max(1, heads // 2), head_dim=64, qk_norm=False,
-                      max_position_embeddings=max(2048, args.seq))
+    if args.shape:
+        cfg = shape_config(args.shape)
+        args.vocab = cfg.vocab_size
+    else:
+        heads = max(1, args.hidden // 64)
+        cfg = ModelConfig(family="llama", vocab_size=args.vocab, hidden_size=args.hidden,
+                          intermediate_size=3 * args.hidden, num_hidden_layers=args.layers, num_attention_heads=heads,
+                          num_key_value_heads=max(1, heads // 2), head_dim=64, qk_norm=False,
+                          max_position_embeddings=max(2048, args.seq))
     m = Transformer(cfg).init_weights(std=0.02, seed=0).to(dev).requires_grad_(False)
     lora = LoRAAdapter(cfg, LoRAConfig(args.rank, args.rank)).init_weights(seed=0, zero_b=False).to(dev)
     g = torch.Generator().manual_seed(0)
@@ -88,7 +95,10 @@ def main() -> None:
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t0)
     med = {k: round(statistics.median(v[1:] if len(v) > 1 else v), 4) for k, v in times.items()}
-    print(json.dumps({"device": str(dev), "torch": torch.__version__, "shape": vars(args), "joint_s": med["joint"],
+    print(json.dumps({"device": str(dev), "torch": torch.__version__, "args": vars(args),
+                      "model": {"hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers,
+                                "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
+                                "vocab": cfg.vocab_size}, "joint_s": med["joint"],
                       "split_s": med["split"], "speedup": round(med["joint"] / med["split"], 3)}))
 
 
