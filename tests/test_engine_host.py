@@ -125,6 +125,66 @@ def test_engine_text_streams_equal_reference_text(tiny):
     assert [text[r] for r in rids] == [o.text for o in ref]
 
 
+def test_text_comes_at_most_one_step_after_its_tokens(tiny):
+    """Without stop strings or logprobs a request's text is detokenized while the device runs the next step
+    (`LLMEngine._stream_text`): after each step the streamed text holds at least the text of the tokens
+    streamed up to the step before and is a prefix of the text of all of them (tokenizer.decode as the
+    oracle); with stop strings or logprobs the text comes with its tokens; at the end it is all there."""
+    model, tok = tiny
+    engine = LLMEngine(model, tok, EngineConfig(decoder="isd", stride=4, page_size=8, num_pages=400, max_num_seqs=8))
+    kinds = [dict(), dict(logprobs=1), dict(stop=["zzz"]), dict(temperature=1.0, seed=3)]
+    rids = [engine.add_request(mixed_prompt(tok, i, random.Random(i)),
+                               SamplingParams(max_tokens=30, ignore_eos=True, **{"temperature": 0.0, **kinds[i % 4]}))
+            for i in range(8)]
+    ids, text, before = {r: [] for r in rids}, dict.fromkeys(rids, ""), {r: [] for r in rids}
+    lagged = 0
+    while engine.has_unfinished():
+        for r in rids:
+            before[r] = list(ids[r])
+        for out in engine.step():
+            ids[out.request_id] += out.new_token_ids
+            text[out.request_id] += out.new_text
+        for i, r in enumerate(rids):
+            now = tok.decode(ids[r], skip_special_tokens=True).rstrip("\ufffd")
+            assert now.startswith(text[r])
+            if kinds[i % 4].get("logprobs") is not None:
+                assert text[r] == now  # with its tokens
+            elif kinds[i % 4].get("stop"):  # with its tokens, less what could start the stop string "zzz"
+                assert len(text[r]) >= len(now) - 2
+            else:
+                assert text[r].startswith(tok.decode(before[r], skip_special_tokens=True).rstrip("\ufffd"))
+                lagged += text[r] != now
+    assert lagged > 0  # the deferral ran
+    assert [text[r] for r in rids] == [tok.decode(ids[r], skip_special_tokens=True) for r in rids]
+
+
+def test_text_is_detokenized_while_the_device_runs_the_step(tiny):
+    """The last step's pending text is flushed between the decode step's launch and the host sync (where
+    the host would wait for the device), not after it."""
+    model, tok = tiny
+    engine = LLMEngine(model, tok, EngineConfig(decoder="ar", page_size=8, num_pages=200, max_num_seqs=4))
+    for i in range(4):
+        engine.add_request(mixed_prompt(tok, i, random.Random(i)), SamplingParams(max_tokens=12, ignore_eos=True))
+    real, seen = engine.runner.decode, []
+
+    class Packed:  # the graph's output: its `.cpu()` is the host sync
+        def __init__(self, t):
+            self.t = t
+
+        def cpu(self):
+            seen.append(any(s.checker.text_pending for s in engine.seqs.values()))
+            return self.t
+
+    def decode(*args):
+        packed, extra = real(*args)
+        return Packed(packed), extra
+
+    engine.runner.decode = decode
+    while engine.has_unfinished():
+        engine.step()
+    assert len(seen) >= 10 and not any(seen)
+
+
 # ----------------------------------------------------------------- caches: invalidation
 
 

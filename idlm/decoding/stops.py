@@ -23,29 +23,65 @@ class StopChecker:
 
             self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
         self.holdback = max((len(s) for s in params.stop), default=1) - 1
-        self.text = ""  # all text so far (cut at a stop string once one is found)
+        self._text = ""  # text so far (cut at a stop string once one is found); `text` adds the pending ids'
+        self._pending: list[int] = []  # kept ids not detokenized yet (requests without stop strings)
+        self._flushed = False  # the detokenizer's held-back end added (once finished)
         self.sent = 0  # characters of `text` already streamed
         self.n_tokens = 0
         self.finish_reason: str | None = None
+
+    @property
+    def text(self) -> str:
+        """All text so far (the pending ids detokenized first)."""
+        self.flush_text()
+        return self._text
+
+    @property
+    def text_with_tokens(self) -> bool:
+        """Whether a stream needs each step's text with its tokens: stop strings (they decide the stop) and
+        logprobs (their text offsets count the text streamed before them). Else it may come a step later."""
+        return bool(self.params.stop) or self.params.logprobs is not None
+
+    @property
+    def text_pending(self) -> bool:
+        """Whether kept ids wait for their text (`flush_text`)."""
+        return bool(self._pending) or (self.finish_reason is not None and self.detok is not None
+                                       and not self._flushed)
+
+    def flush_text(self) -> None:
+        """Detokenize the ids `accept` kept without text. Without stop strings the text decides nothing, so
+        `accept` only queues the ids and this runs when text is wanted: the engine calls it while the device
+        runs the next step (detokenization was half the engine's host time per step at batch 64,
+        docs/engine.md), `new_text` and `text` call it. Same text as detokenizing each step at once
+        (`IncrementalDetokenizer.add_many` = the ids one by one)."""
+        if self.detok is None:
+            return
+        if self._pending:
+            ids, self._pending = self._pending, []
+            self._text += self.detok.add_many(ids)
+        if self.finish_reason is not None and not self._flushed:
+            self._flushed = True
+            self._text += self.detok.flush()
 
     def add(self, token_id: int) -> bool:
         """Account one emitted token; True once the request is finished."""
         self.n_tokens += 1
         if self.detok is not None:
-            start = max(0, len(self.text) - self.holdback)
-            self.text += self.detok.add(token_id)
+            self.flush_text()
+            start = max(0, len(self._text) - self.holdback)
+            self._text += self.detok.add(token_id)
             if self.params.stop:
-                hits = [i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0]
+                hits = [i for i in (self._text.find(s, start) for s in self.params.stop) if i >= 0]
                 if hits:
-                    self.text = self.text[: min(hits)]
+                    self._text = self._text[: min(hits)]
                     self.finish_reason = "stop"
+                    self._flushed = True  # (the cut text ends before anything held back)
                     return True
         if token_id in self.stop_ids:
             self.finish_reason = "stop"
         elif self.n_tokens >= self.params.max_tokens:
             self.finish_reason = "length"
-        if self.finish_reason is not None and self.detok is not None:
-            self.text += self.detok.flush()
+        self.flush_text()  # finished: the detokenizer's held-back end
         return self.finish_reason is not None
 
     def accept(self, token_ids: list[int]) -> int:
@@ -66,14 +102,13 @@ class StopChecker:
         self.n_tokens += n
         if self.finish_reason is None and n and self.n_tokens >= self.params.max_tokens:
             self.finish_reason = "length"
-        if self.detok is not None:  # the kept tokens' text in one window decode (not two per token)
-            self.text += self.detok.add_many(token_ids[:n])
-            if self.finish_reason is not None:
-                self.text += self.detok.flush()
+        if self.detok is not None:  # their text when wanted (`flush_text`: one window decode for all of them)
+            self._pending += token_ids[:n]
         return n
 
     def new_text(self) -> str:
         """Text that is safe to stream now (all of it once finished)."""
-        end = len(self.text) if self.finish_reason else max(self.sent, len(self.text) - self.holdback)
-        delta, self.sent = self.text[self.sent:end], end
+        text = self.text
+        end = len(text) if self.finish_reason else max(self.sent, len(text) - self.holdback)
+        delta, self.sent = text[self.sent:end], end
         return delta

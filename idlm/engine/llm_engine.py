@@ -370,6 +370,7 @@ class LLMEngine:
         self._next_choice = 0  # `_auto_steps` at which "auto" chooses next (`_choice_due`)
         self._refreshed = 0  # `_auto_steps` at the last refresh probe
         self._forced_stride: int | None = None  # `warmup` runs each stride in turn
+        self._text_streamed = False  # this step's text was streamed (`_stream_text`)
         if config.stride == "auto":
             self._cost = CostTracker(StepCostModel(*config.step_cost) if config.step_cost is not None
                                      else calibrate_step_cost(self))
@@ -561,6 +562,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule(self._step_decoder)
         updates: dict[str, RequestOutput] = {}
+        self._text_streamed = False
         if sched.prefills:
             t0 = time.perf_counter()
             self._isolated(self._prefill, sched.prefills, updates)
@@ -576,7 +578,27 @@ class LLMEngine:
                 rows, n = len(sched.decodes), sched.decoder.stride
                 self._cost.observe(n, rows, dt)
                 self._times.observe(n, self.runner.bucket(rows), dt)
+        if not self._text_streamed:  # no device step to hide it behind (prefill only, an eager decoder)
+            self._stream_text(updates)
         return list(updates.values())
+
+    def _stream_text(self, updates) -> None:
+        """The text of the ids kept since the last call (`StopChecker.flush_text`) into this step's outputs.
+        Called while the device runs a decode step (between its launch and the host sync), so the
+        detokenization of the last step's tokens costs no step time — it was half the engine's host time
+        per step at batch 64 (docs/engine.md); a step's text therefore comes with the next step's outputs
+        (a request's last text with its last tokens)."""
+        self._text_streamed = True
+        if self.tokenizer is None:
+            return
+        for rid, seq in self.seqs.items():
+            if seq.checker.text_pending:
+                delta = seq.checker.new_text()
+                if delta:
+                    prev = updates.get(rid)
+                    updates[rid] = (RequestOutput(rid, [], delta, False, seq.output) if prev is None else
+                                    RequestOutput(rid, prev.new_token_ids, prev.new_text + delta, prev.finished,
+                                                  seq.output))
 
     # ----------------------------------------------------------------- fault isolation
 
@@ -638,7 +660,9 @@ class LLMEngine:
         new = seq.output.token_ids[n0:]
         self.counters["generated_tokens"] += len(new)
         prev = updates.get(seq.request_id)
-        text = seq.checker.new_text() if self.tokenizer is not None else ""
+        # a running request's text comes with the next step's outputs (`_stream_text`), unless needed now
+        text = (seq.checker.new_text() if self.tokenizer is not None and (done or seq.checker.text_with_tokens)
+                else "")
         if prev is not None:
             new, text = prev.new_token_ids + new, prev.new_text + text
         updates[seq.request_id] = RequestOutput(seq.request_id, new, text, done, seq.output)
@@ -732,6 +756,7 @@ class LLMEngine:
                                                   self.runner.device)
             packed, extra = self.runner.decode(batch, decoder, tensors, static)
             self._prechoose(seqs)  # host work while the device runs the step
+            self._stream_text(updates)  # (the last step's text)
             host = packed.cpu().numpy()  # the one host sync
             # a graph's q̃ output is kept by reference (`_spill_kept` copies what must outlive a replay)
             self._kept_from = (list(seqs), extra) if extra is not None and self.runner.use_graphs else None
