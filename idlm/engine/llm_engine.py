@@ -371,6 +371,7 @@ class LLMEngine:
         self._refreshed = 0  # `_auto_steps` at the last refresh probe
         self._forced_stride: int | None = None  # `warmup` runs each stride in turn
         self._text_streamed = False  # this step's text was streamed (`_stream_text`)
+        self._text_owed: dict[str, Sequence] = {}  # requests whose last tokens' text `_stream_text` makes
         if config.stride == "auto":
             self._cost = CostTracker(StepCostModel(*config.step_cost) if config.step_cost is not None
                                      else calibrate_step_cost(self))
@@ -589,10 +590,9 @@ class LLMEngine:
         per step at batch 64 (docs/engine.md); a step's text therefore comes with the next step's outputs
         (a request's last text with its last tokens)."""
         self._text_streamed = True
-        if self.tokenizer is None:
-            return
-        for rid, seq in self.seqs.items():
-            if seq.checker.text_pending:
+        owed, self._text_owed = self._text_owed, {}
+        for rid, seq in owed.items():
+            if rid in self.seqs:  # (not finished, failed or aborted meanwhile)
                 delta = seq.checker.new_text()
                 if delta:
                     prev = updates.get(rid)
@@ -661,8 +661,12 @@ class LLMEngine:
         self.counters["generated_tokens"] += len(new)
         prev = updates.get(seq.request_id)
         # a running request's text comes with the next step's outputs (`_stream_text`), unless needed now
-        text = (seq.checker.new_text() if self.tokenizer is not None and (done or seq.checker.text_with_tokens)
-                else "")
+        text = ""
+        if self.tokenizer is not None:
+            if done or seq.checker.text_with_tokens:
+                text = seq.checker.new_text()
+            else:
+                self._text_owed[seq.request_id] = seq
         if prev is not None:
             new, text = prev.new_token_ids + new, prev.new_text + text
         updates[seq.request_id] = RequestOutput(seq.request_id, new, text, done, seq.output)
