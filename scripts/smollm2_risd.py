@@ -26,7 +26,7 @@ calls (a machine goes back 30 s after a call; its disk survives until then):
              end token, at most 256 tokens: the first full run's fixed 128 tokens past the answer's end
              measured a TPF of 1.50 where the answers themselves give 1.89), and HF transformers
              Its own process because the first full run measured R-ISD at T = 0.7 2× slower inside the
-             eval process than in a fresh one
+             eval process than in a fresh one. `--no-auto`: AR and N = 4 only (auto's warm-up took 292 s)
     hf       HF transformers generate (static cache, compiled) on the same weights at batch 1, beside idlm AR
              and R-ISD on the same prompts in the same process (its own call: `speed` fills one)
     exact    issue 16's `scripts/bench_exact.py` with SmolLM2 + this adapter added (its own process)
@@ -60,6 +60,7 @@ also writes $OUT/<stage>.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import hashlib
 import json
@@ -548,31 +549,38 @@ def stage_speed(args) -> None:
 
     # per-request speed, engines side by side, interleaved reps, median; R-ISD at N = 4 and adaptive
     ar, risd = ar_and_risd(model, tok, lora, max(conc))
-    auto = LLMEngine(model, tok, EngineConfig(decoder="risd", stride="auto", max_num_seqs=max(conc)), lora=lora)
-    out["auto_warmup_s"] = auto.warmup()  # every stride compiled and captured now, not inside a timed run
+    engines = {"ar": ar, "risd": risd}
+    if not args.no_auto:
+        auto = LLMEngine(model, tok, EngineConfig(decoder="risd", stride="auto", max_num_seqs=max(conc)), lora=lora)
+        out["auto_warmup_s"] = auto.warmup()  # every stride compiled and captured now, not inside a timed run
+        engines["risd_auto"] = auto
     speed = {}
     for temp in (0.0, 0.7):
         rows = []
         for c in conc:
-            runs = {"ar": [], "risd": [], "risd_auto": []}
-            with traced_choices(auto) as trace:  # why `auto` took its strides (its rates and step times)
+            runs = {k: [] for k in engines}
+            with (traced_choices(engines["risd_auto"]) if "risd_auto" in engines
+                  else contextlib.nullcontext([])) as trace:  # why `auto` took its strides (rates, step times)
                 for rep in range(reps):
-                    for key, eng in (("ar", ar), ("risd", risd), ("risd_auto", auto)):
+                    for key, eng in engines.items():
                         runs[key].append(bench_offline(eng, prompts, [c], max_tokens=256 if not args.smoke else 8,
                                                        temperature=temp, warmup=rep == 0, stop_at_eos=True)[0])
             med = {k: sorted(v, key=lambda r: r["per_request_tok_s"])[len(v) // 2] for k, v in runs.items()}
-            rows.append({"concurrency": c, **{f"{k}_tok_s": m["per_request_tok_s"] for k, m in med.items()},
-                         **{f"{k}_step_ms": m["decode_step_ms"] for k, m in med.items()},
-                         "risd_tpf": med["risd"]["tpf"], "risd_auto_tpf": med["risd_auto"]["tpf"],
-                         "tokens": {k: m["generated_tokens"] for k, m in med.items()},
-                         "risd_over_ar": round(med["risd"]["per_request_tok_s"] / med["ar"]["per_request_tok_s"], 3),
-                         "risd_auto_over_ar": round(med["risd_auto"]["per_request_tok_s"]
-                                                    / med["ar"]["per_request_tok_s"], 3),
-                         "risd_auto_stride_mix": med["risd_auto"].get("stride_mix"),
-                         "risd_auto_choices": sample_trace(trace, 12), "risd_auto_choices_n": len(trace),
-                         "eager_fallbacks": med["risd"].get("eager_fallbacks"),
-                         "compile_fallbacks": med["risd"].get("compile_fallbacks"),
-                         "reps": {k: [r["per_request_tok_s"] for r in v] for k, v in runs.items()}})
+            row = {"concurrency": c, **{f"{k}_tok_s": m["per_request_tok_s"] for k, m in med.items()},
+                   **{f"{k}_step_ms": m["decode_step_ms"] for k, m in med.items()},
+                   "risd_tpf": med["risd"]["tpf"],
+                   "tokens": {k: m["generated_tokens"] for k, m in med.items()},
+                   "risd_over_ar": round(med["risd"]["per_request_tok_s"] / med["ar"]["per_request_tok_s"], 3),
+                   "eager_fallbacks": med["risd"].get("eager_fallbacks"),
+                   "compile_fallbacks": med["risd"].get("compile_fallbacks"),
+                   "reps": {k: [r["per_request_tok_s"] for r in v] for k, v in runs.items()}}
+            if "risd_auto" in med:
+                row.update({"risd_auto_tpf": med["risd_auto"]["tpf"],
+                            "risd_auto_over_ar": round(med["risd_auto"]["per_request_tok_s"]
+                                                       / med["ar"]["per_request_tok_s"], 3),
+                            "risd_auto_stride_mix": med["risd_auto"].get("stride_mix"),
+                            "risd_auto_choices": sample_trace(trace, 12), "risd_auto_choices_n": len(trace)})
+            rows.append(row)
         speed[f"T{temp}"] = rows
     out["speed"] = speed
     emit("speed", out)
@@ -717,6 +725,8 @@ def main() -> None:
                     help="tpf: the adapter (directory or registry name; default the training run's newest checkpoint)")
     ap.add_argument("--draft-temperatures", default="",
                     help="tpf: also TPF at T = 0.7 with sampled drafts drawn at these temperatures (e.g. 0.3,0.5)")
+    ap.add_argument("--no-auto", action="store_true",
+                    help="speed: AR and R-ISD N = 4 only (the --stride auto engine's warm-up took 292 s on the H200)")
     ap.add_argument("--num-prompts", type=int, default=60000)
     ap.add_argument("--target-tokens", type=int, default=20_000_000)
     ap.add_argument("--max-num-seqs", type=int, default=384)
