@@ -474,6 +474,8 @@ class IncrementalDetokenizer:
                 raise TokenizerError(f"cannot decode a negative token id ({token_id})")
             if token_id not in self._skip_ids:
                 new.append(token_id)
+        if len(new) == 1:  # the common case (an AR step, a text flush of one id)
+            return self._append(new) or ""
         if len(new) > 1:
             before = len(self._ids)
             text = self._append(new)

@@ -26,6 +26,9 @@ class StopChecker:
         self._text = ""  # text so far (cut at a stop string once one is found); `text` adds the pending ids'
         self._pending: list[int] = []  # kept ids not detokenized yet (requests without stop strings)
         self._flushed = False  # the detokenizer's held-back end added (once finished)
+        # whether a stream needs each step's text with its tokens: stop strings (they decide the stop) and
+        # logprobs (their text offsets count the text streamed before them); else it may come a step later
+        self.text_with_tokens = bool(params.stop) or params.logprobs is not None
         self.sent = 0  # characters of `text` already streamed
         self.n_tokens = 0
         self.finish_reason: str | None = None
@@ -35,12 +38,6 @@ class StopChecker:
         """All text so far (the pending ids detokenized first)."""
         self.flush_text()
         return self._text
-
-    @property
-    def text_with_tokens(self) -> bool:
-        """Whether a stream needs each step's text with its tokens: stop strings (they decide the stop) and
-        logprobs (their text offsets count the text streamed before them). Else it may come a step later."""
-        return bool(self.params.stop) or self.params.logprobs is not None
 
     @property
     def text_pending(self) -> bool:
