@@ -262,8 +262,8 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None, 
                 yield chunk([{"index": i, "text": ptext, "logprobs": plp, "finish_reason": None}])
             n0, n1 = seen[i], seen[i] + len(item.new_token_ids)
             seen[i] = n1
-            if n1 == n0 and not item.new_text and not item.finished:
-                return
+            if not item.new_text and not item.finished and not (want_lp and n1 > n0):
+                return  # nothing to show (a step's text may come with the next step's, docs/engine.md)
             lp = gen_logprobs(out, n0, n1, offset[i]) if want_lp else None
             offset[i] += len(item.new_text)
             yield chunk([{"index": i, "text": item.new_text, "logprobs": lp,
