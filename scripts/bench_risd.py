@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from idlm.bench import environment, save_record  # noqa: E402
-from idlm.bench.offline import bench_offline, bench_prompts, step_phases  # noqa: E402
+from idlm.bench.offline import bench_offline, bench_prompts, count_delta, step_phases  # noqa: E402
 from idlm.decoding.sampling import SamplingParams  # noqa: E402
 from idlm.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from idlm.layers.lora import LoRAAdapter, LoRAConfig  # noqa: E402
@@ -166,8 +166,22 @@ def stage_profile():
     emit("profile", out)
 
 
+def profiled_then_plain(eng, steps: int, plain: int) -> tuple:
+    """Of an engine whose requests last: 10 steps to settle, `steps` under torch.profiler, then `plain` more
+    timed without it -> (profiler, decode ms per profiled step, decode ms per plain step)."""
+    from idlm.bench.profile import profile_steps
+
+    for _ in range(10):
+        eng.step()
+    prof, step_ms = profile_steps(eng, steps)
+    f1, t1 = eng.counters["decode_forwards"], eng.counters["decode_time_s"]
+    for _ in range(plain):
+        eng.step()
+    return prof, step_ms, 1e3 * (eng.counters["decode_time_s"] - t1) / max(1, eng.counters["decode_forwards"] - f1)
+
+
 def stage_sprofile():
-    from idlm.bench.profile import profile_steps, summarize
+    from idlm.bench.profile import summarize
 
     model = random_model("smollm2-135m", dtype="bfloat16", device=DEV)
     lora = LoRAAdapter(model.config, LoRAConfig(rank=40)).init_weights(std=0.02, seed=0, zero_b=False)
@@ -181,14 +195,8 @@ def stage_sprofile():
             p = SamplingParams(temperature=temp, max_tokens=400, ignore_eos=True, seed=1)
             eng.run([prompt], SamplingParams(temperature=temp, max_tokens=100, ignore_eos=True, seed=0))
             eng.add_request(prompt, p)
-            for _ in range(10):
-                eng.step()
             steps = 30
-            prof, step_ms = profile_steps(eng, steps)
-            f1, t1 = eng.counters["decode_forwards"], eng.counters["decode_time_s"]
-            for _ in range(30):
-                eng.step()
-            plain_ms = 1e3 * (eng.counters["decode_time_s"] - t1) / max(1, eng.counters["decode_forwards"] - f1)
+            prof, step_ms, plain_ms = profiled_then_plain(eng, steps, 30)
             while eng.has_unfinished():
                 eng.step()
             out[f"{dec}/T{temp}"] = {"graphs": eng.runner.graphs_captured, "step_ms": round(plain_ms, 4),
@@ -203,7 +211,7 @@ def stage_bprofile():
     adaptive stride falls back to), greedy and T = 0.7 — step time unprofiled, GPU kernel time, top
     kernels. Why: at C = 64, T = 0.7 the adaptive engine ran mostly N = 1 steps yet lost to the AR engine
     (docs/risd.md, session 16)."""
-    from idlm.bench.profile import profile_steps, summarize
+    from idlm.bench.profile import summarize
     from idlm.layers.fused import compile_fallbacks
 
     batch = int(os.environ.get("BATCH", "64"))
@@ -227,22 +235,16 @@ def stage_bprofile():
             eng.run(prompts, SamplingParams(temperature=temp, max_tokens=48, ignore_eos=True, seed=0))  # warm-up
             for b, pr in enumerate(prompts):
                 eng.add_request(pr, SamplingParams(temperature=temp, max_tokens=600, ignore_eos=True, seed=b))
-            for _ in range(10):
-                eng.step()
             steps = 20
-            prof, step_ms = profile_steps(eng, steps)
-            f1, t1 = eng.counters["decode_forwards"], eng.counters["decode_time_s"]
-            for _ in range(40):
-                eng.step()
-            plain_ms = 1e3 * (eng.counters["decode_time_s"] - t1) / max(1, eng.counters["decode_forwards"] - f1)
-            for seq in list(eng.seqs):
-                eng.abort_request(seq)
+            prof, step_ms, plain_ms = profiled_then_plain(eng, steps, 40)
+            for rid in list(eng.seqs):
+                eng.abort_request(rid)
             while eng.has_unfinished():
                 eng.step()
             key = f"{kind}/T{temp}"
             out[key] = {"step_ms": round(plain_ms, 4), "step_ms_profiled": round(step_ms, 4),
                         "compile_fallbacks": compile_fallbacks(),
-                        "stride_mix": {n: c - mix0.get(n, 0) for n, c in eng.stride_mix.items() if c > mix0.get(n, 0)},
+                        "stride_mix": count_delta(eng.stride_mix, mix0),
                         "graphs": eng.runner.graphs_captured, **summarize(prof, steps, top_kernels=14)}
             print(json.dumps({key: out[key]}), flush=True)
     emit("bprofile", out)

@@ -532,6 +532,11 @@ def step_phase_table(model, tok, lora, prompt, smoke: bool) -> dict:
     return table
 
 
+def median_runs(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """{engine: its median run by per-request tokens/s} of interleaved repetitions."""
+    return {k: sorted(v, key=lambda r: r["per_request_tok_s"])[len(v) // 2] for k, v in runs.items()}
+
+
 def stage_speed(args) -> None:
     """Engine AR vs R-ISD (N = 4 and --stride auto) per-request speed, and HF generate, in a process of
     its own (run it as its own command after `eval`: nothing else has run in this process)."""
@@ -565,7 +570,7 @@ def stage_speed(args) -> None:
                     for key, eng in engines.items():
                         runs[key].append(bench_offline(eng, prompts, [c], max_tokens=256 if not args.smoke else 8,
                                                        temperature=temp, warmup=rep == 0, stop_at_eos=True)[0])
-            med = {k: sorted(v, key=lambda r: r["per_request_tok_s"])[len(v) // 2] for k, v in runs.items()}
+            med = median_runs(runs)
             row = {"concurrency": c, **{f"{k}_tok_s": m["per_request_tok_s"] for k, m in med.items()},
                    **{f"{k}_step_ms": m["decode_step_ms"] for k, m in med.items()},
                    "risd_tpf": med["risd"]["tpf"],
@@ -609,7 +614,7 @@ def stage_hf(args) -> None:
     for rep in range(reps):
         for key, eng in (("ar", ar), ("risd", risd)):
             runs[key].append(bench_offline(eng, prompts, [1], max_tokens=n_new, temperature=0.0, warmup=rep == 0)[0])
-    med = {k: sorted(v, key=lambda r: r["per_request_tok_s"])[len(v) // 2] for k, v in runs.items()}
+    med = median_runs(runs)
     ours = ar.run(prompts, SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True))
     out["hf_generate"] = {k: v for k, v in base.items() if k != "outputs"}
     out["hf_generate"]["same_tokens_as_idlm_ar"] = sum(o.token_ids == h for o, h in zip(ours, base["outputs"]))

@@ -88,7 +88,8 @@ def ar_engine_for(engine):
                           "to size both engines' pools", param="num_pages") from None
 
 
-def _delta(counts: dict[int, int], before: dict[int, int]) -> dict[int, int]:
+def count_delta(counts: dict[int, int], before: dict[int, int]) -> dict[int, int]:
+    """What a counter dict (e.g. `LLMEngine.stride_mix`) gained since `before`."""
     return {n: c - before.get(n, 0) for n, c in sorted(counts.items()) if c > before.get(n, 0)}
 
 
@@ -120,9 +121,9 @@ def _run(engine, prompts, params, wave: int) -> dict:
                                     / max(1, engine.counters["decode_forwards"] - forwards0), 4),
             "mean_ttft_s": round(statistics.mean(ttft), 4),
             # decode steps per stride N (1 = plain AR steps): the adaptive stride's mix
-            "stride_mix": _delta(engine.stride_mix, mix0),
+            "stride_mix": count_delta(engine.stride_mix, mix0),
             # decode rows per the stride each row ran (auto per row: rows of one step may differ)
-            "row_stride_mix": _delta(engine.row_stride_mix, rows0),
+            "row_stride_mix": count_delta(engine.row_stride_mix, rows0),
             # fused functions that failed to compile and ran eagerly: such a run is not the compiled step's speed
             "eager_fallbacks": fallen_back(), "compile_fallbacks": compile_fallbacks()}
 

@@ -595,10 +595,16 @@ class LLMEngine:
             if rid in self.seqs:  # (not finished, failed or aborted meanwhile)
                 delta = seq.checker.new_text()
                 if delta:
-                    prev = updates.get(rid)
-                    updates[rid] = (RequestOutput(rid, [], delta, False, seq.output) if prev is None else
-                                    RequestOutput(rid, prev.new_token_ids, prev.new_text + delta, prev.finished,
-                                                  seq.output))
+                    self._update(updates, seq, [], delta, False)
+
+    @staticmethod
+    def _update(updates, seq: Sequence, new_ids: list[int], text: str, finished: bool) -> None:
+        """This step's output of `seq` in `updates`: after what the step already reported for it (a prefill
+        and a decode, streamed text, a failure in the same step)."""
+        prev = updates.get(seq.request_id)
+        if prev is not None:
+            new_ids, text = prev.new_token_ids + new_ids, prev.new_text + text
+        updates[seq.request_id] = RequestOutput(seq.request_id, new_ids, text, finished, seq.output)
 
     # ----------------------------------------------------------------- fault isolation
 
@@ -637,9 +643,7 @@ class LLMEngine:
         self.scheduler.finish(seq)
         self.seqs.pop(seq.request_id, None)
         self.counters["failed"] += 1
-        prev = updates.get(seq.request_id)
-        updates[seq.request_id] = RequestOutput(seq.request_id, prev.new_token_ids if prev else [],
-                                                prev.new_text if prev else "", True, seq.output)
+        self._update(updates, seq, [], "", True)
 
     def _apply_each(self, items: list[tuple], apply, updates) -> None:
         """Apply a computed step to each request (`apply(seq, *rest)` per item); an error while applying
@@ -659,7 +663,6 @@ class LLMEngine:
             seq.first_token_time = time.perf_counter()
         new = seq.output.token_ids[n0:]
         self.counters["generated_tokens"] += len(new)
-        prev = updates.get(seq.request_id)
         # a running request's text comes with the next step's outputs (`_stream_text`), unless needed now
         text = ""
         if self.tokenizer is not None:
@@ -667,9 +670,7 @@ class LLMEngine:
                 text = seq.checker.new_text()
             else:
                 self._text_owed[seq.request_id] = seq
-        if prev is not None:
-            new, text = prev.new_token_ids + new, prev.new_text + text
-        updates[seq.request_id] = RequestOutput(seq.request_id, new, text, done, seq.output)
+        self._update(updates, seq, new, text, done)
         if done:
             seq.finish_time = time.perf_counter()
             self._retire_stats(seq)
