@@ -12,9 +12,9 @@ Stages (comma-separated argv[1], default all):
   throughput  bf16: offline tokens/s of engine AR and R-ISD at C = 64, 256 (SmolLM2 shape, random weights)
   sprofile  batch 1, SmolLM2 shape (random weights): where a sampled (T = 0.7) R-ISD / AR step's time goes
          vs greedy: wall time per step, GPU kernel time per step, top kernels and top host ops (torch.profiler)
-  bprofile  batch $BATCH (64; $KINDS, default ar,risd4,risd_n1; also risd_auto), SmolLM2 shape: AR, R-ISD
-         N = 4, an R-ISD engine's plain AR steps (N = 1) and `--stride auto`,
-         greedy and T = 0.7: step time, GPU kernel time and top kernels
+  bprofile  batch $BATCH (64; $KINDS, default ar,risd4,risd_n1; also risd_auto up to $AUTO_MAX), $MODEL
+         (smollm2 shape: R-ISD; tiny: idlm-tiny ISD): AR, N = 4, an engine's plain AR steps (N = 1) and
+         `--stride auto`, greedy and T = 0.7: step time (and per stride), GPU kernel time and top kernels
   stime  batch 1, T = 0 vs 0.7, R-ISD: each step's wall time split into step_inputs / runner.decode (synced)
          / finish, graph captures and dynamo recompiles over time (SmolLM2 shape random weights; idlm-tiny-ar)
   churn  the self-distillation workload (384 requests of varied lengths, admitted every step): time split
@@ -168,16 +168,25 @@ def stage_profile():
 
 def profiled_then_plain(eng, steps: int, plain: int) -> tuple:
     """Of an engine whose requests last: 10 steps to settle, `steps` under torch.profiler, then `plain` more
-    timed without it -> (profiler, decode ms per profiled step, decode ms per plain step)."""
+    timed without it -> (profiler, decode ms per profiled step, decode ms per plain step, {stride: [plain
+    steps, median ms]} of the plain steps by their stride — an adaptive engine's mix, each stride's cost)."""
+    import statistics
+
     from idlm.bench.profile import profile_steps
 
     for _ in range(10):
         eng.step()
     prof, step_ms = profile_steps(eng, steps)
     f1, t1 = eng.counters["decode_forwards"], eng.counters["decode_time_s"]
+    by_stride: dict[int, list[float]] = {}
     for _ in range(plain):
+        f, t, mix = eng.counters["decode_forwards"], eng.counters["decode_time_s"], dict(eng.stride_mix)
         eng.step()
-    return prof, step_ms, 1e3 * (eng.counters["decode_time_s"] - t1) / max(1, eng.counters["decode_forwards"] - f1)
+        ran = [n for n, c in eng.stride_mix.items() if c != mix.get(n, 0)]
+        if eng.counters["decode_forwards"] == f + 1 and len(ran) == 1:
+            by_stride.setdefault(ran[0], []).append(1e3 * (eng.counters["decode_time_s"] - t))
+    per_step = 1e3 * (eng.counters["decode_time_s"] - t1) / max(1, eng.counters["decode_forwards"] - f1)
+    return prof, step_ms, per_step, {n: [len(v), round(statistics.median(v), 4)] for n, v in sorted(by_stride.items())}
 
 
 def stage_sprofile():
@@ -196,7 +205,7 @@ def stage_sprofile():
             eng.run([prompt], SamplingParams(temperature=temp, max_tokens=100, ignore_eos=True, seed=0))
             eng.add_request(prompt, p)
             steps = 30
-            prof, step_ms, plain_ms = profiled_then_plain(eng, steps, 30)
+            prof, step_ms, plain_ms, _ = profiled_then_plain(eng, steps, 30)
             while eng.has_unfinished():
                 eng.step()
             out[f"{dec}/T{temp}"] = {"graphs": eng.runner.graphs_captured, "step_ms": round(plain_ms, 4),
@@ -206,44 +215,53 @@ def stage_sprofile():
 
 
 def stage_bprofile():
-    """At batch BATCH (default 64), SmolLM2 shape (random weights and adapter): the decode step of the AR
-    engine, of R-ISD N = 4 and of an R-ISD engine's plain AR steps (a stride schedule of N = 1: what the
-    adaptive stride falls back to), greedy and T = 0.7 — step time unprofiled, GPU kernel time, top
-    kernels. Why: at C = 64, T = 0.7 the adaptive engine ran mostly N = 1 steps yet lost to the AR engine
-    (docs/risd.md, session 16)."""
+    """At batch BATCH (default 64): the decode step of the AR engine, of R-ISD N = 4, of an R-ISD engine's
+    plain AR steps (a stride schedule of N = 1: what the adaptive stride falls back to) and of `--stride
+    auto` (its own choices, strides up to AUTO_MAX, default 8), greedy and T = 0.7 — step time unprofiled
+    (and per stride: an adaptive engine's mix), GPU kernel time, top kernels. MODEL=smollm2 (default: its
+    shape, random weights and a rank-32 adapter: R-ISD) or tiny (the embedded idlm-tiny: ISD, no adapter).
+    Why: at C = 64, T = 0.7 the adaptive engine ran mostly N = 1 steps yet lost to the AR engine, and on
+    idlm-tiny its sampled steps of every stride, N = 1 too, cost more than a fixed-stride or AR engine's
+    (docs/risd.md, session 16; docs/stride.md, attempt 9)."""
     from idlm.bench.profile import summarize
     from idlm.layers.fused import compile_fallbacks
 
     batch = int(os.environ.get("BATCH", "64"))
-    model = random_model("smollm2-135m", dtype="bfloat16", device=DEV)
-    lora = LoRAAdapter(model.config, LoRAConfig(rank=32)).init_weights(std=0.02, seed=0, zero_b=False)
-    lora = lora.to(device=DEV, dtype=model.dtype)
-    prompts = [list(range(100 + b, 164 + b)) for b in range(batch)]
-    kinds = {"ar": dict(decoder="ar"), "risd4": dict(decoder="risd", stride=4),
-             "risd_n1": dict(decoder="risd", stride=4, stride_schedule=[(1 << 20, 1)]),
-             "risd_auto": dict(decoder="risd", stride="auto")}  # its own choices (warmed up first)
+    if os.environ.get("MODEL", "smollm2") == "tiny":
+        model, tok = load_pretrained("idlm-tiny", dtype="bfloat16", device=DEV)
+        lora, dec = None, "isd"
+        prompts = bench_prompts(tok, batch)
+    else:
+        model = random_model("smollm2-135m", dtype="bfloat16", device=DEV)
+        lora = LoRAAdapter(model.config, LoRAConfig(rank=32)).init_weights(std=0.02, seed=0, zero_b=False)
+        lora, dec = lora.to(device=DEV, dtype=model.dtype), "risd"
+        prompts = [list(range(100 + b, 164 + b)) for b in range(batch)]
+    auto_max = int(os.environ.get("AUTO_MAX", "8"))
+    kinds = {"ar": dict(decoder="ar"), "risd4": dict(decoder=dec, stride=4),
+             "risd_n1": dict(decoder=dec, stride=4, stride_schedule=[(1 << 20, 1)]),
+             "risd_auto": dict(decoder=dec, stride="auto", auto_max_stride=auto_max)}  # (warmed up first)
     only = os.environ.get("KINDS", "ar,risd4,risd_n1")
     kinds = {k: v for k, v in kinds.items() if not only or k in only.split(",")}
-    out = {"batch": batch}
+    out = {"batch": batch, "model": os.environ.get("MODEL", "smollm2"), "auto_max_stride": auto_max}
     for kind, cfg in kinds.items():
         eng = LLMEngine(model, None, EngineConfig(max_num_seqs=batch, num_pages=64 * batch, **cfg),
                         lora=lora if cfg["decoder"] == "risd" else None)
         if cfg.get("stride") == "auto":
-            eng.warmup()
+            out[f"{kind}/warmup_s"] = eng.warmup()
         for temp in (0.0, 0.7):
             mix0 = dict(eng.stride_mix)
             eng.run(prompts, SamplingParams(temperature=temp, max_tokens=48, ignore_eos=True, seed=0))  # warm-up
             for b, pr in enumerate(prompts):
                 eng.add_request(pr, SamplingParams(temperature=temp, max_tokens=600, ignore_eos=True, seed=b))
             steps = 20
-            prof, step_ms, plain_ms = profiled_then_plain(eng, steps, 40)
+            prof, step_ms, plain_ms, by_stride = profiled_then_plain(eng, steps, 60)
             for rid in list(eng.seqs):
                 eng.abort_request(rid)
             while eng.has_unfinished():
                 eng.step()
             key = f"{kind}/T{temp}"
-            out[key] = {"step_ms": round(plain_ms, 4), "step_ms_profiled": round(step_ms, 4),
-                        "compile_fallbacks": compile_fallbacks(),
+            out[key] = {"step_ms": round(plain_ms, 4), "step_ms_by_stride": by_stride,
+                        "step_ms_profiled": round(step_ms, 4), "compile_fallbacks": compile_fallbacks(),
                         "stride_mix": count_delta(eng.stride_mix, mix0),
                         "graphs": eng.runner.graphs_captured, **summarize(prof, steps, top_kernels=14)}
             print(json.dumps({key: out[key]}), flush=True)
