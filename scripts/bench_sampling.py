@@ -10,6 +10,7 @@ Stages (comma-separated argv[1], default all):
             GPU time and count per step, the top kernels); with PROFILE_AUTO=1 also a `--stride auto` engine
             held at N = 4 (its per-row step variant and per-step bookkeeping, no choices): the H200 table of
             session 14 had auto's sampled steps ~45% dearer than a fixed N = 4 engine's (docs/stride.md)
+  autosplit batch 1, T = 0.7 / 1: `step_phases` per stride of an AR engine and an unheld `--stride auto` one
   compile   the sampled ISD step recompiled for new batch sizes (idlm-tiny ISD N = 4, T = 1 then T = 0, at
             C = 1, 8, 64 in one process, 48 tokens): which `cuda_fused` attempt each function ended on
             (`compile_fallbacks`) and the sampled / greedy step time per C — a minute's check that the
@@ -133,6 +134,29 @@ def stage_profile():
         out[label] = {"split": split, **summarize(prof, steps, top_kernels=12, top_host=16)}
         print(json.dumps({label: out[label]}), flush=True)
     emit("profile", out)
+
+
+def stage_autosplit():
+    """Batch 1, idlm-tiny, T = 0.7 and 1: each decode step's time split (`step_phases`, per stride) of an
+    AR engine and of an unheld `--stride auto` engine (strides up to 4, its own choices): the H200 tables
+    had an auto engine's sampled plain AR steps (N = 1) ~0.25 ms dearer than the AR engine's steps while
+    its greedy ones were not (docs/stride.md), which host-only runs on a CPU do not reproduce."""
+    from idlm.bench.offline import step_phases
+
+    model, tok = load_pretrained("idlm-tiny", dtype="bfloat16", device=DEV)
+    prompt = bench_prompts(tok, 1)[0]
+    out = {}
+    engines = {"ar": LLMEngine(model, tok, EngineConfig(decoder="ar", max_num_seqs=1, num_pages=512)),
+               "auto": LLMEngine(model, tok, EngineConfig(decoder="isd", stride="auto", auto_max_stride=4,
+                                                          max_num_seqs=1, num_pages=512))}
+    out["auto_warmup_s"] = engines["auto"].warmup()
+    for temp in (0.7, 1.0):
+        for name, eng in engines.items():
+            p = SamplingParams(temperature=temp, max_tokens=300, ignore_eos=True, seed=1)
+            eng.run([prompt], p)  # warm-up
+            out[f"{name}/T{temp:g}"] = step_phases(eng, prompt, p)
+            print(json.dumps({f"{name}/T{temp:g}": out[f"{name}/T{temp:g}"]}), flush=True)
+    emit("autosplit", out)
 
 
 def stage_compile():

@@ -256,6 +256,7 @@ def step_phases(engine, prompt: list[int], params: SamplingParams) -> dict:
         patched.append((obj, attr))
 
     steps: list[float] = []
+    strides: list[int | None] = []  # each step's stride (None: a prefill-only step)
     graphs0, generated0 = engine.runner.graphs_captured, engine.counters["generated_tokens"]
     retries0 = torch.cuda.memory_stats(engine.runner.device).get("num_alloc_retries", 0) if cuda else 0
     if isinstance(engine.config.stride, int):
@@ -270,9 +271,12 @@ def step_phases(engine, prompt: list[int], params: SamplingParams) -> dict:
             wrap(engine, attr, key)
         engine.add_request(prompt, params)
         while engine.has_unfinished():
+            mix = dict(engine.stride_mix)
             t0 = time.perf_counter()
             engine.step()
             steps.append(time.perf_counter() - t0)
+            ran = [n for n, c in engine.stride_mix.items() if c != mix.get(n, 0)]
+            strides.append(ran[0] if len(ran) == 1 else None)
     finally:
         for obj, attr in patched:
             delattr(obj, attr)  # the instance attribute goes; the class method shows through again
@@ -291,6 +295,13 @@ def step_phases(engine, prompt: list[int], params: SamplingParams) -> dict:
     sync = [ph - b - i - d - f - a for ph, b, i, d, f, a in zip(phase, batch, parts["inputs"], parts["decode"],
                                                                 parts["finish"], apply)]
     outside = [s - ph - sc for s, ph, sc in zip(decode_steps, phase, sched)]
+    by_stride: dict[int, dict[str, list[float]]] = {}  # an adaptive engine's steps, each stride apart
+    for i, n in enumerate(strides[1:]):
+        if n is not None and i < len(rest):
+            row = by_stride.setdefault(n, {"step": [], "decode": [], "rest": [], "schedule": []})
+            for key, values in (("step", decode_steps), ("decode", parts["decode"]), ("rest", rest),
+                                ("schedule", sched)):
+                row[key].append(values[i])
     return {"steps": len(decode_steps), "step_ms": ms(decode_steps), **{f"{k}_ms": ms(v) for k, v in parts.items()},
             "rest_ms": ms(rest), "schedule_ms": ms(sched), "batch_ms": ms(batch), "apply_ms": ms(apply),
             "sync_ms": ms(sync), "outside_ms": ms(outside),
@@ -298,4 +309,6 @@ def step_phases(engine, prompt: list[int], params: SamplingParams) -> dict:
             "new_graphs": engine.runner.graphs_captured - graphs0,  # (the first token comes from the prefill)
             "tokens_per_step": round((engine.counters["generated_tokens"] - generated0 - 1)
                                      / max(1, len(decode_steps)), 3), "eager_fallbacks": fallen_back(),
-            "compile_fallbacks": compile_fallbacks(), **memory}
+            "compile_fallbacks": compile_fallbacks(), **memory,
+            "by_stride": {n: {"steps": len(v["step"]), **{f"{k}_ms": ms(x) for k, x in v.items()}}
+                          for n, v in sorted(by_stride.items())}}
