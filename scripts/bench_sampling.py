@@ -2,7 +2,7 @@
 
 Stages (comma-separated argv[1], default all):
   step      batch-1 decode step of idlm-tiny ISD N = 4 and AR (idlm-tiny-ar) at T = 0 and T = 1 (top-p 0.95 too),
-            engine with CUDA graphs, bf16; REPS interleaved repetitions, median
+            engine with CUDA graphs, bf16; the settings' engines in turns, ROUNDS (20) rounds of 10 steps
   invariant a seeded sampled request's tokens alone vs inside 64 mixed requests (ISD N = 4, AR), and
             engine vs reference runner, fp32, bf16, and bf16 in exact mode
   profile   where the sampled ISD step's extra time goes, batch 1, T = 0 vs T = 1: the step split
@@ -37,11 +37,10 @@ from idlm.bench.offline import bench_offline, bench_prompts  # noqa: E402
 from idlm.decoding import make_decoder  # noqa: E402
 from idlm.decoding.reference import generate  # noqa: E402
 from idlm.decoding.sampling import SamplingParams  # noqa: E402
-from idlm.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
+from idlm.engine.llm_engine import EngineConfig, LLMEngine, freeze_gc  # noqa: E402
 from idlm.models.loader import load_pretrained  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # (the CPU runs the stages slowly: a check of the script)
-REPS = int(os.environ.get("REPS", "3"))  # interleaved repetitions per cell (median)
 results: dict = environment(DEV)
 
 
@@ -51,36 +50,30 @@ def emit(key, value):
 
 
 def stage_step():
+    """Batch 1: the decode step at T = 0, T = 1 and T = 1 with top-p 0.95, of idlm-tiny ISD N = 4 and AR
+    (idlm-tiny-ar): one engine per setting, run in turns (`interleaved_steps`: ROUNDS rounds of 10 steps
+    each), so the host's slow spells fall on every setting alike; T1_over_T0_step is the median of the
+    per-round ratios (whole runs one after the other moved ±30% on the H200: 0.52–0.76 ms for the same
+    greedy ISD step in one call)."""
+    from idlm.bench.offline import interleaved_steps
+
     out = {}
+    settings = {"T0": dict(temperature=0.0), "T1": dict(temperature=1.0), "T1_top_p": dict(temperature=1.0,
+                                                                                        top_p=0.95)}
     for name, model_name, decoder in (("isd4", "idlm-tiny", "isd"), ("ar", "idlm-tiny-ar", "ar")):
         model, tok = load_pretrained(model_name, dtype="bfloat16", device=DEV)
-        eng = LLMEngine(model, tok, EngineConfig(decoder=decoder, stride=4, max_num_seqs=1, num_pages=512))
-        prompts = bench_prompts(tok, 8)
-        settings = {"T0": dict(temperature=0.0), "T1": dict(temperature=1.0), "T1_top_p": dict(temperature=1.0,
-                                                                                            top_p=0.95)}
-        runs = {k: [] for k in settings}
-        for rep in range(REPS):
-            for k, kw in settings.items():
-                r = bench_offline(eng, prompts, [1], max_tokens=128, temperature=kw["temperature"], num_requests=4,
-                                  warmup=rep == 0)[0] if "top_p" not in kw else _run_top_p(eng, prompts, rep == 0)
-                runs[k].append(r)
-        med = {k: sorted(v, key=lambda r: r["decode_step_ms"])[len(v) // 2] for k, v in runs.items()}
-        out[name] = {k: {"decode_step_ms": m["decode_step_ms"], "per_request_tok_s": m["per_request_tok_s"],
-                         "tpf": m["tpf"], "reps_ms": [r["decode_step_ms"] for r in runs[k]]} for k, m in med.items()}
-        out[name]["T1_over_T0_step"] = round(med["T1"]["decode_step_ms"] / med["T0"]["decode_step_ms"], 3)
+        prompt = bench_prompts(tok, 1)[0]
+        cases = {}
+        for k, kw in settings.items():
+            eng = LLMEngine(model, tok, EngineConfig(decoder=decoder, stride=4, max_num_seqs=1, num_pages=512))
+            params = SamplingParams(max_tokens=400, ignore_eos=True, seed=0, **kw)
+            eng.run([prompt], params)  # warm-up: compiles, graph captures
+            cases[k] = (eng, prompt, params)
+        freeze_gc()
+        out[name] = interleaved_steps(cases, rounds=int(os.environ.get("ROUNDS", "20")))
+        out[name]["T1_over_T0_step"] = out[name]["T1"]["over_T0"]
+        print(json.dumps({name: out[name]}), flush=True)
     emit("step", out)
-
-
-def _run_top_p(eng, prompts, warmup):
-    """bench_offline's measurement with top_p 0.95 (it takes only a temperature)."""
-    import idlm.bench.offline as off
-
-    params = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=128, ignore_eos=True, seed=0)
-    work = [prompts[i % len(prompts)] for i in range(4)]
-    if warmup:
-        off._run(eng, work, params, 1)
-    off.freeze_gc()  # as bench_compare: no full garbage collection inside the timed run
-    return off._run(eng, work, params, 1)
 
 
 def stage_invariant():

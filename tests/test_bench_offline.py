@@ -17,6 +17,7 @@ from idlm.bench.offline import (
     bench_offline,
     bench_prompts,
     check_bench_options,
+    interleaved_steps,
     median_run,
     ratio,
     step_phases,
@@ -191,6 +192,42 @@ def test_step_phases_splits_each_decode_step_and_unpatches(ckpt, decoder, stride
     assert not {"_decode_batch", "_apply_each", "_decode"} & set(vars(eng)) and "schedule" not in vars(eng.scheduler)
     assert eng.run([bench_prompts(tok, 1)[0]], params)[0].token_ids == eng.run([bench_prompts(tok, 1)[0]],
                                                                                  params)[0].token_ids
+
+
+def test_step_phases_separates_the_strides_of_an_adaptive_engine(ckpt):
+    model, tok = load_pretrained(ckpt)
+    eng = LLMEngine(model, tok, EngineConfig(decoder="isd", stride="auto", auto_max_stride=3, num_pages=48,
+                                             max_num_seqs=1, cuda_graphs=False))
+    pattern = iter([1, 3, 3, 2, 1, 3] * 10)
+    step_decoder = eng._step_decoder
+
+    def forced(decodes):  # the stride of each step set from outside (as `warmup` does), the rest unchanged
+        eng._forced_stride = next(pattern)
+        return step_decoder(decodes)
+
+    eng._step_decoder = forced
+    r = step_phases(eng, bench_prompts(tok, 1)[0], SamplingParams(temperature=0.7, max_tokens=9, ignore_eos=True,
+                                                                  seed=1))
+    by = r["by_stride"]
+    assert sum(v["steps"] for v in by.values()) == r["steps"] and set(by) <= {1, 2, 3} and 1 in by and 3 in by
+    assert all(0 < v["decode_ms"] <= v["step_ms"] and v["rest_ms"] >= 0 for v in by.values())
+
+
+def test_interleaved_steps_times_every_case_in_turns(ckpt):
+    model, tok = load_pretrained(ckpt)
+    prompt = bench_prompts(tok, 1)[0]
+    cases = {}
+    for name, dec, temp in (("ar", "ar", 0.0), ("isd", "isd", 1.0)):
+        eng = LLMEngine(model, tok, EngineConfig(decoder=dec, stride=3, num_pages=48, max_num_seqs=1,
+                                                 cuda_graphs=False))
+        cases[name] = (eng, prompt, SamplingParams(temperature=temp, max_tokens=5, ignore_eos=True, seed=0))
+    r = interleaved_steps(cases, rounds=3, chunk=4)  # 12 decode steps each: requests restart as they finish
+    assert list(r) == ["ar", "isd"] and r["ar"]["over_ar"] == 1.0 and r["isd"]["over_ar"] > 0
+    assert all(len(v["rounds_ms"]) == 3 and v["step_ms"] > 0 for v in r.values())
+    assert r["ar"]["tokens_per_step"] == 1.0 and r["isd"]["tokens_per_step"] >= 1.0
+    assert cases["ar"][0].counters["decode_forwards"] == 12 == cases["isd"][0].counters["decode_forwards"]
+    with pytest.raises(ConfigError, match="rounds >= 1"):
+        interleaved_steps(cases, rounds=0)
 
 
 def test_stop_at_eos_lets_requests_end_and_is_reported(ckpt):

@@ -312,3 +312,40 @@ def step_phases(engine, prompt: list[int], params: SamplingParams) -> dict:
             "compile_fallbacks": compile_fallbacks(), **memory,
             "by_stride": {n: {"steps": len(v["step"]), **{f"{k}_ms": ms(x) for k, x in v.items()}}
                           for n, v in sorted(by_stride.items())}}
+
+
+def interleaved_steps(cases: dict, rounds: int = 20, chunk: int = 10) -> dict:
+    """Decode-step wall times of several engines measured in turns, so that the host's slow spells (its
+    timing moves ±30% between runs a few hundred ms apart) fall on every case alike: `cases` maps a name
+    to (engine, prompt, params) — one request per engine, restarted when it finishes; each round runs
+    `chunk` decode steps of every case in turn. -> per case the median step (ms), each round's median
+    and the tokens per step; and each case's ratio to the first case, round by round (median of the
+    per-round ratios: the measure for "a step of B costs ≤ x × a step of A")."""
+    if rounds < 1 or chunk < 1:
+        raise ConfigError(f"interleaved_steps needs rounds >= 1 and chunk >= 1, got {rounds} and {chunk}")
+    per_round: dict[str, list[list[float]]] = {name: [] for name in cases}
+    tokens = {name: [0, 0] for name in cases}  # generated tokens, decode steps
+    for _ in range(rounds):
+        for name, (eng, prompt, params) in cases.items():
+            times: list[float] = []
+            while len(times) < chunk:
+                if not eng.has_unfinished():
+                    eng.add_request(prompt, params)
+                c = eng.counters
+                f, t, g = c["decode_forwards"], c["decode_time_s"], c["generated_tokens"]
+                eng.step()
+                if eng.counters["decode_forwards"] == f + 1:  # a decode step (not the prefill)
+                    times.append(eng.counters["decode_time_s"] - t)
+                    tokens[name][0] += eng.counters["generated_tokens"] - g
+                    tokens[name][1] += 1
+            per_round[name].append(times)
+    first = next(iter(cases))
+    out = {}
+    for name, rounds_ in per_round.items():
+        meds = [statistics.median(r) for r in rounds_]
+        ratios = [m / statistics.median(f) for m, f in zip(meds, per_round[first])]
+        out[name] = {"step_ms": round(1e3 * statistics.median([t for r in rounds_ for t in r]), 4),
+                     "rounds_ms": [round(1e3 * m, 4) for m in meds],
+                     "tokens_per_step": round(tokens[name][0] / max(1, tokens[name][1]), 3),
+                     f"over_{first}": round(statistics.median(ratios), 3)}
+    return out
