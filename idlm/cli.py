@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 
+from idlm.engine import compile_cache
 from idlm.errors import ConfigError, IdlmError
 from idlm.models.registry import DEFAULT_MODEL  # the embedded trained I-DLM, used when --model is not given
 
@@ -553,6 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        compile_cache.from_env()  # $IDLM_COMPILE_CACHE: compiled kernels of an earlier run (idlm.engine.compile_cache)
         return args.func(args)
     except IdlmError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -3,12 +3,20 @@
 
 
 def environment(device) -> dict:
-    """What every benchmark record starts with: the device's name ("cpu" off CUDA), torch and CUDA versions."""
+    """What every benchmark record starts with: the device's name ("cpu" off CUDA), torch and CUDA versions;
+    with $IDLM_COMPILE_CACHE also what that compile cache gave this process (`compile_cache.from_env`:
+    loaded now, saved at exit), since a warm-up or first-step time depends on it."""
     import torch
+
+    from idlm.engine import compile_cache
 
     device = torch.device(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda}
+    record = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda}
+    cache = compile_cache.from_env()
+    if cache is not None:
+        record["compile_cache"] = cache
+    return record
 
 
 def save_record(record, name: str, out: str | None = None) -> str | None:
