@@ -49,3 +49,16 @@ def test_from_env_loads_now_and_saves_at_exit(tmp_path, monkeypatch):
     _compile_something()
     hooks[0]()  # the exit hook writes what this process compiled
     assert path.is_file() and compile_cache.load(path)["loaded"]
+
+
+def test_cli_loads_the_cache_of_the_environment_and_goes_on_when_it_is_bad(tmp_path, monkeypatch, capsys):
+    from idlm.cli import main
+
+    hooks = []
+    monkeypatch.setattr(compile_cache.atexit, "register", hooks.append)
+    path = tmp_path / "cache.bin"
+    path.write_bytes(b"damaged")
+    monkeypatch.setenv(compile_cache.ENV, str(path))
+    with pytest.warns(UserWarning, match="not loaded"):
+        rc = main(["generate", "Hi", "--model", "idlm-tiny", "--max-tokens", "2", "--device", "cpu"])
+    assert rc == 0 and len(hooks) == 1  # the command ran; its compiles are saved at exit

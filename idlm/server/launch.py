@@ -81,7 +81,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", action="store_true",
                    help="before listening, run every stride the engine may use (greedy and sampled) on a dummy "
                         "request, so compiling and capturing decode steps does not stall the first requests "
-                        "(most useful with --stride auto on CUDA)")
+                        "(most useful with --stride auto on CUDA; $IDLM_COMPILE_CACHE=FILE keeps the compiled "
+                        "kernels for the next start, also on another machine: docs/engine.md)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights' dtype (default: bfloat16 on CUDA, float32 on CPU)")
