@@ -14,12 +14,15 @@ def _compile_something():
     return f(torch.arange(6.0).view(2, 3))
 
 
-def test_save_then_load_round_trip(tmp_path):
+@pytest.mark.parametrize("name", ["cache.bin", "cache.bin.gz"])
+def test_save_then_load_round_trip(tmp_path, name):
     assert _compile_something().tolist() == [9.0, 27.0]
-    path = tmp_path / "cache.bin"
+    path = tmp_path / name
     saved = compile_cache.save(path)
     assert saved["saved"] and saved["entries"] >= 1 and path.stat().st_size == saved["bytes"] > 0
-    assert not list(tmp_path.glob(".cache.bin.tmp-*"))  # written atomically: no temporary left
+    assert not list(tmp_path.glob(f".{name}.tmp-*"))  # written atomically: no temporary left
+    if name.endswith(".gz"):
+        assert path.read_bytes()[:2] == b"\x1f\x8b"  # gzip
     loaded = compile_cache.load(path)
     assert loaded == {"loaded": True, "bytes": saved["bytes"], "entries": saved["entries"], "error": None}
 

@@ -10,7 +10,8 @@ created (inductor's generated code and kernels, AOTAutograd's graphs) and `load_
 a new process's caches with them, so its compiles become cache hits (dynamo still traces each function).
 
 The file is only a cache: it is tied to the torch version and the GPU it was made with, a mismatched or
-damaged file costs nothing but the cold compile (a warning says why), and it is written atomically.
+damaged file costs nothing but the cold compile (a warning says why), and it is written atomically; a
+path ending in ".gz" is gzip-compressed (the device tool brings back files of at most 16 MiB).
 
     IDLM_COMPILE_CACHE=/path/cache.bin python scripts/bench_stride.py   (loaded now, rewritten at exit)
 """
@@ -18,6 +19,7 @@ damaged file costs nothing but the cold compile (a warning says why), and it is 
 from __future__ import annotations
 
 import atexit
+import gzip
 import os
 import warnings
 from pathlib import Path
@@ -37,7 +39,7 @@ def load(path: str | os.PathLike) -> dict:
     try:
         import torch
 
-        info = torch.compiler.load_cache_artifacts(data)
+        info = torch.compiler.load_cache_artifacts(gzip.decompress(data) if path.suffix == ".gz" else data)
     except Exception as e:  # another torch version, a damaged file: compile cold, say why
         warnings.warn(f"compile cache {path} not loaded ({type(e).__name__}: {e}); compiling from scratch",
                       stacklevel=2)
@@ -51,13 +53,15 @@ def load(path: str | os.PathLike) -> dict:
 
 def save(path: str | os.PathLike) -> dict:
     """Write the compile cache entries this process created (and those it loaded) to `path`, atomically
-    -> {"saved", "bytes", "entries"} ("saved" False: nothing was compiled)."""
+    -> {"saved", "bytes" (as written), "entries"} ("saved" False: nothing was compiled)."""
     import torch
 
     got = torch.compiler.save_cache_artifacts()
     if got is None:
         return {"saved": False, "bytes": 0, "entries": 0}
     data, info = got
+    if Path(path).suffix == ".gz":
+        data = gzip.compress(data, compresslevel=6)
     with atomic_file(path, "wb") as f:
         f.write(data)
     return {"saved": True, "bytes": len(data), "entries": _entries(info)}
