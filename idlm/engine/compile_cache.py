@@ -52,7 +52,7 @@ def load(path: str | os.PathLike) -> dict:
 
 
 def save(path: str | os.PathLike) -> dict:
-    """Write the compile cache entries this process created (and those it loaded) to `path`, atomically
+    """Write the compile cache entries this process created or hit (torch records both) to `path`, atomically
     -> {"saved", "bytes" (as written), "entries"} ("saved" False: nothing was compiled)."""
     import torch
 
