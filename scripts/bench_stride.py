@@ -9,7 +9,10 @@ MODES ("auto,n4"; also n2 … n8, fixed strides — e.g. MODES=n2,n3,n5,n6,n7,n8
 CONCURRENCY=1 for the best fixed N the issue compares `auto` with at T = 0, C = 1; the whole table took
 more than the device's 10-minute call limit on the H200: run MODES=auto and MODES=n4 as two calls, and
 split `auto` by TEMPERATURES if it explores many strides — each new stride compiles its step once),
-AUTO_MAX_STRIDE (8: the largest N `auto` may pick; the issue's table uses 8).
+AUTO_MAX_STRIDE (8: the largest N `auto` may pick; the issue's table uses 8), PHASES ("1": after each C = 1
+cell, `step_phases` of one request on that cell's engine and its AR engine, as the cell left them: the
+H200 tables had the auto engine's sampled steps, its plain AR ones too, dearer than the AR engine's in the
+cells but not alone, docs/stride.md attempt 10).
 """
 
 from __future__ import annotations
@@ -25,7 +28,15 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from idlm.bench import environment, save_record  # noqa: E402
-from idlm.bench.offline import ar_engine_for, bench_compare, bench_prompts, sample_trace, traced_choices  # noqa: E402
+from idlm.bench.offline import (  # noqa: E402
+    ar_engine_for,
+    bench_compare,
+    bench_prompts,
+    sample_trace,
+    step_phases,
+    traced_choices,
+)
+from idlm.decoding.sampling import SamplingParams  # noqa: E402
 from idlm.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from idlm.models.loader import load_pretrained  # noqa: E402
 
@@ -103,6 +114,10 @@ def main() -> None:
                     # why a stride was taken (its rate in tokens/s against the runner-ups')
                     row["choices"] = sample_trace(trace)
                     row["choices_n"] = len(trace)
+                if cc == 1 and os.environ.get("PHASES") == "1":  # the cell's engines, as the cell left them
+                    params = SamplingParams(temperature=t, max_tokens=max_tokens, ignore_eos=True, seed=0)
+                    row["phases"] = {name: step_phases(e, prompts[0], params) for name, e in (("mode", eng),
+                                                                                              ("ar", ar))}
                 table[label].append(row)
                 print(json.dumps({label: row}), flush=True)
                 save()
