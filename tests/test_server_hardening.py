@@ -532,3 +532,15 @@ def test_serve_warmup_with_the_adaptive_stride(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_warmup_defaults_to_adaptive_engines_on_cuda_and_can_be_forced_either_way():
+    from idlm.cli import build_parser
+    from idlm.server.launch import should_warm_up
+
+    parse = build_parser().parse_args
+    assert parse(["serve"]).warmup is None
+    assert parse(["serve", "--warmup"]).warmup is True and parse(["serve", "--no-warmup"]).warmup is False
+    assert should_warm_up(None, "auto", "cuda") and not should_warm_up(None, "auto", "cpu")
+    assert not should_warm_up(None, 4, "cuda")  # a fixed stride compiles one step, on its first request
+    assert should_warm_up(True, 4, "cpu") and not should_warm_up(False, "auto", "cuda")

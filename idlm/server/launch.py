@@ -78,11 +78,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backend", dest="attention", default="auto", choices=ATTENTION_BACKENDS,
                    help="paged attention of decode steps: Triton kernel (auto: on CUDA) or gather + SDPA")
     p.add_argument("--exact", action="store_true", help=EXACT_HELP)
-    p.add_argument("--warmup", action="store_true",
+    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
                    help="before listening, run every stride the engine may use (greedy and sampled) on a dummy "
                         "request, so compiling and capturing decode steps does not stall the first requests "
-                        "(most useful with --stride auto on CUDA; $IDLM_COMPILE_CACHE=FILE keeps the compiled "
-                        "kernels for the next start, also on another machine: docs/engine.md)")
+                        "(default: on for --stride auto on CUDA, whose policy would otherwise stall running "
+                        "requests for the compile of each stride it tries first; off elsewhere. "
+                        "$IDLM_COMPILE_CACHE=FILE keeps the compiled kernels for the next start, also on "
+                        "another machine: docs/engine.md)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights' dtype (default: bfloat16 on CUDA, float32 on CPU)")
@@ -169,6 +171,14 @@ def resolve_options(args) -> dict:
             "defaults": defaults, "algorithm_config": cfg, "max_waiting": max_waiting}
 
 
+def should_warm_up(flag: bool | None, stride, device_type: str) -> bool:
+    """`--warmup` / `--no-warmup`, or by default: warm up an adaptive-stride engine on CUDA (each stride's
+    first step compiles for tens of seconds there, and the policy tries strides while requests run)."""
+    if flag is not None:
+        return flag
+    return stride == "auto" and device_type == "cuda"
+
+
 def cmd_serve(args) -> int:
     """Serve until SIGTERM/SIGINT (exit 0, after draining for --shutdown-timeout) or until the engine
     loop dies (exit 1, so a supervisor restarts the server)."""
@@ -194,7 +204,7 @@ def cmd_serve(args) -> int:
                           max_num_seqs=args.max_running_requests, num_pages=args.num_pages,
                           attention=args.attention, stride_schedule=args.stride_schedule, exact=args.exact)
     engine = LLMEngine(model, tok, config, lora=lora)
-    if args.warmup:
+    if should_warm_up(args.warmup, config.stride, engine.runner.device.type):
         seconds = engine.warmup()
         logging.getLogger("idlm.server").info("warm-up: %.1f s (per stride: %s)", sum(seconds.values()), seconds)
     life = Lifecycle()
