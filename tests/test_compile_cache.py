@@ -47,8 +47,10 @@ def test_from_env_loads_now_and_saves_at_exit(tmp_path, monkeypatch):
     assert compile_cache.from_env() is None and hooks == []
     path = tmp_path / "sub" / "cache.bin"
     monkeypatch.setenv(compile_cache.ENV, str(path))
+    monkeypatch.setattr(compile_cache, "_ACTIVE", {})
     assert compile_cache.from_env() == {"loaded": False, "bytes": 0, "entries": 0, "error": None}
-    assert len(hooks) == 1
+    assert compile_cache.from_env() == {"loaded": False, "bytes": 0, "entries": 0, "error": None}
+    assert len(hooks) == 1  # set up once per path and process
     _compile_something()
     hooks[0]()  # the exit hook writes what this process compiled
     assert path.is_file() and compile_cache.load(path)["loaded"]
@@ -61,6 +63,7 @@ def test_cli_loads_the_cache_of_the_environment_and_goes_on_when_it_is_bad(tmp_p
     monkeypatch.setattr(compile_cache.atexit, "register", hooks.append)
     path = tmp_path / "cache.bin"
     path.write_bytes(b"damaged")
+    monkeypatch.setattr(compile_cache, "_ACTIVE", {})
     monkeypatch.setenv(compile_cache.ENV, str(path))
     with pytest.warns(UserWarning, match="not loaded"):
         rc = main(["generate", "Hi", "--model", "idlm-tiny", "--max-tokens", "2", "--device", "cpu"])

@@ -27,6 +27,7 @@ from pathlib import Path
 from idlm.atomic import atomic_file
 
 ENV = "IDLM_COMPILE_CACHE"
+_ACTIVE: dict[str, dict] = {}  # path -> `load`'s summary, for the paths `from_env` set up in this process
 
 
 def load(path: str | os.PathLike) -> dict:
@@ -70,11 +71,14 @@ def save(path: str | os.PathLike) -> dict:
 def from_env() -> dict | None:
     """With $IDLM_COMPILE_CACHE set: load it now and save back to it when the process exits (a run stopped by
     a time limit's SIGTERM does not reach the exit hook: run under `timeout -s INT` to keep its compiles).
-    -> `load`'s summary, or None without the variable."""
+    -> `load`'s summary, or None without the variable. Once per path and process (a driver that also runs
+    the CLI in-process loads and saves it once)."""
     path = os.environ.get(ENV)
     if not path:
         return None
-    summary = load(path)
+    if path in _ACTIVE:
+        return _ACTIVE[path]
+    summary = _ACTIVE[path] = load(path)
 
     def _save() -> None:
         try:
