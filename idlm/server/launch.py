@@ -205,8 +205,11 @@ def cmd_serve(args) -> int:
                           attention=args.attention, stride_schedule=args.stride_schedule, exact=args.exact)
     engine = LLMEngine(model, tok, config, lora=lora)
     if should_warm_up(args.warmup, config.stride, engine.runner.device.type):
+        log = logging.getLogger("idlm.server")
+        log.info("warming up strides %s before listening (compiles: minutes on a fresh machine; --no-warmup "
+                 "skips, $IDLM_COMPILE_CACHE keeps them)", config.strides)
         seconds = engine.warmup()
-        logging.getLogger("idlm.server").info("warm-up: %.1f s (per stride: %s)", sum(seconds.values()), seconds)
+        log.info("warm-up: %.1f s (per stride: %s)", sum(seconds.values()), seconds)
     life = Lifecycle()
     exit_code = 0
 
