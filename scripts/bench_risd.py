@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from idlm.bench import environment, save_record  # noqa: E402
-from idlm.bench.offline import bench_offline, bench_prompts, count_delta, step_phases  # noqa: E402
+from idlm.bench.offline import bench_offline, bench_prompts, count_delta, step_phases, step_stride  # noqa: E402
 from idlm.decoding.sampling import SamplingParams  # noqa: E402
 from idlm.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from idlm.layers.lora import LoRAAdapter, LoRAConfig  # noqa: E402
@@ -182,9 +182,9 @@ def profiled_then_plain(eng, steps: int, plain: int) -> tuple:
     for _ in range(plain):
         f, t, mix = eng.counters["decode_forwards"], eng.counters["decode_time_s"], dict(eng.stride_mix)
         eng.step()
-        ran = [n for n, c in eng.stride_mix.items() if c != mix.get(n, 0)]
-        if eng.counters["decode_forwards"] == f + 1 and len(ran) == 1:
-            by_stride.setdefault(ran[0], []).append(1e3 * (eng.counters["decode_time_s"] - t))
+        n = step_stride(eng, mix)
+        if eng.counters["decode_forwards"] == f + 1 and n is not None:
+            by_stride.setdefault(n, []).append(1e3 * (eng.counters["decode_time_s"] - t))
     per_step = 1e3 * (eng.counters["decode_time_s"] - t1) / max(1, eng.counters["decode_forwards"] - f1)
     return prof, step_ms, per_step, {n: [len(v), round(statistics.median(v), 4)] for n, v in sorted(by_stride.items())}
 

@@ -93,6 +93,13 @@ def count_delta(counts: dict[int, int], before: dict[int, int]) -> dict[int, int
     return {n: c - before.get(n, 0) for n, c in sorted(counts.items()) if c > before.get(n, 0)}
 
 
+def step_stride(engine, mix_before: dict[int, int]) -> int | None:
+    """The stride of the one decode step an engine ran since `mix_before` (a copy of its `stride_mix`); None
+    where it ran none (a prefill-only step) or several."""
+    ran = count_delta(engine.stride_mix, mix_before)
+    return next(iter(ran)) if len(ran) == 1 and sum(ran.values()) == 1 else None
+
+
 def _run(engine, prompts, params, wave: int) -> dict:
     seqs = []
     forwards0, decode_t0 = engine.counters["decode_forwards"], engine.counters["decode_time_s"]
@@ -275,8 +282,7 @@ def step_phases(engine, prompt: list[int], params: SamplingParams) -> dict:
             t0 = time.perf_counter()
             engine.step()
             steps.append(time.perf_counter() - t0)
-            ran = [n for n, c in engine.stride_mix.items() if c != mix.get(n, 0)]
-            strides.append(ran[0] if len(ran) == 1 else None)
+            strides.append(step_stride(engine, mix))
     finally:
         for obj, attr in patched:
             delattr(obj, attr)  # the instance attribute goes; the class method shows through again

@@ -28,6 +28,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from idlm.bench.offline import count_delta
 from idlm.decoding.sampling import SamplingParams
 
 
@@ -101,8 +102,7 @@ def bench_policy(engine, prompts: list[list[int]], concurrency: int, max_tokens:
     steps = engine.counters["decode_forwards"] - before["decode_forwards"]
     seconds = engine.counters["decode_time_s"] - before["decode_time_s"]
     decoded = sum(len(o.token_ids) for o in outs) - len(outs)  # each request's first token comes from prefill
-    mix = {n: c - mix0.get(n, 0) for n, c in engine.stride_mix.items() if c != mix0.get(n, 0)}
-    rows = {n: c - rows0.get(n, 0) for n, c in engine.row_stride_mix.items() if c != rows0.get(n, 0)}
+    mix, rows = count_delta(engine.stride_mix, mix0), count_delta(engine.row_stride_mix, rows0)
     predicted = float(np.mean([r / b for r, b in choices])) if choices else None
     return {"concurrency": concurrency, "decode_steps": steps, "decode_s": round(seconds, 4),
             "measured_tok_s_per_request": round(decoded / seconds / concurrency, 1) if seconds else None,
