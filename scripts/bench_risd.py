@@ -4,7 +4,8 @@ and $OUT/bench_risd.json).
 Stages (comma-separated argv[1], default all):
   exact  fp32 and bf16: engine R-ISD (the fused step: LoRA folded into the projections) vs engine AR on
          idlm-tiny-ar, greedy, 64 prompts x 128 tokens: how many requests are identical
-  step   bf16, batch 1: the decode step of AR, R-ISD fused and R-ISD unfused (separate LoRA matmuls),
+  step   bf16, batch 1: the decode step of AR, R-ISD fused and R-ISD unfused (separate LoRA matmuls; $STEP_KINDS
+         picks some, e.g. ar,risd_fused),
          for idlm-tiny-ar (its trained adapter) and a SmolLM2-135M-shaped model (random weights and a
          random rank-128 adapter: step cost does not depend on the values)
   profile  batch 1, AR vs fused R-ISD: GPU time of the step's CUDA graph alone vs the engine step, and
@@ -45,7 +46,7 @@ from idlm.models.loader import load_pretrained, resolve_model_path  # noqa: E402
 from idlm.models.random import random_model  # noqa: E402
 
 DEV = os.environ.get("IDLM_BENCH_DEVICE", "cuda")
-REPS = 3
+REPS = int(os.environ.get("REPS", "3"))
 results: dict = environment(DEV)
 
 
@@ -109,6 +110,8 @@ def stage_step():
             "risd_unfused": LLMEngine(model_u, tok, EngineConfig(decoder="risd", stride=4, max_num_seqs=1,
                                                                  num_pages=512, fuse_projections=False), lora=lora_u),
         }
+        only = os.environ.get("STEP_KINDS", "")  # e.g. ar,risd_fused (default: all three)
+        engines = {k: v for k, v in engines.items() if not only or k in only.split(",")}
         runs = {k: [] for k in engines}
         for rep in range(REPS):
             for k, eng in engines.items():
@@ -116,9 +119,9 @@ def stage_step():
         med = {k: median(v, "decode_step_ms") for k, v in runs.items()}
         out[name] = {k: {"decode_step_ms": m["decode_step_ms"], "reps": m["reps_decode_step_ms"], "tpf": m["tpf"]}
                      for k, m in med.items()}
-        out[name]["risd_fused_over_ar"] = round(med["risd_fused"]["decode_step_ms"] / med["ar"]["decode_step_ms"], 3)
-        out[name]["risd_unfused_over_ar"] = round(med["risd_unfused"]["decode_step_ms"] / med["ar"]["decode_step_ms"],
-                                                  3)
+        for k in ("risd_fused", "risd_unfused"):
+            if k in med and "ar" in med:
+                out[name][f"{k}_over_ar"] = round(med[k]["decode_step_ms"] / med["ar"]["decode_step_ms"], 3)
     emit("step", out)
 
 

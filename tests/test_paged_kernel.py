@@ -137,18 +137,21 @@ def test_choose_splits_fills_the_sms_only_where_programs_are_few():
     assert choose_splits(4, 3, 100, 132) == 1  # fewer keys than one split's minimum
 
 
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("fused,min_chunk", [(False, ""), (True, ""), (True, "0"), (True, "256")])
 @pytest.mark.parametrize("splits", [1, 2, 3, 7])
 @pytest.mark.parametrize("Hq,Hkv,T,visible", [(4, 2, 1, False), (6, 2, 7, False), (8, 2, 3, True)])
-def test_split_kv_equals_reference_path_in_fp32(splits, Hq, Hkv, T, visible, fused, monkeypatch):
+def test_split_kv_equals_reference_path_in_fp32(splits, Hq, Hkv, T, visible, fused, min_chunk, monkeypatch):
     """Split and unsplit kernels vs gather + SDPA, fp32, <= 2e-6; rows of very different lengths, so some
     splits of the short rows see no key at all (their state must add nothing). fused: the split states
     combined by the launch's last split of each (row, KV head) ($IDLM_ATTN_FUSED_COMBINE=1), whose tickets
-    are zero again afterwards (the next launch, or a CUDA graph's next replay, starts from zero)."""
+    are zero again afterwards (the next launch, or a CUDA graph's next replay, starts from zero); with the
+    default floor of 128 keys a split ($IDLM_ATTN_MIN_CHUNK) the 303-key row uses 3 of 7 splits and the
+    short rows write their output from split 0 alone; "0": every split a 64-key share; "256": 2 splits."""
     from idlm.layers.attention import last_visible
     from idlm.layers.paged_kernel import paged_attention, split_counters
 
     monkeypatch.setenv("IDLM_ATTN_FUSED_COMBINE", "1" if fused else "0")
+    monkeypatch.setenv("IDLM_ATTN_MIN_CHUNK", min_chunk)
 
     B, D, page = 3, 16, 8
     starts = [300, 2, 117]
@@ -189,7 +192,15 @@ def test_kernel_tuning_knobs_keep_the_result(monkeypatch, prefetch, block_n, war
 
 
 def test_kernel_tuning_refuses_bad_values(monkeypatch):
-    from idlm.layers.paged_kernel import kernel_tuning
+    from idlm.layers.paged_kernel import MIN_SPLIT_KEYS, fused_combine, kernel_tuning, min_chunk
+
+    assert min_chunk() == MIN_SPLIT_KEYS and not fused_combine()
+    for name, value, fn in [("IDLM_ATTN_MIN_CHUNK", "-1", min_chunk), ("IDLM_ATTN_MIN_CHUNK", "lots", min_chunk),
+                            ("IDLM_ATTN_FUSED_COMBINE", "yes", fused_combine)]:
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValueError, match=name):
+            fn()
+        monkeypatch.delenv(name)
 
     assert kernel_tuning() == (True, None, None)  # the defaults: prefetch, tiles and warps by the tile size
     for name, value in [("IDLM_ATTN_PREFETCH", "yes"), ("IDLM_ATTN_BLOCK_N", "48"), ("IDLM_ATTN_BLOCK_N", "512"),
@@ -374,7 +385,7 @@ for prefetch, split, ieee, fused in itertools.product((True, False), repeat=4):
     name = f"prefetch={prefetch} split={split} ieee={ieee} fused_combine={fused}"
     try:
         text = ttir(fwd, sig, dict(GROUP=4, BLOCK_M=16, BLOCK_N=64, D=128, IEEE=ieee, SPLIT=split, TQ=1,
-                                   PREFETCH=prefetch, FUSED_COMBINE=fused))
+                                   PREFETCH=prefetch, FUSED_COMBINE=fused, MIN_CHUNK=128))
         if split and not fused:
             text += ttir(combine, {"Out": dt, "PART_M": "*fp32", "PART_L": "*fp32", "PART_ACC": "*fp32"},
                          dict(GROUP=4, BLOCK_M=16, D=128))
@@ -409,10 +420,10 @@ def test_decode_kernel_compiles_for_cuda():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
                     reason="needs a CUDA device and compiled kernels: on a GPU run with TRITON_INTERPRET=0")
-@pytest.mark.parametrize("prefetch,fused", [("1", "0"), ("0", "0"), ("1", "1")])
+@pytest.mark.parametrize("prefetch,fused,min_chunk", [("1", "0", ""), ("0", "0", ""), ("1", "1", ""), ("1", "1", "0")])
 @pytest.mark.parametrize("splits", [None, 1, 4, 8])
 @pytest.mark.parametrize("T", [1, 7])
-def test_kernel_on_cuda_equals_reference_path_in_fp32(monkeypatch, prefetch, fused, splits, T):
+def test_kernel_on_cuda_equals_reference_path_in_fp32(monkeypatch, prefetch, fused, min_chunk, splits, T):
     """Issue 14's exactness on the GPU, with the compiled kernel (defaults chosen by the H200 sweep, and the
     non-prefetching loop; and the split states combined in the same launch, `fused_combine`, whose ticket
     ordering only a GPU tests): the Qwen3-8B head layout, rows of 1,000 / 5 / 300 kept keys, split (automatic
@@ -422,6 +433,7 @@ def test_kernel_on_cuda_equals_reference_path_in_fp32(monkeypatch, prefetch, fus
 
     monkeypatch.setenv("IDLM_ATTN_PREFETCH", prefetch)
     monkeypatch.setenv("IDLM_ATTN_FUSED_COMBINE", fused)
+    monkeypatch.setenv("IDLM_ATTN_MIN_CHUNK", min_chunk)  # "": 128 keys a split at least; "0": no floor
     B, Hq, Hkv, D, page = 3, 32, 8, 128, 16
     starts = [1000, 5, 300]
     cpu_pool, slots, tables, st, q, k, v = _batch(B, Hq, Hkv, D, T, page, starts, seed=11)

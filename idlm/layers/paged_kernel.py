@@ -107,22 +107,23 @@ def _kernel():
         return m_new, l_i, acc
 
     @triton.jit
-    def _combine(Out, PART_M, PART_L, PART_ACC, b, hk, n_kv, s_ob, s_ot, s_oh, T, SPLITS,
+    def _combine(Out, PART_M, PART_L, PART_ACC, b, hk, n_kv, s_ob, s_ot, s_oh, T, SPLITS, USED,
                  GROUP: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, CACHE: tl.constexpr):
-        """The S split states of (row b, KV head hk) into its output rows. CACHE: the states' load cache
-        modifier (".cg": from L2, for states other programs of the same launch wrote — the fused combine)."""
+        """The first USED of the S split states of (row b, KV head hk) into its output rows. CACHE: the
+        states' load cache modifier (".cg": from L2, for states other programs of the same launch wrote —
+        the fused combine)."""
         rows = tl.arange(0, BLOCK_M)
         t = rows // GROUP
         h = hk * GROUP + rows % GROUP
         d = tl.arange(0, D)
         first = (b * n_kv + hk) * SPLITS * BLOCK_M
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        for sp in range(0, SPLITS):
+        for sp in range(0, USED):
             m = tl.maximum(m, tl.load(PART_M + first + sp * BLOCK_M + rows, cache_modifier=CACHE))
         m_safe = tl.where(m == float("-inf"), 0.0, m)  # rows no split saw a key for
         l_sum = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
-        for sp in range(0, SPLITS):
+        for sp in range(0, USED):
             at = first + sp * BLOCK_M + rows
             w = tl.exp(tl.load(PART_M + at, cache_modifier=CACHE) - m_safe)  # 0 for a split that saw nothing
             l_sum += w * tl.load(PART_L + at, cache_modifier=CACHE)
@@ -131,10 +132,28 @@ def _kernel():
         tl.store(Out + b * s_ob + t[:, None] * s_ot + h[:, None] * s_oh + d[None, :],
                  out.to(Out.dtype.element_ty), mask=(t < T)[:, None])
 
+    @triton.jit
+    def _write_out(Out, acc, l_i, b, t, h, d, row_ok, s_ob, s_ot, s_oh):
+        """A tile's normalised output rows into out [B, T, Hq, D]."""
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(Out + b * s_ob + t[:, None] * s_ot + h[:, None] * s_oh + d[None, :],
+                 out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+
+    @triton.jit
+    def _store_state(PART_M, PART_L, PART_ACC, m_i, l_i, acc, b, hk, sp, rows, d, SPLITS,
+                     BLOCK_M: tl.constexpr, D: tl.constexpr):
+        """A split's unnormalised state: [B, Hkv, S, BLOCK_M] (m, l), [.., D] (acc)."""
+        base = ((b * tl.num_programs(1) + hk) * SPLITS + sp) * BLOCK_M
+        tl.store(PART_M + base + rows, m_i)
+        tl.store(PART_L + base + rows, l_i)
+        tl.store(PART_ACC + (base + rows)[:, None] * D + d[None, :], acc)
+
     # a jitted function finds the functions it calls among its module's globals (not in this closure);
     # triton is imported lazily, so the helpers are put there when the kernels are first built
     globals()["_tile"] = _tile
     globals()["_combine"] = _combine
+    globals()["_write_out"] = _write_out
+    globals()["_store_state"] = _store_state
 
     @triton.jit
     def paged_attn_fwd(Q, K, V, Out, TABLES, LAST, PART_M, PART_L, PART_ACC, COUNTERS, scale,
@@ -145,7 +164,7 @@ def _kernel():
                        T, PAGE, SPLITS,
                        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
                        IEEE: tl.constexpr, SPLIT: tl.constexpr, TQ: tl.constexpr, PREFETCH: tl.constexpr,
-                       FUSED_COMBINE: tl.constexpr):
+                       FUSED_COMBINE: tl.constexpr, MIN_CHUNK: tl.constexpr):
         b = tl.program_id(0)
         hk = tl.program_id(1)
         sp = tl.program_id(2)  # the split (SPLIT) or else the query tile: tokens sp·TQ .. sp·TQ + TQ − 1
@@ -163,6 +182,8 @@ def _kernel():
         hi = n_keys
         if SPLIT:  # this split's share of the row's keys, whole BLOCK_N tiles (the last share may be short)
             chunk = tl.cdiv(tl.cdiv(n_keys, SPLITS), BLOCK_N) * BLOCK_N
+            if FUSED_COMBINE:  # no share below MIN_CHUNK keys: a short context uses fewer splits (1: no combine)
+                chunk = tl.maximum(chunk, MIN_CHUNK)
             lo = sp * chunk
             hi = tl.minimum(n_keys, lo + chunk)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -195,29 +216,31 @@ def _kernel():
                 k = tl.load(K + slot[:, None] * s_ks + hk * s_kh + d[None, :], mask=key_ok[:, None], other=0.0)
                 v = tl.load(V + slot[:, None] * s_ks + hk * s_kh + d[None, :], mask=key_ok[:, None], other=0.0)
                 m_i, l_i, acc = _tile(q, k, v, pos, last, m_i, l_i, acc, scale, IEEE)
-        if SPLIT:  # the unnormalised state of this split: [B, Hkv, S, BLOCK_M] (m, l), [.., D] (acc)
-            base = ((b * tl.num_programs(1) + hk) * SPLITS + sp) * BLOCK_M
-            tl.store(PART_M + base + rows, m_i)
-            tl.store(PART_L + base + rows, l_i)
-            tl.store(PART_ACC + (base + rows)[:, None] * D + d[None, :], acc)
-            if FUSED_COMBINE:  # the last split of (b, hk) to finish combines: no second launch
-                tl.debug_barrier()  # every thread's state stored before the ticket (release, cumulative)
-                counter = COUNTERS + b * tl.num_programs(1) + hk
-                ticket = tl.atomic_add(counter, 1, sem="acq_rel")
-                if ticket == SPLITS - 1:
-                    _combine(Out, PART_M, PART_L, PART_ACC, b, hk, tl.num_programs(1), s_ob, s_ot, s_oh, T, SPLITS,
-                             GROUP, BLOCK_M, D, ".cg")
-                    tl.atomic_xchg(counter, 0)  # ready for the next launch (a CUDA graph's next replay)
+        if SPLIT:
+            if FUSED_COMBINE:
+                used = tl.maximum(tl.cdiv(n_keys, chunk), 1)  # splits that got keys; the others stop here
+                if used == 1:  # a context that fits one split: its output directly, nothing to combine
+                    if sp == 0:
+                        _write_out(Out, acc, l_i, b, t, h, d, row_ok, s_ob, s_ot, s_oh)
+                elif sp < used:
+                    _store_state(PART_M, PART_L, PART_ACC, m_i, l_i, acc, b, hk, sp, rows, d, SPLITS, BLOCK_M, D)
+                    tl.debug_barrier()  # every thread's state stored before the ticket (release, cumulative)
+                    counter = COUNTERS + b * tl.num_programs(1) + hk
+                    ticket = tl.atomic_add(counter, 1, sem="acq_rel")
+                    if ticket == used - 1:  # the last used split of (b, hk) to finish combines: no second launch
+                        _combine(Out, PART_M, PART_L, PART_ACC, b, hk, tl.num_programs(1), s_ob, s_ot, s_oh, T,
+                                 SPLITS, used, GROUP, BLOCK_M, D, ".cg")
+                        tl.atomic_xchg(counter, 0)  # ready for the next launch (a CUDA graph's next replay)
+            else:
+                _store_state(PART_M, PART_L, PART_ACC, m_i, l_i, acc, b, hk, sp, rows, d, SPLITS, BLOCK_M, D)
         else:
-            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-            tl.store(Out + b * s_ob + t[:, None] * s_ot + h[:, None] * s_oh + d[None, :],
-                     out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+            _write_out(Out, acc, l_i, b, t, h, d, row_ok, s_ob, s_ot, s_oh)
 
     @triton.jit
     def paged_attn_combine(Out, PART_M, PART_L, PART_ACC, s_ob, s_ot, s_oh, T, SPLITS,
                            GROUP: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr):
         _combine(Out, PART_M, PART_L, PART_ACC, tl.program_id(0), tl.program_id(1), tl.num_programs(1),
-                 s_ob, s_ot, s_oh, T, SPLITS, GROUP, BLOCK_M, D, "")
+                 s_ob, s_ot, s_oh, T, SPLITS, SPLITS, GROUP, BLOCK_M, D, "")
 
     return paged_attn_fwd, paged_attn_combine
 
@@ -317,6 +340,18 @@ def kernel_tuning() -> tuple[bool, int | None, int | None]:
     return prefetch, int(block_n) or None, int(warps) or None
 
 
+def min_chunk() -> int:
+    """$IDLM_ATTN_MIN_CHUNK (default MIN_SPLIT_KEYS): with the fused combine, the fewest keys a split of a
+    launch takes; a row whose context is shorter than S of them uses fewer splits, and one that fits in one
+    writes its output directly. The split count of a CUDA graph is fixed by its block-table width (up to
+    1,024 keys at the narrowest), while a short chat context has a few hundred: without a floor, eight
+    splits each read a tile or none and then combine. 0: no floor (each split a BLOCK_N-rounded share)."""
+    value = os.environ.get("IDLM_ATTN_MIN_CHUNK", "").strip() or str(MIN_SPLIT_KEYS)
+    if not value.isdigit():
+        raise ValueError(f"IDLM_ATTN_MIN_CHUNK={value!r} is not valid: a number of keys >= 0")
+    return int(value)
+
+
 def fused_combine() -> bool:
     """$IDLM_ATTN_FUSED_COMBINE "1": split KV combines in the forward kernel's last split of each (row, KV
     head) — an atomic ticket per (row, head), the last to arrive reads the others' states — instead of a
@@ -388,7 +423,7 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
         out.stride(0), out.stride(1), out.stride(2), block_tables.stride(0), last.stride(0),
         T, page_size, splits, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, D=D,
         IEEE=q.dtype == torch.float32, SPLIT=splits > 1, TQ=tq, PREFETCH=prefetch and not exact,
-        FUSED_COMBINE=fuse, num_warps=4 if exact else warps,
+        FUSED_COMBINE=fuse, MIN_CHUNK=max(min_chunk(), block_n), num_warps=4 if exact else warps,
     )
     if splits > 1 and not fuse:
         combine[(B, Hkv)](out, part_m, part_l, part_acc, out.stride(0), out.stride(1), out.stride(2), T, splits,
