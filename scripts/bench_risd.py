@@ -13,7 +13,7 @@ Stages (comma-separated argv[1], default all):
   throughput  bf16: offline tokens/s of engine AR and R-ISD at C = 64, 256 (SmolLM2 shape, random weights)
   sprofile  batch 1, SmolLM2 shape (random weights): where a sampled (T = 0.7) R-ISD / AR step's time goes
          vs greedy: wall time per step, GPU kernel time per step, top kernels and top host ops (torch.profiler)
-  bprofile  batch $BATCH (64; $KINDS, default ar,risd4,risd_n1; also risd_auto up to $AUTO_MAX), $MODEL
+  bprofile  batch $BATCH (64; $KINDS, default ar,risd4,risd_n1; also risd_auto up to $AUTO_MAX), $MODEL, $TEMPS (0,0.7)
          (smollm2 shape: R-ISD; tiny: idlm-tiny ISD): AR, N = 4, an engine's plain AR steps (N = 1) and
          `--stride auto`, greedy and T = 0.7: step time (and per stride), GPU kernel time and top kernels
   stime  batch 1, T = 0 vs 0.7, R-ISD: each step's wall time split into step_inputs / runner.decode (synced)
@@ -251,7 +251,7 @@ def stage_bprofile():
                         lora=lora if cfg["decoder"] == "risd" else None)
         if cfg.get("stride") == "auto":
             out[f"{kind}/warmup_s"] = eng.warmup()
-        for temp in (0.0, 0.7):
+        for temp in [float(t) for t in os.environ.get("TEMPS", "0,0.7").split(",")]:
             mix0 = dict(eng.stride_mix)
             eng.run(prompts, SamplingParams(temperature=temp, max_tokens=48, ignore_eos=True, seed=0))  # warm-up
             for b, pr in enumerate(prompts):

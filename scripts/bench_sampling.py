@@ -60,7 +60,10 @@ def stage_step():
     out = {}
     settings = {"T0": dict(temperature=0.0), "T1": dict(temperature=1.0), "T1_top_p": dict(temperature=1.0,
                                                                                         top_p=0.95)}
+    only = os.environ.get("STEP_MODELS", "isd4,ar").split(",")  # isd4 alone: the ratio, one asset
     for name, model_name, decoder in (("isd4", "idlm-tiny", "isd"), ("ar", "idlm-tiny-ar", "ar")):
+        if name not in only:
+            continue
         model, tok = load_pretrained(model_name, dtype="bfloat16", device=DEV)
         prompt = bench_prompts(tok, 1)[0]
         cases = {}
