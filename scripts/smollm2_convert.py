@@ -9,21 +9,28 @@ scripts/smollm2_risd.py's `stash`, `setup` and `distill` (the self-distilled res
     eval     unchanged SmolLM2 (AR) vs the conversion (ISD) vs the ablation (SDAR decoding), all bf16:
              clean loss on held-out distilled responses and held-out text; α at N = 4, T = 1 and 0.7 on
              held-out chat prompts; TPF at N = 2, 3, 4, 8 (greedy and T = 0.7); HumanEval pass@1 (chat
-             format); synthetic-task accuracy; per-request speed at C = 1, 16, 64 (ISD N = 4 and --stride
-             auto vs SmolLM2's AR, answers ending at their end token)
+             format); synthetic-task accuracy; per-request speed at C = 1, 16, 64 (ISD N = 4, with
+             --auto-speed also --stride auto, vs SmolLM2's AR, answers ending at their end token);
+             --parts picks some, --budget stops starting commands (a second call runs the rest)
 
-Device calls (the tree must stay under 64 MiB: scripts/device_tree.py; each run right after the last):
+Device calls (the tree must stay under 64 MiB: scripts/device_tree.py; each run right after the last, a
+machine is given back after 30 s idle). The text is built on any CPU beforehand and carried, like the
+distilled data (`text` over the GPU machine's sources works too, but costs device minutes):
 
+    SMOL_STATE=/tmp/smol python scripts/smollm2_risd.py stash setup      (here: the GGUF for the tokenizer)
+    SMOL_STATE=/tmp/smol python scripts/smollm2_convert.py text
+    SMOL_STATE=/tmp/smol OUT=.carry/text python scripts/smollm2_risd.py pack --what text
     python scripts/device_tree.py slim --keep none
     run(carry=[".carry/smolA"]): python scripts/smollm2_risd.py stash
     run(carry=[".carry/smolB", ".whl"]): python scripts/smollm2_risd.py setup
-    run(carry=[".carry/distill"]): python scripts/smollm2_risd.py unpack      (data packed by an earlier
-        session's `smollm2_risd.py ... distill pack`; without it: `setup distill pack` above, ~6 min)
-    run: python scripts/smollm2_convert.py text mix
-    run: python scripts/smollm2_convert.py convert --budget 560                (again until done)
-    run: python scripts/smollm2_convert.py sdar --budget 560                   (the ablation, same budget)
-    run: python scripts/smollm2_convert.py eval
+    run(carry=[".carry/distill", ".carry/text"]): python scripts/smollm2_risd.py unpack --what distill &&
+        python scripts/smollm2_risd.py unpack --what text && python scripts/smollm2_convert.py mix convert --budget 500
+    run: python scripts/smollm2_convert.py sdar --budget 520
+    run: python scripts/smollm2_convert.py eval --budget 520                   (then --parts for what it skipped)
     python scripts/device_tree.py restore
+
+Planned from the H200's step times (docs/training.md: the conversion step 0.42 s compiled + ~100 s of
+compile, 600 steps ≈ 6 minutes; the ablation's 0.57 s eager).
 
 A converted model (270 MB) cannot come back through the device's output: everything is measured here and
 only JSON comes back ($OUT/<stage>.json). `--smoke` runs every stage CPU-sized on the embedded idlm-tiny-ar
@@ -89,54 +96,88 @@ def stage_sdar(args) -> None:
     _train(args, "sdar")
 
 
+EVAL_PARTS = ("loss", "alpha", "humaneval", "tasks", "speed")
+
+
+def alpha_runs(smoke: bool) -> list[tuple[str, int, str]]:
+    """(model, N, temperature) of the α / TPF runs: the issue's α at N = 4, T = 1 and 0.7 (and the ablation's
+    beside it), TPF at N = 2, 3, 4, 8 greedy and T = 0.7 — 11 runs, not every N × T."""
+    runs = [("idlm", 4, t) for t in ("1.0", "0.7", "0")]
+    runs += [("idlm", n, t) for n in (2, 3, 8) for t in ("0.7", "0")]
+    runs += [("sdar", 4, t) for t in ("1.0", "0.7")]
+    return runs[:3] if smoke else runs
+
+
 def stage_eval(args) -> None:
+    """Unchanged SmolLM2 (AR) vs the conversion (ISD) vs the ablation (SDAR), the parts in `--parts` (default
+    all), each idlm command in a process of its own. With --budget the stage starts no command once that
+    many seconds have gone, and lists what it left (`skipped`): a second call runs the rest with --parts.
+    `--auto-speed` adds the adaptive stride to the speed part (its warm-up of eight strides is ~5 minutes)."""
+    import time
+
+    t0 = time.time()
     dev = ["--device", "cpu", "--dtype", "float32"] if args.smoke else ["--device", "cuda", "--dtype", "bfloat16"]
     models = {"ar": (args.model, "ar"), "idlm": (str(STATE / "idlm" / "final"), "isd"),
               "sdar": (str(STATE / "sdar" / "final"), "sdar")}
     prompts = STATE / "distill" / "prompts.jsonl" if not args.smoke else None
     n_tok = "16" if args.smoke else "256"
-    out: dict = {}
+    parts = args.parts.split(",")
+    unknown = sorted(set(parts) - set(EVAL_PARTS))
+    if unknown:
+        raise SystemExit(f"--parts: unknown {', '.join(unknown)} (parts: {', '.join(EVAL_PARTS)})")
+    out: dict = {"parts": parts, "skipped": []}
 
     def run(key, *cmd):
+        if args.budget is not None and time.time() - t0 > args.budget:
+            out["skipped"].append(key)
+            return
         rc, text = idlm(*cmd, *dev)
         out[key] = last_json(text) if rc == 0 else {"rc": rc, "tail": text[-2000:]}
         emit("eval", out)
 
-    for name, (model, _) in models.items():
-        for data in ("distill", "text") if not args.smoke else ("text",):
-            run(f"clean_loss/{name}/{data}", "eval", "loss", "--model", model, "--data", str(STATE / data),
-                "--seq-len", "64" if args.smoke else "1024", "--max-windows", "8" if args.smoke else "256",
-                "--clean-only")
-    alpha_prompts = ["--prompts", str(prompts), "--chat"] if prompts else []
-    for name in ("idlm", "sdar"):
-        model, decoder = models[name]
-        for n in (2, 3, 4, 8):
-            for temp in ("1.0", "0.7", "0"):
-                if name == "sdar" and n != 4:
-                    continue
-                run(f"alpha/{name}/N{n}/T{temp}", "eval", "alpha", "--model", model, "--decoder", decoder,
-                    "--stride", str(n), "--temperature", temp, "--max-tokens", n_tok, *alpha_prompts)
+    if "loss" in parts:
+        for name, (model, _) in models.items():
+            for data in ("distill", "text") if not args.smoke else ("text",):
+                run(f"clean_loss/{name}/{data}", "eval", "loss", "--model", model, "--data", str(STATE / data),
+                    "--seq-len", "64" if args.smoke else "1024", "--max-windows", "8" if args.smoke else "256",
+                    "--clean-only")
+    if "alpha" in parts:
+        alpha_prompts = ["--prompts", str(prompts), "--chat"] if prompts else []
+        for name, n, temp in alpha_runs(args.smoke):
+            model, decoder = models[name]
+            run(f"alpha/{name}/N{n}/T{temp}", "eval", "alpha", "--model", model, "--decoder", decoder,
+                "--stride", str(n), "--temperature", temp, "--max-tokens", n_tok, *alpha_prompts)
     for name in ("ar", "idlm"):
         model, decoder = models[name]
-        run(f"humaneval/{name}", "eval", "humaneval", "--model", model, "--decoder", decoder, "--stride", "4",
-            "--batch", "164", *(["--limit", "3", "--max-tokens", "16"] if args.smoke else []))
-        run(f"tasks/{name}", "eval", "tasks", "--model", model, "--decoder", decoder, "--stride", "4",
-            *(["--limit", "8"] if args.smoke else []))
-    conc = "1,2" if args.smoke else "1,16,64"
-    for key, (model, decoder), stride in (("ar", models["ar"], "1"), ("isd4", models["idlm"], "4"),
-                                          ("isd_auto", models["idlm"], "auto")):
-        run(f"speed/{key}", "bench", "offline", "--model", model, "--decoder", decoder, "--stride", stride,
-            "--concurrency", conc, "--temperature", "0,0.7", "--stop-at-eos", "--max-tokens", n_tok,
-            "--reps", "1" if args.smoke else "3")
+        if "humaneval" in parts:
+            run(f"humaneval/{name}", "eval", "humaneval", "--model", model, "--decoder", decoder, "--stride", "4",
+                "--batch", "164", *(["--limit", "3", "--max-tokens", "16"] if args.smoke else []))
+        if "tasks" in parts:
+            run(f"tasks/{name}", "eval", "tasks", "--model", model, "--decoder", decoder, "--stride", "4",
+                *(["--limit", "8"] if args.smoke else []))
+    if "speed" in parts:
+        conc = "1,2" if args.smoke else "1,16,64"
+        speeds = [("ar", models["ar"], "1"), ("isd4", models["idlm"], "4")]
+        if args.auto_speed:
+            speeds.append(("isd_auto", models["idlm"], "auto"))
+        for key, (model, decoder), stride in speeds:
+            run(f"speed/{key}", "bench", "offline", "--model", model, "--decoder", decoder, "--stride", stride,
+                "--concurrency", conc, "--temperature", "0,0.7", "--stop-at-eos", "--max-tokens", n_tok,
+                "--reps", "1" if args.smoke else "3")
+    out["wall_s"] = round(time.time() - t0, 1)
     emit("eval", out)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("stages", nargs="+", choices=["text", "mix", "convert", "sdar", "eval"])
-    ap.add_argument("--budget", type=float, default=None, help="seconds a build/train stage may run")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds a build/train stage may run (resumable); eval: starts no command after that")
     ap.add_argument("--gpus", type=int, default=None,
                     help="convert/sdar: data-parallel processes (default: every visible GPU; 1 on CPU)")
+    ap.add_argument("--parts", default=",".join(EVAL_PARTS),
+                    help=f"eval: which measurements (comma-separated: {', '.join(EVAL_PARTS)})")
+    ap.add_argument("--auto-speed", action="store_true", help="eval: also the adaptive stride's speed (slow warm-up)")
     ap.add_argument("--smoke", action="store_true", help="CPU-sized run on idlm-tiny-ar (tests this script)")
     args = ap.parse_args()
     args.model = "idlm-tiny-ar" if args.smoke else MODEL

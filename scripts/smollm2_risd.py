@@ -223,41 +223,45 @@ def join_pieces(src: Path, names: list[str], sha256: str, what: str) -> bytes:
 
 
 def stage_pack(args) -> None:
-    """The distilled data (shards, manifest, held-out prompts; not the per-engine parts kept for resuming)
-    as an xz tarball in < 16 MiB pieces through $OUT, so a later session carries it back (`unpack`)
-    instead of spending ~6 device minutes distilling the same seeded data again."""
+    """A data folder (`--what`: the distilled data — shards, manifest, held-out prompts, not the per-engine
+    parts kept for resuming — or the general text of issue 15's conversion) as an xz tarball in < 16 MiB
+    pieces through $OUT, so a later session carries it (`unpack`) instead of spending device minutes
+    making the same seeded data again (distilling: ~6 minutes; the text can be built on any CPU)."""
     import io
     import tarfile
 
-    src = STATE / "distill"
+    src = STATE / args.what
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:xz", preset=3) as tar:
         for f in sorted(src.iterdir()):
             if f.is_file():
-                tar.add(f, arcname=f"distill/{f.name}")
+                tar.add(f, arcname=f"{args.what}/{f.name}")
     data = buf.getvalue()
-    emit("pack", {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                  "pieces": write_pieces(data, "distill.tar.xz")})
+    emit("pack", {"what": args.what, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                  "pieces": write_pieces(data, f"{args.what}.tar.xz")})
 
 
 def stage_unpack(args) -> None:
-    """The carried pieces of `pack` (.carry/distill/: the pieces and pack.json) -> STATE/distill, the
-    sha256 checked, extracted beside it and renamed into place (no half-extracted data)."""
+    """The carried pieces of `pack` (.carry/<what>/: the pieces and pack.json) -> STATE/<what>, the sha256
+    checked, extracted beside it and renamed into place (no half-extracted data)."""
     import io
     import tarfile
 
-    src = REPO / ".carry" / "distill"
+    what = args.what
+    src = REPO / ".carry" / what
     manifest = json.loads((src / "pack.json").read_text())
-    data = join_pieces(src, manifest["pieces"], manifest["sha256"], "distill")
-    tmp = STATE / "distill.unpacking"
+    if manifest.get("what", "distill") != what:
+        raise SystemExit(f".carry/{what}/pack.json describes {manifest.get('what')!r} data, not {what!r}")
+    data = join_pieces(src, manifest["pieces"], manifest["sha256"], what)
+    tmp = STATE / f"{what}.unpacking"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:xz") as tar:
         tar.extractall(tmp, filter="data")
-    shutil.rmtree(STATE / "distill", ignore_errors=True)
-    os.replace(tmp / "distill", STATE / "distill")
+    shutil.rmtree(STATE / what, ignore_errors=True)
+    os.replace(tmp / what, STATE / what)
     shutil.rmtree(tmp)
-    emit("unpack", {"files": sorted(f.name for f in (STATE / "distill").iterdir()), "bytes": len(data)})
+    emit("unpack", {"what": what, "files": sorted(f.name for f in (STATE / what).iterdir()), "bytes": len(data)})
 
 
 def stage_train(args) -> None:
@@ -739,6 +743,8 @@ def main() -> None:
                     help="distill engine processes (default: 3 per visible GPU; the engine's host work bounds one)")
     ap.add_argument("--gpus", type=int, default=None,
                     help="train: data-parallel processes (default: every visible GPU; 1 on CPU)")
+    ap.add_argument("--what", choices=["distill", "text"], default="distill",
+                    help="pack/unpack: the distilled data or issue 15's general text (STATE/<what>, .carry/<what>)")
     ap.add_argument("--smoke", action="store_true", help="CPU-sized run with idlm-tiny-ar (tests this script)")
     args = ap.parse_args()
     for s in args.stages:

@@ -4,6 +4,7 @@ round-trip the distilled data byte for byte and refuse a corrupt piece."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import random
@@ -74,6 +75,8 @@ def smol(tmp_path, monkeypatch):
     (state / "distill" / "train.tokens.bin").write_bytes(random.Random(0).randbytes(5000))  # incompressible
     (state / "distill" / "meta.json").write_text(json.dumps({"format": "x"}))
     (state / "distill" / "parts" / "engine0.jsonl").write_text("resume state\n")
+    (state / "text").mkdir()
+    (state / "text" / "train.tokens.bin").write_bytes(random.Random(1).randbytes(3000))
     monkeypatch.setattr(mod, "STATE", state)
     monkeypatch.setattr(mod, "OUT", str(out))
     monkeypatch.setattr(mod, "REPO", repo)
@@ -81,24 +84,34 @@ def smol(tmp_path, monkeypatch):
     return mod, state, out, repo
 
 
-def test_pack_and_unpack_round_trip_the_distilled_data(smol):
+@pytest.mark.parametrize("what", ["distill", "text"])
+def test_pack_and_unpack_round_trip_the_data(smol, what):
+    """The distilled data, and issue 15's general text (built on a CPU, carried to the GPU machine)."""
     mod, state, out, repo = smol
-    mod.stage_pack(None)
+    args = argparse.Namespace(what=what)
+    mod.stage_pack(args)
     packed = json.loads((out / "pack.json").read_text())
-    assert len(packed["pieces"]) > 1
-    carry = repo / ".carry" / "distill"
+    assert len(packed["pieces"]) > 1 and packed["what"] == what
+    carry = repo / ".carry" / what
     carry.mkdir(parents=True)
     for name in [*packed["pieces"], "pack.json"]:
         (carry / name).write_bytes((out / name).read_bytes())
-    original = {f.name: f.read_bytes() for f in (state / "distill").iterdir() if f.is_file()}
-    mod.stage_unpack(None)
-    restored = {f.name: f.read_bytes() for f in (state / "distill").iterdir()}
+    original = {f.name: f.read_bytes() for f in (state / what).iterdir() if f.is_file()}
+    mod.stage_unpack(args)
+    restored = {f.name: f.read_bytes() for f in (state / what).iterdir()}
     assert restored == original  # byte for byte, and the resume-only parts/ folder stayed behind
+    if what == "text":  # a text pack in the distilled data's carry folder is refused by name
+        other = repo / ".carry" / "distill"
+        other.mkdir(parents=True)
+        for name in [*packed["pieces"], "pack.json"]:
+            (other / name).write_bytes((carry / name).read_bytes())
+        with pytest.raises(SystemExit, match="'text' data, not 'distill'"):
+            mod.stage_unpack(argparse.Namespace(what="distill"))
 
 
 def test_unpack_refuses_a_corrupt_piece(smol):
     mod, state, out, repo = smol
-    mod.stage_pack(None)
+    mod.stage_pack(argparse.Namespace(what="distill"))
     packed = json.loads((out / "pack.json").read_text())
     carry = repo / ".carry" / "distill"
     carry.mkdir(parents=True)
@@ -108,7 +121,7 @@ def test_unpack_refuses_a_corrupt_piece(smol):
     bad.write_bytes(b"\0" + bad.read_bytes()[1:])
     before = sorted(p.name for p in (state / "distill").iterdir())
     with pytest.raises(SystemExit, match="sha256"):
-        mod.stage_unpack(None)
+        mod.stage_unpack(argparse.Namespace(what="distill"))
     assert sorted(p.name for p in (state / "distill").iterdir()) == before  # nothing replaced
 
 
@@ -118,3 +131,29 @@ def test_the_default_slim_tree_fits_the_device():
     grown past it must leave more behind (`--keep`) or shrink."""
     dt = _load("device_tree")
     assert dt.travelling_mib(leave=dt.OPTIONAL_EMBEDDED) <= 64
+
+
+def test_convert_eval_runs_the_asked_parts_and_stops_at_its_budget(tmp_path, monkeypatch):
+    """scripts/smollm2_convert.py's eval: --parts picks the measurements, the α runs are the issue's (α at
+    N = 4 for T = 1 and 0.7, TPF at N = 2/3/4/8 greedy and T = 0.7, the ablation at N = 4), the adaptive
+    stride's speed only with --auto-speed, and --budget starts no command once spent (listed as skipped),
+    so a later call can run the rest; an unknown part is refused by name."""
+    mod = _load("smollm2_convert")
+    calls = []
+    monkeypatch.setattr(mod, "idlm", lambda *cmd, **kw: (calls.append(cmd), (0, '{"ok": 1}\n'))[1])
+    monkeypatch.setattr(mod, "STATE", tmp_path)
+    monkeypatch.setattr(mod, "emit", lambda key, value: mod.results.__setitem__(key, value))
+    args = argparse.Namespace(smoke=False, model="smollm2-135m-instruct", parts="alpha,speed", budget=None,
+                              auto_speed=False)
+    mod.stage_eval(args)
+    out = mod.results["eval"]
+    alphas = sorted(k for k in out if k.startswith("alpha/"))
+    assert len(alphas) == 11 and "alpha/idlm/N4/T1.0" in alphas and "alpha/sdar/N4/T0.7" in alphas
+    assert "alpha/idlm/N8/T0" in alphas and "alpha/idlm/N2/T1.0" not in alphas
+    assert sorted(k for k in out if k.startswith("speed/")) == ["speed/ar", "speed/isd4"]
+    assert not any(c[:2] == ("eval", "loss") or c[:2] == ("eval", "humaneval") for c in calls)
+    calls.clear()
+    mod.stage_eval(argparse.Namespace(**{**vars(args), "parts": "loss,humaneval", "budget": 0.0}))
+    assert calls == [] and len(mod.results["eval"]["skipped"]) == 6 + 2
+    with pytest.raises(SystemExit, match="unknown speling"):
+        mod.stage_eval(argparse.Namespace(**{**vars(args), "parts": "alpha,speling"}))
