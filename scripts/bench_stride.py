@@ -65,6 +65,7 @@ def main() -> None:
     def save() -> None:  # after every cell: a call stopped by the device's time limit keeps what it measured
         out["table"] = table
         out["min_over_ar"] = {k: min(r["over_ar"] for r in v) for k, v in table.items() if v}
+        out["min_over_ar_paired"] = {k: min(r["over_ar_paired"] for r in v) for k, v in table.items() if v}
         save_record(out, "bench_stride.json")
 
     modes = os.environ.get("MODES", "auto,n4").split(",")  # one per call fits the device's 10-minute limit
@@ -97,7 +98,8 @@ def main() -> None:
                     r = bench_compare(eng, prompts, [cc], [t], max_tokens=max_tokens, reps=reps, ar_engine=ar)[0]
                 row = {"temperature": r["temperature"], "concurrency": r["concurrency"],
                        "tok_s": r["per_request_tok_s"], "ar_tok_s": r["ar"]["per_request_tok_s"],
-                       "over_ar": r["per_request_over_ar"], "tpf": r["tpf"], "stride_mix": r.get("stride_mix"),
+                       "over_ar": r["per_request_over_ar"], "over_ar_paired": r["per_request_over_ar_paired"],
+                       "tpf": r["tpf"], "stride_mix": r.get("stride_mix"),
                        "row_stride_mix": r.get("row_stride_mix"),
                        "step_ms": r["decode_step_ms"], "ar_step_ms": r["ar"]["decode_step_ms"],
                        "reps": r.get("reps_per_request_tok_s"), "ar_reps": r["ar"].get("reps_per_request_tok_s"),

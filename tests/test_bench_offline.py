@@ -116,6 +116,16 @@ def test_median_run_and_ratio():
     assert ratio(3.0, 2.0) == 1.5 and ratio(None, 2.0) is None and ratio(3.0, 0) is None
 
 
+def test_paired_ratio_is_the_median_of_the_reps_ratios():
+    from idlm.bench.offline import paired_ratio
+
+    # rep 2 ran in a slow spell for both engines: its pair still says 1.05
+    assert paired_ratio([105.0, 63.0, 210.0], [100.0, 60.0, 200.0]) == 1.05
+    assert paired_ratio([105.0, 10.0, 90.0], [100.0, 60.0, 100.0]) == 0.9  # the middle one of 1.05, 0.17, 0.9
+    assert paired_ratio([1.0, 3.0], [1.0, 1.0]) == 2.0  # even count: the mean of the middle two
+    assert paired_ratio([None, 2.0], [1.0, 0.0]) is None and paired_ratio([], []) is None
+
+
 def _fake_engine(decoder: str, num_pages: int = 100):
     bm = SimpleNamespace(num_pages=num_pages, pages_needed=lambda n: -(-n // 16))
     return SimpleNamespace(config=SimpleNamespace(decoder=decoder), scheduler=SimpleNamespace(max_num_seqs=0),
@@ -137,6 +147,7 @@ def test_bench_compare_interleaves_reps_and_warms_both(monkeypatch):
     assert [r["temperature"] for r in rows] == [0.0, 1.0]
     assert eng.scheduler.max_num_seqs == ar.scheduler.max_num_seqs == 2
     assert rows[0]["per_request_over_ar"] == 2.0 and rows[0]["throughput_over_ar"] == 1.0
+    assert rows[0]["per_request_over_ar_paired"] == 2.0
     assert rows[0]["reps_per_request_tok_s"] == [2.0] * 3 and rows[0]["ar"]["reps_per_request_tok_s"] == [1.0] * 3
 
 

@@ -143,6 +143,18 @@ def median_run(runs: list[dict]) -> dict:
                 reps_throughput_tok_s=[r["throughput_tok_s"] for r in runs])
 
 
+def paired_ratio(a: list[float | None], b: list[float | None]) -> float | None:
+    """The median over reps i of a[i] / b[i] (3 decimals), reported beside the ratio of the two medians:
+    reps run side by side (A B, B A, ...) share the host's state of the moment, so a slow spell that hits
+    both reps of a pair cancels in that pair (on the H200 the AR engine's own three reps of one cell spread
+    over 201–277 tok/s). None if no pair has both values."""
+    pairs = sorted(x / y for x, y in zip(a, b) if x is not None and y)
+    if not pairs:
+        return None
+    mid = len(pairs) // 2
+    return round(pairs[mid] if len(pairs) % 2 else (pairs[mid - 1] + pairs[mid]) / 2, 3)
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     """a / b to 3 decimals; None where either is missing or b is 0."""
     return round(a / b, 3) if a is not None and b else None
@@ -190,7 +202,9 @@ def bench_compare(engine, prompts: list[list[int]], concurrency: list[int], temp
             if ar_engine is not None:
                 ar = median_run(runs[1])
                 row.update(ar=ar, per_request_over_ar=ratio(row["per_request_tok_s"], ar["per_request_tok_s"]),
-                           throughput_over_ar=ratio(row["throughput_tok_s"], ar["throughput_tok_s"]))
+                           throughput_over_ar=ratio(row["throughput_tok_s"], ar["throughput_tok_s"]),
+                           per_request_over_ar_paired=paired_ratio(row["reps_per_request_tok_s"],
+                                                                   ar["reps_per_request_tok_s"]))
             results.append(row)
     return results
 
