@@ -18,7 +18,7 @@ machine is given back after 30 s idle). The text is built on any CPU beforehand 
 distilled data (`text` over the GPU machine's sources works too, but costs device minutes):
 
     SMOL_STATE=/tmp/smol python scripts/smollm2_risd.py stash setup      (here: the GGUF for the tokenizer)
-    SMOL_STATE=/tmp/smol python scripts/smollm2_convert.py text
+    SMOL_STATE=/tmp/smol python scripts/smollm2_convert.py text --max-files 3000
     SMOL_STATE=/tmp/smol OUT=.carry/text python scripts/smollm2_risd.py pack --what text
     python scripts/device_tree.py slim --keep none
     run(carry=[".carry/smolA"]): python scripts/smollm2_risd.py stash
@@ -53,7 +53,7 @@ from smollm2_risd import MODEL, REPO, STATE, emit, idlm, last_json, results, run
 def stage_text(args) -> None:
     out = STATE / "text"
     opts = (["--roots", str(REPO / "idlm"), "--n-synthetic", "200", "--n-eval", "5", "--workers", "1"]
-            if args.smoke else ["--n-synthetic", "20000", "--n-eval", "50", "--max-files", "20000"])
+            if args.smoke else ["--n-synthetic", "20000", "--n-eval", "50", "--max-files", str(args.max_files)])
     rc, text = idlm("data", "build", "--out", str(out), "--tokenizer", args.model, "--no-progress", *opts,
                     budget=args.budget)
     emit("text", {"rc": rc, "summary": last_json(text)})
@@ -175,6 +175,9 @@ def main() -> None:
                     help="seconds a build/train stage may run (resumable); eval: starts no command after that")
     ap.add_argument("--gpus", type=int, default=None,
                     help="convert/sdar: data-parallel processes (default: every visible GPU; 1 on CPU)")
+    ap.add_argument("--max-files", type=int, default=20000,
+                    help="text: source files at most (3000 ≈ 12 M tokens: enough for the mix's 30%% share of 20 M "
+                         "distilled tokens, small enough to carry)")
     ap.add_argument("--parts", default=",".join(EVAL_PARTS),
                     help=f"eval: which measurements (comma-separated: {', '.join(EVAL_PARTS)})")
     ap.add_argument("--auto-speed", action="store_true", help="eval: also the adaptive stride's speed (slow warm-up)")

@@ -330,28 +330,33 @@ class CostTracker:
         self.model, self.window = model, window
         self._ratios: dict[int, list[float]] = {}
         self._by_class: dict[tuple[int, int], list[float]] = {}  # (stride, batch.bit_length()) -> ratios
-        self.scale: dict[int, float] = {}  # stride -> current estimate (median of its window, any batch)
+
+    @property
+    def scale(self) -> dict[int, float]:
+        """stride -> current estimate (median of its window, any batch). Computed when read (at a choice,
+        every `auto_interval` steps), not at every step's `observe`: that runs on the step's critical path."""
+        return {n: statistics.median(v) for n, v in self._ratios.items()}
 
     def observe(self, stride: int, batch: int, seconds: float) -> None:
         ratio = seconds / self.model.cost(batch, query_len_of(stride))
         by_class = self._by_class.setdefault((stride, batch.bit_length()), [])
         for ratios in (self._ratios.setdefault(stride, []), by_class):
             ratios.append(ratio)
-            del ratios[:-self.window]
-        self.scale[stride] = statistics.median(self._ratios[stride])
+            if len(ratios) > self.window:
+                del ratios[0]
 
     def _at(self, stride: int, batch: int | None) -> float:
         if batch is None:
-            return self.scale[stride]
+            return statistics.median(self._ratios[stride])
         c = batch.bit_length()
         k = min((k for (n, k) in self._by_class if n == stride), key=lambda k: (abs(k - c), k))
         return statistics.median(self._by_class[(stride, k)])
 
     def scales(self, strides: Sequence[int], batch: int | None = None) -> dict[int, float]:
         """stride -> measured / modelled step time for a step of `batch` rows (None: over every batch)."""
-        if not self.scale:
+        if not self._ratios:
             return {n: 1.0 for n in strides}
-        own = {n: self._at(n, batch) for n in self.scale}
+        own = {n: self._at(n, batch) for n in self._ratios}
         return {n: own[min(own, key=lambda m: (abs(m - n), m))] for n in strides}
 
 
