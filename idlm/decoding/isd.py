@@ -332,9 +332,6 @@ def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tens
     idx = first_mask[:, None] + torch.arange(k, device=dev)
     if kr is not None:
         idx = idx.clamp(max=Q - 1)  # a shorter row's columns past its own K: ignored on the host
-    q_new = probs.gather(1, idx[..., None].expand(B, k, V))  # q̃ of the drafts' slots  [B, K, V]
-    sampled = q_new.argmax(-1) if u_tok is None else inverse_cdf(q_new, u_tok[:, :k])
-    new_drafts = torch.where(argmax_draft[:, None], logits.argmax(-1).gather(1, idx), sampled)
 
     # verify the previous drafts (V rows; C rows' results are ignored)
     n_acc, correction = verify_drafts(p[:, :k], specs, q_old, point_mass, alpha, u)
@@ -347,8 +344,18 @@ def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tens
     all_ok = is_v & (n_acc == kb)
     bonus = p[rows, k] if kr is None else p[rows, kr]
     final_p = torch.where(is_v[:, None], torch.where(all_ok[:, None], bonus, correction), p[:, 0])
-    u_final = None if u_tok is None else (u_tok[:, k] if kr is None else u_tok.gather(1, kr[:, None]).squeeze(1))
-    final = final_p.argmax(-1) if u_tok is None else inverse_cdf(final_p, u_final)
+    # the K drafts' q̃ and the final token's distribution side by side  [B, K+1, V]: one inversion samples all
+    # of them (one set of scan kernels, not two; row-wise, so each distribution gets the token it gets alone,
+    # from the same uniform as before), and q̃ is a view of it (written once)
+    dists = torch.cat([probs.gather(1, idx[..., None].expand(B, k, V)), final_p[:, None]], 1)
+    q_new = dists[:, :k]  # q̃ of the drafts' slots  [B, K, V]
+    if u_tok is None:
+        sampled, final = q_new.argmax(-1), final_p.argmax(-1)
+    else:  # uniform columns 0..K−1 for the drafts, K (a row of its own n: k_row) for the final token
+        cols = torch.arange(n, device=dev)
+        both = inverse_cdf(dists, u_tok if kr is None else u_tok.gather(1, torch.where(cols == k, kr[:, None], cols)))
+        sampled, final = both[:, :k], both[:, k]
+    new_drafts = torch.where(argmax_draft[:, None], logits.argmax(-1).gather(1, idx), sampled)
     final_q = final_p.gather(-1, final[:, None])
     drafts_q = q_new.gather(-1, new_drafts[..., None]).squeeze(-1)  # q̃_j(d_j) [B, K]
     # [B, 2K+3]: n_accepted, final token, K drafts, q(final), K q̃(draft) (ids exact in float32 < 2^24)
