@@ -7,7 +7,7 @@ Stages (comma-separated argv[1], default all):
   step   bf16, batch 1: the decode step of AR, R-ISD fused and R-ISD unfused (separate LoRA matmuls; $STEP_KINDS
          picks some, e.g. ar,risd_fused),
          for idlm-tiny-ar (its trained adapter) and a SmolLM2-135M-shaped model (random weights and a
-         random rank-128 adapter: step cost does not depend on the values)
+         random adapter of $SMOL_RANK, default 32: step cost does not depend on the values)
   profile  batch 1, AR vs fused R-ISD: GPU time of the step's CUDA graph alone vs the engine step, and
          kernels per step (torch.profiler)
   throughput  bf16: offline tokens/s of engine AR and R-ISD at C = 64, 256 (SmolLM2 shape, random weights)
@@ -47,6 +47,9 @@ from idlm.models.random import random_model  # noqa: E402
 
 DEV = os.environ.get("IDLM_BENCH_DEVICE", "cuda")
 REPS = int(os.environ.get("REPS", "3"))
+# the rank of the random adapter on the SmolLM2 shape: the embedded smollm2-135m-instruct-risd-lora's (32);
+# until session 18 the step and profile stages used 128 and sprofile / stime / churn 40 (docs/risd.md)
+SMOL_RANK = int(os.environ.get("SMOL_RANK", "32"))
 results: dict = environment(DEV)
 
 
@@ -98,7 +101,8 @@ def stage_step():
             prompts = bench_prompts(tok, 8)
         else:
             model_f, model_u = (random_model("smollm2-135m", dtype="bfloat16", device=DEV) for _ in range(2))
-            lora_f, lora_u = (LoRAAdapter(m.config, LoRAConfig(rank=128)).init_weights(std=0.02, seed=0, zero_b=False)
+            lora_f, lora_u = (LoRAAdapter(m.config, LoRAConfig(rank=SMOL_RANK))
+                              .init_weights(std=0.02, seed=0, zero_b=False)
                               .to(device=DEV, dtype=m.dtype) for m in (model_f, model_u))
             tok = None
             g = torch.Generator().manual_seed(0)
@@ -137,7 +141,7 @@ def stage_profile():
             prompt = bench_prompts(tok, 1)[0]
         else:
             model = random_model("smollm2-135m", dtype="bfloat16", device=DEV)
-            lora = LoRAAdapter(model.config, LoRAConfig(rank=128)).init_weights(std=0.02, seed=0, zero_b=False)
+            lora = LoRAAdapter(model.config, LoRAConfig(rank=SMOL_RANK)).init_weights(std=0.02, seed=0, zero_b=False)
             lora, tok = lora.to(device=DEV, dtype=model.dtype), None
             prompt = list(range(100, 164))
         for dec in ("ar", "risd"):
@@ -196,7 +200,7 @@ def stage_sprofile():
     from idlm.bench.profile import summarize
 
     model = random_model("smollm2-135m", dtype="bfloat16", device=DEV)
-    lora = LoRAAdapter(model.config, LoRAConfig(rank=40)).init_weights(std=0.02, seed=0, zero_b=False)
+    lora = LoRAAdapter(model.config, LoRAConfig(rank=SMOL_RANK)).init_weights(std=0.02, seed=0, zero_b=False)
     lora = lora.to(device=DEV, dtype=model.dtype)
     prompt = list(range(100, 164))
     out = {}
@@ -222,7 +226,7 @@ def stage_bprofile():
     plain AR steps (a stride schedule of N = 1: what the adaptive stride falls back to) and of `--stride
     auto` (its own choices, strides up to AUTO_MAX, default 8), greedy and T = 0.7 — step time unprofiled
     (and per stride: an adaptive engine's mix), GPU kernel time, top kernels. MODEL=smollm2 (default: its
-    shape, random weights and a rank-32 adapter: R-ISD) or tiny (the embedded idlm-tiny: ISD, no adapter).
+    shape, random weights and an adapter of rank $SMOL_RANK: R-ISD) or tiny (the embedded idlm-tiny: ISD, no adapter).
     Why: at C = 64, T = 0.7 the adaptive engine ran mostly N = 1 steps yet lost to the AR engine, and on
     idlm-tiny its sampled steps of every stride, N = 1 too, cost more than a fixed-stride or AR engine's
     (docs/risd.md, session 16; docs/stride.md, attempt 9)."""
@@ -236,7 +240,7 @@ def stage_bprofile():
         prompts = bench_prompts(tok, batch)
     else:
         model = random_model("smollm2-135m", dtype="bfloat16", device=DEV)
-        lora = LoRAAdapter(model.config, LoRAConfig(rank=32)).init_weights(std=0.02, seed=0, zero_b=False)
+        lora = LoRAAdapter(model.config, LoRAConfig(rank=SMOL_RANK)).init_weights(std=0.02, seed=0, zero_b=False)
         lora, dec = lora.to(device=DEV, dtype=model.dtype), "risd"
         prompts = [list(range(100 + b, 164 + b)) for b in range(batch)]
     auto_max = int(os.environ.get("AUTO_MAX", "8"))
@@ -280,7 +284,7 @@ def stage_stime():
         cases.append(("smollm2-trained", model, lora, prompt))
     if not os.environ.get("STIME_ONLY_REAL"):
         model = random_model("smollm2-135m", dtype="bfloat16", device=DEV)
-        lora = LoRAAdapter(model.config, LoRAConfig(rank=40)).init_weights(std=0.02, seed=0, zero_b=False)
+        lora = LoRAAdapter(model.config, LoRAConfig(rank=SMOL_RANK)).init_weights(std=0.02, seed=0, zero_b=False)
         cases.append(("smollm2-random", model, lora.to(device=DEV, dtype=model.dtype), list(range(100, 164))))
         m2, tok2, lora2 = tiny_ar("bfloat16")
         cases.append(("tiny-ar", m2, lora2, bench_prompts(tok2, 1)[0]))
@@ -300,7 +304,7 @@ def stage_throughput():
     """Offline throughput at large batch (what self-distillation runs): engine AR and R-ISD on a
     SmolLM2-135M-shaped model (random weights and adapter), 512 requests x 128 tokens, C = 64 and 256."""
     model = random_model("smollm2-135m", dtype="bfloat16", device=DEV)
-    lora = LoRAAdapter(model.config, LoRAConfig(rank=40)).init_weights(std=0.02, seed=0, zero_b=False)
+    lora = LoRAAdapter(model.config, LoRAConfig(rank=SMOL_RANK)).init_weights(std=0.02, seed=0, zero_b=False)
     lora = lora.to(device=DEV, dtype=model.dtype)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(10, 40000, (int(torch.randint(32, 160, (1,), generator=g)),), generator=g).tolist()
