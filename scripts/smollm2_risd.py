@@ -233,8 +233,8 @@ def stage_pack(args) -> None:
     src = STATE / args.what
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:xz", preset=3) as tar:
-        for f in sorted(src.iterdir()):
-            if f.is_file():
+        for f in sorted(src.iterdir()):  # the top-level files and the tokenizer (`idlm data mix` and the trainer
+            if f.is_file() or (f.is_dir() and f.name == "tokenizer"):  # read it), not parts/, corpus/, eval/
                 tar.add(f, arcname=f"{args.what}/{f.name}")
     data = buf.getvalue()
     emit("pack", {"what": args.what, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
@@ -258,6 +258,12 @@ def stage_unpack(args) -> None:
     tmp.mkdir(parents=True)
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:xz") as tar:
         tar.extractall(tmp, filter="data")
+    meta = tmp / what / "meta.json"
+    tok = json.loads(meta.read_text()).get("tokenizer") if meta.is_file() else None
+    if tok and not (tmp / what / tok / "tokenizer.json").is_file():
+        shutil.rmtree(tmp)
+        raise SystemExit(f".carry/{what} holds no {tok}/tokenizer.json (a pack of an older `pack`, which left "
+                         "folders out): `idlm data mix` and the trainer need it; pack the data again")
     shutil.rmtree(STATE / what, ignore_errors=True)
     os.replace(tmp / what, STATE / what)
     shutil.rmtree(tmp)

@@ -75,8 +75,10 @@ def smol(tmp_path, monkeypatch):
     (state / "distill" / "train.tokens.bin").write_bytes(random.Random(0).randbytes(5000))  # incompressible
     (state / "distill" / "meta.json").write_text(json.dumps({"format": "x"}))
     (state / "distill" / "parts" / "engine0.jsonl").write_text("resume state\n")
-    (state / "text").mkdir()
+    (state / "text" / "tokenizer").mkdir(parents=True)
     (state / "text" / "train.tokens.bin").write_bytes(random.Random(1).randbytes(3000))
+    (state / "text" / "meta.json").write_text(json.dumps({"tokenizer": "tokenizer"}))
+    (state / "text" / "tokenizer" / "tokenizer.json").write_text('{"model": {}}')
     monkeypatch.setattr(mod, "STATE", state)
     monkeypatch.setattr(mod, "OUT", str(out))
     monkeypatch.setattr(mod, "REPO", repo)
@@ -96,10 +98,11 @@ def test_pack_and_unpack_round_trip_the_data(smol, what):
     carry.mkdir(parents=True)
     for name in [*packed["pieces"], "pack.json"]:
         (carry / name).write_bytes((out / name).read_bytes())
-    original = {f.name: f.read_bytes() for f in (state / what).iterdir() if f.is_file()}
+    original = {str(f.relative_to(state / what)): f.read_bytes() for f in (state / what).rglob("*")
+                if f.is_file() and f.parent.name != "parts"}
     mod.stage_unpack(args)
-    restored = {f.name: f.read_bytes() for f in (state / what).iterdir()}
-    assert restored == original  # byte for byte, and the resume-only parts/ folder stayed behind
+    restored = {str(f.relative_to(state / what)): f.read_bytes() for f in (state / what).rglob("*") if f.is_file()}
+    assert restored == original  # byte for byte with the tokenizer folder; the resume-only parts/ stayed behind
     if what == "text":  # a text pack in the distilled data's carry folder is refused by name
         other = repo / ".carry" / "distill"
         other.mkdir(parents=True)
@@ -107,6 +110,30 @@ def test_pack_and_unpack_round_trip_the_data(smol, what):
             (other / name).write_bytes((carry / name).read_bytes())
         with pytest.raises(SystemExit, match="'text' data, not 'distill'"):
             mod.stage_unpack(argparse.Namespace(what="distill"))
+
+
+def test_unpack_refuses_data_whose_tokenizer_the_pack_left_out(smol):
+    """Packs of the first `pack` held the top-level files only: the distilled data came back without the
+    tokenizer/ folder that `idlm data mix` and the trainer read. Such a pack is refused by name, nothing
+    replaced, rather than failing later on the GPU machine."""
+    import tarfile
+
+    mod, state, out, repo = smol
+    carry = repo / ".carry" / "text"
+    carry.mkdir(parents=True)
+    with tarfile.open(carry / "text.tar.xz.0", "w:xz") as tar:  # an old pack: no tokenizer/ inside
+        for name in ("meta.json", "train.tokens.bin"):
+            tar.add(state / "text" / name, arcname=f"text/{name}")
+    data = (carry / "text.tar.xz.0").read_bytes()
+    import hashlib
+
+    (carry / "pack.json").write_text(json.dumps({"what": "text", "pieces": ["text.tar.xz.0"],
+                                                 "sha256": hashlib.sha256(data).hexdigest()}))
+    before = sorted(p.name for p in (state / "text").iterdir())
+    with pytest.raises(SystemExit, match="tokenizer/tokenizer.json"):
+        mod.stage_unpack(argparse.Namespace(what="text"))
+    assert sorted(p.name for p in (state / "text").iterdir()) == before
+    assert not (state / "text.unpacking").exists()
 
 
 def test_unpack_refuses_a_corrupt_piece(smol):
