@@ -222,6 +222,11 @@ def join_pieces(src: Path, names: list[str], sha256: str, what: str) -> bytes:
     return data
 
 
+def tokenizer_dir(meta: Path) -> str | None:
+    """The tokenizer folder a data folder's meta.json names (None: no meta.json, or it names none)."""
+    return json.loads(meta.read_text()).get("tokenizer") if meta.is_file() else None
+
+
 def stage_pack(args) -> None:
     """A data folder (`--what`: the distilled data — shards, manifest, held-out prompts, not the per-engine
     parts kept for resuming — or the general text of issue 15's conversion) as an xz tarball in < 16 MiB
@@ -231,10 +236,11 @@ def stage_pack(args) -> None:
     import tarfile
 
     src = STATE / args.what
+    tok = tokenizer_dir(src / "meta.json")  # `idlm data mix` and the trainer read it; not parts/, corpus/, eval/
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:xz", preset=3) as tar:
-        for f in sorted(src.iterdir()):  # the top-level files and the tokenizer (`idlm data mix` and the trainer
-            if f.is_file() or (f.is_dir() and f.name == "tokenizer"):  # read it), not parts/, corpus/, eval/
+        for f in sorted(src.iterdir()):
+            if f.is_file() or (f.is_dir() and f.name == tok):
                 tar.add(f, arcname=f"{args.what}/{f.name}")
     data = buf.getvalue()
     emit("pack", {"what": args.what, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
@@ -258,8 +264,7 @@ def stage_unpack(args) -> None:
     tmp.mkdir(parents=True)
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:xz") as tar:
         tar.extractall(tmp, filter="data")
-    meta = tmp / what / "meta.json"
-    tok = json.loads(meta.read_text()).get("tokenizer") if meta.is_file() else None
+    tok = tokenizer_dir(tmp / what / "meta.json")
     if tok and not (tmp / what / tok / "tokenizer.json").is_file():
         shutil.rmtree(tmp)
         raise SystemExit(f".carry/{what} holds no {tok}/tokenizer.json (a pack of an older `pack`, which left "

@@ -148,11 +148,8 @@ def paired_ratio(a: list[float | None], b: list[float | None]) -> float | None:
     reps run side by side (A B, B A, ...) share the host's state of the moment, so a slow spell that hits
     both reps of a pair cancels in that pair (on the H200 the AR engine's own three reps of one cell spread
     over 201–277 tok/s). None if no pair has both values."""
-    pairs = sorted(x / y for x, y in zip(a, b) if x is not None and y)
-    if not pairs:
-        return None
-    mid = len(pairs) // 2
-    return round(pairs[mid] if len(pairs) % 2 else (pairs[mid - 1] + pairs[mid]) / 2, 3)
+    pairs = [x / y for x, y in zip(a, b) if x is not None and y]
+    return round(statistics.median(pairs), 3) if pairs else None
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
