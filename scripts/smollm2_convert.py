@@ -108,62 +108,96 @@ def alpha_runs(smoke: bool) -> list[tuple[str, int, str]]:
     return runs[:3] if smoke else runs
 
 
+def alpha_prompt_file(k: int) -> Path:
+    """The first k held-out prompts (in the file's hash order) as their own file: 1,179 prompts × 256 tokens
+    per α run would be 300 k tokens where 65 k measure α to ±0.001."""
+    path = STATE / f"alpha_prompts_{k}.jsonl"
+    lines = (STATE / "distill" / "prompts.jsonl").read_text().splitlines()[:k]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def stage_eval(args) -> None:
     """Unchanged SmolLM2 (AR) vs the conversion (ISD) vs the ablation (SDAR), the parts in `--parts` (default
-    all), each idlm command in a process of its own. With --budget the stage starts no command once that
-    many seconds have gone, and lists what it left (`skipped`): a second call runs the rest with --parts.
-    `--auto-speed` adds the adaptive stride to the speed part (its warm-up of eight strides is ~5 minutes)."""
+    all) for the models in `--models`, each idlm command in a process of its own. `--jobs J` runs the loss,
+    α and task commands J at a time beside one lane of HumanEval runs (an engine each: their KV pools are
+    sized from free memory, so never two at once); the speed runs come last, alone. With --budget the stage
+    starts no command once that many seconds have gone, and lists what it left (`skipped`): a second call
+    runs the rest with --parts / --models. `--auto-speed` adds the adaptive stride to the speed part (its
+    warm-up of eight strides is ~5 minutes)."""
+    import threading
     import time
+    from concurrent.futures import ThreadPoolExecutor
 
     t0 = time.time()
     dev = ["--device", "cpu", "--dtype", "float32"] if args.smoke else ["--device", "cuda", "--dtype", "bfloat16"]
     models = {"ar": (args.model, "ar"), "idlm": (str(STATE / "idlm" / "final"), "isd"),
               "sdar": (str(STATE / "sdar" / "final"), "sdar")}
-    prompts = STATE / "distill" / "prompts.jsonl" if not args.smoke else None
     n_tok = "16" if args.smoke else "256"
-    parts = args.parts.split(",")
-    unknown = sorted(set(parts) - set(EVAL_PARTS))
-    if unknown:
-        raise SystemExit(f"--parts: unknown {', '.join(unknown)} (parts: {', '.join(EVAL_PARTS)})")
-    out: dict = {"parts": parts, "skipped": []}
+    parts, names = args.parts.split(","), args.models.split(",")
+    for flag, got, known in (("--parts", parts, EVAL_PARTS), ("--models", names, tuple(models))):
+        unknown = sorted(set(got) - set(known))
+        if unknown:
+            raise SystemExit(f"{flag}: unknown {', '.join(unknown)} (known: {', '.join(known)})")
+    prompts = None if args.smoke else alpha_prompt_file(args.alpha_prompts)
+    out: dict = {"parts": parts, "models": names, "jobs": args.jobs, "skipped": []}
+    lock = threading.Lock()
 
     def run(key, *cmd):
         if args.budget is not None and time.time() - t0 > args.budget:
-            out["skipped"].append(key)
+            with lock:
+                out["skipped"].append(key)
             return
+        t = time.time()
         rc, text = idlm(*cmd, *dev)
-        out[key] = last_json(text) if rc == 0 else {"rc": rc, "tail": text[-2000:]}
-        emit("eval", out)
+        with lock:
+            out[key] = last_json(text) if rc == 0 else {"rc": rc, "tail": text[-2000:]}
+            out.setdefault("cmd_wall_s", {})[key] = round(time.time() - t, 1)
+            emit("eval", out)
 
+    light, heavy, speed = [], [], []  # (key, cmd): reference-decoder runs; engine runs; timed runs
     if "loss" in parts:
-        for name, (model, _) in models.items():
+        for name in names:
             for data in ("distill", "text") if not args.smoke else ("text",):
-                run(f"clean_loss/{name}/{data}", "eval", "loss", "--model", model, "--data", str(STATE / data),
-                    "--seq-len", "64" if args.smoke else "1024", "--max-windows", "8" if args.smoke else "256",
-                    "--clean-only")
+                light.append((f"clean_loss/{name}/{data}",
+                              ("eval", "loss", "--model", models[name][0], "--data", str(STATE / data),
+                               "--seq-len", "64" if args.smoke else "1024",
+                               "--max-windows", "8" if args.smoke else "256", "--clean-only")))
     if "alpha" in parts:
         alpha_prompts = ["--prompts", str(prompts), "--chat"] if prompts else []
         for name, n, temp in alpha_runs(args.smoke):
-            model, decoder = models[name]
-            run(f"alpha/{name}/N{n}/T{temp}", "eval", "alpha", "--model", model, "--decoder", decoder,
-                "--stride", str(n), "--temperature", temp, "--max-tokens", n_tok, *alpha_prompts)
-    for name in ("ar", "idlm"):
+            if name in names:
+                model, decoder = models[name]
+                light.append((f"alpha/{name}/N{n}/T{temp}",
+                              ("eval", "alpha", "--model", model, "--decoder", decoder, "--stride", str(n),
+                               "--temperature", temp, "--max-tokens", n_tok, *alpha_prompts)))
+    for name in [n for n in ("ar", "idlm") if n in names]:
         model, decoder = models[name]
         if "humaneval" in parts:
-            run(f"humaneval/{name}", "eval", "humaneval", "--model", model, "--decoder", decoder, "--stride", "4",
-                "--batch", "164", *(["--limit", "3", "--max-tokens", "16"] if args.smoke else []))
+            heavy.append((f"humaneval/{name}",
+                          ("eval", "humaneval", "--model", model, "--decoder", decoder, "--stride", "4",
+                           "--batch", "164", *(["--limit", "3", "--max-tokens", "16"] if args.smoke else []))))
         if "tasks" in parts:
-            run(f"tasks/{name}", "eval", "tasks", "--model", model, "--decoder", decoder, "--stride", "4",
-                *(["--limit", "8"] if args.smoke else []))
+            light.append((f"tasks/{name}", ("eval", "tasks", "--model", model, "--decoder", decoder, "--stride", "4",
+                                            *(["--limit", "8"] if args.smoke else []))))
     if "speed" in parts:
         conc = "1,2" if args.smoke else "1,16,64"
-        speeds = [("ar", models["ar"], "1"), ("isd4", models["idlm"], "4")]
-        if args.auto_speed:
-            speeds.append(("isd_auto", models["idlm"], "auto"))
-        for key, (model, decoder), stride in speeds:
-            run(f"speed/{key}", "bench", "offline", "--model", model, "--decoder", decoder, "--stride", stride,
-                "--concurrency", conc, "--temperature", "0,0.7", "--stop-at-eos", "--max-tokens", n_tok,
-                "--reps", "1" if args.smoke else "3")
+        choices = [("ar", "ar", "1"), ("isd4", "idlm", "4")]
+        choices += [("isd_auto", "idlm", "auto")] if args.auto_speed else []
+        for key, name, stride in choices:
+            if name in names:
+                model, decoder = models[name]
+                speed.append((f"speed/{key}",
+                              ("bench", "offline", "--model", model, "--decoder", decoder, "--stride", stride,
+                               "--concurrency", conc, "--temperature", "0,0.7", "--stop-at-eos", "--max-tokens", n_tok,
+                               "--reps", "1" if args.smoke else "3")))
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        lanes = [pool.submit(lambda: [run(k, *c) for k, c in heavy])]
+        lanes += [pool.submit(run, k, *c) for k, c in light]
+        for lane in lanes:
+            lane.result()
+    for key, cmd in speed:
+        run(key, *cmd)
     out["wall_s"] = round(time.time() - t0, 1)
     emit("eval", out)
 
@@ -180,6 +214,11 @@ def main() -> None:
                          "distilled tokens, small enough to carry)")
     ap.add_argument("--parts", default=",".join(EVAL_PARTS),
                     help=f"eval: which measurements (comma-separated: {', '.join(EVAL_PARTS)})")
+    ap.add_argument("--models", default="ar,idlm,sdar",
+                    help="eval: which models (comma-separated: ar = unchanged SmolLM2, idlm = the conversion, sdar)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="eval: loss / α / task commands at a time (beside one HumanEval lane; speed runs alone)")
+    ap.add_argument("--alpha-prompts", type=int, default=256, help="eval: the first K held-out prompts for α / TPF")
     ap.add_argument("--auto-speed", action="store_true", help="eval: also the adaptive stride's speed (slow warm-up)")
     ap.add_argument("--smoke", action="store_true", help="CPU-sized run on idlm-tiny-ar (tests this script)")
     args = ap.parse_args()

@@ -161,26 +161,55 @@ def test_the_default_slim_tree_fits_the_device():
 
 
 def test_convert_eval_runs_the_asked_parts_and_stops_at_its_budget(tmp_path, monkeypatch):
-    """scripts/smollm2_convert.py's eval: --parts picks the measurements, the α runs are the issue's (α at
-    N = 4 for T = 1 and 0.7, TPF at N = 2/3/4/8 greedy and T = 0.7, the ablation at N = 4), the adaptive
-    stride's speed only with --auto-speed, and --budget starts no command once spent (listed as skipped),
-    so a later call can run the rest; an unknown part is refused by name."""
+    """scripts/smollm2_convert.py's eval: --parts / --models pick the measurements, the α runs are the issue's
+    (α at N = 4 for T = 1 and 0.7, TPF at N = 2/3/4/8 greedy and T = 0.7, the ablation at N = 4) over the first
+    --alpha-prompts held-out prompts, the adaptive stride's speed only with --auto-speed, --jobs runs the
+    untimed commands in parallel but the timed ones last and alone, and --budget starts no command once spent
+    (listed as skipped), so a later call can run the rest; an unknown part or model is refused by name."""
+    import threading
+
     mod = _load("smollm2_convert")
-    calls = []
-    monkeypatch.setattr(mod, "idlm", lambda *cmd, **kw: (calls.append(cmd), (0, '{"ok": 1}\n'))[1])
+    calls, running, overlap = [], [0], [0]
+    lock = threading.Lock()
+
+    def fake_idlm(*cmd, **kw):
+        with lock:
+            calls.append(cmd)
+            running[0] += 1
+            if cmd[0] == "bench":
+                overlap[0] = max(overlap[0], running[0])
+        import time
+        time.sleep(0.01)
+        with lock:
+            running[0] -= 1
+        return 0, '{"ok": 1}\n'
+
+    monkeypatch.setattr(mod, "idlm", fake_idlm)
     monkeypatch.setattr(mod, "STATE", tmp_path)
+    (tmp_path / "distill").mkdir()
+    (tmp_path / "distill" / "prompts.jsonl").write_text("".join(f'{{"prompt": "p{i}"}}\n' for i in range(10)))
     monkeypatch.setattr(mod, "emit", lambda key, value: mod.results.__setitem__(key, value))
     args = argparse.Namespace(smoke=False, model="smollm2-135m-instruct", parts="alpha,speed", budget=None,
-                              auto_speed=False)
+                              auto_speed=False, models="ar,idlm,sdar", jobs=4, alpha_prompts=3)
     mod.stage_eval(args)
     out = mod.results["eval"]
     alphas = sorted(k for k in out if k.startswith("alpha/"))
     assert len(alphas) == 11 and "alpha/idlm/N4/T1.0" in alphas and "alpha/sdar/N4/T0.7" in alphas
     assert "alpha/idlm/N8/T0" in alphas and "alpha/idlm/N2/T1.0" not in alphas
     assert sorted(k for k in out if k.startswith("speed/")) == ["speed/ar", "speed/isd4"]
+    assert overlap[0] == 1  # a timed run never shares the machine
+    assert [c[0] for c in calls][-2:] == ["bench", "bench"]
     assert not any(c[:2] == ("eval", "loss") or c[:2] == ("eval", "humaneval") for c in calls)
+    prompt_file = calls[0][calls[0].index("--prompts") + 1]
+    assert Path(prompt_file).read_text().splitlines() == [f'{{"prompt": "p{i}"}}' for i in range(3)]
+    calls.clear()
+    mod.stage_eval(argparse.Namespace(**{**vars(args), "parts": "loss,alpha,humaneval", "models": "sdar"}))
+    assert sorted(k for k in mod.results["eval"] if "/" in k and k != "cmd_wall_s") == [
+        "alpha/sdar/N4/T0.7", "alpha/sdar/N4/T1.0", "clean_loss/sdar/distill", "clean_loss/sdar/text"]
     calls.clear()
     mod.stage_eval(argparse.Namespace(**{**vars(args), "parts": "loss,humaneval", "budget": 0.0}))
     assert calls == [] and len(mod.results["eval"]["skipped"]) == 6 + 2
     with pytest.raises(SystemExit, match="unknown speling"):
         mod.stage_eval(argparse.Namespace(**{**vars(args), "parts": "alpha,speling"}))
+    with pytest.raises(SystemExit, match="unknown tiny"):
+        mod.stage_eval(argparse.Namespace(**{**vars(args), "models": "ar,tiny"}))
