@@ -227,7 +227,8 @@ def cmd_train(args) -> int:
     from idlm.training.config import TrainConfig
     from idlm.training.trainer import Trainer
 
-    cfg = TrainConfig.from_yaml(args.config, defaults={"kind": args.kind}, out=args.out, max_steps=args.max_steps)
+    cfg = TrainConfig.from_yaml(args.config, defaults={"kind": args.kind}, out=args.out, max_steps=args.max_steps,
+                                stop_at_step=args.stop_at_step)
     if cfg.kind != args.kind:
         raise IdlmError(f"{args.config} is a {cfg.kind!r} config, not {args.kind!r}")
     trainer = Trainer(cfg, device=args.device)
@@ -545,6 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
         p.add_argument("--out", default=None, help="override the config's out directory (default: the config's)")
         p.add_argument("--max-steps", type=int, default=None, help="override max_steps (default: the config's)")
+        p.add_argument("--stop-at-step", type=int, default=None,
+                       help="pause at step K with a checkpoint, no final/ (continue later with --resume)")
         p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
         p.set_defaults(func=cmd_train, kind=kind)
     _set_formatter(parser)

@@ -90,6 +90,27 @@ def test_a_run_paused_by_max_time_s_leaves_no_final_and_resumes_to_the_same_weig
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_stop_at_step_pauses_at_that_step_and_the_resumed_curve_is_identical(data_dir, tmp_path):
+    """stop_at_step (`idlm train --stop-at-step K`) pauses at step K between checkpoints (save_every 6, K = 5)
+    with a checkpoint and no final/; the resumed run logs the same loss at every step as an uninterrupted one
+    and ends with the same weights. A K outside 1..max_steps-1 is refused by name."""
+    Trainer(cfg(data_dir, tmp_path / "a")).train()
+    last = Trainer(cfg(data_dir, tmp_path / "b", stop_at_step=5)).train()
+    assert last["stopped_early"] is True and last["step"] == 5 and not (tmp_path / "b" / "final").exists()
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text() == "step-0000005"
+    Trainer(cfg(data_dir, tmp_path / "b")).train(resume=True)
+    curves = []
+    for r in "ab":
+        rows = [json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+        curves.append({row["step"]: (row["loss"], row["grad_norm"]) for row in rows if "loss" in row})
+    assert curves[0] == curves[1] and sorted(curves[0]) == list(range(1, 13))
+    a, b = weights(tmp_path / "a" / "final"), weights(tmp_path / "b" / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for bad in (0, 12, 2.5):
+        with pytest.raises(ConfigError, match="stop_at_step"):
+            cfg(data_dir, tmp_path / "c", stop_at_step=bad)
+
+
 @pytest.mark.parametrize("kind", ["convert", "sdar", "lora"])
 def test_diffusion_kinds_train_from_the_pretrained_model(kind, data_dir, pretrained, tmp_path):
     c = cfg(data_dir, tmp_path / kind, kind=kind, init=str(pretrained / "final"), model=None, max_steps=6,

@@ -18,7 +18,8 @@ from idlm.errors import ConfigError
 
 KINDS = ("pretrain", "convert", "lora", "sdar")
 # Fields that do not change a run's trajectory: a resumed run may differ in them.
-NOT_FINGERPRINTED = ("out", "log_every", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "max_time_s")
+NOT_FINGERPRINTED = ("out", "log_every", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "max_time_s",
+                     "stop_at_step")
 
 
 @dataclass
@@ -62,6 +63,7 @@ class TrainConfig:
     save_every: int = 200
     keep_checkpoints: int = 2
     max_time_s: float | None = None  # wall-clock guard: past it, save a checkpoint and stop (logged)
+    stop_at_step: int | None = None  # pause at this step with a checkpoint (a later --resume continues the run)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -71,6 +73,9 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        k = self.stop_at_step
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 1 <= k < self.max_steps):
+            raise ConfigError(f"stop_at_step must be an integer in 1..max_steps-1 ({self.max_steps - 1}), got {k!r}")
         mb = self.micro_batch_size
         if mb is not None and (not isinstance(mb, int) or mb < 1):
             raise ConfigError(f"micro_batch_size must be a positive integer, got {self.micro_batch_size!r}")

@@ -247,8 +247,13 @@ class Trainer:
         t_start = t_last
         stopped = False
         while self.step < cfg.max_steps:
-            if cfg.max_time_s is not None and self._all_ranks_any(time.perf_counter() - t_start > cfg.max_time_s):
-                self._log({"step": self.step, "stopped_early": True, "reason": f"max_time_s {cfg.max_time_s}"})
+            reason = None
+            if cfg.stop_at_step is not None and self.step >= cfg.stop_at_step:  # the same on every rank
+                reason = f"stop_at_step {cfg.stop_at_step}"
+            elif cfg.max_time_s is not None and self._all_ranks_any(time.perf_counter() - t_start > cfg.max_time_s):
+                reason = f"max_time_s {cfg.max_time_s}"
+            if reason:
+                self._log({"step": self.step, "stopped_early": True, "reason": reason})
                 self.save_checkpoint()
                 stopped = True
                 break
@@ -289,7 +294,7 @@ class Trainer:
             bar.update(1)
         bar.close()
         if self.rank == 0:
-            if not stopped:  # final/ is a finished run's; a run paused by max_time_s resumes from its checkpoint
+            if not stopped:  # final/ is a finished run's; a paused run resumes from its checkpoint
                 self.save_final()
             self.plot()
         return {**last, "step": self.step, "stopped_early": True} if stopped else last
