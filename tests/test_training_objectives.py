@@ -218,8 +218,50 @@ def test_distill_weight_is_validated_and_keeps_old_fingerprints():
     for bad in (-0.1, 1.5, "x", True):
         with pytest.raises(ConfigError, match="distill_weight"):
             TrainConfig(**base, distill_weight=bad)
-    with pytest.raises(ConfigError, match="kind lora"):
-        TrainConfig(**{**base, "kind": "convert"}, distill_weight=0.5)
+    with pytest.raises(ConfigError, match="kinds lora .* and convert"):
+        TrainConfig(**{**base, "kind": "sdar"}, distill_weight=0.5)
+    assert TrainConfig(**{**base, "kind": "convert"}, distill_weight=0.5).distill_weight == 0.5
+
+
+def test_conversion_soft_targets_are_the_models_own_clean_distribution_without_gradient():
+    """A conversion with distill_weight w: noisy term = mean over MASK targets of (1 − w)·CE(token) + w·CE(p),
+    p from an independent plain causal forward of the same model (the oracle for the clean rows), clean
+    term unchanged, auto scale = noisy term / L_clean; and no gradient flows through p: the gradient equals
+    that of the same loss with p given as a constant."""
+    from idlm.training.objectives import pair_attention
+
+    m = tiny_transformer(41, mask_token_id=0)
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(1, 41, (2, 15), generator=g)
+    lossmask = torch.rand(2, 15, generator=g) > 0.25
+    lossmask[:, :3] = False
+    x0, tgt, valid = tokens[:, :-1], tokens[:, 1:], lossmask[:, 1:]
+    B, L = x0.shape
+    block, mask_id = 3, 0
+    is_mask = lossmask[:, :-1]
+    noisy, n = is_mask & valid, valid.sum()
+    with torch.no_grad():
+        p = torch.softmax(m.compute_logits(m(x0)).float(), -1)  # [B, L, V]: a plain causal forward
+    x_t = torch.where(is_mask, torch.full_like(x0, mask_id), x0)
+    hidden = m(torch.cat([x_t, x0], 1), pair_positions(B, L, "cpu"), pair_attention("idlm", L, block, x0.device))
+    log_q = torch.log_softmax(m.compute_logits(hidden[:, :L]).float(), -1)
+    log_c = torch.log_softmax(m.compute_logits(hidden[:, L:]).float(), -1)
+    hard = -log_q.gather(-1, tgt[..., None]).squeeze(-1)[noisy].sum() / n
+    soft = -(p * log_q).sum(-1)[noisy].sum() / n
+    clean = -log_c.gather(-1, tgt[..., None]).squeeze(-1)[valid].sum() / n
+    assert noisy.sum() > 5 and abs(float(soft) - float(hard)) > 1e-3
+    for w in (0.5, 1.0):
+        term = (1 - w) * hard + w * soft
+        oracle = term + (term / clean).detach() * clean
+        out = idlm_loss(m, tokens, lossmask, block, mask_id, distill_weight=w)
+        assert torch.allclose(out["loss"], oracle, atol=1e-5)
+        assert torch.allclose(out["l_noisy"], hard, atol=1e-5) and torch.allclose(out["l_soft"], soft, atol=1e-5)
+        assert torch.allclose(out["l_clean"], clean, atol=1e-5)
+        grads = torch.autograd.grad(out["loss"], list(m.parameters()), allow_unused=True)
+        want = torch.autograd.grad(oracle, list(m.parameters()), allow_unused=True, retain_graph=True)
+        assert all((a is None and b is None) or torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, want))
+    plain = idlm_loss(m, tokens, lossmask, block, mask_id)
+    assert "l_soft" not in plain and torch.allclose(plain["l_noisy"], hard, atol=1e-5)
 
 
 def test_compile_does_not_change_the_fingerprint():

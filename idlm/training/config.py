@@ -53,7 +53,8 @@ class TrainConfig:
     init_adapter: str | None = None
     # convert/sdar from a model without a MASK token (e.g. SmolLM2): add one (a new vocabulary row, mean-initialised)
     add_mask_token: bool = False
-    # lora: weight w of the soft targets, (1 − w)·CE(response token) + w·CE(base model's distribution), 0..1
+    # lora / convert: weight w of the soft targets, (1 − w)·CE(response token) + w·CE(p), 0..1; p = the frozen
+    # base's distribution (lora) or the model's own clean-half distribution, detached (convert)
     distill_weight: float = 0.0
     # lora: weight γ^j for the MASK at draft position j (0 < γ <= 1; 1 = every position alike)
     position_decay: float = 1.0
@@ -101,8 +102,9 @@ class TrainConfig:
             raise ConfigError(f"position_decay is for kind lora (the drafter's positions), not {self.kind!r}")
         if self.add_mask_token and self.kind not in ("convert", "sdar"):
             raise ConfigError(f"add_mask_token is for kinds convert and sdar, not {self.kind!r}")
-        if w and self.kind != "lora":
-            raise ConfigError(f"distill_weight is for kind lora (the frozen base is the teacher), not {self.kind!r}")
+        if w and self.kind not in ("lora", "convert"):
+            raise ConfigError(f"distill_weight is for kinds lora (the frozen base is the teacher) and convert (the "
+                              f"model's own clean rows are), not {self.kind!r}")
         if self.init_adapter is not None and (self.kind != "lora" or not isinstance(self.init_adapter, str)
                                               or not self.init_adapter.strip()):
             raise ConfigError(f"init_adapter (an adapter to start from: a registry name or a directory) is for kind "

@@ -159,6 +159,12 @@ def idlm_loss(model, tokens, lossmask, block: int, mask_token_id: int, clean_sca
     position_decay γ < 1 weighs the MASK at draft position j (`draft_positions`) by γ^j, normalised to
     the weights' sum: a later draft counts only when the earlier ones were accepted, so the first ones
     matter most for TPF. The reported `l_noisy` / `l_soft` stay unweighted means.
+    Without `lora` (a conversion), distill_weight w > 0 does the same with the model's *own* clean rows as
+    the teacher: p_i = its clean half's distribution at i, detached (no gradient through the target; the
+    clean half still learns from L_clean). Verification accepts a draft with min(1, p/q), so α is 1 − the
+    total variation between the two: this fits q to the p the model will verify against, not to one
+    sampled token of data that is not all the model's own. The auto clean scale balances L_clean against
+    the noisy term actually trained (the mixed one).
     """
     if position_decay != 1.0 and lora is None:
         raise ValueError("position_decay is for the R-ISD drafter loss (lora=...)")
@@ -180,19 +186,24 @@ def idlm_loss(model, tokens, lossmask, block: int, mask_token_id: int, clean_sca
         w = noisy * float(position_decay) ** draft_positions(is_mask, block).flatten().float()
         count = noisy.sum()
         norm = torch.where(count > 0, n * w.sum() / count.clamp_min(1), n.float())
-    if lora is not None and distill_weight:
+    extra = {}
+    if distill_weight:
         mixed, hard, soft = _distill_ce_sums(model, h_t, h_0, tgt, distill_weight, row_weight=w)
-        return {"loss": mixed / norm, "l_noisy": hard / n, "l_soft": soft / n, "targets": n}
-    if position_decay != 1.0:  # (lora only, checked above) the loss weighted, l_noisy the plain mean
+        noisy_term, extra = mixed / norm, {"l_soft": soft / n}
+        l_noisy = hard / n
+        if lora is not None:
+            return {"loss": noisy_term, "l_noisy": l_noisy, **extra, "targets": n}
+    elif position_decay != 1.0:  # (lora only, checked above) the loss weighted, l_noisy the plain mean
         weighted, plain = _ce_sum(model, h_t, tgt, w, noisy)
         return {"loss": weighted / norm, "l_noisy": plain / n, "targets": n}
-    l_noisy = _ce_sum(model, h_t, tgt, noisy) / n
+    else:
+        noisy_term = l_noisy = _ce_sum(model, h_t, tgt, noisy) / n
     if lora is not None:
         return {"loss": l_noisy, "l_noisy": l_noisy.detach(), "targets": n}
     l_clean = _ce_sum(model, h_0, tgt, valid.flatten().float()) / n
-    scale = (l_noisy / l_clean.clamp_min(1e-6)).detach() if clean_scale == "auto" else float(clean_scale)
-    return {"loss": l_noisy + scale * l_clean, "l_noisy": l_noisy.detach(), "l_clean": l_clean.detach(),
-            "clean_scale": torch.as_tensor(scale).detach(), "targets": n}
+    scale = (noisy_term / l_clean.clamp_min(1e-6)).detach() if clean_scale == "auto" else float(clean_scale)
+    return {"loss": noisy_term + scale * l_clean, "l_noisy": l_noisy.detach(), **extra,
+            "l_clean": l_clean.detach(), "clean_scale": torch.as_tensor(scale).detach(), "targets": n}
 
 
 def sdar_loss(model, tokens, lossmask, block: int, mask_token_id: int, *, generator: torch.Generator | None = None,

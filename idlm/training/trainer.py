@@ -85,7 +85,8 @@ class Objective(nn.Module):
             return ar_loss(m, tokens, lossmask)
         mask = m.config.mask_token_id
         if cfg.kind == "convert":
-            return idlm_loss(m, tokens, lossmask, stride - 1, mask, cfg.clean_loss_scale, attn_impl=cfg.attention)
+            return idlm_loss(m, tokens, lossmask, stride - 1, mask, cfg.clean_loss_scale, attn_impl=cfg.attention,
+                             distill_weight=cfg.distill_weight)
         if cfg.kind == "lora":
             return idlm_loss(m, tokens, lossmask, stride - 1, mask if mask is not None else 0, lora=self.adapter,
                              attn_impl=cfg.attention, distill_weight=cfg.distill_weight,
