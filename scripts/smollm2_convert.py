@@ -6,6 +6,8 @@ scripts/smollm2_risd.py's `stash`, `setup` and `distill` (the self-distilled res
     mix      `idlm data mix`: 70% the distilled responses, 30% that text (token shares)
     convert  `idlm train convert` on configs/smollm2/convert.yaml (a MASK token added; resumable; --budget s)
     sdar     the SDAR-style ablation, configs/smollm2/sdar.yaml (same data, steps, lr; resumable)
+    soft     the conversion with soft targets, configs/smollm2/convert_soft.yaml (distill_weight 1: each MASK
+             learns the model's own clean distribution; otherwise convert.yaml), into STATE/idlm_soft
     eval     unchanged SmolLM2 (AR) vs the conversion (ISD) vs the ablation (SDAR decoding), all bf16:
              clean loss on held-out distilled responses and held-out text; α at N = 4, T = 1 and 0.7 on
              held-out chat prompts; TPF at N = 2, 3, 4, 8 (greedy and T = 0.7); HumanEval pass@1 (chat
@@ -29,8 +31,10 @@ distilled data (`text` over the GPU machine's sources works too, but costs devic
     run: python scripts/smollm2_convert.py eval --budget 520                   (then --parts for what it skipped)
     python scripts/device_tree.py restore
 
-Planned from the H200's step times (docs/training.md: the conversion step 0.42 s compiled + ~100 s of
-compile, 600 steps ≈ 6 minutes; the ablation's 0.57 s eager).
+Measured (session 19, docs/training.md "The first conversion"): mix + convert 450 s; eval of one model's
+loss / α / HumanEval with --jobs 5 ~270 s; AR's speed part ~100 s. Independent work shares a call: SmolLM2's
+own evaluation ran beside the conversion (`eval --models ar ... &`), and an ablation's training can run beside
+the conversion's evaluation. Chain the calls without a pause: the converted model exists only on the machine.
 
 A converted model (270 MB) cannot come back through the device's output: everything is measured here and
 only JSON comes back ($OUT/<stage>.json). `--smoke` runs every stage CPU-sized on the embedded idlm-tiny-ar
@@ -70,11 +74,15 @@ def stage_mix(args) -> None:
     emit("mix", {"rc": rc, "summary": last_json(text)})
 
 
-def _train(args, kind: str) -> None:
+OUT_DIRS = {"convert": "idlm", "sdar": "sdar", "convert_soft": "idlm_soft"}  # config name -> STATE/<dir>
+
+
+def _train(args, variant: str) -> None:
     import yaml
 
-    cfg = yaml.safe_load((REPO / "configs" / "smollm2" / f"{kind}.yaml").read_text())
-    out = STATE / ("idlm" if kind == "convert" else "sdar")
+    cfg = yaml.safe_load((REPO / "configs" / "smollm2" / f"{variant}.yaml").read_text())
+    kind = cfg["kind"]
+    out = STATE / OUT_DIRS[variant]
     cfg.update(data=str(STATE / "mix"), out=str(out), init=args.model)
     if args.smoke:
         cfg.update(seq_len=32, batch_size=4, max_steps=6, log_every=1, eval_every=3, eval_batches=1, save_every=3,
@@ -84,8 +92,8 @@ def _train(args, kind: str) -> None:
     if os.environ.get("OUT"):
         for name in ("metrics.jsonl", "loss.png"):
             if (out / name).exists():
-                Path(os.environ["OUT"], f"{kind}_{name}").write_bytes((out / name).read_bytes())
-    emit(kind, report)
+                Path(os.environ["OUT"], f"{variant}_{name}").write_bytes((out / name).read_bytes())
+    emit(variant, report)
 
 
 def stage_convert(args) -> None:
@@ -94,6 +102,10 @@ def stage_convert(args) -> None:
 
 def stage_sdar(args) -> None:
     _train(args, "sdar")
+
+
+def stage_soft(args) -> None:
+    _train(args, "convert_soft")
 
 
 EVAL_PARTS = ("loss", "alpha", "humaneval", "tasks", "speed")
@@ -105,6 +117,7 @@ def alpha_runs(smoke: bool) -> list[tuple[str, int, str]]:
     runs = [("idlm", 4, t) for t in ("1.0", "0.7", "0")]
     runs += [("idlm", n, t) for n in (2, 3, 8) for t in ("0.7", "0")]
     runs += [("sdar", 4, t) for t in ("1.0", "0.7")]
+    runs += [("soft", 4, t) for t in ("1.0", "0.7", "0")]  # (only with --models ...,soft)
     return runs[:3] if smoke else runs
 
 
@@ -132,7 +145,7 @@ def stage_eval(args) -> None:
     t0 = time.time()
     dev = ["--device", "cpu", "--dtype", "float32"] if args.smoke else ["--device", "cuda", "--dtype", "bfloat16"]
     models = {"ar": (args.model, "ar"), "idlm": (str(STATE / "idlm" / "final"), "isd"),
-              "sdar": (str(STATE / "sdar" / "final"), "sdar")}
+              "sdar": (str(STATE / "sdar" / "final"), "sdar"), "soft": (str(STATE / "idlm_soft" / "final"), "isd")}
     n_tok = "16" if args.smoke else "256"
     parts, names = args.parts.split(","), args.models.split(",")
     for flag, got, known in (("--parts", parts, EVAL_PARTS), ("--models", names, tuple(models))):
@@ -171,7 +184,7 @@ def stage_eval(args) -> None:
                 light.append((f"alpha/{name}/N{n}/T{temp}",
                               ("eval", "alpha", "--model", model, "--decoder", decoder, "--stride", str(n),
                                "--temperature", temp, "--max-tokens", n_tok, *alpha_prompts)))
-    for name in [n for n in ("ar", "idlm") if n in names]:
+    for name in [n for n in ("ar", "idlm", "soft") if n in names]:
         model, decoder = models[name]
         if "humaneval" in parts:
             heavy.append((f"humaneval/{name}",
@@ -182,7 +195,7 @@ def stage_eval(args) -> None:
                                             *(["--limit", "8"] if args.smoke else []))))
     if "speed" in parts:
         conc = "1,2" if args.smoke else "1,16,64"
-        choices = [("ar", "ar", "1"), ("isd4", "idlm", "4")]
+        choices = [("ar", "ar", "1"), ("isd4", "idlm", "4"), ("isd4_soft", "soft", "4")]
         choices += [("isd_auto", "idlm", "auto")] if args.auto_speed else []
         for key, name, stride in choices:
             if name in names:
@@ -204,7 +217,7 @@ def stage_eval(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("stages", nargs="+", choices=["text", "mix", "convert", "sdar", "eval"])
+    ap.add_argument("stages", nargs="+", choices=["text", "mix", "convert", "sdar", "soft", "eval"])
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds a build/train stage may run (resumable); eval: starts no command after that")
     ap.add_argument("--gpus", type=int, default=None,
@@ -215,7 +228,8 @@ def main() -> None:
     ap.add_argument("--parts", default=",".join(EVAL_PARTS),
                     help=f"eval: which measurements (comma-separated: {', '.join(EVAL_PARTS)})")
     ap.add_argument("--models", default="ar,idlm,sdar",
-                    help="eval: which models (comma-separated: ar = unchanged SmolLM2, idlm = the conversion, sdar)")
+                    help="eval: which models (comma-separated: ar = unchanged SmolLM2, idlm = the conversion, sdar = "
+                         "the ablation, soft = the soft-target conversion)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="eval: loss / α / task commands at a time (beside one HumanEval lane; speed runs alone)")
     ap.add_argument("--alpha-prompts", type=int, default=256, help="eval: the first K held-out prompts for α / TPF")

@@ -207,6 +207,11 @@ def test_convert_eval_runs_the_asked_parts_and_stops_at_its_budget(tmp_path, mon
     assert sorted(k for k in mod.results["eval"] if "/" in k and k != "cmd_wall_s") == [
         "alpha/sdar/N4/T0.7", "alpha/sdar/N4/T1.0", "clean_loss/sdar/distill", "clean_loss/sdar/text"]
     calls.clear()
+    mod.stage_eval(argparse.Namespace(**{**vars(args), "parts": "alpha,speed", "models": "ar,soft"}))
+    keys = sorted(k for k in mod.results["eval"] if "/" in k and k != "cmd_wall_s")
+    assert keys == ["alpha/soft/N4/T0", "alpha/soft/N4/T0.7", "alpha/soft/N4/T1.0", "speed/ar", "speed/isd4_soft"]
+    assert all("idlm_soft" in c[c.index("--model") + 1] for c in calls if c[0] == "eval")
+    calls.clear()
     mod.stage_eval(argparse.Namespace(**{**vars(args), "parts": "loss,humaneval", "budget": 0.0}))
     assert calls == [] and len(mod.results["eval"]["skipped"]) == 6 + 2
     with pytest.raises(SystemExit, match="unknown speling"):

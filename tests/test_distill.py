@@ -564,7 +564,8 @@ def test_smollm2_lora_config_parses_and_its_adapter_fits_the_asset_budget(tmp_pa
 
 
 def test_smollm2_conversion_configs_parse_and_match():
-    """configs/smollm2/convert.yaml and its SDAR ablation: same model, data, budget; a MASK token added."""
+    """configs/smollm2/convert.yaml, its SDAR ablation and its soft-target variant: same model, data, budget; a
+    MASK token added."""
     from idlm.training.config import TrainConfig
 
     conv = TrainConfig.from_yaml(REPO / "configs" / "smollm2" / "convert.yaml")
@@ -573,6 +574,9 @@ def test_smollm2_conversion_configs_parse_and_match():
     same = ("init", "data", "seq_len", "batch_size", "max_steps", "lr", "curriculum", "dtype", "min_lr_ratio")
     assert all(getattr(conv, k) == getattr(sdar, k) for k in same) and conv.init == "smollm2-135m-instruct"
     assert conv.curriculum[-1] == [1.0, 4] and conv.out != sdar.out
+    soft = TrainConfig.from_yaml(REPO / "configs" / "smollm2" / "convert_soft.yaml")  # differs in the targets only
+    differ = {k for k, v in soft.to_dict().items() if v != conv.to_dict()[k]}
+    assert differ == {"distill_weight", "out"} and soft.distill_weight == 1.0
 
 
 def test_engines_are_dealt_over_the_gpus(monkeypatch):
