@@ -6,8 +6,9 @@ scripts/smollm2_risd.py's `stash`, `setup` and `distill` (the self-distilled res
     mix      `idlm data mix`: 70% the distilled responses, 30% that text (token shares)
     convert  `idlm train convert` on configs/smollm2/convert.yaml (a MASK token added; resumable; --budget s)
     sdar     the SDAR-style ablation, configs/smollm2/sdar.yaml (same data, steps, lr; resumable)
-    soft     the conversion with soft targets, configs/smollm2/convert_soft.yaml (distill_weight 1: each MASK
-             learns the model's own clean distribution; otherwise convert.yaml), into STATE/idlm_soft
+    soft     the conversion with soft targets, configs/smollm2/convert_soft.yaml (each MASK learns the model's
+             own clean distribution, the clean half the unchanged SmolLM2's; otherwise convert.yaml), into
+             STATE/idlm_soft
     eval     unchanged SmolLM2 (AR) vs the conversion (ISD) vs the ablation (SDAR decoding), all bf16:
              clean loss on held-out distilled responses and held-out text; α at N = 4, T = 1 and 0.7 on
              held-out chat prompts; TPF at N = 2, 3, 4, 8 (greedy and T = 0.7); HumanEval pass@1 (chat

@@ -121,3 +121,34 @@ def test_add_mask_token_is_for_conversions_only():
     assert TrainConfig(kind="sdar", add_mask_token=True, **base).add_mask_token
     assert TrainConfig(kind="convert", **base).fingerprint() == TrainConfig(kind="convert", add_mask_token=False,
                                                                            **base).fingerprint()
+
+
+def test_convert_with_the_original_as_clean_teacher_resumes_exactly_and_saves_no_teacher(no_mask_run, tmp_path,
+                                                                                       monkeypatch):
+    """clean_distill_weight: the frozen original (one row fewer than the model with its MASK row) is loaded
+    from `init`, logged as l_clean_soft, left out of checkpoints and final weights (the same keys as a plain
+    conversion), and a run crashed after a checkpoint resumes to the same weights; a config asking for it
+    on another kind, or without an init, is refused by name."""
+    from safetensors.torch import load_file
+
+    from idlm.training.trainer import Trainer
+
+    root, ckpt, vocab = no_mask_run
+    Trainer(_cfg(root, ckpt, tmp_path / "plain")).train()
+    Trainer(_cfg(root, ckpt, tmp_path / "a", clean_distill_weight=1.0)).train()
+    t = Trainer(_cfg(root, ckpt, tmp_path / "b", clean_distill_weight=1.0))
+    assert t.objective.teacher.config.vocab_size == vocab and t.model.config.vocab_size == vocab + 1
+    assert not any(p is q for p in t.objective.parameters() for q in t.objective.teacher.parameters())
+    crash_in_step(monkeypatch, t, 5)
+    with pytest.raises(KeyboardInterrupt):
+        t.train()
+    monkeypatch.undo()
+    Trainer(_cfg(root, ckpt, tmp_path / "b", clean_distill_weight=1.0)).train(resume=True)
+    plain, a, b = (load_file(str(tmp_path / r / "final" / "model.safetensors")) for r in ("plain", "a", "b"))
+    assert a.keys() == b.keys() == plain.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], plain[k]) for k in a)  # the soft clean targets changed the training
+    rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert all("l_clean_soft" in r for r in rows if "loss" in r)
+    for bad in (dict(kind="sdar"), dict(init=None, model=dict(family="qwen3"))):
+        with pytest.raises(ConfigError, match="clean_distill_weight"):
+            _cfg(root, ckpt, tmp_path / "x", clean_distill_weight=1.0, **bad)

@@ -576,7 +576,8 @@ def test_smollm2_conversion_configs_parse_and_match():
     assert conv.curriculum[-1] == [1.0, 4] and conv.out != sdar.out
     soft = TrainConfig.from_yaml(REPO / "configs" / "smollm2" / "convert_soft.yaml")  # differs in the targets only
     differ = {k for k, v in soft.to_dict().items() if v != conv.to_dict()[k]}
-    assert differ == {"distill_weight", "out"} and soft.distill_weight == 1.0
+    assert differ == {"distill_weight", "clean_distill_weight", "out"}
+    assert soft.distill_weight == soft.clean_distill_weight == 1.0
 
 
 def test_engines_are_dealt_over_the_gpus(monkeypatch):

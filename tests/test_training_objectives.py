@@ -208,6 +208,47 @@ def test_risd_soft_targets_are_the_base_models_own_distribution():
     assert sum(float(q.grad.abs().sum()) for q in lora.parameters() if q.grad is not None) > 0
 
 
+def test_clean_teacher_holds_the_clean_half_to_the_original_models_distribution():
+    """clean_distill_weight c with a frozen original (one vocabulary row fewer: the added MASK): clean term =
+    mean over targets of (1 − c)·CE(token) + c·CE(p0), p0 from the original's own plain causal forward,
+    padded with probability 0 for the MASK id; the noisy term is untouched; the original gets no gradient."""
+    from idlm.training.objectives import pair_attention
+
+    m = tiny_transformer(41, mask_token_id=40)
+    teacher = tiny_transformer(40, seed=5).requires_grad_(False)
+    g = torch.Generator().manual_seed(4)
+    tokens = torch.randint(0, 40, (2, 15), generator=g)
+    lossmask = torch.rand(2, 15, generator=g) > 0.25
+    lossmask[:, :3] = False
+    x0, tgt, valid = tokens[:, :-1], tokens[:, 1:], lossmask[:, 1:]
+    B, L = x0.shape
+    block, mask_id = 3, 40
+    is_mask = lossmask[:, :-1]
+    noisy, n = is_mask & valid, valid.sum()
+    with torch.no_grad():
+        p0 = torch.softmax(teacher.compute_logits(teacher(x0)).float(), -1)  # [B, L, 40]
+        p0 = torch.cat([p0, torch.zeros(B, L, 1)], -1)
+        x_t = torch.where(is_mask, torch.full_like(x0, mask_id), x0)
+        hidden = m(torch.cat([x_t, x0], 1), pair_positions(B, L, "cpu"), pair_attention("idlm", L, block, x0.device))
+        log_q = torch.log_softmax(m.compute_logits(hidden[:, :L]).float(), -1)
+        log_c = torch.log_softmax(m.compute_logits(hidden[:, L:]).float(), -1)
+    l_noisy = -log_q.gather(-1, tgt[..., None]).squeeze(-1)[noisy].sum() / n
+    hard = -log_c.gather(-1, tgt[..., None]).squeeze(-1)[valid].sum() / n
+    soft = -(p0 * log_c).sum(-1)[valid].sum() / n
+    assert abs(float(soft) - float(hard)) > 1e-3
+    for c in (0.5, 1.0):
+        term = (1 - c) * hard + c * soft
+        out = idlm_loss(m, tokens, lossmask, block, mask_id, clean_teacher=teacher, clean_distill_weight=c)
+        assert torch.allclose(out["loss"], l_noisy + l_noisy / term * term, atol=1e-5)
+        assert torch.allclose(out["clean_scale"], l_noisy / term, atol=1e-5)
+        assert torch.allclose(out["l_clean"], hard, atol=1e-5) and torch.allclose(out["l_clean_soft"], soft, atol=1e-5)
+        assert torch.allclose(out["l_noisy"], l_noisy, atol=1e-5)
+    out["loss"].backward()
+    assert all(q.grad is None for q in teacher.parameters()) and m.model.embed_tokens.weight.grad is not None
+    plain = idlm_loss(m, tokens, lossmask, block, mask_id, clean_teacher=teacher)  # weight 0: the teacher unused
+    assert "l_clean_soft" not in plain and torch.allclose(plain["l_clean"], hard, atol=1e-5)
+
+
 def test_distill_weight_is_validated_and_keeps_old_fingerprints():
     from idlm.errors import ConfigError
     from idlm.training.config import TrainConfig

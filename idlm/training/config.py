@@ -56,6 +56,9 @@ class TrainConfig:
     # lora / convert: weight w of the soft targets, (1 − w)·CE(response token) + w·CE(p), 0..1; p = the frozen
     # base's distribution (lora) or the model's own clean-half distribution, detached (convert)
     distill_weight: float = 0.0
+    # convert: weight w of the clean half's soft targets, (1 − w)·CE(token) + w·CE(p0), p0 the *unchanged* init
+    # model's distribution (a frozen copy): the converted model's own AR distribution stays the original's
+    clean_distill_weight: float = 0.0
     # lora: weight γ^j for the MASK at draft position j (0 < γ <= 1; 1 = every position alike)
     position_decay: float = 1.0
     log_every: int = 10
@@ -95,6 +98,12 @@ class TrainConfig:
         w = self.distill_weight
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= 1:
             raise ConfigError(f"distill_weight must be a number in [0, 1], got {w!r}")
+        c = self.clean_distill_weight
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c <= 1:
+            raise ConfigError(f"clean_distill_weight must be a number in [0, 1], got {c!r}")
+        if c and (self.kind != "convert" or self.init is None):
+            raise ConfigError(f"clean_distill_weight is for kind convert from a pretrained model (init: the frozen "
+                              f"teacher), got kind {self.kind!r} with init {self.init!r}")
         g = self.position_decay
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 < g <= 1:
             raise ConfigError(f"position_decay must be a number in (0, 1], got {g!r}")
@@ -140,7 +149,8 @@ class TrainConfig:
         # how the step runs, not what it computes: a compiled run resumes eagerly (and the other way round) when
         # the compiler fails on a machine; kept in the dict at False so runs before this keep their fingerprint
         d["compile"] = False
-        later = (("distill_weight", 0), ("add_mask_token", False), ("position_decay", 1), ("init_adapter", None))
+        later = (("distill_weight", 0), ("add_mask_token", False), ("position_decay", 1), ("init_adapter", None),
+                 ("clean_distill_weight", 0))
         for key, default in later:  # options added later: at their defaults, runs keep their old fingerprint
             if d[key] == default:
                 d.pop(key)

@@ -93,17 +93,22 @@ def _ce_sum(model, hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Te
 
 
 def _distill_ce_sums(model, hidden: torch.Tensor, teacher_hidden: torch.Tensor, targets: torch.Tensor,
-                     weight: float, row_weight: torch.Tensor, chunk: int = CHUNK,
+                     weight: float, row_weight: torch.Tensor, chunk: int = CHUNK, teacher=None,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sums over rows of (r·((1 − w)·CE(targets) + w·CE(p)), m·CE(targets), m·CE(p)), where p = softmax of the
     teacher rows' logits (no gradient), CE(p) = −Σ_v p_v log q_v (= KL(p‖q) + H(p)), r the rows' weights
     and m = (r > 0) whether a row counts at all. hidden, teacher_hidden [n, H]; targets, row_weight [n]; rows
-    are taken `chunk` at a time (every row computed, as in `_ce_sum`)."""
+    are taken `chunk` at a time (every row computed, as in `_ce_sum`). The teacher rows' logits come from
+    `teacher` (another model: its hidden states) or else `model`; a teacher with fewer vocabulary rows (the
+    original of a model given a MASK row) gives the extra ids probability 0."""
     mixed = hard_sum = soft_sum = hidden.sum() * 0.0
+    head = teacher if teacher is not None else model
     for i in range(0, hidden.shape[0], chunk):
         log_q = F.log_softmax(model.compute_logits(hidden[i: i + chunk]).float(), dim=-1)  # [c, V]
         with torch.no_grad():
-            p = F.softmax(model.compute_logits(teacher_hidden[i: i + chunk]).float(), dim=-1)
+            p = F.softmax(head.compute_logits(teacher_hidden[i: i + chunk]).float(), dim=-1)  # [c, V_teacher]
+            if p.shape[-1] < log_q.shape[-1]:
+                p = F.pad(p, (0, log_q.shape[-1] - p.shape[-1]))
         hard = -log_q.gather(-1, targets[i: i + chunk, None]).squeeze(-1)
         soft = -(p * log_q).sum(-1)
         rw = row_weight[i: i + chunk]
@@ -147,7 +152,8 @@ def risd_halves(model, x_t, x0, is_mask, block: int, lora, attn_impl: str = "aut
 
 def idlm_loss(model, tokens, lossmask, block: int, mask_token_id: int, clean_scale="auto", *,
               lora=None, attn_impl: str = "auto", distill_weight: float = 0.0,
-              position_decay: float = 1.0) -> dict[str, torch.Tensor]:
+              position_decay: float = 1.0, clean_teacher=None, clean_distill_weight: float = 0.0,
+              ) -> dict[str, torch.Tensor]:
     """L_noisy + s·L_clean (SPEC §3.3), or with `lora` the R-ISD drafter loss L_noisy (SPEC §5).
 
     x_t = x0 with every response token replaced by MASK; the MASK at i predicts x0[i+1] (logit shift).
@@ -165,6 +171,11 @@ def idlm_loss(model, tokens, lossmask, block: int, mask_token_id: int, clean_sca
     total variation between the two: this fits q to the p the model will verify against, not to one
     sampled token of data that is not all the model's own. The auto clean scale balances L_clean against
     the noisy term actually trained (the mixed one).
+    A conversion with `clean_teacher` (the unchanged original model, frozen) and clean_distill_weight c > 0
+    trains its clean half on (1 − c)·CE(x0[i+1]) + c·CE(p0_i), p0_i the original's distribution after
+    x0[..i] (the MASK id, which the original lacks, at probability 0): the converted model's AR
+    distribution — the one ISD samples from — is held to the original's instead of drifting to the data.
+    `l_clean` stays CE(x0[i+1]); `l_clean_soft` is CE(p0).
     """
     if position_decay != 1.0 and lora is None:
         raise ValueError("position_decay is for the R-ISD drafter loss (lora=...)")
@@ -200,9 +211,16 @@ def idlm_loss(model, tokens, lossmask, block: int, mask_token_id: int, clean_sca
         noisy_term = l_noisy = _ce_sum(model, h_t, tgt, noisy) / n
     if lora is not None:
         return {"loss": l_noisy, "l_noisy": l_noisy.detach(), "targets": n}
-    l_clean = _ce_sum(model, h_0, tgt, valid.flatten().float()) / n
-    scale = (noisy_term / l_clean.clamp_min(1e-6)).detach() if clean_scale == "auto" else float(clean_scale)
-    return {"loss": noisy_term + scale * l_clean, "l_noisy": l_noisy.detach(), **extra,
+    if clean_teacher is not None and clean_distill_weight:
+        with torch.no_grad():
+            h_p0 = clean_teacher(x0).flatten(0, 1)  # [B·L, H]: the original model's plain causal forward
+        mixed, hard, soft = _distill_ce_sums(model, h_0, h_p0, tgt, clean_distill_weight,
+                                             row_weight=valid.flatten().float(), teacher=clean_teacher)
+        clean_term, l_clean, extra = mixed / n, hard / n, {**extra, "l_clean_soft": soft / n}
+    else:
+        clean_term = l_clean = _ce_sum(model, h_0, tgt, valid.flatten().float()) / n
+    scale = (noisy_term / clean_term.clamp_min(1e-6)).detach() if clean_scale == "auto" else float(clean_scale)
+    return {"loss": noisy_term + scale * clean_term, "l_noisy": l_noisy.detach(), **extra,
             "l_clean": l_clean.detach(), "clean_scale": torch.as_tensor(scale).detach(), "targets": n}
 
 

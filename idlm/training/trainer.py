@@ -75,9 +75,12 @@ def lr_lambda(cfg: TrainConfig):
 class Objective(nn.Module):
     """Model (+ adapter) and the run's loss in one module, so DDP can wrap what the forward runs."""
 
-    def __init__(self, cfg: TrainConfig, model, adapter=None):
+    def __init__(self, cfg: TrainConfig, model, adapter=None, teacher=None):
         super().__init__()
         self.cfg, self.model, self.adapter = cfg, model, adapter
+        # the frozen original of a conversion (clean_distill_weight): kept out of the module's parameters and
+        # state, so the optimizer, DDP and checkpoints never see it (it is reloaded from `init` on resume)
+        self.__dict__["teacher"] = teacher
 
     def forward(self, tokens, lossmask, stride: int, generator=None):
         cfg, m = self.cfg, self.model
@@ -86,7 +89,8 @@ class Objective(nn.Module):
         mask = m.config.mask_token_id
         if cfg.kind == "convert":
             return idlm_loss(m, tokens, lossmask, stride - 1, mask, cfg.clean_loss_scale, attn_impl=cfg.attention,
-                             distill_weight=cfg.distill_weight)
+                             distill_weight=cfg.distill_weight, clean_teacher=self.teacher,
+                             clean_distill_weight=cfg.clean_distill_weight)
         if cfg.kind == "lora":
             return idlm_loss(m, tokens, lossmask, stride - 1, mask if mask is not None else 0, lora=self.adapter,
                              attn_impl=cfg.attention, distill_weight=cfg.distill_weight,
@@ -137,7 +141,12 @@ class Trainer:
                 self._load_init_adapter(cfg.init_adapter)
         if cfg.kind != "pretrain" and cfg.kind != "lora" and self.model.config.mask_token_id is None:
             raise ConfigError(f"{cfg.kind} needs a model with a MASK token (mask_token_id): {cfg.init}")
-        self.objective = Objective(cfg, self.model, self.adapter)
+        teacher = None
+        if cfg.clean_distill_weight:  # the unchanged init model, frozen (config: kind convert with an init)
+            from idlm.models.loader import load_pretrained
+
+            teacher = load_pretrained(cfg.init, dtype=torch.float32, device=self.device)[0].eval().requires_grad_(False)
+        self.objective = Objective(cfg, self.model, self.adapter, teacher)
         trainable = [p for p in self.objective.parameters() if p.requires_grad]
         decay = [p for p in trainable if p.dim() >= 2]
         no_decay = [p for p in trainable if p.dim() < 2]
