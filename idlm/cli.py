@@ -547,7 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", default=None, help="override the config's out directory (default: the config's)")
         p.add_argument("--max-steps", type=int, default=None, help="override max_steps (default: the config's)")
         p.add_argument("--stop-at-step", type=int, default=None,
-                       help="pause at step K with a checkpoint, no final/ (continue later with --resume)")
+                       help="pause at step K with a checkpoint, no final/ (continue later with --resume; "
+                            "default: run to the end)")
         p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
         p.set_defaults(func=cmd_train, kind=kind)
     _set_formatter(parser)
