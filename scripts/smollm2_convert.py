@@ -36,6 +36,15 @@ Measured (session 19, docs/training.md "The first conversion"): mix + convert 45
 loss / α / HumanEval with --jobs 5 ~270 s; AR's speed part ~100 s. Independent work shares a call: SmolLM2's
 own evaluation ran beside the conversion (`eval --models ar ... &`), and an ablation's training can run beside
 the conversion's evaluation. Chain the calls without a pause: the converted model exists only on the machine.
+The soft-target conversion with the ablation and every measurement, planned at ~1,550 of a session's 1,800 s:
+
+    run(carry=[".carry/smolA"]): stash;   run(carry=[".carry/smolB", ".whl"]): setup
+    run(carry=[".carry/distill", ".carry/text"]): unpack --what distill && unpack --what text && mix &&
+        sdar --budget 480
+    run: soft --budget 580                                             (the teacher's forward: ~10% over convert)
+    run: OUT=$OUT/q eval --models soft --parts loss,alpha,humaneval,tasks --jobs 4 --budget 200 &
+         OUT=$OUT/a eval --models sdar --parts loss,alpha --jobs 2 --budget 200; wait
+    run: eval --models ar,soft --parts speed                            (timed: alone, last)
 
 A converted model (270 MB) cannot come back through the device's output: everything is measured here and
 only JSON comes back ($OUT/<stage>.json). `--smoke` runs every stage CPU-sized on the embedded idlm-tiny-ar
