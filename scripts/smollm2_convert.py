@@ -213,7 +213,9 @@ def stage_eval(args) -> None:
                 speed.append((f"speed/{key}",
                               ("bench", "offline", "--model", model, "--decoder", decoder, "--stride", stride,
                                "--concurrency", conc, "--temperature", "0,0.7", "--stop-at-eos", "--max-tokens", n_tok,
-                               "--reps", "1" if args.smoke else "3")))
+                               "--reps", "1" if args.smoke else "3",
+                               # the same weights' AR, reps interleaved: the ratio free of run-to-run drift
+                               *(["--compare-ar"] if decoder != "ar" else []))))
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         lanes = [pool.submit(lambda: [run(k, *c) for k, c in heavy])]
         lanes += [pool.submit(run, k, *c) for k, c in light]

@@ -199,6 +199,7 @@ def test_convert_eval_runs_the_asked_parts_and_stops_at_its_budget(tmp_path, mon
     assert sorted(k for k in out if k.startswith("speed/")) == ["speed/ar", "speed/isd4"]
     assert overlap[0] == 1  # a timed run never shares the machine
     assert [c[0] for c in calls][-2:] == ["bench", "bench"]
+    assert ["--compare-ar" in c for c in calls[-2:]] == [False, True]  # ISD's run times its own AR beside it
     assert not any(c[:2] == ("eval", "loss") or c[:2] == ("eval", "humaneval") for c in calls)
     prompt_file = calls[0][calls[0].index("--prompts") + 1]
     assert Path(prompt_file).read_text().splitlines() == [f'{{"prompt": "p{i}"}}' for i in range(3)]
