@@ -415,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="eval_command", required=True)
-    a = ev.add_parser("alpha", help="introspective acceptance rate α (SPEC §7); last stdout line is JSON")
+    a = ev.add_parser("alpha", help="introspective acceptance rate α (SPEC §7; measure in float32: bf16 rounding "
+                                    "biases it low); last stdout line is JSON")
     a.add_argument("--prompts", default=None, help=".jsonl ({\"prompt\": ...} per line) or text file, one per line "
                                                    "(default: the built-in prompt set)")
     a.add_argument("--chat", action="store_true", help="send each prompt through the chat template")

@@ -36,7 +36,7 @@ Measured (session 19, docs/training.md "The first conversion"): mix + convert 45
 loss / α / HumanEval with --jobs 5 ~270 s; AR's speed part ~100 s. Independent work shares a call: SmolLM2's
 own evaluation ran beside the conversion (`eval --models ar ... &`), and an ablation's training can run beside
 the conversion's evaluation. Chain the calls without a pause: the converted model exists only on the machine.
-The soft-target conversion with the ablation and every measurement, planned at ~1,550 of a session's 1,800 s:
+The soft-target conversion with the ablation and every measurement, planned at ~1,650 of a session's 1,800 s:
 
     run(carry=[".carry/smolA"]): stash;   run(carry=[".carry/smolB", ".whl"]): setup
     run(carry=[".carry/distill", ".carry/text"]): unpack --what distill && unpack --what text && mix &&
@@ -153,7 +153,9 @@ def stage_eval(args) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     t0 = time.time()
-    dev = ["--device", "cpu", "--dtype", "float32"] if args.smoke else ["--device", "cuda", "--dtype", "bfloat16"]
+    device = ["--device", "cpu" if args.smoke else "cuda"]
+    dtype = ["--dtype", "float32" if args.smoke else "bfloat16"]  # serving dtype: HumanEval, tasks, speed
+    measure = ["--dtype", "float32" if args.smoke else args.measure_dtype]  # loss and α (see --measure-dtype)
     models = {"ar": (args.model, "ar"), "idlm": (str(STATE / "idlm" / "final"), "isd"),
               "sdar": (str(STATE / "sdar" / "final"), "sdar"), "soft": (str(STATE / "idlm_soft" / "final"), "isd")}
     n_tok = "16" if args.smoke else "256"
@@ -172,7 +174,7 @@ def stage_eval(args) -> None:
                 out["skipped"].append(key)
             return
         t = time.time()
-        rc, text = idlm(*cmd, *dev)
+        rc, text = idlm(*cmd, *device, *([] if "--dtype" in cmd else dtype))
         with lock:
             out[key] = last_json(text) if rc == 0 else {"rc": rc, "tail": text[-2000:]}
             out.setdefault("cmd_wall_s", {})[key] = round(time.time() - t, 1)
@@ -185,7 +187,7 @@ def stage_eval(args) -> None:
                 light.append((f"clean_loss/{name}/{data}",
                               ("eval", "loss", "--model", models[name][0], "--data", str(STATE / data),
                                "--seq-len", "64" if args.smoke else "1024",
-                               "--max-windows", "8" if args.smoke else "256", "--clean-only")))
+                               "--max-windows", "8" if args.smoke else "256", "--clean-only", *measure)))
     if "alpha" in parts:
         alpha_prompts = ["--prompts", str(prompts), "--chat"] if prompts else []
         for name, n, temp in alpha_runs(args.smoke):
@@ -193,7 +195,7 @@ def stage_eval(args) -> None:
                 model, decoder = models[name]
                 light.append((f"alpha/{name}/N{n}/T{temp}",
                               ("eval", "alpha", "--model", model, "--decoder", decoder, "--stride", str(n),
-                               "--temperature", temp, "--max-tokens", n_tok, *alpha_prompts)))
+                               "--temperature", temp, "--max-tokens", n_tok, *alpha_prompts, *measure)))
     for name in [n for n in ("ar", "idlm", "soft") if n in names]:
         model, decoder = models[name]
         if "humaneval" in parts:
@@ -245,6 +247,10 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1,
                     help="eval: loss / α / task commands at a time (beside one HumanEval lane; speed runs alone)")
     ap.add_argument("--alpha-prompts", type=int, default=256, help="eval: the first K held-out prompts for α / TPF")
+    ap.add_argument("--measure-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="eval: dtype of the loss and α runs. α = mean min(1, p/q) clips rounding noise from above, "
+                         "so bf16 biases it low: SmolLM2's own AR gives 0.981 at T = 1 in bf16 on a CPU, 1.000 in "
+                         "fp32 (docs/training.md)")
     ap.add_argument("--auto-speed", action="store_true", help="eval: also the adaptive stride's speed (slow warm-up)")
     ap.add_argument("--smoke", action="store_true", help="CPU-sized run on idlm-tiny-ar (tests this script)")
     args = ap.parse_args()

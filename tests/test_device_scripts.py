@@ -190,7 +190,8 @@ def test_convert_eval_runs_the_asked_parts_and_stops_at_its_budget(tmp_path, mon
     (tmp_path / "distill" / "prompts.jsonl").write_text("".join(f'{{"prompt": "p{i}"}}\n' for i in range(10)))
     monkeypatch.setattr(mod, "emit", lambda key, value: mod.results.__setitem__(key, value))
     args = argparse.Namespace(smoke=False, model="smollm2-135m-instruct", parts="alpha,speed", budget=None,
-                              auto_speed=False, models="ar,idlm,sdar", jobs=4, alpha_prompts=3)
+                              auto_speed=False, models="ar,idlm,sdar", jobs=4, alpha_prompts=3,
+                              measure_dtype="float32")
     mod.stage_eval(args)
     out = mod.results["eval"]
     alphas = sorted(k for k in out if k.startswith("alpha/"))
@@ -202,6 +203,8 @@ def test_convert_eval_runs_the_asked_parts_and_stops_at_its_budget(tmp_path, mon
     assert ["--compare-ar" in c for c in calls[-2:]] == [False, True]  # ISD's run times its own AR beside it
     assert not any(c[:2] == ("eval", "loss") or c[:2] == ("eval", "humaneval") for c in calls)
     prompt_file = calls[0][calls[0].index("--prompts") + 1]
+    for c in calls:  # α in the measuring dtype (fp32 unless told), speed in the serving dtype; one --dtype each
+        assert c.count("--dtype") == 1 and c[c.index("--dtype") + 1] == ("float32" if c[0] == "eval" else "bfloat16")
     assert Path(prompt_file).read_text().splitlines() == [f'{{"prompt": "p{i}"}}' for i in range(3)]
     calls.clear()
     mod.stage_eval(argparse.Namespace(**{**vars(args), "parts": "loss,alpha,humaneval", "models": "sdar"}))
