@@ -197,6 +197,13 @@ def stage_eval(args) -> None:
                 light.append((f"alpha/{name}/N{n}/T{temp}",
                               ("eval", "alpha", "--model", model, "--decoder", decoder, "--stride", str(n),
                                "--temperature", temp, "--max-tokens", n_tok, *alpha_prompts, *measure)))
+        if not args.smoke and args.measure_dtype == "float32":  # the size of bf16's bias, on this GPU: AR (α = 1
+            for name in [n for n in ("ar", "idlm", "soft") if n in names]:  # by construction) in both dtypes and
+                model, decoder = models[name]  # each conversion's N = 4, T = 1 again in bf16
+                for dt in ("float32", "bfloat16") if name == "ar" else ("bfloat16",):
+                    light.append((f"alpha/{name}/N4/T1.0" + ("/bf16" if dt == "bfloat16" else ""),
+                                  ("eval", "alpha", "--model", model, "--decoder", decoder, "--stride", "4",
+                                   "--temperature", "1.0", "--max-tokens", n_tok, *alpha_prompts, "--dtype", dt)))
     for name in [n for n in ("ar", "idlm", "soft") if n in names]:
         model, decoder = models[name]
         if "humaneval" in parts:

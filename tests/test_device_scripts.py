@@ -195,7 +195,8 @@ def test_convert_eval_runs_the_asked_parts_and_stops_at_its_budget(tmp_path, mon
     mod.stage_eval(args)
     out = mod.results["eval"]
     alphas = sorted(k for k in out if k.startswith("alpha/"))
-    assert len(alphas) == 11 and "alpha/idlm/N4/T1.0" in alphas and "alpha/sdar/N4/T0.7" in alphas
+    assert len(alphas) == 11 + 3 and "alpha/idlm/N4/T1.0" in alphas and "alpha/sdar/N4/T0.7" in alphas
+    assert {"alpha/ar/N4/T1.0", "alpha/ar/N4/T1.0/bf16", "alpha/idlm/N4/T1.0/bf16"} < set(alphas)  # bf16's bias
     assert "alpha/idlm/N8/T0" in alphas and "alpha/idlm/N2/T1.0" not in alphas
     assert sorted(k for k in out if k.startswith("speed/")) == ["speed/ar", "speed/isd4"]
     assert overlap[0] == 1  # a timed run never shares the machine
@@ -203,8 +204,9 @@ def test_convert_eval_runs_the_asked_parts_and_stops_at_its_budget(tmp_path, mon
     assert ["--compare-ar" in c for c in calls[-2:]] == [False, True]  # ISD's run times its own AR beside it
     assert not any(c[:2] == ("eval", "loss") or c[:2] == ("eval", "humaneval") for c in calls)
     prompt_file = calls[0][calls[0].index("--prompts") + 1]
-    for c in calls:  # α in the measuring dtype (fp32 unless told), speed in the serving dtype; one --dtype each
-        assert c.count("--dtype") == 1 and c[c.index("--dtype") + 1] == ("float32" if c[0] == "eval" else "bfloat16")
+    dtypes = [(c[0], c[c.index("--dtype") + 1]) for c in calls]  # one --dtype each
+    assert all(c.count("--dtype") == 1 for c in calls) and dtypes.count(("bench", "bfloat16")) == 2
+    assert dtypes.count(("eval", "bfloat16")) == 2 and dtypes.count(("eval", "float32")) == 12  # α in fp32 but two
     assert Path(prompt_file).read_text().splitlines() == [f'{{"prompt": "p{i}"}}' for i in range(3)]
     calls.clear()
     mod.stage_eval(argparse.Namespace(**{**vars(args), "parts": "loss,alpha,humaneval", "models": "sdar"}))
@@ -213,8 +215,9 @@ def test_convert_eval_runs_the_asked_parts_and_stops_at_its_budget(tmp_path, mon
     calls.clear()
     mod.stage_eval(argparse.Namespace(**{**vars(args), "parts": "alpha,speed", "models": "ar,soft"}))
     keys = sorted(k for k in mod.results["eval"] if "/" in k and k != "cmd_wall_s")
-    assert keys == ["alpha/soft/N4/T0", "alpha/soft/N4/T0.7", "alpha/soft/N4/T1.0", "speed/ar", "speed/isd4_soft"]
-    assert all("idlm_soft" in c[c.index("--model") + 1] for c in calls if c[0] == "eval")
+    assert keys == ["alpha/ar/N4/T1.0", "alpha/ar/N4/T1.0/bf16", "alpha/soft/N4/T0", "alpha/soft/N4/T0.7",
+                    "alpha/soft/N4/T1.0", "alpha/soft/N4/T1.0/bf16", "speed/ar", "speed/isd4_soft"]
+    assert all("idlm_soft" in c[c.index("--model") + 1] for c in calls if c[0] == "eval" and "ar" not in c)
     calls.clear()
     mod.stage_eval(argparse.Namespace(**{**vars(args), "parts": "loss,humaneval", "budget": 0.0}))
     assert calls == [] and len(mod.results["eval"]["skipped"]) == 6 + 2
