@@ -43,7 +43,8 @@ The soft-target conversion with the ablation and every measurement, planned at ~
         sdar --budget 480
     run: soft --budget 590     (estimated ~25% more per step than convert: the teacher's forward and two more
                                LM-head passes; if it pauses short of 600 steps, the next call resumes it first)
-    run: OUT=$OUT/q eval --models soft --parts loss,alpha,humaneval,tasks --jobs 4 --budget 200 &
+    run: OUT=$OUT/q eval --models ar,soft --parts loss,alpha,humaneval,tasks --jobs 4 --budget 200 &
+                               (SmolLM2 again too: its loss and α now in fp32, the bias runs)
          OUT=$OUT/a eval --models sdar --parts loss,alpha --jobs 2 --budget 200; wait
     run: eval --models ar,soft --parts speed                            (timed: alone, last)
 
