@@ -35,7 +35,8 @@ distilled data (`text` over the GPU machine's sources works too, but costs devic
 Measured (session 19, docs/training.md "The first conversion"): mix + convert 450 s; eval of one model's
 loss / α / HumanEval with --jobs 5 ~270 s; AR's speed part ~100 s. Independent work shares a call: SmolLM2's
 own evaluation ran beside the conversion (`eval --models ar ... &`), and an ablation's training can run beside
-the conversion's evaluation. Chain the calls without a pause: the converted model exists only on the machine.
+the conversion's evaluation. Chain the calls without a pause: the converted model exists only on the machine
+(session 19 lost one, and ~600 device seconds, to a pause between calls) — write every command first.
 The soft-target conversion with the ablation and every measurement, planned at ~1,650 of a session's 1,800 s:
 
     run(carry=[".carry/smolA"]): stash;   run(carry=[".carry/smolB", ".whl"]): setup
