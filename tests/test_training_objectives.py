@@ -208,33 +208,46 @@ def test_risd_soft_targets_are_the_base_models_own_distribution():
     assert sum(float(q.grad.abs().sum()) for q in lora.parameters() if q.grad is not None) > 0
 
 
-def test_clean_teacher_holds_the_clean_half_to_the_original_models_distribution():
-    """clean_distill_weight c with a frozen original (one vocabulary row fewer: the added MASK): clean term =
-    mean over targets of (1 − c)·CE(token) + c·CE(p0), p0 from the original's own plain causal forward,
-    padded with probability 0 for the MASK id; the noisy term is untouched; the original gets no gradient."""
+def _conversion_batch(m, seed: int, low: int, high: int, mask_id: int, block: int = 3) -> dict:
+    """A random conversion batch (2 × 15 tokens in [low, high), a quarter of the tokens prompt) and the oracle's
+    pieces from an explicit [x_t | x0] forward of `m` with the I-DLM mask (with autograd): the noisy rows'
+    log q̃ and the clean rows' log p, [B, L, V] each, beside the targets and the noisy / valid row masks."""
     from idlm.training.objectives import pair_attention
 
-    m = tiny_transformer(41, mask_token_id=40)
-    teacher = tiny_transformer(40, seed=5).requires_grad_(False)
-    g = torch.Generator().manual_seed(4)
-    tokens = torch.randint(0, 40, (2, 15), generator=g)
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(low, high, (2, 15), generator=g)
     lossmask = torch.rand(2, 15, generator=g) > 0.25
     lossmask[:, :3] = False
     x0, tgt, valid = tokens[:, :-1], tokens[:, 1:], lossmask[:, 1:]
     B, L = x0.shape
-    block, mask_id = 3, 40
     is_mask = lossmask[:, :-1]
-    noisy, n = is_mask & valid, valid.sum()
+    x_t = torch.where(is_mask, torch.full_like(x0, mask_id), x0)
+    hidden = m(torch.cat([x_t, x0], 1), pair_positions(B, L, "cpu"), pair_attention("idlm", L, block, x0.device))
+    return dict(tokens=tokens, lossmask=lossmask, x0=x0, tgt=tgt, valid=valid, noisy=is_mask & valid,
+                n=valid.sum(), log_q=torch.log_softmax(m.compute_logits(hidden[:, :L]).float(), -1),
+                log_c=torch.log_softmax(m.compute_logits(hidden[:, L:]).float(), -1))
+
+
+def _ce(log_probs: torch.Tensor, tgt: torch.Tensor, rows: torch.Tensor, n) -> torch.Tensor:
+    """Σ over the chosen rows of −log_probs[target], / n."""
+    return -log_probs.gather(-1, tgt[..., None]).squeeze(-1)[rows].sum() / n
+
+
+def test_clean_teacher_holds_the_clean_half_to_the_original_models_distribution():
+    """clean_distill_weight c with a frozen original (one vocabulary row fewer: the added MASK): clean term =
+    mean over targets of (1 − c)·CE(token) + c·CE(p0), p0 from the original's own plain causal forward,
+    padded with probability 0 for the MASK id; the noisy term is untouched; the original gets no gradient."""
+    m = tiny_transformer(41, mask_token_id=40)
+    teacher = tiny_transformer(40, seed=5).requires_grad_(False)
+    block, mask_id = 3, 40
     with torch.no_grad():
-        p0 = torch.softmax(teacher.compute_logits(teacher(x0)).float(), -1)  # [B, L, 40]
-        p0 = torch.cat([p0, torch.zeros(B, L, 1)], -1)
-        x_t = torch.where(is_mask, torch.full_like(x0, mask_id), x0)
-        hidden = m(torch.cat([x_t, x0], 1), pair_positions(B, L, "cpu"), pair_attention("idlm", L, block, x0.device))
-        log_q = torch.log_softmax(m.compute_logits(hidden[:, :L]).float(), -1)
-        log_c = torch.log_softmax(m.compute_logits(hidden[:, L:]).float(), -1)
-    l_noisy = -log_q.gather(-1, tgt[..., None]).squeeze(-1)[noisy].sum() / n
-    hard = -log_c.gather(-1, tgt[..., None]).squeeze(-1)[valid].sum() / n
-    soft = -(p0 * log_c).sum(-1)[valid].sum() / n
+        o = _conversion_batch(m, 4, 0, 40, mask_id, block)
+        tokens, lossmask, tgt, valid, n = o["tokens"], o["lossmask"], o["tgt"], o["valid"], o["n"]
+        p0 = torch.softmax(teacher.compute_logits(teacher(o["x0"])).float(), -1)  # [B, L, 40]
+        p0 = torch.cat([p0, torch.zeros(*p0.shape[:2], 1)], -1)
+    l_noisy = _ce(o["log_q"], tgt, o["noisy"], n)
+    hard = _ce(o["log_c"], tgt, valid, n)
+    soft = -(p0 * o["log_c"]).sum(-1)[valid].sum() / n
     assert abs(float(soft) - float(hard)) > 1e-3
     for c in (0.5, 1.0):
         term = (1 - c) * hard + c * soft
@@ -269,27 +282,15 @@ def test_conversion_soft_targets_are_the_models_own_clean_distribution_without_g
     p from an independent plain causal forward of the same model (the oracle for the clean rows), clean
     term unchanged, auto scale = noisy term / L_clean; and no gradient flows through p: the gradient equals
     that of the same loss with p given as a constant."""
-    from idlm.training.objectives import pair_attention
-
     m = tiny_transformer(41, mask_token_id=0)
-    g = torch.Generator().manual_seed(3)
-    tokens = torch.randint(1, 41, (2, 15), generator=g)
-    lossmask = torch.rand(2, 15, generator=g) > 0.25
-    lossmask[:, :3] = False
-    x0, tgt, valid = tokens[:, :-1], tokens[:, 1:], lossmask[:, 1:]
-    B, L = x0.shape
     block, mask_id = 3, 0
-    is_mask = lossmask[:, :-1]
-    noisy, n = is_mask & valid, valid.sum()
+    o = _conversion_batch(m, 3, 1, 41, mask_id, block)
+    tokens, lossmask, tgt, noisy, n = o["tokens"], o["lossmask"], o["tgt"], o["noisy"], o["n"]
     with torch.no_grad():
-        p = torch.softmax(m.compute_logits(m(x0)).float(), -1)  # [B, L, V]: a plain causal forward
-    x_t = torch.where(is_mask, torch.full_like(x0, mask_id), x0)
-    hidden = m(torch.cat([x_t, x0], 1), pair_positions(B, L, "cpu"), pair_attention("idlm", L, block, x0.device))
-    log_q = torch.log_softmax(m.compute_logits(hidden[:, :L]).float(), -1)
-    log_c = torch.log_softmax(m.compute_logits(hidden[:, L:]).float(), -1)
-    hard = -log_q.gather(-1, tgt[..., None]).squeeze(-1)[noisy].sum() / n
-    soft = -(p * log_q).sum(-1)[noisy].sum() / n
-    clean = -log_c.gather(-1, tgt[..., None]).squeeze(-1)[valid].sum() / n
+        p = torch.softmax(m.compute_logits(m(o["x0"])).float(), -1)  # [B, L, V]: a plain causal forward
+    hard = _ce(o["log_q"], tgt, noisy, n)
+    soft = -(p * o["log_q"]).sum(-1)[noisy].sum() / n
+    clean = _ce(o["log_c"], tgt, o["valid"], n)
     assert noisy.sum() > 5 and abs(float(soft) - float(hard)) > 1e-3
     for w in (0.5, 1.0):
         term = (1 - w) * hard + w * soft

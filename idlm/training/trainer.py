@@ -14,6 +14,7 @@ One loop, four objectives (`idlm.training.objectives`). What a demanding user ex
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -79,7 +80,7 @@ class Objective(nn.Module):
         super().__init__()
         self.cfg, self.model, self.adapter = cfg, model, adapter
         # the frozen original of a conversion (clean_distill_weight): kept out of the module's parameters and
-        # state, so the optimizer, DDP and checkpoints never see it (it is reloaded from `init` on resume)
+        # state, so the optimizer, DDP and checkpoints never see it (a resumed run copies `init` again)
         self.__dict__["teacher"] = teacher
 
     def forward(self, tokens, lossmask, stride: int, generator=None):
@@ -128,6 +129,9 @@ class Trainer:
                               f"tokens: fewer than one batch of {cfg.batch_size}")
         torch.manual_seed(cfg.seed)
         self.model, self.tokenizer = self._build_model()
+        # the frozen original of a conversion (clean_distill_weight; config: kind convert with an init): a copy
+        # of the init model as loaded, before a MASK row is added or any checkpoint is loaded into the model
+        teacher = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.clean_distill_weight else None
         if cfg.add_mask_token and self.model.config.mask_token_id is None:
             self._add_mask_token()
         self.adapter = None
@@ -141,11 +145,6 @@ class Trainer:
                 self._load_init_adapter(cfg.init_adapter)
         if cfg.kind != "pretrain" and cfg.kind != "lora" and self.model.config.mask_token_id is None:
             raise ConfigError(f"{cfg.kind} needs a model with a MASK token (mask_token_id): {cfg.init}")
-        teacher = None
-        if cfg.clean_distill_weight:  # the unchanged init model, frozen (config: kind convert with an init)
-            from idlm.models.loader import load_pretrained
-
-            teacher = load_pretrained(cfg.init, dtype=torch.float32, device=self.device)[0].eval().requires_grad_(False)
         self.objective = Objective(cfg, self.model, self.adapter, teacher)
         trainable = [p for p in self.objective.parameters() if p.requires_grad]
         decay = [p for p in trainable if p.dim() >= 2]
