@@ -12,7 +12,7 @@ from idlm.cli import main
 from idlm.decoding.ar import ARDecoder
 from idlm.decoding.isd import ISDDecoder
 from idlm.decoding.sampling import SamplingParams
-from idlm.eval.alpha import clean_scores, introspective_alpha
+from idlm.eval.alpha import clean_scores, introspective_alpha, masked_scores
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,21 @@ def test_isd_token_probs_are_the_generating_distributions(model):
         p = clean_scores(model, prompt, out.token_ids, SamplingParams(temperature=0))
         assert p == [1.0] * len(out.token_ids)  # greedy ISD = greedy AR: clean scoring agrees everywhere
         assert len(out.token_probs) == len(out.token_ids)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_sdar_masked_scores_are_one_forward_per_token(model, rows):
+    """SDAR scoring in chunks of `rows` (the LM head only at each MASK) equals the oracle: for each k its own
+    forward over prefix x_<k + MASK, p̃ read at the MASK."""
+    prompt, tokens = [3, 9, 4], [7, 1, 30, 12, 5, 5, 8]
+    params = SamplingParams(temperature=0.8, top_k=20)
+    got = masked_scores(model, prompt, tokens, params, 31, rows_per_forward=rows)
+    from idlm.decoding.sampling import filtered_probs, params_tensors
+    want = []
+    for k, x in enumerate(tokens):
+        logits = model.logits(torch.tensor([prompt + tokens[:k] + [31]]))[0, -1:]
+        want.append(filtered_probs(logits, *params_tensors([params], logits.device))[0, x].item())
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-7)
 
 
 def test_eval_alpha_cli_prints_json(tmp_path, capsys):

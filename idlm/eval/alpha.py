@@ -45,15 +45,22 @@ def clean_scores(model, prompt: list[int], tokens: list[int], params: SamplingPa
 
 @torch.no_grad()
 def masked_scores(model, prompt: list[int], tokens: list[int], params: SamplingParams,
-                  mask_token_id: int) -> list[float]:
+                  mask_token_id: int, rows_per_forward: int = 32) -> list[float]:
     """SDAR-style scoring: p̃ of x_k at a single MASK placed at k after the clean prefix x_<k."""
     seq = prompt + tokens
-    n = len(tokens)
-    ids = torch.tensor([seq[: len(prompt) + k] + [mask_token_id] + [0] * (n - 1 - k) for k in range(n)],
-                       device=model.device)  # row k: prefix, MASK at its position, trailing padding
-    logits = model.logits(ids)[torch.arange(n), torch.arange(len(prompt), len(prompt) + n)]  # [n, V]
-    p = filtered_probs(logits, *params_tensors([params] * n, logits.device))
-    return p.gather(-1, torch.tensor(tokens, device=logits.device)[:, None]).squeeze(-1).tolist()
+    n, out = len(tokens), []
+    # n rows of len(seq) tokens: all at once, a 256-token answer's rows held 48 GB on the H200 (session 20),
+    # so rows_per_forward rows at a time, and the LM head only at each row's MASK
+    for lo in range(0, n, rows_per_forward):
+        ks = range(lo, min(n, lo + rows_per_forward))
+        ids = torch.tensor([seq[: len(prompt) + k] + [mask_token_id] + [0] * (n - 1 - k) for k in ks],
+                           device=model.device)  # row k: prefix, MASK at its position, trailing padding
+        at = torch.arange(len(prompt) + ks.start, len(prompt) + ks.stop, device=model.device)
+        hidden = model(ids)[torch.arange(len(ks), device=model.device), at]  # [rows, H]: the head only there
+        logits = model.compute_logits(hidden)  # [rows, V]
+        p = filtered_probs(logits, *params_tensors([params] * len(ks), logits.device))
+        out += p.gather(-1, torch.tensor(tokens[ks.start: ks.stop], device=logits.device)[:, None]).squeeze(-1).tolist()
+    return out
 
 
 def introspective_alpha(model, decoder, prompts: list[list[int]], params: SamplingParams, *, lora=None,
