@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from idlm.decoding.acceptance import analytic_tpf, verify_drafts
+from idlm.decoding.acceptance import analytic_tpf, marginal_draft_acceptance, verify_drafts
 
 P3 = [0.5, 0.3, 0.2]
 Q3 = [0.2, 0.5, 0.3]
@@ -247,3 +247,55 @@ def test_alpha_below_one_is_lossy(seed):
     delta = torch.nn.functional.one_hot(torch.tensor(d), len(p)).double()
     if p[d] < 1:
         assert (emitted_law(p, q, draft_law=delta, point_mass=True, alpha=0.5) - p).abs().max() > 1e-3
+
+
+def test_marginal_draft_acceptance_closed_forms():
+    w = torch.tensor([0.5, 0.3, 0.2])
+    same = torch.tensor([0.1, 0.6, 0.3]).expand(3, 3)
+    assert marginal_draft_acceptance(w, same).item() == pytest.approx(1.0)
+    disjoint = torch.eye(3)  # c decides the next token outright: a blind draft is right with Σ w²
+    assert marginal_draft_acceptance(w, disjoint).item() == pytest.approx(0.25 + 0.09 + 0.04)
+    batched = marginal_draft_acceptance(torch.stack([w, w]), torch.stack([same, disjoint]))
+    assert batched.tolist() == pytest.approx([1.0, 0.38])
+
+
+def _blind_draft_step(seed: int, K: int, V: int, n: int):
+    """n simulated ISD steps with the decoders' own rule: c ~ w, a draft d ~ q̃ (the marginal Σ w_c p̃_c) drawn
+    without seeing c, verified by verify_drafts against p̃_c. Returns w, p̃ [K, V], q̃, p̃_c per step, d,
+    n_accepted and the correction distributions."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.softmax(torch.randn(K, generator=g), -1)
+    p_next = torch.softmax(2 * torch.randn(K, V, generator=g), -1)
+    q = (w[:, None] * p_next).sum(0)
+    c = torch.multinomial(w, n, replacement=True, generator=g)
+    d = torch.multinomial(q, n, replacement=True, generator=g)
+    p = p_next[c]
+    n_acc, corr = verify_drafts(p[:, None], d[:, None], q.expand(n, 1, V), torch.zeros(n, dtype=torch.bool),
+                                torch.ones(n), torch.rand(n, 1, generator=g))
+    return w, p_next, q, p, d, n_acc, corr
+
+
+def test_marginal_draft_acceptance_is_what_verification_accepts():
+    n = 200_000
+    w, p_next, *_, n_acc, _ = _blind_draft_step(0, 4, 7, n)
+    rate = n_acc.float().mean().item()
+    want = marginal_draft_acceptance(w, p_next).item()
+    assert abs(rate - want) < 4 * (want * (1 - want) / n) ** 0.5 + 1e-9
+    assert want < 0.95  # a case where not seeing c costs something
+
+
+def test_marginal_draft_alpha_is_the_mean_ratio_of_what_the_slot_emits():
+    """Emit the accepted draft or a correction drawn from verify_drafts' residual, and score the emitted token
+    with α's ratio against the distribution it came from."""
+    from idlm.decoding.acceptance import marginal_draft_alpha
+
+    n, V = 200_000, 6
+    w, p_next, q, p, d, n_acc, corr = _blind_draft_step(1, 3, V, n)
+    x = torch.where(n_acc == 1, d, torch.multinomial(corr, 1, generator=torch.Generator().manual_seed(2)).squeeze(-1))
+    q_emit = torch.where(n_acc[:, None] == 1, q.expand(n, V), corr)  # the distribution x was drawn from
+    ratio = (p.gather(-1, x[:, None]) / q_emit.gather(-1, x[:, None])).clamp(max=1.0).squeeze(-1)
+    want = marginal_draft_alpha(w, p_next).item()
+    assert abs(ratio.mean().item() - want) < 4 * ratio.std().item() / n ** 0.5
+    assert want < 0.95  # not a case where every ratio is 1
+    assert marginal_draft_alpha(w, torch.tensor([0.2, 0.3, 0.1, 0.1, 0.2, 0.1]).expand(3, V)).item() == \
+        pytest.approx(1.0)  # c does not matter: the draft is p̃ itself

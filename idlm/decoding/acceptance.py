@@ -51,3 +51,30 @@ def analytic_tpf(p: float, n: int) -> float:
     if n < 2:
         raise ValueError("stride must be >= 2")
     return (2 + sum(p**i for i in range(1, n - 1))) / (2 - p ** (n - 1))
+
+
+def marginal_draft_acceptance(weights: torch.Tensor, p_next: torch.Tensor) -> torch.Tensor:
+    """How often a draft that cannot see the token before it is accepted, at best (docs/training.md).
+
+    ISD drafts the token at P+2 in the forward that samples c for P+1, so the draft's q̃ cannot depend on c.
+    With c ~ weights and the verifier's p̃_c = p_next[c], the draft drawn from the marginal
+    q̃ = Σ_c w_c p̃_c is accepted with probability Σ_c w_c Σ_y min(p̃_c(y), q̃(y)) = E_c[1 − TV(p̃_c, q̃)].
+    weights [..., K] (summing to 1), p_next [..., K, V] -> [...]. Equal p̃_c give 1; disjoint point
+    masses give Σ_c w_c².
+    """
+    q = (weights[..., None] * p_next).sum(-2, keepdim=True)  # [..., 1, V]
+    return (weights * torch.minimum(p_next, q).sum(-1)).sum(-1)
+
+
+def marginal_draft_alpha(weights: torch.Tensor, p_next: torch.Tensor) -> torch.Tensor:
+    """α's ratio (SPEC §7) for the token such a draft slot emits, in expectation: the accepted draft d ~ q̃
+    scores min(1, p̃_c(d)/q̃(d)); after a rejection (probability Z_c = TV(p̃_c, q̃)) the correction
+    x ~ max(0, p̃_c − q̃)/Z_c scores min(1, p̃_c(x)·Z_c/(p̃_c(x) − q̃(x))). Same shapes as
+    `marginal_draft_acceptance`. With stride 2 every V forward (or V then C after a rejection) emits one
+    such token and one drawn from p̃ (ratio 1), so that decoding's α is (1 + this)/2."""
+    q = (weights[..., None] * p_next).sum(-2, keepdim=True)  # [..., 1, V]
+    accepted = torch.minimum(p_next, q) * (p_next / q.clamp_min(1e-30)).clamp(max=1.0)
+    resid = (p_next - q).clamp_min(0.0)  # [..., K, V]
+    z = resid.sum(-1, keepdim=True)
+    corrected = resid * (p_next * z / resid.clamp_min(1e-30)).clamp(max=1.0)
+    return (weights * (accepted + torch.where(resid > 0, corrected, 0.0)).sum(-1)).sum(-1)

@@ -1,0 +1,55 @@
+"""scripts/draft_ceiling.py, the first-draft acceptance ceiling of a model, against plain forwards: its branch
+tokens over a cached prefix give the same logits as a causal forward of the whole sequence, and its ceiling with
+every branch kept equals the closed form built from one forward per (prefix, next token)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_device_scripts import _load
+from tiny import tiny_transformer
+
+from idlm.decoding.acceptance import marginal_draft_acceptance, marginal_draft_alpha
+from idlm.decoding.sampling import SamplingParams, filtered_probs, params_tensors
+
+ceiling = _load("draft_ceiling")
+V = 24
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_transformer(V, std=0.5)
+
+
+def test_branch_tokens_see_only_their_prefix(model):
+    seq = torch.tensor([[3, 7, 1, 9, 4, 4, 12, 0, 5, 21]])
+    prefix = ceiling._Prefix()
+    model(seq, attn=prefix)
+    ends = torch.tensor([2, 5, 5, 8])  # branch i: the real next token after x≤ends[i], so a causal forward's
+    tokens = seq[0, ends + 1][None]  # hidden state at ends[i] + 1 is the oracle (two branches share a prefix)
+    h = model(tokens, positions=(ends + 1)[None], attn=ceiling._Branches(prefix, ends))[0]
+    want = model.logits(seq)[0, ends + 1]
+    assert torch.allclose(model.compute_logits(h), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_ceiling_with_every_branch_equals_one_forward_per_next_token(model, temperature):
+    prompt, answer = [2, 5, 11], [7, 7, 19, 3, 8]
+    params = SamplingParams(temperature=temperature)
+    got, alpha, cover = ceiling.sequence_ceiling(model, prompt, answer, params, top=V, chunk=2)
+
+    def probs(ids):
+        logits = model.logits(torch.tensor([ids]))[0, -1:]
+        return filtered_probs(logits, *params_tensors([params], logits.device))[0]
+
+    want, want_alpha = [], []
+    for t in range(len(answer)):
+        ctx = prompt + answer[:t]  # the prefix x≤P; c would sit at P+1
+        w = probs(ctx)
+        p2 = torch.stack([probs(ctx + [c]) for c in range(V)])
+        want.append(marginal_draft_acceptance(w, p2).item())
+        want_alpha.append(marginal_draft_alpha(w, p2).item())
+    assert cover == pytest.approx([1.0] * len(answer), abs=1e-5)
+    assert got == pytest.approx(want, abs=1e-5)
+    assert alpha == pytest.approx(want_alpha, abs=1e-5)
+    assert all(0 < x < 1 for x in got)
