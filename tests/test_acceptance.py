@@ -299,3 +299,33 @@ def test_marginal_draft_alpha_is_the_mean_ratio_of_what_the_slot_emits():
     assert want < 0.95  # not a case where every ratio is 1
     assert marginal_draft_alpha(w, torch.tensor([0.2, 0.3, 0.1, 0.1, 0.2, 0.1]).expand(3, V)).item() == \
         pytest.approx(1.0)  # c does not matter: the draft is p̃ itself
+
+
+def test_best_blind_draft_acceptance_closed_forms_and_the_marginal_below_it():
+    from idlm.decoding.acceptance import best_blind_draft_acceptance
+
+    w = torch.tensor([0.5, 0.3, 0.2])
+    assert best_blind_draft_acceptance(w, torch.eye(3)).item() == pytest.approx(0.5, abs=1e-6)  # max_c w_c
+    assert best_blind_draft_acceptance(w, torch.tensor([0.1, 0.6, 0.3]).expand(3, 3)).item() == pytest.approx(1.0)
+    g = torch.Generator().manual_seed(3)
+    ws = torch.softmax(torch.randn(50, 5, generator=g), -1)
+    ps = torch.softmax(3 * torch.randn(50, 5, 9, generator=g), -1)
+    best, marginal = best_blind_draft_acceptance(ws, ps), marginal_draft_acceptance(ws, ps)
+    assert (best >= marginal - 1e-6).all() and (best <= 1 + 1e-6).all()
+
+
+def test_best_blind_draft_acceptance_is_the_maximum_over_every_draft_distribution():
+    """Brute force over a fine grid of the 3-token simplex."""
+    from idlm.decoding.acceptance import best_blind_draft_acceptance
+
+    g = torch.Generator().manual_seed(4)
+    steps = 200
+    a, b = torch.meshgrid(torch.arange(steps + 1), torch.arange(steps + 1), indexing="ij")
+    keep = a + b <= steps
+    grid = torch.stack([a[keep], b[keep], steps - a[keep] - b[keep]], -1).double() / steps  # [G, 3] every q̃
+    for _ in range(5):
+        w = torch.softmax(torch.randn(4, generator=g), -1).double()
+        p = torch.softmax(2 * torch.randn(4, 3, generator=g), -1).double()
+        brute = (w[None, :] * torch.minimum(p[None], grid[:, None]).sum(-1)).sum(-1).max().item()
+        got = best_blind_draft_acceptance(w, p).item()
+        assert brute - 1e-9 <= got <= brute + 3 / steps  # the grid's maximum lies within one step of the true one

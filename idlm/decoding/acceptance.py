@@ -78,3 +78,31 @@ def marginal_draft_alpha(weights: torch.Tensor, p_next: torch.Tensor) -> torch.T
     z = resid.sum(-1, keepdim=True)
     corrected = resid * (p_next * z / resid.clamp_min(1e-30)).clamp(max=1.0)
     return (weights * (accepted + torch.where(resid > 0, corrected, 0.0)).sum(-1)).sum(-1)
+
+
+def best_blind_draft_acceptance(weights: torch.Tensor, p_next: torch.Tensor, iters: int = 60) -> torch.Tensor:
+    """The most any draft distribution q̃ that cannot see c can be accepted: max over q̃ of
+    Σ_c w_c Σ_y min(p̃_c(y), q̃(y)) — at least `marginal_draft_acceptance` (the marginal is one q̃; a drafter
+    trained by cross-entropy learns it), sometimes more (disjoint point masses: max_c w_c against Σ w_c²).
+
+    By LP duality the maximum is min over λ ∈ [0, 1] of λ + Σ_y max_t (f_y(t) − λt), f_y(t) = Σ_c w_c min(p̃_c(y), t)
+    concave and piecewise linear with slope Σ_c w_c [p̃_c(y) > t]: the inner max sits at the largest p̃_c(y) (in
+    descending order, k-th) whose cumulative weight W_k reaches λ, worth (W_k − λ)·p̃_(k)(y) + Σ_{i>k} w_(i) p̃_(i)(y).
+    The outer function is convex in λ: a ternary search of `iters` steps. weights [..., K], p_next [..., K, V] -> [...].
+    """
+    v, order = p_next.sort(-2, descending=True)  # [..., K, V] each column descending over c
+    w = weights[..., None].expand_as(p_next).gather(-2, order)  # the weights in that order
+    cum_w = w.cumsum(-2)  # W_k
+    tail = (w * v).flip(-2).cumsum(-2).flip(-2) - w * v  # Σ_{i>k} w_(i) v_(i)
+
+    def dual(lam: torch.Tensor) -> torch.Tensor:  # lam [...] -> [...]
+        k = (cum_w < lam[..., None, None]).sum(-2, keepdim=True).clamp(max=v.shape[-2] - 1)  # first W_k >= λ
+        inner = ((cum_w.gather(-2, k) - lam[..., None, None]) * v.gather(-2, k) + tail.gather(-2, k)).clamp_min(0)
+        return lam + inner.squeeze(-2).sum(-1)
+
+    lo, hi = torch.zeros_like(weights[..., 0]), torch.ones_like(weights[..., 0])
+    for _ in range(iters):
+        a, b = lo + (hi - lo) / 3, hi - (hi - lo) / 3
+        left = dual(a) < dual(b)
+        lo, hi = torch.where(left, lo, a), torch.where(left, b, hi)
+    return dual((lo + hi) / 2)
