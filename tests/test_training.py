@@ -177,6 +177,26 @@ def test_config_errors(data_dir, tmp_path):
         cfg(data_dir, tmp_path, curriculum=[[0.5, 2]])
     with pytest.raises(ConfigError, match="needs 'init'"):
         cfg(data_dir, tmp_path, kind="convert", model=None)
+    for bad, match in (({"tv_weight": 1.5}, "tv_weight must be"), ({"tv_weight": True}, "tv_weight must be"),
+                       ({"tv_temperature": 0}, "tv_temperature must be"), ({"tv_weight": 0.5}, "tv_weight is for")):
+        with pytest.raises(ConfigError, match=match):
+            cfg(data_dir, tmp_path, **bad)  # kind pretrain has no drafts
+
+
+def test_tv_draft_loss_trains_logs_and_is_part_of_the_fingerprint(data_dir, pretrained, tmp_path):
+    """A drafter trained with tv_weight (lora, at tv_temperature) logs `l_tv`, the drafts' rejection rate
+    against the base model at that temperature, which falls; a run without it is another run."""
+    kw = dict(kind="lora", init=str(pretrained / "final"), model=None, max_steps=16, curriculum=[[1.0, 3]],
+              lora_rank=4, lora_alpha=8, lr=1e-2, save_every=8)
+    run = cfg(data_dir, tmp_path / "tv", tv_weight=0.5, tv_temperature=0.7, **kw)
+    Trainer(run).train()
+    rows = [json.loads(x) for x in (tmp_path / "tv" / "metrics.jsonl").read_text().splitlines()]
+    tv = [r["l_tv"] for r in rows if "l_tv" in r]
+    assert len(tv) == 16 and all(0 < x < 1 for x in tv)
+    assert sum(tv[-4:]) / 4 < sum(tv[:4]) / 4
+    assert run.fingerprint() != cfg(data_dir, tmp_path / "tv", **kw).fingerprint()
+    assert cfg(data_dir, tmp_path / "x", **kw).fingerprint() == cfg(data_dir, tmp_path / "x", tv_weight=0,
+                                                                  tv_temperature=1, **kw).fingerprint()
 
 
 def test_resume_from_a_different_config_is_refused(data_dir, tmp_path):

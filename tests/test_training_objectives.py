@@ -184,6 +184,15 @@ def test_risd_soft_targets_are_the_base_models_own_distribution():
     for w in (0.3, 1.0):
         out = idlm_loss(m, tokens, lossmask, block, mask_id, lora=lora, distill_weight=w)
         assert torch.allclose(out["loss"], (1 - w) * hard + w * soft, atol=1e-5)
+    for w, tau in ((0.3, 1.0), (0.0, 0.7)):  # tv_weight t: (1 − t)·(CE mix) + t·TV(p̃, q̃) at τ, the rejection rate
+        with torch.no_grad():
+            z_p, z_q = m.compute_logits(m(x0)).float(), m.compute_logits(hidden[:, :L]).float()
+        tv = 1 - torch.minimum(torch.softmax(z_p / tau, -1), torch.softmax(z_q / tau, -1)).sum(-1)
+        tv = tv[noisy].sum() / n
+        out = idlm_loss(m, tokens, lossmask, block, mask_id, lora=lora, distill_weight=w, tv_weight=0.5,
+                        tv_temperature=tau)
+        assert torch.allclose(out["loss"], 0.5 * ((1 - w) * hard + w * soft) + 0.5 * tv, atol=1e-5)
+        assert torch.allclose(out["l_tv"], tv, atol=1e-5) and torch.allclose(out["l_noisy"], hard, atol=1e-5)
         assert torch.allclose(out["l_noisy"], hard, atol=1e-5) and torch.allclose(out["l_soft"], soft, atol=1e-5)
     # chunked rows give the same sums, and only the adapter gets gradients (the teacher is detached)
     from idlm.training import objectives
@@ -456,3 +465,37 @@ def test_risd_split_forward_equals_the_joint_forward_with_its_gradients():
     assert want.keys() == got.keys() and len(want) > 3
     for k in want:
         assert torch.allclose(got[k], want[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_the_tv_draft_loss_trains_a_blind_draft_to_the_best_acceptance_and_cross_entropy_to_the_marginal():
+    """A draft that cannot see c (one logit vector z for every c) trained on rows (p̃_c, weight w_c) through
+    `_distill_ce_sums`: soft cross-entropy reaches the marginal Σ w_c p̃_c and its acceptance
+    (`marginal_draft_acceptance`), the TV term reaches `best_blind_draft_acceptance` — more, here."""
+    from idlm.decoding.acceptance import best_blind_draft_acceptance, marginal_draft_acceptance
+    from idlm.training import objectives
+
+    class Logits:  # hidden states are the logits themselves
+        @staticmethod
+        def compute_logits(h):
+            return h
+
+    g = torch.Generator().manual_seed(2)
+    K, V = 4, 12
+    w = torch.softmax(torch.randn(K, generator=g), -1)
+    p = torch.softmax(3 * torch.randn(K, V, generator=g), -1)
+    targets = torch.zeros(K, dtype=torch.long)  # unused: the hard-target weight is 0
+    accept = {}
+    for name, kw in (("ce", {"weight": 1.0}), ("tv", {"weight": 1.0, "tv_weight": 1.0})):
+        z = torch.zeros(V, requires_grad=True)
+        opt = torch.optim.Adam([z], lr=0.1)
+        for _ in range(800):
+            opt.zero_grad()
+            loss = objectives._distill_ce_sums(Logits, z.expand(K, V), p.log(), targets, row_weight=w, **kw)[0]
+            loss.backward()
+            opt.step()
+        q = torch.softmax(z.detach(), -1)
+        accept[name] = (w * torch.minimum(p, q).sum(-1)).sum().item()
+    marginal, best = marginal_draft_acceptance(w, p).item(), best_blind_draft_acceptance(w, p).item()
+    assert best > marginal + 0.02  # a case where the two differ
+    assert accept["ce"] == pytest.approx(marginal, abs=2e-3)
+    assert accept["tv"] == pytest.approx(best, abs=5e-3)

@@ -59,6 +59,11 @@ class TrainConfig:
     # convert: weight w of the clean half's soft targets, (1 − w)·CE(token) + w·CE(p0), p0 the *unchanged* init
     # model's distribution (a frozen copy): the converted model's own AR distribution stays the original's
     clean_distill_weight: float = 0.0
+    # lora / convert: weight t of the draft's rejection rate, each MASK row's loss (1 − t)·(its CE) + t·TV(p̃, q̃)
+    # at tv_temperature, p̃ the same teacher as distill_weight's: cross-entropy fits a draft that cannot see the
+    # token before it to the marginal, TV to the best such draft (docs/training.md, "The ceiling")
+    tv_weight: float = 0.0
+    tv_temperature: float = 1.0
     # lora: weight γ^j for the MASK at draft position j (0 < γ <= 1; 1 = every position alike)
     position_decay: float = 1.0
     log_every: int = 10
@@ -104,6 +109,14 @@ class TrainConfig:
         if c and (self.kind != "convert" or self.init is None):
             raise ConfigError(f"clean_distill_weight is for kind convert from a pretrained model (init: the frozen "
                               f"teacher), got kind {self.kind!r} with init {self.init!r}")
+        t, tau = self.tv_weight, self.tv_temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1:
+            raise ConfigError(f"tv_weight must be a number in [0, 1], got {t!r}")
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau <= 10:
+            raise ConfigError(f"tv_temperature must be a number in (0, 10], got {tau!r}")
+        if t and self.kind not in ("lora", "convert"):
+            raise ConfigError(f"tv_weight is for kinds lora and convert (the drafts' teacher is the same as "
+                              f"distill_weight's), not {self.kind!r}")
         g = self.position_decay
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 < g <= 1:
             raise ConfigError(f"position_decay must be a number in (0, 1], got {g!r}")
@@ -150,7 +163,7 @@ class TrainConfig:
         # the compiler fails on a machine; kept in the dict at False so runs before this keep their fingerprint
         d["compile"] = False
         later = (("distill_weight", 0), ("add_mask_token", False), ("position_decay", 1), ("init_adapter", None),
-                 ("clean_distill_weight", 0))
+                 ("clean_distill_weight", 0), ("tv_weight", 0), ("tv_temperature", 1))
         for key, default in later:  # options added later: at their defaults, runs keep their old fingerprint
             if d[key] == default:
                 d.pop(key)

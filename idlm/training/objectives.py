@@ -94,29 +94,45 @@ def _ce_sum(model, hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Te
 
 def _distill_ce_sums(model, hidden: torch.Tensor, teacher_hidden: torch.Tensor, targets: torch.Tensor,
                      weight: float, row_weight: torch.Tensor, chunk: int = CHUNK, teacher=None,
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     tv_weight: float = 0.0, tv_temperature: float = 1.0,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sums over rows of (r·((1 − w)·CE(targets) + w·CE(p)), m·CE(targets), m·CE(p)), where p = softmax of the
     teacher rows' logits (no gradient), CE(p) = −Σ_v p_v log q_v (= KL(p‖q) + H(p)), r the rows' weights
     and m = (r > 0) whether a row counts at all. hidden, teacher_hidden [n, H]; targets, row_weight [n]; rows
     are taken `chunk` at a time (every row computed, as in `_ce_sum`). The teacher rows' logits come from
     `teacher` (another model: its hidden states) or else `model`; a teacher with fewer vocabulary rows (the
-    original of a model given a MASK row) gives the extra ids probability 0."""
-    mixed = hard_sum = soft_sum = hidden.sum() * 0.0
+    original of a model given a MASK row) gives the extra ids probability 0.
+    With tv_weight t > 0 each row's loss becomes (1 − t)·(the above) + t·TV(p̃, q̃), both at `tv_temperature` τ
+    (p̃ = softmax(z_p/τ)):
+    a draft q̃ verified against p̃ is rejected with probability TV = 1 − Σ_v min(p̃_v, q̃_v), so this is the
+    rejection rate itself, which cross-entropy only approaches through the marginal
+    (`idlm.decoding.acceptance.best_blind_draft_acceptance`: a blind draft can do better than the marginal).
+    A fourth sum, m·TV (detached), is returned (zero when t = 0)."""
+    mixed = hard_sum = soft_sum = tv_sum = hidden.sum() * 0.0
     head = teacher if teacher is not None else model
     for i in range(0, hidden.shape[0], chunk):
-        log_q = F.log_softmax(model.compute_logits(hidden[i: i + chunk]).float(), dim=-1)  # [c, V]
+        logits = model.compute_logits(hidden[i: i + chunk]).float()  # [c, V]
+        log_q = F.log_softmax(logits, dim=-1)
         with torch.no_grad():
-            p = F.softmax(head.compute_logits(teacher_hidden[i: i + chunk]).float(), dim=-1)  # [c, V_teacher]
-            if p.shape[-1] < log_q.shape[-1]:
-                p = F.pad(p, (0, log_q.shape[-1] - p.shape[-1]))
+            z_p = head.compute_logits(teacher_hidden[i: i + chunk]).float()  # [c, V_teacher]
+            if z_p.shape[-1] < log_q.shape[-1]:  # ids the teacher lacks: probability 0
+                z_p = F.pad(z_p, (0, log_q.shape[-1] - z_p.shape[-1]), value=float("-inf"))
+            p = F.softmax(z_p, dim=-1)
         hard = -log_q.gather(-1, targets[i: i + chunk, None]).squeeze(-1)
         soft = -(p * log_q).sum(-1)
         rw = row_weight[i: i + chunk]
         counts = (rw > 0).to(hard.dtype)
-        mixed = mixed + (rw * ((1.0 - weight) * hard + weight * soft)).sum()
+        row_loss = (1.0 - weight) * hard + weight * soft
+        if tv_weight:
+            p_tau = p if tv_temperature == 1.0 else F.softmax(z_p / tv_temperature, dim=-1)
+            q_tau = log_q.exp() if tv_temperature == 1.0 else F.softmax(logits / tv_temperature, dim=-1)
+            tv = 1.0 - torch.minimum(p_tau, q_tau).sum(-1)
+            row_loss = (1.0 - tv_weight) * row_loss + tv_weight * tv
+            tv_sum = tv_sum + (counts * tv.detach()).sum()
+        mixed = mixed + (rw * row_loss).sum()
         hard_sum = hard_sum + (counts * hard.detach()).sum()
         soft_sum = soft_sum + (counts * soft.detach()).sum()
-    return mixed, hard_sum, soft_sum
+    return mixed, hard_sum, soft_sum, tv_sum
 
 
 def ar_loss(model, tokens: torch.Tensor, lossmask: torch.Tensor, attn=None) -> dict[str, torch.Tensor]:
@@ -153,7 +169,7 @@ def risd_halves(model, x_t, x0, is_mask, block: int, lora, attn_impl: str = "aut
 def idlm_loss(model, tokens, lossmask, block: int, mask_token_id: int, clean_scale="auto", *,
               lora=None, attn_impl: str = "auto", distill_weight: float = 0.0,
               position_decay: float = 1.0, clean_teacher=None, clean_distill_weight: float = 0.0,
-              ) -> dict[str, torch.Tensor]:
+              tv_weight: float = 0.0, tv_temperature: float = 1.0) -> dict[str, torch.Tensor]:
     """L_noisy + s·L_clean (SPEC §3.3), or with `lora` the R-ISD drafter loss L_noisy (SPEC §5).
 
     x_t = x0 with every response token replaced by MASK; the MASK at i predicts x0[i+1] (logit shift).
@@ -176,6 +192,9 @@ def idlm_loss(model, tokens, lossmask, block: int, mask_token_id: int, clean_sca
     x0[..i] (the MASK id, which the original lacks, at probability 0): the converted model's AR
     distribution — the one ISD samples from — is held to the original's instead of drifting to the data.
     `l_clean` stays CE(x0[i+1]); `l_clean_soft` is CE(p0).
+    tv_weight t > 0 (lora or convert) makes each MASK row's loss (1 − t)·(the above) + t·TV(p̃_i, q̃) at
+    `tv_temperature`, with the same teacher p_i as distill_weight (`_distill_ce_sums`): the draft's rejection
+    rate itself; `l_tv` is its unweighted mean.
     """
     if position_decay != 1.0 and lora is None:
         raise ValueError("position_decay is for the R-ISD drafter loss (lora=...)")
@@ -198,9 +217,10 @@ def idlm_loss(model, tokens, lossmask, block: int, mask_token_id: int, clean_sca
         count = noisy.sum()
         norm = torch.where(count > 0, n * w.sum() / count.clamp_min(1), n.float())
     extra = {}
-    if distill_weight:
-        mixed, hard, soft = _distill_ce_sums(model, h_t, h_0, tgt, distill_weight, row_weight=w)
-        noisy_term, extra = mixed / norm, {"l_soft": soft / n}
+    if distill_weight or tv_weight:
+        mixed, hard, soft, tv = _distill_ce_sums(model, h_t, h_0, tgt, distill_weight, row_weight=w,
+                                                 tv_weight=tv_weight, tv_temperature=tv_temperature)
+        noisy_term, extra = mixed / norm, {"l_soft": soft / n, **({"l_tv": tv / n} if tv_weight else {})}
         l_noisy = hard / n
         if lora is not None:
             return {"loss": noisy_term, "l_noisy": l_noisy, **extra, "targets": n}
@@ -214,8 +234,8 @@ def idlm_loss(model, tokens, lossmask, block: int, mask_token_id: int, clean_sca
     if clean_teacher is not None and clean_distill_weight:
         with torch.no_grad():
             h_p0 = clean_teacher(x0).flatten(0, 1)  # [B·L, H]: the original model's plain causal forward
-        mixed, hard, soft = _distill_ce_sums(model, h_0, h_p0, tgt, clean_distill_weight,
-                                             row_weight=valid.flatten().float(), teacher=clean_teacher)
+        mixed, hard, soft, _ = _distill_ce_sums(model, h_0, h_p0, tgt, clean_distill_weight,
+                                                row_weight=valid.flatten().float(), teacher=clean_teacher)
         clean_term, l_clean, extra = mixed / n, hard / n, {**extra, "l_clean_soft": soft / n}
     else:
         clean_term = l_clean = _ce_sum(model, h_0, tgt, valid.flatten().float()) / n

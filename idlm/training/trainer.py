@@ -91,11 +91,13 @@ class Objective(nn.Module):
         if cfg.kind == "convert":
             return idlm_loss(m, tokens, lossmask, stride - 1, mask, cfg.clean_loss_scale, attn_impl=cfg.attention,
                              distill_weight=cfg.distill_weight, clean_teacher=self.teacher,
-                             clean_distill_weight=cfg.clean_distill_weight)
+                             clean_distill_weight=cfg.clean_distill_weight, tv_weight=cfg.tv_weight,
+                             tv_temperature=cfg.tv_temperature)
         if cfg.kind == "lora":
             return idlm_loss(m, tokens, lossmask, stride - 1, mask if mask is not None else 0, lora=self.adapter,
                              attn_impl=cfg.attention, distill_weight=cfg.distill_weight,
-                             position_decay=cfg.position_decay)
+                             position_decay=cfg.position_decay, tv_weight=cfg.tv_weight,
+                             tv_temperature=cfg.tv_temperature)
         # SDAR: the curriculum's "stride" is its block size B (SPEC §6: B MASKs per block)
         return sdar_loss(m, tokens, lossmask, stride, mask, generator=generator, attn_impl=cfg.attention)
 
@@ -439,7 +441,7 @@ class Trainer:
             return None
         rows = list(read_jsonl(self.out / "metrics.jsonl"))
         fig, ax = plt.subplots(figsize=(7, 4))
-        for key in ("loss", "l_noisy", "l_clean", "l_soft", "eval_clean", "eval_noisy"):
+        for key in ("loss", "l_noisy", "l_clean", "l_soft", "l_tv", "eval_clean", "eval_noisy"):
             pts = [(r["step"], r[key]) for r in rows if key in r]
             if pts:
                 ax.plot(*zip(*pts), label=key, marker="o" if key.startswith("eval") else None, markersize=3)
