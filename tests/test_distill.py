@@ -561,6 +561,10 @@ def test_smollm2_lora_config_parses_and_its_adapter_fits_the_asset_budget(tmp_pa
     assert more.curriculum == [[1.0, 4]]
     shipped = json.loads((registry.fetch(more.init_adapter) / "adapter_config.json").read_text())
     assert (shipped["r"], shipped["lora_alpha"]) == (more.lora_rank, more.lora_alpha)
+    # the acceptance-trained continuation: lora_more.yaml with the TV term (and its own steps and output)
+    tv = TrainConfig.from_yaml(REPO / "configs" / "smollm2" / "lora_tv.yaml")
+    differ = {k for k, v in tv.to_dict().items() if v != more.to_dict()[k]}
+    assert differ == {"tv_weight", "tv_temperature", "out", "max_steps"} and 0 < tv.tv_weight < 1
 
 
 def test_smollm2_conversion_configs_parse_and_match():
