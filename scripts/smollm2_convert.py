@@ -49,6 +49,14 @@ The soft-target conversion with the ablation and every measurement, planned at ~
          OUT=$OUT/a eval --models sdar --parts loss,alpha --jobs 2 --budget 200; wait
     run: eval --models ar,soft --parts speed                            (timed: alone, last)
 
+Measured (session 20, docs/training.md "Soft targets, the SDAR ablation and the speed"): unpack ×2 + mix + sdar
+420 s (sdar 406 s, 177 k tok/s); soft 561 s (117 k tok/s); the two evals side by side were cut at 420 s
+(seven processes on one GPU: one α run out of memory — SDAR's scoring, since chunked); speed of soft (with
+--compare-ar) and ar 184 s. Left for a later session: the plain conversion's fp32 α (it must be trained again,
+~450 s), α at T = 0.7 of soft and sdar, the synthetic tasks. α ≥ 0.98 at T = 1 is out of reach for a
+conversion that keeps SmolLM2's distribution (docs/training.md "The ceiling": 0.961 for stride 2 with perfect
+drafts), so these complete the record rather than chase the target.
+
 A converted model (270 MB) cannot come back through the device's output: everything is measured here and
 only JSON comes back ($OUT/<stage>.json). `--smoke` runs every stage CPU-sized on the embedded idlm-tiny-ar
 (its own data stands in for the distilled responses) to test the script.
