@@ -391,7 +391,7 @@ def test_position_decay_weighs_draft_positions():
             TrainConfig(kind="lora", data="d", out="o", init="m", position_decay=bad)
 
 
-@pytest.mark.parametrize("kind", ["risd_soft", "risd_decay", "convert", "sdar"])
+@pytest.mark.parametrize("kind", ["risd_soft", "risd_decay", "risd_tv", "convert", "sdar"])
 def test_compiled_objective_does_not_recompile_for_each_batch(kind):
     """How many loss rows a batch has depends on its data; the objectives' shapes must not (dynamo traced a
     new graph per count before, up to its limit of 64, on the H200: docs/risd.md). Three batches with
@@ -408,6 +408,9 @@ def test_compiled_objective_does_not_recompile_for_each_batch(kind):
     def objective(tokens, lossmask):
         if kind == "risd_soft":
             return idlm_loss(m, tokens, lossmask, 3, 0, lora=lora, distill_weight=1.0)["loss"]
+        if kind == "risd_tv":
+            return idlm_loss(m, tokens, lossmask, 3, 0, lora=lora, distill_weight=1.0, tv_weight=0.7,
+                             tv_temperature=0.7)["loss"]
         if kind == "risd_decay":
             return idlm_loss(m, tokens, lossmask, 3, 0, lora=lora, position_decay=0.7)["loss"]
         if kind == "convert":
