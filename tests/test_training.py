@@ -193,6 +193,8 @@ def test_tv_draft_loss_trains_logs_and_is_part_of_the_fingerprint(data_dir, pret
     rows = [json.loads(x) for x in (tmp_path / "tv" / "metrics.jsonl").read_text().splitlines()]
     tv = [r["l_tv"] for r in rows if "l_tv" in r]
     assert len(tv) == 16 and all(0 < x < 1 for x in tv)
+    held_out = [r["eval_tv"] for r in rows if "eval_tv" in r]  # eval_every 6: steps 6, 12 and the end
+    assert len(held_out) >= 2 and all(0 < x < 1 for x in held_out)
     assert sum(tv[-4:]) / 4 < sum(tv[:4]) / 4
     assert run.fingerprint() != cfg(data_dir, tmp_path / "tv", **kw).fingerprint()
     assert cfg(data_dir, tmp_path / "x", **kw).fingerprint() == cfg(data_dir, tmp_path / "x", tv_weight=0,

@@ -345,6 +345,8 @@ class Trainer:
                 if cfg.kind != "pretrain":
                     out = self.objective(tokens, lossmask, cfg.stride_at(max(0, self.step - 1)), g)
                     res["eval_noisy"] = out.get("l_noisy", out["loss"])
+                    if "l_tv" in out:  # tv_weight: the drafts' held-out rejection rate at tv_temperature
+                        res["eval_tv"] = out["l_tv"]
             for k, v in res.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             count += 1
@@ -441,7 +443,7 @@ class Trainer:
             return None
         rows = list(read_jsonl(self.out / "metrics.jsonl"))
         fig, ax = plt.subplots(figsize=(7, 4))
-        for key in ("loss", "l_noisy", "l_clean", "l_soft", "l_tv", "eval_clean", "eval_noisy"):
+        for key in ("loss", "l_noisy", "l_clean", "l_soft", "l_tv", "eval_clean", "eval_noisy", "eval_tv"):
             pts = [(r["step"], r[key]) for r in rows if key in r]
             if pts:
                 ax.plot(*zip(*pts), label=key, marker="o" if key.startswith("eval") else None, markersize=3)
