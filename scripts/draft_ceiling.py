@@ -39,32 +39,17 @@ from idlm.decoding.acceptance import (
 from idlm.decoding.ar import ARDecoder
 from idlm.decoding.reference import generate
 from idlm.decoding.sampling import SamplingParams, filtered_probs, params_tensors
-from idlm.layers.attention import sdpa
+from idlm.layers.attention import DenseAttention
+from idlm.training.objectives import RecordKV, XtOverX0
 
 
-class _Prefix:
-    """Plain causal attention that keeps each layer's keys and values (k/v [1, Hkv, S, D])."""
-
-    def __init__(self):
-        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def attend(self, layer, q, k, v):
-        self.kv[layer] = (k, v)
-        return sdpa(q, k, v, None, is_causal=True)
-
-
-class _Branches:
-    """Branch tokens over a cached prefix: branch i sees prefix keys 0..ends[i] and itself only."""
-
-    def __init__(self, prefix: _Prefix, ends: torch.Tensor):
-        self.prefix, self.ends = prefix, ends  # ends [M]
-
-    def attend(self, layer, q, k, v):  # q [1, Hq, M, D], k/v [1, Hkv, M, D]
-        pk, pv = self.prefix.kv[layer]
-        S, M = pk.shape[2], q.shape[2]
-        sees_prefix = torch.arange(S, device=q.device)[None, :] <= self.ends[:, None]  # [M, S]
-        mask = torch.cat([sees_prefix, torch.eye(M, dtype=torch.bool, device=q.device)], 1)  # [M, S + M]
-        return sdpa(q, torch.cat([pk, k], 2), torch.cat([pv, v], 2), mask[None, None])
+def branch_attention(prefix: RecordKV, ends: torch.Tensor) -> XtOverX0:
+    """Attention for M branch tokens over a prefix recorded by `RecordKV` (keys [1, Hkv, S, D]): branch i
+    sees itself and the prefix keys 0..ends[i] only — the branch's own keys come first (`XtOverX0`)."""
+    S, M = prefix.k[0].shape[2], ends.shape[0]
+    sees_prefix = torch.arange(S, device=ends.device)[None, :] <= ends[:, None]  # [M, S]
+    mask = torch.cat([torch.eye(M, dtype=torch.bool, device=ends.device), sees_prefix], 1)  # [M, M + S]
+    return XtOverX0(DenseAttention(mask[None, None]), prefix)
 
 
 @torch.no_grad()
@@ -75,7 +60,7 @@ def sequence_ceiling(model, prompt: list[int], answer: list[int], params: Sampli
     `best_high` the most any blind q̃ gets, from below / above (`best_on_columns`), `alpha` α's ratio for
     what a marginal draft's slot emits, `coverage` the mass of p̃(c) those branches hold."""
     seq = torch.tensor([prompt + answer], device=model.device)
-    prefix = _Prefix()
+    prefix = RecordKV()
     hidden = model(seq, attn=prefix)[0]  # [S, H]
     ends = list(range(len(prompt) - 1, len(prompt) + len(answer) - 1))  # prefix x≤P ends at P
     p1 = filtered_probs(model.compute_logits(hidden[ends]), *params_tensors([params] * len(ends), model.device))
@@ -85,7 +70,7 @@ def sequence_ceiling(model, prompt: list[int], answer: list[int], params: Sampli
         e = torch.tensor(ends[lo: lo + chunk], device=model.device)
         ids = c[lo: lo + chunk].reshape(1, -1)  # [1, m·K]
         at = e.repeat_interleave(top)  # each branch token sits at P+1 after its prefix
-        h = model(ids, positions=(at + 1)[None], attn=_Branches(prefix, at))[0]
+        h = model(ids, positions=(at + 1)[None], attn=branch_attention(prefix, at))[0]
         p2 = filtered_probs(model.compute_logits(h), *params_tensors([params] * ids.shape[1], model.device))
         p2 = p2.view(len(e), top, -1)  # [m, K, V]
         ww = w[lo: lo + chunk] / w[lo: lo + chunk].sum(-1, keepdim=True)

@@ -23,11 +23,11 @@ def model():
 
 def test_branch_tokens_see_only_their_prefix(model):
     seq = torch.tensor([[3, 7, 1, 9, 4, 4, 12, 0, 5, 21]])
-    prefix = ceiling._Prefix()
+    prefix = ceiling.RecordKV()
     model(seq, attn=prefix)
     ends = torch.tensor([2, 5, 5, 8])  # branch i: the real next token after x≤ends[i], so a causal forward's
     tokens = seq[0, ends + 1][None]  # hidden state at ends[i] + 1 is the oracle (two branches share a prefix)
-    h = model(tokens, positions=(ends + 1)[None], attn=ceiling._Branches(prefix, ends))[0]
+    h = model(tokens, positions=(ends + 1)[None], attn=ceiling.branch_attention(prefix, ends))[0]
     want = model.logits(seq)[0, ends + 1]
     assert torch.allclose(model.compute_logits(h), want, atol=1e-5)
 
