@@ -22,6 +22,14 @@ NOT_FINGERPRINTED = ("out", "log_every", "eval_every", "eval_batches", "save_eve
                      "stop_at_step")
 
 
+def _number(cfg, name: str, low: float, high: float, low_open: bool = False) -> float:
+    """cfg.<name> checked to be a number (not a bool) in [low, high] ((low, high] with low_open); returned."""
+    v = getattr(cfg, name)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (low < v if low_open else low <= v) or v > high:
+        raise ConfigError(f"{name} must be a number in {'(' if low_open else '['}{low:g}, {high:g}], got {v!r}")
+    return v
+
+
 @dataclass
 class TrainConfig:
     kind: str  # pretrain | convert | lora | sdar
@@ -100,26 +108,16 @@ class TrainConfig:
             raise ConfigError(f"attention must be auto, flex or sdpa, got {self.attention!r}")
         if not (self.clean_loss_scale == "auto" or isinstance(self.clean_loss_scale, (int, float))):
             raise ConfigError(f"clean_loss_scale must be a number or 'auto', got {self.clean_loss_scale!r}")
-        w = self.distill_weight
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= 1:
-            raise ConfigError(f"distill_weight must be a number in [0, 1], got {w!r}")
-        c = self.clean_distill_weight
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c <= 1:
-            raise ConfigError(f"clean_distill_weight must be a number in [0, 1], got {c!r}")
+        w, c = _number(self, "distill_weight", 0, 1), _number(self, "clean_distill_weight", 0, 1)
         if c and (self.kind != "convert" or self.init is None):
             raise ConfigError(f"clean_distill_weight is for kind convert from a pretrained model (init: the frozen "
                               f"teacher), got kind {self.kind!r} with init {self.init!r}")
-        t, tau = self.tv_weight, self.tv_temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1:
-            raise ConfigError(f"tv_weight must be a number in [0, 1], got {t!r}")
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau <= 10:
-            raise ConfigError(f"tv_temperature must be a number in (0, 10], got {tau!r}")
+        t = _number(self, "tv_weight", 0, 1)
+        _number(self, "tv_temperature", 0, 10, low_open=True)
         if t and self.kind not in ("lora", "convert"):
             raise ConfigError(f"tv_weight is for kinds lora and convert (the drafts' teacher is the same as "
                               f"distill_weight's), not {self.kind!r}")
-        g = self.position_decay
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 < g <= 1:
-            raise ConfigError(f"position_decay must be a number in (0, 1], got {g!r}")
+        g = _number(self, "position_decay", 0, 1, low_open=True)
         if g != 1 and self.kind != "lora":
             raise ConfigError(f"position_decay is for kind lora (the drafter's positions), not {self.kind!r}")
         if self.add_mask_token and self.kind not in ("convert", "sdar"):
