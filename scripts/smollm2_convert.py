@@ -9,7 +9,8 @@ scripts/smollm2_risd.py's `stash`, `setup` and `distill` (the self-distilled res
     soft     the conversion with soft targets, configs/smollm2/convert_soft.yaml (each MASK learns the model's
              own clean distribution, the clean half the unchanged SmolLM2's; otherwise convert.yaml), into
              STATE/idlm_soft
-    eval     unchanged SmolLM2 (AR) vs the conversion (ISD) vs the ablation (SDAR decoding), all bf16:
+    eval     unchanged SmolLM2 (AR) vs the conversion (ISD) vs the ablation (SDAR decoding); loss and α in
+             fp32 (--measure-dtype), the rest bf16:
              clean loss on held-out distilled responses and held-out text; α at N = 4, T = 1 and 0.7 on
              held-out chat prompts; TPF at N = 2, 3, 4, 8 (greedy and T = 0.7); HumanEval pass@1 (chat
              format); synthetic-task accuracy; per-request speed at C = 1, 16, 64 (ISD N = 4, with
@@ -53,9 +54,9 @@ Measured (session 20, docs/training.md "Soft targets, the SDAR ablation and the 
 420 s (sdar 406 s, 177 k tok/s); soft 561 s (117 k tok/s); the two evals side by side were cut at 420 s
 (seven processes on one GPU: one α run out of memory — SDAR's scoring, since chunked); speed of soft (with
 --compare-ar) and ar 184 s. Left for a later session: the plain conversion's fp32 α (it must be trained again,
-~450 s), α at T = 0.7 of soft and sdar, the synthetic tasks. α ≥ 0.98 at T = 1 is out of reach for a
-conversion that keeps SmolLM2's distribution (docs/training.md "The ceiling": 0.961 for stride 2 with perfect
-drafts), so these complete the record rather than chase the target.
+~450 s), α at T = 0.7 of soft and sdar, the synthetic tasks. By docs/training.md "The ceiling", α ≥ 0.98 at
+T = 1 is out of reach for a conversion that keeps SmolLM2's distribution and drafts as cross-entropy trains it
+to (0.961 for stride 2 with perfect marginal drafts), so these complete the record rather than chase the target.
 
 A converted model (270 MB) cannot come back through the device's output: everything is measured here and
 only JSON comes back ($OUT/<stage>.json). `--smoke` runs every stage CPU-sized on the embedded idlm-tiny-ar
