@@ -694,6 +694,8 @@ def stage_card(args) -> None:
     tokens = manifest.get("response_tokens", {})
     objective = ("SPEC §5's L_noisy against the base's whole next-token distribution (soft targets, "
                  f"final L_noisy {last['l_noisy']})" if "l_soft" in last else "SPEC §5's L_noisy")
+    if "l_tv" in last:  # tv_weight: part of each MASK row's loss is the rejection rate at tv_temperature
+        objective += f", mixed with the drafts' rejection rate TV(p̃, q̃) (final {last['l_tv']})"
     lines = [
         "# smollm2-135m-instruct-risd-lora — gated LoRA for lossless R-ISD on SmolLM2-135M-Instruct", "",
         f"The R-ISD drafter of SPEC §5 for the unchanged SmolLM2-135M-Instruct: a rank-{cfg['r']} LoRA "
