@@ -4,8 +4,8 @@ and $OUT/bench_risd.json).
 Stages (comma-separated argv[1], default all):
   exact  fp32 and bf16: engine R-ISD (the fused step: LoRA folded into the projections) vs engine AR on
          idlm-tiny-ar, greedy, 64 prompts x 128 tokens: how many requests are identical
-  step   bf16, batch 1: the decode step of AR, R-ISD fused and R-ISD unfused (separate LoRA matmuls; $STEP_KINDS
-         picks some, e.g. ar,risd_fused),
+  step   bf16, batch 1, greedy and T = 0.7: the decode step of AR, R-ISD fused and R-ISD unfused (separate LoRA
+         matmuls; $STEP_KINDS picks some, e.g. ar,risd_fused), in turns ($ROUNDS rounds, per-round ratios),
          for idlm-tiny-ar (its trained adapter) and a SmolLM2-135M-shaped model (random weights and a
          random adapter of $SMOL_RANK, default 32: step cost does not depend on the values)
   profile  batch 1, AR vs fused R-ISD: GPU time of the step's CUDA graph alone vs the engine step, and
@@ -92,40 +92,47 @@ def median(runs: list[dict], key: str) -> dict:
 
 
 def stage_step():
-    """Decode step wall time at batch 1 (engine: forward + decoder compute + host work, CUDA graphs)."""
+    """Decode step wall time at batch 1 (engine: forward + decoder compute + host work, CUDA graphs), greedy
+    and T = 0.7: one engine per kind, run in turns (`interleaved_steps`: ROUNDS rounds of 10 steps each, so
+    the host's slow spells fall on every kind alike); <kind>_over_ar is the median of the per-round ratios
+    to AR at the same temperature (whole runs one after the other, this stage's method until session 21,
+    moved the ratio by ±0.2 between processes)."""
+    from idlm.bench.offline import interleaved_steps
+    from idlm.engine.llm_engine import freeze_gc
+
     out = {}
+    only = os.environ.get("STEP_KINDS", "")  # e.g. ar,risd_fused (default: all three)
     for name in ("idlm-tiny-ar", "smollm2-135m"):
         if name == "idlm-tiny-ar":
             model_f, tok, lora_f = tiny_ar("bfloat16")
             model_u, _, lora_u = tiny_ar("bfloat16")
-            prompts = bench_prompts(tok, 8)
+            prompt = bench_prompts(tok, 1)[0]
         else:
             model_f, model_u = (random_model("smollm2-135m", dtype="bfloat16", device=DEV) for _ in range(2))
             lora_f, lora_u = (LoRAAdapter(m.config, LoRAConfig(rank=SMOL_RANK))
                               .init_weights(std=0.02, seed=0, zero_b=False)
                               .to(device=DEV, dtype=m.dtype) for m in (model_f, model_u))
             tok = None
-            g = torch.Generator().manual_seed(0)
-            prompts = [torch.randint(10, 40000, (64,), generator=g).tolist() for _ in range(8)]
-        engines = {
-            "ar": LLMEngine(model_f, tok, EngineConfig(decoder="ar", max_num_seqs=1, num_pages=512)),
-            "risd_fused": LLMEngine(model_f, tok, EngineConfig(decoder="risd", stride=4, max_num_seqs=1,
-                                                               num_pages=512, fuse_projections=True), lora=lora_f),
-            "risd_unfused": LLMEngine(model_u, tok, EngineConfig(decoder="risd", stride=4, max_num_seqs=1,
-                                                                 num_pages=512, fuse_projections=False), lora=lora_u),
-        }
-        only = os.environ.get("STEP_KINDS", "")  # e.g. ar,risd_fused (default: all three)
-        engines = {k: v for k, v in engines.items() if not only or k in only.split(",")}
-        runs = {k: [] for k in engines}
-        for rep in range(REPS):
-            for k, eng in engines.items():
-                runs[k].append(bench_offline(eng, prompts, [1], max_tokens=128, num_requests=4, warmup=rep == 0)[0])
-        med = {k: median(v, "decode_step_ms") for k, v in runs.items()}
-        out[name] = {k: {"decode_step_ms": m["decode_step_ms"], "reps": m["reps_decode_step_ms"], "tpf": m["tpf"]}
-                     for k, m in med.items()}
-        for k in ("risd_fused", "risd_unfused"):
-            if k in med and "ar" in med:
-                out[name][f"{k}_over_ar"] = round(med[k]["decode_step_ms"] / med["ar"]["decode_step_ms"], 3)
+            prompt = torch.randint(10, 40000, (64,), generator=torch.Generator().manual_seed(0)).tolist()
+        kinds = {"ar": (model_f, None, None), "risd_fused": (model_f, lora_f, True),
+                 "risd_unfused": (model_u, lora_u, False)}
+        kinds = {k: v for k, v in kinds.items() if k == "ar" or not only or k in only.split(",")}
+        out[name] = {}
+        for temp in (0.0, 0.7):
+            cases = {}
+            for k, (model, lora, fuse) in kinds.items():
+                eng = LLMEngine(model, tok, EngineConfig(decoder="risd" if lora is not None else "ar", stride=4,
+                                                         max_num_seqs=1, num_pages=512, fuse_projections=fuse),
+                                lora=lora)
+                params = SamplingParams(temperature=temp, max_tokens=400, ignore_eos=True, seed=0)
+                eng.run([prompt], params)  # warm-up: compiles, graph captures
+                cases[k] = (eng, prompt, params)
+            freeze_gc()
+            res = interleaved_steps(cases, rounds=int(os.environ.get("ROUNDS", "20")))
+            for k in [k for k in res if k != "ar"]:
+                res[f"{k}_over_ar"] = res[k]["over_ar"]
+            out[name][f"T{temp}"] = res
+            print(json.dumps({name: {f"T{temp}": res}}), flush=True)
     emit("step", out)
 
 
@@ -396,12 +403,14 @@ def main():
     stages = (sys.argv[1] if len(sys.argv) > 1 else "exact,step,tiny").split(",")
     for s in stages:
         globals()[f"stage_{s}"]()
+        save_record(results, "bench_risd.json")  # after every stage: a run stopped by a time limit keeps these
     summary = {"summary": True}
     if "exact" in results:
         summary["exact_fp32"] = f"{results['exact']['float32']['identical']}/{results['exact']['float32']['of']}"
         summary["exact_bf16"] = f"{results['exact']['bfloat16']['identical']}/{results['exact']['bfloat16']['of']}"
     if "step" in results:
-        summary["step_risd_over_ar"] = {k: v["risd_fused_over_ar"] for k, v in results["step"].items()}
+        summary["step_risd_over_ar"] = {f"{k}/{t}": r.get("risd_fused_over_ar") for k, v in results["step"].items()
+                                        for t, r in v.items()}
     if "tiny" in results:
         summary["tiny_risd_over_ar"] = {t: [r["risd_over_ar"] for r in rows] for t, rows in results["tiny"].items()}
     save_record(results, "bench_risd.json")
