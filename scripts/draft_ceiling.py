@@ -39,17 +39,13 @@ from idlm.decoding.acceptance import (
 from idlm.decoding.ar import ARDecoder
 from idlm.decoding.reference import generate
 from idlm.decoding.sampling import SamplingParams, filtered_probs, params_tensors
-from idlm.layers.attention import DenseAttention
-from idlm.training.objectives import RecordKV, XtOverX0
+from idlm.training.objectives import RecordKV, XtOverX0, group_attention
 
 
 def branch_attention(prefix: RecordKV, ends: torch.Tensor) -> XtOverX0:
     """Attention for M branch tokens over a prefix recorded by `RecordKV` (keys [1, Hkv, S, D]): branch i
-    sees itself and the prefix keys 0..ends[i] only — the branch's own keys come first (`XtOverX0`)."""
-    S, M = prefix.k[0].shape[2], ends.shape[0]
-    sees_prefix = torch.arange(S, device=ends.device)[None, :] <= ends[:, None]  # [M, S]
-    mask = torch.cat([torch.eye(M, dtype=torch.bool, device=ends.device), sees_prefix], 1)  # [M, M + S]
-    return XtOverX0(DenseAttention(mask[None, None]), prefix)
+    sees itself and the prefix keys 0..ends[i] only (`group_attention` with groups of one)."""
+    return group_attention(prefix, ends, 1)
 
 
 @torch.no_grad()

@@ -65,6 +65,19 @@ class XtOverX0:
                                  torch.cat([v, self.x0.v[layer]], dim=2))
 
 
+def group_attention(prefix: RecordKV, ends: torch.Tensor, size: int) -> XtOverX0:
+    """Attention for G groups of `size` tokens each (laid out group after group) over a prefix recorded by
+    `RecordKV` (keys [1, Hkv, S, D]): a token of group g sees the earlier tokens of its group, itself and the
+    prefix keys 0..ends[g] (ends [G]; −1: none) — what a MASK block after a clean prefix sees, for many
+    prefixes of one sequence in one forward (scripts/draft_ceiling.py, scripts/branch_drafts.py)."""
+    S, G = prefix.k[0].shape[2], ends.shape[0]
+    dev = ends.device
+    group, index = torch.arange(G, device=dev).repeat_interleave(size), torch.arange(size, device=dev).repeat(G)
+    own = (group[:, None] == group[None, :]) & (index[None, :] <= index[:, None])  # [G·size, G·size]
+    sees_prefix = torch.arange(S, device=dev)[None, :] <= ends.repeat_interleave(size)[:, None]  # [G·size, S]
+    return XtOverX0(DenseAttention(torch.cat([own, sees_prefix], 1)[None, None]), prefix)
+
+
 def draft_positions(is_mask: torch.Tensor, block: int) -> torch.Tensor:
     """[B, L] -> for each position, how many MASKs precede it in its block of `block` positions: a MASK's
     draft position j (0 = the draft right after the pending token; SPEC §4's MASK slots in order)."""
