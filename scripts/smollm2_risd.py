@@ -48,21 +48,10 @@ that carry a 47 MiB half of the GGUF) and tracks them again afterwards:
     python scripts/device_tree.py restore                   (before any commit)
     python scripts/smollm2_risd.py card --from DIR            (here: the asset from the returned files)
 
-The next run (issue 12: the drafter trained toward acceptance, configs/smollm2/lora_tv.yaml; planned at
-~1,300 of a session's 1,800 s, every command written before the first call, each call sent the moment the
-last returns — a machine goes back after 30 s idle):
-
-    python scripts/device_tree.py slim --keep none
-    run(carry=[".carry/smolA"]): python scripts/smollm2_risd.py stash
-    run(carry=[".carry/smolB", ".whl"]): python scripts/smollm2_risd.py setup
-    python scripts/device_tree.py slim --keep smollm2-135m-instruct-risd-lora   (its init_adapter; 22.6 MiB)
-    run(carry=[".carry/distill"]): python scripts/smollm2_risd.py unpack &&
-        python scripts/smollm2_risd.py train --config configs/smollm2/lora_tv.yaml --budget 480
-                               (600 steps: ~330 s at lora_more's 1.85 steps/s + the compile; again if not done)
-    run: python scripts/smollm2_risd.py tpf && python scripts/smollm2_risd.py tpf --adapter
-        smollm2-135m-instruct-risd-lora        (the new adapter and the shipped one, same prompts, same call)
-    run: python scripts/smollm2_risd.py eval; python scripts/smollm2_risd.py speed --no-auto
-    python scripts/device_tree.py restore;  python scripts/smollm2_risd.py card --from DIR  (if it is better)
+Session 21 trained configs/smollm2/lora_tv.yaml (the drafter trained toward acceptance; its calls are
+listed in docs/risd.md "Session 21"): the embedded adapter is now its result. The next device run follows the same
+calls (unpack, then `tpf`, `eval`, `speed`) once the engine drafts rejection branches (docs/risd.md
+"Rejection branches"): the TPF gain measured on the CPU by scripts/branch_drafts.py, to be shown on the GPU.
 
 On a machine of several GPUs (`run(kind="nvidia-h200-x8")`, when lent: device time counts per machine,
 not per GPU) `distill` deals its engines over the GPUs (3 per GPU) and `train` runs data-parallel through
