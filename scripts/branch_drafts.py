@@ -75,11 +75,15 @@ class Drafter:
         return p, self.dist(model.compute_logits(hq)).view(m, k, -1)
 
 
-def decode(drafter: Drafter, prompt: list[int], n: int, max_tokens: int, eos: frozenset, branches: bool,
+def decode(drafter: Drafter, prompt: list[int], n: int, max_tokens: int, eos: frozenset, branches: bool | int,
            g: torch.Generator) -> tuple[list[int], int]:
-    """ISD at stride n (K = n − 1 drafts a round) with or without rejection branches -> (emitted tokens,
-    forwards; the prefill counts as one, as it emits the first token)."""
+    """ISD at stride n (K = n − 1 drafts a round) with rejection branches at the first `branches` drafts
+    (True: all K; False / 0: none, today's cold starts; a rejection past them starts cold) -> (emitted
+    tokens, forwards; the prefill counts as one, as it emits the first token)."""
     k = n - 1
+    n_branch = k if branches is True else int(branches)
+    if not 0 <= n_branch <= k:
+        raise ValueError(f"branches must be within 0..{k} at stride {n}, got {branches}")
 
     def draw(p: torch.Tensor) -> int:
         return int(p.argmax()) if drafter.params.temperature == 0 else int(torch.multinomial(p, 1, generator=g))
@@ -102,7 +106,7 @@ def decode(drafter: Drafter, prompt: list[int], n: int, max_tokens: int, eos: fr
             emitted = [draw(p[0])]
             next_q = q[0]
         else:
-            starts = [u + k + 1] + ([u + 1 + j for j in range(k)] if branches else [])
+            starts = [u + k + 1] + [u + 1 + j for j in range(n_branch)]
             p, q = drafter.round(toks, specs, starts, k)
             forwards += 1
             uniforms = torch.rand(1, k, generator=g)
@@ -113,7 +117,7 @@ def decode(drafter: Drafter, prompt: list[int], n: int, max_tokens: int, eos: fr
                 emitted, next_q = specs + [draw(p[k])], q[0]
             else:
                 emitted = specs[:j] + [draw(corr[0])]
-                next_q = q[1 + j] if branches else None
+                next_q = q[1 + j] if j < n_branch else None
         for t in emitted:
             toks.append(t)
             out.append(t)
@@ -135,6 +139,8 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=4)
     ap.add_argument("--temperatures", default="0,0.7")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--partial", default="", help="also these numbers of branches (comma-separated, 1..K−1): "
+                    "branches at the first drafts only, fewer query rows (2N − 1 + b·(N − 1))")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     if args.stride < 2:
@@ -162,7 +168,9 @@ def main() -> None:
         drafter = Drafter(model, getattr(tok, "mask_token_id", None) if lora is None else None, lora, temp)
         row: dict = {"temperature": temp}
         t0 = time.time()
-        for name, branches in (("cold", False), ("branches", True)):
+        cases = [("cold", False)] + [(f"branches_{b}", int(b)) for b in args.partial.split(",") if b] + \
+            [("branches", True)]
+        for name, branches in cases:
             g = torch.Generator().manual_seed(args.seed)
             tokens = forwards = 0
             for pr in prompts:
@@ -172,7 +180,7 @@ def main() -> None:
         row["gain"] = round(row["branches"]["tpf"] / row["cold"]["tpf"], 4)
         row["wall_s"] = round(time.time() - t0, 1)
         print(json.dumps(row), flush=True)
-        summary[f"T{temp}"] = {k: row[k]["tpf"] for k in ("cold", "branches")} | {"gain": row["gain"]}
+        summary[f"T{temp}"] = {name: row[name]["tpf"] for name, _ in cases} | {"gain": row["gain"]}
     print(json.dumps(summary))
 
 

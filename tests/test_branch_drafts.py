@@ -45,7 +45,7 @@ def test_greedy_with_and_without_branches_is_greedy_ar(kind, tiny, tiny_ar):
     prompts = [tok.encode(t) for t in ("def fibonacci(n):", "The quick brown fox", "class Stack:\n")]
     want = generate(model, ARDecoder(), prompts, SamplingParams(temperature=0, max_tokens=40))
     forwards = {}
-    for branches in (False, True):
+    for branches in (False, 1, True):  # none, the first draft's only, all
         g = torch.Generator().manual_seed(0)
         forwards[branches] = 0
         for pr, w in zip(prompts, want):
@@ -54,6 +54,8 @@ def test_greedy_with_and_without_branches_is_greedy_ar(kind, tiny, tiny_ar):
             forwards[branches] += f
         assert forwards[branches] < sum(len(w.token_ids) for w in want)  # drafts were accepted
     assert forwards[True] <= forwards[False]
+    with pytest.raises(ValueError, match="branches must be within 0..3"):
+        branch.decode(drafter, prompts[0], 4, 8, tok.eos_token_ids, 4, torch.Generator())
 
 
 @pytest.mark.slow
