@@ -121,6 +121,12 @@ def test_bench_8b_script_smoke(tmp_path):
     run_script("bench_8b.py", "roofline,long,prefill,curve,profile", SMOKE="1", OUT=str(tmp_path))
     rec = json.loads((tmp_path / "bench_8b.json").read_text())
     assert set(rec["stage_s"]) == {"roofline", "long", "prefill", "curve", "profile"}
-    assert all(0 < r["efficiency"] <= 1.5 for r in rec["roofline"]["auto"])
+    # efficiency = GEMM floor / step, two timings taken at different moments: on a busy 2-core CPU the step
+    # can time faster than its floor (a CI run beside another job read > 1.5), so only their consistency is
+    # checked here; the bound that matters is measured on the GPU (docs/projection.md, issue 14)
+    rows = rec["roofline"]["auto"]
+    assert rows and all(r["gemm_floor_ms"] > 0 and r["efficiency"] > 0 for r in rows)
+    assert all(abs(r["efficiency"] - r["gemm_floor_ms"] / r["latency_ms"]) < 0.01 * r["efficiency"] + 2e-3
+               for r in rows)
     assert set(rec["profile"]) == {"B1/Q1", "B1/Q7", "B2/Q1", "B2/Q7"}
     assert "batch 1, Q 1" in (tmp_path / "profile_8b.txt").read_text()
