@@ -42,6 +42,9 @@ def _add_decoder_args(p: argparse.ArgumentParser) -> None:
                         "exact at any value, it changes only how often drafts are accepted)")
     p.add_argument("--verify-alpha", type=float, default=1.0, help="accept min(1, p/(alpha q)); lossy unless 1")
     p.add_argument("--threshold", type=float, default=0.9, help="SDAR: unmask slots whose confidence >= this")
+    p.add_argument("--branches", action="store_true",
+                   help="ISD / R-ISD rejection branches: each step also drafts from every possible rejection point, "
+                        "so no round restarts cold (N² query tokens a step instead of 2N−1; exact; a fixed --stride)")
     p.add_argument("--lora", default=None,
                    help="R-ISD gated LoRA adapter directory or name, e.g. idlm-tiny-ar-risd-lora "
                         "(default: the model's known adapter, if any)")
@@ -66,7 +69,8 @@ def _load_for_decoding(args):
 
     inf = load_for_inference(args.model, args.decoder, args.lora, args.device, args.dtype, threads=args.threads)
     stride = 4 if args.stride == "auto" else args.stride  # "auto": the engine chooses; any N validates the decoder
-    decoder = make_decoder(inf.decoder, stride, inf.model.config, inf.tokenizer, threshold=args.threshold)
+    decoder = make_decoder(inf.decoder, stride, inf.model.config, inf.tokenizer, threshold=args.threshold,
+                           branches=getattr(args, "branches", False))
     return inf.model, inf.tokenizer, decoder, inf.adapter
 
 
@@ -137,7 +141,7 @@ def cmd_generate(args) -> int:
         from idlm.engine.llm_engine import EngineConfig, LLMEngine
 
         cfg = EngineConfig(decoder=decoder.name, stride=decoder.stride, threshold=args.threshold, max_num_seqs=1,
-                           exact=True)
+                           exact=True, branches=args.branches)
         out = LLMEngine(model, tok, cfg, lora=lora, eos_token_ids=eos).run([prompt_ids], params)[0]
         if not args.json:
             sys.stdout.write(out.text or "")
@@ -271,7 +275,7 @@ def cmd_eval_humaneval(args) -> int:
     res = evaluate_humaneval(model, tok, decoder.name, stride=args.stride, threshold=args.threshold, lora=lora,
                              limit=args.limit, max_tokens=args.max_tokens, batch=args.batch, timeout=args.timeout,
                              memory_mb=args.memory_mb, workers=args.workers, out=args.out,
-                             prompt_format=args.format)
+                             prompt_format=args.format, branches=args.branches)
     print(json.dumps({**res, "model": str(args.model)}))
     return 0
 
@@ -330,7 +334,7 @@ def cmd_bench_offline(args) -> int:
     cfg = EngineConfig(decoder=decoder.name, stride=args.stride, threshold=args.threshold,
                        max_num_seqs=max(args.concurrency), cuda_graphs=not args.no_cuda_graphs,
                        num_pages=args.num_pages, attention=args.attention, stride_schedule=args.stride_schedule,
-                       exact=args.exact)
+                       exact=args.exact, branches=args.branches)
     engine = LLMEngine(model, tok, cfg, lora=lora)
     # the adaptive stride explores strides the workload's warm-up pass may not reach: compile and capture them
     # all now, not inside a timed run (as `idlm serve --warmup`)

@@ -386,12 +386,14 @@ def release() -> None:
         torch.cuda.empty_cache()
 
 
-def ar_and_risd(model, tok, lora, n: int):
-    """Engine AR and engine R-ISD (N = 4) on the same model, n requests at a time."""
+def ar_and_risd(model, tok, lora, n: int, branches: bool = False):
+    """Engine AR and engine R-ISD (N = 4; with rejection branches if asked) on the same model, n requests at a
+    time."""
     from idlm.engine.llm_engine import EngineConfig, LLMEngine
 
     return (LLMEngine(model, tok, EngineConfig(decoder="ar", max_num_seqs=n)),
-            LLMEngine(model, tok, EngineConfig(decoder="risd", stride=4, max_num_seqs=n), lora=lora))
+            LLMEngine(model, tok, EngineConfig(decoder="risd", stride=4, max_num_seqs=n, branches=branches),
+                      lora=lora))
 
 
 def eval_target(args) -> tuple[str, str, Path]:
@@ -431,7 +433,7 @@ def stage_eval(args) -> None:
     dev, name, adapter_dir = eval_target(args)
     n_exact, n_new = (4, 16) if args.smoke else (64, 256)
     msgs = heldout_messages()
-    out: dict = {**environment(dev), "heldout_prompts": len(msgs)}
+    out: dict = {**environment(dev), "heldout_prompts": len(msgs), "branches": args.branches}
 
     def load(dtype):
         return load_target(name, adapter_dir, dev, dtype)
@@ -440,7 +442,7 @@ def stage_eval(args) -> None:
     for dtype in ("float32", "bfloat16"):
         model, tok, lora = load(dtype)
         prompts = [tok.encode_chat(m) for m in msgs[:n_exact]]
-        ar, risd = ar_and_risd(model, tok, lora, n_exact)
+        ar, risd = ar_and_risd(model, tok, lora, n_exact, args.branches)
         p = SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True)
         a, r = ar.run(prompts, p), risd.run(prompts, p)
         same = sum(x.token_ids == y.token_ids for x, y in zip(a, r))
@@ -455,11 +457,11 @@ def stage_eval(args) -> None:
     # TPF at N = 4 (bf16): held-out chat prompts, natural stopping
     model, tok, lora = load("bfloat16")
     prompts = [tok.encode_chat(m) for m in msgs[: 4 * n_exact]]
-    out.update(tpf_table(model, tok, lora, prompts, n_new))
+    out.update(tpf_table(model, tok, lora, prompts, n_new, branches=args.branches))
     emit("eval", out)
     # the step split of R-ISD at C = 1 in this process, after the stages above (the speed stage measures it
     # again in a fresh process: a difference points at state this process accumulated)
-    out["step_phases_in_eval"] = step_phase_table(model, tok, lora, prompts[0], args.smoke)
+    out["step_phases_in_eval"] = step_phase_table(model, tok, lora, prompts[0], args.smoke, args.branches)
     emit("eval", out)
     # HumanEval pass@1, AR and R-ISD (fp32: identical completions expected)
     from idlm.eval.humaneval import evaluate_humaneval
@@ -471,7 +473,8 @@ def stage_eval(args) -> None:
     for dec, lo in (("ar", None), ("risd", lora)):
         path = os.path.join(OUT, f"humaneval_{dec}.jsonl") if OUT else None
         he[dec] = evaluate_humaneval(model, tok, dec, stride=4, lora=lo, limit=3 if args.smoke else None,
-                                     max_tokens=32 if args.smoke else 512, batch=164, out=path)
+                                     max_tokens=32 if args.smoke else 512, batch=164, out=path,
+                                     branches=args.branches and dec == "risd")
     if OUT:
         rows = {d: [json.loads(x) for x in open(os.path.join(OUT, f"humaneval_{d}.jsonl"))] for d in he}
         he["identical_completions"] = sum(a["completion"] == b["completion"] for a, b in zip(rows["ar"], rows["risd"]))
@@ -479,21 +482,23 @@ def stage_eval(args) -> None:
     emit("eval", out)
 
 
-def tpf_table(model, tok, lora, prompts: list, max_tokens: int, draft_temperatures: tuple = ()) -> dict:
+def tpf_table(model, tok, lora, prompts: list, max_tokens: int, draft_temperatures: tuple = (),
+              branches: bool = False) -> dict:
     """TPF of R-ISD at N = 4 (engine, 64 requests at a time, answers ending at their end token) greedy and at
     T = 0.7 -> {"tpf_T0.0": {...}, "tpf_T0.7": {...}} with the acceptance per draft position; each draft
-    temperature Td adds "tpf_T0.7_Td{Td}" (T = 0.7, drafts drawn from q̃ at Td: exact, other acceptance)."""
+    temperature Td adds "tpf_T0.7_Td{Td}" (T = 0.7, drafts drawn from q̃ at Td: exact, other acceptance);
+    branches: every case again with rejection branches ("..._branches"), same prompts and seeds."""
     from idlm.decoding.base import DecodeStats
     from idlm.decoding.sampling import SamplingParams
     from idlm.engine.llm_engine import EngineConfig, LLMEngine
 
     out = {}
     cases = [(0.0, None), (0.7, None)] + [(0.7, float(td)) for td in draft_temperatures]
-    for temp, td in cases:
-        eng = LLMEngine(model, tok, EngineConfig(decoder="risd", stride=4, max_num_seqs=64), lora=lora)
+    for (temp, td), br in ((c, b) for c in cases for b in ((False, True) if branches else (False,))):
+        eng = LLMEngine(model, tok, EngineConfig(decoder="risd", stride=4, max_num_seqs=64, branches=br), lora=lora)
         outs = eng.run(prompts, SamplingParams(temperature=temp, max_tokens=max_tokens, seed=0, draft_temperature=td))
         total = DecodeStats.total(o.stats for o in outs)
-        out[f"tpf_T{temp}" + ("" if td is None else f"_Td{td}")] = {
+        out[f"tpf_T{temp}" + ("" if td is None else f"_Td{td}") + ("_branches" if br else "")] = {
             "tpf": round(total.tpf, 4), "prompts": len(prompts), "stats": total.to_dict(),
             "acceptance_per_position": total.acceptance_per_position}
         del eng
@@ -526,23 +531,25 @@ def stage_tpf(args) -> None:
         raise SystemExit(f"tpf: no held-out prompts under {STATE / 'distill'} (run distill or unpack first)")
     model, tok, lora = load_target(name, adapter, dev, "bfloat16" if dev == "cuda" else "float32")
     rows = tpf_table(model, tok, lora, [tok.encode_chat(m) for m in msgs], n_new,
-                     tuple(float(x) for x in args.draft_temperatures.split(",")) if args.draft_temperatures else ())
+                     tuple(float(x) for x in args.draft_temperatures.split(",")) if args.draft_temperatures else (),
+                     branches=args.branches)
     key = f"tpf_{Path(adapter).parent.name if Path(adapter).name == 'weights' else Path(adapter).name}"
     emit(key, {"adapter": str(adapter), **rows})
     del model, lora
     release()
 
 
-def step_phase_table(model, tok, lora, prompt, smoke: bool) -> dict:
-    """`step_phases` of one R-ISD (N = 4) and one AR request at C = 1, greedy and T = 0.7."""
+def step_phase_table(model, tok, lora, prompt, smoke: bool, branches: bool = False) -> dict:
+    """`step_phases` of one R-ISD (N = 4; also with rejection branches: "risd_br") and one AR request at C = 1,
+    greedy and T = 0.7."""
     from idlm.bench.offline import step_phases
     from idlm.decoding.sampling import SamplingParams
     from idlm.engine.llm_engine import EngineConfig, LLMEngine
 
     table = {}
-    for dec in ("ar", "risd"):
-        eng = LLMEngine(model, tok, EngineConfig(decoder=dec, stride=4, max_num_seqs=1),
-                        lora=lora if dec == "risd" else None)
+    for dec in ("ar", "risd") + (("risd_br",) if branches else ()):
+        eng = LLMEngine(model, tok, EngineConfig(decoder=dec[:4], stride=4, max_num_seqs=1, branches=dec == "risd_br"),
+                        lora=lora if dec != "ar" else None)
         for temp in (0.0, 0.7):
             p = SamplingParams(temperature=temp, max_tokens=16 if smoke else 200, ignore_eos=True, seed=1)
             eng.run([prompt], p)  # warm-up: graphs captured
@@ -569,12 +576,17 @@ def stage_speed(args) -> None:
     reps, conc = (1, [1, 2]) if args.smoke else (3, [1, 16, 64])
     model, tok, lora = load_target(name, adapter_dir, dev, "bfloat16")
     prompts = [tok.encode_chat(m) for m in heldout_messages()[:256]]
-    out: dict = {**environment(dev), "step_phases": step_phase_table(model, tok, lora, prompts[0], args.smoke)}
+    out: dict = {**environment(dev), "step_phases": step_phase_table(model, tok, lora, prompts[0], args.smoke,
+                                                                     args.branches)}
     emit("speed", out)
 
-    # per-request speed, engines side by side, interleaved reps, median; R-ISD at N = 4 and adaptive
+    # per-request speed, engines side by side, interleaved reps, median; R-ISD at N = 4 (with rejection branches
+    # too: "risd_br") and adaptive
     ar, risd = ar_and_risd(model, tok, lora, max(conc))
     engines = {"ar": ar, "risd": risd}
+    if args.branches:
+        engines["risd_br"] = LLMEngine(model, tok, EngineConfig(decoder="risd", stride=4, max_num_seqs=max(conc),
+                                                                branches=True), lora=lora)
     if not args.no_auto:
         auto = LLMEngine(model, tok, EngineConfig(decoder="risd", stride="auto", max_num_seqs=max(conc)), lora=lora)
         out["auto_warmup_s"] = auto.warmup()  # every stride compiled and captured now, not inside a timed run
@@ -599,6 +611,10 @@ def stage_speed(args) -> None:
                    "eager_fallbacks": med["risd"].get("eager_fallbacks"),
                    "compile_fallbacks": med["risd"].get("compile_fallbacks"),
                    "reps": {k: [r["per_request_tok_s"] for r in v] for k, v in runs.items()}}
+            if "risd_br" in med:
+                row.update({"risd_br_tpf": med["risd_br"]["tpf"],
+                            "risd_br_over_ar": round(med["risd_br"]["per_request_tok_s"]
+                                                     / med["ar"]["per_request_tok_s"], 3)})
             if "risd_auto" in med:
                 row.update({"risd_auto_tpf": med["risd_auto"]["tpf"],
                             "risd_auto_over_ar": round(med["risd_auto"]["per_request_tok_s"]
@@ -752,6 +768,9 @@ def main() -> None:
                     help="tpf: the adapter (directory or registry name; default the training run's newest checkpoint)")
     ap.add_argument("--draft-temperatures", default="",
                     help="tpf: also TPF at T = 0.7 with sampled drafts drawn at these temperatures (e.g. 0.3,0.5)")
+    ap.add_argument("--branches", action="store_true",
+                    help="tpf/eval/speed: R-ISD with rejection branches too (tpf, speed: beside the plain layout; "
+                         "eval: the R-ISD engine drafts branches)")
     ap.add_argument("--no-auto", action="store_true",
                     help="speed: AR and R-ISD N = 4 only (the --stride auto engine's warm-up took 292 s on the H200)")
     ap.add_argument("--num-prompts", type=int, default=60000)

@@ -217,3 +217,19 @@ def test_verify_alpha_below_one_is_detected(model):
     pvalues, _, _ = check(model, ISDDecoder(2, MASK), {**FULL, "draft": "sample", "verify_alpha": 0.5}, seed=4)
     p3 = pvalues["first3"]
     assert p3 < FAIL_P, f"verify_alpha = 0.5 went undetected (p = {p3:.3g})"
+
+
+BRANCH_LAW = [("isd", "sample", FULL, 3), ("isd", "argmax", TRUNC, 2), ("risd", "sample", TRUNC, 3)]
+
+
+@pytest.mark.parametrize("kind,draft,sampling,stride", BRANCH_LAW)
+def test_sampling_with_branches_follows_the_ar_law(model, adapter, kind, draft, sampling, stride):
+    """Chi-square of the joint law of the first tokens against the enumerated AR law: the branch drafts' q̃ is
+    fixed before the correction is drawn, so verifying them next round is still exact."""
+    decoder = ISDDecoder(stride, MASK if kind == "isd" else None, lora=kind == "risd", branches=True)
+    pvalues, acceptance, rounds = check(model, decoder, {**sampling, "draft": draft}, seed=2,
+                                        lora=adapter if kind == "risd" else None)
+    # each sample's one cold round is its first (after the prefill); rejections were followed by branch drafts
+    assert rounds["cold"] == N_SAMPLES and rounds["verify_rejected"] > N_SAMPLES // 10
+    for view, p in pvalues.items():
+        assert p > PASS_P, f"joint law ({view}) differs from AR's with branches (p = {p:.3g})"

@@ -376,16 +376,17 @@ def ttir(fn, signature, constexprs):
     return str(src.make_ir(target, options, backend.get_codegen_implementation(options), backend.get_module_map(), ctx))
 
 out = {}
-for prefetch, split, ieee, fused in itertools.product((True, False), repeat=4):
-    if fused and not split:
+for prefetch, split, ieee, fused, tree in itertools.product((True, False), repeat=5):
+    if fused and not split or tree and not ieee:  # (the hidden ranges' code does not depend on the dtype)
         continue
     dt = "*fp32" if ieee else "*bf16"
-    sig = {"Q": dt, "K": dt, "V": dt, "Out": dt, "TABLES": "*i32", "LAST": "*i64", "PART_M": "*fp32",
+    sig = {"Q": dt, "K": dt, "V": dt, "Out": dt, "TABLES": "*i32", "LAST": "*i64", "HIDE": "*i64", "PART_M": "*fp32",
            "PART_L": "*fp32", "PART_ACC": "*fp32", "COUNTERS": "*i32", "scale": "fp32"}
-    name = f"prefetch={prefetch} split={split} ieee={ieee} fused_combine={fused}"
+    name = f"prefetch={prefetch} split={split} ieee={ieee} fused_combine={fused} tree={tree}"
     try:
-        text = ttir(fwd, sig, dict(GROUP=4, BLOCK_M=16, BLOCK_N=64, D=128, IEEE=ieee, SPLIT=split, TQ=1,
-                                   PREFETCH=prefetch, FUSED_COMBINE=fused, MIN_CHUNK=128))
+        text = ttir(fwd, sig, dict(GROUP=4, BLOCK_M=16 if not tree else 64, BLOCK_N=64, D=128, IEEE=ieee, SPLIT=split,
+                                   TQ=1 if not tree else 16, PREFETCH=prefetch, FUSED_COMBINE=fused, MIN_CHUNK=128,
+                                   TREE=tree))
         if split and not fused:
             text += ttir(combine, {"Out": dt, "PART_M": "*fp32", "PART_L": "*fp32", "PART_ACC": "*fp32"},
                          dict(GROUP=4, BLOCK_M=16, D=128))
@@ -398,7 +399,7 @@ print(json.dumps(out))
 
 def test_decode_kernel_compiles_for_cuda():
     """Every variant of the decode kernel (prefetch, split KV with a second launch or the fused combine, fp32 /
-    bf16) passes Triton's CUDA front end,
+    bf16, rejection branches' hidden ranges) passes Triton's CUDA front end,
     the GPU's first compile step, built here on the CPU. The prefetching loop once failed only on the H200
     (a loop-carried index that changed type from int32 to int64) while every interpreter test passed."""
     import json
@@ -414,7 +415,7 @@ def test_decode_kernel_compiles_for_cuda():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     if "skip" in result:
         pytest.skip(f"no Triton CUDA front end here: {result['skip']}")
-    assert len(result) == 12 and all(v == "ok" for v in result.values()), result
+    assert len(result) == 18 and all(v == "ok" for v in result.values()), result
 
 
 @pytest.mark.gpu

@@ -29,9 +29,12 @@ def resolve_mask_token(decoder: str, model_config, tokenizer=None) -> int | None
     return mask
 
 
-def make_decoder(name: str, stride: int, model_config, tokenizer=None, threshold: float = 0.9):
-    """A decoder by name: `ar`; `isd` / `risd` with stride N (SPEC §4–5); `sdar` with block size
-    `stride` and confidence threshold `threshold` (SPEC §6)."""
+def make_decoder(name: str, stride: int, model_config, tokenizer=None, threshold: float = 0.9,
+                 branches: bool = False):
+    """A decoder by name: `ar`; `isd` / `risd` with stride N (SPEC §4–5; `branches`: with rejection
+    branches); `sdar` with block size `stride` and confidence threshold `threshold` (SPEC §6)."""
+    if branches and name not in ("isd", "risd"):
+        raise ConfigError(f"rejection branches are for the isd and risd decoders, not {name!r}")
     mask = resolve_mask_token(name, model_config, tokenizer) if name != "risd" else None
     if name == "ar":
         from idlm.decoding.ar import ARDecoder
@@ -43,7 +46,7 @@ def make_decoder(name: str, stride: int, model_config, tokenizer=None, threshold
         if name == "risd":  # the adapter brings its own MASK embedding; a MASK id is optional
             mask = model_config.mask_token_id if model_config.mask_token_id is not None else (
                 tokenizer.mask_token_id if tokenizer is not None else None)
-        return ISDDecoder(stride, mask, lora=name == "risd")
+        return ISDDecoder(stride, mask, lora=name == "risd", branches=branches)
     from idlm.decoding.sdar import SDARDecoder
 
     return SDARDecoder(stride, mask, threshold)

@@ -28,6 +28,10 @@ class QueryBlock:
     gate: list[bool] | None = None  # R-ISD LoRA gate: 1 only on MASK slots whose logits become drafts
     # attention inside the block: None = causal; else visible[t] = last block index query t may see
     visible: list[int] | None = None
+    # a tree of query rows (ISD's rejection branches): token t sits at position P + offsets[t] (None: P + t)
+    # and does not see the block's tokens hide[t][0] <= i < hide[t][1] (None: it sees all up to `visible`)
+    offsets: list[int] | None = None
+    hide: list[tuple[int, int]] | None = None
 
 
 @dataclass
@@ -37,17 +41,23 @@ class BlockBatch:
     is_mask: np.ndarray  # [B, Q] bool
     gate: np.ndarray | None = None  # [B, Q] bool (R-ISD); None when no block has a gate
     visible: np.ndarray | None = None  # [B, Q] int64, causal rows = arange(Q); None when every block is causal
+    offsets: np.ndarray | None = None  # [B, Q] int64 position offsets (None: arange(Q) in every row)
+    hide: np.ndarray | None = None  # [B, Q, 2] int64 hidden block-index ranges (None: none)
 
     @classmethod
     def stack(cls, blocks: list[QueryBlock]) -> "BlockBatch":
         q = len(blocks[0].tokens)
-        gate = visible = None
+        gate = visible = offsets = hide = None
         if any(b.gate is not None for b in blocks):
             gate = np.array([[False] * q if b.gate is None else b.gate for b in blocks], dtype=bool)
         if any(b.visible is not None for b in blocks):
             visible = np.array([list(range(q)) if b.visible is None else b.visible for b in blocks], dtype=np.int64)
+        if any(b.offsets is not None for b in blocks):
+            offsets = np.array([list(range(q)) if b.offsets is None else b.offsets for b in blocks], dtype=np.int64)
+        if any(b.hide is not None for b in blocks):
+            hide = np.array([[(0, 0)] * q if b.hide is None else b.hide for b in blocks], dtype=np.int64)
         return cls(np.array([b.tokens for b in blocks], dtype=np.int64),
-                   np.array([b.is_mask for b in blocks], dtype=bool), gate, visible)
+                   np.array([b.is_mask for b in blocks], dtype=bool), gate, visible, offsets, hide)
 
 
 @dataclass

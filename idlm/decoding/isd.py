@@ -10,6 +10,19 @@ Stride N, K = N−1 drafts, query block 2N−1 tokens at positions P..P+2N−2 (
   V, all accepted    → emit s_0..s_{K−1}, c;      keep N slots;  next V(pending=c, new drafts)
   V, reject at j     → emit s_0..s_{j−1}, corr.;  keep 1+j;      next C(t0=correction)
 
+Rejection branches (`branches=True`, the engine's `EngineConfig.branches`): after the 2N−1 rows above, the
+block carries (N−1)² more MASK rows, N−1 per draft s_j: branch j sits at positions P+j+1..P+j+N−1 (from
+where a correction of s_j would go) and sees the prefix, the block's rows 0..j and its own earlier rows
+only (`branch_layout`: explicit positions and a hidden range per row). Its logits are the drafts a cold
+start from the correction would make, so a rejection at j no longer costs a cold round:
+
+  V, reject at j     → emit s_0..s_{j−1}, corr.;  keep 1+j;      next V(pending=corr., branch j's drafts)
+
+Exact for the same reason as every draft: branch j's q̃ is fixed before the correction is drawn and its
+drafts use the draft uniforms, independent of the acceptance and correction draws (greedy: AR's tokens).
+Query block N² tokens (N = 4: 16 instead of 7); the drafts of the next round are chosen on the device, so
+the step's packed output is the same as without branches.
+
 The first token t0 is drawn from the prefill logits and emitted there. Acceptance is
 `idlm.decoding.acceptance.verify_drafts`. R-ISD is the same decoder with `lora=True`: the drafter
 is the base model plus a gated LoRA whose gate is 1 exactly on the MASK slots whose logits become
@@ -22,6 +35,7 @@ so for R-ISD (gate 0 there) they are exactly the base AR model's logprobs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,6 +78,21 @@ def draft_slots(mode: str, stride: int) -> range:
     return range(1, stride) if mode == "C" else range(stride, 2 * stride - 1)
 
 
+def branch_layout(stride: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """The position offsets and hidden ranges (`QueryBlock.offsets` / `.hide`) of a block with rejection
+    branches, Q = 2N−1 + (N−1)² = N² rows: rows 0..2N−2 as without branches (offset t, nothing hidden);
+    branch j (0 <= j < N−1) rows g_j + i (g_j = 2N−1 + j(N−1), 0 <= i < N−1) at offset j+1+i, not seeing
+    the block's rows j+1 .. g_j − 1 (the drafts from s_j on, the plain MASK rows, the earlier branches)."""
+    n, k = stride, stride - 1
+    main = 2 * n - 1
+    offsets, hide = list(range(main)), [(0, 0)] * main
+    for j in range(k):
+        g = main + j * k
+        offsets += [j + 1 + i for i in range(k)]
+        hide += [(j + 1, g)] * k
+    return offsets, hide
+
+
 def isd_block(state: ISDState, stride: int, mask_token_id: int) -> QueryBlock:
     n = stride
     if state.mode == "C":
@@ -82,7 +111,7 @@ def isd_block(state: ISDState, stride: int, mask_token_id: int) -> QueryBlock:
 class ISDDecoder(Decoder):
     needs_mask_token = True
 
-    def __init__(self, stride: int, mask_token_id: int | None, lora: bool = False):
+    def __init__(self, stride: int, mask_token_id: int | None, lora: bool = False, branches: bool = False):
         if not isinstance(stride, int) or stride < 2:
             raise ConfigError(f"invalid stride N={stride!r}: ISD needs N >= 2 (N = 1 is plain AR decoding)")
         if mask_token_id is None and not lora:
@@ -92,7 +121,13 @@ class ISDDecoder(Decoder):
         self.uses_lora = lora
         self.needs_mask_token = not lora
         self.name = "risd" if lora else "isd"
-        self.query_len = 2 * stride - 1
+        self.branches = bool(branches)
+        self.main_len = 2 * stride - 1  # the block's rows before the rejection branches
+        self.query_len = self.main_len + (stride - 1) ** 2 * self.branches
+        self._layout = None
+        if self.branches:
+            offsets, hide = branch_layout(stride)
+            self._layout = (np.array(offsets, dtype=np.int64), np.array(hide, dtype=np.int64))
 
     def start(self, logits, params, rngs):
         tokens, probs = (t.tolist() for t in sample_tokens(logits, params, rngs))
@@ -121,10 +156,22 @@ class ISDDecoder(Decoder):
         self._restart_stale(state)
         n = self.row_stride(state)
         b = isd_block(state, n, self.mask_token_id) if n > 1 else QueryBlock([state.last], [False], [False])
-        pad = self.query_len - len(b.tokens)  # a shorter row's block, padded (see `row_stride`)
-        b.tokens, b.is_mask = b.tokens + [self.mask_token_id] * pad, b.is_mask + [True] * pad
-        b.gate = b.gate + [False] * pad if self.uses_lora else None
+        pad = self.main_len - len(b.tokens)  # a shorter row's block, padded (see `row_stride`)
+        extra = self.query_len - self.main_len  # the rejection branches' MASK rows (gate on: they draft)
+        b.tokens = b.tokens + [self.mask_token_id] * (pad + extra)
+        b.is_mask = b.is_mask + [True] * (pad + extra)
+        b.gate = b.gate + [False] * pad + [True] * extra if self.uses_lora else None
+        if self.branches:
+            b.offsets, b.hide = self._layout[0].tolist(), [tuple(h) for h in self._layout[1].tolist()]
         return b
+
+    def _tree(self, batch: BlockBatch) -> BlockBatch:
+        """The rejection branches' positions and hidden ranges on a batch of blocks (the same for every row)."""
+        if self.branches:
+            B, q = batch.tokens.shape
+            batch.offsets = np.broadcast_to(self._layout[0], (B, q))
+            batch.hide = np.broadcast_to(self._layout[1], (B, q, 2))
+        return batch
 
     # set by an engine whose rows may run their own strides (the adaptive stride per row): its steps then
     # always take the per-row inputs, so each stride compiles one step function, not two
@@ -160,8 +207,8 @@ class ISDDecoder(Decoder):
         index = np.arange(self.query_len)
         is_mask = index >= first_mask
         # `draft_slots`; a row of n = 1 has none
-        gate = is_mask & (index < first_mask + row_n - 1) if self.uses_lora else None
-        return BlockBatch(tokens, is_mask, gate)
+        gate = is_mask & ((index < first_mask + row_n - 1) | (index >= self.main_len)) if self.uses_lora else None
+        return self._tree(BlockBatch(tokens, is_mask, gate))
 
     _patterns_cache: tuple | None = None
 
@@ -176,14 +223,14 @@ class ISDDecoder(Decoder):
             index = np.arange(q)
             first = np.array([[1], [n]]) if n > 1 else np.array([[q], [q]])  # rows C, V; n = 1: no MASK slot
             is_mask = index >= first  # [2, Q]
-            gate = is_mask & (index < first + n - 1)
+            gate = is_mask & ((index < first + n - 1) | (index >= self.main_len))  # the branches' rows draft too
             self._patterns_cache = (key, is_mask, gate)
         _, is_mask, gate = self._patterns_cache
         c_tail, v_tail = [mask] * (q - 1), [mask] * (q - n)
         tokens = np.array([[s.last, *s.specs, *v_tail] if s.mode == "V" else [s.last, *c_tail] for s in states],
                           dtype=np.int64).reshape(len(states), q)
         kind = np.fromiter((s.mode == "V" for s in states), np.intp, len(states))
-        return BlockBatch(tokens, is_mask[kind], gate[kind] if self.uses_lora else None)
+        return self._tree(BlockBatch(tokens, is_mask[kind], gate[kind] if self.uses_lora else None))
 
     fused = True
     _zeros_cache: tuple | None = None
@@ -208,7 +255,7 @@ class ISDDecoder(Decoder):
                    "argmax_draft": torch.from_numpy(argmax_draft), "alpha": torch.from_numpy(alpha),
                    "draft_temperature": torch.from_numpy(draft_temp)}
         return ParamsInputs(tensors, {"truncate": truncation(params) if not greedy else False, "greedy": greedy,
-                                      "logprobs": logprobs_static(params)},
+                                      "logprobs": logprobs_static(params), "branches": self.branches},
                             sampled=not all(p.greedy for p in params), rows={"point_mass": point_mass})
 
     def step_inputs(self, states, params, rngs, vocab_size, device):
@@ -257,24 +304,25 @@ class ISDDecoder(Decoder):
         return torch.stack([zeros if r is None else torch.cat([r[0][r[1], :len(s.specs)], zeros[len(s.specs):]])
                             for s, r in zip(states, kept)])
 
-    def compute(self, logits, tensors, truncate=True, greedy=False, logprobs=None):
+    def compute(self, logits, tensors, truncate=True, greedy=False, logprobs=None, branches=False):
         """-> packed [B, 2K+3] (see below), + [N·(1+2k)] logprob columns of the clean indices 0..K when the
         static option `logprobs` = k is set (`clean_logprobs`), and the kept q̃ of the new drafts (or None)."""
         if greedy:
             # every row greedy: all p̃ and q̃ are point masses on argmaxes (alpha <= 1 changes nothing then)
-            packed, extra = greedy_isd_step(logits, tensors["is_v"], tensors["specs"], tensors.get("k_row")), None
+            packed, extra = greedy_isd_step(logits, tensors["is_v"], tensors["specs"], tensors.get("k_row"),
+                                            branches), None
         else:
-            packed, extra = self._compute_sampled(logits, tensors, truncate)
+            packed, extra = self._compute_sampled(logits, tensors, truncate, branches)
         if logprobs is not None:
             packed = torch.cat([packed, clean_logprobs(logits, tensors["is_v"], tensors["specs"], packed, logprobs)],
                                dim=-1)
         return packed, extra
 
-    def _compute_sampled(self, logits, tensors, truncate):
+    def _compute_sampled(self, logits, tensors, truncate, branches=False):
         t = tensors
         return sampled_isd_step(logits, t["is_v"], t["specs"], t["temperature"], t["top_k"], t["top_p"],
                                 t["point_mass"], t["argmax_draft"], t["alpha"], t.get("keys"), t.get("draw"),
-                                t.get("q_old"), truncate, t.get("k_row"), t.get("draft_temperature"))
+                                t.get("q_old"), truncate, t.get("k_row"), t.get("draft_temperature"), branches)
 
     def finish(self, states, packed, extra, params, stats):
         """The packed columns (see `_compute_sampled`) -> each row's emitted tokens and next state."""
@@ -295,7 +343,8 @@ class ISDDecoder(Decoder):
             else:
                 stats[b].record_verify(kb, j)
                 emitted, probs, advance = s.specs[:j] + [final[b]], s.spec_qd[:j] + [final_q[b]], 1 + j
-            if kb and (s.mode == "C" or j == kb):  # next: verify the new drafts
+            # next: verify the new drafts (after a rejection at j: branch j's, when the block has branches)
+            if kb and (s.mode == "C" or j == kb or self.branches):
                 spec_q = None if point_mass[b] or extra is None else (extra, b)  # the new drafts' q̃: row b
                 s.mode, s.last, s.specs, s.spec_q, s.spec_qd = ("V", final[b], drafts[b][:kb], spec_q,
                                                                 drafts_q[b][:kb])
@@ -318,18 +367,21 @@ def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tens
                      alpha: torch.Tensor, keys: torch.Tensor | None, draw: torch.Tensor | None,
                      q_old: torch.Tensor | None, truncate: bool | int,
                      k_row: torch.Tensor | None = None,
-                     draft_temperature: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     draft_temperature: torch.Tensor | None = None,
+                     branches: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The sampled ISD step as one function (compiled into a few fused kernels on CUDA, inside the decode
     graph). logits [B, 2N−1, V]; per row: is_v, specs [B, K], temperature/top_k/top_p, point_mass,
     argmax_draft, alpha; keys [B, 2] / draw [B] (None: every row greedy with verify_alpha > 1); q_old
     [B, K, V] the q̃ of a V row's drafts (None: all point masses); k_row [B] each row's own K = n − 1 <= K
     (None: every row K; a shorter row's block fills the first 2n − 1 slots, specs / q_old zero-padded);
-    draft_temperature [B] the temperature of the MASK slots' q̃ (None: `temperature`)
+    draft_temperature [B] the temperature of the MASK slots' q̃ (None: `temperature`); branches: the block
+    carries rejection branches (Q = N², `branch_layout`): a V row that rejects at j takes its new drafts from
+    branch j's rows instead of the plain MASK rows
     -> (packed [B, 2K+3], q̃ of the new drafts [B, K, V]; a shorter row's first k_row columns are its
     own). A row's draws use uniform columns 0..k_row only, so it gets the same numbers as in a step of its
     own stride. No host sync, no data-dependent shapes."""
     B, Q, V = logits.shape
-    n = (Q + 1) // 2
+    n = _stride_of(Q, branches)
     k = n - 1
     dev = logits.device
     first_mask = torch.where(is_v, n if k_row is None else k_row + 1, 1)  # [B]: the first MASK slot of each row
@@ -351,17 +403,16 @@ def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tens
                            *_per_slot((top_k, top_p), Q), truncate).view(B, Q, V)
     p = probs[:, :n]  # p̃ at the clean indices 0..K (C rows use index 0 only)  [B, N, V]
 
-    # next drafts from the MASK slots (C: 1..N−1, V: N..2N−2; a row of its own n: C 1..n−1, V n..2n−2)  [B, K]
-    kr = k_row
-    idx = first_mask[:, None] + torch.arange(k, device=dev)
-    if kr is not None:
-        idx = idx.clamp(max=Q - 1)  # a shorter row's columns past its own K: ignored on the host
-
     # verify the previous drafts (V rows; C rows' results are ignored)
+    kr = k_row
     n_acc, correction = verify_drafts(p[:, :k], specs, q_old, point_mass, alpha, u)
     kb = k if kr is None else kr  # each row's K
     if kr is not None:  # a shorter row has accepted all its drafts once its first k_row are
         n_acc = torch.minimum(n_acc, kr)
+
+    # next drafts from the MASK slots (C: 1..N−1, V: N..2N−2; a row of its own n: C 1..n−1, V n..2n−2; with
+    # branches, a V row that rejected at j: branch j's rows; columns past a row's own K are ignored on the host)
+    idx = draft_index(first_mask, is_v, n_acc, kb, n, Q, branches, kr is not None)  # [B, K]
 
     # the one token each row draws at the end: c (C), bonus c (V all accepted) or the correction
     rows = torch.arange(B, device=dev)
@@ -387,26 +438,47 @@ def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tens
     return packed, q_new
 
 
+def _stride_of(query_len: int, branches: bool) -> int:
+    """N of an ISD block of `query_len` rows: 2N−1, or N² with rejection branches."""
+    return math.isqrt(query_len) if branches else (query_len + 1) // 2
+
+
+def draft_index(first_mask: torch.Tensor, is_v: torch.Tensor, n_acc: torch.Tensor, kb, n: int, q: int,
+                branches: bool, per_row: bool) -> torch.Tensor:
+    """[B, K] the block index of each row's next drafts: first_mask + 0..K−1 (the plain MASK rows); with
+    branches, a V row that rejected at j = n_acc < its K (kb) takes branch j's rows 2N−1 + j(N−1) + 0..K−1
+    (`branch_layout`). per_row: rows of their own K, whose columns past it are clamped into the block."""
+    k = n - 1
+    cols = torch.arange(k, device=first_mask.device)
+    idx = first_mask[:, None] + cols
+    if branches:
+        rejected = is_v & (n_acc < kb)
+        idx = torch.where(rejected[:, None], (2 * n - 1 + n_acc.clamp(max=k - 1) * k)[:, None] + cols, idx)
+    return idx.clamp(max=q - 1) if per_row else idx
+
+
 @cuda_fused(batch_rows=True)  # one compile serves every batch bucket (`batch_rows_of`)
 def greedy_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tensor,
-                    k_row: torch.Tensor | None = None) -> torch.Tensor:
-    """The greedy ISD step as one function (a couple of fused kernels on CUDA). logits [B, 2N−1, V],
-    is_v [B] bool, specs [B, K], k_row [B] each row's own K (None: all K; see `sampled_isd_step`)
-    -> packed [B, 2K+3] (see ISDDecoder.compute)."""
+                    k_row: torch.Tensor | None = None, branches: bool = False) -> torch.Tensor:
+    """The greedy ISD step as one function (a couple of fused kernels on CUDA). logits [B, 2N−1, V] (N² with
+    rejection branches: `sampled_isd_step`), is_v [B] bool, specs [B, K], k_row [B] each row's own K (None:
+    all K; see `sampled_isd_step`) -> packed [B, 2K+3] (see ISDDecoder.compute)."""
     Q = logits.shape[1]
-    n = (Q + 1) // 2
+    n = _stride_of(Q, branches)
     k = n - 1
-    am = logits.argmax(-1)  # [B, 2N−1]: argmax at every index
+    am = logits.argmax(-1)  # [B, Q]: argmax at every index
     clean = am[:, :n]  # the clean indices 0..K
     miss = specs != clean[:, :k]  # [B, K]
-    if k_row is None:
-        drafts = torch.where(is_v[:, None], am[:, n:], am[:, 1:n])  # MASK slots: V N..2N−2, C 1..N−1
-    else:  # a row of its own n: V n..2n−2, C 1..n−1; columns past its K are ignored on the host
+    if k_row is None and not branches:
+        drafts = torch.where(is_v[:, None], am[:, n:2 * n - 1], am[:, 1:n])  # MASK slots: V N..2N−2, C 1..N−1
+    if k_row is not None:  # a row of its own n: V n..2n−2, C 1..n−1; columns past its K are ignored on the host
         cols = torch.arange(k, device=logits.device)
-        idx = (torch.where(is_v, k_row + 1, 1)[:, None] + cols).clamp(max=Q - 1)
-        drafts = am.gather(1, idx)
         miss = miss | (cols >= k_row[:, None])  # stop after the row's own drafts
     n_acc = torch.where(miss.any(-1), miss.int().argmax(-1), k)  # leading accepted drafts
+    if k_row is not None or branches:
+        first_mask = torch.where(is_v, n if k_row is None else k_row + 1, 1)
+        drafts = am.gather(1, draft_index(first_mask, is_v, n_acc, k if k_row is None else k_row, n, Q, branches,
+                                          k_row is not None))
     final = torch.where(is_v, clean.gather(1, n_acc[:, None]).squeeze(1), clean[:, 0])
     ones = torch.ones_like(drafts, dtype=torch.float32)
     return torch.cat([n_acc[:, None].float(), final[:, None].float(), drafts.float(), ones[:, :1], ones], -1)

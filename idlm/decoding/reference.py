@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from idlm.decoding.base import Decoder, StepResult
+from idlm.decoding.base import BlockBatch, Decoder, StepResult
 from idlm.decoding.logprobs import score
 from idlm.decoding.output import GenerationOutput, apply_result, check_request
 from idlm.decoding.sampling import SamplingParams
@@ -92,15 +92,15 @@ def generate(model, decoder: Decoder, prompts: list[list[int]], params: Sampling
         rows = torch.tensor(active, device=device)
         tokens = torch.tensor([blk.tokens for blk in blocks], device=device)  # [A, Q]
         starts = cache.lengths[rows]
-        positions = starts[:, None] + torch.arange(Q, device=device)
-        visible = None
-        if any(blk.visible is not None for blk in blocks):
-            visible = torch.tensor([blk.visible or list(range(Q)) for blk in blocks], device=device)
+        batch = BlockBatch.stack(blocks)
+        offsets = torch.arange(Q) if batch.offsets is None else torch.from_numpy(batch.offsets)
+        positions = starts[:, None] + offsets.to(device)
+        visible, hide = (None if a is None else torch.from_numpy(a).to(device) for a in (batch.visible, batch.hide))
         kwargs = {}
         if decoder.uses_lora:
             kwargs = dict(lora=lora, lora_gate=torch.tensor([blk.gate for blk in blocks], device=device),
                           is_mask=torch.tensor([blk.is_mask for blk in blocks], device=device))
-        hidden = model(tokens, positions, cache.view(rows, starts, visible), **kwargs)
+        hidden = model(tokens, positions, cache.view(rows, starts, visible, hide), **kwargs)
         logits = model.compute_logits(hidden)  # [A, Q, V]
         results = decoder.step([states[b] for b in active], logits, [params[b] for b in active],
                                [rngs[b] for b in active], [stats[b] for b in active])

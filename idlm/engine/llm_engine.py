@@ -143,6 +143,11 @@ class EngineConfig:
     # None: always `stride`. Example: [(8, 4), (32, 3), (1_000_000, 2)]. For ISD / R-ISD, N = 1 means plain
     # AR steps (exact: `ISDPlainStep`), e.g. [(32, 4), (1_000_000, 1)] where big batches make ISD lose.
     stride_schedule: list[tuple[int, int]] | None = None
+    # ISD / R-ISD rejection branches (`idlm.decoding.isd`, "Rejection branches"): each step also drafts, for
+    # every draft that may be rejected, the next drafts from its correction on, so no round starts cold; the
+    # query block grows from 2N−1 to N² tokens. A fixed stride or a stride_schedule (not "auto" yet: its
+    # step-cost model prices 2N−1-token steps)
+    branches: bool = False
     page_size: int = 16  # KV-cache page: token slots per page
     num_pages: int | None = None  # KV-cache pages; None: from free GPU memory (CPU: up to 1 GiB)
     max_num_seqs: int = 256
@@ -202,6 +207,13 @@ class EngineConfig:
         if self.stride_schedule is not None and self.decoder not in ("isd", "risd"):
             raise ConfigError(f"stride_schedule is for the isd and risd decoders (their N = 1 is a plain AR step), "
                               f"not {self.decoder!r}")
+        if not isinstance(self.branches, bool):
+            raise ConfigError(f"invalid engine option branches={self.branches!r}: must be True or False")
+        if self.branches and self.decoder not in ("isd", "risd"):
+            raise ConfigError(f"branches (rejection branches) are for the isd and risd decoders, not {self.decoder!r}")
+        if self.branches and self.stride == "auto":
+            raise ConfigError("branches need a fixed stride or a stride_schedule: the adaptive stride 'auto' does "
+                              "not price their N²-token steps yet")
         if self.step_cost is not None:
             try:
                 self.step_cost = tuple(float(x) for x in self.step_cost)
@@ -387,7 +399,7 @@ class LLMEngine:
                 decoder = ISDPlainStep(self.config.decoder)  # a schedule's N = 1: plain AR steps, exact
             else:
                 decoder = make_decoder(self.config.decoder, stride, self.model.config, self.tokenizer,
-                                       self.config.threshold)
+                                       self.config.threshold, branches=self.config.branches)
                 if self.config.stride == "auto" and self.config.auto_per_row:
                     decoder.per_row = True  # every step with per-row inputs: one compiled step per stride
             self._decoders[stride] = decoder
@@ -731,7 +743,8 @@ class LLMEngine:
         starts, slots, tables = self.block_manager.decode_mapping(rows.request_ids, query_len)
         lora = decoder.uses_lora
         batch = DecodeBatch(blocks.tokens, starts, slots, tables, is_mask=blocks.is_mask if lora else None,
-                            gate=blocks.gate if lora else None, visible=blocks.visible)
+                            gate=blocks.gate if lora else None, visible=blocks.visible, offsets=blocks.offsets,
+                            hide=blocks.hide)
         return batch, blocks.tokens.tolist()
 
     def _spill_kept(self, seqs: list[Sequence]) -> None:

@@ -67,6 +67,10 @@ class DecodeBatch:
     is_mask: np.ndarray | None = None  # [B, Q] bool (R-ISD)
     gate: np.ndarray | None = None  # [B, Q] bool (R-ISD; None: all off)
     visible: np.ndarray | None = None  # [B, Q] int64 (SDAR; None: causal)
+    # a tree of query rows (ISD's rejection branches): token i of a row sits at position start + offsets[b, i]
+    # (None: start + i) and does not see the block's tokens hide[b, i, 0] <= j < hide[b, i, 1]
+    offsets: np.ndarray | None = None  # [B, Q] int64
+    hide: np.ndarray | None = None  # [B, Q, 2] int64
 
     @classmethod
     def from_rows(cls, rows: list[Row]) -> "DecodeBatch":
@@ -232,7 +236,10 @@ class ModelRunner:
 
         starts = np.zeros(B, dtype=np.int64)
         starts[:n] = batch.starts
-        out = {"tokens": pad(batch.tokens, 0), "positions": starts[:, None] + np.arange(Q),
+        offsets = np.arange(Q) if batch.offsets is None else pad(batch.offsets, 0)
+        if batch.offsets is not None:
+            offsets[n:] = np.arange(Q)
+        out = {"tokens": pad(batch.tokens, 0), "positions": starts[:, None] + offsets,
                "slots": pad(batch.slots, self.kv.trash_slot), "tables": pad(batch.tables, 0, M), "starts": starts}
         if batch.is_mask is not None:
             out["is_mask"] = pad(batch.is_mask, False)
@@ -240,6 +247,9 @@ class ModelRunner:
         if batch.visible is not None:
             out["visible"] = np.tile(np.arange(Q), (B, 1))
             out["visible"][:n] = batch.visible
+        if batch.hide is not None:
+            out["hide"] = np.zeros((B, Q, 2), dtype=np.int64)  # padded rows: lo = hi, nothing hidden
+            out["hide"][:n] = batch.hide
         return out
 
     def _forward(self, t: dict[str, torch.Tensor], kernel: bool = False,
@@ -248,7 +258,7 @@ class ModelRunner:
         kernel (decode steps; prefill chunks of every length take the reference path, so the kernel
         is compiled for a few decode block shapes only)."""
         attn = PagedAttention(self.kv, t["slots"], t["tables"], t["starts"], t.get("visible"), kernel=kernel,
-                              exact=self.exact, host_rows=host_rows)
+                              exact=self.exact, host_rows=host_rows, hide=t.get("hide"))
         kwargs = {}
         if "is_mask" in t and self.lora is not None:
             kwargs = dict(lora=self.lora, lora_gate=t["gate"], is_mask=t["is_mask"])

@@ -110,15 +110,16 @@ class KVCache:
         return cls(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim, max_len, dtype, device)
 
     def view(self, rows: torch.Tensor | None = None, starts: torch.Tensor | None = None,
-             visible: torch.Tensor | None = None) -> "CacheAttention":
+             visible: torch.Tensor | None = None, hide: torch.Tensor | None = None) -> "CacheAttention":
         """A backend for one forward over cache rows `rows` (default: all), writing at `starts`
         (default: each row's current length). `visible` [B, T]: the last new-token index each query
-        sees (default causal: t itself; block-bidirectional attention passes its block's end)."""
+        sees (default causal: t itself; block-bidirectional attention passes its block's end). `hide`
+        [B, T, 2]: a range [lo, hi) of new-token indices query t does not see (a tree of drafts: `cache_mask`)."""
         if rows is None:
             rows = torch.arange(self.lengths.numel(), device=self.lengths.device)
         if starts is None:
             starts = self.lengths[rows]
-        return CacheAttention(self, rows, starts, visible)
+        return CacheAttention(self, rows, starts, visible, hide)
 
 
 def last_visible(starts: torch.Tensor, num_new: int, visible: torch.Tensor | None = None) -> torch.Tensor:
@@ -128,17 +129,30 @@ def last_visible(starts: torch.Tensor, num_new: int, visible: torch.Tensor | Non
     return starts[:, None] + visible
 
 
-def cache_mask(starts: torch.Tensor, num_new: int, num_keys: int, visible: torch.Tensor | None = None) -> torch.Tensor:
+def hidden_slots(starts: torch.Tensor, hide: torch.Tensor) -> torch.Tensor:
+    """hide [B, T, 2] new-token index ranges [lo, hi) -> the same as key slots, starts[b] + lo / hi  [B, T, 2]."""
+    return starts[:, None, None] + hide
+
+
+def cache_mask(starts: torch.Tensor, num_new: int, num_keys: int, visible: torch.Tensor | None = None,
+               hide: torch.Tensor | None = None) -> torch.Tensor:
     """[B, 1, T, S] bool: query t of row b (at slot starts[b]+t) sees the kept prefix and new tokens
-    up to index visible[b, t] (default t: causal), i.e. key slots j <= starts[b] + visible[b, t]."""
+    up to index visible[b, t] (default t: causal), i.e. key slots j <= starts[b] + visible[b, t]; with
+    `hide` [B, T, 2], except the new tokens of indices hide[b, t, 0] <= i < hide[b, t, 1] (a tree of query
+    rows: ISD's rejection branches see the block's rows up to their branch point, then their own rows)."""
     last = last_visible(starts, num_new, visible)  # [B, T]
     keys = torch.arange(num_keys, device=starts.device)
-    return (keys[None, None, :] <= last[:, :, None])[:, None]
+    mask = keys[None, None, :] <= last[:, :, None]  # [B, T, S]
+    if hide is not None:
+        lo, hi = hidden_slots(starts, hide).unbind(-1)  # [B, T] each
+        mask = mask & ((keys[None, None, :] < lo[:, :, None]) | (keys[None, None, :] >= hi[:, :, None]))
+    return mask[:, None]
 
 
 class CacheAttention:
-    def __init__(self, cache: KVCache, rows: torch.Tensor, starts: torch.Tensor, visible: torch.Tensor | None = None):
-        self.cache, self.rows, self.starts, self.visible = cache, rows, starts, visible
+    def __init__(self, cache: KVCache, rows: torch.Tensor, starts: torch.Tensor, visible: torch.Tensor | None = None,
+                 hide: torch.Tensor | None = None):
+        self.cache, self.rows, self.starts, self.visible, self.hide = cache, rows, starts, visible, hide
         self._mask: torch.Tensor | None = None
 
     def attend(self, layer, q, k, v):
@@ -153,5 +167,5 @@ class CacheAttention:
         keys = cache.k[layer][rows, :, :end].to(q.dtype)  # [B, Hkv, S, D]
         values = cache.v[layer][rows, :, :end].to(q.dtype)
         if self._mask is None:  # the same for every layer of this forward
-            self._mask = cache_mask(self.starts, T, end, self.visible)
+            self._mask = cache_mask(self.starts, T, end, self.visible, self.hide)
         return sdpa(q, keys, values, self._mask)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from idlm.layers.attention import cache_mask, causal_sdpa, last_visible, sdpa
+from idlm.layers.attention import cache_mask, causal_sdpa, hidden_slots, last_visible, sdpa
 from idlm.layers.paged_kernel import kernel_supported, paged_attention, split_counters, store_kv
 
 
@@ -67,26 +67,29 @@ ROW_CAUSAL_MAX_ROWS = 2
 
 class PagedAttention:
     """Backend for one forward. slot_mapping [B, T], block_tables [B, M] (page ids, padded with any
-    valid page), starts [B], visible [B, T] or None; kernel: use the Triton kernel where supported.
+    valid page), starts [B], visible [B, T] or None, hide [B, T, 2] (block-index ranges a query does not see:
+    `cache_mask`) or None; kernel: use the Triton kernel where supported.
     host_rows: [(start, tokens)] of the real rows, known on the host (prefill): lets plain causal rows
     take `_attend_rows` (per row, exactly its keys, SDPA's causal kernels) — not under CUDA graphs."""
 
     def __init__(self, cache: PagedKVCache, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
                  starts: torch.Tensor, visible: torch.Tensor | None = None, kernel: bool = False,
-                 exact: bool = False, host_rows: list[tuple[int, int]] | None = None):
-        self.cache, self.slot_mapping, self.block_tables = cache, slot_mapping, block_tables
+                 exact: bool = False, host_rows: list[tuple[int, int]] | None = None,
+                 hide: torch.Tensor | None = None):
+        self.cache, self.slot_mapping, self.block_tables, self.hide = cache, slot_mapping, block_tables, hide
         self.starts, self.visible, self.kernel, self.exact = starts, visible, kernel or exact, exact
         self.host_rows = host_rows
         self._key_slots: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
         self._last: torch.Tensor | None = None
+        self._hide: torch.Tensor | None = None
 
     def _prepare(self, T: int) -> None:
         """Key slots [B, S] (S = M·bs positions 0..S−1 of each row) and the mask, shared by all layers."""
         bs = self.cache.block_size
         pos = torch.arange(self.block_tables.shape[1] * bs, device=self.block_tables.device)
         self._key_slots = self.block_tables[:, pos // bs] * bs + pos % bs
-        self._mask = cache_mask(self.starts, T, pos.numel(), self.visible)
+        self._mask = cache_mask(self.starts, T, pos.numel(), self.visible, self.hide)
 
     def attend(self, layer, q, k, v):  # q [B, Hq, T, D], k/v [B, Hkv, T, D] (views of [B, T, H, D]: free)
         B, Hkv, T, D = k.shape
@@ -106,11 +109,13 @@ class PagedAttention:
             if self._last is None:  # shared by all layers
                 self._last = kernel_last(last_visible(self.starts, T, self.visible), self.slot_mapping,
                                          self.cache.trash_slot)
+                self._hide = None if self.hide is None else hidden_slots(self.starts, self.hide)
             return paged_attention(q, kc, vc, self.block_tables, self._last, self.cache.block_size, exact=self.exact,
-                                   counters=self.cache.split_counters)
+                                   counters=self.cache.split_counters, hide=self._hide)
         rows = self.host_rows
-        if rows is not None and self.visible is None and (max(n for _, n in rows) >= ROW_CAUSAL_MIN_TOKENS
-                                                          or len(rows) <= ROW_CAUSAL_MAX_ROWS):
+        plain = self.visible is None and self.hide is None
+        if rows is not None and plain and (max(n for _, n in rows) >= ROW_CAUSAL_MIN_TOKENS
+                                           or len(rows) <= ROW_CAUSAL_MAX_ROWS):
             return self._attend_rows(kc, vc, q)
         if self._mask is None:
             self._prepare(T)

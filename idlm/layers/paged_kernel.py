@@ -11,7 +11,8 @@ straight from the pool:
 - it walks key positions 0..max(last)+1 in tiles of BLOCK_N, mapping position j to the slot
   block_table[b, j // page]·page + j % page, with an online (flash) softmax in float32;
 - query t sees keys j <= last[b, t] (causal: start + t; SDAR's block-bidirectional rows: start +
-  visible[t]), so masks never materialise.
+  visible[t]), except, with `hide`, the keys in its hidden range [lo, hi) (a tree of query rows: ISD's
+  rejection branches), so masks never materialise.
 
 Split KV (flash-decoding). With one program per (row, KV head), a small batch occupies a handful of
 the GPU's SMs while each program walks the whole context alone (8 programs for a Qwen3-8B-shaped
@@ -88,13 +89,17 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def _tile(q, k, v, pos, last, m_i, l_i, acc, scale, IEEE: tl.constexpr):
-        """One key tile into a query tile's online-softmax state (m, l, acc): q [BLOCK_M, D], k/v [BLOCK_N, D]."""
+    def _tile(q, k, v, pos, last, hlo, hhi, m_i, l_i, acc, scale, IEEE: tl.constexpr, TREE: tl.constexpr):
+        """One key tile into a query tile's online-softmax state (m, l, acc): q [BLOCK_M, D], k/v [BLOCK_N, D].
+        TREE: a query row also skips the key positions hlo <= pos < hhi (its hidden range)."""
         if IEEE:  # float32 pools: full-precision products (no TF32), like the reference path
             s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * scale
         else:
             s = tl.dot(q, tl.trans(k.to(q.dtype))) * scale  # [BLOCK_M, BLOCK_N] float32
-        s = tl.where(pos[None, :] <= last[:, None], s, float("-inf"))
+        see = pos[None, :] <= last[:, None]
+        if TREE:
+            see = see & ((pos[None, :] < hlo[:, None]) | (pos[None, :] >= hhi[:, None]))
+        s = tl.where(see, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
         p = tl.exp(s - m_safe[:, None])
@@ -156,15 +161,15 @@ def _kernel():
     globals()["_store_state"] = _store_state
 
     @triton.jit
-    def paged_attn_fwd(Q, K, V, Out, TABLES, LAST, PART_M, PART_L, PART_ACC, COUNTERS, scale,
+    def paged_attn_fwd(Q, K, V, Out, TABLES, LAST, HIDE, PART_M, PART_L, PART_ACC, COUNTERS, scale,
                        s_qb, s_qh, s_qt,  # q [B, Hq, T, D], unit stride in D
                        s_ks, s_kh,  # k/v pool of one layer [slots, Hkv, D], unit stride in D
                        s_ob, s_ot, s_oh,  # out [B, T, Hq, D]
-                       s_tb, s_lb,  # block tables [B, M], last [B, T]
+                       s_tb, s_lb, s_hb,  # block tables [B, M], last [B, T], hide [B, T, 2] (contiguous rows)
                        T, PAGE, SPLITS,
                        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
                        IEEE: tl.constexpr, SPLIT: tl.constexpr, TQ: tl.constexpr, PREFETCH: tl.constexpr,
-                       FUSED_COMBINE: tl.constexpr, MIN_CHUNK: tl.constexpr):
+                       FUSED_COMBINE: tl.constexpr, MIN_CHUNK: tl.constexpr, TREE: tl.constexpr):
         b = tl.program_id(0)
         hk = tl.program_id(1)
         sp = tl.program_id(2)  # the split (SPLIT) or else the query tile: tokens sp·TQ .. sp·TQ + TQ − 1
@@ -177,6 +182,11 @@ def _kernel():
         q = tl.load(Q + b * s_qb + h[:, None] * s_qh + t[:, None] * s_qt + d[None, :],
                     mask=row_ok[:, None], other=0.0)
         last = tl.load(LAST + b * s_lb + t, mask=row_ok, other=-1)  # [BLOCK_M]
+        hlo = last  # (unused without TREE)
+        hhi = last
+        if TREE:  # each query row's hidden key range [lo, hi)
+            hlo = tl.load(HIDE + b * s_hb + 2 * t, mask=row_ok, other=0)
+            hhi = tl.load(HIDE + b * s_hb + 2 * t + 1, mask=row_ok, other=0)
         n_keys = tl.max(last, axis=0) + 1
         lo = 0
         hi = n_keys
@@ -206,7 +216,7 @@ def _kernel():
                 nxt = pos + BLOCK_N
                 page = tl.load(TABLES + b * s_tb + nxt // PAGE, mask=nxt < hi, other=0)
                 slot = page.to(tl.int64) * PAGE + nxt % PAGE
-                m_i, l_i, acc = _tile(q, k, v, pos, last, m_i, l_i, acc, scale, IEEE)
+                m_i, l_i, acc = _tile(q, k, v, pos, last, hlo, hhi, m_i, l_i, acc, scale, IEEE, TREE)
         else:
             for start in range(lo, hi, BLOCK_N):
                 pos = start + cols  # key positions [BLOCK_N]
@@ -215,7 +225,7 @@ def _kernel():
                 slot = page.to(tl.int64) * PAGE + pos % PAGE
                 k = tl.load(K + slot[:, None] * s_ks + hk * s_kh + d[None, :], mask=key_ok[:, None], other=0.0)
                 v = tl.load(V + slot[:, None] * s_ks + hk * s_kh + d[None, :], mask=key_ok[:, None], other=0.0)
-                m_i, l_i, acc = _tile(q, k, v, pos, last, m_i, l_i, acc, scale, IEEE)
+                m_i, l_i, acc = _tile(q, k, v, pos, last, hlo, hhi, m_i, l_i, acc, scale, IEEE, TREE)
         if SPLIT:
             if FUSED_COMBINE:
                 used = tl.maximum(tl.cdiv(n_keys, chunk), 1)  # splits that got keys; the others stop here
@@ -372,13 +382,14 @@ def split_counters(num: int, device) -> torch.Tensor:
 
 def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
                     last: torch.Tensor, page_size: int, splits: int | None = None, exact: bool = False,
-                    counters: torch.Tensor | None = None) -> torch.Tensor:
+                    counters: torch.Tensor | None = None, hide: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, Hq, T, D] (any strides with unit stride in D), k_pool/v_pool [slots, Hkv, D] (one layer),
     block_tables [B, M] page ids, last [B, T] the last key position each query sees (−1: none)
     -> out [B, Hq, T, D] (a transposed view of a contiguous [B, T, Hq, D], so the caller's
     `transpose(1, 2).reshape(B, T, Hq·D)` is free). splits: the split-KV factor (None: `kv_splits`).
     counters: zeroed int32 tickets (`split_counters`, at least B·Hkv): with $IDLM_ATTN_FUSED_COMBINE=1 a split
-    launch combines in its last split instead of a second kernel (`fused_combine`).
+    launch combines in its last split instead of a second kernel (`fused_combine`). hide [B, T, 2]: a range
+    [lo, hi) of key positions each query does not see besides those past `last` (None: none).
 
     exact: every query row bit-identical whatever T, the batch and the other rows (issue 16): fixed
     EXACT_BLOCK_M x EXACT_BLOCK_N tiles, the query split into tiles of EXACT_BLOCK_M / G tokens (one
@@ -392,6 +403,10 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     if block_tables.stride(1) != 1 or last.stride(1) != 1:  # rows may be strided (graph views), entries not
         raise ValueError("paged_attention needs block tables and `last` with unit stride along each row")
     group = Hq // Hkv
+    if hide is not None:
+        if hide.shape != (B, T, 2):
+            raise ValueError(f"hide must be [B, T, 2] = {(B, T, 2)}, got {tuple(hide.shape)}")
+        hide = hide.contiguous()
     out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
     prefetch, tuned_n, tuned_warps = kernel_tuning()
     if exact:
@@ -418,12 +433,15 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
         part_m = part_l = part_acc = out  # unused
     fuse = splits > 1 and counters is not None and counters.numel() >= B * Hkv and fused_combine()
     fwd[(B, Hkv, programs)](
-        q, k_pool, v_pool, out, block_tables, last, part_m, part_l, part_acc, counters if fuse else out, D ** -0.5,
+        q, k_pool, v_pool, out, block_tables, last, last if hide is None else hide, part_m, part_l, part_acc,
+        counters if fuse else out, D ** -0.5,
         q.stride(0), q.stride(1), q.stride(2), k_pool.stride(0), k_pool.stride(1),
         out.stride(0), out.stride(1), out.stride(2), block_tables.stride(0), last.stride(0),
+        0 if hide is None else hide.stride(0),
         T, page_size, splits, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, D=D,
         IEEE=q.dtype == torch.float32, SPLIT=splits > 1, TQ=tq, PREFETCH=prefetch and not exact,
-        FUSED_COMBINE=fuse, MIN_CHUNK=max(min_chunk(), block_n), num_warps=4 if exact else warps,
+        FUSED_COMBINE=fuse, MIN_CHUNK=max(min_chunk(), block_n), TREE=hide is not None,
+        num_warps=4 if exact else warps,
     )
     if splits > 1 and not fuse:
         combine[(B, Hkv)](out, part_m, part_l, part_acc, out.stride(0), out.stride(1), out.stride(2), T, splits,

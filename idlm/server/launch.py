@@ -69,6 +69,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "'auto' for ISD / R-ISD — 4 with --exact or --stride-schedule — and 4 otherwise)")
     p.add_argument("--stride-schedule", type=stride_schedule_arg, default=None,
                    help=STRIDE_SCHEDULE_HELP + " (default: none, --stride always)")
+    p.add_argument("--branches", action="store_true",
+                   help="ISD / R-ISD rejection branches: each step also drafts from every possible rejection point, "
+                        "so no round restarts cold (N² query tokens a step; exact; the stride defaults to 4)")
     p.add_argument("--lora-paths", "--lora", dest="lora", default=None,
                    help="R-ISD gated LoRA adapter (default: the model's known adapter, if any)")
     p.add_argument("--num-pages", "--num-blocks", dest="num_pages", type=int, default=None,
@@ -199,10 +202,11 @@ def cmd_serve(args) -> int:
     model, tok, lora = inf.model, inf.tokenizer, inf.adapter
     opts["decoder"] = inf.decoder
     if opts["stride"] is None:  # not given: the adaptive stride for ISD / R-ISD (`default_stride`)
-        opts["stride"] = default_stride(inf.decoder, args.exact, args.stride_schedule)
+        opts["stride"] = default_stride(inf.decoder, args.exact, args.stride_schedule, getattr(args, "branches", False))
     config = EngineConfig(decoder=opts["decoder"], stride=opts["stride"], threshold=opts["threshold"],
                           max_num_seqs=args.max_running_requests, num_pages=args.num_pages,
-                          attention=args.attention, stride_schedule=args.stride_schedule, exact=args.exact)
+                          attention=args.attention, stride_schedule=args.stride_schedule, exact=args.exact,
+                          branches=getattr(args, "branches", False))
     engine = LLMEngine(model, tok, config, lora=lora)
     if should_warm_up(args.warmup, config.stride, engine.runner.device.type):
         log = logging.getLogger("idlm.server")

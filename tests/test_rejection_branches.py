@@ -1,0 +1,233 @@
+"""ISD / R-ISD rejection branches (`idlm.decoding.isd`, "Rejection branches"): one forward also drafts, for
+every draft that may be rejected, the next drafts from its correction on, through a tree of query rows.
+
+Oracles:
+- a brute-force visibility matrix for the layout (`branch_layout`) and for `cache_mask`'s hidden ranges;
+- the reference gather + SDPA path for the Triton kernel's hidden ranges (interpreter on CPU), split and not;
+- a plain cold-start forward: branch j's logits equal those of the cold block [s_{j−1}, MASK…] a rejection at
+  j would run next, at the same positions over the same kept prefix (that is what the rows are for);
+- greedy AR: greedy ISD and R-ISD with branches emit its tokens, through the reference runner and the engine;
+- the reference runner for the engine (greedy and seeded sampling, the kernel and the graph input layout);
+- (the chi-square of sampling with branches against the enumerated AR law: tests/test_isd_distribution.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_isd import MASK, greedy, random_prompts, tiny_config
+from tiny import tiny_transformer
+
+from idlm.decoding import make_decoder
+from idlm.decoding.ar import ARDecoder
+from idlm.decoding.base import DecodeStats
+from idlm.decoding.isd import ISDDecoder, ISDState, branch_layout
+from idlm.decoding.reference import generate
+from idlm.decoding.sampling import SamplingParams
+from idlm.engine.llm_engine import EngineConfig, LLMEngine
+from idlm.errors import ConfigError
+from idlm.layers.attention import KVCache, cache_mask
+from idlm.layers.lora import LoRAAdapter, LoRAConfig
+from idlm.layers.paged_attention import PagedAttention, PagedKVCache
+from idlm.models.transformer import Transformer
+
+
+@pytest.fixture(scope="module")
+def model():
+    return Transformer(tiny_config()).init_weights(std=0.6, seed=0).eval()
+
+
+def _visible(offsets, hide):
+    """Brute force: the block rows each query row sees (causal by index, minus its hidden range)."""
+    q = len(offsets)
+    return [[i <= t and not hide[t][0] <= i < hide[t][1] for i in range(q)] for t in range(q)]
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 8])
+def test_branch_layout_sees_the_accepted_prefix_and_its_own_rows(n):
+    offsets, hide = branch_layout(n)
+    k, main = n - 1, 2 * n - 1
+    assert len(offsets) == len(hide) == n * n
+    vis = _visible(offsets, hide)
+    for t in range(main):  # the plain rows: causal, at their own index
+        assert offsets[t] == t and vis[t] == [i <= t for i in range(n * n)]
+    for j in range(k):
+        for i in range(k):
+            t = main + j * k + i
+            assert offsets[t] == j + 1 + i  # from the position of the correction of s_j on
+            want = [r <= j or main + j * k <= r <= t for r in range(n * n)]  # rows 0..j, then its own earlier rows
+            assert vis[t] == want, (n, j, i)
+
+
+def test_cache_mask_hides_each_querys_range():
+    starts = torch.tensor([3, 0])
+    hide = torch.tensor([[[0, 0], [1, 2], [1, 3]], [[0, 0], [0, 1], [2, 2]]])
+    got = cache_mask(starts, 3, 8, hide=hide)[:, 0]
+    for b in range(2):
+        for t in range(3):
+            lo, hi = (int(x) + int(starts[b]) for x in hide[b, t])
+            want = [j <= starts[b] + t and not lo <= j < hi for j in range(8)]
+            assert got[b, t].tolist() == want
+
+
+@pytest.mark.parametrize("splits", ["1", "3"])
+def test_kernel_hidden_ranges_equal_the_reference_path(splits, monkeypatch):
+    """The paged kernel's `hide` (interpreter) against gather + SDPA under the same mask, N = 3 layout."""
+    pytest.importorskip("triton", reason="the paged kernel needs the triton package (dev extra)")
+    monkeypatch.setenv("IDLM_KV_SPLITS", splits)
+    g = torch.Generator().manual_seed(0)
+    B, Hq, Hkv, D, page, n = 3, 4, 2, 16, 4, 3
+    offsets, hide = branch_layout(n)
+    T = len(offsets)
+    starts = torch.tensor([37, 0, 90])
+    pages = max(-(-(int(s) + T) // page) for s in starts) + 1
+    pool = PagedKVCache(1, B * pages + 2, page, Hkv, D)
+    pool.k.normal_(generator=g)
+    pool.v.normal_(generator=g)
+    tables = torch.randperm(B * pages, generator=g).view(B, pages)
+    pos = starts[:, None] + torch.arange(T)
+    slots = tables.gather(1, pos // page) * page + pos % page
+    q = torch.randn(B, T, Hq, D, generator=g).transpose(1, 2)
+    k = torch.randn(B, T, Hkv, D, generator=g).transpose(1, 2)
+    v = torch.randn(B, T, Hkv, D, generator=g).transpose(1, 2)
+    hidden = torch.tensor(hide).expand(B, T, 2)
+    pool2 = PagedKVCache(1, pool.num_blocks, page, Hkv, D)
+    pool2.k.copy_(pool.k)
+    pool2.v.copy_(pool.v)
+    want = PagedAttention(pool, slots, tables, starts, hide=hidden).attend(0, q, k, v)
+    got = PagedAttention(pool2, slots, tables, starts, hide=hidden, kernel=True).attend(0, q, k, v)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    causal = PagedAttention(pool, slots, tables, starts).attend(0, q, k, v)
+    assert not torch.allclose(causal[:, :, 2 * n - 1:], want[:, :, 2 * n - 1:])  # the branch rows did hide keys
+    torch.testing.assert_close(causal[:, :, : 2 * n - 1], want[:, :, : 2 * n - 1])  # the plain rows did not
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_branch_logits_equal_the_cold_block_a_rejection_would_run(model, lora):
+    """Branch j of a verify block [pending, s_0..s_{K−1}, MASK…] drafts as the MASK rows of a plain causal block
+    [pending, s_0..s_{j−1}, MASK × K] over the same prefix: its first MASK stands where the correction of s_j
+    goes (unseen, like a cold start's first MASK). Same positions, same visible tokens, so the same logits.
+    fp32, a tiny random model (with an R-ISD adapter: gate on)."""
+    n, k = 4, 3
+    prompt = random_prompts((9,), seed=3)[0]
+    adapter = None
+    if lora:
+        adapter = LoRAAdapter(model.config, LoRAConfig(rank=4)).init_weights(std=0.3, seed=1, zero_b=False)
+    dec = ISDDecoder(n, MASK, lora=lora, branches=True)
+    state = ISDState("V", last=7, specs=[11, 12, 13])
+    blk = dec.block(state)
+    kw = {}
+
+    def forward(tokens, offsets, start, is_mask, gate, hide=None):
+        cache = KVCache.for_model(model.config, 1, 64)
+        model(torch.tensor([prompt]), torch.arange(len(prompt))[None], cache.view(starts=torch.tensor([0])))
+        ids = torch.tensor([tokens])
+        if lora:
+            kw.update(lora=adapter, lora_gate=torch.tensor([gate]), is_mask=torch.tensor([is_mask]))
+        view = cache.view(starts=torch.tensor([start]), hide=None if hide is None else torch.tensor([hide]))
+        h = model(ids, (start + torch.tensor(offsets))[None], view, **kw)
+        return model.compute_logits(h)[0]
+
+    P = len(prompt)
+    with torch.no_grad():
+        got = forward(blk.tokens, blk.offsets, P, blk.is_mask, blk.gate, blk.hide)
+        for j in range(k):
+            cold = [7, *state.specs[:j]] + [MASK] * k
+            want = forward(cold, list(range(j + 1 + k)), P, [False] * (j + 1) + [True] * k,
+                           [False] * (j + 1) + [True] * k)
+            rows = slice(2 * n - 1 + j * k, 2 * n - 1 + (j + 1) * k)
+            torch.testing.assert_close(got[rows], want[j + 1:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_greedy_with_branches_equals_greedy_ar_and_never_restarts_cold(model, n):
+    prompts = random_prompts()
+    ar = generate(model, ARDecoder(), prompts, greedy(40))
+    for mode in ("sample", "argmax"):
+        outs = generate(model, ISDDecoder(n, MASK, branches=True), prompts, greedy(40, draft=mode))
+        assert [o.token_ids for o in outs] == [a.token_ids for a in ar], (n, mode)
+        s = DecodeStats.total([o.stats for o in outs])
+        assert s.rounds["cold"] == len(prompts)  # only each request's first round (after the prefill)
+        assert s.rounds["verify_rejected"] > 0  # rejections happened and were followed by verify rounds
+
+
+def test_risd_greedy_with_branches_equals_the_base_models_ar(model):
+    base = Transformer(tiny_config(mask=False)).init_weights(std=0.6, seed=2).eval()
+    adapter = LoRAAdapter(base.config, LoRAConfig(rank=4)).init_weights(std=0.3, seed=0, zero_b=False)
+    prompts = random_prompts(seed=5)
+    ar = generate(base, ARDecoder(), prompts, greedy(30))
+    outs = generate(base, ISDDecoder(3, None, lora=True, branches=True), prompts, greedy(30), lora=adapter)
+    assert [o.token_ids for o in outs] == [a.token_ids for a in ar]
+
+
+def test_branches_raise_the_tpf_of_a_trained_drafter(tiny):
+    """The embedded idlm-tiny drafts well: with branches a rejection is followed by a verify round of branch
+    drafts instead of a cold round, so the same greedy tokens take fewer forwards."""
+    m, tok = tiny
+    prompts = [tok.encode(t) for t in ("The cat", "Once upon a time", "1 + 2 =", "Hello")]
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    plain = generate(m, make_decoder("isd", 4, m.config, tok), prompts, params)
+    tree = generate(m, make_decoder("isd", 4, m.config, tok, branches=True), prompts, params)
+    assert [o.token_ids for o in tree] == [o.token_ids for o in plain]
+    p, t = DecodeStats.total([o.stats for o in plain]), DecodeStats.total([o.stats for o in tree])
+    assert p.rounds["cold"] > len(prompts) and t.rounds["cold"] == len(prompts)
+    assert t.tpf > p.tpf, (p.to_dict(), t.to_dict())
+
+
+def _run_engine(model, prompts, params, lora=None, **kw):
+    cfg = dict(decoder="isd", stride=4, page_size=8, num_pages=96, max_num_batched_tokens=256, max_num_seqs=32,
+               branches=True)
+    cfg.update(kw)
+    eng = LLMEngine(model, None, EngineConfig(**cfg), lora=lora)
+    outs = eng.run(prompts, params)
+    assert eng.block_manager.num_free_pages == eng.block_manager.num_pages  # nothing leaked
+    return outs, eng
+
+
+@pytest.mark.parametrize("stride", [2, 4])
+def test_engine_with_branches_equals_reference_greedy_and_seeded(tiny, stride):
+    m, tok = tiny
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(4, 200, (int(n),), generator=g).tolist() for n in (3, 17, 8, 30, 5, 12)]
+    params = [SamplingParams(temperature=0 if i % 2 else 0.8, top_k=0 if i % 3 else 20, seed=i,
+                             max_tokens=10 + 3 * i, ignore_eos=True) for i in range(len(prompts))]
+    ref = generate(m, make_decoder("isd", stride, m.config, tok, branches=True), prompts, params)
+    got, eng = _run_engine(m, prompts, params, stride=stride)
+    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+    assert [o.stats.forwards for o in got] == [o.stats.forwards for o in ref]
+    assert eng.max_query_len == stride * stride
+
+
+@pytest.mark.parametrize("decoder", ["isd", "risd"])
+def test_engine_branches_through_the_kernel_and_graph_inputs_equal_plain_inputs(decoder):
+    """The Triton kernel's hidden ranges (interpreter) and the CUDA graph's packed input layout (strided
+    views), against the gather + SDPA path with plain inputs: same tokens, greedy and seeded sampled rows."""
+    pytest.importorskip("triton", reason="the paged kernel needs the triton package (dev extra)")
+    torch.manual_seed(0)
+    m = tiny_transformer(64, head_dim=16, mask_token_id=3)
+    lora = None
+    if decoder == "risd":
+        lora = LoRAAdapter(m.config, LoRAConfig(rank=4)).init_weights(std=0.3, seed=0, zero_b=False)
+    prompts = [torch.randint(4, 64, (n,)).tolist() for n in (5, 23, 11, 40)]
+    params = [SamplingParams(temperature=0 if i % 2 else 1.0, seed=i, max_tokens=10 + i, ignore_eos=True)
+              for i in range(len(prompts))]
+    outs = {}
+    for attention, packed in (("sdpa", False), ("triton", True)):
+        eng = LLMEngine(m, None, EngineConfig(decoder=decoder, stride=3, num_pages=64, page_size=4, branches=True,
+                                              attention=attention), lora=lora)
+        eng.runner.packed_inputs = packed
+        outs[attention] = [o.token_ids for o in eng.run(prompts, params)]
+        assert eng.block_manager.num_free_pages == 64
+    assert outs["triton"] == outs["sdpa"]
+
+
+def test_branch_options_are_checked(tiny):
+    m, _ = tiny
+    with pytest.raises(ConfigError, match="branches"):
+        EngineConfig(decoder="ar", branches=True)
+    with pytest.raises(ConfigError, match="auto"):
+        EngineConfig(decoder="isd", stride="auto", branches=True)
+    with pytest.raises(ConfigError, match="branches"):
+        EngineConfig(decoder="isd", stride=4, branches="yes")
+    with pytest.raises(ConfigError, match="rejection branches"):
+        make_decoder("sdar", 4, m.config, branches=True)
