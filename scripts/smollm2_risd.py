@@ -404,8 +404,9 @@ def eval_target(args) -> tuple[str, str, Path]:
     os.environ.update({k: v for k, v in env().items() if k == "IDLM_CACHE"})
     sys.path.insert(0, str(SITE))
     if args.smoke:
-        return "cpu", "idlm-tiny-ar", resolve_model_path("idlm-tiny-ar-risd-lora")
-    return "cuda", MODEL, STATE / "lora" / "final"
+        return "cpu", "idlm-tiny-ar", resolve_model_path(args.adapter or "idlm-tiny-ar-risd-lora")
+    # --adapter: e.g. the embedded smollm2-135m-instruct-risd-lora, on a machine that trained nothing
+    return "cuda", MODEL, resolve_model_path(args.adapter) if args.adapter else STATE / "lora" / "final"
 
 
 def load_target(name: str, adapter, dev: str, dtype: str):
@@ -765,7 +766,8 @@ def main() -> None:
     ap.add_argument("--config", default="configs/smollm2/lora.yaml",
                     help="train: the LoRA config (configs/smollm2/lora_more.yaml: more steps from the shipped adapter)")
     ap.add_argument("--adapter", default=None,
-                    help="tpf: the adapter (directory or registry name; default the training run's newest checkpoint)")
+                    help="tpf: the adapter (directory or registry name; default the training run's newest checkpoint); "
+                         "eval, speed: the same (default: the training run's final adapter)")
     ap.add_argument("--draft-temperatures", default="",
                     help="tpf: also TPF at T = 0.7 with sampled drafts drawn at these temperatures (e.g. 0.3,0.5)")
     ap.add_argument("--branches", action="store_true",

@@ -423,13 +423,15 @@ def test_decode_kernel_compiles_for_cuda():
                     reason="needs a CUDA device and compiled kernels: on a GPU run with TRITON_INTERPRET=0")
 @pytest.mark.parametrize("prefetch,fused,min_chunk", [("1", "0", ""), ("0", "0", ""), ("1", "1", ""), ("1", "1", "0")])
 @pytest.mark.parametrize("splits", [None, 1, 4, 8])
-@pytest.mark.parametrize("T", [1, 7])
+@pytest.mark.parametrize("T", [1, 7, 16])
 def test_kernel_on_cuda_equals_reference_path_in_fp32(monkeypatch, prefetch, fused, min_chunk, splits, T):
     """Issue 14's exactness on the GPU, with the compiled kernel (defaults chosen by the H200 sweep, and the
     non-prefetching loop; and the split states combined in the same launch, `fused_combine`, whose ticket
     ordering only a GPU tests): the Qwen3-8B head layout, rows of 1,000 / 5 / 300 kept keys, split (automatic
-    or forced) and unsplit, vs gather + SDPA in fp32: <= 2e-6, in 20 launches back to back."""
-    from idlm.layers.attention import last_visible
+    or forced) and unsplit, vs gather + SDPA in fp32: <= 2e-6, in 20 launches back to back. T = 16: an N = 4
+    block with rejection branches (each query's hidden range, `branch_layout`)."""
+    from idlm.decoding.isd import branch_layout
+    from idlm.layers.attention import hidden_slots, last_visible
     from idlm.layers.paged_kernel import paged_attention
 
     monkeypatch.setenv("IDLM_ATTN_PREFETCH", prefetch)
@@ -446,10 +448,12 @@ def test_kernel_on_cuda_equals_reference_path_in_fp32(monkeypatch, prefetch, fus
         pools.append(p)
     slots, tables, st = slots.cuda(), tables.cuda(), st.cuda()
     q, k, v = q.cuda(), k.cuda(), v.cuda()
-    want = PagedAttention(pools[0], slots, tables, st).attend(0, q, k, v)  # writes this block's K/V too
+    hide = torch.tensor(branch_layout(4)[1]).expand(B, T, 2).cuda() if T == 16 else None
+    want = PagedAttention(pools[0], slots, tables, st, hide=hide).attend(0, q, k, v)  # writes this block's K/V too
     PagedAttention(pools[1], slots, tables, st).attend(0, q, k, v)  # the same K/V into the kernel's pool
     for _ in range(20 if fused == "1" else 1):
         got = paged_attention(q, pools[1].k[0], pools[1].v[0], tables, last_visible(st, T, None), page,
-                              splits=splits, counters=pools[1].split_counters)
+                              splits=splits, counters=pools[1].split_counters,
+                              hide=None if hide is None else hidden_slots(st, hide))
         assert (got - want).abs().max().item() <= 2e-6
     assert not pools[1].split_counters.any()
