@@ -45,6 +45,9 @@ def _add_decoder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--branches", action="store_true",
                    help="ISD / R-ISD rejection branches: each step also drafts from every possible rejection point, "
                         "so no round restarts cold (N² query tokens a step instead of 2N−1; exact; a fixed --stride)")
+    p.add_argument("--branches-max-batch", type=_positive_int, default=None,
+                   help="with --branches, engine commands: the largest decode batch that drafts them (larger ones run "
+                        "the plain layout; default: every batch)")
     p.add_argument("--lora", default=None,
                    help="R-ISD gated LoRA adapter directory or name, e.g. idlm-tiny-ar-risd-lora "
                         "(default: the model's known adapter, if any)")
@@ -334,7 +337,7 @@ def cmd_bench_offline(args) -> int:
     cfg = EngineConfig(decoder=decoder.name, stride=args.stride, threshold=args.threshold,
                        max_num_seqs=max(args.concurrency), cuda_graphs=not args.no_cuda_graphs,
                        num_pages=args.num_pages, attention=args.attention, stride_schedule=args.stride_schedule,
-                       exact=args.exact, branches=args.branches)
+                       exact=args.exact, branches=args.branches, branches_max_batch=args.branches_max_batch)
     engine = LLMEngine(model, tok, cfg, lora=lora)
     # the adaptive stride explores strides the workload's warm-up pass may not reach: compile and capture them
     # all now, not inside a timed run (as `idlm serve --warmup`)

@@ -221,6 +221,22 @@ def test_engine_branches_through_the_kernel_and_graph_inputs_equal_plain_inputs(
     assert outs["triton"] == outs["sdpa"]
 
 
+def test_branches_only_up_to_a_batch_size_stay_exact(tiny):
+    """branches_max_batch: batches above it run the plain layout of the same stride, below it the branches —
+    a request crosses between them as others finish, mid-decode, and its greedy tokens stay the reference's."""
+    m, tok = tiny
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(4, 200, (int(n),), generator=g).tolist() for n in (3, 17, 8, 30, 5, 12)]
+    params = [SamplingParams(temperature=0, max_tokens=8 + 6 * i, ignore_eos=True) for i in range(len(prompts))]
+    ref = generate(m, make_decoder("isd", 4, m.config, tok), prompts, params)
+    got, eng = _run_engine(m, prompts, params, branches_max_batch=3)
+    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+    assert set(eng._decoders) == {(4, True), (4, False)}  # both layouts ran (the plain one is made on first use)
+    q = eng.counters["decode_query_tokens"]
+    rows = sum(o.stats.forwards for o in got)
+    assert 7 * rows < q < 16 * rows
+
+
 def test_branch_options_are_checked(tiny):
     m, _ = tiny
     with pytest.raises(ConfigError, match="branches"):
@@ -231,3 +247,7 @@ def test_branch_options_are_checked(tiny):
         EngineConfig(decoder="isd", stride=4, branches="yes")
     with pytest.raises(ConfigError, match="rejection branches"):
         make_decoder("sdar", 4, m.config, branches=True)
+    with pytest.raises(ConfigError, match="branches_max_batch needs branches"):
+        EngineConfig(decoder="isd", stride=4, branches_max_batch=8)
+    with pytest.raises(ConfigError, match="branches_max_batch"):
+        EngineConfig(decoder="isd", stride=4, branches=True, branches_max_batch=0)

@@ -148,6 +148,11 @@ class EngineConfig:
     # query block grows from 2N−1 to N² tokens. A fixed stride or a stride_schedule (not "auto" yet: its
     # step-cost model prices 2N−1-token steps)
     branches: bool = False
+    # with branches: the largest decode batch whose steps draft them; larger batches run the plain 2N−1 layout of
+    # the same stride (exact either way: the choice depends on the batch size only, and the two layouts' states
+    # are the same). None: every batch. At C = 64 on the H200 SmolLM2's N² = 16-token rows cost more than their
+    # extra tokens gain (docs/risd.md "Session 22"); at C <= 16 they paid or tied
+    branches_max_batch: int | None = None
     page_size: int = 16  # KV-cache page: token slots per page
     num_pages: int | None = None  # KV-cache pages; None: from free GPU memory (CPU: up to 1 GiB)
     max_num_seqs: int = 256
@@ -211,6 +216,10 @@ class EngineConfig:
             raise ConfigError(f"invalid engine option branches={self.branches!r}: must be True or False")
         if self.branches and self.decoder not in ("isd", "risd"):
             raise ConfigError(f"branches (rejection branches) are for the isd and risd decoders, not {self.decoder!r}")
+        if self.branches_max_batch is not None:
+            positive("branches_max_batch")
+            if not self.branches:
+                raise ConfigError("branches_max_batch needs branches=True")
         if self.branches and self.stride == "auto":
             raise ConfigError("branches need a fixed stride or a stride_schedule: the adaptive stride 'auto' does "
                               "not price their N²-token steps yet")
@@ -334,7 +343,7 @@ class LLMEngine:
         if self.max_model_len > mcfg.max_position_embeddings:
             raise ConfigError(f"max_model_len {self.max_model_len} exceeds the model's context of "
                               f"{mcfg.max_position_embeddings} tokens")
-        self._decoders: dict[int, object] = {}
+        self._decoders: dict[tuple[int, bool], object] = {}  # (stride, rejection branches) -> decoder
         strides = config.strides
         for n in strides:
             self._decoder(n)  # validate every stride up front (MASK token, N >= 2, ...)
@@ -393,17 +402,20 @@ class LLMEngine:
                          "generated_tokens": 0, "finished": 0, "aborted": 0, "failed": 0, "decode_time_s": 0.0,
                          "prefill_time_s": 0.0}
 
-    def _decoder(self, stride: int):
-        if stride not in self._decoders:
+    def _decoder(self, stride: int, branches: bool | None = None):
+        """The decoder of a stride (with rejection branches or not; None: as configured), made once."""
+        branches = self.config.branches if branches is None else branches
+        key = (stride, branches)
+        if key not in self._decoders:
             if stride == 1 and self.config.decoder in ("isd", "risd") and stride != self.config.stride:
                 decoder = ISDPlainStep(self.config.decoder)  # a schedule's N = 1: plain AR steps, exact
             else:
                 decoder = make_decoder(self.config.decoder, stride, self.model.config, self.tokenizer,
-                                       self.config.threshold, branches=self.config.branches)
+                                       self.config.threshold, branches=branches)
                 if self.config.stride == "auto" and self.config.auto_per_row:
                     decoder.per_row = True  # every step with per-row inputs: one compiled step per stride
-            self._decoders[stride] = decoder
-        return self._decoders[stride]
+            self._decoders[key] = decoder
+        return self._decoders[key]
 
     def _step_decoder(self, decodes: list[Sequence]):
         """The decoder of this step's decode rows: the one of the stride (fixed, scheduled or "auto")."""
@@ -413,6 +425,10 @@ class LLMEngine:
                 self._set_row_strides(decodes, n)
         elif self.config.stride != "auto":
             n = self.config.stride_for(len(decodes))
+            limit = self.config.branches_max_batch
+            if limit is not None and len(decodes) > limit:  # too large a batch for N²-token rows: the plain layout
+                self.stride_mix[n] = self.stride_mix.get(n, 0) + 1
+                return self._decoder(n, branches=False)
         else:
             if self._choice_due():
                 bucket = self.runner.bucket(len(decodes))
