@@ -5,7 +5,8 @@ Stages (comma-separated argv[1], default all):
   exact  fp32 and bf16: engine R-ISD (the fused step: LoRA folded into the projections) vs engine AR on
          idlm-tiny-ar, greedy, 64 prompts x 128 tokens: how many requests are identical
   step   bf16, batch 1, greedy and T = 0.7: the decode step of AR, R-ISD fused and R-ISD unfused (separate LoRA
-         matmuls; $STEP_KINDS picks some, e.g. ar,risd_fused), in turns ($ROUNDS rounds, per-round ratios),
+         matmuls; $STEP_KINDS picks some, e.g. ar,risd_fused; risd_br: fused with rejection branches, only when
+         named), in turns ($ROUNDS rounds, per-round ratios),
          for idlm-tiny-ar (its trained adapter) and a SmolLM2-135M-shaped model (random weights and a
          random adapter of $SMOL_RANK, default 32: step cost does not depend on the values)
   profile  batch 1, AR vs fused R-ISD: GPU time of the step's CUDA graph alone vs the engine step, and
@@ -115,15 +116,16 @@ def stage_step():
             tok = None
             prompt = torch.randint(10, 40000, (64,), generator=torch.Generator().manual_seed(0)).tolist()
         kinds = {"ar": (model_f, None, None), "risd_fused": (model_f, lora_f, True),
-                 "risd_unfused": (model_u, lora_u, False)}
-        kinds = {k: v for k, v in kinds.items() if k == "ar" or not only or k in only.split(",")}
+                 "risd_unfused": (model_u, lora_u, False),
+                 "risd_br": (model_f, lora_f, True)}  # fused, with rejection branches (N² = 16 query tokens)
+        kinds = {k: v for k, v in kinds.items() if k == "ar" or (k in only.split(",") if only else k != "risd_br")}
         out[name] = {}
         for temp in (0.0, 0.7):
             cases = {}
             for k, (model, lora, fuse) in kinds.items():
                 eng = LLMEngine(model, tok, EngineConfig(decoder="risd" if lora is not None else "ar", stride=4,
-                                                         max_num_seqs=1, num_pages=512, fuse_projections=fuse),
-                                lora=lora)
+                                                         max_num_seqs=1, num_pages=512, fuse_projections=fuse,
+                                                         branches=k == "risd_br"), lora=lora)
                 params = SamplingParams(temperature=temp, max_tokens=400, ignore_eos=True, seed=0)
                 eng.run([prompt], params)  # warm-up: compiles, graph captures
                 cases[k] = (eng, prompt, params)
