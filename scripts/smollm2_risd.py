@@ -49,9 +49,9 @@ that carry a 47 MiB half of the GGUF) and tracks them again afterwards:
     python scripts/smollm2_risd.py card --from DIR            (here: the asset from the returned files)
 
 Session 21 trained configs/smollm2/lora_tv.yaml (the drafter trained toward acceptance; its calls are
-listed in docs/risd.md "Session 21"): the embedded adapter is now its result. The next device run follows the same
-calls (unpack, then `tpf`, `eval`, `speed`) once the engine drafts rejection branches (docs/risd.md
-"Rejection branches"): the TPF gain measured on the CPU by scripts/branch_drafts.py, to be shown on the GPU.
+listed in docs/risd.md "Session 21"): the embedded adapter is now its result. Session 22 measured the engine's
+rejection branches with it (no training: `--adapter smollm2-135m-instruct-risd-lora` on `eval --branches` and
+`speed --no-auto --branches`; docs/risd.md "Session 22").
 
 On a machine of several GPUs (`run(kind="nvidia-h200-x8")`, when lent: device time counts per machine,
 not per GPU) `distill` deals its engines over the GPUs (3 per GPU) and `train` runs data-parallel through
@@ -734,12 +734,37 @@ def stage_card(args) -> None:
     for temp, rows in (speed.get("speed") or {}).items():
         cells = ", ".join(f"C = {r['concurrency']}: {r['risd_over_ar']}×" for r in rows)
         lines.append(f"- **Speed** ({temp}, per-request tok/s R-ISD / AR, {speed.get('device', '')}): {cells}.")
+    lines += branch_card_lines(src)
     lines += ["", "Device, versions, commands and raw JSON: `docs/risd.md` and `docs/runs/risd/`.", ""]
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "adapter_model.safetensors").write_bytes(data)
     (dest / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (dest / "README.md").write_text("\n".join(lines))
     emit("card", {"asset": str(dest), "bytes": len(data), "assets_total_mb": round((others + len(data)) / 1e6, 2)})
+
+
+def branch_card_lines(src: Path) -> list[str]:
+    """The model card's lines on rejection branches, from an `eval --branches` (eval_branches.json) and a
+    `speed --branches` (speed_branches.json) run in `src` (session 22's: docs/runs/risd/session22/); none
+    without them."""
+    ev_file, sp_file = src / "eval_branches.json", src / "speed_branches.json"
+    if not ev_file.exists():
+        return []
+    ev = json.loads(ev_file.read_text())
+    t0, t7 = ev["tpf_T0.0_branches"]["tpf"], ev["tpf_T0.7_branches"]["tpf"]
+    ex, he = ev["exact_float32"], ev["humaneval"]
+    lines = [f"- **Rejection branches** (`--branches`: N² = 16 query rows a step, no cold rounds): tokens per "
+             f"forward at N = 4 {t0} greedy, {t7} at T = 0.7 (the same run without: {ev['tpf_T0.0']['tpf']} / "
+             f"{ev['tpf_T0.7']['tpf']}); greedy ≡ AR {ex['identical']}/{ex['of']} in fp32; HumanEval completions "
+             f"identical {he.get('identical_completions', '?')}/164."]
+    if sp_file.exists():
+        speed = json.loads(sp_file.read_text())
+        for temp, rows in speed["speed"].items():
+            cells = ", ".join(f"C = {r['concurrency']}: {r['risd_br_over_ar']}×"
+                              for r in rows if "risd_br_over_ar" in r)
+            lines.append(f"- **Speed with branches** ({temp}, per-request tok/s R-ISD / AR, "
+                         f"{speed.get('device', '')}): {cells}.")
+    return lines
 
 
 def stage_exact(args) -> None:
