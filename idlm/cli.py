@@ -44,7 +44,7 @@ def _add_decoder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=0.9, help="SDAR: unmask slots whose confidence >= this")
     p.add_argument("--branches", action="store_true",
                    help="ISD / R-ISD rejection branches: each step also drafts from every possible rejection point, "
-                        "so no round restarts cold (N² query tokens a step instead of 2N−1; exact; a fixed --stride)")
+                        "so no round restarts cold (N² query tokens a step instead of 2N−1; exact)")
     p.add_argument("--branches-max-batch", type=_positive_int, default=None,
                    help="with --branches, engine commands: the largest decode batch that drafts them (larger ones run "
                         "the plain layout; default: every batch)")

@@ -13,6 +13,8 @@ Oracles:
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from test_isd import MASK, greedy, random_prompts, tiny_config
@@ -242,7 +244,7 @@ def test_branch_options_are_checked(tiny):
     with pytest.raises(ConfigError, match="branches"):
         EngineConfig(decoder="ar", branches=True)
     with pytest.raises(ConfigError, match="auto"):
-        EngineConfig(decoder="isd", stride="auto", branches=True)
+        EngineConfig(decoder="isd", stride="auto", branches=True, branches_max_batch=8)
     with pytest.raises(ConfigError, match="branches"):
         EngineConfig(decoder="isd", stride=4, branches="yes")
     with pytest.raises(ConfigError, match="rejection branches"):
@@ -251,3 +253,74 @@ def test_branch_options_are_checked(tiny):
         EngineConfig(decoder="isd", stride=4, branches_max_batch=8)
     with pytest.raises(ConfigError, match="branches_max_batch"):
         EngineConfig(decoder="isd", stride=4, branches=True, branches_max_batch=0)
+
+
+class _RowStrides(ISDDecoder):
+    """ISD whose rows run their own strides n <= N (what the adaptive stride's per-row choice sets), by row."""
+
+    def __init__(self, strides, *args, **kw):
+        super().__init__(*args, **kw)
+        self._strides = strides
+
+    def start(self, logits, params, rngs):
+        states, results = super().start(logits, params, rngs)
+        for s, n in zip(states, self._strides):
+            s.n = n
+        return states, results
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_rows_of_their_own_stride_with_branches_equal_greedy_ar(model, lora):
+    """A step of stride 4 with branches whose rows run n = 1..4: each row's branch groups use their first n − 1
+    rows (`draft_index` per row); greedy output is AR's, sampled output is the seeded reference's per row."""
+    prompts = random_prompts((3, 9, 5, 14, 7), seed=4)
+    base, adapter = model, None
+    if lora:
+        base = Transformer(tiny_config(mask=False)).init_weights(std=0.6, seed=2).eval()
+        adapter = LoRAAdapter(base.config, LoRAConfig(rank=4)).init_weights(std=0.3, seed=0, zero_b=False)
+    ar = generate(base, ARDecoder(), prompts, greedy(30))
+    dec = _RowStrides([4, 3, 2, 1, 3], 4, None if lora else MASK, lora=lora, branches=True)
+    outs = generate(base, dec, prompts, greedy(30), lora=adapter)
+    assert [o.token_ids for o in outs] == [a.token_ids for a in ar]
+    assert outs[3].stats.rounds.get("ar", 0) == outs[3].stats.forwards  # n = 1: plain AR steps inside the block
+
+
+def test_policy_prices_branches():
+    from idlm.decoding.stride_policy import StepCostModel, choose_stride, isd_tpf, query_len_of, tpf_table
+
+    a = [0.8, 0.7, 0.6, 0.5, 0.5, 0.5, 0.5]
+    assert query_len_of(4, branches=True) == 16 and query_len_of(4) == 7 and query_len_of(1, branches=True) == 1
+    for n in range(2, 9):  # no cold steps: every step verifies, E = 1 + Σ_j Π_{i<=j} a_i
+        want = 1 + sum(math.prod(a[:j + 1]) for j in range(n - 1))
+        assert abs(isd_tpf(a[: n - 1], branches=True) - want) < 1e-12
+        assert isd_tpf(a[: n - 1], branches=True) > isd_tpf(a[: n - 1])
+    table = tpf_table([a], [1, 2, 4, 8], branches=True)[0]
+    assert table[0] == 1.0 and abs(table[2] - isd_tpf(a[:3], branches=True)) < 1e-12
+    # the rate of stride N: tokens (no cold steps) over the cost of N² query tokens a row
+    cost = StepCostModel(1e-3, 0.0, 1e-4)
+    tree = choose_stride([a] * 4, cost, ar_margin=0.0, hysteresis=0.0, branches=True)
+    assert abs(tree.rates[4] - 4 * isd_tpf(a[:3], branches=True) / cost.cost(4, 16)) < 1e-9
+    # nearly free query tokens: without cold steps a longer stride pays; dear ones: N² rows make it cost more
+    cheap, dear = StepCostModel(1e-3, 0.0, 1e-6), StepCostModel(1e-3, 0.0, 1e-4)
+    for rows, c, longer in (([a], cheap, True), ([a] * 4, dear, False)):
+        plain = choose_stride(rows, c, ar_margin=0.0, hysteresis=0.0)
+        tree = choose_stride(rows, c, ar_margin=0.0, hysteresis=0.0, branches=True)
+        assert (tree.stride > plain.stride) if longer else (tree.stride < plain.stride), (plain, tree)
+
+
+@pytest.mark.parametrize("cost", [(1e-3, 0.0, 1e-7), (1e-3, 0.0, 2e-5)])
+def test_auto_stride_with_branches_equals_greedy_ar(tiny, cost):
+    """`stride="auto"` with branches: the policy's strides (per row, N² blocks) keep greedy AR's tokens."""
+    from test_engine import _engine_staggered, _small_engine, _workload
+
+    m, tok = tiny
+    prompts, params = _workload(tok, n=16, seed=13)
+    want = _small_engine(m, tok, "ar", 4).run(prompts, params)
+    eng = _small_engine(m, tok, "isd", "auto", step_cost=cost, auto_interval=2, num_pages=400, branches=True)
+    eng._times.seconds = lambda bucket: {}  # the cost model alone decides
+    got = _engine_staggered(eng, prompts, params, per_step=4)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert eng.max_query_len == 64  # N = 8 with branches
+    if cost[2] < 1e-6:
+        assert max(eng.stride_mix) >= 4
+    assert eng.block_manager.num_free_pages == eng.block_manager.num_pages

@@ -20,6 +20,8 @@ The math, as small pure functions:
   cold). A renewal argument gives TPF = (1 − P + E) / (2 − P), P = Π a_j (all accepted: verify again),
   E = 1 + Σ_j Π_{i ≤ j} a_i (tokens of a verify step). With a_j = p this is SPEC §7's
   (2 + p + … + p^(N−2)) / (2 − p^(N−1)).
+  With rejection branches (`EngineConfig.branches`) no step is cold after the first: TPF = E, and a step
+  of stride N carries N² query tokens (`query_len_of`).
 - `acceptance_estimate`: per-position conditional acceptance from counts, smoothed by a prior.
 - `choose_stride`: argmax over N of Σ_rows TPF_row(N) / step seconds(N), the step time measured at this
   batch bucket where the stride has run (`StepTimer`), else cost(batch, batch·(2N−1)) — with a hysteresis
@@ -49,14 +51,14 @@ MAX_STRIDE = 8
 STRIDES = tuple(range(1, MAX_STRIDE + 1))
 
 
-def isd_tpf(accept: Sequence[float]) -> float:
+def isd_tpf(accept: Sequence[float], branches: bool = False) -> float:
     """Expected committed tokens per forward of ISD with stride len(accept) + 1 (see the module
     docstring); accept[j] = P(draft j+1 accepted | drafts before it accepted). [] -> 1 (plain AR).
-    One row of `isd_tpf_rows`."""
-    return float(isd_tpf_rows(np.asarray(accept, dtype=np.float64).reshape(1, -1))[0])
+    branches: with rejection branches (every step verifies). One row of `isd_tpf_rows`."""
+    return float(isd_tpf_rows(np.asarray(accept, dtype=np.float64).reshape(1, -1), branches)[0])
 
 
-def isd_tpf_rows(accept) -> "np.ndarray":
+def isd_tpf_rows(accept, branches: bool = False) -> "np.ndarray":
     """`isd_tpf` of many rows at once: accept [B, N−1] conditional acceptances -> [B] expected tokens per
     forward at stride N (N = 1: a [B, 0] array, every row 1). The engine's path at large batches."""
     a = np.asarray(accept, dtype=np.float64)
@@ -68,6 +70,8 @@ def isd_tpf_rows(accept) -> "np.ndarray":
         return np.ones(a.shape[0])
     run = np.cumprod(a, axis=1)  # P(drafts 1..j accepted)
     p_all, verify_tokens = run[:, -1], 1.0 + run.sum(axis=1)
+    if branches:  # no cold steps: every step is a verify step
+        return verify_tokens
     return (1.0 - p_all + verify_tokens) / (2.0 - p_all)
 
 
@@ -170,9 +174,10 @@ class StepCostModel:
         return cls(*map(float, coef))
 
 
-def query_len_of(stride: int) -> int:
-    """Query tokens per request of an ISD step with this stride (1: a plain AR step)."""
-    return 1 if stride == 1 else 2 * stride - 1
+def query_len_of(stride: int, branches: bool = False) -> int:
+    """Query tokens per request of an ISD step with this stride (1: a plain AR step): 2N − 1, or N² with
+    rejection branches."""
+    return 1 if stride == 1 else stride * stride if branches else 2 * stride - 1
 
 
 @dataclass
@@ -183,10 +188,11 @@ class StrideChoice:
     rows: list[int] | None = None  # per_row: each row's own stride (<= stride) at choice time
 
 
-def tpf_table(accepts, strides: Sequence[int]) -> "np.ndarray":
+def tpf_table(accepts, strides: Sequence[int], branches: bool = False) -> "np.ndarray":
     """`isd_tpf_rows` of every row at every stride in `strides` at once: accepts [B, >= max(strides) − 1]
     -> [B, len(strides)] (one cumulative product and sum serve all strides: the adaptive stride's choice
-    runs every few steps on the host, between device steps of well under a millisecond)."""
+    runs every few steps on the host, between device steps of well under a millisecond). branches: with
+    rejection branches."""
     a = np.asarray(accepts, dtype=np.float64)
     if a.ndim != 2:
         raise ValueError(f"tpf_table needs a [rows, positions] array, got shape {a.shape}")
@@ -199,7 +205,7 @@ def tpf_table(accepts, strides: Sequence[int]) -> "np.ndarray":
     verify_tokens = 1.0 + np.cumsum(run, axis=1)
     col = np.clip(n - 2, 0, None)
     p_all = run[:, col]
-    tpf = (1.0 - p_all + verify_tokens[:, col]) / (2.0 - p_all)
+    tpf = verify_tokens[:, col].copy() if branches else (1.0 - p_all + verify_tokens[:, col]) / (2.0 - p_all)
     tpf[:, n == 1] = 1.0  # a plain AR step
     return tpf
 
@@ -210,14 +216,15 @@ def _best_within(table: "np.ndarray", upto: int) -> tuple["np.ndarray", "np.ndar
     return best, table[np.arange(len(table)), best]
 
 
-def row_strides(accepts, strides: Sequence[int], limit: int) -> tuple["np.ndarray", "np.ndarray"]:
+def row_strides(accepts, strides: Sequence[int], limit: int, branches: bool = False
+                ) -> tuple["np.ndarray", "np.ndarray"]:
     """Each row's best stride among `strides` that are <= limit, by expected tokens per forward
     (`isd_tpf`; ties: the smaller stride), and that TPF: accepts [B, >= limit − 1] -> ([B] int, [B] float).
     In a step of stride `limit` every row pays for 2·limit − 1 query slots whatever its own N (the batch is
     rectangular), so each row simply takes the N it commits most tokens with — not always the largest:
     a row whose far drafts are rarely accepted cold-starts after most steps (TPF is not monotone in N)."""
     cands = sorted(n for n in strides if n <= limit) or [limit]
-    best, tpf = _best_within(tpf_table(accepts, cands), len(cands) - 1)
+    best, tpf = _best_within(tpf_table(accepts, cands, branches), len(cands) - 1)
     return np.asarray(cands)[best], tpf
 
 
@@ -225,7 +232,7 @@ def choose_stride(row_accepts: Sequence[Sequence[float]], cost: StepCostModel, s
                   current: int | None = None, hysteresis: float = 0.03,
                   cost_scale: dict[int, float] | None = None,
                   measured: dict[int, float] | None = None, per_row: bool = False,
-                  ar_margin: float = 0.1) -> StrideChoice:
+                  ar_margin: float = 0.1, branches: bool = False) -> StrideChoice:
     """The batch's stride: argmax_N of Σ_rows isd_tpf(a_row[:N−1]) / seconds_N, expected committed tokens
     per second of the batch. seconds_N: the `measured` step time of stride N at this batch size
     (`StepTimer`) where it has run, else the model's cost(B, Q(N)) · scale_N (cost_scale: measured /
@@ -242,7 +249,7 @@ def choose_stride(row_accepts: Sequence[Sequence[float]], cost: StepCostModel, s
     Σ_rows max_{n <= N} TPF_row(n) and costs a step of the longest stride its rows take (a longer step would
     only pad every block: on the H200 a step of N = 8 whose rows all took 4 cost 12% more than an N = 4
     step, and N = 4 was never run so never measured), so the choice is that stride (a tie keeps the
-    smaller N)."""
+    smaller N). branches: the ISD steps carry rejection branches (`isd_tpf`, `query_len_of`)."""
     if len(row_accepts) == 0:
         raise ValueError("choose_stride needs at least one row")
     if not strides or any(s < 1 or s > MAX_STRIDE for s in strides):
@@ -253,14 +260,15 @@ def choose_stride(row_accepts: Sequence[Sequence[float]], cost: StepCostModel, s
         raise ValueError(f"row_accepts must be [rows, >= {max(strides) - 1} positions], got {accepts.shape}")
     rates, runs_as = {}, {}
     cands = sorted(set(strides))
-    table = tpf_table(accepts, cands)  # [B, strides]
+    table = tpf_table(accepts, cands, branches)  # [B, strides]
     for i, n in enumerate(cands):
         if per_row:  # the step runs as long as its longest row needs: N's rate is that stride's
             own, tpf = _best_within(table, i)
             tokens, runs = float(tpf.sum()), cands[int(own.max())]
         else:
             tokens, runs = float(table[:, i].sum()), n
-        seconds = (measured or {}).get(runs) or cost.cost(B, query_len_of(runs)) * (cost_scale or {}).get(runs, 1.0)
+        seconds = ((measured or {}).get(runs)
+                   or cost.cost(B, query_len_of(runs, branches)) * (cost_scale or {}).get(runs, 1.0))
         rates[n], runs_as[n] = tokens / seconds, runs
     best = max(rates, key=lambda n: (rates[n], -n))  # ties: the smaller stride
     current = runs_as.get(current, current)
@@ -324,10 +332,10 @@ class CostTracker:
     batch-size class (powers of two) nearest to `batch` where it has run; `scale` keeps the all-batch
     median per stride, for reports."""
 
-    def __init__(self, model: StepCostModel, window: int = 16):
+    def __init__(self, model: StepCostModel, window: int = 16, branches: bool = False):
         if window < 1:
             raise ValueError(f"CostTracker window must be >= 1, got {window}")
-        self.model, self.window = model, window
+        self.model, self.window, self.branches = model, window, branches  # branches: steps of N² query tokens
         self._ratios: dict[int, list[float]] = {}
         self._by_class: dict[tuple[int, int], list[float]] = {}  # (stride, batch.bit_length()) -> ratios
 
@@ -338,7 +346,7 @@ class CostTracker:
         return {n: statistics.median(v) for n, v in self._ratios.items()}
 
     def observe(self, stride: int, batch: int, seconds: float) -> None:
-        ratio = seconds / self.model.cost(batch, query_len_of(stride))
+        ratio = seconds / self.model.cost(batch, query_len_of(stride, self.branches))
         by_class = self._by_class.setdefault((stride, batch.bit_length()), [])
         for ratios in (self._ratios.setdefault(stride, []), by_class):
             ratios.append(ratio)

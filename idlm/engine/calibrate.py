@@ -75,14 +75,16 @@ def context_rows(bm, ids: list, context: int, query_len: int) -> list[Row]:
     return rows
 
 
-def calibration_points(max_num_seqs: int, max_stride: int, capacity: int) -> list[tuple[int, int]]:
-    """(batch, query_len) pairs to time: batches 1, max/4, max (within what the pool holds), Q = 1, 7, max;
-    batch 2 as well where no other batch fits (so the per-row term is measured, not assumed 0)."""
+def calibration_points(max_num_seqs: int, max_stride: int, capacity: int,
+                       branches: bool = False) -> list[tuple[int, int]]:
+    """(batch, query_len) pairs to time: batches 1, max/4, max (within what the pool holds), Q = 1, 7, max
+    (max: `query_len_of` the largest stride, N² with rejection branches); batch 2 as well where no other batch
+    fits (so the per-row term is measured, not assumed 0)."""
     batches = sorted({1, max(1, max_num_seqs // 4), max_num_seqs})
     batches = [b for b in batches if b <= capacity] or [1]
     if batches == [1] and min(max_num_seqs, capacity) >= 2:
         batches.append(2)
-    queries = sorted({1, min(7, query_len_of(max_stride)), query_len_of(max_stride)})
+    queries = sorted({1, min(7, query_len_of(max_stride, branches)), query_len_of(max_stride, branches)})
     return [(b, q) for b in batches for q in queries]
 
 
@@ -91,7 +93,8 @@ def _cache_key(engine) -> str:
     ident = {"device": torch.cuda.get_device_name(runner.device) if runner.device.type == "cuda" else "cpu",
              "torch": torch.__version__, "model": repr(engine.model.config), "dtype": str(engine.model.dtype),
              "graphs": runner.use_graphs, "attention": cfg.attention, "max_num_seqs": cfg.max_num_seqs,
-             "max_stride": cfg.auto_max_stride, "lora": engine.lora is not None, "context": CONTEXT}
+             "max_stride": cfg.auto_max_stride, "lora": engine.lora is not None, "context": CONTEXT,
+             "branches": cfg.branches}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -129,9 +132,10 @@ def calibrate_step_cost(engine, use_cache: bool = True) -> StepCostModel:
             return StepCostModel(*data["coefficients"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             logger.warning("ignoring the unreadable step-cost cache %s: %s", path, e)
-    max_q = query_len_of(engine.config.auto_max_stride)
-    capacity = engine.block_manager.num_free_pages // (-(-(CONTEXT + max_q) // engine.config.page_size))
-    points = calibration_points(engine.config.max_num_seqs, engine.config.auto_max_stride, capacity)
+    cfg = engine.config
+    max_q = query_len_of(cfg.auto_max_stride, cfg.branches)
+    capacity = engine.block_manager.num_free_pages // (-(-(CONTEXT + max_q) // cfg.page_size))
+    points = calibration_points(cfg.max_num_seqs, cfg.auto_max_stride, capacity, cfg.branches)
     t0 = time.perf_counter()
     samples = measure_step_costs(engine, points)
     model = StepCostModel.fit(samples)

@@ -30,7 +30,7 @@ class LLM:
         self.model, self.tokenizer, self.decoder = inf.model, inf.tokenizer, inf.decoder
         if stride is None:
             stride = default_stride(inf.decoder, engine_options.get("exact", False),
-                                    engine_options.get("stride_schedule"), engine_options.get("branches", False))
+                                    engine_options.get("stride_schedule"))
         config = EngineConfig(decoder=inf.decoder, stride=stride, **engine_options)
         self.engine = LLMEngine(self.model, self.tokenizer, config, lora=inf.adapter)
 

@@ -145,13 +145,13 @@ class EngineConfig:
     stride_schedule: list[tuple[int, int]] | None = None
     # ISD / R-ISD rejection branches (`idlm.decoding.isd`, "Rejection branches"): each step also drafts, for
     # every draft that may be rejected, the next drafts from its correction on, so no round starts cold; the
-    # query block grows from 2N−1 to N² tokens. A fixed stride or a stride_schedule (not "auto" yet: its
-    # step-cost model prices 2N−1-token steps)
+    # query block grows from 2N−1 to N² tokens (with "auto", the policy prices N²-token steps and cold-free TPF)
     branches: bool = False
-    # with branches: the largest decode batch whose steps draft them; larger batches run the plain 2N−1 layout of
-    # the same stride (exact either way: the choice depends on the batch size only, and the two layouts' states
-    # are the same). None: every batch. At C = 64 on the H200 SmolLM2's N² = 16-token rows cost more than their
-    # extra tokens gain (docs/risd.md "Session 22"); at C <= 16 they paid or tied
+    # with branches and a fixed stride or a schedule: the largest decode batch whose steps draft them; larger
+    # batches run the plain 2N−1 layout of the same stride (exact either way: the choice depends on the batch
+    # size only, and the two layouts' states are the same; "auto" weighs the batch itself). None: every batch.
+    # At C = 64 on the H200 SmolLM2's N² = 16-token rows cost more than their extra tokens gain (docs/risd.md
+    # "Session 22"); at C <= 16 they paid or tied
     branches_max_batch: int | None = None
     page_size: int = 16  # KV-cache page: token slots per page
     num_pages: int | None = None  # KV-cache pages; None: from free GPU memory (CPU: up to 1 GiB)
@@ -220,9 +220,9 @@ class EngineConfig:
             positive("branches_max_batch")
             if not self.branches:
                 raise ConfigError("branches_max_batch needs branches=True")
-        if self.branches and self.stride == "auto":
-            raise ConfigError("branches need a fixed stride or a stride_schedule: the adaptive stride 'auto' does "
-                              "not price their N²-token steps yet")
+        if self.branches_max_batch is not None and self.stride == "auto":
+            raise ConfigError("branches_max_batch is for a fixed stride or a stride_schedule: with stride 'auto' "
+                              "the policy prices the branches' N²-token steps at every batch itself")
         if self.step_cost is not None:
             try:
                 self.step_cost = tuple(float(x) for x in self.step_cost)
@@ -395,7 +395,7 @@ class LLMEngine:
         self._text_owed: dict[str, Sequence] = {}  # requests whose last tokens' text `_stream_text` makes
         if config.stride == "auto":
             self._cost = CostTracker(StepCostModel(*config.step_cost) if config.step_cost is not None
-                                     else calibrate_step_cost(self))
+                                     else calibrate_step_cost(self), branches=config.branches)
             # a stride tried for one interval must count as measured after it
             self._times = StepTimer(window=max(16, config.auto_interval), min_samples=min(3, config.auto_interval))
         self.counters = {"decode_forwards": 0, "prefill_forwards": 0, "prefill_tokens": 0, "decode_query_tokens": 0,
@@ -508,7 +508,8 @@ class LLMEngine:
         return choose_stride(self._acceptance(decodes), self._cost.model, self.config.strides, current=current,
                              cost_scale=self._cost.scales(self.config.strides, len(decodes)),
                              measured=self._times.seconds(self.runner.bucket(len(decodes))),
-                             per_row=self.config.auto_per_row, ar_margin=self.config.auto_ar_margin)
+                             per_row=self.config.auto_per_row, ar_margin=self.config.auto_ar_margin,
+                             branches=self.config.branches)
 
     def _acceptance(self, decodes: list[Sequence]) -> np.ndarray:
         """[B, auto_max_stride − 1] each row's per-position conditional acceptance: its own counts, smoothed
@@ -893,7 +894,7 @@ class LLMEngine:
             self._prechosen = self._kept_from = None  # (the warm-up's rows are gone)
             self._refreshed = min(self._refreshed, self._auto_steps)
             if self._cost is not None:  # what the dummy steps measured is not the workload's
-                self._cost = CostTracker(self._cost.model)
+                self._cost = CostTracker(self._cost.model, branches=self.config.branches)
                 self._times = StepTimer(self._times.window, self._times.min_samples, self._times.stale_steps)
         freeze_gc()  # the compiled functions and graphs made here live as long as the engine
         return seconds

@@ -9,13 +9,12 @@ EXACT_HELP = ("exact mode: every token's logits bit-identical whatever the batch
               "(greedy ISD / R-ISD then equal AR in bf16 too); slower; needs the Triton kernels (docs/exact.md)")
 
 
-def default_stride(decoder: str, exact: bool = False, stride_schedule=None, branches: bool = False) -> int | str:
+def default_stride(decoder: str, exact: bool = False, stride_schedule=None) -> int | str:
     """The engine's stride when none is given (`idlm serve`, `idlm.LLM`): "auto", the adaptive stride, for ISD
     and R-ISD (issue 13: it picks N per step from the measured step cost and acceptance, an AR step where
     drafting does not pay); a fixed 4 in exact mode (a seeded request's tokens would follow the timing-driven
     choice of N, and exact mode promises the same tokens on every run) and next to a stride schedule (the
-    other way of choosing N) and with rejection branches (the adaptive stride does not price their steps yet);
-    4 for the other decoders (SDAR's block size; AR ignores it)."""
-    if decoder in ("isd", "risd") and not exact and stride_schedule is None and not branches:
+    other way of choosing N); 4 for the other decoders (SDAR's block size; AR ignores it)."""
+    if decoder in ("isd", "risd") and not exact and stride_schedule is None:
         return "auto"
     return 4

@@ -71,7 +71,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help=STRIDE_SCHEDULE_HELP + " (default: none, --stride always)")
     p.add_argument("--branches", action="store_true",
                    help="ISD / R-ISD rejection branches: each step also drafts from every possible rejection point, "
-                        "so no round restarts cold (N² query tokens a step; exact; the stride defaults to 4)")
+                        "so no round restarts cold (N² query tokens a step; exact; with --stride auto the policy "
+                        "prices them)")
     p.add_argument("--branches-max-batch", type=int, default=None,
                    help="with --branches: the largest decode batch that drafts them (larger ones run the plain "
                         "layout; default: every batch)")
@@ -205,7 +206,7 @@ def cmd_serve(args) -> int:
     model, tok, lora = inf.model, inf.tokenizer, inf.adapter
     opts["decoder"] = inf.decoder
     if opts["stride"] is None:  # not given: the adaptive stride for ISD / R-ISD (`default_stride`)
-        opts["stride"] = default_stride(inf.decoder, args.exact, args.stride_schedule, getattr(args, "branches", False))
+        opts["stride"] = default_stride(inf.decoder, args.exact, args.stride_schedule)
     config = EngineConfig(decoder=opts["decoder"], stride=opts["stride"], threshold=opts["threshold"],
                           max_num_seqs=args.max_running_requests, num_pages=args.num_pages,
                           attention=args.attention, stride_schedule=args.stride_schedule, exact=args.exact,
