@@ -589,7 +589,9 @@ def stage_speed(args) -> None:
         engines["risd_br"] = LLMEngine(model, tok, EngineConfig(decoder="risd", stride=4, max_num_seqs=max(conc),
                                                                 branches=True), lora=lora)
     if not args.no_auto:
-        auto = LLMEngine(model, tok, EngineConfig(decoder="risd", stride="auto", max_num_seqs=max(conc)), lora=lora)
+        auto = LLMEngine(model, tok, EngineConfig(decoder="risd", stride="auto", max_num_seqs=max(conc),
+                                                  branches=args.branches), lora=lora)  # --branches: priced by auto
+        out["auto_branches"] = args.branches
         out["auto_warmup_s"] = auto.warmup()  # every stride compiled and captured now, not inside a timed run
         engines["risd_auto"] = auto
     speed = {}
@@ -796,8 +798,8 @@ def main() -> None:
     ap.add_argument("--draft-temperatures", default="",
                     help="tpf: also TPF at T = 0.7 with sampled drafts drawn at these temperatures (e.g. 0.3,0.5)")
     ap.add_argument("--branches", action="store_true",
-                    help="tpf/eval/speed: R-ISD with rejection branches too (tpf, speed: beside the plain layout; "
-                         "eval: the R-ISD engine drafts branches)")
+                    help="tpf/eval/speed: R-ISD with rejection branches too (tpf, speed: beside the plain layout, and "
+                         "speed's --stride auto engine with them; eval: the R-ISD engine drafts branches)")
     ap.add_argument("--no-auto", action="store_true",
                     help="speed: AR and R-ISD N = 4 only (the --stride auto engine's warm-up took 292 s on the H200)")
     ap.add_argument("--num-prompts", type=int, default=60000)
