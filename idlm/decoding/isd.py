@@ -393,15 +393,22 @@ def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tens
     else:  # every row greedy (some with verify_alpha > 1): point masses, acceptance is 0/1
         u_tok, u = None, torch.zeros(B, k, device=dev)
 
-    # the filtered distribution of every slot at once (one set of softmax / sort kernels, not one for the
-    # clean slots and another for the drafts' slots; row-wise, so each slot's values are what it gets alone)
-    slot_temp = temperature[:, None].expand(B, Q)  # [B, Q]: clean slots at the request's temperature ...
-    if draft_temperature is not None:  # ... its MASK slots (q̃) at the draft temperature
-        is_mask_slot = torch.arange(Q, device=dev)[None, :] >= first_mask[:, None]
-        slot_temp = torch.where(is_mask_slot, draft_temperature[:, None], slot_temp)
-    probs = filtered_probs(logits.reshape(B * Q, V), slot_temp.reshape(B * Q),
-                           *_per_slot((top_k, top_p), Q), truncate).view(B, Q, V)
-    p = probs[:, :n]  # p̃ at the clean indices 0..K (C rows use index 0 only)  [B, N, V]
+    d_temp = temperature if draft_temperature is None else draft_temperature  # [B]: the MASK slots' (q̃)
+    if branches:  # N² slots, of which a row uses N clean ones and K drafts' ones: filter the clean slots now,
+        # the K slots of the drafts once the verification has picked them (below; row-wise, the same values)
+        probs = None
+        p = filtered_probs(logits[:, :n].reshape(B * n, V), *_per_slot((temperature, top_k, top_p), n),
+                           truncate).view(B, n, V)
+    else:
+        # the filtered distribution of every slot at once (one set of softmax / sort kernels, not one for the
+        # clean slots and another for the drafts' slots; row-wise, so each slot's values are what it gets alone)
+        slot_temp = temperature[:, None].expand(B, Q)  # [B, Q]: clean slots at the request's temperature ...
+        if draft_temperature is not None:  # ... its MASK slots (q̃) at the draft temperature
+            is_mask_slot = torch.arange(Q, device=dev)[None, :] >= first_mask[:, None]
+            slot_temp = torch.where(is_mask_slot, d_temp[:, None], slot_temp)
+        probs = filtered_probs(logits.reshape(B * Q, V), slot_temp.reshape(B * Q),
+                               *_per_slot((top_k, top_p), Q), truncate).view(B, Q, V)
+        p = probs[:, :n]  # p̃ at the clean indices 0..K (C rows use index 0 only)  [B, N, V]
 
     # verify the previous drafts (V rows; C rows' results are ignored)
     kr = k_row
@@ -422,7 +429,12 @@ def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tens
     # the K drafts' q̃ and the final token's distribution side by side  [B, K+1, V]: one inversion samples all
     # of them (one set of scan kernels, not two; row-wise, so each distribution gets the token it gets alone,
     # from the same uniform as before), and q̃ is a view of it (written once)
-    dists = torch.cat([probs.gather(1, idx[..., None].expand(B, k, V)), final_p[:, None]], 1)
+    if probs is None:  # branches: the drafts' K slots, filtered now  [B, K, V]
+        q_sel = filtered_probs(logits.gather(1, idx[..., None].expand(B, k, V)).reshape(B * k, V),
+                               *_per_slot((d_temp, top_k, top_p), k), truncate).view(B, k, V)
+    else:
+        q_sel = probs.gather(1, idx[..., None].expand(B, k, V))
+    dists = torch.cat([q_sel, final_p[:, None]], 1)
     q_new = dists[:, :k]  # q̃ of the drafts' slots  [B, K, V]
     if u_tok is None:
         sampled, final = q_new.argmax(-1), final_p.argmax(-1)
