@@ -324,3 +324,38 @@ def test_auto_stride_with_branches_equals_greedy_ar(tiny, cost):
     if cost[2] < 1e-6:
         assert max(eng.stride_mix) >= 4
     assert eng.block_manager.num_free_pages == eng.block_manager.num_pages
+
+
+@pytest.mark.parametrize("truncate,draft_temp", [(False, None), (True, 0.5)])
+def test_sampled_branch_step_equals_the_plain_step_on_the_picked_rows(truncate, draft_temp):
+    """The sampled step with branches (N² rows; it filters the clean rows, verifies, then only the drafts' rows
+    it picks) gives the bits of the plain step (2N − 1 rows, one filter call) whose MASK rows are the picked
+    ones — the plain layout after a cold start or an all-accepted round, branch j's rows after a rejection at j."""
+    from idlm.decoding.isd import draft_index, sampled_isd_step
+
+    step = getattr(sampled_isd_step, "__wrapped__", sampled_isd_step)
+    g = torch.Generator().manual_seed(5)
+    B, n, V = 12, 4, 40
+    k = n - 1
+    logits = torch.randn(B, n * n, V, generator=g) * 2
+    is_v = torch.arange(B) % 4 != 0  # some cold rows
+    q_old = torch.softmax(torch.randn(B, k, V, generator=g), -1)
+    specs = torch.multinomial(q_old.reshape(-1, V), 1, generator=g).view(B, k)
+    specs[::3] = logits[::3, :k].argmax(-1)  # some rows accept drafts
+    temp = torch.full((B,), 0.8)
+    top_k = torch.full((B,), 8 if truncate else 0)
+    top_p = torch.full((B,), 0.9 if truncate else 1.0)
+    flags = torch.zeros(B, dtype=torch.bool)
+    keys, draw = torch.randint(0, 2**31, (B, 2), generator=g), torch.arange(B) * 7
+    dt = None if draft_temp is None else torch.full((B,), draft_temp)
+    args = (is_v, specs, temp, top_k, top_p, flags, flags, torch.ones(B), keys, draw, q_old, truncate, None, dt)
+    packed, q = step(logits, *args, True)
+    n_acc = packed[:, 0].long()
+    idx = draft_index(torch.where(is_v, n, 1), is_v, n_acc, k, n, n * n, True, False)
+    plain = logits[:, : 2 * n - 1].clone()
+    first = torch.where(is_v, n, 1)
+    for b in range(B):  # the plain block whose MASK rows (C: 1..K, V: N..2N−2) are the rows the branch step picked
+        plain[b, first[b]: first[b] + k] = logits[b, idx[b]]
+    want_packed, want_q = step(plain, *args, False)
+    assert (n_acc < k).any() and (is_v & (n_acc < k)).any()  # rejections happened: branch rows were picked
+    assert torch.equal(packed, want_packed) and torch.equal(q, want_q)
