@@ -73,7 +73,7 @@ def _load_for_decoding(args):
     inf = load_for_inference(args.model, args.decoder, args.lora, args.device, args.dtype, threads=args.threads)
     stride = 4 if args.stride == "auto" else args.stride  # "auto": the engine chooses; any N validates the decoder
     decoder = make_decoder(inf.decoder, stride, inf.model.config, inf.tokenizer, threshold=args.threshold,
-                           branches=getattr(args, "branches", False))
+                           branches=args.branches)
     return inf.model, inf.tokenizer, decoder, inf.adapter
 
 

@@ -386,14 +386,19 @@ def release() -> None:
         torch.cuda.empty_cache()
 
 
-def ar_and_risd(model, tok, lora, n: int, branches: bool = False):
-    """Engine AR and engine R-ISD (N = 4; with rejection branches if asked) on the same model, n requests at a
-    time."""
+def risd_engine(model, tok, lora, n: int, branches: bool = False, stride: int | str = 4):
+    """An engine R-ISD (N = 4 unless `stride`; with rejection branches if asked), n requests at a time."""
     from idlm.engine.llm_engine import EngineConfig, LLMEngine
 
-    return (LLMEngine(model, tok, EngineConfig(decoder="ar", max_num_seqs=n)),
-            LLMEngine(model, tok, EngineConfig(decoder="risd", stride=4, max_num_seqs=n, branches=branches),
-                      lora=lora))
+    return LLMEngine(model, tok, EngineConfig(decoder="risd", stride=stride, max_num_seqs=n, branches=branches),
+                     lora=lora)
+
+
+def ar_and_risd(model, tok, lora, n: int, branches: bool = False):
+    """Engine AR and engine R-ISD (`risd_engine`) on the same model, n requests at a time."""
+    from idlm.engine.llm_engine import EngineConfig, LLMEngine
+
+    return LLMEngine(model, tok, EngineConfig(decoder="ar", max_num_seqs=n)), risd_engine(model, tok, lora, n, branches)
 
 
 def eval_target(args) -> tuple[str, str, Path]:
@@ -491,12 +496,11 @@ def tpf_table(model, tok, lora, prompts: list, max_tokens: int, draft_temperatur
     branches: every case again with rejection branches ("..._branches"), same prompts and seeds."""
     from idlm.decoding.base import DecodeStats
     from idlm.decoding.sampling import SamplingParams
-    from idlm.engine.llm_engine import EngineConfig, LLMEngine
 
     out = {}
     cases = [(0.0, None), (0.7, None)] + [(0.7, float(td)) for td in draft_temperatures]
     for (temp, td), br in ((c, b) for c in cases for b in ((False, True) if branches else (False,))):
-        eng = LLMEngine(model, tok, EngineConfig(decoder="risd", stride=4, max_num_seqs=64, branches=br), lora=lora)
+        eng = risd_engine(model, tok, lora, 64, br)
         outs = eng.run(prompts, SamplingParams(temperature=temp, max_tokens=max_tokens, seed=0, draft_temperature=td))
         total = DecodeStats.total(o.stats for o in outs)
         out[f"tpf_T{temp}" + ("" if td is None else f"_Td{td}") + ("_branches" if br else "")] = {
@@ -549,8 +553,8 @@ def step_phase_table(model, tok, lora, prompt, smoke: bool, branches: bool = Fal
 
     table = {}
     for dec in ("ar", "risd") + (("risd_br",) if branches else ()):
-        eng = LLMEngine(model, tok, EngineConfig(decoder=dec[:4], stride=4, max_num_seqs=1, branches=dec == "risd_br"),
-                        lora=lora if dec != "ar" else None)
+        eng = (LLMEngine(model, tok, EngineConfig(decoder="ar", max_num_seqs=1)) if dec == "ar"
+               else risd_engine(model, tok, lora, 1, dec == "risd_br"))
         for temp in (0.0, 0.7):
             p = SamplingParams(temperature=temp, max_tokens=16 if smoke else 200, ignore_eos=True, seed=1)
             eng.run([prompt], p)  # warm-up: graphs captured
@@ -571,7 +575,6 @@ def stage_speed(args) -> None:
 
     from idlm.bench import environment
     from idlm.bench.offline import bench_offline, sample_trace, traced_choices
-    from idlm.engine.llm_engine import EngineConfig, LLMEngine
 
     dev, name, adapter_dir = eval_target(args)
     reps, conc = (1, [1, 2]) if args.smoke else (3, [1, 16, 64])
@@ -586,11 +589,9 @@ def stage_speed(args) -> None:
     ar, risd = ar_and_risd(model, tok, lora, max(conc))
     engines = {"ar": ar, "risd": risd}
     if args.branches:
-        engines["risd_br"] = LLMEngine(model, tok, EngineConfig(decoder="risd", stride=4, max_num_seqs=max(conc),
-                                                                branches=True), lora=lora)
+        engines["risd_br"] = risd_engine(model, tok, lora, max(conc), branches=True)
     if not args.no_auto:
-        auto = LLMEngine(model, tok, EngineConfig(decoder="risd", stride="auto", max_num_seqs=max(conc),
-                                                  branches=args.branches), lora=lora)  # --branches: priced by auto
+        auto = risd_engine(model, tok, lora, max(conc), args.branches, stride="auto")  # --branches: priced by auto
         out["auto_branches"] = args.branches
         out["auto_warmup_s"] = auto.warmup()  # every stride compiled and captured now, not inside a timed run
         engines["risd_auto"] = auto

@@ -90,16 +90,16 @@ def generate(model, decoder: Decoder, prompts: list[list[int]], params: Sampling
     while active:
         blocks = [decoder.block(states[b]) for b in active]
         rows = torch.tensor(active, device=device)
-        tokens = torch.tensor([blk.tokens for blk in blocks], device=device)  # [A, Q]
-        starts = cache.lengths[rows]
         batch = BlockBatch.stack(blocks)
+        tokens = torch.from_numpy(batch.tokens).to(device)  # [A, Q]
+        starts = cache.lengths[rows]
         offsets = torch.arange(Q) if batch.offsets is None else torch.from_numpy(batch.offsets)
         positions = starts[:, None] + offsets.to(device)
         visible, hide = (None if a is None else torch.from_numpy(a).to(device) for a in (batch.visible, batch.hide))
         kwargs = {}
         if decoder.uses_lora:
-            kwargs = dict(lora=lora, lora_gate=torch.tensor([blk.gate for blk in blocks], device=device),
-                          is_mask=torch.tensor([blk.is_mask for blk in blocks], device=device))
+            kwargs = dict(lora=lora, lora_gate=torch.from_numpy(batch.gate).to(device),
+                          is_mask=torch.from_numpy(batch.is_mask).to(device))
         hidden = model(tokens, positions, cache.view(rows, starts, visible, hide), **kwargs)
         logits = model.compute_logits(hidden)  # [A, Q, V]
         results = decoder.step([states[b] for b in active], logits, [params[b] for b in active],

@@ -418,7 +418,9 @@ class LLMEngine:
         return self._decoders[key]
 
     def _step_decoder(self, decodes: list[Sequence]):
-        """The decoder of this step's decode rows: the one of the stride (fixed, scheduled or "auto")."""
+        """The decoder of this step's decode rows: the one of the stride (fixed, scheduled or "auto"), with
+        rejection branches as configured (a fixed or scheduled stride: not above `branches_max_batch`)."""
+        branches = None
         if self._forced_stride is not None:
             n = self._forced_stride
             if self._times is not None:  # auto: each row's own stride is the forced one
@@ -427,8 +429,7 @@ class LLMEngine:
             n = self.config.stride_for(len(decodes))
             limit = self.config.branches_max_batch
             if limit is not None and len(decodes) > limit:  # too large a batch for N²-token rows: the plain layout
-                self.stride_mix[n] = self.stride_mix.get(n, 0) + 1
-                return self._decoder(n, branches=False)
+                branches = False
         else:
             if self._choice_due():
                 bucket = self.runner.bucket(len(decodes))
@@ -456,7 +457,7 @@ class LLMEngine:
             n = self._auto.stride
             self._set_row_strides(decodes, n)
         self.stride_mix[n] = self.stride_mix.get(n, 0) + 1
-        return self._decoder(n)
+        return self._decoder(n, branches)
 
     def _set_row_strides(self, decodes: list[Sequence], n: int) -> None:
         """Each row's own stride for a step of stride n (`ISDState.n`; None: n): what the last choice gave

@@ -236,17 +236,19 @@ class ModelRunner:
 
         starts = np.zeros(B, dtype=np.int64)
         starts[:n] = batch.starts
-        offsets = np.arange(Q) if batch.offsets is None else pad(batch.offsets, 0)
-        if batch.offsets is not None:
-            offsets[n:] = np.arange(Q)
-        out = {"tokens": pad(batch.tokens, 0), "positions": starts[:, None] + offsets,
+        def per_index(a: np.ndarray | None) -> np.ndarray:  # [B, Q] of a's rows, padded rows (and a None) 0..Q−1
+            out = np.tile(np.arange(Q), (B, 1))
+            if a is not None:
+                out[:n] = a
+            return out
+
+        out = {"tokens": pad(batch.tokens, 0), "positions": starts[:, None] + per_index(batch.offsets),
                "slots": pad(batch.slots, self.kv.trash_slot), "tables": pad(batch.tables, 0, M), "starts": starts}
         if batch.is_mask is not None:
             out["is_mask"] = pad(batch.is_mask, False)
             out["gate"] = pad(batch.gate, False) if batch.gate is not None else np.zeros((B, Q), dtype=bool)
         if batch.visible is not None:
-            out["visible"] = np.tile(np.arange(Q), (B, 1))
-            out["visible"][:n] = batch.visible
+            out["visible"] = per_index(batch.visible)
         if batch.hide is not None:
             out["hide"] = np.zeros((B, Q, 2), dtype=np.int64)  # padded rows: lo = hi, nothing hidden
             out["hide"][:n] = batch.hide

@@ -210,8 +210,7 @@ def cmd_serve(args) -> int:
     config = EngineConfig(decoder=opts["decoder"], stride=opts["stride"], threshold=opts["threshold"],
                           max_num_seqs=args.max_running_requests, num_pages=args.num_pages,
                           attention=args.attention, stride_schedule=args.stride_schedule, exact=args.exact,
-                          branches=getattr(args, "branches", False),
-                          branches_max_batch=getattr(args, "branches_max_batch", None))
+                          branches=args.branches, branches_max_batch=args.branches_max_batch)
     engine = LLMEngine(model, tok, config, lora=lora)
     if should_warm_up(args.warmup, config.stride, engine.runner.device.type):
         log = logging.getLogger("idlm.server")
