@@ -59,8 +59,8 @@ def synthetic_acceptance(engine, p: float | Callable[[SamplingParams], float], s
     build = engine._decoder
     patched: set[int] = set()
 
-    def decoder(stride: int):
-        dec = build(stride)
+    def decoder(stride: int, branches: bool | None = None):
+        dec = build(stride, branches)
         if id(dec) not in patched and hasattr(dec, "row_strides"):
             patched.add(id(dec))
             finish = dec.finish
