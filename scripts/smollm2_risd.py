@@ -386,12 +386,15 @@ def release() -> None:
         torch.cuda.empty_cache()
 
 
-def risd_engine(model, tok, lora, n: int, branches: bool = False, stride: int | str = 4):
-    """An engine R-ISD (N = 4 unless `stride`; with rejection branches if asked), n requests at a time."""
+def risd_engine(model, tok, lora, n: int, branches: bool = False, stride: int | str = 4,
+                auto_max_stride: int | None = None):
+    """An engine R-ISD (N = 4 unless `stride`; with rejection branches if asked), n requests at a time;
+    auto_max_stride: the largest N of `stride="auto"` (None: the engine's default)."""
     from idlm.engine.llm_engine import EngineConfig, LLMEngine
 
-    return LLMEngine(model, tok, EngineConfig(decoder="risd", stride=stride, max_num_seqs=n, branches=branches),
-                     lora=lora)
+    extra = {} if auto_max_stride is None else {"auto_max_stride": auto_max_stride}
+    return LLMEngine(model, tok, EngineConfig(decoder="risd", stride=stride, max_num_seqs=n, branches=branches,
+                                              **extra), lora=lora)
 
 
 def ar_and_risd(model, tok, lora, n: int, branches: bool = False):
@@ -569,34 +572,54 @@ def median_runs(runs: dict[str, list[dict]]) -> dict[str, dict]:
     return {k: sorted(v, key=lambda r: r["per_request_tok_s"])[len(v) // 2] for k, v in runs.items()}
 
 
+def speed_engines(args) -> list[str]:
+    """The engines of the speed stage: --speed-engines, else AR, R-ISD N = 4, with --branches R-ISD N = 4 with
+    rejection branches ("risd_br") and, unless --no-auto, R-ISD --stride auto ("risd_auto"); AR always."""
+    known = ("ar", "risd", "risd_br", "risd_auto")
+    if args.speed_engines:
+        names = [e.strip() for e in args.speed_engines.split(",") if e.strip()]
+        bad = [e for e in names if e not in known]
+        if bad:
+            raise SystemExit(f"--speed-engines: unknown engine(s) {bad}; choose from {list(known)}")
+        if args.no_auto and "risd_auto" in names:
+            raise SystemExit("--speed-engines names risd_auto but --no-auto is given")
+        return ["ar"] + [e for e in known[1:] if e in names]
+    return ["ar", "risd"] + (["risd_br"] if args.branches else []) + ([] if args.no_auto else ["risd_auto"])
+
+
 def stage_speed(args) -> None:
-    """Engine AR vs R-ISD (N = 4 and --stride auto) per-request speed, and HF generate, in a process of
-    its own (run it as its own command after `eval`: nothing else has run in this process)."""
+    """Engine AR vs R-ISD (N = 4, with rejection branches, --stride auto: `speed_engines`) per-request speed,
+    at --speed-temperatures x --speed-concurrency, in a process of its own (run it as its own command after
+    `eval`: nothing else has run in this process)."""
 
     from idlm.bench import environment
     from idlm.bench.offline import bench_offline, sample_trace, traced_choices
 
     dev, name, adapter_dir = eval_target(args)
-    reps, conc = (1, [1, 2]) if args.smoke else (3, [1, 16, 64])
+    names = speed_engines(args)
+    temps = [float(t) for t in args.speed_temperatures.split(",")]
+    reps, conc = (1, [1, 2]) if args.smoke else (3, [int(c) for c in args.speed_concurrency.split(",")])
     model, tok, lora = load_target(name, adapter_dir, dev, "bfloat16")
     prompts = [tok.encode_chat(m) for m in heldout_messages()[:256]]
-    out: dict = {**environment(dev), "step_phases": step_phase_table(model, tok, lora, prompts[0], args.smoke,
-                                                                     args.branches)}
-    emit("speed", out)
+    out: dict = {**environment(dev), "engines": names}
+    if "risd" in names:  # the batch-1 step split of AR and R-ISD N = 4 (and with branches)
+        out["step_phases"] = step_phase_table(model, tok, lora, prompts[0], args.smoke, "risd_br" in names)
+        emit("speed", out)
 
     # per-request speed, engines side by side, interleaved reps, median; R-ISD at N = 4 (with rejection branches
     # too: "risd_br") and adaptive
-    ar, risd = ar_and_risd(model, tok, lora, max(conc))
-    engines = {"ar": ar, "risd": risd}
-    if args.branches:
+    engines = {"ar": ar_and_risd(model, tok, lora, max(conc))[0]} if "risd" not in names else dict(
+        zip(("ar", "risd"), ar_and_risd(model, tok, lora, max(conc))))
+    if "risd_br" in names:
         engines["risd_br"] = risd_engine(model, tok, lora, max(conc), branches=True)
-    if not args.no_auto:
-        auto = risd_engine(model, tok, lora, max(conc), args.branches, stride="auto")  # --branches: priced by auto
-        out["auto_branches"] = args.branches
+    if "risd_auto" in names:  # --branches: priced by auto
+        auto = risd_engine(model, tok, lora, max(conc), args.branches, stride="auto",
+                           auto_max_stride=args.auto_max_stride)
+        out.update(auto_branches=args.branches, auto_max_stride=auto.config.auto_max_stride)
         out["auto_warmup_s"] = auto.warmup()  # every stride compiled and captured now, not inside a timed run
         engines["risd_auto"] = auto
     speed = {}
-    for temp in (0.0, 0.7):
+    for temp in temps:
         rows = []
         for c in conc:
             runs = {k: [] for k in engines}
@@ -609,21 +632,16 @@ def stage_speed(args) -> None:
             med = median_runs(runs)
             row = {"concurrency": c, **{f"{k}_tok_s": m["per_request_tok_s"] for k, m in med.items()},
                    **{f"{k}_step_ms": m["decode_step_ms"] for k, m in med.items()},
-                   "risd_tpf": med["risd"]["tpf"],
                    "tokens": {k: m["generated_tokens"] for k, m in med.items()},
-                   "risd_over_ar": round(med["risd"]["per_request_tok_s"] / med["ar"]["per_request_tok_s"], 3),
-                   "eager_fallbacks": med["risd"].get("eager_fallbacks"),
-                   "compile_fallbacks": med["risd"].get("compile_fallbacks"),
                    "reps": {k: [r["per_request_tok_s"] for r in v] for k, v in runs.items()}}
-            if "risd_br" in med:
-                row.update({"risd_br_tpf": med["risd_br"]["tpf"],
-                            "risd_br_over_ar": round(med["risd_br"]["per_request_tok_s"]
-                                                     / med["ar"]["per_request_tok_s"], 3)})
+            for k in (e for e in med if e != "ar"):  # each R-ISD engine: its TPF and its speed over AR's
+                row.update({f"{k}_tpf": med[k]["tpf"],
+                            f"{k}_over_ar": round(med[k]["per_request_tok_s"] / med["ar"]["per_request_tok_s"], 3),
+                            f"{k}_eager_fallbacks": med[k].get("eager_fallbacks"),
+                            f"{k}_compile_fallbacks": med[k].get("compile_fallbacks")})
             if "risd_auto" in med:
-                row.update({"risd_auto_tpf": med["risd_auto"]["tpf"],
-                            "risd_auto_over_ar": round(med["risd_auto"]["per_request_tok_s"]
-                                                       / med["ar"]["per_request_tok_s"], 3),
-                            "risd_auto_stride_mix": med["risd_auto"].get("stride_mix"),
+                row.update({"risd_auto_stride_mix": med["risd_auto"].get("stride_mix"),
+                            "risd_auto_row_stride_mix": med["risd_auto"].get("row_stride_mix"),
                             "risd_auto_choices": sample_trace(trace, 12), "risd_auto_choices_n": len(trace)})
             rows.append(row)
         speed[f"T{temp}"] = rows
@@ -735,7 +753,7 @@ def stage_card(args) -> None:
         f"{tpf7['tpf']} at T = 0.7" + (" (the final adapter)" if tpf_file.exists() else "") + ".",
     ]
     for temp, rows in (speed.get("speed") or {}).items():
-        cells = ", ".join(f"C = {r['concurrency']}: {r['risd_over_ar']}×" for r in rows)
+        cells = ", ".join(f"C = {r['concurrency']}: {r['risd_over_ar']}×" for r in rows if "risd_over_ar" in r)
         lines.append(f"- **Speed** ({temp}, per-request tok/s R-ISD / AR, {speed.get('device', '')}): {cells}.")
     lines += branch_card_lines(src)
     lines += ["", "Device, versions, commands and raw JSON: `docs/risd.md` and `docs/runs/risd/`.", ""]
@@ -803,6 +821,14 @@ def main() -> None:
                          "speed's --stride auto engine with them; eval: the R-ISD engine drafts branches)")
     ap.add_argument("--no-auto", action="store_true",
                     help="speed: AR and R-ISD N = 4 only (the --stride auto engine's warm-up took 292 s on the H200)")
+    ap.add_argument("--speed-engines", default="",
+                    help="speed: the engines, of ar,risd,risd_br,risd_auto (AR always; default: from --branches and "
+                         "--no-auto)")
+    ap.add_argument("--speed-temperatures", default="0,0.7", help="speed: the temperatures (comma-separated)")
+    ap.add_argument("--speed-concurrency", default="1,16,64", help="speed: the concurrencies (comma-separated)")
+    ap.add_argument("--auto-max-stride", type=int, default=None,
+                    help="speed: the largest N of the --stride auto engine (default: the engine's; each stride "
+                         "adds its compile to the warm-up)")
     ap.add_argument("--num-prompts", type=int, default=60000)
     ap.add_argument("--target-tokens", type=int, default=20_000_000)
     ap.add_argument("--max-num-seqs", type=int, default=384)
