@@ -51,7 +51,13 @@ that carry a 47 MiB half of the GGUF) and tracks them again afterwards:
 Session 21 trained configs/smollm2/lora_tv.yaml (the drafter trained toward acceptance; its calls are
 listed in docs/risd.md "Session 21"): the embedded adapter is now its result. Session 22 measured the engine's
 rejection branches with it (no training: `--adapter smollm2-135m-instruct-risd-lora` on `eval --branches` and
-`speed --no-auto --branches`; docs/risd.md "Session 22").
+`speed --no-auto --branches`; docs/risd.md "Session 22"). Session 23 (docs/risd.md "Session 23") found no
+`.carry/` (ignored files do not outlive a session): `prepare`, then `setup distill --budget 520` in the second
+GGUF call (352 s), `train --config configs/smollm2/lora_tv2.yaml --budget 540` (600 steps, 454 s), `tpf
+--branches`, `speed --no-auto --branches`, `eval --branches` on one machine (1,420 s); then, on a machine that
+only measures, the returned heldout_prompts.jsonl carried as .carry/heldout/prompts.jsonl and
+`speed --adapter smollm2-135m-instruct-risd-lora --branches --speed-engines risd_auto --auto-max-stride 3
+--speed-temperatures 0.7 --speed-concurrency 64` (one cell of the table, 190 s).
 
 On a machine of several GPUs (`run(kind="nvidia-h200-x8")`, when lent: device time counts per machine,
 not per GPU) `distill` deals its engines over the GPUs (3 per GPU) and `train` runs data-parallel through
@@ -427,11 +433,15 @@ def load_target(name: str, adapter, dev: str, dtype: str):
 
 
 def heldout_messages() -> list:
-    """The held-out prompts' chat messages (distill's prompts.jsonl; none before distill or unpack)."""
+    """The held-out prompts' chat messages: distill's prompts.jsonl, else the copy a `distill` call returned
+    (its $OUT/heldout_prompts.jsonl) carried as .carry/heldout/prompts.jsonl — what a machine that only measures
+    (tpf, eval, speed with --adapter) needs of the distilled data; none without either."""
     from idlm.data.chat_prompts import read_prompts
 
-    heldout = STATE / "distill" / "prompts.jsonl"
-    return [p["messages"] for p in read_prompts(str(heldout))] if heldout.exists() else []
+    for heldout in (STATE / "distill" / "prompts.jsonl", REPO / ".carry" / "heldout" / "prompts.jsonl"):
+        if heldout.exists():
+            return [p["messages"] for p in read_prompts(str(heldout))]
+    return []
 
 
 def stage_eval(args) -> None:
