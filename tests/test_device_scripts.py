@@ -225,3 +225,20 @@ def test_convert_eval_runs_the_asked_parts_and_stops_at_its_budget(tmp_path, mon
         mod.stage_eval(argparse.Namespace(**{**vars(args), "parts": "alpha,speling"}))
     with pytest.raises(SystemExit, match="unknown tiny"):
         mod.stage_eval(argparse.Namespace(**{**vars(args), "models": "ar,tiny"}))
+
+
+def test_speed_engines_follow_the_flags_and_refuse_unknown_or_contradictory_names():
+    mod = _load("smollm2_risd")
+
+    def ns(**kw):
+        return argparse.Namespace(**{"speed_engines": "", "branches": False, "no_auto": False, **kw})
+
+    assert mod.speed_engines(ns()) == ["ar", "risd", "risd_auto"]
+    assert mod.speed_engines(ns(branches=True, no_auto=True)) == ["ar", "risd", "risd_br"]
+    # named: AR always first, the rest in the stage's order whatever the order given
+    assert mod.speed_engines(ns(speed_engines="risd_auto,risd")) == ["ar", "risd", "risd_auto"]
+    assert mod.speed_engines(ns(speed_engines="risd_auto")) == ["ar", "risd_auto"]
+    with pytest.raises(SystemExit, match="unknown engine"):
+        mod.speed_engines(ns(speed_engines="risd,eagle"))
+    with pytest.raises(SystemExit, match="--no-auto"):
+        mod.speed_engines(ns(speed_engines="risd_auto", no_auto=True))
