@@ -55,8 +55,7 @@ rejection branches with it (no training: `--adapter smollm2-135m-instruct-risd-l
 `.carry/` (ignored files do not outlive a session): `prepare`, then `setup distill --budget 520` in the second
 GGUF call (352 s), `train --config configs/smollm2/lora_tv2.yaml --budget 540` (600 steps, 454 s), `tpf
 --branches`, `speed --no-auto --branches`, `eval --branches` on one machine (1,420 s); then, on a machine that
-only measures, the returned heldout_prompts.jsonl carried as .carry/heldout/prompts.jsonl and
-`speed --adapter smollm2-135m-instruct-risd-lora --branches --speed-engines risd_auto --auto-max-stride 3
+only measures, `speed --adapter smollm2-135m-instruct-risd-lora --branches --speed-engines risd_auto --auto-max-stride 3
 --speed-temperatures 0.7 --speed-concurrency 64` (one cell of the table, 190 s).
 
 On a machine of several GPUs (`run(kind="nvidia-h200-x8")`, when lent: device time counts per machine,
@@ -90,6 +89,7 @@ sys.path.insert(0, str(REPO))
 from idlm.bench import save_record  # noqa: E402  (imports nothing heavy: this script also runs before torch)
 
 STATE = Path(os.environ.get("SMOL_STATE", "/root/smol"))
+HELDOUT = REPO / "docs" / "runs" / "risd" / "heldout_prompts.jsonl.gz"  # `heldout_messages` without distilled data
 SITE = STATE / "site"
 MODEL = "smollm2-135m-instruct"
 OUT = os.environ.get("OUT")
@@ -433,12 +433,14 @@ def load_target(name: str, adapter, dev: str, dtype: str):
 
 
 def heldout_messages() -> list:
-    """The held-out prompts' chat messages: distill's prompts.jsonl, else the copy a `distill` call returned
-    (its $OUT/heldout_prompts.jsonl) carried as .carry/heldout/prompts.jsonl — what a machine that only measures
-    (tpf, eval, speed with --adapter) needs of the distilled data; none without either."""
+    """The held-out prompts' chat messages: distill's prompts.jsonl, else the committed copy of session 23's
+    (docs/runs/risd/heldout_prompts.jsonl.gz: 1,179 prompts, the count and kinds every distill on the H200
+    reported; the prompt set is seeded, but its mined part depends on the machine's installed packages, so
+    it is kept, not rebuilt) — a machine that only measures (tpf, eval, speed with --adapter) needs no
+    distilled data."""
     from idlm.data.chat_prompts import read_prompts
 
-    for heldout in (STATE / "distill" / "prompts.jsonl", REPO / ".carry" / "heldout" / "prompts.jsonl"):
+    for heldout in (STATE / "distill" / "prompts.jsonl", HELDOUT):
         if heldout.exists():
             return [p["messages"] for p in read_prompts(str(heldout))]
     return []

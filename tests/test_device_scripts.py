@@ -242,3 +242,17 @@ def test_speed_engines_follow_the_flags_and_refuse_unknown_or_contradictory_name
         mod.speed_engines(ns(speed_engines="risd,eagle"))
     with pytest.raises(SystemExit, match="--no-auto"):
         mod.speed_engines(ns(speed_engines="risd_auto", no_auto=True))
+
+
+def test_heldout_prompts_come_from_the_committed_copy_without_distilled_data(tmp_path, monkeypatch):
+    mod = _load("smollm2_risd")
+    monkeypatch.setattr(mod, "STATE", tmp_path)  # no distill/ here
+    msgs = mod.heldout_messages()
+    assert len(msgs) == 1179 and all(m and m[-1]["role"] == "user" for m in msgs)
+    from idlm.data.chat_prompts import read_prompts
+
+    assert {p["split"] for p in read_prompts(str(mod.HELDOUT))} == {"heldout"}
+    # distill's own file wins when there is one
+    (tmp_path / "distill").mkdir()
+    (tmp_path / "distill" / "prompts.jsonl").write_text('{"prompt": "hi", "split": "heldout"}\n')
+    assert mod.heldout_messages() == [[{"role": "user", "content": "hi"}]]
