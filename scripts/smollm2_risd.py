@@ -403,11 +403,16 @@ def risd_engine(model, tok, lora, n: int, branches: bool = False, stride: int | 
                                               **extra), lora=lora)
 
 
-def ar_and_risd(model, tok, lora, n: int, branches: bool = False):
-    """Engine AR and engine R-ISD (`risd_engine`) on the same model, n requests at a time."""
+def ar_engine(model, tok, n: int):
+    """An engine plain AR on the model, n requests at a time."""
     from idlm.engine.llm_engine import EngineConfig, LLMEngine
 
-    return LLMEngine(model, tok, EngineConfig(decoder="ar", max_num_seqs=n)), risd_engine(model, tok, lora, n, branches)
+    return LLMEngine(model, tok, EngineConfig(decoder="ar", max_num_seqs=n))
+
+
+def ar_and_risd(model, tok, lora, n: int, branches: bool = False):
+    """Engine AR and engine R-ISD (`risd_engine`) on the same model, n requests at a time."""
+    return ar_engine(model, tok, n), risd_engine(model, tok, lora, n, branches)
 
 
 def eval_target(args) -> tuple[str, str, Path]:
@@ -564,11 +569,10 @@ def step_phase_table(model, tok, lora, prompt, smoke: bool, branches: bool = Fal
     greedy and T = 0.7."""
     from idlm.bench.offline import step_phases
     from idlm.decoding.sampling import SamplingParams
-    from idlm.engine.llm_engine import EngineConfig, LLMEngine
 
     table = {}
     for dec in ("ar", "risd") + (("risd_br",) if branches else ()):
-        eng = (LLMEngine(model, tok, EngineConfig(decoder="ar", max_num_seqs=1)) if dec == "ar"
+        eng = (ar_engine(model, tok, 1) if dec == "ar"
                else risd_engine(model, tok, lora, 1, dec == "risd_br"))
         for temp in (0.0, 0.7):
             p = SamplingParams(temperature=temp, max_tokens=16 if smoke else 200, ignore_eos=True, seed=1)
@@ -620,8 +624,9 @@ def stage_speed(args) -> None:
 
     # per-request speed, engines side by side, interleaved reps, median; R-ISD at N = 4 (with rejection branches
     # too: "risd_br") and adaptive
-    engines = {"ar": ar_and_risd(model, tok, lora, max(conc))[0]} if "risd" not in names else dict(
-        zip(("ar", "risd"), ar_and_risd(model, tok, lora, max(conc))))
+    engines = {"ar": ar_engine(model, tok, max(conc))}
+    if "risd" in names:
+        engines["risd"] = risd_engine(model, tok, lora, max(conc))
     if "risd_br" in names:
         engines["risd_br"] = risd_engine(model, tok, lora, max(conc), branches=True)
     if "risd_auto" in names:  # --branches: priced by auto
