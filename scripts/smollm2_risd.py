@@ -603,6 +603,15 @@ def speed_engines(args) -> list[str]:
     return ["ar", "risd"] + (["risd_br"] if args.branches else []) + ([] if args.no_auto else ["risd_auto"])
 
 
+def speed_requests(args, c: int) -> int:
+    """Requests of one speed cell at concurrency c: at least --speed-requests, and two waves of c. Until session 24
+    a cell ran max(8, 2c), so C = 1 measured the first 8 held-out prompts only (session 23: R-ISD TPF with branches
+    2.37 on them against 2.51 on all 256)."""
+    if args.speed_requests < 1:
+        raise SystemExit(f"--speed-requests must be >= 1, got {args.speed_requests}")
+    return max(2 if args.smoke else args.speed_requests, 2 * c)
+
+
 def stage_speed(args) -> None:
     """Engine AR vs R-ISD (N = 4, with rejection branches, --stride auto: `speed_engines`) per-request speed,
     at --speed-temperatures x --speed-concurrency, in a process of its own (run it as its own command after
@@ -645,9 +654,11 @@ def stage_speed(args) -> None:
                 for rep in range(reps):
                     for key, eng in engines.items():
                         runs[key].append(bench_offline(eng, prompts, [c], max_tokens=256 if not args.smoke else 8,
-                                                       temperature=temp, warmup=rep == 0, stop_at_eos=True)[0])
+                                                       temperature=temp, num_requests=speed_requests(args, c),
+                                                       warmup=rep == 0, stop_at_eos=True)[0])
             med = median_runs(runs)
-            row = {"concurrency": c, **{f"{k}_tok_s": m["per_request_tok_s"] for k, m in med.items()},
+            row = {"concurrency": c, "requests": speed_requests(args, c),
+                   **{f"{k}_tok_s": m["per_request_tok_s"] for k, m in med.items()},
                    **{f"{k}_step_ms": m["decode_step_ms"] for k, m in med.items()},
                    "tokens": {k: m["generated_tokens"] for k, m in med.items()},
                    "reps": {k: [r["per_request_tok_s"] for r in v] for k, v in runs.items()}}
@@ -843,6 +854,8 @@ def main() -> None:
                          "--no-auto)")
     ap.add_argument("--speed-temperatures", default="0,0.7", help="speed: the temperatures (comma-separated)")
     ap.add_argument("--speed-concurrency", default="1,16,64", help="speed: the concurrencies (comma-separated)")
+    ap.add_argument("--speed-requests", type=int, default=32,
+                    help="speed: requests of a cell at least (default 32; each cell runs max(this, 2 C))")
     ap.add_argument("--auto-max-stride", type=int, default=None,
                     help="speed: the largest N of the --stride auto engine (default: the engine's; each stride "
                          "adds its compile to the warm-up)")

@@ -244,6 +244,19 @@ def test_speed_engines_follow_the_flags_and_refuse_unknown_or_contradictory_name
         mod.speed_engines(ns(speed_engines="risd_auto", no_auto=True))
 
 
+def test_speed_cells_run_at_least_speed_requests_and_two_waves():
+    mod = _load("smollm2_risd")
+
+    def ns(n, smoke=False):
+        return argparse.Namespace(speed_requests=n, smoke=smoke)
+
+    assert [mod.speed_requests(ns(32), c) for c in (1, 16, 64)] == [32, 32, 128]
+    assert mod.speed_requests(ns(8), 16) == 32
+    assert mod.speed_requests(ns(32, smoke=True), 1) == 2  # the CPU smoke run stays small
+    with pytest.raises(SystemExit, match="--speed-requests"):
+        mod.speed_requests(ns(0), 1)
+
+
 def test_heldout_prompts_come_from_the_committed_copy_without_distilled_data(tmp_path, monkeypatch):
     mod = _load("smollm2_risd")
     monkeypatch.setattr(mod, "STATE", tmp_path)  # no distill/ here
