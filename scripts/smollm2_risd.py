@@ -57,6 +57,8 @@ GGUF call (352 s), `train --config configs/smollm2/lora_tv2.yaml --budget 540` (
 --branches`, `speed --no-auto --branches`, `eval --branches` on one machine (1,420 s); then, on a machine that
 only measures, `speed --adapter smollm2-135m-instruct-risd-lora --branches --speed-engines risd_auto --auto-max-stride 3
 --speed-temperatures 0.7 --speed-concurrency 64` (one cell of the table, 190 s).
+Session 24: the same first calls, then `train --config configs/smollm2/lora_tv3.yaml --budget 530`, `eval
+--branches`, `speed --no-auto --branches` (1,604 s on one machine).
 
 On a machine of several GPUs (`run(kind="nvidia-h200-x8")`, when lent: device time counts per machine,
 not per GPU) `distill` deals its engines over the GPUs (3 per GPU) and `train` runs data-parallel through
