@@ -206,7 +206,8 @@ def stage_distill(args) -> None:
                 "--engines", str(args.engines or (1 if args.smoke else 3 * visible_gpus()))]
     t0 = time.time()
     rc, text = idlm("data", "distill", "--model", model, "--out", str(STATE / "distill"), "--temperatures", "0,0.7",
-                    "--heldout-fraction", "0.3" if args.smoke else "0.02", "--seed", "0", *opts, budget=args.budget)
+                    "--heldout-fraction", "0.3" if args.smoke else "0.02", "--seed", str(args.distill_seed), *opts,
+                    budget=args.budget)
     manifest = STATE / "distill" / "distill.json"
     if OUT and (STATE / "distill" / "prompts.jsonl").exists():  # the held-out prompts, for the record
         shutil.copyfile(STATE / "distill" / "prompts.jsonl", os.path.join(OUT, "heldout_prompts.jsonl"))
@@ -439,15 +440,24 @@ def load_target(name: str, adapter, dev: str, dtype: str):
     return model, tok, LoRAAdapter.load(adapter, model.config, device=dev, dtype=model.dtype)
 
 
+def distill_seed() -> int | None:
+    """The prompt-set seed of the distilled data on this machine (its distill.json), None without one."""
+    manifest = STATE / "distill" / "distill.json"
+    return json.loads(manifest.read_text())["config"]["seed"] if manifest.exists() else None
+
+
 def heldout_messages() -> list:
-    """The held-out prompts' chat messages: distill's prompts.jsonl, else the committed copy of session 23's
-    (docs/runs/risd/heldout_prompts.jsonl.gz: 1,179 prompts, the count and kinds every distill on the H200
-    reported; the prompt set is seeded, but its mined part depends on the machine's installed packages, so
+    """The held-out prompts' chat messages: distill's prompts.jsonl when its data was built with seed 0 (the
+    set every TPF / speed number so far was measured on), else the committed copy of that set
+    (docs/runs/risd/heldout_prompts.jsonl.gz: session 23's, 1,179 prompts, identical to session 24's seed-0
+    distill; the prompt set is seeded, but its mined part depends on the machine's installed packages, so
     it is kept, not rebuilt) — a machine that only measures (tpf, eval, speed with --adapter) needs no
-    distilled data."""
+    distilled data, and one that trains on another seed's data (`--distill-seed`) still measures on the same
+    prompts (none of them is in another seed's training split: the split is a hash of the prompt's text)."""
     from idlm.data.chat_prompts import read_prompts
 
-    for heldout in (STATE / "distill" / "prompts.jsonl", HELDOUT):
+    own = STATE / "distill" / "prompts.jsonl"
+    for heldout in ((own,) if distill_seed() in (0, None) else ()) + (HELDOUT,):
         if heldout.exists():
             return [p["messages"] for p in read_prompts(str(heldout))]
     return []
@@ -861,6 +871,10 @@ def main() -> None:
     ap.add_argument("--auto-max-stride", type=int, default=None,
                     help="speed: the largest N of the --stride auto engine (default: the engine's; each stride "
                          "adds its compile to the warm-up)")
+    ap.add_argument("--distill-seed", type=int, default=0,
+                    help="distill: the prompt set's and the sampling's seed (0: the set of sessions 16-24; another "
+                         "seed gives ~half new chat prompts and new T = 0.7 answers; tpf/eval/speed then measure on "
+                         "the committed seed-0 held-out prompts)")
     ap.add_argument("--num-prompts", type=int, default=60000)
     ap.add_argument("--target-tokens", type=int, default=20_000_000)
     ap.add_argument("--max-num-seqs", type=int, default=384)

@@ -269,3 +269,8 @@ def test_heldout_prompts_come_from_the_committed_copy_without_distilled_data(tmp
     (tmp_path / "distill").mkdir()
     (tmp_path / "distill" / "prompts.jsonl").write_text('{"prompt": "hi", "split": "heldout"}\n')
     assert mod.heldout_messages() == [[{"role": "user", "content": "hi"}]]
+    # ... when its data has seed 0; another seed's held-out set is not the one the numbers were measured on
+    (tmp_path / "distill" / "distill.json").write_text(json.dumps({"config": {"seed": 0}}))
+    assert mod.heldout_messages() == [[{"role": "user", "content": "hi"}]]
+    (tmp_path / "distill" / "distill.json").write_text(json.dumps({"config": {"seed": 1}}))
+    assert len(mod.heldout_messages()) == 1179

@@ -565,8 +565,9 @@ def test_smollm2_lora_config_parses_and_its_adapter_fits_the_asset_budget(tmp_pa
     tv = TrainConfig.from_yaml(REPO / "configs" / "smollm2" / "lora_tv.yaml")
     differ = {k for k, v in tv.to_dict().items() if v != more.to_dict()[k]}
     assert differ == {"tv_weight", "tv_temperature", "out", "max_steps"} and 0 < tv.tv_weight < 1
-    # its continuations: the same recipe into their own directories (lora_tv3 at half the learning rate)
-    for name, extra in (("lora_tv2", set()), ("lora_tv3", {"lr"})):
+    # its continuations: the same recipe into their own directories (lora_tv3 and lora_tv4, which trains on
+    # another seed's data, at half the learning rate)
+    for name, extra in (("lora_tv2", set()), ("lora_tv3", {"lr"}), ("lora_tv4", {"lr"})):
         cont = TrainConfig.from_yaml(REPO / "configs" / "smollm2" / f"{name}.yaml")
         assert {k for k, v in cont.to_dict().items() if v != tv.to_dict()[k]} == {"out"} | extra
         assert cont.out.endswith(name)
