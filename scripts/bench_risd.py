@@ -5,12 +5,13 @@ Stages (comma-separated argv[1], default all):
   exact  fp32 and bf16: engine R-ISD (the fused step: LoRA folded into the projections) vs engine AR on
          idlm-tiny-ar, greedy, 64 prompts x 128 tokens: how many requests are identical
   step   bf16, batch 1, greedy and T = 0.7: the decode step of AR, R-ISD fused and R-ISD unfused (separate LoRA
-         matmuls; $STEP_KINDS picks some, e.g. ar,risd_fused; risd_br: fused with rejection branches, only when
+         matmuls; $STEP_KINDS picks some, e.g. ar,risd_fused; risd_br: fused with rejection branches, and
+         risd_select: fused in the "select" layout (x times [W ; W + D] for q/k/v and gate/up), only when
          named), in turns ($ROUNDS rounds, per-round ratios),
          for idlm-tiny-ar (its trained adapter) and a SmolLM2-135M-shaped model (random weights and a
          random adapter of $SMOL_RANK, default 32: step cost does not depend on the values)
-  profile  batch 1, AR vs fused R-ISD: GPU time of the step's CUDA graph alone vs the engine step, and
-         kernels per step (torch.profiler)
+  profile  batch 1, AR vs fused R-ISD (both layouts: $LAYOUTS, default pair,select): GPU time of the step's
+         CUDA graph alone vs the engine step, and kernels per step (torch.profiler)
   throughput  bf16: offline tokens/s of engine AR and R-ISD at C = 64, 256 (SmolLM2 shape, random weights)
   sprofile  batch 1, SmolLM2 shape (random weights): where a sampled (T = 0.7) R-ISD / AR step's time goes
          vs greedy: wall time per step, GPU kernel time per step, top kernels and top host ops (torch.profiler)
@@ -104,28 +105,33 @@ def stage_step():
     out = {}
     only = os.environ.get("STEP_KINDS", "")  # e.g. ar,risd_fused (default: all three)
     for name in ("idlm-tiny-ar", "smollm2-135m"):
+        select = "risd_select" in only.split(",")  # a third model: `fuse_lora` keeps one layout per model
         if name == "idlm-tiny-ar":
-            model_f, tok, lora_f = tiny_ar("bfloat16")
-            model_u, _, lora_u = tiny_ar("bfloat16")
+            (model_f, tok, lora_f), (model_u, _, lora_u) = tiny_ar("bfloat16"), tiny_ar("bfloat16")
+            model_s, _, lora_s = tiny_ar("bfloat16") if select else (None, None, None)
             prompt = bench_prompts(tok, 1)[0]
         else:
-            model_f, model_u = (random_model("smollm2-135m", dtype="bfloat16", device=DEV) for _ in range(2))
-            lora_f, lora_u = (LoRAAdapter(m.config, LoRAConfig(rank=SMOL_RANK))
-                              .init_weights(std=0.02, seed=0, zero_b=False)
-                              .to(device=DEV, dtype=m.dtype) for m in (model_f, model_u))
+            model_f, model_u, model_s = (random_model("smollm2-135m", dtype="bfloat16", device=DEV)
+                                         if i < 2 or select else None for i in range(3))
+            lora_f, lora_u, lora_s = (None if m is None else LoRAAdapter(m.config, LoRAConfig(rank=SMOL_RANK))
+                                      .init_weights(std=0.02, seed=0, zero_b=False)
+                                      .to(device=DEV, dtype=m.dtype) for m in (model_f, model_u, model_s))
             tok = None
             prompt = torch.randint(10, 40000, (64,), generator=torch.Generator().manual_seed(0)).tolist()
-        kinds = {"ar": (model_f, None, None), "risd_fused": (model_f, lora_f, True),
-                 "risd_unfused": (model_u, lora_u, False),
-                 "risd_br": (model_f, lora_f, True)}  # fused, with rejection branches (N² = 16 query tokens)
-        kinds = {k: v for k, v in kinds.items() if k == "ar" or (k in only.split(",") if only else k != "risd_br")}
+        # kind: (model, adapter, fuse_projections, lora_layout)
+        kinds = {"ar": (model_f, None, None, "pair"), "risd_fused": (model_f, lora_f, True, "pair"),
+                 "risd_unfused": (model_u, lora_u, False, "pair"),
+                 "risd_br": (model_f, lora_f, True, "pair"),  # fused, with rejection branches (N² = 16 query tokens)
+                 "risd_select": (model_s, lora_s, True, "select")}
+        kinds = {k: v for k, v in kinds.items()
+                 if k == "ar" or (k in only.split(",") if only else k not in ("risd_br", "risd_select"))}
         out[name] = {}
         for temp in (0.0, 0.7):
             cases = {}
-            for k, (model, lora, fuse) in kinds.items():
+            for k, (model, lora, fuse, layout) in kinds.items():
                 eng = LLMEngine(model, tok, EngineConfig(decoder="risd" if lora is not None else "ar", stride=4,
                                                          max_num_seqs=1, num_pages=512, fuse_projections=fuse,
-                                                         branches=k == "risd_br"), lora=lora)
+                                                         branches=k == "risd_br", lora_layout=layout), lora=lora)
                 params = SamplingParams(temperature=temp, max_tokens=400, ignore_eos=True, seed=0)
                 eng.run([prompt], params)  # warm-up: compiles, graph captures
                 cases[k] = (eng, prompt, params)
@@ -144,18 +150,21 @@ def stage_profile():
     from idlm.bench.profile import profile_steps, summarize
 
     out = {}
+    layouts = os.environ.get("LAYOUTS", "pair,select").split(",")
     for name in ("idlm-tiny-ar", "smollm2-135m"):
-        if name == "idlm-tiny-ar":
-            model, tok, lora = tiny_ar("bfloat16")
-            prompt = bench_prompts(tok, 1)[0]
-        else:
-            model = random_model("smollm2-135m", dtype="bfloat16", device=DEV)
-            lora = LoRAAdapter(model.config, LoRAConfig(rank=SMOL_RANK)).init_weights(std=0.02, seed=0, zero_b=False)
-            lora, tok = lora.to(device=DEV, dtype=model.dtype), None
-            prompt = list(range(100, 164))
-        for dec in ("ar", "risd"):
-            eng = LLMEngine(model, tok, EngineConfig(decoder=dec, stride=4, max_num_seqs=1, num_pages=512),
-                            lora=lora if dec == "risd" else None)
+        for dec in ["ar"] + [f"risd/{x}" for x in layouts]:  # a fresh model each: one fused layout per model
+            if name == "idlm-tiny-ar":
+                model, tok, lora = tiny_ar("bfloat16")
+                prompt = bench_prompts(tok, 1)[0]
+            else:
+                model = random_model("smollm2-135m", dtype="bfloat16", device=DEV)
+                lora = LoRAAdapter(model.config, LoRAConfig(rank=SMOL_RANK)).init_weights(std=0.02, seed=0,
+                                                                                          zero_b=False)
+                lora, tok = lora.to(device=DEV, dtype=model.dtype), None
+                prompt = list(range(100, 164))
+            eng = LLMEngine(model, tok, EngineConfig(decoder=dec[:4], stride=4, max_num_seqs=1, num_pages=512,
+                                                     lora_layout=dec[5:] or "pair"),
+                            lora=lora if dec != "ar" else None)
             p = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
             eng.run([prompt], p)
             eng.add_request(prompt, p)
@@ -179,6 +188,8 @@ def stage_profile():
                 "graphs": eng.runner.graphs_captured, "graph_replay_gpu_ms": round(gpu_ms, 4),
                 "step_wall_ms_profiled": round(step_ms, 4), "kernels_per_step": summary["kernels_per_step"],
                 "top_kernels_us_per_step": summary["top_kernels_us_per_step"]}
+            if dec != "ar":
+                out[f"{name}/{dec}"]["gpu_over_ar"] = round(gpu_ms / out[f"{name}/ar"]["graph_replay_gpu_ms"], 3)
     emit("profile", out)
 
 
@@ -413,6 +424,8 @@ def main():
     if "step" in results:
         summary["step_risd_over_ar"] = {f"{k}/{t}": r.get("risd_fused_over_ar") for k, v in results["step"].items()
                                         for t, r in v.items()}
+        summary["step_risd_select_over_ar"] = {f"{k}/{t}": r.get("risd_select_over_ar")
+                                               for k, v in results["step"].items() for t, r in v.items()}
     if "tiny" in results:
         summary["tiny_risd_over_ar"] = {t: [r["risd_over_ar"] for r in rows] for t, rows in results["tiny"].items()}
     save_record(results, "bench_risd.json")

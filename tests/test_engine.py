@@ -354,18 +354,23 @@ def test_bench_commands_print_one_json_line(capsys, tmp_path):
     assert main(["bench", "latency", "--shape", "no-such-shape"]) == 2
 
 
-def test_fused_lora_risd_equals_ar():
+@pytest.mark.parametrize("layout", ["pair", "select"])
+def test_fused_lora_risd_equals_ar(layout):
     """R-ISD with the LoRA folded into the projections (fuse_projections=True, the CUDA default for small
-    models) still emits exactly greedy AR's tokens, drafts almost as well, and its forward matches the
-    separate low-rank path. (Its own model and adapter: fusing changes the objects.)"""
+    models; either layout of q/k/v and gate/up) still emits exactly greedy AR's tokens, drafts almost as well,
+    and its forward matches the separate low-rank path. (Its own model and adapter: fusing changes the
+    objects.)"""
     model, tok = load_pretrained("idlm-tiny-ar", dtype="float32")
     lora = LoRAAdapter.load(registry.fetch("idlm-tiny-ar-risd-lora"), model.config)
     prompts, params = _workload(tok, n=24, seed=5)
     ar = _small_engine(model, tok, "ar", 4).run(prompts, params)
     unfused = _small_engine(model, tok, "risd", 4, lora=lora).run(prompts, params)
     assert model.model.layers[0].self_attn.qkv_lora is None
-    engine = _small_engine(model, tok, "risd", 4, lora=lora, fuse_projections=True)
-    assert model.model.layers[0].self_attn.qkv_lora is not None and model.model.layers[0].mlp.down_lora is not None
+    engine = _small_engine(model, tok, "risd", 4, lora=lora, fuse_projections=True, lora_layout=layout)
+    a, h = model.model.layers[0].self_attn, model.config.hidden_size
+    assert a.qkv_lora is not None and model.model.layers[0].mlp.down_lora is not None
+    qkv_out = a.q_proj.out_features + 2 * a.k_proj.out_features
+    assert a.qkv_lora[0].shape == ((2 * qkv_out, h) if layout == "select" else (qkv_out, 2 * h))
     fused = engine.run(prompts, params)
     assert [o.token_ids for o in fused] == [o.token_ids for o in ar]
     tpf = [sum(o.stats.committed for o in outs) / sum(o.stats.forwards for o in outs) for outs in (fused, unfused)]
@@ -380,6 +385,32 @@ def test_fused_lora_risd_equals_ar():
     torch.testing.assert_close(fused_h, sep_h, rtol=1e-4, atol=1e-4)
     with pytest.raises(ConfigError, match="does not fit"):
         tiny_transformer(64).fuse_lora(lora)
+
+
+@pytest.mark.parametrize("qk_norm,bias", [(True, False), (False, True)])
+def test_fused_lora_layouts_match_the_separate_path(qk_norm, bias):
+    """Both layouts of `fuse_lora` against the separate low-rank projections (the training path) on a Qwen3
+    shape (per-head q/k norms) and a biased one without them: gated rows get W + D, ungated rows exactly W —
+    where no earlier row is gated, bit-identical to the model without the adapter."""
+    from idlm.layers.lora import LoRAConfig
+
+    model = tiny_transformer(64, qk_norm=qk_norm, qkv_bias=bias, mlp_bias=bias).double()
+    lora = LoRAAdapter(model.config, LoRAConfig(rank=4)).init_weights(std=0.3, seed=0, zero_b=False).double()
+    ids = torch.randint(4, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    gate = torch.tensor([[False, False, True, False, True, True], [False, True, True, True, False, False]])
+    with torch.no_grad():
+        plain = model(ids)
+        sep = model(ids, lora=lora, lora_gate=gate.double(), is_mask=gate)
+        for layout in ("pair", "select"):
+            model.fuse_lora(lora, layout)
+            fused = model(ids, lora=lora, lora_gate=gate.double(), is_mask=gate)
+            torch.testing.assert_close(fused, sep, rtol=1e-10, atol=1e-10)
+            assert torch.equal(fused[0, :2], plain[0, :2]) and torch.equal(fused[1, :1], plain[1, :1])
+            model.fuse_lora(None)
+        with pytest.raises(ValueError, match="layout"):
+            model.fuse_lora(lora, "stacked")
+    with pytest.raises(ConfigError, match="lora_layout"):
+        EngineConfig(lora_layout="stacked")
 
 
 def test_fused_projections_engine_equals_reference():

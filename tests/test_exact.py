@@ -180,3 +180,21 @@ def test_bench_exact_script_smoke(tmp_path):
     assert bits["batch7"] == bits["batch64"] == bits["isd4_batch8"] == bits["of"] > 0
     pre = res["preempt"]["exact"]
     assert pre["preemptions"] > 0 and pre["identical_logprob_bits"] == pre["of"]
+
+
+@pytest.mark.parametrize("layout", ["pair", "select"])
+def test_exact_forward_with_a_fused_lora_matches_the_fast_one(layout):
+    """Exact mode's forward (batch-invariant matmuls and norms) through either fused-LoRA layout gives the
+    values of the ordinary forward (fp32, Qwen3 shape: the "select" layout picks each row's half before the
+    exact per-head norms there)."""
+    from idlm.layers.lora import LoRAAdapter, LoRAConfig
+
+    model = tiny_transformer(64, head_dim=16, mask_token_id=MASK)
+    lora = LoRAAdapter(model.config, LoRAConfig(rank=4)).init_weights(std=0.3, seed=0, zero_b=False)
+    model.fuse_projections().fuse_lora(lora, layout)
+    ids = torch.randint(4, 64, (2, 7), generator=torch.Generator().manual_seed(3))
+    gate = torch.tensor([[False, True, True, False, True, True, True], [False] * 4 + [True] * 3])
+    with torch.no_grad():
+        fast = model(ids, lora=lora, lora_gate=gate.float(), is_mask=gate)
+        exact = model(ids, lora=lora, lora_gate=gate.float(), is_mask=gate, exact=True)
+    torch.testing.assert_close(exact, fast, rtol=1e-5, atol=1e-5)

@@ -189,12 +189,13 @@ def test_isd_joint_law_equals_ar(model, adapter, kind, draft, sampling, stride):
         assert p > PASS_P, f"joint law of the tokens ({view}) differs from AR's (p = {p:.3g})"
 
 
-def test_fused_risd_joint_law_equals_ar(model, adapter):
-    """R-ISD with the LoRA folded into the projections (`Transformer.fuse_lora`, the engine's CUDA path):
-    its tokens still follow AR's law exactly."""
+@pytest.mark.parametrize("layout", ["pair", "select"])
+def test_fused_risd_joint_law_equals_ar(model, adapter, layout):
+    """R-ISD with the LoRA folded into the projections (`Transformer.fuse_lora`, the engine's CUDA path,
+    either layout): its tokens still follow AR's law exactly."""
     import copy
 
-    fused = copy.deepcopy(model).fuse_projections().fuse_lora(adapter)
+    fused = copy.deepcopy(model).fuse_projections().fuse_lora(adapter, layout)
     assert fused.model.layers[0].self_attn.qkv_lora is not None
     pvalues, acceptance, rounds = check(fused, ISDDecoder(2, None, lora=True), {**TRUNC, "draft": "sample"}, seed=4,
                                         lora=adapter)

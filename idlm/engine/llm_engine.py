@@ -75,6 +75,7 @@ from idlm.engine.options import ATTENTION_BACKENDS
 from idlm.engine.scheduler import Scheduler
 from idlm.engine.sequence import SeqStatus, Sequence
 from idlm.errors import ConfigError
+from idlm.models.transformer import LORA_LAYOUTS
 
 logger = logging.getLogger("idlm.engine")
 
@@ -172,6 +173,9 @@ class EngineConfig:
     # one q/k/v and one gate/up matmul per layer (weight copies), and R-ISD's LoRA folded into the projections
     # (Transformer.fuse_lora); None = auto: on CUDA when the copies are <= 1 GiB
     fuse_projections: bool | None = None
+    # how q/k/v and gate/up carry a fused R-ISD LoRA (`Transformer.fuse_lora`): "pair" ([x, g·x] times [W | D])
+    # or "select" (x times [W ; W + D], each row's half picked in the kernel after the matmul)
+    lora_layout: str = "pair"
     # exact mode (issue 16): every token row's logits bit-identical whatever the batch, the query block and
     # the prefill chunk (batch-invariant matmuls, fixed-tile attention), so greedy ISD / R-ISD equal greedy
     # AR in bf16 too; slower. Needs the Triton kernels (CUDA, or TRITON_INTERPRET=1 on CPU)
@@ -230,6 +234,9 @@ class EngineConfig:
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"invalid engine option step_cost={self.step_cost!r}: need (base, per_row, "
                                   f"per_token) seconds >= 0 ({e})") from None
+        if self.lora_layout not in LORA_LAYOUTS:
+            raise ConfigError(f"invalid engine option lora_layout={self.lora_layout!r}: must be one of "
+                              f"{list(LORA_LAYOUTS)}")
         if self.num_pages is not None:
             positive("num_pages")
         if self.admit_batch is None:
@@ -365,7 +372,8 @@ class LLMEngine:
                                   gpu_memory_utilization=config.gpu_memory_utilization,
                                   cuda_graphs=config.cuda_graphs, max_num_seqs=config.max_num_seqs,
                                   attention=config.attention, fuse_projections=config.fuse_projections,
-                                  max_query_len=self.max_query_len, exact=config.exact)
+                                  max_query_len=self.max_query_len, exact=config.exact,
+                                  lora_layout=config.lora_layout)
         self.block_manager = PageManager(self.runner.num_blocks, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    admit_batch=config.admit_batch)

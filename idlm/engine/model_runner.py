@@ -18,8 +18,8 @@ Decode steps attend over the pool with the Triton paged kernel on CUDA (`attenti
 chunks, and every step elsewhere, take the gather + SDPA reference path. On CUDA every model runs q/k/v
 and gate/up as two fused matmuls per layer (`fuse_projections`: the parameters become slices of the
 fused weights, so no memory is added), and an R-ISD adapter is folded into the projections
-(`Transformer.fuse_lora`: [x, g·x] times [W | D]) when those copies take ≤ 1 GiB, so an R-ISD step runs
-as many matmuls as an AR step.
+(`Transformer.fuse_lora`, layout `lora_layout`: [x, g·x] times [W | D], or x times [W ; W + D]) when those
+copies take ≤ 1 GiB, so an R-ISD step runs as many matmuls as an AR step.
 `exact=True` (issue 16) runs every forward, prefill chunks included, through the batch-invariant matmul
 and the paged kernel's exact variant (and the compiled elementwise kernels in prefill too), so a
 token row's values do not depend on the batch, its query block or its prefill chunk.
@@ -117,7 +117,7 @@ class ModelRunner:
     def __init__(self, model, block_size: int, num_blocks: int | None, max_model_len: int, lora=None,
                  gpu_memory_utilization: float = 0.85, cuda_graphs: bool = True, max_num_seqs: int = 256,
                  attention: str = "auto", fuse_projections: bool | None = None, max_query_len: int = 1,
-                 exact: bool = False):
+                 exact: bool = False, lora_layout: str = "pair"):
         self.model, self.lora, self.exact = model, lora, exact
         self.attn_kernel = _use_kernel(attention, model.device)
         if exact and not triton_usable(model.device):
@@ -132,7 +132,7 @@ class ModelRunner:
         if fuse_projections:
             model.fuse_projections()
             if lora is not None:  # R-ISD: the gated LoRA folded into the projections (as many matmuls as AR)
-                model.fuse_lora(lora)
+                model.fuse_lora(lora, lora_layout)
         self.config = cfg = model.config
         self.device, self.dtype = model.device, model.dtype
         self.block_size = block_size

@@ -188,3 +188,10 @@ class LoRAAdapter(nn.Module):
         if missing:
             raise CheckpointError(f"LoRA adapter {path}: missing tensor {sorted(missing)[0]!r}")
         return adapter.to(device=device, dtype=dtype).eval()
+
+
+def select_half(y2: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """A fused LoRA's "select" layout (`Transformer.fuse_lora`): the matmul halves [Wx, (W + D)x] [..., 2·n]
+    -> each row's: (W + D)x where gate [...] is nonzero, else exactly Wx."""
+    base, adapted = y2.chunk(2, -1)
+    return torch.where(gate[..., None] != 0, adapted, base)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from idlm.layers.fused import cuda_fused
+from idlm.layers.lora import select_half
 from idlm.layers.norm import rms_norm
 
 
@@ -83,3 +84,21 @@ def qk_norm_rotary(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_w
     (rotary(rms_norm(q)), rotary(rms_norm(k))), q [B, T, Hq, D], k [B, T, Hkv, D]."""
     rotate, norm = apply_rotary.__wrapped__, rms_norm.__wrapped__
     return rotate(norm(q, q_weight, eps), cos, sin), rotate(norm(k, k_weight, eps), cos, sin)
+
+
+@cuda_fused
+def rotary_qkv_gated(qkv2: torch.Tensor, gate: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int,
+                     n_kv: int, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float):
+    """R-ISD's fused q/k/v matmul in the "select" layout (`Transformer.fuse_lora`): qkv2 [B, T, 2·(Hq + 2·Hkv)·D]
+    = the halves [Wx, (W + D)x], gate [B, T] -> (q, k, v) [B, T, H, D] of each row's half (`select_half`), q and
+    k through Qwen3's per-head RMSNorm when its weights are given, then RoPE: one compiled function, so picking
+    the half adds no kernel to `rotary_qk` / `qk_norm_rotary`."""
+    B, T = qkv2.shape[:2]
+    d = cos.shape[-1]
+    q, k, v = select_half(qkv2, gate).split([n_heads * d, n_kv * d, n_kv * d], -1)
+    q, k, v = q.view(B, T, n_heads, d), k.view(B, T, n_kv, d), v.view(B, T, n_kv, d)
+    if q_weight is not None:
+        norm = rms_norm.__wrapped__
+        q, k = norm(q, q_weight, eps), norm(k, k_weight, eps)
+    rotate = apply_rotary.__wrapped__
+    return rotate(q, cos, sin), rotate(k, cos, sin), v

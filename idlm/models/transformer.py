@@ -6,10 +6,14 @@ per-head q/k RMSNorm), SwiGLU MLP, tied or untied embeddings. Parameter names eq
 
 R-ISD's gated LoRA (SPEC §5, `idlm.layers.lora`) runs either as separate low-rank matmuls
 (`_project`, training and the reference path) or, for inference, folded into the projections
-(`fuse_lora`, D = scale·B·A): q/k/v and gate/up take the doubled input [x, g·x] times [W | D] (a gated
-row gets (W + D)x, an ungated one exactly Wx + D·0 = Wx), built by the norm before them; o and down
-output the halves [Wx, Dx] times [W ; D] and the norm after them adds Wx + g·Dx to the residual stream
-(exactly Wx where g = 0). So an R-ISD step runs the same matmuls as plain AR and no extra kernel.
+(`fuse_lora`, D = scale·B·A), in one of two layouts for q/k/v and gate/up: "pair" — the doubled input
+[x, g·x] times [W | D] (a gated row gets (W + D)x, an ungated one exactly Wx + D·0 = Wx), built by the norm
+before them; "select" — x times [W ; W + D], both halves [Wx, (W + D)x] computed for every row and each row's
+taken by the compiled kernel after the matmul (RoPE, SiLU·up), so the matmul keeps AR's depth K and doubles
+its width instead (more thread blocks, not a longer loop each: at a few rows a matmul's time follows K). o and
+down output the halves [Wx, Dx] times [W ; D] in both, and the norm after them adds Wx + g·Dx to the
+residual stream (exactly Wx where g = 0). So an R-ISD step runs the same matmuls as plain AR and no extra
+kernel.
 
 The model is agnostic of where KV lives: `forward` takes an attention backend
 (`idlm.layers.attention`) that owns the cache. It returns hidden states; `compute_logits` turns the
@@ -24,8 +28,9 @@ from torch import nn
 
 from idlm.layers.attention import AttentionBackend, DenseAttention
 from idlm.layers.fused import cuda_fused
+from idlm.layers.lora import select_half
 from idlm.layers.norm import RMSNorm
-from idlm.layers.rotary import RotaryEmbedding, apply_rotary, qk_norm_rotary, rotary_qk
+from idlm.layers.rotary import RotaryEmbedding, apply_rotary, qk_norm_rotary, rotary_qk, rotary_qkv_gated
 from idlm.models.config import ModelConfig
 
 
@@ -67,29 +72,35 @@ def _share_rows(linears, weight: torch.Tensor, bias: torch.Tensor | None) -> Non
         start += n
 
 
-def _lora_linear(layer_lora, named: list[tuple[str, nn.Linear]]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight [out, 2·in], bias) of `fuse_lora`: [W | D] for the projections `named` side by side, where
-    D = scale·B·A of each targeted projection (computed in float32) and 0 for the others."""
+LORA_LAYOUTS = ("pair", "select")  # `Transformer.fuse_lora`'s layouts of q/k/v and gate/up (module docstring)
+
+
+def _lora_linear(layer_lora, named: list[tuple[str, nn.Linear]], layout: str = "pair"
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of `fuse_lora` for the projections `named` side by side, D = scale·B·A of each targeted
+    projection (computed in float32) and 0 for the others: layout "pair" [W | D] [out, 2·in]; "select"
+    [W ; W + D] [2·out, in] (W + D summed in float32, rounded once) with the bias in both halves."""
     weight, bias = _cat_linear(*(m for _, m in named))
-    deltas = []
-    for name, m in named:
-        pair = layer_lora.pairs[name] if name in layer_lora.pairs else None
-        if pair is None:
-            deltas.append(torch.zeros_like(m.weight))
-        else:
-            d = layer_lora.scale * (pair.lora_B.weight.float() @ pair.lora_A.weight.float())
-            deltas.append(d.to(m.weight.dtype))
-    return torch.cat([weight, torch.cat(deltas)], dim=1), bias
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    delta = torch.cat([_lora_delta(layer_lora, name, m, acc) for name, m in named])
+    if layout == "select":
+        return (torch.cat([weight, (weight.to(acc) + delta).to(weight.dtype)]),
+                None if bias is None else torch.cat([bias, bias]))
+    return torch.cat([weight, delta.to(weight.dtype)], dim=1), bias
+
+
+def _lora_delta(layer_lora, name: str, m: nn.Linear, acc: torch.dtype) -> torch.Tensor:
+    """D = scale·B·A of projection `name` in dtype `acc` (at least float32), zeros where it has no LoRA."""
+    pair = layer_lora.pairs[name] if name in layer_lora.pairs else None
+    if pair is None:
+        return torch.zeros_like(m.weight, dtype=acc)
+    return layer_lora.scale * (pair.lora_B.weight.to(acc) @ pair.lora_A.weight.to(acc))
 
 
 def _lora_linear_out(layer_lora, name: str, m: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight [2·out, in], bias) of `fuse_lora` for a projection whose consumer applies the gate:
     [W ; D] (D = scale·B·A, or 0) gives the halves [Wx, Dx]; the bias goes to the first half only."""
-    pair = layer_lora.pairs[name] if name in layer_lora.pairs else None
-    if pair is None:
-        d = torch.zeros_like(m.weight)
-    else:
-        d = (layer_lora.scale * (pair.lora_B.weight.float() @ pair.lora_A.weight.float())).to(m.weight.dtype)
+    d = _lora_delta(layer_lora, name, m, torch.promote_types(m.weight.dtype, torch.float32)).to(m.weight.dtype)
     bias = None if m.bias is None else torch.cat([m.bias, torch.zeros_like(m.bias)])
     return torch.cat([m.weight, d]), bias
 
@@ -113,13 +124,20 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(self, x, cos, sin, attn: AttentionBackend, lora=None, exact=False):
-        """x [B, T, H] (with a fused LoRA, lora=(layer LoRA, gate, True): x is already [x, g·x] [B, T, 2H]);
-        exact: batch-invariant matmuls and norms (issue 16)."""
+        """x [B, T, H] (with a fused LoRA, lora=(layer LoRA, gate, layout): x is already [x, g·x] [B, T, 2H] in
+        the "pair" layout); exact: batch-invariant matmuls and norms (issue 16)."""
         mm = _matmul(exact)
         B, T, _ = x.shape
-        fused_lora = lora is not None and lora[2]
+        fused_lora = lora[2] if lora is not None else None  # None / False: no fused LoRA; else its layout
         split = [self.n_heads * self.head_dim] + [self.n_kv * self.head_dim] * 2
-        if fused_lora:
+        if fused_lora == "select" and not exact:  # halves [Wx, (W + D)x]: the row's half picked, RoPE'd, one kernel
+            qn, kn = (None, None) if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight)
+            q, k, v = rotary_qkv_gated(mm(x, *self.qkv_lora), lora[1], cos, sin, self.n_heads, self.n_kv, qn, kn,
+                                       0.0 if self.q_norm is None else self.q_norm.eps)
+            return self._attend_out(q, k, v, attn, lora, mm)
+        if fused_lora == "select":  # exact mode: the half picked here, the norms and RoPE below
+            q, k, v = select_half(mm(x, *self.qkv_lora), lora[1]).split(split, -1)
+        elif fused_lora:
             q, k, v = mm(x, *self.qkv_lora).split(split, -1)
         elif self.qkv is not None and lora is None:
             q, k, v = mm(x, *self.qkv).split(split, -1)
@@ -136,11 +154,16 @@ class Attention(nn.Module):
             q, k = qk_norm_rotary(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin)
         else:
             q, k = rotary_qk(q, k, cos, sin)
+        return self._attend_out(q, k, v, attn, lora, mm)
+
+    def _attend_out(self, q, k, v, attn: AttentionBackend, lora, mm):
+        """q [B, T, Hq, D], k / v [B, T, Hkv, D] (RoPE applied) -> the o projection of their attention."""
+        B, T = q.shape[:2]
         # attention takes [B, H, T, D] views of the [B, T, H, D] tensors: a paged cache writes k/v rows and
         # the Triton kernel returns o without a copy
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         o = attn.attend(self.layer_idx, q, k, v).transpose(1, 2).reshape(B, T, -1)  # [B, T, Hq·D]
-        if fused_lora:  # [W_o o, D_o o]: the next norm adds W_o o + g·D_o o to the residual stream
+        if lora is not None and lora[2]:  # [W_o o, D_o o]: the next norm adds W_o o + g·D_o o to the stream
             return mm(o, *self.o_lora)
         return _project(self.o_proj, "o_proj", o, lora, mm)
 
@@ -157,6 +180,13 @@ def silu_mul_chunks(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+@cuda_fused
+def silu_mul_gated(gate_up2: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """silu(gate) · up of a "select"-layout [gate, up] matmul output (each row's half picked first), one kernel."""
+    g, up = select_half(gate_up2, gate).chunk(2, -1)
+    return F.silu(g) * up
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -169,8 +199,11 @@ class MLP(nn.Module):
 
     def forward(self, x, lora=None, exact=False):
         mm = _matmul(exact)
-        if lora is not None and lora[2]:  # fused LoRA: x is [x, g·x]; returns [W_d a, D_d a] (the next norm gates)
-            return mm(silu_mul_chunks(mm(x, *self.gate_up_lora)), *self.down_lora)
+        if lora is not None and lora[2]:  # fused LoRA; returns [W_d a, D_d a] (the next norm gates)
+            gate_up = mm(x, *self.gate_up_lora)  # "pair": of [x, g·x]; "select": of x, halves [Wx, (W + D)x]
+            # (elementwise: each row's values are its own in exact mode too)
+            a = silu_mul_gated(gate_up, lora[1]) if lora[2] == "select" else silu_mul_chunks(gate_up)
+            return mm(a, *self.down_lora)
         if self.gate_up is not None and lora is None:
             gate, up = mm(x, *self.gate_up).chunk(2, -1)
         else:
@@ -200,14 +233,14 @@ class DecoderLayer(nn.Module):
             residual, x = self.post_attention_layernorm(h, residual, exact=exact)
             return self.mlp(x, lora, exact), residual
         # fused LoRA (`Transformer.fuse_lora`): blocks output [base, delta] halves ("dual") that the next norm
-        # adds to the stream as base + g·delta, and norms emit [x, g·x] for the next matmul ("pair")
-        g = lora[1]
+        # adds to the stream as base + g·delta, and in the "pair" layout norms emit [x, g·x] for the next matmul
+        g, pair = lora[1], lora[2] == "pair"
         if residual is None:
-            residual, x = h, self.input_layernorm(h, gate=g, pair=True, exact=exact)
+            residual, x = h, self.input_layernorm(h, gate=g, pair=pair, exact=exact)
         else:
-            residual, x = self.input_layernorm(h, residual, gate=g, pair=True, dual=True, exact=exact)
+            residual, x = self.input_layernorm(h, residual, gate=g, pair=pair, dual=True, exact=exact)
         h = self.self_attn(x, cos, sin, attn, lora, exact)
-        residual, x = self.post_attention_layernorm(h, residual, gate=g, pair=True, dual=True, exact=exact)
+        residual, x = self.post_attention_layernorm(h, residual, gate=g, pair=pair, dual=True, exact=exact)
         return self.mlp(x, lora, exact), residual
 
 
@@ -299,28 +332,32 @@ class Transformer(nn.Module):
         return self
 
     @torch.no_grad()
-    def fuse_lora(self, adapter=None):
+    def fuse_lora(self, adapter=None, layout: str = "pair"):
         """Inference with an R-ISD adapter: per layer, [q; k; v], o, [gate; up] and down each become one
-        matmul of [x, g·x] with [W | D], D = scale·B·A (`_lora_linear`), so a decode step with the
-        adapter runs as many matmuls as plain AR. Forwards with this very adapter use them; any other
-        adapter (or None) takes the separate projections. Idempotent for the same adapter;
-        adapter=None drops the copies. The copies are 2x the projection weights (`fusable_bytes(lora=True)`)."""
+        matmul with D = scale·B·A folded in (`_lora_linear`, `_lora_linear_out`; `layout` "pair" or "select",
+        the module docstring), so a decode step with the adapter runs as many matmuls as plain AR. Forwards
+        with this very adapter use them; any other adapter (or None) takes the separate projections.
+        Idempotent for the same adapter and layout; adapter=None drops the copies. The copies are 2x the
+        projection weights (`fusable_bytes(lora=True)`)."""
+        if layout not in LORA_LAYOUTS:
+            raise ValueError(f"fuse_lora: layout must be one of {LORA_LAYOUTS}, got {layout!r}")
         if adapter is None:
             for layer in self.model.layers:
                 layer.self_attn.qkv_lora = layer.self_attn.o_lora = None
                 layer.mlp.gate_up_lora = layer.mlp.down_lora = None
-            self._fused_lora = None
+            self._fused_lora = self._fused_lora_layout = None
             return self
-        if getattr(self, "_fused_lora", None) is adapter:
+        if getattr(self, "_fused_lora", None) is adapter and self._fused_lora_layout == layout:
             return self
         adapter.check_fits(self.config)
         for layer, la in zip(self.model.layers, adapter.layers):
             a, m = layer.self_attn, layer.mlp
-            a.qkv_lora = _lora_linear(la, [("q_proj", a.q_proj), ("k_proj", a.k_proj), ("v_proj", a.v_proj)])
+            a.qkv_lora = _lora_linear(la, [("q_proj", a.q_proj), ("k_proj", a.k_proj), ("v_proj", a.v_proj)],
+                                      layout)
             a.o_lora = _lora_linear_out(la, "o_proj", a.o_proj)
-            m.gate_up_lora = _lora_linear(la, [("gate_proj", m.gate_proj), ("up_proj", m.up_proj)])
+            m.gate_up_lora = _lora_linear(la, [("gate_proj", m.gate_proj), ("up_proj", m.up_proj)], layout)
             m.down_lora = _lora_linear_out(la, "down_proj", m.down_proj)
-        self._fused_lora = adapter
+        self._fused_lora, self._fused_lora_layout = adapter, layout
         return self
 
     def fusable_bytes(self, lora: bool = False) -> int:
@@ -362,9 +399,10 @@ class Transformer(nn.Module):
         cos, sin = self.model.rotary_emb(positions, x.dtype)
         residual = None
         fused = lora is not None and getattr(self, "_fused_lora", None) is lora
+        layout = self._fused_lora_layout if fused else False  # lora[2] of the layers: False or the layout
         for i, layer in enumerate(self.model.layers):
             x, residual = layer(x, residual, cos, sin, attn,
-                                None if lora is None else (lora.layers[i], lora_gate, fused), exact)
+                                None if lora is None else (lora.layers[i], lora_gate, layout), exact)
         if fused:  # the last block's output is [base, delta] halves
             return self.model.norm(x, residual, gate=lora_gate, dual=True, exact=exact)[1]
         return self.model.norm(x, residual, exact=exact)[1]
