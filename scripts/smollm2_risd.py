@@ -396,14 +396,15 @@ def release() -> None:
 
 
 def risd_engine(model, tok, lora, n: int, branches: bool = False, stride: int | str = 4,
-                auto_max_stride: int | None = None):
+                auto_max_stride: int | None = None, layout: str = "pair"):
     """An engine R-ISD (N = 4 unless `stride`; with rejection branches if asked), n requests at a time;
-    auto_max_stride: the largest N of `stride="auto"` (None: the engine's default)."""
+    auto_max_stride: the largest N of `stride="auto"` (None: the engine's default); layout: the fused LoRA's
+    (`EngineConfig.lora_layout`; one per model: every R-ISD engine of a process takes the same)."""
     from idlm.engine.llm_engine import EngineConfig, LLMEngine
 
     extra = {} if auto_max_stride is None else {"auto_max_stride": auto_max_stride}
     return LLMEngine(model, tok, EngineConfig(decoder="risd", stride=stride, max_num_seqs=n, branches=branches,
-                                              **extra), lora=lora)
+                                              lora_layout=layout, **extra), lora=lora)
 
 
 def ar_engine(model, tok, n: int):
@@ -413,9 +414,9 @@ def ar_engine(model, tok, n: int):
     return LLMEngine(model, tok, EngineConfig(decoder="ar", max_num_seqs=n))
 
 
-def ar_and_risd(model, tok, lora, n: int, branches: bool = False):
+def ar_and_risd(model, tok, lora, n: int, branches: bool = False, layout: str = "pair"):
     """Engine AR and engine R-ISD (`risd_engine`) on the same model, n requests at a time."""
-    return ar_engine(model, tok, n), risd_engine(model, tok, lora, n, branches)
+    return ar_engine(model, tok, n), risd_engine(model, tok, lora, n, branches, layout=layout)
 
 
 def eval_target(args) -> tuple[str, str, Path]:
@@ -480,7 +481,7 @@ def stage_eval(args) -> None:
     for dtype in ("float32", "bfloat16"):
         model, tok, lora = load(dtype)
         prompts = [tok.encode_chat(m) for m in msgs[:n_exact]]
-        ar, risd = ar_and_risd(model, tok, lora, n_exact, args.branches)
+        ar, risd = ar_and_risd(model, tok, lora, n_exact, args.branches, args.lora_layout)
         p = SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True)
         a, r = ar.run(prompts, p), risd.run(prompts, p)
         same = sum(x.token_ids == y.token_ids for x, y in zip(a, r))
@@ -499,7 +500,8 @@ def stage_eval(args) -> None:
     emit("eval", out)
     # the step split of R-ISD at C = 1 in this process, after the stages above (the speed stage measures it
     # again in a fresh process: a difference points at state this process accumulated)
-    out["step_phases_in_eval"] = step_phase_table(model, tok, lora, prompts[0], args.smoke, args.branches)
+    out["step_phases_in_eval"] = step_phase_table(model, tok, lora, prompts[0], args.smoke, args.branches,
+                                                  args.lora_layout)
     emit("eval", out)
     # HumanEval pass@1, AR and R-ISD (fp32: identical completions expected)
     from idlm.eval.humaneval import evaluate_humaneval
@@ -576,7 +578,7 @@ def stage_tpf(args) -> None:
     release()
 
 
-def step_phase_table(model, tok, lora, prompt, smoke: bool, branches: bool = False) -> dict:
+def step_phase_table(model, tok, lora, prompt, smoke: bool, branches: bool = False, layout: str = "pair") -> dict:
     """`step_phases` of one R-ISD (N = 4; also with rejection branches: "risd_br") and one AR request at C = 1,
     greedy and T = 0.7."""
     from idlm.bench.offline import step_phases
@@ -585,7 +587,7 @@ def step_phase_table(model, tok, lora, prompt, smoke: bool, branches: bool = Fal
     table = {}
     for dec in ("ar", "risd") + (("risd_br",) if branches else ()):
         eng = (ar_engine(model, tok, 1) if dec == "ar"
-               else risd_engine(model, tok, lora, 1, dec == "risd_br"))
+               else risd_engine(model, tok, lora, 1, dec == "risd_br", layout=layout))
         for temp in (0.0, 0.7):
             p = SamplingParams(temperature=temp, max_tokens=16 if smoke else 200, ignore_eos=True, seed=1)
             eng.run([prompt], p)  # warm-up: graphs captured
@@ -638,21 +640,22 @@ def stage_speed(args) -> None:
     reps, conc = (1, [1, 2]) if args.smoke else (3, [int(c) for c in args.speed_concurrency.split(",")])
     model, tok, lora = load_target(name, adapter_dir, dev, "bfloat16")
     prompts = [tok.encode_chat(m) for m in heldout_messages()[:256]]
-    out: dict = {**environment(dev), "engines": names}
+    out: dict = {**environment(dev), "engines": names, "lora_layout": args.lora_layout}
     if "risd" in names:  # the batch-1 step split of AR and R-ISD N = 4 (and with branches)
-        out["step_phases"] = step_phase_table(model, tok, lora, prompts[0], args.smoke, "risd_br" in names)
+        out["step_phases"] = step_phase_table(model, tok, lora, prompts[0], args.smoke, "risd_br" in names,
+                                              args.lora_layout)
         emit("speed", out)
 
     # per-request speed, engines side by side, interleaved reps, median; R-ISD at N = 4 (with rejection branches
     # too: "risd_br") and adaptive
     engines = {"ar": ar_engine(model, tok, max(conc))}
     if "risd" in names:
-        engines["risd"] = risd_engine(model, tok, lora, max(conc))
+        engines["risd"] = risd_engine(model, tok, lora, max(conc), layout=args.lora_layout)
     if "risd_br" in names:
-        engines["risd_br"] = risd_engine(model, tok, lora, max(conc), branches=True)
+        engines["risd_br"] = risd_engine(model, tok, lora, max(conc), branches=True, layout=args.lora_layout)
     if "risd_auto" in names:  # --branches: priced by auto
         auto = risd_engine(model, tok, lora, max(conc), args.branches, stride="auto",
-                           auto_max_stride=args.auto_max_stride)
+                           auto_max_stride=args.auto_max_stride, layout=args.lora_layout)
         out.update(auto_branches=args.branches, auto_max_stride=auto.config.auto_max_stride)
         out["auto_warmup_s"] = auto.warmup()  # every stride compiled and captured now, not inside a timed run
         engines["risd_auto"] = auto
@@ -866,6 +869,8 @@ def main() -> None:
                          "--no-auto)")
     ap.add_argument("--speed-temperatures", default="0,0.7", help="speed: the temperatures (comma-separated)")
     ap.add_argument("--speed-concurrency", default="1,16,64", help="speed: the concurrencies (comma-separated)")
+    ap.add_argument("--lora-layout", choices=["pair", "select"], default="pair",
+                    help="eval/speed: the fused LoRA's layout of q/k/v and gate/up (EngineConfig.lora_layout)")
     ap.add_argument("--speed-requests", type=int, default=32,
                     help="speed: requests of a cell at least (default 32; each cell runs max(this, 2 C))")
     ap.add_argument("--auto-max-stride", type=int, default=None,
