@@ -354,11 +354,10 @@ def test_bench_commands_print_one_json_line(capsys, tmp_path):
     assert main(["bench", "latency", "--shape", "no-such-shape"]) == 2
 
 
-@pytest.mark.parametrize("layout", ["pair", "select"])
-def test_fused_lora_risd_equals_ar(layout):
+def test_fused_lora_risd_equals_ar():
     """R-ISD with the LoRA folded into the projections (fuse_projections=True, the CUDA default for small
-    models; either layout of q/k/v and gate/up) still emits exactly greedy AR's tokens, drafts almost as well,
-    and its forward matches the separate low-rank path. (Its own model and adapter: fusing changes the
+    models; both layouts of q/k/v and gate/up) still emits exactly greedy AR's tokens, drafts almost as well,
+    and its forward matches the separate low-rank path. (A model and adapter per layout: fusing changes the
     objects.)"""
     model, tok = load_pretrained("idlm-tiny-ar", dtype="float32")
     lora = LoRAAdapter.load(registry.fetch("idlm-tiny-ar-risd-lora"), model.config)
@@ -366,23 +365,27 @@ def test_fused_lora_risd_equals_ar(layout):
     ar = _small_engine(model, tok, "ar", 4).run(prompts, params)
     unfused = _small_engine(model, tok, "risd", 4, lora=lora).run(prompts, params)
     assert model.model.layers[0].self_attn.qkv_lora is None
-    engine = _small_engine(model, tok, "risd", 4, lora=lora, fuse_projections=True, lora_layout=layout)
-    a, h = model.model.layers[0].self_attn, model.config.hidden_size
-    assert a.qkv_lora is not None and model.model.layers[0].mlp.down_lora is not None
-    qkv_out = a.q_proj.out_features + 2 * a.k_proj.out_features
-    assert a.qkv_lora[0].shape == ((2 * qkv_out, h) if layout == "select" else (qkv_out, 2 * h))
-    fused = engine.run(prompts, params)
-    assert [o.token_ids for o in fused] == [o.token_ids for o in ar]
-    tpf = [sum(o.stats.committed for o in outs) / sum(o.stats.forwards for o in outs) for outs in (fused, unfused)]
-    assert tpf[0] > 1.1 and abs(tpf[0] - tpf[1]) < 0.05 * tpf[1], tpf
-    # the forward itself: fused vs separate projections, gated and ungated rows
-    ids = torch.randint(4, model.config.vocab_size, (3, 7), generator=torch.Generator().manual_seed(0))
-    gate = torch.tensor([[False, True, True, False, True, True, True]] * 3)
-    with torch.no_grad():
-        fused_h = model(ids, lora=lora, lora_gate=gate, is_mask=gate)
-        model.fuse_lora(None)
-        sep_h = model(ids, lora=lora, lora_gate=gate, is_mask=gate)
-    torch.testing.assert_close(fused_h, sep_h, rtol=1e-4, atol=1e-4)
+    for layout in ("pair", "select"):
+        model, _ = load_pretrained("idlm-tiny-ar", dtype="float32")
+        lora = LoRAAdapter.load(registry.fetch("idlm-tiny-ar-risd-lora"), model.config)
+        engine = _small_engine(model, tok, "risd", 4, lora=lora, fuse_projections=True, lora_layout=layout)
+        a, h = model.model.layers[0].self_attn, model.config.hidden_size
+        assert a.qkv_lora is not None and model.model.layers[0].mlp.down_lora is not None
+        qkv_out = a.q_proj.out_features + 2 * a.k_proj.out_features
+        assert a.qkv_lora[0].shape == ((2 * qkv_out, h) if layout == "select" else (qkv_out, 2 * h))
+        fused = engine.run(prompts, params)
+        assert [o.token_ids for o in fused] == [o.token_ids for o in ar], layout
+        tpf = [sum(o.stats.committed for o in outs) / sum(o.stats.forwards for o in outs)
+               for outs in (fused, unfused)]
+        assert tpf[0] > 1.1 and abs(tpf[0] - tpf[1]) < 0.05 * tpf[1], (layout, tpf)
+        # the forward itself: fused vs separate projections, gated and ungated rows
+        ids = torch.randint(4, model.config.vocab_size, (3, 7), generator=torch.Generator().manual_seed(0))
+        gate = torch.tensor([[False, True, True, False, True, True, True]] * 3)
+        with torch.no_grad():
+            fused_h = model(ids, lora=lora, lora_gate=gate, is_mask=gate)
+            model.fuse_lora(None)
+            sep_h = model(ids, lora=lora, lora_gate=gate, is_mask=gate)
+        torch.testing.assert_close(fused_h, sep_h, rtol=1e-4, atol=1e-4)
     with pytest.raises(ConfigError, match="does not fit"):
         tiny_transformer(64).fuse_lora(lora)
 
