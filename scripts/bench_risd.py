@@ -146,7 +146,8 @@ def stage_step():
 
 def stage_profile():
     """Where an R-ISD step's time goes, batch 1: the CUDA graph replayed alone (GPU time, no host work)
-    vs the whole engine step, and the kernels per step (torch.profiler), for AR and fused R-ISD."""
+    vs the whole engine step, and the kernels per step (torch.profiler), for AR and fused R-ISD in each layout
+    of $LAYOUTS (default pair,select; gpu_over_ar: the graph's GPU time over AR's)."""
     from idlm.bench.profile import profile_steps, summarize
 
     out = {}
