@@ -68,3 +68,13 @@ def test_embedded_smollm2_adapter_fits_smollm2_and_is_lossless():
     ar = generate(base, make_decoder("ar", 1, base.config), prompts, sp)
     risd = generate(base, make_decoder("risd", 4, base.config), prompts, sp, lora=adapter)
     assert [o.token_ids for o in risd] == [o.token_ids for o in ar]
+    # the engine's fused step on this shape (no q/k norms, tied embeddings), both layouts, with branches
+    from idlm.engine.llm_engine import EngineConfig, LLMEngine
+
+    for layout in ("pair", "select"):
+        model = random_model("smollm2-135m", dtype="float32", std=0.05)
+        eng = LLMEngine(model, None, EngineConfig(decoder="risd", stride=4, max_num_seqs=2, num_pages=64,
+                                                  fuse_projections=True, lora_layout=layout, branches=True),
+                        lora=adapter)
+        assert model.model.layers[0].self_attn.qkv_lora is not None
+        assert [o.token_ids for o in eng.run(prompts, sp)] == [o.token_ids for o in ar], layout
