@@ -183,8 +183,7 @@ def silu_mul_chunks(gate_up: torch.Tensor) -> torch.Tensor:
 @cuda_fused
 def silu_mul_gated(gate_up2: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """silu(gate) · up of a "select"-layout [gate, up] matmul output (each row's half picked first), one kernel."""
-    g, up = select_half(gate_up2, gate).chunk(2, -1)
-    return F.silu(g) * up
+    return silu_mul_chunks.__wrapped__(select_half(gate_up2, gate))
 
 
 class MLP(nn.Module):
