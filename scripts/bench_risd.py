@@ -24,6 +24,8 @@ Stages (comma-separated argv[1], default all):
   tiny   bf16: per-request tokens/s of engine AR vs engine R-ISD (fused) on idlm-tiny-ar, C = 1, 16, 64,
          greedy and T = 0.7
 
+The step and profile stages time idlm-tiny-ar and the SmolLM2 shape, or those named in $BENCH_MODELS.
+
 Each configuration is measured REPS times, interleaved, and the median is kept (host timing varies).
 
     python scripts/bench_risd.py exact,step,tiny
@@ -52,6 +54,11 @@ REPS = int(os.environ.get("REPS", "3"))
 # the rank of the random adapter on the SmolLM2 shape: the embedded smollm2-135m-instruct-risd-lora's (32);
 # until session 18 the step and profile stages used 128 and sprofile / stime / churn 40 (docs/risd.md)
 SMOL_RANK = int(os.environ.get("SMOL_RANK", "32"))
+# the models of the step and profile stages ($BENCH_MODELS, comma-separated): idlm-tiny-ar needs its embedded
+# assets on the machine, the SmolLM2 shape none (random weights), so a call that carries the GGUF can time it alone
+BENCH_MODELS = os.environ.get("BENCH_MODELS", "idlm-tiny-ar,smollm2-135m").split(",")
+if not set(BENCH_MODELS) <= {"idlm-tiny-ar", "smollm2-135m"}:
+    raise SystemExit(f"BENCH_MODELS={os.environ['BENCH_MODELS']!r}: expected idlm-tiny-ar and/or smollm2-135m")
 results: dict = environment(DEV)
 
 
@@ -104,7 +111,7 @@ def stage_step():
 
     out = {}
     only = os.environ.get("STEP_KINDS", "")  # e.g. ar,risd_fused (default: all three)
-    for name in ("idlm-tiny-ar", "smollm2-135m"):
+    for name in BENCH_MODELS:
         select = "risd_select" in only.split(",")  # a third model: `fuse_lora` keeps one layout per model
         if name == "idlm-tiny-ar":
             (model_f, tok, lora_f), (model_u, _, lora_u) = tiny_ar("bfloat16"), tiny_ar("bfloat16")
@@ -152,7 +159,7 @@ def stage_profile():
 
     out = {}
     layouts = os.environ.get("LAYOUTS", "pair,select").split(",")
-    for name in ("idlm-tiny-ar", "smollm2-135m"):
+    for name in BENCH_MODELS:
         for dec in ["ar"] + [f"risd/{x}" for x in layouts]:  # a fresh model each: one fused layout per model
             if name == "idlm-tiny-ar":
                 model, tok, lora = tiny_ar("bfloat16")
