@@ -869,7 +869,7 @@ def main() -> None:
                          "--no-auto)")
     ap.add_argument("--speed-temperatures", default="0,0.7", help="speed: the temperatures (comma-separated)")
     ap.add_argument("--speed-concurrency", default="1,16,64", help="speed: the concurrencies (comma-separated)")
-    ap.add_argument("--lora-layout", choices=["pair", "select"], default="pair",
+    ap.add_argument("--lora-layout", choices=["pair", "select"], default="select",
                     help="eval/speed: the fused LoRA's layout of q/k/v and gate/up (EngineConfig.lora_layout)")
     ap.add_argument("--speed-requests", type=int, default=32,
                     help="speed: requests of a cell at least (default 32; each cell runs max(this, 2 C))")

@@ -157,7 +157,29 @@ def test_the_default_slim_tree_fits_the_device():
     the GPU machine's 64 MiB, so the tiny models' GPU runs need no further slimming; a repository that has
     grown past it must leave more behind (`--keep`) or shrink."""
     dt = _load("device_tree")
-    assert dt.travelling_mib(leave=dt.OPTIONAL_EMBEDDED) <= 64
+    assert dt.travelling_mib(leave=dt.OPTIONAL_EMBEDDED, leave_records=True) <= 64
+
+
+def test_slim_leaves_the_recorded_runs_behind_but_the_heldout_prompts(scratch):
+    """Every slim leaves docs/runs' folders behind (no device stage reads them; they grow every session), all
+    but the files at the top of docs/runs/risd, which the SmolLM2 measurements read on the device."""
+    dt, repo = scratch
+    for rel, size in (("docs/runs/stride/a.json", 1 << 20), ("docs/runs/risd/session9/b.json", 1 << 20),
+                      ("docs/runs/risd/heldout_prompts.jsonl.gz", 1 << 10)):
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_bytes(b"y" * size)
+    _git(repo, "add", "-A")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "runs")
+    assert dt.records() == ["docs/runs/risd/session9", "docs/runs/stride"]
+    assert dt.travelling_mib(leave_records=True) == pytest.approx(3.0, abs=0.01)
+    assert dt.slim(["big", "small"]) == []
+    tracked = _git(repo, "ls-files").split()
+    assert "docs/runs/risd/heldout_prompts.jsonl.gz" in tracked
+    assert not [t for t in tracked if t.startswith(("docs/runs/stride/", "docs/runs/risd/session9/"))]
+    assert dt.travelling_mib() == pytest.approx(3.0, abs=0.01)
+    assert dt.restore() == []  # no asset was left behind; the records come back all the same
+    assert _git(repo, "status", "--porcelain") == ""
+    assert (repo / ".git/info/exclude").read_text() == "# a line of the user's\n"
 
 
 def test_convert_eval_runs_the_asked_parts_and_stops_at_its_budget(tmp_path, monkeypatch):

@@ -174,8 +174,9 @@ class EngineConfig:
     # (Transformer.fuse_lora); None = auto: on CUDA when the copies are <= 1 GiB
     fuse_projections: bool | None = None
     # how q/k/v and gate/up carry a fused R-ISD LoRA (`Transformer.fuse_lora`): "pair" ([x, g·x] times [W | D])
-    # or "select" (x times [W ; W + D], each row's half picked in the kernel after the matmul)
-    lora_layout: str = "pair"
+    # or "select" (x times [W ; W + D], each row's half picked in the kernel after the matmul; the default:
+    # on the H200 its SmolLM2-shaped step's CUDA graph takes 3.5% less GPU time, docs/risd.md session 25)
+    lora_layout: str = "select"
     # exact mode (issue 16): every token row's logits bit-identical whatever the batch, the query block and
     # the prefill chunk (batch-invariant matmuls, fixed-tile attention), so greedy ISD / R-ISD equal greedy
     # AR in bf16 too; slower. Needs the Triton kernels (CUDA, or TRITON_INTERPRET=1 on CPU)

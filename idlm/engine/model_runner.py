@@ -117,7 +117,7 @@ class ModelRunner:
     def __init__(self, model, block_size: int, num_blocks: int | None, max_model_len: int, lora=None,
                  gpu_memory_utilization: float = 0.85, cuda_graphs: bool = True, max_num_seqs: int = 256,
                  attention: str = "auto", fuse_projections: bool | None = None, max_query_len: int = 1,
-                 exact: bool = False, lora_layout: str = "pair"):
+                 exact: bool = False, lora_layout: str = "select"):
         self.model, self.lora, self.exact = model, lora, exact
         self.attn_kernel = _use_kernel(attention, model.device)
         if exact and not triton_usable(model.device):

@@ -331,7 +331,7 @@ class Transformer(nn.Module):
         return self
 
     @torch.no_grad()
-    def fuse_lora(self, adapter=None, layout: str = "pair"):
+    def fuse_lora(self, adapter=None, layout: str = "select"):
         """Inference with an R-ISD adapter: per layer, [q; k; v], o, [gate; up] and down each become one
         matmul with D = scale·B·A folded in (`_lora_linear`, `_lora_linear_out`; `layout` "pair" or "select",
         the module docstring), so a decode step with the adapter runs as many matmuls as plain AR. Forwards
