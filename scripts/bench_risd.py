@@ -5,8 +5,8 @@ Stages (comma-separated argv[1], default all):
   exact  fp32 and bf16: engine R-ISD (the fused step: LoRA folded into the projections) vs engine AR on
          idlm-tiny-ar, greedy, 64 prompts x 128 tokens: how many requests are identical
   step   bf16, batch 1, greedy and T = 0.7: the decode step of AR, R-ISD fused and R-ISD unfused (separate LoRA
-         matmuls; $STEP_KINDS picks some, e.g. ar,risd_fused; risd_br: fused with rejection branches, and
-         risd_select: fused in the "select" layout (x times [W ; W + D] for q/k/v and gate/up), only when
+         matmuls; $STEP_KINDS picks some, e.g. ar,risd_fused; risd_br: fused ("select") with rejection branches,
+         and risd_select: fused in the "select" layout (x times [W ; W + D] for q/k/v and gate/up), only when
          named), in turns ($ROUNDS rounds, per-round ratios),
          for idlm-tiny-ar (its trained adapter) and a SmolLM2-135M-shaped model (random weights and a
          random adapter of $SMOL_RANK, default 32: step cost does not depend on the values)
@@ -112,7 +112,8 @@ def stage_step():
     out = {}
     only = os.environ.get("STEP_KINDS", "")  # e.g. ar,risd_fused (default: all three)
     for name in BENCH_MODELS:
-        select = "risd_select" in only.split(",")  # a third model: `fuse_lora` keeps one layout per model
+        # a third model for the "select" layout (the default; risd_br takes it too): `fuse_lora` keeps one per model
+        select = bool({"risd_select", "risd_br"} & set(only.split(",")))
         if name == "idlm-tiny-ar":
             (model_f, tok, lora_f), (model_u, _, lora_u) = tiny_ar("bfloat16"), tiny_ar("bfloat16")
             model_s, _, lora_s = tiny_ar("bfloat16") if select else (None, None, None)
@@ -128,7 +129,7 @@ def stage_step():
         # kind: (model, adapter, fuse_projections, lora_layout)
         kinds = {"ar": (model_f, None, None, "pair"), "risd_fused": (model_f, lora_f, True, "pair"),
                  "risd_unfused": (model_u, lora_u, False, "pair"),
-                 "risd_br": (model_f, lora_f, True, "pair"),  # fused, with rejection branches (N² = 16 query tokens)
+                 "risd_br": (model_s, lora_s, True, "select"),  # with rejection branches (N² = 16 query tokens)
                  "risd_select": (model_s, lora_s, True, "select")}
         kinds = {k: v for k, v in kinds.items()
                  if k == "ar" or (k in only.split(",") if only else k not in ("risd_br", "risd_select"))}

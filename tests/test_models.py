@@ -341,3 +341,37 @@ def test_fused_qk_norm_and_rotary_equal_the_separate_functions(dtype):
     q3, k3 = rotary_qk(q, k, cos, sin)
     assert torch.equal(q3, apply_rotary(q, cos, sin)) and torch.equal(k3, apply_rotary(k, cos, sin))
     assert q2.dtype == k3.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norms", [False, True])
+@pytest.mark.parametrize("gated", [False, True])
+def test_rotary_qkv_writes_q_k_v_as_the_separate_functions(dtype, norms, gated):
+    """`rotary_qkv` (the fused q/k/v matmul's output -> one tensor of q and k normed and RoPE'd and v, split into
+    views by `split_qkv`) equals the separate `select_half`, norms and `apply_rotary`, bit for bit on CPU, with
+    and without Qwen3's q/k norms and the "select" layout's per-row half; the views have the shapes the
+    attention takes and share one storage."""
+    from idlm.layers.lora import select_half
+    from idlm.layers.norm import rms_norm
+    from idlm.layers.rotary import RotaryEmbedding, apply_rotary, rotary_qkv, split_qkv
+
+    g = torch.Generator().manual_seed(1)
+    B, T, hq, hkv, d = 2, 5, 6, 2, 16
+    width = (hq + 2 * hkv) * d
+    out = torch.randn(B, T, 2 * width if gated else width, generator=g).to(dtype)
+    gate = (torch.rand(B, T, generator=g) > 0.5).to(dtype) if gated else None
+    cos, sin = RotaryEmbedding(d, 10000.0)(torch.arange(B * T).view(B, T), dtype)
+    qw, kw = (torch.rand(d, generator=g).to(dtype), torch.rand(d, generator=g).to(dtype)) if norms else (None, None)
+    q, k, v = split_qkv(rotary_qkv(out, gate, cos, sin, hq, hkv, qw, kw, 1e-6), hq, hkv)
+    rows = select_half(out, gate) if gated else out
+    q0, k0, v0 = rows.split([hq * d, hkv * d, hkv * d], -1)
+    q0, k0, v0 = q0.view(B, T, hq, d), k0.view(B, T, hkv, d), v0.view(B, T, hkv, d)
+    if norms:
+        q0, k0 = rms_norm(q0, qw, 1e-6), rms_norm(k0, kw, 1e-6)
+    assert torch.equal(q, apply_rotary(q0, cos, sin)) and torch.equal(k, apply_rotary(k0, cos, sin))
+    assert torch.equal(v, v0)
+    assert (q.shape, k.shape, v.shape) == ((B, T, hq, d), (B, T, hkv, d), (B, T, hkv, d))
+    assert q.dtype == v.dtype == dtype and q.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+    if gated:  # rows with gate 0 read exactly the base half
+        base = out[..., :width][gate == 0][..., hq * d + hkv * d:]
+        assert torch.equal(v[gate == 0].reshape(base.shape), base)

@@ -87,16 +87,31 @@ def qk_norm_rotary(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_w
 
 
 @cuda_fused
-def rotary_qkv_gated(qkv2: torch.Tensor, gate: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int,
-                     n_kv: int, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float):
-    """R-ISD's fused q/k/v matmul in the "select" layout (`Transformer.fuse_lora`): qkv2 [B, T, 2·(Hq + 2·Hkv)·D]
-    = the halves [Wx, (W + D)x], gate [B, T] -> (q, k, v) [B, T, H, D] of each row's half (`select_half`), q and
-    k through Qwen3's per-head RMSNorm when its weights are given, then RoPE: one compiled function, so picking
-    the half adds no kernel to `rotary_qk` / `qk_norm_rotary`."""
-    B, T = qkv2.shape[:2]
+def rotary_qkv(qkv: torch.Tensor, gate: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, n_heads: int,
+               n_kv: int, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """A fused q/k/v matmul's output qkv [B, T, (Hq + 2·Hkv)·D] -> [B, T, Hq + 2·Hkv, D]: q and k through Qwen3's
+    per-head RMSNorm when its weights are given, then RoPE, and v, written as one tensor (`split_qkv` takes the
+    three views). With gate [B, T] (R-ISD's fused LoRA in the "select" layout, `Transformer.fuse_lora`), qkv is
+    the halves [Wx, (W + D)x] [B, T, 2·(Hq + 2·Hkv)·D] and each row's half is picked first (`select_half`).
+    One compiled function with one output: on CUDA inductor writes it in one kernel when nothing in it reduces
+    (a pointwise concatenation: no q/k norms), where separate q, k (and a picked v) outputs took a kernel each —
+    per layer, two for AR, three for the select layout; with q/k norms it realizes q, k and v apart (three).
+    Counted in inductor's Triton code generated on a CPU machine (docs/risd.md, session 25). The eager bodies
+    of `qk_norm_rotary` / `rotary_qk` compute q and k, so the values are theirs."""
+    if gate is not None:
+        qkv = select_half(qkv, gate)
+    B, T = qkv.shape[:2]
     d = cos.shape[-1]
-    q, k, v = select_half(qkv2, gate).split([n_heads * d, n_kv * d, n_kv * d], -1)
+    q, k, v = qkv.split([n_heads * d, n_kv * d, n_kv * d], -1)
     q, k, v = q.view(B, T, n_heads, d), k.view(B, T, n_kv, d), v.view(B, T, n_kv, d)
     if q_weight is not None:  # the eager bodies: this function is the compiled unit
-        return (*qk_norm_rotary.__wrapped__(q, k, q_weight, k_weight, eps, cos, sin), v)
-    return (*rotary_qk.__wrapped__(q, k, cos, sin), v)
+        q, k = qk_norm_rotary.__wrapped__(q, k, q_weight, k_weight, eps, cos, sin)
+    else:
+        q, k = rotary_qk.__wrapped__(q, k, cos, sin)
+    return torch.cat([q, k, v], 2)
+
+
+def split_qkv(qkv: torch.Tensor, n_heads: int, n_kv: int):
+    """`rotary_qkv`'s output [B, T, Hq + 2·Hkv, D] -> (q [B, T, Hq, D], k, v [B, T, Hkv, D]) as views (no copy:
+    the paged cache's store and the attention kernels take strided heads)."""
+    return qkv.split([n_heads, n_kv, n_kv], 2)

@@ -30,7 +30,7 @@ from idlm.layers.attention import AttentionBackend, DenseAttention
 from idlm.layers.fused import cuda_fused
 from idlm.layers.lora import select_half
 from idlm.layers.norm import RMSNorm
-from idlm.layers.rotary import RotaryEmbedding, apply_rotary, qk_norm_rotary, rotary_qk, rotary_qkv_gated
+from idlm.layers.rotary import RotaryEmbedding, apply_rotary, qk_norm_rotary, rotary_qk, rotary_qkv, split_qkv
 from idlm.models.config import ModelConfig
 
 
@@ -130,11 +130,17 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         fused_lora = lora[2] if lora is not None else None  # None / False: no fused LoRA; else its layout
         split = [self.n_heads * self.head_dim] + [self.n_kv * self.head_dim] * 2
-        if fused_lora == "select" and not exact:  # halves [Wx, (W + D)x]: the row's half picked, RoPE'd, one kernel
+        if not exact and (fused_lora == "select" or self.q_norm is None and (fused_lora or (self.qkv is not None
+                                                                                          and lora is None))):
+            # one fused q/k/v matmul ("select" layout: halves [Wx, (W + D)x], each row's picked), then norms,
+            # RoPE and v in one compiled function with one output: one kernel on CUDA without q/k norms. With
+            # them (Qwen3) inductor realizes q, k and v apart (3 kernels), so AR keeps `qk_norm_rotary`'s two
+            # and a free v view; the select layout's picked v costs a kernel either way
             qn, kn = (None, None) if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight)
-            q, k, v = rotary_qkv_gated(mm(x, *self.qkv_lora), lora[1], cos, sin, self.n_heads, self.n_kv, qn, kn,
-                                       0.0 if self.q_norm is None else self.q_norm.eps)
-            return self._attend_out(q, k, v, attn, lora, mm)
+            w = self.qkv_lora if fused_lora else self.qkv
+            qkv = rotary_qkv(mm(x, *w), lora[1] if fused_lora == "select" else None, cos, sin, self.n_heads,
+                             self.n_kv, qn, kn, 0.0 if self.q_norm is None else self.q_norm.eps)
+            return self._attend_out(*split_qkv(qkv, self.n_heads, self.n_kv), attn, lora, mm)
         if fused_lora == "select":  # exact mode: the half picked here, the norms and RoPE below
             q, k, v = select_half(mm(x, *self.qkv_lora), lora[1]).split(split, -1)
         elif fused_lora:
