@@ -540,21 +540,13 @@ class ISDPlainStep(ARDecoder):
     def start(self, logits, params, rngs):
         raise RuntimeError("a request's first token is drawn by its ISD decoder, not by an AR fallback step")
 
-    @staticmethod
-    def _cold(state: ISDState) -> None:
-        state.mode, state.specs, state.spec_q, state.spec_qd = "C", [], None, []
-
-    def block(self, state: ISDState) -> QueryBlock:
-        self._cold(state)
-        return super().block(state)
-
-    def blocks(self, states):
-        for s in states:
-            self._cold(s)
-        return super().blocks(states)
+    # block / blocks: ARDecoder's (the pending token alone: `last` is all they read)
 
     def finish(self, states, packed, extra, params, stats):
         results = super().finish(states, packed, extra, params, stats)  # sets each state's pending token
-        for st in stats:
-            st.rounds["ar"] = st.rounds.get("ar", 0) + 1
+        for s, st in zip(states, stats):
+            if s.mode == "V":  # its drafts are dropped: restart cold (a "C" state holds none already)
+                s.mode, s.specs, s.spec_q, s.spec_qd = "C", [], None, []
+            rounds = st.rounds
+            rounds["ar"] = rounds.get("ar", 0) + 1
         return results
