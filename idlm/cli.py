@@ -41,6 +41,9 @@ def _add_decoder_args(p: argparse.ArgumentParser) -> None:
                    help="ISD sampled drafts: draw them from q at this temperature (default: the --temperature; "
                         "exact at any value, it changes only how often drafts are accepted)")
     p.add_argument("--verify-alpha", type=float, default=1.0, help="accept min(1, p/(alpha q)); lossy unless 1")
+    p.add_argument("--verification", default="block", choices=["block", "token"],
+                   help="ISD / R-ISD sampled drafts: verified jointly (block verification: at least as many accepted "
+                        "on average) or token by token to the first rejection; both exact")
     p.add_argument("--threshold", type=float, default=0.9, help="SDAR: unmask slots whose confidence >= this")
     p.add_argument("--branches", action="store_true",
                    help="ISD / R-ISD rejection branches: each step also drafts from every possible rejection point, "
@@ -128,7 +131,7 @@ def cmd_generate(args) -> int:
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             seed=args.seed, max_tokens=args.max_tokens, stop=list(args.stop or []),
                             draft=args.draft, draft_temperature=args.draft_temperature,
-                            verify_alpha=args.verify_alpha)
+                            verify_alpha=args.verify_alpha, verification=args.verification)
     if args.stride == "auto":
         raise ConfigError("--stride auto is chosen by the batched engine (idlm serve, idlm bench offline, "
                           "idlm eval humaneval, idlm.LLM); idlm generate needs a number")
@@ -198,7 +201,8 @@ def cmd_eval_alpha(args) -> int:
 
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             seed=args.seed, max_tokens=args.max_tokens, draft=args.draft,
-                            draft_temperature=args.draft_temperature, verify_alpha=args.verify_alpha)
+                            draft_temperature=args.draft_temperature, verify_alpha=args.verify_alpha,
+                            verification=args.verification)
     model, tok, decoder, lora = _load_for_decoding(args)
     texts = _read_prompts(args.prompts)
     if not texts:

@@ -523,23 +523,32 @@ def stage_eval(args) -> None:
 
 
 def tpf_table(model, tok, lora, prompts: list, max_tokens: int, draft_temperatures: tuple = (),
-              branches: bool = False) -> dict:
+              branches: bool = False, verifications: tuple = ("block",), seeds: tuple = (0,)) -> dict:
     """TPF of R-ISD at N = 4 (engine, 64 requests at a time, answers ending at their end token) greedy and at
     T = 0.7 -> {"tpf_T0.0": {...}, "tpf_T0.7": {...}} with the acceptance per draft position; each draft
     temperature Td adds "tpf_T0.7_Td{Td}" (T = 0.7, drafts drawn from q̃ at Td: exact, other acceptance);
-    branches: every case again with rejection branches ("..._branches"), same prompts and seeds."""
+    branches: every case again with rejection branches ("..._branches"), same prompts and seeds; sampled cases
+    once per verification ("block", the default, or "token": `SamplingParams.verification`; keys of a
+    verification other than "block" end in "_<verification>") and per request seed (keys of a seed other
+    than 0 end in "_seed<s>"). Greedy verifies alike in both and runs once."""
     from idlm.decoding.base import DecodeStats
     from idlm.decoding.sampling import SamplingParams
 
     out = {}
-    cases = [(0.0, None), (0.7, None)] + [(0.7, float(td)) for td in draft_temperatures]
-    for (temp, td), br in ((c, b) for c in cases for b in ((False, True) if branches else (False,))):
+    cases = [(0.0, None, "block", 0)] + [(0.7, td, v, s) for td in (None, *map(float, draft_temperatures))
+                                          for v in verifications for s in seeds]
+    layouts = (False, True) if branches else (False,)
+    for (temp, td, verification, seed), br in ((c, b) for c in cases for b in layouts):
         eng = risd_engine(model, tok, lora, 64, br)
-        outs = eng.run(prompts, SamplingParams(temperature=temp, max_tokens=max_tokens, seed=0, draft_temperature=td))
+        outs = eng.run(prompts, SamplingParams(temperature=temp, max_tokens=max_tokens, seed=seed,
+                                               draft_temperature=td, verification=verification))
         total = DecodeStats.total(o.stats for o in outs)
-        out[f"tpf_T{temp}" + ("" if td is None else f"_Td{td}") + ("_branches" if br else "")] = {
-            "tpf": round(total.tpf, 4), "prompts": len(prompts), "stats": total.to_dict(),
-            "acceptance_per_position": total.acceptance_per_position}
+        key = (f"tpf_T{temp}" + ("" if td is None else f"_Td{td}") + ("_branches" if br else "")
+               + ("" if verification == "block" else f"_{verification}") + ("" if seed == 0 else f"_seed{seed}"))
+        out[key] = {"tpf": round(total.tpf, 4), "prompts": len(prompts), "verification": verification,
+                    "seed": seed, "tokens": total.committed, "stats": total.to_dict(),
+                    "acceptance_per_position": total.acceptance_per_position}
+        print(json.dumps({key: out[key]["tpf"]}), flush=True)
         del eng
         release()
     return out
@@ -571,7 +580,8 @@ def stage_tpf(args) -> None:
     model, tok, lora = load_target(name, adapter, dev, "bfloat16" if dev == "cuda" else "float32")
     rows = tpf_table(model, tok, lora, [tok.encode_chat(m) for m in msgs], n_new,
                      tuple(float(x) for x in args.draft_temperatures.split(",")) if args.draft_temperatures else (),
-                     branches=args.branches)
+                     branches=args.branches, verifications=tuple(args.verifications.split(",")),
+                     seeds=tuple(int(s) for s in args.tpf_seeds.split(",")))
     key = f"tpf_{Path(adapter).parent.name if Path(adapter).name == 'weights' else Path(adapter).name}"
     emit(key, {"adapter": str(adapter), **rows})
     del model, lora
@@ -859,6 +869,9 @@ def main() -> None:
                          "eval, speed: the same (default: the training run's final adapter)")
     ap.add_argument("--draft-temperatures", default="",
                     help="tpf: also TPF at T = 0.7 with sampled drafts drawn at these temperatures (e.g. 0.3,0.5)")
+    ap.add_argument("--verifications", default="block",
+                    help="tpf: the sampled cases once per verification, of block,token (SamplingParams.verification)")
+    ap.add_argument("--tpf-seeds", default="0", help="tpf: the sampled cases once per request seed (comma-separated)")
     ap.add_argument("--branches", action="store_true",
                     help="tpf/eval/speed: R-ISD with rejection branches too (tpf, speed: beside the plain layout, and "
                          "speed's --stride auto engine with them; eval: the R-ISD engine drafts branches)")

@@ -10,8 +10,10 @@ import torch
 
 
 def verify_drafts(p: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | None, point_mass: torch.Tensor,
-                  alpha: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-to-right verification of K drafts per row, stopping at the first rejection.
+                  alpha: torch.Tensor, u: torch.Tensor, block: torch.Tensor | None = None,
+                  k_row: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Verification of K drafts per row: token by token, left to right, stopping at the first rejection, or
+    (the rows of `block`) the whole block jointly (`block_verify`).
 
     p          [B, K, V]  p̃_j, the target distribution at the position of draft j
     drafts     [B, K]     the drafted tokens d_j
@@ -25,6 +27,10 @@ def verify_drafts(p: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | None,
       argmax drafts:  accept with min(1, p̃(d) / alpha),        correction ∝ max(0, p̃ − δ_d)
                       (= p̃ with d removed, renormalised)
     Both make every emitted token distributed as p̃ when alpha = 1 (standard speculative sampling).
+    block      [B] bool   rows verified by `block_verify` instead (None: none); only exact rows (alpha = 1)
+                          may be: the block rule has no relaxed form
+    k_row      [B]        each row's own K <= K (None: all K), read by the block rows only (the caller cuts a
+                          token row's n_accepted to it: token verification is prefix-wise)
     """
     B, K, V = p.shape
     onehot = torch.zeros_like(p).scatter_(-1, drafts[..., None], 1.0)
@@ -42,7 +48,52 @@ def verify_drafts(p: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | None,
     resid = (p[rows, j] - qq[rows, j]).clamp_min(0.0)
     mass = resid.sum(-1, keepdim=True)
     correction = torch.where(mass > 0, resid / mass.clamp_min(1e-30), p[rows, j])
-    return n_acc, correction
+    if block is None:
+        return n_acc, correction
+    n_blk, corr_blk = block_verify(p, qq, pd / qd.clamp_min(1e-30), u, k_row)
+    return torch.where(block, n_blk, n_acc), torch.where(block[:, None], corr_blk, correction)
+
+
+def block_verify(p: torch.Tensor, q: torch.Tensor, ratio: torch.Tensor, u: torch.Tensor,
+                 k_row: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block verification (Sun et al., "Block Verification Accelerates Speculative Decoding", ICLR 2025): a
+    row's K drafts verified jointly. Exact like token verification (every emitted token is distributed as AR
+    sampling from p̃) and, in expectation, it accepts at least as many drafts: the most any verification
+    that sees these distributions can (the paper's optimality result). Token verification drops the rest of
+    the block at the first draft whose ratio p̃/q̃ falls below its uniform; this rule carries a running weight
+    of the accepted prefix and may accept past such a draft.
+
+    p, q  [B, K, V]  p̃_i and q̃_i at draft i (q: one-hot rows for argmax drafts)
+    ratio [B, K]     p̃_i(d_i) / q̃_i(d_i)
+    u     [B, K]     U[0, 1) draws (the columns token verification uses)
+    k_row [B]        each row's own K (None: K): its drafts past that are ignored
+    Returns (n_accepted [B] in 0..K, correction [B, V]: the law of the token after the accepted prefix when
+    n_accepted < the row's K).
+
+    The rule: w_0 = 1, w_i = min(1, w_{i−1}·ratio_{i−1}) (the weight of the first i drafts); after i accepted
+    drafts the residual is r_i = max(0, w_i·p̃_i − q̃_i), of mass S_i; the row may stop after i drafts with
+    h_i = S_i / (S_i + 1 − w_i) for 0 < i < K, h_K = w_K. n_accepted is the largest i whose u_{i−1} < h_i (0
+    if none) and the token after it is drawn from r_i / S_i (after all K: from p̃_K, the caller's bonus).
+    K = 1 is token verification; with one-hot p̃ and q̃ (greedy) it accepts the same prefix. Tested by
+    enumerating the emitted law against AR sampling (tests/test_acceptance.py)."""
+    B, K, V = p.shape
+    weights = [torch.ones_like(ratio[:, 0])]
+    for i in range(K):  # w_1 .. w_K (K is a small constant: unrolled)
+        weights.append(torch.clamp(weights[-1] * ratio[:, i], max=1.0))
+    w = torch.stack(weights, 1)  # [B, K+1]: w_0 .. w_K
+    resid = (w[:, :K, None] * p - q).clamp_min(0.0)  # [B, K, V]: r_i at index i
+    mass = resid.sum(-1)  # [B, K]: S_i
+    h = torch.where(mass > 0, mass / (mass + 1.0 - w[:, :K]).clamp_min(1e-30), torch.zeros_like(mass))
+    stop = torch.arange(1, K + 1, device=p.device)  # [K]: stopping after i = 1..K drafts
+    kb = stop[-1:].expand(B) if k_row is None else k_row  # [B]
+    h_next = torch.cat([h[:, 1:], torch.zeros_like(h[:, :1])], 1)  # h_i at column i − 1 (i < K)
+    h_stop = torch.where(stop[None] < kb[:, None], h_next,
+                         torch.where(stop[None] == kb[:, None], w[:, 1:], torch.zeros_like(h_next)))
+    n_acc = torch.where(u < h_stop, stop[None], 0).amax(-1)  # [B]: the last stop that fired
+    rows = torch.arange(B, device=p.device)
+    j = n_acc.clamp(max=K - 1)
+    r, s = resid[rows, j], mass[rows, j, None]
+    return n_acc, torch.where(s > 0, r / s.clamp_min(1e-30), p[rows, j])
 
 
 def analytic_tpf(p: float, n: int) -> float:

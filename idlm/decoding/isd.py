@@ -24,9 +24,10 @@ Query block N² tokens (N = 4: 16 instead of 7); the drafts of the next round ar
 the step's packed output is the same as without branches.
 
 The first token t0 is drawn from the prefill logits and emitted there. Acceptance is
-`idlm.decoding.acceptance.verify_drafts`. R-ISD is the same decoder with `lora=True`: the drafter
-is the base model plus a gated LoRA whose gate is 1 exactly on the MASK slots whose logits become
-drafts, so every logit used to emit a token is the base model's own.
+`idlm.decoding.acceptance.verify_drafts`: the drafts of a step verified jointly (block verification, the
+default) or token by token (`SamplingParams.verification`); exact either way. R-ISD is the same decoder
+with `lora=True`: the drafter is the base model plus a gated LoRA whose gate is 1 exactly on the MASK
+slots whose logits become drafts, so every logit used to emit a token is the base model's own.
 
 Raw logprobs (`SamplingParams.logprobs`): the first token's from the prefill logits; in a step, the
 emitted tokens s_0..s_{j−1}, final are predicted by the clean indices 0..j (C: the final by index 0),
@@ -248,12 +249,15 @@ class ISDDecoder(Decoder):
         point_mass = np.fromiter((_point_mass(p) for p in params), bool, n)
         argmax_draft = np.fromiter((p.draft != "sample" or p.greedy for p in params), bool, n)
         alpha = to_float32(np.fromiter((p.verify_alpha for p in params), np.float64, n))
+        block = np.fromiter((p.verification == "block" and p.verify_alpha == 1 for p in params), bool, n)
         greedy = all(p.greedy and p.verify_alpha <= 1 for p in params)
         draft_temp = to_float32(np.fromiter((p.temperature if p.draft_temperature is None else p.draft_temperature
                                              for p in params), np.float64, n))
         tensors = {"temperature": temp, "top_k": top_k, "top_p": top_p, "point_mass": torch.from_numpy(point_mass),
                    "argmax_draft": torch.from_numpy(argmax_draft), "alpha": torch.from_numpy(alpha),
                    "draft_temperature": torch.from_numpy(draft_temp)}
+        if block.any():  # rows verified jointly (`verify_drafts`' block rows); absent: every row token by token
+            tensors["block"] = torch.from_numpy(block)
         return ParamsInputs(tensors, {"truncate": truncation(params) if not greedy else False, "greedy": greedy,
                                       "logprobs": logprobs_static(params), "branches": self.branches},
                             sampled=not all(p.greedy for p in params), rows={"point_mass": point_mass})
@@ -322,7 +326,8 @@ class ISDDecoder(Decoder):
         t = tensors
         return sampled_isd_step(logits, t["is_v"], t["specs"], t["temperature"], t["top_k"], t["top_p"],
                                 t["point_mass"], t["argmax_draft"], t["alpha"], t.get("keys"), t.get("draw"),
-                                t.get("q_old"), truncate, t.get("k_row"), t.get("draft_temperature"), branches)
+                                t.get("q_old"), truncate, t.get("k_row"), t.get("draft_temperature"), branches,
+                                t.get("block"))
 
     def finish(self, states, packed, extra, params, stats):
         """The packed columns (see `_compute_sampled`) -> each row's emitted tokens and next state."""
@@ -368,7 +373,7 @@ def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tens
                      q_old: torch.Tensor | None, truncate: bool | int,
                      k_row: torch.Tensor | None = None,
                      draft_temperature: torch.Tensor | None = None,
-                     branches: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     branches: bool = False, block: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The sampled ISD step as one function (compiled into a few fused kernels on CUDA, inside the decode
     graph). logits [B, 2N−1, V]; per row: is_v, specs [B, K], temperature/top_k/top_p, point_mass,
     argmax_draft, alpha; keys [B, 2] / draw [B] (None: every row greedy with verify_alpha > 1); q_old
@@ -376,7 +381,8 @@ def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tens
     (None: every row K; a shorter row's block fills the first 2n − 1 slots, specs / q_old zero-padded);
     draft_temperature [B] the temperature of the MASK slots' q̃ (None: `temperature`); branches: the block
     carries rejection branches (Q = N², `branch_layout`): a V row that rejects at j takes its new drafts from
-    branch j's rows instead of the plain MASK rows
+    branch j's rows instead of the plain MASK rows; block [B] bool: rows whose drafts are verified jointly
+    (`verify_drafts`, block verification; None: none)
     -> (packed [B, 2K+3], q̃ of the new drafts [B, K, V]; a shorter row's first k_row columns are its
     own). A row's draws use uniform columns 0..k_row only, so it gets the same numbers as in a step of its
     own stride. No host sync, no data-dependent shapes."""
@@ -412,7 +418,7 @@ def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tens
 
     # verify the previous drafts (V rows; C rows' results are ignored)
     kr = k_row
-    n_acc, correction = verify_drafts(p[:, :k], specs, q_old, point_mass, alpha, u)
+    n_acc, correction = verify_drafts(p[:, :k], specs, q_old, point_mass, alpha, u, block, kr)
     kb = k if kr is None else kr  # each row's K
     if kr is not None:  # a shorter row has accepted all its drafts once its first k_row are
         n_acc = torch.minimum(n_acc, kr)

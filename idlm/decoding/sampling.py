@@ -24,6 +24,7 @@ from idlm.errors import ConfigError
 # "argmax-ratio" is the reference release's rule (argmax draft tested with min(1, p̃/q̃)): biased when
 # T > 0 (SPEC §10.1). It exists only so tests and benchmarks can measure that bias.
 DRAFT_MODES = ("sample", "argmax", "argmax-ratio")
+VERIFICATIONS = ("block", "token")  # SamplingParams.verification
 # temperatures below this are greedy (their limit): dividing logits by them overflows float32
 GREEDY_BELOW = 1e-5
 INT64_MAX = 2**63 - 1
@@ -46,6 +47,10 @@ class SamplingParams:
     # acceptance tests each draft against the q̃ it was drawn from; only how often drafts are accepted changes
     draft_temperature: float | None = None
     verify_alpha: float = 1.0  # accept min(1, p̃ / (alpha · q̃)); exact only at 1 (the official lossy knob)
+    # how a step's drafts are verified (exact either way): "block" — jointly (`acceptance.block_verify`: in
+    # expectation at least as many accepted, often a few % more), "token" — one by one to the first rejection
+    # (standard speculative sampling). verify_alpha != 1 always verifies token by token
+    verification: str = "block"
     # raw model logprobs (log_softmax of the logits before temperature/top-k/top-p, as vLLM's default), see
     # idlm.decoding.logprobs. None: none. k in 0..MAX_LOGPROBS: every emitted token's logprob plus its top-k
     # alternatives (GenerationOutput.logprobs / top_logprobs)
@@ -92,6 +97,8 @@ class SamplingParams:
             number("draft_temperature")
             if not self.draft_temperature >= GREEDY_BELOW:
                 bad("draft_temperature", f"must be None or >= {GREEDY_BELOW} (argmax drafts: draft='argmax')")
+        if self.verification not in VERIFICATIONS:
+            bad("verification", f"must be one of {', '.join(VERIFICATIONS)}")
         number("verify_alpha")
         if not self.verify_alpha > 0:
             bad("verify_alpha", "must be > 0 (1 = exact)")

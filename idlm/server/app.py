@@ -52,7 +52,7 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None, 
               lifecycle: Lifecycle | None = None) -> FastAPI:
     """The OpenAI-compatible app. `stride`: the server's stride (a request may only repeat it);
     `sampling_defaults`: per-request defaults for temperature / top_k / top_p / verify_alpha / draft /
-    draft_temperature;
+    draft_temperature / verification;
     `max_seqs_per_request`: the most sequences (prompts x n) one request may start."""
     engine = async_llm.engine
     tok = engine.tokenizer

@@ -22,6 +22,7 @@ ALGORITHM_KEYS = {
     "use_spec_verify": "accepted (always on)",
     "verify_alpha": "per-request default",
     "draft_temperature": "per-request default (idlm's: sampled drafts from q at this temperature)",
+    "verification": "per-request default (idlm's: \"block\" or \"token\" verification of the drafts)",
     "verify_num_specs": "accepted",
     "confidence_accept_threshold": "accepted",
     "fast_verify": "accepted",
@@ -158,7 +159,8 @@ def resolve_options(args) -> dict:
         if stride is not None and stride != cfg["gen_block_size"]:
             raise ConfigError(f"--stride {stride} conflicts with gen_block_size={cfg['gen_block_size']}")
         stride = cfg["gen_block_size"]
-    defaults = {k: cfg[k] for k in ("temperature", "top_k", "top_p", "verify_alpha", "draft_temperature")
+    defaults = {k: cfg[k] for k in ("temperature", "top_k", "top_p", "verify_alpha", "draft_temperature",
+                                     "verification")
                 if cfg.get(k) is not None}
     SamplingParams(**defaults)  # validate (ConfigError names the key)
     if args.max_running_requests < 1:

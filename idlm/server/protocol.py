@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from idlm.decoding.sampling import MAX_LOGPROBS, SamplingParams
+from idlm.decoding.sampling import MAX_LOGPROBS, VERIFICATIONS, SamplingParams
 from idlm.engine.async_engine import QueueFullError
 from idlm.errors import ConfigError, IdlmError
 
@@ -213,6 +213,7 @@ class _Common(BaseModel):
     draft: Literal[HTTP_DRAFT_MODES] | None = None  # type: ignore[valid-type]
     draft_temperature: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     verify_alpha: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    verification: Literal[VERIFICATIONS] | None = None  # type: ignore[valid-type]
 
 
 class CompletionRequest(_Common):
@@ -279,7 +280,7 @@ def to_sampling_params(req: CompletionRequest | ChatRequest, prompt_len: int, ma
     """The `SamplingParams` of each of the request's n choices for one prompt of `prompt_len` tokens.
 
     `defaults`: the server's per-request defaults (temperature, top_k, top_p, verify_alpha, draft,
-    draft_temperature);
+    draft_temperature, verification);
     `default_max_tokens`: None = what is left of the context, capped at CHAT_DEFAULT_MAX_TOKENS.
     Raises ApiError (400) naming the field.
     """
@@ -314,6 +315,7 @@ def to_sampling_params(req: CompletionRequest | ChatRequest, prompt_len: int, ma
               draft_temperature=defaults.get("draft_temperature") if req.draft_temperature is None
               else req.draft_temperature,
               verify_alpha=defaults.get("verify_alpha", 1.0) if req.verify_alpha is None else req.verify_alpha,
+              verification=defaults.get("verification", "block") if req.verification is None else req.verification,
               logprobs=logprobs, prompt_logprobs=prompt_logprobs)
     out = []
     for i in range(req.n):
