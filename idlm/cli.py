@@ -27,6 +27,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def _add_decoder_args(p: argparse.ArgumentParser) -> None:
     from idlm.decoding import DECODERS
+    from idlm.decoding.sampling import VERIFICATIONS
 
     p.add_argument("--decoder", default="ar", choices=DECODERS,
                    help="ar: one token per forward; isd: introspective strided decoding (an I-DLM); "
@@ -41,7 +42,7 @@ def _add_decoder_args(p: argparse.ArgumentParser) -> None:
                    help="ISD sampled drafts: draw them from q at this temperature (default: the --temperature; "
                         "exact at any value, it changes only how often drafts are accepted)")
     p.add_argument("--verify-alpha", type=float, default=1.0, help="accept min(1, p/(alpha q)); lossy unless 1")
-    p.add_argument("--verification", default="block", choices=["block", "token"],
+    p.add_argument("--verification", default="block", choices=VERIFICATIONS,
                    help="ISD / R-ISD sampled drafts: verified jointly (block verification: at least as many accepted "
                         "on average) or token by token to the first rejection; both exact")
     p.add_argument("--threshold", type=float, default=0.9, help="SDAR: unmask slots whose confidence >= this")

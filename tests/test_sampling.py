@@ -64,6 +64,7 @@ def test_sampler_follows_the_distribution_and_seeds_reproduce():
     (dict(top_k=2.5), "top_k"), (dict(max_tokens=0), "max_tokens"), (dict(seed="x"), "seed"),
     (dict(stop_token_ids=[-1]), "stop_token_ids"), (dict(draft_temperature=0.0), "draft_temperature"),
     (dict(draft_temperature=float("inf")), "draft_temperature"), (dict(draft_temperature="0.5"), "draft_temperature"),
+    (dict(verification="joint"), "verification"), (dict(verification=None), "verification"),
 ])
 def test_bad_sampling_parameters_name_the_parameter(kwargs, name):
     with pytest.raises(ConfigError, match=f"invalid sampling parameter {name}="):

@@ -74,8 +74,8 @@ def block_verify(p: torch.Tensor, q: torch.Tensor, ratio: torch.Tensor, u: torch
     drafts the residual is r_i = max(0, w_i·p̃_i − q̃_i), of mass S_i; the row may stop after i drafts with
     h_i = S_i / (S_i + 1 − w_i) for 0 < i < K, h_K = w_K. n_accepted is the largest i whose u_{i−1} < h_i (0
     if none) and the token after it is drawn from r_i / S_i (after all K: from p̃_K, the caller's bonus).
-    K = 1 is token verification; with one-hot p̃ and q̃ (greedy) it accepts the same prefix. Tested by
-    enumerating the emitted law against AR sampling (tests/test_acceptance.py)."""
+    K = 1 is token verification; with one-hot p̃ and q̃ (greedy) it accepts the same prefix. Tested by a
+    chi-square fit of sampled blocks to the AR law (tests/test_acceptance.py)."""
     B, K, V = p.shape
     weights = [torch.ones_like(ratio[:, 0])]
     for i in range(K):  # w_1 .. w_K (K is a small constant: unrolled)
