@@ -33,8 +33,10 @@ Each configuration is measured REPS times, interleaved, and the median is kept (
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import statistics
 import sys
 
 import torch
@@ -60,6 +62,29 @@ BENCH_MODELS = os.environ.get("BENCH_MODELS", "idlm-tiny-ar,smollm2-135m").split
 if not set(BENCH_MODELS) <= {"idlm-tiny-ar", "smollm2-135m"}:
     raise SystemExit(f"BENCH_MODELS={os.environ['BENCH_MODELS']!r}: expected idlm-tiny-ar and/or smollm2-135m")
 results: dict = environment(DEV)
+# the step stage's attention variants ($STEP_ATTN, comma-separated; each kind of step is timed under each, in
+# the same process and rounds): default (split KV with a combine kernel), nosplit ($IDLM_KV_SPLITS=1), fused
+# (the combine in the forward kernel's last split, $IDLM_ATTN_FUSED_COMBINE=1); a kind under a non-default
+# variant is reported as "<kind>@<variant>"
+ATTN_ENV = {"default": {}, "nosplit": {"IDLM_KV_SPLITS": "1"}, "fused": {"IDLM_ATTN_FUSED_COMBINE": "1"}}
+ATTN_VARIANTS = os.environ.get("STEP_ATTN", "default").split(",")
+if ATTN_VARIANTS[0] != "default" or not set(ATTN_VARIANTS) <= set(ATTN_ENV):
+    raise SystemExit(f"STEP_ATTN={os.environ['STEP_ATTN']!r}: expected 'default' first, then any of {sorted(ATTN_ENV)}")
+
+
+@contextlib.contextmanager
+def attention_variant(name: str):
+    """The environment of attention variant `name` (ATTN_ENV) while the block runs, then the old one."""
+    old = {k: os.environ.get(k) for k in ATTN_ENV[name]}
+    os.environ.update(ATTN_ENV[name])
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def emit(key, value):
@@ -136,17 +161,23 @@ def stage_step():
         out[name] = {}
         for temp in (0.0, 0.7):
             cases = {}
-            for k, (model, lora, fuse, layout) in kinds.items():
-                eng = LLMEngine(model, tok, EngineConfig(decoder="risd" if lora is not None else "ar", stride=4,
-                                                         max_num_seqs=1, num_pages=512, fuse_projections=fuse,
-                                                         branches=k == "risd_br", lora_layout=layout), lora=lora)
-                params = SamplingParams(temperature=temp, max_tokens=400, ignore_eos=True, seed=0)
-                eng.run([prompt], params)  # warm-up: compiles, graph captures
-                cases[k] = (eng, prompt, params)
+            for variant in ATTN_VARIANTS:
+                for k, (model, lora, fuse, layout) in kinds.items():
+                    with attention_variant(variant):  # read when the step's graphs are captured (the warm-up)
+                        eng = LLMEngine(model, tok, EngineConfig(
+                            decoder="risd" if lora is not None else "ar", stride=4, max_num_seqs=1, num_pages=512,
+                            fuse_projections=fuse, branches=k == "risd_br", lora_layout=layout), lora=lora)
+                        params = SamplingParams(temperature=temp, max_tokens=400, ignore_eos=True, seed=0)
+                        eng.run([prompt], params)  # warm-up: compiles, graph captures
+                    cases[k if variant == "default" else f"{k}@{variant}"] = (eng, prompt, params)
             freeze_gc()
             res = interleaved_steps(cases, rounds=int(os.environ.get("ROUNDS", "20")))
             for k in [k for k in res if k != "ar"]:
                 res[f"{k}_over_ar"] = res[k]["over_ar"]
+                kind, _, variant = k.partition("@")
+                if variant and kind != "ar":  # within the variant: over its own AR, round by round
+                    res[f"{k}_over_ar@{variant}"] = round(statistics.median(
+                        a / b for a, b in zip(res[k]["rounds_ms"], res[f"ar@{variant}"]["rounds_ms"])), 3)
             out[name][f"T{temp}"] = res
             print(json.dumps({name: {f"T{temp}": res}}), flush=True)
     emit("step", out)
@@ -155,7 +186,8 @@ def stage_step():
 def stage_profile():
     """Where an R-ISD step's time goes, batch 1: the CUDA graph replayed alone (GPU time, no host work)
     vs the whole engine step, and the kernels per step (torch.profiler), for AR and fused R-ISD in each layout
-    of $LAYOUTS (default pair,select; gpu_over_ar: the graph's GPU time over AR's)."""
+    of $LAYOUTS (default pair,select; "select_br": "select" with rejection branches; gpu_over_ar: the graph's GPU
+    time over AR's); $PROFILE_TOP kernels (default 8) by time, each with its µs and launches per step."""
     from idlm.bench.profile import profile_steps, summarize
 
     out = {}
@@ -171,8 +203,9 @@ def stage_profile():
                                                                                           zero_b=False)
                 lora, tok = lora.to(device=DEV, dtype=model.dtype), None
                 prompt = list(range(100, 164))
+            layout, branches = (dec[5:] or "pair").removesuffix("_br"), dec.endswith("_br")
             eng = LLMEngine(model, tok, EngineConfig(decoder=dec[:4], stride=4, max_num_seqs=1, num_pages=512,
-                                                     lora_layout=dec[5:] or "pair"),
+                                                     lora_layout=layout, branches=branches),
                             lora=lora if dec != "ar" else None)
             p = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
             eng.run([prompt], p)
@@ -190,7 +223,7 @@ def stage_profile():
             gpu_ms = start.elapsed_time(end) / 50
             steps = 20
             prof, step_ms = profile_steps(eng, steps)
-            summary = summarize(prof, steps, top_kernels=8)
+            summary = summarize(prof, steps, top_kernels=int(os.environ.get("PROFILE_TOP", "8")), counts=True)
             while eng.has_unfinished():
                 eng.step()
             out[f"{name}/{dec}"] = {

@@ -27,17 +27,19 @@ def profile_steps(engine, steps: int):
     return prof, step_ms
 
 
-def summarize(prof, steps: int, top_kernels: int = 10, top_host: int = 14) -> dict:
-    """Per-step GPU kernel time (ms) and kernel count, the top kernels (µs per step) and the top host ops
-    ([µs per step, calls per step]) of a profile of `steps` steps."""
+def summarize(prof, steps: int, top_kernels: int = 10, top_host: int = 14, counts: bool = False) -> dict:
+    """Per-step GPU kernel time (ms) and kernel count, the top kernels (µs per step; counts: [µs, launches]
+    per step) and the top host ops ([µs per step, calls per step]) of a profile of `steps` steps."""
     events = prof.key_averages()
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
     return {
         "gpu_kernel_ms_per_step": round(sum(e.self_device_time_total for e in kernels) / steps / 1e3, 4),
         "kernels_per_step": sum(e.count for e in kernels) / steps,
-        "top_kernels_us_per_step": {e.key[:70]: round(e.self_device_time_total / steps, 1)
-                                    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top_kernels]},
+        "top_kernels_us_per_step": {e.key[:120 if counts else 70]: (
+            [round(e.self_device_time_total / steps, 1), e.count / steps] if counts
+            else round(e.self_device_time_total / steps, 1))
+            for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top_kernels]},
         "top_host_us_per_step": {e.key[:70]: [round(e.self_cpu_time_total / steps, 1), e.count / steps]
                                  for e in sorted(host, key=lambda e: -e.self_cpu_time_total)[:top_host]},
     }
