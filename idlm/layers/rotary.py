@@ -90,28 +90,39 @@ def qk_norm_rotary(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_w
 def rotary_qkv(qkv: torch.Tensor, gate: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, n_heads: int,
                n_kv: int, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """A fused q/k/v matmul's output qkv [B, T, (Hq + 2·Hkv)·D] -> [B, T, Hq + 2·Hkv, D]: q and k through Qwen3's
-    per-head RMSNorm when its weights are given, then RoPE, and v, written as one tensor (`split_qkv` takes the
-    three views). With gate [B, T] (R-ISD's fused LoRA in the "select" layout, `Transformer.fuse_lora`), qkv is
-    the halves [Wx, (W + D)x] [B, T, 2·(Hq + 2·Hkv)·D] and each row's half is picked first (`select_half`).
-    One compiled function with one output: on CUDA inductor writes it in one kernel when nothing in it reduces
-    (a pointwise concatenation: no q/k norms), where separate q, k (and a picked v) outputs took a kernel each —
-    per layer, two for AR, three for the select layout; with q/k norms it realizes q, k and v apart (three).
-    Counted in inductor's Triton code generated on a CPU machine (docs/risd.md, session 25). The eager bodies
-    of `qk_norm_rotary` / `rotary_qk` compute q and k, so the values are theirs."""
+    per-head RMSNorm when its weights are given, then RoPE, and v as it is, written as one tensor (`split_qkv`
+    takes the three views). With gate [B, T] (R-ISD's fused LoRA in the "select" layout, `Transformer.fuse_lora`),
+    qkv is the halves [Wx, (W + D)x] [B, T, 2·(Hq + 2·Hkv)·D] and each row's half is picked first (`select_half`).
+
+    Written over all heads at once, with no concatenation: every head is normed and rotated (the rotate-half
+    partner read with a roll of the head's lanes, the norm's scale computed once per head) and v's heads take
+    their input back by a head-index `where`. Concatenating q, k and v instead left the choice to inductor's
+    lowering of `cat`, which on the H200 (torch 2.11) wrote the select layout's q, k and v in three kernels
+    per layer (AR's in one; docs/risd.md, session 27). Here nothing is left to choose: one kernel without q/k
+    norms, and (counted in the Triton code inductor generates on a CPU machine) two with them. Values are the
+    separate functions' (`rotary_qk`, `qk_norm_rotary`, v copied): the same elementwise operations, tested
+    bit-equal on the CPU."""
     if gate is not None:
         qkv = select_half(qkv, gate)
     B, T = qkv.shape[:2]
     d = cos.shape[-1]
-    q, k, v = qkv.split([n_heads * d, n_kv * d, n_kv * d], -1)
-    q, k, v = q.view(B, T, n_heads, d), k.view(B, T, n_kv, d), v.view(B, T, n_kv, d)
-    if q_weight is not None:  # the eager bodies: this function is the compiled unit
-        q, k = qk_norm_rotary.__wrapped__(q, k, q_weight, k_weight, eps, cos, sin)
+    H = n_heads + 2 * n_kv
+    x = qkv.view(B, T, H, d)
+    head = torch.arange(H, device=x.device)[:, None]  # [H, 1]
+    xs = x.roll(d // 2, -1)  # each head's halves swapped: [x2, x1]
+    if q_weight is not None:  # `_rms_norm` of q (k) heads with q's (k's) weight, and of the swapped lanes alike
+        w = torch.where(head < n_heads, q_weight, k_weight)  # [H, D]
+        xf = x.float()
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        y, ys = w * (xf * r).to(x.dtype), w.roll(d // 2, -1) * (xs.float() * r).to(x.dtype)
     else:
-        q, k = rotary_qk.__wrapped__(q, k, cos, sin)
-    return torch.cat([q, k, v], 2)
+        y, ys = x, xs
+    rot = torch.where(torch.arange(d, device=x.device) < d // 2, -ys, ys)  # `apply_rotary`'s cat((−x2, x1))
+    return torch.where(head >= n_heads + n_kv, x, y * cos + rot * sin)
 
 
 def split_qkv(qkv: torch.Tensor, n_heads: int, n_kv: int):
     """`rotary_qkv`'s output [B, T, Hq + 2·Hkv, D] -> (q [B, T, Hq, D], k, v [B, T, Hkv, D]) as views (no copy:
     the paged cache's store and the attention kernels take strided heads)."""
     return qkv.split([n_heads, n_kv, n_kv], 2)
+

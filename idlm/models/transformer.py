@@ -133,9 +133,8 @@ class Attention(nn.Module):
         if not exact and (fused_lora == "select" or self.q_norm is None and (fused_lora or (self.qkv is not None
                                                                                           and lora is None))):
             # one fused q/k/v matmul ("select" layout: halves [Wx, (W + D)x], each row's picked), then norms,
-            # RoPE and v in one compiled function with one output: one kernel on CUDA without q/k norms. With
-            # them (Qwen3) inductor realizes q, k and v apart (3 kernels), so AR keeps `qk_norm_rotary`'s two
-            # and a free v view; the select layout's picked v costs a kernel either way
+            # RoPE and v in one compiled function with one output (`rotary_qkv`): one kernel on CUDA without
+            # q/k norms, two with them (Qwen3), where AR keeps `qk_norm_rotary`'s two and a free v view
             qn, kn = (None, None) if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight)
             w = self.qkv_lora if fused_lora else self.qkv
             qkv = rotary_qkv(mm(x, *w), lora[1] if fused_lora == "select" else None, cos, sin, self.n_heads,

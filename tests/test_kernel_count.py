@@ -1,0 +1,79 @@
+"""How many GPU kernels a compiled elementwise unit becomes, checked without a GPU.
+
+Why: at batch 1 a decode step of a small model is bound by its number of kernel launches (each ~1.5 µs on
+the H200), so a fused function that inductor writes in three kernels instead of one costs the step ~90 µs
+at SmolLM2's 30 layers (docs/risd.md, session 27: the "select" layout's q/k/v). Inductor generates *Triton*
+code for CPU tensors when `cpu_backend = "triton"`; the generated module's `call` names every kernel it
+launches, before anything is compiled for a device (loading the kernels then fails: no Triton CPU backend,
+which is not what is checked). A subprocess keeps the inductor settings away from the other tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton", reason="inductor's Triton code generation needs the triton package")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+COUNT = r"""
+import glob, json, os, re, sys, tempfile
+cache = tempfile.mkdtemp()
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+import torch
+import torch._inductor.config as config
+import torch.utils._triton as triton_utils
+config.cpu_backend = "triton"
+triton_utils.triton_hash_with_backend = lambda: "kernel-count"  # names cache entries only
+sys.path.insert(0, sys.argv[1])
+from idlm.layers.rotary import rotary_qkv
+
+def kernels(fn, args):
+    torch._dynamo.reset()
+    before = set(glob.glob(cache + "/**/*.py", recursive=True))
+    try:
+        torch.compile(fn, dynamic=True)(*args)
+    except Exception as e:  # generated; Triton cannot build for the CPU
+        if "backend" not in str(e) and "driver" not in str(e):
+            raise
+    names = []
+    for f in set(glob.glob(cache + "/**/*.py", recursive=True)) - before:
+        src = open(f).read()
+        if "def call(" in src:
+            names += re.findall(r"(\w+)\.run\(", src.split("def call(")[1])
+    return names
+
+torch.manual_seed(0)
+B, T, hq, hkv, d = 1, 7, 9, 3, 64  # SmolLM2-135M's heads, an N = 4 step's 7 query rows
+width = (hq + 2 * hkv) * d
+cos, sin = torch.randn(B, T, 1, d, dtype=torch.bfloat16), torch.randn(B, T, 1, d, dtype=torch.bfloat16)
+gate = torch.tensor([[1, 0, 1, 1, 0, 1, 1]], dtype=torch.bool)
+qw, kw = torch.randn(d, dtype=torch.bfloat16), torch.randn(d, dtype=torch.bfloat16)
+out = {}
+for name, gated, norms in (("ar", False, False), ("select", True, False), ("ar_norms", False, True),
+                           ("select_norms", True, True)):
+    qkv = torch.randn(B, T, 2 * width if gated else width, dtype=torch.bfloat16)
+    args = [qkv, gate if gated else None, cos, sin, hq, hkv, qw if norms else None, kw if norms else None, 1e-6]
+    out[name] = kernels(rotary_qkv.__wrapped__, args)
+print(json.dumps(out))
+"""
+
+
+def test_rotary_qkv_is_one_kernel_without_qk_norms_and_two_with():
+    """q, k and v of a fused q/k/v matmul (AR's and the R-ISD "select" layout's) written by one kernel when
+    the model has no q/k norms (SmolLM2, Llama), two with them (Qwen3: the norms' reduction, then the rest).
+    The concatenation of q, k and v that this replaced measured three kernels per layer on the H200 for the
+    select layout."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # generate, do not interpret
+    res = subprocess.run([sys.executable, "-c", COUNT, str(ROOT)], capture_output=True, text=True, timeout=600,
+                         env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    counts = json.loads(res.stdout.strip().splitlines()[-1])
+    assert [len(counts["ar"]), len(counts["select"])] == [1, 1], counts
+    assert len(counts["ar_norms"]) <= 2 and len(counts["select_norms"]) <= 2, counts
