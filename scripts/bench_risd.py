@@ -351,14 +351,17 @@ def stage_stime():
         m2, tok2, lora2 = tiny_ar("bfloat16")
         cases.append(("tiny-ar", m2, lora2, bench_prompts(tok2, 1)[0]))
     out = {}
+    decoders = os.environ.get("STIME_DECODERS", "risd").split(",")  # e.g. ar,risd: AR's split beside it
     for name, model, lora, prompt in cases:
         for temp in (0.0, 0.7):
-            eng = LLMEngine(model, None, EngineConfig(decoder="risd", stride=4, max_num_seqs=1, num_pages=512),
-                            lora=lora)
-            eng.run([prompt], SamplingParams(temperature=temp, max_tokens=300, ignore_eos=True, seed=0))  # warm-up
-            out[f"{name}/T{temp}"] = step_phases(eng, prompt, SamplingParams(temperature=temp, max_tokens=250,
-                                                                             ignore_eos=True, seed=1))
-            print(json.dumps({f"{name}/T{temp}": out[f"{name}/T{temp}"]}), flush=True)
+            for dec in decoders:
+                eng = LLMEngine(model, None, EngineConfig(decoder=dec, stride=4, max_num_seqs=1, num_pages=512),
+                                lora=lora if dec == "risd" else None)
+                eng.run([prompt], SamplingParams(temperature=temp, max_tokens=300, ignore_eos=True, seed=0))  # warm-up
+                key = f"{name}/T{temp}" + ("" if dec == "risd" else f"/{dec}")
+                out[key] = step_phases(eng, prompt, SamplingParams(temperature=temp, max_tokens=250,
+                                                                   ignore_eos=True, seed=1))
+                print(json.dumps({key: out[key]}), flush=True)
     emit("stime", out)
 
 

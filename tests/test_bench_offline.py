@@ -200,6 +200,10 @@ def test_step_phases_splits_each_decode_step_and_unpatches(ckpt, decoder, stride
     # the timing wrappers are gone: the engine runs the decoders' own methods again
     assert not any(k in vars(d) for d in eng._decoders.values() for k in ("step_inputs", "finish"))
     assert "decode" not in vars(eng.runner) and not eng.has_unfinished()
+    # the runner's own host pieces: its arrays every step (CPU: no staging buffers filled, no graph replayed)
+    assert 0 < r["runner_arrays_ms"] <= r["decode_ms"] and r["runner_replay_ms"] is None
+    from idlm.engine import model_runner
+    assert "_batch_arrays" not in vars(eng.runner) and model_runner._fill.__name__ == "_fill"
     assert not {"_decode_batch", "_apply_each", "_decode"} & set(vars(eng)) and "schedule" not in vars(eng.scheduler)
     assert eng.run([bench_prompts(tok, 1)[0]], params)[0].token_ids == eng.run([bench_prompts(tok, 1)[0]],
                                                                                  params)[0].token_ids

@@ -254,9 +254,12 @@ def step_phases(engine, prompt: list[int], params: SamplingParams) -> dict:
     CUDA also the caching allocator's retries meanwhile and the free device memory."""
     import torch
 
+    from idlm.engine import model_runner
+
     cuda = engine.runner.device.type == "cuda"
     parts: dict[str, list[float]] = {"inputs": [], "decode": [], "finish": []}
     extra_parts: dict[str, list[float]] = {"schedule": [], "batch": [], "apply": [], "phase": []}
+    runner_parts: dict[str, list[float]] = {"arrays": [], "fill": [], "replay": []}  # inside the runner's decode
     patched = []
 
     def wrap(obj, attr: str, key: str, synced: bool = False) -> None:
@@ -267,11 +270,12 @@ def step_phases(engine, prompt: list[int], params: SamplingParams) -> dict:
             out = fn(*args, **kwargs)
             if synced and cuda:
                 torch.cuda.synchronize()
-            (parts if key in parts else extra_parts)[key].append(time.perf_counter() - t0)
+            (parts if key in parts else extra_parts if key in extra_parts else runner_parts)[key].append(
+                time.perf_counter() - t0)
             return out
 
         setattr(obj, attr, timed)
-        patched.append((obj, attr))
+        patched.append((obj, attr, fn))
 
     steps: list[float] = []
     strides: list[int | None] = []  # each step's stride (None: a prefill-only step)
@@ -287,6 +291,10 @@ def step_phases(engine, prompt: list[int], params: SamplingParams) -> dict:
         wrap(engine.scheduler, "schedule", "schedule")
         for attr, key in (("_decode_batch", "batch"), ("_apply_each", "apply"), ("_decode", "phase")):
             wrap(engine, attr, key)
+        wrap(engine.runner, "_batch_arrays", "arrays")
+        wrap(model_runner, "_fill", "fill")  # a module function: the runner looks it up by name at each call
+        if cuda:
+            wrap(torch.cuda.CUDAGraph, "replay", "replay")  # the host's side of a replay (the launch)
         engine.add_request(prompt, params)
         while engine.has_unfinished():
             mix = dict(engine.stride_mix)
@@ -295,8 +303,11 @@ def step_phases(engine, prompt: list[int], params: SamplingParams) -> dict:
             steps.append(time.perf_counter() - t0)
             strides.append(step_stride(engine, mix))
     finally:
-        for obj, attr in patched:
-            delattr(obj, attr)  # the instance attribute goes; the class method shows through again
+        for obj, attr, original in reversed(patched):
+            if obj is model_runner or obj is torch.cuda.CUDAGraph:
+                setattr(obj, attr, original)
+            else:
+                delattr(obj, attr)  # the instance attribute goes; the class method shows through again
 
     def ms(v: list[float]) -> float | None:
         return round(1e3 * statistics.median(v), 4) if v else None
@@ -322,6 +333,9 @@ def step_phases(engine, prompt: list[int], params: SamplingParams) -> dict:
     return {"steps": len(decode_steps), "step_ms": ms(decode_steps), **{f"{k}_ms": ms(v) for k, v in parts.items()},
             "rest_ms": ms(rest), "schedule_ms": ms(sched), "batch_ms": ms(batch), "apply_ms": ms(apply),
             "sync_ms": ms(sync), "outside_ms": ms(outside),
+            # the runner's host work inside `decode_ms`: the step's arrays, their copy into the staging
+            # buffers, and the graph launch (None where absent: no graphs on CPU)
+            **{f"runner_{k}_ms": ms(v[max(0, len(v) - len(decode_steps)):]) for k, v in runner_parts.items()},
             "max_step_ms": round(1e3 * max(decode_steps), 2) if decode_steps else None,
             "new_graphs": engine.runner.graphs_captured - graphs0,  # (the first token comes from the prefill)
             "tokens_per_step": round((engine.counters["generated_tokens"] - generated0 - 1)
