@@ -67,8 +67,9 @@ print(json.dumps(out))
 
 def test_rotary_qkv_is_one_kernel_without_qk_norms_and_two_with():
     """q, k and v of a fused q/k/v matmul (AR's and the R-ISD "select" layout's) written by one kernel when
-    the model has no q/k norms (SmolLM2, Llama), two with them (Qwen3: the norms' reduction, then the rest).
-    The concatenation of q, k and v that this replaced measured three kernels per layer on the H200 for the
+    the model has no q/k norms (SmolLM2, Llama), at most two with them (Qwen3; the CPU's Triton code keeps the
+    norms' reduction apart, the H200's fused it: one kernel per layer, docs/risd.md session 27). The
+    concatenation of q, k and v that this replaced measured three kernels per layer on the H200 for the
     select layout."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # generate, do not interpret
     res = subprocess.run([sys.executable, "-c", COUNT, str(ROOT)], capture_output=True, text=True, timeout=600,

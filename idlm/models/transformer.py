@@ -130,11 +130,10 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         fused_lora = lora[2] if lora is not None else None  # None / False: no fused LoRA; else its layout
         split = [self.n_heads * self.head_dim] + [self.n_kv * self.head_dim] * 2
-        if not exact and (fused_lora == "select" or self.q_norm is None and (fused_lora or (self.qkv is not None
-                                                                                          and lora is None))):
+        if not exact and (fused_lora or (self.qkv is not None and lora is None)):
             # one fused q/k/v matmul ("select" layout: halves [Wx, (W + D)x], each row's picked), then norms,
-            # RoPE and v in one compiled function with one output (`rotary_qkv`): one kernel on CUDA without
-            # q/k norms, two with them (Qwen3), where AR keeps `qk_norm_rotary`'s two and a free v view
+            # RoPE and v in one compiled function with one output (`rotary_qkv`): one kernel on CUDA, with
+            # Qwen3's q/k norms too (the H200, session 27; `qk_norm_rotary` took two and a free v view)
             qn, kn = (None, None) if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight)
             w = self.qkv_lora if fused_lora else self.qkv
             qkv = rotary_qkv(mm(x, *w), lora[1] if fused_lora == "select" else None, cos, sin, self.n_heads,
