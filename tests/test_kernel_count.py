@@ -10,6 +10,7 @@ which is not what is checked). A subprocess keeps the inductor settings away fro
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -32,6 +33,7 @@ import torch.utils._triton as triton_utils
 config.cpu_backend = "triton"
 triton_utils.triton_hash_with_backend = lambda: "kernel-count"  # names cache entries only
 sys.path.insert(0, sys.argv[1])
+from idlm.decoding import rng
 from idlm.layers.rotary import rotary_qkv
 
 def kernels(fn, args):
@@ -61,8 +63,20 @@ for name, gated, norms in (("ar", False, False), ("select", True, False), ("ar_n
     qkv = torch.randn(B, T, 2 * width if gated else width, dtype=torch.bfloat16)
     args = [qkv, gate if gated else None, cos, sin, hq, hkv, qw if norms else None, kw if norms else None, 1e-6]
     out[name] = kernels(rotary_qkv.__wrapped__, args)
+# a sampled N = 4 step's uniforms: 7 per row (4 token draws, 3 acceptances), from the Philox words
+out["uniforms"] = kernels(rng.uniforms.__wrapped__, [rng.seed_keys([1, 2]), torch.tensor([0, 5]), 0, 7])
 print(json.dumps(out))
 """
+
+
+@functools.cache
+def _counts() -> dict:
+    """{case: kernel names} of the generation script, run once for the module's tests."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # generate, do not interpret
+    res = subprocess.run([sys.executable, "-c", COUNT, str(ROOT)], capture_output=True, text=True, timeout=600,
+                         env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def test_rotary_qkv_is_one_kernel_without_qk_norms_and_two_with():
@@ -71,10 +85,14 @@ def test_rotary_qkv_is_one_kernel_without_qk_norms_and_two_with():
     norms' reduction apart, the H200's fused it: one kernel per layer, docs/risd.md session 27). The
     concatenation of q, k and v that this replaced measured three kernels per layer on the H200 for the
     select layout."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # generate, do not interpret
-    res = subprocess.run([sys.executable, "-c", COUNT, str(ROOT)], capture_output=True, text=True, timeout=600,
-                         env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
-    counts = json.loads(res.stdout.strip().splitlines()[-1])
+    counts = _counts()
     assert [len(counts["ar"]), len(counts["select"])] == [1, 1], counts
     assert len(counts["ar_norms"]) <= 2 and len(counts["select_norms"]) <= 2, counts
+
+
+def test_philox_uniforms_are_one_kernel():
+    """`rng.uniforms` (every sampled step draws its uniforms with it, twice in an ISD step) picks each
+    column's Philox word with a `where` instead of stacking the four words: one kernel (the stack took one
+    per word plus the conversion, counted the same way), so inside a step it fuses with its consumer."""
+    counts = _counts()
+    assert len(counts["uniforms"]) == 1, counts

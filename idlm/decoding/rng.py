@@ -72,11 +72,15 @@ def uniforms(keys: torch.Tensor, draw: torch.Tensor, stream: int, n: int) -> tor
     """n uniforms in (0, 1) per row: keys [B, 2] int64, draw [B] int64 (the request's draw number)
     -> [B, n] float32, multiples of 2^-24 (never 0 or 1). Row b depends only on (keys[b], draw[b],
     stream): the same request gets the same numbers in any batch, on CPU and GPU."""
-    B, blocks = keys.shape[0], -(-n // 4)
-    index = torch.arange(blocks, device=keys.device, dtype=torch.int64)[None]  # [1, blocks]
+    # column j is word j % 4 of the block j // 4. Each column computes its block's four words and keeps one
+    # (n is a step's few draws, so the 4x redundant integer work is nothing) rather than stacking the four
+    # words: a stack is a concatenation, which inductor wrote as one kernel per word (the H200's q/k/v
+    # taught that, docs/risd.md session 27), here one kernel for all.
+    col = torch.arange(n, device=keys.device, dtype=torch.int64)[None]  # [1, n]
     draw = draw.to(torch.int64)[:, None]
-    words = philox4x32(index, stream, draw & MASK32, (draw >> 32) & MASK32, keys[:, :1], keys[:, 1:])
-    w = torch.stack(words, dim=-1).reshape(B, 4 * blocks)[:, :n]  # [B, n]
+    c0, c1, c2, c3 = philox4x32(col // 4, stream, draw & MASK32, (draw >> 32) & MASK32, keys[:, :1], keys[:, 1:])
+    lane = col % 4
+    w = torch.where(lane == 0, c0, torch.where(lane == 1, c1, torch.where(lane == 2, c2, c3)))  # [B, n]
     return ((w >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
