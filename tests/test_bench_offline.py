@@ -268,3 +268,29 @@ def test_save_record_writes_json_under_out_atomically(tmp_path, monkeypatch):
     path = save_record({"a": 2, "stage": "second"}, "r.json")  # a later stage replaces the whole record
     assert json.loads(open(path).read()) == {"a": 2, "stage": "second"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]  # no temp files left behind
+
+
+def test_cli_draft_flags_reach_every_request(ckpt, capsys, monkeypatch):
+    """The decoder flags that are sampling parameters (--draft, --draft-temperature, --verification) are the
+    requests' own in `bench offline`, not parsed and dropped."""
+    import idlm.bench.offline as offline
+
+    seen = []
+    real = offline._run
+
+    def recording(engine, work, params, c):
+        seen.append(params)
+        return real(engine, work, params, c)
+
+    monkeypatch.setattr(offline, "_run", recording)
+    run_lines(capsys, "bench", "offline", "--model", str(ckpt), "--decoder", "isd", "--concurrency", "1",
+              "--temperature", "1", "--reps", "1", "--max-tokens", "3", "--num-requests", "1", "--no-cuda-graphs",
+              "--draft-temperature", "0.5", "--verification", "token")
+    assert seen and all(p.draft_temperature == 0.5 and p.verification == "token" for p in seen)
+
+
+@pytest.mark.parametrize("command", [["eval", "humaneval"], ["eval", "tasks"]])
+def test_greedy_commands_refuse_sampled_draft_flags(command, capsys):
+    """Commands that decode greedily name the flag that would change nothing, before loading anything."""
+    assert main([*command, "--model", "idlm-tiny-ar", "--decoder", "risd", "--verification", "token"]) == 2
+    assert "decodes greedily: --verification token would change nothing" in capsys.readouterr().err

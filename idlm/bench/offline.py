@@ -170,16 +170,18 @@ def _check_pool(engine, work: list[list[int]], max_tokens: int, c: int) -> None:
 
 def bench_compare(engine, prompts: list[list[int]], concurrency: list[int], temperatures: list[float],
                   max_tokens: int = 128, num_requests: int | None = None, warmup: bool = True, reps: int = 1,
-                  ar_engine=None, stop_at_eos: bool = False) -> list[dict]:
+                  ar_engine=None, stop_at_eos: bool = False, decoding: dict | None = None) -> list[dict]:
     """One row per temperature × concurrency cell (temperatures outermost): the decoder's median run of
-    `reps` and, with `ar_engine`, AR's median run under "ar" and the ratios decoder / AR."""
+    `reps` and, with `ar_engine`, AR's median run under "ar" and the ratios decoder / AR. decoding: further
+    `SamplingParams` fields of every request (e.g. draft, draft_temperature, verification; AR ignores them)."""
     check_bench_options(temperatures, reps, num_requests, engine.config.decoder, ar_engine is not None)
     if ar_engine is not None and ar_engine.config.decoder != "ar":
         raise ConfigError(f"ar_engine runs decoder {ar_engine.config.decoder!r}, not 'ar'", param="compare_ar")
     engines = [engine] if ar_engine is None else [engine, ar_engine]
     results = []
     for t in temperatures:
-        params = SamplingParams(temperature=t, max_tokens=max_tokens, ignore_eos=not stop_at_eos, seed=0)
+        params = SamplingParams(temperature=t, max_tokens=max_tokens, ignore_eos=not stop_at_eos, seed=0,
+                                **(decoding or {}))
         for c in concurrency:
             n = num_requests or max(8, 2 * c)
             work = [prompts[i % len(prompts)] for i in range(n)]
