@@ -26,8 +26,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_decoder_args(p: argparse.ArgumentParser) -> None:
-    from idlm.decoding import DECODERS
-    from idlm.decoding.sampling import VERIFICATIONS
+    from idlm.decoding import DECODERS, VERIFICATIONS
 
     p.add_argument("--decoder", default="ar", choices=DECODERS,
                    help="ar: one token per forward; isd: introspective strided decoding (an I-DLM); "

@@ -10,6 +10,7 @@ from idlm.errors import ConfigError
 
 DECODERS = ("ar", "isd", "risd", "sdar")
 DIFFUSION_DECODERS = ("isd", "risd", "sdar")
+VERIFICATIONS = ("block", "token")  # SamplingParams.verification (here: the command line reads it without torch)
 
 
 def resolve_mask_token(decoder: str, model_config, tokenizer=None) -> int | None:

@@ -18,13 +18,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from idlm.decoding import rng
+from idlm.decoding import VERIFICATIONS, rng
 from idlm.errors import ConfigError
 
 # "argmax-ratio" is the reference release's rule (argmax draft tested with min(1, p̃/q̃)): biased when
 # T > 0 (SPEC §10.1). It exists only so tests and benchmarks can measure that bias.
 DRAFT_MODES = ("sample", "argmax", "argmax-ratio")
-VERIFICATIONS = ("block", "token")  # SamplingParams.verification
 # temperatures below this are greedy (their limit): dividing logits by them overflows float32
 GREEDY_BELOW = 1e-5
 INT64_MAX = 2**63 - 1
