@@ -15,6 +15,14 @@ Triton CPU backend, which is not installed and is not what is checked).
 
 Prints a JSON line per case, a summary last; exit status 1 when a case fails. What it found and fixed:
 docs/sampling.md ("The sampled step ran eagerly at long vocabularies").
+
+`--count` also lists the kernels each case's generated code launches (a decode step at batch 1 is bound by
+their number). The CPU lowers every `torch.cat` / `torch.stack` as one kernel per input, where CUDA chooses
+between that and one pointwise kernel; `--cat-lowering FILE` takes that choice from the `cat` lowering of
+another torch's `torch/_inductor/lowering.py` (e.g. 2.11's, the GPU machine's, unzipped from its wheel:
+`pip download --no-deps torch==2.11.0` and `unzip <wheel> torch/_inductor/lowering.py`), its CPU-only
+branch off, so the count is what that torch does on a GPU (docs/risd.md, session 27: 24 -> 13 kernels
+for the sampled ISD step).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 import torch
@@ -37,6 +46,43 @@ def triton_for_cpu() -> None:
 
     inductor_config.cpu_backend = "triton"
     triton_utils.triton_hash_with_backend = lambda: "codegen-check"
+
+
+def cuda_cat_lowering(path: str | None) -> None:
+    """Lower `aten.cat` as inductor does for CUDA tensors: the `cat` lowering of this torch, or of the
+    `lowering.py` at `path`, with its CPU-only branch (always one kernel per input) turned off."""
+    import inspect
+    import typing
+
+    import torch._inductor.lowering as lowering
+
+    target = inspect.unwrap(lowering.lowerings[torch.ops.aten.cat.default])
+    text = open(path).read() if path else inspect.getsource(target)
+    text = text[text.index("def cat(inputs, dim=0):"):]
+    end = text.find("\n@register_lowering")
+    text = text[: end if end > 0 else len(text)]
+    cpu = 'cpu_device = inputs[0].get_device().type == "cpu"'
+    if cpu not in text:
+        raise SystemExit(f"{path or 'this torch'}: no CPU branch to turn off in the cat lowering")
+    namespace = dict(vars(lowering))
+    lowering.Union, lowering.Optional = typing.Union, typing.Optional  # older sources' annotations
+    exec(compile(text.replace(cpu, "cpu_device = False"), lowering.__file__, "exec"), namespace)
+    target.__code__ = namespace["cat"].__code__  # the registered lowering calls this function object
+
+
+def launched_kernels(since: set[str]) -> tuple[list[str], set[str]]:
+    """Kernels launched by the `call` of the modules inductor wrote to its cache after `since` (file names)."""
+    import glob
+
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    files = set(glob.glob(os.path.join(cache_dir(), "**", "*.py"), recursive=True))
+    names = []
+    for f in sorted(files - since):
+        src = open(f).read()
+        if "def call(" in src:
+            names += re.findall(r"(\w+)\.run\(", src.split("def call(")[1])
+    return names, files
 
 
 def step_args(vocab: int, stride: int, k_row: bool, truncate):
@@ -63,7 +109,7 @@ def ar_args(vocab: int, truncate):
             torch.full((2,), 0.95 if truncate else 1.0), rng.seed_keys([1, 2]), torch.arange(2), truncate]
 
 
-def check(vocab: int, stride: int, k_row: bool, truncate) -> dict:
+def check(vocab: int, stride: int, k_row: bool, truncate, count: bool = False) -> dict:
     from idlm.decoding.ar import sampled_ar_step
     from idlm.decoding.isd import sampled_isd_step
 
@@ -71,14 +117,20 @@ def check(vocab: int, stride: int, k_row: bool, truncate) -> dict:
     case = {"vocab": vocab, "stride": stride, "k_row": k_row, "truncate": truncate}
     fn, args = ((sampled_ar_step, ar_args(vocab, truncate)) if stride == 1
                 else (sampled_isd_step, step_args(vocab, stride, k_row, truncate)))
+    before = launched_kernels(set())[1] if count else set()
     try:
         torch.compile(fn.__wrapped__, dynamic=False)(*args)
-        return {**case, "ok": True, "ran": True}
+        out = {**case, "ok": True, "ran": True}
     except Exception as e:  # noqa: BLE001 — the generation's error is the result
         msg = str(e)
         if "compatible backends" in msg or "active drivers" in msg:  # generated; Triton cannot build for the CPU
-            return {**case, "ok": True, "ran": False}
-        return {**case, "ok": False, "error": msg.splitlines()[0][:300]}
+            out = {**case, "ok": True, "ran": False}
+        else:
+            return {**case, "ok": False, "error": msg.splitlines()[0][:300]}
+    if count:
+        out["kernels"] = launched_kernels(before)[0]
+        out["num_kernels"] = len(out["kernels"])
+    return out
 
 
 def main() -> None:
@@ -87,12 +139,18 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=4)
     ap.add_argument("--k-row", action="store_true", help="the adaptive stride's per-row variant")
     ap.add_argument("--truncate", default="0", help="0: no top-k/top-p, 1: full sort, K: top-K selection")
+    ap.add_argument("--count", action="store_true", help="list the kernels each case's generated code launches")
+    ap.add_argument("--cat-lowering", default=None, metavar="LOWERING_PY",
+                    help="with --count: lower cat as CUDA does, with this torch/_inductor/lowering.py's cat "
+                         "(default: this torch's)")
     args = ap.parse_args()
     truncate = {"0": False, "1": True}.get(args.truncate) if args.truncate in ("0", "1") else int(args.truncate)
     triton_for_cpu()
+    if args.count:
+        cuda_cat_lowering(args.cat_lowering)
     results = []
     for v in (int(x) for x in args.vocab.split(",")):
-        results.append(check(v, args.stride, args.k_row, truncate))
+        results.append(check(v, args.stride, args.k_row, truncate, args.count))
         print(json.dumps(results[-1]), flush=True)
     ok = all(r["ok"] for r in results)
     print(json.dumps({"summary": True, "torch": torch.__version__, "ok": ok}))
