@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from idlm.bench import environment, save_record  # noqa: E402
+from idlm.bench import environ_restored, environment, save_record  # noqa: E402
 from idlm.layers.paged_kernel import choose_splits, device_sm_count, paged_attention, split_counters  # noqa: E402
 
 DEV = "cpu" if SMOKE else "cuda"
@@ -100,9 +100,8 @@ def main() -> None:
     shapes = [tuple(int(x) for x in s.split("x")) for s in spec.split(",")]
     g = torch.Generator().manual_seed(0)
     out = {**environment(DEV), "heads": [HQ, HKV, D], "page": PAGE, "shapes": {}}
-    saved = {k: os.environ.get(k) for k in KNOBS}
     t_start = time.time()
-    try:
+    with environ_restored(KNOBS):
         for batch, context, q_len in shapes:
             kv_bytes = 2 * batch * (context + q_len) * HKV * D * (4 if SMOKE else 2)
             repeat = int(os.environ.get("REPEAT", "0")) or max(1, min(36, (256 << 20) // kv_bytes))
@@ -136,12 +135,6 @@ def main() -> None:
             out["shapes"][key] = cell
             print(json.dumps({key: {k: v for k, v in cell.items() if k != "all"}}), flush=True)
             save_record(out, "attn_sweep.json")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     out["wall_s"] = round(time.time() - t_start, 1)
     save_record(out, "attn_sweep.json")
     print(json.dumps({"summary": True, "wall_s": out["wall_s"],

@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from idlm.bench import environment, save_record  # noqa: E402
+from idlm.bench import environ_restored, environment, save_record  # noqa: E402
 from idlm.bench.offline import bench_offline, bench_prompts, count_delta, step_phases, step_stride  # noqa: E402
 from idlm.decoding.sampling import SamplingParams  # noqa: E402
 from idlm.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
@@ -75,16 +75,9 @@ if ATTN_VARIANTS[0] != "default" or not set(ATTN_VARIANTS) <= set(ATTN_ENV):
 @contextlib.contextmanager
 def attention_variant(name: str):
     """The environment of attention variant `name` (ATTN_ENV) while the block runs, then the old one."""
-    old = {k: os.environ.get(k) for k in ATTN_ENV[name]}
-    os.environ.update(ATTN_ENV[name])
-    try:
+    with environ_restored(ATTN_ENV[name]):
+        os.environ.update(ATTN_ENV[name])
         yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def emit(key, value):

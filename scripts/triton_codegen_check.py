@@ -32,6 +32,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 
 import torch
 
@@ -85,6 +86,22 @@ def launched_kernels(since: set[str]) -> tuple[list[str], set[str]]:
     return names, files
 
 
+def generated_kernels(fn, args, dynamic: bool = False) -> tuple[bool, list[str]]:
+    """Compile `fn(*args)` for CPU tensors as Triton code -> (whether it ran, the kernels its generated code
+    launches: read from the modules new in inductor's cache, so start from a fresh $TORCHINDUCTOR_CACHE_DIR);
+    a generation error propagates (Triton then having no CPU backend to build for is not one)."""
+    before = launched_kernels(set())[1]
+    try:
+        torch.compile(fn, dynamic=dynamic)(*args)
+        ran = True
+    except Exception as e:  # noqa: BLE001 — only the missing CPU backend is expected
+        msg = str(e)
+        if "compatible backends" not in msg and "active drivers" not in msg:
+            raise
+        ran = False
+    return ran, launched_kernels(before)[0]
+
+
 def step_args(vocab: int, stride: int, k_row: bool, truncate):
     from idlm.decoding import rng
 
@@ -117,19 +134,13 @@ def check(vocab: int, stride: int, k_row: bool, truncate, count: bool = False) -
     case = {"vocab": vocab, "stride": stride, "k_row": k_row, "truncate": truncate}
     fn, args = ((sampled_ar_step, ar_args(vocab, truncate)) if stride == 1
                 else (sampled_isd_step, step_args(vocab, stride, k_row, truncate)))
-    before = launched_kernels(set())[1] if count else set()
     try:
-        torch.compile(fn.__wrapped__, dynamic=False)(*args)
-        out = {**case, "ok": True, "ran": True}
+        ran, kernels = generated_kernels(fn.__wrapped__, args)
     except Exception as e:  # noqa: BLE001 — the generation's error is the result
-        msg = str(e)
-        if "compatible backends" in msg or "active drivers" in msg:  # generated; Triton cannot build for the CPU
-            out = {**case, "ok": True, "ran": False}
-        else:
-            return {**case, "ok": False, "error": msg.splitlines()[0][:300]}
+        return {**case, "ok": False, "error": str(e).splitlines()[0][:300]}
+    out = {**case, "ok": True, "ran": ran}
     if count:
-        out["kernels"] = launched_kernels(before)[0]
-        out["num_kernels"] = len(out["kernels"])
+        out["kernels"], out["num_kernels"] = kernels, len(kernels)
     return out
 
 
@@ -146,7 +157,8 @@ def main() -> None:
     args = ap.parse_args()
     truncate = {"0": False, "1": True}.get(args.truncate) if args.truncate in ("0", "1") else int(args.truncate)
     triton_for_cpu()
-    if args.count:
+    if args.count:  # a fresh cache: a kernel is counted by the generated module the compile writes there
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="codegen-count-")
         cuda_cat_lowering(args.cat_lowering)
     results = []
     for v in (int(x) for x in args.vocab.split(",")):

@@ -24,32 +24,18 @@ pytest.importorskip("triton", reason="inductor's Triton code generation needs th
 ROOT = Path(__file__).resolve().parent.parent
 
 COUNT = r"""
-import glob, json, os, re, sys, tempfile
-cache = tempfile.mkdtemp()
-os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+import json, os, sys, tempfile
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp()
 import torch
-import torch._inductor.config as config
-import torch.utils._triton as triton_utils
-config.cpu_backend = "triton"
-triton_utils.triton_hash_with_backend = lambda: "kernel-count"  # names cache entries only
-sys.path.insert(0, sys.argv[1])
+sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "scripts")]
+from triton_codegen_check import generated_kernels, triton_for_cpu
 from idlm.decoding import rng
 from idlm.layers.rotary import rotary_qkv
+triton_for_cpu()
 
 def kernels(fn, args):
     torch._dynamo.reset()
-    before = set(glob.glob(cache + "/**/*.py", recursive=True))
-    try:
-        torch.compile(fn, dynamic=True)(*args)
-    except Exception as e:  # generated; Triton cannot build for the CPU
-        if "backend" not in str(e) and "driver" not in str(e):
-            raise
-    names = []
-    for f in set(glob.glob(cache + "/**/*.py", recursive=True)) - before:
-        src = open(f).read()
-        if "def call(" in src:
-            names += re.findall(r"(\w+)\.run\(", src.split("def call(")[1])
-    return names
+    return generated_kernels(fn, args, dynamic=True)[1]
 
 torch.manual_seed(0)
 B, T, hq, hkv, d = 1, 7, 9, 3, 64  # SmolLM2-135M's heads, an N = 4 step's 7 query rows

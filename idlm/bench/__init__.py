@@ -1,6 +1,9 @@
 """Benchmarks: `offline` (engine throughput and per-request speed vs concurrency) and `latency`
 (per-forward latency vs query tokens and batch size). Each prints one JSON object as its last line."""
 
+import contextlib
+import os
+
 
 def environment(device) -> dict:
     """What every benchmark record starts with: the device's name ("cpu" off CUDA), torch and CUDA versions;
@@ -19,12 +22,26 @@ def environment(device) -> dict:
     return record
 
 
+@contextlib.contextmanager
+def environ_restored(names):
+    """Environment variables `names` as they were before the block, whatever it set or removed (a driver
+    timing several settings read from the environment, e.g. the attention kernel's knobs)."""
+    saved = {k: os.environ.get(k) for k in names}
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def save_record(record, name: str, out: str | None = None) -> str | None:
     """Write a benchmark record as <out>/<name> (JSON, atomically); `out` defaults to $OUT, where the device
     tool collects outputs; nothing without either. A driver calls it after every stage, so a run stopped by
     a time limit keeps what it measured. -> the path written, or None."""
     import json
-    import os
 
     from idlm.atomic import atomic_write_text
 
