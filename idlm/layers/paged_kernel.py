@@ -21,7 +21,10 @@ row's keys, keeps its own online-softmax state and writes it out unnormalised (r
 accumulator [rows, D], all float32); a second kernel (or, with $IDLM_ATTN_FUSED_COMBINE=1, the last split
 of the same launch to finish: `fused_combine`) combines the S states of each query row:
 out = Σ_s e^(m_s − m) acc_s / Σ_s e^(m_s − m) l_s with m = max_s m_s (a split that saw no key has
-m = −inf and adds nothing). `choose_splits` picks S from the work: no split once B·Hkv programs fill the
+m = −inf and adds nothing). Only the splits whose share starts inside the row's context store and combine
+(both kernels count them from `last`): a context that fits one split writes its output from the forward
+kernel, and the combine of a short context in a wide block table (a CUDA graph's) reads one or two states,
+not S. `choose_splits` picks S from the work: no split once B·Hkv programs fill the
 SMs, else enough splits to fill them without giving a split fewer than MIN_SPLIT_KEYS keys of the
 longest possible context. S depends only on (B, Hkv, pages): a CUDA graph key fixes it.
 On by default since the H200 runs of 2026-12-01 (docs/engine.md): a Qwen3-8B shape at batch 1 took
@@ -227,13 +230,13 @@ def _kernel():
                 v = tl.load(V + slot[:, None] * s_ks + hk * s_kh + d[None, :], mask=key_ok[:, None], other=0.0)
                 m_i, l_i, acc = _tile(q, k, v, pos, last, hlo, hhi, m_i, l_i, acc, scale, IEEE, TREE)
         if SPLIT:
-            if FUSED_COMBINE:
-                used = tl.maximum(tl.cdiv(n_keys, chunk), 1)  # splits that got keys; the others stop here
-                if used == 1:  # a context that fits one split: its output directly, nothing to combine
-                    if sp == 0:
-                        _write_out(Out, acc, l_i, b, t, h, d, row_ok, s_ob, s_ot, s_oh)
-                elif sp < used:
-                    _store_state(PART_M, PART_L, PART_ACC, m_i, l_i, acc, b, hk, sp, rows, d, SPLITS, BLOCK_M, D)
+            used = tl.maximum(tl.cdiv(n_keys, chunk), 1)  # splits that got keys; the others stop here
+            if used == 1:  # a context that fits one split: its output directly, nothing to combine
+                if sp == 0:
+                    _write_out(Out, acc, l_i, b, t, h, d, row_ok, s_ob, s_ot, s_oh)
+            elif sp < used:
+                _store_state(PART_M, PART_L, PART_ACC, m_i, l_i, acc, b, hk, sp, rows, d, SPLITS, BLOCK_M, D)
+                if FUSED_COMBINE:
                     tl.debug_barrier()  # every thread's state stored before the ticket (release, cumulative)
                     counter = COUNTERS + b * tl.num_programs(1) + hk
                     ticket = tl.atomic_add(counter, 1, sem="acq_rel")
@@ -241,16 +244,24 @@ def _kernel():
                         _combine(Out, PART_M, PART_L, PART_ACC, b, hk, tl.num_programs(1), s_ob, s_ot, s_oh, T,
                                  SPLITS, used, GROUP, BLOCK_M, D, ".cg")
                         tl.atomic_xchg(counter, 0)  # ready for the next launch (a CUDA graph's next replay)
-            else:
-                _store_state(PART_M, PART_L, PART_ACC, m_i, l_i, acc, b, hk, sp, rows, d, SPLITS, BLOCK_M, D)
         else:
             _write_out(Out, acc, l_i, b, t, h, d, row_ok, s_ob, s_ot, s_oh)
 
     @triton.jit
-    def paged_attn_combine(Out, PART_M, PART_L, PART_ACC, s_ob, s_ot, s_oh, T, SPLITS,
-                           GROUP: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr):
-        _combine(Out, PART_M, PART_L, PART_ACC, tl.program_id(0), tl.program_id(1), tl.num_programs(1),
-                 s_ob, s_ot, s_oh, T, SPLITS, SPLITS, GROUP, BLOCK_M, D, "")
+    def paged_attn_combine(Out, PART_M, PART_L, PART_ACC, LAST, s_ob, s_ot, s_oh, s_lb, T, SPLITS,
+                           GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+        """The second launch of split KV: the forward's used splits of (row, KV head) into its output. The
+        number used is recomputed from `last` as the forward did (the splits past it stored nothing; with one
+        the forward wrote the output itself), so a short context in a wide block table costs a few loads."""
+        b = tl.program_id(0)
+        rows = tl.arange(0, BLOCK_M)
+        t = rows // GROUP
+        n_keys = tl.max(tl.load(LAST + b * s_lb + t, mask=t < T, other=-1), axis=0) + 1
+        chunk = tl.cdiv(tl.cdiv(n_keys, SPLITS), BLOCK_N) * BLOCK_N
+        used = tl.maximum(tl.cdiv(n_keys, chunk), 1)
+        if used > 1:
+            _combine(Out, PART_M, PART_L, PART_ACC, b, tl.program_id(1), tl.num_programs(1),
+                     s_ob, s_ot, s_oh, T, SPLITS, used, GROUP, BLOCK_M, D, "")
 
     return paged_attn_fwd, paged_attn_combine
 
@@ -444,6 +455,7 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
         num_warps=4 if exact else warps,
     )
     if splits > 1 and not fuse:
-        combine[(B, Hkv)](out, part_m, part_l, part_acc, out.stride(0), out.stride(1), out.stride(2), T, splits,
-                          GROUP=group, BLOCK_M=block_m, D=D, num_warps=4)
+        combine[(B, Hkv)](out, part_m, part_l, part_acc, last, out.stride(0), out.stride(1), out.stride(2),
+                          last.stride(0), T, splits, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, D=D,
+                          num_warps=4)
     return out.transpose(1, 2)
