@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from idlm.bench import environment, save_record  # noqa: E402
+from idlm.bench import environment, save_record, timed_before_profiled  # noqa: E402
 from idlm.bench.latency import bench_latency, bench_prefill  # noqa: E402
 from idlm.models.random import random_model  # noqa: E402
 
@@ -156,7 +156,7 @@ def main():
     else:
         model = random_model("qwen3-8b", dtype="bfloat16", device="cuda")
     results["model_load_s"] = round(time.time() - t0, 1)
-    for s in stages:
+    for s in timed_before_profiled(stages, {"profile"}):
         t = time.time()
         globals()[f"stage_{s}"](model)
         results.setdefault("stage_s", {})[s] = round(time.time() - t, 1)

@@ -11,7 +11,8 @@ Stages (comma-separated argv[1], default all):
          for idlm-tiny-ar (its trained adapter) and a SmolLM2-135M-shaped model (random weights and a
          random adapter of $SMOL_RANK, default 32: step cost does not depend on the values)
   profile  batch 1, AR vs fused R-ISD (both layouts: $LAYOUTS, default pair,select): GPU time of the step's
-         CUDA graph alone vs the engine step, and kernels per step (torch.profiler)
+         CUDA graph alone (back to back; and one replay + sync at a time, with the host's launch call) vs
+         the engine step, and kernels per step (torch.profiler)
   throughput  bf16: offline tokens/s of engine AR and R-ISD at C = 64, 256 (SmolLM2 shape, random weights)
   sprofile  batch 1, SmolLM2 shape (random weights): where a sampled (T = 0.7) R-ISD / AR step's time goes
          vs greedy: wall time per step, GPU kernel time per step, top kernels and top host ops (torch.profiler)
@@ -38,12 +39,13 @@ import json
 import os
 import statistics
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from idlm.bench import environ_restored, environment, save_record  # noqa: E402
+from idlm.bench import environ_restored, environment, save_record, timed_before_profiled  # noqa: E402
 from idlm.bench.offline import bench_offline, bench_prompts, count_delta, step_phases, step_stride  # noqa: E402
 from idlm.decoding.sampling import SamplingParams  # noqa: E402
 from idlm.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
@@ -214,6 +216,17 @@ def stage_profile():
             end.record()
             torch.cuda.synchronize()
             gpu_ms = start.elapsed_time(end) / 50
+            # one replay at a time: the host's call (the launch) and the replay + sync wall time, against the
+            # back-to-back GPU time above (does the launch of a graph of this many nodes overlap its work?)
+            call_s, wall_s = [], []
+            for _ in range(50):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                graph.replay()
+                t1 = time.perf_counter()
+                torch.cuda.synchronize()
+                call_s.append(t1 - t0)
+                wall_s.append(time.perf_counter() - t0)
             steps = 20
             prof, step_ms = profile_steps(eng, steps)
             summary = summarize(prof, steps, top_kernels=int(os.environ.get("PROFILE_TOP", "8")), counts=True)
@@ -221,6 +234,8 @@ def stage_profile():
                 eng.step()
             out[f"{name}/{dec}"] = {
                 "graphs": eng.runner.graphs_captured, "graph_replay_gpu_ms": round(gpu_ms, 4),
+                "replay_call_ms": round(1e3 * statistics.median(call_s), 4),
+                "replay_sync_wall_ms": round(1e3 * statistics.median(wall_s), 4),
                 "step_wall_ms_profiled": round(step_ms, 4), "kernels_per_step": summary["kernels_per_step"],
                 "top_kernels_us_per_step": summary["top_kernels_us_per_step"]}
             if dec != "ar":
@@ -452,7 +467,7 @@ def stage_tiny():
 
 def main():
     stages = (sys.argv[1] if len(sys.argv) > 1 else "exact,step,tiny").split(",")
-    for s in stages:
+    for s in timed_before_profiled(stages, {"profile", "sprofile", "bprofile"}):
         globals()[f"stage_{s}"]()
         save_record(results, "bench_risd.json")  # after every stage: a run stopped by a time limit keeps these
     summary = {"summary": True}

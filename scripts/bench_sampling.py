@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from idlm.bench import environment, save_record  # noqa: E402
+from idlm.bench import environment, save_record, timed_before_profiled  # noqa: E402
 from idlm.bench.offline import bench_offline, bench_prompts  # noqa: E402
 from idlm.decoding import make_decoder  # noqa: E402
 from idlm.decoding.reference import generate  # noqa: E402
@@ -173,7 +173,7 @@ def stage_compile():
 
 
 def main():
-    for s in (sys.argv[1] if len(sys.argv) > 1 else "step,invariant").split(","):
+    for s in timed_before_profiled((sys.argv[1] if len(sys.argv) > 1 else "step,invariant").split(","), {"profile"}):
         globals()[f"stage_{s}"]()
     summary = {"summary": True}
     if "step" in results:

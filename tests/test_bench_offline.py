@@ -294,3 +294,13 @@ def test_greedy_commands_refuse_sampled_draft_flags(command, capsys):
     """Commands that decode greedily name the flag that would change nothing, before loading anything."""
     assert main([*command, "--model", "idlm-tiny-ar", "--decoder", "risd", "--verification", "token"]) == 2
     assert "decodes greedily: --verification token would change nothing" in capsys.readouterr().err
+
+
+def test_profiled_stages_run_after_the_timed_ones():
+    """A driver's torch.profiler stages go last (CUPTI stays attached after a profile and slows every later
+    CUDA call of the process), each group keeping its given order."""
+    from idlm.bench import timed_before_profiled
+
+    got = timed_before_profiled(["profile", "step", "sprofile", "stime", "exact"], {"profile", "sprofile"})
+    assert got == ["step", "stime", "exact", "profile", "sprofile"]
+    assert timed_before_profiled(["step"], {"profile"}) == ["step"]

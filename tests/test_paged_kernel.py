@@ -388,8 +388,8 @@ for prefetch, split, ieee, fused, tree in itertools.product((True, False), repea
                                    TQ=1 if not tree else 16, PREFETCH=prefetch, FUSED_COMBINE=fused, MIN_CHUNK=128,
                                    TREE=tree))
         if split and not fused:
-            text += ttir(combine, {"Out": dt, "PART_M": "*fp32", "PART_L": "*fp32", "PART_ACC": "*fp32", "LAST": "*i64"},
-                         dict(GROUP=4, BLOCK_M=16, BLOCK_N=64, D=128))
+            text += ttir(combine, {"Out": dt, "PART_M": "*fp32", "PART_L": "*fp32", "PART_ACC": "*fp32",
+                                   "LAST": "*i64"}, dict(GROUP=4, BLOCK_M=16, BLOCK_N=64, D=128))
         out[name] = "ok" if "tt.func" in text else "no function"
     except Exception as e:
         out[name] = f"{type(e).__name__}: {e}"[-800:]
