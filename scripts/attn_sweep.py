@@ -14,7 +14,8 @@ and the K/V bytes / µs (GB/s) of both; and the default with its split states co
     SMOKE=1 python scripts/attn_sweep.py         (CPU, Triton interpreter, two tiny shapes: tests this script)
 
 Environment: SHAPES ("1x1024x1,1x1024x7,8x1024x1,8x1024x7,32x1024x1,1x8192x1,8x8192x1"; batch x context x
-query length), REPEAT (launches per graph replay; default: enough for 256 MB of K/V, at most 36).
+query length), REPEAT (launches per graph replay; default: enough for 256 MB of K/V, at most 36), HEADS
+("32,8,128": Hq, Hkv, head dim), PREFETCHES / BLOCK_NS / WARPS (the grid's values, comma-separated).
 """
 
 from __future__ import annotations
@@ -37,7 +38,14 @@ from idlm.bench import environ_restored, environment, save_record  # noqa: E402
 from idlm.layers.paged_kernel import choose_splits, device_sm_count, paged_attention, split_counters  # noqa: E402
 
 DEV = "cpu" if SMOKE else "cuda"
-HQ, HKV, D, PAGE = (4, 2, 16, 8) if SMOKE else (32, 8, 128, 16)
+# $HEADS "Hq,Hkv,D" (default the Qwen3-8B layout; "9,3,64": SmolLM2-135M's, whose R-ISD blocks of 7 and 16 query
+# tokens make 21- and 48-row tiles)
+HQ, HKV, D = (4, 2, 16) if SMOKE else tuple(int(x) for x in os.environ.get("HEADS", "32,8,128").split(","))
+PAGE = 8 if SMOKE else 16
+# the grid's values ($PREFETCHES, $BLOCK_NS, $WARPS, comma-separated), e.g. to sweep fewer settings in one call
+PREFETCHES = ("0", "1") if SMOKE else tuple(os.environ.get("PREFETCHES", "0,1").split(","))
+BLOCK_NS = ("32", "64") if SMOKE else tuple(os.environ.get("BLOCK_NS", "16,32,64,128").split(","))
+WARPS = ("4",) if SMOKE else tuple(os.environ.get("WARPS", "2,4").split(","))
 KNOBS = ("IDLM_ATTN_PREFETCH", "IDLM_ATTN_BLOCK_N", "IDLM_ATTN_WARPS")
 
 
@@ -45,8 +53,7 @@ def settings(batch: int, context: int) -> list[dict]:
     auto = choose_splits(batch, HKV, context, device_sm_count(torch.device(DEV)))
     splits = sorted({1, auto} | ({2} if SMOKE else {s for s in (4, 8, 16, 32) if s * 64 <= context}))
     # 16-key tiles: what vLLM's Triton decode kernel uses for 16-bit caches (many short, pipelined iterations)
-    grid = itertools.product(("0", "1"), ("32", "64") if SMOKE else ("16", "32", "64", "128"),
-                             ("4",) if SMOKE else ("2", "4"), splits)
+    grid = itertools.product(PREFETCHES, BLOCK_NS, WARPS, splits)
     return [{"IDLM_ATTN_PREFETCH": p, "IDLM_ATTN_BLOCK_N": n, "IDLM_ATTN_WARPS": w, "splits": s}
             for p, n, w, s in grid]
 
