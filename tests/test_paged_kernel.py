@@ -137,6 +137,46 @@ def test_choose_splits_fills_the_sms_only_where_programs_are_few():
     assert choose_splits(4, 3, 100, 132) == 1  # fewer keys than one split's minimum
 
 
+def test_default_tiles():
+    from idlm.layers.paged_kernel import SMALL_GRID, default_tiles
+
+    assert default_tiles(3, 32, 64, True) == (128, 4)  # SmolLM2's 3 KV heads, batch 1, a 7-token block
+    assert default_tiles(SMALL_GRID, 64, 64, True) == (128, 4)  # ... batch 8, 16 tokens (rejection branches)
+    assert default_tiles(8, 32, 128, True) == (128, 4)  # Qwen3-8B's 8 KV heads, batch 1, 7 tokens
+    assert default_tiles(8, 64, 128, True) == (64, 2)  # ... 16 tokens: a tile size the sweep did not run
+    assert default_tiles(SMALL_GRID + 1, 16, 128, True) == (64, 2)  # ... batch 8
+    assert default_tiles(3, 32, 64, False) == (64, 2)  # fp32 pools keep the tiles the sweep chose
+    assert default_tiles(3, 128, 64, True) == (32, 4)  # long prefill chunks
+
+
+@pytest.mark.parametrize("splits", [None, 1, 4])
+@pytest.mark.parametrize("T", [1, 7])
+def test_small_grid_16_bit_defaults_equal_the_reference_path(splits, T, monkeypatch):
+    """A launch of few (row, KV head) programs over a 16-bit pool takes 128-key tiles and 4 warps by default
+    (`SMALL_GRID`); the same values as the reference path within fp16's rounding, and as 64-key tiles. Rows of
+    300, 2 and 117 keys: a split of 128 keys sees one, two or three tiles. (fp16: Triton's interpreter
+    mishandles bf16 tensors; the GPU takes the same path for both.)"""
+    from idlm.layers.attention import last_visible
+    from idlm.layers.paged_kernel import SMALL_GRID, paged_attention
+
+    for k in ("IDLM_ATTN_BLOCK_N", "IDLM_ATTN_WARPS", "IDLM_ATTN_FUSED_COMBINE"):
+        monkeypatch.delenv(k, raising=False)
+    B, Hq, Hkv, D, page = 3, 6, 2, 32, 8
+    assert B * Hkv <= SMALL_GRID
+    pool, slots, tables, st, q, k, v = _batch(B, Hq, Hkv, D, T, page, [300, 2, 117], seed=T)
+    pool.k.copy_(pool.k.half().float())  # values a 16-bit pool holds exactly
+    pool.v.copy_(pool.v.half().float())
+    q, k, v = (x.half().float() for x in (q, k, v))
+    want = PagedAttention(pool, slots, tables, st).attend(0, q, k, v)  # fp32, writes the block's K/V
+    args = (q.half(), pool.k[0].half(), pool.v[0].half(), tables, last_visible(st, T), page)
+    got = paged_attention(*args, splits=splits)
+    assert got.dtype == torch.float16
+    assert (got.float() - want).abs().max() <= 5e-3
+    monkeypatch.setenv("IDLM_ATTN_BLOCK_N", "64")
+    monkeypatch.setenv("IDLM_ATTN_WARPS", "2")
+    assert (paged_attention(*args, splits=splits).float() - got.float()).abs().max() <= 5e-3
+
+
 @pytest.mark.parametrize("fused,min_chunk", [(False, ""), (True, ""), (True, "0"), (True, "256")])
 @pytest.mark.parametrize("splits", [1, 2, 3, 7])
 @pytest.mark.parametrize("Hq,Hkv,T,visible", [(4, 2, 1, False), (6, 2, 7, False), (8, 2, 3, True)])

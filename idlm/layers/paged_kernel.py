@@ -49,6 +49,12 @@ MAX_TILE_ROWS = 128  # G·T rows per program; beyond this (long prefill chunks) 
 # splits best; these are the counts this minimum gives (scripts/attn_sweep.py, docs/engine.md "Kernel tuning")
 MIN_SPLIT_KEYS = 128
 MAX_SPLITS = 32
+# a launch of at most this many (row, KV head) programs takes 128-key tiles and 4 warps (`kernel_tuning`): on
+# the H200 (scripts/attn_sweep.py, session 28) SmolLM2's layout (3 KV heads, D = 64) at 320 keys ran 1 / 7 / 16
+# query tokens of batch 1 in 7.0 / 8.1 / 10.8 µs so against 7.8 / 10.3 / 15.6 with 64-key tiles and 2 warps
+# (4 splits), batch 8 x 7 tokens (24 programs) 9.6 vs 11.9; the Qwen3-8B layout at batch 1 (8 programs) 13.3 vs
+# 14.3 µs, while at batch 8 (64 programs) 64-key tiles and 2 warps stay faster (19.2 vs 24.0)
+SMALL_GRID = 24
 # exact mode (issue 16): one tile shape for every query length, so a query row is computed by the same
 # instructions in the same order whatever block, batch or prefill chunk it is in
 EXACT_BLOCK_M, EXACT_BLOCK_N = 64, 32
@@ -344,7 +350,9 @@ def kernel_tuning() -> tuple[bool, int | None, int | None]:
     tiles of more than 64 query rows); $IDLM_ATTN_WARPS warps per program (1, 2, 4 or 8; default: 2, or 4
     for tiles of more than 64 query rows). The defaults are the H200 sweep's (docs/engine.md, "Kernel
     tuning": prefetch, 64 keys, 2 warps were the fastest setting over five decode shapes of a Qwen3-8B
-    layout, 0.79x the old default's time on average). Exact mode ignores them (its tiles are fixed).
+    layout, 0.79x the old default's time on average); a launch of at most SMALL_GRID (row, KV head) programs
+    over a 16-bit pool takes 128 keys and 4 warps (session 28's sweep). Exact mode ignores them (its tiles
+    are fixed).
     -> (prefetch, block_n or None, warps or None)."""
     def read(name: str, default: str, ok) -> str:
         value = os.environ.get(name, "").strip() or default
@@ -359,6 +367,17 @@ def kernel_tuning() -> tuple[bool, int | None, int | None]:
     block_n = read("IDLM_ATTN_BLOCK_N", "0", lambda v: v == "0" or power_of_two_in(16, 256)(v))
     warps = read("IDLM_ATTN_WARPS", "0", lambda v: v == "0" or power_of_two_in(1, 8)(v))
     return prefetch, int(block_n) or None, int(warps) or None
+
+
+def default_tiles(programs: int, block_m: int, head_dim: int, sixteen_bit: bool) -> tuple[int, int]:
+    """(keys per tile, warps) of a decode launch of `programs` (row, KV head) programs with `block_m`-row
+    query tiles: 32 keys and 4 warps for tiles of more than 64 rows; else 128 keys and 4 warps for a
+    latency-bound launch (at most SMALL_GRID programs, 16-bit pools, query tiles of at most 64 x 64 or
+    32 x 128 values: the sizes the H200 sweep ran), 64 keys and 2 warps otherwise."""
+    if block_m > 64:
+        return 32, 4
+    small = programs <= SMALL_GRID and sixteen_bit and block_m * head_dim <= 4096
+    return (128, 4) if small else (64, 2)
 
 
 def min_chunk() -> int:
@@ -428,8 +447,9 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
         programs = -(-T // tq)
     else:
         block_m = _tile_rows(group, T)
-        block_n, tq = tuned_n or (64 if block_m <= 64 else 32), block_m // group  # tq >= T: one query tile
-        warps = tuned_warps or (2 if block_m <= 64 else 4)
+        default_n, default_warps = default_tiles(B * Hkv, block_m, D, q.dtype != torch.float32)
+        block_n, warps = tuned_n or default_n, tuned_warps or default_warps
+        tq = block_m // group  # tq >= T: one query tile
         if splits is None:
             splits = kv_splits(B, Hkv, block_tables.shape[1] * page_size, q.device)
         programs = splits
