@@ -620,6 +620,31 @@ def test_replay_packing_fills_what_the_graph_unpacks():
         assert torch.equal(got[name], want), name
 
 
+def test_replay_fill_skips_the_same_read_only_input_and_rewrites_a_new_one():
+    """With `filled` (a graph entry's record), `_fill` writes an input only when it is not the object it wrote
+    last time there: the decoders' per-params tensors, shared by every step of an unchanged batch, are
+    written once; a new object (the next step's arrays, a changed batch's params) is written, whatever its
+    values."""
+    import numpy as np
+
+    from idlm.engine import model_runner as mr
+
+    rows = 2
+    params = torch.tensor([0.5, 0.7])  # the same object every step, as `Decoder.batch_params` hands it out
+    host = {"tokens": np.array([[1, 2], [3, 4]]), "dec.temperature": params}
+    layout, staging, buffers = mr._pack(host, rows, "cpu", pin=False)
+    views, filled = {k: t.numpy() for k, t in staging.items()}, {}
+    mr._fill(views, layout, host, rows, filled)
+    staging["f"].fill_(-1.0)  # what a skipped input leaves is whatever the buffer holds
+    mr._fill(views, layout, {"tokens": np.array([[5, 6], [7, 8]]), "dec.temperature": params}, rows, filled)
+    got = mr._unpack(layout, {k: t.clone() for k, t in staging.items()}, {}, rows)
+    assert got["tokens"].tolist() == [[5, 6], [7, 8]]  # a new array: written
+    assert got["dec.temperature"].tolist() == [-1.0, -1.0]  # the same tensor: not written again
+    mr._fill(views, layout, {"tokens": np.array([[5, 6], [7, 8]]), "dec.temperature": params.clone()}, rows, filled)
+    got = mr._unpack(layout, {k: t.clone() for k, t in staging.items()}, {}, rows)
+    assert torch.equal(got["dec.temperature"], params)  # an equal but new tensor: written
+
+
 def test_host_pack_script_smoke():
     """scripts/host_pack.py CPU-sized: the replay packing and the torch-ops packing it replaced, timed."""
     from tiny import run_script
