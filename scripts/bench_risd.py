@@ -39,7 +39,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 
@@ -183,7 +182,7 @@ def stage_profile():
     vs the whole engine step, and the kernels per step (torch.profiler), for AR and fused R-ISD in each layout
     of $LAYOUTS (default pair,select; "select_br": "select" with rejection branches; gpu_over_ar: the graph's GPU
     time over AR's); $PROFILE_TOP kernels (default 8) by time, each with its µs and launches per step."""
-    from idlm.bench.profile import profile_steps, summarize
+    from idlm.bench.profile import graph_times, profile_steps, summarize
 
     out = {}
     layouts = os.environ.get("LAYOUTS", "pair,select").split(",")
@@ -208,38 +207,21 @@ def stage_profile():
             for _ in range(5):
                 eng.step()
             graph = next(iter(eng.runner._graphs.values()))[0]  # batch 1, greedy: a single graph
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            for _ in range(50):
-                graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            gpu_ms = start.elapsed_time(end) / 50
-            # one replay at a time: the host's call (the launch) and the replay + sync wall time, against the
-            # back-to-back GPU time above (does the launch of a graph of this many nodes overlap its work?)
-            call_s, wall_s = [], []
-            for _ in range(50):
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                graph.replay()
-                t1 = time.perf_counter()
-                torch.cuda.synchronize()
-                call_s.append(t1 - t0)
-                wall_s.append(time.perf_counter() - t0)
+            # the graph alone (before this stage's profiler has run for this graph; profile stages come last)
+            times = graph_times(graph)
             steps = 20
             prof, step_ms = profile_steps(eng, steps)
             summary = summarize(prof, steps, top_kernels=int(os.environ.get("PROFILE_TOP", "8")), counts=True)
             while eng.has_unfinished():
                 eng.step()
             out[f"{name}/{dec}"] = {
-                "graphs": eng.runner.graphs_captured, "graph_replay_gpu_ms": round(gpu_ms, 4),
-                "replay_call_ms": round(1e3 * statistics.median(call_s), 4),
-                "replay_sync_wall_ms": round(1e3 * statistics.median(wall_s), 4),
+                "graphs": eng.runner.graphs_captured, "graph_replay_gpu_ms": times["gpu_ms"],
+                "replay_call_ms": times["replay_call_ms"], "replay_sync_wall_ms": times["replay_sync_ms"],
                 "step_wall_ms_profiled": round(step_ms, 4), "kernels_per_step": summary["kernels_per_step"],
                 "top_kernels_us_per_step": summary["top_kernels_us_per_step"]}
             if dec != "ar":
-                out[f"{name}/{dec}"]["gpu_over_ar"] = round(gpu_ms / out[f"{name}/ar"]["graph_replay_gpu_ms"], 3)
+                ar_ms = out[f"{name}/ar"]["graph_replay_gpu_ms"]
+                out[f"{name}/{dec}"]["gpu_over_ar"] = round(times["gpu_ms"] / ar_ms, 3)
     emit("profile", out)
 
 

@@ -21,40 +21,17 @@ from __future__ import annotations
 import collections
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from idlm.bench import environment, save_record  # noqa: E402
+from idlm.bench.profile import graph_times  # noqa: E402
 
 results: dict = environment("cuda")
 KEEP = os.environ.get("KEEP", "1") == "1"  # engine stage: graphs made with keep_graph=True (0: torch's default)
-
-
-def launch_times(graph, reps: int = 50) -> dict:
-    """The host's launch call, one replay + sync (wall) and back-to-back replays (GPU), medians in ms."""
-    call, wall = [], []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        graph.replay()
-        t1 = time.perf_counter()
-        torch.cuda.synchronize()
-        call.append(t1 - t0)
-        wall.append(time.perf_counter() - t0)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return {"launch_call_ms": round(1e3 * statistics.median(call), 4),
-            "replay_sync_ms": round(1e3 * statistics.median(wall), 4),
-            "gpu_ms": round(start.elapsed_time(end) / reps, 4)}
 
 
 def stage_toy() -> dict:
@@ -76,7 +53,7 @@ def stage_toy() -> dict:
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
                 body()
-            out[f"k{k}/{extra}"] = launch_times(g)
+            out[f"k{k}/{extra}"] = graph_times(g)
             print(json.dumps({f"toy/k{k}/{extra}": out[f"k{k}/{extra}"]}), flush=True)
     return out
 
@@ -171,7 +148,7 @@ def stage_engine() -> dict:
                                 lora=lora if dec == "risd" else None)
                 eng.run([prompt], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
                 graph = made[-1]
-                timing = launch_times(graph)  # (replay instantiates a kept graph first)
+                timing = graph_times(graph)  # (replay instantiates a kept graph first)
                 key = f"{name}/{dec}"
                 out[key] = {"graphs": len(made), **timing,
                             **(graph_nodes(graph.raw_cuda_graph()) if KEEP else {})}

@@ -27,6 +27,35 @@ def profile_steps(engine, steps: int):
     return prof, step_ms
 
 
+def graph_times(graph, reps: int = 50) -> dict:
+    """A captured CUDA graph timed three ways (medians, ms): `gpu_ms` back-to-back replays (CUDA events: the
+    GPU's time alone), `replay_call_ms` the host's launch call of one replay, `replay_sync_ms` one replay and
+    its sync (wall: what a step that waits for its graph pays). Run it before any torch.profiler session of
+    the process: CUPTI slows every later launch (`idlm.bench.timed_before_profiled`)."""
+    import statistics
+    import time
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    call, wall = [], []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        graph.replay()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        call.append(t1 - t0)
+        wall.append(time.perf_counter() - t0)
+    return {"gpu_ms": round(start.elapsed_time(end) / reps, 4),
+            "replay_call_ms": round(1e3 * statistics.median(call), 4),
+            "replay_sync_ms": round(1e3 * statistics.median(wall), 4)}
+
+
 def summarize(prof, steps: int, top_kernels: int = 10, top_host: int = 14, counts: bool = False) -> dict:
     """Per-step GPU kernel time (ms) and kernel count, the top kernels (µs per step; counts: [µs, launches]
     per step) and the top host ops ([µs per step, calls per step]) of a profile of `steps` steps."""
