@@ -137,6 +137,25 @@ def test_choose_splits_fills_the_sms_only_where_programs_are_few():
     assert choose_splits(4, 3, 100, 132) == 1  # fewer keys than one split's minimum
 
 
+@pytest.mark.parametrize("fused", ["0", "1"])
+def test_split_rows_without_keys_equal_the_unsplit_kernel(fused, monkeypatch):
+    """A row whose queries see no key (last = −1 throughout) beside a normal one: split launches (with the
+    combine kernel or fused) count one split for it — no 0 / 0 in the share of a split — and give the unsplit
+    kernel's output, zeros, finite."""
+    from idlm.layers.paged_kernel import paged_attention, split_counters
+
+    monkeypatch.setenv("IDLM_ATTN_FUSED_COMBINE", fused)
+    B, Hq, Hkv, D, T, page = 2, 4, 2, 16, 3, 8
+    pool, slots, tables, st, q, k, v = _batch(B, Hq, Hkv, D, T, page, [200, 0], seed=5)
+    last = torch.stack([200 + torch.arange(T), torch.full((T,), -1)])
+    args = (q, pool.k[0], pool.v[0], tables, last, page)
+    want = paged_attention(*args, splits=1)
+    assert torch.isfinite(want).all() and not want[1].any()
+    for splits in (3, 7):
+        got = paged_attention(*args, splits=splits, counters=split_counters(B * Hkv, "cpu"))
+        assert torch.isfinite(got).all() and (got - want).abs().max() <= 2e-6, splits
+
+
 def test_default_tiles():
     from idlm.layers.paged_kernel import SMALL_GRID, default_tiles
 

@@ -51,8 +51,8 @@ MIN_SPLIT_KEYS = 128
 MAX_SPLITS = 32
 # a launch of at most this many (row, KV head) programs takes 128-key tiles and 4 warps (`kernel_tuning`): on
 # the H200 (scripts/attn_sweep.py, session 28) SmolLM2's layout (3 KV heads, D = 64) at 320 keys ran 1 / 7 / 16
-# query tokens of batch 1 in 7.0 / 8.1 / 10.8 µs so against 7.8 / 10.3 / 15.6 with 64-key tiles and 2 warps
-# (4 splits), batch 8 x 7 tokens (24 programs) 9.6 vs 11.9; the Qwen3-8B layout at batch 1 (8 programs) 13.3 vs
+# query tokens of batch 1 in 7.0 / 8.1 / 10.8 µs against 7.8 / 10.3 / 15.6 with 64-key tiles and 2 warps
+# (4 splits each), batch 8 x 7 tokens (24 programs) 9.6 vs 11.9; the Qwen3-8B layout at batch 1 (8 programs) 13.3 vs
 # 14.3 µs, while at batch 8 (64 programs) 64-key tiles and 2 warps stay faster (19.2 vs 24.0)
 SMALL_GRID = 24
 # exact mode (issue 16): one tile shape for every query length, so a query row is computed by the same
@@ -200,7 +200,8 @@ def _kernel():
         lo = 0
         hi = n_keys
         if SPLIT:  # this split's share of the row's keys, whole BLOCK_N tiles (the last share may be short)
-            chunk = tl.cdiv(tl.cdiv(n_keys, SPLITS), BLOCK_N) * BLOCK_N
+            # (at least one tile: a row with no key, last = −1 throughout, then counts one split, not 0 / 0)
+            chunk = tl.maximum(tl.cdiv(tl.cdiv(n_keys, SPLITS), BLOCK_N) * BLOCK_N, BLOCK_N)
             if FUSED_COMBINE:  # no share below MIN_CHUNK keys: a short context uses fewer splits (1: no combine)
                 chunk = tl.maximum(chunk, MIN_CHUNK)
             lo = sp * chunk
@@ -263,7 +264,7 @@ def _kernel():
         rows = tl.arange(0, BLOCK_M)
         t = rows // GROUP
         n_keys = tl.max(tl.load(LAST + b * s_lb + t, mask=t < T, other=-1), axis=0) + 1
-        chunk = tl.cdiv(tl.cdiv(n_keys, SPLITS), BLOCK_N) * BLOCK_N
+        chunk = tl.maximum(tl.cdiv(tl.cdiv(n_keys, SPLITS), BLOCK_N) * BLOCK_N, BLOCK_N)  # as the forward's
         used = tl.maximum(tl.cdiv(n_keys, chunk), 1)
         if used > 1:
             _combine(Out, PART_M, PART_L, PART_ACC, b, tl.program_id(1), tl.num_programs(1),
