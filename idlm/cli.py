@@ -280,9 +280,11 @@ def _draft_options(args) -> dict:
 
 def _greedy_only(args, command: str) -> None:
     """A command that decodes greedily refuses the sampled drafts' flags (they would change nothing)."""
-    defaults = {"draft": "sample", "draft_temperature": None, "verify_alpha": 1.0, "verification": "block"}
+    from idlm.decoding.sampling import SamplingParams
+
+    defaults = SamplingParams()  # (the flags' defaults are its fields')
     for name, value in _draft_options(args).items():
-        if value != defaults[name]:
+        if value != getattr(defaults, name):
             raise IdlmError(f"{command} decodes greedily: --{name.replace('_', '-')} {value} would change nothing "
                             "(it sets how sampled drafts are drawn or verified)")
 

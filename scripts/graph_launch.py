@@ -1,10 +1,10 @@
 """How long the host takes to launch a decode step's CUDA graph, and which node types the graph holds.
 
-Why it exists: on the H200 one replay of the SmolLM2-shape decode graph (351 nodes) took 79 µs of host time
-in `cudaGraphLaunch` while idlm-tiny-ar's AR graph (109 nodes) took 4 µs and its R-ISD graph (122 nodes)
-33 µs (`bench_risd.py profile`, session 28) — not proportional to the node count. CUDA launches a graph of
-kernel nodes only on a fast path; a memcpy (or memset) node may take it off that path. This script checks
-that on the device and finds such nodes in the engine's graphs:
+Why it exists: in one `bench_risd.py profile` process on the H200 (session 28) the host's launch call of a
+decode graph took 4 µs for the first graph and 30-83 µs for every graph after it. This script times the
+engine's graphs in a process that never runs torch.profiler and lists their node kinds through the CUDA
+runtime's graph API: they launch in 3-11 µs (105-360 kernel nodes, one small memcpy node, one root), so the
+slow launches came from the profiler (CUPTI stays attached to the process; `idlm.bench.timed_before_profiled`):
 
   toy     graphs of K small kernels (K = 100, 350), alone and with one device-to-device memcpy node
           (a contiguous `copy_`): the host's launch call and replay + sync wall time

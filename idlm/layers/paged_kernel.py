@@ -121,6 +121,13 @@ def _kernel():
         return m_new, l_i, acc
 
     @triton.jit
+    def _split_share(n_keys, SPLITS, BLOCK_N: tl.constexpr):
+        """Keys per split of a row with n_keys keys: whole BLOCK_N tiles, at least one (a row with no key,
+        last = −1 throughout, then counts one split, not 0 / 0). The forward and the combine both use it to
+        count the splits that got keys."""
+        return tl.maximum(tl.cdiv(tl.cdiv(n_keys, SPLITS), BLOCK_N) * BLOCK_N, BLOCK_N)
+
+    @triton.jit
     def _combine(Out, PART_M, PART_L, PART_ACC, b, hk, n_kv, s_ob, s_ot, s_oh, T, SPLITS, USED,
                  GROUP: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, CACHE: tl.constexpr):
         """The first USED of the S split states of (row b, KV head hk) into its output rows. CACHE: the
@@ -165,6 +172,7 @@ def _kernel():
     # a jitted function finds the functions it calls among its module's globals (not in this closure);
     # triton is imported lazily, so the helpers are put there when the kernels are first built
     globals()["_tile"] = _tile
+    globals()["_split_share"] = _split_share
     globals()["_combine"] = _combine
     globals()["_write_out"] = _write_out
     globals()["_store_state"] = _store_state
@@ -200,8 +208,7 @@ def _kernel():
         lo = 0
         hi = n_keys
         if SPLIT:  # this split's share of the row's keys, whole BLOCK_N tiles (the last share may be short)
-            # (at least one tile: a row with no key, last = −1 throughout, then counts one split, not 0 / 0)
-            chunk = tl.maximum(tl.cdiv(tl.cdiv(n_keys, SPLITS), BLOCK_N) * BLOCK_N, BLOCK_N)
+            chunk = _split_share(n_keys, SPLITS, BLOCK_N)
             if FUSED_COMBINE:  # no share below MIN_CHUNK keys: a short context uses fewer splits (1: no combine)
                 chunk = tl.maximum(chunk, MIN_CHUNK)
             lo = sp * chunk
@@ -264,7 +271,7 @@ def _kernel():
         rows = tl.arange(0, BLOCK_M)
         t = rows // GROUP
         n_keys = tl.max(tl.load(LAST + b * s_lb + t, mask=t < T, other=-1), axis=0) + 1
-        chunk = tl.maximum(tl.cdiv(tl.cdiv(n_keys, SPLITS), BLOCK_N) * BLOCK_N, BLOCK_N)  # as the forward's
+        chunk = _split_share(n_keys, SPLITS, BLOCK_N)
         used = tl.maximum(tl.cdiv(n_keys, chunk), 1)
         if used > 1:
             _combine(Out, PART_M, PART_L, PART_ACC, b, tl.program_id(1), tl.num_programs(1),
