@@ -24,6 +24,11 @@ Stages (comma-separated argv[1], default all):
   churn  the self-distillation workload (384 requests of varied lengths, admitted every step): time split
   tiny   bf16: per-request tokens/s of engine AR vs engine R-ISD (fused) on idlm-tiny-ar, C = 1, 16, 64,
          greedy and T = 0.7
+  overlap  the CUDA path of overlapped steps (`EngineConfig.overlap`): engine AR, R-ISD and R-ISD with rejection
+         branches on idlm-tiny-ar and the SmolLM2 shape ($OVERLAP_DTYPES, default float32,bfloat16), 16 greedy
+         requests of varied lengths at C = 1 and 16, overlapped vs synchronous: identical tokens per request,
+         the steps chained, pages all returned (bf16 at C = 16 may differ where a finished row's last chained step
+         gives the batch another shape than the synchronous step: not batch-invariant, unlike exact mode)
 
 The step and profile stages time idlm-tiny-ar and the SmolLM2 shape, or those named in $BENCH_MODELS.
 
@@ -66,8 +71,9 @@ results: dict = environment(DEV)
 # the step stage's attention variants ($STEP_ATTN, comma-separated; each kind of step is timed under each, in
 # the same process and rounds): default (split KV with a combine kernel), nosplit ($IDLM_KV_SPLITS=1), fused
 # (the combine in the forward kernel's last split, $IDLM_ATTN_FUSED_COMBINE=1); a kind under a non-default
-# variant is reported as "<kind>@<variant>"
-ATTN_ENV = {"default": {}, "nosplit": {"IDLM_KV_SPLITS": "1"}, "fused": {"IDLM_ATTN_FUSED_COMBINE": "1"}}
+# variant is reported as "<kind>@<variant>"; "sync": the default attention with overlapped steps off
+# (`EngineConfig.overlap=False`: every step waits for its results before the next is launched)
+ATTN_ENV = {"default": {}, "nosplit": {"IDLM_KV_SPLITS": "1"}, "fused": {"IDLM_ATTN_FUSED_COMBINE": "1"}, "sync": {}}
 ATTN_VARIANTS = os.environ.get("STEP_ATTN", "default").split(",")
 if ATTN_VARIANTS[0] != "default" or not set(ATTN_VARIANTS) <= set(ATTN_ENV):
     raise SystemExit(f"STEP_ATTN={os.environ['STEP_ATTN']!r}: expected 'default' first, then any of {sorted(ATTN_ENV)}")
@@ -160,7 +166,8 @@ def stage_step():
                     with attention_variant(variant):  # read when the step's graphs are captured (the warm-up)
                         eng = LLMEngine(model, tok, EngineConfig(
                             decoder="risd" if lora is not None else "ar", stride=4, max_num_seqs=1, num_pages=512,
-                            fuse_projections=fuse, branches=k == "risd_br", lora_layout=layout), lora=lora)
+                            fuse_projections=fuse, branches=k == "risd_br", lora_layout=layout,
+                            overlap=variant != "sync"), lora=lora)
                         params = SamplingParams(temperature=temp, max_tokens=400, ignore_eos=True, seed=0)
                         eng.run([prompt], params)  # warm-up: compiles, graph captures
                     cases[k if variant == "default" else f"{k}@{variant}"] = (eng, prompt, params)
@@ -206,7 +213,7 @@ def stage_profile():
             eng.add_request(prompt, p)
             for _ in range(5):
                 eng.step()
-            graph = next(iter(eng.runner._graphs.values()))[0]  # batch 1, greedy: a single graph
+            graph = next(iter(eng.runner._graphs.values())).graph  # batch 1, greedy: a single graph
             # the graph alone (before this stage's profiler has run for this graph; profile stages come last)
             times = graph_times(graph)
             steps = 20
@@ -345,8 +352,10 @@ def stage_stime():
     for name, model, lora, prompt in cases:
         for temp in (0.0, 0.7):
             for dec in decoders:
-                eng = LLMEngine(model, None, EngineConfig(decoder=dec, stride=4, max_num_seqs=1, num_pages=512),
-                                lora=lora if dec == "risd" else None)
+                # synchronous steps: the phase split times each part of a step in turn (an overlapped step's
+                # host work runs beside the device; the step stage times those, STEP_ATTN=default,sync)
+                eng = LLMEngine(model, None, EngineConfig(decoder=dec, stride=4, max_num_seqs=1, num_pages=512,
+                                                          overlap=False), lora=lora if dec == "risd" else None)
                 eng.run([prompt], SamplingParams(temperature=temp, max_tokens=300, ignore_eos=True, seed=0))  # warm-up
                 key = f"{name}/T{temp}" + ("" if dec == "risd" else f"/{dec}")
                 out[key] = step_phases(eng, prompt, SamplingParams(temperature=temp, max_tokens=250,
@@ -445,6 +454,40 @@ def stage_tiny():
                          "risd_over_ar": round(med["risd"]["per_request_tok_s"] / med["ar"]["per_request_tok_s"], 3)})
         out[f"T={temp}"] = rows
     emit("tiny", out)
+
+
+def stage_overlap():
+    out = {}
+    for name, dtype in [(n, d) for d in os.environ.get("OVERLAP_DTYPES", "float32,bfloat16").split(",")
+                        for n in BENCH_MODELS]:
+        if name == "idlm-tiny-ar":
+            model, tok, lora = tiny_ar(dtype)
+            prompts = bench_prompts(tok, 16)
+        else:
+            model = random_model("smollm2-135m", dtype=dtype, device=DEV)
+            lora = LoRAAdapter(model.config, LoRAConfig(rank=SMOL_RANK)).init_weights(std=0.02, seed=0, zero_b=False)
+            lora, tok = lora.to(device=DEV, dtype=model.dtype), None
+            g = torch.Generator().manual_seed(0)
+            prompts = [torch.randint(10, 40000, (int(n),), generator=g).tolist()
+                       for n in torch.randint(8, 200, (16,), generator=g)]
+        params = [SamplingParams(temperature=0, max_tokens=40 + 13 * i, ignore_eos=True) for i in range(16)]
+        for kind, cfg in (("ar", dict(decoder="ar")), ("risd", dict(decoder="risd", stride=4)),
+                          ("risd_br", dict(decoder="risd", stride=4, branches=True))):
+            for conc in (1, 16):
+                toks, info = {}, {}
+                for overlap in (False, True):
+                    eng = LLMEngine(model, tok, EngineConfig(max_num_seqs=conc, num_pages=4096, overlap=overlap,
+                                                             **cfg), lora=lora if kind != "ar" else None)
+                    toks[overlap] = [o.token_ids for o in eng.run(prompts, params)]
+                    bm = eng.block_manager
+                    info[overlap] = {"pages_back": bm.num_free_pages
+                                     == bm.num_pages, "overlapped_steps": eng.counters["overlapped_steps"],
+                                     "decode_steps": eng.counters["decode_forwards"]}
+                same = sum(a == b for a, b in zip(toks[True], toks[False]))
+                key = f"{name}/{dtype}/{kind}/C{conc}"
+                out[key] = {"identical": f"{same}/{len(prompts)}", "sync": info[False], "overlap": info[True]}
+                print(json.dumps({key: out[key]}), flush=True)
+    emit("overlap", out)
 
 
 def main():

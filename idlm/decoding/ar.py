@@ -72,6 +72,10 @@ class ARDecoder(Decoder):
             packed = torch.cat([packed, logprob_columns(logits, packed[:, :1].long(), logprobs)], dim=-1)
         return packed, None
 
+    def next_inputs(self, packed, inputs):
+        tokens = packed[:, :1].long()  # [B, 1]: the token drawn is the next input (ids < 2^24: exact in float32)
+        return torch.ones_like(tokens[:, 0]), {"tokens": tokens}
+
     def finish(self, states, packed, extra, params, stats):
         tokens, probs = packed[:, 0].astype(np.int64).tolist(), packed[:, 1].tolist()
         for s, t in zip(states, tokens):

@@ -217,6 +217,19 @@ class Decoder:
         ones needed: Python ints and floats, never numpy scalars, go into the results)."""
         raise NotImplementedError
 
+    # Overlapped steps (`LLMEngine`, `EngineConfig.overlap`): the engine may launch the next step before this
+    # one's results reach the host, its block formed on the device from this step's packed output.
+    max_advance: int = 1  # the most KV positions one step commits (AR 1, ISD N)
+
+    def next_inputs(self, packed: torch.Tensor, inputs: dict[str, torch.Tensor]
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """On the device: a step's packed output [B, F] and its inputs (the runner's names: "tokens",
+        "is_mask", "gate", "dec."-prefixed decoder tensors; [B, ...]) -> (advance [B] int64: the positions the
+        step commits, {name: the next step's value}) for the inputs that follow from the output. What `finish`
+        then `blocks` and `step_inputs` give on the host, for a batch of unchanged rows, every row at the
+        step's stride, no logprobs, greedy. None: this decoder's next block needs the host."""
+        return None
+
     def step(self, states: list, logits: torch.Tensor, params: list[SamplingParams],
              rngs: list, stats: list[DecodeStats]) -> list[StepResult]:
         """logits [B, Q, V] of the blocks `block(state)` -> results; updates states and stats in place."""

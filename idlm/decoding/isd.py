@@ -219,19 +219,58 @@ class ISDDecoder(Decoder):
         drafts from slots 1..N−1; V: MASK from slot N, drafts from N..2N−2), looked up per row — a few numpy
         calls whatever B, where the general path's dozen cost ~0.1 ms a step at batch 1."""
         n, q, mask = self.stride, self.query_len, self.mask_token_id
-        key = (n, q, self.uses_lora)
-        if self._patterns_cache is None or self._patterns_cache[0] != key:
-            index = np.arange(q)
-            first = np.array([[1], [n]]) if n > 1 else np.array([[q], [q]])  # rows C, V; n = 1: no MASK slot
-            is_mask = index >= first  # [2, Q]
-            gate = is_mask & ((index < first + n - 1) | (index >= self.main_len))  # the branches' rows draft too
-            self._patterns_cache = (key, is_mask, gate)
-        _, is_mask, gate = self._patterns_cache
+        is_mask, gate = self._row_patterns()
         c_tail, v_tail = [mask] * (q - 1), [mask] * (q - n)
         tokens = np.array([[s.last, *s.specs, *v_tail] if s.mode == "V" else [s.last, *c_tail] for s in states],
                           dtype=np.int64).reshape(len(states), q)
         kind = np.fromiter((s.mode == "V" for s in states), np.intp, len(states))
         return self._tree(BlockBatch(tokens, is_mask[kind], gate[kind] if self.uses_lora else None))
+
+    def _row_patterns(self) -> tuple[np.ndarray, np.ndarray]:
+        """(is_mask, gate) [2, Q] bool of a C row (0) and a V row (1) at the step's stride N: C MASK from slot 1,
+        drafts from slots 1..N−1; V MASK from slot N, drafts from N..2N−2; the branches' rows draft too."""
+        n, q = self.stride, self.query_len
+        key = (n, q, self.uses_lora)
+        if self._patterns_cache is None or self._patterns_cache[0] != key:
+            index = np.arange(q)
+            first = np.array([[1], [n]]) if n > 1 else np.array([[q], [q]])  # rows C, V; n = 1: no MASK slot
+            is_mask = index >= first  # [2, Q]
+            gate = is_mask & ((index < first + n - 1) | (index >= self.main_len))
+            self._patterns_cache = (key, is_mask, gate)
+        return self._patterns_cache[1], self._patterns_cache[2]
+
+    _device_patterns: tuple | None = None
+
+    @property
+    def max_advance(self) -> int:
+        return self.stride  # a V row that accepts all K drafts: K + the final token
+
+    def next_inputs(self, packed, inputs):
+        """The device form of `finish` + `blocks` + `step_inputs`' is_v / specs (see `Decoder.next_inputs`):
+        a V row commits 1 + n_accepted positions, a C row 1; the next row is V (its drafts to verify) after a
+        C row, after a V row that accepted all K, or always with rejection branches; else C. Its tokens are
+        [final, drafts or MASK, MASK...]. A C row's specs are never read (the host writes zeros there)."""
+        k, q, mask = self.stride - 1, self.query_len, self.mask_token_id
+        if k < 1:
+            return None
+        was_v = inputs["dec.is_v"].bool()  # [B]
+        n_acc, final = packed[:, 0].long(), packed[:, 1].long()  # [B]
+        drafts = packed[:, 2: 2 + k].long()  # [B, K]
+        advance = torch.where(was_v, n_acc + 1, torch.ones_like(n_acc))
+        next_v = torch.ones_like(was_v) if self.branches else ~was_v | (n_acc == k)
+        tokens = torch.full((packed.shape[0], q), mask, dtype=torch.int64, device=packed.device)
+        tokens[:, 0] = final
+        tokens[:, 1: k + 1] = torch.where(next_v[:, None], drafts, mask)
+        out = {"tokens": tokens, "dec.is_v": next_v, "dec.specs": drafts}
+        if self.uses_lora:
+            dev = self._device_patterns  # (a decoder's stride and block are fixed: cached per device)
+            if dev is None or dev[0] != packed.device:
+                is_mask, gate = self._row_patterns()
+                dev = self._device_patterns = (packed.device, torch.from_numpy(is_mask).to(packed.device),
+                                               torch.from_numpy(gate).to(packed.device))
+            kind = next_v.long()
+            out["is_mask"], out["gate"] = dev[1][kind], dev[2][kind]
+        return advance, out
 
     fused = True
     _zeros_cache: tuple | None = None

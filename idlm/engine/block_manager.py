@@ -192,6 +192,13 @@ class PageManager:
         slots = tables[np.arange(B)[:, None], pos // bs] * bs + pos % bs
         return starts, slots, tables
 
+    def table_rows(self, seq_ids: list) -> np.ndarray:
+        """[B, M] int64 the requests' block tables (zero-padded; M = the most pages any of them holds): the
+        tables of `decode_mapping`, without the slots."""
+        rows = np.fromiter((self._seq(s).row for s in seq_ids), np.int64, len(seq_ids))
+        pages = max((len(self._seq(s).block_ids) for s in seq_ids), default=0)
+        return self._tables[rows, :pages]
+
     # ------------------------------------------------------------------ mutations
 
     def allocate(self, seq_id, token_ids, max_hit: int | None = None) -> int:

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from idlm.decoding import make_decoder
-from idlm.decoding.base import DecodeStats, StepResult
+from idlm.decoding.base import Decoder, DecodeStats, StepResult
 from idlm.decoding.isd import ISDPlainStep
 from idlm.decoding.output import GenerationOutput, apply_result, check_request
 from idlm.decoding.sampling import SamplingParams
@@ -72,7 +72,7 @@ from idlm.engine.block_manager import PageManager
 from idlm.engine.calibrate import calibrate_step_cost
 from idlm.engine.model_runner import DecodeBatch, ModelRunner, Row
 from idlm.engine.options import ATTENTION_BACKENDS
-from idlm.engine.scheduler import Scheduler
+from idlm.engine.scheduler import Scheduler, admits_now
 from idlm.engine.sequence import SeqStatus, Sequence
 from idlm.errors import ConfigError
 from idlm.models.transformer import LORA_LAYOUTS
@@ -181,6 +181,12 @@ class EngineConfig:
     # the prefill chunk (batch-invariant matmuls, fixed-tile attention), so greedy ISD / R-ISD equal greedy
     # AR in bf16 too; slower. Needs the Triton kernels (CUDA, or TRITON_INTERPRET=1 on CPU)
     exact: bool = False
+    # overlapped decode steps (where decode steps replay CUDA graphs): while the device runs a step, the host
+    # launches the next one — its block formed on the device from the step's output (`Decoder.next_inputs`)
+    # — and only then reads the step's results and applies them, so the host's per-step work (scheduling,
+    # finish, commits, stop checks) runs beside the device instead of between its steps. Taken for a stable
+    # batch of fixed-stride greedy steps without logprobs; everything else runs synchronously. False: never
+    overlap: bool = True
     # deprecated aliases of page_size / num_pages (one release): accepted as keyword arguments only, never
     # stored (so `asdict` and `dataclasses.replace` see only the new names); read page_size / num_pages
     block_size: InitVar[int | None] = None
@@ -206,6 +212,8 @@ class EngineConfig:
                 or not 0.0 <= self.auto_ar_margin <= 1.0):
             raise ConfigError(f"invalid engine option auto_ar_margin={self.auto_ar_margin!r}: must be a number "
                               "in [0, 1]")
+        if not isinstance(self.overlap, bool):
+            raise ConfigError(f"invalid engine option overlap={self.overlap!r}: must be True or False")
         if not isinstance(self.auto_per_row, bool):
             raise ConfigError(f"invalid engine option auto_per_row={self.auto_per_row!r}: must be True or False")
         if self.auto_max_stride > MAX_STRIDE:
@@ -323,6 +331,17 @@ class _BatchRows:
         self.stats = [s.output.stats for s in seqs]
 
 
+@dataclass
+class _InFlight:
+    """A decode step launched without waiting for its results (`EngineConfig.overlap`): they are applied
+    while the next step runs, or when the engine drains it. stale: a row finished or failed after the
+    launch (its row in this step is wasted: no longer chained on)."""
+    rows: _BatchRows
+    decoder: object
+    pending: object  # `PendingStep`
+    stale: bool = False
+
+
 def _prompt_positions(seq: Sequence, n: int) -> tuple[int, list[int], int] | None:
     """Prompt logprobs a prefill chunk of n tokens from `num_computed` = c adds: (first chunk index,
     target tokens, k) for `ModelRunner.forward_logits(score=...)`, or None. Chunk index t predicts
@@ -400,6 +419,8 @@ class LLMEngine:
         self._next_choice = 0  # `_auto_steps` at which "auto" chooses next (`_choice_due`)
         self._refreshed = 0  # `_auto_steps` at the last refresh probe
         self._forced_stride: int | None = None  # `warmup` runs each stride in turn
+        self._inflight: _InFlight | None = None  # a launched decode step whose results are not applied yet
+        self._rerun = False  # `_isolated` reruns a failed phase one request at a time (synchronously)
         self._text_streamed = False  # this step's text was streamed (`_stream_text`)
         self._text_owed: dict[str, Sequence] = {}  # requests whose last tokens' text `_stream_text` makes
         if config.stride == "auto":
@@ -408,7 +429,8 @@ class LLMEngine:
             # a stride tried for one interval must count as measured after it
             self._times = StepTimer(window=max(16, config.auto_interval), min_samples=min(3, config.auto_interval))
         self.counters = {"decode_forwards": 0, "prefill_forwards": 0, "prefill_tokens": 0, "decode_query_tokens": 0,
-                         "generated_tokens": 0, "finished": 0, "aborted": 0, "failed": 0, "decode_time_s": 0.0,
+                         "generated_tokens": 0, "finished": 0, "aborted": 0, "failed": 0, "overlapped_steps": 0,
+                         "decode_time_s": 0.0,
                          "prefill_time_s": 0.0}
 
     def _decoder(self, stride: int, branches: bool | None = None):
@@ -435,10 +457,7 @@ class LLMEngine:
             if self._times is not None:  # auto: each row's own stride is the forced one
                 self._set_row_strides(decodes, n)
         elif self.config.stride != "auto":
-            n = self.config.stride_for(len(decodes))
-            limit = self.config.branches_max_batch
-            if limit is not None and len(decodes) > limit:  # too large a batch for N²-token rows: the plain layout
-                branches = False
+            n, branches = self._fixed_stride(len(decodes))
         else:
             if self._choice_due():
                 bucket = self.runner.bucket(len(decodes))
@@ -467,6 +486,12 @@ class LLMEngine:
             self._set_row_strides(decodes, n)
         self.stride_mix[n] = self.stride_mix.get(n, 0) + 1
         return self._decoder(n, branches)
+
+    def _fixed_stride(self, batch: int) -> tuple[int, bool | None]:
+        """(N, branches) of a fixed stride or a stride schedule at this batch size (branches None: as
+        configured; False above `branches_max_batch`: too large a batch for N²-token rows)."""
+        limit = self.config.branches_max_batch
+        return self.config.stride_for(batch), (False if limit is not None and batch > limit else None)
 
     def _set_row_strides(self, decodes: list[Sequence], n: int) -> None:
         """Each row's own stride for a step of stride n (`ISDState.n`; None: n): what the last choice gave
@@ -600,9 +625,17 @@ class LLMEngine:
     # ----------------------------------------------------------------- one step
 
     def step(self) -> list[RequestOutput]:
-        sched = self.scheduler.schedule(self._step_decoder)
         updates: dict[str, RequestOutput] = {}
         self._text_streamed = False
+        if self._inflight is not None:
+            t0 = time.perf_counter()
+            chained = self._chain(updates)
+            if not chained:
+                self._drain(updates)
+            self.counters["decode_time_s"] += time.perf_counter() - t0
+            if chained:
+                return list(updates.values())
+        sched = self.scheduler.schedule(self._step_decoder)
         if sched.prefills:
             t0 = time.perf_counter()
             self._isolated(self._prefill, sched.prefills, updates)
@@ -662,13 +695,17 @@ class LLMEngine:
             if len(items) == 1:
                 self._fail(_seq_of(items[0]), e, updates)
                 return
-        for item in items:
-            try:
-                phase([item], updates)
-            except Exception as e:
-                if is_fatal(e):
-                    raise
-                self._fail(_seq_of(item), e, updates)
+        self._rerun = True
+        try:
+            for item in items:
+                try:
+                    phase([item], updates)
+                except Exception as e:
+                    if is_fatal(e):
+                        raise
+                    self._fail(_seq_of(item), e, updates)
+        finally:
+            self._rerun = False
 
     def _fail(self, seq: Sequence, error: BaseException, updates) -> None:
         """Finish one request with finish_reason "error" (its pages freed), leaving every other one running."""
@@ -799,6 +836,12 @@ class LLMEngine:
         if decoder.fused:
             tensors, static = decoder.step_inputs(states, params, rngs, self.model.config.vocab_size,
                                                   self.runner.device)
+            if self._overlaps(decoder, static):  # launch only: its results are applied in the next `step`
+                pending = self.runner.decode(batch, decoder, tensors, static, defer=True)
+                self._kept_from = None
+                self._inflight = _InFlight(rows, decoder, pending)
+                self._stream_text(updates)
+                return
             packed, extra = self.runner.decode(batch, decoder, tensors, static)
             self._prechoose(seqs)  # host work while the device runs the step
             self._stream_text(updates)  # (the last step's text)
@@ -818,6 +861,13 @@ class LLMEngine:
             logits = self.runner.decode_logits(batch)
             with self.runner.decoder_math():
                 results = decoder.step(states, logits, params, rngs, stats)
+        self._apply_decode(seqs, decoder, block_tokens, results, updates)
+
+    def _apply_decode(self, seqs: list[Sequence], decoder, block_tokens: list[list[int]], results: list[StepResult],
+                      updates, release: bool = True) -> None:
+        """Apply a decode step's results: commit each row's kept block tokens, emit, stop checks. release=False
+        (a later step is in flight): pages past the committed length stay reserved (that step writes them)."""
+        query_len = decoder.query_len
         self.counters["decode_forwards"] += 1
         self.counters["decode_query_tokens"] += len(seqs) * query_len
 
@@ -825,13 +875,101 @@ class LLMEngine:
             if not 0 <= res.advance <= query_len:
                 raise RuntimeError(f"decoder {decoder.name} kept {res.advance} of {query_len} slots")
             kept = tokens[: res.advance]
-            self.block_manager.commit(seq.request_id, seq.num_computed + res.advance, kept)
+            self.block_manager.commit(seq.request_id, seq.num_computed + res.advance, kept, release=release)
             seq.kv_tokens += kept
             seq.num_computed += res.advance
             seq.output.stats.forwards += 1
             self._emit(seq, res, True, updates)
 
         self._apply_each(list(zip(seqs, block_tokens, results)), apply, updates)
+
+    # ----------------------------------------------------------------- overlapped steps
+
+    def _overlaps(self, decoder, static: dict) -> bool:
+        """Whether this decode step may be launched without waiting for its results (`EngineConfig.overlap`):
+        graph steps of a fixed stride (not "auto", not warm-up's forced strides), greedy, no logprobs, whose
+        next block the decoder can form on the device — and never inside `_isolated`'s one-by-one rerun."""
+        return (self.config.overlap and self.runner.use_graphs and not self.config.exact and not self._rerun
+                and self.config.stride != "auto" and self._forced_stride is None and static.get("greedy") is True
+                and static.get("logprobs") is None and type(decoder).next_inputs is not Decoder.next_inputs
+                and not getattr(decoder, "per_row", False))
+
+    def _live(self, seq: Sequence) -> bool:
+        return self.seqs.get(seq.request_id) is seq and seq.status is SeqStatus.RUNNING
+
+    def _chain(self, updates) -> bool:
+        """Launch the in-flight step's successor (its block formed on the device), then apply the in-flight
+        step's results while it runs. Only for the same rows, all live and at the same decoder, no waiting
+        request the scheduler would admit now, room reserved for the successor's KV (its start is at most the
+        in-flight step's `max_advance` past the committed length); else False (the caller drains)."""
+        inf = self._inflight
+        seqs = list(inf.rows.seqs)
+        sch = self.scheduler
+        if inf.stale or self._forced_stride is not None or sch.running != seqs or not all(self._live(s) for s in seqs):
+            return False
+        if sch.waiting and len(seqs) < sch.max_num_seqs and admits_now(len(seqs), len(sch.waiting), sch.max_num_seqs,
+                                                                      sch.admit_batch):
+            return False  # the scheduler would admit one now
+        n, branches = self._fixed_stride(len(seqs))
+        decoder = inf.decoder
+        if self._decoder(n, branches) is not decoder:
+            return False
+        bm, q, adv = self.block_manager, decoder.query_len, decoder.max_advance
+        grown = False
+        for seq in seqs:
+            if seq.num_computed + adv > self.max_model_len:
+                return False
+            before = bm.capacity(seq.request_id)
+            if not bm.reserve(seq.request_id, adv + q):
+                return False  # (the synchronous path preempts)
+            grown |= bm.capacity(seq.request_id) != before
+        tables = bm.table_rows(inf.rows.request_ids) if grown else None
+        if tables is not None and tables.shape[1] > self.runner.table_width:
+            return False  # a wider graph: the synchronous path picks it
+        try:
+            pending = self.runner.decode_next(decoder, tables)
+        except Exception as e:
+            if is_fatal(e):
+                raise
+            logger.warning("an overlapped decode step could not be launched; running synchronously: %r", e)
+            return False
+        self.stride_mix[n] = self.stride_mix.get(n, 0) + 1
+        self.counters["overlapped_steps"] += 1
+        self._inflight = _InFlight(inf.rows, decoder, pending)
+        self._stream_text(updates)  # (the last step's text, while the device runs)
+        self._complete(inf, updates, release=False)
+        if not all(self._live(s) for s in seqs):
+            self._inflight.stale = True
+        return True
+
+    def _drain(self, updates) -> None:
+        """Apply the in-flight step's results (nothing launched after it)."""
+        inf, self._inflight = self._inflight, None
+        self._complete(inf, updates, release=True)
+
+    def _complete(self, inf: _InFlight, updates, release: bool) -> None:
+        """Wait for a launched step's results and apply them to its rows that are still live. Its block is
+        `blocks` of the rows' states before `finish` (the device formed the same from the last step's output)."""
+        rows, decoder = inf.rows, inf.decoder
+        host = inf.pending.result()
+        live = [self._live(s) for s in rows.seqs]
+        if not any(live):
+            return
+        block_tokens = decoder.blocks(rows.states).tokens.tolist()
+        # a row that finished or failed after the launch: its (wasted) results touch no statistics
+        stats = [st if ok else DecodeStats() for st, ok in zip(rows.stats, live)]
+        try:
+            results = decoder.finish(rows.states, host, inf.pending.extra, rows.params, stats)
+        except Exception as e:
+            if is_fatal(e):
+                raise
+            for seq, ok in zip(rows.seqs, live):
+                if ok:
+                    self._fail(seq, e, updates)
+            return
+        keep = [i for i, ok in enumerate(live) if ok]
+        self._apply_decode([rows.seqs[i] for i in keep], decoder, [block_tokens[i] for i in keep],
+                           [results[i] for i in keep], updates, release=release)
 
     # ----------------------------------------------------------------- convenience
 

@@ -36,7 +36,7 @@ import torch
 
 from idlm.decoding.logprobs import score as score_logprobs
 from idlm.errors import ConfigError
-from idlm.layers.fused import eager_fused
+from idlm.layers.fused import cuda_fused, eager_fused
 from idlm.layers.paged_attention import PagedAttention, PagedKVCache
 from idlm.layers.paged_kernel import head_dim_supported, triton_usable
 
@@ -152,7 +152,8 @@ class ModelRunner:
         # entries a row uses, so its graphs take a wide floor (one graph serves every context up to
         # KERNEL_TABLE_PAGES pages instead of one per doubling); gather + SDPA reads every entry: narrow
         self.min_table = KERNEL_TABLE_PAGES if self.attn_kernel else 4
-        self._graphs: dict[tuple, tuple] = {}
+        self._graphs: dict[tuple, _Graph] = {}
+        self._last: tuple | None = None  # (graph, rows, decoder) of the last graph step (`decode_next`)
         self._pool = None
 
     def bucket(self, batch: int) -> int:
@@ -316,9 +317,14 @@ class ModelRunner:
         return self._logits(self._forward(t))
 
     @torch.no_grad()
-    def decode(self, batch: DecodeBatch | list[Row], decoder, tensors: dict[str, torch.Tensor], static: dict):
+    def decode(self, batch: DecodeBatch | list[Row], decoder, tensors: dict[str, torch.Tensor], static: dict,
+               defer: bool = False):
         """One fused decode step: a batch (or rows) of Q tokens each -> decoder.compute's (packed [B, F], extra).
-        `tensors` are decoder.step_inputs' (host or device tensors with B rows)."""
+        `tensors` are decoder.step_inputs' (host or device tensors with B rows). defer (graph path): return a
+        `PendingStep` at once instead, its packed rows on their way to the host, and keep the graph as the one
+        `decode_next` continues from."""
+        if defer and not self.use_graphs:
+            raise ValueError("a deferred decode step needs the graph path (use_graphs)")
         if not isinstance(batch, DecodeBatch):
             batch = DecodeBatch.from_rows(batch)
         (B, Q), pages = batch.tokens.shape, batch.tables.shape[1]
@@ -339,17 +345,95 @@ class ModelRunner:
         host.update(on_host)
         key = (Bp, Q, M, decoder.name, decoder.stride, tuple(sorted(static.items())),
                tuple(sorted(host)), tuple(sorted(on_device)))
-        entry = self._graphs.get(key)
-        if entry is None:
-            entry = self._graphs[key] = self._capture(decoder, host, on_device, static, Bp)
-        graph, staging, views, buffers, layout, dev_inputs, (packed, extra), filled = entry
-        _fill(views, layout, host, Bp, filled)
-        for group in layout:  # one host-to-device copy per dtype group
-            buffers[group].copy_(staging[group], non_blocking=True)
+        g = self._graphs.get(key)
+        if g is None:
+            g = self._graphs[key] = self._capture(decoder, host, on_device, static, Bp)
+        _fill(g.views, g.layout, host, Bp, g.filled)
+        for group in g.layout:  # one host-to-device copy per dtype group
+            g.buffers[group].copy_(g.staging[group], non_blocking=True)
         for k, v in on_device.items():
-            dev_inputs[k][:B].copy_(v)
-        graph.replay()
+            g.dev_inputs[k][:B].copy_(v)
+        g.graph.replay()
+        self._last = (g, B, decoder)
+        if defer:
+            return self._pending(g, B)
+        packed, extra = g.outputs
         return packed[:B], (None if extra is None else extra[:B])
+
+    @torch.no_grad()
+    def decode_next(self, decoder, tables: np.ndarray | None = None) -> "PendingStep":
+        """Launch the step after the last graph step (`decode`, `decode_next`) of the same rows and decoder
+        without waiting for its results: one more graph (`_chain_step`, captured on first use) forms the
+        inputs that follow from the last output on the device and runs the step. tables: [B, M'] the rows'
+        page tables when a page was added since (M' <= `table_width`), else None. -> its `PendingStep`."""
+        if self._last is None or self._last[2] is not decoder:
+            raise ValueError(f"decode_next continues the last graph step of the same decoder; the last was "
+                             f"{None if self._last is None else self._last[2].name!r}")
+        g, B, _ = self._last
+        if tables is not None:
+            if tables.shape[1] > self.table_width:
+                raise ValueError(f"{tables.shape[1]} pages exceed the graph's table width {self.table_width}")
+            tables = torch.from_numpy(_pad_cols(tables, self.table_width))
+            if g.tables_pinned is not None:  # through the one of two pinned buffers no copy in flight reads
+                g.flip_tables ^= 1
+                tables = g.tables_pinned[g.flip_tables][:B].copy_(tables)
+            g.buffers["t"][:B].copy_(tables, non_blocking=True)  # (rows 0..B−1: padding rows keep theirs)
+        if g.chain is None:
+            g.chain = self._capture_chain(g, decoder)
+        g.chain.replay()
+        return self._pending(g, B)
+
+    def _chain_step(self, g: "_Graph", decoder):
+        """The function a chained step's graph runs: the step's int64 inputs for the next step from the last
+        output (`advanced_inputs`, one compiled function on CUDA), then the step, its outputs into the step
+        graph's output tensors (where the next chained step and the host read them)."""
+        cols, trash, bs = _columns(g.layout["i"]), self.kv.trash_slot, self.block_size
+
+        def step():
+            g.buffers["i"].copy_(advanced_inputs(g.outputs[0], g.buffers["i"], g.buffers["t"], decoder, cols, trash,
+                                                 bs))
+            packed, extra = g.run()
+            g.outputs[0].copy_(packed)
+            if extra is not None:
+                g.outputs[1].copy_(extra)
+
+        return step
+
+    def _capture_chain(self, g: "_Graph", decoder):
+        step = self._chain_step(g, decoder)
+        if g.pinned is None:  # CPU (tests): run it eagerly
+            return _Eager(step)
+        if decoder.next_inputs(g.outputs[0][:1], {k: v[:1] for k, v in g.raw.items()}) is None:
+            raise ValueError(f"decoder {decoder.name!r} cannot form its next inputs on the device")
+        stream = torch.cuda.Stream()  # warm up (compile) `advanced_inputs` outside the graph: a pure function
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            advanced_inputs(g.outputs[0], g.buffers["i"], g.buffers["t"], decoder, _columns(g.layout["i"]),
+                            self.kv.trash_slot, self.block_size)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()  # (the step's own kernels ran in the step graph's capture)
+        with torch.cuda.graph(graph, pool=self._pool):
+            step()
+        self._pool = graph.pool()
+        return graph
+
+    @property
+    def table_width(self) -> int:
+        """The block-table width (pages) of the last graph step (what `decode_next` can take)."""
+        return 0 if self._last is None else self._last[0].raw["tables"].shape[1]
+
+    def _pending(self, g: "_Graph", B: int) -> "PendingStep":
+        packed, extra = g.outputs
+        if g.pinned is None:  # (CPU: the step has run)
+            return PendingStep(packed[:B].clone(), None, None if extra is None else extra[:B])
+        # two host buffers in turn: a step's rows are read before the step after next is launched, while the
+        # next one's copy may land before the host reads this one's
+        g.flip ^= 1
+        host = g.pinned[g.flip][:B]
+        host.copy_(packed[:B], non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return PendingStep(host, event, None if extra is None else extra[:B])
 
     def _device_step(self, decoder, t: dict[str, torch.Tensor], dec: dict[str, torch.Tensor], static: dict):
         """The device part of a fused decode step (what a CUDA graph captures): forward, vocabulary
@@ -369,13 +453,21 @@ class ModelRunner:
         any number of rows while inductor may split a lone row's reduction (batch 1 is compiled apart)."""
         return torch.compiler.set_stance("force_eager") if self.exact else contextlib.nullcontext()
 
-    def _capture(self, decoder, host, on_device, static, Bp):
-        layout, staging, buffers = _pack(host, Bp, self.device, pin=True)
+    def _capture(self, decoder, host, on_device, static, Bp) -> "_Graph":
+        cuda = self.device.type == "cuda"
+        layout, staging, buffers = _pack(host, Bp, self.device, pin=cuda)
         dev_inputs = {k: _pad_rows(v, Bp).clone() for k, v in on_device.items()}
 
         def run():
             return self._packed_step(decoder, _unpack(layout, buffers, dev_inputs, Bp), static)
 
+        views = {g: t.numpy() for g, t in staging.items()}  # numpy views of the (pinned) staging buffers
+        raw = _unpack(layout, buffers, {}, Bp, raw=True)
+        # what each staging column last received (`_fill` skips an input that is the same read-only object)
+        filled: dict = {}
+        if not cuda:  # (tests) the graph path on CPU: "replay" reruns the step into the same output tensors
+            graph = _EagerGraph(run)
+            return _Graph(graph, staging, views, buffers, layout, dev_inputs, graph.outputs, filled, raw, run)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -386,10 +478,97 @@ class ModelRunner:
         with torch.cuda.graph(graph, pool=self._pool):
             outputs = run()
         self._pool = graph.pool()
-        views = {g: t.numpy() for g, t in staging.items()}  # numpy views of the pinned staging buffers
-        # what each staging column last received (`_fill` skips an input that is the same read-only object)
-        filled: dict = {}
-        return graph, staging, views, buffers, layout, dev_inputs, outputs, filled
+        pinned = [torch.empty(outputs[0].shape, dtype=outputs[0].dtype, pin_memory=True) for _ in range(2)]
+        tables = [torch.empty(staging["t"].shape, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+        return _Graph(graph, staging, views, buffers, layout, dev_inputs, outputs, filled, raw, run, pinned, tables)
+
+
+@dataclass
+class _Graph:
+    """A captured decode step: the CUDA graph, its host staging buffers (and their numpy views), the device
+    buffers it reads (`_pack`), device-side decoder inputs, its static outputs (packed, extra)."""
+    graph: object  # torch.cuda.CUDAGraph, or an `_EagerGraph` on CPU
+    staging: dict[str, torch.Tensor]
+    views: dict[str, np.ndarray]
+    buffers: dict[str, torch.Tensor]
+    layout: dict
+    dev_inputs: dict[str, torch.Tensor]
+    outputs: tuple[torch.Tensor, torch.Tensor | None]
+    filled: dict
+    raw: dict[str, torch.Tensor]  # each packed input as a writable view [rows, ...] of its buffer's dtype
+    run: object  # the step as a function (what the graph captured)
+    pinned: list[torch.Tensor] | None = None  # CUDA: two host buffers for the packed output (`PendingStep`)
+    tables_pinned: list[torch.Tensor] | None = None  # CUDA: two host buffers for the tables (`decode_next`)
+    chain: object = None  # the chained step's graph (`decode_next`), captured on first use
+    flip: int = 0
+    flip_tables: int = 0
+
+
+class _EagerGraph:
+    """A decode step "captured" on CPU (tests of the graph path): each replay runs it and copies the results
+    into the tensors of the first run, as a CUDA graph overwrites its static outputs."""
+
+    def __init__(self, run):
+        self.run = run
+        self.outputs = run()
+
+    def replay(self) -> None:
+        packed, extra = self.run()
+        self.outputs[0].copy_(packed)
+        if extra is not None:
+            self.outputs[1].copy_(extra)
+
+
+class _Eager:
+    """A chained step "captured" on CPU (tests): each replay runs it."""
+
+    def __init__(self, fn):
+        self.replay = fn
+
+
+def _columns(names) -> tuple:
+    """A packed group's layout as ((name, first column, end column, shape), ...)."""
+    out, off = [], 0
+    for name, shape, _ in names:
+        w = math.prod(shape)
+        out.append((name, off, off + w, shape))
+        off += w
+    return tuple(out)
+
+
+@cuda_fused(batch_rows=True)
+def advanced_inputs(packed: torch.Tensor, ints: torch.Tensor, tables: torch.Tensor, decoder, cols: tuple,
+                    trash: int, bs: int) -> torch.Tensor:
+    """A chained step's int64 inputs [B, W] (the packed "i" group, `_columns` layout `cols`) from the last
+    step's: packed output [B, F], its int64 inputs and the block tables [B, M]. The decoder's next inputs
+    (`Decoder.next_inputs`: tokens, MASK / gate, its per-row state) for every row; starts and positions moved
+    by each row's advance and KV slots looked up in its table — for the batch's rows only: a padding row
+    (its KV slots the trash slot) keeps its positions and trash slots. Block row i's KV slot is that of
+    position start + i (not of its position: rejection branches share positions). Row-wise, pure."""
+    raw = {name: ints[:, a:b].reshape(-1, *shape) for name, a, b, shape in cols}
+    raw["tables"] = tables
+    advance, new = decoder.next_inputs(packed, raw)
+    valid = raw["slots"][:, 0] != trash  # [B]
+    advance = torch.where(valid, advance, 0)
+    starts = raw["starts"] + advance
+    at = starts[:, None] + torch.arange(raw["slots"].shape[1], device=ints.device)
+    slots = torch.where(valid[:, None], tables.gather(1, at // bs) * bs + at % bs, raw["slots"])
+    values = {**new, "starts": starts, "positions": raw["positions"] + advance[:, None], "slots": slots}
+    return torch.cat([ints[:, a:b] if name not in values else values[name].reshape(ints.shape[0], b - a).long()
+                      for name, a, b, _ in cols], dim=1)
+
+
+class PendingStep:
+    """A launched decode step: `result()` waits for its packed rows on the host (numpy [B, F], a copy: the
+    host buffer is the next step's too); `extra` is its device output the next step may read."""
+
+    def __init__(self, host: torch.Tensor, event, extra: torch.Tensor | None):
+        self.host, self.event, self.extra = host, event, extra
+
+    def result(self) -> np.ndarray:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.numpy().copy()
 
 
 def _decoder_inputs(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -407,13 +586,15 @@ def _torch_dtype(v) -> torch.dtype:
 
 def _pack(host: dict, rows: int, device, pin: bool):
     """A decode step's host inputs (torch CPU tensors or numpy arrays; ≤ rows rows each, padded by `_fill`)
-    as the CUDA graph takes them: an int64 group (ids, positions, slots, tables, bools) and a float32 group,
-    each one [rows, width] buffer (one host-to-device copy per group).
+    as the CUDA graph takes them: an int64 group (ids, positions, slots, bools), a float32 group and the
+    block tables (their own group: a chained step copies only them, `decode_next`), each one [rows, width]
+    buffer (one host-to-device copy per group).
     -> (layout {group: [(name, shape, dtype)]}, host staging buffers, device buffers)."""
-    layout: dict[str, list] = {"i": [], "f": []}
+    layout: dict[str, list] = {"i": [], "f": [], "t": []}
     for name, v in sorted(host.items()):
         dtype = _torch_dtype(v)
-        layout["f" if dtype.is_floating_point else "i"].append((name, tuple(v.shape[1:]), dtype))
+        group = "t" if name == "tables" else "f" if dtype.is_floating_point else "i"
+        layout[group].append((name, tuple(v.shape[1:]), dtype))
     layout = {g: names for g, names in layout.items() if names}
     staging, buffers = {}, {}
     for g, names in layout.items():
@@ -427,7 +608,8 @@ def _pack(host: dict, rows: int, device, pin: bool):
     return layout, staging, buffers
 
 
-def _fill(staging: dict[str, np.ndarray], layout, host: dict, rows: int, filled: dict | None = None) -> None:
+def _fill(staging: dict[str, np.ndarray], layout, host: dict, rows: int, filled: dict | None = None,
+          only: bool = False) -> None:
     """Write a step's host inputs into the staging buffers' numpy views, in `layout`'s columns; an input of
     fewer rows is padded by repeating its row 0 (as `_pad_rows`). numpy assignments in place: about half
     the time of building the buffer with torch ops (reshape, cast, cat per input): on this project's CPU
@@ -439,6 +621,9 @@ def _fill(staging: dict[str, np.ndarray], layout, host: dict, rows: int, filled:
         buf, off = staging[g], 0
         for name, shape, _ in names:
             width = math.prod(shape)
+            if only and name not in host:  # only=True: write the inputs given, keep the other columns
+                off += width
+                continue
             v = host[name]
             if filled is not None:
                 if filled.get(name) is v:
@@ -454,16 +639,28 @@ def _fill(staging: dict[str, np.ndarray], layout, host: dict, rows: int, filled:
             off += width
 
 
-def _unpack(layout, buffers, dev_inputs: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+def _unpack(layout, buffers, dev_inputs: dict[str, torch.Tensor], rows: int, raw: bool = False
+            ) -> dict[str, torch.Tensor]:
     """The step's inputs as views into the packed device buffers — strided, not contiguous: every kernel
-    of the step must honour its inputs' strides (`ModelRunner.packed_inputs` tests that without a GPU)."""
+    of the step must honour its inputs' strides (`ModelRunner.packed_inputs` tests that without a GPU).
+    raw: each in its buffer's dtype (int64 / float32): writable views, where a bool input's is a copy."""
     out = dict(dev_inputs)
     for g, names in layout.items():
         off = 0
         for name, shape, dtype in names:
             w = math.prod(shape)
-            out[name] = buffers[g][:, off: off + w].reshape(rows, *shape).to(dtype)
+            view = buffers[g][:, off: off + w].reshape(rows, *shape)
+            out[name] = view if raw else view.to(dtype)
             off += w
+    return out
+
+
+def _pad_cols(a: np.ndarray, width: int) -> np.ndarray:
+    """[B, m] -> [B, width] zero-padded (page tables to a graph's width)."""
+    if a.shape[1] == width:
+        return a
+    out = np.zeros((a.shape[0], width), dtype=a.dtype)
+    out[:, : a.shape[1]] = a
     return out
 
 

@@ -1,0 +1,198 @@
+"""Overlapped decode steps (`EngineConfig.overlap`): the engine launches step n + 1 — its block formed on the
+device from step n's packed output (`Decoder.next_inputs`, `ModelRunner.decode_next`) — before it reads
+step n's results. These tests run the graph path on CPU (`ModelRunner.use_graphs` with `_EagerGraph`: each
+"replay" recomputes into the same output tensors) and hold the overlap to independent oracles: the
+reference decoder's tokens, the synchronous engine's, and the host's own block / slot mapping for every
+step the device formed. Pages must never leak, whatever finishes, aborts or arrives mid-flight.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny import tiny_transformer
+
+from idlm.decoding import make_decoder
+from idlm.decoding.reference import generate
+from idlm.decoding.sampling import SamplingParams
+from idlm.engine import llm_engine
+from idlm.engine.llm_engine import EngineConfig, LLMEngine
+from idlm.errors import ConfigError
+from idlm.layers.lora import LoRAAdapter, LoRAConfig
+
+VOCAB, MASK, PAGES = 64, 3, 96
+CASES = [("ar", 1, False), ("isd", 3, False), ("risd", 3, False), ("isd", 3, True), ("risd", 4, True)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = tiny_transformer(VOCAB, head_dim=16, mask_token_id=MASK)
+    lora = LoRAAdapter(m.config, LoRAConfig(rank=4)).init_weights(std=0.3, seed=0, zero_b=False)
+    return m, lora
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, VOCAB, (int(k),), generator=g).tolist() for k in torch.randint(2, 40, (n,), generator=g)]
+
+
+def _engine(model, decoder, stride, branches, overlap=True, **kw) -> LLMEngine:
+    m, lora = model
+    cfg = dict(decoder=decoder, stride=stride, num_pages=PAGES, page_size=4, overlap=overlap, branches=branches)
+    cfg.update(kw)
+    eng = LLMEngine(m, None, EngineConfig(**cfg), lora=lora if decoder == "risd" else None)
+    eng.runner.use_graphs = True  # the graph path on CPU (`_EagerGraph`)
+    return eng
+
+
+def _check_pool(eng: LLMEngine) -> None:
+    eng.block_manager.check_invariants()
+    assert not eng.has_unfinished() and eng.block_manager.num_free_pages == PAGES
+
+
+@pytest.mark.parametrize("decoder,stride,branches", CASES)
+def test_overlapped_greedy_equals_the_reference_and_the_synchronous_engine(model, decoder, stride, branches):
+    m, lora = model
+    prompts = _prompts(6)
+    params = [SamplingParams(temperature=0, max_tokens=5 + 4 * i, ignore_eos=True) for i in range(len(prompts))]
+    ref = generate(m, make_decoder(decoder, stride, m.config, branches=branches), prompts, params,
+                   lora=lora if decoder == "risd" else None)
+    outs = {}
+    for overlap in (False, True):
+        eng = _engine(model, decoder, stride, branches, overlap)
+        outs[overlap] = [o.token_ids for o in eng.run(prompts, params)]
+        _check_pool(eng)
+        if overlap:  # requests finish at different steps: chains break and restart, and most steps chain
+            assert eng.counters["overlapped_steps"] > eng.counters["decode_forwards"] // 2
+        else:
+            assert eng.counters["overlapped_steps"] == 0
+    assert outs[True] == outs[False] == [o.token_ids for o in ref]
+
+
+@pytest.mark.parametrize("decoder,stride,branches", CASES)
+def test_device_formed_blocks_equal_the_host_blocks(model, decoder, stride, branches, monkeypatch):
+    """Every chained step's inputs as the device formed them (tokens, starts, positions, KV slots, MASK and
+    gate rows, the decoder's is_v and drafts) equal what the host builds from the states once it has applied
+    the step before (`Decoder.blocks`, `PageManager.decode_mapping`, `Decoder.step_inputs`)."""
+    checked = []
+    complete = llm_engine.LLMEngine._complete
+
+    def check(self, inf, updates, release):
+        complete(self, inf, updates, release)
+        if release:  # (a drain: nothing launched after it)
+            return
+        rows, dec = inf.rows, inf.decoder
+        live = [i for i, s in enumerate(rows.seqs) if self._live(s)]
+        g, B, _ = self.runner._last
+        blocks = dec.blocks(rows.states)
+        starts, slots, _ = self.block_manager.decode_mapping([rows.request_ids[i] for i in live], dec.query_len)
+        tensors, _ = dec.step_inputs(rows.states, rows.params, rows.rngs, VOCAB, "cpu")
+        offsets = np.arange(dec.query_len) if blocks.offsets is None else blocks.offsets[live]
+        got = {k: v[:B][live].numpy() for k, v in g.raw.items()}
+        assert (got["tokens"] == blocks.tokens[live]).all()
+        assert (got["starts"] == starts).all() and (got["slots"] == slots).all()
+        assert (got["positions"] == starts[:, None] + offsets).all()
+        if dec.uses_lora:
+            assert (got["is_mask"] == blocks.is_mask[live]).all() and (got["gate"] == blocks.gate[live]).all()
+        if "dec.is_v" in got:
+            is_v = tensors["is_v"].numpy()[live]
+            assert (got["dec.is_v"].astype(bool) == is_v).all()
+            assert (got["dec.specs"][is_v] == tensors["specs"].numpy()[live][is_v]).all()  # (C rows: never read)
+        checked.append(len(live))
+
+    monkeypatch.setattr(llm_engine.LLMEngine, "_complete", check)
+    eng = _engine(model, decoder, stride, branches)
+    prompts = _prompts(5, seed=1)
+    eng.run(prompts, [SamplingParams(temperature=0, max_tokens=6 + 5 * i, ignore_eos=True) for i in range(5)])
+    _check_pool(eng)
+    assert len(checked) >= 10 and max(checked) == 5
+
+
+def test_abort_and_arrivals_mid_flight_leak_nothing(model):
+    """A request aborted while its step is in flight, and requests added between steps: the others' tokens
+    are the synchronous engine's, every page comes back."""
+    prompts = _prompts(6, seed=2)
+    params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True) for _ in prompts]
+
+    def run(overlap: bool) -> dict[str, list[int]]:
+        eng = _engine(model, "risd", 3, False, overlap)
+        ids = [eng.add_request(p, sp) for p, sp in zip(prompts[:4], params)]
+        outs, steps = {}, 0
+        while eng.has_unfinished():
+            for o in eng.step():
+                if o.finished:
+                    outs[o.request_id] = list(o.output.token_ids)
+            steps += 1
+            if steps == 4:
+                assert eng.abort_request(ids[1])
+            if steps == 6:
+                ids += [eng.add_request(p, sp) for p, sp in zip(prompts[4:], params[4:])]
+        _check_pool(eng)
+        assert eng.counters["aborted"] == 1
+        if overlap:
+            assert eng.counters["overlapped_steps"] > 0
+        return outs
+
+    sync, over = run(False), run(True)
+    assert over == sync and len(over) == 5 and "1" not in over
+
+
+def test_stops_and_a_tight_pool(model):
+    """EOS stops at different steps (a chained step after a stop is wasted, and its statistics untouched) and
+    a pool small enough to preempt: tokens, statistics and pages as without overlap."""
+    prompts = _prompts(8, seed=3)
+    params = [SamplingParams(temperature=0, max_tokens=30) for _ in prompts]
+    m, lora = model
+    # EOS ids the outputs do reach: the tokens that the greedy outputs emit first, at their 4th-10th token
+    free = generate(m, make_decoder("isd", 3, m.config), prompts, params)
+    eos = sorted({o.token_ids[3 + i] for i, o in enumerate(free[:6])})
+    res = {}
+    for overlap in (False, True):
+        eng = LLMEngine(m, None, EngineConfig(decoder="risd", stride=3, num_pages=20, page_size=4, overlap=overlap,
+                                              max_num_seqs=8, max_num_batched_tokens=24), lora=lora, eos_token_ids=eos)
+        eng.runner.use_graphs = True
+        outs = eng.run(prompts, params)
+        eng.block_manager.check_invariants()
+        assert eng.block_manager.num_free_pages == 20
+        res[overlap] = ([o.token_ids for o in outs], [o.finish_reason for o in outs],
+                        [o.stats.to_dict() for o in outs], eng.decode_stats.to_dict())
+        assert eng.scheduler.num_preemptions > 0
+        if overlap:
+            assert eng.counters["overlapped_steps"] > 0
+    assert res[True] == res[False]
+    assert "stop" in res[True][1]
+
+
+def test_sampled_rows_and_logprobs_run_synchronously(model):
+    """Steps the device cannot continue on its own (a sampled row, logprobs) are not overlapped; a greedy
+    batch that follows is."""
+    eng = _engine(model, "isd", 3, False)
+    prompts = _prompts(3, seed=4)
+    eng.run(prompts, [SamplingParams(temperature=1.0, seed=1, max_tokens=12, ignore_eos=True)] * 3)
+    eng.run(prompts, [SamplingParams(temperature=0, max_tokens=12, logprobs=2, ignore_eos=True)] * 3)
+    assert eng.counters["overlapped_steps"] == 0
+    eng.run(prompts, [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * 3)
+    assert eng.counters["overlapped_steps"] > 0
+    _check_pool(eng)
+
+
+def test_overlap_option_is_checked():
+    with pytest.raises(ConfigError, match="overlap"):
+        EngineConfig(decoder="ar", stride=1, overlap="yes")
+
+
+def test_steps_chain_while_requests_wait_for_a_seat(model):
+    """Requests that wait for a seat (max_num_seqs full) do not stop the chain; one that can be admitted does:
+    the tokens are the synchronous engine's."""
+    prompts = _prompts(7, seed=5)
+    params = [SamplingParams(temperature=0, max_tokens=9 + 5 * i, ignore_eos=True) for i in range(7)]
+    outs = {}
+    for overlap in (False, True):
+        eng = _engine(model, "risd", 4, True, overlap, max_num_seqs=2)
+        outs[overlap] = [o.token_ids for o in eng.run(prompts, params)]
+        _check_pool(eng)
+        if overlap:
+            assert eng.counters["overlapped_steps"] > eng.counters["decode_forwards"] // 2
+    assert outs[True] == outs[False]
