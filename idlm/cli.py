@@ -357,7 +357,8 @@ def cmd_bench_offline(args) -> int:
     cfg = EngineConfig(decoder=decoder.name, stride=args.stride, threshold=args.threshold,
                        max_num_seqs=max(args.concurrency), cuda_graphs=not args.no_cuda_graphs,
                        num_pages=args.num_pages, attention=args.attention, stride_schedule=args.stride_schedule,
-                       exact=args.exact, branches=args.branches, branches_max_batch=args.branches_max_batch)
+                       exact=args.exact, branches=args.branches, branches_max_batch=args.branches_max_batch,
+                       overlap=args.overlap)
     engine = LLMEngine(model, tok, cfg, lora=lora)
     # the adaptive stride explores strides the workload's warm-up pass may not reach: compile and capture them
     # all now, not inside a timed run (as `idlm serve --warmup`)
@@ -424,7 +425,7 @@ def cmd_bench_prefill(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from idlm.engine.options import ATTENTION_BACKENDS, EXACT_HELP
+    from idlm.engine.options import ATTENTION_BACKENDS, EXACT_HELP, OVERLAP_HELP
 
     parser = argparse.ArgumentParser(prog="idlm", description="Introspective Diffusion Language Models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -522,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     bo.add_argument("--no-cuda-graphs", action="store_true", help="run CUDA decode steps eagerly")
     bo.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto", help=ATTENTION_HELP)
     bo.add_argument("--exact", action="store_true", help=EXACT_HELP)
+    bo.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True, help=OVERLAP_HELP)
     bo.add_argument("--stride-schedule", type=stride_schedule_arg, default=None,
                     help=STRIDE_SCHEDULE_HELP + " (default: none, --stride always)")
     _add_model_args(bo)

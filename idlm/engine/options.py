@@ -8,6 +8,9 @@ ATTENTION_BACKENDS = ("auto", "triton", "sdpa")
 EXACT_HELP = ("exact mode: every token's logits bit-identical whatever the batch, query block and prefill chunk "
               "(greedy ISD / R-ISD then equal AR in bf16 too); slower; needs the Triton kernels (docs/exact.md)")
 
+OVERLAP_HELP = ("launch each decode step before the last one's results reach the host, where steps replay CUDA "
+                "graphs (fixed-stride greedy batches; same tokens): --no-overlap waits for every step")
+
 
 def default_stride(decoder: str, exact: bool = False, stride_schedule=None) -> int | str:
     """The engine's stride when none is given (`idlm serve`, `idlm.LLM`): "auto", the adaptive stride, for ISD
