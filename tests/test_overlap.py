@@ -8,6 +8,8 @@ step the device formed. Pages must never leak, whatever finishes, aborts or arri
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,7 @@ from tiny import tiny_transformer
 from idlm.decoding import make_decoder
 from idlm.decoding.reference import generate
 from idlm.decoding.sampling import SamplingParams
+from idlm.decoding.stride_policy import StrideChoice
 from idlm.engine import llm_engine
 from idlm.engine.llm_engine import EngineConfig, LLMEngine
 from idlm.errors import ConfigError
@@ -71,11 +74,12 @@ def test_overlapped_greedy_equals_the_reference_and_the_synchronous_engine(model
     assert outs[True] == outs[False] == [o.token_ids for o in ref]
 
 
-@pytest.mark.parametrize("decoder,stride,branches", CASES)
-def test_device_formed_blocks_equal_the_host_blocks(model, decoder, stride, branches, monkeypatch):
-    """Every chained step's inputs as the device formed them (tokens, starts, positions, KV slots, MASK and
-    gate rows, the decoder's is_v and drafts) equal what the host builds from the states once it has applied
-    the step before (`Decoder.blocks`, `PageManager.decode_mapping`, `Decoder.step_inputs`)."""
+def _check_device_blocks(monkeypatch) -> list[int]:
+    """After every chained launch (once the step before it is applied): the chained step's inputs as the
+    device formed them (tokens, starts, positions, KV slots, MASK and gate rows, the decoder's is_v and drafts,
+    sampled rows' draw numbers) must equal what the host builds from the states (`Decoder.blocks`,
+    `PageManager.decode_mapping`, `Decoder.step_inputs`). -> per checked step (live rows, a row of its own
+    shorter stride among them)."""
     checked = []
     complete = llm_engine.LLMEngine._complete
 
@@ -88,7 +92,7 @@ def test_device_formed_blocks_equal_the_host_blocks(model, decoder, stride, bran
         g, B, _ = self.runner._last
         blocks = dec.blocks(rows.states)
         starts, slots, _ = self.block_manager.decode_mapping([rows.request_ids[i] for i in live], dec.query_len)
-        tensors, _ = dec.step_inputs(rows.states, rows.params, rows.rngs, VOCAB, "cpu")
+        tensors, _ = dec.step_inputs(rows.states, rows.params, copy.deepcopy(rows.rngs), VOCAB, "cpu")
         offsets = np.arange(dec.query_len) if blocks.offsets is None else blocks.offsets[live]
         got = {k: v[:B][live].numpy() for k, v in g.raw.items()}
         assert (got["tokens"] == blocks.tokens[live]).all()
@@ -100,14 +104,46 @@ def test_device_formed_blocks_equal_the_host_blocks(model, decoder, stride, bran
             is_v = tensors["is_v"].numpy()[live]
             assert (got["dec.is_v"].astype(bool) == is_v).all()
             assert (got["dec.specs"][is_v] == tensors["specs"].numpy()[live][is_v]).all()  # (C rows: never read)
-        checked.append(len(live))
+        if "dec.k_row" in got:
+            assert (got["dec.k_row"] == tensors["k_row"].numpy()[live]).all()
+        if "dec.draw" in got:  # (the host's counters are past the launched step's draw: `take_draws`)
+            assert (got["dec.draw"] == tensors["draw"].numpy()[live] - 1).all()
+        # (the live rows, and whether some ran a shorter stride of its own than the step's)
+        checked.append((len(live), bool("dec.k_row" in got and (got["dec.k_row"] < dec.stride - 1).any())))
 
     monkeypatch.setattr(llm_engine.LLMEngine, "_complete", check)
+    return checked
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("decoder,stride,branches", CASES)
+def test_device_formed_blocks_equal_the_host_blocks(model, decoder, stride, branches, temperature, monkeypatch):
+    checked = _check_device_blocks(monkeypatch)
     eng = _engine(model, decoder, stride, branches)
     prompts = _prompts(5, seed=1)
-    eng.run(prompts, [SamplingParams(temperature=0, max_tokens=6 + 5 * i, ignore_eos=True) for i in range(5)])
+    eng.run(prompts, [SamplingParams(temperature=temperature, seed=i, max_tokens=6 + 5 * i, ignore_eos=True)
+                      for i in range(5)])
     _check_pool(eng)
-    assert len(checked) >= 10 and max(checked) == 5
+    assert len(checked) >= 10 and max(n for n, _ in checked) == 5
+
+
+@pytest.mark.parametrize("decoder", ["isd", "risd"])
+def test_adaptive_stride_steps_overlap_between_its_choices(model, decoder, monkeypatch):
+    """`stride="auto"`: the steps between two choices chain (same N, each row its own N: `dec.k_row`), the
+    choosing step runs synchronously; greedy tokens are plain AR's, the device-formed blocks the host's."""
+    m, lora = model
+    checked = _check_device_blocks(monkeypatch)
+    prompts = _prompts(6, seed=7)
+    params = [SamplingParams(temperature=0, max_tokens=20 + 5 * i, ignore_eos=True) for i in range(6)]
+    ref = generate(m, make_decoder("ar", 1, m.config), prompts, params)
+    eng = _engine(model, decoder, "auto", False, step_cost=(1e-3, 1e-4, 1e-5), auto_interval=3, auto_max_stride=4)
+    # every choice: a step of N = 4 whose rows run their own N = 1..4 (as `_choose_stride` gives them)
+    eng._choose_stride = lambda decodes: StrideChoice(4, 1.0, {4: 1.0}, [1 + int(s.request_id) % 4 for s in decodes])
+    assert [o.token_ids for o in eng.run(prompts, params)] == [o.token_ids for o in ref]
+    _check_pool(eng)
+    assert eng.counters["overlapped_steps"] >= eng.counters["decode_forwards"] // 3
+    assert len(checked) > 5
+    assert any(own for _, own in checked)  # chained steps whose rows ran their own, shorter strides
 
 
 def test_abort_and_arrivals_mid_flight_leak_nothing(model):
@@ -165,15 +201,41 @@ def test_stops_and_a_tight_pool(model):
     assert "stop" in res[True][1]
 
 
-def test_sampled_rows_and_logprobs_run_synchronously(model):
-    """Steps the device cannot continue on its own (a sampled row, logprobs) are not overlapped; a greedy
-    batch that follows is."""
+@pytest.mark.parametrize("decoder,stride,branches", CASES)
+def test_overlapped_seeded_sampling_equals_the_synchronous_engine(model, decoder, stride, branches):
+    """Sampled steps overlap too: each row's draw number moves on by one a step on the device (and on the host),
+    an ISD row's kept q̃ is the last step's output. A seeded request's tokens and drafts' statistics
+    are the synchronous engine's — rows at T = 1, 0.7 with top-p, argmax drafts and greedy, in one batch."""
+    prompts, draws = _prompts(6, seed=6), {}
+    kinds = [dict(temperature=1.0), dict(temperature=0.7, top_p=0.9), dict(temperature=0.0),
+             dict(temperature=1.0, draft="argmax"), dict(temperature=0.8, top_k=5), dict(temperature=1.0)]
+    params = [SamplingParams(seed=11 + i, max_tokens=8 + 4 * i, ignore_eos=True,
+                             **{k: v for k, v in kw.items() if decoder != "ar" or k != "draft"})
+              for i, kw in enumerate(kinds)]
+    res = {}
+    for overlap in (False, True):
+        eng = _engine(model, decoder, stride, branches, overlap)
+        ids = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
+        seqs = [eng.seqs[i] for i in ids]
+        while eng.has_unfinished():
+            eng.step()
+        res[overlap] = ([s.output.token_ids for s in seqs], [s.output.stats.to_dict() for s in seqs])
+        draws[overlap] = [s.rng.draw for s in seqs]
+        _check_pool(eng)
+        if overlap:
+            assert eng.counters["overlapped_steps"] > eng.counters["decode_forwards"] // 2
+    assert res[True] == res[False]
+    # (a request's last chained step, launched before its stop was seen, took one more draw number)
+    assert all(0 <= o - s <= 1 for o, s in zip(draws[True], draws[False]))
+
+
+def test_logprobs_run_synchronously(model):
+    """Steps whose rows want logprobs are not overlapped; a batch without them is."""
     eng = _engine(model, "isd", 3, False)
     prompts = _prompts(3, seed=4)
-    eng.run(prompts, [SamplingParams(temperature=1.0, seed=1, max_tokens=12, ignore_eos=True)] * 3)
     eng.run(prompts, [SamplingParams(temperature=0, max_tokens=12, logprobs=2, ignore_eos=True)] * 3)
     assert eng.counters["overlapped_steps"] == 0
-    eng.run(prompts, [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * 3)
+    eng.run(prompts, [SamplingParams(temperature=0.5, seed=3, max_tokens=12, ignore_eos=True)] * 3)
     assert eng.counters["overlapped_steps"] > 0
     _check_pool(eng)
 

@@ -227,7 +227,8 @@ class Decoder:
         "is_mask", "gate", "dec."-prefixed decoder tensors; [B, ...]) -> (advance [B] int64: the positions the
         step commits, {name: the next step's value}) for the inputs that follow from the output. What `finish`
         then `blocks` and `step_inputs` give on the host, for a batch of unchanged rows, every row at the
-        step's stride, no logprobs, greedy. None: this decoder's next block needs the host."""
+        step's stride, no logprobs. (The runner moves each row's draw number on by one and hands a sampled step
+        the last step's q̃ output itself.) None: this decoder's next block needs the host."""
         return None
 
     def step(self, states: list, logits: torch.Tensor, params: list[SamplingParams],

@@ -248,28 +248,46 @@ class ISDDecoder(Decoder):
     def next_inputs(self, packed, inputs):
         """The device form of `finish` + `blocks` + `step_inputs`' is_v / specs (see `Decoder.next_inputs`):
         a V row commits 1 + n_accepted positions, a C row 1; the next row is V (its drafts to verify) after a
-        C row, after a V row that accepted all K, or always with rejection branches; else C. Its tokens are
-        [final, drafts or MASK, MASK...]. A C row's specs are never read (the host writes zeros there)."""
+        C row, after a V row that accepted all its K, or always with rejection branches — if it drafts at all
+        (a row of its own N = 1 does not); else C. Its tokens are [final, drafts or MASK, MASK...]. Rows of their
+        own stride (`dec.k_row`, per-row inputs) fill their first 2n−1 slots; their specs past K are zeros, as a
+        C row's are never read."""
         k, q, mask = self.stride - 1, self.query_len, self.mask_token_id
         if k < 1:
             return None
         was_v = inputs["dec.is_v"].bool()  # [B]
         n_acc, final = packed[:, 0].long(), packed[:, 1].long()  # [B]
         drafts = packed[:, 2: 2 + k].long()  # [B, K]
+        k_row = inputs.get("dec.k_row")
+        kb = k if k_row is None else k_row.long()  # each row's K: [B] or the step's
         advance = torch.where(was_v, n_acc + 1, torch.ones_like(n_acc))
-        next_v = torch.ones_like(was_v) if self.branches else ~was_v | (n_acc == k)
+        next_v = torch.ones_like(was_v) if self.branches else ~was_v | (n_acc == kb)
         tokens = torch.full((packed.shape[0], q), mask, dtype=torch.int64, device=packed.device)
         tokens[:, 0] = final
-        tokens[:, 1: k + 1] = torch.where(next_v[:, None], drafts, mask)
-        out = {"tokens": tokens, "dec.is_v": next_v, "dec.specs": drafts}
+        out = {"tokens": tokens, "dec.is_v": next_v}
+        if k_row is None:
+            tokens[:, 1: k + 1] = torch.where(next_v[:, None], drafts, mask)
+            out["dec.specs"] = drafts
+        else:
+            next_v = out["dec.is_v"] = next_v & (kb > 0)
+            own = torch.arange(k, device=packed.device) < kb[:, None]  # [B, K]: the row's own drafts
+            tokens[:, 1: k + 1] = torch.where(next_v[:, None] & own, drafts, mask)
+            out["dec.specs"] = torch.where(own, drafts, 0)
         if self.uses_lora:
-            dev = self._device_patterns  # (a decoder's stride and block are fixed: cached per device)
-            if dev is None or dev[0] != packed.device:
-                is_mask, gate = self._row_patterns()
-                dev = self._device_patterns = (packed.device, torch.from_numpy(is_mask).to(packed.device),
-                                               torch.from_numpy(gate).to(packed.device))
-            kind = next_v.long()
-            out["is_mask"], out["gate"] = dev[1][kind], dev[2][kind]
+            if k_row is None:
+                dev = self._device_patterns  # (a decoder's stride and block are fixed: cached per device)
+                if dev is None or dev[0] != packed.device:
+                    is_mask, gate = self._row_patterns()
+                    dev = self._device_patterns = (packed.device, torch.from_numpy(is_mask).to(packed.device),
+                                                   torch.from_numpy(gate).to(packed.device))
+                kind = next_v.long()
+                out["is_mask"], out["gate"] = dev[1][kind], dev[2][kind]
+            else:  # `blocks`' per-row rows: MASK from slot 1 (C) or n (V), drafts from there for the row's K
+                index = torch.arange(q, device=packed.device)
+                first = torch.where(next_v, kb + 1, 1)[:, None]
+                is_mask = index >= first
+                out["is_mask"] = is_mask
+                out["gate"] = is_mask & ((index < first + kb[:, None]) | (index >= self.main_len))
         return advance, out
 
     fused = True
@@ -317,7 +335,10 @@ class ISDDecoder(Decoder):
         tensors = {**fixed.tensors, "is_v": torch.from_numpy(is_v), "specs": torch.from_numpy(specs)}
         if rows_n is not None or self.per_row:  # each row's K (absent: every row the step's)
             tensors["k_row"] = torch.from_numpy(rows_n - 1 if rows_n is not None else np.full(B, k))
-        if (is_v & ~fixed.rows["point_mass"]).any():  # a V row keeps the q̃ its drafts were sampled from
+        # a V row keeps the q̃ its drafts were sampled from; given whenever a row samples its drafts, V or not
+        # yet (a C row's is never read), so a step's inputs do not depend on the rows' modes: an overlapped step
+        # continues with the same graph whatever the last step accepted (`next_inputs`)
+        if fixed.sampled and not fixed.rows["point_mass"].all():
             tensors["q_old"] = self._kept_q(states, k, vocab_size, device)
         if fixed.sampled:  # each row's keys and draw number: its uniforms are drawn in `compute` (on the device)
             tensors["keys"], tensors["draw"] = take_draws(rngs)

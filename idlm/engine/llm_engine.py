@@ -185,7 +185,8 @@ class EngineConfig:
     # launches the next one — its block formed on the device from the step's output (`Decoder.next_inputs`)
     # — and only then reads the step's results and applies them, so the host's per-step work (scheduling,
     # finish, commits, stop checks) runs beside the device instead of between its steps. Taken for a stable
-    # batch of fixed-stride greedy steps without logprobs; everything else runs synchronously. False: never
+    # batch of steps without logprobs (greedy or sampled: the same tokens, a seeded request's too; with
+    # "auto", the steps between two choices); everything else runs synchronously. False: never
     overlap: bool = True
     # deprecated aliases of page_size / num_pages (one release): accepted as keyword arguments only, never
     # stored (so `asdict` and `dataclasses.replace` see only the new names); read page_size / num_pages
@@ -339,6 +340,7 @@ class _InFlight:
     rows: _BatchRows
     decoder: object
     pending: object  # `PendingStep`
+    sampled: bool = False  # its rows drew random numbers (each chained step takes one more draw number a row)
     stale: bool = False
 
 
@@ -628,12 +630,15 @@ class LLMEngine:
         updates: dict[str, RequestOutput] = {}
         self._text_streamed = False
         if self._inflight is not None:
-            t0 = time.perf_counter()
+            t0, graphs = time.perf_counter(), self.runner.graphs_captured
             chained = self._chain(updates)
             if not chained:
                 self._drain(updates)
-            self.counters["decode_time_s"] += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self.counters["decode_time_s"] += dt
             if chained:
+                if self._cost is not None and self.runner.graphs_captured == graphs:
+                    self._observe(self._inflight.decoder.stride, len(self._inflight.rows.seqs), dt)
                 return list(updates.values())
         sched = self.scheduler.schedule(self._step_decoder)
         if sched.prefills:
@@ -645,15 +650,18 @@ class LLMEngine:
             self._isolated(lambda seqs, upd: self._decode(seqs, sched.decoder, upd), sched.decodes, updates)
             dt = time.perf_counter() - t0
             self.counters["decode_time_s"] += dt
-            if self._cost is not None and self.runner.graphs_captured == graphs:
+            if self._cost is not None and self.runner.graphs_captured == graphs and self._inflight is None:
                 # the adaptive stride learns what its steps really cost (not from a step that captured a
-                # graph: that one took seconds)
-                rows, n = len(sched.decodes), sched.decoder.stride
-                self._cost.observe(n, rows, dt)
-                self._times.observe(n, self.runner.bucket(rows), dt)
+                # graph: that one took seconds; nor from one only launched, `_overlaps`: the next step
+                # times it, and every step after it while they overlap)
+                self._observe(sched.decoder.stride, len(sched.decodes), dt)
         if not self._text_streamed:  # no device step to hide it behind (prefill only, an eager decoder)
             self._stream_text(updates)
         return list(updates.values())
+
+    def _observe(self, n: int, rows: int, seconds: float) -> None:
+        self._cost.observe(n, rows, seconds)
+        self._times.observe(n, self.runner.bucket(rows), seconds)
 
     def _stream_text(self, updates) -> None:
         """The text of the ids kept since the last call (`StopChecker.flush_text`) into this step's outputs.
@@ -836,10 +844,10 @@ class LLMEngine:
         if decoder.fused:
             tensors, static = decoder.step_inputs(states, params, rngs, self.model.config.vocab_size,
                                                   self.runner.device)
-            if self._overlaps(decoder, static):  # launch only: its results are applied in the next `step`
+            if self._overlaps(decoder, static, rngs):  # launch only: its results are applied in the next `step`
                 pending = self.runner.decode(batch, decoder, tensors, static, defer=True)
                 self._kept_from = None
-                self._inflight = _InFlight(rows, decoder, pending)
+                self._inflight = _InFlight(rows, decoder, pending, sampled="draw" in tensors)
                 self._stream_text(updates)
                 return
             packed, extra = self.runner.decode(batch, decoder, tensors, static)
@@ -885,14 +893,13 @@ class LLMEngine:
 
     # ----------------------------------------------------------------- overlapped steps
 
-    def _overlaps(self, decoder, static: dict) -> bool:
+    def _overlaps(self, decoder, static: dict, rngs: list) -> bool:
         """Whether this decode step may be launched without waiting for its results (`EngineConfig.overlap`):
-        graph steps of a fixed stride (not "auto", not warm-up's forced strides), greedy, no logprobs, whose
+        graph steps without logprobs, every row with its own random stream, whose
         next block the decoder can form on the device — and never inside `_isolated`'s one-by-one rerun."""
         return (self.config.overlap and self.runner.use_graphs and not self.config.exact and not self._rerun
-                and self.config.stride != "auto" and self._forced_stride is None and static.get("greedy") is True
-                and static.get("logprobs") is None and type(decoder).next_inputs is not Decoder.next_inputs
-                and not getattr(decoder, "per_row", False))
+                and static.get("logprobs") is None
+                and type(decoder).next_inputs is not Decoder.next_inputs and all(r is not None for r in rngs))
 
     def _live(self, seq: Sequence) -> bool:
         return self.seqs.get(seq.request_id) is seq and seq.status is SeqStatus.RUNNING
@@ -905,13 +912,20 @@ class LLMEngine:
         inf = self._inflight
         seqs = list(inf.rows.seqs)
         sch = self.scheduler
-        if inf.stale or self._forced_stride is not None or sch.running != seqs or not all(self._live(s) for s in seqs):
+        if inf.stale or sch.running != seqs or not all(self._live(s) for s in seqs):
             return False
         if sch.waiting and len(seqs) < sch.max_num_seqs and admits_now(len(seqs), len(sch.waiting), sch.max_num_seqs,
                                                                       sch.admit_batch):
             return False  # the scheduler would admit one now
-        n, branches = self._fixed_stride(len(seqs))
         decoder = inf.decoder
+        if self._forced_stride is not None:  # (`warmup`: so that it captures the chained steps' graphs too)
+            n, branches = self._forced_stride, None
+        elif self.config.stride == "auto":  # between two choices of the adaptive stride: the same N and row strides
+            if self._choice_due():
+                return False  # (the synchronous step chooses: from what is committed by then)
+            n, branches = self._auto.stride, None
+        else:
+            n, branches = self._fixed_stride(len(seqs))
         if self._decoder(n, branches) is not decoder:
             return False
         bm, q, adv = self.block_manager, decoder.query_len, decoder.max_advance
@@ -934,18 +948,29 @@ class LLMEngine:
             logger.warning("an overlapped decode step could not be launched; running synchronously: %r", e)
             return False
         self.stride_mix[n] = self.stride_mix.get(n, 0) + 1
+        if self.config.stride == "auto":  # (`_step_decoder`'s bookkeeping; the rows' own strides are unchanged)
+            if self._forced_stride is None:
+                self._auto_steps += 1
+            self._set_row_strides(seqs, n)
         self.counters["overlapped_steps"] += 1
-        self._inflight = _InFlight(inf.rows, decoder, pending)
+        if inf.sampled:  # the device moved every row's draw number on (`advanced_inputs`): so does the host
+            for r in inf.rows.rngs:
+                r.draw += 1
+        self._inflight = _InFlight(inf.rows, decoder, pending, sampled=inf.sampled)
         self._stream_text(updates)  # (the last step's text, while the device runs)
+        self._prechoose(seqs)
         self._complete(inf, updates, release=False)
         if not all(self._live(s) for s in seqs):
             self._inflight.stale = True
         return True
 
     def _drain(self, updates) -> None:
-        """Apply the in-flight step's results (nothing launched after it)."""
+        """Apply the in-flight step's results (nothing launched after it). Its q̃ output, which rows keep by
+        reference, is the graph's: rows that sit the next step out get their own copy (`_spill_kept`)."""
         inf, self._inflight = self._inflight, None
         self._complete(inf, updates, release=True)
+        extra = inf.pending.extra
+        self._kept_from = (list(inf.rows.seqs), extra) if extra is not None else None
 
     def _complete(self, inf: _InFlight, updates, release: bool) -> None:
         """Wait for a launched step's results and apply them to its rows that are still live. Its block is
@@ -1030,8 +1055,8 @@ class LLMEngine:
             for n in self.config.strides if sizes else ():  # all_batches: every bucket above 1
                 self._forced_stride = n
                 t0 = time.perf_counter()
-                for rows in sizes:  # 3 tokens: the prefill's, a cold step, a verify step (sampled: the graphs
-                    greedy_and_sampled(rows, 3)  # without and with kept q̃)
+                for rows in sizes:  # 3 tokens: the prefill's, a cold step, a verify step (and the chained
+                    greedy_and_sampled(rows, 3)  # step's graph where steps overlap)
                 seconds[n] = round(seconds[n] + time.perf_counter() - t0, 3)
         finally:
             self._forced_stride = None

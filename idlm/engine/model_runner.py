@@ -162,9 +162,9 @@ class ModelRunner:
 
     @property
     def graphs_captured(self) -> int:
-        """CUDA graphs captured so far (a step that captures one also compiles its kernels: seconds, not
-        milliseconds, so timing-based decisions skip it)."""
-        return len(self._graphs)
+        """CUDA graphs captured so far, chained steps' too (a step that captures one also compiles its kernels:
+        seconds, not milliseconds, so timing-based decisions skip it)."""
+        return len(self._graphs) + sum(g.chain is not None for g in self._graphs.values())
 
     def _blocks_from_memory(self, utilization: float, max_num_seqs: int) -> int:
         """Pages for the KV pool: `utilization` of the free device memory (less 512 MiB for activations
@@ -389,9 +389,14 @@ class ModelRunner:
         graph's output tensors (where the next chained step and the host read them)."""
         cols, trash, bs = _columns(g.layout["i"]), self.kv.trash_slot, self.block_size
 
+        # a sampled ISD step: the drafts' q̃ are the last step's output (a device input; on CPU a packed one)
+        kept = g.dev_inputs.get("dec.q_old", g.raw.get("dec.q_old"))
+
         def step():
             g.buffers["i"].copy_(advanced_inputs(g.outputs[0], g.buffers["i"], g.buffers["t"], decoder, cols, trash,
                                                  bs))
+            if kept is not None:
+                kept.copy_(g.outputs[1][:, : kept.shape[1]])
             packed, extra = g.run()
             g.outputs[0].copy_(packed)
             if extra is not None:
@@ -541,10 +546,11 @@ def advanced_inputs(packed: torch.Tensor, ints: torch.Tensor, tables: torch.Tens
                     trash: int, bs: int) -> torch.Tensor:
     """A chained step's int64 inputs [B, W] (the packed "i" group, `_columns` layout `cols`) from the last
     step's: packed output [B, F], its int64 inputs and the block tables [B, M]. The decoder's next inputs
-    (`Decoder.next_inputs`: tokens, MASK / gate, its per-row state) for every row; starts and positions moved
-    by each row's advance and KV slots looked up in its table — for the batch's rows only: a padding row
-    (its KV slots the trash slot) keeps its positions and trash slots. Block row i's KV slot is that of
-    position start + i (not of its position: rejection branches share positions). Row-wise, pure."""
+    (`Decoder.next_inputs`: tokens, MASK / gate, its per-row state) and draw numbers (one more) for every row;
+    starts and positions moved by each row's advance and KV slots looked up in its table for the batch's rows
+    only: a padding row (its KV slots the trash slot) keeps its positions and trash slots. Block row i's KV
+    slot is that of position start + i (not of its position: rejection branches share positions). Row-wise,
+    pure."""
     raw = {name: ints[:, a:b].reshape(-1, *shape) for name, a, b, shape in cols}
     raw["tables"] = tables
     advance, new = decoder.next_inputs(packed, raw)
@@ -554,6 +560,8 @@ def advanced_inputs(packed: torch.Tensor, ints: torch.Tensor, tables: torch.Tens
     at = starts[:, None] + torch.arange(raw["slots"].shape[1], device=ints.device)
     slots = torch.where(valid[:, None], tables.gather(1, at // bs) * bs + at % bs, raw["slots"])
     values = {**new, "starts": starts, "positions": raw["positions"] + advance[:, None], "slots": slots}
+    if "dec.draw" in raw:  # a sampled step: each row's next draw number (`take_draws`: one a step)
+        values["dec.draw"] = raw["dec.draw"] + 1
     return torch.cat([ints[:, a:b] if name not in values else values[name].reshape(ints.shape[0], b - a).long()
                       for name, a, b, _ in cols], dim=1)
 

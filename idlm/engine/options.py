@@ -9,7 +9,7 @@ EXACT_HELP = ("exact mode: every token's logits bit-identical whatever the batch
               "(greedy ISD / R-ISD then equal AR in bf16 too); slower; needs the Triton kernels (docs/exact.md)")
 
 OVERLAP_HELP = ("launch each decode step before the last one's results reach the host, where steps replay CUDA "
-                "graphs (fixed-stride greedy batches; same tokens): --no-overlap waits for every step")
+                "graphs (stable batches without logprobs; same tokens): --no-overlap waits for every step")
 
 
 def default_stride(decoder: str, exact: bool = False, stride_schedule=None) -> int | str:
