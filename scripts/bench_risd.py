@@ -26,7 +26,8 @@ Stages (comma-separated argv[1], default all):
          greedy and T = 0.7
   overlap  the CUDA path of overlapped steps (`EngineConfig.overlap`): engine AR, R-ISD and R-ISD with rejection
          branches on idlm-tiny-ar and the SmolLM2 shape ($OVERLAP_DTYPES, default float32,bfloat16), 16 greedy
-         requests of varied lengths at C = 1 and 16, overlapped vs synchronous: identical tokens per request,
+         requests of varied lengths at C = 1 and 16 ($OVERLAP_TEMPS, default 0: greedy; e.g. 0,0.7: seeded
+         sampled requests too), overlapped vs synchronous: identical tokens per request,
          the steps chained, pages all returned (bf16 at C = 16 may differ where a finished row's last chained step
          gives the batch another shape than the synchronous step: not batch-invariant, unlike exact mode)
 
@@ -470,23 +471,25 @@ def stage_overlap():
             g = torch.Generator().manual_seed(0)
             prompts = [torch.randint(10, 40000, (int(n),), generator=g).tolist()
                        for n in torch.randint(8, 200, (16,), generator=g)]
-        params = [SamplingParams(temperature=0, max_tokens=40 + 13 * i, ignore_eos=True) for i in range(16)]
-        for kind, cfg in (("ar", dict(decoder="ar")), ("risd", dict(decoder="risd", stride=4)),
-                          ("risd_br", dict(decoder="risd", stride=4, branches=True))):
-            for conc in (1, 16):
-                toks, info = {}, {}
-                for overlap in (False, True):
-                    eng = LLMEngine(model, tok, EngineConfig(max_num_seqs=conc, num_pages=4096, overlap=overlap,
-                                                             **cfg), lora=lora if kind != "ar" else None)
-                    toks[overlap] = [o.token_ids for o in eng.run(prompts, params)]
-                    bm = eng.block_manager
-                    info[overlap] = {"pages_back": bm.num_free_pages
-                                     == bm.num_pages, "overlapped_steps": eng.counters["overlapped_steps"],
-                                     "decode_steps": eng.counters["decode_forwards"]}
-                same = sum(a == b for a, b in zip(toks[True], toks[False]))
-                key = f"{name}/{dtype}/{kind}/C{conc}"
-                out[key] = {"identical": f"{same}/{len(prompts)}", "sync": info[False], "overlap": info[True]}
-                print(json.dumps({key: out[key]}), flush=True)
+        temps = [float(t) for t in os.environ.get("OVERLAP_TEMPS", "0").split(",")]
+        for temp, kind, cfg, conc in [(t, k, c, n) for t in temps for k, c in (
+                ("ar", dict(decoder="ar")), ("risd", dict(decoder="risd", stride=4)),
+                ("risd_br", dict(decoder="risd", stride=4, branches=True))) for n in (1, 16)]:
+            params = [SamplingParams(temperature=temp, seed=i, max_tokens=40 + 13 * i, ignore_eos=True)
+                      for i in range(16)]
+            toks, info = {}, {}
+            for overlap in (False, True):
+                eng = LLMEngine(model, tok, EngineConfig(max_num_seqs=conc, num_pages=4096, overlap=overlap,
+                                                         **cfg), lora=lora if kind != "ar" else None)
+                toks[overlap] = [o.token_ids for o in eng.run(prompts, params)]
+                bm = eng.block_manager
+                info[overlap] = {"pages_back": bm.num_free_pages
+                                 == bm.num_pages, "overlapped_steps": eng.counters["overlapped_steps"],
+                                 "decode_steps": eng.counters["decode_forwards"]}
+            same = sum(a == b for a, b in zip(toks[True], toks[False]))
+            key = f"{name}/{dtype}/T{temp}/{kind}/C{conc}"
+            out[key] = {"identical": f"{same}/{len(prompts)}", "sync": info[False], "overlap": info[True]}
+            print(json.dumps({key: out[key]}), flush=True)
     emit("overlap", out)
 
 
