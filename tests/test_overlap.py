@@ -258,3 +258,27 @@ def test_steps_chain_while_requests_wait_for_a_seat(model):
         if overlap:
             assert eng.counters["overlapped_steps"] > eng.counters["decode_forwards"] // 2
     assert outs[True] == outs[False]
+
+
+@pytest.mark.parametrize("decoder,stride,branches", CASES)
+def test_a_row_preempted_while_its_step_is_in_flight_resumes_exactly(model, decoder, stride, branches):
+    """A request preempted (its pages freed, recomputed later) while its step is in flight: that step's results
+    are dropped — its tokens and its decoder state alike — and the request resumes from what it had applied;
+    greedy tokens stay the reference decoder's."""
+    m, lora = model
+    prompts = _prompts(4, seed=8)
+    params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True) for _ in prompts]
+    ref = generate(m, make_decoder(decoder, stride, m.config, branches=branches), prompts, params,
+                   lora=lora if decoder == "risd" else None)
+    eng = _engine(model, decoder, stride, branches)
+    ids = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
+    outs, steps, preempted = {}, 0, 0
+    while eng.has_unfinished():
+        outs.update((o.request_id, o.output) for o in eng.step() if o.finished)
+        steps += 1
+        if steps % 5 == 0 and eng._inflight is not None and eng.scheduler.running:
+            eng.scheduler.preempt(eng.scheduler.running[0])
+            preempted += 1
+    assert preempted >= 2
+    assert [outs[i].token_ids for i in ids] == [o.token_ids for o in ref]
+    _check_pool(eng)

@@ -39,6 +39,7 @@ preemptions (`_prompt_positions`).
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import time
@@ -981,10 +982,12 @@ class LLMEngine:
         if not any(live):
             return
         block_tokens = decoder.blocks(rows.states).tokens.tolist()
-        # a row that finished or failed after the launch: its (wasted) results touch no statistics
+        # a row that finished, failed, was aborted or preempted after the launch: its (wasted) results touch
+        # neither its statistics nor its decoder state (a preempted request resumes from the state it had)
         stats = [st if ok else DecodeStats() for st, ok in zip(rows.stats, live)]
+        states = [st if ok else copy.copy(st) for st, ok in zip(rows.states, live)]
         try:
-            results = decoder.finish(rows.states, host, inf.pending.extra, rows.params, stats)
+            results = decoder.finish(states, host, inf.pending.extra, rows.params, stats)
         except Exception as e:
             if is_fatal(e):
                 raise
