@@ -131,7 +131,9 @@ def stage_step():
     and T = 0.7: one engine per kind, run in turns (`interleaved_steps`: ROUNDS rounds of 10 steps each, so
     the host's slow spells fall on every kind alike); <kind>_over_ar is the median of the per-round ratios
     to AR at the same temperature (whole runs one after the other, this stage's method until session 21,
-    moved the ratio by ±0.2 between processes)."""
+    moved the ratio by ±0.2 between processes). STEP_FRESH=1: each round's 10 steps are a new request's
+    first ones, so every kind is timed over the same contexts (else R-ISD, ~3 tokens a step, runs at longer
+    contexts than AR as the rounds go on)."""
     from idlm.bench.offline import interleaved_steps
     from idlm.engine.llm_engine import freeze_gc
 
@@ -173,7 +175,8 @@ def stage_step():
                         eng.run([prompt], params)  # warm-up: compiles, graph captures
                     cases[k if variant == "default" else f"{k}@{variant}"] = (eng, prompt, params)
             freeze_gc()
-            res = interleaved_steps(cases, rounds=int(os.environ.get("ROUNDS", "20")))
+            res = interleaved_steps(cases, rounds=int(os.environ.get("ROUNDS", "20")),
+                                    fresh=os.environ.get("STEP_FRESH") == "1")
             for k in [k for k in res if k != "ar"]:
                 res[f"{k}_over_ar"] = res[k]["over_ar"]
                 kind, _, variant = k.partition("@")

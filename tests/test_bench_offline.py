@@ -243,6 +243,14 @@ def test_interleaved_steps_times_every_case_in_turns(ckpt):
     assert cases["ar"][0].counters["decode_forwards"] == 12 == cases["isd"][0].counters["decode_forwards"]
     with pytest.raises(ConfigError, match="rounds >= 1"):
         interleaved_steps(cases, rounds=0)
+    # fresh: each round's chunk is a new request's first steps (the last one aborted)
+    cases["ar"] = (cases["ar"][0], prompt, SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True))
+    aborted = cases["ar"][0].counters["aborted"]
+    interleaved_steps({"ar": cases["ar"]}, rounds=3, chunk=4, fresh=True)
+    # rounds 2 and 3 abort the chunk before (50 tokens outlast 4 steps); round 1 the last run's, if unfinished
+    assert cases["ar"][0].counters["aborted"] - aborted in (2, 3)
+    assert cases["ar"][0].num_running == 1 and cases["ar"][0].seqs[max(cases["ar"][0].seqs, key=int)].num_computed \
+        < len(prompt) + 6  # the last chunk's request: its prompt and 4 tokens (+1 drawn at prefill)
 
 
 def test_stop_at_eos_lets_requests_end_and_is_reported(ckpt):

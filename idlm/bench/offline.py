@@ -347,13 +347,17 @@ def step_phases(engine, prompt: list[int], params: SamplingParams) -> dict:
                           for n, v in sorted(by_stride.items())}}
 
 
-def interleaved_steps(cases: dict, rounds: int = 20, chunk: int = 10) -> dict:
+def interleaved_steps(cases: dict, rounds: int = 20, chunk: int = 10, fresh: bool = False) -> dict:
     """Decode-step wall times of several engines measured in turns, so that the host's slow spells (its
     timing moves ±30% between runs a few hundred ms apart) fall on every case alike: `cases` maps a name
     to (engine, prompt, params) — one request per engine, restarted when it finishes; each round runs
     `chunk` decode steps of every case in turn. -> per case the median step (ms), each round's median
     and the tokens per step; and each case's ratio to the first case, round by round (median of the
-    per-round ratios: the measure for "a step of B costs ≤ x × a step of A")."""
+    per-round ratios: the measure for "a step of B costs ≤ x × a step of A").
+
+    fresh: every round's chunk starts a new request (the last one aborted), so every case is timed over
+    the same contexts — its prompt plus at most chunk × its tokens per step — instead of one that commits
+    more tokens a step (ISD) being timed, as its request runs on, at ever longer contexts than AR."""
     if rounds < 1 or chunk < 1:
         raise ConfigError(f"interleaved_steps needs rounds >= 1 and chunk >= 1, got {rounds} and {chunk}")
     per_round: dict[str, list[list[float]]] = {name: [] for name in cases}
@@ -361,6 +365,9 @@ def interleaved_steps(cases: dict, rounds: int = 20, chunk: int = 10) -> dict:
     for _ in range(rounds):
         for name, (eng, prompt, params) in cases.items():
             times: list[float] = []
+            if fresh:
+                for rid in list(eng.seqs):
+                    eng.abort_request(rid)
             while len(times) < chunk:
                 if not eng.has_unfinished():
                     eng.add_request(prompt, params)
