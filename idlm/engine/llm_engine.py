@@ -463,32 +463,38 @@ class LLMEngine:
             n, branches = self._fixed_stride(len(decodes))
         else:
             if self._choice_due():
-                bucket = self.runner.bucket(len(decodes))
-                pre, self._prechosen = self._prechosen, None
-                if pre is not None and self.runner.bucket(len(pre[1])) == bucket:
-                    choice, chosen_for = pre  # made during the last step (`_prechoose`)
-                else:
-                    choice, chosen_for = self._choose_stride(decodes), decodes
-                probe = stride_to_probe(choice, self._times.seconds(bucket))  # a close stride of a kind never run
-                refresh = self.config.auto_refresh
-                if probe is None and refresh and self._auto_steps - self._refreshed >= refresh:
-                    # re-measure the best stride whose measurement here has expired
-                    probe = stride_to_refresh(choice, self._times.expired(bucket))
-                    if probe is not None:
-                        self._refreshed = self._auto_steps
-                self._auto = choice if probe is None else StrideChoice(probe, choice.rates[probe], choice.rates)
-                # a probe runs only the steps that measure it (`StepTimer.min_samples`), not a whole interval:
-                # it is a stride rated below the choice, and at a large batch each of its steps can cost
-                # several plain AR steps (the H200's 8B table: 0.85x AR at C = 128 with 20 steps of probes)
-                self._next_choice = self._auto_steps + (self.config.auto_interval if probe is None
-                                                        else self._times.min_samples)
-                rows = self._auto.rows or ()
-                self._auto_rows = {seq.request_id: r for seq, r in zip(chosen_for, rows) if r < self._auto.stride}
+                self._choose(decodes)
             self._auto_steps += 1
             n = self._auto.stride
             self._set_row_strides(decodes, n)
         self.stride_mix[n] = self.stride_mix.get(n, 0) + 1
         return self._decoder(n, branches)
+
+    def _choose(self, decodes: list[Sequence]) -> None:
+        """The adaptive stride's choice for the coming interval (`_auto`, `_next_choice`, each row's own stride
+        in `_auto_rows`): the one made during the last step (`_prechoose`) if it was made for this batch's
+        bucket, else one made now; or a probe / refresh of a stride to measure."""
+        bucket = self.runner.bucket(len(decodes))
+        pre, self._prechosen = self._prechosen, None
+        if pre is not None and self.runner.bucket(len(pre[1])) == bucket:
+            choice, chosen_for = pre  # made during the last step (`_prechoose`)
+        else:
+            choice, chosen_for = self._choose_stride(decodes), decodes
+        probe = stride_to_probe(choice, self._times.seconds(bucket))  # a close stride of a kind never run
+        refresh = self.config.auto_refresh
+        if probe is None and refresh and self._auto_steps - self._refreshed >= refresh:
+            # re-measure the best stride whose measurement here has expired
+            probe = stride_to_refresh(choice, self._times.expired(bucket))
+            if probe is not None:
+                self._refreshed = self._auto_steps
+        self._auto = choice if probe is None else StrideChoice(probe, choice.rates[probe], choice.rates)
+        # a probe runs only the steps that measure it (`StepTimer.min_samples`), not a whole interval:
+        # it is a stride rated below the choice, and at a large batch each of its steps can cost
+        # several plain AR steps (the H200's 8B table: 0.85x AR at C = 128 with 20 steps of probes)
+        self._next_choice = self._auto_steps + (self.config.auto_interval if probe is None
+                                                else self._times.min_samples)
+        rows = self._auto.rows or ()
+        self._auto_rows = {seq.request_id: r for seq, r in zip(chosen_for, rows) if r < self._auto.stride}
 
     def _fixed_stride(self, batch: int) -> tuple[int, bool | None]:
         """(N, branches) of a fixed stride or a stride schedule at this batch size (branches None: as
@@ -921,10 +927,13 @@ class LLMEngine:
         decoder = inf.decoder
         if self._forced_stride is not None:  # (`warmup`: so that it captures the chained steps' graphs too)
             n, branches = self._forced_stride, None
-        elif self.config.stride == "auto":  # between two choices of the adaptive stride: the same N and row strides
-            if self._choice_due():
-                return False  # (the synchronous step chooses: from what is committed by then)
+        elif self.config.stride == "auto":
+            if self._choice_due():  # choose now (from what is committed: the step in flight is not yet)
+                self._choose(seqs)
             n, branches = self._auto.stride, None
+            own = self._auto_rows if n > 1 else {}
+            if any(seq.state.n != own.get(seq.request_id) for seq in seqs):
+                return False  # rows change strides (the synchronous step sets them; the choice stands)
         else:
             n, branches = self._fixed_stride(len(seqs))
         if self._decoder(n, branches) is not decoder:
