@@ -31,6 +31,12 @@ of an unchanged batch are reused (`_BatchRows`, and with them the decoders' para
 checks without a tokenizer take no per-token detour (`StopChecker.accept`). What remains per request
 is applying its result: commit, output, stop rules. `tests/test_engine_host.py` measures it.
 
+Overlapped steps (`EngineConfig.overlap`, on where decode steps replay CUDA graphs): a stable batch's next
+decode step is launched before the last one's results reach the host — its block formed on the device from
+the last step's output (`Decoder.next_inputs`, `ModelRunner.decode_next`) — and the last step's results are
+applied while it runs (`_chain`, `_complete`); any change of the batch drains the step in flight and takes the
+ordinary path (`_drain`). Same tokens as synchronous steps (`tests/test_overlap.py`).
+
 Logprobs (`SamplingParams.logprobs`) come out of the decoders' `compute`/`finish` like the tokens.
 Prompt logprobs (`prompt_logprobs`) are scored from the prefill forward itself, chunk by chunk (a
 chunk's last position predicts the next chunk's first token), once per prompt token even across

@@ -11,7 +11,9 @@ need). A decode step of a fused decoder (AR, ISD, R-ISD) is forward + logits + t
 (sampling, verification) in one function; on CUDA it is captured once per (batch bucket, Q, page
 bucket, decoder options — incl. the static logprobs width, so steps without logprobs keep their own
 graphs) and replayed, so one step is a few host-to-device copies, one graph launch and one
-device-to-host copy (the packed results).
+device-to-host copy (the packed results). `decode_next` continues the last graph step without the host: a
+second graph per step graph forms the next inputs from the last output on the device, then runs the step
+(the engine's overlapped steps).
 The KV pool is sized from free GPU memory (`gpu_memory_utilization`; on CPU from what the model and
 `max_num_seqs` requests of `max_model_len` need, at most 1 GiB) or given as `num_pages`.
 Decode steps attend over the pool with the Triton paged kernel on CUDA (`attention="auto"`); prefill
