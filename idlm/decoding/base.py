@@ -222,14 +222,14 @@ class Decoder:
     max_advance: int = 1  # the most KV positions one step commits (AR 1, ISD N)
 
     def next_inputs(self, packed: torch.Tensor, inputs: dict[str, torch.Tensor]
-                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """On the device: a step's packed output [B, F] and its inputs (the runner's names: "tokens",
         "is_mask", "gate", "dec."-prefixed decoder tensors; [B, ...]) -> (advance [B] int64: the positions the
         step commits, {name: the next step's value}) for the inputs that follow from the output. What `finish`
         then `blocks` and `step_inputs` give on the host, for a batch of unchanged rows, every row at the
         step's stride, no logprobs. (The runner moves each row's draw number on by one and hands a sampled step
-        the last step's q̃ output itself.) None: this decoder's next block needs the host."""
-        return None
+        the last step's q̃ output itself.) A decoder that does not override it is never overlapped."""
+        raise NotImplementedError(f"decoder {self.name!r} cannot form its next inputs on the device")
 
     def step(self, states: list, logits: torch.Tensor, params: list[SamplingParams],
              rngs: list, stats: list[DecodeStats]) -> list[StepResult]:

@@ -219,27 +219,19 @@ class ISDDecoder(Decoder):
         drafts from slots 1..N−1; V: MASK from slot N, drafts from N..2N−2), looked up per row — a few numpy
         calls whatever B, where the general path's dozen cost ~0.1 ms a step at batch 1."""
         n, q, mask = self.stride, self.query_len, self.mask_token_id
-        is_mask, gate = self._row_patterns()
-        c_tail, v_tail = [mask] * (q - 1), [mask] * (q - n)
-        tokens = np.array([[s.last, *s.specs, *v_tail] if s.mode == "V" else [s.last, *c_tail] for s in states],
-                          dtype=np.int64).reshape(len(states), q)
-        kind = np.fromiter((s.mode == "V" for s in states), np.intp, len(states))
-        return self._tree(BlockBatch(tokens, is_mask[kind], gate[kind] if self.uses_lora else None))
-
-    def _row_patterns(self) -> tuple[np.ndarray, np.ndarray]:
-        """(is_mask, gate) [2, Q] bool of a C row (0) and a V row (1) at the step's stride N: C MASK from slot 1,
-        drafts from slots 1..N−1; V MASK from slot N, drafts from N..2N−2; the branches' rows draft too."""
-        n, q = self.stride, self.query_len
         key = (n, q, self.uses_lora)
         if self._patterns_cache is None or self._patterns_cache[0] != key:
             index = np.arange(q)
             first = np.array([[1], [n]]) if n > 1 else np.array([[q], [q]])  # rows C, V; n = 1: no MASK slot
             is_mask = index >= first  # [2, Q]
-            gate = is_mask & ((index < first + n - 1) | (index >= self.main_len))
+            gate = is_mask & ((index < first + n - 1) | (index >= self.main_len))  # the branches' rows draft too
             self._patterns_cache = (key, is_mask, gate)
-        return self._patterns_cache[1], self._patterns_cache[2]
-
-    _device_patterns: tuple | None = None
+        _, is_mask, gate = self._patterns_cache
+        c_tail, v_tail = [mask] * (q - 1), [mask] * (q - n)
+        tokens = np.array([[s.last, *s.specs, *v_tail] if s.mode == "V" else [s.last, *c_tail] for s in states],
+                          dtype=np.int64).reshape(len(states), q)
+        kind = np.fromiter((s.mode == "V" for s in states), np.intp, len(states))
+        return self._tree(BlockBatch(tokens, is_mask[kind], gate[kind] if self.uses_lora else None))
 
     @property
     def max_advance(self) -> int:
@@ -249,45 +241,28 @@ class ISDDecoder(Decoder):
         """The device form of `finish` + `blocks` + `step_inputs`' is_v / specs (see `Decoder.next_inputs`):
         a V row commits 1 + n_accepted positions, a C row 1; the next row is V (its drafts to verify) after a
         C row, after a V row that accepted all its K, or always with rejection branches — if it drafts at all
-        (a row of its own N = 1 does not); else C. Its tokens are [final, drafts or MASK, MASK...]. Rows of their
-        own stride (`dec.k_row`, per-row inputs) fill their first 2n−1 slots; their specs past K are zeros, as a
-        C row's are never read."""
+        (a row of its own N = 1 does not); else C. Its tokens are [final, its K drafts or MASK, MASK...], MASK
+        from slot 1 (C) or K + 1 (V), the gate on the K slots from there and the branches' rows (`blocks`).
+        K is each row's own (`dec.k_row`, per-row inputs) or the step's; specs past it are zeros, as a C row's
+        are never read."""
         k, q, mask = self.stride - 1, self.query_len, self.mask_token_id
-        if k < 1:
-            return None
         was_v = inputs["dec.is_v"].bool()  # [B]
         n_acc, final = packed[:, 0].long(), packed[:, 1].long()  # [B]
         drafts = packed[:, 2: 2 + k].long()  # [B, K]
         k_row = inputs.get("dec.k_row")
-        kb = k if k_row is None else k_row.long()  # each row's K: [B] or the step's
+        kb = torch.full_like(n_acc, k) if k_row is None else k_row.long()  # [B] each row's K
         advance = torch.where(was_v, n_acc + 1, torch.ones_like(n_acc))
-        next_v = torch.ones_like(was_v) if self.branches else ~was_v | (n_acc == kb)
+        next_v = (torch.ones_like(was_v) if self.branches else ~was_v | (n_acc == kb)) & (kb > 0)
+        own = torch.arange(k, device=packed.device) < kb[:, None]  # [B, K]: the row's own drafts
         tokens = torch.full((packed.shape[0], q), mask, dtype=torch.int64, device=packed.device)
         tokens[:, 0] = final
-        out = {"tokens": tokens, "dec.is_v": next_v}
-        if k_row is None:
-            tokens[:, 1: k + 1] = torch.where(next_v[:, None], drafts, mask)
-            out["dec.specs"] = drafts
-        else:
-            next_v = out["dec.is_v"] = next_v & (kb > 0)
-            own = torch.arange(k, device=packed.device) < kb[:, None]  # [B, K]: the row's own drafts
-            tokens[:, 1: k + 1] = torch.where(next_v[:, None] & own, drafts, mask)
-            out["dec.specs"] = torch.where(own, drafts, 0)
+        tokens[:, 1: k + 1] = torch.where(next_v[:, None] & own, drafts, mask)
+        out = {"tokens": tokens, "dec.is_v": next_v, "dec.specs": torch.where(own, drafts, 0)}
         if self.uses_lora:
-            if k_row is None:
-                dev = self._device_patterns  # (a decoder's stride and block are fixed: cached per device)
-                if dev is None or dev[0] != packed.device:
-                    is_mask, gate = self._row_patterns()
-                    dev = self._device_patterns = (packed.device, torch.from_numpy(is_mask).to(packed.device),
-                                                   torch.from_numpy(gate).to(packed.device))
-                kind = next_v.long()
-                out["is_mask"], out["gate"] = dev[1][kind], dev[2][kind]
-            else:  # `blocks`' per-row rows: MASK from slot 1 (C) or n (V), drafts from there for the row's K
-                index = torch.arange(q, device=packed.device)
-                first = torch.where(next_v, kb + 1, 1)[:, None]
-                is_mask = index >= first
-                out["is_mask"] = is_mask
-                out["gate"] = is_mask & ((index < first + kb[:, None]) | (index >= self.main_len))
+            index = torch.arange(q, device=packed.device)
+            first = torch.where(next_v, kb + 1, 1)[:, None]
+            out["is_mask"] = index >= first
+            out["gate"] = out["is_mask"] & ((index < first + kb[:, None]) | (index >= self.main_len))
         return advance, out
 
     fused = True

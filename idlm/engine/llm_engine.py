@@ -508,10 +508,14 @@ class LLMEngine:
         limit = self.config.branches_max_batch
         return self.config.stride_for(batch), (False if limit is not None and batch > limit else None)
 
+    def _own_strides(self, n: int) -> dict[str, int]:
+        """{request id: its own stride} of the rows that run less than a step of stride n (none when n = 1)."""
+        return self._auto_rows if n > 1 else {}
+
     def _set_row_strides(self, decodes: list[Sequence], n: int) -> None:
         """Each row's own stride for a step of stride n (`ISDState.n`; None: n): what the last choice gave
         it, n for rows that arrived since. Counted in `row_stride_mix`."""
-        mix, own = self.row_stride_mix, self._auto_rows if n > 1 else {}
+        mix, own = self.row_stride_mix, self._own_strides(n)
         if not own:  # the common case: every row runs the step's stride
             for seq in decodes:
                 seq.state.n = None
@@ -937,7 +941,7 @@ class LLMEngine:
             if self._choice_due():  # choose now (from what is committed: the step in flight is not yet)
                 self._choose(seqs)
             n, branches = self._auto.stride, None
-            own = self._auto_rows if n > 1 else {}
+            own = self._own_strides(n)
             if any(seq.state.n != own.get(seq.request_id) for seq in seqs):
                 return False  # rows change strides (the synchronous step sets them; the choice stands)
         else:

@@ -156,6 +156,7 @@ class ModelRunner:
         self.min_table = KERNEL_TABLE_PAGES if self.attn_kernel else 4
         self._graphs: dict[tuple, _Graph] = {}
         self._last: tuple | None = None  # (graph, rows, decoder) of the last graph step (`decode_next`)
+        self._captures = 0  # step graphs and chained steps' graphs captured (`graphs_captured`)
         self._pool = None
 
     def bucket(self, batch: int) -> int:
@@ -166,7 +167,7 @@ class ModelRunner:
     def graphs_captured(self) -> int:
         """CUDA graphs captured so far, chained steps' too (a step that captures one also compiles its kernels:
         seconds, not milliseconds, so timing-based decisions skip it)."""
-        return len(self._graphs) + sum(g.chain is not None for g in self._graphs.values())
+        return self._captures
 
     def _blocks_from_memory(self, utilization: float, max_num_seqs: int) -> int:
         """Pages for the KV pool: `utilization` of the free device memory (less 512 MiB for activations
@@ -350,6 +351,7 @@ class ModelRunner:
         g = self._graphs.get(key)
         if g is None:
             g = self._graphs[key] = self._capture(decoder, host, on_device, static, Bp)
+            self._captures += 1
         _fill(g.views, g.layout, host, Bp, g.filled)
         for group in g.layout:  # one host-to-device copy per dtype group
             g.buffers[group].copy_(g.staging[group], non_blocking=True)
@@ -382,6 +384,7 @@ class ModelRunner:
             g.buffers["t"][:B].copy_(tables, non_blocking=True)  # (rows 0..B−1: padding rows keep theirs)
         if g.chain is None:
             g.chain = self._capture_chain(g, decoder)
+            self._captures += 1
         g.chain.replay()
         return self._pending(g, B)
 
@@ -410,8 +413,6 @@ class ModelRunner:
         step = self._chain_step(g, decoder)
         if g.pinned is None:  # CPU (tests): run it eagerly
             return _Eager(step)
-        if decoder.next_inputs(g.outputs[0][:1], {k: v[:1] for k, v in g.raw.items()}) is None:
-            raise ValueError(f"decoder {decoder.name!r} cannot form its next inputs on the device")
         stream = torch.cuda.Stream()  # warm up (compile) `advanced_inputs` outside the graph: a pure function
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -618,8 +619,7 @@ def _pack(host: dict, rows: int, device, pin: bool):
     return layout, staging, buffers
 
 
-def _fill(staging: dict[str, np.ndarray], layout, host: dict, rows: int, filled: dict | None = None,
-          only: bool = False) -> None:
+def _fill(staging: dict[str, np.ndarray], layout, host: dict, rows: int, filled: dict | None = None) -> None:
     """Write a step's host inputs into the staging buffers' numpy views, in `layout`'s columns; an input of
     fewer rows is padded by repeating its row 0 (as `_pad_rows`). numpy assignments in place: about half
     the time of building the buffer with torch ops (reshape, cast, cat per input): on this project's CPU
@@ -628,25 +628,19 @@ def _fill(staging: dict[str, np.ndarray], layout, host: dict, rows: int, filled:
     decoders' per-params tensors, read-only and shared by every step of an unchanged batch: 8 of an R-ISD
     step's 17 inputs)."""
     for g, names in layout.items():
-        buf, off = staging[g], 0
-        for name, shape, _ in names:
-            width = math.prod(shape)
-            if only and name not in host:  # only=True: write the inputs given, keep the other columns
-                off += width
-                continue
+        buf = staging[g]
+        for name, lo, hi, _ in _columns(names):
             v = host[name]
             if filled is not None:
                 if filled.get(name) is v:
-                    off += width
                     continue
                 filled[name] = v
             a = v.numpy() if isinstance(v, torch.Tensor) else v
             n = a.shape[0]
-            cols = buf[:, off: off + width]
-            cols[:n] = a.reshape(n, width)
+            cols = buf[:, lo:hi]
+            cols[:n] = a.reshape(n, hi - lo)
             if n < rows:
                 cols[n:] = cols[0]
-            off += width
 
 
 def _unpack(layout, buffers, dev_inputs: dict[str, torch.Tensor], rows: int, raw: bool = False
@@ -656,12 +650,9 @@ def _unpack(layout, buffers, dev_inputs: dict[str, torch.Tensor], rows: int, raw
     raw: each in its buffer's dtype (int64 / float32): writable views, where a bool input's is a copy."""
     out = dict(dev_inputs)
     for g, names in layout.items():
-        off = 0
-        for name, shape, dtype in names:
-            w = math.prod(shape)
-            view = buffers[g][:, off: off + w].reshape(rows, *shape)
+        for (name, lo, hi, shape), (_, _, dtype) in zip(_columns(names), names):
+            view = buffers[g][:, lo:hi].reshape(rows, *shape)
             out[name] = view if raw else view.to(dtype)
-            off += w
     return out
 
 
