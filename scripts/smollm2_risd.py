@@ -686,6 +686,10 @@ def stage_speed(args) -> None:
                    **{f"{k}_tok_s": m["per_request_tok_s"] for k, m in med.items()},
                    **{f"{k}_step_ms": m["decode_step_ms"] for k, m in med.items()},
                    "tokens": {k: m["generated_tokens"] for k, m in med.items()},
+                   # chained (overlapped) vs synchronous steps, why steps were not chained, stride changes
+                   "steps": {k: {f: m.get(f) for f in ("chained_steps", "chained_step_ms", "sync_steps", "sync_step_ms",
+                                                       "stride_changes", "prefill_s", "chain_breaks")}
+                             for k, m in med.items()},
                    "reps": {k: [r["per_request_tok_s"] for r in v] for k, v in runs.items()}}
             for k in (e for e in med if e != "ar"):  # each R-ISD engine: its TPF and its speed over AR's
                 row.update({f"{k}_tpf": med[k]["tpf"],

@@ -310,3 +310,39 @@ def test_a_row_preempted_while_its_step_is_in_flight_resumes_exactly(model, deco
     assert preempted >= 2
     assert [outs[i].token_ids for i in ids] == [o.token_ids for o in ref]
     _check_pool(eng)
+
+
+def test_stride_changes_and_chain_breaks_are_counted(model):
+    """`counters["stride_changes"]` equals the changes in the sequence of the steps' strides as seen from
+    outside (each `step()`'s `stride_mix` gain); every decode step is chained or synchronous, and the
+    synchronous ones after a chained step say why (`chain_breaks`): here the stride changing and requests
+    finishing. `bench.offline.step_split` reports the same split."""
+    from idlm.bench.offline import step_split, step_stride
+
+    eng = _engine(model, "isd", "auto", False, step_cost=(1e-3, 1e-4, 1e-5), auto_interval=2, auto_max_stride=4,
+                  auto_refresh=0)
+    turns = []
+
+    def choose(decodes):  # N = 4 and 3 in turn
+        turns.append(1)
+        return StrideChoice(4 - len(turns) % 2, 1.0, {3: 1.0, 4: 1.0})
+
+    eng._choose_stride = choose
+    before = dict(eng.counters)
+    for i, p in enumerate(_prompts(4, seed=9)):  # of different lengths: they finish at different steps
+        eng.add_request(p, SamplingParams(temperature=0, max_tokens=12 + 6 * i, ignore_eos=True))
+    strides = []
+    while eng.has_unfinished():
+        mix = dict(eng.stride_mix)
+        eng.step()
+        n = step_stride(eng, mix)
+        if n is not None:
+            strides.append(n)
+    _check_pool(eng)
+    changes = sum(a != b for a, b in zip(strides, strides[1:]))
+    assert changes > 2 and eng.counters["stride_changes"] == changes
+    split = step_split(eng, before)
+    assert split["chained_steps"] + split["sync_steps"] == eng.counters["decode_forwards"] == len(strides)
+    assert split["chained_steps"] > 0 and split["stride_changes"] == changes
+    assert eng.chain_breaks.get("stride", 0) > 0 and eng.chain_breaks.get("batch", 0) > 0
+    assert sum(eng.chain_breaks.values()) <= split["sync_steps"]

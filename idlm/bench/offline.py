@@ -100,10 +100,25 @@ def step_stride(engine, mix_before: dict[int, int]) -> int | None:
     return next(iter(ran)) if len(ran) == 1 and sum(ran.values()) == 1 else None
 
 
+def step_split(engine, before: dict) -> dict:
+    """Decode steps chained (launched before the last one's results were read) and synchronous since the
+    counters `before` (a copy of `LLMEngine.counters`): their counts and mean wall ms, the stride changes and
+    the prefill time. A chained step's time is its wait for the step before plus its launch; a synchronous
+    one's, everything else the step did (drain, schedule, inputs, launch)."""
+    d = {k: engine.counters[k] - before.get(k, 0) for k in
+         ("decode_forwards", "overlapped_steps", "decode_time_s", "chained_time_s", "stride_changes", "prefill_time_s")}
+    chained, sync = d["overlapped_steps"], d["decode_forwards"] - d["overlapped_steps"]
+    return {"chained_steps": chained, "sync_steps": sync,
+            "chained_step_ms": round(1e3 * d["chained_time_s"] / chained, 4) if chained else None,
+            "sync_step_ms": round(1e3 * (d["decode_time_s"] - d["chained_time_s"]) / sync, 4) if sync > 0 else None,
+            "stride_changes": d["stride_changes"], "prefill_s": round(d["prefill_time_s"], 4)}
+
+
 def _run(engine, prompts, params, wave: int) -> dict:
     seqs = []
-    forwards0, decode_t0 = engine.counters["decode_forwards"], engine.counters["decode_time_s"]
-    mix0, rows0 = dict(engine.stride_mix), dict(engine.row_stride_mix)
+    counters0 = dict(engine.counters)
+    forwards0, decode_t0 = counters0["decode_forwards"], counters0["decode_time_s"]
+    mix0, rows0, breaks0 = dict(engine.stride_mix), dict(engine.row_stride_mix), dict(engine.chain_breaks)
     t0 = time.perf_counter()
     for i in range(0, len(prompts), wave):
         seqs += [engine.seqs[engine.add_request(p, params)] for p in prompts[i: i + wave]]
@@ -127,6 +142,10 @@ def _run(engine, prompts, params, wave: int) -> dict:
             "decode_step_ms": round(1e3 * (engine.counters["decode_time_s"] - decode_t0)
                                     / max(1, engine.counters["decode_forwards"] - forwards0), 4),
             "mean_ttft_s": round(statistics.mean(ttft), 4),
+            # where the decode time went: steps chained behind the one before (overlapped) and the others
+            # (synchronous: a batch change, a stride change, ... `chain_breaks`), prefill apart
+            **step_split(engine, counters0),
+            "chain_breaks": count_delta(engine.chain_breaks, breaks0),
             # decode steps per stride N (1 = plain AR steps): the adaptive stride's mix
             "stride_mix": count_delta(engine.stride_mix, mix0),
             # decode rows per the stride each row ran (auto per row: rows of one step may differ)

@@ -439,8 +439,10 @@ class LLMEngine:
             self._times = StepTimer(window=max(16, config.auto_interval), min_samples=min(3, config.auto_interval))
         self.counters = {"decode_forwards": 0, "prefill_forwards": 0, "prefill_tokens": 0, "decode_query_tokens": 0,
                          "generated_tokens": 0, "finished": 0, "aborted": 0, "failed": 0, "overlapped_steps": 0,
-                         "decode_time_s": 0.0,
+                         "stride_changes": 0, "decode_time_s": 0.0, "chained_time_s": 0.0,
                          "prefill_time_s": 0.0}
+        self.chain_breaks: dict[str, int] = {}  # why steps in flight were drained, not chained (`_unchained`)
+        self._last_stride: int | None = None
 
     def _decoder(self, stride: int, branches: bool | None = None):
         """The decoder of a stride (with rejection branches or not; None: as configured), made once."""
@@ -473,8 +475,23 @@ class LLMEngine:
             self._auto_steps += 1
             n = self._auto.stride
             self._set_row_strides(decodes, n)
-        self.stride_mix[n] = self.stride_mix.get(n, 0) + 1
+        self._count_stride(n)
         return self._decoder(n, branches)
+
+    def _count_stride(self, n: int) -> None:
+        """A decode step of stride n: `stride_mix`, and `counters["stride_changes"]` when the last one's differed
+        (each change runs a synchronous step and restarts the rows' drafts)."""
+        self.stride_mix[n] = self.stride_mix.get(n, 0) + 1
+        if self._last_stride is not None and n != self._last_stride:
+            self.counters["stride_changes"] += 1
+        self._last_stride = n
+
+    def _unchained(self, reason: str) -> bool:
+        """`_chain`'s refusal, counted by reason in `chain_breaks` (why a step ran synchronously: the batch
+        changed, a request could be admitted, the stride or a row's own stride changed, no room for the KV, a
+        wider graph, a failed launch) -> False."""
+        self.chain_breaks[reason] = self.chain_breaks.get(reason, 0) + 1
+        return False
 
     def _choose(self, decodes: list[Sequence]) -> None:
         """The adaptive stride's choice for the coming interval (`_auto`, `_next_choice`, each row's own stride
@@ -654,6 +671,7 @@ class LLMEngine:
             dt = time.perf_counter() - t0
             self.counters["decode_time_s"] += dt
             if chained:
+                self.counters["chained_time_s"] += dt
                 if self._cost is not None and self.runner.graphs_captured == graphs:
                     self._observe(self._inflight.decoder.stride, len(self._inflight.rows.seqs), dt)
                 return list(updates.values())
@@ -930,10 +948,10 @@ class LLMEngine:
         seqs = list(inf.rows.seqs)
         sch = self.scheduler
         if inf.stale or sch.running != seqs or not all(self._live(s) for s in seqs):
-            return False
+            return self._unchained("batch")
         if sch.waiting and len(seqs) < sch.max_num_seqs and admits_now(len(seqs), len(sch.waiting), sch.max_num_seqs,
                                                                       sch.admit_batch):
-            return False  # the scheduler would admit one now
+            return self._unchained("admit")  # the scheduler would admit one now
         decoder = inf.decoder
         if self._forced_stride is not None:  # (`warmup`: so that it captures the chained steps' graphs too)
             n, branches = self._forced_stride, None
@@ -943,31 +961,31 @@ class LLMEngine:
             n, branches = self._auto.stride, None
             own = self._own_strides(n)
             if any(seq.state.n != own.get(seq.request_id) for seq in seqs):
-                return False  # rows change strides (the synchronous step sets them; the choice stands)
+                return self._unchained("row_strides")  # (the synchronous step sets them; the choice stands)
         else:
             n, branches = self._fixed_stride(len(seqs))
         if self._decoder(n, branches) is not decoder:
-            return False
+            return self._unchained("stride")
         bm, q, adv = self.block_manager, decoder.query_len, decoder.max_advance
         grown = False
         for seq in seqs:
             if seq.num_computed + adv > self.max_model_len:
-                return False
+                return self._unchained("length")
             before = bm.capacity(seq.request_id)
             if not bm.reserve(seq.request_id, adv + q):
-                return False  # (the synchronous path preempts)
+                return self._unchained("pages")  # (the synchronous path preempts)
             grown |= bm.capacity(seq.request_id) != before
         tables = bm.table_rows(inf.rows.request_ids) if grown else None
         if tables is not None and tables.shape[1] > self.runner.table_width:
-            return False  # a wider graph: the synchronous path picks it
+            return self._unchained("table")  # a wider graph: the synchronous path picks it
         try:
             pending = self.runner.decode_next(decoder, tables)
         except Exception as e:
             if is_fatal(e):
                 raise
             logger.warning("an overlapped decode step could not be launched; running synchronously: %r", e)
-            return False
-        self.stride_mix[n] = self.stride_mix.get(n, 0) + 1
+            return self._unchained("launch")
+        self._count_stride(n)
         if self.config.stride == "auto":  # (`_step_decoder`'s bookkeeping; the rows' own strides are unchanged)
             if self._forced_stride is None:
                 self._auto_steps += 1
@@ -1050,7 +1068,7 @@ class LLMEngine:
         if self.has_unfinished():
             raise ConfigError("warmup needs an idle engine (requests are running or waiting)")
         saved = (self.decode_stats, dict(self._class_stats), dict(self.counters), dict(self.stride_mix),
-                 dict(self.row_stride_mix),
+                 dict(self.row_stride_mix), dict(self.chain_breaks), self._last_stride,
                  self._auto, self._auto_steps, self._next_choice)
         prompt = [1 + i % (self.model.config.vocab_size - 1) for i in range(8)]
         seconds = {}
@@ -1084,8 +1102,8 @@ class LLMEngine:
             self._forced_stride = None
             for rid in list(self.seqs):  # only warm-up requests can be here (the engine was idle)
                 self.abort_request(rid)
-            (self.decode_stats, self._class_stats, self.counters, self.stride_mix, self.row_stride_mix, self._auto,
-             self._auto_steps, self._next_choice) = saved
+            (self.decode_stats, self._class_stats, self.counters, self.stride_mix, self.row_stride_mix,
+             self.chain_breaks, self._last_stride, self._auto, self._auto_steps, self._next_choice) = saved
             self._prechosen = self._kept_from = None  # (the warm-up's rows are gone)
             self._refreshed = min(self._refreshed, self._auto_steps)
             if self._cost is not None:  # what the dummy steps measured is not the workload's
