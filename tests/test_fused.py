@@ -206,3 +206,25 @@ def test_batch_rows_pads_a_lone_row_and_cuts_the_outputs_back(fake_compile):
     assert seen[-1] == ((2, 2), True, (2, 3), False) and a.shape == (2, 2) and b.shape == (2,)
     assert fake_compile["options"] == [None]  # one compiled function for both batches
     assert torch.equal(fused.batch_rows_of([packed[:, 1:3]])[0], packed[:, 1:3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int64, torch.bool])
+def test_cat_columns_equals_torch_cat(dtype):
+    """`cat_columns` (a concatenation written as one expression) gives torch.cat's tensor exactly: pieces of
+    widths 1..5 (one piece alone too), leading dims of any rank."""
+    from idlm.layers.fused import cat_columns
+
+    g = torch.Generator().manual_seed(0)
+    for widths, lead in (([1], (3,)), ([1, 1, 3, 1, 3], (4,)), ([2, 5], (2, 3)), ([3, 1, 2], ())):
+        pieces = [(torch.randn(*lead, w, generator=g) * 100).to(dtype) for w in widths]
+        out = cat_columns(pieces)
+        assert out.dtype == dtype and torch.equal(out, torch.cat(pieces, -1))
+
+
+def test_cat_columns_rejects_mixed_dtypes_and_no_pieces():
+    from idlm.layers.fused import cat_columns
+
+    with pytest.raises(ValueError, match="one dtype"):
+        cat_columns([torch.zeros(2, 1), torch.zeros(2, 1, dtype=torch.int64)])
+    with pytest.raises(ValueError, match="at least one"):
+        cat_columns([])

@@ -51,6 +51,29 @@ for name, gated, norms in (("ar", False, False), ("select", True, False), ("ar_n
     out[name] = kernels(rotary_qkv.__wrapped__, args)
 # a sampled N = 4 step's uniforms: 7 per row (4 token draws, 3 acceptances), from the Philox words
 out["uniforms"] = kernels(rng.uniforms.__wrapped__, [rng.seed_keys([1, 2]), torch.tensor([0, 5]), 0, 7])
+# the greedy ISD step (N = 4, plain and with rejection branches): its argmax, then its packed output
+from idlm.decoding.isd import greedy_isd_step
+for br in (False, True):
+    logits = torch.randn(2, 16 if br else 7, 512)
+    out[f"greedy_isd_br{br}"] = kernels(greedy_isd_step.__wrapped__, [logits, torch.tensor([True, False]),
+                                                                      torch.randint(0, 512, (2, 3)), None, br])
+# a chained step's inputs formed on the device (`advanced_inputs`), R-ISD N = 4 with branches: the arguments
+# of a CPU engine's first chained step
+sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
+from tiny import tiny_transformer
+from idlm.decoding.sampling import SamplingParams
+from idlm.engine import model_runner
+from idlm.engine.llm_engine import EngineConfig, LLMEngine
+from idlm.layers.lora import LoRAAdapter, LoRAConfig
+m = tiny_transformer(64, head_dim=16, mask_token_id=3)
+lora = LoRAAdapter(m.config, LoRAConfig(rank=4)).init_weights(std=0.3, seed=0, zero_b=False)
+seen, advanced = [], model_runner.advanced_inputs
+model_runner.advanced_inputs = lambda *a: (seen.append(a), advanced(*a))[1]
+eng = LLMEngine(m, None, EngineConfig(decoder="risd", stride=4, num_pages=64, page_size=4, branches=True), lora=lora)
+eng.runner.use_graphs = True  # the graph path on CPU (eager stand-ins), so steps chain
+eng.run([[5, 6, 7, 8]], SamplingParams(temperature=0.7, max_tokens=12, ignore_eos=True, seed=1))
+model_runner.advanced_inputs = advanced
+out["advanced_inputs"] = kernels(advanced.__wrapped__, list(seen[0]))
 print(json.dumps(out))
 """
 
@@ -82,3 +105,14 @@ def test_philox_uniforms_are_one_kernel():
     per word plus the conversion, counted the same way), so inside a step it fuses with its consumer."""
     counts = _counts()
     assert len(counts["uniforms"]) == 1, counts
+
+
+def test_decode_step_outputs_are_not_concatenated_kernel_by_kernel():
+    """The greedy ISD step's packed output and a chained step's device-formed inputs are written by
+    `cat_columns` (one expression) rather than `torch.cat`, whose lowering may give each input its own
+    kernel: the greedy ISD step is its argmax reduction plus at most two kernels (5 with `torch.cat`, counted
+    the same way; 6 launches on the H200, session 30's profile), and `advanced_inputs` is one kernel (7 with
+    `torch.cat` for R-ISD, 12 with branches)."""
+    counts = _counts()
+    assert len(counts["greedy_isd_brFalse"]) <= 3 and len(counts["greedy_isd_brTrue"]) <= 3, counts
+    assert len(counts["advanced_inputs"]) == 1, counts

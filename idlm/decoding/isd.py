@@ -57,7 +57,7 @@ from idlm.decoding.sampling import (
     truncation,
 )
 from idlm.errors import ConfigError
-from idlm.layers.fused import cuda_fused
+from idlm.layers.fused import cat_columns, cuda_fused
 
 
 @dataclass
@@ -487,7 +487,7 @@ def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tens
     final_q = final_p.gather(-1, final[:, None])
     drafts_q = q_new.gather(-1, new_drafts[..., None]).squeeze(-1)  # q̃_j(d_j) [B, K]
     # [B, 2K+3]: n_accepted, final token, K drafts, q(final), K q̃(draft) (ids exact in float32 < 2^24)
-    packed = torch.cat([n_acc[:, None].float(), final[:, None].float(), new_drafts.float(), final_q, drafts_q], -1)
+    packed = cat_columns([n_acc[:, None].float(), final[:, None].float(), new_drafts.float(), final_q, drafts_q])
     return packed, q_new
 
 
@@ -534,7 +534,7 @@ def greedy_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tenso
                                           k_row is not None))
     final = torch.where(is_v, clean.gather(1, n_acc[:, None]).squeeze(1), clean[:, 0])
     ones = torch.ones_like(drafts, dtype=torch.float32)
-    return torch.cat([n_acc[:, None].float(), final[:, None].float(), drafts.float(), ones[:, :1], ones], -1)
+    return cat_columns([n_acc[:, None].float(), final[:, None].float(), drafts.float(), ones[:, :1], ones])
 
 
 def clean_logprobs(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tensor, packed: torch.Tensor,

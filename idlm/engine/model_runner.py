@@ -38,7 +38,7 @@ import torch
 
 from idlm.decoding.logprobs import score as score_logprobs
 from idlm.errors import ConfigError
-from idlm.layers.fused import cuda_fused, eager_fused
+from idlm.layers.fused import cat_columns, cuda_fused, eager_fused
 from idlm.layers.paged_attention import PagedAttention, PagedKVCache
 from idlm.layers.paged_kernel import head_dim_supported, triton_usable
 
@@ -565,8 +565,8 @@ def advanced_inputs(packed: torch.Tensor, ints: torch.Tensor, tables: torch.Tens
     values = {**new, "starts": starts, "positions": raw["positions"] + advance[:, None], "slots": slots}
     if "dec.draw" in raw:  # a sampled step: each row's next draw number (`take_draws`: one a step)
         values["dec.draw"] = raw["dec.draw"] + 1
-    return torch.cat([ints[:, a:b] if name not in values else values[name].reshape(ints.shape[0], b - a).long()
-                      for name, a, b, _ in cols], dim=1)
+    return cat_columns([ints[:, a:b] if name not in values else values[name].reshape(ints.shape[0], b - a).long()
+                        for name, a, b, _ in cols])
 
 
 class PendingStep:

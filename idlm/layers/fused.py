@@ -170,6 +170,28 @@ def cuda_fused(fn=None, *, start: str = ATTEMPTS[0][0], batch_rows: bool = False
     return wrapper
 
 
+def cat_columns(pieces) -> torch.Tensor:
+    """torch.cat(pieces, -1) of [..., w_i] tensors of one dtype, written as one elementwise expression (each
+    output column a gather from its piece, picked by column index) instead of a concatenation. Same values.
+    Why: inside a compiled decode step, inductor's lowering of `cat` may realize each input into its slice
+    of the output with a kernel of its own (torch 2.11 on the H200: the greedy ISD step's packed output was
+    five launches of ~1 µs, and `rotary_qkv`'s q/k/v three, docs/risd.md sessions 27 and 30); an expression
+    leaves nothing to that choice and fuses with what computes the pieces."""
+    pieces = list(pieces)
+    if not pieces or any(p.dtype != pieces[0].dtype for p in pieces):
+        raise ValueError("cat_columns needs at least one piece, all of one dtype")
+    total = sum(p.shape[-1] for p in pieces)
+    col = torch.arange(total, device=pieces[0].device)
+    out, end = None, total
+    for p in reversed(pieces):  # the last piece first; an earlier one takes the columns before its end
+        w = p.shape[-1]
+        start = end - w
+        val = p.gather(-1, (col - start).clamp(0, w - 1).expand(*p.shape[:-1], total))
+        out = val if out is None else torch.where(col < end, val, out)
+        end = start
+    return out
+
+
 def eager_fused(fn):
     """Run the method `fn` with every `cuda_fused` function in it eager (torch.compile's "force_eager"
     stance): for forwards outside CUDA graphs, where a compiled dynamic-shape call costs more host time
