@@ -650,7 +650,9 @@ def stage_speed(args) -> None:
     reps, conc = (1, [1, 2]) if args.smoke else (3, [int(c) for c in args.speed_concurrency.split(",")])
     model, tok, lora = load_target(name, adapter_dir, dev, "bfloat16")
     prompts = [tok.encode_chat(m) for m in heldout_messages()[:256]]
-    out: dict = {**environment(dev), "engines": names, "lora_layout": args.lora_layout}
+    if not 2 <= args.speed_stride <= 8:
+        raise SystemExit(f"--speed-stride must be within 2..8, got {args.speed_stride}")
+    out: dict = {**environment(dev), "engines": names, "lora_layout": args.lora_layout, "stride": args.speed_stride}
     if "risd" in names:  # the batch-1 step split of AR and R-ISD N = 4 (and with branches)
         out["step_phases"] = step_phase_table(model, tok, lora, prompts[0], args.smoke, "risd_br" in names,
                                               args.lora_layout)
@@ -660,9 +662,10 @@ def stage_speed(args) -> None:
     # too: "risd_br") and adaptive
     engines = {"ar": ar_engine(model, tok, max(conc))}
     if "risd" in names:
-        engines["risd"] = risd_engine(model, tok, lora, max(conc), layout=args.lora_layout)
+        engines["risd"] = risd_engine(model, tok, lora, max(conc), stride=args.speed_stride, layout=args.lora_layout)
     if "risd_br" in names:
-        engines["risd_br"] = risd_engine(model, tok, lora, max(conc), branches=True, layout=args.lora_layout)
+        engines["risd_br"] = risd_engine(model, tok, lora, max(conc), branches=True, stride=args.speed_stride,
+                                         layout=args.lora_layout)
     if "risd_auto" in names:  # --branches: priced by auto
         auto = risd_engine(model, tok, lora, max(conc), args.branches, stride="auto",
                            auto_max_stride=args.auto_max_stride, layout=args.lora_layout)
@@ -886,6 +889,9 @@ def main() -> None:
                          "--no-auto)")
     ap.add_argument("--speed-temperatures", default="0,0.7", help="speed: the temperatures (comma-separated)")
     ap.add_argument("--speed-concurrency", default="1,16,64", help="speed: the concurrencies (comma-separated)")
+    ap.add_argument("--speed-stride", type=int, default=4,
+                    help="speed: N of the fixed-stride R-ISD engines (risd, risd_br; 2..8; the batch-1 step split "
+                         "stays at N = 4)")
     ap.add_argument("--lora-layout", choices=["pair", "select"], default="select",
                     help="eval/speed: the fused LoRA's layout of q/k/v and gate/up (EngineConfig.lora_layout)")
     ap.add_argument("--speed-requests", type=int, default=32,
