@@ -312,3 +312,18 @@ def test_profiled_stages_run_after_the_timed_ones():
     got = timed_before_profiled(["profile", "step", "sprofile", "stime", "exact"], {"profile", "sprofile"})
     assert got == ["step", "stime", "exact", "profile", "sprofile"]
     assert timed_before_profiled(["step"], {"profile"}) == ["step"]
+
+
+def test_records_split_the_decode_steps_into_chained_and_synchronous(ckpt):
+    """Every bench record says how many decode steps chained behind the one before (overlapped, here on CPU
+    through the graph path's eager stand-ins) and how many ran synchronously (they add up to the record's
+    decode forwards), why in-flight steps were drained (requests finishing here) and the stride changes."""
+    model, tok = load_pretrained(ckpt)
+    eng = LLMEngine(model, tok, EngineConfig(decoder="isd", stride=3, num_pages=64, max_num_seqs=2))
+    eng.runner.use_graphs = True  # the graph path on CPU (`_EagerGraph`): steps chain
+    row = bench_offline(eng, bench_prompts(tok, 4), [2], max_tokens=12, num_requests=4, warmup=False)[0]
+    assert row["chained_steps"] + row["sync_steps"] == row["batch_forwards"]
+    assert row["chained_steps"] > 0 and row["chained_step_ms"] > 0 and row["sync_step_ms"] > 0
+    # (a drained step may be the last: a break need not be followed by a synchronous step)
+    assert row["stride_changes"] == 0 and row["chain_breaks"].get("batch", 0) > 0 and row["prefill_s"] > 0
+    assert set(row["chain_breaks"]) <= {"batch", "admit", "table", "pages", "length"}

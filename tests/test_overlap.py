@@ -315,7 +315,7 @@ def test_a_row_preempted_while_its_step_is_in_flight_resumes_exactly(model, deco
 def test_stride_changes_and_chain_breaks_are_counted(model):
     """`counters["stride_changes"]` equals the changes in the sequence of the steps' strides as seen from
     outside (each `step()`'s `stride_mix` gain); every decode step is chained or synchronous, and the
-    synchronous ones after a chained step say why (`chain_breaks`): here the stride changing and requests
+    in-flight steps drained instead of chained say why (`chain_breaks`): here the stride changing and requests
     finishing. `bench.offline.step_split` reports the same split."""
     from idlm.bench.offline import step_split, step_stride
 
@@ -345,4 +345,3 @@ def test_stride_changes_and_chain_breaks_are_counted(model):
     assert split["chained_steps"] + split["sync_steps"] == eng.counters["decode_forwards"] == len(strides)
     assert split["chained_steps"] > 0 and split["stride_changes"] == changes
     assert eng.chain_breaks.get("stride", 0) > 0 and eng.chain_breaks.get("batch", 0) > 0
-    assert sum(eng.chain_breaks.values()) <= split["sync_steps"]
