@@ -72,7 +72,7 @@ def pack_us(runner, args, reps: int) -> dict:
         on_host, _ = mr._decoder_inputs(tensors)
         h.update({k: mr._pad_rows(v, Bp) for k, v in on_host.items()})
         for group, names in layout.items():
-            torch.cat([h[n].reshape(Bp, -1).to(staging[group].dtype) for n, _, _ in names], dim=1,
+            torch.cat([h[n].reshape(Bp, -1).to(staging[group].dtype) for n, *_ in names], dim=1,
                       out=staging[group])
 
     def timed(fn) -> float:

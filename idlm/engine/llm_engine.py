@@ -465,22 +465,24 @@ class LLMEngine:
         branches = None
         if self._forced_stride is not None:
             n = self._forced_stride
-            if self._times is not None:  # auto: each row's own stride is the forced one
-                self._set_row_strides(decodes, n)
         elif self.config.stride != "auto":
             n, branches = self._fixed_stride(len(decodes))
         else:
             if self._choice_due():
                 self._choose(decodes)
-            self._auto_steps += 1
             n = self._auto.stride
-            self._set_row_strides(decodes, n)
-        self._count_stride(n)
+        self._count_step(decodes, n)
         return self._decoder(n, branches)
 
-    def _count_stride(self, n: int) -> None:
-        """A decode step of stride n: `stride_mix`, and `counters["stride_changes"]` when the last one's differed
-        (each change runs a synchronous step and restarts the rows' drafts)."""
+    def _count_step(self, decodes: list[Sequence], n: int) -> None:
+        """The bookkeeping of a decode step of stride n, synchronous or chained: with "auto", its step count
+        (not under warm-up's forced strides) and each row's own stride (`_set_row_strides`); `stride_mix`, and
+        `counters["stride_changes"]` when the last step's stride differed (each change runs a synchronous step
+        and restarts the rows' drafts)."""
+        if self._times is not None:  # "auto"
+            if self._forced_stride is None:
+                self._auto_steps += 1
+            self._set_row_strides(decodes, n)
         self.stride_mix[n] = self.stride_mix.get(n, 0) + 1
         if self._last_stride is not None and n != self._last_stride:
             self.counters["stride_changes"] += 1
@@ -985,11 +987,7 @@ class LLMEngine:
                 raise
             logger.warning("an overlapped decode step could not be launched; running synchronously: %r", e)
             return self._unchained("launch")
-        self._count_stride(n)
-        if self.config.stride == "auto":  # (`_step_decoder`'s bookkeeping; the rows' own strides are unchanged)
-            if self._forced_stride is None:
-                self._auto_steps += 1
-            self._set_row_strides(seqs, n)
+        self._count_step(seqs, n)  # (the rows' own strides are unchanged: checked above)
         self.counters["overlapped_steps"] += 1
         if inf.sampled:  # the device moved every row's draw number on (`advanced_inputs`): so does the host
             for r in inf.rows.rngs:

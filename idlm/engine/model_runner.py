@@ -392,7 +392,7 @@ class ModelRunner:
         """The function a chained step's graph runs: the step's int64 inputs for the next step from the last
         output (`advanced_inputs`, one compiled function on CUDA), then the step, its outputs into the step
         graph's output tensors (where the next chained step and the host read them)."""
-        cols, trash, bs = _columns(g.layout["i"]), self.kv.trash_slot, self.block_size
+        cols, trash, bs = g.layout["i"], self.kv.trash_slot, self.block_size
 
         # a sampled ISD step: the drafts' q̃ are the last step's output (a device input; on CPU a packed one)
         kept = g.dev_inputs.get("dec.q_old", g.raw.get("dec.q_old"))
@@ -416,7 +416,7 @@ class ModelRunner:
         stream = torch.cuda.Stream()  # warm up (compile) `advanced_inputs` outside the graph: a pure function
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            advanced_inputs(g.outputs[0], g.buffers["i"], g.buffers["t"], decoder, _columns(g.layout["i"]),
+            advanced_inputs(g.outputs[0], g.buffers["i"], g.buffers["t"], decoder, g.layout["i"],
                             self.kv.trash_slot, self.block_size)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()  # (the step's own kernels ran in the step graph's capture)
@@ -534,27 +534,17 @@ class _Eager:
         self.replay = fn
 
 
-def _columns(names) -> tuple:
-    """A packed group's layout as ((name, first column, end column, shape), ...)."""
-    out, off = [], 0
-    for name, shape, _ in names:
-        w = math.prod(shape)
-        out.append((name, off, off + w, shape))
-        off += w
-    return tuple(out)
-
-
 @cuda_fused(batch_rows=True)
 def advanced_inputs(packed: torch.Tensor, ints: torch.Tensor, tables: torch.Tensor, decoder, cols: tuple,
                     trash: int, bs: int) -> torch.Tensor:
-    """A chained step's int64 inputs [B, W] (the packed "i" group, `_columns` layout `cols`) from the last
+    """A chained step's int64 inputs [B, W] (the packed "i" group, its `_pack` layout `cols`) from the last
     step's: packed output [B, F], its int64 inputs and the block tables [B, M]. The decoder's next inputs
     (`Decoder.next_inputs`: tokens, MASK / gate, its per-row state) and draw numbers (one more) for every row;
     starts and positions moved by each row's advance and KV slots looked up in its table for the batch's rows
     only: a padding row (its KV slots the trash slot) keeps its positions and trash slots. Block row i's KV
     slot is that of position start + i (not of its position: rejection branches share positions). Row-wise,
     pure."""
-    raw = {name: ints[:, a:b].reshape(-1, *shape) for name, a, b, shape in cols}
+    raw = {name: ints[:, a:b].reshape(-1, *shape) for name, a, b, shape, _ in cols}
     raw["tables"] = tables
     advance, new = decoder.next_inputs(packed, raw)
     valid = raw["slots"][:, 0] != trash  # [B]
@@ -566,7 +556,7 @@ def advanced_inputs(packed: torch.Tensor, ints: torch.Tensor, tables: torch.Tens
     if "dec.draw" in raw:  # a sampled step: each row's next draw number (`take_draws`: one a step)
         values["dec.draw"] = raw["dec.draw"] + 1
     return cat_columns([ints[:, a:b] if name not in values else values[name].reshape(ints.shape[0], b - a).long()
-                        for name, a, b, _ in cols])
+                        for name, a, b, _, _ in cols])
 
 
 class PendingStep:
@@ -600,17 +590,23 @@ def _pack(host: dict, rows: int, device, pin: bool):
     as the CUDA graph takes them: an int64 group (ids, positions, slots, bools), a float32 group and the
     block tables (their own group: a chained step copies only them, `decode_next`), each one [rows, width]
     buffer (one host-to-device copy per group).
-    -> (layout {group: [(name, shape, dtype)]}, host staging buffers, device buffers)."""
-    layout: dict[str, list] = {"i": [], "f": [], "t": []}
+    -> (layout {group: ((name, first column, end column, shape, dtype), ...)}, host staging buffers, device
+    buffers)."""
+    groups: dict[str, list] = {"i": [], "f": [], "t": []}
     for name, v in sorted(host.items()):
         dtype = _torch_dtype(v)
-        group = "t" if name == "tables" else "f" if dtype.is_floating_point else "i"
-        layout[group].append((name, tuple(v.shape[1:]), dtype))
-    layout = {g: names for g, names in layout.items() if names}
-    staging, buffers = {}, {}
-    for g, names in layout.items():
-        width = sum(math.prod(shape) for _, shape, _ in names)
-        staging[g] = torch.empty(rows, width, dtype=torch.float32 if g == "f" else torch.int64)
+        groups["t" if name == "tables" else "f" if dtype.is_floating_point else "i"].append((name, v, dtype))
+    layout, staging, buffers = {}, {}, {}
+    for g, inputs in groups.items():
+        if not inputs:
+            continue
+        cols, off = [], 0
+        for name, v, dtype in inputs:
+            shape = tuple(v.shape[1:])
+            cols.append((name, off, off + math.prod(shape), shape, dtype))
+            off += math.prod(shape)
+        layout[g] = tuple(cols)
+        staging[g] = torch.empty(rows, off, dtype=torch.float32 if g == "f" else torch.int64)
         if pin:
             staging[g] = staging[g].pin_memory()
     _fill({g: t.numpy() for g, t in staging.items()}, layout, host, rows)
@@ -629,7 +625,7 @@ def _fill(staging: dict[str, np.ndarray], layout, host: dict, rows: int, filled:
     step's 17 inputs)."""
     for g, names in layout.items():
         buf = staging[g]
-        for name, lo, hi, _ in _columns(names):
+        for name, lo, hi, _, _ in names:
             v = host[name]
             if filled is not None:
                 if filled.get(name) is v:
@@ -650,7 +646,7 @@ def _unpack(layout, buffers, dev_inputs: dict[str, torch.Tensor], rows: int, raw
     raw: each in its buffer's dtype (int64 / float32): writable views, where a bool input's is a copy."""
     out = dict(dev_inputs)
     for g, names in layout.items():
-        for (name, lo, hi, shape), (_, _, dtype) in zip(_columns(names), names):
+        for name, lo, hi, shape, dtype in names:
             view = buffers[g][:, lo:hi].reshape(rows, *shape)
             out[name] = view if raw else view.to(dtype)
     return out
