@@ -16,7 +16,8 @@ Stages (comma-separated argv[1], default all):
   throughput  bf16: offline tokens/s of engine AR and R-ISD at C = 64, 256 (SmolLM2 shape, random weights)
   sprofile  batch 1, SmolLM2 shape (random weights): where a sampled (T = 0.7) R-ISD / AR step's time goes
          vs greedy: wall time per step, GPU kernel time per step, top kernels and top host ops (torch.profiler)
-  bprofile  batch $BATCH (64; $KINDS, default ar,risd4,risd_n1; also risd_auto up to $AUTO_MAX), $MODEL, $TEMPS (0,0.7)
+  bprofile  batch $BATCH (64; $KINDS, default ar,risd4,risd_n1; risdN / risdN_br: stride N, with branches;
+         also risd_auto up to $AUTO_MAX), $MODEL, $TEMPS (0,0.7)
          (smollm2 shape: R-ISD; tiny: idlm-tiny ISD): AR, N = 4, an engine's plain AR steps (N = 1) and
          `--stride auto`, greedy and T = 0.7: step time (and per stride), GPU kernel time and top kernels
   stime  batch 1, T = 0 vs 0.7, R-ISD: each step's wall time split into step_inputs / runner.decode (synced)
@@ -307,11 +308,16 @@ def stage_bprofile():
         lora, dec = lora.to(device=DEV, dtype=model.dtype), "risd"
         prompts = [list(range(100 + b, 164 + b)) for b in range(batch)]
     auto_max = int(os.environ.get("AUTO_MAX", "8"))
-    kinds = {"ar": dict(decoder="ar"), "risd4": dict(decoder=dec, stride=4),
+    kinds = {"ar": dict(decoder="ar"),
              "risd_n1": dict(decoder=dec, stride=4, stride_schedule=[(1 << 20, 1)]),
              "risd_auto": dict(decoder=dec, stride="auto", auto_max_stride=auto_max)}  # (warmed up first)
-    only = os.environ.get("KINDS", "ar,risd4,risd_n1")
-    kinds = {k: v for k, v in kinds.items() if not only or k in only.split(",")}
+    for n in range(2, 9):  # risdN: a fixed stride N; risdN_br: with rejection branches
+        kinds[f"risd{n}"] = dict(decoder=dec, stride=n)
+        kinds[f"risd{n}_br"] = dict(decoder=dec, stride=n, branches=True)
+    only = os.environ.get("KINDS", "ar,risd4,risd_n1").split(",")
+    if not set(only) <= set(kinds):
+        raise SystemExit(f"KINDS={only}: expected some of {sorted(kinds)}")
+    kinds = {k: kinds[k] for k in only}
     out = {"batch": batch, "model": os.environ.get("MODEL", "smollm2"), "auto_max_stride": auto_max}
     for kind, cfg in kinds.items():
         eng = LLMEngine(model, None, EngineConfig(max_num_seqs=batch, num_pages=64 * batch, **cfg),
