@@ -691,7 +691,8 @@ def stage_speed(args) -> None:
                    "tokens": {k: m["generated_tokens"] for k, m in med.items()},
                    # chained (overlapped) vs synchronous steps, why steps were not chained, stride changes
                    "steps": {k: {f: m.get(f) for f in ("chained_steps", "chained_step_ms", "sync_steps", "sync_step_ms",
-                                                       "stride_changes", "prefill_s", "chain_breaks")}
+                                                       "stride_changes", "branch_steps", "prefill_s",
+                                                       "chain_breaks")}
                              for k, m in med.items()},
                    "reps": {k: [r["per_request_tok_s"] for r in v] for k, v in runs.items()}}
             for k in (e for e in med if e != "ar"):  # each R-ISD engine: its TPF and its speed over AR's
@@ -704,6 +705,7 @@ def stage_speed(args) -> None:
                             "risd_auto_row_stride_mix": med["risd_auto"].get("row_stride_mix"),
                             "risd_auto_choices": sample_trace(trace, 12), "risd_auto_choices_n": len(trace)})
             rows.append(row)
+            print(json.dumps({"speed_cell": {"temperature": temp, **row}}), flush=True)  # (kept if the call is cut)
         speed[f"T{temp}"] = rows
     out["speed"] = speed
     emit("speed", out)

@@ -464,10 +464,10 @@ def test_traced_choices_records_why_and_restores_the_engine(tiny, tmp_path, monk
                                              page_size=8, num_pages=200, auto_interval=2))
     with traced_choices(eng) as trace:
         eng.run([[5, 6, 7], [8, 9]], SamplingParams(max_tokens=12, ignore_eos=True))
-    assert trace and all(len(t) == 5 for t in trace)
-    batch, stride, rate, rates, measured = trace[0]
+    assert trace and all(len(t) == 6 for t in trace)
+    batch, stride, rate, rates, measured, branches = trace[0]
     assert batch in (1, 2) and rates[stride] == rate  # (not always the highest rate: AR wins ties by a margin)
-    assert isinstance(measured, dict)
+    assert isinstance(measured, dict) and branches is False  # (an engine without rejection branches)
     assert "_choose_stride" not in vars(eng)  # the class's method again
     assert sample_trace(list(range(100)), 24) == list(range(0, 100, 5))
 

@@ -174,6 +174,45 @@ def test_a_choice_that_changes_the_stride_is_made_once(model):
     assert set(eng.stride_mix) >= {3, 4} and eng.counters["overlapped_steps"] > 0
 
 
+@pytest.mark.parametrize("decoder", ["isd", "risd"])
+def test_auto_with_branches_switching_layouts_keeps_greedy_ar(model, decoder):
+    """An auto engine with branches whose choices alternate between the plain and the branch layout (at N = 3
+    and 2) keeps greedy AR's tokens through overlapped steps: each change of layout ends the chain and runs a
+    synchronous step with the other decoder (counted as a stride change), every page comes back."""
+    m, lora = model
+    prompts = _prompts(5, seed=4)
+    params = [SamplingParams(temperature=0, max_tokens=28, ignore_eos=True) for _ in prompts]
+    ref = generate(m, make_decoder("ar", 1, m.config), prompts, params)
+    eng = _engine(model, decoder, "auto", True, step_cost=(1e-3, 1e-4, 1e-5), auto_interval=2, auto_max_stride=4,
+                  auto_refresh=0)
+    asked = []
+
+    def choose(decodes):  # plain N = 3, branch N = 3, plain N = 2, branch N = 2, ...
+        asked.append(1)
+        turn = len(asked) % 4
+        return StrideChoice(3 - turn // 2, 1.0, {2: 1.0, 3: 1.0}, branches=turn % 2 == 1)
+
+    eng._choose_stride = choose
+    assert [o.token_ids for o in eng.run(prompts, params)] == [o.token_ids for o in ref]
+    _check_pool(eng)
+    steps = eng.counters["decode_forwards"]
+    assert 0 < eng.counters["branch_steps"] < steps and set(eng.stride_mix) >= {2, 3}
+    assert eng.counters["stride_changes"] > 2 and eng.chain_breaks.get("stride", 0) > 0
+    assert eng.counters["overlapped_steps"] > 0
+    assert {(2, False), (2, True), (3, False), (3, True)} <= set(eng._decoders)
+
+
+def test_auto_warmup_with_branches_runs_both_layouts(model):
+    """`warmup` of an auto engine with branches runs every stride >= 2 in both layouts (the policy may pick
+    either), the plain AR step once; afterwards both layouts' trackers are fresh."""
+    eng = _engine(model, "isd", "auto", True, step_cost=(1e-3, 1e-4, 1e-5), auto_max_stride=3)
+    seconds = eng.warmup(max_tokens=4, all_batches=False)
+    assert set(seconds) == {1, 2, 3}
+    assert {(1, False), (2, False), (2, True), (3, False), (3, True)} == set(eng._decoders)
+    assert all(not cost.measured and not times.seconds(1) for cost, times in eng._trackers.values())
+    assert eng.counters["branch_steps"] == 0  # (warm-up leaves no trace in the counters)
+
+
 def test_abort_and_arrivals_mid_flight_leak_nothing(model):
     """A request aborted while its step is in flight, and requests added between steps: the others' tokens
     are the synchronous engine's, every page comes back."""

@@ -308,6 +308,69 @@ def test_policy_prices_branches():
         assert (tree.stride > plain.stride) if longer else (tree.stride < plain.stride), (plain, tree)
 
 
+def test_choose_layout_takes_the_faster_layout_and_keeps_the_current_one_within_hysteresis():
+    """`choose_layout`: the higher rate of the two layouts' choices; the current layout stays unless the other
+    is more than the hysteresis faster; a plain AR step (N = 1) is one step whatever the layout."""
+    from idlm.decoding.stride_policy import StrideChoice, choose_layout
+
+    plain = StrideChoice(2, 100.0, {1: 80.0, 2: 100.0})
+    faster = StrideChoice(3, 110.0, {1: 80.0, 3: 110.0}, branches=True)
+    close = StrideChoice(3, 102.0, {1: 80.0, 3: 102.0}, branches=True)
+    assert choose_layout([plain, faster]) is faster
+    assert choose_layout([plain, faster], current=plain) is faster  # 10% > the 3% hysteresis
+    assert choose_layout([plain, close]) is close
+    assert choose_layout([plain, close], current=plain) is plain  # 2%: not worth a synchronous step
+    assert choose_layout([close, plain], current=faster) is close  # the current layout's choice, any stride
+    ar = choose_layout([StrideChoice(1, 80.0, {1: 80.0}), StrideChoice(1, 80.0, {1: 80.0}, branches=True)])
+    assert ar.stride == 1 and not ar.branches
+    assert not choose_layout([StrideChoice(1, 80.0, {1: 80.0}, branches=True)]).branches
+    with pytest.raises(ValueError, match="at least one"):
+        choose_layout([])
+
+
+def test_branches_pay_at_batch_1_and_the_plain_layout_at_a_large_batch():
+    """With the same acceptance (0.8 per position) and a step cost of base + per query token: at batch 1 the
+    branch layout's longer stride is the best rate; at batch 64 its N² query rows cost more than the cold
+    steps they remove, and the plain layout's N = 2 is chosen — over AR too (each choice checked against
+    every rate by hand: the branch layout's best stride is more than the hysteresis behind)."""
+    from idlm.decoding.stride_policy import StepCostModel, choose_layout, choose_stride, isd_tpf, query_len_of
+
+    cost, a = StepCostModel(1e-3, 0.0, 3e-6), [0.8] * 7
+    for batch, want_branches in ((1, True), (64, False)):
+        rows = [a] * batch
+        both = [choose_stride(rows, cost, branches=br) for br in (False, True)]
+        for c, br in zip(both, (False, True)):
+            c.branches = br and c.stride > 1
+        got = choose_layout(both)
+        assert got.branches == want_branches and got.stride >= 2, (batch, got)
+        by_hand = {(n, br): batch * isd_tpf(a[: n - 1], br) / cost.cost(batch, query_len_of(n, br))
+                   for n in range(1, 9) for br in (False, True)}
+        best = max(by_hand, key=by_hand.get)
+        assert (got.stride, got.branches) == (best[0], best[1] and best[0] > 1)
+    assert got.stride == 2  # batch 64: plain N = 2 (1.26x AR's rate here, branch N = 2 0.96x of it)
+
+
+def test_auto_engine_with_branches_chooses_the_layout_by_batch(tiny):
+    """The engine's `_choose_stride` with branches weighs both layouts (`choose_layout`): the branch layout for
+    one request, the plain one for 64 at the same acceptance and step-cost model; each layout's rates come
+    from its own measured step times (none yet here: the model alone)."""
+    import numpy as np
+    from test_engine import _small_engine
+
+    m, tok = tiny
+    eng = _small_engine(m, tok, "isd", "auto", step_cost=(1e-3, 0.0, 3e-6), num_pages=400, branches=True,
+                        max_num_seqs=64)
+    assert set(eng._trackers) == {False, True}
+    eng._acceptance = lambda decodes: np.full((len(decodes), 7), 0.8)
+    one, many = eng._choose_stride([None]), eng._choose_stride([None] * 64)
+    assert one.branches and one.stride >= 4
+    assert not many.branches and many.stride == 2
+    plain_only = _small_engine(m, tok, "isd", "auto", step_cost=(1e-3, 0.0, 3e-6), num_pages=400, max_num_seqs=64)
+    assert set(plain_only._trackers) == {False}
+    plain_only._acceptance = eng._acceptance
+    assert not plain_only._choose_stride([None]).branches
+
+
 @pytest.mark.parametrize("cost", [(1e-3, 0.0, 1e-7), (1e-3, 0.0, 2e-5)])
 def test_auto_stride_with_branches_equals_greedy_ar(tiny, cost):
     """`stride="auto"` with branches: the policy's strides (per row, N² blocks) keep greedy AR's tokens."""

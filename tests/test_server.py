@@ -252,7 +252,7 @@ def test_metrics(server, client):
                  "idlm_time_to_first_token_seconds_bucket", "idlm_time_per_output_token_seconds_bucket",
                  "idlm_running_requests", "idlm_waiting_requests", "idlm_kv_pages_used", "idlm_kv_pages_free",
                  "idlm_decode_forwards", "idlm_tokens_per_forward", "idlm_tpf", "idlm_overlapped_decode_steps",
-                 "idlm_stride_changes"):
+                 "idlm_stride_changes", "idlm_branch_steps"):
         assert name in m, name
     # ISD N=4 verifies 3 draft positions; accepted never exceeds verified at any position
     import re

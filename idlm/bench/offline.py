@@ -102,16 +102,18 @@ def step_stride(engine, mix_before: dict[int, int]) -> int | None:
 
 def step_split(engine, before: dict) -> dict:
     """Decode steps chained (launched before the last one's results were read) and synchronous since the
-    counters `before` (a copy of `LLMEngine.counters`): their counts and mean wall ms, the stride changes and
-    the prefill time. A chained step's time is its wait for the step before plus its launch; a synchronous
-    one's, everything else the step did (drain, schedule, inputs, launch)."""
+    counters `before` (a copy of `LLMEngine.counters`): their counts and mean wall ms, the stride changes, the
+    steps with rejection branches and the prefill time. A chained step's time is its wait for the step before
+    plus its launch; a synchronous one's, everything else the step did (drain, schedule, inputs, launch)."""
     d = {k: engine.counters[k] - before.get(k, 0) for k in
-         ("decode_forwards", "overlapped_steps", "decode_time_s", "chained_time_s", "stride_changes", "prefill_time_s")}
+         ("decode_forwards", "overlapped_steps", "decode_time_s", "chained_time_s", "stride_changes", "branch_steps",
+          "prefill_time_s")}
     chained, sync = d["overlapped_steps"], d["decode_forwards"] - d["overlapped_steps"]
     return {"chained_steps": chained, "sync_steps": sync,
             "chained_step_ms": round(1e3 * d["chained_time_s"] / chained, 4) if chained else None,
             "sync_step_ms": round(1e3 * (d["decode_time_s"] - d["chained_time_s"]) / sync, 4) if sync > 0 else None,
-            "stride_changes": d["stride_changes"], "prefill_s": round(d["prefill_time_s"], 4)}
+            "stride_changes": d["stride_changes"], "branch_steps": d["branch_steps"],
+            "prefill_s": round(d["prefill_time_s"], 4)}
 
 
 def _run(engine, prompts, params, wave: int) -> dict:
@@ -239,16 +241,17 @@ def bench_offline(engine, prompts: list[list[int]], concurrency: list[int], max_
 def traced_choices(engine):
     """Record every choice of a `--stride auto` engine while the block runs: yields a list that fills with
     [batch, chosen stride, its rate, {stride: rate} of every stride rated, {stride: measured ms per step}
-    at the batch's bucket] (rates in committed tokens/s of the batch), so a run can say why the policy
-    took a stride. `sample_trace` thins it for a report."""
+    at the batch's bucket, whether the step carries rejection branches] (rates in committed tokens/s of the
+    batch; rates and times those of the chosen layout), so a run can say why the policy took a stride.
+    `sample_trace` thins it for a report."""
     trace: list = []
     choose = engine._choose_stride
 
     def traced(decodes):
         c = choose(decodes)
-        measured = engine._times.seconds(engine.runner.bucket(len(decodes)))
+        measured = engine._trackers[c.branches][1].seconds(engine.runner.bucket(len(decodes)))
         trace.append([len(decodes), c.stride, round(c.rate, 1), {n: round(r, 1) for n, r in sorted(c.rates.items())},
-                      {n: round(t * 1e3, 4) for n, t in sorted(measured.items())}])
+                      {n: round(t * 1e3, 4) for n, t in sorted(measured.items())}, c.branches])
         return c
 
     engine._choose_stride = traced

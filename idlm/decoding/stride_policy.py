@@ -31,6 +31,8 @@ The math, as small pure functions:
 - `row_strides` (per_row): within a step of stride N each row runs its own n <= N, the one its acceptance
   commits most tokens with; the block is padded to the step's 2N−1 slots (so the step's cost is N's), and
   a step is never longer than its longest row's stride.
+- `choose_layout`: with rejection branches, each layout's choice (`choose_stride` with and without them) and
+  the better one: branches pay at small batches and lose at large ones, where query tokens cost.
 - `stride_to_probe`: while only ISD strides (or only plain AR steps) have run, a stride of the other kind
   whose expected rate comes close to the chosen one's is run for one interval, so its cost is measured
   rather than borrowed from a step of another kind.
@@ -186,6 +188,7 @@ class StrideChoice:
     rate: float  # expected committed tokens per second of the batch at that stride
     rates: dict[int, float] = field(default_factory=dict)
     rows: list[int] | None = None  # per_row: each row's own stride (<= stride) at choice time
+    branches: bool = False  # the step's layout: with rejection branches (N² query tokens a row; N >= 2 only)
 
 
 def tpf_table(accepts, strides: Sequence[int], branches: bool = False) -> "np.ndarray":
@@ -280,6 +283,27 @@ def choose_stride(row_accepts: Sequence[Sequence[float]], cost: StepCostModel, s
     return StrideChoice(best, rates[best], rates, rows)
 
 
+def choose_layout(choices: Sequence[StrideChoice], current: StrideChoice | None = None,
+                  hysteresis: float = 0.03) -> StrideChoice:
+    """The better of each layout's `choose_stride` (an engine with rejection branches weighs its steps with and
+    without them: a branch step of stride N commits more a step but carries N² query tokens a row instead of
+    2N − 1, which pays where query tokens are cheap — small batches — and loses where they are not: on the
+    H200 at T = 0.7, C = 64 a fixed N = 2 without branches ran 1.09x AR while the branch-only policy ran 0.97x).
+    The highest rate; the current layout is kept unless the other is more than `hysteresis` faster (a change
+    runs a synchronous step); ties: a plain AR step, then the smaller stride, then no branches. A choice of
+    N = 1 is a plain AR step whatever its layout."""
+    if not choices:
+        raise ValueError("choose_layout needs at least one choice")
+    best = max(choices, key=lambda c: (c.rate, c.stride == 1, -c.stride, not c.branches))
+    if current is not None:
+        kept = [c for c in choices if c.branches == current.branches]
+        if kept and kept[0] is not best and best.rate <= kept[0].rate * (1.0 + hysteresis):
+            best = kept[0]
+    if best.branches and best.stride == 1:
+        best = StrideChoice(1, best.rate, best.rates, best.rows, branches=False)
+    return best
+
+
 def stride_to_probe(choice: StrideChoice, measured: Collection[int], within: float = 0.5) -> int | None:
     """A stride to run for one interval instead of `choice`, so that its real cost gets measured: one of a
     kind (a plain AR step, N = 1, or an ISD step, N ≥ 2) no stride of which has run yet, whose expected
@@ -338,6 +362,11 @@ class CostTracker:
         self.model, self.window, self.branches = model, window, branches  # branches: steps of N² query tokens
         self._ratios: dict[int, list[float]] = {}
         self._by_class: dict[tuple[int, int], list[float]] = {}  # (stride, batch.bit_length()) -> ratios
+
+    @property
+    def measured(self) -> bool:
+        """Whether any step has been observed."""
+        return bool(self._ratios)
 
     @property
     def scale(self) -> dict[int, float]:

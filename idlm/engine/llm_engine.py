@@ -68,6 +68,7 @@ from idlm.decoding.stride_policy import (
     StepTimer,
     StrideChoice,
     acceptance_rows,
+    choose_layout,
     choose_stride,
     default_prior,
     position_counts,
@@ -416,8 +417,9 @@ class LLMEngine:
         self.stride_mix: dict[int, int] = {}  # decode steps per stride (the step's: its query length)
         self.row_stride_mix: dict[int, int] = {}  # decode rows per stride each row ran (auto per row)
         self._auto_rows: dict[str, int] = {}  # request id -> its own stride at the last choice
-        self._cost: CostTracker | None = None
-        self._times: StepTimer | None = None
+        # "auto": per step layout (False: plain 2N−1 blocks; True: with rejection branches, weighed against the
+        # plain layout when `branches` is set) its step-cost corrections and measured step times
+        self._trackers: dict[bool, tuple[CostTracker, StepTimer]] = {}
         self._auto: StrideChoice | None = None
         # (the rows of the last decode step, its q̃ output): a CUDA graph's output buffer, which the graph's
         # next replay overwrites; rows that keep a q̃ row of it outside a step get a copy (`_spill_kept`)
@@ -428,28 +430,50 @@ class LLMEngine:
         self._next_choice = 0  # `_auto_steps` at which "auto" chooses next (`_choice_due`)
         self._refreshed = 0  # `_auto_steps` at the last refresh probe
         self._forced_stride: int | None = None  # `warmup` runs each stride in turn
+        self._forced_branches: bool | None = None  # (and each layout of it: None, the configured one)
         self._inflight: _InFlight | None = None  # a launched decode step whose results are not applied yet
         self._rerun = False  # `_isolated` reruns a failed phase one request at a time (synchronously)
         self._text_streamed = False  # this step's text was streamed (`_stream_text`)
         self._text_owed: dict[str, Sequence] = {}  # requests whose last tokens' text `_stream_text` makes
         if config.stride == "auto":
-            self._cost = CostTracker(StepCostModel(*config.step_cost) if config.step_cost is not None
-                                     else calibrate_step_cost(self), branches=config.branches)
-            # a stride tried for one interval must count as measured after it
-            self._times = StepTimer(window=max(16, config.auto_interval), min_samples=min(3, config.auto_interval))
+            model = (StepCostModel(*config.step_cost) if config.step_cost is not None
+                     else calibrate_step_cost(self))
+            self._new_trackers(model)
         self.counters = {"decode_forwards": 0, "prefill_forwards": 0, "prefill_tokens": 0, "decode_query_tokens": 0,
                          "generated_tokens": 0, "finished": 0, "aborted": 0, "failed": 0, "overlapped_steps": 0,
-                         "stride_changes": 0, "decode_time_s": 0.0, "chained_time_s": 0.0,
+                         "stride_changes": 0, "branch_steps": 0, "decode_time_s": 0.0, "chained_time_s": 0.0,
                          "prefill_time_s": 0.0}
         self.chain_breaks: dict[str, int] = {}  # why steps in flight were drained, not chained (`_unchained`)
-        self._last_stride: int | None = None
+        self._last_stride: tuple[int, bool] | None = None  # (stride, branches) of the last decode step
+
+    def _new_trackers(self, model: StepCostModel) -> None:
+        """Fresh step-cost corrections and step timers of each layout "auto" weighs (`_trackers`)."""
+        layouts = (False, True) if self.config.branches else (False,)
+        # (a stride tried for one interval must count as measured after it: min_samples <= auto_interval)
+        self._trackers = {br: (CostTracker(model, branches=br),
+                               StepTimer(window=max(16, self.config.auto_interval),
+                                         min_samples=min(3, self.config.auto_interval)))
+                          for br in layouts}
+
+    @property
+    def _cost(self) -> CostTracker | None:
+        """The configured layout's step-cost corrections ("auto"; else None)."""
+        return self._trackers[self.config.branches][0] if self._trackers else None
+
+    @property
+    def _times(self) -> StepTimer | None:
+        """The configured layout's measured step times ("auto"; else None)."""
+        return self._trackers[self.config.branches][1] if self._trackers else None
 
     def _decoder(self, stride: int, branches: bool | None = None):
         """The decoder of a stride (with rejection branches or not; None: as configured), made once."""
         branches = self.config.branches if branches is None else branches
+        plain_ar = stride == 1 and self.config.decoder in ("isd", "risd") and stride != self.config.stride
+        if plain_ar:
+            branches = False  # (one plain AR step for both layouts)
         key = (stride, branches)
         if key not in self._decoders:
-            if stride == 1 and self.config.decoder in ("isd", "risd") and stride != self.config.stride:
+            if plain_ar:
                 decoder = ISDPlainStep(self.config.decoder)  # a schedule's N = 1: plain AR steps, exact
             else:
                 decoder = make_decoder(self.config.decoder, stride, self.model.config, self.tokenizer,
@@ -462,31 +486,39 @@ class LLMEngine:
     def _step_decoder(self, decodes: list[Sequence]):
         """The decoder of this step's decode rows: the one of the stride (fixed, scheduled or "auto"), with
         rejection branches as configured (a fixed or scheduled stride: not above `branches_max_batch`)."""
-        branches = None
-        if self._forced_stride is not None:
-            n = self._forced_stride
-        elif self.config.stride != "auto":
-            n, branches = self._fixed_stride(len(decodes))
-        else:
-            if self._choice_due():
-                self._choose(decodes)
-            n = self._auto.stride
-        self._count_step(decodes, n)
-        return self._decoder(n, branches)
+        n, branches = self._stride_now(decodes)
+        decoder = self._decoder(n, branches)
+        self._count_step(decodes, n, decoder)
+        return decoder
 
-    def _count_step(self, decodes: list[Sequence], n: int) -> None:
-        """The bookkeeping of a decode step of stride n, synchronous or chained: with "auto", its step count
-        (not under warm-up's forced strides) and each row's own stride (`_set_row_strides`); `stride_mix`, and
-        `counters["stride_changes"]` when the last step's stride differed (each change runs a synchronous step
-        and restarts the rows' drafts)."""
-        if self._times is not None:  # "auto"
+    def _stride_now(self, decodes: list[Sequence]) -> tuple[int, bool | None]:
+        """(N, branches) of a decode step of these rows (branches None: as configured): warm-up's forced one, a
+        fixed stride's or schedule's, or "auto"'s choice (made now when one is due)."""
+        if self._forced_stride is not None:
+            return self._forced_stride, self._forced_branches
+        if self.config.stride != "auto":
+            return self._fixed_stride(len(decodes))
+        if self._choice_due():
+            self._choose(decodes)
+        return self._auto.stride, self._auto.branches
+
+    def _count_step(self, decodes: list[Sequence], n: int, decoder) -> None:
+        """The bookkeeping of a decode step of stride n and this decoder, synchronous or chained: with "auto",
+        its step count (not under warm-up's forced strides) and each row's own stride (`_set_row_strides`);
+        `stride_mix`,
+        `counters["branch_steps"]` (steps with rejection branches) and `counters["stride_changes"]` when the
+        last step's stride or layout differed (each change runs a synchronous step and restarts the rows'
+        drafts)."""
+        branches = bool(getattr(decoder, "branches", False))
+        if self._trackers:  # "auto"
             if self._forced_stride is None:
                 self._auto_steps += 1
             self._set_row_strides(decodes, n)
         self.stride_mix[n] = self.stride_mix.get(n, 0) + 1
-        if self._last_stride is not None and n != self._last_stride:
+        self.counters["branch_steps"] += branches
+        if self._last_stride is not None and (n, branches) != self._last_stride:
             self.counters["stride_changes"] += 1
-        self._last_stride = n
+        self._last_stride = (n, branches)
 
     def _unchained(self, reason: str) -> bool:
         """`_chain`'s refusal, counted by reason in `chain_breaks` (why a step ran synchronously: the batch
@@ -505,19 +537,21 @@ class LLMEngine:
             choice, chosen_for = pre  # made during the last step (`_prechoose`)
         else:
             choice, chosen_for = self._choose_stride(decodes), decodes
-        probe = stride_to_probe(choice, self._times.seconds(bucket))  # a close stride of a kind never run
+        times = self._trackers[choice.branches][1]  # (the chosen layout's: a probe keeps the layout)
+        probe = stride_to_probe(choice, times.seconds(bucket))  # a close stride of a kind never run
         refresh = self.config.auto_refresh
         if probe is None and refresh and self._auto_steps - self._refreshed >= refresh:
             # re-measure the best stride whose measurement here has expired
-            probe = stride_to_refresh(choice, self._times.expired(bucket))
+            probe = stride_to_refresh(choice, times.expired(bucket))
             if probe is not None:
                 self._refreshed = self._auto_steps
-        self._auto = choice if probe is None else StrideChoice(probe, choice.rates[probe], choice.rates)
+        self._auto = choice if probe is None else StrideChoice(probe, choice.rates[probe], choice.rates,
+                                                               branches=choice.branches and probe > 1)
         # a probe runs only the steps that measure it (`StepTimer.min_samples`), not a whole interval:
         # it is a stride rated below the choice, and at a large batch each of its steps can cost
         # several plain AR steps (the H200's 8B table: 0.85x AR at C = 128 with 20 steps of probes)
         self._next_choice = self._auto_steps + (self.config.auto_interval if probe is None
-                                                else self._times.min_samples)
+                                                else times.min_samples)
         rows = self._auto.rows or ()
         self._auto_rows = {seq.request_id: r for seq, r in zip(chosen_for, rows) if r < self._auto.stride}
 
@@ -559,7 +593,7 @@ class LLMEngine:
         else chooses afresh. The host would otherwise wait idle for the device here; made on the host
         before the step, the choice (~0.1–0.4 ms every `auto_interval` steps) cost the H200's batch-1 ISD
         engine ~0.07 ms a step against the AR engine's."""
-        if self._times is None or self._forced_stride is not None:
+        if not self._trackers or self._forced_stride is not None:
             return
         if self._auto is not None and self._choice_due():
             try:
@@ -576,13 +610,22 @@ class LLMEngine:
         self._class_stats[key] = self._class_stats.get(key, DecodeStats()).merge(seq.output.stats)
 
     def _choose_stride(self, decodes: list[Sequence]) -> StrideChoice:
-        """The adaptive stride from committed history only (`_acceptance`)."""
-        current = self._auto.stride if self._auto is not None else None
-        return choose_stride(self._acceptance(decodes), self._cost.model, self.config.strides, current=current,
-                             cost_scale=self._cost.scales(self.config.strides, len(decodes)),
-                             measured=self._times.seconds(self.runner.bucket(len(decodes))),
-                             per_row=self.config.auto_per_row, ar_margin=self.config.auto_ar_margin,
-                             branches=self.config.branches)
+        """The adaptive stride from committed history only (`_acceptance`): each layout's best stride
+        (`choose_stride`, with its own measured step times; a layout whose steps have not run yet borrows the
+        other's measured / modelled ratios), and the better of them (`choose_layout`)."""
+        cur, strides, batch = self._auto, self.config.strides, len(decodes)
+        accepts, bucket = self._acceptance(decodes), self.runner.bucket(batch)
+        measured_any = [cost for cost, _ in self._trackers.values() if cost.measured]
+        choices = []
+        for br, (cost, times) in self._trackers.items():
+            scales = (cost if cost.measured or not measured_any else measured_any[0]).scales(strides, batch)
+            current = cur.stride if cur is not None and (cur.branches == br or cur.stride == 1) else None
+            choice = choose_stride(accepts, cost.model, strides, current=current, cost_scale=scales,
+                                   measured=times.seconds(bucket), per_row=self.config.auto_per_row,
+                                   ar_margin=self.config.auto_ar_margin, branches=br)
+            choice.branches = br and choice.stride > 1
+            choices.append(choice)
+        return choose_layout(choices, cur)
 
     def _acceptance(self, decodes: list[Sequence]) -> np.ndarray:
         """[B, auto_max_stride − 1] each row's per-position conditional acceptance: its own counts, smoothed
@@ -674,8 +717,8 @@ class LLMEngine:
             self.counters["decode_time_s"] += dt
             if chained:
                 self.counters["chained_time_s"] += dt
-                if self._cost is not None and self.runner.graphs_captured == graphs:
-                    self._observe(self._inflight.decoder.stride, len(self._inflight.rows.seqs), dt)
+                if self._trackers and self.runner.graphs_captured == graphs:
+                    self._observe(self._inflight.decoder, len(self._inflight.rows.seqs), dt)
                 return list(updates.values())
         sched = self.scheduler.schedule(self._step_decoder)
         if sched.prefills:
@@ -687,18 +730,22 @@ class LLMEngine:
             self._isolated(lambda seqs, upd: self._decode(seqs, sched.decoder, upd), sched.decodes, updates)
             dt = time.perf_counter() - t0
             self.counters["decode_time_s"] += dt
-            if self._cost is not None and self.runner.graphs_captured == graphs and self._inflight is None:
+            if self._trackers and self.runner.graphs_captured == graphs and self._inflight is None:
                 # the adaptive stride learns what its steps really cost (not from a step that captured a
                 # graph: that one took seconds; nor from one only launched, `_overlaps`: the next step
                 # times it, and every step after it while they overlap)
-                self._observe(sched.decoder.stride, len(sched.decodes), dt)
+                self._observe(sched.decoder, len(sched.decodes), dt)
         if not self._text_streamed:  # no device step to hide it behind (prefill only, an eager decoder)
             self._stream_text(updates)
         return list(updates.values())
 
-    def _observe(self, n: int, rows: int, seconds: float) -> None:
-        self._cost.observe(n, rows, seconds)
-        self._times.observe(n, self.runner.bucket(rows), seconds)
+    def _observe(self, decoder, rows: int, seconds: float) -> None:
+        """A decode step's time into its layout's trackers (a plain AR step's into every layout's: the same step)."""
+        n, branches = decoder.stride, bool(getattr(decoder, "branches", False))
+        for br, (cost, times) in self._trackers.items():
+            if br == branches or n == 1:
+                cost.observe(n, rows, seconds)
+                times.observe(n, self.runner.bucket(rows), seconds)
 
     def _stream_text(self, updates) -> None:
         """The text of the ids kept since the last call (`StopChecker.flush_text`) into this step's outputs.
@@ -956,11 +1003,11 @@ class LLMEngine:
             return self._unchained("admit")  # the scheduler would admit one now
         decoder = inf.decoder
         if self._forced_stride is not None:  # (`warmup`: so that it captures the chained steps' graphs too)
-            n, branches = self._forced_stride, None
+            n, branches = self._forced_stride, self._forced_branches
         elif self.config.stride == "auto":
             if self._choice_due():  # choose now (from what is committed: the step in flight is not yet)
                 self._choose(seqs)
-            n, branches = self._auto.stride, None
+            n, branches = self._auto.stride, self._auto.branches
             own = self._own_strides(n)
             if any(seq.state.n != own.get(seq.request_id) for seq in seqs):
                 return self._unchained("row_strides")  # (the synchronous step sets them; the choice stands)
@@ -987,7 +1034,7 @@ class LLMEngine:
                 raise
             logger.warning("an overlapped decode step could not be launched; running synchronously: %r", e)
             return self._unchained("launch")
-        self._count_step(seqs, n)  # (the rows' own strides are unchanged: checked above)
+        self._count_step(seqs, n, decoder)  # (the rows' own strides are unchanged: checked above)
         self.counters["overlapped_steps"] += 1
         if inf.sampled:  # the device moved every row's draw number on (`advanced_inputs`): so does the host
             for r in inf.rows.rngs:
@@ -1049,6 +1096,12 @@ class LLMEngine:
                 seq.output.text = seq.checker.text
         return [seq.output for seq in seqs]
 
+    def _warmup_steps(self) -> list[tuple[int, bool | None]]:
+        """(N, branches) of every kind of decode step this engine may run: each stride in the configured layout
+        (None), and with "auto" weighing both layouts each N >= 2 without rejection branches too."""
+        both = bool(self._trackers) and len(self._trackers) > 1
+        return [(n, br) for n in self.config.strides for br in ((None, False) if both and n > 1 else (None,))]
+
     def warmup(self, max_tokens: int = 6, all_batches: bool | None = None) -> dict[int, float]:
         """Run every stride this engine may use (`EngineConfig.strides`) on a dummy request, once greedy and
         once sampled, so that compiling each decode step and capturing its first CUDA graphs happen now, not
@@ -1079,8 +1132,8 @@ class LLMEngine:
         sweep = all_batches if all_batches is not None else (self.config.stride == "auto" and self.runner.use_graphs)
         sizes = [b for b in self.runner.batch_buckets if 1 < b <= self.scheduler.max_num_seqs] if sweep else []
         try:
-            for n in self.config.strides:  # (an auto engine's decoders always take per-row inputs: one variant)
-                self._forced_stride = n
+            for n, br in self._warmup_steps():  # (an auto engine's decoders always take per-row inputs)
+                self._forced_stride, self._forced_branches = n, br
                 t0 = time.perf_counter()
                 greedy_and_sampled(1, max_tokens)
                 if n in (self.config.strides[0], self.config.strides[-1]):
@@ -1089,24 +1142,23 @@ class LLMEngine:
                     # the decode steps' own functions serve every batch already (`cuda_fused(batch_rows)`)
                     self.run([prompt, prompt[::-1]], [SamplingParams(temperature=0.0, max_tokens=max_tokens,
                                                                      ignore_eos=True)] * 2)
-                seconds[n] = round(time.perf_counter() - t0, 3)
-            for n in self.config.strides if sizes else ():  # all_batches: every bucket above 1
-                self._forced_stride = n
+                seconds[n] = round(seconds.get(n, 0.0) + time.perf_counter() - t0, 3)
+            for n, br in self._warmup_steps() if sizes else ():  # all_batches: every bucket above 1
+                self._forced_stride, self._forced_branches = n, br
                 t0 = time.perf_counter()
                 for rows in sizes:  # 3 tokens: the prefill's, a cold step, a verify step (and the chained
                     greedy_and_sampled(rows, 3)  # step's graph where steps overlap)
                 seconds[n] = round(seconds[n] + time.perf_counter() - t0, 3)
         finally:
-            self._forced_stride = None
+            self._forced_stride = self._forced_branches = None
             for rid in list(self.seqs):  # only warm-up requests can be here (the engine was idle)
                 self.abort_request(rid)
             (self.decode_stats, self._class_stats, self.counters, self.stride_mix, self.row_stride_mix,
              self.chain_breaks, self._last_stride, self._auto, self._auto_steps, self._next_choice) = saved
             self._prechosen = self._kept_from = None  # (the warm-up's rows are gone)
             self._refreshed = min(self._refreshed, self._auto_steps)
-            if self._cost is not None:  # what the dummy steps measured is not the workload's
-                self._cost = CostTracker(self._cost.model, branches=self.config.branches)
-                self._times = StepTimer(self._times.window, self._times.min_samples, self._times.stale_steps)
+            if self._trackers:  # what the dummy steps measured is not the workload's
+                self._new_trackers(self._cost.model)
         freeze_gc()  # the compiled functions and graphs made here live as long as the engine
         return seconds
 
