@@ -26,11 +26,12 @@ Stages (comma-separated argv[1], default all):
   tiny   bf16: per-request tokens/s of engine AR vs engine R-ISD (fused) on idlm-tiny-ar, C = 1, 16, 64,
          greedy and T = 0.7
   overlap  the CUDA path of overlapped steps (`EngineConfig.overlap`): engine AR, R-ISD and R-ISD with rejection
-         branches on idlm-tiny-ar and the SmolLM2 shape ($OVERLAP_DTYPES, default float32,bfloat16), 16 greedy
-         requests of varied lengths at C = 1 and 16 ($OVERLAP_TEMPS, default 0: greedy; e.g. 0,0.7: seeded
-         sampled requests too), overlapped vs synchronous: identical tokens per request,
-         the steps chained, pages all returned (bf16 at C = 16 may differ where a finished row's last chained step
-         gives the batch another shape than the synchronous step: not batch-invariant, unlike exact mode)
+         branches ($OVERLAP_KINDS, default ar,risd,risd_br) on idlm-tiny-ar and the SmolLM2 shape ($OVERLAP_DTYPES,
+         default float32,bfloat16), 16 greedy requests of varied lengths at C = 1 and 16 ($OVERLAP_CONC; $OVERLAP_TEMPS,
+         default 0: greedy; e.g. 0,0.7: seeded sampled requests too), overlapped vs synchronous: identical tokens
+         per request, the steps chained (and why not: `chain_breaks`), pages all returned (bf16 at C = 16 may
+         differ where a finished row's chained steps give the batch another shape than the synchronous step: not
+         batch-invariant, unlike exact mode)
 
 The step and profile stages time idlm-tiny-ar and the SmolLM2 shape, or those named in $BENCH_MODELS.
 
@@ -481,9 +482,11 @@ def stage_overlap():
             prompts = [torch.randint(10, 40000, (int(n),), generator=g).tolist()
                        for n in torch.randint(8, 200, (16,), generator=g)]
         temps = [float(t) for t in os.environ.get("OVERLAP_TEMPS", "0").split(",")]
-        for temp, kind, cfg, conc in [(t, k, c, n) for t in temps for k, c in (
-                ("ar", dict(decoder="ar")), ("risd", dict(decoder="risd", stride=4)),
-                ("risd_br", dict(decoder="risd", stride=4, branches=True))) for n in (1, 16)]:
+        kinds = {"ar": dict(decoder="ar"), "risd": dict(decoder="risd", stride=4),
+                 "risd_br": dict(decoder="risd", stride=4, branches=True)}
+        kinds = {k: kinds[k] for k in os.environ.get("OVERLAP_KINDS", ",".join(kinds)).split(",")}
+        concs = [int(c) for c in os.environ.get("OVERLAP_CONC", "1,16").split(",")]
+        for temp, kind, cfg, conc in [(t, k, c, n) for t in temps for k, c in kinds.items() for n in concs]:
             params = [SamplingParams(temperature=temp, seed=i, max_tokens=40 + 13 * i, ignore_eos=True)
                       for i in range(16)]
             toks, info = {}, {}
@@ -494,7 +497,8 @@ def stage_overlap():
                 bm = eng.block_manager
                 info[overlap] = {"pages_back": bm.num_free_pages
                                  == bm.num_pages, "overlapped_steps": eng.counters["overlapped_steps"],
-                                 "decode_steps": eng.counters["decode_forwards"]}
+                                 "decode_steps": eng.counters["decode_forwards"],
+                                 "chain_breaks": dict(eng.chain_breaks)}
             same = sum(a == b for a, b in zip(toks[True], toks[False]))
             key = f"{name}/{dtype}/T{temp}/{kind}/C{conc}"
             out[key] = {"identical": f"{same}/{len(prompts)}", "sync": info[False], "overlap": info[True]}

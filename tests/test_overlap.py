@@ -213,6 +213,55 @@ def test_auto_warmup_with_branches_runs_both_layouts(model):
     assert eng.counters["branch_steps"] == 0  # (warm-up leaves no trace in the counters)
 
 
+@pytest.mark.parametrize("decoder,stride,branches", CASES)
+def test_a_finish_does_not_end_the_chain_and_the_pages_it_frees_are_safe(model, decoder, stride, branches):
+    """A request that finishes while steps are chained: its pages go back at once (and, page size 4, the rows
+    still running take them as they grow), its row runs on as a padding row — KV slots the trash slot, results
+    dropped — until the rows left fit a smaller batch bucket. Every request keeps the reference decoder's
+    greedy tokens, no chain breaks for the finish itself, every page comes back."""
+    m, lora = model
+    prompts = _prompts(4, seed=21)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (40, 44, 5, 30)]
+    ref = generate(m, make_decoder(decoder, stride, m.config, branches=branches), prompts, params,
+                   lora=lora if decoder == "risd" else None)
+    eng = _engine(model, decoder, stride, branches)
+    padded, launch = [], eng.runner.decode_next
+
+    def spy(dec, tables=None, padding=None):
+        if padding:
+            padded.append(list(padding))
+        return launch(dec, tables, padding=padding)
+
+    eng.runner.decode_next = spy
+    assert [o.token_ids for o in eng.run(prompts, params)] == [o.token_ids for o in ref]
+    _check_pool(eng)
+    assert padded and padded[0] == [2]  # the third request (5 tokens) ended first
+    assert eng.chain_breaks.get("batch", 0) == 0 and eng.chain_breaks.get("bucket", 0) >= 1
+
+
+def test_a_padding_row_writes_only_the_trash_slot(model):
+    """`ModelRunner.decode_next(padding=...)`: the rows named get the trash slot as every KV slot of the step,
+    and keep it (a padding row's positions and slots stay: `advanced_inputs`); other rows' slots move on."""
+    eng = _engine(model, "isd", 3, False)
+    prompts = _prompts(3, seed=5)
+    for p in prompts:
+        eng.add_request(p, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    while eng.counters["overlapped_steps"] < 2:
+        eng.step()
+    runner, dec = eng.runner, eng._inflight.decoder
+    g = runner._last[0]
+    lo, hi = next((a, b) for name, a, b, _, _ in g.layout["i"] if name == "slots")
+    before = g.buffers["i"][:, lo:hi].clone()
+    runner.decode_next(dec, padding=[1])
+    after = g.buffers["i"][:, lo:hi]
+    assert (after[1] == runner.kv.trash_slot).all()
+    assert not torch.equal(after[0], before[0]) and not torch.equal(after[2], before[2])
+    runner.decode_next(dec)
+    assert (g.buffers["i"][1, lo:hi] == runner.kv.trash_slot).all()
+    with pytest.raises(ValueError, match="padding row 7"):
+        runner.decode_next(dec, padding=[7])
+
+
 def test_abort_and_arrivals_mid_flight_leak_nothing(model):
     """A request aborted while its step is in flight, and requests added between steps: the others' tokens
     are the synchronous engine's, every page comes back."""
@@ -355,7 +404,7 @@ def test_stride_changes_and_chain_breaks_are_counted(model):
     """`counters["stride_changes"]` equals the changes in the sequence of the steps' strides as seen from
     outside (each `step()`'s `stride_mix` gain); every decode step is chained or synchronous, and the
     in-flight steps drained instead of chained say why (`chain_breaks`): here the stride changing and requests
-    finishing. `bench.offline.step_split` reports the same split."""
+    finishing into a smaller batch bucket. `bench.offline.step_split` reports the same split."""
     from idlm.bench.offline import step_split, step_stride
 
     eng = _engine(model, "isd", "auto", False, step_cost=(1e-3, 1e-4, 1e-5), auto_interval=2, auto_max_stride=4,
@@ -383,4 +432,5 @@ def test_stride_changes_and_chain_breaks_are_counted(model):
     split = step_split(eng, before)
     assert split["chained_steps"] + split["sync_steps"] == eng.counters["decode_forwards"] == len(strides)
     assert split["chained_steps"] > 0 and split["stride_changes"] == changes
-    assert eng.chain_breaks.get("stride", 0) > 0 and eng.chain_breaks.get("batch", 0) > 0
+    # (a finish ends a chain only where the rows left fit a smaller batch bucket)
+    assert eng.chain_breaks.get("stride", 0) > 0 and eng.chain_breaks.get("bucket", 0) > 0

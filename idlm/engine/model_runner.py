@@ -365,15 +365,24 @@ class ModelRunner:
         return packed[:B], (None if extra is None else extra[:B])
 
     @torch.no_grad()
-    def decode_next(self, decoder, tables: np.ndarray | None = None) -> "PendingStep":
+    def decode_next(self, decoder, tables: np.ndarray | None = None, padding: list[int] | None = None
+                    ) -> "PendingStep":
         """Launch the step after the last graph step (`decode`, `decode_next`) of the same rows and decoder
         without waiting for its results: one more graph (`_chain_step`, captured on first use) forms the
         inputs that follow from the last output on the device and runs the step. tables: [B, M'] the rows'
-        page tables when a page was added since (M' <= `table_width`), else None. -> its `PendingStep`."""
+        page tables when a page was added since (M' <= `table_width`), else None. padding: rows (< B) that
+        run on as padding rows from this step on (a request that ended: its KV slots become the trash slot,
+        so it writes no page it no longer owns; `advanced_inputs` keeps a padding row's). -> its `PendingStep`."""
         if self._last is None or self._last[2] is not decoder:
             raise ValueError(f"decode_next continues the last graph step of the same decoder; the last was "
                              f"{None if self._last is None else self._last[2].name!r}")
         g, B, _ = self._last
+        if padding:
+            lo, hi = next((lo, hi) for name, lo, hi, _, _ in g.layout["i"] if name == "slots")
+            for b in padding:  # (stream-ordered after the step in flight, which still reads these inputs)
+                if not 0 <= b < B:
+                    raise ValueError(f"padding row {b} is not one of the step's {B} rows")
+                g.buffers["i"][b, lo:hi].fill_(self.kv.trash_slot)
         if tables is not None:
             if tables.shape[1] > self.table_width:
                 raise ValueError(f"{tables.shape[1]} pages exceed the graph's table width {self.table_width}")
