@@ -505,10 +505,9 @@ class LLMEngine:
     def _count_step(self, decodes: list[Sequence], n: int, decoder) -> None:
         """The bookkeeping of a decode step of stride n and this decoder, synchronous or chained: with "auto",
         its step count (not under warm-up's forced strides) and each row's own stride (`_set_row_strides`);
-        `stride_mix`,
-        `counters["branch_steps"]` (steps with rejection branches) and `counters["stride_changes"]` when the
-        last step's stride or layout differed (each change runs a synchronous step and restarts the rows'
-        drafts)."""
+        `stride_mix`, `counters["branch_steps"]` (steps with rejection branches) and `counters["stride_changes"]`
+        when the last step's stride or layout differed (each change runs a synchronous step and restarts the
+        rows' drafts)."""
         branches = bool(getattr(decoder, "branches", False))
         if self._trackers:  # "auto"
             if self._forced_stride is None:
@@ -1000,7 +999,8 @@ class LLMEngine:
         C = 64 the synchronous step after each finish cost an R-ISD engine ~1.3 ms more than a chained one."""
         inf = self._inflight
         rows = list(inf.rows.seqs)
-        seqs = [s for s in rows if self._live(s)]  # the rows still running
+        live = [self._live(s) for s in rows]
+        seqs = [s for s, ok in zip(rows, live) if ok]  # the rows still running
         sch = self.scheduler
         if not seqs or sch.running != seqs:
             return self._unchained("batch")
@@ -1032,10 +1032,10 @@ class LLMEngine:
             if not bm.reserve(seq.request_id, adv + q):
                 return self._unchained("pages")  # (the synchronous path preempts)
             grown |= bm.capacity(seq.request_id) != before
-        dead = [i for i, s in enumerate(rows) if not self._live(s)]
+        dead = [i for i, ok in enumerate(live) if not ok]
         tables = None
         if grown:  # the live rows' tables (a dead row's: zeros, never read for a write: its slots are trash)
-            live_rows = [i for i in range(len(rows)) if i not in set(dead)]
+            live_rows = [i for i, ok in enumerate(live) if ok]
             own = bm.table_rows([rows[i].request_id for i in live_rows])
             tables = np.zeros((len(rows), own.shape[1]), dtype=own.dtype)
             tables[live_rows] = own
@@ -1051,8 +1051,8 @@ class LLMEngine:
         self._count_step(seqs, n, decoder)  # (the rows' own strides are unchanged: checked above)
         self.counters["overlapped_steps"] += 1
         if inf.sampled:  # the device moved every row's draw number on (`advanced_inputs`): so does the host
-            for seq, r in zip(rows, inf.rows.rngs):
-                if self._live(seq):  # (an ended request's stream is not read again)
+            for ok, r in zip(live, inf.rows.rngs):
+                if ok:  # (an ended request's stream is not read again)
                     r.draw += 1
         self._inflight = _InFlight(inf.rows, decoder, pending, sampled=inf.sampled)
         self._stream_text(updates)  # (the last step's text, while the device runs)
