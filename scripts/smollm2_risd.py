@@ -666,7 +666,7 @@ def stage_speed(args) -> None:
     if "risd_br" in names:
         engines["risd_br"] = risd_engine(model, tok, lora, max(conc), branches=True, stride=args.speed_stride,
                                          layout=args.lora_layout)
-    if "risd_auto" in names:  # --branches: priced by auto
+    if "risd_auto" in names:  # --branches: auto weighs each step with and without them
         auto = risd_engine(model, tok, lora, max(conc), args.branches, stride="auto",
                            auto_max_stride=args.auto_max_stride, layout=args.lora_layout)
         out.update(auto_branches=args.branches, auto_max_stride=auto.config.auto_max_stride)

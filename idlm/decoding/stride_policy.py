@@ -280,7 +280,7 @@ def choose_stride(row_accepts: Sequence[Sequence[float]], cost: StepCostModel, s
     if best != 1 and 1 in rates and rates[best] <= rates[1] * (1.0 + ar_margin):
         best = 1  # ISD must clearly beat the AR step it would replace
     rows = [cands[j] for j in _best_within(table, cands.index(best))[0]] if per_row else None
-    return StrideChoice(best, rates[best], rates, rows)
+    return StrideChoice(best, rates[best], rates, rows, branches=branches and best > 1)
 
 
 def choose_layout(choices: Sequence[StrideChoice], current: StrideChoice | None = None,

@@ -352,6 +352,11 @@ class _InFlight:
     sampled: bool = False  # its rows drew random numbers (each chained step takes one more draw number a row)
 
 
+def _has_branches(decoder) -> bool:
+    """Whether a decoder's steps carry rejection branches (an AR or plain-AR-step decoder has none)."""
+    return bool(getattr(decoder, "branches", False))
+
+
 def _prompt_positions(seq: Sequence, n: int) -> tuple[int, list[int], int] | None:
     """Prompt logprobs a prefill chunk of n tokens from `num_computed` = c adds: (first chunk index,
     target tokens, k) for `ModelRunner.forward_logits(score=...)`, or None. Chunk index t predicts
@@ -508,7 +513,7 @@ class LLMEngine:
         `stride_mix`, `counters["branch_steps"]` (steps with rejection branches) and `counters["stride_changes"]`
         when the last step's stride or layout differed (each change runs a synchronous step and restarts the
         rows' drafts)."""
-        branches = bool(getattr(decoder, "branches", False))
+        branches = _has_branches(decoder)
         if self._trackers:  # "auto"
             if self._forced_stride is None:
                 self._auto_steps += 1
@@ -621,11 +626,9 @@ class LLMEngine:
         for br, (cost, times) in self._trackers.items():
             scales = (cost if cost.measured or not measured_any else measured_any[0]).scales(strides, batch)
             current = cur.stride if cur is not None and (cur.branches == br or cur.stride == 1) else None
-            choice = choose_stride(accepts, cost.model, strides, current=current, cost_scale=scales,
-                                   measured=times.seconds(bucket), per_row=self.config.auto_per_row,
-                                   ar_margin=self.config.auto_ar_margin, branches=br)
-            choice.branches = br and choice.stride > 1
-            choices.append(choice)
+            choices.append(choose_stride(accepts, cost.model, strides, current=current, cost_scale=scales,
+                                         measured=times.seconds(bucket), per_row=self.config.auto_per_row,
+                                         ar_margin=self.config.auto_ar_margin, branches=br))
         return choose_layout(choices, cur)
 
     def _acceptance(self, decodes: list[Sequence]) -> np.ndarray:
@@ -742,7 +745,7 @@ class LLMEngine:
 
     def _observe(self, decoder, rows: int, seconds: float) -> None:
         """A decode step's time into its layout's trackers (a plain AR step's into every layout's: the same step)."""
-        n, branches = decoder.stride, bool(getattr(decoder, "branches", False))
+        n, branches = decoder.stride, _has_branches(decoder)
         for br, (cost, times) in self._trackers.items():
             if br == branches or n == 1:
                 cost.observe(n, rows, seconds)
@@ -1033,12 +1036,9 @@ class LLMEngine:
                 return self._unchained("pages")  # (the synchronous path preempts)
             grown |= bm.capacity(seq.request_id) != before
         dead = [i for i, ok in enumerate(live) if not ok]
-        tables = None
-        if grown:  # the live rows' tables (a dead row's: zeros, never read for a write: its slots are trash)
-            live_rows = [i for i, ok in enumerate(live) if ok]
-            own = bm.table_rows([rows[i].request_id for i in live_rows])
-            tables = np.zeros((len(rows), own.shape[1]), dtype=own.dtype)
-            tables[live_rows] = own
+        tables = bm.table_rows([s.request_id for s in seqs]) if grown else None
+        if tables is not None and dead:  # a dead row's table: zeros (never written through: its slots are trash)
+            tables = np.insert(tables, [i - k for k, i in enumerate(dead)], 0, axis=0)
         if tables is not None and tables.shape[1] > self.runner.table_width:
             return self._unchained("table")  # a wider graph: the synchronous path picks it
         try:
