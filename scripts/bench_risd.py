@@ -31,7 +31,9 @@ Stages (comma-separated argv[1], default all):
          default 0: greedy; e.g. 0,0.7: seeded sampled requests too), overlapped vs synchronous: identical tokens
          per request, the steps chained (and why not: `chain_breaks`), pages all returned (bf16 at C = 16 may
          differ where a finished row's chained steps give the batch another shape than the synchronous step: not
-         batch-invariant, unlike exact mode)
+         batch-invariant, unlike exact mode). $OVERLAP_SEED: the first request's seed (0); $OVERLAP_DIAG=1 also
+         runs the synchronous engine again and the overlapped one with a finish ending the chain (`no_padding`),
+         and reports where each run first differs from the synchronous one (request, token, length)
 
 The step and profile stages time idlm-tiny-ar and the SmolLM2 shape, or those named in $BENCH_MODELS.
 
@@ -467,6 +469,17 @@ def stage_tiny():
     emit("tiny", out)
 
 
+def no_padding(eng):
+    """`eng._chain` as before session 31: a finish (a row no longer live) ends the chain."""
+    chain = eng._chain
+
+    def chain_unless_a_row_ended(updates):
+        if not all(eng._live(s) for s in eng._inflight.rows.seqs):
+            return eng._unchained("finish")
+        return chain(updates)
+    return chain_unless_a_row_ended
+
+
 def stage_overlap():
     out = {}
     for name, dtype in [(n, d) for d in os.environ.get("OVERLAP_DTYPES", "float32,bfloat16").split(",")
@@ -486,13 +499,18 @@ def stage_overlap():
                  "risd_br": dict(decoder="risd", stride=4, branches=True)}
         kinds = {k: kinds[k] for k in os.environ.get("OVERLAP_KINDS", ",".join(kinds)).split(",")}
         concs = [int(c) for c in os.environ.get("OVERLAP_CONC", "1,16").split(",")]
+        seed0 = int(os.environ.get("OVERLAP_SEED", "0"))
         for temp, kind, cfg, conc in [(t, k, c, n) for t in temps for k, c in kinds.items() for n in concs]:
-            params = [SamplingParams(temperature=temp, seed=i, max_tokens=40 + 13 * i, ignore_eos=True)
+            params = [SamplingParams(temperature=temp, seed=seed0 + i, max_tokens=40 + 13 * i, ignore_eos=True)
                       for i in range(16)]
             toks, info = {}, {}
-            for overlap in (False, True):
-                eng = LLMEngine(model, tok, EngineConfig(max_num_seqs=conc, num_pages=4096, overlap=overlap,
-                                                         **cfg), lora=lora if kind != "ar" else None)
+            modes = [False, True] + (["again", "no_padding"] if os.environ.get("OVERLAP_DIAG") else [])
+            for overlap in modes:
+                eng = LLMEngine(model, tok, EngineConfig(max_num_seqs=conc, num_pages=4096, overlap=overlap is not False
+                                                         and overlap != "again", **cfg),
+                                lora=lora if kind != "ar" else None)
+                if overlap == "no_padding":  # (a diagnostic: a finish ends the chain, as before session 31)
+                    eng._chain = no_padding(eng)
                 toks[overlap] = [o.token_ids for o in eng.run(prompts, params)]
                 bm = eng.block_manager
                 info[overlap] = {"pages_back": bm.num_free_pages
@@ -502,6 +520,10 @@ def stage_overlap():
             same = sum(a == b for a, b in zip(toks[True], toks[False]))
             key = f"{name}/{dtype}/T{temp}/{kind}/C{conc}"
             out[key] = {"identical": f"{same}/{len(prompts)}", "sync": info[False], "overlap": info[True]}
+            for mode in modes[1:]:  # where each run first differs from the synchronous one: (request, token)
+                out[key][f"first_diff_{mode}"] = [(i, next(j for j, (x, y) in enumerate(zip(a + [-1], b + [-2]))
+                                                           if x != y), len(b))
+                                                  for i, (a, b) in enumerate(zip(toks[mode], toks[False])) if a != b]
             print(json.dumps({key: out[key]}), flush=True)
     emit("overlap", out)
 
