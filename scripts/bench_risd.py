@@ -32,8 +32,9 @@ Stages (comma-separated argv[1], default all):
          per request, the steps chained (and why not: `chain_breaks`), pages all returned (bf16 at C = 16 may
          differ where a finished row's chained steps give the batch another shape than the synchronous step: not
          batch-invariant, unlike exact mode). $OVERLAP_SEED: the first request's seed (0); $OVERLAP_DIAG=1 also
-         runs the synchronous engine again and the overlapped one with a finish ending the chain (`no_padding`),
-         and reports where each run first differs from the synchronous one (request, token, length)
+         runs the synchronous engine again, the overlapped one with a finish ending the chain (`no_padding`) and
+         one whose chained steps replay the synchronous step's own graph (`same_graph`), and reports where each
+         run first differs from the synchronous one (request, token, length)
 
 The step and profile stages time idlm-tiny-ar and the SmolLM2 shape, or those named in $BENCH_MODELS.
 
@@ -480,6 +481,25 @@ def no_padding(eng):
     return chain_unless_a_row_ended
 
 
+def same_graph_chain(runner):
+    """`runner._capture_chain` for a diagnostic: a chained step forms its inputs eagerly and replays the
+    step graph the synchronous steps replay (instead of a graph of its own that captures the step again), so
+    that a chained step and a synchronous one with the same inputs run the very same kernels."""
+    from idlm.engine.model_runner import _Eager, advanced_inputs
+
+    def capture(g, decoder):
+        kept = g.dev_inputs.get("dec.q_old", g.raw.get("dec.q_old"))
+
+        def step():
+            g.buffers["i"].copy_(advanced_inputs(g.outputs[0], g.buffers["i"], g.buffers["t"], decoder,
+                                                 g.layout["i"], runner.kv.trash_slot, runner.block_size))
+            if kept is not None:
+                kept.copy_(g.outputs[1][:, : kept.shape[1]])
+            g.graph.replay()
+        return _Eager(step)
+    return capture
+
+
 def stage_overlap():
     out = {}
     for name, dtype in [(n, d) for d in os.environ.get("OVERLAP_DTYPES", "float32,bfloat16").split(",")
@@ -504,13 +524,15 @@ def stage_overlap():
             params = [SamplingParams(temperature=temp, seed=seed0 + i, max_tokens=40 + 13 * i, ignore_eos=True)
                       for i in range(16)]
             toks, info = {}, {}
-            modes = [False, True] + (["again", "no_padding"] if os.environ.get("OVERLAP_DIAG") else [])
+            modes = [False, True] + (["again", "no_padding", "same_graph"] if os.environ.get("OVERLAP_DIAG") else [])
             for overlap in modes:
                 eng = LLMEngine(model, tok, EngineConfig(max_num_seqs=conc, num_pages=4096, overlap=overlap is not False
                                                          and overlap != "again", **cfg),
                                 lora=lora if kind != "ar" else None)
                 if overlap == "no_padding":  # (a diagnostic: a finish ends the chain, as before session 31)
                     eng._chain = no_padding(eng)
+                if overlap == "same_graph":  # (a diagnostic: chained steps replay the synchronous step's graph)
+                    eng.runner._capture_chain = same_graph_chain(eng.runner)
                 toks[overlap] = [o.token_ids for o in eng.run(prompts, params)]
                 bm = eng.block_manager
                 info[overlap] = {"pages_back": bm.num_free_pages
