@@ -526,8 +526,8 @@ def stage_overlap():
             toks, info = {}, {}
             modes = [False, True] + (["again", "no_padding", "same_graph"] if os.environ.get("OVERLAP_DIAG") else [])
             for overlap in modes:
-                eng = LLMEngine(model, tok, EngineConfig(max_num_seqs=conc, num_pages=4096, overlap=overlap is not False
-                                                         and overlap != "again", **cfg),
+                eng = LLMEngine(model, tok, EngineConfig(max_num_seqs=conc, num_pages=4096,
+                                                         overlap=overlap not in (False, "again"), **cfg),
                                 lora=lora if kind != "ar" else None)
                 if overlap == "no_padding":  # (a diagnostic: a finish ends the chain, as before session 31)
                     eng._chain = no_padding(eng)
@@ -543,9 +543,9 @@ def stage_overlap():
             key = f"{name}/{dtype}/T{temp}/{kind}/C{conc}"
             out[key] = {"identical": f"{same}/{len(prompts)}", "sync": info[False], "overlap": info[True]}
             for mode in modes[1:]:  # where each run first differs from the synchronous one: (request, token)
-                out[key][f"first_diff_{mode}"] = [(i, next(j for j, (x, y) in enumerate(zip(a + [-1], b + [-2]))
-                                                           if x != y), len(b))
-                                                  for i, (a, b) in enumerate(zip(toks[mode], toks[False])) if a != b]
+                out[key][f"first_diff_{'overlap' if mode is True else mode}"] = [
+                    (i, next(j for j, (x, y) in enumerate(zip(a + [-1], b + [-2])) if x != y), len(b))
+                    for i, (a, b) in enumerate(zip(toks[mode], toks[False])) if a != b]
             print(json.dumps({key: out[key]}), flush=True)
     emit("overlap", out)
 
