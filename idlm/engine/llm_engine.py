@@ -1112,7 +1112,7 @@ class LLMEngine:
     def _warmup_steps(self) -> list[tuple[int, bool | None]]:
         """(N, branches) of every kind of decode step this engine may run: each stride in the configured layout
         (None), and with "auto" weighing both layouts each N >= 2 without rejection branches too."""
-        both = bool(self._trackers) and len(self._trackers) > 1
+        both = len(self._trackers) > 1
         return [(n, br) for n in self.config.strides for br in ((None, False) if both and n > 1 else (None,))]
 
     def warmup(self, max_tokens: int = 6, all_batches: bool | None = None) -> dict[int, float]:

@@ -377,12 +377,10 @@ class ModelRunner:
             raise ValueError(f"decode_next continues the last graph step of the same decoder; the last was "
                              f"{None if self._last is None else self._last[2].name!r}")
         g, B, _ = self._last
-        if padding:
-            lo, hi = next((lo, hi) for name, lo, hi, _, _ in g.layout["i"] if name == "slots")
-            for b in padding:  # (stream-ordered after the step in flight, which still reads these inputs)
-                if not 0 <= b < B:
-                    raise ValueError(f"padding row {b} is not one of the step's {B} rows")
-                g.buffers["i"][b, lo:hi].fill_(self.kv.trash_slot)
+        for b in padding or ():  # (stream-ordered after the step in flight, which still reads these inputs)
+            if not 0 <= b < B:
+                raise ValueError(f"padding row {b} is not one of the step's {B} rows")
+            g.raw["slots"][b].fill_(self.kv.trash_slot)  # (a view of the graph's int64 input buffer)
         if tables is not None:
             if tables.shape[1] > self.table_width:
                 raise ValueError(f"{tables.shape[1]} pages exceed the graph's table width {self.table_width}")
