@@ -272,10 +272,12 @@ def stage_sprofile():
     lora = lora.to(device=DEV, dtype=model.dtype)
     prompt = list(range(100, 164))
     out = {}
-    for dec in ("ar", "risd"):
-        for temp in (0.0, 0.7):
-            eng = LLMEngine(model, None, EngineConfig(decoder=dec, stride=4, max_num_seqs=1, num_pages=512),
-                            lora=lora if dec == "risd" else None)
+    # $SPROFILE_DECODERS (default ar,risd; "risd_br": R-ISD with rejection branches), $SPROFILE_TEMPS (default 0,0.7)
+    for dec in os.environ.get("SPROFILE_DECODERS", "ar,risd").split(","):
+        for temp in [float(t) for t in os.environ.get("SPROFILE_TEMPS", "0,0.7").split(",")]:
+            eng = LLMEngine(model, None, EngineConfig(decoder=dec[:4], stride=4, max_num_seqs=1, num_pages=512,
+                                                      branches=dec.endswith("_br")),
+                            lora=lora if dec != "ar" else None)
             p = SamplingParams(temperature=temp, max_tokens=400, ignore_eos=True, seed=1)
             eng.run([prompt], SamplingParams(temperature=temp, max_tokens=100, ignore_eos=True, seed=0))
             eng.add_request(prompt, p)
@@ -284,7 +286,9 @@ def stage_sprofile():
             while eng.has_unfinished():
                 eng.step()
             out[f"{dec}/T{temp}"] = {"graphs": eng.runner.graphs_captured, "step_ms": round(plain_ms, 4),
-                                     "step_ms_profiled": round(step_ms, 4), **summarize(prof, steps)}
+                                     "step_ms_profiled": round(step_ms, 4),
+                                     **summarize(prof, steps, top_kernels=int(os.environ.get("PROFILE_TOP", "8")),
+                                                 counts=True)}
             print(json.dumps({f"{dec}/T{temp}": out[f"{dec}/T{temp}"]}), flush=True)
     emit("sprofile", out)
 
