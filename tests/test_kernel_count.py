@@ -57,6 +57,19 @@ for br in (False, True):
     logits = torch.randn(2, 16 if br else 7, 512)
     out[f"greedy_isd_br{br}"] = kernels(greedy_isd_step.__wrapped__, [logits, torch.tensor([True, False]),
                                                                       torch.randint(0, 512, (2, 3)), None, br])
+# a decode step's preamble: the embedding lookup (with R-ISD's MASK embedding), RoPE's cos / sin, the paged
+# kernel's per-row metadata (with rejection branches' hidden ranges) — a 16-row block (N = 4 with branches)
+from idlm.layers.paged_attention import kernel_rows
+from idlm.layers.rotary import rope_cos_sin, rope_inv_freq
+from idlm.models.transformer import embed_masked, embed_rows
+ids, emb = torch.randint(0, 1000, (1, 16)), torch.randn(1000, 64, dtype=torch.bfloat16)
+out["embed"] = kernels(embed_rows.__wrapped__, [ids, emb])
+out["embed_masked"] = kernels(embed_masked.__wrapped__, [ids, emb, torch.randn(64), torch.rand(1, 16) > 0.5])
+out["rope"] = kernels(rope_cos_sin.__wrapped__, [torch.randint(0, 500, (1, 16)), rope_inv_freq(64, 1e4),
+                                                 torch.bfloat16])
+starts, slots = torch.tensor([40]), torch.arange(40, 56)[None]
+out["rows"] = kernels(kernel_rows.__wrapped__, [starts, slots, 0, 16, None, None])
+out["rows_hide"] = kernels(kernel_rows.__wrapped__, [starts, slots, 0, 16, None, torch.zeros(1, 16, 2).long()])
 # a chained step's inputs formed on the device (`advanced_inputs`), R-ISD N = 4 with branches: the arguments
 # of a CPU engine's first chained step
 sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
@@ -116,3 +129,14 @@ def test_decode_step_outputs_are_not_concatenated_kernel_by_kernel():
     counts = _counts()
     assert len(counts["greedy_isd_brFalse"]) <= 3 and len(counts["greedy_isd_brTrue"]) <= 3, counts
     assert len(counts["advanced_inputs"]) == 1, counts
+
+
+def test_a_decode_steps_preamble_is_a_kernel_per_piece():
+    """The step's embedding lookup (R-ISD: with the MASK embedding's `where`), RoPE's cos / sin and the paged
+    kernel's per-row metadata compile to one kernel each (the hidden ranges of rejection branches one more).
+    Eager, the same preamble was ~11 launches a step on the H200 (session 30's idlm-tiny-ar profile and session
+    33's SmolLM2-shape one: index_select — 8 µs for a 16-row block —, where, a float product, cat, cos, sin,
+    two casts, arange, add, compare, masked fill), in AR and every ISD step alike."""
+    counts = _counts()
+    assert [len(counts[k]) for k in ("embed", "embed_masked", "rope", "rows")] == [1, 1, 1, 1], counts
+    assert len(counts["rows_hide"]) <= 2, counts

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from idlm.layers.attention import cache_mask, causal_sdpa, hidden_slots, last_visible, sdpa
+from idlm.layers.fused import cuda_fused
 from idlm.layers.paged_kernel import kernel_supported, paged_attention, split_counters, store_kv
 
 
@@ -44,6 +45,17 @@ class PagedKVCache:
         """K and V bytes of one page across all layers."""
         elem = torch.empty((), dtype=dtype).element_size()
         return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+
+
+@cuda_fused
+def kernel_rows(starts: torch.Tensor, slot_mapping: torch.Tensor, trash_slot: int, num_new: int,
+                visible: torch.Tensor | None, hide: torch.Tensor | None):
+    """The kernel's per-query-row metadata, shared by all layers of a forward: (`kernel_last` of
+    `last_visible`, [B, T]; `hidden_slots` [B, T, 2] or None). One function so that on CUDA its handful
+    of small integer kernels (arange, add, compare, masked fill, the hide offsets) compile into one or two
+    inside a decode step's graph."""
+    last = kernel_last(last_visible(starts, num_new, visible), slot_mapping, trash_slot)
+    return last, (None if hide is None else hidden_slots(starts, hide))
 
 
 def kernel_last(last: torch.Tensor, slot_mapping: torch.Tensor, trash_slot: int) -> torch.Tensor:
@@ -107,9 +119,8 @@ class PagedAttention:
             vc[flat] = rows_v.view(B * T, Hkv, D).to(vc.dtype)
         if use_kernel:
             if self._last is None:  # shared by all layers
-                self._last = kernel_last(last_visible(self.starts, T, self.visible), self.slot_mapping,
-                                         self.cache.trash_slot)
-                self._hide = None if self.hide is None else hidden_slots(self.starts, self.hide)
+                self._last, self._hide = kernel_rows(self.starts, self.slot_mapping, self.cache.trash_slot, T,
+                                                     self.visible, self.hide)
             return paged_attention(q, kc, vc, self.block_tables, self._last, self.cache.block_size, exact=self.exact,
                                    counters=self.cache.split_counters, hide=self._hide)
         rows = self.host_rows

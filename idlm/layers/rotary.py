@@ -56,9 +56,16 @@ class RotaryEmbedding(nn.Module):
     @torch.no_grad()
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B, T] int -> (cos, sin), each [B, T, 1, head_dim] in `dtype` (broadcast over heads)."""
-        freqs = positions[..., None].float() * self.inv_freq(positions.device)  # [B, T, D/2], float32
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype)[:, :, None], emb.sin().to(dtype)[:, :, None]
+        return rope_cos_sin(positions, self.inv_freq(positions.device), dtype)
+
+
+@cuda_fused
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """`RotaryEmbedding.forward`'s math: one kernel on CUDA where eager ATen launches six (the float cast
+    and product, the concatenation, cos, sin and two casts) in every decode step."""
+    freqs = positions[..., None].float() * inv_freq  # [B, T, D/2], float32
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, :, None], emb.sin().to(dtype)[:, :, None]
 
 
 @cuda_fused

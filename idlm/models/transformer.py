@@ -173,6 +173,21 @@ class Attention(nn.Module):
 
 
 @cuda_fused
+def embed_rows(input_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The embedding lookup as a compiled gather on CUDA: ATen's index_select for a handful of indices
+    (`indexSelectSmallIndex`) loops over them in every thread, ~8 µs for a 16-row block on the H200."""
+    return F.embedding(input_ids, weight)
+
+
+@cuda_fused
+def embed_masked(input_ids: torch.Tensor, weight: torch.Tensor, mask_embedding: torch.Tensor,
+                 is_mask: torch.Tensor) -> torch.Tensor:
+    """`embed_rows`, the rows where is_mask [B, T] taking the adapter's MASK embedding [H] (one kernel on CUDA)."""
+    x = F.embedding(input_ids, weight)
+    return torch.where(is_mask[..., None], mask_embedding.to(x.dtype), x)
+
+
+@cuda_fused
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
@@ -374,8 +389,14 @@ class Transformer(nn.Module):
                    if n.split(".")[-2] in names and n.endswith("weight"))
         return 2 * size if lora else size
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(input_ids)
+    def embed(self, input_ids: torch.Tensor, mask_embedding: torch.Tensor | None = None,
+              is_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> [B, T, H]; with an adapter's `mask_embedding` [H], the rows where `is_mask` [B, T]
+        take it instead (R-ISD's MASK slots)."""
+        w = self.model.embed_tokens.weight
+        if mask_embedding is None or is_mask is None:
+            return embed_rows(input_ids, w)
+        return embed_masked(input_ids, w, mask_embedding, is_mask)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 attn: AttentionBackend | None = None, lora=None, lora_gate: torch.Tensor | None = None,
@@ -389,14 +410,12 @@ class Transformer(nn.Module):
         (`idlm.layers.invariant`), so a token row's values do not depend on the other rows; attention's
         part is the backend's (the paged kernel's exact variant, `PagedAttention(exact=True)`).
         """
-        x = self.embed(input_ids)
+        x = self.embed(input_ids, None if lora is None else lora.mask_embedding, is_mask)
         B, T = x.shape[:2]
         if positions is None:
             positions = torch.arange(T, device=x.device).expand(B, T)
         attn = attn if attn is not None else DenseAttention()
         if lora is not None:
-            if is_mask is not None:
-                x = torch.where(is_mask[..., None], lora.mask_embedding.to(x.dtype), x)
             if lora_gate is None:
                 lora_gate = torch.zeros(B, T, device=x.device)
         cos, sin = self.model.rotary_emb(positions, x.dtype)
