@@ -15,7 +15,9 @@ Stages (comma-separated argv[1], default all):
          the engine step, and kernels per step (torch.profiler)
   throughput  bf16: offline tokens/s of engine AR and R-ISD at C = 64, 256 (SmolLM2 shape, random weights)
   sprofile  batch 1, SmolLM2 shape (random weights): where a sampled (T = 0.7) R-ISD / AR step's time goes
-         vs greedy: wall time per step, GPU kernel time per step, top kernels and top host ops (torch.profiler)
+         vs greedy: wall time per step, GPU kernel time per step, top kernels ($PROFILE_TOP, default 8, each
+         [µs, launches] per step) and top host ops (torch.profiler); $SPROFILE_DECODERS (default ar,risd;
+         risd_br: with rejection branches), $SPROFILE_TEMPS (default 0,0.7)
   bprofile  batch $BATCH (64; $KINDS, default ar,risd4,risd_n1; risdN / risdN_br: stride N, with branches;
          also risd_auto up to $AUTO_MAX), $MODEL, $TEMPS (0,0.7)
          (smollm2 shape: R-ISD; tiny: idlm-tiny ISD): AR, N = 4, an engine's plain AR steps (N = 1) and
