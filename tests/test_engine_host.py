@@ -596,7 +596,8 @@ def test_host_overhead_script_smoke(tmp_path):
 def test_replay_packing_fills_what_the_graph_unpacks():
     """`_fill` (numpy, the replay path) writes a step's host inputs into the staging buffers so that `_unpack`
     gives back each input, its rows past its own padded with its row 0 (`_pad_rows`), in its own dtype:
-    torch tensors and numpy arrays, bool / int / float, 1-d and 2-d and 3-d, fewer rows than the bucket."""
+    torch tensors and numpy arrays, bool / int / float, 1-d and 2-d and 3-d, fewer rows than the bucket. The
+    bool inputs sit side by side in the int64 group and come out of one conversion (views of one tensor)."""
     import numpy as np
 
     from idlm.engine import model_runner as mr
@@ -605,14 +606,18 @@ def test_replay_packing_fills_what_the_graph_unpacks():
     rows = 4
     host = {"tokens": np.arange(4 * 3).reshape(4, 3), "starts": np.array([5, 6, 7, 8]),
             "dec.is_v": torch.tensor([True, False]), "dec.specs": torch.randint(0, 9, (2, 3), generator=g),
-            "dec.temperature": torch.rand(2, generator=g), "dec.q_old": torch.rand(2, 3, 5, generator=g)}
+            "dec.temperature": torch.rand(2, generator=g), "dec.q_old": torch.rand(2, 3, 5, generator=g),
+            "gate": np.array([[1, 0, 1], [0, 0, 1], [1, 1, 1], [0, 1, 0]], dtype=bool),
+            "dec.block": torch.tensor([False, True])}
     layout, staging, buffers = mr._pack(host, rows, "cpu", pin=False)
     got = mr._unpack(layout, buffers, {}, rows)
     for name, v in host.items():
         want = mr._pad_rows(v if isinstance(v, torch.Tensor) else torch.from_numpy(v), rows)
         assert got[name].dtype == want.dtype and torch.equal(got[name], want), name
+    bools = [got[k] for k in ("dec.is_v", "gate", "dec.block")]
+    assert len({b.untyped_storage().data_ptr() for b in bools}) == 1  # one conversion for all three
     # a replay overwrites the same buffers with the next step's inputs
-    host2 = {k: (v + 1 if k != "dec.is_v" else ~v) for k, v in host.items()}
+    host2 = {k: (~v if v.dtype in (bool, torch.bool) else v + 1) for k, v in host.items()}
     mr._fill({k: t.numpy() for k, t in staging.items()}, layout, host2, rows)
     got = mr._unpack(layout, {k: t.clone() for k, t in staging.items()}, {}, rows)
     for name, v in host2.items():

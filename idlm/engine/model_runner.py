@@ -600,7 +600,8 @@ def _pack(host: dict, rows: int, device, pin: bool):
     -> (layout {group: ((name, first column, end column, shape, dtype), ...)}, host staging buffers, device
     buffers)."""
     groups: dict[str, list] = {"i": [], "f": [], "t": []}
-    for name, v in sorted(host.items()):
+    # within a group, the inputs of one dtype side by side (`_unpack` converts each dtype's columns at once)
+    for name, v in sorted(host.items(), key=lambda kv: (str(_torch_dtype(kv[1])), kv[0])):
         dtype = _torch_dtype(v)
         groups["t" if name == "tables" else "f" if dtype.is_floating_point else "i"].append((name, v, dtype))
     layout, staging, buffers = {}, {}, {}
@@ -650,12 +651,27 @@ def _unpack(layout, buffers, dev_inputs: dict[str, torch.Tensor], rows: int, raw
             ) -> dict[str, torch.Tensor]:
     """The step's inputs as views into the packed device buffers — strided, not contiguous: every kernel
     of the step must honour its inputs' strides (`ModelRunner.packed_inputs` tests that without a GPU).
-    raw: each in its buffer's dtype (int64 / float32): writable views, where a bool input's is a copy."""
+    An input of another dtype than its buffer's (the bools of the int64 group: R-ISD's gate and MASK flags,
+    the decoder's) is a view of one conversion of all that dtype's columns (`_pack` puts them side by side):
+    one kernel a step where each input's own conversion took one each (six for an R-ISD step).
+    raw: each in its buffer's dtype (int64 / float32): writable views."""
     out = dict(dev_inputs)
     for g, names in layout.items():
+        buf = buffers[g]
+        converted: dict[torch.dtype, tuple[int, torch.Tensor]] = {}
+        if not raw:
+            for dtype in {dtype for *_, dtype in names if dtype != buf.dtype}:
+                cols = [(lo, hi) for _, lo, hi, _, d in names if d == dtype]
+                lo, hi = min(c[0] for c in cols), max(c[1] for c in cols)
+                if hi - lo != sum(b - a for a, b in cols):
+                    raise ValueError(f"the {dtype} inputs of group {g!r} are not side by side in its layout")
+                converted[dtype] = (lo, buf[:, lo:hi].to(dtype))
         for name, lo, hi, shape, dtype in names:
-            view = buffers[g][:, lo:hi].reshape(rows, *shape)
-            out[name] = view if raw else view.to(dtype)
+            if dtype in converted:
+                first, block = converted[dtype]
+                out[name] = block[:, lo - first:hi - first].reshape(rows, *shape)
+            else:
+                out[name] = buf[:, lo:hi].reshape(rows, *shape)
     return out
 
 
