@@ -5,6 +5,7 @@ then the function runs eagerly for good. Tested here with a stand-in for torch.c
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -228,3 +229,34 @@ def test_cat_columns_rejects_mixed_dtypes_and_no_pieces():
         cat_columns([torch.zeros(2, 1), torch.zeros(2, 1, dtype=torch.int64)])
     with pytest.raises(ValueError, match="at least one"):
         cat_columns([])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs a CUDA device and compiled kernels: on a GPU run with TRITON_INTERPRET=0")
+@pytest.mark.parametrize("rows,T", [(1, 1), (1, 16), (5, 7)])
+def test_the_compiled_step_preamble_equals_its_eager_body_on_cuda(rows, T):
+    """A decode step's preamble (session 33) compiled on CUDA against the same functions eager: the embedding
+    lookup with and without the MASK embedding and the paged kernel's row metadata bit for bit, RoPE's cos /
+    sin within one bf16 rounding (inductor's cos / sin against ATen's)."""
+    from idlm.layers.paged_attention import kernel_rows
+    from idlm.layers.rotary import rope_cos_sin, rope_inv_freq
+    from idlm.models.transformer import embed_masked, embed_rows
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ids = torch.randint(0, 1000, (rows, T), device="cuda", generator=g)
+    emb = torch.randn(1000, 64, device="cuda", generator=g).bfloat16()
+    mask_emb, is_mask = torch.randn(64, device="cuda", generator=g), torch.rand(rows, T, device="cuda") > 0.5
+    assert torch.equal(embed_rows(ids, emb), embed_rows.__wrapped__(ids, emb))
+    assert torch.equal(embed_masked(ids, emb, mask_emb, is_mask), embed_masked.__wrapped__(ids, emb, mask_emb, is_mask))
+    pos = torch.randint(0, 4000, (rows, T), device="cuda", generator=g)
+    inv = rope_inv_freq(64, 1e4).cuda()
+    for got, want in zip(rope_cos_sin(pos, inv, torch.bfloat16), rope_cos_sin.__wrapped__(pos, inv, torch.bfloat16)):
+        assert got.shape == want.shape and (got.float() - want.float()).abs().max().item() <= 2 ** -8
+    starts = torch.randint(0, 500, (rows,), device="cuda", generator=g)
+    slots = starts[:, None] + torch.arange(T, device="cuda")
+    slots[-1, -1] = 0  # a padded query token (the trash slot): its `last` is -1
+    hide = torch.randint(0, T, (rows, T, 2), device="cuda", generator=g).sort(-1).values
+    for h in (None, hide):
+        got, want = kernel_rows(starts, slots, 0, T, None, h), kernel_rows.__wrapped__(starts, slots, 0, T, None, h)
+        assert torch.equal(got[0], want[0]) and (h is None or torch.equal(got[1], want[1]))
