@@ -491,16 +491,13 @@ def same_graph_chain(runner):
     """`runner._capture_chain` for a diagnostic: a chained step forms its inputs eagerly and replays the
     step graph the synchronous steps replay (instead of a graph of its own that captures the step again), so
     that a chained step and a synchronous one with the same inputs run the very same kernels."""
-    from idlm.engine.model_runner import _Eager, advanced_inputs
+    from idlm.engine.model_runner import _Eager
 
     def capture(g, decoder):
-        kept = g.dev_inputs.get("dec.q_old", g.raw.get("dec.q_old"))
+        write_inputs = runner.chained_inputs(g, decoder)
 
         def step():
-            g.buffers["i"].copy_(advanced_inputs(g.outputs[0], g.buffers["i"], g.buffers["t"], decoder,
-                                                 g.layout["i"], runner.kv.trash_slot, runner.block_size))
-            if kept is not None:
-                kept.copy_(g.outputs[1][:, : kept.shape[1]])
+            write_inputs()
             g.graph.replay()
         return _Eager(step)
     return capture

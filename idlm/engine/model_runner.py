@@ -395,20 +395,29 @@ class ModelRunner:
         g.chain.replay()
         return self._pending(g, B)
 
-    def _chain_step(self, g: "_Graph", decoder):
-        """The function a chained step's graph runs: the step's int64 inputs for the next step from the last
-        output (`advanced_inputs`, one compiled function on CUDA), then the step, its outputs into the step
-        graph's output tensors (where the next chained step and the host read them)."""
+    def chained_inputs(self, g: "_Graph", decoder):
+        """-> a function that writes the inputs of the step after graph `g`'s last one into `g`'s input buffers,
+        on the device: the int64 inputs from the last output (`advanced_inputs`, one compiled function on
+        CUDA) and, for a sampled ISD step, the drafts' q̃ (the last step's output; a device input, on CPU a
+        packed one)."""
         cols, trash, bs = g.layout["i"], self.kv.trash_slot, self.block_size
-
-        # a sampled ISD step: the drafts' q̃ are the last step's output (a device input; on CPU a packed one)
         kept = g.dev_inputs.get("dec.q_old", g.raw.get("dec.q_old"))
 
-        def step():
+        def write():
             g.buffers["i"].copy_(advanced_inputs(g.outputs[0], g.buffers["i"], g.buffers["t"], decoder, cols, trash,
                                                  bs))
             if kept is not None:
                 kept.copy_(g.outputs[1][:, : kept.shape[1]])
+
+        return write
+
+    def _chain_step(self, g: "_Graph", decoder):
+        """The function a chained step's graph runs: the next step's inputs (`chained_inputs`), then the step,
+        its outputs into the step graph's output tensors (where the next chained step and the host read them)."""
+        write_inputs = self.chained_inputs(g, decoder)
+
+        def step():
+            write_inputs()
             packed, extra = g.run()
             g.outputs[0].copy_(packed)
             if extra is not None:
@@ -601,8 +610,8 @@ def _pack(host: dict, rows: int, device, pin: bool):
     buffers)."""
     groups: dict[str, list] = {"i": [], "f": [], "t": []}
     # within a group, the inputs of one dtype side by side (`_unpack` converts each dtype's columns at once)
-    for name, v in sorted(host.items(), key=lambda kv: (str(_torch_dtype(kv[1])), kv[0])):
-        dtype = _torch_dtype(v)
+    typed = sorted(((name, v, _torch_dtype(v)) for name, v in host.items()), key=lambda t: (str(t[2]), t[0]))
+    for name, v, dtype in typed:
         groups["t" if name == "tables" else "f" if dtype.is_floating_point else "i"].append((name, v, dtype))
     layout, staging, buffers = {}, {}, {}
     for g, inputs in groups.items():
