@@ -55,35 +55,73 @@ class Drafter:
         return filtered_probs(logits, *params_tensors([self.params] * logits.shape[0], logits.device))
 
     @torch.no_grad()
-    def round(self, ctx: list[int], specs: list[int], starts: list[int], k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One ISD forward, recomputed: p̃ [len(specs) + 1, V] of the rows from ctx's last token on, and q̃
-        [G, k, V] of MASK groups g: k MASKs at positions starts[g].. seeing ctx + specs before starts[g]."""
+    def round(self, ctx: list[int], specs: list[int], starts: list[int], k: int,
+              guesses: list[tuple[int, int]] = ()) -> tuple:
+        """One ISD forward, recomputed: p̃ [len(specs) + 1, V] of the rows from ctx's last token on, q̃
+        [G, k, V] of MASK groups g: k MASKs at positions starts[g].. seeing ctx + specs before starts[g], and
+        their logits [G, k, V] (the drafter's own ranking, also at T = 0). With `guesses` [(start, token)]:
+        also a guessed group each — the token at `start` (a clean row: its p̃ is the target's distribution of
+        the token after it) then k MASKs — as (p̃ and q̃ [H, k + 1, V], logits [H, k + 1, V])."""
         model, dev = self.model, self.model.device
         seq = torch.tensor([ctx + specs], device=dev)
         prefix = RecordKV()
         h = model(seq, attn=prefix)[0]
         p = self.dist(model.compute_logits(h[len(ctx) - 1:]))
-        at = torch.tensor(starts, device=dev)
-        m = len(starts)
-        pos = (at[:, None] + torch.arange(k, device=dev)).reshape(1, -1)
-        ids = torch.full((1, m * k), 0 if self.mask is None else self.mask, device=dev)
-        extra = {}
-        if self.lora is not None:
-            on = torch.ones(1, m * k, dtype=torch.bool, device=dev)
-            extra = dict(lora=self.lora, lora_gate=on.float(), is_mask=on)
-        hq = model(ids, positions=pos, attn=group_attention(prefix, at - 1, k), **extra)[0]
-        return p, self.dist(model.compute_logits(hq)).view(m, k, -1)
+
+        def groups(at: list[int], first: list[int] | None, size: int):
+            at_t = torch.tensor(at, device=dev)
+            m = len(at)
+            pos = (at_t[:, None] + torch.arange(size, device=dev)).reshape(1, -1)
+            ids = torch.full((m, size), 0 if self.mask is None else self.mask, device=dev)
+            on = torch.ones(m, size, dtype=torch.bool, device=dev)
+            if first is not None:  # a clean guessed token first: gate off, not a MASK
+                ids[:, 0] = torch.tensor(first, device=dev)
+                on[:, 0] = False
+            extra = {}
+            if self.lora is not None:
+                on = on.reshape(1, -1)
+                extra = dict(lora=self.lora, lora_gate=on.float(), is_mask=on)
+            hq = model(ids.reshape(1, -1), positions=pos, attn=group_attention(prefix, at_t - 1, size), **extra)[0]
+            logits = model.compute_logits(hq)
+            return self.dist(logits).view(m, size, -1), logits.view(m, size, -1)
+
+        q, q_logits = groups(starts, None, k)
+        if not guesses:
+            return p, q, q_logits, None
+        return p, q, q_logits, groups([s for s, _ in guesses], [t for _, t in guesses], k + 1)
+
+
+def top_excluding(logits: torch.Tensor, exclude: int, n: int) -> list[int]:
+    """The n highest-ranked tokens of logits [V] other than `exclude` (a guess for a rejected draft's
+    correction, known before the forward that draws it)."""
+    top = logits.topk(n + 1).indices.tolist()
+    return [t for t in top if t != exclude][:n]
 
 
 def decode(drafter: Drafter, prompt: list[int], n: int, max_tokens: int, eos: frozenset, branches: bool | int,
-           g: torch.Generator) -> tuple[list[int], int]:
+           g: torch.Generator, guesses: int = 0, stats: dict | None = None, defer: bool = False
+           ) -> tuple[list[int], int]:
     """ISD at stride n (K = n − 1 drafts a round) with rejection branches at the first `branches` drafts
     (True: all K; False / 0: none, today's cold starts; a rejection past them starts cold) -> (emitted
-    tokens, forwards; the prefill counts as one, as it emits the first token)."""
+    tokens, forwards; the prefill counts as one, as it emits the first token).
+
+    `guesses` G > 0 (with branches): each branch j also gets G guessed groups — a guessed correction (the
+    drafter's top tokens at draft j other than the draft itself, known before the forward) then K MASKs. When
+    the correction drawn equals a guess, its group's clean row is the target's distribution of the token after
+    the correction: that token is drawn from it and emitted in the same round (one more token), and the
+    group's K MASK drafts are verified next. Exact: the guess is fixed before the forward, the group chosen
+    by the committed correction, the extra token drawn from p̃ itself. `defer`: the token after a matched
+    correction is not emitted in the round; it becomes the next round's first draft, drawn from that clean
+    row (its q̃ is the target's own p̃, so it is accepted but for rounding), and the group's first K − 1 MASK
+    drafts follow it — the next round is an ordinary verify round (what an engine can build without a
+    block of two pending tokens). `stats` (a dict) counts rejections and matches per draft position."""
     k = n - 1
     n_branch = k if branches is True else int(branches)
     if not 0 <= n_branch <= k:
         raise ValueError(f"branches must be within 0..{k} at stride {n}, got {branches}")
+    if guesses and n_branch != k:
+        raise ValueError("guessed corrections go with a branch at every draft (branches=True)")
+    stats = {} if stats is None else stats
 
     def draw(p: torch.Tensor) -> int:
         return int(p.argmax()) if drafter.params.temperature == 0 else int(torch.multinomial(p, 1, generator=g))
@@ -91,39 +129,55 @@ def decode(drafter: Drafter, prompt: list[int], n: int, max_tokens: int, eos: fr
     def sample_drafts(q: torch.Tensor) -> list[int]:
         return [draw(q[j]) for j in range(k)]
 
+    def count(key: str, j: int) -> None:
+        stats.setdefault(key, [0] * k)[j] += 1
+
     point_mass = torch.tensor([drafter.params.temperature == 0])
     with torch.no_grad():
         first = drafter.dist(drafter.model.compute_logits(drafter.model(torch.tensor([prompt]))[0, -1:]))[0]
     toks, out, forwards = list(prompt), [draw(first)], 1
     toks.append(out[0])
     specs: list[int] = []
-    q_specs = None
+    q_specs = rank = None
     while len(out) < max_tokens and out[-1] not in eos:
         u = len(toks) - 1  # the pending token's position
         if not specs:  # cold start: the clean token after the pending one, drafts past it
-            p, q = drafter.round(toks, [], [u + 1], k)
+            p, q, q_logits, _ = drafter.round(toks, [], [u + 1], k)
             forwards += 1
             emitted = [draw(p[0])]
-            next_q = q[0]
+            next_q, next_rank = q[0], q_logits[0]
         else:
             starts = [u + k + 1] + [u + 1 + j for j in range(n_branch)]
-            p, q = drafter.round(toks, specs, starts, k)
+            guessed = [(j, t) for j in range(k) for t in top_excluding(rank[j], specs[j], guesses)] \
+                if guesses else []
+            p, q, q_logits, gq = drafter.round(toks, specs, starts, k, [(u + 1 + j, t) for j, t in guessed])
             forwards += 1
             uniforms = torch.rand(1, k, generator=g)
             n_acc, corr = verify_drafts(p[None, :k], torch.tensor([specs]), q_specs[None], point_mass,
                                         torch.ones(1), uniforms)
             j = int(n_acc[0])
             if j == k:
-                emitted, next_q = specs + [draw(p[k])], q[0]
+                emitted, next_q, next_rank = specs + [draw(p[k])], q[0], q_logits[0]
             else:
-                emitted = specs[:j] + [draw(corr[0])]
-                next_q = q[1 + j] if j < n_branch else None
+                c = draw(corr[0])
+                emitted = specs[:j] + [c]
+                next_q, next_rank = (q[1 + j], q_logits[1 + j]) if j < n_branch else (None, None)
+                count("rejected", j)
+                hit = [i for i, (jj, t) in enumerate(guessed) if jj == j and t == c]
+                if hit:
+                    count("matched", j)
+                    gp, gl = gq[0][hit[0]], gq[1][hit[0]]
+                    if defer:  # the clean row's p̃ is the next round's first draft's q̃
+                        next_q, next_rank = gp[:k], gl[:k]
+                    else:
+                        emitted.append(draw(gp[0]))  # the token after the correction, from p̃ itself
+                        next_q, next_rank = gp[1:], gl[1:]
         for t in emitted:
             toks.append(t)
             out.append(t)
             if t in eos or len(out) >= max_tokens:
                 break
-        q_specs = next_q
+        q_specs, rank = next_q, next_rank
         specs = [] if next_q is None else sample_drafts(next_q)
     return out, forwards
 
@@ -141,6 +195,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--partial", default="", help="also these numbers of branches (comma-separated, 1..K−1): "
                     "branches at the first drafts only, fewer query rows (2N − 1 + b·(N − 1))")
+    ap.add_argument("--guesses", default="", help="also rejection branches with this many guessed corrections "
+                    "per draft (comma-separated counts; see `decode`)")
+    ap.add_argument("--cases", default="", help="run only these cases (comma-separated names: cold, branches, "
+                    "branches_B, guesses_G, deferred_G)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     if args.stride < 2:
@@ -168,19 +226,24 @@ def main() -> None:
         drafter = Drafter(model, getattr(tok, "mask_token_id", None) if lora is None else None, lora, temp)
         row: dict = {"temperature": temp}
         t0 = time.time()
-        cases = [("cold", False)] + [(f"branches_{b}", int(b)) for b in args.partial.split(",") if b] + \
-            [("branches", True)]
-        for name, branches in cases:
+        cases = [("cold", False, 0)] + [(f"branches_{b}", int(b), 0) for b in args.partial.split(",") if b] + \
+            [("branches", True, 0)] + [(f"guesses_{m}", True, int(m)) for m in args.guesses.split(",") if m] + \
+            [(f"deferred_{m}", True, int(m)) for m in args.guesses.split(",") if m]
+        cases = [c for c in cases if not args.cases or c[0] in args.cases.split(",")]
+        for name, branches, guesses in cases:
             g = torch.Generator().manual_seed(args.seed)
             tokens = forwards = 0
+            stats: dict = {}
             for pr in prompts:
-                out, f = decode(drafter, pr, args.stride, args.max_tokens, tok.eos_token_ids, branches, g)
+                out, f = decode(drafter, pr, args.stride, args.max_tokens, tok.eos_token_ids, branches, g,
+                                guesses, stats, name.startswith("deferred"))
                 tokens, forwards = tokens + len(out), forwards + f
-            row[name] = {"tpf": round(tokens / forwards, 4), "tokens": tokens, "forwards": forwards}
-        row["gain"] = round(row["branches"]["tpf"] / row["cold"]["tpf"], 4)
+            row[name] = {"tpf": round(tokens / forwards, 4), "tokens": tokens, "forwards": forwards} | stats
+        if "branches" in row and "cold" in row:
+            row["gain"] = round(row["branches"]["tpf"] / row["cold"]["tpf"], 4)
         row["wall_s"] = round(time.time() - t0, 1)
         print(json.dumps(row), flush=True)
-        summary[f"T{temp}"] = {name: row[name]["tpf"] for name, _ in cases} | {"gain": row["gain"]}
+        summary[f"T{temp}"] = {name: row[name]["tpf"] for name, *_ in cases} | {"gain": row.get("gain")}
     print(json.dumps(summary))
 
 

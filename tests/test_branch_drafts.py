@@ -25,7 +25,8 @@ def test_mask_groups_equal_causal_forwards(tiny_ar):
     ctx, specs, k = [5, 9, 100, 33, 7], [81, 12, 40], 3
     drafter = branch.Drafter(model, None, lora, temperature=1.0)
     starts = [len(ctx) + k, len(ctx), len(ctx) + 1]  # after every spec; branches at the first two drafts
-    p, q = drafter.round(ctx, specs, starts, k)
+    guesses = [(len(ctx), 17), (len(ctx) + 2, 250)]  # a guessed correction at draft 0 and at draft 2
+    p, q, _, (gq, _) = drafter.round(ctx, specs, starts, k, guesses)
     seq = ctx + specs
     with torch.no_grad():
         want_p = drafter.dist(model.logits(torch.tensor([seq]))[0, len(ctx) - 1:])
@@ -36,6 +37,15 @@ def test_mask_groups_equal_causal_forwards(tiny_ar):
             on[0, s:] = True
             h = model(ids, lora=lora, lora_gate=on.float(), is_mask=on)[0, s:]
             assert torch.allclose(q[g], drafter.dist(model.compute_logits(h)), atol=1e-5), g
+        for g, (s, t) in enumerate(guesses):  # the guessed token is a clean row (gate off), MASKs after it
+            ids = torch.tensor([seq[:s] + [t] + [mask] * k])
+            on = torch.zeros_like(ids, dtype=torch.bool)
+            on[0, s + 1:] = True
+            h = model(ids, lora=lora, lora_gate=on.float(), is_mask=on)[0, s:]
+            assert torch.allclose(gq[g], drafter.dist(model.compute_logits(h)), atol=1e-5), g
+            # its first row is the unchanged AR model's distribution of the token after the guess
+            assert torch.allclose(gq[g][:1], drafter.dist(model.logits(torch.tensor([seq[:s] + [t]]))[0, -1:]),
+                                  atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["isd", "risd"])
@@ -45,30 +55,40 @@ def test_greedy_with_and_without_branches_is_greedy_ar(kind, tiny, tiny_ar):
     prompts = [tok.encode(t) for t in ("def fibonacci(n):", "The quick brown fox", "class Stack:\n")]
     want = generate(model, ARDecoder(), prompts, SamplingParams(temperature=0, max_tokens=40))
     forwards = {}
-    for branches in (False, 1, True):  # none, the first draft's only, all
+    stats: dict = {}
+    # none, the first only, all, guessed corrections (emitted at once, deferred to the next round)
+    for branches, guesses, defer in ((False, 0, 0), (1, 0, 0), (True, 0, 0), (True, 2, 0), (True, 2, 1)):
         g = torch.Generator().manual_seed(0)
-        forwards[branches] = 0
+        case = branches, guesses, defer
+        forwards[case] = 0
         for pr, w in zip(prompts, want):
-            out, f = branch.decode(drafter, pr, 4, 40, tok.eos_token_ids, branches, g)
-            assert out == w.token_ids, (kind, branches)
-            forwards[branches] += f
-        assert forwards[branches] < sum(len(w.token_ids) for w in want)  # drafts were accepted
-    assert forwards[True] <= forwards[False]
+            out, f = branch.decode(drafter, pr, 4, 40, tok.eos_token_ids, branches, g, guesses,
+                                   stats if guesses else None, bool(defer))
+            assert out == w.token_ids, (kind, case)
+            forwards[case] += f
+        assert forwards[case] < sum(len(w.token_ids) for w in want)  # drafts were accepted
+    assert forwards[True, 0, 0] <= forwards[False, 0, 0]
+    assert forwards[True, 2, 0] <= forwards[True, 2, 1] <= forwards[True, 0, 0]
+    assert sum(stats["rejected"]) >= sum(stats.get("matched", [0])) > 0  # some guesses met their correction
     with pytest.raises(ValueError, match="branches must be within 0..3"):
         branch.decode(drafter, prompts[0], 4, 8, tok.eos_token_ids, 4, torch.Generator())
+    with pytest.raises(ValueError, match="guessed corrections go with a branch at every draft"):
+        branch.decode(drafter, prompts[0], 4, 8, tok.eos_token_ids, 1, torch.Generator(), 1)
 
 
 @pytest.mark.slow
-def test_sampled_branches_follow_the_ar_law(law_model):  # noqa: F811
+@pytest.mark.parametrize("guesses,defer", [(0, False), (1, False), (1, True)])
+def test_sampled_branches_follow_the_ar_law(law_model, guesses, defer):  # noqa: F811
     """5 tokens at T = 1, stride 2 (one draft a round, so rejections and their branches are frequent):
     the last two tokens' joint law against the exact AR law (x4 and x5 come after rounds that may have
-    used a branch's draft)."""
+    used a branch's draft or, with guesses, emitted a token drawn from a guessed correction's clean row)."""
     drafter = branch.Drafter(law_model, MASK, None, temperature=1.0)
     g = torch.Generator().manual_seed(0)
     counts = torch.zeros([V] * 2)
     rounds = {"tokens": 0, "forwards": 0}
+    stats: dict = {}
     for _ in range(3000):
-        out, f = branch.decode(drafter, PROMPT, 2, 5, frozenset(), True, g)
+        out, f = branch.decode(drafter, PROMPT, 2, 5, frozenset(), True, g, guesses, stats, defer)
         counts[tuple(out[3:5])] += 1
         rounds["tokens"] += len(out)
         rounds["forwards"] += f
@@ -76,3 +96,5 @@ def test_sampled_branches_follow_the_ar_law(law_model):  # noqa: F811
     pvalue, chi2, df = chi_square_pvalue(counts, law)
     assert pvalue > 1e-3, (pvalue, chi2, df)
     assert 1.1 < rounds["tokens"] / rounds["forwards"] < 1.9  # drafts both accepted and rejected
+    if guesses:
+        assert 0 < sum(stats["matched"]) < sum(stats["rejected"])  # guessed corrections met and missed
