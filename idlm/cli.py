@@ -51,6 +51,10 @@ def _add_decoder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--branches-max-batch", type=_positive_int, default=None,
                    help="with --branches, engine commands: the largest decode batch that drafts them (larger ones run "
                         "the plain layout; default: every batch)")
+    p.add_argument("--guesses", type=int, default=0,
+                   help="with --branches and a fixed stride: guessed corrections per draft — each step also drafts "
+                        "after the drafter's next-best tokens, used when the correction is one of them (exact; "
+                        "2N−1 + (1+G)(N−1)² query tokens a step; default 0)"),
     p.add_argument("--lora", default=None,
                    help="R-ISD gated LoRA adapter directory or name, e.g. idlm-tiny-ar-risd-lora "
                         "(default: the model's known adapter, if any)")
@@ -76,7 +80,7 @@ def _load_for_decoding(args):
     inf = load_for_inference(args.model, args.decoder, args.lora, args.device, args.dtype, threads=args.threads)
     stride = 4 if args.stride == "auto" else args.stride  # "auto": the engine chooses; any N validates the decoder
     decoder = make_decoder(inf.decoder, stride, inf.model.config, inf.tokenizer, threshold=args.threshold,
-                           branches=args.branches)
+                           branches=args.branches, guesses=args.guesses)
     return inf.model, inf.tokenizer, decoder, inf.adapter
 
 
@@ -146,7 +150,7 @@ def cmd_generate(args) -> int:
         from idlm.engine.llm_engine import EngineConfig, LLMEngine
 
         cfg = EngineConfig(decoder=decoder.name, stride=decoder.stride, threshold=args.threshold, max_num_seqs=1,
-                           exact=True, branches=args.branches)
+                           exact=True, branches=args.branches, guesses=args.guesses)
         out = LLMEngine(model, tok, cfg, lora=lora, eos_token_ids=eos).run([prompt_ids], params)[0]
         if not args.json:
             sys.stdout.write(out.text or "")
@@ -298,7 +302,7 @@ def cmd_eval_humaneval(args) -> int:
     res = evaluate_humaneval(model, tok, decoder.name, stride=args.stride, threshold=args.threshold, lora=lora,
                              limit=args.limit, max_tokens=args.max_tokens, batch=args.batch, timeout=args.timeout,
                              memory_mb=args.memory_mb, workers=args.workers, out=args.out,
-                             prompt_format=args.format, branches=args.branches)
+                             prompt_format=args.format, branches=args.branches, guesses=args.guesses)
     print(json.dumps({**res, "model": str(args.model)}))
     return 0
 
@@ -358,7 +362,7 @@ def cmd_bench_offline(args) -> int:
                        max_num_seqs=max(args.concurrency), cuda_graphs=not args.no_cuda_graphs,
                        num_pages=args.num_pages, attention=args.attention, stride_schedule=args.stride_schedule,
                        exact=args.exact, branches=args.branches, branches_max_batch=args.branches_max_batch,
-                       overlap=args.overlap)
+                       guesses=args.guesses, overlap=args.overlap)
     engine = LLMEngine(model, tok, cfg, lora=lora)
     # the adaptive stride explores strides the workload's warm-up pass may not reach: compile and capture them
     # all now, not inside a timed run (as `idlm serve --warmup`)

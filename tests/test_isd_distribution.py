@@ -117,8 +117,10 @@ def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float,
     return pvalue, chi2.item(), df
 
 
-def run_case(model, decoder, sampling: dict, seed: int, lora=None) -> tuple[torch.Tensor, float | None, dict]:
-    """N_SAMPLES continuations of PROMPT in one batched call -> (counts [V] * L, acceptance, round counts)."""
+def run_case(model, decoder, sampling: dict, seed: int, lora=None,
+             stats_out: list | None = None) -> tuple[torch.Tensor, float | None, dict]:
+    """N_SAMPLES continuations of PROMPT in one batched call -> (counts [V] * L, acceptance, round counts);
+    the merged `DecodeStats` appended to stats_out when given."""
     params = SamplingParams(max_tokens=L, ignore_eos=True, **sampling)
     torch.manual_seed(seed)
     outs = generate(model, decoder, [PROMPT] * N_SAMPLES, params, lora=lora)
@@ -131,12 +133,15 @@ def run_case(model, decoder, sampling: dict, seed: int, lora=None) -> tuple[torc
     stats = outs[0].stats
     for o in outs[1:]:
         stats = stats.merge(o.stats)
+    if stats_out is not None:
+        stats_out.append(stats)
     return counts, stats.acceptance, stats.rounds
 
 
-def check(model, decoder, sampling, seed, lora=None) -> tuple[dict[str, float], float | None, dict]:
+def check(model, decoder, sampling, seed, lora=None,
+          stats_out: list | None = None) -> tuple[dict[str, float], float | None, dict]:
     """p-values of three views of the joint law (first 3 tokens, last 3 tokens, all L), acceptance, rounds."""
-    counts, acceptance, rounds = run_case(model, decoder, sampling, seed, lora)
+    counts, acceptance, rounds = run_case(model, decoder, sampling, seed, lora, stats_out)
     law = ar_law(model, sampling["temperature"], sampling.get("top_k", 0), sampling.get("top_p", 1.0))
     rest = tuple(range(3, L))
     lead = tuple(range(L - 3))
@@ -234,3 +239,21 @@ def test_sampling_with_branches_follows_the_ar_law(model, adapter, kind, draft, 
     assert rounds["cold"] == N_SAMPLES and rounds["verify_rejected"] > N_SAMPLES // 10
     for view, p in pvalues.items():
         assert p > PASS_P, f"joint law ({view}) differs from AR's with branches (p = {p:.3g})"
+
+
+GUESS_LAW = [("isd", "sample", FULL, 3, 1), ("isd", "argmax", TRUNC, 2, 2), ("risd", "sample", TRUNC, 3, 1)]
+
+
+@pytest.mark.parametrize("kind,draft,sampling,stride,guesses", GUESS_LAW)
+def test_sampling_with_guessed_corrections_follows_the_ar_law(model, adapter, kind, draft, sampling, stride, guesses):
+    """Chi-square as above with guessed corrections (`ISDDecoder(guesses=G)`): a correction that equals a
+    guess takes the next drafts from that guess's group — the first from its clean row (p̃ itself), the rest
+    from MASK rows that saw the correction; every group's q̃ is fixed before the correction is drawn."""
+    decoder = ISDDecoder(stride, MASK if kind == "isd" else None, lora=kind == "risd", branches=True, guesses=guesses)
+    stats: list = []
+    pvalues, acceptance, rounds = check(model, decoder, {**sampling, "draft": draft}, seed=3,
+                                        lora=adapter if kind == "risd" else None, stats_out=stats)
+    assert rounds["cold"] == N_SAMPLES and rounds["verify_rejected"] > N_SAMPLES // 10
+    assert N_SAMPLES // 20 < stats[0].guessed < rounds["verify_rejected"]  # guesses both met and missed
+    for view, p in pvalues.items():
+        assert p > PASS_P, f"joint law ({view}) differs from AR's with guessed corrections (p = {p:.3g})"

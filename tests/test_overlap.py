@@ -25,7 +25,14 @@ from idlm.errors import ConfigError
 from idlm.layers.lora import LoRAAdapter, LoRAConfig
 
 VOCAB, MASK, PAGES = 64, 3, 96
-CASES = [("ar", 1, False), ("isd", 3, False), ("risd", 3, False), ("isd", 3, True), ("risd", 4, True)]
+# (decoder, stride, branches: False, True, or 1 + G for branches with G guessed corrections per draft)
+CASES = [("ar", 1, False), ("isd", 3, False), ("risd", 3, False), ("isd", 3, True), ("risd", 4, True), ("isd", 3, 3),
+         ("risd", 4, 2)]
+
+
+def _layout(branches) -> dict:
+    """A CASES entry's `branches` as the options of `make_decoder` / `EngineConfig`."""
+    return dict(branches=bool(branches), guesses=max(0, int(branches) - 1))
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +50,7 @@ def _prompts(n: int, seed: int = 0) -> list[list[int]]:
 
 def _engine(model, decoder, stride, branches, overlap=True, **kw) -> LLMEngine:
     m, lora = model
-    cfg = dict(decoder=decoder, stride=stride, num_pages=PAGES, page_size=4, overlap=overlap, branches=branches)
+    cfg = dict(decoder=decoder, stride=stride, num_pages=PAGES, page_size=4, overlap=overlap, **_layout(branches))
     cfg.update(kw)
     eng = LLMEngine(m, None, EngineConfig(**cfg), lora=lora if decoder == "risd" else None)
     eng.runner.use_graphs = True  # the graph path on CPU (`_EagerGraph`)
@@ -60,7 +67,7 @@ def test_overlapped_greedy_equals_the_reference_and_the_synchronous_engine(model
     m, lora = model
     prompts = _prompts(6)
     params = [SamplingParams(temperature=0, max_tokens=5 + 4 * i, ignore_eos=True) for i in range(len(prompts))]
-    ref = generate(m, make_decoder(decoder, stride, m.config, branches=branches), prompts, params,
+    ref = generate(m, make_decoder(decoder, stride, m.config, **_layout(branches)), prompts, params,
                    lora=lora if decoder == "risd" else None)
     outs = {}
     for overlap in (False, True):
@@ -106,6 +113,9 @@ def _check_device_blocks(monkeypatch) -> list[int]:
             assert (got["dec.specs"][is_v] == tensors["specs"].numpy()[live][is_v]).all()  # (C rows: never read)
         if "dec.k_row" in got:
             assert (got["dec.k_row"] == tensors["k_row"].numpy()[live]).all()
+        if "dec.guesses" in got:  # guessed corrections (V rows: what their guess rows hold)
+            is_v = tensors["is_v"].numpy()[live]
+            assert (got["dec.guesses"][is_v] == tensors["guesses"].numpy()[live][is_v]).all()
         if "dec.draw" in got:  # (the host's counters are past the launched step's draw: `take_draws`)
             assert (got["dec.draw"] == tensors["draw"].numpy()[live] - 1).all()
         # (the live rows, and whether some ran a shorter stride of its own than the step's)
@@ -222,7 +232,7 @@ def test_a_finish_does_not_end_the_chain_and_the_pages_it_frees_are_safe(model, 
     m, lora = model
     prompts = _prompts(4, seed=21)
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (40, 44, 5, 30)]
-    ref = generate(m, make_decoder(decoder, stride, m.config, branches=branches), prompts, params,
+    ref = generate(m, make_decoder(decoder, stride, m.config, **_layout(branches)), prompts, params,
                    lora=lora if decoder == "risd" else None)
     eng = _engine(model, decoder, stride, branches)
     padded, launch = [], eng.runner.decode_next
@@ -384,7 +394,7 @@ def test_a_row_preempted_while_its_step_is_in_flight_resumes_exactly(model, deco
     m, lora = model
     prompts = _prompts(4, seed=8)
     params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True) for _ in prompts]
-    ref = generate(m, make_decoder(decoder, stride, m.config, branches=branches), prompts, params,
+    ref = generate(m, make_decoder(decoder, stride, m.config, **_layout(branches)), prompts, params,
                    lora=lora if decoder == "risd" else None)
     eng = _engine(model, decoder, stride, branches)
     ids = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]

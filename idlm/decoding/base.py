@@ -92,6 +92,8 @@ class DecodeStats:
     verified_per_position: list[int] = field(default_factory=list)  # drafts tested, by draft index
     accepted_per_position: list[int] = field(default_factory=list)
     rounds: dict[str, int] = field(default_factory=lambda: {"verify_accepted": 0, "verify_rejected": 0, "cold": 0})
+    guessed: int = 0  # rejections whose correction was a guessed one (ISD's `guesses`): the next round's drafts
+    # came from its guessed group
 
     def record_verify(self, k: int, n_accepted: int) -> None:
         """A verify round over k drafts whose first n_accepted were accepted."""
@@ -138,6 +140,7 @@ class DecodeStats:
         out.verified_per_position = add(self.verified_per_position, other.verified_per_position)
         out.accepted_per_position = add(self.accepted_per_position, other.accepted_per_position)
         out.rounds = {r: self.rounds.get(r, 0) + other.rounds.get(r, 0) for r in {**self.rounds, **other.rounds}}
+        out.guessed = self.guessed + other.guessed
         return out
 
     def to_dict(self) -> dict:
@@ -146,7 +149,7 @@ class DecodeStats:
                 "acceptance": None if self.acceptance is None else round(self.acceptance, 4),
                 "verified_per_position": self.verified_per_position,
                 "accepted_per_position": self.accepted_per_position,
-                "rounds": dict(self.rounds),
+                "rounds": dict(self.rounds), "guessed": self.guessed,
                 "round_mix": {r: round(n / total, 4) for r, n in self.rounds.items()}}
 
 

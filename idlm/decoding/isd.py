@@ -23,6 +23,22 @@ drafts use the draft uniforms, independent of the acceptance and correction draw
 Query block N² tokens (N = 4: 16 instead of 7); the drafts of the next round are chosen on the device, so
 the step's packed output is the same as without branches.
 
+Guessed corrections (`guesses=G`, with branches; `EngineConfig.guesses`): a branch's first MASK cannot see the
+correction it follows, so its first draft is blind. Each draft s_j also gets G guessed groups after the
+branches, K rows each: a guess g at the correction's position — a clean row (no MASK, gate off: its logits
+are the target's p̃ of the token after g) — then K − 1 MASK rows after it, seeing the prefix, the block's rows
+0..j and their own earlier rows. The guesses are the drafter's next-best tokens at draft j other than s_j
+(made with the drafts, a step earlier: `guess_tokens`). When the correction drawn at j equals a guess, the
+next drafts come from that group: the first from the clean row, i.e. from p̃ itself (accepted but for
+rounding), the others its MASK rows' (drafts that saw the correction):
+
+  V, reject at j, correction = g_jm → emit s_0..s_{j−1}, corr.; keep 1+j; next V(pending=corr., group jm's drafts)
+
+Exact like the branches: every group's q̃ is fixed before the correction is drawn, the group is chosen by the
+committed correction, and a draft is verified against the q̃ it was drawn from. Query block 2N−1 + (1+G)·K²
+tokens (N = 4, G = 1: 25). CPU estimate on SmolLM2 with its adapter (docs/risd.md, session 34): the TPF with
+branches 2.17 → 2.44 greedy and 1.84 → 2.02 at T = 0.7 with one guess a draft (guesses emitted at once).
+
 The first token t0 is drawn from the prefill logits and emitted there. Acceptance is
 `idlm.decoding.acceptance.verify_drafts`: the drafts of a step verified jointly (block verification, the
 default) or token by token (`SamplingParams.verification`); exact either way. R-ISD is the same decoder
@@ -36,7 +52,6 @@ so for R-ISD (gate 0 there) they are exactly the base AR model's logprobs.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,6 +84,8 @@ class ISDState:
     # [B', K', V], this row's index in it); the row's q̃ are that row's first len(specs) columns
     spec_q: tuple[torch.Tensor, int] | None = None
     spec_qd: list[float] = field(default_factory=list)  # V: q̃_j(s_j), for the α statistic
+    # V with guessed corrections: the G guesses of each draft, [K·G] (draft j's at j·G..j·G+G−1)
+    guesses: list[int] = field(default_factory=list)
     # this row's own stride in the coming steps, <= the step's (the adaptive stride's per-row choice:
     # a shorter block padded to the step's 2N−1 slots); None: the step's stride
     n: int | None = None
@@ -79,19 +96,31 @@ def draft_slots(mode: str, stride: int) -> range:
     return range(1, stride) if mode == "C" else range(stride, 2 * stride - 1)
 
 
-def branch_layout(stride: int) -> tuple[list[int], list[tuple[int, int]]]:
+def branch_layout(stride: int, guesses: int = 0) -> tuple[list[int], list[tuple[int, int]]]:
     """The position offsets and hidden ranges (`QueryBlock.offsets` / `.hide`) of a block with rejection
     branches, Q = 2N−1 + (N−1)² = N² rows: rows 0..2N−2 as without branches (offset t, nothing hidden);
     branch j (0 <= j < N−1) rows g_j + i (g_j = 2N−1 + j(N−1), 0 <= i < N−1) at offset j+1+i, not seeing
-    the block's rows j+1 .. g_j − 1 (the drafts from s_j on, the plain MASK rows, the earlier branches)."""
+    the block's rows j+1 .. g_j − 1 (the drafts from s_j on, the plain MASK rows, the earlier branches).
+    With G `guesses`, G·(N−1) guessed groups follow, laid out as branches are (`group_start`): group (j, m)
+    at offsets j+1.. (its guess where the correction of s_j goes), hiding the block's rows j+1 up to it."""
     n, k = stride, stride - 1
     main = 2 * n - 1
     offsets, hide = list(range(main)), [(0, 0)] * main
-    for j in range(k):
-        g = main + j * k
+    for j in list(range(k)) + [j for j in range(k) for _ in range(guesses)]:
+        g = len(offsets)
         offsets += [j + 1 + i for i in range(k)]
         hide += [(j + 1, g)] * k
     return offsets, hide
+
+
+def group_start(stride: int, j, m=None, guesses: int = 0):
+    """The block index of branch j's first row (m None), or of guessed group (j, m)'s — its guess row
+    (`branch_layout`); j and m may be tensors."""
+    k = stride - 1
+    main = 2 * stride - 1
+    if m is None:
+        return main + j * k
+    return main + k * k + (j * guesses + m) * k
 
 
 def isd_block(state: ISDState, stride: int, mask_token_id: int) -> QueryBlock:
@@ -112,7 +141,8 @@ def isd_block(state: ISDState, stride: int, mask_token_id: int) -> QueryBlock:
 class ISDDecoder(Decoder):
     needs_mask_token = True
 
-    def __init__(self, stride: int, mask_token_id: int | None, lora: bool = False, branches: bool = False):
+    def __init__(self, stride: int, mask_token_id: int | None, lora: bool = False, branches: bool = False,
+                 guesses: int = 0):
         if not isinstance(stride, int) or stride < 2:
             raise ConfigError(f"invalid stride N={stride!r}: ISD needs N >= 2 (N = 1 is plain AR decoding)")
         if mask_token_id is None and not lora:
@@ -123,11 +153,22 @@ class ISDDecoder(Decoder):
         self.needs_mask_token = not lora
         self.name = "risd" if lora else "isd"
         self.branches = bool(branches)
+        if isinstance(guesses, bool) or not isinstance(guesses, int) or guesses < 0:
+            raise ConfigError(f"invalid guesses={guesses!r}: the guessed corrections per draft, an integer >= 0")
+        if guesses and not self.branches:
+            raise ConfigError("guessed corrections (guesses) go with rejection branches (branches=True)")
+        self.guesses = guesses
+        # branch groups per draft: 0 (no branches), 1 (a branch), 1 + G (a branch and G guessed groups)
+        self.groups = (1 + guesses) * self.branches
         self.main_len = 2 * stride - 1  # the block's rows before the rejection branches
-        self.query_len = self.main_len + (stride - 1) ** 2 * self.branches
+        k = stride - 1
+        self.query_len = self.main_len + k * k * self.groups
+        self.packed_width = 3 + 2 * k + k * guesses  # `compute`'s packed columns (before any logprobs)
         self._layout = None
+        self._guess_rows = np.array([group_start(stride, j, m, guesses) for j in range(k) for m in range(guesses)],
+                                    dtype=np.int64)  # [K·G] the guess rows' block indices
         if self.branches:
-            offsets, hide = branch_layout(stride)
+            offsets, hide = branch_layout(stride, guesses)
             self._layout = (np.array(offsets, dtype=np.int64), np.array(hide, dtype=np.int64))
 
     def start(self, logits, params, rngs):
@@ -151,7 +192,7 @@ class ISDDecoder(Decoder):
         if state.mode == "V" and len(state.specs) != self.row_stride(state) - 1:
             # drafts made under another stride (the engine may change N between steps): restart cold.
             # Exact: C only means "no drafts to verify"; the pending token is still the next input.
-            state.mode, state.specs, state.spec_q, state.spec_qd = "C", [], None, []
+            state.mode, state.specs, state.spec_q, state.spec_qd, state.guesses = "C", [], None, [], []
 
     def block(self, state: ISDState) -> QueryBlock:
         self._restart_stale(state)
@@ -164,7 +205,27 @@ class ISDDecoder(Decoder):
         b.gate = b.gate + [False] * pad + [True] * extra if self.uses_lora else None
         if self.branches:
             b.offsets, b.hide = self._layout[0].tolist(), [tuple(h) for h in self._layout[1].tolist()]
+        if self.guesses:  # the guess rows: clean tokens (no MASK, gate off)
+            for r, t in zip(self._guess_rows.tolist(), self._guess_array([state])[0].tolist()):
+                b.tokens[r], b.is_mask[r] = t, False
+                if b.gate is not None:
+                    b.gate[r] = False
         return b
+
+    def _guess_array(self, states) -> np.ndarray:
+        """[B, K·G] each row's guesses (a V row's kept ones; any token elsewhere — a C row never rejects, and a
+        guess that meets its correction is exact whatever it is: the row computes p̃ after that token)."""
+        out = np.full((len(states), len(self._guess_rows)), self.mask_token_id, dtype=np.int64)
+        for b, s in enumerate(states):
+            if s.mode == "V" and len(s.guesses) == out.shape[1]:
+                out[b] = s.guesses
+        return out
+
+    def _with_guesses(self, batch: BlockBatch, states) -> BlockBatch:
+        """The guess rows' tokens on a batch of blocks (their is_mask / gate are off in the patterns)."""
+        if self.guesses:
+            batch.tokens[:, self._guess_rows] = self._guess_array(states)
+        return batch
 
     def _tree(self, batch: BlockBatch) -> BlockBatch:
         """The rejection branches' positions and hidden ranges on a batch of blocks (the same for every row)."""
@@ -206,10 +267,17 @@ class ISDDecoder(Decoder):
             row_n = rows_n[:, None]
         first_mask = np.where(is_v[:, None], row_n, 1)  # the MASK slots: C 1.., V N.. (n = 1: none)
         index = np.arange(self.query_len)
-        is_mask = index >= first_mask
+        is_mask = (index >= first_mask) & self._not_guess
         # `draft_slots`; a row of n = 1 has none
         gate = is_mask & ((index < first_mask + row_n - 1) | (index >= self.main_len)) if self.uses_lora else None
-        return self._tree(BlockBatch(tokens, is_mask, gate))
+        return self._with_guesses(self._tree(BlockBatch(tokens, is_mask, gate)), states)
+
+    @property
+    def _not_guess(self) -> np.ndarray:
+        """[Q] False at the guess rows (clean tokens, gate off), True elsewhere."""
+        out = np.ones(self.query_len, dtype=bool)
+        out[self._guess_rows] = False
+        return out
 
     _patterns_cache: tuple | None = None
 
@@ -223,7 +291,7 @@ class ISDDecoder(Decoder):
         if self._patterns_cache is None or self._patterns_cache[0] != key:
             index = np.arange(q)
             first = np.array([[1], [n]]) if n > 1 else np.array([[q], [q]])  # rows C, V; n = 1: no MASK slot
-            is_mask = index >= first  # [2, Q]
+            is_mask = (index >= first) & self._not_guess  # [2, Q]
             gate = is_mask & ((index < first + n - 1) | (index >= self.main_len))  # the branches' rows draft too
             self._patterns_cache = (key, is_mask, gate)
         _, is_mask, gate = self._patterns_cache
@@ -231,7 +299,8 @@ class ISDDecoder(Decoder):
         tokens = np.array([[s.last, *s.specs, *v_tail] if s.mode == "V" else [s.last, *c_tail] for s in states],
                           dtype=np.int64).reshape(len(states), q)
         kind = np.fromiter((s.mode == "V" for s in states), np.intp, len(states))
-        return self._tree(BlockBatch(tokens, is_mask[kind], gate[kind] if self.uses_lora else None))
+        return self._with_guesses(self._tree(BlockBatch(tokens, is_mask[kind], gate[kind] if self.uses_lora else None)),
+                                  states)
 
     @property
     def max_advance(self) -> int:
@@ -258,10 +327,16 @@ class ISDDecoder(Decoder):
         tokens[:, 0] = final
         tokens[:, 1: k + 1] = torch.where(next_v[:, None] & own, drafts, mask)
         out = {"tokens": tokens, "dec.is_v": next_v, "dec.specs": torch.where(own, drafts, 0)}
+        if self.guesses:  # the new drafts' guesses: the next block's guess rows (`_with_guesses`)
+            guesses = packed[:, self.packed_width - len(self._guess_rows): self.packed_width].long()
+            tokens[:, self._guess_rows.tolist()] = torch.where(next_v[:, None], guesses, mask)
+            out["dec.guesses"] = guesses
         if self.uses_lora:
             index = torch.arange(q, device=packed.device)
             first = torch.where(next_v, kb + 1, 1)[:, None]
             out["is_mask"] = index >= first
+            if self.guesses:
+                out["is_mask"] = out["is_mask"] & torch.from_numpy(self._not_guess).to(packed.device)
             out["gate"] = out["is_mask"] & ((index < first + kb[:, None]) | (index >= self.main_len))
         return advance, out
 
@@ -291,7 +366,7 @@ class ISDDecoder(Decoder):
         if block.any():  # rows verified jointly (`verify_drafts`' block rows); absent: every row token by token
             tensors["block"] = torch.from_numpy(block)
         return ParamsInputs(tensors, {"truncate": truncation(params) if not greedy else False, "greedy": greedy,
-                                      "logprobs": logprobs_static(params), "branches": self.branches},
+                                      "logprobs": logprobs_static(params), "branches": self.groups},
                             sampled=not all(p.greedy for p in params), rows={"point_mass": point_mass})
 
     def step_inputs(self, states, params, rngs, vocab_size, device):
@@ -308,6 +383,8 @@ class ISDDecoder(Decoder):
                 specs[b, :rows_n[b] - 1] = states[b].specs
         # small per-row tensors on the host (the engine packs them into one copy)
         tensors = {**fixed.tensors, "is_v": torch.from_numpy(is_v), "specs": torch.from_numpy(specs)}
+        if self.guesses:  # each draft's guessed corrections (what the block's guess rows hold)
+            tensors["guesses"] = torch.from_numpy(self._guess_array(states))
         if rows_n is not None or self.per_row:  # each row's K (absent: every row the step's)
             tensors["k_row"] = torch.from_numpy(rows_n - 1 if rows_n is not None else np.full(B, k))
         # a V row keeps the q̃ its drafts were sampled from; given whenever a row samples its drafts, V or not
@@ -349,7 +426,7 @@ class ISDDecoder(Decoder):
         if greedy:
             # every row greedy: all p̃ and q̃ are point masses on argmaxes (alpha <= 1 changes nothing then)
             packed, extra = greedy_isd_step(logits, tensors["is_v"], tensors["specs"], tensors.get("k_row"),
-                                            branches), None
+                                            branches, tensors.get("guesses")), None
         else:
             packed, extra = self._compute_sampled(logits, tensors, truncate, branches)
         if logprobs is not None:
@@ -362,7 +439,7 @@ class ISDDecoder(Decoder):
         return sampled_isd_step(logits, t["is_v"], t["specs"], t["temperature"], t["top_k"], t["top_p"],
                                 t["point_mass"], t["argmax_draft"], t["alpha"], t.get("keys"), t.get("draw"),
                                 t.get("q_old"), truncate, t.get("k_row"), t.get("draft_temperature"), branches,
-                                t.get("block"))
+                                t.get("block"), t.get("guesses"))
 
     def finish(self, states, packed, extra, params, stats):
         """The packed columns (see `_compute_sampled`) -> each row's emitted tokens and next state."""
@@ -372,6 +449,8 @@ class ISDDecoder(Decoder):
         n_acc, final = packed[:, 0].astype(np.int64).tolist(), packed[:, 1].astype(np.int64).tolist()
         drafts, final_q = packed[:, 2: 2 + k].astype(np.int64).tolist(), packed[:, 2 + k].tolist()
         drafts_q = packed[:, 3 + k: 3 + 2 * k].tolist()
+        G = self.guesses
+        guesses = packed[:, 3 + 2 * k: self.packed_width].astype(np.int64).tolist()
         point_mass = self.batch_params(params).rows["point_mass"].tolist()
         results = []
         for b, s in enumerate(states):
@@ -383,16 +462,19 @@ class ISDDecoder(Decoder):
             else:
                 stats[b].record_verify(kb, j)
                 emitted, probs, advance = s.specs[:j] + [final[b]], s.spec_qd[:j] + [final_q[b]], 1 + j
+                if G and j < kb and final[b] in s.guesses[j * G: (j + 1) * G]:
+                    stats[b].guessed += 1  # (the device took the next drafts from that guess's group)
             # next: verify the new drafts (after a rejection at j: branch j's, when the block has branches)
             if kb and (s.mode == "C" or j == kb or self.branches):
                 spec_q = None if point_mass[b] or extra is None else (extra, b)  # the new drafts' q̃: row b
                 s.mode, s.last, s.specs, s.spec_q, s.spec_qd = ("V", final[b], drafts[b][:kb], spec_q,
                                                                 drafts_q[b][:kb])
+                s.guesses = guesses[b]
             else:  # a draft was rejected (or the row drafts nothing): cold start from the final token
-                s.mode, s.last, s.specs, s.spec_q, s.spec_qd = "C", final[b], [], None, []
+                s.mode, s.last, s.specs, s.spec_q, s.spec_qd, s.guesses = "C", final[b], [], None, [], []
             res = StepResult(emitted, advance, probs)
             if params[b].logprobs is not None:  # emitted token i is predicted by clean index i
-                res.logprobs, res.top_logprobs = unpack_logprobs(packed[b].tolist(), 3 + 2 * k, self.stride,
+                res.logprobs, res.top_logprobs = unpack_logprobs(packed[b].tolist(), self.packed_width, self.stride,
                                                                  len(emitted), params[b].logprobs)
             results.append(res)
         return results
@@ -408,7 +490,8 @@ def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tens
                      q_old: torch.Tensor | None, truncate: bool | int,
                      k_row: torch.Tensor | None = None,
                      draft_temperature: torch.Tensor | None = None,
-                     branches: bool = False, block: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     branches: bool | int = False, block: torch.Tensor | None = None,
+                     guesses: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The sampled ISD step as one function (compiled into a few fused kernels on CUDA, inside the decode
     graph). logits [B, 2N−1, V]; per row: is_v, specs [B, K], temperature/top_k/top_p, point_mass,
     argmax_draft, alpha; keys [B, 2] / draw [B] (None: every row greedy with verify_alpha > 1); q_old
@@ -416,11 +499,14 @@ def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tens
     (None: every row K; a shorter row's block fills the first 2n − 1 slots, specs / q_old zero-padded);
     draft_temperature [B] the temperature of the MASK slots' q̃ (None: `temperature`); branches: the block
     carries rejection branches (Q = N², `branch_layout`): a V row that rejects at j takes its new drafts from
-    branch j's rows instead of the plain MASK rows; block [B] bool: rows whose drafts are verified jointly
-    (`verify_drafts`, block verification; None: none)
-    -> (packed [B, 2K+3], q̃ of the new drafts [B, K, V]; a shorter row's first k_row columns are its
-    own). A row's draws use uniform columns 0..k_row only, so it gets the same numbers as in a step of its
-    own stride. No host sync, no data-dependent shapes."""
+    branch j's rows instead of the plain MASK rows (an int: the branch groups per draft, 1 + G with G guessed
+    corrections); block [B] bool: rows whose drafts are verified jointly (`verify_drafts`, block verification;
+    None: none); guesses [B, K·G]: each draft's guessed corrections (the block's guess rows): a V row whose
+    correction at j is guess m takes its new drafts from guessed group (j, m) (the final token is then drawn
+    before the drafts, from the same uniform column)
+    -> (packed [B, 2K+3 (+K·G guesses of the new drafts)], q̃ of the new drafts [B, K, V]; a shorter row's
+    first k_row columns are its own). A row's draws use uniform columns 0..k_row only, so it gets the same
+    numbers as in a step of its own stride. No host sync, no data-dependent shapes."""
     B, Q, V = logits.shape
     n = _stride_of(Q, branches)
     k = n - 1
@@ -458,15 +544,18 @@ def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tens
     if kr is not None:  # a shorter row has accepted all its drafts once its first k_row are
         n_acc = torch.minimum(n_acc, kr)
 
-    # next drafts from the MASK slots (C: 1..N−1, V: N..2N−2; a row of its own n: C 1..n−1, V n..2n−2; with
-    # branches, a V row that rejected at j: branch j's rows; columns past a row's own K are ignored on the host)
-    idx = draft_index(first_mask, is_v, n_acc, kb, n, Q, branches, kr is not None)  # [B, K]
-
     # the one token each row draws at the end: c (C), bonus c (V all accepted) or the correction
     rows = torch.arange(B, device=dev)
     all_ok = is_v & (n_acc == kb)
     bonus = p[rows, k] if kr is None else p[rows, kr]
     final_p = torch.where(is_v[:, None], torch.where(all_ok[:, None], bonus, correction), p[:, 0])
+    if guesses is not None:  # the drafts' rows depend on the final token: draw it first
+        return _guessed_sampled_tail(logits, final_p, is_v, n_acc, kb, first_mask, u_tok, kr, guesses,
+                                     argmax_draft, d_temp, top_k, top_p, truncate, n, branches)
+
+    # next drafts from the MASK slots (C: 1..N−1, V: N..2N−2; a row of its own n: C 1..n−1, V n..2n−2; with
+    # branches, a V row that rejected at j: branch j's rows; columns past a row's own K are ignored on the host)
+    idx = draft_index(first_mask, is_v, n_acc, kb, n, Q, branches, kr is not None)  # [B, K]
     # the K drafts' q̃ and the final token's distribution side by side  [B, K+1, V]: one inversion samples all
     # of them (one set of scan kernels, not two; row-wise, so each distribution gets the token it gets alone,
     # from the same uniform as before), and q̃ is a view of it (written once)
@@ -491,32 +580,93 @@ def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tens
     return packed, q_new
 
 
-def _stride_of(query_len: int, branches: bool) -> int:
-    """N of an ISD block of `query_len` rows: 2N−1, or N² with rejection branches."""
-    return math.isqrt(query_len) if branches else (query_len + 1) // 2
+def _guessed_sampled_tail(logits, final_p, is_v, n_acc, kb, first_mask, u_tok, kr, guesses, argmax_draft, d_temp,
+                          top_k, top_p, truncate, n: int, branches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sampled_isd_step` after verification, with guessed corrections: the final token from final_p [B, V]
+    (its uniform column K, or k_row), then the drafts from the rows its value picks (`guess_pick`), filtered
+    at the draft temperature, each from its own column 0..K−1 — the columns of the step without guesses."""
+    B, Q, V = logits.shape
+    k = n - 1
+    if u_tok is None:
+        final = final_p.argmax(-1)
+        cols_u = None
+    else:
+        cols = torch.arange(n, device=logits.device)
+        cols_u = u_tok if kr is None else u_tok.gather(1, torch.where(cols == k, kr[:, None], cols))
+        final = inverse_cdf(final_p[:, None], cols_u[:, k:])[:, 0]
+    pick = guess_pick(guesses, final, is_v, n_acc, kb, k)
+    idx = draft_index(first_mask, is_v, n_acc, kb, n, Q, branches, kr is not None, pick, guesses.shape[1] // k)
+    sel = logits.gather(1, idx[..., None].expand(B, k, V))  # [B, K, V]
+    q_new = filtered_probs(sel.reshape(B * k, V), *_per_slot((d_temp, top_k, top_p), k), truncate).view(B, k, V)
+    sampled = q_new.argmax(-1) if cols_u is None else inverse_cdf(q_new, cols_u[:, :k])
+    new_drafts = torch.where(argmax_draft[:, None], sel.argmax(-1), sampled)
+    final_q = final_p.gather(-1, final[:, None])
+    drafts_q = q_new.gather(-1, new_drafts[..., None]).squeeze(-1)
+    packed = cat_columns([n_acc[:, None].float(), final[:, None].float(), new_drafts.float(), final_q, drafts_q,
+                          guess_tokens(sel, new_drafts, guesses.shape[1] // k).float()])
+    return packed, q_new
+
+
+def _stride_of(query_len: int, branches: bool | int) -> int:
+    """N of an ISD block of `query_len` rows: 2N−1, or 2N−1 + b·(N−1)² with b branch groups per draft (N²
+    with rejection branches alone, b = 1)."""
+    if not branches:
+        return (query_len + 1) // 2
+    n = 2
+    while 2 * n - 1 + int(branches) * (n - 1) ** 2 < query_len:
+        n += 1
+    return n
+
+
+def guess_pick(guesses: torch.Tensor, final: torch.Tensor, is_v: torch.Tensor, n_acc: torch.Tensor, kb,
+               k: int) -> torch.Tensor:
+    """[B] which of its G guesses at the rejected draft j = n_acc a V row's correction `final` equals (−1: none,
+    or no rejection). guesses [B, K·G] (draft j's at j·G..), final / n_acc [B], kb the rows' K (int or [B])."""
+    B = final.shape[0]
+    g = guesses.shape[1] // k
+    j = n_acc.clamp(max=k - 1)
+    cand = guesses.view(B, k, g).gather(1, j[:, None, None].expand(B, 1, g))[:, 0]  # [B, G]
+    hit = (cand == final[:, None]) & (is_v & (n_acc < kb))[:, None]
+    return torch.where(hit.any(-1), hit.int().argmax(-1), -1)
+
+
+def guess_tokens(sel: torch.Tensor, drafts: torch.Tensor, g: int) -> torch.Tensor:
+    """[B, K·G] the guessed corrections of new drafts: the G highest logits of each draft's row sel [B, K, V]
+    other than the draft itself, drafts [B, K] (a draft is only corrected to another token)."""
+    B, k, _ = sel.shape
+    top = sel.topk(g + 1, dim=-1).indices  # [B, K, G+1]
+    hit = top == drafts[..., None]
+    return torch.where(hit[..., :g].cumsum(-1) > 0, top[..., 1:], top[..., :g]).reshape(B, k * g)
 
 
 def draft_index(first_mask: torch.Tensor, is_v: torch.Tensor, n_acc: torch.Tensor, kb, n: int, q: int,
-                branches: bool, per_row: bool) -> torch.Tensor:
+                branches: bool | int, per_row: bool, pick: torch.Tensor | None = None, g: int = 0) -> torch.Tensor:
     """[B, K] the block index of each row's next drafts: first_mask + 0..K−1 (the plain MASK rows); with
     branches, a V row that rejected at j = n_acc < its K (kb) takes branch j's rows 2N−1 + j(N−1) + 0..K−1
-    (`branch_layout`). per_row: rows of their own K, whose columns past it are clamped into the block."""
+    (`branch_layout`), or guessed group (j, m)'s where pick [B] = m >= 0 (`guess_pick`; g guesses a draft).
+    per_row: rows of their own K, whose columns past it are clamped into the block."""
     k = n - 1
     cols = torch.arange(k, device=first_mask.device)
     idx = first_mask[:, None] + cols
     if branches:
         rejected = is_v & (n_acc < kb)
-        idx = torch.where(rejected[:, None], (2 * n - 1 + n_acc.clamp(max=k - 1) * k)[:, None] + cols, idx)
+        j = n_acc.clamp(max=k - 1)
+        start = group_start(n, j)
+        if pick is not None:
+            start = torch.where(pick >= 0, group_start(n, j, pick.clamp(min=0), g), start)
+        idx = torch.where(rejected[:, None], start[:, None] + cols, idx)
     return idx.clamp(max=q - 1) if per_row else idx
 
 
 @cuda_fused(batch_rows=True)  # one compile serves every batch bucket (`batch_rows_of`)
 def greedy_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tensor,
-                    k_row: torch.Tensor | None = None, branches: bool = False) -> torch.Tensor:
+                    k_row: torch.Tensor | None = None, branches: bool | int = False,
+                    guesses: torch.Tensor | None = None) -> torch.Tensor:
     """The greedy ISD step as one function (a couple of fused kernels on CUDA). logits [B, 2N−1, V] (N² with
-    rejection branches: `sampled_isd_step`), is_v [B] bool, specs [B, K], k_row [B] each row's own K (None:
-    all K; see `sampled_isd_step`) -> packed [B, 2K+3] (see ISDDecoder.compute)."""
-    Q = logits.shape[1]
+    rejection branches, more with guessed corrections: `sampled_isd_step`), is_v [B] bool, specs [B, K], k_row
+    [B] each row's own K (None: all K; see `sampled_isd_step`), guesses [B, K·G] (`sampled_isd_step`)
+    -> packed [B, 2K+3 (+K·G)] (see ISDDecoder.compute)."""
+    B, Q = logits.shape[:2]
     n = _stride_of(Q, branches)
     k = n - 1
     am = logits.argmax(-1)  # [B, Q]: argmax at every index
@@ -528,13 +678,20 @@ def greedy_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tenso
         cols = torch.arange(k, device=logits.device)
         miss = miss | (cols >= k_row[:, None])  # stop after the row's own drafts
     n_acc = torch.where(miss.any(-1), miss.int().argmax(-1), k)  # leading accepted drafts
+    final = torch.where(is_v, clean.gather(1, n_acc[:, None]).squeeze(1), clean[:, 0])
     if k_row is not None or branches:
         first_mask = torch.where(is_v, n if k_row is None else k_row + 1, 1)
-        drafts = am.gather(1, draft_index(first_mask, is_v, n_acc, k if k_row is None else k_row, n, Q, branches,
-                                          k_row is not None))
-    final = torch.where(is_v, clean.gather(1, n_acc[:, None]).squeeze(1), clean[:, 0])
+        kb = k if k_row is None else k_row
+        g = 0 if guesses is None else guesses.shape[1] // k
+        pick = None if guesses is None else guess_pick(guesses, final, is_v, n_acc, kb, k)
+        idx = draft_index(first_mask, is_v, n_acc, kb, n, Q, branches, k_row is not None, pick, g)
+        drafts = am.gather(1, idx)
     ones = torch.ones_like(drafts, dtype=torch.float32)
-    return cat_columns([n_acc[:, None].float(), final[:, None].float(), drafts.float(), ones[:, :1], ones])
+    cols = [n_acc[:, None].float(), final[:, None].float(), drafts.float(), ones[:, :1], ones]
+    if guesses is not None:
+        V = logits.shape[-1]
+        cols.append(guess_tokens(logits.gather(1, idx[..., None].expand(B, k, V)), drafts, g).float())
+    return cat_columns(cols)
 
 
 def clean_logprobs(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tensor, packed: torch.Tensor,
@@ -587,7 +744,7 @@ class ISDPlainStep(ARDecoder):
         results = super().finish(states, packed, extra, params, stats)  # sets each state's pending token
         for s, st in zip(states, stats):
             if s.mode == "V":  # its drafts are dropped: restart cold (a "C" state holds none already)
-                s.mode, s.specs, s.spec_q, s.spec_qd = "C", [], None, []
+                s.mode, s.specs, s.spec_q, s.spec_qd, s.guesses = "C", [], None, [], []
             rounds = st.rounds
             rounds["ar"] = rounds.get("ar", 0) + 1
         return results

@@ -162,6 +162,10 @@ class EngineConfig:
     # At C = 64 on the H200 SmolLM2's N² = 16-token rows cost more than their extra tokens gain (docs/risd.md
     # "Session 22"); at C <= 16 they paid or tied
     branches_max_batch: int | None = None
+    # with branches and a fixed stride or a schedule: G guessed corrections per draft (`idlm.decoding.isd`,
+    # "Guessed corrections"): each step also drafts after the drafter's G next-best tokens at every draft, so
+    # a correction that equals one is followed by drafts that saw it; 2N−1 + (1+G)·(N−1)² query tokens a step
+    guesses: int = 0
     page_size: int = 16  # KV-cache page: token slots per page
     num_pages: int | None = None  # KV-cache pages; None: from free GPU memory (CPU: up to 1 GiB)
     max_num_seqs: int = 256
@@ -242,6 +246,15 @@ class EngineConfig:
             positive("branches_max_batch")
             if not self.branches:
                 raise ConfigError("branches_max_batch needs branches=True")
+        if isinstance(self.guesses, bool) or not isinstance(self.guesses, int) or not 0 <= self.guesses <= 8:
+            raise ConfigError(f"invalid engine option guesses={self.guesses!r}: the guessed corrections per draft, "
+                              "an integer in 0..8")
+        if self.guesses and not self.branches:
+            raise ConfigError("guesses (guessed corrections) need branches=True: they are more rows of the "
+                              "rejection branches' tree")
+        if self.guesses and self.stride == "auto":
+            raise ConfigError("guesses are for a fixed stride or a stride_schedule: the adaptive stride's policy "
+                              "does not price guessed corrections yet")
         if self.branches_max_batch is not None and self.stride == "auto":
             raise ConfigError("branches_max_batch is for a fixed stride or a stride_schedule: with stride 'auto' "
                               "the policy prices the branches' N²-token steps at every batch itself")
@@ -482,7 +495,8 @@ class LLMEngine:
                 decoder = ISDPlainStep(self.config.decoder)  # a schedule's N = 1: plain AR steps, exact
             else:
                 decoder = make_decoder(self.config.decoder, stride, self.model.config, self.tokenizer,
-                                       self.config.threshold, branches=branches)
+                                       self.config.threshold, branches=branches,
+                                       guesses=self.config.guesses if branches else 0)
                 if self.config.stride == "auto" and self.config.auto_per_row:
                     decoder.per_row = True  # every step with per-row inputs: one compiled step per stride
             self._decoders[key] = decoder
