@@ -6,9 +6,9 @@ Stages (comma-separated argv[1], default all):
          idlm-tiny-ar, greedy, 64 prompts x 128 tokens: how many requests are identical
   step   bf16, batch 1, greedy and T = 0.7: the decode step of AR, R-ISD fused and R-ISD unfused (separate LoRA
          matmuls; $STEP_KINDS picks some, e.g. ar,risd_fused; risd_br: fused ("select") with rejection branches,
-         and risd_select: fused in the "select" layout (x times [W ; W + D] for q/k/v and gate/up), only when
-         named), in turns ($ROUNDS rounds, per-round ratios),
-         for idlm-tiny-ar (its trained adapter) and a SmolLM2-135M-shaped model (random weights and a
+         risd_gs: and a guessed correction per draft (25 query rows), and risd_select: fused in the "select"
+         layout (x times [W ; W + D] for q/k/v and gate/up), only when named), in turns ($ROUNDS rounds,
+         per-round ratios), for idlm-tiny-ar (its trained adapter) and a SmolLM2-135M-shaped model (random weights and a
          random adapter of $SMOL_RANK, default 32: step cost does not depend on the values)
   profile  batch 1, AR vs fused R-ISD (both layouts: $LAYOUTS, default pair,select): GPU time of the step's
          CUDA graph alone (back to back; and one replay + sync at a time, with the host's launch call) vs
@@ -17,7 +17,8 @@ Stages (comma-separated argv[1], default all):
   sprofile  batch 1, SmolLM2 shape (random weights): where a sampled (T = 0.7) R-ISD / AR step's time goes
          vs greedy: wall time per step, GPU kernel time per step, top kernels ($PROFILE_TOP, default 8, each
          [µs, launches] per step) and top host ops (torch.profiler); $SPROFILE_DECODERS (default ar,risd;
-         risd_br: with rejection branches), $SPROFILE_TEMPS (default 0,0.7)
+         risd_br: with rejection branches; risd_gs: and a guessed correction per draft), $SPROFILE_TEMPS
+         (default 0,0.7)
   bprofile  batch $BATCH (64; $KINDS, default ar,risd4,risd_n1; risdN / risdN_br: stride N, with branches;
          also risd_auto up to $AUTO_MAX), $MODEL, $TEMPS (0,0.7)
          (smollm2 shape: R-ISD; tiny: idlm-tiny ISD): AR, N = 4, an engine's plain AR steps (N = 1) and
@@ -28,7 +29,8 @@ Stages (comma-separated argv[1], default all):
   tiny   bf16: per-request tokens/s of engine AR vs engine R-ISD (fused) on idlm-tiny-ar, C = 1, 16, 64,
          greedy and T = 0.7
   overlap  the CUDA path of overlapped steps (`EngineConfig.overlap`): engine AR, R-ISD and R-ISD with rejection
-         branches ($OVERLAP_KINDS, default ar,risd,risd_br) on idlm-tiny-ar and the SmolLM2 shape ($OVERLAP_DTYPES,
+         branches ($OVERLAP_KINDS, default ar,risd,risd_br,risd_gs: the last with a guessed correction per draft)
+         on idlm-tiny-ar and the SmolLM2 shape ($OVERLAP_DTYPES,
          default float32,bfloat16), 16 greedy requests of varied lengths at C = 1 and 16 ($OVERLAP_CONC; $OVERLAP_TEMPS,
          default 0: greedy; e.g. 0,0.7: seeded sampled requests too), overlapped vs synchronous: identical tokens
          per request, the steps chained (and why not: `chain_breaks`), pages all returned (bf16 at C = 16 may
@@ -148,7 +150,7 @@ def stage_step():
     only = os.environ.get("STEP_KINDS", "")  # e.g. ar,risd_fused (default: all three)
     for name in BENCH_MODELS:
         # a third model for the "select" layout (the default; risd_br takes it too): `fuse_lora` keeps one per model
-        select = bool({"risd_select", "risd_br"} & set(only.split(",")))
+        select = bool({"risd_select", "risd_br", "risd_gs"} & set(only.split(",")))
         if name == "idlm-tiny-ar":
             (model_f, tok, lora_f), (model_u, _, lora_u) = tiny_ar("bfloat16"), tiny_ar("bfloat16")
             model_s, _, lora_s = tiny_ar("bfloat16") if select else (None, None, None)
@@ -165,9 +167,10 @@ def stage_step():
         kinds = {"ar": (model_f, None, None, "pair"), "risd_fused": (model_f, lora_f, True, "pair"),
                  "risd_unfused": (model_u, lora_u, False, "pair"),
                  "risd_br": (model_s, lora_s, True, "select"),  # with rejection branches (N² = 16 query tokens)
+                 "risd_gs": (model_s, lora_s, True, "select"),  # and a guessed correction per draft (25 tokens)
                  "risd_select": (model_s, lora_s, True, "select")}
         kinds = {k: v for k, v in kinds.items()
-                 if k == "ar" or (k in only.split(",") if only else k not in ("risd_br", "risd_select"))}
+                 if k == "ar" or (k in only.split(",") if only else k not in ("risd_br", "risd_gs", "risd_select"))}
         out[name] = {}
         for temp in (0.0, 0.7):
             cases = {}
@@ -176,7 +179,8 @@ def stage_step():
                     with attention_variant(variant):  # read when the step's graphs are captured (the warm-up)
                         eng = LLMEngine(model, tok, EngineConfig(
                             decoder="risd" if lora is not None else "ar", stride=4, max_num_seqs=1, num_pages=512,
-                            fuse_projections=fuse, branches=k == "risd_br", lora_layout=layout,
+                            fuse_projections=fuse, branches=k in ("risd_br", "risd_gs"), lora_layout=layout,
+                            guesses=int(k == "risd_gs"),
                             overlap=variant != "sync"), lora=lora)
                         params = SamplingParams(temperature=temp, max_tokens=400, ignore_eos=True, seed=0)
                         eng.run([prompt], params)  # warm-up: compiles, graph captures
@@ -278,7 +282,8 @@ def stage_sprofile():
     for dec in os.environ.get("SPROFILE_DECODERS", "ar,risd").split(","):
         for temp in [float(t) for t in os.environ.get("SPROFILE_TEMPS", "0,0.7").split(",")]:
             eng = LLMEngine(model, None, EngineConfig(decoder=dec[:4], stride=4, max_num_seqs=1, num_pages=512,
-                                                      branches=dec.endswith("_br")),
+                                                      branches=dec.endswith(("_br", "_gs")),
+                                                      guesses=int(dec.endswith("_gs"))),
                             lora=lora if dec != "ar" else None)
             p = SamplingParams(temperature=temp, max_tokens=400, ignore_eos=True, seed=1)
             eng.run([prompt], SamplingParams(temperature=temp, max_tokens=100, ignore_eos=True, seed=0))
@@ -519,7 +524,8 @@ def stage_overlap():
                        for n in torch.randint(8, 200, (16,), generator=g)]
         temps = [float(t) for t in os.environ.get("OVERLAP_TEMPS", "0").split(",")]
         kinds = {"ar": dict(decoder="ar"), "risd": dict(decoder="risd", stride=4),
-                 "risd_br": dict(decoder="risd", stride=4, branches=True)}
+                 "risd_br": dict(decoder="risd", stride=4, branches=True),
+                 "risd_gs": dict(decoder="risd", stride=4, branches=True, guesses=1)}
         kinds = {k: kinds[k] for k in os.environ.get("OVERLAP_KINDS", ",".join(kinds)).split(",")}
         concs = [int(c) for c in os.environ.get("OVERLAP_CONC", "1,16").split(",")]
         seed0 = int(os.environ.get("OVERLAP_SEED", "0"))

@@ -396,15 +396,17 @@ def release() -> None:
 
 
 def risd_engine(model, tok, lora, n: int, branches: bool = False, stride: int | str = 4,
-                auto_max_stride: int | None = None, layout: str = "pair"):
-    """An engine R-ISD (N = 4 unless `stride`; with rejection branches if asked), n requests at a time;
-    auto_max_stride: the largest N of `stride="auto"` (None: the engine's default); layout: the fused LoRA's
-    (`EngineConfig.lora_layout`; one per model: every R-ISD engine of a process takes the same)."""
+                auto_max_stride: int | None = None, layout: str = "pair", guesses: int = 0):
+    """An engine R-ISD (N = 4 unless `stride`; with rejection branches if asked, and `guesses` guessed
+    corrections per draft with them), n requests at a time; auto_max_stride: the largest N of `stride="auto"`
+    (None: the engine's default); layout: the fused LoRA's (`EngineConfig.lora_layout`; one per model: every
+    R-ISD engine of a process takes the same)."""
     from idlm.engine.llm_engine import EngineConfig, LLMEngine
 
     extra = {} if auto_max_stride is None else {"auto_max_stride": auto_max_stride}
     return LLMEngine(model, tok, EngineConfig(decoder="risd", stride=stride, max_num_seqs=n, branches=branches,
-                                              lora_layout=layout, **extra), lora=lora)
+                                              lora_layout=layout, guesses=guesses if branches else 0, **extra),
+                     lora=lora)
 
 
 def ar_engine(model, tok, n: int):
@@ -414,9 +416,9 @@ def ar_engine(model, tok, n: int):
     return LLMEngine(model, tok, EngineConfig(decoder="ar", max_num_seqs=n))
 
 
-def ar_and_risd(model, tok, lora, n: int, branches: bool = False, layout: str = "pair"):
+def ar_and_risd(model, tok, lora, n: int, branches: bool = False, layout: str = "pair", guesses: int = 0):
     """Engine AR and engine R-ISD (`risd_engine`) on the same model, n requests at a time."""
-    return ar_engine(model, tok, n), risd_engine(model, tok, lora, n, branches, layout=layout)
+    return ar_engine(model, tok, n), risd_engine(model, tok, lora, n, branches, layout=layout, guesses=guesses)
 
 
 def eval_target(args) -> tuple[str, str, Path]:
@@ -472,7 +474,8 @@ def stage_eval(args) -> None:
     dev, name, adapter_dir = eval_target(args)
     n_exact, n_new = (4, 16) if args.smoke else (64, 256)
     msgs = heldout_messages()
-    out: dict = {**environment(dev), "heldout_prompts": len(msgs), "branches": args.branches}
+    out: dict = {**environment(dev), "heldout_prompts": len(msgs), "branches": args.branches,
+                 "guesses": args.guesses}
 
     def load(dtype):
         return load_target(name, adapter_dir, dev, dtype)
@@ -481,7 +484,7 @@ def stage_eval(args) -> None:
     for dtype in ("float32", "bfloat16"):
         model, tok, lora = load(dtype)
         prompts = [tok.encode_chat(m) for m in msgs[:n_exact]]
-        ar, risd = ar_and_risd(model, tok, lora, n_exact, args.branches, args.lora_layout)
+        ar, risd = ar_and_risd(model, tok, lora, n_exact, args.branches, args.lora_layout, args.guesses)
         p = SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True)
         a, r = ar.run(prompts, p), risd.run(prompts, p)
         same = sum(x.token_ids == y.token_ids for x, y in zip(a, r))
@@ -496,7 +499,7 @@ def stage_eval(args) -> None:
     # TPF at N = 4 (bf16): held-out chat prompts, natural stopping
     model, tok, lora = load("bfloat16")
     prompts = [tok.encode_chat(m) for m in msgs[: 4 * n_exact]]
-    out.update(tpf_table(model, tok, lora, prompts, n_new, branches=args.branches))
+    out.update(tpf_table(model, tok, lora, prompts, n_new, branches=args.branches, guesses=args.guesses))
     emit("eval", out)
     # the step split of R-ISD at C = 1 in this process, after the stages above (the speed stage measures it
     # again in a fresh process: a difference points at state this process accumulated)
@@ -514,7 +517,8 @@ def stage_eval(args) -> None:
         path = os.path.join(OUT, f"humaneval_{dec}.jsonl") if OUT else None
         he[dec] = evaluate_humaneval(model, tok, dec, stride=4, lora=lo, limit=3 if args.smoke else None,
                                      max_tokens=32 if args.smoke else 512, batch=164, out=path,
-                                     branches=args.branches and dec == "risd")
+                                     branches=args.branches and dec == "risd",
+                                     guesses=args.guesses if args.branches and dec == "risd" else 0)
     if OUT:
         rows = {d: [json.loads(x) for x in open(os.path.join(OUT, f"humaneval_{d}.jsonl"))] for d in he}
         he["identical_completions"] = sum(a["completion"] == b["completion"] for a, b in zip(rows["ar"], rows["risd"]))
@@ -523,11 +527,13 @@ def stage_eval(args) -> None:
 
 
 def tpf_table(model, tok, lora, prompts: list, max_tokens: int, draft_temperatures: tuple = (),
-              branches: bool = False, verifications: tuple = ("block",), seeds: tuple = (0,)) -> dict:
+              branches: bool = False, verifications: tuple = ("block",), seeds: tuple = (0,),
+              guesses: int = 0) -> dict:
     """TPF of R-ISD at N = 4 (engine, 64 requests at a time, answers ending at their end token) greedy and at
     T = 0.7 -> {"tpf_T0.0": {...}, "tpf_T0.7": {...}} with the acceptance per draft position; each draft
     temperature Td adds "tpf_T0.7_Td{Td}" (T = 0.7, drafts drawn from q̃ at Td: exact, other acceptance);
-    branches: every case again with rejection branches ("..._branches"), same prompts and seeds; sampled cases
+    branches: every case again with rejection branches ("..._branches"), and with `guesses` guessed corrections
+    per draft besides ("..._branches_guesses<G>"), same prompts and seeds; sampled cases
     once per verification ("block", the default, or "token": `SamplingParams.verification`; keys of a
     verification other than "block" end in "_<verification>") and per request seed (keys of a seed other
     than 0 end in "_seed<s>"). Greedy verifies alike in both and runs once."""
@@ -537,13 +543,14 @@ def tpf_table(model, tok, lora, prompts: list, max_tokens: int, draft_temperatur
     out = {}
     cases = [(0.0, None, "block", 0)] + [(0.7, td, v, s) for td in (None, *map(float, draft_temperatures))
                                           for v in verifications for s in seeds]
-    layouts = (False, True) if branches else (False,)
-    for (temp, td, verification, seed), br in ((c, b) for c in cases for b in layouts):
-        eng = risd_engine(model, tok, lora, 64, br)
+    layouts = ((False, 0), (True, 0)) + (((True, guesses),) if guesses else ()) if branches else ((False, 0),)
+    for (temp, td, verification, seed), (br, gs) in ((c, b) for c in cases for b in layouts):
+        eng = risd_engine(model, tok, lora, 64, br, guesses=gs)
         outs = eng.run(prompts, SamplingParams(temperature=temp, max_tokens=max_tokens, seed=seed,
                                                draft_temperature=td, verification=verification))
         total = DecodeStats.total(o.stats for o in outs)
         key = (f"tpf_T{temp}" + ("" if td is None else f"_Td{td}") + ("_branches" if br else "")
+               + (f"_guesses{gs}" if gs else "")
                + ("" if verification == "block" else f"_{verification}") + ("" if seed == 0 else f"_seed{seed}"))
         out[key] = {"tpf": round(total.tpf, 4), "prompts": len(prompts), "verification": verification,
                     "seed": seed, "tokens": total.committed, "stats": total.to_dict(),
@@ -581,7 +588,7 @@ def stage_tpf(args) -> None:
     rows = tpf_table(model, tok, lora, [tok.encode_chat(m) for m in msgs], n_new,
                      tuple(float(x) for x in args.draft_temperatures.split(",")) if args.draft_temperatures else (),
                      branches=args.branches, verifications=tuple(args.verifications.split(",")),
-                     seeds=tuple(int(s) for s in args.tpf_seeds.split(",")))
+                     seeds=tuple(int(s) for s in args.tpf_seeds.split(",")), guesses=args.guesses)
     key = f"tpf_{Path(adapter).parent.name if Path(adapter).name == 'weights' else Path(adapter).name}"
     emit(key, {"adapter": str(adapter), **rows})
     del model, lora
@@ -615,7 +622,7 @@ def median_runs(runs: dict[str, list[dict]]) -> dict[str, dict]:
 def speed_engines(args) -> list[str]:
     """The engines of the speed stage: --speed-engines, else AR, R-ISD N = 4, with --branches R-ISD N = 4 with
     rejection branches ("risd_br") and, unless --no-auto, R-ISD --stride auto ("risd_auto"); AR always."""
-    known = ("ar", "risd", "risd_br", "risd_auto")
+    known = ("ar", "risd", "risd_br", "risd_gs", "risd_auto")
     if args.speed_engines:
         names = [e.strip() for e in args.speed_engines.split(",") if e.strip()]
         bad = [e for e in names if e not in known]
@@ -624,7 +631,8 @@ def speed_engines(args) -> list[str]:
         if args.no_auto and "risd_auto" in names:
             raise SystemExit("--speed-engines names risd_auto but --no-auto is given")
         return ["ar"] + [e for e in known[1:] if e in names]
-    return ["ar", "risd"] + (["risd_br"] if args.branches else []) + ([] if args.no_auto else ["risd_auto"])
+    return (["ar", "risd"] + (["risd_br"] if args.branches else []) + (["risd_gs"] if args.guesses else [])
+            + ([] if args.no_auto else ["risd_auto"]))
 
 
 def speed_requests(args, c: int) -> int:
@@ -666,6 +674,11 @@ def stage_speed(args) -> None:
     if "risd_br" in names:
         engines["risd_br"] = risd_engine(model, tok, lora, max(conc), branches=True, stride=args.speed_stride,
                                          layout=args.lora_layout)
+    if "risd_gs" in names:  # branches with --guesses guessed corrections per draft
+        if args.guesses < 1:
+            raise SystemExit("--speed-engines names risd_gs: give --guesses G (G >= 1)")
+        engines["risd_gs"] = risd_engine(model, tok, lora, max(conc), branches=True, stride=args.speed_stride,
+                                         layout=args.lora_layout, guesses=args.guesses)
     if "risd_auto" in names:  # --branches: auto weighs each step with and without them
         auto = risd_engine(model, tok, lora, max(conc), args.branches, stride="auto",
                            auto_max_stride=args.auto_max_stride, layout=args.lora_layout)
@@ -884,11 +897,14 @@ def main() -> None:
     ap.add_argument("--branches", action="store_true",
                     help="tpf/eval/speed: R-ISD with rejection branches too (tpf, speed: beside the plain layout, and "
                          "speed's --stride auto engine with them; eval: the R-ISD engine drafts branches)")
+    ap.add_argument("--guesses", type=int, default=0,
+                    help="tpf/eval/speed with --branches: also G guessed corrections per draft (tpf: a third layout; "
+                         "eval: the R-ISD engine; speed: the engine risd_gs)")
     ap.add_argument("--no-auto", action="store_true",
                     help="speed: AR and R-ISD N = 4 only (the --stride auto engine's warm-up took 292 s on the H200)")
     ap.add_argument("--speed-engines", default="",
-                    help="speed: the engines, of ar,risd,risd_br,risd_auto (AR always; default: from --branches and "
-                         "--no-auto)")
+                    help="speed: the engines, of ar,risd,risd_br,risd_gs,risd_auto (AR always; default: from "
+                         "--branches, --guesses and --no-auto)")
     ap.add_argument("--speed-temperatures", default="0,0.7", help="speed: the temperatures (comma-separated)")
     ap.add_argument("--speed-concurrency", default="1,16,64", help="speed: the concurrencies (comma-separated)")
     ap.add_argument("--speed-stride", type=int, default=4,
