@@ -630,6 +630,8 @@ def speed_engines(args) -> list[str]:
             raise SystemExit(f"--speed-engines: unknown engine(s) {bad}; choose from {list(known)}")
         if args.no_auto and "risd_auto" in names:
             raise SystemExit("--speed-engines names risd_auto but --no-auto is given")
+        if "risd_gs" in names and args.guesses < 1:
+            raise SystemExit("--speed-engines names risd_gs: give --guesses G (G >= 1)")
         return ["ar"] + [e for e in known[1:] if e in names]
     return (["ar", "risd"] + (["risd_br"] if args.branches else []) + (["risd_gs"] if args.guesses else [])
             + ([] if args.no_auto else ["risd_auto"]))
@@ -675,8 +677,6 @@ def stage_speed(args) -> None:
         engines["risd_br"] = risd_engine(model, tok, lora, max(conc), branches=True, stride=args.speed_stride,
                                          layout=args.lora_layout)
     if "risd_gs" in names:  # branches with --guesses guessed corrections per draft
-        if args.guesses < 1:
-            raise SystemExit("--speed-engines names risd_gs: give --guesses G (G >= 1)")
         engines["risd_gs"] = risd_engine(model, tok, lora, max(conc), branches=True, stride=args.speed_stride,
                                          layout=args.lora_layout, guesses=args.guesses)
     if "risd_auto" in names:  # --branches: auto weighs each step with and without them

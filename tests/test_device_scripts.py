@@ -253,10 +253,13 @@ def test_speed_engines_follow_the_flags_and_refuse_unknown_or_contradictory_name
     mod = _load("smollm2_risd")
 
     def ns(**kw):
-        return argparse.Namespace(**{"speed_engines": "", "branches": False, "no_auto": False, **kw})
+        return argparse.Namespace(**{"speed_engines": "", "branches": False, "no_auto": False, "guesses": 0, **kw})
 
     assert mod.speed_engines(ns()) == ["ar", "risd", "risd_auto"]
     assert mod.speed_engines(ns(branches=True, no_auto=True)) == ["ar", "risd", "risd_br"]
+    assert mod.speed_engines(ns(branches=True, no_auto=True, guesses=1)) == ["ar", "risd", "risd_br", "risd_gs"]
+    with pytest.raises(SystemExit, match="--guesses"):
+        mod.speed_engines(ns(speed_engines="risd_gs"))
     # named: AR always first, the rest in the stage's order whatever the order given
     assert mod.speed_engines(ns(speed_engines="risd_auto,risd")) == ["ar", "risd", "risd_auto"]
     assert mod.speed_engines(ns(speed_engines="risd_auto")) == ["ar", "risd_auto"]
