@@ -198,3 +198,18 @@ def test_guess_options_are_checked(tiny):
         ISDDecoder(4, MASK, guesses=1)
     with pytest.raises(ConfigError, match="guesses"):
         ISDDecoder(4, MASK, branches=True, guesses=-2)
+
+
+def test_logprobs_with_guesses_are_the_base_models(model):
+    """Raw logprobs of the emitted tokens sit after the guess columns of the packed output
+    (`ISDDecoder.packed_width`): with guesses they are the same as without (greedy: the same tokens, each
+    scored by the clean row that predicted it)."""
+    prompts = random_prompts(seed=7)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
+    plain = generate(model, ISDDecoder(4, MASK, branches=True), prompts, params)
+    guessed = generate(model, ISDDecoder(4, MASK, branches=True, guesses=2), prompts, params)
+    assert DecodeStats.total([o.stats for o in guessed]).guessed > 0
+    for a, b in zip(plain, guessed):
+        assert a.token_ids == b.token_ids
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=1e-5, atol=1e-5)
+        assert [[t for t, _ in top] for top in a.top_logprobs] == [[t for t, _ in top] for top in b.top_logprobs]
