@@ -167,6 +167,8 @@ class ISDDecoder(Decoder):
         self._layout = None
         self._guess_rows = np.array([group_start(stride, j, m, guesses) for j in range(k) for m in range(guesses)],
                                     dtype=np.int64)  # [K·G] the guess rows' block indices
+        self._not_guess = np.ones(self.query_len, dtype=bool)  # [Q] False at the guess rows (clean, gate off)
+        self._not_guess[self._guess_rows] = False
         if self.branches:
             offsets, hide = branch_layout(stride, guesses)
             self._layout = (np.array(offsets, dtype=np.int64), np.array(hide, dtype=np.int64))
@@ -272,13 +274,6 @@ class ISDDecoder(Decoder):
         gate = is_mask & ((index < first_mask + row_n - 1) | (index >= self.main_len)) if self.uses_lora else None
         return self._with_guesses(self._tree(BlockBatch(tokens, is_mask, gate)), states)
 
-    @property
-    def _not_guess(self) -> np.ndarray:
-        """[Q] False at the guess rows (clean tokens, gate off), True elsewhere."""
-        out = np.ones(self.query_len, dtype=bool)
-        out[self._guess_rows] = False
-        return out
-
     _patterns_cache: tuple | None = None
 
     def _blocks_fixed(self, states) -> BlockBatch:
@@ -328,15 +323,18 @@ class ISDDecoder(Decoder):
         tokens[:, 1: k + 1] = torch.where(next_v[:, None] & own, drafts, mask)
         out = {"tokens": tokens, "dec.is_v": next_v, "dec.specs": torch.where(own, drafts, 0)}
         if self.guesses:  # the new drafts' guesses: the next block's guess rows (`_with_guesses`)
+            # the guess rows (`group_start`) made on the device: no host-to-device copy inside a captured step
+            guess_rows = group_start(self.stride, 0, 0, self.guesses) + k * torch.arange(
+                len(self._guess_rows), device=packed.device)
             guesses = packed[:, self.packed_width - len(self._guess_rows): self.packed_width].long()
-            tokens[:, self._guess_rows.tolist()] = torch.where(next_v[:, None], guesses, mask)
+            tokens[:, guess_rows] = torch.where(next_v[:, None], guesses, mask)
             out["dec.guesses"] = guesses
         if self.uses_lora:
             index = torch.arange(q, device=packed.device)
             first = torch.where(next_v, kb + 1, 1)[:, None]
             out["is_mask"] = index >= first
             if self.guesses:
-                out["is_mask"] = out["is_mask"] & torch.from_numpy(self._not_guess).to(packed.device)
+                out["is_mask"][:, guess_rows] = False
             out["gate"] = out["is_mask"] & ((index < first + kb[:, None]) | (index >= self.main_len))
         return advance, out
 
