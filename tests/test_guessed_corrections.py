@@ -8,7 +8,8 @@ Oracles:
   (the target's p̃ of the token after the correction, when the guess is right), and its MASK rows draft as a
   block [pending, s_0..s_{j−1}, guess, MASK…] would;
 - greedy AR: greedy ISD and R-ISD with guesses emit its tokens (reference runner and engine);
-- the reference runner for the engine (greedy and seeded sampling, the kernel and the graph input layout);
+- the reference runner for the engine (greedy and seeded sampling; the kernel and the graph input layout:
+  tests/test_rejection_branches.py's kernel test, with guesses);
 - (the chi-square of sampling with guesses against the enumerated AR law: tests/test_isd_distribution.py;
   overlapped steps with guesses: tests/test_overlap.py's CASES).
 """
@@ -19,7 +20,6 @@ import pytest
 import torch
 from test_isd import MASK, greedy, random_prompts, tiny_config
 from test_rejection_branches import _visible
-from tiny import tiny_transformer
 
 from idlm.decoding import make_decoder
 from idlm.decoding.ar import ARDecoder
@@ -156,31 +156,6 @@ def test_engine_with_guesses_equals_reference_greedy_and_seeded(tiny, stride, g)
     assert [o.stats.forwards for o in got] == [o.stats.forwards for o in ref]
     assert [o.stats.guessed for o in got] == [o.stats.guessed for o in ref]
     assert eng.max_query_len == 2 * stride - 1 + (1 + g) * (stride - 1) ** 2
-
-
-@pytest.mark.parametrize("decoder", ["isd", "risd"])
-def test_engine_guesses_through_the_kernel_and_graph_inputs_equal_plain_inputs(decoder):
-    """The Triton kernel's hidden ranges (interpreter) and the CUDA graph's packed input layout with guess rows,
-    against the gather + SDPA path with plain inputs: same tokens, greedy and seeded sampled rows."""
-    pytest.importorskip("triton", reason="the paged kernel needs the triton package (dev extra)")
-    torch.manual_seed(0)
-    m = tiny_transformer(16, head_dim=16, mask_token_id=3)  # a small vocabulary: guesses are often right
-    lora = None
-    if decoder == "risd":
-        lora = LoRAAdapter(m.config, LoRAConfig(rank=4)).init_weights(std=0.3, seed=0, zero_b=False)
-    prompts = [torch.randint(4, 16, (n,)).tolist() for n in (5, 23, 11, 40)]
-    params = [SamplingParams(temperature=0 if i % 2 else 1.0, seed=i, max_tokens=10 + i, ignore_eos=True)
-              for i in range(len(prompts))]
-    outs, guessed = {}, 0
-    for attention, packed in (("sdpa", False), ("triton", True)):
-        eng = LLMEngine(m, None, EngineConfig(decoder=decoder, stride=3, num_pages=64, page_size=4, branches=True,
-                                              guesses=2, attention=attention), lora=lora)
-        eng.runner.packed_inputs = packed
-        res = eng.run(prompts, params)
-        outs[attention] = [o.token_ids for o in res]
-        guessed += sum(o.stats.guessed for o in res)
-        assert eng.block_manager.num_free_pages == 64
-    assert outs["triton"] == outs["sdpa"] and guessed > 0
 
 
 def test_guess_options_are_checked(tiny):

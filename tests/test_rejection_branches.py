@@ -200,27 +200,34 @@ def test_engine_with_branches_equals_reference_greedy_and_seeded(tiny, stride):
     assert eng.max_query_len == stride * stride
 
 
+@pytest.mark.parametrize("guesses", [0, 2])
 @pytest.mark.parametrize("decoder", ["isd", "risd"])
-def test_engine_branches_through_the_kernel_and_graph_inputs_equal_plain_inputs(decoder):
+def test_engine_branches_through_the_kernel_and_graph_inputs_equal_plain_inputs(decoder, guesses):
     """The Triton kernel's hidden ranges (interpreter) and the CUDA graph's packed input layout (strided
-    views), against the gather + SDPA path with plain inputs: same tokens, greedy and seeded sampled rows."""
+    views), against the gather + SDPA path with plain inputs: same tokens, greedy and seeded sampled rows;
+    with guessed corrections too (tests/test_guessed_corrections.py; a small vocabulary, so guesses are often
+    right)."""
     pytest.importorskip("triton", reason="the paged kernel needs the triton package (dev extra)")
     torch.manual_seed(0)
-    m = tiny_transformer(64, head_dim=16, mask_token_id=3)
+    vocab = 16 if guesses else 64
+    m = tiny_transformer(vocab, head_dim=16, mask_token_id=3)
     lora = None
     if decoder == "risd":
         lora = LoRAAdapter(m.config, LoRAConfig(rank=4)).init_weights(std=0.3, seed=0, zero_b=False)
-    prompts = [torch.randint(4, 64, (n,)).tolist() for n in (5, 23, 11, 40)]
+    prompts = [torch.randint(4, vocab, (n,)).tolist() for n in (5, 23, 11, 40)]
     params = [SamplingParams(temperature=0 if i % 2 else 1.0, seed=i, max_tokens=10 + i, ignore_eos=True)
               for i in range(len(prompts))]
-    outs = {}
+    outs, guessed = {}, 0
     for attention, packed in (("sdpa", False), ("triton", True)):
         eng = LLMEngine(m, None, EngineConfig(decoder=decoder, stride=3, num_pages=64, page_size=4, branches=True,
-                                              attention=attention), lora=lora)
+                                              guesses=guesses, attention=attention), lora=lora)
         eng.runner.packed_inputs = packed
-        outs[attention] = [o.token_ids for o in eng.run(prompts, params)]
+        res = eng.run(prompts, params)
+        outs[attention] = [o.token_ids for o in res]
+        guessed += sum(o.stats.guessed for o in res)
         assert eng.block_manager.num_free_pages == 64
     assert outs["triton"] == outs["sdpa"]
+    assert (guessed > 0) == bool(guesses)  # with guesses, some corrections met one
 
 
 def test_branches_only_up_to_a_batch_size_stay_exact(tiny):
