@@ -54,7 +54,7 @@ def _add_decoder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guesses", type=int, default=0,
                    help="with --branches and a fixed stride: guessed corrections per draft — each step also drafts "
                         "after the drafter's next-best tokens, used when the correction is one of them (exact; "
-                        "2N−1 + (1+G)(N−1)² query tokens a step; default 0)"),
+                        "2N−1 + (1+G)(N−1)² query tokens a step; default 0)")
     p.add_argument("--lora", default=None,
                    help="R-ISD gated LoRA adapter directory or name, e.g. idlm-tiny-ar-risd-lora "
                         "(default: the model's known adapter, if any)")
