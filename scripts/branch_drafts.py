@@ -34,6 +34,7 @@ import time
 import torch
 
 from idlm.decoding.acceptance import verify_drafts
+from idlm.decoding.isd import guess_tokens
 from idlm.decoding.sampling import SamplingParams, filtered_probs, params_tensors
 from idlm.training.objectives import RecordKV, group_attention
 
@@ -91,13 +92,6 @@ class Drafter:
         return p, q, q_logits, groups([s for s, _ in guesses], [t for _, t in guesses], k + 1)
 
 
-def top_excluding(logits: torch.Tensor, exclude: int, n: int) -> list[int]:
-    """The n highest-ranked tokens of logits [V] other than `exclude` (a guess for a rejected draft's
-    correction, known before the forward that draws it)."""
-    top = logits.topk(n + 1).indices.tolist()
-    return [t for t in top if t != exclude][:n]
-
-
 def decode(drafter: Drafter, prompt: list[int], n: int, max_tokens: int, eos: frozenset, branches: bool | int,
            g: torch.Generator, guesses: int = 0, stats: dict | None = None, defer: bool = False
            ) -> tuple[list[int], int]:
@@ -148,8 +142,9 @@ def decode(drafter: Drafter, prompt: list[int], n: int, max_tokens: int, eos: fr
             next_q, next_rank = q[0], q_logits[0]
         else:
             starts = [u + k + 1] + [u + 1 + j for j in range(n_branch)]
-            guessed = [(j, t) for j in range(k) for t in top_excluding(rank[j], specs[j], guesses)] \
-                if guesses else []
+            # the engine's rule (`guess_tokens`): draft j's next-best tokens other than the draft
+            guessed = [(j, int(t)) for j in range(k) for t in
+                       guess_tokens(rank[None, j:j + 1], torch.tensor([[specs[j]]]), guesses)[0]] if guesses else []
             p, q, q_logits, gq = drafter.round(toks, specs, starts, k, [(u + 1 + j, t) for j, t in guessed])
             forwards += 1
             uniforms = torch.rand(1, k, generator=g)

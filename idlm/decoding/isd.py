@@ -571,11 +571,21 @@ def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tens
         both = inverse_cdf(dists, u_tok if kr is None else u_tok.gather(1, torch.where(cols == k, kr[:, None], cols)))
         sampled, final = both[:, :k], both[:, k]
     new_drafts = torch.where(argmax_draft[:, None], logits.argmax(-1).gather(1, idx), sampled)
-    final_q = final_p.gather(-1, final[:, None])
+    return _sampled_packed(n_acc, final, new_drafts, final_p, q_new), q_new
+
+
+def _sampled_packed(n_acc, final, new_drafts, final_p, q_new, guesses=None) -> torch.Tensor:
+    """A sampled step's packed output (`_pack_step`) with q(final) and q̃_j(d_j) read off the distributions the
+    tokens came from: final_p [B, V], q_new [B, K, V]."""
     drafts_q = q_new.gather(-1, new_drafts[..., None]).squeeze(-1)  # q̃_j(d_j) [B, K]
-    # [B, 2K+3]: n_accepted, final token, K drafts, q(final), K q̃(draft) (ids exact in float32 < 2^24)
-    packed = cat_columns([n_acc[:, None].float(), final[:, None].float(), new_drafts.float(), final_q, drafts_q])
-    return packed, q_new
+    return _pack_step(n_acc, final, new_drafts, final_p.gather(-1, final[:, None]), drafts_q, guesses)
+
+
+def _pack_step(n_acc, final, drafts, final_q, drafts_q, guesses=None) -> torch.Tensor:
+    """[B, 2K+3 (+K·G)]: n_accepted, final token, K drafts, q(final) [B, 1], K q̃(draft) [B, K], then the new
+    drafts' guessed corrections [B, K·G] when given (ids exact in float32 below 2^24)."""
+    cols = [n_acc[:, None].float(), final[:, None].float(), drafts.float(), final_q, drafts_q]
+    return cat_columns(cols if guesses is None else cols + [guesses.float()])
 
 
 def _guessed_sampled_tail(logits, final_p, is_v, n_acc, kb, first_mask, u_tok, kr, guesses, argmax_draft, d_temp,
@@ -598,11 +608,8 @@ def _guessed_sampled_tail(logits, final_p, is_v, n_acc, kb, first_mask, u_tok, k
     q_new = filtered_probs(sel.reshape(B * k, V), *_per_slot((d_temp, top_k, top_p), k), truncate).view(B, k, V)
     sampled = q_new.argmax(-1) if cols_u is None else inverse_cdf(q_new, cols_u[:, :k])
     new_drafts = torch.where(argmax_draft[:, None], sel.argmax(-1), sampled)
-    final_q = final_p.gather(-1, final[:, None])
-    drafts_q = q_new.gather(-1, new_drafts[..., None]).squeeze(-1)
-    packed = cat_columns([n_acc[:, None].float(), final[:, None].float(), new_drafts.float(), final_q, drafts_q,
-                          guess_tokens(sel, new_drafts, guesses.shape[1] // k).float()])
-    return packed, q_new
+    new_guesses = guess_tokens(sel, new_drafts, guesses.shape[1] // k)
+    return _sampled_packed(n_acc, final, new_drafts, final_p, q_new, new_guesses), q_new
 
 
 def _stride_of(query_len: int, branches: bool | int) -> int:
@@ -685,11 +692,11 @@ def greedy_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tenso
         idx = draft_index(first_mask, is_v, n_acc, kb, n, Q, branches, k_row is not None, pick, g)
         drafts = am.gather(1, idx)
     ones = torch.ones_like(drafts, dtype=torch.float32)
-    cols = [n_acc[:, None].float(), final[:, None].float(), drafts.float(), ones[:, :1], ones]
+    new_guesses = None
     if guesses is not None:
         V = logits.shape[-1]
-        cols.append(guess_tokens(logits.gather(1, idx[..., None].expand(B, k, V)), drafts, g).float())
-    return cat_columns(cols)
+        new_guesses = guess_tokens(logits.gather(1, idx[..., None].expand(B, k, V)), drafts, g)
+    return _pack_step(n_acc, final, drafts, ones[:, :1], ones, new_guesses)
 
 
 def clean_logprobs(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tensor, packed: torch.Tensor,
