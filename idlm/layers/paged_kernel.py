@@ -55,6 +55,11 @@ MAX_SPLITS = 32
 # (4 splits each), batch 8 x 7 tokens (24 programs) 9.6 vs 11.9; the Qwen3-8B layout at batch 1 (8 programs) 13.3 vs
 # 14.3 µs, while at batch 8 (64 programs) 64-key tiles and 2 warps stay faster (19.2 vs 24.0)
 SMALL_GRID = 24
+# the second (combine) launch of split KV takes a (row, KV head)'s query tile in chunks of this many rows, one
+# program each: one program for a whole tile read its splits' states serially on one SM each — with R-ISD's
+# 25-row guessed-corrections block on SmolLM2 (a 128-row tile, 3 KV heads) 6.5 µs a layer against 2.7 for the
+# 16-row block's 64-row tile (H200, session 35 `bench_risd.py sprofile`)
+COMBINE_ROWS = 16
 # exact mode (issue 16): one tile shape for every query length, so a query row is computed by the same
 # instructions in the same order whatever block, batch or prefill chunk it is in
 EXACT_BLOCK_M, EXACT_BLOCK_N = 64, 32
@@ -128,30 +133,36 @@ def _kernel():
         return tl.maximum(tl.cdiv(tl.cdiv(n_keys, SPLITS), BLOCK_N) * BLOCK_N, BLOCK_N)
 
     @triton.jit
-    def _combine(Out, PART_M, PART_L, PART_ACC, b, hk, n_kv, s_ob, s_ot, s_oh, T, SPLITS, USED,
-                 GROUP: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, CACHE: tl.constexpr):
-        """The first USED of the S split states of (row b, KV head hk) into its output rows. CACHE: the
-        states' load cache modifier (".cg": from L2, for states other programs of the same launch wrote —
-        the fused combine)."""
-        rows = tl.arange(0, BLOCK_M)
+    def _combine(Out, PART_M, PART_L, PART_ACC, b, hk, n_kv, s_ob, s_ot, s_oh, T, SPLITS, USED, r0,
+                 GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, D: tl.constexpr,
+                 CACHE: tl.constexpr):
+        """The first USED of the S split states of (row b, KV head hk) into its output rows: the tile rows
+        r0 .. r0 + BLOCK_R − 1 of the BLOCK_M the forward kept (padding rows past T are neither read nor
+        written). CACHE: the states' load cache modifier (".cg": from L2, for states other programs of the
+        same launch wrote — the fused combine)."""
+        rows = r0 + tl.arange(0, BLOCK_R)
         t = rows // GROUP
+        ok = t < T
         h = hk * GROUP + rows % GROUP
         d = tl.arange(0, D)
         first = (b * n_kv + hk) * SPLITS * BLOCK_M
-        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        m = tl.full([BLOCK_R], float("-inf"), tl.float32)
         for sp in range(0, USED):
-            m = tl.maximum(m, tl.load(PART_M + first + sp * BLOCK_M + rows, cache_modifier=CACHE))
+            m = tl.maximum(m, tl.load(PART_M + first + sp * BLOCK_M + rows, mask=ok, other=float("-inf"),
+                                      cache_modifier=CACHE))
         m_safe = tl.where(m == float("-inf"), 0.0, m)  # rows no split saw a key for
-        l_sum = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        l_sum = tl.zeros([BLOCK_R], tl.float32)
+        acc = tl.zeros([BLOCK_R, D], tl.float32)
         for sp in range(0, USED):
             at = first + sp * BLOCK_M + rows
-            w = tl.exp(tl.load(PART_M + at, cache_modifier=CACHE) - m_safe)  # 0 for a split that saw nothing
-            l_sum += w * tl.load(PART_L + at, cache_modifier=CACHE)
-            acc += w[:, None] * tl.load(PART_ACC + at[:, None] * D + d[None, :], cache_modifier=CACHE)
+            # 0 for a split that saw nothing
+            w = tl.exp(tl.load(PART_M + at, mask=ok, other=float("-inf"), cache_modifier=CACHE) - m_safe)
+            l_sum += w * tl.load(PART_L + at, mask=ok, other=0.0, cache_modifier=CACHE)
+            acc += w[:, None] * tl.load(PART_ACC + at[:, None] * D + d[None, :], mask=ok[:, None], other=0.0,
+                                        cache_modifier=CACHE)
         out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
         tl.store(Out + b * s_ob + t[:, None] * s_ot + h[:, None] * s_oh + d[None, :],
-                 out.to(Out.dtype.element_ty), mask=(t < T)[:, None])
+                 out.to(Out.dtype.element_ty), mask=ok[:, None])
 
     @triton.jit
     def _write_out(Out, acc, l_i, b, t, h, d, row_ok, s_ob, s_ot, s_oh):
@@ -256,26 +267,29 @@ def _kernel():
                     ticket = tl.atomic_add(counter, 1, sem="acq_rel")
                     if ticket == used - 1:  # the last used split of (b, hk) to finish combines: no second launch
                         _combine(Out, PART_M, PART_L, PART_ACC, b, hk, tl.num_programs(1), s_ob, s_ot, s_oh, T,
-                                 SPLITS, used, GROUP, BLOCK_M, D, ".cg")
+                                 SPLITS, used, 0, GROUP, BLOCK_M, BLOCK_M, D, ".cg")
                         tl.atomic_xchg(counter, 0)  # ready for the next launch (a CUDA graph's next replay)
         else:
             _write_out(Out, acc, l_i, b, t, h, d, row_ok, s_ob, s_ot, s_oh)
 
     @triton.jit
     def paged_attn_combine(Out, PART_M, PART_L, PART_ACC, LAST, s_ob, s_ot, s_oh, s_lb, T, SPLITS,
-                           GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
-        """The second launch of split KV: the forward's used splits of (row, KV head) into its output. The
-        number used is recomputed from `last` as the forward did (the splits past it stored nothing; with one
-        the forward wrote the output itself), so a short context in a wide block table costs a few loads."""
+                           GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                           BLOCK_R: tl.constexpr):
+        """The second launch of split KV: the forward's used splits of (row, KV head) into its output, grid
+        (row, KV head, BLOCK_M / BLOCK_R row chunks). The number used is recomputed from `last` as the
+        forward did (the splits past it stored nothing; with one the forward wrote the output itself), so a
+        short context in a wide block table costs a few loads."""
         b = tl.program_id(0)
         rows = tl.arange(0, BLOCK_M)
         t = rows // GROUP
         n_keys = tl.max(tl.load(LAST + b * s_lb + t, mask=t < T, other=-1), axis=0) + 1
         chunk = _split_share(n_keys, SPLITS, BLOCK_N)
         used = tl.maximum(tl.cdiv(n_keys, chunk), 1)
-        if used > 1:
+        r0 = tl.program_id(2) * BLOCK_R
+        if (used > 1) & (r0 < T * GROUP):  # (a chunk of padding rows only: nothing to do)
             _combine(Out, PART_M, PART_L, PART_ACC, b, tl.program_id(1), tl.num_programs(1),
-                     s_ob, s_ot, s_oh, T, SPLITS, used, GROUP, BLOCK_M, D, "")
+                     s_ob, s_ot, s_oh, T, SPLITS, used, r0, GROUP, BLOCK_M, BLOCK_R, D, "")
 
     return paged_attn_fwd, paged_attn_combine
 
@@ -483,7 +497,8 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
         num_warps=4 if exact else warps,
     )
     if splits > 1 and not fuse:
-        combine[(B, Hkv)](out, part_m, part_l, part_acc, last, out.stride(0), out.stride(1), out.stride(2),
-                          last.stride(0), T, splits, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, D=D,
-                          num_warps=4)
+        block_r = min(block_m, COMBINE_ROWS)
+        combine[(B, Hkv, block_m // block_r)](
+            out, part_m, part_l, part_acc, last, out.stride(0), out.stride(1), out.stride(2), last.stride(0), T,
+            splits, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, D=D, BLOCK_R=block_r, num_warps=4)
     return out.transpose(1, 2)
