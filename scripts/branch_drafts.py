@@ -93,8 +93,8 @@ class Drafter:
 
 
 def decode(drafter: Drafter, prompt: list[int], n: int, max_tokens: int, eos: frozenset, branches: bool | int,
-           g: torch.Generator, guesses: int = 0, stats: dict | None = None, defer: bool = False
-           ) -> tuple[list[int], int]:
+           g: torch.Generator, guesses: int = 0, stats: dict | None = None, defer: bool = False,
+           lite: bool = False) -> tuple[list[int], int]:
     """ISD at stride n (K = n − 1 drafts a round) with rejection branches at the first `branches` drafts
     (True: all K; False / 0: none, today's cold starts; a rejection past them starts cold) -> (emitted
     tokens, forwards; the prefill counts as one, as it emits the first token).
@@ -108,7 +108,10 @@ def decode(drafter: Drafter, prompt: list[int], n: int, max_tokens: int, eos: fr
     correction is not emitted in the round; it becomes the next round's first draft, drawn from that clean
     row (its q̃ is the target's own p̃, so it is accepted but for rounding), and the group's first K − 1 MASK
     drafts follow it — the next round is an ordinary verify round (what an engine can build without a
-    block of two pending tokens). `stats` (a dict) counts rejections and matches per draft position."""
+    block of two pending tokens). `lite` (with `defer`): a guessed group is its clean row alone (2N − 1 + K·K
+    + G·K query rows: N = 4, G = 1: 19, not 25) — after a matched correction the first draft comes from it
+    and the others from branch j's MASK rows past its first (blind to the correction, as without a guess).
+    `stats` (a dict) counts rejections and matches per draft position."""
     k = n - 1
     n_branch = k if branches is True else int(branches)
     if not 0 <= n_branch <= k:
@@ -162,7 +165,10 @@ def decode(drafter: Drafter, prompt: list[int], n: int, max_tokens: int, eos: fr
                 if hit:
                     count("matched", j)
                     gp, gl = gq[0][hit[0]], gq[1][hit[0]]
-                    if defer:  # the clean row's p̃ is the next round's first draft's q̃
+                    if lite:  # the clean row's p̃ first, branch j's blind drafts after it
+                        next_q = torch.cat([gp[:1], q[1 + j][1:]])
+                        next_rank = torch.cat([gl[:1], q_logits[1 + j][1:]])
+                    elif defer:  # the clean row's p̃ is the next round's first draft's q̃
                         next_q, next_rank = gp[:k], gl[:k]
                     else:
                         emitted.append(draw(gp[0]))  # the token after the correction, from p̃ itself
@@ -193,7 +199,7 @@ def main() -> None:
     ap.add_argument("--guesses", default="", help="also rejection branches with this many guessed corrections "
                     "per draft (comma-separated counts; see `decode`)")
     ap.add_argument("--cases", default="", help="run only these cases (comma-separated names: cold, branches, "
-                    "branches_B, guesses_G, deferred_G)")
+                    "branches_B, guesses_G, deferred_G, lite_G)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     if args.stride < 2:
@@ -223,7 +229,8 @@ def main() -> None:
         t0 = time.time()
         cases = [("cold", False, 0)] + [(f"branches_{b}", int(b), 0) for b in args.partial.split(",") if b] + \
             [("branches", True, 0)] + [(f"guesses_{m}", True, int(m)) for m in args.guesses.split(",") if m] + \
-            [(f"deferred_{m}", True, int(m)) for m in args.guesses.split(",") if m]
+            [(f"deferred_{m}", True, int(m)) for m in args.guesses.split(",") if m] + \
+            [(f"lite_{m}", True, int(m)) for m in args.guesses.split(",") if m]
         cases = [c for c in cases if not args.cases or c[0] in args.cases.split(",")]
         for name, branches, guesses in cases:
             g = torch.Generator().manual_seed(args.seed)
@@ -231,7 +238,7 @@ def main() -> None:
             stats: dict = {}
             for pr in prompts:
                 out, f = decode(drafter, pr, args.stride, args.max_tokens, tok.eos_token_ids, branches, g,
-                                guesses, stats, name.startswith("deferred"))
+                                guesses, stats, name.startswith(("deferred", "lite")), name.startswith("lite"))
                 tokens, forwards = tokens + len(out), forwards + f
             row[name] = {"tpf": round(tokens / forwards, 4), "tokens": tokens, "forwards": forwards} | stats
         if "branches" in row and "cold" in row:
