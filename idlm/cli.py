@@ -55,6 +55,10 @@ def _add_decoder_args(p: argparse.ArgumentParser) -> None:
                    help="with --branches and a fixed stride: guessed corrections per draft — each step also drafts "
                         "after the drafter's next-best tokens, used when the correction is one of them (exact; "
                         "2N−1 + (1+G)(N−1)² query tokens a step; default 0)")
+    p.add_argument("--guess-rows", type=_positive_int, default=None,
+                   help="with --guesses: rows of each guessed group, its guess row and W−1 MASK rows (default N−1; "
+                        "1: 2N−1 + (N−1)² + G(N−1) query tokens a step, the drafts after a right guess past the "
+                        "first from the branch)")
     p.add_argument("--lora", default=None,
                    help="R-ISD gated LoRA adapter directory or name, e.g. idlm-tiny-ar-risd-lora "
                         "(default: the model's known adapter, if any)")
@@ -80,7 +84,7 @@ def _load_for_decoding(args):
     inf = load_for_inference(args.model, args.decoder, args.lora, args.device, args.dtype, threads=args.threads)
     stride = 4 if args.stride == "auto" else args.stride  # "auto": the engine chooses; any N validates the decoder
     decoder = make_decoder(inf.decoder, stride, inf.model.config, inf.tokenizer, threshold=args.threshold,
-                           branches=args.branches, guesses=args.guesses)
+                           branches=args.branches, guesses=args.guesses, guess_rows=args.guess_rows)
     return inf.model, inf.tokenizer, decoder, inf.adapter
 
 
@@ -150,7 +154,7 @@ def cmd_generate(args) -> int:
         from idlm.engine.llm_engine import EngineConfig, LLMEngine
 
         cfg = EngineConfig(decoder=decoder.name, stride=decoder.stride, threshold=args.threshold, max_num_seqs=1,
-                           exact=True, branches=args.branches, guesses=args.guesses)
+                           exact=True, branches=args.branches, guesses=args.guesses, guess_rows=args.guess_rows)
         out = LLMEngine(model, tok, cfg, lora=lora, eos_token_ids=eos).run([prompt_ids], params)[0]
         if not args.json:
             sys.stdout.write(out.text or "")
@@ -302,7 +306,8 @@ def cmd_eval_humaneval(args) -> int:
     res = evaluate_humaneval(model, tok, decoder.name, stride=args.stride, threshold=args.threshold, lora=lora,
                              limit=args.limit, max_tokens=args.max_tokens, batch=args.batch, timeout=args.timeout,
                              memory_mb=args.memory_mb, workers=args.workers, out=args.out,
-                             prompt_format=args.format, branches=args.branches, guesses=args.guesses)
+                             prompt_format=args.format, branches=args.branches, guesses=args.guesses,
+                             guess_rows=args.guess_rows)
     print(json.dumps({**res, "model": str(args.model)}))
     return 0
 
@@ -362,7 +367,7 @@ def cmd_bench_offline(args) -> int:
                        max_num_seqs=max(args.concurrency), cuda_graphs=not args.no_cuda_graphs,
                        num_pages=args.num_pages, attention=args.attention, stride_schedule=args.stride_schedule,
                        exact=args.exact, branches=args.branches, branches_max_batch=args.branches_max_batch,
-                       guesses=args.guesses, overlap=args.overlap)
+                       guesses=args.guesses, guess_rows=args.guess_rows, overlap=args.overlap)
     engine = LLMEngine(model, tok, cfg, lora=lora)
     # the adaptive stride explores strides the workload's warm-up pass may not reach: compile and capture them
     # all now, not inside a timed run (as `idlm serve --warmup`)

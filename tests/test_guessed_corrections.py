@@ -1,6 +1,7 @@
 """ISD / R-ISD guessed corrections (`idlm.decoding.isd`, "Guessed corrections"): with rejection branches, each
 draft s_j also gets G guessed groups — a clean row holding one of the drafter's next-best tokens at j, then
-MASK rows — so that a correction equal to a guess is followed by drafts that saw it.
+MASK rows — so that a correction equal to a guess is followed by drafts that saw it; with `guess_rows` W a
+group is W rows and the drafts past them after a right guess come from the branch.
 
 Oracles:
 - a brute-force visibility matrix for the layout (`branch_layout(n, guesses)`);
@@ -39,18 +40,22 @@ def model():
     return Transformer(tiny_config()).init_weights(std=0.6, seed=0).eval()
 
 
-@pytest.mark.parametrize("n,g", [(2, 1), (3, 2), (4, 1), (5, 3)])
-def test_guessed_groups_see_the_accepted_prefix_their_guess_and_their_own_rows(n, g):
-    offsets, hide = branch_layout(n, g)
+@pytest.mark.parametrize("n,g,w", [(2, 1, None), (3, 2, None), (4, 1, None), (5, 3, None), (4, 1, 1), (4, 2, 2),
+                                   (5, 2, 1), (3, 1, 9)])
+def test_guessed_groups_see_the_accepted_prefix_their_guess_and_their_own_rows(n, g, w):
     k, main = n - 1, 2 * n - 1
-    q = main + (1 + g) * k * k
-    assert len(offsets) == len(hide) == q == ISDDecoder(n, MASK, branches=True, guesses=g).query_len
+    rows = k if w is None else min(w, k)  # (a W past K is K)
+    dec = ISDDecoder(n, MASK, branches=True, guesses=g, guess_rows=w)
+    offsets, hide = branch_layout(n, g, dec.guess_rows)
+    q = main + k * k + g * k * rows
+    assert len(offsets) == len(hide) == q == dec.query_len
     assert (offsets[:main + k * k], hide[:main + k * k]) == branch_layout(n)  # the branches' rows are unchanged
     vis = _visible(offsets, hide)
     for j in range(k):
         for m in range(g):
-            start = main + k * k + (j * g + m) * k
-            for i in range(k):
+            start = main + k * k + (j * g + m) * rows
+            assert dec._guess_rows[j * g + m] == start
+            for i in range(rows):
                 t = start + i
                 assert offsets[t] == j + 1 + i  # the guess where the correction of s_j goes, MASKs after it
                 assert vis[t] == [r <= j or start <= r <= t for r in range(q)], (n, g, j, m, i)
@@ -63,17 +68,19 @@ def test_guess_tokens_are_the_next_best_other_than_the_draft():
     assert guess_tokens(sel, torch.tensor([[2, 0]]), 1).tolist() == [[1, 2]]
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_guess_rows_equal_the_blocks_a_right_guess_stands_for(model, lora):
+@pytest.mark.parametrize("lora,w", [(False, None), (True, None), (True, 2), (False, 1)])
+def test_guess_rows_equal_the_blocks_a_right_guess_stands_for(model, lora, w):
     """Guessed group (j, m) of a verify block [pending, s_0..s_{K−1}, …] computes what a plain causal block
-    [pending, s_0..s_{j−1}, guess, MASK × (K−1)] over the same prefix would: its first row (clean, gate off)
-    the unchanged model's logits after the guess, its MASK rows the drafts that follow it. fp32."""
+    [pending, s_0..s_{j−1}, guess, MASK × (W−1)] over the same prefix would: its first row (clean, gate off)
+    the unchanged model's logits after the guess, its MASK rows the drafts that follow it (W rows; None:
+    K). fp32."""
     n, k, g = 4, 3, 2
+    rows = k if w is None else w
     prompt = random_prompts((9,), seed=3)[0]
     adapter = None
     if lora:
         adapter = LoRAAdapter(model.config, LoRAConfig(rank=4)).init_weights(std=0.3, seed=1, zero_b=False)
-    dec = ISDDecoder(n, MASK, lora=lora, branches=True, guesses=g)
+    dec = ISDDecoder(n, MASK, lora=lora, branches=True, guesses=g, guess_rows=w)
     guesses = [21, 22, 31, 32, 41, 42]
     blk = dec.block(ISDState("V", last=7, specs=[11, 12, 13], guesses=guesses))
     kw = {}
@@ -94,24 +101,25 @@ def test_guess_rows_equal_the_blocks_a_right_guess_stands_for(model, lora):
         for j in range(k):
             for m in range(g):
                 guess = guesses[j * g + m]
-                start = 2 * n - 1 + k * k + (j * g + m) * k
+                start = 2 * n - 1 + k * k + (j * g + m) * rows
                 assert blk.tokens[start] == guess and not blk.is_mask[start]
-                assert blk.is_mask[start + 1: start + k] == [True] * (k - 1)
-                tokens = [7, *[11, 12, 13][:j], guess] + [MASK] * (k - 1)
-                flags = [False] * (j + 2) + [True] * (k - 1)
+                assert blk.is_mask[start + 1: start + rows] == [True] * (rows - 1)
+                tokens = [7, *[11, 12, 13][:j], guess] + [MASK] * (rows - 1)
+                flags = [False] * (j + 2) + [True] * (rows - 1)
                 want = forward(tokens, list(range(len(tokens))), P, flags, flags)
-                torch.testing.assert_close(got[start: start + k], want[j + 1:], rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(got[start: start + rows], want[j + 1:], rtol=1e-5, atol=1e-5)
                 ar = plain(torch.tensor([prompt + tokens[:j + 2]]))[0, -1]
                 torch.testing.assert_close(got[start], ar, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("n,g", [(2, 1), (3, 2), (4, 1)])
-def test_greedy_with_guesses_equals_greedy_ar(model, n, g):
+@pytest.mark.parametrize("n,g,w", [(2, 1, None), (3, 2, None), (4, 1, None), (4, 1, 1), (4, 2, 2)])
+def test_greedy_with_guesses_equals_greedy_ar(model, n, g, w):
     prompts = random_prompts()
     ar = generate(model, ARDecoder(), prompts, greedy(40))
     for mode in ("sample", "argmax"):
-        outs = generate(model, ISDDecoder(n, MASK, branches=True, guesses=g), prompts, greedy(40, draft=mode))
-        assert [o.token_ids for o in outs] == [a.token_ids for a in ar], (n, g, mode)
+        outs = generate(model, ISDDecoder(n, MASK, branches=True, guesses=g, guess_rows=w), prompts,
+                        greedy(40, draft=mode))
+        assert [o.token_ids for o in outs] == [a.token_ids for a in ar], (n, g, w, mode)
         s = DecodeStats.total([o.stats for o in outs])
         assert s.rounds["cold"] == len(prompts) and s.guessed > 0  # corrections met their guesses
 
@@ -127,35 +135,40 @@ def test_risd_greedy_with_guesses_equals_the_base_models_ar():
     assert DecodeStats.total([o.stats for o in outs]).guessed > 0
 
 
-def test_guesses_raise_the_tpf_of_a_trained_drafter(tiny):
+@pytest.mark.parametrize("w", [None, 1])
+def test_guesses_raise_the_tpf_of_a_trained_drafter(tiny, w):
     """The embedded idlm-tiny at N = 4: the same greedy tokens in fewer forwards with one guess a draft than
-    with branches alone (CPU, fp32; docs/risd.md "Session 34")."""
+    with branches alone, in full groups and in groups of the guess row alone (CPU, fp32; docs/risd.md
+    "Session 34", "Session 35")."""
     m, tok = tiny
     prompts = [tok.encode(t) for t in ("The cat", "Once upon a time", "1 + 2 =", "Hello")]
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     tree = generate(m, make_decoder("isd", 4, m.config, tok, branches=True), prompts, params)
-    guessed = generate(m, make_decoder("isd", 4, m.config, tok, branches=True, guesses=1), prompts, params)
+    guessed = generate(m, make_decoder("isd", 4, m.config, tok, branches=True, guesses=1, guess_rows=w), prompts,
+                       params)
     assert [o.token_ids for o in guessed] == [o.token_ids for o in tree]
     t, g = DecodeStats.total([o.stats for o in tree]), DecodeStats.total([o.stats for o in guessed])
     assert g.guessed > 0 and g.tpf > t.tpf, (t.to_dict(), g.to_dict())
 
 
-@pytest.mark.parametrize("stride,g", [(2, 1), (4, 2)])
-def test_engine_with_guesses_equals_reference_greedy_and_seeded(tiny, stride, g):
+@pytest.mark.parametrize("stride,g,w", [(2, 1, None), (4, 2, None), (4, 1, 1), (5, 2, 2)])
+def test_engine_with_guesses_equals_reference_greedy_and_seeded(tiny, stride, g, w):
     m, tok = tiny
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(4, 200, (int(n),), generator=gen).tolist() for n in (3, 17, 8, 30, 5, 12)]
     params = [SamplingParams(temperature=0 if i % 2 else 0.8, top_k=0 if i % 3 else 20, seed=i,
                              max_tokens=10 + 3 * i, ignore_eos=True) for i in range(len(prompts))]
-    ref = generate(m, make_decoder("isd", stride, m.config, tok, branches=True, guesses=g), prompts, params)
+    ref = generate(m, make_decoder("isd", stride, m.config, tok, branches=True, guesses=g, guess_rows=w), prompts,
+                   params)
     eng = LLMEngine(m, None, EngineConfig(decoder="isd", stride=stride, page_size=8, num_pages=96, branches=True,
-                                          guesses=g))
+                                          guesses=g, guess_rows=w))
     got = eng.run(prompts, params)
     assert eng.block_manager.num_free_pages == eng.block_manager.num_pages  # nothing leaked
     assert [o.token_ids for o in got] == [o.token_ids for o in ref]
     assert [o.stats.forwards for o in got] == [o.stats.forwards for o in ref]
     assert [o.stats.guessed for o in got] == [o.stats.guessed for o in ref]
-    assert eng.max_query_len == 2 * stride - 1 + (1 + g) * (stride - 1) ** 2
+    k = stride - 1
+    assert eng.max_query_len == 2 * stride - 1 + k * k + g * k * (k if w is None else w)
 
 
 def test_guess_options_are_checked(tiny):
@@ -173,6 +186,15 @@ def test_guess_options_are_checked(tiny):
         ISDDecoder(4, MASK, guesses=1)
     with pytest.raises(ConfigError, match="guesses"):
         ISDDecoder(4, MASK, branches=True, guesses=-2)
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ConfigError, match="guess_rows"):
+            EngineConfig(decoder="isd", stride=4, branches=True, guesses=1, guess_rows=bad)
+        with pytest.raises(ConfigError, match="guess_rows"):
+            ISDDecoder(4, MASK, branches=True, guesses=1, guess_rows=bad)
+    with pytest.raises(ConfigError, match="guess_rows .* needs guesses"):
+        EngineConfig(decoder="isd", stride=4, branches=True, guess_rows=1)
+    with pytest.raises(ConfigError, match="with guesses > 0"):
+        ISDDecoder(4, MASK, branches=True, guess_rows=1)
 
 
 def test_logprobs_with_guesses_are_the_base_models(model):

@@ -241,15 +241,20 @@ def test_sampling_with_branches_follows_the_ar_law(model, adapter, kind, draft, 
         assert p > PASS_P, f"joint law ({view}) differs from AR's with branches (p = {p:.3g})"
 
 
-GUESS_LAW = [("isd", "sample", FULL, 3, 1), ("isd", "argmax", TRUNC, 2, 2), ("risd", "sample", TRUNC, 3, 1)]
+# (kind, draft, sampling, stride, guesses, guess_rows)
+GUESS_LAW = [("isd", "sample", FULL, 3, 1, None), ("isd", "argmax", TRUNC, 2, 2, None),
+             ("risd", "sample", TRUNC, 3, 1, None), ("risd", "sample", FULL, 3, 2, 1)]
 
 
-@pytest.mark.parametrize("kind,draft,sampling,stride,guesses", GUESS_LAW)
-def test_sampling_with_guessed_corrections_follows_the_ar_law(model, adapter, kind, draft, sampling, stride, guesses):
+@pytest.mark.parametrize("kind,draft,sampling,stride,guesses,rows", GUESS_LAW)
+def test_sampling_with_guessed_corrections_follows_the_ar_law(model, adapter, kind, draft, sampling, stride, guesses,
+                                                              rows):
     """Chi-square as above with guessed corrections (`ISDDecoder(guesses=G)`): a correction that equals a
     guess takes the next drafts from that guess's group — the first from its clean row (p̃ itself), the rest
-    from MASK rows that saw the correction; every group's q̃ is fixed before the correction is drawn."""
-    decoder = ISDDecoder(stride, MASK if kind == "isd" else None, lora=kind == "risd", branches=True, guesses=guesses)
+    from MASK rows that saw the correction (with `guess_rows` = 1: from the branch's, blind to it); every
+    group's q̃ is fixed before the correction is drawn."""
+    decoder = ISDDecoder(stride, MASK if kind == "isd" else None, lora=kind == "risd", branches=True, guesses=guesses,
+                         guess_rows=rows)
     stats: list = []
     pvalues, acceptance, rounds = check(model, decoder, {**sampling, "draft": draft}, seed=3,
                                         lora=adapter if kind == "risd" else None, stats_out=stats)

@@ -25,14 +25,16 @@ from idlm.errors import ConfigError
 from idlm.layers.lora import LoRAAdapter, LoRAConfig
 
 VOCAB, MASK, PAGES = 64, 3, 96
-# (decoder, stride, branches: False, True, or 1 + G for branches with G guessed corrections per draft)
+# (decoder, stride, branches: False, True, or 1 + G for branches with G guessed corrections per draft, or
+# (1 + G, W) with guessed groups of W rows)
 CASES = [("ar", 1, False), ("isd", 3, False), ("risd", 3, False), ("isd", 3, True), ("risd", 4, True), ("isd", 3, 3),
-         ("risd", 4, 2)]
+         ("risd", 4, 2), ("isd", 4, (2, 1))]
 
 
 def _layout(branches) -> dict:
     """A CASES entry's `branches` as the options of `make_decoder` / `EngineConfig`."""
-    return dict(branches=bool(branches), guesses=max(0, int(branches) - 1))
+    groups, rows = branches if isinstance(branches, tuple) else (branches, None)
+    return dict(branches=bool(groups), guesses=max(0, int(groups) - 1), guess_rows=rows)
 
 
 @pytest.fixture(scope="module")

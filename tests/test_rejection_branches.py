@@ -200,9 +200,9 @@ def test_engine_with_branches_equals_reference_greedy_and_seeded(tiny, stride):
     assert eng.max_query_len == stride * stride
 
 
-@pytest.mark.parametrize("guesses", [0, 2])
+@pytest.mark.parametrize("guesses,rows", [(0, None), (2, None), (2, 1)])
 @pytest.mark.parametrize("decoder", ["isd", "risd"])
-def test_engine_branches_through_the_kernel_and_graph_inputs_equal_plain_inputs(decoder, guesses):
+def test_engine_branches_through_the_kernel_and_graph_inputs_equal_plain_inputs(decoder, guesses, rows):
     """The Triton kernel's hidden ranges (interpreter) and the CUDA graph's packed input layout (strided
     views), against the gather + SDPA path with plain inputs: same tokens, greedy and seeded sampled rows;
     with guessed corrections too (tests/test_guessed_corrections.py; a small vocabulary, so guesses are often
@@ -220,7 +220,7 @@ def test_engine_branches_through_the_kernel_and_graph_inputs_equal_plain_inputs(
     outs, guessed = {}, 0
     for attention, packed in (("sdpa", False), ("triton", True)):
         eng = LLMEngine(m, None, EngineConfig(decoder=decoder, stride=3, num_pages=64, page_size=4, branches=True,
-                                              guesses=guesses, attention=attention), lora=lora)
+                                              guesses=guesses, guess_rows=rows, attention=attention), lora=lora)
         eng.runner.packed_inputs = packed
         res = eng.run(prompts, params)
         outs[attention] = [o.token_ids for o in res]

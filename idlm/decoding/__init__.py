@@ -31,9 +31,10 @@ def resolve_mask_token(decoder: str, model_config, tokenizer=None) -> int | None
 
 
 def make_decoder(name: str, stride: int, model_config, tokenizer=None, threshold: float = 0.9,
-                 branches: bool = False, guesses: int = 0):
+                 branches: bool = False, guesses: int = 0, guess_rows: int | None = None):
     """A decoder by name: `ar`; `isd` / `risd` with stride N (SPEC §4–5; `branches`: with rejection
-    branches, `guesses`: and that many guessed corrections per draft); `sdar` with block size `stride` and
+    branches, `guesses`: and that many guessed corrections per draft, `guess_rows`: the rows of each guessed
+    group, None: N − 1); `sdar` with block size `stride` and
     confidence threshold `threshold` (SPEC §6)."""
     if (branches or guesses) and name not in ("isd", "risd"):
         raise ConfigError(f"rejection branches are for the isd and risd decoders, not {name!r}")
@@ -48,7 +49,8 @@ def make_decoder(name: str, stride: int, model_config, tokenizer=None, threshold
         if name == "risd":  # the adapter brings its own MASK embedding; a MASK id is optional
             mask = model_config.mask_token_id if model_config.mask_token_id is not None else (
                 tokenizer.mask_token_id if tokenizer is not None else None)
-        return ISDDecoder(stride, mask, lora=name == "risd", branches=branches, guesses=guesses)
+        return ISDDecoder(stride, mask, lora=name == "risd", branches=branches, guesses=guesses,
+                           guess_rows=guess_rows)
     from idlm.decoding.sdar import SDARDecoder
 
     return SDARDecoder(stride, mask, threshold)

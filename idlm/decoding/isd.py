@@ -36,7 +36,11 @@ rounding), the others its MASK rows' (drafts that saw the correction):
 
 Exact like the branches: every group's q̃ is fixed before the correction is drawn, the group is chosen by the
 committed correction, and a draft is verified against the q̃ it was drawn from. Query block 2N−1 + (1+G)·K²
-tokens (N = 4, G = 1: 25). CPU estimate on SmolLM2 with its adapter (docs/risd.md, session 34): the TPF with
+tokens (N = 4, G = 1: 25). With `guess_rows` W < K a guessed group is its guess row and W − 1 MASK rows, and
+after a right guess the drafts past the W-th come from branch j's MASK rows (blind to the correction, as
+without a guess; still exact: those rows' q̃ too is fixed before the correction is drawn): 2N−1 + K² + G·K·W
+rows (N = 4, G = 1, W = 1: 19, a 57-row attention tile for SmolLM2's 3 query heads per KV head, not 75 → 128).
+CPU estimate on SmolLM2 with its adapter (docs/risd.md, session 34): the TPF with
 branches 2.17 → 2.44 greedy and 1.84 → 2.02 at T = 0.7 with one guess a draft (guesses emitted at once).
 
 The first token t0 is drawn from the prefill logits and emitted there. Acceptance is
@@ -96,31 +100,33 @@ def draft_slots(mode: str, stride: int) -> range:
     return range(1, stride) if mode == "C" else range(stride, 2 * stride - 1)
 
 
-def branch_layout(stride: int, guesses: int = 0) -> tuple[list[int], list[tuple[int, int]]]:
+def branch_layout(stride: int, guesses: int = 0, rows: int | None = None) -> tuple[list[int], list[tuple[int, int]]]:
     """The position offsets and hidden ranges (`QueryBlock.offsets` / `.hide`) of a block with rejection
     branches, Q = 2N−1 + (N−1)² = N² rows: rows 0..2N−2 as without branches (offset t, nothing hidden);
     branch j (0 <= j < N−1) rows g_j + i (g_j = 2N−1 + j(N−1), 0 <= i < N−1) at offset j+1+i, not seeing
     the block's rows j+1 .. g_j − 1 (the drafts from s_j on, the plain MASK rows, the earlier branches).
     With G `guesses`, G·(N−1) guessed groups follow, laid out as branches are (`group_start`): group (j, m)
-    at offsets j+1.. (its guess where the correction of s_j goes), hiding the block's rows j+1 up to it."""
+    at offsets j+1.. (its guess where the correction of s_j goes), hiding the block's rows j+1 up to it; a
+    guessed group has `rows` rows (1..N−1: the guess row and rows − 1 MASK rows; None: N−1)."""
     n, k = stride, stride - 1
+    w = k if rows is None else rows
     main = 2 * n - 1
     offsets, hide = list(range(main)), [(0, 0)] * main
-    for j in list(range(k)) + [j for j in range(k) for _ in range(guesses)]:
+    for j, size in [(j, k) for j in range(k)] + [(j, w) for j in range(k) for _ in range(guesses)]:
         g = len(offsets)
-        offsets += [j + 1 + i for i in range(k)]
-        hide += [(j + 1, g)] * k
+        offsets += [j + 1 + i for i in range(size)]
+        hide += [(j + 1, g)] * size
     return offsets, hide
 
 
-def group_start(stride: int, j, m=None, guesses: int = 0):
+def group_start(stride: int, j, m=None, guesses: int = 0, rows: int | None = None):
     """The block index of branch j's first row (m None), or of guessed group (j, m)'s — its guess row
-    (`branch_layout`); j and m may be tensors."""
+    (`branch_layout`, guessed groups of `rows` rows, None: N−1); j and m may be tensors."""
     k = stride - 1
     main = 2 * stride - 1
     if m is None:
         return main + j * k
-    return main + k * k + (j * guesses + m) * k
+    return main + k * k + (j * guesses + m) * (k if rows is None else rows)
 
 
 def isd_block(state: ISDState, stride: int, mask_token_id: int) -> QueryBlock:
@@ -142,7 +148,7 @@ class ISDDecoder(Decoder):
     needs_mask_token = True
 
     def __init__(self, stride: int, mask_token_id: int | None, lora: bool = False, branches: bool = False,
-                 guesses: int = 0):
+                 guesses: int = 0, guess_rows: int | None = None):
         if not isinstance(stride, int) or stride < 2:
             raise ConfigError(f"invalid stride N={stride!r}: ISD needs N >= 2 (N = 1 is plain AR decoding)")
         if mask_token_id is None and not lora:
@@ -158,19 +164,26 @@ class ISDDecoder(Decoder):
         if guesses and not self.branches:
             raise ConfigError("guessed corrections (guesses) go with rejection branches (branches=True)")
         self.guesses = guesses
+        if guess_rows is not None and (isinstance(guess_rows, bool) or not isinstance(guess_rows, int)
+                                       or guess_rows < 1 or not guesses):
+            raise ConfigError(f"invalid guess_rows={guess_rows!r}: the rows of a guessed group, an integer >= 1, "
+                              "with guesses > 0")
+        k = stride - 1
+        # rows of a guessed group: its guess row and W − 1 MASK rows (at most K; the drafts past W after a right
+        # guess come from the branch's MASK rows)
+        self.guess_rows = k if guess_rows is None else min(guess_rows, k)
         # branch groups per draft: 0 (no branches), 1 (a branch), 1 + G (a branch and G guessed groups)
         self.groups = (1 + guesses) * self.branches
         self.main_len = 2 * stride - 1  # the block's rows before the rejection branches
-        k = stride - 1
-        self.query_len = self.main_len + k * k * self.groups
+        self.query_len = self.main_len + (k * k + guesses * k * self.guess_rows) * self.branches
         self.packed_width = 3 + 2 * k + k * guesses  # `compute`'s packed columns (before any logprobs)
         self._layout = None
-        self._guess_rows = np.array([group_start(stride, j, m, guesses) for j in range(k) for m in range(guesses)],
-                                    dtype=np.int64)  # [K·G] the guess rows' block indices
+        self._guess_rows = np.array([group_start(stride, j, m, guesses, self.guess_rows) for j in range(k)
+                                     for m in range(guesses)], dtype=np.int64)  # [K·G] the guess rows' block indices
         self._not_guess = np.ones(self.query_len, dtype=bool)  # [Q] False at the guess rows (clean, gate off)
         self._not_guess[self._guess_rows] = False
         if self.branches:
-            offsets, hide = branch_layout(stride, guesses)
+            offsets, hide = branch_layout(stride, guesses, self.guess_rows)
             self._layout = (np.array(offsets, dtype=np.int64), np.array(hide, dtype=np.int64))
 
     def start(self, logits, params, rngs):
@@ -324,7 +337,7 @@ class ISDDecoder(Decoder):
         out = {"tokens": tokens, "dec.is_v": next_v, "dec.specs": torch.where(own, drafts, 0)}
         if self.guesses:  # the new drafts' guesses: the next block's guess rows (`_with_guesses`)
             # the guess rows (`group_start`) made on the device: no host-to-device copy inside a captured step
-            guess_rows = group_start(self.stride, 0, 0, self.guesses) + k * torch.arange(
+            guess_rows = group_start(self.stride, 0, 0, self.guesses, self.guess_rows) + self.guess_rows * torch.arange(
                 len(self._guess_rows), device=packed.device)
             guesses = packed[:, self.packed_width - len(self._guess_rows): self.packed_width].long()
             tokens[:, guess_rows] = torch.where(next_v[:, None], guesses, mask)
@@ -506,8 +519,8 @@ def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tens
     first k_row columns are its own). A row's draws use uniform columns 0..k_row only, so it gets the same
     numbers as in a step of its own stride. No host sync, no data-dependent shapes."""
     B, Q, V = logits.shape
-    n = _stride_of(Q, branches)
-    k = n - 1
+    k = specs.shape[1]
+    n = k + 1
     dev = logits.device
     first_mask = torch.where(is_v, n if k_row is None else k_row + 1, 1)  # [B]: the first MASK slot of each row
     # this step's uniforms of each row: N token draws (K drafts, then the final token), K acceptances
@@ -603,7 +616,8 @@ def _guessed_sampled_tail(logits, final_p, is_v, n_acc, kb, first_mask, u_tok, k
         cols_u = u_tok if kr is None else u_tok.gather(1, torch.where(cols == k, kr[:, None], cols))
         final = inverse_cdf(final_p[:, None], cols_u[:, k:])[:, 0]
     pick = guess_pick(guesses, final, is_v, n_acc, kb, k)
-    idx = draft_index(first_mask, is_v, n_acc, kb, n, Q, branches, kr is not None, pick, guesses.shape[1] // k)
+    g = guesses.shape[1] // k
+    idx = draft_index(first_mask, is_v, n_acc, kb, n, Q, branches, kr is not None, pick, g, group_rows(Q, n, g))
     sel = logits.gather(1, idx[..., None].expand(B, k, V))  # [B, K, V]
     q_new = filtered_probs(sel.reshape(B * k, V), *_per_slot((d_temp, top_k, top_p), k), truncate).view(B, k, V)
     sampled = q_new.argmax(-1) if cols_u is None else inverse_cdf(q_new, cols_u[:, :k])
@@ -612,15 +626,14 @@ def _guessed_sampled_tail(logits, final_p, is_v, n_acc, kb, first_mask, u_tok, k
     return _sampled_packed(n_acc, final, new_drafts, final_p, q_new, new_guesses), q_new
 
 
-def _stride_of(query_len: int, branches: bool | int) -> int:
-    """N of an ISD block of `query_len` rows: 2N−1, or 2N−1 + b·(N−1)² with b branch groups per draft (N²
-    with rejection branches alone, b = 1)."""
-    if not branches:
-        return (query_len + 1) // 2
-    n = 2
-    while 2 * n - 1 + int(branches) * (n - 1) ** 2 < query_len:
-        n += 1
-    return n
+def group_rows(query_len: int, n: int, g: int) -> int:
+    """The rows W of each guessed group of a block of `query_len` rows at stride n with g guesses a draft:
+    query_len = 2n−1 + K² + g·K·W (`branch_layout`)."""
+    k = n - 1
+    w, rest = divmod(query_len - (2 * n - 1) - k * k, g * k)
+    if rest or not 1 <= w <= k:
+        raise ValueError(f"a block of {query_len} rows is no stride-{n} layout with {g} guesses a draft")
+    return w
 
 
 def guess_pick(guesses: torch.Tensor, final: torch.Tensor, is_v: torch.Tensor, n_acc: torch.Tensor, kb,
@@ -645,10 +658,12 @@ def guess_tokens(sel: torch.Tensor, drafts: torch.Tensor, g: int) -> torch.Tenso
 
 
 def draft_index(first_mask: torch.Tensor, is_v: torch.Tensor, n_acc: torch.Tensor, kb, n: int, q: int,
-                branches: bool | int, per_row: bool, pick: torch.Tensor | None = None, g: int = 0) -> torch.Tensor:
+                branches: bool | int, per_row: bool, pick: torch.Tensor | None = None, g: int = 0,
+                rows: int | None = None) -> torch.Tensor:
     """[B, K] the block index of each row's next drafts: first_mask + 0..K−1 (the plain MASK rows); with
     branches, a V row that rejected at j = n_acc < its K (kb) takes branch j's rows 2N−1 + j(N−1) + 0..K−1
-    (`branch_layout`), or guessed group (j, m)'s where pick [B] = m >= 0 (`guess_pick`; g guesses a draft).
+    (`branch_layout`), or where pick [B] = m >= 0 (`guess_pick`; g guesses a draft) guessed group (j, m)'s
+    `rows` rows (None: K) for its first drafts and branch j's rows for the rest.
     per_row: rows of their own K, whose columns past it are clamped into the block."""
     k = n - 1
     cols = torch.arange(k, device=first_mask.device)
@@ -656,10 +671,11 @@ def draft_index(first_mask: torch.Tensor, is_v: torch.Tensor, n_acc: torch.Tenso
     if branches:
         rejected = is_v & (n_acc < kb)
         j = n_acc.clamp(max=k - 1)
-        start = group_start(n, j)
+        branch = group_start(n, j)[:, None] + cols
         if pick is not None:
-            start = torch.where(pick >= 0, group_start(n, j, pick.clamp(min=0), g), start)
-        idx = torch.where(rejected[:, None], start[:, None] + cols, idx)
+            guessed = group_start(n, j, pick.clamp(min=0), g, rows)[:, None] + cols
+            branch = torch.where((pick >= 0)[:, None] & (cols < (k if rows is None else rows)), guessed, branch)
+        idx = torch.where(rejected[:, None], branch, idx)
     return idx.clamp(max=q - 1) if per_row else idx
 
 
@@ -672,8 +688,8 @@ def greedy_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tenso
     [B] each row's own K (None: all K; see `sampled_isd_step`), guesses [B, K·G] (`sampled_isd_step`)
     -> packed [B, 2K+3 (+K·G)] (see ISDDecoder.compute)."""
     B, Q = logits.shape[:2]
-    n = _stride_of(Q, branches)
-    k = n - 1
+    k = specs.shape[1]
+    n = k + 1
     am = logits.argmax(-1)  # [B, Q]: argmax at every index
     clean = am[:, :n]  # the clean indices 0..K
     miss = specs != clean[:, :k]  # [B, K]
@@ -689,7 +705,8 @@ def greedy_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tenso
         kb = k if k_row is None else k_row
         g = 0 if guesses is None else guesses.shape[1] // k
         pick = None if guesses is None else guess_pick(guesses, final, is_v, n_acc, kb, k)
-        idx = draft_index(first_mask, is_v, n_acc, kb, n, Q, branches, k_row is not None, pick, g)
+        idx = draft_index(first_mask, is_v, n_acc, kb, n, Q, branches, k_row is not None, pick, g,
+                          group_rows(Q, n, g) if g else None)
         drafts = am.gather(1, idx)
     ones = torch.ones_like(drafts, dtype=torch.float32)
     new_guesses = None

@@ -166,6 +166,10 @@ class EngineConfig:
     # "Guessed corrections"): each step also drafts after the drafter's G next-best tokens at every draft, so
     # a correction that equals one is followed by drafts that saw it; 2N−1 + (1+G)·(N−1)² query tokens a step
     guesses: int = 0
+    # with guesses: the rows of each guessed group — its guess row and W − 1 MASK rows, at most N − 1 (None);
+    # after a right guess the drafts past W come from the branch's MASK rows (blind to the correction). W = 1:
+    # 2N−1 + (N−1)² + G·(N−1) query tokens a step (N = 4, G = 1: 19 instead of 25)
+    guess_rows: int | None = None
     page_size: int = 16  # KV-cache page: token slots per page
     num_pages: int | None = None  # KV-cache pages; None: from free GPU memory (CPU: up to 1 GiB)
     max_num_seqs: int = 256
@@ -252,6 +256,12 @@ class EngineConfig:
         if self.guesses and not self.branches:
             raise ConfigError("guesses (guessed corrections) need branches=True: they are more rows of the "
                               "rejection branches' tree")
+        if self.guess_rows is not None and (isinstance(self.guess_rows, bool) or not isinstance(self.guess_rows, int)
+                                            or self.guess_rows < 1):
+            raise ConfigError(f"invalid engine option guess_rows={self.guess_rows!r}: the rows of a guessed group, "
+                              "an integer >= 1 (None: N − 1)")
+        if self.guess_rows is not None and not self.guesses:
+            raise ConfigError("guess_rows is the size of the guessed groups: it needs guesses > 0")
         if self.guesses and self.stride == "auto":
             raise ConfigError("guesses are for a fixed stride or a stride_schedule: the adaptive stride's policy "
                               "does not price guessed corrections yet")
@@ -496,7 +506,8 @@ class LLMEngine:
             else:
                 decoder = make_decoder(self.config.decoder, stride, self.model.config, self.tokenizer,
                                        self.config.threshold, branches=branches,
-                                       guesses=self.config.guesses if branches else 0)
+                                       guesses=self.config.guesses if branches else 0,
+                                       guess_rows=self.config.guess_rows if branches else None)
                 if self.config.stride == "auto" and self.config.auto_per_row:
                     decoder.per_row = True  # every step with per-row inputs: one compiled step per stride
             self._decoders[key] = decoder

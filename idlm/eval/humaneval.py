@@ -155,12 +155,13 @@ def evaluate_humaneval(model, tokenizer, decoder, *, stride: int = 4, threshold:
                        limit: int | None = None, max_tokens: int = 512, batch: int = 16, timeout: float = 10.0,
                        memory_mb: int = 1024, workers: int | None = None, out: str | None = None,
                        eos_token_ids=None, prompt_format: str = "auto", branches: bool = False,
-                       guesses: int = 0) -> dict:
+                       guesses: int = 0, guess_rows: int | None = None) -> dict:
     """Generate, execute and score; per-problem rows go to `out` (JSONL) when given. `decoder` is the
     decoder's name; `prompt_format` is auto, completion or chat (see `resolve_format`). The summary
     carries pass@1, token and time totals (wall_s: the generation, after `LLMEngine.warmup`, whose seconds are
     warmup_s; exec_s: the sandboxed tests), the decoder's TPF and the format used. `branches`: ISD / R-ISD with
-    rejection branches (`EngineConfig.branches`), `guesses`: and guessed corrections (`EngineConfig.guesses`)."""
+    rejection branches (`EngineConfig.branches`), `guesses`: and guessed corrections (`EngineConfig.guesses`,
+    `guess_rows`)."""
     from idlm.engine.llm_engine import EngineConfig, LLMEngine
 
     fmt = resolve_format(tokenizer, prompt_format)
@@ -187,7 +188,7 @@ def evaluate_humaneval(model, tokenizer, decoder, *, stride: int = 4, threshold:
             eos_token_ids = sorted(set(tokenizer.eos_token_ids) | set(model.config.eos_token_ids))
         engine = LLMEngine(model, tokenizer, EngineConfig(decoder=decoder, stride=stride, threshold=threshold,
                                                           max_num_seqs=batch, branches=branches,
-                                                          guesses=guesses),
+                                                          guesses=guesses, guess_rows=guess_rows),
                            lora=lora, eos_token_ids=eos_token_ids)
         # compiles and first graph captures before the clock starts, so wall_s compares decoders' generation
         # and not which compiled functions an earlier engine of the process happened to share (on the H200 an

@@ -80,6 +80,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guesses", type=int, default=0,
                    help="with --branches and a fixed --stride: guessed corrections per draft (exact; more query "
                         "tokens a step, fewer rounds; default 0)")
+    p.add_argument("--guess-rows", type=int, default=None,
+                   help="with --guesses: rows of each guessed group (its guess row and W−1 MASK rows; default N−1; "
+                        "1: the fewest query tokens)")
     p.add_argument("--lora-paths", "--lora", dest="lora", default=None,
                    help="R-ISD gated LoRA adapter (default: the model's known adapter, if any)")
     p.add_argument("--num-pages", "--num-blocks", dest="num_pages", type=int, default=None,
@@ -217,7 +220,7 @@ def cmd_serve(args) -> int:
                           max_num_seqs=args.max_running_requests, num_pages=args.num_pages,
                           attention=args.attention, stride_schedule=args.stride_schedule, exact=args.exact,
                           branches=args.branches, branches_max_batch=args.branches_max_batch, guesses=args.guesses,
-                          overlap=args.overlap)
+                          guess_rows=args.guess_rows, overlap=args.overlap)
     engine = LLMEngine(model, tok, config, lora=lora)
     if should_warm_up(args.warmup, config.stride, engine.runner.device.type):
         log = logging.getLogger("idlm.server")
