@@ -396,16 +396,19 @@ def release() -> None:
 
 
 def risd_engine(model, tok, lora, n: int, branches: bool = False, stride: int | str = 4,
-                auto_max_stride: int | None = None, layout: str = "pair", guesses: int = 0):
+                auto_max_stride: int | None = None, layout: str = "pair", guesses: int = 0,
+                guess_rows: int | None = None):
     """An engine R-ISD (N = 4 unless `stride`; with rejection branches if asked, and `guesses` guessed
-    corrections per draft with them), n requests at a time; auto_max_stride: the largest N of `stride="auto"`
+    corrections per draft with them, in groups of `guess_rows` rows), n requests at a time; auto_max_stride:
+    the largest N of `stride="auto"`
     (None: the engine's default); layout: the fused LoRA's (`EngineConfig.lora_layout`; one per model: every
     R-ISD engine of a process takes the same)."""
     from idlm.engine.llm_engine import EngineConfig, LLMEngine
 
     extra = {} if auto_max_stride is None else {"auto_max_stride": auto_max_stride}
     return LLMEngine(model, tok, EngineConfig(decoder="risd", stride=stride, max_num_seqs=n, branches=branches,
-                                              lora_layout=layout, guesses=guesses if branches else 0, **extra),
+                                              lora_layout=layout, guesses=guesses if branches else 0,
+                                              guess_rows=guess_rows if branches and guesses else None, **extra),
                      lora=lora)
 
 
@@ -416,9 +419,11 @@ def ar_engine(model, tok, n: int):
     return LLMEngine(model, tok, EngineConfig(decoder="ar", max_num_seqs=n))
 
 
-def ar_and_risd(model, tok, lora, n: int, branches: bool = False, layout: str = "pair", guesses: int = 0):
+def ar_and_risd(model, tok, lora, n: int, branches: bool = False, layout: str = "pair", guesses: int = 0,
+                guess_rows: int | None = None):
     """Engine AR and engine R-ISD (`risd_engine`) on the same model, n requests at a time."""
-    return ar_engine(model, tok, n), risd_engine(model, tok, lora, n, branches, layout=layout, guesses=guesses)
+    return ar_engine(model, tok, n), risd_engine(model, tok, lora, n, branches, layout=layout, guesses=guesses,
+                                                 guess_rows=guess_rows)
 
 
 def eval_target(args) -> tuple[str, str, Path]:
@@ -484,7 +489,8 @@ def stage_eval(args) -> None:
     for dtype in ("float32", "bfloat16"):
         model, tok, lora = load(dtype)
         prompts = [tok.encode_chat(m) for m in msgs[:n_exact]]
-        ar, risd = ar_and_risd(model, tok, lora, n_exact, args.branches, args.lora_layout, args.guesses)
+        ar, risd = ar_and_risd(model, tok, lora, n_exact, args.branches, args.lora_layout, args.guesses,
+                               args.guess_rows)
         p = SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True)
         a, r = ar.run(prompts, p), risd.run(prompts, p)
         same = sum(x.token_ids == y.token_ids for x, y in zip(a, r))
@@ -499,7 +505,8 @@ def stage_eval(args) -> None:
     # TPF at N = 4 (bf16): held-out chat prompts, natural stopping
     model, tok, lora = load("bfloat16")
     prompts = [tok.encode_chat(m) for m in msgs[: 4 * n_exact]]
-    out.update(tpf_table(model, tok, lora, prompts, n_new, branches=args.branches, guesses=args.guesses))
+    out.update(tpf_table(model, tok, lora, prompts, n_new, branches=args.branches, guesses=args.guesses,
+                         guess_rows=args.guess_rows))
     emit("eval", out)
     # the step split of R-ISD at C = 1 in this process, after the stages above (the speed stage measures it
     # again in a fresh process: a difference points at state this process accumulated)
@@ -518,7 +525,9 @@ def stage_eval(args) -> None:
         he[dec] = evaluate_humaneval(model, tok, dec, stride=4, lora=lo, limit=3 if args.smoke else None,
                                      max_tokens=32 if args.smoke else 512, batch=164, out=path,
                                      branches=args.branches and dec == "risd",
-                                     guesses=args.guesses if args.branches and dec == "risd" else 0)
+                                     guesses=args.guesses if args.branches and dec == "risd" else 0,
+                                     guess_rows=args.guess_rows if args.branches and args.guesses and dec == "risd"
+                                     else None)
     if OUT:
         rows = {d: [json.loads(x) for x in open(os.path.join(OUT, f"humaneval_{d}.jsonl"))] for d in he}
         he["identical_completions"] = sum(a["completion"] == b["completion"] for a, b in zip(rows["ar"], rows["risd"]))
@@ -528,12 +537,13 @@ def stage_eval(args) -> None:
 
 def tpf_table(model, tok, lora, prompts: list, max_tokens: int, draft_temperatures: tuple = (),
               branches: bool = False, verifications: tuple = ("block",), seeds: tuple = (0,),
-              guesses: int = 0) -> dict:
+              guesses: int = 0, guess_rows: int | None = None) -> dict:
     """TPF of R-ISD at N = 4 (engine, 64 requests at a time, answers ending at their end token) greedy and at
     T = 0.7 -> {"tpf_T0.0": {...}, "tpf_T0.7": {...}} with the acceptance per draft position; each draft
     temperature Td adds "tpf_T0.7_Td{Td}" (T = 0.7, drafts drawn from q̃ at Td: exact, other acceptance);
     branches: every case again with rejection branches ("..._branches"), and with `guesses` guessed corrections
-    per draft besides ("..._branches_guesses<G>"), same prompts and seeds; sampled cases
+    per draft besides ("..._branches_guesses<G>", "..._rows<W>" in groups of `guess_rows`), same prompts and
+    seeds; sampled cases
     once per verification ("block", the default, or "token": `SamplingParams.verification`; keys of a
     verification other than "block" end in "_<verification>") and per request seed (keys of a seed other
     than 0 end in "_seed<s>"). Greedy verifies alike in both and runs once."""
@@ -545,12 +555,12 @@ def tpf_table(model, tok, lora, prompts: list, max_tokens: int, draft_temperatur
                                           for v in verifications for s in seeds]
     layouts = ((False, 0), (True, 0)) + (((True, guesses),) if guesses else ()) if branches else ((False, 0),)
     for (temp, td, verification, seed), (br, gs) in ((c, b) for c in cases for b in layouts):
-        eng = risd_engine(model, tok, lora, 64, br, guesses=gs)
+        eng = risd_engine(model, tok, lora, 64, br, guesses=gs, guess_rows=guess_rows)
         outs = eng.run(prompts, SamplingParams(temperature=temp, max_tokens=max_tokens, seed=seed,
                                                draft_temperature=td, verification=verification))
         total = DecodeStats.total(o.stats for o in outs)
         key = (f"tpf_T{temp}" + ("" if td is None else f"_Td{td}") + ("_branches" if br else "")
-               + (f"_guesses{gs}" if gs else "")
+               + (f"_guesses{gs}" if gs else "") + (f"_rows{guess_rows}" if gs and guess_rows else "")
                + ("" if verification == "block" else f"_{verification}") + ("" if seed == 0 else f"_seed{seed}"))
         out[key] = {"tpf": round(total.tpf, 4), "prompts": len(prompts), "verification": verification,
                     "seed": seed, "tokens": total.committed, "stats": total.to_dict(),
@@ -588,7 +598,8 @@ def stage_tpf(args) -> None:
     rows = tpf_table(model, tok, lora, [tok.encode_chat(m) for m in msgs], n_new,
                      tuple(float(x) for x in args.draft_temperatures.split(",")) if args.draft_temperatures else (),
                      branches=args.branches, verifications=tuple(args.verifications.split(",")),
-                     seeds=tuple(int(s) for s in args.tpf_seeds.split(",")), guesses=args.guesses)
+                     seeds=tuple(int(s) for s in args.tpf_seeds.split(",")), guesses=args.guesses,
+                     guess_rows=args.guess_rows)
     key = f"tpf_{Path(adapter).parent.name if Path(adapter).name == 'weights' else Path(adapter).name}"
     emit(key, {"adapter": str(adapter), **rows})
     del model, lora
@@ -678,7 +689,7 @@ def stage_speed(args) -> None:
                                          layout=args.lora_layout)
     if "risd_gs" in names:  # branches with --guesses guessed corrections per draft
         engines["risd_gs"] = risd_engine(model, tok, lora, max(conc), branches=True, stride=args.speed_stride,
-                                         layout=args.lora_layout, guesses=args.guesses)
+                                         layout=args.lora_layout, guesses=args.guesses, guess_rows=args.guess_rows)
     if "risd_auto" in names:  # --branches: auto weighs each step with and without them
         auto = risd_engine(model, tok, lora, max(conc), args.branches, stride="auto",
                            auto_max_stride=args.auto_max_stride, layout=args.lora_layout)
@@ -900,6 +911,8 @@ def main() -> None:
     ap.add_argument("--guesses", type=int, default=0,
                     help="tpf/eval/speed with --branches: also G guessed corrections per draft (tpf: a third layout; "
                          "eval: the R-ISD engine; speed: the engine risd_gs)")
+    ap.add_argument("--guess-rows", type=int, default=None,
+                    help="with --guesses: the rows of each guessed group (`EngineConfig.guess_rows`; default N − 1)")
     ap.add_argument("--no-auto", action="store_true",
                     help="speed: AR and R-ISD N = 4 only (the --stride auto engine's warm-up took 292 s on the H200)")
     ap.add_argument("--speed-engines", default="",
