@@ -6,7 +6,8 @@ Stages (comma-separated argv[1], default all):
          idlm-tiny-ar, greedy, 64 prompts x 128 tokens: how many requests are identical
   step   bf16, batch 1, greedy and T = 0.7: the decode step of AR, R-ISD fused and R-ISD unfused (separate LoRA
          matmuls; $STEP_KINDS picks some, e.g. ar,risd_fused; risd_br: fused ("select") with rejection branches,
-         risd_gs: and a guessed correction per draft (25 query rows), and risd_select: fused in the "select"
+         risd_gs: and a guessed correction per draft (25 query rows), risd_g1: the same in groups of one row
+         (`guess_rows=1`, 19 query rows), and risd_select: fused in the "select"
          layout (x times [W ; W + D] for q/k/v and gate/up), only when named), in turns ($ROUNDS rounds,
          per-round ratios), for idlm-tiny-ar (its trained adapter) and a SmolLM2-135M-shaped model (random weights and a
          random adapter of $SMOL_RANK, default 32: step cost does not depend on the values)
@@ -17,7 +18,8 @@ Stages (comma-separated argv[1], default all):
   sprofile  batch 1, SmolLM2 shape (random weights): where a sampled (T = 0.7) R-ISD / AR step's time goes
          vs greedy: wall time per step, GPU kernel time per step, top kernels ($PROFILE_TOP, default 8, each
          [µs, launches] per step) and top host ops (torch.profiler); $SPROFILE_DECODERS (default ar,risd;
-         risd_br: with rejection branches; risd_gs: and a guessed correction per draft), $SPROFILE_TEMPS
+         risd_br: with rejection branches; risd_gs: and a guessed correction per draft; risd_g1: in groups of
+         one row), $SPROFILE_TEMPS
          (default 0,0.7)
   bprofile  batch $BATCH (64; $KINDS, default ar,risd4,risd_n1; risdN / risdN_br: stride N, with branches;
          also risd_auto up to $AUTO_MAX), $MODEL, $TEMPS (0,0.7)
@@ -29,7 +31,8 @@ Stages (comma-separated argv[1], default all):
   tiny   bf16: per-request tokens/s of engine AR vs engine R-ISD (fused) on idlm-tiny-ar, C = 1, 16, 64,
          greedy and T = 0.7
   overlap  the CUDA path of overlapped steps (`EngineConfig.overlap`): engine AR, R-ISD and R-ISD with rejection
-         branches ($OVERLAP_KINDS, default ar,risd,risd_br,risd_gs: the last with a guessed correction per draft)
+         branches ($OVERLAP_KINDS, default ar,risd,risd_br,risd_gs,risd_g1: the last two with a guessed
+         correction per draft, in groups of K rows / one row)
          on idlm-tiny-ar and the SmolLM2 shape ($OVERLAP_DTYPES,
          default float32,bfloat16), 16 greedy requests of varied lengths at C = 1 and 16 ($OVERLAP_CONC; $OVERLAP_TEMPS,
          default 0: greedy; e.g. 0,0.7: seeded sampled requests too), overlapped vs synchronous: identical tokens
@@ -150,7 +153,7 @@ def stage_step():
     only = os.environ.get("STEP_KINDS", "")  # e.g. ar,risd_fused (default: all three)
     for name in BENCH_MODELS:
         # a third model for the "select" layout (the default; risd_br takes it too): `fuse_lora` keeps one per model
-        select = bool({"risd_select", "risd_br", "risd_gs"} & set(only.split(",")))
+        select = bool({"risd_select", "risd_br", "risd_gs", "risd_g1"} & set(only.split(",")))
         if name == "idlm-tiny-ar":
             (model_f, tok, lora_f), (model_u, _, lora_u) = tiny_ar("bfloat16"), tiny_ar("bfloat16")
             model_s, _, lora_s = tiny_ar("bfloat16") if select else (None, None, None)
@@ -168,9 +171,11 @@ def stage_step():
                  "risd_unfused": (model_u, lora_u, False, "pair"),
                  "risd_br": (model_s, lora_s, True, "select"),  # with rejection branches (N² = 16 query tokens)
                  "risd_gs": (model_s, lora_s, True, "select"),  # and a guessed correction per draft (25 tokens)
+                 "risd_g1": (model_s, lora_s, True, "select"),  # the guessed groups of one row (19 tokens)
                  "risd_select": (model_s, lora_s, True, "select")}
         kinds = {k: v for k, v in kinds.items()
-                 if k == "ar" or (k in only.split(",") if only else k not in ("risd_br", "risd_gs", "risd_select"))}
+                 if k == "ar" or (k in only.split(",") if only
+                                  else k not in ("risd_br", "risd_gs", "risd_g1", "risd_select"))}
         out[name] = {}
         for temp in (0.0, 0.7):
             cases = {}
@@ -179,8 +184,9 @@ def stage_step():
                     with attention_variant(variant):  # read when the step's graphs are captured (the warm-up)
                         eng = LLMEngine(model, tok, EngineConfig(
                             decoder="risd" if lora is not None else "ar", stride=4, max_num_seqs=1, num_pages=512,
-                            fuse_projections=fuse, branches=k in ("risd_br", "risd_gs"), lora_layout=layout,
-                            guesses=int(k == "risd_gs"),
+                            fuse_projections=fuse, branches=k in ("risd_br", "risd_gs", "risd_g1"),
+                            lora_layout=layout, guesses=int(k in ("risd_gs", "risd_g1")),
+                            guess_rows=1 if k == "risd_g1" else None,
                             overlap=variant != "sync"), lora=lora)
                         params = SamplingParams(temperature=temp, max_tokens=400, ignore_eos=True, seed=0)
                         eng.run([prompt], params)  # warm-up: compiles, graph captures
@@ -282,8 +288,9 @@ def stage_sprofile():
     for dec in os.environ.get("SPROFILE_DECODERS", "ar,risd").split(","):
         for temp in [float(t) for t in os.environ.get("SPROFILE_TEMPS", "0,0.7").split(",")]:
             eng = LLMEngine(model, None, EngineConfig(decoder=dec[:4], stride=4, max_num_seqs=1, num_pages=512,
-                                                      branches=dec.endswith(("_br", "_gs")),
-                                                      guesses=int(dec.endswith("_gs"))),
+                                                      branches=dec.endswith(("_br", "_gs", "_g1")),
+                                                      guesses=int(dec.endswith(("_gs", "_g1"))),
+                                                      guess_rows=1 if dec.endswith("_g1") else None),
                             lora=lora if dec != "ar" else None)
             p = SamplingParams(temperature=temp, max_tokens=400, ignore_eos=True, seed=1)
             eng.run([prompt], SamplingParams(temperature=temp, max_tokens=100, ignore_eos=True, seed=0))
@@ -525,7 +532,8 @@ def stage_overlap():
         temps = [float(t) for t in os.environ.get("OVERLAP_TEMPS", "0").split(",")]
         kinds = {"ar": dict(decoder="ar"), "risd": dict(decoder="risd", stride=4),
                  "risd_br": dict(decoder="risd", stride=4, branches=True),
-                 "risd_gs": dict(decoder="risd", stride=4, branches=True, guesses=1)}
+                 "risd_gs": dict(decoder="risd", stride=4, branches=True, guesses=1),
+                 "risd_g1": dict(decoder="risd", stride=4, branches=True, guesses=1, guess_rows=1)}
         kinds = {k: kinds[k] for k in os.environ.get("OVERLAP_KINDS", ",".join(kinds)).split(",")}
         concs = [int(c) for c in os.environ.get("OVERLAP_CONC", "1,16").split(",")]
         seed0 = int(os.environ.get("OVERLAP_SEED", "0"))
