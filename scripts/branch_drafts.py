@@ -94,7 +94,7 @@ class Drafter:
 
 def decode(drafter: Drafter, prompt: list[int], n: int, max_tokens: int, eos: frozenset, branches: bool | int,
            g: torch.Generator, guesses: int = 0, stats: dict | None = None, defer: bool = False,
-           lite: bool = False) -> tuple[list[int], int]:
+           rows: int | None = None) -> tuple[list[int], int]:
     """ISD at stride n (K = n − 1 drafts a round) with rejection branches at the first `branches` drafts
     (True: all K; False / 0: none, today's cold starts; a rejection past them starts cold) -> (emitted
     tokens, forwards; the prefill counts as one, as it emits the first token).
@@ -108,9 +108,10 @@ def decode(drafter: Drafter, prompt: list[int], n: int, max_tokens: int, eos: fr
     correction is not emitted in the round; it becomes the next round's first draft, drawn from that clean
     row (its q̃ is the target's own p̃, so it is accepted but for rounding), and the group's first K − 1 MASK
     drafts follow it — the next round is an ordinary verify round (what an engine can build without a
-    block of two pending tokens). `lite` (with `defer`): a guessed group is its clean row alone (2N − 1 + K·K
-    + G·K query rows: N = 4, G = 1: 19, not 25) — after a matched correction the first draft comes from it
-    and the others from branch j's MASK rows past its first (blind to the correction, as without a guess).
+    block of two pending tokens). `rows` W (with `defer`; the engine's `guess_rows`): a guessed group is its
+    clean row and W − 1 MASK rows (2N − 1 + K·K + G·K·W query rows: N = 4, G = 1, W = 1: 19, not 25) — after a
+    matched correction the first W drafts come from it and the others from branch j's MASK rows past its W-th
+    (blind to the correction, as without a guess).
     `stats` (a dict) counts rejections and matches per draft position."""
     k = n - 1
     n_branch = k if branches is True else int(branches)
@@ -165,9 +166,9 @@ def decode(drafter: Drafter, prompt: list[int], n: int, max_tokens: int, eos: fr
                 if hit:
                     count("matched", j)
                     gp, gl = gq[0][hit[0]], gq[1][hit[0]]
-                    if lite:  # the clean row's p̃ first, branch j's blind drafts after it
-                        next_q = torch.cat([gp[:1], q[1 + j][1:]])
-                        next_rank = torch.cat([gl[:1], q_logits[1 + j][1:]])
+                    if rows is not None:  # the group's first W rows, branch j's blind drafts after them
+                        next_q = torch.cat([gp[:rows], q[1 + j][rows:]])
+                        next_rank = torch.cat([gl[:rows], q_logits[1 + j][rows:]])
                     elif defer:  # the clean row's p̃ is the next round's first draft's q̃
                         next_q, next_rank = gp[:k], gl[:k]
                     else:
@@ -238,7 +239,8 @@ def main() -> None:
             stats: dict = {}
             for pr in prompts:
                 out, f = decode(drafter, pr, args.stride, args.max_tokens, tok.eos_token_ids, branches, g,
-                                guesses, stats, name.startswith(("deferred", "lite")), name.startswith("lite"))
+                                guesses, stats, name.startswith(("deferred", "lite")),
+                                1 if name.startswith("lite") else None)
                 tokens, forwards = tokens + len(out), forwards + f
             row[name] = {"tpf": round(tokens / forwards, 4), "tokens": tokens, "forwards": forwards} | stats
         if "branches" in row and "cold" in row:

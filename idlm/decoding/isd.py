@@ -172,8 +172,6 @@ class ISDDecoder(Decoder):
         # rows of a guessed group: its guess row and W − 1 MASK rows (at most K; the drafts past W after a right
         # guess come from the branch's MASK rows)
         self.guess_rows = k if guess_rows is None else min(guess_rows, k)
-        # branch groups per draft: 0 (no branches), 1 (a branch), 1 + G (a branch and G guessed groups)
-        self.groups = (1 + guesses) * self.branches
         self.main_len = 2 * stride - 1  # the block's rows before the rejection branches
         self.query_len = self.main_len + (k * k + guesses * k * self.guess_rows) * self.branches
         self.packed_width = 3 + 2 * k + k * guesses  # `compute`'s packed columns (before any logprobs)
@@ -377,7 +375,7 @@ class ISDDecoder(Decoder):
         if block.any():  # rows verified jointly (`verify_drafts`' block rows); absent: every row token by token
             tensors["block"] = torch.from_numpy(block)
         return ParamsInputs(tensors, {"truncate": truncation(params) if not greedy else False, "greedy": greedy,
-                                      "logprobs": logprobs_static(params), "branches": self.groups},
+                                      "logprobs": logprobs_static(params), "branches": self.branches},
                             sampled=not all(p.greedy for p in params), rows={"point_mass": point_mass})
 
     def step_inputs(self, states, params, rngs, vocab_size, device):
@@ -501,7 +499,7 @@ def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tens
                      q_old: torch.Tensor | None, truncate: bool | int,
                      k_row: torch.Tensor | None = None,
                      draft_temperature: torch.Tensor | None = None,
-                     branches: bool | int = False, block: torch.Tensor | None = None,
+                     branches: bool = False, block: torch.Tensor | None = None,
                      guesses: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The sampled ISD step as one function (compiled into a few fused kernels on CUDA, inside the decode
     graph). logits [B, 2N−1, V]; per row: is_v, specs [B, K], temperature/top_k/top_p, point_mass,
@@ -510,8 +508,8 @@ def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tens
     (None: every row K; a shorter row's block fills the first 2n − 1 slots, specs / q_old zero-padded);
     draft_temperature [B] the temperature of the MASK slots' q̃ (None: `temperature`); branches: the block
     carries rejection branches (Q = N², `branch_layout`): a V row that rejects at j takes its new drafts from
-    branch j's rows instead of the plain MASK rows (an int: the branch groups per draft, 1 + G with G guessed
-    corrections); block [B] bool: rows whose drafts are verified jointly (`verify_drafts`, block verification;
+    branch j's rows instead of the plain MASK rows (and with `guesses`, guessed groups after them); block [B]
+    bool: rows whose drafts are verified jointly (`verify_drafts`, block verification;
     None: none); guesses [B, K·G]: each draft's guessed corrections (the block's guess rows): a V row whose
     correction at j is guess m takes its new drafts from guessed group (j, m) (the final token is then drawn
     before the drafts, from the same uniform column)
@@ -658,7 +656,7 @@ def guess_tokens(sel: torch.Tensor, drafts: torch.Tensor, g: int) -> torch.Tenso
 
 
 def draft_index(first_mask: torch.Tensor, is_v: torch.Tensor, n_acc: torch.Tensor, kb, n: int, q: int,
-                branches: bool | int, per_row: bool, pick: torch.Tensor | None = None, g: int = 0,
+                branches: bool, per_row: bool, pick: torch.Tensor | None = None, g: int = 0,
                 rows: int | None = None) -> torch.Tensor:
     """[B, K] the block index of each row's next drafts: first_mask + 0..K−1 (the plain MASK rows); with
     branches, a V row that rejected at j = n_acc < its K (kb) takes branch j's rows 2N−1 + j(N−1) + 0..K−1
@@ -681,7 +679,7 @@ def draft_index(first_mask: torch.Tensor, is_v: torch.Tensor, n_acc: torch.Tenso
 
 @cuda_fused(batch_rows=True)  # one compile serves every batch bucket (`batch_rows_of`)
 def greedy_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tensor,
-                    k_row: torch.Tensor | None = None, branches: bool | int = False,
+                    k_row: torch.Tensor | None = None, branches: bool = False,
                     guesses: torch.Tensor | None = None) -> torch.Tensor:
     """The greedy ISD step as one function (a couple of fused kernels on CUDA). logits [B, 2N−1, V] (N² with
     rejection branches, more with guessed corrections: `sampled_isd_step`), is_v [B] bool, specs [B, K], k_row
