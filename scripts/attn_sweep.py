@@ -15,7 +15,8 @@ and the K/V bytes / µs (GB/s) of both; and the default with its split states co
 
 Environment: SHAPES ("1x1024x1,1x1024x7,8x1024x1,8x1024x7,32x1024x1,1x8192x1,8x8192x1"; batch x context x
 query length), REPEAT (launches per graph replay; default: enough for 256 MB of K/V, at most 36), HEADS
-("32,8,128": Hq, Hkv, head dim), PREFETCHES / BLOCK_NS / WARPS (the grid's values, comma-separated).
+("32,8,128": Hq, Hkv, head dim), PREFETCHES / BLOCK_NS / WARPS / ROW_TILES (the grid's values, comma-separated;
+ROW_TILES: $IDLM_ATTN_ROW_TILE, default "0" only).
 """
 
 from __future__ import annotations
@@ -46,16 +47,18 @@ PAGE = 8 if SMOKE else 16
 PREFETCHES = ("0", "1") if SMOKE else tuple(os.environ.get("PREFETCHES", "0,1").split(","))
 BLOCK_NS = ("32", "64") if SMOKE else tuple(os.environ.get("BLOCK_NS", "16,32,64,128").split(","))
 WARPS = ("4",) if SMOKE else tuple(os.environ.get("WARPS", "2,4").split(","))
-KNOBS = ("IDLM_ATTN_PREFETCH", "IDLM_ATTN_BLOCK_N", "IDLM_ATTN_WARPS")
+# $ROW_TILES: query rows per program of a split launch ($IDLM_ATTN_ROW_TILE; "0": the whole block), e.g. "0,16,32"
+ROW_TILES = ("0",) if SMOKE else tuple(os.environ.get("ROW_TILES", "0").split(","))
+KNOBS = ("IDLM_ATTN_PREFETCH", "IDLM_ATTN_BLOCK_N", "IDLM_ATTN_WARPS", "IDLM_ATTN_ROW_TILE")
 
 
 def settings(batch: int, context: int) -> list[dict]:
     auto = choose_splits(batch, HKV, context, device_sm_count(torch.device(DEV)))
     splits = sorted({1, auto} | ({2} if SMOKE else {s for s in (4, 8, 16, 32) if s * 64 <= context}))
     # 16-key tiles: what vLLM's Triton decode kernel uses for 16-bit caches (many short, pipelined iterations)
-    grid = itertools.product(PREFETCHES, BLOCK_NS, WARPS, splits)
-    return [{"IDLM_ATTN_PREFETCH": p, "IDLM_ATTN_BLOCK_N": n, "IDLM_ATTN_WARPS": w, "splits": s}
-            for p, n, w, s in grid]
+    grid = itertools.product(PREFETCHES, BLOCK_NS, WARPS, ROW_TILES, splits)
+    return [{"IDLM_ATTN_PREFETCH": p, "IDLM_ATTN_BLOCK_N": n, "IDLM_ATTN_WARPS": w, "IDLM_ATTN_ROW_TILE": r,
+             "splits": s} for p, n, w, r, s in grid if r == "0" or s > 1]
 
 
 def launch_set(batch: int, context: int, q_len: int, repeat: int, g: torch.Generator):
@@ -145,8 +148,7 @@ def main() -> None:
     out["wall_s"] = round(time.time() - t_start, 1)
     save_record(out, "attn_sweep.json")
     print(json.dumps({"summary": True, "wall_s": out["wall_s"],
-                      "best": {k: {**{n: c["best"][n] for n in ("IDLM_ATTN_PREFETCH", "IDLM_ATTN_BLOCK_N",
-                                                                "IDLM_ATTN_WARPS", "splits", "us")},
+                      "best": {k: {**{n: c["best"][n] for n in (*KNOBS, "splits", "us")},
                                    "default_us": c["default_us"],
                                    "default_fused_combine_us": c["default_fused_combine_us"]}
                                for k, c in out["shapes"].items()}}))

@@ -232,6 +232,32 @@ def test_split_kv_equals_reference_path_in_fp32(splits, Hq, Hkv, T, visible, fus
         assert not counters.any()
 
 
+@pytest.mark.parametrize("row_tile,splits,fused", [("16", 3, "0"), ("16", 7, "1"), ("32", 2, "0"), ("64", 3, "1"),
+                                                  ("16", 1, "0")])
+@pytest.mark.parametrize("Hq,Hkv,T,tree", [(9, 3, 16, True), (9, 3, 25, False), (6, 2, 7, False)])
+def test_row_tiles_equal_reference_path_in_fp32(row_tile, splits, fused, Hq, Hkv, T, tree, monkeypatch):
+    """$IDLM_ATTN_ROW_TILE: a split launch's block in tiles of R rows, a program each (R-ISD's 16-token block with
+    rejection branches on SmolLM2's 3 heads a KV head: a 64-row block in four 16-row tiles; the 25-token one: 128
+    rows in 8), vs gather + SDPA in fp32, <= 2e-6; rows of very different lengths, so the tiles of a short row
+    must cut the same splits as the whole block's (the combine's), and with the fused combine the last of the
+    used splits x tiles to finish combines. splits = 1, or R >= the block's rows: one tile (the knob is off)."""
+    from idlm.decoding.isd import branch_layout
+    from idlm.layers.attention import hidden_slots, last_visible
+    from idlm.layers.paged_kernel import paged_attention, split_counters
+
+    monkeypatch.setenv("IDLM_ATTN_ROW_TILE", row_tile)
+    monkeypatch.setenv("IDLM_ATTN_FUSED_COMBINE", fused)
+    B, D, page = 3, 16, 8
+    pool, slots, tables, st, q, k, v = _batch(B, Hq, Hkv, D, T, page, [300, 2, 117], seed=splits + T)
+    hide = torch.tensor(branch_layout(4)[1]).expand(B, T, 2) if tree else None
+    want = PagedAttention(pool, slots, tables, st, hide=hide).attend(0, q, k, v)  # writes this block's K/V too
+    counters = split_counters(B * Hkv, "cpu")
+    got = paged_attention(q, pool.k[0], pool.v[0], tables, last_visible(st, T, None), page, splits=splits,
+                          counters=counters, hide=None if hide is None else hidden_slots(st, hide))
+    assert (got - want).abs().max() <= 2e-6
+    assert not counters.any()
+
+
 @pytest.mark.parametrize("prefetch,block_n,warps,splits", [("1", "", "", 1), ("1", "16", "2", 3), ("0", "32", "8", 1),
                                                       ("1", "128", "1", 2)])
 def test_kernel_tuning_knobs_keep_the_result(monkeypatch, prefetch, block_n, warps, splits):
@@ -252,7 +278,7 @@ def test_kernel_tuning_knobs_keep_the_result(monkeypatch, prefetch, block_n, war
 
 
 def test_kernel_tuning_refuses_bad_values(monkeypatch):
-    from idlm.layers.paged_kernel import MIN_SPLIT_KEYS, fused_combine, kernel_tuning, min_chunk
+    from idlm.layers.paged_kernel import MIN_SPLIT_KEYS, fused_combine, kernel_tuning, min_chunk, row_tile
 
     assert min_chunk() == MIN_SPLIT_KEYS and not fused_combine()
     for name, value, fn in [("IDLM_ATTN_MIN_CHUNK", "-1", min_chunk), ("IDLM_ATTN_MIN_CHUNK", "lots", min_chunk),
@@ -261,6 +287,13 @@ def test_kernel_tuning_refuses_bad_values(monkeypatch):
         with pytest.raises(ValueError, match=name):
             fn()
         monkeypatch.delenv(name)
+
+    assert row_tile() == 0  # the default: a split launch's whole block in one program
+    for value in ("8", "48", "256", "wide"):
+        monkeypatch.setenv("IDLM_ATTN_ROW_TILE", value)
+        with pytest.raises(ValueError, match="IDLM_ATTN_ROW_TILE"):
+            row_tile()
+    monkeypatch.delenv("IDLM_ATTN_ROW_TILE")
 
     assert kernel_tuning() == (True, None, None)  # the defaults: prefetch, tiles and warps by the tile size
     for name, value in [("IDLM_ATTN_PREFETCH", "yes"), ("IDLM_ATTN_BLOCK_N", "48"), ("IDLM_ATTN_BLOCK_N", "512"),
@@ -444,9 +477,10 @@ for prefetch, split, ieee, fused, tree in itertools.product((True, False), repea
            "PART_L": "*fp32", "PART_ACC": "*fp32", "COUNTERS": "*i32", "scale": "fp32"}
     name = f"prefetch={prefetch} split={split} ieee={ieee} fused_combine={fused} tree={tree}"
     try:
-        text = ttir(fwd, sig, dict(GROUP=4, BLOCK_M=16 if not tree else 64, BLOCK_N=64, D=128, IEEE=ieee, SPLIT=split,
-                                   TQ=1 if not tree else 16, PREFETCH=prefetch, FUSED_COMBINE=fused, MIN_CHUNK=128,
-                                   TREE=tree))
+        # a split tree block (16 tokens x 4 heads) in four 16-row tiles ($IDLM_ATTN_ROW_TILE), unsplit in one
+        text = ttir(fwd, sig, dict(GROUP=4, BLOCK_M=16 if not tree or split else 64, BLOCK_N=64, D=128, IEEE=ieee,
+                                   SPLIT=split, TQ=1 if not tree else 16, PREFETCH=prefetch, FUSED_COMBINE=fused,
+                                   MIN_CHUNK=128, TREE=tree, MT=4 if tree and split else 1))
         if split and not fused:
             text += ttir(combine, {"Out": dt, "PART_M": "*fp32", "PART_L": "*fp32", "PART_ACC": "*fp32",
                                    "LAST": "*i64"}, dict(GROUP=4, BLOCK_M=16 if not tree else 64, BLOCK_N=64, D=128,
@@ -482,10 +516,12 @@ def test_decode_kernel_compiles_for_cuda():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
                     reason="needs a CUDA device and compiled kernels: on a GPU run with TRITON_INTERPRET=0")
-@pytest.mark.parametrize("prefetch,fused,min_chunk", [("1", "0", ""), ("0", "0", ""), ("1", "1", ""), ("1", "1", "0")])
+@pytest.mark.parametrize("prefetch,fused,min_chunk,row_tile", [
+    ("1", "0", "", ""), ("0", "0", "", ""), ("1", "1", "", ""), ("1", "1", "0", ""), ("1", "0", "", "16"),
+    ("1", "1", "", "16")])
 @pytest.mark.parametrize("splits", [None, 1, 4, 8])
 @pytest.mark.parametrize("T", [1, 7, 16, 25])
-def test_kernel_on_cuda_equals_reference_path_in_fp32(monkeypatch, prefetch, fused, min_chunk, splits, T):
+def test_kernel_on_cuda_equals_reference_path_in_fp32(monkeypatch, prefetch, fused, min_chunk, row_tile, splits, T):
     """Issue 14's exactness on the GPU, with the compiled kernel (defaults chosen by the H200 sweep, and the
     non-prefetching loop; and the split states combined in the same launch, `fused_combine`, whose ticket
     ordering only a GPU tests): the Qwen3-8B head layout, rows of 1,000 / 5 / 300 kept keys, split (automatic
@@ -499,6 +535,7 @@ def test_kernel_on_cuda_equals_reference_path_in_fp32(monkeypatch, prefetch, fus
     monkeypatch.setenv("IDLM_ATTN_PREFETCH", prefetch)
     monkeypatch.setenv("IDLM_ATTN_FUSED_COMBINE", fused)
     monkeypatch.setenv("IDLM_ATTN_MIN_CHUNK", min_chunk)  # "": 128 keys a split at least; "0": no floor
+    monkeypatch.setenv("IDLM_ATTN_ROW_TILE", row_tile)  # "16": a split block in 16-row tiles, a program each
     B, Hq, Hkv, D, page = 3, 32, 8, 128, 16
     starts = [1000, 5, 300]
     cpu_pool, slots, tables, st, q, k, v = _batch(B, Hq, Hkv, D, T, page, starts, seed=11)

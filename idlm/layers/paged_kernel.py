@@ -173,9 +173,9 @@ def _kernel():
 
     @triton.jit
     def _store_state(PART_M, PART_L, PART_ACC, m_i, l_i, acc, b, hk, sp, rows, d, SPLITS,
-                     BLOCK_M: tl.constexpr, D: tl.constexpr):
-        """A split's unnormalised state: [B, Hkv, S, BLOCK_M] (m, l), [.., D] (acc)."""
-        base = ((b * tl.num_programs(1) + hk) * SPLITS + sp) * BLOCK_M
+                     FULL_M: tl.constexpr, D: tl.constexpr):
+        """A split's unnormalised state of the block rows `rows`: [B, Hkv, S, FULL_M] (m, l), [.., D] (acc)."""
+        base = ((b * tl.num_programs(1) + hk) * SPLITS + sp) * FULL_M
         tl.store(PART_M + base + rows, m_i)
         tl.store(PART_L + base + rows, l_i)
         tl.store(PART_ACC + (base + rows)[:, None] * D + d[None, :], acc)
@@ -197,11 +197,16 @@ def _kernel():
                        T, PAGE, SPLITS,
                        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
                        IEEE: tl.constexpr, SPLIT: tl.constexpr, TQ: tl.constexpr, PREFETCH: tl.constexpr,
-                       FUSED_COMBINE: tl.constexpr, MIN_CHUNK: tl.constexpr, TREE: tl.constexpr):
+                       FUSED_COMBINE: tl.constexpr, MIN_CHUNK: tl.constexpr, TREE: tl.constexpr,
+                       MT: tl.constexpr):
         b = tl.program_id(0)
         hk = tl.program_id(1)
-        sp = tl.program_id(2)  # the split (SPLIT) or else the query tile: tokens sp·TQ .. sp·TQ + TQ − 1
-        rows = tl.arange(0, BLOCK_M)  # tile row r = query token t0 + r // GROUP, head hk·GROUP + r % GROUP
+        # axis 2: (sp, mt). sp: the split (SPLIT) or else the query tile: tokens sp·TQ .. sp·TQ + TQ − 1; mt: which
+        # BLOCK_M rows of the block's FULL_M = MT·BLOCK_M this program takes (row tiles; MT = 1: all of them)
+        sp = tl.program_id(2) // MT
+        mt = tl.program_id(2) % MT
+        # block row r = query token t0 + r // GROUP, head hk·GROUP + r % GROUP
+        rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
         t0 = 0 if SPLIT else sp * TQ
         t = t0 + rows // GROUP
         h = hk * GROUP + rows % GROUP
@@ -215,7 +220,11 @@ def _kernel():
         if TREE:  # each query row's hidden key range [lo, hi)
             hlo = tl.load(HIDE + b * s_hb + 2 * t, mask=row_ok, other=0)
             hhi = tl.load(HIDE + b * s_hb + 2 * t + 1, mask=row_ok, other=0)
-        n_keys = tl.max(last, axis=0) + 1
+        if SPLIT and MT > 1:  # the whole block's keys, so every row tile cuts the same splits (the combine's)
+            every = tl.arange(0, MT * BLOCK_M) // GROUP
+            n_keys = tl.max(tl.load(LAST + b * s_lb + every, mask=every < T, other=-1), axis=0) + 1
+        else:
+            n_keys = tl.max(last, axis=0) + 1
         lo = 0
         hi = n_keys
         if SPLIT:  # this split's share of the row's keys, whole BLOCK_N tiles (the last share may be short)
@@ -260,14 +269,16 @@ def _kernel():
                 if sp == 0:
                     _write_out(Out, acc, l_i, b, t, h, d, row_ok, s_ob, s_ot, s_oh)
             elif sp < used:
-                _store_state(PART_M, PART_L, PART_ACC, m_i, l_i, acc, b, hk, sp, rows, d, SPLITS, BLOCK_M, D)
+                _store_state(PART_M, PART_L, PART_ACC, m_i, l_i, acc, b, hk, sp, rows, d, SPLITS, MT * BLOCK_M,
+                             D)
                 if FUSED_COMBINE:
                     tl.debug_barrier()  # every thread's state stored before the ticket (release, cumulative)
                     counter = COUNTERS + b * tl.num_programs(1) + hk
                     ticket = tl.atomic_add(counter, 1, sem="acq_rel")
-                    if ticket == used - 1:  # the last used split of (b, hk) to finish combines: no second launch
+                    # the last (used split, row tile) of (b, hk) to finish combines the block: no second launch
+                    if ticket == used * MT - 1:
                         _combine(Out, PART_M, PART_L, PART_ACC, b, hk, tl.num_programs(1), s_ob, s_ot, s_oh, T,
-                                 SPLITS, used, 0, GROUP, BLOCK_M, BLOCK_M, D, ".cg")
+                                 SPLITS, used, 0, GROUP, MT * BLOCK_M, MT * BLOCK_M, D, ".cg")
                         tl.atomic_xchg(counter, 0)  # ready for the next launch (a CUDA graph's next replay)
         else:
             _write_out(Out, acc, l_i, b, t, h, d, row_ok, s_ob, s_ot, s_oh)
@@ -414,6 +425,20 @@ def min_chunk() -> int:
     return int(value)
 
 
+def row_tile() -> int:
+    """$IDLM_ATTN_ROW_TILE: query rows per program of a split launch (a power of two 16..128; "0" or unset: the
+    whole block in one tile, the default). With R, a block of FULL_M tile rows (G·T rounded up to a power of
+    two) runs as FULL_M / R programs per (row, KV head, split), each over the same keys: R-ISD's rejection
+    branches on SmolLM2 (16 query tokens x 3 heads: a 64-row tile) took 6.8 µs a layer against AR's 3.9 µs for
+    a 16-row tile (H200, session 35 `bench_risd.py sprofile`), while the grid had 3 KV heads x 8 splits for 132
+    SMs. Only split launches take row tiles (unsplit ones are batches that fill the GPU already)."""
+    value = os.environ.get("IDLM_ATTN_ROW_TILE", "").strip() or "0"
+    rows = int(value) if value.isdigit() else -1
+    if not (rows == 0 or (16 <= rows <= MAX_TILE_ROWS and rows & (rows - 1) == 0)):
+        raise ValueError(f"IDLM_ATTN_ROW_TILE={value!r} is not valid: 0 or a power of two 16..{MAX_TILE_ROWS}")
+    return rows
+
+
 def fused_combine() -> bool:
     """$IDLM_ATTN_FUSED_COMBINE "1": split KV combines in the forward kernel's last split of each (row, KV
     head) — an atomic ticket per (row, head), the last to arrive reads the others' states — instead of a
@@ -465,27 +490,30 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
         if splits not in (None, 1):
             raise ValueError(f"exact paged attention does not split KV (splits={splits})")
         splits, block_m, block_n = 1, max(EXACT_BLOCK_M, _tile_rows(group, 1)), EXACT_BLOCK_N
-        tq = block_m // group
+        full_m, tq = block_m, block_m // group
         programs = -(-T // tq)
     else:
-        block_m = _tile_rows(group, T)
-        default_n, default_warps = default_tiles(B * Hkv, block_m, D, q.dtype != torch.float32)
-        block_n, warps = tuned_n or default_n, tuned_warps or default_warps
-        tq = block_m // group  # tq >= T: one query tile
+        full_m = _tile_rows(group, T)  # the block's G·T rows, padded
+        tq = full_m // group  # tq >= T: one query tile
         if splits is None:
             splits = kv_splits(B, Hkv, block_tables.shape[1] * page_size, q.device)
+        tile = row_tile()  # a split launch may take the block in row tiles, a program each
+        block_m = tile if splits > 1 and 0 < tile < full_m else full_m
+        default_n, default_warps = default_tiles(B * Hkv, block_m, D, q.dtype != torch.float32)
+        block_n, warps = tuned_n or default_n, tuned_warps or default_warps
         programs = splits
     if splits < 1:
         raise ValueError(f"splits must be >= 1, got {splits}")
+    mt = full_m // block_m  # row tiles per (row, KV head, split)
     fwd, combine = _kernel()
     if splits > 1:
-        part_m = torch.empty(B, Hkv, splits, block_m, dtype=torch.float32, device=q.device)
+        part_m = torch.empty(B, Hkv, splits, full_m, dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)
-        part_acc = torch.empty(B, Hkv, splits, block_m, D, dtype=torch.float32, device=q.device)
+        part_acc = torch.empty(B, Hkv, splits, full_m, D, dtype=torch.float32, device=q.device)
     else:
         part_m = part_l = part_acc = out  # unused
     fuse = splits > 1 and counters is not None and counters.numel() >= B * Hkv and fused_combine()
-    fwd[(B, Hkv, programs)](
+    fwd[(B, Hkv, programs * mt)](
         q, k_pool, v_pool, out, block_tables, last, last if hide is None else hide, part_m, part_l, part_acc,
         counters if fuse else out, D ** -0.5,
         q.stride(0), q.stride(1), q.stride(2), k_pool.stride(0), k_pool.stride(1),
@@ -493,12 +521,12 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
         0 if hide is None else hide.stride(0),
         T, page_size, splits, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, D=D,
         IEEE=q.dtype == torch.float32, SPLIT=splits > 1, TQ=tq, PREFETCH=prefetch and not exact,
-        FUSED_COMBINE=fuse, MIN_CHUNK=max(min_chunk(), block_n), TREE=hide is not None,
+        FUSED_COMBINE=fuse, MIN_CHUNK=max(min_chunk(), block_n), TREE=hide is not None, MT=mt,
         num_warps=4 if exact else warps,
     )
     if splits > 1 and not fuse:
-        block_r = min(block_m, COMBINE_ROWS)
-        combine[(B, Hkv, block_m // block_r)](
+        block_r = min(full_m, COMBINE_ROWS)
+        combine[(B, Hkv, full_m // block_r)](
             out, part_m, part_l, part_acc, last, out.stride(0), out.stride(1), out.stride(2), last.stride(0), T,
-            splits, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, D=D, BLOCK_R=block_r, num_warps=4)
+            splits, GROUP=group, BLOCK_M=full_m, BLOCK_N=block_n, D=D, BLOCK_R=block_r, num_warps=4)
     return out.transpose(1, 2)
