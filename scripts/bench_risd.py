@@ -83,12 +83,12 @@ if not set(BENCH_MODELS) <= {"idlm-tiny-ar", "smollm2-135m"}:
 results: dict = environment(DEV)
 # the step stage's attention variants ($STEP_ATTN, comma-separated; each kind of step is timed under each, in
 # the same process and rounds): default (split KV with a combine kernel), nosplit ($IDLM_KV_SPLITS=1), fused
-# (the combine in the forward kernel's last split, $IDLM_ATTN_FUSED_COMBINE=1), rows16 / rows32 (a split block in
-# 16- / 32-row tiles, a program each: $IDLM_ATTN_ROW_TILE); a kind under a non-default
+# (the combine in the forward kernel's last split, $IDLM_ATTN_FUSED_COMBINE=1), rows0 / rows32 (a split block in
+# one tile, as before session 36, / in 32-row tiles instead of 16: $IDLM_ATTN_ROW_TILE); a kind under a non-default
 # variant is reported as "<kind>@<variant>"; "sync": the default attention with overlapped steps off
 # (`EngineConfig.overlap=False`: every step waits for its results before the next is launched)
 ATTN_ENV = {"default": {}, "nosplit": {"IDLM_KV_SPLITS": "1"}, "fused": {"IDLM_ATTN_FUSED_COMBINE": "1"}, "sync": {},
-            "rows16": {"IDLM_ATTN_ROW_TILE": "16"}, "rows32": {"IDLM_ATTN_ROW_TILE": "32"}}
+            "rows0": {"IDLM_ATTN_ROW_TILE": "0"}, "rows32": {"IDLM_ATTN_ROW_TILE": "32"}}
 ATTN_VARIANTS = os.environ.get("STEP_ATTN", "default").split(",")
 if ATTN_VARIANTS[0] != "default" or not set(ATTN_VARIANTS) <= set(ATTN_ENV):
     raise SystemExit(f"STEP_ATTN={os.environ['STEP_ATTN']!r}: expected 'default' first, then any of {sorted(ATTN_ENV)}")

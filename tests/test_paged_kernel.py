@@ -233,14 +233,15 @@ def test_split_kv_equals_reference_path_in_fp32(splits, Hq, Hkv, T, visible, fus
 
 
 @pytest.mark.parametrize("row_tile,splits,fused", [("16", 3, "0"), ("16", 7, "1"), ("32", 2, "0"), ("64", 3, "1"),
-                                                  ("16", 1, "0")])
+                                                  ("16", 1, "0"), ("0", 3, "0")])
 @pytest.mark.parametrize("Hq,Hkv,T,tree", [(9, 3, 16, True), (9, 3, 25, False), (6, 2, 7, False)])
 def test_row_tiles_equal_reference_path_in_fp32(row_tile, splits, fused, Hq, Hkv, T, tree, monkeypatch):
-    """$IDLM_ATTN_ROW_TILE: a split launch's block in tiles of R rows, a program each (R-ISD's 16-token block with
-    rejection branches on SmolLM2's 3 heads a KV head: a 64-row block in four 16-row tiles; the 25-token one: 128
-    rows in 8), vs gather + SDPA in fp32, <= 2e-6; rows of very different lengths, so the tiles of a short row
-    must cut the same splits as the whole block's (the combine's), and with the fused combine the last of the
-    used splits x tiles to finish combines. splits = 1, or R >= the block's rows: one tile (the knob is off)."""
+    """$IDLM_ATTN_ROW_TILE: a split launch's block in tiles of R rows, a program each (default 16; "0": one tile;
+    R-ISD's 16-token block with rejection branches on SmolLM2's 3 heads a KV head: a 64-row block in four 16-row
+    tiles; the 25-token one: 128 rows in 8), vs gather + SDPA in fp32, <= 2e-6; rows of very different lengths,
+    so the tiles of a short row must cut the same splits as the whole block's (the combine's), and with the fused
+    combine the last of the used splits x tiles to finish combines. splits = 1, or R >= the block's rows: one
+    tile (the knob has no effect)."""
     from idlm.decoding.isd import branch_layout
     from idlm.layers.attention import hidden_slots, last_visible
     from idlm.layers.paged_kernel import paged_attention, split_counters
@@ -288,7 +289,7 @@ def test_kernel_tuning_refuses_bad_values(monkeypatch):
             fn()
         monkeypatch.delenv(name)
 
-    assert row_tile() == 0  # the default: a split launch's whole block in one program
+    assert row_tile() == 16  # the default: a split launch's block in 16-row tiles, a program each
     for value in ("8", "48", "256", "wide"):
         monkeypatch.setenv("IDLM_ATTN_ROW_TILE", value)
         with pytest.raises(ValueError, match="IDLM_ATTN_ROW_TILE"):
@@ -517,8 +518,8 @@ def test_decode_kernel_compiles_for_cuda():
 @pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
                     reason="needs a CUDA device and compiled kernels: on a GPU run with TRITON_INTERPRET=0")
 @pytest.mark.parametrize("prefetch,fused,min_chunk,row_tile", [
-    ("1", "0", "", ""), ("0", "0", "", ""), ("1", "1", "", ""), ("1", "1", "0", ""), ("1", "0", "", "16"),
-    ("1", "1", "", "16")])
+    ("1", "0", "", ""), ("0", "0", "", ""), ("1", "1", "", ""), ("1", "1", "0", ""), ("1", "0", "", "0"),
+    ("1", "1", "", "0")])
 @pytest.mark.parametrize("splits", [None, 1, 4, 8])
 @pytest.mark.parametrize("T", [1, 7, 16, 25])
 def test_kernel_on_cuda_equals_reference_path_in_fp32(monkeypatch, prefetch, fused, min_chunk, row_tile, splits, T):
@@ -535,7 +536,7 @@ def test_kernel_on_cuda_equals_reference_path_in_fp32(monkeypatch, prefetch, fus
     monkeypatch.setenv("IDLM_ATTN_PREFETCH", prefetch)
     monkeypatch.setenv("IDLM_ATTN_FUSED_COMBINE", fused)
     monkeypatch.setenv("IDLM_ATTN_MIN_CHUNK", min_chunk)  # "": 128 keys a split at least; "0": no floor
-    monkeypatch.setenv("IDLM_ATTN_ROW_TILE", row_tile)  # "16": a split block in 16-row tiles, a program each
+    monkeypatch.setenv("IDLM_ATTN_ROW_TILE", row_tile)  # "" / "16": a split block in 16-row tiles; "0": one tile
     B, Hq, Hkv, D, page = 3, 32, 8, 128, 16
     starts = [1000, 5, 300]
     cpu_pool, slots, tables, st, q, k, v = _batch(B, Hq, Hkv, D, T, page, starts, seed=11)

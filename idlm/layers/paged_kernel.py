@@ -60,6 +60,12 @@ SMALL_GRID = 24
 # 25-row guessed-corrections block on SmolLM2 (a 128-row tile, 3 KV heads) 6.5 µs a layer against 2.7 for the
 # 16-row block's 64-row tile (H200, session 35 `bench_risd.py sprofile`)
 COMBINE_ROWS = 16
+# a split launch takes its query block in tiles of this many rows, a program each (`row_tile`): R-ISD's rejection
+# branches on SmolLM2 (16 query tokens x 3 heads a KV head: a 64-row block) took 6.8 µs a layer against AR's 3.9 µs
+# for its 16-row block (H200, session 35 `bench_risd.py sprofile`) while 3 KV heads x 8 splits left most of 132 SMs
+# idle. H100, session 36 (scripts/attn_sweep.py, HEADS=9,3,64, docs/risd.md): 1 x 320 keys x 16 tokens 11.8 ->
+# 8.3 µs, 1 x 1024 x 16 13.6 -> 11.2 µs; the engine's batch-1 step with branches 1.211x -> 1.146x AR's (greedy)
+ROW_TILE = 16
 # exact mode (issue 16): one tile shape for every query length, so a query row is computed by the same
 # instructions in the same order whatever block, batch or prefill chunk it is in
 EXACT_BLOCK_M, EXACT_BLOCK_N = 64, 32
@@ -426,13 +432,11 @@ def min_chunk() -> int:
 
 
 def row_tile() -> int:
-    """$IDLM_ATTN_ROW_TILE: query rows per program of a split launch (a power of two 16..128; "0" or unset: the
-    whole block in one tile, the default). With R, a block of FULL_M tile rows (G·T rounded up to a power of
-    two) runs as FULL_M / R programs per (row, KV head, split), each over the same keys: R-ISD's rejection
-    branches on SmolLM2 (16 query tokens x 3 heads: a 64-row tile) took 6.8 µs a layer against AR's 3.9 µs for
-    a 16-row tile (H200, session 35 `bench_risd.py sprofile`), while the grid had 3 KV heads x 8 splits for 132
-    SMs. Only split launches take row tiles (unsplit ones are batches that fill the GPU already)."""
-    value = os.environ.get("IDLM_ATTN_ROW_TILE", "").strip() or "0"
+    """$IDLM_ATTN_ROW_TILE: query rows per program of a split launch (a power of two 16..128, default ROW_TILE;
+    "0": the whole block in one tile). With R, a block of FULL_M tile rows (G·T rounded up to a power of two)
+    runs as FULL_M / R programs per (row, KV head, split), each over the same keys. Only split launches take row
+    tiles (unsplit ones are batches that fill the GPU already)."""
+    value = os.environ.get("IDLM_ATTN_ROW_TILE", "").strip() or str(ROW_TILE)
     rows = int(value) if value.isdigit() else -1
     if not (rows == 0 or (16 <= rows <= MAX_TILE_ROWS and rows & (rows - 1) == 0)):
         raise ValueError(f"IDLM_ATTN_ROW_TILE={value!r} is not valid: 0 or a power of two 16..{MAX_TILE_ROWS}")
