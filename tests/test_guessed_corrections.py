@@ -66,6 +66,14 @@ def test_guess_tokens_are_the_next_best_other_than_the_draft():
     # draft 0 is the argmax (1): guesses 2, 3; draft 1 is a sampled low token (3): guesses 0, 2
     assert guess_tokens(sel, torch.tensor([[1, 3]]), 2).tolist() == [[2, 3, 0, 2]]
     assert guess_tokens(sel, torch.tensor([[2, 0]]), 1).tolist() == [[1, 2]]
+    # one guess takes a masked argmax rather than topk: the same tokens (random logits: no ties), the draft being
+    # the argmax (greedy) or any token (sampled)
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        sel = torch.randn(3, 4, 50, generator=g)
+        drafts = sel.argmax(-1) if trial % 2 else torch.randint(0, 50, (3, 4), generator=g)
+        top = sel.topk(2, dim=-1).indices
+        assert torch.equal(guess_tokens(sel, drafts, 1), torch.where(top[..., 0] == drafts, top[..., 1], top[..., 0]))
 
 
 @pytest.mark.parametrize("lora,w", [(False, None), (True, None), (True, 2), (False, 1)])

@@ -649,7 +649,9 @@ def guess_pick(guesses: torch.Tensor, final: torch.Tensor, is_v: torch.Tensor, n
 def guess_tokens(sel: torch.Tensor, drafts: torch.Tensor, g: int) -> torch.Tensor:
     """[B, K·G] the guessed corrections of new drafts: the G highest logits of each draft's row sel [B, K, V]
     other than the draft itself, drafts [B, K] (a draft is only corrected to another token)."""
-    B, k, _ = sel.shape
+    B, k, V = sel.shape
+    if g == 1:  # the best other than the draft: one reduction that a compiled step fuses (topk is a library sort)
+        return torch.where(torch.arange(V, device=sel.device) == drafts[..., None], float("-inf"), sel).argmax(-1)
     top = sel.topk(g + 1, dim=-1).indices  # [B, K, G+1]
     hit = top == drafts[..., None]
     return torch.where(hit[..., :g].cumsum(-1) > 0, top[..., 1:], top[..., :g]).reshape(B, k * g)
