@@ -481,7 +481,8 @@ for prefetch, split, ieee, fused, tree in itertools.product((True, False), repea
         # a split tree block (16 tokens x 4 heads) in four 16-row tiles ($IDLM_ATTN_ROW_TILE), unsplit in one
         text = ttir(fwd, sig, dict(GROUP=4, BLOCK_M=16 if not tree or split else 64, BLOCK_N=64, D=128, IEEE=ieee,
                                    SPLIT=split, TQ=1 if not tree else 16, PREFETCH=prefetch, FUSED_COMBINE=fused,
-                                   MIN_CHUNK=128, TREE=tree, MT=4 if tree and split else 1))
+                                   MIN_CHUNK=128, TREE=tree, MT=4 if tree and split else 1,
+                                   FULL_M=16 if not tree else 64))
         if split and not fused:
             text += ttir(combine, {"Out": dt, "PART_M": "*fp32", "PART_L": "*fp32", "PART_ACC": "*fp32",
                                    "LAST": "*i64"}, dict(GROUP=4, BLOCK_M=16 if not tree else 64, BLOCK_N=64, D=128,

@@ -204,11 +204,12 @@ def _kernel():
                        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
                        IEEE: tl.constexpr, SPLIT: tl.constexpr, TQ: tl.constexpr, PREFETCH: tl.constexpr,
                        FUSED_COMBINE: tl.constexpr, MIN_CHUNK: tl.constexpr, TREE: tl.constexpr,
-                       MT: tl.constexpr):
+                       MT: tl.constexpr, FULL_M: tl.constexpr):
         b = tl.program_id(0)
         hk = tl.program_id(1)
         # axis 2: (sp, mt). sp: the split (SPLIT) or else the query tile: tokens sp·TQ .. sp·TQ + TQ − 1; mt: which
-        # BLOCK_M rows of the block's FULL_M = MT·BLOCK_M this program takes (row tiles; MT = 1: all of them)
+        # BLOCK_M rows of the block this program takes (row tiles: MT of them cover its G·T rows, whose states a
+        # split keeps FULL_M apart, the padded block's rows; MT = 1: all of them)
         sp = tl.program_id(2) // MT
         mt = tl.program_id(2) % MT
         # block row r = query token t0 + r // GROUP, head hk·GROUP + r % GROUP
@@ -227,7 +228,7 @@ def _kernel():
             hlo = tl.load(HIDE + b * s_hb + 2 * t, mask=row_ok, other=0)
             hhi = tl.load(HIDE + b * s_hb + 2 * t + 1, mask=row_ok, other=0)
         if SPLIT and MT > 1:  # the whole block's keys, so every row tile cuts the same splits (the combine's)
-            every = tl.arange(0, MT * BLOCK_M) // GROUP
+            every = tl.arange(0, FULL_M) // GROUP
             n_keys = tl.max(tl.load(LAST + b * s_lb + every, mask=every < T, other=-1), axis=0) + 1
         else:
             n_keys = tl.max(last, axis=0) + 1
@@ -275,8 +276,7 @@ def _kernel():
                 if sp == 0:
                     _write_out(Out, acc, l_i, b, t, h, d, row_ok, s_ob, s_ot, s_oh)
             elif sp < used:
-                _store_state(PART_M, PART_L, PART_ACC, m_i, l_i, acc, b, hk, sp, rows, d, SPLITS, MT * BLOCK_M,
-                             D)
+                _store_state(PART_M, PART_L, PART_ACC, m_i, l_i, acc, b, hk, sp, rows, d, SPLITS, FULL_M, D)
                 if FUSED_COMBINE:
                     tl.debug_barrier()  # every thread's state stored before the ticket (release, cumulative)
                     counter = COUNTERS + b * tl.num_programs(1) + hk
@@ -284,7 +284,7 @@ def _kernel():
                     # the last (used split, row tile) of (b, hk) to finish combines the block: no second launch
                     if ticket == used * MT - 1:
                         _combine(Out, PART_M, PART_L, PART_ACC, b, hk, tl.num_programs(1), s_ob, s_ot, s_oh, T,
-                                 SPLITS, used, 0, GROUP, MT * BLOCK_M, MT * BLOCK_M, D, ".cg")
+                                 SPLITS, used, 0, GROUP, FULL_M, FULL_M, D, ".cg")
                         tl.atomic_xchg(counter, 0)  # ready for the next launch (a CUDA graph's next replay)
         else:
             _write_out(Out, acc, l_i, b, t, h, d, row_ok, s_ob, s_ot, s_oh)
@@ -508,7 +508,7 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
         programs = splits
     if splits < 1:
         raise ValueError(f"splits must be >= 1, got {splits}")
-    mt = full_m // block_m  # row tiles per (row, KV head, split)
+    mt = -(-group * T // block_m) if block_m < full_m else 1  # row tiles per (row, KV head, split): none of padding
     fwd, combine = _kernel()
     if splits > 1:
         part_m = torch.empty(B, Hkv, splits, full_m, dtype=torch.float32, device=q.device)
@@ -525,7 +525,7 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
         0 if hide is None else hide.stride(0),
         T, page_size, splits, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, D=D,
         IEEE=q.dtype == torch.float32, SPLIT=splits > 1, TQ=tq, PREFETCH=prefetch and not exact,
-        FUSED_COMBINE=fuse, MIN_CHUNK=max(min_chunk(), block_n), TREE=hide is not None, MT=mt,
+        FUSED_COMBINE=fuse, MIN_CHUNK=max(min_chunk(), block_n), TREE=hide is not None, MT=mt, FULL_M=full_m,
         num_warps=4 if exact else warps,
     )
     if splits > 1 and not fuse:
