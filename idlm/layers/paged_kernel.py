@@ -433,9 +433,9 @@ def min_chunk() -> int:
 
 def row_tile() -> int:
     """$IDLM_ATTN_ROW_TILE: query rows per program of a split launch (a power of two 16..128, default ROW_TILE;
-    "0": the whole block in one tile). With R, a block of FULL_M tile rows (G·T rounded up to a power of two)
-    runs as FULL_M / R programs per (row, KV head, split), each over the same keys. Only split launches take row
-    tiles (unsplit ones are batches that fill the GPU already)."""
+    "0": the whole block in one tile). With R, a block of G·T rows runs as ceil(G·T / R) programs per (row, KV
+    head, split), each over the same keys (their states kept as the whole padded block's, for the combine). Only
+    split launches take row tiles (unsplit ones are batches that fill the GPU already)."""
     value = os.environ.get("IDLM_ATTN_ROW_TILE", "").strip() or str(ROW_TILE)
     rows = int(value) if value.isdigit() else -1
     if not (rows == 0 or (16 <= rows <= MAX_TILE_ROWS and rows & (rows - 1) == 0)):
