@@ -19,7 +19,7 @@ Stages (comma-separated argv[1], default all):
          vs greedy: wall time per step, GPU kernel time per step, top kernels ($PROFILE_TOP, default 8, each
          [µs, launches] per step) and top host ops (torch.profiler); $SPROFILE_DECODERS (default ar,risd;
          risd_br: with rejection branches; risd_gs: and a guessed correction per draft; risd_g1: in groups of
-         one row), $SPROFILE_TEMPS
+         one row; "<decoder>@<variant>": under a STEP_ATTN variant, e.g. risd_br@vocab0), $SPROFILE_TEMPS
          (default 0,0.7)
   bprofile  batch $BATCH (64; $KINDS, default ar,risd4,risd_n1; risdN / risdN_br: stride N, with branches;
          also risd_auto up to $AUTO_MAX), $MODEL, $TEMPS (0,0.7)
@@ -86,9 +86,10 @@ results: dict = environment(DEV)
 # (the combine in the forward kernel's last split, $IDLM_ATTN_FUSED_COMBINE=1), rows0 / rows32 (a split block in
 # one tile, as before session 36, / in 32-row tiles instead of 16: $IDLM_ATTN_ROW_TILE); a kind under a non-default
 # variant is reported as "<kind>@<variant>"; "sync": the default attention with overlapped steps off
-# (`EngineConfig.overlap=False`: every step waits for its results before the next is launched)
+# (`EngineConfig.overlap=False`: every step waits for its results before the next is launched); "vocab0": the
+# decode step's vocabulary reductions over whole rows, as before session 37 (`sampling.VOCAB_CHUNK = 0`)
 ATTN_ENV = {"default": {}, "nosplit": {"IDLM_KV_SPLITS": "1"}, "fused": {"IDLM_ATTN_FUSED_COMBINE": "1"}, "sync": {},
-            "rows0": {"IDLM_ATTN_ROW_TILE": "0"}, "rows32": {"IDLM_ATTN_ROW_TILE": "32"}}
+            "rows0": {"IDLM_ATTN_ROW_TILE": "0"}, "rows32": {"IDLM_ATTN_ROW_TILE": "32"}, "vocab0": {}}
 ATTN_VARIANTS = os.environ.get("STEP_ATTN", "default").split(",")
 if ATTN_VARIANTS[0] != "default" or not set(ATTN_VARIANTS) <= set(ATTN_ENV):
     raise SystemExit(f"STEP_ATTN={os.environ['STEP_ATTN']!r}: expected 'default' first, then any of {sorted(ATTN_ENV)}")
@@ -96,10 +97,18 @@ if ATTN_VARIANTS[0] != "default" or not set(ATTN_VARIANTS) <= set(ATTN_ENV):
 
 @contextlib.contextmanager
 def attention_variant(name: str):
-    """The environment of attention variant `name` (ATTN_ENV) while the block runs, then the old one."""
+    """The environment of attention variant `name` (ATTN_ENV) while the block runs, then the old one ("vocab0":
+    `sampling.VOCAB_CHUNK` 0, which the compiled step functions guard on: they compile again under it)."""
+    from idlm.decoding import sampling
+
+    chunk = sampling.VOCAB_CHUNK
     with environ_restored(ATTN_ENV[name]):
         os.environ.update(ATTN_ENV[name])
-        yield
+        sampling.VOCAB_CHUNK = 0 if name == "vocab0" else chunk
+        try:
+            yield
+        finally:
+            sampling.VOCAB_CHUNK = chunk
 
 
 def emit(key, value):
@@ -287,25 +296,27 @@ def stage_sprofile():
     prompt = list(range(100, 164))
     out = {}
     # $SPROFILE_DECODERS (default ar,risd; "risd_br": R-ISD with rejection branches), $SPROFILE_TEMPS (default 0,0.7)
-    for dec in os.environ.get("SPROFILE_DECODERS", "ar,risd").split(","):
+    for case in os.environ.get("SPROFILE_DECODERS", "ar,risd").split(","):
+        dec, _, variant = case.partition("@")  # e.g. risd_br@vocab0: under an ATTN_ENV variant
         for temp in [float(t) for t in os.environ.get("SPROFILE_TEMPS", "0,0.7").split(",")]:
-            eng = LLMEngine(model, None, EngineConfig(decoder=dec[:4], stride=4, max_num_seqs=1, num_pages=512,
-                                                      branches=dec.endswith(("_br", "_gs", "_g1")),
-                                                      guesses=int(dec.endswith(("_gs", "_g1"))),
-                                                      guess_rows=1 if dec.endswith("_g1") else None),
-                            lora=lora if dec != "ar" else None)
-            p = SamplingParams(temperature=temp, max_tokens=400, ignore_eos=True, seed=1)
-            eng.run([prompt], SamplingParams(temperature=temp, max_tokens=100, ignore_eos=True, seed=0))
-            eng.add_request(prompt, p)
-            steps = 30
-            prof, step_ms, plain_ms, _ = profiled_then_plain(eng, steps, 30)
-            while eng.has_unfinished():
-                eng.step()
-            out[f"{dec}/T{temp}"] = {"graphs": eng.runner.graphs_captured, "step_ms": round(plain_ms, 4),
-                                     "step_ms_profiled": round(step_ms, 4),
-                                     **summarize(prof, steps, top_kernels=int(os.environ.get("PROFILE_TOP", "8")),
-                                                 counts=True)}
-            print(json.dumps({f"{dec}/T{temp}": out[f"{dec}/T{temp}"]}), flush=True)
+            with attention_variant(variant or "default"):
+                eng = LLMEngine(model, None, EngineConfig(decoder=dec[:4], stride=4, max_num_seqs=1, num_pages=512,
+                                                          branches=dec.endswith(("_br", "_gs", "_g1")),
+                                                          guesses=int(dec.endswith(("_gs", "_g1"))),
+                                                          guess_rows=1 if dec.endswith("_g1") else None),
+                                lora=lora if dec != "ar" else None)
+                p = SamplingParams(temperature=temp, max_tokens=400, ignore_eos=True, seed=1)
+                eng.run([prompt], SamplingParams(temperature=temp, max_tokens=100, ignore_eos=True, seed=0))
+                eng.add_request(prompt, p)
+                steps = 30
+                prof, step_ms, plain_ms, _ = profiled_then_plain(eng, steps, 30)
+                while eng.has_unfinished():
+                    eng.step()
+                out[f"{case}/T{temp}"] = {"graphs": eng.runner.graphs_captured, "step_ms": round(plain_ms, 4),
+                                         "step_ms_profiled": round(step_ms, 4),
+                                         **summarize(prof, steps, top_kernels=int(os.environ.get("PROFILE_TOP", "8")),
+                                                     counts=True)}
+                print(json.dumps({f"{case}/T{temp}": out[f"{case}/T{temp}"]}), flush=True)
     emit("sprofile", out)
 
 

@@ -242,3 +242,56 @@ def test_inverse_cdf_never_picks_a_token_without_mass():
         for u in (lo, hi, 0.5):
             tok = inverse_cdf(rows, torch.full((5,), u))
             assert bool((rows.gather(-1, tok[:, None]) > 0).all()), (vocab, u, tok)
+
+
+@pytest.mark.parametrize("vocab", [2047, 2048, 49152, 4 * 1024 + 37])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_argmax_is_torchs_argmax_with_ties_and_minus_inf(vocab, dtype):
+    """The chunked argmax (`chunk_stats`: a program per 1,024-entry chunk on the GPU) returns torch's index:
+    the first maximum, also where the maximum repeats in several chunks, sits on a chunk's edge or in the
+    padded last chunk, and beside chunks of −inf only."""
+    from idlm.decoding.sampling import VOCAB_CHUNK, chunked_argmax
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(12, vocab, generator=g).to(dtype)
+    top = float(x.float().max()) + 1
+    x[1, [5, VOCAB_CHUNK + 5]] = top  # one max in two chunks: the first wins
+    x[2, [VOCAB_CHUNK - 1, VOCAB_CHUNK]] = top  # either side of a chunk edge
+    x[3, vocab - 1] = top  # the last id (in the padded chunk when V is no multiple of the chunk)
+    x[4, : min(vocab - 1, 3 * VOCAB_CHUNK)] = float("-inf")  # whole chunks of −inf before the max
+    x[5] = 0.0  # all equal: id 0
+    x[6, ::3] = top  # many ties
+    got = chunked_argmax(x)
+    assert torch.equal(got, x.argmax(-1))
+    assert torch.equal(chunked_argmax(x.view(3, 4, vocab)), x.view(3, 4, vocab).argmax(-1))  # leading dims
+
+
+@pytest.mark.parametrize("vocab", [1000, 49152, 3 * 1024 + 1])
+def test_chunked_softmax_equals_torchs_softmax_within_rounding(vocab):
+    """Softmax from the chunks' maxima and partial sums: torch.softmax's values within float32 rounding (the
+    sum is taken in another order), rows with −inf entries and whole chunks of −inf included; sums to 1."""
+    from idlm.decoding.sampling import VOCAB_CHUNK, chunked_softmax
+
+    g = torch.Generator().manual_seed(4)
+    x = 4 * torch.randn(6, vocab, generator=g)
+    x[1, ::7] = float("-inf")
+    x[2, : min(vocab - 5, 2 * VOCAB_CHUNK)] = float("-inf")
+    x[3] *= 40  # a row near one-hot
+    got, want = chunked_softmax(x), torch.softmax(x, -1)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-9)
+    assert torch.allclose(got.double().sum(-1), torch.ones(6, dtype=torch.float64), atol=1e-5)
+    assert bool((got[1, ::7] == 0).all())
+
+
+def test_filtered_probs_one_hot_and_values_at_a_long_vocabulary():
+    """At a vocabulary long enough for the chunked path, p̃ is the brute force's (greedy rows: the one-hot of
+    the first argmax; sampled rows: softmax(logits / T) with top-k / top-p)."""
+    g = torch.Generator().manual_seed(5)
+    V = 3 * 1024 + 11
+    logits = torch.randn(len(CASES), V, generator=g) * 3
+    logits[4, [17, 2 * 1024 + 3]] = 50.0  # a greedy row with a tie across chunks: id 17
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p) for t, k, p in CASES]
+    got = filtered_probs(logits, *params_tensors(params, "cpu"))
+    for row, (t, k, p) in enumerate(CASES):
+        assert torch.allclose(got[row], brute_force(logits[row], t, k, p), atol=1e-6), CASES[row]
+    assert int(got[4].argmax()) == 17 and float(got[4].sum()) == 1.0

@@ -15,6 +15,7 @@ from idlm.decoding import rng
 from idlm.decoding.base import BlockBatch, Decoder, ParamsInputs, QueryBlock, StepResult
 from idlm.decoding.logprobs import first_token_logprobs, logprob_columns, logprobs_static, unpack_logprobs
 from idlm.decoding.sampling import (
+    chunked_argmax,
     filtered_probs,
     inverse_cdf,
     params_tensors,
@@ -99,7 +100,7 @@ def generate_ar(model, prompts, params, **kwargs):
 @cuda_fused
 def greedy_ar_step(logits: torch.Tensor) -> torch.Tensor:
     """logits [B, 1, V] -> packed [B, 2]: the argmax token and q = 1 (one fused kernel on CUDA)."""
-    tokens = logits[:, 0].argmax(-1)
+    tokens = chunked_argmax(logits[:, 0])
     return torch.stack([tokens.float(), torch.ones_like(tokens, dtype=torch.float32)], dim=-1)
 
 

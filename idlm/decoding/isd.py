@@ -67,6 +67,7 @@ from idlm.decoding.ar import ARDecoder
 from idlm.decoding.base import BlockBatch, Decoder, ParamsInputs, QueryBlock, StepResult
 from idlm.decoding.logprobs import first_token_logprobs, logprob_columns, logprobs_static, unpack_logprobs
 from idlm.decoding.sampling import (
+    chunked_argmax,
     filtered_probs,
     inverse_cdf,
     params_tensors,
@@ -581,7 +582,8 @@ def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tens
         cols = torch.arange(n, device=dev)
         both = inverse_cdf(dists, u_tok if kr is None else u_tok.gather(1, torch.where(cols == k, kr[:, None], cols)))
         sampled, final = both[:, :k], both[:, k]
-    new_drafts = torch.where(argmax_draft[:, None], logits.argmax(-1).gather(1, idx), sampled)
+    new_drafts = torch.where(argmax_draft[:, None],
+                             chunked_argmax(logits.gather(1, idx[..., None].expand(B, k, V))), sampled)
     return _sampled_packed(n_acc, final, new_drafts, final_p, q_new), q_new
 
 
@@ -619,7 +621,7 @@ def _guessed_sampled_tail(logits, final_p, is_v, n_acc, kb, first_mask, u_tok, k
     sel = logits.gather(1, idx[..., None].expand(B, k, V))  # [B, K, V]
     q_new = filtered_probs(sel.reshape(B * k, V), *_per_slot((d_temp, top_k, top_p), k), truncate).view(B, k, V)
     sampled = q_new.argmax(-1) if cols_u is None else inverse_cdf(q_new, cols_u[:, :k])
-    new_drafts = torch.where(argmax_draft[:, None], sel.argmax(-1), sampled)
+    new_drafts = torch.where(argmax_draft[:, None], chunked_argmax(sel), sampled)
     new_guesses = guess_tokens(sel, new_drafts, guesses.shape[1] // k)
     return _sampled_packed(n_acc, final, new_drafts, final_p, q_new, new_guesses), q_new
 
@@ -651,7 +653,7 @@ def guess_tokens(sel: torch.Tensor, drafts: torch.Tensor, g: int) -> torch.Tenso
     other than the draft itself, drafts [B, K] (a draft is only corrected to another token)."""
     B, k, V = sel.shape
     if g == 1:  # the best other than the draft: one reduction that a compiled step fuses (topk is a library sort)
-        return torch.where(torch.arange(V, device=sel.device) == drafts[..., None], float("-inf"), sel).argmax(-1)
+        return chunked_argmax(torch.where(torch.arange(V, device=sel.device) == drafts[..., None], float("-inf"), sel))
     top = sel.topk(g + 1, dim=-1).indices  # [B, K, G+1]
     hit = top == drafts[..., None]
     return torch.where(hit[..., :g].cumsum(-1) > 0, top[..., 1:], top[..., :g]).reshape(B, k * g)
@@ -690,7 +692,7 @@ def greedy_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tenso
     B, Q = logits.shape[:2]
     k = specs.shape[1]
     n = k + 1
-    am = logits.argmax(-1)  # [B, Q]: argmax at every index
+    am = chunked_argmax(logits)  # [B, Q]: argmax at every index
     clean = am[:, :n]  # the clean indices 0..K
     miss = specs != clean[:, :k]  # [B, K]
     if k_row is None and not branches:

@@ -134,6 +134,57 @@ def truncation(params: list[SamplingParams]) -> bool | int:
     return True
 
 
+# rows of a vocabulary at least two chunks long are reduced in chunks of this many entries (`chunk_stats`);
+# 0: whole rows (torch's softmax / argmax; measurements set it to compare: scripts/bench_risd.py "vocab0")
+VOCAB_CHUNK = 1024
+
+
+def chunk_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """x [..., V] float -> per VOCAB_CHUNK-entry chunk c: (max_c, argmax_c as an index into V,
+    sum_c exp(x − max_c)), each [..., C]; None for rows shorter than two chunks. The last chunk is padded
+    with −inf (never the max while the chunk has another entry; exp(−inf) adds 0).
+
+    Why: a reduction over a long vocabulary for a few rows (a decode step at batch 1: 1–32 rows of
+    49,152) runs as one program per row that loops over the whole row — 9–16 µs a kernel on an H100/H200,
+    the largest kernels of a sampled step's tail (docs/risd.md, session 37). In chunks it is one program
+    per (row, chunk), each chunk in registers (a persistent reduction), then a small reduction over the
+    chunks (`chunked_argmax`, `chunked_softmax`)."""
+    V = x.shape[-1]
+    if not VOCAB_CHUNK or V < 2 * VOCAB_CHUNK:
+        return None
+    c = -(-V // VOCAB_CHUNK)
+    if c * VOCAB_CHUNK != V:
+        x = torch.nn.functional.pad(x, (0, c * VOCAB_CHUNK - V), value=float("-inf"))
+    xc = x.view(*x.shape[:-1], c, VOCAB_CHUNK)
+    cmax, carg = xc.max(-1)  # [..., C] (the first max of a chunk)
+    shift = torch.where(cmax > float("-inf"), cmax, 0.0)  # a chunk of −inf only sums to 0, not NaN
+    csum = torch.exp(xc - shift[..., None]).sum(-1)
+    return cmax, carg + torch.arange(c, device=x.device) * VOCAB_CHUNK, csum
+
+
+def chunked_argmax(x: torch.Tensor, stats=None) -> torch.Tensor:
+    """x.argmax(-1) for x [..., V] (the first maximum; no NaN), from `chunk_stats` where V is long enough:
+    the first chunk holding the row's max, then that chunk's first max."""
+    stats = chunk_stats(x) if stats is None else stats
+    if stats is None:
+        return x.argmax(-1)
+    cmax, carg, _ = stats
+    return carg.gather(-1, cmax.argmax(-1, keepdim=True)).squeeze(-1)
+
+
+def chunked_softmax(x: torch.Tensor, stats=None) -> torch.Tensor:
+    """torch.softmax(x, -1) for x [..., V] float (rows with a finite max), from `chunk_stats` where V is long
+    enough: the row's max m over the chunks' maxima, its normaliser Σ_c sum_c · exp(max_c − m), then
+    exp(x − m) / normaliser (equal up to float rounding: the sum is taken in another order)."""
+    stats = chunk_stats(x) if stats is None else stats
+    if stats is None:
+        return torch.softmax(x, dim=-1)
+    cmax, _, csum = stats
+    m = cmax.amax(-1, keepdim=True)  # [..., 1]
+    total = (csum * torch.exp(cmax - m)).sum(-1, keepdim=True)
+    return torch.exp(x - m) / total
+
+
 def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                    top_p: torch.Tensor, truncate: bool | int = True) -> torch.Tensor:
     """p̃ per row: logits [B, V], temperature/top_k/top_p [B] -> probabilities [B, V] (float32).
@@ -149,7 +200,9 @@ def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
     B, V = logits.shape
     greedy = temperature <= 0
     t = torch.where(greedy, torch.ones_like(temperature), temperature).float()
-    probs = torch.softmax(logits / t[:, None], dim=-1)
+    scaled = logits / t[:, None]  # a greedy row's t is 1: its scaled logits are its logits
+    stats = chunk_stats(scaled)
+    probs = chunked_softmax(scaled, stats)
     if truncate is True:
         sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
     elif truncate:
@@ -168,7 +221,7 @@ def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
         sorted_p = sorted_p * keep
         sorted_p = sorted_p / sorted_p.sum(-1, keepdim=True)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    onehot = torch.zeros_like(probs).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    onehot = torch.zeros_like(probs).scatter_(-1, chunked_argmax(scaled, stats)[:, None], 1.0)
     return torch.where(greedy[:, None], onehot, probs)
 
 
