@@ -8,7 +8,9 @@ Supports plain RoPE and the "linear" and "llama3" frequency scalings.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import torch
 from torch import nn
@@ -16,6 +18,7 @@ from torch import nn
 from idlm.layers.fused import cuda_fused
 from idlm.layers.lora import select_half
 from idlm.layers.norm import rms_norm
+from idlm.layers.paged_kernel import triton_available
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
@@ -126,6 +129,109 @@ def rotary_qkv(qkv: torch.Tensor, gate: torch.Tensor | None, cos: torch.Tensor, 
         y, ys = x, xs
     rot = torch.where(torch.arange(d, device=x.device) < d // 2, -ys, ys)  # `apply_rotary`'s cat((−x2, x1))
     return torch.where(head >= n_heads + n_kv, x, y * cos + rot * sin)
+
+
+def rotary_kernel_on() -> bool:
+    """$IDLM_ROTARY_KERNEL: "1" (default) — `rotary_qkv_rows`, the hand-written Triton kernel, on CUDA; "0" —
+    inductor's compilation of `rotary_qkv` (measurements: scripts/bench_risd.py's variant `rotary0`)."""
+    value = os.environ.get("IDLM_ROTARY_KERNEL", "").strip() or "1"
+    if value not in ("0", "1"):
+        raise ValueError(f"IDLM_ROTARY_KERNEL={value!r} is not valid: '0' or '1'")
+    return value == "1"
+
+
+def rotary_qkv_fast(qkv: torch.Tensor, gate: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                    n_heads: int, n_kv: int, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
+                    eps: float) -> torch.Tensor:
+    """`rotary_qkv`, through `rotary_qkv_rows` (one Triton program per token) where it runs: CUDA tensors, a
+    head dim that is a power of two, $IDLM_ROTARY_KERNEL on, no gradient asked for (the kernel has no backward)
+    and no compilation tracing the call. (On CPU the eager function: the tests run the kernel itself in
+    Triton's interpreter, and every other CPU test keeps the eager values.)"""
+    d = cos.shape[-1]
+    if (qkv.is_cuda and not qkv.requires_grad and not torch.compiler.is_compiling() and rotary_kernel_on()
+            and triton_available() and d >= 16 and d & (d - 1) == 0
+            and qkv.dtype in (torch.float32, torch.bfloat16, torch.float16)):
+        return rotary_qkv_rows(qkv, gate, cos, sin, n_heads, n_kv, q_weight, k_weight, eps)
+    return rotary_qkv(qkv, gate, cos, sin, n_heads, n_kv, q_weight, k_weight, eps)
+
+
+@functools.cache
+def _rotary_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def rotary_qkv_kernel(X, GATE, COS, SIN, QW, KW, OUT, s_x, s_cs, half, eps, HQ: tl.constexpr,
+                          HKV: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, GATED: tl.constexpr,
+                          NORM: tl.constexpr):
+        r = tl.program_id(0)  # one token: all its heads, a [BLOCK_H, D] tile
+        h = tl.arange(0, BLOCK_H)[:, None]
+        i = tl.arange(0, D)[None, :]
+        j = (i + D // 2) % D  # the rotate-half partner lane
+        H: tl.constexpr = HQ + 2 * HKV
+        ok = (h < H) & (i < D)
+        src = X + r.to(tl.int64) * s_x + h * D
+        if GATED:  # the select layout: the adapted half where the token's gate is on
+            src += tl.where(tl.load(GATE + r) != 0, half, 0)
+        x = tl.load(src + i, mask=ok, other=0.0)
+        xs = tl.load(src + j, mask=ok, other=0.0)
+        dt = x.dtype
+        if NORM:  # Qwen3's per-head RMSNorm of q and k (v's rows are computed and then not used)
+            xf = x.to(tl.float32)
+            rs = tl.rsqrt(tl.sum(xf * xf, axis=1)[:, None] / D + eps)  # [BLOCK_H, 1]
+            is_q = h < HQ
+            w = tl.where(is_q, tl.load(QW + i), tl.load(KW + i)).to(tl.float32)
+            ws = tl.where(is_q, tl.load(QW + j), tl.load(KW + j)).to(tl.float32)
+            y = (w * (xf * rs).to(dt).to(tl.float32)).to(dt)  # each product rounded as the eager ops round
+            ys = (ws * (xs.to(tl.float32) * rs).to(dt).to(tl.float32)).to(dt)
+        else:
+            y, ys = x, xs
+        c = tl.load(COS + r.to(tl.int64) * s_cs + i).to(tl.float32)
+        sn = tl.load(SIN + r.to(tl.int64) * s_cs + i).to(tl.float32)
+        ysf = ys.to(tl.float32)  # (negated in float32: exact, and the interpreter's bf16 is raw bits)
+        rot = tl.where(i < D // 2, -ysf, ysf)
+        out = ((y.to(tl.float32) * c).to(dt).to(tl.float32) + (rot * sn).to(dt).to(tl.float32)).to(dt)
+        out = tl.where(h >= HQ + HKV, x, out)
+        tl.store(OUT + r.to(tl.int64) * (H * D) + h * D + i, out, mask=ok)
+
+    return rotary_qkv_kernel
+
+
+def rotary_qkv_rows(qkv: torch.Tensor, gate: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                    n_heads: int, n_kv: int, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
+                    eps: float) -> torch.Tensor:
+    """`rotary_qkv` as one Triton launch of one program per token (all its heads: a [heads, D] tile), the same
+    arguments and result [B, T, Hq + 2·Hkv, D]. Each elementwise product is rounded to the input's dtype where
+    the eager function's bf16 / fp16 operations round (only the norm's sum is taken in another order).
+
+    Why: inductor's kernel for `rotary_qkv` took 4.5 µs a layer for a 7-token R-ISD block of idlm-tiny-ar (Qwen3's
+    q/k norms: a persistent reduction over all token × head rows in a few programs) against 1.4 µs for AR's one
+    token, a quarter of what its R-ISD step added over AR's on the H200 (docs/risd.md, session 37), and its
+    autotuned choice moved AR's SmolLM2-shape kernel between 1.4 and 2.6 µs from one process to the next."""
+    B, T, W = qkv.shape
+    d = cos.shape[-1]
+    H = n_heads + 2 * n_kv
+    half = W // 2 if gate is not None else 0
+    if W != H * d * (2 if gate is not None else 1):
+        raise ValueError(f"rotary_qkv_rows: {W} columns is no q/k/v of {H} heads of {d}"
+                         + (" in two halves" if gate is not None else ""))
+    x = qkv.reshape(B * T, W)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    cs = cos.expand(B, T, 1, d).reshape(B * T, d)
+    sn = sin.expand(B, T, 1, d).reshape(B * T, d)
+    if sn.stride() != cs.stride() or cs.stride(1) != 1:
+        cs, sn = cs.contiguous(), sn.contiguous()
+    out = torch.empty(B, T, H, d, dtype=qkv.dtype, device=qkv.device)
+    if B * T == 0:
+        return out
+    g = gate.reshape(B * T) if gate is not None else x  # bool, read as bytes (unread without a gate)
+    norm = q_weight is not None
+    qw, kw = (q_weight, k_weight) if norm else (x, x)
+    _rotary_kernel()[(B * T,)](x, g, cs, sn, qw, kw, out, x.stride(0), cs.stride(0), half, float(eps),
+                               HQ=n_heads, HKV=n_kv, D=d, BLOCK_H=max(1, 1 << (H - 1).bit_length()),
+                               GATED=gate is not None, NORM=norm, num_warps=4 if H * d >= 1024 else 2)
+    return out
 
 
 def split_qkv(qkv: torch.Tensor, n_heads: int, n_kv: int):

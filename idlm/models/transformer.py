@@ -30,7 +30,7 @@ from idlm.layers.attention import AttentionBackend, DenseAttention
 from idlm.layers.fused import cuda_fused
 from idlm.layers.lora import select_half
 from idlm.layers.norm import RMSNorm
-from idlm.layers.rotary import RotaryEmbedding, apply_rotary, qk_norm_rotary, rotary_qk, rotary_qkv, split_qkv
+from idlm.layers.rotary import RotaryEmbedding, apply_rotary, qk_norm_rotary, rotary_qk, rotary_qkv_fast, split_qkv
 from idlm.models.config import ModelConfig
 
 
@@ -132,12 +132,12 @@ class Attention(nn.Module):
         split = [self.n_heads * self.head_dim] + [self.n_kv * self.head_dim] * 2
         if not exact and (fused_lora or (self.qkv is not None and lora is None)):
             # one fused q/k/v matmul ("select" layout: halves [Wx, (W + D)x], each row's picked), then norms,
-            # RoPE and v in one compiled function with one output (`rotary_qkv`): one kernel on CUDA, with
-            # Qwen3's q/k norms too (the H200, session 27; `qk_norm_rotary` took two and a free v view)
+            # RoPE and v in one kernel with one output (`rotary_qkv`; on CUDA a Triton program per token,
+            # `rotary_qkv_rows`: session 37; inductor's compilation took one kernel too, two with Qwen3's q/k norms)
             qn, kn = (None, None) if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight)
             w = self.qkv_lora if fused_lora else self.qkv
-            qkv = rotary_qkv(mm(x, *w), lora[1] if fused_lora == "select" else None, cos, sin, self.n_heads,
-                             self.n_kv, qn, kn, 0.0 if self.q_norm is None else self.q_norm.eps)
+            qkv = rotary_qkv_fast(mm(x, *w), lora[1] if fused_lora == "select" else None, cos, sin, self.n_heads,
+                                  self.n_kv, qn, kn, 0.0 if self.q_norm is None else self.q_norm.eps)
             return self._attend_out(*split_qkv(qkv, self.n_heads, self.n_kv), attn, lora, mm)
         if fused_lora == "select":  # exact mode: the half picked here, the norms and RoPE below
             q, k, v = select_half(mm(x, *self.qkv_lora), lora[1]).split(split, -1)
