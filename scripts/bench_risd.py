@@ -88,10 +88,11 @@ results: dict = environment(DEV)
 # variant is reported as "<kind>@<variant>"; "sync": the default attention with overlapped steps off
 # (`EngineConfig.overlap=False`: every step waits for its results before the next is launched); "vocab0": the
 # decode step's vocabulary reductions over whole rows, as before session 37 (`sampling.VOCAB_CHUNK = 0`);
-# "rotary0": q/k norms + RoPE by inductor's compilation of `rotary_qkv`, not the Triton kernel ($IDLM_ROTARY_KERNEL=0)
+# "rotary1": q/k norms + RoPE by the Triton kernel `rotary_qkv_rows` ($IDLM_ROTARY_KERNEL=1; session 37 ran it as the
+# default against "rotary0", inductor's compilation, the default now)
 ATTN_ENV = {"default": {}, "nosplit": {"IDLM_KV_SPLITS": "1"}, "fused": {"IDLM_ATTN_FUSED_COMBINE": "1"}, "sync": {},
             "rows0": {"IDLM_ATTN_ROW_TILE": "0"}, "rows32": {"IDLM_ATTN_ROW_TILE": "32"}, "vocab0": {},
-            "rotary0": {"IDLM_ROTARY_KERNEL": "0"}}
+            "rotary0": {"IDLM_ROTARY_KERNEL": "0"}, "rotary1": {"IDLM_ROTARY_KERNEL": "1"}}
 ATTN_VARIANTS = os.environ.get("STEP_ATTN", "default").split(",")
 if ATTN_VARIANTS[0] != "default" or not set(ATTN_VARIANTS) <= set(ATTN_ENV):
     raise SystemExit(f"STEP_ATTN={os.environ['STEP_ATTN']!r}: expected 'default' first, then any of {sorted(ATTN_ENV)}")

@@ -132,9 +132,11 @@ def rotary_qkv(qkv: torch.Tensor, gate: torch.Tensor | None, cos: torch.Tensor, 
 
 
 def rotary_kernel_on() -> bool:
-    """$IDLM_ROTARY_KERNEL: "1" (default) — `rotary_qkv_rows`, the hand-written Triton kernel, on CUDA; "0" —
-    inductor's compilation of `rotary_qkv` (measurements: scripts/bench_risd.py's variant `rotary0`)."""
-    value = os.environ.get("IDLM_ROTARY_KERNEL", "").strip() or "1"
+    """$IDLM_ROTARY_KERNEL: "1" — `rotary_qkv_rows`, the hand-written Triton kernel, on CUDA; "0" (default) —
+    inductor's compilation of `rotary_qkv`. Off until a GPU run has checked the engine's exactness with it: its
+    one H200 run (docs/risd.md, session 37) took 4.7% off the SmolLM2 shape's AR step and 3% off R-ISD's, none
+    off idlm-tiny-ar's (measurements: scripts/bench_risd.py's variant `rotary1`)."""
+    value = os.environ.get("IDLM_ROTARY_KERNEL", "").strip() or "0"
     if value not in ("0", "1"):
         raise ValueError(f"IDLM_ROTARY_KERNEL={value!r} is not valid: '0' or '1'")
     return value == "1"
@@ -204,10 +206,10 @@ def rotary_qkv_rows(qkv: torch.Tensor, gate: torch.Tensor | None, cos: torch.Ten
     arguments and result [B, T, Hq + 2·Hkv, D]. Each elementwise product is rounded to the input's dtype where
     the eager function's bf16 / fp16 operations round (only the norm's sum is taken in another order).
 
-    Why: inductor's kernel for `rotary_qkv` took 4.5 µs a layer for a 7-token R-ISD block of idlm-tiny-ar (Qwen3's
-    q/k norms: a persistent reduction over all token × head rows in a few programs) against 1.4 µs for AR's one
-    token, a quarter of what its R-ISD step added over AR's on the H200 (docs/risd.md, session 37), and its
-    autotuned choice moved AR's SmolLM2-shape kernel between 1.4 and 2.6 µs from one process to the next."""
+    Why: inductor's kernel for `rotary_qkv` took 4.5 µs a layer for a 7-token R-ISD block of idlm-tiny-ar on the
+    H200 (session 33's profile: Qwen3's q/k norms as a persistent reduction over all token × head rows in a few
+    programs) against 1.4 µs for AR's one token, and its autotuned choice moved AR's SmolLM2-shape kernel between
+    1.4 and 2.6 µs from one process to the next (docs/risd.md, session 37)."""
     B, T, W = qkv.shape
     d = cos.shape[-1]
     H = n_heads + 2 * n_kv

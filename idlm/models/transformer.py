@@ -132,8 +132,8 @@ class Attention(nn.Module):
         split = [self.n_heads * self.head_dim] + [self.n_kv * self.head_dim] * 2
         if not exact and (fused_lora or (self.qkv is not None and lora is None)):
             # one fused q/k/v matmul ("select" layout: halves [Wx, (W + D)x], each row's picked), then norms,
-            # RoPE and v in one kernel with one output (`rotary_qkv`; on CUDA a Triton program per token,
-            # `rotary_qkv_rows`: session 37; inductor's compilation took one kernel too, two with Qwen3's q/k norms)
+            # RoPE and v in one compiled function with one output (`rotary_qkv`): one kernel on CUDA, with Qwen3's
+            # q/k norms too (the H200, session 27); $IDLM_ROTARY_KERNEL=1: a Triton program per token instead
             qn, kn = (None, None) if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight)
             w = self.qkv_lora if fused_lora else self.qkv
             qkv = rotary_qkv_fast(mm(x, *w), lora[1] if fused_lora == "select" else None, cos, sin, self.n_heads,
