@@ -246,11 +246,14 @@ def test_inverse_cdf_never_picks_a_token_without_mass():
 
 @pytest.mark.parametrize("vocab", [2047, 2048, 49152, 4 * 1024 + 37])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunked_argmax_is_torchs_argmax_with_ties_and_minus_inf(vocab, dtype):
+def test_chunked_argmax_is_torchs_argmax_with_ties_and_minus_inf(vocab, dtype, monkeypatch):
     """The chunked argmax (`chunk_stats`: a program per 1,024-entry chunk on the GPU) returns torch's index:
     the first maximum, also where the maximum repeats in several chunks, sits on a chunk's edge or in the
     padded last chunk, and beside chunks of −inf only."""
+    from idlm.decoding import sampling
     from idlm.decoding.sampling import VOCAB_CHUNK, chunked_argmax
+
+    monkeypatch.setattr(sampling, "CHUNKED_FROM", 0)  # chunks from two on (by default from 16: SmolLM2 has 48)
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(12, vocab, generator=g).to(dtype)
@@ -267,10 +270,13 @@ def test_chunked_argmax_is_torchs_argmax_with_ties_and_minus_inf(vocab, dtype):
 
 
 @pytest.mark.parametrize("vocab", [1000, 49152, 3 * 1024 + 1])
-def test_chunked_softmax_equals_torchs_softmax_within_rounding(vocab):
+def test_chunked_softmax_equals_torchs_softmax_within_rounding(vocab, monkeypatch):
     """Softmax from the chunks' maxima and partial sums: torch.softmax's values within float32 rounding (the
     sum is taken in another order), rows with −inf entries and whole chunks of −inf included; sums to 1."""
+    from idlm.decoding import sampling
     from idlm.decoding.sampling import VOCAB_CHUNK, chunked_softmax
+
+    monkeypatch.setattr(sampling, "CHUNKED_FROM", 0)
 
     g = torch.Generator().manual_seed(4)
     x = 4 * torch.randn(6, vocab, generator=g)
@@ -283,9 +289,12 @@ def test_chunked_softmax_equals_torchs_softmax_within_rounding(vocab):
     assert bool((got[1, ::7] == 0).all())
 
 
-def test_filtered_probs_one_hot_and_values_at_a_long_vocabulary():
+def test_filtered_probs_one_hot_and_values_at_a_long_vocabulary(monkeypatch):
     """At a vocabulary long enough for the chunked path, p̃ is the brute force's (greedy rows: the one-hot of
     the first argmax; sampled rows: softmax(logits / T) with top-k / top-p)."""
+    from idlm.decoding import sampling
+
+    monkeypatch.setattr(sampling, "CHUNKED_FROM", 0)
     g = torch.Generator().manual_seed(5)
     V = 3 * 1024 + 11
     logits = torch.randn(len(CASES), V, generator=g) * 3
@@ -295,3 +304,12 @@ def test_filtered_probs_one_hot_and_values_at_a_long_vocabulary():
     for row, (t, k, p) in enumerate(CASES):
         assert torch.allclose(got[row], brute_force(logits[row], t, k, p), atol=1e-6), CASES[row]
     assert int(got[4].argmax()) == 17 and float(got[4].sum()) == 1.0
+
+
+def test_chunking_starts_at_chunked_from():
+    """Short vocabularies keep torch's whole-row reductions (`chunk_stats` None), long ones are chunked."""
+    from idlm.decoding.sampling import CHUNKED_FROM, VOCAB_CHUNK, chunk_stats
+
+    assert chunk_stats(torch.randn(2, CHUNKED_FROM - 1)) is None
+    cmax, carg, csum = chunk_stats(torch.randn(2, CHUNKED_FROM))
+    assert cmax.shape == carg.shape == csum.shape == (2, CHUNKED_FROM // VOCAB_CHUNK)

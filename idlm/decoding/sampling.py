@@ -134,23 +134,26 @@ def truncation(params: list[SamplingParams]) -> bool | int:
     return True
 
 
-# rows of a vocabulary at least two chunks long are reduced in chunks of this many entries (`chunk_stats`);
-# 0: whole rows (torch's softmax / argmax; measurements set it to compare: scripts/bench_risd.py "vocab0")
+# rows of a vocabulary of at least CHUNKED_FROM entries are reduced in chunks of VOCAB_CHUNK (`chunk_stats`);
+# VOCAB_CHUNK = 0: whole rows (torch's softmax / argmax; measurements set it to compare: bench_risd.py "vocab0")
 VOCAB_CHUNK = 1024
+# below 16 chunks a whole row is a short loop (8,192 entries: 1/6 of SmolLM2's 49,152, whose whole-row softmax
+# took 16 µs on the H200), about what the chunks' second kernel costs to launch; not measured at these sizes
+CHUNKED_FROM = 16 * 1024
 
 
 def chunk_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """x [..., V] float -> per VOCAB_CHUNK-entry chunk c: (max_c, argmax_c as an index into V,
-    sum_c exp(x − max_c)), each [..., C]; None for rows shorter than two chunks. The last chunk is padded
+    sum_c exp(x − max_c)), each [..., C]; None for rows shorter than CHUNKED_FROM. The last chunk is padded
     with −inf (never the max while the chunk has another entry; exp(−inf) adds 0).
 
     Why: a reduction over a long vocabulary for a few rows (a decode step at batch 1: 1–32 rows of
     49,152) runs as one program per row that loops over the whole row — 9–16 µs a kernel on an H100/H200,
     the largest kernels of a sampled step's tail (docs/risd.md, session 37). In chunks it is one program
-    per (row, chunk), each chunk in registers (a persistent reduction), then a small reduction over the
+    per (row, chunk), each a loop of one chunk, then a small reduction over the
     chunks (`chunked_argmax`, `chunked_softmax`)."""
     V = x.shape[-1]
-    if not VOCAB_CHUNK or V < 2 * VOCAB_CHUNK:
+    if not VOCAB_CHUNK or V < max(CHUNKED_FROM, 2 * VOCAB_CHUNK):
         return None
     c = -(-V // VOCAB_CHUNK)
     if c * VOCAB_CHUNK != V:
