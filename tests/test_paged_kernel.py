@@ -440,35 +440,11 @@ def test_attn_sweep_script_smoke(tmp_path):
 
 
 
-# builds the decode kernel's Triton IR for an sm_90 CUDA target in a fresh process (the tests run Triton in
-# interpreter mode, which its CUDA back end cannot be imported next to): JSON {variant: "ok" or the error}
-_TTIR_SCRIPT = r"""
-import itertools, json, os, sys
-os.environ.pop("TRITON_INTERPRET", None)
-try:
-    from triton._C.libtriton import ir
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import CUDABackend
-    from triton.compiler import ASTSource
-except ImportError as e:
-    print(json.dumps({"skip": str(e)}))
-    sys.exit(0)
+# the decode kernel's Triton IR for an sm_90 CUDA target (`triton_cuda.run_ttir_script`): {variant: "ok" or the error}
+_TTIR_BODY = r"""
 from idlm.layers.paged_kernel import _kernel
 
 fwd, combine = _kernel()
-target = GPUTarget("cuda", 90, 32)
-backend = CUDABackend(target)
-options = backend.parse_options({})
-
-def ttir(fn, signature, constexprs):
-    ctx = ir.context()
-    ir.load_dialects(ctx)
-    backend.load_dialects(ctx)
-    names = fn.arg_names
-    src = ASTSource(fn=fn, signature={n: "constexpr" if n in constexprs else signature.get(n, "i32") for n in names},
-                    constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    return str(src.make_ir(target, options, backend.get_codegen_implementation(options), backend.get_module_map(), ctx))
-
 out = {}
 for prefetch, split, ieee, fused, tree in itertools.product((True, False), repeat=5):
     if fused and not split or tree and not ieee:  # (the hidden ranges' code does not depend on the dtype)
@@ -499,19 +475,9 @@ def test_decode_kernel_compiles_for_cuda():
     bf16, rejection branches' hidden ranges) passes Triton's CUDA front end,
     the GPU's first compile step, built here on the CPU. The prefetching loop once failed only on the H200
     (a loop-carried index that changed type from int32 to int64) while every interpreter test passed."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
+    from triton_cuda import run_ttir_script
 
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _TTIR_SCRIPT], capture_output=True, text=True, env=env,
-                          cwd=Path(__file__).resolve().parent.parent, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    if "skip" in result:
-        pytest.skip(f"no Triton CUDA front end here: {result['skip']}")
+    result = run_ttir_script(_TTIR_BODY)
     assert len(result) == 18 and all(v == "ok" for v in result.values()), result
 
 

@@ -120,39 +120,19 @@ def test_rotary_kernel_on_the_gpu_equals_the_eager_function(dtype, norms, gated,
         assert bool(((got.float() - w).abs() <= (w.abs() + w.abs().amax(-1, keepdim=True)) * 2 ** -7).all())
 
 
-# builds the rotary kernel's Triton IR for an sm_90 CUDA target in a fresh process (Triton's CUDA back end cannot be
-# imported next to the interpreter): JSON {variant: "ok" or the error}
-_TTIR_SCRIPT = r"""
-import itertools, json, os, sys
-os.environ.pop("TRITON_INTERPRET", None)
-try:
-    from triton._C.libtriton import ir
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import CUDABackend
-    from triton.compiler import ASTSource
-except ImportError as e:
-    print(json.dumps({"skip": str(e)}))
-    sys.exit(0)
+# the rotary kernel's Triton IR for an sm_90 CUDA target, after the TTIR passes (`triton_cuda.run_ttir_script`):
+# {variant: "ok" or the error}
+_TTIR_BODY = r"""
 from idlm.layers.rotary import _rotary_kernel
 
 fn = _rotary_kernel()
-target = GPUTarget("cuda", 90, 32)
-backend = CUDABackend(target)
-options = backend.parse_options({})
 out = {}
 for gated, norm, dt in itertools.product((False, True), (False, True), ("*bf16", "*fp32")):
     name = f"gated={gated} norm={norm} dtype={dt[1:]}"
     try:
-        ctx = ir.context()
-        ir.load_dialects(ctx)
-        backend.load_dialects(ctx)
-        names = fn.arg_names
         ce = dict(HQ=6, HKV=2, D=64, BLOCK_H=16, GATED=gated, NORM=norm)
         sig = {"X": dt, "GATE": "*i1", "COS": dt, "SIN": dt, "QW": dt, "KW": dt, "OUT": dt, "eps": "fp32"}
-        src = ASTSource(fn=fn, signature={n: "constexpr" if n in ce else sig.get(n, "i32") for n in names},
-                        constexprs={(names.index(k),): v for k, v in ce.items()})
-        mod = src.make_ir(target, options, backend.get_codegen_implementation(options), backend.get_module_map(), ctx)
-        text = str(backend.make_ttir(mod, {}, options, 90))
+        text = ttir(fn, sig, ce, optimize=True)
         # bf16: each product rounded before the sum (a truncf per product and one for the sum, none folded away)
         want = 3 + 2 * norm if dt == "*bf16" else 0
         out[name] = "ok" if "tt.func" in text and text.count("arith.truncf") >= want else text[-800:]
@@ -165,16 +145,7 @@ print(json.dumps(out))
 def test_rotary_kernel_compiles_for_cuda():
     """Every variant (gated or not, q/k norms or not, bf16 / fp32) passes Triton's CUDA front end and its TTIR
     passes, built on the CPU, and the bf16 variants keep their roundings (a truncf per rounded product)."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
+    from triton_cuda import run_ttir_script
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _TTIR_SCRIPT], capture_output=True, text=True, env=env,
-                          cwd=Path(__file__).resolve().parent.parent, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    if "skip" in result:
-        pytest.skip(f"no Triton CUDA front end here: {result['skip']}")
+    result = run_ttir_script(_TTIR_BODY)
     assert len(result) == 8 and all(v == "ok" for v in result.values()), result
