@@ -86,13 +86,16 @@ results: dict = environment(DEV)
 # (the combine in the forward kernel's last split, $IDLM_ATTN_FUSED_COMBINE=1), rows0 / rows32 (a split block in
 # one tile, as before session 36, / in 32-row tiles instead of 16: $IDLM_ATTN_ROW_TILE); a kind under a non-default
 # variant is reported as "<kind>@<variant>"; "sync": the default attention with overlapped steps off
-# (`EngineConfig.overlap=False`: every step waits for its results before the next is launched); "vocab0": the
-# decode step's vocabulary reductions over whole rows, as before session 37 (`sampling.VOCAB_CHUNK = 0`);
-# "rotary1": q/k norms + RoPE by the Triton kernel `rotary_qkv_rows` ($IDLM_ROTARY_KERNEL=1; session 37 ran it as the
-# default against "rotary0", inductor's compilation, the default now)
+# (`EngineConfig.overlap=False`: every step waits for its results before the next is launched); "rotary1": q/k
+# norms + RoPE by the Triton kernel `rotary_qkv_rows` ($IDLM_ROTARY_KERNEL=1; session 37 ran the kernel as the
+# default against a variant "rotary0" of inductor's compilation, now the default); "vocab0" (SAMPLING_VARIANTS): the
+# decode step's vocabulary reductions over whole rows, as before session 37
 ATTN_ENV = {"default": {}, "nosplit": {"IDLM_KV_SPLITS": "1"}, "fused": {"IDLM_ATTN_FUSED_COMBINE": "1"}, "sync": {},
             "rows0": {"IDLM_ATTN_ROW_TILE": "0"}, "rows32": {"IDLM_ATTN_ROW_TILE": "32"}, "vocab0": {},
-            "rotary0": {"IDLM_ROTARY_KERNEL": "0"}, "rotary1": {"IDLM_ROTARY_KERNEL": "1"}}
+            "rotary1": {"IDLM_ROTARY_KERNEL": "1"}}
+# variants that set `idlm.decoding.sampling` attributes instead of the environment (the compiled step functions
+# guard on them, so an engine built under one compiles its steps again)
+SAMPLING_VARIANTS = {"vocab0": {"VOCAB_CHUNK": 0}}
 ATTN_VARIANTS = os.environ.get("STEP_ATTN", "default").split(",")
 if ATTN_VARIANTS[0] != "default" or not set(ATTN_VARIANTS) <= set(ATTN_ENV):
     raise SystemExit(f"STEP_ATTN={os.environ['STEP_ATTN']!r}: expected 'default' first, then any of {sorted(ATTN_ENV)}")
@@ -100,18 +103,21 @@ if ATTN_VARIANTS[0] != "default" or not set(ATTN_VARIANTS) <= set(ATTN_ENV):
 
 @contextlib.contextmanager
 def attention_variant(name: str):
-    """The environment of attention variant `name` (ATTN_ENV) while the block runs, then the old one ("vocab0":
-    `sampling.VOCAB_CHUNK` 0, which the compiled step functions guard on: they compile again under it)."""
+    """The environment (ATTN_ENV) and `sampling` attributes (SAMPLING_VARIANTS) of variant `name` while the block
+    runs, then the old ones."""
     from idlm.decoding import sampling
 
-    chunk = sampling.VOCAB_CHUNK
+    attrs = SAMPLING_VARIANTS.get(name, {})
+    old = {a: getattr(sampling, a) for a in attrs}
     with environ_restored(ATTN_ENV[name]):
         os.environ.update(ATTN_ENV[name])
-        sampling.VOCAB_CHUNK = 0 if name == "vocab0" else chunk
         try:
+            for a, v in attrs.items():
+                setattr(sampling, a, v)
             yield
         finally:
-            sampling.VOCAB_CHUNK = chunk
+            for a, v in old.items():
+                setattr(sampling, a, v)
 
 
 def emit(key, value):

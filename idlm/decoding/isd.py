@@ -569,9 +569,9 @@ def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tens
     # the K drafts' q̃ and the final token's distribution side by side  [B, K+1, V]: one inversion samples all
     # of them (one set of scan kernels, not two; row-wise, so each distribution gets the token it gets alone,
     # from the same uniform as before), and q̃ is a view of it (written once)
+    sel = logits.gather(1, idx[..., None].expand(B, k, V))  # the drafts' slots' logits  [B, K, V]
     if probs is None:  # branches: the drafts' K slots, filtered now  [B, K, V]
-        q_sel = filtered_probs(logits.gather(1, idx[..., None].expand(B, k, V)).reshape(B * k, V),
-                               *_per_slot((d_temp, top_k, top_p), k), truncate).view(B, k, V)
+        q_sel = filtered_probs(sel.reshape(B * k, V), *_per_slot((d_temp, top_k, top_p), k), truncate).view(B, k, V)
     else:
         q_sel = probs.gather(1, idx[..., None].expand(B, k, V))
     dists = torch.cat([q_sel, final_p[:, None]], 1)
@@ -582,8 +582,7 @@ def sampled_isd_step(logits: torch.Tensor, is_v: torch.Tensor, specs: torch.Tens
         cols = torch.arange(n, device=dev)
         both = inverse_cdf(dists, u_tok if kr is None else u_tok.gather(1, torch.where(cols == k, kr[:, None], cols)))
         sampled, final = both[:, :k], both[:, k]
-    new_drafts = torch.where(argmax_draft[:, None],
-                             chunked_argmax(logits.gather(1, idx[..., None].expand(B, k, V))), sampled)
+    new_drafts = torch.where(argmax_draft[:, None], chunked_argmax(sel), sampled)
     return _sampled_packed(n_acc, final, new_drafts, final_p, q_new), q_new
 
 
