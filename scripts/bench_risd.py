@@ -15,12 +15,12 @@ Stages (comma-separated argv[1], default all):
          CUDA graph alone (back to back; and one replay + sync at a time, with the host's launch call) vs
          the engine step, and kernels per step (torch.profiler)
   throughput  bf16: offline tokens/s of engine AR and R-ISD at C = 64, 256 (SmolLM2 shape, random weights)
-  sprofile  batch 1, SmolLM2 shape (random weights): where a sampled (T = 0.7) R-ISD / AR step's time goes
-         vs greedy: wall time per step, GPU kernel time per step, top kernels ($PROFILE_TOP, default 8, each
-         [µs, launches] per step) and top host ops (torch.profiler); $SPROFILE_DECODERS (default ar,risd;
-         risd_br: with rejection branches; risd_gs: and a guessed correction per draft; risd_g1: in groups of
-         one row; "<decoder>@<variant>": under a STEP_ATTN variant, e.g. risd_br@vocab0), $SPROFILE_TEMPS
-         (default 0,0.7)
+  sprofile  batch 1, SmolLM2 shape (random weights; $SPROFILE_MODEL=idlm-tiny-ar: that model and its adapter):
+         where a sampled (T = 0.7) R-ISD / AR step's time goes vs greedy: wall time per step, GPU kernel time
+         per step, top kernels ($PROFILE_TOP, default 8, each [µs, launches] per step) and top host ops
+         (torch.profiler); $SPROFILE_DECODERS (default ar,risd; risd_br: with rejection branches; risd_gs: and a
+         guessed correction per draft; risd_g1: in groups of one row; "<decoder>@<variant>": under a STEP_ATTN
+         variant, e.g. risd_br@vocab0), $SPROFILE_TEMPS (default 0,0.7)
   bprofile  batch $BATCH (64; $KINDS, default ar,risd4,risd_n1; risdN / risdN_br: stride N, with branches;
          also risd_auto up to $AUTO_MAX), $MODEL, $TEMPS (0,0.7)
          (smollm2 shape: R-ISD; tiny: idlm-tiny ISD): AR, N = 4, an engine's plain AR steps (N = 1) and
@@ -86,13 +86,13 @@ results: dict = environment(DEV)
 # (the combine in the forward kernel's last split, $IDLM_ATTN_FUSED_COMBINE=1), rows0 / rows32 (a split block in
 # one tile, as before session 36, / in 32-row tiles instead of 16: $IDLM_ATTN_ROW_TILE); a kind under a non-default
 # variant is reported as "<kind>@<variant>"; "sync": the default attention with overlapped steps off
-# (`EngineConfig.overlap=False`: every step waits for its results before the next is launched); "rotary1": q/k
-# norms + RoPE by the Triton kernel `rotary_qkv_rows` ($IDLM_ROTARY_KERNEL=1; session 37 ran the kernel as the
-# default against a variant "rotary0" of inductor's compilation, now the default); "vocab0" (SAMPLING_VARIANTS): the
+# (`EngineConfig.overlap=False`: every step waits for its results before the next is launched); "rotary0": q/k
+# norms + RoPE by inductor's compilation of `rotary_qkv` ($IDLM_ROTARY_KERNEL=0; the Triton kernel
+# `rotary_qkv_rows` is the default since session 38; "rotary1" names it explicitly); "vocab0" (SAMPLING_VARIANTS): the
 # decode step's vocabulary reductions over whole rows, as before session 37
 ATTN_ENV = {"default": {}, "nosplit": {"IDLM_KV_SPLITS": "1"}, "fused": {"IDLM_ATTN_FUSED_COMBINE": "1"}, "sync": {},
             "rows0": {"IDLM_ATTN_ROW_TILE": "0"}, "rows32": {"IDLM_ATTN_ROW_TILE": "32"}, "vocab0": {},
-            "rotary1": {"IDLM_ROTARY_KERNEL": "1"}}
+            "rotary0": {"IDLM_ROTARY_KERNEL": "0"}, "rotary1": {"IDLM_ROTARY_KERNEL": "1"}}
 # variants that set `idlm.decoding.sampling` attributes instead of the environment (the compiled step functions
 # guard on them, so an engine built under one compiles its steps again)
 SAMPLING_VARIANTS = {"vocab0": {"VOCAB_CHUNK": 0}}
@@ -299,17 +299,21 @@ def profiled_then_plain(eng, steps: int, plain: int) -> tuple:
 def stage_sprofile():
     from idlm.bench.profile import summarize
 
-    model = random_model("smollm2-135m", dtype="bfloat16", device=DEV)
-    lora = LoRAAdapter(model.config, LoRAConfig(rank=SMOL_RANK)).init_weights(std=0.02, seed=0, zero_b=False)
-    lora = lora.to(device=DEV, dtype=model.dtype)
-    prompt = list(range(100, 164))
+    if os.environ.get("SPROFILE_MODEL") == "idlm-tiny-ar":  # its trained adapter (the embedded assets)
+        model, tok, lora = tiny_ar("bfloat16")
+        prompt = bench_prompts(tok, 1)[0]
+    else:
+        model, tok = random_model("smollm2-135m", dtype="bfloat16", device=DEV), None
+        lora = LoRAAdapter(model.config, LoRAConfig(rank=SMOL_RANK)).init_weights(std=0.02, seed=0, zero_b=False)
+        lora = lora.to(device=DEV, dtype=model.dtype)
+        prompt = list(range(100, 164))
     out = {}
     # $SPROFILE_DECODERS (default ar,risd; "risd_br": R-ISD with rejection branches), $SPROFILE_TEMPS (default 0,0.7)
     for case in os.environ.get("SPROFILE_DECODERS", "ar,risd").split(","):
         dec, _, variant = case.partition("@")  # e.g. risd_br@vocab0: under an ATTN_ENV variant
         for temp in [float(t) for t in os.environ.get("SPROFILE_TEMPS", "0,0.7").split(",")]:
             with attention_variant(variant or "default"):
-                eng = LLMEngine(model, None, EngineConfig(decoder=dec[:4], stride=4, max_num_seqs=1, num_pages=512,
+                eng = LLMEngine(model, tok, EngineConfig(decoder=dec[:4], stride=4, max_num_seqs=1, num_pages=512,
                                                           branches=dec.endswith(("_br", "_gs", "_g1")),
                                                           guesses=int(dec.endswith(("_gs", "_g1"))),
                                                           guess_rows=1 if dec.endswith("_g1") else None),

@@ -86,8 +86,10 @@ def test_rotary_kernel_refuses_a_width_that_is_no_qkv():
 
 def test_the_kernel_runs_only_on_cuda_and_the_switch_is_checked(monkeypatch):
     """On CPU `rotary_qkv_fast` is the eager function (bit for bit) with the switch on; $IDLM_ROTARY_KERNEL is
-    off by default (until a GPU run has checked the engine's exactness with it) and takes 0 or 1 only."""
+    on by default (since a GPU run checked the engine's exactness with it), "0" turns it off, nothing else."""
     monkeypatch.delenv("IDLM_ROTARY_KERNEL", raising=False)
+    assert rotary_kernel_on()
+    monkeypatch.setenv("IDLM_ROTARY_KERNEL", "0")
     assert not rotary_kernel_on()
     monkeypatch.setenv("IDLM_ROTARY_KERNEL", "1")
     assert rotary_kernel_on()

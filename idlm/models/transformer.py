@@ -133,7 +133,7 @@ class Attention(nn.Module):
         if not exact and (fused_lora or (self.qkv is not None and lora is None)):
             # one fused q/k/v matmul ("select" layout: halves [Wx, (W + D)x], each row's picked), then norms,
             # RoPE and v in one compiled function with one output (`rotary_qkv`): one kernel on CUDA, with Qwen3's
-            # q/k norms too (the H200, session 27); $IDLM_ROTARY_KERNEL=1: a Triton program per token instead
+            # q/k norms too (the H200, session 27); on CUDA a Triton program per token instead ($IDLM_ROTARY_KERNEL)
             qn, kn = (None, None) if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight)
             w = self.qkv_lora if fused_lora else self.qkv
             qkv = rotary_qkv_fast(mm(x, *w), lora[1] if fused_lora == "select" else None, cos, sin, self.n_heads,

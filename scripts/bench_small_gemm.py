@@ -1,0 +1,76 @@
+"""Small-GEMM latency on the GPU: what one projection of idlm-tiny-ar costs at the decode step's row counts.
+
+Why it exists: idlm-tiny-ar's R-ISD step (7 query rows, the "select" layout's weights [W ; W + D], twice AR's
+columns) spent ~17 µs more in its GEMMs than AR's step (1 row, [W]) on an H100 (docs/risd.md, session 38). This
+times each projection shape alone — M rows (1, 4, 7, 8, 16) x the weight's columns once or twice — as 50 calls
+back to back in one CUDA graph (so launch cost is the graph's, as in the engine), median of 7 replays, with the
+weight as F.linear takes it ([N, K]) and transposed ([K, N], `mm_kn`), and the select layout's two halves as one
+batched matmul of two row groups (`bmm_2groups`). Every call reuses one weight, so it stays in L2: the numbers are
+the shape's cost without the weights' trip from HBM. `floor_add_`: a one-element kernel's cost in a graph.
+
+    python scripts/bench_small_gemm.py          (on the GPU; $OUT/gemm_small.json; the JSON line last)
+"""
+
+import json
+import os
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+DEV, DTYPE = "cuda", torch.bfloat16
+# idlm-tiny-ar (hidden 384, 6 + 2 + 2 heads of 64, MLP 896, vocabulary 8192): K, N of each projection
+SHAPES = {"qkv": (384, 640), "o": (384, 384), "gate_up": (384, 1792), "down": (896, 384), "lm_head": (384, 8192)}
+
+
+def graph_us(fn, n: int = 50, reps: int = 7) -> float:
+    """µs per call of `fn`, n calls captured in one CUDA graph, median over `reps` replays."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(n):
+            fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / n)
+    return round(statistics.median(times), 2)
+
+
+def main() -> None:
+    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    for name, (k, n) in SHAPES.items():
+        for m in (1, 4, 7, 8, 16):
+            for mult in (1, 2):
+                w = torch.randn(n * mult, k, device=DEV, dtype=DTYPE) * 0.02
+                wt = w.t().contiguous()
+                x = torch.randn(m, k, device=DEV, dtype=DTYPE)
+                r = {"linear": graph_us(lambda: F.linear(x, w)), "mm_kn": graph_us(lambda: torch.mm(x, wt))}
+                if mult == 2 and m in (7, 8):
+                    w2 = w.view(2, n, k)
+                    xb = torch.randn(2, (m + 1) // 2, k, device=DEV, dtype=DTYPE)
+                    r["bmm_2groups"] = graph_us(lambda: torch.bmm(xb, w2.transpose(1, 2)))
+                res[f"{name}/M{m}/x{mult}"] = r
+                print(json.dumps({f"{name}/M{m}/x{mult}": r}), flush=True)
+    z = torch.zeros(16, device=DEV)
+    res["floor_add_"] = graph_us(lambda: z.add_(1))
+    if os.environ.get("OUT"):
+        from idlm.bench import save_record
+        save_record(res, "gemm_small.json")
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    main()
