@@ -2,7 +2,9 @@
 
 Stages (comma-separated argv[1], default all):
   step      batch-1 decode step of idlm-tiny ISD N = 4 and AR (idlm-tiny-ar) at T = 0 and T = 1 (top-p 0.95 too),
-            engine with CUDA graphs, bf16; the settings' engines in turns, ROUNDS (20) rounds of 10 steps
+            engine with CUDA graphs, bf16; the settings' engines in turns, ROUNDS (20) rounds of 10 steps;
+            STEP_CHUNKED=1 also T = 0 and T = 1 with the vocabulary reductions in chunks at idlm-tiny's 8,192
+            entries (`sampling.CHUNKED_FROM = 0` while the engine compiles and captures its steps)
   invariant a seeded sampled request's tokens alone vs inside 64 mixed requests (ISD N = 4, AR), and
             engine vs reference runner, fp32, bf16, and bf16 in exact mode
   profile   where the sampled ISD step's extra time goes, batch 1, T = 0 vs T = 1: the step split
@@ -23,9 +25,11 @@ JSON lines, a summary last, and $OUT/bench_sampling.json.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import statistics
 import sys
 
 import torch
@@ -60,6 +64,8 @@ def stage_step():
     out = {}
     settings = {"T0": dict(temperature=0.0), "T1": dict(temperature=1.0), "T1_top_p": dict(temperature=1.0,
                                                                                         top_p=0.95)}
+    if os.environ.get("STEP_CHUNKED") == "1":
+        settings.update({"T0@chunked": settings["T0"], "T1@chunked": settings["T1"]})
     only = os.environ.get("STEP_MODELS", "isd4,ar").split(",")  # isd4 alone: the issue's ratio, one asset
     for name, model_name, decoder in (("isd4", "idlm-tiny", "isd"), ("ar", "idlm-tiny-ar", "ar")):
         if name not in only:
@@ -68,15 +74,33 @@ def stage_step():
         prompt = bench_prompts(tok, 1)[0]
         cases = {}
         for k, kw in settings.items():
-            eng = LLMEngine(model, tok, EngineConfig(decoder=decoder, stride=4, max_num_seqs=1, num_pages=512))
-            params = SamplingParams(max_tokens=400, ignore_eos=True, seed=0, **kw)
-            eng.run([prompt], params)  # warm-up: compiles, graph captures
+            with chunked_reductions(k.endswith("@chunked")):
+                eng = LLMEngine(model, tok, EngineConfig(decoder=decoder, stride=4, max_num_seqs=1, num_pages=512))
+                params = SamplingParams(max_tokens=400, ignore_eos=True, seed=0, **kw)
+                eng.run([prompt], params)  # warm-up: compiles, graph captures
             cases[k] = (eng, prompt, params)
         freeze_gc()
         out[name] = interleaved_steps(cases, rounds=int(os.environ.get("ROUNDS", "20")))
         out[name]["T1_over_T0_step"] = out[name]["T1"]["over_T0"]
+        if "T1@chunked" in out[name]:  # within the variant, round by round
+            out[name]["T1_over_T0_step@chunked"] = round(statistics.median(
+                a / b for a, b in zip(out[name]["T1@chunked"]["rounds_ms"], out[name]["T0@chunked"]["rounds_ms"])), 3)
         print(json.dumps({name: out[name]}), flush=True)
     emit("step", out)
+
+
+@contextlib.contextmanager
+def chunked_reductions(on: bool):
+    """While the block runs (an engine's warm-up: its compiles and graph captures): with `on`, the decode step's
+    vocabulary reductions in chunks at any vocabulary (`sampling.CHUNKED_FROM = 0`), then the default again."""
+    from idlm.decoding import sampling
+
+    old = sampling.CHUNKED_FROM
+    sampling.CHUNKED_FROM = 0 if on else old
+    try:
+        yield
+    finally:
+        sampling.CHUNKED_FROM = old
 
 
 def stage_invariant():
