@@ -5,8 +5,10 @@ columns) spent ~17 µs more in its GEMMs than AR's step (1 row, [W]) on an H100 
 times each projection shape alone — M rows (1, 4, 7, 8, 16) x the weight's columns once or twice — as 50 calls
 back to back in one CUDA graph (so launch cost is the graph's, as in the engine), median of 7 replays, with the
 weight as F.linear takes it ([N, K]) and transposed ([K, N], `mm_kn`), and the select layout's two halves as one
-batched matmul of two row groups (`bmm_2groups`). Every call reuses one weight, so it stays in L2: the numbers are
-the shape's cost without the weights' trip from HBM. `floor_add_`: a one-element kernel's cost in a graph.
+batched matmul of two row groups (`bmm_2groups`). Every call reuses one weight, so it stays in L2: the numbers
+are the shape's cost without the weights' trip from HBM. `step_like/*`: a whole idlm-tiny-ar step's GEMMs on the
+model's own weights, AR's and R-ISD's select layout (whether the doubled weights cost more than their rows).
+`floor_add_`: an empty kernel in a graph.
 
     python scripts/bench_small_gemm.py          (on the GPU; $OUT/gemm_small.json; the JSON line last)
 """
@@ -47,6 +49,37 @@ def graph_us(fn, n: int = 50, reps: int = 7) -> float:
     return round(statistics.median(times), 2)
 
 
+def step_like() -> dict:
+    """The GEMMs of a whole idlm-tiny-ar step on its own weights (`time_gemms`: one CUDA graph, host-timed
+    replays, median) -> µs a step and the weights' MB. "ar": 1 row, AR's fused weights (~29 MB with the tied
+    head); "select": 7 rows, R-ISD's select-layout weights [W ; W + D] of its trained adapter (~52 MB, more than
+    the H100's 50 MB L2); "ar_weights_7_rows": 7 rows on AR's weights. If "select" costs more than
+    "ar_weights_7_rows", it is the weights' bytes (their trip from HBM once they no longer fit L2), not the rows."""
+    from idlm.bench.roofline import model_gemm_weights, time_gemms
+    from idlm.layers.lora import LoRAAdapter
+    from idlm.models.loader import load_pretrained, resolve_model_path
+
+    model, _ = load_pretrained("idlm-tiny-ar", dtype="bfloat16", device=DEV)
+    model.fuse_projections()
+    ar = model_gemm_weights(model)
+    lora = LoRAAdapter.load(resolve_model_path("idlm-tiny-ar-risd-lora"), model.config, device=DEV, dtype=DTYPE)
+    select_model, _ = load_pretrained("idlm-tiny-ar", dtype="bfloat16", device=DEV)
+    select_model.fuse_lora(lora, layout="select")
+    select = []
+    for li, layer in enumerate(select_model.model.layers):
+        a, m = layer.self_attn, layer.mlp
+        select += [(f"{n}.{li}", w[0]) for n, w in (("qkv", a.qkv_lora), ("o", a.o_lora), ("gate_up", m.gate_up_lora),
+                                                    ("down", m.down_lora))]
+    select.append(ar[-1])
+    out = {}
+    for name, weights, rows in (("ar", ar, 1), ("select", select, 7), ("ar_weights_7_rows", ar, 7)):
+        r = time_gemms(weights, rows, iters=41)
+        out[f"step_like/{name}"] = {"weights_mb": round(r["weight_bytes"] / 1e6, 1), "gemms": r["gemms"],
+                                    "us_per_step": round(1e6 * r["seconds"], 2)}
+        print(json.dumps({f"step_like/{name}": out[f"step_like/{name}"]}), flush=True)
+    return out
+
+
 def main() -> None:
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     for name, (k, n) in SHAPES.items():
@@ -62,6 +95,7 @@ def main() -> None:
                     r["bmm_2groups"] = graph_us(lambda: torch.bmm(xb, w2.transpose(1, 2)))
                 res[f"{name}/M{m}/x{mult}"] = r
                 print(json.dumps({f"{name}/M{m}/x{mult}": r}), flush=True)
+    res.update(step_like())
     z = torch.zeros(16, device=DEV)
     res["floor_add_"] = graph_us(lambda: z.add_(1))
     if os.environ.get("OUT"):
