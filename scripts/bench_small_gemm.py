@@ -50,32 +50,62 @@ def graph_us(fn, n: int = 50, reps: int = 7) -> float:
 
 
 def step_like() -> dict:
-    """The GEMMs of a whole idlm-tiny-ar step on its own weights (`time_gemms`: one CUDA graph, host-timed
-    replays, median) -> µs a step and the weights' MB. "ar": 1 row, AR's fused weights (~29 MB with the tied
-    head); "select": 7 rows, R-ISD's select-layout weights [W ; W + D] of its trained adapter (~52 MB, more than
-    the H100's 50 MB L2); "ar_weights_7_rows": 7 rows on AR's weights. If "select" costs more than
-    "ar_weights_7_rows", it is the weights' bytes (their trip from HBM once they no longer fit L2), not the rows."""
-    from idlm.bench.roofline import model_gemm_weights, time_gemms
+    """The GEMMs of a whole idlm-tiny-ar step on its own weights, one CUDA graph (`graph_us`) -> µs a step and the
+    weights' MB. "ar": 1 row, AR's fused weights (~29 MB with the tied head); "select": 7 rows, R-ISD's select
+    layout [W ; W + D] of its trained adapter (~52 MB, more than the H100's 50 MB L2); "ar_weights_7_rows": 7 rows
+    on AR's weights — if "select" costs more, it is the weights' bytes (their trip from HBM once they no longer
+    fit L2), not the rows; "lowrank_kernel": 7 rows through `lora_linear_rows` (W and the low-rank factors, the
+    LoRA gated on the last 4 rows, ~34 MB); "kernel_1_row": that kernel on AR's 1 row, no LoRA."""
+    from idlm.bench.roofline import model_gemm_weights
     from idlm.layers.lora import LoRAAdapter
+    from idlm.layers.lora_kernel import lora_linear_rows, lowrank_factors
     from idlm.models.loader import load_pretrained, resolve_model_path
 
     model, _ = load_pretrained("idlm-tiny-ar", dtype="bfloat16", device=DEV)
     model.fuse_projections()
-    ar = model_gemm_weights(model)
+    ar = [w for _, w in model_gemm_weights(model)]
+    head = ar[-1]
     lora = LoRAAdapter.load(resolve_model_path("idlm-tiny-ar-risd-lora"), model.config, device=DEV, dtype=DTYPE)
     select_model, _ = load_pretrained("idlm-tiny-ar", dtype="bfloat16", device=DEV)
     select_model.fuse_lora(lora, layout="select")
-    select = []
-    for li, layer in enumerate(select_model.model.layers):
+    select, lowrank = [], []
+    for layer, plain, la in zip(select_model.model.layers, model.model.layers, lora.layers):
         a, m = layer.self_attn, layer.mlp
-        select += [(f"{n}.{li}", w[0]) for n, w in (("qkv", a.qkv_lora), ("o", a.o_lora), ("gate_up", m.gate_up_lora),
-                                                    ("down", m.down_lora))]
-    select.append(ar[-1])
+        select += [a.qkv_lora[0], a.o_lora[0], m.gate_up_lora[0], m.down_lora[0]]
+        pa, pm = plain.self_attn, plain.mlp
+        lowrank += [lowrank_factors(la, named) for named in (
+            [("q_proj", pa.q_proj), ("k_proj", pa.k_proj), ("v_proj", pa.v_proj)], [("o_proj", pa.o_proj)],
+            [("gate_proj", pm.gate_proj), ("up_proj", pm.up_proj)], [("down_proj", pm.down_proj)])]
+    xs = {(m, k): torch.randn(m, k, device=DEV, dtype=DTYPE) for m in (1, 7) for k in {w.shape[1] for w in ar}}
+    gate = torch.arange(7, device=DEV) >= 3  # a block of 3 clean rows, then 4 MASK rows
+
+    def cublas(weights, m):
+        def step():
+            for w in weights[:-1]:
+                F.linear(xs[m, w.shape[1]], w)
+            F.linear(xs[1, head.shape[1]], head)
+        return step
+
+    def kernel(m, with_lora):
+        def step():
+            for w, a, b in lowrank:
+                if with_lora:
+                    lora_linear_rows(xs[m, w.shape[1]], w, a, b, gate)
+                else:
+                    lora_linear_rows(xs[m, w.shape[1]], w)
+            F.linear(xs[1, head.shape[1]], head)
+        return step
+
+    def mb(ts):
+        return round(sum(t.numel() * t.element_size() for t in ts if t is not None) / 1e6, 1)
+
+    configs = {"ar": (cublas(ar, 1), mb(ar)), "select": (cublas(select + [head], 7), mb(select + [head])),
+               "ar_weights_7_rows": (cublas(ar, 7), mb(ar)),
+               "lowrank_kernel": (kernel(7, True), mb([t for f in lowrank for t in f] + [head])),
+               "kernel_1_row": (kernel(1, False), mb(ar))}
     out = {}
-    for name, weights, rows in (("ar", ar, 1), ("select", select, 7), ("ar_weights_7_rows", ar, 7)):
-        r = time_gemms(weights, rows, iters=41)
-        out[f"step_like/{name}"] = {"weights_mb": round(r["weight_bytes"] / 1e6, 1), "gemms": r["gemms"],
-                                    "us_per_step": round(1e6 * r["seconds"], 2)}
+    for name, (fn, size) in configs.items():
+        out[f"step_like/{name}"] = {"weights_mb": size, "us_per_step": graph_us(fn, n=1, reps=41)}
         print(json.dumps({f"step_like/{name}": out[f"step_like/{name}"]}), flush=True)
     return out
 

@@ -1,0 +1,166 @@
+"""A projection with its gated LoRA in one Triton kernel, for the few rows of a decode step.
+
+Why it exists: `Transformer.fuse_lora`'s "select" layout runs R-ISD's projections as AR's, one matmul each, by
+folding the adapter into a second copy of every weight ([W ; W + D], D = scale·B·A): the step reads twice AR's
+weight bytes. For idlm-tiny-ar that is ~52 MB a step against AR's ~29 MB, more than an H100's 50 MB L2, and its
+R-ISD step's GEMMs cost ~17 µs more than AR's although their shapes alone cost the same (docs/risd.md, session
+38; `scripts/bench_small_gemm.py`). Here the adapter stays low-rank: one program per (row block, column block)
+computes
+
+    y = x·Wᵀ + gate ⊙ ((x·Aᵀ)·B'ᵀ),        B' = scale·B,
+
+reading W once plus the small factors (A [R, K], B' [N, R]), with no second weight copy, no extra launch for the
+LoRA and the gate applied per row (so the consumers — norms, RoPE, SiLU — are AR's, not the select layout's
+gated variants). The rows with gate 0 get x·Wᵀ: the base model's projection, as R-ISD's verification needs
+(within float32 accumulation order of cuBLAS's; float32 inputs are multiplied in IEEE float32, never TF32).
+
+`lowrank_factors` builds (W, A, B') of projections side by side (q/k/v, gate/up): A stacked, B' block-diagonal.
+`lora_linear` is the eager reference (what CPU and any shape runs); `lora_linear_rows` the kernel. Not wired into
+the engine yet: session 38 had no device time left to measure it (`scripts/bench_small_gemm.py`'s
+`step_like/lowrank_kernel`: idlm-tiny-ar's step GEMMs with its adapter through this kernel, ~34 MB, against the
+select layout's ~52 MB).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import nn
+
+# the kernel's tile: 16 rows (tl.dot's least), 64 output columns, 64 of the reduced dimension
+BLOCK_M, BLOCK_N, BLOCK_K = 16, 64, 64
+
+
+def lowrank_factors(layer_lora, named: list[tuple[str, nn.Linear]]
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(W [N, K], A [R, K], B' [N, R]) of the projections `named` (name, Linear) side by side: W their weights
+    concatenated, A the targeted ones' lora_A stacked, B' = scale·lora_B placed block-diagonally (each
+    projection's output rows read only its own A rows; computed in float32, rounded once to W's dtype).
+    (A, B') = (None, None) where no projection is targeted."""
+    ws = [m.weight for _, m in named]
+    w = torch.cat(ws) if len(ws) > 1 else ws[0]
+    pairs = [(i, layer_lora.pairs[name]) for i, (name, _) in enumerate(named) if name in layer_lora.pairs]
+    if not pairs:
+        return w, None, None
+    r = sum(p.lora_A.weight.shape[0] for _, p in pairs)
+    a = torch.cat([p.lora_A.weight for _, p in pairs]).to(w.dtype)
+    b = torch.zeros(w.shape[0], r, dtype=torch.promote_types(w.dtype, torch.float32), device=w.device)
+    starts = [0]
+    for m in ws:
+        starts.append(starts[-1] + m.shape[0])
+    col = 0
+    for i, p in pairs:
+        rank = p.lora_A.weight.shape[0]
+        b[starts[i]:starts[i + 1], col:col + rank] = layer_lora.scale * p.lora_B.weight.to(b.dtype)
+        col += rank
+    return w, a, b.to(w.dtype)
+
+
+def lora_linear(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | None = None,
+                gate: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] -> x·Wᵀ + gate ⊙ ((x·Aᵀ)·B'ᵀ) [M, N] in x's dtype, each product rounded to it as eager matmuls
+    round (the reference of `lora_linear_rows`). gate [M] (bool or 0/1; None: every row)."""
+    y = x @ w.t()
+    if a is None:
+        return y
+    d = (x @ a.t()) @ b.t()
+    if gate is None:
+        return y + d
+    return torch.where(gate.reshape(-1, 1).bool(), y + d, y)
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def lora_linear_kernel(X, W, A, B, G, OUT, M, N, K, s_x, s_w, s_a, s_b, s_o,
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, R: tl.constexpr,
+                           LORA: tl.constexpr, GATED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        pn, pm = tl.program_id(0), tl.program_id(1)
+        rm = pm * BM + tl.arange(0, BM)
+        rn = pn * BN + tl.arange(0, BN)
+        rr = tl.arange(0, BR)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        xa = tl.zeros((BM, BR), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            x = tl.load(X + rm[:, None].to(tl.int64) * s_x + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
+                        other=0.0)
+            w = tl.load(W + rn[:, None].to(tl.int64) * s_w + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K),
+                        other=0.0)
+            if UPCAST:  # Triton's interpreter: bf16 / fp16 tiles as float32 (it keeps bf16 as raw bits)
+                x, w = x.to(tl.float32), w.to(tl.float32)
+            if IEEE:
+                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w))
+            if LORA:
+                a = tl.load(A + rr[:, None] * s_a + rk[None, :], mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
+                if UPCAST:
+                    a = a.to(tl.float32)
+                if IEEE:
+                    xa += tl.dot(x, tl.trans(a), input_precision="ieee")
+                else:
+                    xa += tl.dot(x, tl.trans(a))
+        dt = OUT.dtype.element_ty
+        y = acc.to(dt)  # the base projection, rounded once (as a matmul's output)
+        if LORA:
+            b = tl.load(B + rn[:, None].to(tl.int64) * s_b + rr[None, :], mask=(rn[:, None] < N) & (rr[None, :] < R),
+                        other=0.0)
+            xr = xa.to(dt)  # x·Aᵀ rounded as its matmul's output, then ·B'ᵀ
+            if UPCAST:
+                xr, b = xr.to(tl.float32), b.to(tl.float32)
+            if IEEE:
+                d = tl.dot(xr, tl.trans(b), input_precision="ieee").to(dt)
+            else:
+                d = tl.dot(xr, tl.trans(b)).to(dt)
+            s = (y.to(tl.float32) + d.to(tl.float32)).to(dt)
+            if GATED:
+                g = tl.load(G + rm, mask=rm < M, other=0)
+                y = tl.where(g[:, None] != 0, s, y)
+            else:
+                y = s
+        tl.store(OUT + rm[:, None].to(tl.int64) * s_o + rn[None, :], y, mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+    return lora_linear_kernel
+
+
+def lora_linear_rows(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | None = None,
+                     gate: torch.Tensor | None = None) -> torch.Tensor:
+    """`lora_linear` as one Triton launch (grid: column blocks x row blocks of BLOCK_M). x [M, K], w [N, K],
+    a [R, K], b [N, R] (both or neither), gate [M]; float32, bf16 or fp16, all of one dtype."""
+    M, K = x.shape
+    N = w.shape[0]
+    if w.shape[1] != K:
+        raise ValueError(f"lora_linear_rows: x has {K} columns but the weight takes {w.shape[1]}")
+    if (a is None) != (b is None):
+        raise ValueError("lora_linear_rows: give both LoRA factors (A, B') or neither")
+    r = 0
+    if a is not None:
+        r = a.shape[0]
+        if a.shape[1] != K or b.shape != (N, r):
+            raise ValueError(f"lora_linear_rows: LoRA factors {tuple(a.shape)} / {tuple(b.shape)} do not fit a "
+                             f"[{N}, {K}] weight")
+    if gate is not None and gate.numel() != M:
+        raise ValueError(f"lora_linear_rows: {gate.numel()} gate values for {M} rows")
+    if any(t is not None and t.dtype != x.dtype for t in (w, a, b)):
+        raise ValueError("lora_linear_rows: x, the weight and the factors must share one dtype")
+    x, w = x.contiguous(), w.contiguous()
+    if a is not None:
+        a, b = a.contiguous(), b.contiguous()
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return out
+    g = gate.reshape(M) if gate is not None else x  # bool or 0/1 values, read as they are (unread without a gate)
+    br = max(16, 1 << (max(r, 1) - 1).bit_length())
+    grid = (-(-N // BLOCK_N), -(-M // BLOCK_M))
+    _kernel()[grid](x, w, a if a is not None else w, b if b is not None else w, g, out, M, N, K,
+                    x.stride(0), w.stride(0), a.stride(0) if a is not None else 0,
+                    b.stride(0) if b is not None else 0, out.stride(0),
+                    BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, BR=br, R=r, LORA=a is not None, GATED=gate is not None,
+                    IEEE=x.dtype == torch.float32, UPCAST=os.environ.get("TRITON_INTERPRET") == "1", num_warps=4)
+    return out

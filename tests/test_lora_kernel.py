@@ -1,0 +1,167 @@
+"""`lora_linear_rows` (a projection and its gated LoRA in one Triton kernel) against the eager `lora_linear`, and
+`lowrank_factors` against the adapter's own per-projection math: in Triton's interpreter on CPU, on a GPU where
+there is one.
+
+The oracles: `lora_linear` is plain matmuls, checked here against a LoRA applied projection by projection
+(y = W x + gate · scale · B(A x), `idlm/layers/lora.py`'s definition); the kernel is checked against it. The
+interpreter rounds float32 to bf16 by truncation where a GPU rounds to nearest, and sums in another order than
+a matmul, so bf16 is held to two rounding steps of the output's scale and float32 to float32 accumulation error.
+Rows with gate 0 must give the base projection x·Wᵀ (R-ISD's verification reads them)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton", reason="the LoRA kernel's tests need the triton package (dev extra)")
+
+from idlm.layers.lora import LoRAAdapter, LoRAConfig  # noqa: E402
+from idlm.layers.lora_kernel import lora_linear, lora_linear_rows, lowrank_factors  # noqa: E402
+from idlm.models.config import ModelConfig  # noqa: E402
+from idlm.models.transformer import Transformer  # noqa: E402
+
+# (M rows, K in, N out, R rank): a decode block of idlm-tiny-ar's q/k/v, its down projection, ragged edges
+SHAPES = [(7, 384, 640, 96), (1, 896, 384, 32), (19, 70, 130, 5), (16, 64, 64, 16)]
+
+
+def _tiny_config(**kw) -> ModelConfig:
+    base = dict(family="llama", vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    return ModelConfig(**{**base, **kw})
+
+
+def _case(dtype, M, K, N, R, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    w = (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype)
+    a = (torch.randn(R, K, generator=g) / K ** 0.5).to(dtype)
+    b = (0.5 * torch.randn(N, R, generator=g) / R ** 0.5).to(dtype)
+    gate = torch.rand(M, generator=g) > 0.4
+    return [t.to(device) for t in (x, w, a, b, gate)]
+
+
+def _tolerance(dtype, ref):
+    if dtype == torch.float32:
+        return 1e-5 * (1 + ref.abs().max().item())
+    # bf16: two rounding steps of the output's scale (the adapted rows round x·Wᵀ, the LoRA term and their sum;
+    # the interpreter truncates)
+    return 2 ** -6 * (1 + ref.abs().max().item())
+
+
+def test_lora_linear_is_the_gated_lora_of_each_projection():
+    """The reference with `lowrank_factors` of q/k/v (two of three targeted) equals the adapter's definition
+    applied projection by projection, gate on and off."""
+    cfg = _tiny_config()
+    model = Transformer(cfg)
+    lora = LoRAAdapter(cfg, LoRAConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj"))).init_weights(
+        std=0.1, seed=0, zero_b=False)
+    attn, la = model.model.layers[0].self_attn, lora.layers[0]
+    named = [("q_proj", attn.q_proj), ("k_proj", attn.k_proj), ("v_proj", attn.v_proj)]
+    w, a, b = lowrank_factors(la, named)
+    assert a.shape == (8, cfg.hidden_size) and b.shape == (w.shape[0], 8)
+    x = torch.randn(5, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    gate = torch.tensor([True, False, True, True, False])
+    want = []
+    for name, m in named:
+        y = x @ m.weight.t()
+        if name in la.pairs:
+            p = la.pairs[name]
+            y = y + gate[:, None] * (la.scale * ((x @ p.lora_A.weight.t()) @ p.lora_B.weight.t()))
+        want.append(y)
+    torch.testing.assert_close(lora_linear(x, w, a, b, gate), torch.cat(want, 1), rtol=1e-5, atol=1e-6)
+    w2, a2, b2 = lowrank_factors(la, [("k_proj", attn.k_proj)])  # nothing targeted: no factors
+    assert a2 is None and b2 is None and torch.equal(w2, attn.k_proj.weight)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_equals_the_reference_in_the_interpreter(dtype, shape):
+    x, w, a, b, gate = _case(dtype, *shape)
+    got = lora_linear_rows(x, w, a, b, gate)
+    ref = lora_linear(x.float(), w.float(), a.float(), b.float(), gate) if dtype != torch.float32 else \
+        lora_linear(x, w, a, b, gate)
+    assert got.shape == ref.shape and got.dtype == dtype
+    assert (got.float() - ref.float()).abs().max().item() <= _tolerance(dtype, ref)
+    base = x.float() @ w.float().t()  # gate-0 rows: the base projection alone
+    off = ~gate
+    assert (got[off].float() - base[off]).abs().max().item() <= _tolerance(dtype, base) if off.any() else True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_without_lora_or_gate(dtype):
+    x, w, a, b, gate = _case(dtype, 7, 96, 80, 8, seed=3)
+    ref = x.float() @ w.float().t()
+    assert (lora_linear_rows(x, w).float() - ref).abs().max().item() <= _tolerance(dtype, ref)
+    every = lora_linear(x.float(), w.float(), a.float(), b.float())  # no gate: every row adapted
+    assert (lora_linear_rows(x, w, a, b).float() - every).abs().max().item() <= _tolerance(dtype, every)
+    float_gate = gate.to(dtype)  # a 0/1 gate in the activations' dtype works as the bool one
+    assert torch.equal(lora_linear_rows(x, w, a, b, float_gate), lora_linear_rows(x, w, a, b, gate))
+
+
+def test_bad_arguments_are_named():
+    x, w, a, b, gate = _case(torch.float32, 4, 32, 48, 4)
+    with pytest.raises(ValueError, match="columns"):
+        lora_linear_rows(x[:, :16], w)
+    with pytest.raises(ValueError, match="both LoRA factors"):
+        lora_linear_rows(x, w, a, None)
+    with pytest.raises(ValueError, match="do not fit"):
+        lora_linear_rows(x, w, a, b[:, :2])
+    with pytest.raises(ValueError, match="gate values"):
+        lora_linear_rows(x, w, a, b, gate[:3])
+    with pytest.raises(ValueError, match="one dtype"):
+        lora_linear_rows(x, w.to(torch.bfloat16))
+    assert lora_linear_rows(x[:0], w, a, b, gate[:0]).shape == (0, 48)
+
+
+_cuda = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                           reason="needs a CUDA device and Triton compiled for it (TRITON_INTERPRET=0)")
+
+
+@_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_on_the_gpu(dtype, shape):
+    """On the GPU: the reference's values (the same roundings; float32 in IEEE, not TF32), gate-0 rows within
+    accumulation order of cuBLAS's x·Wᵀ."""
+    x, w, a, b, gate = _case(dtype, *shape, device="cuda")
+    got = lora_linear_rows(x, w, a, b, gate)
+    ref = lora_linear(x, w, a, b, gate)
+    assert (got.float() - ref.float()).abs().max().item() <= _tolerance(dtype, ref)
+    base = x @ w.t()
+    off = ~gate
+    if off.any():
+        assert (got[off].float() - base[off].float()).abs().max().item() <= _tolerance(dtype, base)
+
+
+# the kernel's Triton IR for an sm_90 CUDA target, after the TTIR passes (`triton_cuda.run_ttir_script`):
+# {variant: "ok" or the error}
+_TTIR_BODY = r"""
+from idlm.layers.lora_kernel import _kernel, BLOCK_M, BLOCK_N, BLOCK_K
+
+fn = _kernel()
+out = {}
+for lora, gated, dt in itertools.product((False, True), (False, True), ("*bf16", "*fp32")):
+    name = f"lora={lora} gated={gated} dtype={dt[1:]}"
+    try:
+        ce = dict(BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, BR=32, R=24, LORA=lora, GATED=gated, IEEE=dt == "*fp32",
+                  UPCAST=False)
+        sig = {"X": dt, "W": dt, "A": dt, "B": dt, "G": "*i1", "OUT": dt}
+        text = ttir(fn, sig, ce, optimize=True)
+        out[name] = "ok" if "tt.func" in text and "tt.dot" in text else text[-800:]
+    except Exception as e:
+        out[name] = f"{type(e).__name__}: {e}"[-800:]
+print(json.dumps(out))
+"""
+
+
+def test_kernel_compiles_for_cuda():
+    """Every variant (with and without the LoRA and the gate, bf16 / fp32) passes Triton's CUDA front end and its
+    TTIR passes, built on the CPU (tensor-core dots: tl.dot survives)."""
+    from triton_cuda import run_ttir_script
+
+    result = run_ttir_script(_TTIR_BODY)
+    assert len(result) == 8 and all(v == "ok" for v in result.values()), result
