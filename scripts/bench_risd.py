@@ -2,13 +2,14 @@
 and $OUT/bench_risd.json).
 
 Stages (comma-separated argv[1], default all):
-  exact  fp32 and bf16: engine R-ISD (the fused step: LoRA folded into the projections) vs engine AR on
-         idlm-tiny-ar, greedy, 64 prompts x 128 tokens: how many requests are identical
+  exact  fp32 and bf16: engine R-ISD (the fused step: LoRA folded into the projections; $EXACT_LAYOUT, default
+         select) vs engine AR on idlm-tiny-ar, greedy, 64 prompts x 128 tokens: how many requests are identical
   step   bf16, batch 1, greedy and T = 0.7: the decode step of AR, R-ISD fused and R-ISD unfused (separate LoRA
          matmuls; $STEP_KINDS picks some, e.g. ar,risd_fused; risd_br: fused ("select") with rejection branches,
          risd_gs: and a guessed correction per draft (25 query rows), risd_g1: the same in groups of one row
          (`guess_rows=1`, 19 query rows), and risd_select: fused in the "select"
-         layout (x times [W ; W + D] for q/k/v and gate/up), only when named), in turns ($ROUNDS rounds,
+         layout (x times [W ; W + D] for q/k/v and gate/up), risd_lowrank: in the "lowrank" layout (W and the
+         low-rank factors in one Triton kernel per projection), only when named), in turns ($ROUNDS rounds,
          per-round ratios), for idlm-tiny-ar (its trained adapter) and a SmolLM2-135M-shaped model (random weights and a
          random adapter of $SMOL_RANK, default 32: step cost does not depend on the values)
   profile  batch 1, AR vs fused R-ISD (both layouts: $LAYOUTS, default pair,select): GPU time of the step's
@@ -139,7 +140,8 @@ def stage_exact():
         prompts = bench_prompts(tok, 64)
         params = SamplingParams(temperature=0, max_tokens=128)
         ar = LLMEngine(model, tok, EngineConfig(decoder="ar", max_num_seqs=64)).run(prompts, params)
-        eng = LLMEngine(model, tok, EngineConfig(decoder="risd", stride=4, max_num_seqs=64), lora=lora)
+        eng = LLMEngine(model, tok, EngineConfig(decoder="risd", stride=4, max_num_seqs=64,
+                                                 lora_layout=os.environ.get("EXACT_LAYOUT", "select")), lora=lora)
         fused = model.model.layers[0].self_attn.qkv_lora is not None
         risd = eng.run(prompts, params)
         same = [a.token_ids == b.token_ids for a, b in zip(ar, risd)]
@@ -175,16 +177,20 @@ def stage_step():
     for name in BENCH_MODELS:
         # a third model for the "select" layout (the default; risd_br takes it too): `fuse_lora` keeps one per model
         select = bool({"risd_select", "risd_br", "risd_gs", "risd_g1"} & set(only.split(",")))
+        lowrank = "risd_lowrank" in only.split(",")
         if name == "idlm-tiny-ar":
             (model_f, tok, lora_f), (model_u, _, lora_u) = tiny_ar("bfloat16"), tiny_ar("bfloat16")
             model_s, _, lora_s = tiny_ar("bfloat16") if select else (None, None, None)
+            model_l, _, lora_l = tiny_ar("bfloat16") if lowrank else (None, None, None)
             prompt = bench_prompts(tok, 1)[0]
         else:
-            model_f, model_u, model_s = (random_model("smollm2-135m", dtype="bfloat16", device=DEV)
-                                         if i < 2 or select else None for i in range(3))
-            lora_f, lora_u, lora_s = (None if m is None else LoRAAdapter(m.config, LoRAConfig(rank=SMOL_RANK))
-                                      .init_weights(std=0.02, seed=0, zero_b=False)
-                                      .to(device=DEV, dtype=m.dtype) for m in (model_f, model_u, model_s))
+            model_f, model_u, model_s, model_l = (
+                random_model("smollm2-135m", dtype="bfloat16", device=DEV)
+                if i < 2 or (select and i == 2) or (lowrank and i == 3) else None for i in range(4))
+            lora_f, lora_u, lora_s, lora_l = (
+                None if m is None else LoRAAdapter(m.config, LoRAConfig(rank=SMOL_RANK))
+                .init_weights(std=0.02, seed=0, zero_b=False).to(device=DEV, dtype=m.dtype)
+                for m in (model_f, model_u, model_s, model_l))
             tok = None
             prompt = torch.randint(10, 40000, (64,), generator=torch.Generator().manual_seed(0)).tolist()
         # kind: (model, adapter, fuse_projections, lora_layout)
@@ -193,10 +199,11 @@ def stage_step():
                  "risd_br": (model_s, lora_s, True, "select"),  # with rejection branches (N² = 16 query tokens)
                  "risd_gs": (model_s, lora_s, True, "select"),  # and a guessed correction per draft (25 tokens)
                  "risd_g1": (model_s, lora_s, True, "select"),  # the guessed groups of one row (19 tokens)
-                 "risd_select": (model_s, lora_s, True, "select")}
+                 "risd_select": (model_s, lora_s, True, "select"),
+                 "risd_lowrank": (model_l, lora_l, True, "lowrank")}  # the low-rank layout (`lora_kernel`)
         kinds = {k: v for k, v in kinds.items()
                  if k == "ar" or (k in only.split(",") if only
-                                  else k not in ("risd_br", "risd_gs", "risd_g1", "risd_select"))}
+                                  else k not in ("risd_br", "risd_gs", "risd_g1", "risd_select", "risd_lowrank"))}
         out[name] = {}
         for temp in (0.0, 0.7):
             cases = {}

@@ -71,7 +71,7 @@ def test_embedded_smollm2_adapter_fits_smollm2_and_is_lossless():
     # the engine's fused step on this shape (no q/k norms, tied embeddings), both layouts, with branches
     from idlm.engine.llm_engine import EngineConfig, LLMEngine
 
-    for layout in ("pair", "select"):
+    for layout in ("pair", "select", "lowrank"):
         model = random_model("smollm2-135m", dtype="float32", std=0.05)
         eng = LLMEngine(model, None, EngineConfig(decoder="risd", stride=4, max_num_seqs=2, num_pages=64,
                                                   fuse_projections=True, lora_layout=layout, branches=True),

@@ -373,14 +373,15 @@ def test_fused_lora_risd_equals_ar():
     ar = _small_engine(model, tok, "ar", 4).run(prompts, params)
     unfused = _small_engine(model, tok, "risd", 4, lora=lora).run(prompts, params)
     assert model.model.layers[0].self_attn.qkv_lora is None
-    for layout in ("pair", "select"):
+    for layout in ("pair", "select", "lowrank"):
         model, _ = load_pretrained("idlm-tiny-ar", dtype="float32")
         lora = LoRAAdapter.load(registry.fetch("idlm-tiny-ar-risd-lora"), model.config)
         engine = _small_engine(model, tok, "risd", 4, lora=lora, fuse_projections=True, lora_layout=layout)
         a, h = model.model.layers[0].self_attn, model.config.hidden_size
         assert a.qkv_lora is not None and model.model.layers[0].mlp.down_lora is not None
         qkv_out = a.q_proj.out_features + 2 * a.k_proj.out_features
-        assert a.qkv_lora[0].shape == ((2 * qkv_out, h) if layout == "select" else (qkv_out, 2 * h))
+        shapes = {"select": (2 * qkv_out, h), "pair": (qkv_out, 2 * h), "lowrank": (qkv_out, h)}
+        assert a.qkv_lora[0].shape == shapes[layout]
         fused = engine.run(prompts, params)
         assert [o.token_ids for o in fused] == [o.token_ids for o in ar], layout
         tpf = [sum(o.stats.committed for o in outs) / sum(o.stats.forwards for o in outs)
@@ -400,7 +401,7 @@ def test_fused_lora_risd_equals_ar():
 
 @pytest.mark.parametrize("qk_norm,bias", [(True, False), (False, True)])
 def test_fused_lora_layouts_match_the_separate_path(qk_norm, bias):
-    """Both layouts of `fuse_lora` against the separate low-rank projections (the training path) on a Qwen3
+    """Every layout of `fuse_lora` against the separate low-rank projections (the training path) on a Qwen3
     shape (per-head q/k norms) and a biased one without them: gated rows get W + D, ungated rows exactly W —
     where no earlier row is gated, bit-identical to the model without the adapter."""
     from idlm.layers.lora import LoRAConfig
@@ -412,7 +413,7 @@ def test_fused_lora_layouts_match_the_separate_path(qk_norm, bias):
     with torch.no_grad():
         plain = model(ids)
         sep = model(ids, lora=lora, lora_gate=gate.double(), is_mask=gate)
-        for layout in ("pair", "select"):
+        for layout in ("pair", "select", "lowrank"):
             model.fuse_lora(lora, layout)
             fused = model(ids, lora=lora, lora_gate=gate.double(), is_mask=gate)
             torch.testing.assert_close(fused, sep, rtol=1e-10, atol=1e-10)

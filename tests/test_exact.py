@@ -182,7 +182,7 @@ def test_bench_exact_script_smoke(tmp_path):
     assert pre["preemptions"] > 0 and pre["identical_logprob_bits"] == pre["of"]
 
 
-@pytest.mark.parametrize("layout", ["pair", "select"])
+@pytest.mark.parametrize("layout", ["pair", "select", "lowrank"])
 def test_exact_forward_with_a_fused_lora_matches_the_fast_one(layout):
     """Exact mode's forward (batch-invariant matmuls and norms) through either fused-LoRA layout gives the
     values of the ordinary forward (fp32, Qwen3 shape: the "select" layout picks each row's half before the

@@ -165,3 +165,39 @@ def test_kernel_compiles_for_cuda():
 
     result = run_ttir_script(_TTIR_BODY)
     assert len(result) == 8 and all(v == "ok" for v in result.values()), result
+
+
+def test_engine_with_the_kernel_emits_greedy_ar(monkeypatch):
+    """The "lowrank" layout with every projection through the kernel (Triton's interpreter standing in for the
+    GPU: `lora_mm` forced onto `lora_linear_rows`): R-ISD's greedy tokens on the embedded idlm-tiny-ar and its
+    adapter are AR's, float32, and it drafts (TPF > 1). (Two short requests and wide tiles: the interpreter is
+    slow.)"""
+    import idlm.models.transformer as tr
+    from idlm.decoding.sampling import SamplingParams
+    from idlm.engine.llm_engine import EngineConfig, LLMEngine
+    from idlm.layers.lora_kernel import lora_mm
+    from idlm.models import registry
+    from idlm.models.loader import load_pretrained
+
+    calls = []
+
+    def through_kernel(x, factors, gate=None, mm=None):
+        w, a, b, bias = factors
+        assert bias is None
+        calls.append(x.shape)
+        g = None if gate is None else gate.reshape(-1)
+        return lora_linear_rows(x.reshape(-1, x.shape[-1]), w, a, b, g, block_n=256, block_k=128
+                                ).reshape(*x.shape[:-1], w.shape[0])
+
+    model, tok = load_pretrained("idlm-tiny-ar", dtype="float32")
+    lora = LoRAAdapter.load(registry.fetch("idlm-tiny-ar-risd-lora"), model.config)
+    prompts = [tok.encode(t) for t in ("def add(a, b):", "for i in range(")]
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    cfg = dict(stride=4, max_num_seqs=2, num_pages=64, fuse_projections=True)
+    ar = LLMEngine(model, tok, EngineConfig(decoder="ar", **cfg)).run(prompts, sp)
+    monkeypatch.setattr(tr, "lora_mm", through_kernel)
+    eng = LLMEngine(model, tok, EngineConfig(decoder="risd", lora_layout="lowrank", **cfg), lora=lora)
+    out = eng.run(prompts, sp)
+    assert calls and [o.token_ids for o in out] == [o.token_ids for o in ar]
+    assert sum(o.stats.committed for o in out) > sum(o.stats.forwards for o in out)
+    assert lora_mm is not through_kernel

@@ -191,7 +191,9 @@ class EngineConfig:
     fuse_projections: bool | None = None
     # how q/k/v and gate/up carry a fused R-ISD LoRA (`Transformer.fuse_lora`): "pair" ([x, g·x] times [W | D])
     # or "select" (x times [W ; W + D], each row's half picked in the kernel after the matmul; the default:
-    # on the H200 its SmolLM2-shaped step's CUDA graph takes 3.5% less GPU time, docs/risd.md session 25)
+    # on the H200 its SmolLM2-shaped step's CUDA graph takes 3.5% less GPU time, docs/risd.md session 25), or
+    # "lowrank" (W and the low-rank factors in one Triton kernel per projection, W read once: built in session 38,
+    # not yet measured on a GPU)
     lora_layout: str = "select"
     # exact mode (issue 16): every token row's logits bit-identical whatever the batch, the query block and
     # the prefill chunk (batch-invariant matmuls, fixed-tile attention), so greedy ISD / R-ISD equal greedy

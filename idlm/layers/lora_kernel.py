@@ -27,20 +27,25 @@ import functools
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from idlm.layers.paged_kernel import triton_available
 
 # the kernel's tile: 16 rows (tl.dot's least), 64 output columns, 64 of the reduced dimension
 BLOCK_M, BLOCK_N, BLOCK_K = 16, 64, 64
+LORA_KERNEL_MAX_ROWS = 32  # `lora_mm` takes the kernel up to this many rows (a few decode blocks), else matmuls
 
 
-def lowrank_factors(layer_lora, named: list[tuple[str, nn.Linear]]
+def lowrank_factors(layer_lora, named: list[tuple[str, nn.Linear]], weight: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(W [N, K], A [R, K], B' [N, R]) of the projections `named` (name, Linear) side by side: W their weights
-    concatenated, A the targeted ones' lora_A stacked, B' = scale·lora_B placed block-diagonally (each
-    projection's output rows read only its own A rows; computed in float32, rounded once to W's dtype).
-    (A, B') = (None, None) where no projection is targeted."""
+    concatenated (or `weight`, that concatenation already built: `fuse_projections`' copy, shared), A the
+    targeted ones' lora_A stacked, B' = scale·lora_B placed block-diagonally (each projection's output rows read
+    only its own A rows; computed in float32, rounded once to W's dtype). (A, B') = (None, None) where no
+    projection is targeted."""
     ws = [m.weight for _, m in named]
-    w = torch.cat(ws) if len(ws) > 1 else ws[0]
+    w = weight if weight is not None else torch.cat(ws) if len(ws) > 1 else ws[0]
     pairs = [(i, layer_lora.pairs[name]) for i, (name, _) in enumerate(named) if name in layer_lora.pairs]
     if not pairs:
         return w, None, None
@@ -59,16 +64,36 @@ def lowrank_factors(layer_lora, named: list[tuple[str, nn.Linear]]
 
 
 def lora_linear(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | None = None,
-                gate: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] -> x·Wᵀ + gate ⊙ ((x·Aᵀ)·B'ᵀ) [M, N] in x's dtype, each product rounded to it as eager matmuls
-    round (the reference of `lora_linear_rows`). gate [M] (bool or 0/1; None: every row)."""
-    y = x @ w.t()
+                gate: torch.Tensor | None = None, bias: torch.Tensor | None = None, mm=F.linear) -> torch.Tensor:
+    """x [M, K] -> x·Wᵀ (+ bias) + gate ⊙ ((x·Aᵀ)·B'ᵀ) [M, N] in x's dtype, each product rounded to it as eager
+    matmuls round (the reference of `lora_linear_rows`). gate [M] (bool or 0/1; None: every row); `mm`: F.linear's
+    signature (exact mode passes the batch-invariant matmul)."""
+    y = mm(x, w, bias)
     if a is None:
         return y
-    d = (x @ a.t()) @ b.t()
+    d = mm(mm(x, a), b)
     if gate is None:
         return y + d
-    return torch.where(gate.reshape(-1, 1).bool(), y + d, y)
+    return torch.where(gate.reshape(-1, 1) != 0, y + d, y)
+
+
+def lora_mm(x: torch.Tensor, factors: tuple, gate: torch.Tensor | None = None, mm=F.linear) -> torch.Tensor:
+    """A fused projection of the "lowrank" layout (`Transformer.fuse_lora`): x [..., K], factors (W [N, K], A, B',
+    bias), gate [...] -> [..., N]. `lora_linear_rows` where it runs — CUDA, at most LORA_KERNEL_MAX_ROWS rows (a
+    decode step's few; the kernel reads W once per 16 rows), no bias, no gradient, not under compilation, the
+    ordinary matmul (not exact mode's) — else `lora_linear`."""
+    w, a, b, bias = factors
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    g = None if gate is None else gate.reshape(-1)
+    if (mm is F.linear and x2.is_cuda and bias is None and x2.shape[0] <= LORA_KERNEL_MAX_ROWS
+            and x2.dtype in (torch.float32, torch.bfloat16, torch.float16) and x2.dtype == w.dtype
+            and not (torch.is_grad_enabled() and (x2.requires_grad or w.requires_grad))
+            and not torch.compiler.is_compiling() and triton_available()):
+        y = lora_linear_rows(x2, w, a, b, g)
+    else:
+        y = lora_linear(x2, w, a, b, g, bias, mm)
+    return y.reshape(*lead, w.shape[0])
 
 
 @functools.cache
@@ -130,9 +155,10 @@ def _kernel():
 
 
 def lora_linear_rows(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | None = None,
-                     gate: torch.Tensor | None = None) -> torch.Tensor:
+                     gate: torch.Tensor | None = None, block_n: int = BLOCK_N, block_k: int = BLOCK_K) -> torch.Tensor:
     """`lora_linear` as one Triton launch (grid: column blocks x row blocks of BLOCK_M). x [M, K], w [N, K],
-    a [R, K], b [N, R] (both or neither), gate [M]; float32, bf16 or fp16, all of one dtype."""
+    a [R, K], b [N, R] (both or neither), gate [M]; float32, bf16 or fp16, all of one dtype. block_n / block_k:
+    the tile (powers of two >= 16; larger ones make Triton's interpreter faster in tests)."""
     M, K = x.shape
     N = w.shape[0]
     if w.shape[1] != K:
@@ -157,10 +183,10 @@ def lora_linear_rows(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor | None = 
         return out
     g = gate.reshape(M) if gate is not None else x  # bool or 0/1 values, read as they are (unread without a gate)
     br = max(16, 1 << (max(r, 1) - 1).bit_length())
-    grid = (-(-N // BLOCK_N), -(-M // BLOCK_M))
+    grid = (-(-N // block_n), -(-M // BLOCK_M))
     _kernel()[grid](x, w, a if a is not None else w, b if b is not None else w, g, out, M, N, K,
                     x.stride(0), w.stride(0), a.stride(0) if a is not None else 0,
                     b.stride(0) if b is not None else 0, out.stride(0),
-                    BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, BR=br, R=r, LORA=a is not None, GATED=gate is not None,
+                    BM=BLOCK_M, BN=block_n, BK=block_k, BR=br, R=r, LORA=a is not None, GATED=gate is not None,
                     IEEE=x.dtype == torch.float32, UPCAST=os.environ.get("TRITON_INTERPRET") == "1", num_warps=4)
     return out

@@ -13,7 +13,9 @@ taken by the compiled kernel after the matmul (RoPE, SiLU·up), so the matmul ke
 its width instead (more thread blocks, not a longer loop each: at a few rows a matmul's time follows K). o and
 down output the halves [Wx, Dx] times [W ; D] in both, and the norm after them adds Wx + g·Dx to the
 residual stream (exactly Wx where g = 0). So an R-ISD step runs the same matmuls as plain AR and no extra
-kernel.
+kernel. Both read twice AR's weight bytes (W and a dense D); the third layout, "lowrank", keeps the adapter
+low-rank: each projection is one kernel computing Wx + g·B'(Ax) per row (`idlm.layers.lora_kernel`, a decode
+step's few rows on CUDA; matmuls elsewhere), so the norms, RoPE and SiLU are AR's and W is read once.
 
 The model is agnostic of where KV lives: `forward` takes an attention backend
 (`idlm.layers.attention`) that owns the cache. It returns hidden states; `compute_logits` turns the
@@ -29,6 +31,7 @@ from torch import nn
 from idlm.layers.attention import AttentionBackend, DenseAttention
 from idlm.layers.fused import cuda_fused
 from idlm.layers.lora import select_half
+from idlm.layers.lora_kernel import lora_mm, lowrank_factors
 from idlm.layers.norm import RMSNorm
 from idlm.layers.rotary import RotaryEmbedding, apply_rotary, qk_norm_rotary, rotary_qk, rotary_qkv_fast, split_qkv
 from idlm.models.config import ModelConfig
@@ -72,7 +75,8 @@ def _share_rows(linears, weight: torch.Tensor, bias: torch.Tensor | None) -> Non
         start += n
 
 
-LORA_LAYOUTS = ("pair", "select")  # `Transformer.fuse_lora`'s layouts of q/k/v and gate/up (module docstring)
+LORA_LAYOUTS = ("pair", "select", "lowrank")  # `Transformer.fuse_lora`'s layouts (module docstring)
+DUAL_LAYOUTS = ("pair", "select")  # the layouts whose o and down output [Wx, Dx] halves for the next norm
 
 
 def _lora_linear(layer_lora, named: list[tuple[str, nn.Linear]], layout: str = "pair"
@@ -135,12 +139,17 @@ class Attention(nn.Module):
             # RoPE and v in one compiled function with one output (`rotary_qkv`): one kernel on CUDA, with Qwen3's
             # q/k norms too (the H200, session 27); on CUDA a Triton program per token instead ($IDLM_ROTARY_KERNEL)
             qn, kn = (None, None) if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight)
-            w = self.qkv_lora if fused_lora else self.qkv
-            qkv = rotary_qkv_fast(mm(x, *w), lora[1] if fused_lora == "select" else None, cos, sin, self.n_heads,
+            if fused_lora == "lowrank":  # W and the low-rank factors in one kernel, each row gated there
+                qkv = lora_mm(x, self.qkv_lora, lora[1], mm)
+            else:
+                qkv = mm(x, *(self.qkv_lora if fused_lora else self.qkv))
+            qkv = rotary_qkv_fast(qkv, lora[1] if fused_lora == "select" else None, cos, sin, self.n_heads,
                                   self.n_kv, qn, kn, 0.0 if self.q_norm is None else self.q_norm.eps)
             return self._attend_out(*split_qkv(qkv, self.n_heads, self.n_kv), attn, lora, mm)
         if fused_lora == "select":  # exact mode: the half picked here, the norms and RoPE below
             q, k, v = select_half(mm(x, *self.qkv_lora), lora[1]).split(split, -1)
+        elif fused_lora == "lowrank":
+            q, k, v = lora_mm(x, self.qkv_lora, lora[1], mm).split(split, -1)
         elif fused_lora:
             q, k, v = mm(x, *self.qkv_lora).split(split, -1)
         elif self.qkv is not None and lora is None:
@@ -167,6 +176,8 @@ class Attention(nn.Module):
         # the Triton kernel returns o without a copy
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         o = attn.attend(self.layer_idx, q, k, v).transpose(1, 2).reshape(B, T, -1)  # [B, T, Hq·D]
+        if lora is not None and lora[2] == "lowrank":
+            return lora_mm(o, self.o_lora, lora[1], mm)
         if lora is not None and lora[2]:  # [W_o o, D_o o]: the next norm adds W_o o + g·D_o o to the stream
             return mm(o, *self.o_lora)
         return _project(self.o_proj, "o_proj", o, lora, mm)
@@ -217,6 +228,9 @@ class MLP(nn.Module):
 
     def forward(self, x, lora=None, exact=False):
         mm = _matmul(exact)
+        if lora is not None and lora[2] == "lowrank":  # each projection one kernel, gated per row inside it
+            a = silu_mul_chunks(lora_mm(x, self.gate_up_lora, lora[1], mm))
+            return lora_mm(a, self.down_lora, lora[1], mm)
         if lora is not None and lora[2]:  # fused LoRA; returns [W_d a, D_d a] (the next norm gates)
             gate_up = mm(x, *self.gate_up_lora)  # "pair": of [x, g·x]; "select": of x, halves [Wx, (W + D)x]
             # (elementwise: each row's values are its own in exact mode too)
@@ -242,7 +256,7 @@ class DecoderLayer(nn.Module):
         """Pre-norm block in the residual-stream form: h is the previous block's output (the embeddings when
         residual is None) and the stream is residual + h; returns (this block's output, the stream
         before it). Each residual add runs fused with the norm that follows it."""
-        if lora is None or not lora[2]:
+        if lora is None or lora[2] not in DUAL_LAYOUTS:  # no fused LoRA, or "lowrank" (AR's norms)
             if residual is None:
                 residual, x = h, self.input_layernorm(h, exact=exact)
             else:
@@ -353,7 +367,8 @@ class Transformer(nn.Module):
     def fuse_lora(self, adapter=None, layout: str = "select"):
         """Inference with an R-ISD adapter: per layer, [q; k; v], o, [gate; up] and down each become one
         matmul with D = scale·B·A folded in (`_lora_linear`, `_lora_linear_out`; `layout` "pair" or "select",
-        the module docstring), so a decode step with the adapter runs as many matmuls as plain AR. Forwards
+        the module docstring), so a decode step with the adapter runs as many matmuls as plain AR; or, "lowrank",
+        with (W, A, B' = scale·B, bias) kept apart for `lora_mm`'s one kernel each. Forwards
         with this very adapter use them; any other adapter (or None) takes the separate projections.
         Idempotent for the same adapter and layout; adapter=None drops the copies. The copies are 2x the
         projection weights (`fusable_bytes(lora=True)`)."""
@@ -370,6 +385,17 @@ class Transformer(nn.Module):
         adapter.check_fits(self.config)
         for layer, la in zip(self.model.layers, adapter.layers):
             a, m = layer.self_attn, layer.mlp
+            if layout == "lowrank":  # (W, A, B', bias) each; W shared with `fuse_projections`' copy where built
+                qkv, gate_up = [(w, b) if w is not None else _cat_linear(*ms) for (w, b), ms in (
+                    (a.qkv or (None, None), (a.q_proj, a.k_proj, a.v_proj)),
+                    (m.gate_up or (None, None), (m.gate_proj, m.up_proj)))]
+                a.qkv_lora = (*lowrank_factors(la, [("q_proj", a.q_proj), ("k_proj", a.k_proj), ("v_proj", a.v_proj)],
+                                               qkv[0]), qkv[1])
+                a.o_lora = (*lowrank_factors(la, [("o_proj", a.o_proj)]), a.o_proj.bias)
+                m.gate_up_lora = (*lowrank_factors(la, [("gate_proj", m.gate_proj), ("up_proj", m.up_proj)],
+                                                   gate_up[0]), gate_up[1])
+                m.down_lora = (*lowrank_factors(la, [("down_proj", m.down_proj)]), m.down_proj.bias)
+                continue
             a.qkv_lora = _lora_linear(la, [("q_proj", a.q_proj), ("k_proj", a.k_proj), ("v_proj", a.v_proj)],
                                       layout)
             a.o_lora = _lora_linear_out(la, "o_proj", a.o_proj)
@@ -425,7 +451,7 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.model.layers):
             x, residual = layer(x, residual, cos, sin, attn,
                                 None if lora is None else (lora.layers[i], lora_gate, layout), exact)
-        if fused:  # the last block's output is [base, delta] halves
+        if fused and layout in DUAL_LAYOUTS:  # the last block's output is [base, delta] halves
             return self.model.norm(x, residual, gate=lora_gate, dual=True, exact=exact)[1]
         return self.model.norm(x, residual, exact=exact)[1]
 
