@@ -7,8 +7,9 @@ back to back in one CUDA graph (so launch cost is the graph's, as in the engine)
 weight as F.linear takes it ([N, K]) and transposed ([K, N], `mm_kn`), and the select layout's two halves as one
 batched matmul of two row groups (`bmm_2groups`). Every call reuses one weight, so it stays in L2: the numbers
 are the shape's cost without the weights' trip from HBM. `step_like/*`: a whole idlm-tiny-ar step's GEMMs on the
-model's own weights, AR's and R-ISD's select layout (whether the doubled weights cost more than their rows).
-`floor_add_`: an empty kernel in a graph.
+model's own weights, AR's and R-ISD's select layout (whether the doubled weights cost more than their rows) and
+the "lowrank" layout's kernel; `kernel_tiles/*`: that kernel's tile and warp choices per projection against
+cuBLAS's plain projection. `floor_add_`: an empty kernel in a graph.
 
     python scripts/bench_small_gemm.py          (on the GPU; $OUT/gemm_small.json; the JSON line last)
 """
@@ -110,6 +111,33 @@ def step_like() -> dict:
     return out
 
 
+def kernel_tiles() -> dict:
+    """`lora_linear_rows` alone on each idlm-tiny-ar projection at 7 rows (a rank-32 LoRA per projection, gated on 4
+    rows), L2-resident as the shapes above, for tiles (block_n, block_k) and warps: which to make the default."""
+    from idlm.layers.lora_kernel import lora_linear_rows
+
+    out = {}
+    g = torch.Generator(device=DEV).manual_seed(0)
+    gate = torch.arange(7, device=DEV) >= 3
+    for name in ("qkv", "o", "gate_up", "down"):
+        k, n = SHAPES[name]
+        r = 32 * {"qkv": 3, "gate_up": 2}.get(name, 1)
+        x = torch.randn(7, k, device=DEV, dtype=DTYPE, generator=g)
+        w = torch.randn(n, k, device=DEV, dtype=DTYPE, generator=g) * 0.02
+        a = torch.randn(r, k, device=DEV, dtype=DTYPE, generator=g) * 0.02
+        b = torch.randn(n, r, device=DEV, dtype=DTYPE, generator=g) * 0.02
+        res = {"cublas_linear": graph_us(lambda: F.linear(x, w))}
+        for bn in (32, 64, 128):
+            for bk in (64, 128, 256):
+                for nw in (2, 4):
+                    res[f"bn{bn}_bk{bk}_w{nw}"] = graph_us(
+                        lambda: lora_linear_rows(x, w, a, b, gate, block_n=bn, block_k=bk, num_warps=nw))
+        best = min((v, c) for c, v in res.items() if c != "cublas_linear")
+        out[f"kernel_tiles/{name}"] = {**res, "best": best[1]}
+        print(json.dumps({f"kernel_tiles/{name}": out[f"kernel_tiles/{name}"]}), flush=True)
+    return out
+
+
 def main() -> None:
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     for name, (k, n) in SHAPES.items():
@@ -126,6 +154,7 @@ def main() -> None:
                 res[f"{name}/M{m}/x{mult}"] = r
                 print(json.dumps({f"{name}/M{m}/x{mult}": r}), flush=True)
     res.update(step_like())
+    res.update(kernel_tiles())
     z = torch.zeros(16, device=DEV)
     res["floor_add_"] = graph_us(lambda: z.add_(1))
     if os.environ.get("OUT"):

@@ -155,10 +155,11 @@ def _kernel():
 
 
 def lora_linear_rows(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | None = None,
-                     gate: torch.Tensor | None = None, block_n: int = BLOCK_N, block_k: int = BLOCK_K) -> torch.Tensor:
+                     gate: torch.Tensor | None = None, block_n: int = BLOCK_N, block_k: int = BLOCK_K,
+                     num_warps: int = 4) -> torch.Tensor:
     """`lora_linear` as one Triton launch (grid: column blocks x row blocks of BLOCK_M). x [M, K], w [N, K],
     a [R, K], b [N, R] (both or neither), gate [M]; float32, bf16 or fp16, all of one dtype. block_n / block_k:
-    the tile (powers of two >= 16; larger ones make Triton's interpreter faster in tests)."""
+    the tile (powers of two >= 16; larger ones make Triton's interpreter faster in tests); num_warps: Triton's."""
     M, K = x.shape
     N = w.shape[0]
     if w.shape[1] != K:
@@ -188,5 +189,6 @@ def lora_linear_rows(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor | None = 
                     x.stride(0), w.stride(0), a.stride(0) if a is not None else 0,
                     b.stride(0) if b is not None else 0, out.stride(0),
                     BM=BLOCK_M, BN=block_n, BK=block_k, BR=br, R=r, LORA=a is not None, GATED=gate is not None,
-                    IEEE=x.dtype == torch.float32, UPCAST=os.environ.get("TRITON_INTERPRET") == "1", num_warps=4)
+                    IEEE=x.dtype == torch.float32, UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
+                    num_warps=num_warps)
     return out
