@@ -27,18 +27,10 @@ SHAPES = {"qkv": (384, 640), "o": (384, 384), "gate_up": (384, 1792), "down": (8
 
 
 def graph_us(fn, n: int = 50, reps: int = 7) -> float:
-    """µs per call of `fn`, n calls captured in one CUDA graph, median over `reps` replays."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(n):
-            fn()
+    """µs per call of `fn`, n calls captured in one CUDA graph (`capture`), median over `reps` replays."""
+    from idlm.bench.profile import capture
+
+    graph = capture(lambda: [fn() for _ in range(n)], warmup=1)
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -143,18 +143,15 @@ _TTIR_BODY = r"""
 from idlm.layers.lora_kernel import _kernel, BLOCK_M, BLOCK_N, BLOCK_K
 
 fn = _kernel()
-out = {}
-for lora, gated, dt in itertools.product((False, True), (False, True), ("*bf16", "*fp32")):
-    name = f"lora={lora} gated={gated} dtype={dt[1:]}"
-    try:
-        ce = dict(BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, BR=32, R=24, LORA=lora, GATED=gated, IEEE=dt == "*fp32",
-                  UPCAST=False)
-        sig = {"X": dt, "W": dt, "A": dt, "B": dt, "G": "*i1", "OUT": dt}
-        text = ttir(fn, sig, ce, optimize=True)
-        out[name] = "ok" if "tt.func" in text and "tt.dot" in text else text[-800:]
-    except Exception as e:
-        out[name] = f"{type(e).__name__}: {e}"[-800:]
-print(json.dumps(out))
+
+def build(lora, gated, dt):
+    ce = dict(BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, BR=32, R=24, LORA=lora, GATED=gated, IEEE=dt == "*fp32",
+              UPCAST=False)
+    text = ttir(fn, {"X": dt, "W": dt, "A": dt, "B": dt, "G": "*i1", "OUT": dt}, ce, optimize=True)
+    return "tt.func" in text and "tt.dot" in text or text
+
+report((f"lora={lora} gated={gated} dtype={dt[1:]}", lambda lora=lora, gated=gated, dt=dt: build(lora, gated, dt))
+       for lora, gated, dt in itertools.product((False, True), (False, True), ("*bf16", "*fp32")))
 """
 
 

@@ -445,28 +445,25 @@ _TTIR_BODY = r"""
 from idlm.layers.paged_kernel import _kernel
 
 fwd, combine = _kernel()
-out = {}
-for prefetch, split, ieee, fused, tree in itertools.product((True, False), repeat=5):
-    if fused and not split or tree and not ieee:  # (the hidden ranges' code does not depend on the dtype)
-        continue
+
+def build(prefetch, split, ieee, fused, tree):
     dt = "*fp32" if ieee else "*bf16"
     sig = {"Q": dt, "K": dt, "V": dt, "Out": dt, "TABLES": "*i32", "LAST": "*i64", "HIDE": "*i64", "PART_M": "*fp32",
            "PART_L": "*fp32", "PART_ACC": "*fp32", "COUNTERS": "*i32", "scale": "fp32"}
-    name = f"prefetch={prefetch} split={split} ieee={ieee} fused_combine={fused} tree={tree}"
-    try:
-        # a split tree block (16 tokens x 4 heads) in four 16-row tiles ($IDLM_ATTN_ROW_TILE), unsplit in one
-        text = ttir(fwd, sig, dict(GROUP=4, BLOCK_M=16 if not tree or split else 64, BLOCK_N=64, D=128, IEEE=ieee,
-                                   SPLIT=split, TQ=1 if not tree else 16, PREFETCH=prefetch, FUSED_COMBINE=fused,
-                                   MIN_CHUNK=128, TREE=tree, MT=4 if tree and split else 1,
-                                   FULL_M=16 if not tree else 64))
-        if split and not fused:
-            text += ttir(combine, {"Out": dt, "PART_M": "*fp32", "PART_L": "*fp32", "PART_ACC": "*fp32",
-                                   "LAST": "*i64"}, dict(GROUP=4, BLOCK_M=16 if not tree else 64, BLOCK_N=64, D=128,
-                                                         BLOCK_R=16))  # (tree: a tile in 4 row chunks)
-        out[name] = "ok" if "tt.func" in text else "no function"
-    except Exception as e:
-        out[name] = f"{type(e).__name__}: {e}"[-800:]
-print(json.dumps(out))
+    # a split tree block (16 tokens x 4 heads) in four 16-row tiles ($IDLM_ATTN_ROW_TILE), unsplit in one
+    text = ttir(fwd, sig, dict(GROUP=4, BLOCK_M=16 if not tree or split else 64, BLOCK_N=64, D=128, IEEE=ieee,
+                               SPLIT=split, TQ=1 if not tree else 16, PREFETCH=prefetch, FUSED_COMBINE=fused,
+                               MIN_CHUNK=128, TREE=tree, MT=4 if tree and split else 1,
+                               FULL_M=16 if not tree else 64))
+    if split and not fused:
+        text += ttir(combine, {"Out": dt, "PART_M": "*fp32", "PART_L": "*fp32", "PART_ACC": "*fp32",
+                               "LAST": "*i64"}, dict(GROUP=4, BLOCK_M=16 if not tree else 64, BLOCK_N=64, D=128,
+                                                     BLOCK_R=16))  # (tree: a tile in 4 row chunks)
+    return "tt.func" in text or "no function"
+
+# (the hidden ranges' code does not depend on the dtype)
+report((f"prefetch={p} split={s} ieee={i} fused_combine={f} tree={t}", lambda v=(p, s, i, f, t): build(*v))
+       for p, s, i, f, t in itertools.product((True, False), repeat=5) if not (f and not s or t and not i))
 """
 
 

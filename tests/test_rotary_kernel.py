@@ -128,19 +128,17 @@ _TTIR_BODY = r"""
 from idlm.layers.rotary import _rotary_kernel
 
 fn = _rotary_kernel()
-out = {}
-for gated, norm, dt in itertools.product((False, True), (False, True), ("*bf16", "*fp32")):
-    name = f"gated={gated} norm={norm} dtype={dt[1:]}"
-    try:
-        ce = dict(HQ=6, HKV=2, D=64, BLOCK_H=16, GATED=gated, NORM=norm)
-        sig = {"X": dt, "GATE": "*i1", "COS": dt, "SIN": dt, "QW": dt, "KW": dt, "OUT": dt, "eps": "fp32"}
-        text = ttir(fn, sig, ce, optimize=True)
-        # bf16: each product rounded before the sum (a truncf per product and one for the sum, none folded away)
-        want = 3 + 2 * norm if dt == "*bf16" else 0
-        out[name] = "ok" if "tt.func" in text and text.count("arith.truncf") >= want else text[-800:]
-    except Exception as e:
-        out[name] = f"{type(e).__name__}: {e}"[-800:]
-print(json.dumps(out))
+
+def build(gated, norm, dt):
+    ce = dict(HQ=6, HKV=2, D=64, BLOCK_H=16, GATED=gated, NORM=norm)
+    sig = {"X": dt, "GATE": "*i1", "COS": dt, "SIN": dt, "QW": dt, "KW": dt, "OUT": dt, "eps": "fp32"}
+    text = ttir(fn, sig, ce, optimize=True)
+    # bf16: each product rounded before the sum (a truncf per product and one for the sum, none folded away)
+    want = 3 + 2 * norm if dt == "*bf16" else 0
+    return "tt.func" in text and text.count("arith.truncf") >= want or text
+
+report((f"gated={gated} norm={norm} dtype={dt[1:]}", lambda gated=gated, norm=norm, dt=dt: build(gated, norm, dt))
+       for gated, norm, dt in itertools.product((False, True), (False, True), ("*bf16", "*fp32")))
 """
 
 

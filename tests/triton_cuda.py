@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 # defines `ttir(fn, signature, constexprs, optimize=False)` -> the IR's text (after the TTIR passes when
-# `optimize`), or prints {"skip": why} and exits when this Triton has no CUDA back end
+# `optimize`) and `report(variants)` (each variant's IR built, one JSON line of results), or prints
+# {"skip": why} and exits when this Triton has no CUDA back end
 PRELUDE = r"""
 import itertools, json, os, sys
 os.environ.pop("TRITON_INTERPRET", None)
@@ -41,6 +42,18 @@ def ttir(fn, signature, constexprs, optimize=False):
                     constexprs={(names.index(k),): v for k, v in constexprs.items()})
     mod = src.make_ir(target, options, backend.get_codegen_implementation(options), backend.get_module_map(), ctx)
     return str(backend.make_ttir(mod, {}, options, 90) if optimize else mod)
+
+def report(variants):
+    # variants: (name, build) pairs; build() -> True when the variant's IR is as wanted, else what to show. Prints
+    # {name: "ok" or what build returned or raised} as the script's JSON line
+    out = {}
+    for name, build in variants:
+        try:
+            got = build()
+            out[name] = "ok" if got is True else str(got)[-800:]
+        except Exception as e:
+            out[name] = f"{type(e).__name__}: {e}"[-800:]
+    print(json.dumps(out))
 """
 
 

@@ -27,6 +27,21 @@ def profile_steps(engine, steps: int):
     return prof, step_ms
 
 
+def capture(fn, warmup: int = 2):
+    """`fn` captured in a CUDA graph (-> torch.cuda.CUDAGraph), after `warmup` calls on a side stream (compiles,
+    kernel choices, lazy allocations: nothing of that may happen during the capture)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def graph_times(graph, reps: int = 50) -> dict:
     """A captured CUDA graph timed three ways (medians, ms): `gpu_ms` back-to-back replays (CUDA events: the
     GPU's time alone), `replay_call_ms` the host's launch call of one replay, `replay_sync_ms` one replay and

@@ -71,16 +71,9 @@ def time_gemms(weights: list[tuple[str, torch.Tensor]], rows: int, iters: int = 
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     fn = run
     if cuda and cuda_graph:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                run()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            run()
-        fn = graph.replay
+        from idlm.bench.profile import capture
+
+        fn = capture(run).replay
     for _ in range(3):
         fn()
     seconds = _time(fn, iters, sync)
