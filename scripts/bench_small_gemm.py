@@ -81,9 +81,9 @@ def step_like() -> dict:
 
     def kernel(m, with_lora):
         def step():
-            for w, a, b in lowrank:
+            for w, a, b, segments in lowrank:
                 if with_lora:
-                    lora_linear_rows(xs[m, w.shape[1]], w, a, b, gate)
+                    lora_linear_rows(xs[m, w.shape[1]], w, a, b, gate, segments)
                 else:
                     lora_linear_rows(xs[m, w.shape[1]], w)
             F.linear(xs[1, head.shape[1]], head)
@@ -94,7 +94,7 @@ def step_like() -> dict:
 
     configs = {"ar": (cublas(ar, 1), mb(ar)), "select": (cublas(select + [head], 7), mb(select + [head])),
                "ar_weights_7_rows": (cublas(ar, 7), mb(ar)),
-               "lowrank_kernel": (kernel(7, True), mb([t for f in lowrank for t in f] + [head])),
+               "lowrank_kernel": (kernel(7, True), mb([t for f in lowrank for t in f[:3]] + [head])),
                "kernel_1_row": (kernel(1, False), mb(ar))}
     out = {}
     for name, (fn, size) in configs.items():
@@ -104,8 +104,9 @@ def step_like() -> dict:
 
 
 def kernel_tiles() -> dict:
-    """`lora_linear_rows` alone on each idlm-tiny-ar projection at 7 rows (a rank-32 LoRA per projection, gated on 4
-    rows), L2-resident as the shapes above, for tiles (block_n, block_k) and warps: which to make the default."""
+    """`lora_linear_rows` alone on each idlm-tiny-ar projection at 7 rows (a rank-32 LoRA per projection side by side,
+    gated on 4 rows), L2-resident as the shapes above, for tiles (block_n, block_k) and warps: which to make the
+    default."""
     from idlm.layers.lora_kernel import lora_linear_rows
 
     out = {}
@@ -118,12 +119,14 @@ def kernel_tiles() -> dict:
         w = torch.randn(n, k, device=DEV, dtype=DTYPE, generator=g) * 0.02
         a = torch.randn(r, k, device=DEV, dtype=DTYPE, generator=g) * 0.02
         b = torch.randn(n, r, device=DEV, dtype=DTYPE, generator=g) * 0.02
+        ends = {"qkv": (384, 512, 640), "gate_up": (896, 1792)}.get(name, (n,))  # the projections side by side
+        segments = tuple((e, 32 * i, 32) for i, e in enumerate(ends))
         res = {"cublas_linear": graph_us(lambda: F.linear(x, w))}
         for bn in (32, 64, 128):
             for bk in (64, 128, 256):
                 for nw in (2, 4):
-                    res[f"bn{bn}_bk{bk}_w{nw}"] = graph_us(
-                        lambda: lora_linear_rows(x, w, a, b, gate, block_n=bn, block_k=bk, num_warps=nw))
+                    res[f"bn{bn}_bk{bk}_w{nw}"] = graph_us(lambda: lora_linear_rows(
+                        x, w, a, b, gate, segments, block_n=bn, block_k=bk, num_warps=nw))
         best = min((v, c) for c, v in res.items() if c != "cublas_linear")
         out[f"kernel_tiles/{name}"] = {**res, "best": best[1]}
         print(json.dumps({f"kernel_tiles/{name}": out[f"kernel_tiles/{name}"]}), flush=True)

@@ -60,8 +60,9 @@ def test_lora_linear_is_the_gated_lora_of_each_projection():
         std=0.1, seed=0, zero_b=False)
     attn, la = model.model.layers[0].self_attn, lora.layers[0]
     named = [("q_proj", attn.q_proj), ("k_proj", attn.k_proj), ("v_proj", attn.v_proj)]
-    w, a, b = lowrank_factors(la, named)
+    w, a, b, segments = lowrank_factors(la, named)
     assert a.shape == (8, cfg.hidden_size) and b.shape == (w.shape[0], 8)
+    assert segments == ((64, 0, 4), (96, 4, 0), (128, 4, 4))  # q rows 0..63 (A 0..3), k none, v A 4..7
     x = torch.randn(5, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
     gate = torch.tensor([True, False, True, True, False])
     want = []
@@ -72,8 +73,8 @@ def test_lora_linear_is_the_gated_lora_of_each_projection():
             y = y + gate[:, None] * (la.scale * ((x @ p.lora_A.weight.t()) @ p.lora_B.weight.t()))
         want.append(y)
     torch.testing.assert_close(lora_linear(x, w, a, b, gate), torch.cat(want, 1), rtol=1e-5, atol=1e-6)
-    w2, a2, b2 = lowrank_factors(la, [("k_proj", attn.k_proj)])  # nothing targeted: no factors
-    assert a2 is None and b2 is None and torch.equal(w2, attn.k_proj.weight)
+    w2, a2, b2, s2 = lowrank_factors(la, [("k_proj", attn.k_proj)])  # nothing targeted: no factors
+    assert a2 is None and b2 is None and s2 is None and torch.equal(w2, attn.k_proj.weight)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -88,6 +89,37 @@ def test_kernel_equals_the_reference_in_the_interpreter(dtype, shape):
     base = x.float() @ w.float().t()  # gate-0 rows: the base projection alone
     off = ~gate
     assert (got[off].float() - base[off]).abs().max().item() <= _tolerance(dtype, base) if off.any() else True
+
+
+def _block_diagonal(segments, n, k, dtype, seed=5):
+    """A [R, K] and a block-diagonal B' [N, R] of projections side by side (`segments` as `lowrank_factors`)."""
+    g = torch.Generator().manual_seed(seed)
+    r = sum(s[2] for s in segments)
+    a = (torch.randn(r, k, generator=g) / k ** 0.5).to(dtype)
+    b = torch.zeros(n, r)
+    start = 0
+    for end, first, rank in segments:
+        b[start:end, first:first + rank] = 0.5 * torch.randn(end - start, rank, generator=g) / max(rank, 1) ** 0.5
+        start = end
+    return a, b.to(dtype)
+
+
+@pytest.mark.parametrize("segments", [((64, 0, 8), (128, 8, 8), (192, 16, 8)),  # blocks inside one projection
+                                      ((70, 0, 8), (100, 8, 0), (130, 8, 4)),  # blocks across two; k untargeted
+                                      ((96, 0, 6), (160, 6, 6))])  # two projections (gate/up)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_reads_each_projections_own_lora_rows(dtype, segments):
+    """With `segments`, a program reads only its projection's A rows (all of them where its columns span two):
+    the same values as the reference over the whole block-diagonal B'."""
+    n, k = segments[-1][0], 96
+    x, w, _, _, gate = _case(dtype, 7, k, n, 4, seed=2)
+    a, b = _block_diagonal(segments, n, k, dtype)
+    ref = lora_linear(x.float(), w.float(), a.float(), b.float(), gate)
+    for bn in (32, 64):
+        got = lora_linear_rows(x, w, a, b, gate, segments, block_n=bn)
+        assert (got.float() - ref).abs().max().item() <= _tolerance(dtype, ref), bn
+    with pytest.raises(ValueError, match="segments"):
+        lora_linear_rows(x, w, a, b, gate, ((n - 1, 0, a.shape[0]),))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -135,6 +167,12 @@ def test_kernel_on_the_gpu(dtype, shape):
     off = ~gate
     if off.any():
         assert (got[off].float() - base[off].float()).abs().max().item() <= _tolerance(dtype, base)
+    segments = ((70, 0, 8), (100, 8, 0), (130, 8, 4))  # per-projection A rows, a block across two projections
+    a2, b2 = (t.to("cuda") for t in _block_diagonal(segments, 130, shape[1], dtype))
+    w2 = w[:130] if w.shape[0] >= 130 else torch.cat([w] * (-(-130 // w.shape[0])))[:130]
+    ref2 = lora_linear(x, w2, a2, b2, gate)
+    got2 = lora_linear_rows(x, w2, a2, b2, gate, segments)
+    assert (got2.float() - ref2.float()).abs().max().item() <= _tolerance(dtype, ref2)
 
 
 # the kernel's Triton IR for an sm_90 CUDA target, after the TTIR passes (`triton_cuda.run_ttir_script`):
@@ -179,11 +217,11 @@ def test_engine_with_the_kernel_emits_greedy_ar(monkeypatch):
     calls = []
 
     def through_kernel(x, factors, gate=None, mm=None):
-        w, a, b, bias = factors
+        w, a, b, bias, segments = factors
         assert bias is None
         calls.append(x.shape)
         g = None if gate is None else gate.reshape(-1)
-        return lora_linear_rows(x.reshape(-1, x.shape[-1]), w, a, b, g, block_n=256, block_k=128
+        return lora_linear_rows(x.reshape(-1, x.shape[-1]), w, a, b, g, segments, block_n=256, block_k=128
                                 ).reshape(*x.shape[:-1], w.shape[0])
 
     model, tok = load_pretrained("idlm-tiny-ar", dtype="float32")

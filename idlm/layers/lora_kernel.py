@@ -38,29 +38,35 @@ LORA_KERNEL_MAX_ROWS = 32  # `lora_mm` takes the kernel up to this many rows (a 
 
 
 def lowrank_factors(layer_lora, named: list[tuple[str, nn.Linear]], weight: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(W [N, K], A [R, K], B' [N, R]) of the projections `named` (name, Linear) side by side: W their weights
-    concatenated (or `weight`, that concatenation already built: `fuse_projections`' copy, shared), A the
-    targeted ones' lora_A stacked, B' = scale·lora_B placed block-diagonally (each projection's output rows read
-    only its own A rows; computed in float32, rounded once to W's dtype). (A, B') = (None, None) where no
-    projection is targeted."""
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, tuple | None]:
+    """(W [N, K], A [R, K], B' [N, R], segments) of the projections `named` (name, Linear; at most 3) side by
+    side: W their weights concatenated (or `weight`, that concatenation already built: `fuse_projections`' copy,
+    shared), A the targeted ones' lora_A stacked, B' = scale·lora_B placed block-diagonally (each projection's
+    output rows read only its own A rows; computed in float32, rounded once to W's dtype), and per projection
+    (its last output row + 1, its first A row, its rank; rank 0 where it has no LoRA) — what lets a kernel
+    program whose columns lie in one projection read only that projection's A rows (`lora_linear_rows`).
+    (A, B', segments) = (None, None, None) where no projection is targeted."""
+    if not 1 <= len(named) <= 3:
+        raise ValueError(f"lowrank_factors: 1 to 3 projections side by side, got {len(named)}")
     ws = [m.weight for _, m in named]
     w = weight if weight is not None else torch.cat(ws) if len(ws) > 1 else ws[0]
     pairs = [(i, layer_lora.pairs[name]) for i, (name, _) in enumerate(named) if name in layer_lora.pairs]
     if not pairs:
-        return w, None, None
+        return w, None, None, None
     r = sum(p.lora_A.weight.shape[0] for _, p in pairs)
     a = torch.cat([p.lora_A.weight for _, p in pairs]).to(w.dtype)
     b = torch.zeros(w.shape[0], r, dtype=torch.promote_types(w.dtype, torch.float32), device=w.device)
     starts = [0]
     for m in ws:
         starts.append(starts[-1] + m.shape[0])
-    col = 0
-    for i, p in pairs:
-        rank = p.lora_A.weight.shape[0]
-        b[starts[i]:starts[i + 1], col:col + rank] = layer_lora.scale * p.lora_B.weight.to(b.dtype)
+    col, segments, targeted = 0, [], dict(pairs)
+    for i in range(len(ws)):
+        rank = targeted[i].lora_A.weight.shape[0] if i in targeted else 0
+        if rank:
+            b[starts[i]:starts[i + 1], col:col + rank] = layer_lora.scale * targeted[i].lora_B.weight.to(b.dtype)
+        segments.append((starts[i + 1], col, rank))
         col += rank
-    return w, a, b.to(w.dtype)
+    return w, a, b.to(w.dtype), tuple(segments)
 
 
 def lora_linear(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | None = None,
@@ -79,10 +85,10 @@ def lora_linear(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor | None = None,
 
 def lora_mm(x: torch.Tensor, factors: tuple, gate: torch.Tensor | None = None, mm=F.linear) -> torch.Tensor:
     """A fused projection of the "lowrank" layout (`Transformer.fuse_lora`): x [..., K], factors (W [N, K], A, B',
-    bias), gate [...] -> [..., N]. `lora_linear_rows` where it runs — CUDA, at most LORA_KERNEL_MAX_ROWS rows (a
-    decode step's few; the kernel reads W once per 16 rows), no bias, no gradient, not under compilation, the
-    ordinary matmul (not exact mode's) — else `lora_linear`."""
-    w, a, b, bias = factors
+    bias, segments: `lowrank_factors`), gate [...] -> [..., N]. `lora_linear_rows` where it runs — CUDA, at most
+    LORA_KERNEL_MAX_ROWS rows (a decode step's few; the kernel reads W once per 16 rows), no bias, no gradient,
+    not under compilation, the ordinary matmul (not exact mode's) — else `lora_linear`."""
+    w, a, b, bias, segments = factors
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     g = None if gate is None else gate.reshape(-1)
@@ -90,7 +96,7 @@ def lora_mm(x: torch.Tensor, factors: tuple, gate: torch.Tensor | None = None, m
             and x2.dtype in (torch.float32, torch.bfloat16, torch.float16) and x2.dtype == w.dtype
             and not (torch.is_grad_enabled() and (x2.requires_grad or w.requires_grad))
             and not torch.compiler.is_compiling() and triton_available()):
-        y = lora_linear_rows(x2, w, a, b, g)
+        y = lora_linear_rows(x2, w, a, b, g, segments)
     else:
         y = lora_linear(x2, w, a, b, g, bias, mm)
     return y.reshape(*lead, w.shape[0])
@@ -102,13 +108,20 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def lora_linear_kernel(X, W, A, B, G, OUT, M, N, K, s_x, s_w, s_a, s_b, s_o,
+    def lora_linear_kernel(X, W, A, B, G, OUT, M, N, K, s_x, s_w, s_a, s_b, s_o, E0, E1, O0, O1, O2, R0, R1, R2,
                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, R: tl.constexpr,
                            LORA: tl.constexpr, GATED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
         pn, pm = tl.program_id(0), tl.program_id(1)
         rm = pm * BM + tl.arange(0, BM)
         rn = pn * BN + tl.arange(0, BN)
         rr = tl.arange(0, BR)
+        if LORA:  # this column block's A rows: its projection's (segments E/O/R), all R where it spans two
+            n_first, n_last = pn * BN, tl.minimum(pn * BN + BN - 1, N - 1)
+            seg = (n_first >= E0).to(tl.int32) + (n_first >= E1).to(tl.int32)
+            whole = seg != (n_last >= E0).to(tl.int32) + (n_last >= E1).to(tl.int32)
+            r0 = tl.where(whole, 0, tl.where(seg == 0, O0, tl.where(seg == 1, O1, O2)))
+            rc = tl.where(whole, R, tl.where(seg == 0, R0, tl.where(seg == 1, R1, R2)))
+            ra = r0 + rr  # the A rows (and B' columns) read, rr < rc of them
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         xa = tl.zeros((BM, BR), dtype=tl.float32)
         for k0 in range(0, K, BK):
@@ -124,7 +137,8 @@ def _kernel():
             else:
                 acc += tl.dot(x, tl.trans(w))
             if LORA:
-                a = tl.load(A + rr[:, None] * s_a + rk[None, :], mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
+                a = tl.load(A + ra[:, None] * s_a + rk[None, :], mask=(rr[:, None] < rc) & (rk[None, :] < K),
+                            other=0.0)
                 if UPCAST:
                     a = a.to(tl.float32)
                 if IEEE:
@@ -134,7 +148,7 @@ def _kernel():
         dt = OUT.dtype.element_ty
         y = acc.to(dt)  # the base projection, rounded once (as a matmul's output)
         if LORA:
-            b = tl.load(B + rn[:, None].to(tl.int64) * s_b + rr[None, :], mask=(rn[:, None] < N) & (rr[None, :] < R),
+            b = tl.load(B + rn[:, None].to(tl.int64) * s_b + ra[None, :], mask=(rn[:, None] < N) & (rr[None, :] < rc),
                         other=0.0)
             xr = xa.to(dt)  # x·Aᵀ rounded as its matmul's output, then ·B'ᵀ
             if UPCAST:
@@ -155,10 +169,12 @@ def _kernel():
 
 
 def lora_linear_rows(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | None = None,
-                     gate: torch.Tensor | None = None, block_n: int = BLOCK_N, block_k: int = BLOCK_K,
-                     num_warps: int = 4) -> torch.Tensor:
+                     gate: torch.Tensor | None = None, segments: tuple | None = None, block_n: int = BLOCK_N,
+                     block_k: int = BLOCK_K, num_warps: int = 4) -> torch.Tensor:
     """`lora_linear` as one Triton launch (grid: column blocks x row blocks of BLOCK_M). x [M, K], w [N, K],
-    a [R, K], b [N, R] (both or neither), gate [M]; float32, bf16 or fp16, all of one dtype. block_n / block_k:
+    a [R, K], b [N, R] (both or neither), gate [M]; float32, bf16 or fp16, all of one dtype. segments
+    (`lowrank_factors`; None: one projection of rank R): a program whose columns lie in one projection reads
+    only its A rows (B' is block-diagonal: the others would add zeros). block_n / block_k:
     the tile (powers of two >= 16; larger ones make Triton's interpreter faster in tests); num_warps: Triton's."""
     M, K = x.shape
     N = w.shape[0]
@@ -185,9 +201,14 @@ def lora_linear_rows(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor | None = 
     g = gate.reshape(M) if gate is not None else x  # bool or 0/1 values, read as they are (unread without a gate)
     br = max(16, 1 << (max(r, 1) - 1).bit_length())
     grid = (-(-N // block_n), -(-M // BLOCK_M))
+    segs = list(segments or [(N, 0, r)])
+    if segments is not None and (not 1 <= len(segs) <= 3 or segs[-1][0] != N or sum(s[2] for s in segs) != r):
+        raise ValueError(f"lora_linear_rows: segments {segments} do not describe {N} columns of rank {r}")
+    segs += [(N, r, 0)] * (3 - len(segs))  # (unused segments: empty, past the last column)
+    (e0, o0, r0), (e1, o1, r1), (_, o2, r2) = segs
     _kernel()[grid](x, w, a if a is not None else w, b if b is not None else w, g, out, M, N, K,
                     x.stride(0), w.stride(0), a.stride(0) if a is not None else 0,
-                    b.stride(0) if b is not None else 0, out.stride(0),
+                    b.stride(0) if b is not None else 0, out.stride(0), e0, e1, o0, o1, o2, r0, r1, r2,
                     BM=BLOCK_M, BN=block_n, BK=block_k, BR=br, R=r, LORA=a is not None, GATED=gate is not None,
                     IEEE=x.dtype == torch.float32, UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
                     num_warps=num_warps)

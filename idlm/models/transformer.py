@@ -385,16 +385,19 @@ class Transformer(nn.Module):
         adapter.check_fits(self.config)
         for layer, la in zip(self.model.layers, adapter.layers):
             a, m = layer.self_attn, layer.mlp
-            if layout == "lowrank":  # (W, A, B', bias) each; W shared with `fuse_projections`' copy where built
+            if layout == "lowrank":  # (W, A, B', bias, segments) each; W shared with `fuse_projections`' copy
                 qkv, gate_up = [(w, b) if w is not None else _cat_linear(*ms) for (w, b), ms in (
                     (a.qkv or (None, None), (a.q_proj, a.k_proj, a.v_proj)),
                     (m.gate_up or (None, None), (m.gate_proj, m.up_proj)))]
-                a.qkv_lora = (*lowrank_factors(la, [("q_proj", a.q_proj), ("k_proj", a.k_proj), ("v_proj", a.v_proj)],
-                                               qkv[0]), qkv[1])
-                a.o_lora = (*lowrank_factors(la, [("o_proj", a.o_proj)]), a.o_proj.bias)
-                m.gate_up_lora = (*lowrank_factors(la, [("gate_proj", m.gate_proj), ("up_proj", m.up_proj)],
-                                                   gate_up[0]), gate_up[1])
-                m.down_lora = (*lowrank_factors(la, [("down_proj", m.down_proj)]), m.down_proj.bias)
+
+                def factors(named, fused=(None, None)):
+                    w, lo_a, lo_b, segments = lowrank_factors(la, named, fused[0])
+                    return w, lo_a, lo_b, fused[1] if fused[0] is not None else named[0][1].bias, segments
+
+                a.qkv_lora = factors([("q_proj", a.q_proj), ("k_proj", a.k_proj), ("v_proj", a.v_proj)], qkv)
+                a.o_lora = factors([("o_proj", a.o_proj)])
+                m.gate_up_lora = factors([("gate_proj", m.gate_proj), ("up_proj", m.up_proj)], gate_up)
+                m.down_lora = factors([("down_proj", m.down_proj)])
                 continue
             a.qkv_lora = _lora_linear(la, [("q_proj", a.q_proj), ("k_proj", a.k_proj), ("v_proj", a.v_proj)],
                                       layout)
