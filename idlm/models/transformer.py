@@ -371,7 +371,8 @@ class Transformer(nn.Module):
         with (W, A, B' = scale·B, bias) kept apart for `lora_mm`'s one kernel each. Forwards
         with this very adapter use them; any other adapter (or None) takes the separate projections.
         Idempotent for the same adapter and layout; adapter=None drops the copies. The copies are 2x the
-        projection weights (`fusable_bytes(lora=True)`)."""
+        projection weights (`fusable_bytes(lora=True)`; "lowrank": the q/k/v and gate/up concatenations, shared
+        with `fuse_projections`' where it ran, and the factors)."""
         if layout not in LORA_LAYOUTS:
             raise ValueError(f"fuse_lora: layout must be one of {LORA_LAYOUTS}, got {layout!r}")
         if adapter is None:
