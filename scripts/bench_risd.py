@@ -63,7 +63,13 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from idlm.bench import environ_restored, environment, save_record, timed_before_profiled  # noqa: E402
+from idlm.bench import (  # noqa: E402
+    environ_restored,
+    environment,
+    sampling_attributes,
+    save_record,
+    timed_before_profiled,
+)
 from idlm.bench.offline import bench_offline, bench_prompts, count_delta, step_phases, step_stride  # noqa: E402
 from idlm.decoding.sampling import SamplingParams  # noqa: E402
 from idlm.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
@@ -107,19 +113,9 @@ if ATTN_VARIANTS[0] != "default" or not set(ATTN_VARIANTS) <= set(ATTN_ENV):
 def attention_variant(name: str):
     """The environment (ATTN_ENV) and `sampling` attributes (SAMPLING_VARIANTS) of variant `name` while the block
     runs, then the old ones."""
-    from idlm.decoding import sampling
-
-    attrs = SAMPLING_VARIANTS.get(name, {})
-    old = {a: getattr(sampling, a) for a in attrs}
-    with environ_restored(ATTN_ENV[name]):
+    with environ_restored(ATTN_ENV[name]), sampling_attributes(SAMPLING_VARIANTS.get(name, {})):
         os.environ.update(ATTN_ENV[name])
-        try:
-            for a, v in attrs.items():
-                setattr(sampling, a, v)
-            yield
-        finally:
-            for a, v in old.items():
-                setattr(sampling, a, v)
+        yield
 
 
 def emit(key, value):

@@ -25,7 +25,6 @@ JSON lines, a summary last, and $OUT/bench_sampling.json.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -36,7 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from idlm.bench import environment, save_record, timed_before_profiled  # noqa: E402
+from idlm.bench import environment, sampling_attributes, save_record, timed_before_profiled  # noqa: E402
 from idlm.bench.offline import bench_offline, bench_prompts  # noqa: E402
 from idlm.decoding import make_decoder  # noqa: E402
 from idlm.decoding.reference import generate  # noqa: E402
@@ -74,7 +73,7 @@ def stage_step():
         prompt = bench_prompts(tok, 1)[0]
         cases = {}
         for k, kw in settings.items():
-            with chunked_reductions(k.endswith("@chunked")):
+            with sampling_attributes({"CHUNKED_FROM": 0} if k.endswith("@chunked") else {}):
                 eng = LLMEngine(model, tok, EngineConfig(decoder=decoder, stride=4, max_num_seqs=1, num_pages=512))
                 params = SamplingParams(max_tokens=400, ignore_eos=True, seed=0, **kw)
                 eng.run([prompt], params)  # warm-up: compiles, graph captures
@@ -87,20 +86,6 @@ def stage_step():
                 a / b for a, b in zip(out[name]["T1@chunked"]["rounds_ms"], out[name]["T0@chunked"]["rounds_ms"])), 3)
         print(json.dumps({name: out[name]}), flush=True)
     emit("step", out)
-
-
-@contextlib.contextmanager
-def chunked_reductions(on: bool):
-    """While the block runs (an engine's warm-up: its compiles and graph captures): with `on`, the decode step's
-    vocabulary reductions in chunks at any vocabulary (`sampling.CHUNKED_FROM = 0`), then the default again."""
-    from idlm.decoding import sampling
-
-    old = sampling.CHUNKED_FROM
-    sampling.CHUNKED_FROM = 0 if on else old
-    try:
-        yield
-    finally:
-        sampling.CHUNKED_FROM = old
 
 
 def stage_invariant():

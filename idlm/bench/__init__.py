@@ -37,6 +37,23 @@ def environ_restored(names):
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def sampling_attributes(values: dict):
+    """`idlm.decoding.sampling` module attributes (e.g. VOCAB_CHUNK, CHUNKED_FROM) set to `values` while the block
+    runs, then as they were: a driver timing the decode step's variants (the compiled step functions guard on
+    them, so an engine built under other values compiles its steps again)."""
+    from idlm.decoding import sampling
+
+    old = {a: getattr(sampling, a) for a in values}
+    try:
+        for a, v in values.items():
+            setattr(sampling, a, v)
+        yield
+    finally:
+        for a, v in old.items():
+            setattr(sampling, a, v)
+
+
 def timed_before_profiled(stages: list[str], profiled: set[str]) -> list[str]:
     """A driver's stages with those that run torch.profiler (`profiled`) moved after the others, each group
     in its given order. Once a profiler with CUDA activity has run, CUPTI stays attached to the process and

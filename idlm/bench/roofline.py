@@ -50,13 +50,7 @@ def model_gemm_weights(model) -> list[tuple[str, torch.Tensor]]:
 def gemm_floor(model, rows: int, iters: int = 20, cuda_graph: bool = True, seed: int = 0) -> dict:
     """Seconds of the model's weight matmuls alone on `rows` = B·Q rows (median of `iters` replays of one
     CUDA graph holding them all, on CUDA), on the model's own weights, with the bytes they read."""
-    return time_gemms(model_gemm_weights(model), rows, iters, cuda_graph, seed)
-
-
-@torch.no_grad()
-def time_gemms(weights: list[tuple[str, torch.Tensor]], rows: int, iters: int = 20, cuda_graph: bool = True,
-               seed: int = 0) -> dict:
-    """`gemm_floor` of any list of (name, weight [out, in]): x [rows, in] @ weightᵀ for each, in order."""
+    weights = model_gemm_weights(model)
     device, dtype = weights[0][1].device, weights[0][1].dtype
     g = torch.Generator(device=device).manual_seed(seed)
     inputs = {k: torch.randn(rows, k, generator=g, device=device).to(dtype)

@@ -14,11 +14,13 @@ LoRA and the gate applied per row (so the consumers — norms, RoPE, SiLU — ar
 gated variants). The rows with gate 0 get x·Wᵀ: the base model's projection, as R-ISD's verification needs
 (within float32 accumulation order of cuBLAS's; float32 inputs are multiplied in IEEE float32, never TF32).
 
-`lowrank_factors` builds (W, A, B') of projections side by side (q/k/v, gate/up): A stacked, B' block-diagonal.
-`lora_linear` is the eager reference (what CPU and any shape runs); `lora_linear_rows` the kernel. Not wired into
-the engine yet: session 38 had no device time left to measure it (`scripts/bench_small_gemm.py`'s
-`step_like/lowrank_kernel`: idlm-tiny-ar's step GEMMs with its adapter through this kernel, ~34 MB, against the
-select layout's ~52 MB).
+`lowrank_factors` builds (W, A, B', segments) of projections side by side (q/k/v, gate/up): A stacked, B'
+block-diagonal.
+`lora_linear` is the eager reference (what CPU and any shape runs); `lora_linear_rows` the kernel; `lora_mm` picks
+one for `Transformer.fuse_lora`'s "lowrank" layout (`EngineConfig(lora_layout="lowrank")`, opt-in: session 38 had
+no device time left to measure it — `scripts/bench_small_gemm.py`'s `step_like/lowrank_kernel` times idlm-tiny-ar's
+step GEMMs through it, ~34 MB, against the select layout's ~52 MB; `scripts/bench_risd.py`'s step kind
+`risd_lowrank` times the engine step).
 """
 
 from __future__ import annotations
