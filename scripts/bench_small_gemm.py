@@ -51,7 +51,7 @@ def step_like() -> dict:
     LoRA gated on the last 4 rows, ~34 MB); "kernel_1_row": that kernel on AR's 1 row, no LoRA."""
     from idlm.bench.roofline import model_gemm_weights
     from idlm.layers.lora import LoRAAdapter
-    from idlm.layers.lora_kernel import lora_linear_rows, lowrank_factors
+    from idlm.layers.lora_kernel import lora_linear_rows
     from idlm.models.loader import load_pretrained, resolve_model_path
 
     model, _ = load_pretrained("idlm-tiny-ar", dtype="bfloat16", device=DEV)
@@ -59,16 +59,14 @@ def step_like() -> dict:
     ar = [w for _, w in model_gemm_weights(model)]
     head = ar[-1]
     lora = LoRAAdapter.load(resolve_model_path("idlm-tiny-ar-risd-lora"), model.config, device=DEV, dtype=DTYPE)
-    select_model, _ = load_pretrained("idlm-tiny-ar", dtype="bfloat16", device=DEV)
-    select_model.fuse_lora(lora, layout="select")
-    select, lowrank = [], []
-    for layer, plain, la in zip(select_model.model.layers, model.model.layers, lora.layers):
-        a, m = layer.self_attn, layer.mlp
-        select += [a.qkv_lora[0], a.o_lora[0], m.gate_up_lora[0], m.down_lora[0]]
-        pa, pm = plain.self_attn, plain.mlp
-        lowrank += [lowrank_factors(la, named) for named in (
-            [("q_proj", pa.q_proj), ("k_proj", pa.k_proj), ("v_proj", pa.v_proj)], [("o_proj", pa.o_proj)],
-            [("gate_proj", pm.gate_proj), ("up_proj", pm.up_proj)], [("down_proj", pm.down_proj)])]
+    fused = {}  # layout -> per layer, the four projections as `fuse_lora` builds them for the engine
+    for layout in ("select", "lowrank"):
+        m, _ = load_pretrained("idlm-tiny-ar", dtype="bfloat16", device=DEV)
+        m.fuse_projections().fuse_lora(lora, layout=layout)
+        fused[layout] = [p for layer in m.model.layers for p in (
+            layer.self_attn.qkv_lora, layer.self_attn.o_lora, layer.mlp.gate_up_lora, layer.mlp.down_lora)]
+    select = [p[0] for p in fused["select"]]
+    lowrank = fused["lowrank"]  # (W, A, B', bias, segments) each
     xs = {(m, k): torch.randn(m, k, device=DEV, dtype=DTYPE) for m in (1, 7) for k in {w.shape[1] for w in ar}}
     gate = torch.arange(7, device=DEV) >= 3  # a block of 3 clean rows, then 4 MASK rows
 
@@ -81,7 +79,7 @@ def step_like() -> dict:
 
     def kernel(m, with_lora):
         def step():
-            for w, a, b, segments in lowrank:
+            for w, a, b, _, segments in lowrank:
                 if with_lora:
                     lora_linear_rows(xs[m, w.shape[1]], w, a, b, gate, segments)
                 else:
