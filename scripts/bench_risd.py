@@ -3,7 +3,7 @@ and $OUT/bench_risd.json).
 
 Stages (comma-separated argv[1], default all):
   exact  fp32 and bf16: engine R-ISD (the fused step: LoRA folded into the projections; $EXACT_LAYOUT, default
-         select) vs engine AR on idlm-tiny-ar, greedy, 64 prompts x 128 tokens: how many requests are identical
+         auto) vs engine AR on idlm-tiny-ar, greedy, 64 prompts x 128 tokens: how many requests are identical
   step   bf16, batch 1, greedy and T = 0.7: the decode step of AR, R-ISD fused and R-ISD unfused (separate LoRA
          matmuls; $STEP_KINDS picks some, e.g. ar,risd_fused; risd_br: fused ("select") with rejection branches,
          risd_gs: and a guessed correction per draft (25 query rows), risd_g1: the same in groups of one row
@@ -137,7 +137,7 @@ def stage_exact():
         params = SamplingParams(temperature=0, max_tokens=128)
         ar = LLMEngine(model, tok, EngineConfig(decoder="ar", max_num_seqs=64)).run(prompts, params)
         eng = LLMEngine(model, tok, EngineConfig(decoder="risd", stride=4, max_num_seqs=64,
-                                                 lora_layout=os.environ.get("EXACT_LAYOUT", "select")), lora=lora)
+                                                 lora_layout=os.environ.get("EXACT_LAYOUT", "auto")), lora=lora)
         fused = model.model.layers[0].self_attn.qkv_lora is not None
         risd = eng.run(prompts, params)
         same = [a.token_ids == b.token_ids for a, b in zip(ar, risd)]

@@ -8,10 +8,13 @@ weight as F.linear takes it ([N, K]) and transposed ([K, N], `mm_kn`), and the s
 batched matmul of two row groups (`bmm_2groups`). Every call reuses one weight, so it stays in L2: the numbers
 are the shape's cost without the weights' trip from HBM. `step_like/*`: a whole idlm-tiny-ar step's GEMMs on the
 model's own weights, AR's and R-ISD's select layout (whether the doubled weights cost more than their rows) and
-the "lowrank" layout's kernel; `kernel_tiles/*`: that kernel's tile and warp choices per projection against
-cuBLAS's plain projection. `floor_add_`: an empty kernel in a graph.
+the "lowrank" layout's kernel (its default tile, each projection's best, 32 / 64 columns a program);
+`kernel_tiles/*`: that kernel's tile and warp choices per projection against cuBLAS's plain projection.
+`floor_add_`: an empty kernel in a graph.
 
     python scripts/bench_small_gemm.py          (on the GPU; $OUT/gemm_small.json; the JSON line last)
+    GEMM_SHAPES=0 GEMM_TILES=0 python scripts/bench_small_gemm.py     (without the per-shape cuBLAS table, the
+                                                                    tile sweep)
 """
 
 import json
@@ -42,7 +45,7 @@ def graph_us(fn, n: int = 50, reps: int = 7) -> float:
     return round(statistics.median(times), 2)
 
 
-def step_like() -> dict:
+def step_like(tiles: dict | None = None) -> dict:
     """The GEMMs of a whole idlm-tiny-ar step on its own weights, one CUDA graph (`graph_us`) -> µs a step and the
     weights' MB. "ar": 1 row, AR's fused weights (~29 MB with the tied head); "select": 7 rows, R-ISD's select
     layout [W ; W + D] of its trained adapter (~52 MB, more than the H100's 50 MB L2); "ar_weights_7_rows": 7 rows
@@ -77,13 +80,16 @@ def step_like() -> dict:
             F.linear(xs[1, head.shape[1]], head)
         return step
 
-    def kernel(m, with_lora):
+    names = ("qkv", "o", "gate_up", "down") * len(model.model.layers)  # the order of `lowrank`
+
+    def kernel(m, with_lora, tuned=False, tiles=tiles):
         def step():
-            for w, a, b, _, segments in lowrank:
+            for name, (w, a, b, _, segments) in zip(names, lowrank):
+                tile = tiles[name] if tuned else {}
                 if with_lora:
-                    lora_linear_rows(xs[m, w.shape[1]], w, a, b, gate, segments)
+                    lora_linear_rows(xs[m, w.shape[1]], w, a, b, gate, segments, **tile)
                 else:
-                    lora_linear_rows(xs[m, w.shape[1]], w)
+                    lora_linear_rows(xs[m, w.shape[1]], w, **tile)
             F.linear(xs[1, head.shape[1]], head)
         return step
 
@@ -94,6 +100,13 @@ def step_like() -> dict:
                "ar_weights_7_rows": (cublas(ar, 7), mb(ar)),
                "lowrank_kernel": (kernel(7, True), mb([t for f in lowrank for t in f[:3]] + [head])),
                "kernel_1_row": (kernel(1, False), mb(ar))}
+    if tiles:  # each projection on its best tile of `kernel_tiles`
+        configs["lowrank_kernel_tuned"] = (kernel(7, True, True), configs["lowrank_kernel"][1])
+        configs["kernel_1_row_tuned"] = (kernel(1, False, True), mb(ar))
+        configs["kernel_7_rows_no_lora"] = (kernel(7, False), mb(ar))  # the rows' cost without the LoRA's
+    for bn in (32, 64):  # the LoRA's A read once per program: wider programs read it fewer times
+        tiles_bn = {name: {"block_n": bn} for name in ("qkv", "o", "gate_up", "down")}
+        configs[f"lowrank_kernel_bn{bn}"] = (kernel(7, True, True, tiles_bn), configs["lowrank_kernel"][1])
     out = {}
     for name, (fn, size) in configs.items():
         out[f"step_like/{name}"] = {"weights_mb": size, "us_per_step": graph_us(fn, n=1, reps=41)}
@@ -120,12 +133,16 @@ def kernel_tiles() -> dict:
         ends = {"qkv": (384, 512, 640), "gate_up": (896, 1792)}.get(name, (n,))  # the projections side by side
         segments = tuple((e, 32 * i, 32) for i, e in enumerate(ends))
         res = {"cublas_linear": graph_us(lambda: F.linear(x, w))}
-        for bn in (32, 64, 128):
-            for bk in (64, 128, 256):
-                for nw in (2, 4):
-                    res[f"bn{bn}_bk{bk}_w{nw}"] = graph_us(lambda: lora_linear_rows(
-                        x, w, a, b, gate, segments, block_n=bn, block_k=bk, num_warps=nw))
-        best = min((v, c) for c, v in res.items() if c != "cublas_linear")
+        for bn in (16, 32, 64, 128):
+            for bk in (64, 128, 256, 512):
+                for nw in (1, 2, 4):
+                    try:
+                        res[f"bn{bn}_bk{bk}_w{nw}"] = graph_us(lambda: lora_linear_rows(
+                            x, w, a, b, gate, segments, block_n=bn, block_k=bk, num_warps=nw))
+                    except Exception as e:  # a tile that does not fit (Triton's OutOfResources: shared memory)
+                        torch.cuda.synchronize()
+                        res[f"bn{bn}_bk{bk}_w{nw}"] = f"{type(e).__name__}"
+        best = min((v, c) for c, v in res.items() if c != "cublas_linear" and isinstance(v, float))
         out[f"kernel_tiles/{name}"] = {**res, "best": best[1]}
         print(json.dumps({f"kernel_tiles/{name}": out[f"kernel_tiles/{name}"]}), flush=True)
     return out
@@ -133,7 +150,7 @@ def kernel_tiles() -> dict:
 
 def main() -> None:
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    for name, (k, n) in SHAPES.items():
+    for name, (k, n) in SHAPES.items() if os.environ.get("GEMM_SHAPES", "1") == "1" else ():
         for m in (1, 4, 7, 8, 16):
             for mult in (1, 2):
                 w = torch.randn(n * mult, k, device=DEV, dtype=DTYPE) * 0.02
@@ -146,8 +163,13 @@ def main() -> None:
                     r["bmm_2groups"] = graph_us(lambda: torch.bmm(xb, w2.transpose(1, 2)))
                 res[f"{name}/M{m}/x{mult}"] = r
                 print(json.dumps({f"{name}/M{m}/x{mult}": r}), flush=True)
-    res.update(step_like())
-    res.update(kernel_tiles())
+    tiles = kernel_tiles() if os.environ.get("GEMM_TILES", "1") == "1" else {}
+    res.update(tiles)
+    best = {}
+    for key, r in tiles.items():  # "bn16_bk128_w2" -> block_n, block_k, num_warps
+        bn, bk, nw = (int(t[2:] if t[0] == "b" else t[1:]) for t in r["best"].split("_"))
+        best[key.split("/")[1]] = {"block_n": bn, "block_k": bk, "num_warps": nw}
+    res.update(step_like(best or None))
     z = torch.zeros(16, device=DEV)
     res["floor_add_"] = graph_us(lambda: z.add_(1))
     if os.environ.get("OUT"):

@@ -923,7 +923,7 @@ def main() -> None:
     ap.add_argument("--speed-stride", type=int, default=4,
                     help="speed: N of the fixed-stride R-ISD engines (risd, risd_br; 2..8; the batch-1 step split "
                          "stays at N = 4)")
-    ap.add_argument("--lora-layout", choices=["pair", "select"], default="select",
+    ap.add_argument("--lora-layout", choices=["auto", "pair", "select", "lowrank"], default="auto",
                     help="eval/speed: the fused LoRA's layout of q/k/v and gate/up (EngineConfig.lora_layout)")
     ap.add_argument("--speed-requests", type=int, default=32,
                     help="speed: requests of a cell at least (default 32; each cell runs max(this, 2 C))")

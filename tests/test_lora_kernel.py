@@ -178,9 +178,10 @@ def test_kernel_on_the_gpu(dtype, shape):
 # the kernel's Triton IR for an sm_90 CUDA target, after the TTIR passes (`triton_cuda.run_ttir_script`):
 # {variant: "ok" or the error}
 _TTIR_BODY = r"""
-from idlm.layers.lora_kernel import _kernel, BLOCK_M, BLOCK_N, BLOCK_K
+from idlm.layers.lora_kernel import _kernel, BLOCK_M, kernel_tile
 
 fn = _kernel()
+BLOCK_N, BLOCK_K, _ = kernel_tile(384)  # the default tile (idlm-tiny-ar's hidden size)
 
 def build(lora, gated, dt):
     ce = dict(BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, BR=32, R=24, LORA=lora, GATED=gated, IEEE=dt == "*fp32",
@@ -236,3 +237,64 @@ def test_engine_with_the_kernel_emits_greedy_ar(monkeypatch):
     assert calls and [o.token_ids for o in out] == [o.token_ids for o in ar]
     assert sum(o.stats.committed for o in out) > sum(o.stats.forwards for o in out)
     assert lora_mm is not through_kernel
+
+
+def test_choose_lora_layout_weighs_the_step_bytes_against_the_l2():
+    """"lowrank" exactly where its step's weights fit L2_FIT of the L2 and the select layout's do not."""
+    from idlm.layers.lora_kernel import L2_FIT, choose_lora_layout
+
+    l2 = 50 << 20
+    fit = int(L2_FIT * l2)
+    assert choose_lora_layout(52_000_000, 34_000_000, l2) == "lowrank"  # idlm-tiny-ar on an H100 / H200
+    assert choose_lora_layout(fit + 1, fit, l2) == "lowrank"
+    assert choose_lora_layout(fit, fit - 1, l2) == "select"  # both fit: cuBLAS's GEMM
+    assert choose_lora_layout(428_000_000, 216_000_000, l2) == "select"  # neither fits (SmolLM2-135M)
+    assert choose_lora_layout(52_000_000, 34_000_000, None) == "select"  # no GPU
+    assert choose_lora_layout(52_000_000, 34_000_000, 0) == "select"
+
+
+def test_lora_step_bytes_count_the_weights_each_layout_reads():
+    """`Transformer.lora_step_bytes` against a direct count of the embedded idlm-tiny-ar and its adapter:
+    "select" reads every projection twice, "lowrank" once plus the factors, both the (tied) LM head; and the
+    engine's "auto" resolves to "select" off the GPU (and in exact mode), the given layout otherwise."""
+    from idlm.engine.model_runner import resolve_lora_layout
+    from idlm.models import registry
+    from idlm.models.loader import load_pretrained
+
+    model, _ = load_pretrained("idlm-tiny-ar", dtype="bfloat16")
+    lora = LoRAAdapter.load(registry.fetch("idlm-tiny-ar-risd-lora"), model.config)
+    c = model.config
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    per_layer = c.hidden_size * (q + 2 * kv) + q * c.hidden_size + 3 * c.hidden_size * c.intermediate_size
+    proj, head = 2 * c.num_hidden_layers * per_layer, 2 * c.vocab_size * c.hidden_size
+    rank = lora.config.rank
+    a_in = 5 * c.hidden_size + q + c.intermediate_size  # q, k, v, gate, up read the hidden state; o, down
+    b_out = q + 2 * kv + c.hidden_size + 2 * c.intermediate_size + c.hidden_size
+    fac = 2 * c.num_hidden_layers * rank * (a_in + b_out)  # A [r, in] and B [out, r] of all seven projections
+    assert model.lora_step_bytes(lora) == {"select": 2 * proj + head, "lowrank": proj + fac + head}
+    assert resolve_lora_layout("auto", model, lora) == "select"  # CPU
+    assert resolve_lora_layout("lowrank", model, lora) == "lowrank"
+
+
+@_cuda
+@pytest.mark.gpu
+def test_auto_layout_on_the_gpu_is_lowrank_for_idlm_tiny_ar():
+    """On an H100 / H200 (50 MiB L2) the engine's default "auto" builds the "lowrank" layout for idlm-tiny-ar
+    in bf16 (~32 MB a step with it, ~52 MB with "select"; float32's twice that fit with neither) and its R-ISD
+    greedy tokens are AR's (`bench_risd.py exact` with this layout: 64/64 in bf16, session 39)."""
+    from idlm.decoding.sampling import SamplingParams
+    from idlm.engine.llm_engine import EngineConfig, LLMEngine
+    from idlm.models import registry
+    from idlm.models.loader import load_pretrained
+
+    model, tok = load_pretrained("idlm-tiny-ar", dtype="bfloat16", device="cuda")
+    lora = LoRAAdapter.load(registry.fetch("idlm-tiny-ar-risd-lora"), model.config, device="cuda",
+                            dtype=torch.bfloat16)
+    if torch.cuda.get_device_properties(0).L2_cache_size < 44 << 20:
+        pytest.skip("an L2 below 44 MiB: idlm-tiny-ar's lowrank step does not fit three quarters of it")
+    prompts = [tok.encode(t) for t in ("def add(a, b):", "for i in range(")]
+    sp = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    ar = LLMEngine(model, tok, EngineConfig(decoder="ar", max_num_seqs=2)).run(prompts, sp)
+    eng = LLMEngine(model, tok, EngineConfig(decoder="risd", stride=4, max_num_seqs=2), lora=lora)
+    assert eng.runner.lora_layout == "lowrank"
+    assert [o.token_ids for o in eng.run(prompts, sp)] == [o.token_ids for o in ar]

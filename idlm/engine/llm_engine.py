@@ -190,11 +190,12 @@ class EngineConfig:
     # (Transformer.fuse_lora); None = auto: on CUDA when the copies are <= 1 GiB
     fuse_projections: bool | None = None
     # how q/k/v and gate/up carry a fused R-ISD LoRA (`Transformer.fuse_lora`): "pair" ([x, g·x] times [W | D])
-    # or "select" (x times [W ; W + D], each row's half picked in the kernel after the matmul; the default:
-    # on the H200 its SmolLM2-shaped step's CUDA graph takes 3.5% less GPU time, docs/risd.md session 25), or
-    # "lowrank" (W and the low-rank factors in one Triton kernel per projection, W read once: built in session 38,
-    # not yet measured on a GPU)
-    lora_layout: str = "select"
+    # or "select" (x times [W ; W + D], each row's half picked in the kernel after the matmul: on the H200 its
+    # SmolLM2-shaped step's CUDA graph takes 3.5% less GPU time than "pair", docs/risd.md session 25), or
+    # "lowrank" (W and the low-rank factors in one Triton kernel per projection, W read once), or "auto" (the
+    # default): "lowrank" on a GPU whose L2 holds a step's weights with it and not with "select"
+    # (`choose_lora_layout`: idlm-tiny-ar's step 1.175× AR's against 1.255×, session 39), else "select"
+    lora_layout: str = "auto"
     # exact mode (issue 16): every token row's logits bit-identical whatever the batch, the query block and
     # the prefill chunk (batch-invariant matmuls, fixed-tile attention), so greedy ISD / R-ISD equal greedy
     # AR in bf16 too; slower. Needs the Triton kernels (CUDA, or TRITON_INTERPRET=1 on CPU)
@@ -277,9 +278,9 @@ class EngineConfig:
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"invalid engine option step_cost={self.step_cost!r}: need (base, per_row, "
                                   f"per_token) seconds >= 0 ({e})") from None
-        if self.lora_layout not in LORA_LAYOUTS:
+        if self.lora_layout not in ("auto", *LORA_LAYOUTS):
             raise ConfigError(f"invalid engine option lora_layout={self.lora_layout!r}: must be one of "
-                              f"{list(LORA_LAYOUTS)}")
+                              f"{['auto', *LORA_LAYOUTS]}")
         if self.num_pages is not None:
             positive("num_pages")
         if self.admit_batch is None:

@@ -20,8 +20,9 @@ Decode steps attend over the pool with the Triton paged kernel on CUDA (`attenti
 chunks, and every step elsewhere, take the gather + SDPA reference path. On CUDA every model runs q/k/v
 and gate/up as two fused matmuls per layer (`fuse_projections`: the parameters become slices of the
 fused weights, so no memory is added), and an R-ISD adapter is folded into the projections
-(`Transformer.fuse_lora`, layout `lora_layout`: [x, g·x] times [W | D], or x times [W ; W + D]) when those
-copies take ≤ 1 GiB, so an R-ISD step runs as many matmuls as an AR step.
+(`Transformer.fuse_lora`, layout `lora_layout`: [x, g·x] times [W | D], x times [W ; W + D], or W and the
+low-rank factors in one Triton kernel; "auto": `resolve_lora_layout`) when those copies take ≤ 1 GiB, so an
+R-ISD step runs as many matmuls as an AR step.
 `exact=True` (issue 16) runs every forward, prefill chunks included, through the batch-invariant matmul
 and the paged kernel's exact variant (and the compiled elementwise kernels in prefill too), so a
 token row's values do not depend on the batch, its query block or its prefill chunk.
@@ -39,6 +40,7 @@ import torch
 from idlm.decoding.logprobs import score as score_logprobs
 from idlm.errors import ConfigError
 from idlm.layers.fused import cat_columns, cuda_fused, eager_fused
+from idlm.layers.lora_kernel import choose_lora_layout
 from idlm.layers.paged_attention import PagedAttention, PagedKVCache
 from idlm.layers.paged_kernel import head_dim_supported, triton_usable
 
@@ -115,11 +117,24 @@ CPU_FULL_REQUESTS = 4  # CPU KV pool: room for this many full-length requests (s
 CPU_KV_MAX_BYTES = 1 << 30
 
 
+def resolve_lora_layout(layout: str, model, lora, exact: bool = False) -> str:
+    """The fused-LoRA layout to build: `layout` itself, or for "auto" `choose_lora_layout`'s pick from the step's
+    weight bytes and the GPU's L2 ("select" off the GPU, without Triton, and in exact mode, where the
+    batch-invariant matmuls replace the kernel)."""
+    if layout != "auto":
+        return layout
+    if exact or model.device.type != "cuda" or not triton_usable(model.device):
+        return "select"
+    step = model.lora_step_bytes(lora)
+    l2 = torch.cuda.get_device_properties(model.device).L2_cache_size
+    return choose_lora_layout(step["select"], step["lowrank"], l2)
+
+
 class ModelRunner:
     def __init__(self, model, block_size: int, num_blocks: int | None, max_model_len: int, lora=None,
                  gpu_memory_utilization: float = 0.85, cuda_graphs: bool = True, max_num_seqs: int = 256,
                  attention: str = "auto", fuse_projections: bool | None = None, max_query_len: int = 1,
-                 exact: bool = False, lora_layout: str = "select"):
+                 exact: bool = False, lora_layout: str = "auto"):
         self.model, self.lora, self.exact = model, lora, exact
         self.attn_kernel = _use_kernel(attention, model.device)
         if exact and not triton_usable(model.device):
@@ -131,10 +146,12 @@ class ModelRunner:
         if fuse_projections is None:  # auto: on CUDA (fusing costs no memory); R-ISD if its [W | D] copies are small
             fuse_projections = model.device.type == "cuda" and (
                 lora is None or model.fusable_bytes(lora=True) <= FUSE_MAX_BYTES)
+        self.lora_layout = None  # the fused LoRA's layout built (None: no adapter, or not fused)
         if fuse_projections:
             model.fuse_projections()
             if lora is not None:  # R-ISD: the gated LoRA folded into the projections (as many matmuls as AR)
-                model.fuse_lora(lora, lora_layout)
+                self.lora_layout = resolve_lora_layout(lora_layout, model, lora, exact)
+                model.fuse_lora(lora, self.lora_layout)
         self.config = cfg = model.config
         self.device, self.dtype = model.device, model.dtype
         self.block_size = block_size

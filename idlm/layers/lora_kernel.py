@@ -34,9 +34,32 @@ from torch import nn
 
 from idlm.layers.paged_kernel import triton_available
 
-# the kernel's tile: 16 rows (tl.dot's least), 64 output columns, 64 of the reduced dimension
-BLOCK_M, BLOCK_N, BLOCK_K = 16, 64, 64
+BLOCK_M = 16  # the kernel's rows a program: tl.dot's least
+
+
+def kernel_tile(k: int) -> tuple[int, int, int]:
+    """(block_n, block_k, num_warps) of `lora_linear_rows` for a reduced dimension k: 16 output columns a program
+    (the most programs for a decode step's narrow weights; idlm-tiny-ar's q/k/v get 40 instead of 10 at 64), 128
+    of k a step with 4 warps, 256 with 2 past k = 512. The fastest tile per idlm-tiny-ar projection on an H100
+    (`scripts/bench_small_gemm.py`'s `kernel_tiles`, docs/risd.md session 39) or within 2% of it."""
+    return (16, 256, 2) if k > 512 else (16, 128, 4)
 LORA_KERNEL_MAX_ROWS = 32  # `lora_mm` takes the kernel up to this many rows (a few decode blocks), else matmuls
+
+
+L2_FIT = 0.75  # the share of the L2 a step's weights may take and still be read from it (`choose_lora_layout`)
+
+
+def choose_lora_layout(select_bytes: int, lowrank_bytes: int, l2_bytes: int | None) -> str:
+    """The fused-LoRA layout `EngineConfig(lora_layout="auto")` runs: "lowrank" where the weights a decode step
+    reads stay in the GPU's L2 with it (W plus the low-rank factors, `lowrank_bytes`, at most L2_FIT of
+    `l2_bytes`) and would not with "select" (W and W + D, `select_bytes`); else "select", which runs each
+    projection as cuBLAS's one GEMM. Measured (docs/risd.md, session 39; 50 MiB L2): idlm-tiny-ar, 34 MB
+    lowrank / 52 MB select, the R-ISD step 1.175× AR's with "lowrank" against 1.255× with "select" (H200);
+    SmolLM2-135M, whose weights never fit, 2.104× against 2.245× AR's tokens/s the other way round.
+    l2_bytes None (no GPU): "select"."""
+    if l2_bytes and lowrank_bytes <= L2_FIT * l2_bytes < select_bytes:
+        return "lowrank"
+    return "select"
 
 
 def lowrank_factors(layer_lora, named: list[tuple[str, nn.Linear]], weight: torch.Tensor | None = None
@@ -171,14 +194,17 @@ def _kernel():
 
 
 def lora_linear_rows(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | None = None,
-                     gate: torch.Tensor | None = None, segments: tuple | None = None, block_n: int = BLOCK_N,
-                     block_k: int = BLOCK_K, num_warps: int = 4) -> torch.Tensor:
+                     gate: torch.Tensor | None = None, segments: tuple | None = None, block_n: int | None = None,
+                     block_k: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """`lora_linear` as one Triton launch (grid: column blocks x row blocks of BLOCK_M). x [M, K], w [N, K],
     a [R, K], b [N, R] (both or neither), gate [M]; float32, bf16 or fp16, all of one dtype. segments
     (`lowrank_factors`; None: one projection of rank R): a program whose columns lie in one projection reads
     only its A rows (B' is block-diagonal: the others would add zeros). block_n / block_k:
-    the tile (powers of two >= 16; larger ones make Triton's interpreter faster in tests); num_warps: Triton's."""
+    the tile (powers of two >= 16; larger ones make Triton's interpreter faster in tests); num_warps: Triton's;
+    each None: `kernel_tile`'s."""
     M, K = x.shape
+    tile = kernel_tile(K)
+    block_n, block_k, num_warps = block_n or tile[0], block_k or tile[1], num_warps or tile[2]
     N = w.shape[0]
     if w.shape[1] != K:
         raise ValueError(f"lora_linear_rows: x has {K} columns but the weight takes {w.shape[1]}")
@@ -201,11 +227,14 @@ def lora_linear_rows(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor | None = 
     if M == 0 or N == 0:
         return out
     g = gate.reshape(M) if gate is not None else x  # bool or 0/1 values, read as they are (unread without a gate)
-    br = max(16, 1 << (max(r, 1) - 1).bit_length())
     grid = (-(-N // block_n), -(-M // BLOCK_M))
     segs = list(segments or [(N, 0, r)])
     if segments is not None and (not 1 <= len(segs) <= 3 or segs[-1][0] != N or sum(s[2] for s in segs) != r):
         raise ValueError(f"lora_linear_rows: segments {segments} do not describe {N} columns of rank {r}")
+    # the A rows a program reads at most: one projection's rank where no column block straddles two projections
+    # (every inner boundary a multiple of block_n), else all R (the straddling blocks read every projection's)
+    straddles = any(e % block_n for e, _, _ in segs[:-1])
+    br = max(16, 1 << (max(r if straddles else max(s[2] for s in segs), 1) - 1).bit_length())
     segs += [(N, r, 0)] * (3 - len(segs))  # (unused segments: empty, past the last column)
     (e0, o0, r0), (e1, o1, r1), (_, o2, r2) = segs
     _kernel()[grid](x, w, a if a is not None else w, b if b is not None else w, g, out, M, N, K,

@@ -408,6 +408,16 @@ class Transformer(nn.Module):
         self._fused_lora, self._fused_lora_layout = adapter, layout
         return self
 
+    def lora_step_bytes(self, adapter) -> dict[str, int]:
+        """Weight bytes an R-ISD decode step reads with `adapter` folded in ("select": [W ; W + D] of every
+        projection; "lowrank": W and the adapter's factors, in this model's dtype), the LM head included — what
+        `choose_lora_layout` weighs against the L2."""
+        head = (self.lm_head or self.model.embed_tokens).weight  # tied: the embedding is the head
+        head_bytes = head.numel() * head.element_size()
+        proj = self.fusable_bytes(lora=True) // 2  # the seven projections' W
+        factors = sum(p.numel() for n, p in adapter.named_parameters() if "lora_" in n) * head.element_size()
+        return {"select": 2 * proj + head_bytes, "lowrank": proj + factors + head_bytes}
+
     def fusable_bytes(self, lora: bool = False) -> int:
         """Bytes that `fuse_projections` builds (the q, k, v, gate and up weights; while fusing, one layer's
         separate and fused copies live at once, then the separate ones are freed), or that `fuse_lora`
