@@ -15,6 +15,8 @@ the "lowrank" layout's kernel (its default tile, each projection's best, 32 / 64
     python scripts/bench_small_gemm.py          (on the GPU; $OUT/gemm_small.json; the JSON line last)
     GEMM_SHAPES=0 GEMM_TILES=0 python scripts/bench_small_gemm.py     (without the per-shape cuBLAS table, the
                                                                     tile sweep)
+    GEMM_SHAPES=0 GEMM_STEP=0 GEMM_TILE_MODEL=smollm2 GEMM_COLD_MB=256 python scripts/bench_small_gemm.py
+        (the tile sweep on SmolLM2-135M's projections, weights read from HBM)
 """
 
 import json
@@ -114,36 +116,59 @@ def step_like(tiles: dict | None = None) -> dict:
     return out
 
 
-def kernel_tiles() -> dict:
-    """`lora_linear_rows` alone on each idlm-tiny-ar projection at 7 rows (a rank-32 LoRA per projection side by side,
-    gated on 4 rows), L2-resident as the shapes above, for tiles (block_n, block_k) and warps: which to make the
-    default."""
+# the four fused projections of a layer: (K, N) and where each projection side by side ends (its columns)
+TILE_MODELS = {
+    "idlm-tiny-ar": ({"qkv": (384, 640), "o": (384, 384), "gate_up": (384, 1792), "down": (896, 384)},
+                     {"qkv": (384, 512, 640), "gate_up": (896, 1792)}),
+    # SmolLM2-135M: hidden 576, 9 query heads and 3 KV heads of 64, MLP 1536
+    "smollm2": ({"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576)},
+                {"qkv": (576, 768, 960), "gate_up": (1536, 3072)}),
+}
+
+
+def kernel_tiles(model: str = "idlm-tiny-ar", cold_mb: int = 0) -> dict:
+    """`lora_linear_rows` alone on each projection of `model` (TILE_MODELS) at 7 rows (a rank-32 LoRA per projection
+    side by side, gated on 4 rows) for tiles (block_n, block_k) and warps: which to make the default; beside it
+    cuBLAS on the plain weight [W] and on the select layout's [W ; W + D] (twice the rows: what the kernel
+    replaces). cold_mb 0: one weight, L2-resident as the shapes above; else as many copies as fill cold_mb MB, the
+    calls cycling through them, so each reads its weight from HBM (a model whose weights exceed the L2)."""
+    import itertools
+
     from idlm.layers.lora_kernel import lora_linear_rows
 
     out = {}
     g = torch.Generator(device=DEV).manual_seed(0)
     gate = torch.arange(7, device=DEV) >= 3
-    for name in ("qkv", "o", "gate_up", "down"):
-        k, n = SHAPES[name]
-        r = 32 * {"qkv": 3, "gate_up": 2}.get(name, 1)
+    shapes, ends_of = TILE_MODELS[model]
+    for name, (k, n) in shapes.items():
+        ends = ends_of.get(name, (n,))  # the projections side by side
+        r = 32 * len(ends)
+        copies = max(1, -(-cold_mb * 10**6 // (2 * n * k * 2)))  # the select weight's bytes a copy
+
+        def make(*shape):
+            return [torch.randn(*shape, device=DEV, dtype=DTYPE, generator=g) * 0.02 for _ in range(copies)]
+
         x = torch.randn(7, k, device=DEV, dtype=DTYPE, generator=g)
-        w = torch.randn(n, k, device=DEV, dtype=DTYPE, generator=g) * 0.02
-        a = torch.randn(r, k, device=DEV, dtype=DTYPE, generator=g) * 0.02
-        b = torch.randn(n, r, device=DEV, dtype=DTYPE, generator=g) * 0.02
-        ends = {"qkv": (384, 512, 640), "gate_up": (896, 1792)}.get(name, (n,))  # the projections side by side
+        ws, w2s, as_, bs = make(n, k), make(2 * n, k), make(r, k), make(n, r)
         segments = tuple((e, 32 * i, 32) for i, e in enumerate(ends))
-        res = {"cublas_linear": graph_us(lambda: F.linear(x, w))}
+
+        def cycled(call):  # each captured call on the next copy
+            it = itertools.cycle(range(copies))
+            return lambda: call(next(it))
+
+        res = {"cublas_linear": graph_us(cycled(lambda i: F.linear(x, ws[i]))),
+               "cublas_select": graph_us(cycled(lambda i: F.linear(x, w2s[i])))}
         for bn in (16, 32, 64, 128):
             for bk in (64, 128, 256, 512):
                 for nw in (1, 2, 4):
                     try:
-                        res[f"bn{bn}_bk{bk}_w{nw}"] = graph_us(lambda: lora_linear_rows(
-                            x, w, a, b, gate, segments, block_n=bn, block_k=bk, num_warps=nw))
+                        res[f"bn{bn}_bk{bk}_w{nw}"] = graph_us(cycled(lambda i: lora_linear_rows(
+                            x, ws[i], as_[i], bs[i], gate, segments, block_n=bn, block_k=bk, num_warps=nw)))
                     except Exception as e:  # a tile that does not fit (Triton's OutOfResources: shared memory)
                         torch.cuda.synchronize()
                         res[f"bn{bn}_bk{bk}_w{nw}"] = f"{type(e).__name__}"
-        best = min((v, c) for c, v in res.items() if c != "cublas_linear" and isinstance(v, float))
-        out[f"kernel_tiles/{name}"] = {**res, "best": best[1]}
+        best = min((v, c) for c, v in res.items() if not c.startswith("cublas") and isinstance(v, float))
+        out[f"kernel_tiles/{name}"] = {**res, "best": best[1], "copies": copies}
         print(json.dumps({f"kernel_tiles/{name}": out[f"kernel_tiles/{name}"]}), flush=True)
     return out
 
@@ -163,13 +188,16 @@ def main() -> None:
                     r["bmm_2groups"] = graph_us(lambda: torch.bmm(xb, w2.transpose(1, 2)))
                 res[f"{name}/M{m}/x{mult}"] = r
                 print(json.dumps({f"{name}/M{m}/x{mult}": r}), flush=True)
-    tiles = kernel_tiles() if os.environ.get("GEMM_TILES", "1") == "1" else {}
+    tile_model = os.environ.get("GEMM_TILE_MODEL", "idlm-tiny-ar")
+    tiles = kernel_tiles(tile_model, int(os.environ.get("GEMM_COLD_MB", "0"))) \
+        if os.environ.get("GEMM_TILES", "1") == "1" else {}
     res.update(tiles)
     best = {}
     for key, r in tiles.items():  # "bn16_bk128_w2" -> block_n, block_k, num_warps
         bn, bk, nw = (int(t[2:] if t[0] == "b" else t[1:]) for t in r["best"].split("_"))
         best[key.split("/")[1]] = {"block_n": bn, "block_k": bk, "num_warps": nw}
-    res.update(step_like(best or None))
+    if os.environ.get("GEMM_STEP", "1") == "1":  # idlm-tiny-ar's step, with its best tiles where swept
+        res.update(step_like(best if tile_model == "idlm-tiny-ar" and best else None))
     z = torch.zeros(16, device=DEV)
     res["floor_add_"] = graph_us(lambda: z.add_(1))
     if os.environ.get("OUT"):
