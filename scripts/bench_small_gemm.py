@@ -105,7 +105,7 @@ def step_like(tiles: dict | None = None) -> dict:
     if tiles:  # each projection on its best tile of `kernel_tiles`
         configs["lowrank_kernel_tuned"] = (kernel(7, True, True), configs["lowrank_kernel"][1])
         configs["kernel_1_row_tuned"] = (kernel(1, False, True), mb(ar))
-        configs["kernel_7_rows_no_lora"] = (kernel(7, False), mb(ar))  # the rows' cost without the LoRA's
+    configs["kernel_7_rows_no_lora"] = (kernel(7, False), mb(ar))  # the rows' cost without the LoRA's
     for bn in (32, 64):  # the LoRA's A read once per program: wider programs read it fewer times
         tiles_bn = {name: {"block_n": bn} for name in ("qkv", "o", "gate_up", "down")}
         configs[f"lowrank_kernel_bn{bn}"] = (kernel(7, True, True, tiles_bn), configs["lowrank_kernel"][1])
