@@ -9,7 +9,8 @@ batched matmul of two row groups (`bmm_2groups`). Every call reuses one weight, 
 are the shape's cost without the weights' trip from HBM. `step_like/*`: a whole idlm-tiny-ar step's GEMMs on the
 model's own weights, AR's and R-ISD's select layout (whether the doubled weights cost more than their rows) and
 the "lowrank" layout's kernel (its default tile, each projection's best, 32 / 64 columns a program);
-`kernel_tiles/*`: that kernel's tile and warp choices per projection against cuBLAS's plain projection.
+`kernel_tiles/*`: that kernel's tile and warp choices per projection against cuBLAS's plain projection;
+`kernel_ranks/*`: the kernel's time against the LoRA's rank (where its LoRA time goes).
 `floor_add_`: an empty kernel in a graph.
 
     python scripts/bench_small_gemm.py          (on the GPU; $OUT/gemm_small.json; the JSON line last)
@@ -17,6 +18,7 @@ the "lowrank" layout's kernel (its default tile, each projection's best, 32 / 64
                                                                     tile sweep)
     GEMM_SHAPES=0 GEMM_STEP=0 GEMM_TILE_MODEL=smollm2 GEMM_COLD_MB=256 python scripts/bench_small_gemm.py
         (the tile sweep on SmolLM2-135M's projections, weights read from HBM)
+    GEMM_{SHAPES,TILES,RANKS,STEP}=0 leave that part out
 """
 
 import json
@@ -173,6 +175,33 @@ def kernel_tiles(model: str = "idlm-tiny-ar", cold_mb: int = 0) -> dict:
     return out
 
 
+def kernel_ranks(model: str = "idlm-tiny-ar") -> dict:
+    """Where the kernel's LoRA time goes: `lora_linear_rows` on each projection of `model` at 7 rows, its default
+    tile, without the LoRA and with one of rank 8, 16, 32, 64 a projection (each program reads its projection's
+    whole A: the rank sets that read beside the W tile's), L2-resident. A cost that grows with the rank is the A
+    reads; a step from no LoRA to rank 8 that stays flat after is the epilogue (B' and the gate)."""
+    from idlm.layers.lora_kernel import lora_linear_rows
+
+    out = {}
+    g = torch.Generator(device=DEV).manual_seed(1)
+    gate = torch.arange(7, device=DEV) >= 3
+    shapes, ends_of = TILE_MODELS[model]
+    for name, (k, n) in shapes.items():
+        ends = ends_of.get(name, (n,))
+        x = torch.randn(7, k, device=DEV, dtype=DTYPE, generator=g)
+        w = torch.randn(n, k, device=DEV, dtype=DTYPE, generator=g) * 0.02
+        res = {"no_lora": graph_us(lambda: lora_linear_rows(x, w))}
+        for rank in (8, 16, 32, 64):
+            r = rank * len(ends)
+            a = torch.randn(r, k, device=DEV, dtype=DTYPE, generator=g) * 0.02
+            b = torch.randn(n, r, device=DEV, dtype=DTYPE, generator=g) * 0.02
+            segments = tuple((e, rank * i, rank) for i, e in enumerate(ends))
+            res[f"rank{rank}"] = graph_us(lambda: lora_linear_rows(x, w, a, b, gate, segments))
+        out[f"kernel_ranks/{name}"] = res
+        print(json.dumps({f"kernel_ranks/{name}": res}), flush=True)
+    return out
+
+
 def main() -> None:
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     for name, (k, n) in SHAPES.items() if os.environ.get("GEMM_SHAPES", "1") == "1" else ():
@@ -196,6 +225,8 @@ def main() -> None:
     for key, r in tiles.items():  # "bn16_bk128_w2" -> block_n, block_k, num_warps
         bn, bk, nw = (int(t[2:] if t[0] == "b" else t[1:]) for t in r["best"].split("_"))
         best[key.split("/")[1]] = {"block_n": bn, "block_k": bk, "num_warps": nw}
+    if os.environ.get("GEMM_RANKS", "1") == "1":
+        res.update(kernel_ranks(tile_model))
     if os.environ.get("GEMM_STEP", "1") == "1":  # idlm-tiny-ar's step, with its best tiles where swept
         res.update(step_like(best if tile_model == "idlm-tiny-ar" and best else None))
     z = torch.zeros(16, device=DEV)
