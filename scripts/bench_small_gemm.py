@@ -86,9 +86,20 @@ def step_like(tiles: dict | None = None) -> dict:
 
     names = ("qkv", "o", "gate_up", "down") * len(model.model.layers)  # the order of `lowrank`
 
-    def kernel(m, with_lora, tuned=False, tiles=tiles):
+    def truncated(factors, rank):  # each projection's LoRA cut to its first `rank` ranks (same W, fewer A rows)
+        w, a, b, bias, segments = factors
+        keep = [j for _, off, r in segments for j in range(off, off + min(r, rank))]
+        cut, off = [], 0
+        for end, _, r in segments:
+            cut.append((end, off, min(r, rank)))
+            off += min(r, rank)
+        return w, a[keep].contiguous(), b[:, keep].contiguous(), bias, tuple(cut)
+
+    def kernel(m, with_lora, tuned=False, tiles=tiles, rank=None):
+        factors = lowrank if rank is None else [truncated(f, rank) for f in lowrank]
+
         def step():
-            for name, (w, a, b, _, segments) in zip(names, lowrank):
+            for name, (w, a, b, _, segments) in zip(names, factors):
                 tile = tiles[name] if tuned else {}
                 if with_lora:
                     lora_linear_rows(xs[m, w.shape[1]], w, a, b, gate, segments, **tile)
@@ -108,6 +119,8 @@ def step_like(tiles: dict | None = None) -> dict:
         configs["lowrank_kernel_tuned"] = (kernel(7, True, True), configs["lowrank_kernel"][1])
         configs["kernel_1_row_tuned"] = (kernel(1, False, True), mb(ar))
     configs["kernel_7_rows_no_lora"] = (kernel(7, False), mb(ar))  # the rows' cost without the LoRA's
+    for rank in (8, 16):  # the adapter cut to fewer ranks: each program reads fewer A rows (the step's A reads)
+        configs[f"lowrank_kernel_rank{rank}"] = (kernel(7, True, rank=rank), configs["lowrank_kernel"][1])
     for bn in (32, 64):  # the LoRA's A read once per program: wider programs read it fewer times
         tiles_bn = {name: {"block_n": bn} for name in ("qkv", "o", "gate_up", "down")}
         configs[f"lowrank_kernel_bn{bn}"] = (kernel(7, True, True, tiles_bn), configs["lowrank_kernel"][1])
