@@ -97,10 +97,12 @@ results: dict = environment(DEV)
 # norms + RoPE by inductor's compilation of `rotary_qkv` ($IDLM_ROTARY_KERNEL=0; the Triton kernel
 # `rotary_qkv_rows` is the default since session 38; "rotary1" names it explicitly); "vocab0" (SAMPLING_VARIANTS): the
 # decode step's vocabulary reductions over whole rows, as before session 37; "chunked": in chunks at every
-# vocabulary (CHUNKED_FROM = 0: idlm-tiny's 8,192 entries too)
+# vocabulary (CHUNKED_FROM = 0: idlm-tiny's 8,192 entries too); "sharedxa": the lowrank kernel with x·Aᵀ computed
+# once per projection by its own programs (`lora_linear_rows(shared_xa=True)`, $IDLM_LORA_SHARED_XA=1)
 ATTN_ENV = {"default": {}, "nosplit": {"IDLM_KV_SPLITS": "1"}, "fused": {"IDLM_ATTN_FUSED_COMBINE": "1"}, "sync": {},
             "rows0": {"IDLM_ATTN_ROW_TILE": "0"}, "rows32": {"IDLM_ATTN_ROW_TILE": "32"}, "vocab0": {},
-            "rotary0": {"IDLM_ROTARY_KERNEL": "0"}, "rotary1": {"IDLM_ROTARY_KERNEL": "1"}, "chunked": {}}
+            "rotary0": {"IDLM_ROTARY_KERNEL": "0"}, "rotary1": {"IDLM_ROTARY_KERNEL": "1"}, "chunked": {},
+            "sharedxa": {"IDLM_LORA_SHARED_XA": "1"}}
 # variants that set `idlm.decoding.sampling` attributes instead of the environment (the compiled step functions
 # guard on them, so an engine built under one compiles its steps again)
 SAMPLING_VARIANTS = {"vocab0": {"VOCAB_CHUNK": 0}, "chunked": {"CHUNKED_FROM": 0}}

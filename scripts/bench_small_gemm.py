@@ -58,7 +58,7 @@ def step_like(tiles: dict | None = None) -> dict:
     LoRA gated on the last 4 rows, ~34 MB); "kernel_1_row": that kernel on AR's 1 row, no LoRA."""
     from idlm.bench.roofline import model_gemm_weights
     from idlm.layers.lora import LoRAAdapter
-    from idlm.layers.lora_kernel import lora_linear_rows
+    from idlm.layers.lora_kernel import lora_linear_rows, lora_workspace
     from idlm.models.loader import load_pretrained, resolve_model_path
 
     model, _ = load_pretrained("idlm-tiny-ar", dtype="bfloat16", device=DEV)
@@ -73,7 +73,7 @@ def step_like(tiles: dict | None = None) -> dict:
         fused[layout] = [p for layer in m.model.layers for p in (
             layer.self_attn.qkv_lora, layer.self_attn.o_lora, layer.mlp.gate_up_lora, layer.mlp.down_lora)]
     select = [p[0] for p in fused["select"]]
-    lowrank = fused["lowrank"]  # (W, A, B', bias, segments) each
+    lowrank = fused["lowrank"]  # (W, A, B', bias, segments, workspace) each
     xs = {(m, k): torch.randn(m, k, device=DEV, dtype=DTYPE) for m in (1, 7) for k in {w.shape[1] for w in ar}}
     gate = torch.arange(7, device=DEV) >= 3  # a block of 3 clean rows, then 4 MASK rows
 
@@ -87,20 +87,23 @@ def step_like(tiles: dict | None = None) -> dict:
     names = ("qkv", "o", "gate_up", "down") * len(model.model.layers)  # the order of `lowrank`
 
     def truncated(factors, rank):  # each projection's LoRA cut to its first `rank` ranks (same W, fewer A rows)
-        w, a, b, bias, segments = factors
+        w, a, b, bias, segments, _ = factors
         keep = [j for _, off, r in segments for j in range(off, off + min(r, rank))]
         cut, off = [], 0
         for end, _, r in segments:
             cut.append((end, off, min(r, rank)))
             off += min(r, rank)
-        return w, a[keep].contiguous(), b[:, keep].contiguous(), bias, tuple(cut)
+        return w, a[keep].contiguous(), b[:, keep].contiguous(), bias, tuple(cut), None
 
-    def kernel(m, with_lora, tuned=False, tiles=tiles, rank=None):
+    def kernel(m, with_lora, tuned=False, tiles=tiles, rank=None, shared=False):
         factors = lowrank if rank is None else [truncated(f, rank) for f in lowrank]
+        spaces = [lora_workspace(m, f[1].shape[0], DTYPE, DEV) for f in factors] if shared else [None] * len(factors)
 
         def step():
-            for name, (w, a, b, _, segments) in zip(names, factors):
+            for name, (w, a, b, _, segments, _), space in zip(names, factors, spaces):
                 tile = tiles[name] if tuned else {}
+                if shared:
+                    tile = {**tile, "shared_xa": True, "workspace": space}
                 if with_lora:
                     lora_linear_rows(xs[m, w.shape[1]], w, a, b, gate, segments, **tile)
                 else:
@@ -119,6 +122,7 @@ def step_like(tiles: dict | None = None) -> dict:
         configs["lowrank_kernel_tuned"] = (kernel(7, True, True), configs["lowrank_kernel"][1])
         configs["kernel_1_row_tuned"] = (kernel(1, False, True), mb(ar))
     configs["kernel_7_rows_no_lora"] = (kernel(7, False), mb(ar))  # the rows' cost without the LoRA's
+    configs["lowrank_shared_xa"] = (kernel(7, True, shared=True), configs["lowrank_kernel"][1])  # x·Aᵀ once
     for rank in (8, 16):  # the adapter cut to fewer ranks: each program reads fewer A rows (the step's A reads)
         configs[f"lowrank_kernel_rank{rank}"] = (kernel(7, True, rank=rank), configs["lowrank_kernel"][1])
     for bn in (32, 64):  # the LoRA's A read once per program: wider programs read it fewer times
@@ -192,8 +196,9 @@ def kernel_ranks(model: str = "idlm-tiny-ar") -> dict:
     """Where the kernel's LoRA time goes: `lora_linear_rows` on each projection of `model` at 7 rows, its default
     tile, without the LoRA and with one of rank 8, 16, 32, 64 a projection (each program reads its projection's
     whole A: the rank sets that read beside the W tile's), L2-resident. A cost that grows with the rank is the A
-    reads; a step from no LoRA to rank 8 that stays flat after is the epilogue (B' and the gate)."""
-    from idlm.layers.lora_kernel import lora_linear_rows
+    reads; a step from no LoRA to rank 8 that stays flat after is the epilogue (B' and the gate). `_shared`: the
+    same with `shared_xa` (x·Aᵀ once by extra programs)."""
+    from idlm.layers.lora_kernel import lora_linear_rows, lora_workspace
 
     out = {}
     g = torch.Generator(device=DEV).manual_seed(1)
@@ -210,6 +215,9 @@ def kernel_ranks(model: str = "idlm-tiny-ar") -> dict:
             b = torch.randn(n, r, device=DEV, dtype=DTYPE, generator=g) * 0.02
             segments = tuple((e, rank * i, rank) for i, e in enumerate(ends))
             res[f"rank{rank}"] = graph_us(lambda: lora_linear_rows(x, w, a, b, gate, segments))
+            space = lora_workspace(7, r, DTYPE, DEV)  # x·Aᵀ once by its own programs (`shared_xa`)
+            res[f"rank{rank}_shared"] = graph_us(lambda: lora_linear_rows(x, w, a, b, gate, segments, shared_xa=True,
+                                                                          workspace=space))
         out[f"kernel_ranks/{name}"] = res
         print(json.dumps({f"kernel_ranks/{name}": res}), flush=True)
     return out

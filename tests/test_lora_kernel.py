@@ -122,6 +122,33 @@ def test_kernel_reads_each_projections_own_lora_rows(dtype, segments):
         lora_linear_rows(x, w, a, b, gate, ((n - 1, 0, a.shape[0]),))
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_xa_equals_the_reference_and_leaves_its_counters_at_zero(dtype):
+    """`shared_xa`: x·Aᵀ by the producer programs, read by the column programs — the reference's values (two row
+    blocks, three projections of ranks 8/0/4 side by side, a 16-column tile), call after call on one workspace,
+    whose counters are back at 0 after every launch (what lets a CUDA graph replay it)."""
+    from idlm.layers.lora_kernel import lora_workspace
+
+    segments = ((64, 0, 8), (96, 8, 0), (128, 8, 4))
+    n, k, m = 128, 96, 19
+    g = torch.Generator().manual_seed(7)
+    a, b = _block_diagonal(segments, n, k, dtype)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+    ws = lora_workspace(m, a.shape[0], dtype, "cpu")
+    for seed in (0, 1):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
+        gate = torch.arange(m) % 3 == 0
+        want = lora_linear(x, w, a, b, gate)
+        got = lora_linear_rows(x, w, a, b, gate, segments, block_n=16, shared_xa=True, workspace=ws)
+        tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(got.float(), want.float(), **tol)
+        torch.testing.assert_close(got[~gate], lora_linear(x, w)[~gate], **tol)  # gate 0: x·Wᵀ
+        assert ws[1].tolist() == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match="workspace"):
+        lora_linear_rows(x, w, a, b, gate, segments, shared_xa=True, workspace=lora_workspace(m, 40, dtype, "cpu"))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_without_lora_or_gate(dtype):
     x, w, a, b, gate = _case(dtype, 7, 96, 80, 8, seed=3)
@@ -183,47 +210,88 @@ from idlm.layers.lora_kernel import _kernel, BLOCK_M, kernel_tile
 fn = _kernel()
 BLOCK_N, BLOCK_K, _ = kernel_tile(384)  # the default tile (idlm-tiny-ar's hidden size)
 
-def build(lora, gated, dt):
+def build(lora, gated, dt, shared=False):
     ce = dict(BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, BR=32, R=24, LORA=lora, GATED=gated, IEEE=dt == "*fp32",
-              UPCAST=False)
-    text = ttir(fn, {"X": dt, "W": dt, "A": dt, "B": dt, "G": "*i1", "OUT": dt}, ce, optimize=True)
-    return "tt.func" in text and "tt.dot" in text or text
+              UPCAST=False, SHARED=shared, RS=32)
+    text = ttir(fn, {"X": dt, "W": dt, "A": dt, "B": dt, "G": "*i1", "OUT": dt, "XA": dt, "SYNC": "*i32"}, ce,
+                optimize=True)
+    ok = "tt.func" in text and "tt.dot" in text
+    if shared:  # the producers' release, the spin's acquire, the resets
+        ok = ok and "tt.atomic_rmw" in text and "scf.while" in text
+    return ok or text
 
-report((f"lora={lora} gated={gated} dtype={dt[1:]}", lambda lora=lora, gated=gated, dt=dt: build(lora, gated, dt))
-       for lora, gated, dt in itertools.product((False, True), (False, True), ("*bf16", "*fp32")))
+report([(f"lora={lora} gated={gated} dtype={dt[1:]}", lambda lora=lora, gated=gated, dt=dt: build(lora, gated, dt))
+        for lora, gated, dt in itertools.product((False, True), (False, True), ("*bf16", "*fp32"))]
+       + [(f"shared dtype={dt[1:]}", lambda dt=dt: build(True, True, dt, True)) for dt in ("*bf16", "*fp32")])
 """
 
 
+@_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_xa_on_the_gpu_in_a_cuda_graph(dtype):
+    """On the GPU: `shared_xa` (producers, the spin, the counters' reset) gives the plain kernel's values on
+    idlm-tiny-ar's q/k/v shape, and a CUDA graph of 20 launches on one workspace replays to the same output
+    three times with the counters back at 0 (a hang here means the spin never saw its producers)."""
+    from idlm.layers.lora_kernel import lora_workspace
+
+    segments = ((384, 0, 32), (512, 32, 32), (640, 64, 32))
+    a, b = (t.to("cuda") for t in _block_diagonal(segments, 640, 384, dtype))
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(640, 384, generator=g) / 384 ** 0.5).to(dtype).cuda()
+    x = torch.randn(7, 384, generator=g).to(dtype).cuda()
+    gate = (torch.arange(7) >= 3).cuda()
+    plain = lora_linear_rows(x, w, a, b, gate, segments)
+    ws = lora_workspace(7, 96, dtype, "cuda")
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(lora_linear_rows(x, w, a, b, gate, segments, shared_xa=True, workspace=ws), plain,
+                               **tol)
+    out = torch.empty_like(plain)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(20):
+            out.copy_(lora_linear_rows(x, w, a, b, gate, segments, shared_xa=True, workspace=ws))
+    for _ in range(3):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, plain, **tol)
+        assert ws[1].tolist() == [0, 0]
+
+
 def test_kernel_compiles_for_cuda():
-    """Every variant (with and without the LoRA and the gate, bf16 / fp32) passes Triton's CUDA front end and its
-    TTIR passes, built on the CPU (tensor-core dots: tl.dot survives)."""
+    """Every variant (with and without the LoRA and the gate, bf16 / fp32, and shared_xa's producers and spin)
+    passes Triton's CUDA front end and its TTIR passes, built on the CPU (tensor-core dots: tl.dot survives)."""
     from triton_cuda import run_ttir_script
 
     result = run_ttir_script(_TTIR_BODY)
-    assert len(result) == 8 and all(v == "ok" for v in result.values()), result
+    assert len(result) == 10 and all(v == "ok" for v in result.values()), result
 
 
-def test_engine_with_the_kernel_emits_greedy_ar(monkeypatch):
+@pytest.mark.parametrize("shared", [False, True])
+def test_engine_with_the_kernel_emits_greedy_ar(monkeypatch, shared):
     """The "lowrank" layout with every projection through the kernel (Triton's interpreter standing in for the
     GPU: `lora_mm` forced onto `lora_linear_rows`): R-ISD's greedy tokens on the embedded idlm-tiny-ar and its
-    adapter are AR's, float32, and it drafts (TPF > 1). (Two short requests and wide tiles: the interpreter is
-    slow.)"""
+    adapter are AR's, float32, and it drafts (TPF > 1); with `shared_xa` too (x·Aᵀ by the producer programs).
+    (Two short requests and wide tiles: the interpreter is slow.)"""
     import idlm.models.transformer as tr
     from idlm.decoding.sampling import SamplingParams
     from idlm.engine.llm_engine import EngineConfig, LLMEngine
-    from idlm.layers.lora_kernel import lora_mm
+    from idlm.layers.lora_kernel import lora_mm, lora_workspace
     from idlm.models import registry
     from idlm.models.loader import load_pretrained
 
     calls = []
 
     def through_kernel(x, factors, gate=None, mm=None):
-        w, a, b, bias, segments = factors
+        w, a, b, bias, segments, _ = factors
         assert bias is None
         calls.append(x.shape)
         g = None if gate is None else gate.reshape(-1)
-        return lora_linear_rows(x.reshape(-1, x.shape[-1]), w, a, b, g, segments, block_n=256, block_k=128
-                                ).reshape(*x.shape[:-1], w.shape[0])
+        x2 = x.reshape(-1, x.shape[-1])
+        space = lora_workspace(x2.shape[0], a.shape[0], x.dtype, "cpu") if shared and a is not None else None
+        return lora_linear_rows(x2, w, a, b, g, segments, block_n=256, block_k=128, shared_xa=shared,
+                                workspace=space).reshape(*x.shape[:-1], w.shape[0])
 
     model, tok = load_pretrained("idlm-tiny-ar", dtype="float32")
     lora = LoRAAdapter.load(registry.fetch("idlm-tiny-ar-risd-lora"), model.config)

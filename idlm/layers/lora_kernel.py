@@ -110,10 +110,12 @@ def lora_linear(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor | None = None,
 
 def lora_mm(x: torch.Tensor, factors: tuple, gate: torch.Tensor | None = None, mm=F.linear) -> torch.Tensor:
     """A fused projection of the "lowrank" layout (`Transformer.fuse_lora`): x [..., K], factors (W [N, K], A, B',
-    bias, segments: `lowrank_factors`), gate [...] -> [..., N]. `lora_linear_rows` where it runs — CUDA, at most
-    LORA_KERNEL_MAX_ROWS rows (a decode step's few; the kernel reads W once per 16 rows), no bias, no gradient,
-    not under compilation, the ordinary matmul (not exact mode's) — else `lora_linear`."""
-    w, a, b, bias, segments = factors
+    bias, segments: `lowrank_factors`; workspace: `lora_workspace`'s or None), gate [...] -> [..., N].
+    `lora_linear_rows` where it runs — CUDA, at most LORA_KERNEL_MAX_ROWS rows (a decode step's few; the kernel
+    reads W once per 16 rows), no bias, no gradient, not under compilation, the ordinary matmul (not exact
+    mode's) — else `lora_linear`. $IDLM_LORA_SHARED_XA=1 (read at each call, so at graph capture; opt-in until
+    measured) runs the kernel with `shared_xa` on the workspace."""
+    w, a, b, bias, segments, workspace = factors
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     g = None if gate is None else gate.reshape(-1)
@@ -121,7 +123,8 @@ def lora_mm(x: torch.Tensor, factors: tuple, gate: torch.Tensor | None = None, m
             and x2.dtype in (torch.float32, torch.bfloat16, torch.float16) and x2.dtype == w.dtype
             and not (torch.is_grad_enabled() and (x2.requires_grad or w.requires_grad))
             and not torch.compiler.is_compiling() and triton_available()):
-        y = lora_linear_rows(x2, w, a, b, g, segments)
+        shared = workspace is not None and os.environ.get("IDLM_LORA_SHARED_XA", "0") == "1"
+        y = lora_linear_rows(x2, w, a, b, g, segments, shared_xa=shared, workspace=workspace if shared else None)
     else:
         y = lora_linear(x2, w, a, b, g, bias, mm)
     return y.reshape(*lead, w.shape[0])
@@ -133,75 +136,119 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def lora_linear_kernel(X, W, A, B, G, OUT, M, N, K, s_x, s_w, s_a, s_b, s_o, E0, E1, O0, O1, O2, R0, R1, R2,
-                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, R: tl.constexpr,
-                           LORA: tl.constexpr, GATED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-        pn, pm = tl.program_id(0), tl.program_id(1)
+    def lora_linear_kernel(X, W, A, B, G, OUT, XA, SYNC, M, N, K, s_x, s_w, s_a, s_b, s_o, E0, E1, O0, O1, O2, R0,
+                           R1, R2, P, NB, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+                           R: tl.constexpr, LORA: tl.constexpr, GATED: tl.constexpr, IEEE: tl.constexpr,
+                           UPCAST: tl.constexpr, SHARED: tl.constexpr, RS: tl.constexpr):
+        pid, pm = tl.program_id(0), tl.program_id(1)
         rm = pm * BM + tl.arange(0, BM)
-        rn = pn * BN + tl.arange(0, BN)
-        rr = tl.arange(0, BR)
-        if LORA:  # this column block's A rows: its projection's (segments E/O/R), all R where it spans two
-            n_first, n_last = pn * BN, tl.minimum(pn * BN + BN - 1, N - 1)
-            seg = (n_first >= E0).to(tl.int32) + (n_first >= E1).to(tl.int32)
-            whole = seg != (n_last >= E0).to(tl.int32) + (n_last >= E1).to(tl.int32)
-            r0 = tl.where(whole, 0, tl.where(seg == 0, O0, tl.where(seg == 1, O1, O2)))
-            rc = tl.where(whole, R, tl.where(seg == 0, R0, tl.where(seg == 1, R1, R2)))
-            ra = r0 + rr  # the A rows (and B' columns) read, rr < rc of them
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        xa = tl.zeros((BM, BR), dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            rk = k0 + tl.arange(0, BK)
-            x = tl.load(X + rm[:, None].to(tl.int64) * s_x + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
-                        other=0.0)
-            w = tl.load(W + rn[:, None].to(tl.int64) * s_w + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K),
-                        other=0.0)
-            if UPCAST:  # Triton's interpreter: bf16 / fp16 tiles as float32 (it keeps bf16 as raw bits)
-                x, w = x.to(tl.float32), w.to(tl.float32)
-            if IEEE:
-                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-            else:
-                acc += tl.dot(x, tl.trans(w))
-            if LORA:
-                a = tl.load(A + ra[:, None] * s_a + rk[None, :], mask=(rr[:, None] < rc) & (rk[None, :] < K),
-                            other=0.0)
-                if UPCAST:
-                    a = a.to(tl.float32)
+        if SHARED:  # programs 0..P-1 of a row block: x·Aᵀ once, 16 ranks each, into XA [rows, RS]
+            if pid < P:
+                rp = pid * 16 + tl.arange(0, 16)
+                xp = tl.zeros((BM, 16), dtype=tl.float32)
+                for k0 in range(0, K, BK):
+                    rk = k0 + tl.arange(0, BK)
+                    x = tl.load(X + rm[:, None].to(tl.int64) * s_x + rk[None, :],
+                                mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+                    a = tl.load(A + rp[:, None] * s_a + rk[None, :], mask=(rp[:, None] < R) & (rk[None, :] < K),
+                                other=0.0)
+                    if UPCAST:
+                        x, a = x.to(tl.float32), a.to(tl.float32)
+                    if IEEE:
+                        xp += tl.dot(x, tl.trans(a), input_precision="ieee")
+                    else:
+                        xp += tl.dot(x, tl.trans(a))
+                tl.store(XA + rm[:, None] * RS + rp[None, :], xp.to(OUT.dtype.element_ty))
+                tl.debug_barrier()  # every thread's XA stores before the release below
+                tl.atomic_add(SYNC + 2 * pm, 1, sem="release")
+        pn = pid - P  # the column block (P = 0 without SHARED)
+        if pn >= 0:  # x·Wᵀ for BN columns plus the gated (x·Aᵀ)·B'ᵀ: x·Aᵀ computed here beside x·Wᵀ, or (SHARED)
+            # read from XA once the row block's P producers have counted themselves in SYNC
+            rn = pn * BN + tl.arange(0, BN)
+            rr = tl.arange(0, BR)
+            if LORA:  # this column block's A rows: its projection's (segments E/O/R), all R where it spans two
+                n_first, n_last = pn * BN, tl.minimum(pn * BN + BN - 1, N - 1)
+                seg = (n_first >= E0).to(tl.int32) + (n_first >= E1).to(tl.int32)
+                whole = seg != (n_last >= E0).to(tl.int32) + (n_last >= E1).to(tl.int32)
+                r0 = tl.where(whole, 0, tl.where(seg == 0, O0, tl.where(seg == 1, O1, O2)))
+                rc = tl.where(whole, R, tl.where(seg == 0, R0, tl.where(seg == 1, R1, R2)))
+                ra = r0 + rr  # the A rows (and B' columns) read, rr < rc of them
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            xa = tl.zeros((BM, BR), dtype=tl.float32)
+            for k0 in range(0, K, BK):
+                rk = k0 + tl.arange(0, BK)
+                x = tl.load(X + rm[:, None].to(tl.int64) * s_x + rk[None, :],
+                            mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+                w = tl.load(W + rn[:, None].to(tl.int64) * s_w + rk[None, :],
+                            mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
+                if UPCAST:  # Triton's interpreter: bf16 / fp16 tiles as float32 (it keeps bf16 as raw bits)
+                    x, w = x.to(tl.float32), w.to(tl.float32)
                 if IEEE:
-                    xa += tl.dot(x, tl.trans(a), input_precision="ieee")
+                    acc += tl.dot(x, tl.trans(w), input_precision="ieee")
                 else:
-                    xa += tl.dot(x, tl.trans(a))
-        dt = OUT.dtype.element_ty
-        y = acc.to(dt)  # the base projection, rounded once (as a matmul's output)
-        if LORA:
-            b = tl.load(B + rn[:, None].to(tl.int64) * s_b + ra[None, :], mask=(rn[:, None] < N) & (rr[None, :] < rc),
-                        other=0.0)
-            xr = xa.to(dt)  # x·Aᵀ rounded as its matmul's output, then ·B'ᵀ
-            if UPCAST:
-                xr, b = xr.to(tl.float32), b.to(tl.float32)
-            if IEEE:
-                d = tl.dot(xr, tl.trans(b), input_precision="ieee").to(dt)
-            else:
-                d = tl.dot(xr, tl.trans(b)).to(dt)
-            s = (y.to(tl.float32) + d.to(tl.float32)).to(dt)
-            if GATED:
-                g = tl.load(G + rm, mask=rm < M, other=0)
-                y = tl.where(g[:, None] != 0, s, y)
-            else:
-                y = s
-        tl.store(OUT + rm[:, None].to(tl.int64) * s_o + rn[None, :], y, mask=(rm[:, None] < M) & (rn[None, :] < N))
+                    acc += tl.dot(x, tl.trans(w))
+                if LORA and not SHARED:
+                    a = tl.load(A + ra[:, None] * s_a + rk[None, :], mask=(rr[:, None] < rc) & (rk[None, :] < K),
+                                other=0.0)
+                    if UPCAST:
+                        a = a.to(tl.float32)
+                    if IEEE:
+                        xa += tl.dot(x, tl.trans(a), input_precision="ieee")
+                    else:
+                        xa += tl.dot(x, tl.trans(a))
+            dt = OUT.dtype.element_ty
+            y = acc.to(dt)  # the base projection, rounded once (as a matmul's output)
+            if LORA:
+                b = tl.load(B + rn[:, None].to(tl.int64) * s_b + ra[None, :],
+                            mask=(rn[:, None] < N) & (rr[None, :] < rc), other=0.0)
+                if SHARED:  # the producers' x·Aᵀ (already rounded), once all P of this row block have stored theirs
+                    count = tl.atomic_add(SYNC + 2 * pm, 0, sem="acquire")
+                    while count < P:
+                        count = tl.atomic_add(SYNC + 2 * pm, 0, sem="acquire")
+                    xr = tl.load(XA + rm[:, None] * RS + ra[None, :], mask=(rm[:, None] < M) & (rr[None, :] < rc),
+                                 other=0.0, cache_modifier=".cg")
+                else:
+                    xr = xa.to(dt)  # x·Aᵀ rounded as its matmul's output, then ·B'ᵀ
+                if UPCAST:
+                    xr, b = xr.to(tl.float32), b.to(tl.float32)
+                if IEEE:
+                    d = tl.dot(xr, tl.trans(b), input_precision="ieee").to(dt)
+                else:
+                    d = tl.dot(xr, tl.trans(b)).to(dt)
+                s = (y.to(tl.float32) + d.to(tl.float32)).to(dt)
+                if GATED:
+                    g = tl.load(G + rm, mask=rm < M, other=0)
+                    y = tl.where(g[:, None] != 0, s, y)
+                else:
+                    y = s
+            tl.store(OUT + rm[:, None].to(tl.int64) * s_o + rn[None, :], y,
+                     mask=(rm[:, None] < M) & (rn[None, :] < N))
+            if SHARED and LORA:  # the last column block of the row block to have read XA resets its two counts
+                done = tl.atomic_add(SYNC + 2 * pm + 1, 1, sem="acq_rel")
+                if done == NB - 1:
+                    tl.atomic_xchg(SYNC + 2 * pm, 0)
+                    tl.atomic_xchg(SYNC + 2 * pm + 1, 0)
 
     return lora_linear_kernel
 
 
 def lora_linear_rows(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | None = None,
                      gate: torch.Tensor | None = None, segments: tuple | None = None, block_n: int | None = None,
-                     block_k: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+                     block_k: int | None = None, num_warps: int | None = None, shared_xa: bool = False,
+                     workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """`lora_linear` as one Triton launch (grid: column blocks x row blocks of BLOCK_M). x [M, K], w [N, K],
     a [R, K], b [N, R] (both or neither), gate [M]; float32, bf16 or fp16, all of one dtype. segments
     (`lowrank_factors`; None: one projection of rank R): a program whose columns lie in one projection reads
     only its A rows (B' is block-diagonal: the others would add zeros). block_n / block_k:
     the tile (powers of two >= 16; larger ones make Triton's interpreter faster in tests); num_warps: Triton's;
-    each None: `kernel_tile`'s."""
+    each None: `kernel_tile`'s.
+
+    shared_xa (opt-in, session 39, not yet measured on a GPU): x·Aᵀ computed once per row block by ceil(R/16)
+    extra programs (16 ranks each) into a scratch buffer, which the column programs read once those have
+    counted themselves in (a spin on a counter; the grid's few programs are all resident), instead of each
+    column program reading its projection's whole A (twice its W tile at 16 columns and rank 32). workspace:
+    `lora_workspace(M, R, ...)`'s (scratch, counters), reused call after call (the counters return to 0 at the
+    end of every launch); None: a fresh one."""
     M, K = x.shape
     tile = kernel_tile(K)
     block_n, block_k, num_warps = block_n or tile[0], block_k or tile[1], num_warps or tile[2]
@@ -237,10 +284,28 @@ def lora_linear_rows(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor | None = 
     br = max(16, 1 << (max(r if straddles else max(s[2] for s in segs), 1) - 1).bit_length())
     segs += [(N, r, 0)] * (3 - len(segs))  # (unused segments: empty, past the last column)
     (e0, o0, r0), (e1, o1, r1), (_, o2, r2) = segs
-    _kernel()[grid](x, w, a if a is not None else w, b if b is not None else w, g, out, M, N, K,
-                    x.stride(0), w.stride(0), a.stride(0) if a is not None else 0,
-                    b.stride(0) if b is not None else 0, out.stride(0), e0, e1, o0, o1, o2, r0, r1, r2,
-                    BM=BLOCK_M, BN=block_n, BK=block_k, BR=br, R=r, LORA=a is not None, GATED=gate is not None,
-                    IEEE=x.dtype == torch.float32, UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
-                    num_warps=num_warps)
+    shared = shared_xa and a is not None
+    producers = -(-r // 16) if shared else 0
+    scratch, sync = w, w  # (unread without shared_xa)
+    if shared:
+        scratch, sync = workspace if workspace is not None else lora_workspace(M, r, x.dtype, x.device)
+        if (scratch.shape[0] < grid[1] * BLOCK_M or scratch.shape[1] != 16 * producers or scratch.dtype != x.dtype
+                or sync.dtype != torch.int32 or sync.numel() < 2 * grid[1]):
+            raise ValueError(f"lora_linear_rows: a workspace of {tuple(scratch.shape)} {scratch.dtype} / "
+                             f"{sync.numel()} counters does not fit {M} rows of rank {r}: use lora_workspace")
+    _kernel()[(producers + grid[0], grid[1])](
+        x, w, a if a is not None else w, b if b is not None else w, g, out, scratch, sync, M, N, K,
+        x.stride(0), w.stride(0), a.stride(0) if a is not None else 0, b.stride(0) if b is not None else 0,
+        out.stride(0), e0, e1, o0, o1, o2, r0, r1, r2, producers, grid[0],
+        BM=BLOCK_M, BN=block_n, BK=block_k, BR=br, R=r, LORA=a is not None, GATED=gate is not None,
+        IEEE=x.dtype == torch.float32, UPCAST=os.environ.get("TRITON_INTERPRET") == "1", SHARED=shared,
+        RS=max(16, 16 * producers), num_warps=num_warps)
     return out
+
+
+def lora_workspace(rows: int, rank: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (scratch [row blocks·BLOCK_M, 16·ceil(rank/16)] of `dtype`, counters int32 [2·row blocks], zeros) that
+    `lora_linear_rows(..., shared_xa=True)` takes for up to `rows` rows of a LoRA of total rank `rank`."""
+    blocks = -(-rows // BLOCK_M)
+    return (torch.zeros(blocks * BLOCK_M, 16 * -(-rank // 16), dtype=dtype, device=device),
+            torch.zeros(2 * blocks, dtype=torch.int32, device=device))

@@ -31,7 +31,7 @@ from torch import nn
 from idlm.layers.attention import AttentionBackend, DenseAttention
 from idlm.layers.fused import cuda_fused
 from idlm.layers.lora import select_half
-from idlm.layers.lora_kernel import lora_mm, lowrank_factors
+from idlm.layers.lora_kernel import LORA_KERNEL_MAX_ROWS, lora_mm, lora_workspace, lowrank_factors
 from idlm.layers.norm import RMSNorm
 from idlm.layers.rotary import RotaryEmbedding, apply_rotary, qk_norm_rotary, rotary_qk, rotary_qkv_fast, split_qkv
 from idlm.models.config import ModelConfig
@@ -386,14 +386,16 @@ class Transformer(nn.Module):
         adapter.check_fits(self.config)
         for layer, la in zip(self.model.layers, adapter.layers):
             a, m = layer.self_attn, layer.mlp
-            if layout == "lowrank":  # (W, A, B', bias, segments) each; W shared with `fuse_projections`' copy
+            if layout == "lowrank":  # (W, A, B', bias, segments, workspace) each; W shared with `fuse_projections`'s
                 qkv, gate_up = [(w, b) if w is not None else _cat_linear(*ms) for (w, b), ms in (
                     (a.qkv or (None, None), (a.q_proj, a.k_proj, a.v_proj)),
                     (m.gate_up or (None, None), (m.gate_proj, m.up_proj)))]
 
                 def factors(named, fused=(None, None)):
                     w, lo_a, lo_b, segments = lowrank_factors(la, named, fused[0])
-                    return w, lo_a, lo_b, fused[1] if fused[0] is not None else named[0][1].bias, segments
+                    space = None if lo_a is None or w.device.type != "cuda" else lora_workspace(
+                        LORA_KERNEL_MAX_ROWS, lo_a.shape[0], w.dtype, w.device)  # (`lora_mm`'s shared x·Aᵀ)
+                    return w, lo_a, lo_b, fused[1] if fused[0] is not None else named[0][1].bias, segments, space
 
                 a.qkv_lora = factors([("q_proj", a.q_proj), ("k_proj", a.k_proj), ("v_proj", a.v_proj)], qkv)
                 a.o_lora = factors([("o_proj", a.o_proj)])
