@@ -17,10 +17,10 @@ gated variants). The rows with gate 0 get x·Wᵀ: the base model's projection, 
 `lowrank_factors` builds (W, A, B', segments) of projections side by side (q/k/v, gate/up): A stacked, B'
 block-diagonal.
 `lora_linear` is the eager reference (what CPU and any shape runs); `lora_linear_rows` the kernel; `lora_mm` picks
-one for `Transformer.fuse_lora`'s "lowrank" layout (`EngineConfig(lora_layout="lowrank")`, opt-in: session 38 had
-no device time left to measure it — `scripts/bench_small_gemm.py`'s `step_like/lowrank_kernel` times idlm-tiny-ar's
-step GEMMs through it, ~34 MB, against the select layout's ~52 MB; `scripts/bench_risd.py`'s step kind
-`risd_lowrank` times the engine step).
+one for `Transformer.fuse_lora`'s "lowrank" layout. `choose_lora_layout` is when the engine's default
+`lora_layout="auto"` takes that layout: where a step's weights fit the GPU's L2 with it and not with "select"
+(idlm-tiny-ar in bf16: its R-ISD step 1.175× AR's against select's 1.255× on an H200; SmolLM2-135M, whose
+weights fit neither, is faster with select — docs/risd.md, session 39).
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from torch import nn
 from idlm.layers.paged_kernel import triton_available
 
 BLOCK_M = 16  # the kernel's rows a program: tl.dot's least
+LORA_KERNEL_MAX_ROWS = 32  # `lora_mm` takes the kernel up to this many rows (a few decode blocks), else matmuls
+L2_FIT = 0.75  # the share of the L2 a step's weights may take and still be read from it (`choose_lora_layout`)
 
 
 def kernel_tile(k: int) -> tuple[int, int, int]:
@@ -43,10 +45,6 @@ def kernel_tile(k: int) -> tuple[int, int, int]:
     of k a step with 4 warps, 256 with 2 past k = 512. The fastest tile per idlm-tiny-ar projection on an H100
     (`scripts/bench_small_gemm.py`'s `kernel_tiles`, docs/risd.md session 39) or within 2% of it."""
     return (16, 256, 2) if k > 512 else (16, 128, 4)
-LORA_KERNEL_MAX_ROWS = 32  # `lora_mm` takes the kernel up to this many rows (a few decode blocks), else matmuls
-
-
-L2_FIT = 0.75  # the share of the L2 a step's weights may take and still be read from it (`choose_lora_layout`)
 
 
 def choose_lora_layout(select_bytes: int, lowrank_bytes: int, l2_bytes: int | None) -> str:
