@@ -148,7 +148,8 @@ def stage_exact():
             n = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y),
                      min(len(a.token_ids), len(b.token_ids)))
             agree.append(n / max(1, len(a.token_ids)))
-        out[dtype] = {"fused_lora": fused, "identical": sum(same), "of": len(same),
+        out[dtype] = {"fused_lora": fused, "lora_layout": eng.runner.lora_layout, "identical": sum(same),
+                      "of": len(same),
                       "tokens_before_first_divergence": round(sum(agree) / len(agree), 4),
                       "tpf": round(sum(o.stats.committed for o in risd) / sum(o.stats.forwards for o in risd), 3)}
     emit("exact", out)
@@ -220,6 +221,8 @@ def stage_step():
             freeze_gc()
             res = interleaved_steps(cases, rounds=int(os.environ.get("ROUNDS", "20")),
                                     fresh=os.environ.get("STEP_FRESH") == "1")
+            for k, (eng, _, _) in cases.items():  # the fused LoRA's layout each engine built (None: AR, unfused)
+                res[k]["lora_layout"] = eng.runner.lora_layout
             for k in [k for k in res if k != "ar"]:
                 res[f"{k}_over_ar"] = res[k]["over_ar"]
                 kind, _, variant = k.partition("@")
