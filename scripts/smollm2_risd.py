@@ -696,6 +696,7 @@ def stage_speed(args) -> None:
         out.update(auto_branches=args.branches, auto_max_stride=auto.config.auto_max_stride)
         out["auto_warmup_s"] = auto.warmup()  # every stride compiled and captured now, not inside a timed run
         engines["risd_auto"] = auto
+    out["lora_layout_built"] = {k: e.runner.lora_layout for k, e in engines.items()}  # what "auto" resolved to
     speed = {}
     for temp in temps:
         rows = []
