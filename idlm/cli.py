@@ -367,7 +367,8 @@ def cmd_bench_offline(args) -> int:
                        max_num_seqs=max(args.concurrency), cuda_graphs=not args.no_cuda_graphs,
                        num_pages=args.num_pages, attention=args.attention, stride_schedule=args.stride_schedule,
                        exact=args.exact, branches=args.branches, branches_max_batch=args.branches_max_batch,
-                       guesses=args.guesses, guess_rows=args.guess_rows, overlap=args.overlap)
+                       guesses=args.guesses, guess_rows=args.guess_rows, overlap=args.overlap,
+                       lora_layout=args.lora_layout)
     engine = LLMEngine(model, tok, cfg, lora=lora)
     # the adaptive stride explores strides the workload's warm-up pass may not reach: compile and capture them
     # all now, not inside a timed run (as `idlm serve --warmup`)
@@ -434,7 +435,7 @@ def cmd_bench_prefill(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from idlm.engine.options import ATTENTION_BACKENDS, EXACT_HELP, OVERLAP_HELP
+    from idlm.engine.options import ATTENTION_BACKENDS, EXACT_HELP, LORA_LAYOUT_CHOICES, LORA_LAYOUT_HELP, OVERLAP_HELP
 
     parser = argparse.ArgumentParser(prog="idlm", description="Introspective Diffusion Language Models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -533,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     bo.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto", help=ATTENTION_HELP)
     bo.add_argument("--exact", action="store_true", help=EXACT_HELP)
     bo.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True, help=OVERLAP_HELP)
+    bo.add_argument("--lora-layout", default="auto", choices=LORA_LAYOUT_CHOICES, help=LORA_LAYOUT_HELP)
     bo.add_argument("--stride-schedule", type=stride_schedule_arg, default=None,
                     help=STRIDE_SCHEDULE_HELP + " (default: none, --stride always)")
     _add_model_args(bo)

@@ -425,6 +425,23 @@ def test_fused_lora_layouts_match_the_separate_path(qk_norm, bias):
         EngineConfig(lora_layout="stacked")
 
 
+def test_lora_layout_option_on_the_command_lines(capsys):
+    """`--lora-layout` on `idlm serve` and `idlm bench offline` takes "auto" (the default) and every layout of
+    `fuse_lora` (the torch-free choices list is the models' list after "auto"); anything else is refused by name."""
+    from idlm.cli import build_parser
+    from idlm.engine.options import LORA_LAYOUT_CHOICES
+    from idlm.models.transformer import LORA_LAYOUTS
+
+    assert LORA_LAYOUT_CHOICES == ("auto", *LORA_LAYOUTS)
+    parse = build_parser().parse_args
+    for command in (["serve"], ["bench", "offline"]):
+        assert parse(command).lora_layout == "auto"
+        assert parse([*command, "--lora-layout", "lowrank"]).lora_layout == "lowrank"
+        with pytest.raises(SystemExit):
+            parse([*command, "--lora-layout", "stacked"])
+        assert "--lora-layout: invalid choice: 'stacked'" in capsys.readouterr().err
+
+
 def test_fused_projections_engine_equals_reference():
     """fuse_projections=True (the CUDA default for small models) keeps greedy engine output equal to the
     reference runner's; auto leaves CPU models unfused. (Its own model: fusing changes the object.)"""

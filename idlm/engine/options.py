@@ -5,6 +5,13 @@ and argument parsing stay fast)."""
 # the gather + SDPA reference path; "triton" requires the kernel; "sdpa" always takes the reference path
 ATTENTION_BACKENDS = ("auto", "triton", "sdpa")
 
+# the engine's `lora_layout` option: how R-ISD's gated LoRA is folded into the projections (`Transformer.fuse_lora`;
+# "auto": `choose_lora_layout`'s pick); the same names as `idlm.models.transformer.LORA_LAYOUTS` after "auto"
+LORA_LAYOUT_CHOICES = ("auto", "pair", "select", "lowrank")
+LORA_LAYOUT_HELP = ("R-ISD: how the gated LoRA is folded into the projections on CUDA — auto (lowrank where the GPU's "
+                    "L2 holds a step's weights with it and not with select, else select), select (x·[W ; W + D]), "
+                    "lowrank (W and the LoRA factors in one Triton kernel) or pair ([x, g·x]·[W | D])")
+
 EXACT_HELP = ("exact mode: every token's logits bit-identical whatever the batch, query block and prefill chunk "
               "(greedy ISD / R-ISD then equal AR in bf16 too); slower; needs the Triton kernels (docs/exact.md)")
 

@@ -38,7 +38,7 @@ ALGORITHMS = {"IDLMBlockN": "isd", "IDLMBlock": "isd", "ISD": "isd", "RISD": "ri
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     from idlm.cli import STRIDE_SCHEDULE_HELP, stride_arg, stride_schedule_arg
     from idlm.decoding import DECODERS
-    from idlm.engine.options import ATTENTION_BACKENDS, EXACT_HELP, OVERLAP_HELP
+    from idlm.engine.options import ATTENTION_BACKENDS, EXACT_HELP, LORA_LAYOUT_CHOICES, LORA_LAYOUT_HELP, OVERLAP_HELP
     from idlm.models.registry import DEFAULT_MODEL
 
     p.add_argument("--model-path", "--model", dest="model", default=DEFAULT_MODEL,
@@ -93,6 +93,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="paged attention of decode steps: Triton kernel (auto: on CUDA) or gather + SDPA")
     p.add_argument("--exact", action="store_true", help=EXACT_HELP)
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True, help=OVERLAP_HELP)
+    p.add_argument("--lora-layout", default="auto", choices=LORA_LAYOUT_CHOICES, help=LORA_LAYOUT_HELP)
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
                    help="before listening, run every stride the engine may use (greedy and sampled) on a dummy "
                         "request, so compiling and capturing decode steps does not stall the first requests "
@@ -220,7 +221,7 @@ def cmd_serve(args) -> int:
                           max_num_seqs=args.max_running_requests, num_pages=args.num_pages,
                           attention=args.attention, stride_schedule=args.stride_schedule, exact=args.exact,
                           branches=args.branches, branches_max_batch=args.branches_max_batch, guesses=args.guesses,
-                          guess_rows=args.guess_rows, overlap=args.overlap)
+                          guess_rows=args.guess_rows, overlap=args.overlap, lora_layout=args.lora_layout)
     engine = LLMEngine(model, tok, config, lora=lora)
     if should_warm_up(args.warmup, config.stride, engine.runner.device.type):
         log = logging.getLogger("idlm.server")
