@@ -137,12 +137,17 @@ def step_like(tiles: dict | None = None) -> dict:
 
 # the four fused projections of a layer: (K, N) and where each projection side by side ends (its columns)
 TILE_MODELS = {
-    "idlm-tiny-ar": ({"qkv": (384, 640), "o": (384, 384), "gate_up": (384, 1792), "down": (896, 384)},
+    "idlm-tiny-ar": ({k: v for k, v in SHAPES.items() if k != "lm_head"},
                      {"qkv": (384, 512, 640), "gate_up": (896, 1792)}),
     # SmolLM2-135M: hidden 576, 9 query heads and 3 KV heads of 64, MLP 1536
     "smollm2": ({"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576)},
                 {"qkv": (576, 768, 960), "gate_up": (1536, 3072)}),
 }
+
+
+def side_by_side(ends: tuple, rank: int) -> tuple:
+    """`lowrank_factors`' segments of projections ending at `ends` (their columns), a LoRA of `rank` each."""
+    return tuple((e, rank * i, rank) for i, e in enumerate(ends))
 
 
 def kernel_tiles(model: str = "idlm-tiny-ar", cold_mb: int = 0) -> dict:
@@ -169,7 +174,7 @@ def kernel_tiles(model: str = "idlm-tiny-ar", cold_mb: int = 0) -> dict:
 
         x = torch.randn(7, k, device=DEV, dtype=DTYPE, generator=g)
         ws, w2s, as_, bs = make(n, k), make(2 * n, k), make(r, k), make(n, r)
-        segments = tuple((e, 32 * i, 32) for i, e in enumerate(ends))
+        segments = side_by_side(ends, 32)
 
         def cycled(call):  # each captured call on the next copy
             it = itertools.cycle(range(copies))
@@ -186,8 +191,10 @@ def kernel_tiles(model: str = "idlm-tiny-ar", cold_mb: int = 0) -> dict:
                     except Exception as e:  # a tile that does not fit (Triton's OutOfResources: shared memory)
                         torch.cuda.synchronize()
                         res[f"bn{bn}_bk{bk}_w{nw}"] = f"{type(e).__name__}"
-        best = min((v, c) for c, v in res.items() if not c.startswith("cublas") and isinstance(v, float))
-        out[f"kernel_tiles/{name}"] = {**res, "best": best[1], "copies": copies}
+        best = min((v, c) for c, v in res.items() if not c.startswith("cublas") and isinstance(v, float))[1]
+        bn, bk, nw = (int(t.lstrip("bnkw")) for t in best.split("_"))  # "bn16_bk128_w4"
+        out[f"kernel_tiles/{name}"] = {**res, "best": best, "copies": copies,
+                                       "best_tile": {"block_n": bn, "block_k": bk, "num_warps": nw}}
         print(json.dumps({f"kernel_tiles/{name}": out[f"kernel_tiles/{name}"]}), flush=True)
     return out
 
@@ -213,7 +220,7 @@ def kernel_ranks(model: str = "idlm-tiny-ar") -> dict:
             r = rank * len(ends)
             a = torch.randn(r, k, device=DEV, dtype=DTYPE, generator=g) * 0.02
             b = torch.randn(n, r, device=DEV, dtype=DTYPE, generator=g) * 0.02
-            segments = tuple((e, rank * i, rank) for i, e in enumerate(ends))
+            segments = side_by_side(ends, rank)
             res[f"rank{rank}"] = graph_us(lambda: lora_linear_rows(x, w, a, b, gate, segments))
             space = lora_workspace(7, r, DTYPE, DEV)  # x·Aᵀ once by its own programs (`shared_xa`)
             res[f"rank{rank}_shared"] = graph_us(lambda: lora_linear_rows(x, w, a, b, gate, segments, shared_xa=True,
@@ -242,10 +249,7 @@ def main() -> None:
     tiles = kernel_tiles(tile_model, int(os.environ.get("GEMM_COLD_MB", "0"))) \
         if os.environ.get("GEMM_TILES", "1") == "1" else {}
     res.update(tiles)
-    best = {}
-    for key, r in tiles.items():  # "bn16_bk128_w2" -> block_n, block_k, num_warps
-        bn, bk, nw = (int(t[2:] if t[0] == "b" else t[1:]) for t in r["best"].split("_"))
-        best[key.split("/")[1]] = {"block_n": bn, "block_k": bk, "num_warps": nw}
+    best = {key.split("/")[1]: r["best_tile"] for key, r in tiles.items()}
     if os.environ.get("GEMM_RANKS", "1") == "1":
         res.update(kernel_ranks(tile_model))
     if os.environ.get("GEMM_STEP", "1") == "1":  # idlm-tiny-ar's step, with its best tiles where swept
