@@ -9,9 +9,11 @@ machine, e.g. AR vs ISD N = 4 at batch 256:
 
     python scripts/host_overhead.py                       (idlm-tiny, CPU; JSON lines, a summary last)
 
-Environment: CASES ("ar:1:256,isd:4:256"; decoder:stride:concurrency), TEMPERATURE (1.0), MAX_TOKENS (64),
-DEVICE_MS (0: a step's results reach the host this long after its launch, as from a GPU; then "host ms per
-step" is the whole step, and work the engine does between launch and sync is hidden behind the device),
+Environment: CASES ("ar:1:256,isd:4:256"; decoder:stride:concurrency; stride "auto" or "autoM": the adaptive
+stride, at most M — "isd:auto1:1" is an adaptive engine's plain AR steps, to set against "ar:1:1"),
+TEMPERATURE (1.0), MAX_TOKENS (64), DEVICE_MS (0: a step's results reach the host this long after its launch, as
+from a GPU; then "host ms per step" is the whole step, and work the engine does between launch and sync is hidden
+behind the device),
 TEXT_REPS (0; n: also n interleaved runs against an engine that detokenizes right after the sync, medians):
 
     CASES=ar:1:64,isd:4:64 TEMPERATURE=0.7 DEVICE_MS=1 TEXT_REPS=9 python scripts/host_overhead.py
@@ -100,6 +102,14 @@ def measure(engine, prompts, params) -> dict:
             "gc_ms_per_step": round(1e3 * pauses["s"] / steps, 3), "full_collections": pauses["full"]}
 
 
+def stride_options(stride: str) -> dict:
+    """A case's stride field: an integer N, "auto" (the adaptive stride), or "autoM" (the adaptive stride
+    with at most M: "auto1" runs only plain AR steps through the adaptive engine's path)."""
+    if stride.startswith("auto"):
+        return {"stride": "auto", **({"auto_max_stride": int(stride[4:])} if stride[4:] else {})}
+    return {"stride": int(stride)}
+
+
 def main() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 2)))
     cases = [c.split(":") for c in os.environ.get("CASES", "ar:1:256,isd:4:256").split(",")]
@@ -112,8 +122,8 @@ def main() -> None:
         model, tok = load_pretrained("idlm-tiny-ar" if decoder == "ar" else "idlm-tiny", dtype="float32",
                                      device="cpu")
         prompts = bench_prompts(tok, int(conc))
-        eng = LLMEngine(model, tok, EngineConfig(decoder=decoder, stride=int(stride), max_num_seqs=int(conc),
-                                                 num_pages=4096, cuda_graphs=False))
+        eng = LLMEngine(model, tok, EngineConfig(decoder=decoder, max_num_seqs=int(conc), num_pages=4096,
+                                                 cuda_graphs=False, **stride_options(stride)))
         params = [SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True, seed=i)
                   for i in range(int(conc))]
         eng.run(prompts, params)  # the real forwards once (their outputs are what the cache returns)

@@ -48,6 +48,20 @@ def test_auto_stride_risd_greedy_equals_ar(tiny_ar):
     assert [o.token_ids for o in _engine_staggered(eng, prompts, params, per_step=4)] == [o.token_ids for o in want]
 
 
+def test_an_auto_engine_bounded_to_plain_steps_serves_as_ar(tiny):
+    """auto_max_stride=1: every decode step a plain AR step, each request's first token drawn by an ISD
+    decoder's start (a plain step cannot start a request: this failed every request before) — greedy AR's
+    tokens, and no step of another stride."""
+    model, tok = tiny
+    prompts, params = _workload(tok, n=12, seed=13)
+    want = _small_engine(model, tok, "ar", 4).run(prompts, params)
+    eng = _small_engine(model, tok, "isd", "auto", auto_max_stride=1, num_pages=200)
+    got = _engine_staggered(eng, prompts, params, per_step=4)
+    assert [o.finish_reason for o in got] == [o.finish_reason for o in want]
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert set(eng.stride_mix) == {1} and eng.counters["failed"] == 0
+
+
 def test_auto_stride_seeded_sampling_is_batch_invariant(tiny):
     """Token for token the same seeded requests alone and in a batch, when every step is an AR step."""
     model, tok = tiny

@@ -415,8 +415,9 @@ class LLMEngine:
         strides = config.strides
         for n in strides:
             self._decoder(n)  # validate every stride up front (MASK token, N >= 2, ...)
-        # the decoder that draws each request's first token (any ISD stride starts the same cold state)
-        self._start_stride = config.stride if config.stride != "auto" else max(strides)
+        # the decoder that draws each request's first token (any ISD stride starts the same cold state; an
+        # adaptive engine bounded to N = 1 still starts with an ISD decoder: its plain steps cannot start)
+        self._start_stride = config.stride if config.stride != "auto" else max(2, *strides)
         dec = self._decoder(self._start_stride)
         if dec.uses_lora and lora is None:
             raise ConfigError(f"decoder {dec.name!r} needs a LoRA adapter (lora=...)")
