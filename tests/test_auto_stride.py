@@ -227,6 +227,28 @@ def test_an_auto_engine_of_one_sequence_starts(tiny, tmp_path, monkeypatch):
     assert len(out[0].token_ids) == 8
 
 
+def test_an_auto_engine_on_a_small_pool_calibrates_within_it(tiny, tmp_path, monkeypatch):
+    """A KV pool too small for one calibration row of CONTEXT tokens plus the longest query (16 pages of 4
+    tokens against 128 + 64 with branches at N = 8) times a shorter context and serves; a pool that cannot
+    hold one decode block is refused by name. Both failed with the page manager's internal error ("outside
+    its reserved slots") before."""
+    from idlm.engine.calibrate import CONTEXT, calibration_context
+
+    monkeypatch.setenv("IDLM_CACHE", str(tmp_path))
+    model, tok = tiny
+    assert calibration_context(100, 16, 64) == CONTEXT
+    assert calibration_context(20, 4, 64) == 16  # what the pool leaves beside the query
+    with pytest.raises(ConfigError, match="cannot hold one decode block of 64"):
+        calibration_context(16, 4, 64)
+    cfg = dict(decoder="isd", stride="auto", page_size=4, branches=True, max_num_seqs=4)
+    eng = LLMEngine(model, tok, EngineConfig(num_pages=40, **cfg))
+    assert eng.block_manager.num_free_pages == 40
+    out = eng.run([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    assert len(out[0].token_ids) == 5
+    with pytest.raises(ConfigError, match="KV pool .* cannot hold one decode block"):
+        LLMEngine(model, tok, EngineConfig(num_pages=16, **cfg))
+
+
 def test_a_close_stride_never_run_is_probed_once(tiny):
     """The policy's choice is N = 4 every time; N = 1 (a plain AR step, rated 0.8 of it) has never run, so
     the second interval runs N = 1 to measure it — once per batch bucket (a step's cost is its bucket's),

@@ -22,6 +22,7 @@ import torch
 from idlm.atomic import atomic_write_text
 from idlm.decoding.stride_policy import StepCostModel, query_len_of
 from idlm.engine.model_runner import Row
+from idlm.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,9 @@ def context_rows(bm, ids: list, context: int, query_len: int) -> list[Row]:
     requests (their slots reserved)."""
     rows = []
     for rid in ids:
-        bm.reserve(rid, query_len)
+        if not bm.reserve(rid, query_len):
+            raise ConfigError(f"the KV pool ({bm.num_pages} pages of {bm.page_size} tokens) cannot hold {len(ids)} "
+                              f"rows of {context} + {query_len} tokens: give it more pages or time fewer rows")
         rows.append(Row([1] * query_len, context, bm.slots(rid, context, query_len), bm.block_table(rid)))
     return rows
 
@@ -88,30 +91,42 @@ def calibration_points(max_num_seqs: int, max_stride: int, capacity: int,
     return [(b, q) for b in batches for q in queries]
 
 
-def _cache_key(engine) -> str:
+def calibration_context(free_pages: int, page_size: int, max_query: int) -> int:
+    """KV tokens each calibration row holds: CONTEXT, or what a pool too small for one row of CONTEXT plus the
+    longest query leaves beside that query (a small pool serves short requests; its calibration must fit it)."""
+    fits = (free_pages * page_size) - max_query
+    if fits < 1:
+        raise ConfigError(f"the KV pool ({free_pages} free pages of {page_size} tokens) cannot hold one decode block "
+                          f"of {max_query} query tokens after a token of context: give the engine more pages or a "
+                          "smaller auto_max_stride")
+    return min(CONTEXT, fits)
+
+
+def _cache_key(engine, context: int = CONTEXT) -> str:
     runner, cfg = engine.runner, engine.config
     ident = {"device": torch.cuda.get_device_name(runner.device) if runner.device.type == "cuda" else "cpu",
              "torch": torch.__version__, "model": repr(engine.model.config), "dtype": str(engine.model.dtype),
              "graphs": runner.use_graphs, "attention": cfg.attention, "max_num_seqs": cfg.max_num_seqs,
-             "max_stride": cfg.auto_max_stride, "lora": engine.lora is not None, "context": CONTEXT,
+             "max_stride": cfg.auto_max_stride, "lora": engine.lora is not None, "context": context,
              "branches": cfg.branches}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 @torch.no_grad()
-def measure_step_costs(engine, points: list[tuple[int, int]], iters: int = 5) -> list[tuple[int, int, float]]:
+def measure_step_costs(engine, points: list[tuple[int, int]], iters: int = 5,
+                       context: int = CONTEXT) -> list[tuple[int, int, float]]:
     """Median seconds of the engine runner's decode forward at each (batch, query_len), over dummy requests
-    that hold CONTEXT tokens of KV (allocated from the engine's pool and freed again)."""
+    that hold `context` tokens of KV (allocated from the engine's pool and freed again)."""
     bm, runner = engine.block_manager, engine.runner
     max_b, max_q = max(b for b, _ in points), max(q for _, q in points)
     ids = [f"__calibrate_{i}" for i in range(max_b)]
     samples = []
     caching, bm.enable_prefix_caching = bm.enable_prefix_caching, False  # dummy KV must never be a prefix hit
     try:
-        hold_context(bm, ids, CONTEXT)
-        context_rows(bm, ids, CONTEXT, max_q)  # every row's slots reserved for the longest query at once
+        hold_context(bm, ids, context)
+        context_rows(bm, ids, context, max_q)  # every row's slots reserved for the longest query at once
         for B, Q in points:
-            rows = context_rows(bm, ids[:B], CONTEXT, Q)
+            rows = context_rows(bm, ids[:B], context, Q)
             samples.append((B, Q, statistics.median(time_decode(runner, rows, Q, iters))))
     finally:
         for rid in ids:
@@ -125,19 +140,20 @@ def calibrate_step_cost(engine, use_cache: bool = True) -> StepCostModel:
     """The engine's StepCostModel: from the cache, or measured now (and cached)."""
     from idlm.models.registry import cache_dir
 
-    path = cache_dir() / "step_cost" / f"{_cache_key(engine)}.json"
+    cfg = engine.config
+    max_q = query_len_of(cfg.auto_max_stride, cfg.branches)
+    context = calibration_context(engine.block_manager.num_free_pages, cfg.page_size, max_q)
+    path = cache_dir() / "step_cost" / f"{_cache_key(engine, context)}.json"
     if use_cache and path.exists():
         try:
             data = json.loads(path.read_text())
             return StepCostModel(*data["coefficients"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             logger.warning("ignoring the unreadable step-cost cache %s: %s", path, e)
-    cfg = engine.config
-    max_q = query_len_of(cfg.auto_max_stride, cfg.branches)
-    capacity = engine.block_manager.num_free_pages // (-(-(CONTEXT + max_q) // cfg.page_size))
+    capacity = engine.block_manager.num_free_pages // (-(-(context + max_q) // cfg.page_size))
     points = calibration_points(cfg.max_num_seqs, cfg.auto_max_stride, capacity, cfg.branches)
     t0 = time.perf_counter()
-    samples = measure_step_costs(engine, points)
+    samples = measure_step_costs(engine, points, context=context)
     model = StepCostModel.fit(samples)
     logger.info("step-cost calibration (%.1f s): %s", time.perf_counter() - t0, model)
     if use_cache:
