@@ -592,3 +592,14 @@ def test_deprecated_block_names():
             assert p.parse_args([*required, option, "64"]).num_pages == 64
     for option in ("--num-blocks", "--num-pages"):
         assert build_parser().parse_args(["bench", "offline", option, "64"]).num_pages == 64
+
+
+def test_fuzz_engine_script_smoke():
+    """scripts/fuzz_engine.py on three of its cases: 5 and 7 (the adaptive stride bounded to N = 1, which
+    failed every request) and 209 (an adaptive engine whose KV pool is smaller than one calibration row, which
+    failed to build) — each greedy-equal to AR or seeded-reproducible, nothing failed, no page held."""
+    from tiny import run_script
+
+    for first in ("5", "209"):
+        last = run_script("fuzz_engine.py", first, "3" if first == "5" else "1")
+        assert last["failed"] == [] and last["cases"] == (3 if first == "5" else 1), last
