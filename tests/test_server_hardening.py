@@ -544,3 +544,14 @@ def test_warmup_defaults_to_adaptive_engines_on_cuda_and_can_be_forced_either_wa
     assert should_warm_up(None, "auto", "cuda") and not should_warm_up(None, "auto", "cpu")
     assert not should_warm_up(None, 4, "cuda")  # a fixed stride compiles one step, on its first request
     assert should_warm_up(True, 4, "cpu") and not should_warm_up(False, "auto", "cuda")
+
+
+def test_fuzz_server_script_smoke():
+    """scripts/fuzz_server.py CPU-sized: it starts `idlm serve`, sends 36 random requests (valid and not) from
+    six connections, and finds no 5xx, no error event in an accepted stream, a healthy server and no KV page
+    held afterwards."""
+    from tiny import run_script
+
+    last = run_script("fuzz_server.py", "--requests", "36", "--seed", "1")
+    assert last["ok"] and last["n_faults"] == 0 and last["kv_pages_used"] == 0, last
+    assert sum(last["status_counts"].values()) == 36 and "200" in last["status_counts"], last
