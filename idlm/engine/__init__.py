@@ -1,5 +1,5 @@
 """Serving engine (SPEC §8): paged KV page manager, continuous-batching scheduler, model runner
-(paged attention, CUDA graphs), the step loop (`LLMEngine`) and the offline API (`LLM`).
+(paged attention, CUDA graphs), the step loop (`LLMEngine`), its options (`config.py`) and the offline API (`LLM`).
 
 Exported here: `LLMEngine`, `EngineConfig` and `LLM` (imported lazily, so `idlm.engine.options` stays
 importable without torch), and the page manager's `PageManager` (old name `BlockManager`), `SeqBlocks` and
@@ -24,8 +24,12 @@ def __getattr__(name):
         from idlm.engine.llm import LLM
 
         return LLM
-    if name in ("LLMEngine", "EngineConfig"):
-        from idlm.engine import llm_engine
+    if name == "EngineConfig":
+        from idlm.engine.config import EngineConfig
 
-        return getattr(llm_engine, name)
+        return EngineConfig
+    if name == "LLMEngine":
+        from idlm.engine.llm_engine import LLMEngine
+
+        return LLMEngine
     raise AttributeError(f"module 'idlm.engine' has no attribute {name!r}")
