@@ -17,7 +17,8 @@ of mixed prompts arriving at different steps, then checks:
     python scripts/fuzz_engine.py [FIRST] [COUNT]       (cases FIRST .. FIRST+COUNT-1; default 0 40)
 
 One JSON line per case (its configuration and checks), a summary last; exit status 1 when a case failed.
-Session 40's runs (741 cases) found two faults, fixed: docs/engine.md, "Random configurations".
+Session 40's runs found two faults (a third came from the host-overhead work), fixed: docs/engine.md, "Random
+configurations".
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ once. This sends such requests (most valid, about a third with something wrong) 
     python scripts/fuzz_server.py [--url http://127.0.0.1:8000] [--requests 300] [--seed 0]
 
 Without --url it starts `idlm serve` (the embedded default model) on a free port and stops it at the end.
-Prints one JSON line, the summary; exit status 1 when a check failed. Session 40: 900 requests, none failed
+Prints one JSON line, the summary; exit status 1 when a check failed. Session 40: 1,200 requests, none failed
 (docs/engine.md, "Random configurations").
 """
 

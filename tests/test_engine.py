@@ -597,9 +597,14 @@ def test_deprecated_block_names():
 def test_fuzz_engine_script_smoke():
     """scripts/fuzz_engine.py on three of its cases: 5 and 7 (the adaptive stride bounded to N = 1, which
     failed every request) and 209 (an adaptive engine whose KV pool is smaller than one calibration row, which
-    failed to build) — each greedy-equal to AR or seeded-reproducible, nothing failed, no page held."""
+    failed to build) — each greedy-equal to AR or seeded-reproducible, nothing failed, no page held; and 5066,
+    whose seeded request drew other tokens alone than in the batch."""
     from tiny import run_script
 
     for first in ("5", "209"):
         last = run_script("fuzz_engine.py", first, "3" if first == "5" else "1")
         assert last["failed"] == [] and last["cases"] == (3 if first == "5" else 1), last
+    # a seeded request without top-k / top-p drew other tokens alone than beside rows that filter (sampling's
+    # truncate path); now the same
+    last = run_script("fuzz_engine.py", "5066", "1")
+    assert last["failed"] == [] and last["alone_differs"] == [], last

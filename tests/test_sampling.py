@@ -94,6 +94,32 @@ def test_top_k_selection_path_equals_the_brute_force_and_the_sort():
     assert filtered_probs(logits[:1, :8], *params_tensors([sp(top_k=5)], "cpu"), truncate=16).shape == (1, 8)
 
 
+def test_a_row_that_filters_nothing_keeps_its_bits_in_a_batch_that_filters():
+    """The batch decides `truncate` (any row with top-k / top-p: a sort or a top-K selection); a row with
+    neither gets, bit for bit, the p̃ it gets alone (truncate=False) — every token with its mass. Before session
+    40 it went through the sort: renormalised twice, and its float32 cumulative mass reached 1 before the tail,
+    so top_p = 1 dropped the last ~100 of 8,192 tokens; seeded requests then drew other tokens in such batches
+    than alone (found by scripts/fuzz_engine.py: cases 2029 and 5066). Rows that do filter get the same p̃
+    at every truncate mode their params allow."""
+    g = torch.Generator().manual_seed(0)
+    V = 8192
+    logits = torch.randn(4, V, generator=g) * 3
+    temp = torch.tensor([1.0, 1.0, 0.7, 1.3])
+
+    def probs(top_k, top_p, truncate, rows=4):
+        return filtered_probs(logits[:rows], temp[:rows], torch.tensor(top_k[:rows]), torch.tensor(top_p[:rows]),
+                              truncate)
+
+    alone = probs([0], [1.0], False, rows=1)[0]
+    assert (alone > 0).all()
+    for mates_k, mates_p, truncate in (([0, 0, 0], [0.9, 0.9, 0.9], True), ([20, 0, 5], [1.0, 0.5, 1.0], True)):
+        assert torch.equal(probs([0, *mates_k], [1.0, *mates_p], truncate)[0], alone)
+    for top_p in (1.0, 0.9):  # a top_k row: its selection (K = 32 alone, 128 beside top_k 100) or the sort
+        own = probs([20, 20, 20, 20], [top_p] * 4, 32)[0]
+        assert torch.equal(probs([20, 100, 20, 20], [top_p] * 4, 128)[0], own)
+        assert torch.equal(probs([20, 0, 20, 20], [top_p, 0.9, 1.0, 1.0], True)[0], own)
+
+
 def test_engine_with_top_k_rows_equals_the_reference_runner():
     """A seeded top-k (+ top-p) batch takes the selection path in the engine and in the reference runner
     alike: identical tokens, ISD and AR."""

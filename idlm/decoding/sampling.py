@@ -223,7 +223,11 @@ def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
         keep = keep & ((mass_before < top_p[:, None].float()) | (rank == 0))
         sorted_p = sorted_p * keep
         sorted_p = sorted_p / sorted_p.sum(-1, keepdim=True)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        # a row that filters nothing keeps its softmax's bits: the batch's other rows decide `truncate`, and
+        # the sort, the renormalisations and a float32 cumulative mass reaching 1 before the tail would
+        # otherwise give it other probabilities in another batch than alone
+        plain = ((top_k <= 0) | (top_k >= V)) & (top_p >= 1)
+        probs = torch.where(plain[:, None], probs, torch.zeros_like(probs).scatter_(-1, order, sorted_p))
     onehot = torch.zeros_like(probs).scatter_(-1, chunked_argmax(scaled, stats)[:, None], 1.0)
     return torch.where(greedy[:, None], onehot, probs)
 
