@@ -5,9 +5,11 @@ rejection branches with guessed corrections at stride 2, a KV pool smaller than 
 stride schedule beside branches_max_batch, ...). Each case draws a configuration of `EngineConfig` (decoder ISD
 on idlm-tiny or R-ISD on idlm-tiny-ar with its adapter; fixed stride, schedule or "auto"; branches, guesses,
 pages, batch limits, prefix caching; overlapped steps through the graph path's eager stand-ins) and a workload
-of mixed prompts arriving at different steps, then checks:
+of mixed prompts arriving at different steps (cases from EXTENDED_FROM on: also the AR and SDAR decoders, stop
+tokens and a request aborted mid-run), then checks:
 
-- greedy: every request's tokens equal the AR engine's on the same model (R-ISD and ISD are lossless);
+- greedy: every request's tokens equal the AR engine's on the same model (R-ISD and ISD are lossless; SDAR is
+  its own algorithm: only the checks below);
 - sampled, fixed stride: each seeded request run alone gives the tokens it got in the batch — reported, not
   failed: outside exact mode a CPU matmul may round a row differently at another batch size (logits ~1e-5
   apart), which can move a draw at an interval's edge (docs/exact.md: exact mode is what promises the bits);
@@ -44,10 +46,15 @@ from idlm.layers.lora import LoRAAdapter  # noqa: E402
 from idlm.models import registry  # noqa: E402
 from idlm.models.loader import load_pretrained  # noqa: E402
 
+# cases from here on also draw the AR and SDAR decoders, stop tokens and an abort (session 40's second round);
+# the cases below it draw what they drew when their results were recorded (docs/engine.md)
+EXTENDED_FROM = 10_000
 
-def draw_config(rng: random.Random) -> tuple[dict, bool]:
+
+def draw_config(rng: random.Random, extended: bool = False) -> tuple[dict, bool]:
     """(EngineConfig keywords, whether a request's stride is independent of the batch: fixed, no schedule)."""
-    cfg = dict(decoder=rng.choice(["isd", "risd"]), page_size=rng.choice([4, 8, 16]),
+    decoders = ["isd", "risd"] * 4 + ["ar", "sdar"] if extended else ["isd", "risd"]
+    cfg = dict(decoder=rng.choice(decoders), page_size=rng.choice([4, 8, 16]),
                max_num_seqs=rng.choice([1, 2, 3, 5, 8, 16]), max_num_batched_tokens=rng.choice([64, 128, 256, 1024]),
                num_pages=rng.choice([40, 60, 120, 400]), enable_prefix_caching=rng.random() < 0.5)
     fixed = True
@@ -63,7 +70,7 @@ def draw_config(rng: random.Random) -> tuple[dict, bool]:
             fixed = False
             cfg["stride_schedule"] = sorted([(rng.randint(1, 4), rng.randint(1, 6)),
                                              (rng.randint(5, 16), rng.randint(1, 6))])
-    if rng.random() < 0.5:
+    if cfg["decoder"] in ("isd", "risd") and rng.random() < 0.5:
         cfg["branches"] = True
         if cfg["stride"] != "auto" and rng.random() < 0.3:
             fixed = False
@@ -77,7 +84,8 @@ def draw_config(rng: random.Random) -> tuple[dict, bool]:
     return cfg, fixed
 
 
-def draw_workload(rng: random.Random, tok, sampled: bool) -> tuple[list[list[int]], list[SamplingParams]]:
+def draw_workload(rng: random.Random, tok, sampled: bool,
+                  extended: bool = False) -> tuple[list[list[int]], list[SamplingParams]]:
     """2-12 chat prompts cut at random lengths, greedy or seeded sampled requests of various settings."""
     n = rng.randint(2, 12)
     prompts = [p[: rng.randint(1, len(p))] for p in bench_prompts(tok, 40)[rng.randint(0, 28):][:n]]
@@ -92,31 +100,38 @@ def draw_workload(rng: random.Random, tok, sampled: bool) -> tuple[list[list[int
                                          logprobs=rng.choice([None, None, 2])))
         else:
             params.append(SamplingParams(temperature=0, max_tokens=rng.randint(1, top)))
+        if extended and rng.random() < 0.15:  # a stop token (common ones: it is met)
+            params[-1].stop_token_ids = [rng.randint(4, 400)]
     return prompts, params
 
 
-def staggered(engine, prompts, params, per_step: int) -> list:
-    """Submit `per_step` new requests before each engine step; the outputs in submission order."""
-    ids, outs, i = [], {}, 0
+def staggered(engine, prompts, params, per_step: int, abort: tuple[int, int] | None = None) -> list:
+    """Submit `per_step` new requests before each engine step; the outputs in submission order. abort (step,
+    request): abort that request (if submitted and running) before that step; its output is None."""
+    ids, outs, i, steps, aborted = [], {}, 0, 0, None
     while i < len(prompts) or engine.has_unfinished():
         for _ in range(per_step):
             if i < len(prompts):
                 ids.append(engine.add_request(prompts[i], params[i]))
                 i += 1
+        if abort is not None and steps == abort[0] and abort[1] < len(ids) and engine.abort_request(ids[abort[1]]):
+            aborted = ids[abort[1]]
         for o in engine.step():
             if o.finished:
                 outs[o.request_id] = o
-    return [outs[r].output for r in ids]
+        steps += 1
+    return [None if r == aborted else outs[r].output for r in ids]
 
 
 def run_case(case: int, models: dict) -> dict:
-    rng = random.Random(case)
-    cfg, fixed = draw_config(rng)
+    rng, extended = random.Random(case), case >= EXTENDED_FROM
+    cfg, fixed = draw_config(rng, extended)
     model, tok, lora = models[cfg["decoder"]]
     graphs = rng.random() < 0.5  # the graph path's eager stand-ins on CPU: steps overlap (`_chain`)
     sampled = rng.random() < 0.5
-    prompts, params = draw_workload(rng, tok, sampled)
+    prompts, params = draw_workload(rng, tok, sampled, extended)
     per_step = rng.randint(1, 6)
+    abort = (rng.randint(0, 8), rng.randrange(len(prompts))) if extended and rng.random() < 0.2 else None
     rec = {"case": case, "sampled": sampled, "graphs": graphs, "config": cfg}
 
     def engine():
@@ -132,18 +147,19 @@ def run_case(case: int, models: dict) -> dict:
     except Exception as e:  # noqa: BLE001 — anything but a ConfigError is a fault
         return {**rec, "ok": False, "error": f"building the engine: {e!r}"[:400]}
     try:
-        got = staggered(eng, prompts, params, per_step)
+        got = staggered(eng, prompts, params, per_step, abort)
         rec.update(failed=eng.counters["failed"], pages_held=len(eng.block_manager._seqs),
-                   overlapped_steps=eng.counters["overlapped_steps"])
+                   overlapped_steps=eng.counters["overlapped_steps"], aborted=eng.counters["aborted"])
         ok = rec["failed"] == 0 and rec["pages_held"] == 0
-        if not sampled:
+        kept = [i for i, o in enumerate(got) if o is not None]  # (an aborted request's output is None)
+        if not sampled and cfg["decoder"] != "sdar":  # (SDAR's greedy is its own algorithm, not AR's)
             ar = LLMEngine(model, tok, EngineConfig(decoder="ar", stride=4, page_size=8, num_pages=400,
-                                                    max_num_seqs=16))
-            rec["greedy_equals_ar"] = [o.token_ids for o in got] == [o.token_ids for o in ar.run(prompts, params)]
+                                                    max_num_seqs=16)).run(prompts, params)
+            rec["greedy_equals_ar"] = all(got[i].token_ids == ar[i].token_ids for i in kept)
             ok = ok and rec["greedy_equals_ar"]
-        elif fixed:
-            alone = [engine().run([p], [q])[0].token_ids for p, q in zip(prompts, params)]
-            rec["alone_differs"] = [i for i, (o, a) in enumerate(zip(got, alone)) if o.token_ids != a]
+        elif sampled and fixed:
+            alone = {i: engine().run([prompts[i]], [params[i]])[0].token_ids for i in kept}
+            rec["alone_differs"] = [i for i in kept if got[i].token_ids != alone[i]]
         rec["ok"] = ok
     except Exception as e:  # noqa: BLE001
         rec.update(ok=False, error=repr(e)[:400], trace=traceback.format_exc()[-1500:])
@@ -157,7 +173,7 @@ def main() -> None:
     count = int(sys.argv[2]) if len(sys.argv) > 2 else 40
     tiny, tiny_ar = load_pretrained("idlm-tiny", dtype="float32"), load_pretrained("idlm-tiny-ar", dtype="float32")
     lora = LoRAAdapter.load(registry.fetch("idlm-tiny-ar-risd-lora"), tiny_ar[0].config)
-    models = {"isd": (*tiny, None), "risd": (*tiny_ar, lora)}
+    models = {"isd": (*tiny, None), "risd": (*tiny_ar, lora), "ar": (*tiny_ar, None), "sdar": (*tiny, None)}
     summary = {"cases": 0, "failed": [], "refused": 0, "alone_differs": [], "s": 0.0}
     for case in range(first, first + count):
         rec = run_case(case, models)
