@@ -608,3 +608,6 @@ def test_fuzz_engine_script_smoke():
     # truncate path); now the same
     last = run_script("fuzz_engine.py", "5066", "1")
     assert last["failed"] == [] and last["alone_differs"] == [], last
+    # the extended cases: 10004 SDAR with a request aborted mid-run, 10005 AR with seeded sampling
+    last = run_script("fuzz_engine.py", "10004", "2")
+    assert last["failed"] == [] and last["cases"] == 2 and last["refused"] == 0, last
