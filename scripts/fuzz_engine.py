@@ -6,7 +6,7 @@ stride schedule beside branches_max_batch, ...). Each case draws a configuration
 on idlm-tiny or R-ISD on idlm-tiny-ar with its adapter; fixed stride, schedule or "auto"; branches, guesses,
 pages, batch limits, prefix caching; overlapped steps through the graph path's eager stand-ins) and a workload
 of mixed prompts arriving at different steps (cases from EXTENDED_FROM on: also the AR and SDAR decoders, stop
-tokens and a request aborted mid-run), then checks:
+tokens and a request aborted mid-run; from STOP_STRINGS_FROM on: stop strings too), then checks:
 
 - greedy: every request's tokens equal the AR engine's on the same model (R-ISD and ISD are lossless; SDAR is
   its own algorithm: only the checks below);
@@ -14,7 +14,9 @@ tokens and a request aborted mid-run), then checks:
   failed: outside exact mode a CPU matmul may round a row differently at another batch size (logits ~1e-5
   apart), which can move a draw at an interval's edge (docs/exact.md: exact mode is what promises the bits);
 - always: no request failed, no page held by a request after the run, the options refused only by a
-  ConfigError (any other error while building the engine is a failure).
+  ConfigError (any other error while building the engine is a failure), and what each request streamed (the
+  steps' token and text deltas joined) is its final token ids and their text (greedy: AR's text, cut at a stop
+  string as AR cuts it).
 
     python scripts/fuzz_engine.py [FIRST] [COUNT]       (cases FIRST .. FIRST+COUNT-1; default 0 40)
 
@@ -49,6 +51,8 @@ from idlm.models.loader import load_pretrained  # noqa: E402
 # cases from here on also draw the AR and SDAR decoders, stop tokens and an abort (session 40's second round);
 # the cases below it draw what they drew when their results were recorded (docs/engine.md)
 EXTENDED_FROM = 10_000
+# and from here on stop strings as well (drawn from a stream of their own: the rest of a case is as above)
+STOP_STRINGS_FROM = 30_000
 
 
 def draw_config(rng: random.Random, extended: bool = False) -> tuple[dict, bool]:
@@ -105,10 +109,12 @@ def draw_workload(rng: random.Random, tok, sampled: bool,
     return prompts, params
 
 
-def staggered(engine, prompts, params, per_step: int, abort: tuple[int, int] | None = None) -> list:
+def staggered(engine, prompts, params, per_step: int, abort: tuple[int, int] | None = None,
+              streams: list | None = None) -> list:
     """Submit `per_step` new requests before each engine step; the outputs in submission order. abort (step,
-    request): abort that request (if submitted and running) before that step; its output is None."""
-    ids, outs, i, steps, aborted = [], {}, 0, 0, None
+    request): abort that request (if submitted and running) before that step; its output is None. streams: a
+    list to receive each request's streamed (token ids, text), the steps' deltas joined."""
+    ids, outs, i, steps, aborted, ids_of, text_of = [], {}, 0, 0, None, {}, {}
     while i < len(prompts) or engine.has_unfinished():
         for _ in range(per_step):
             if i < len(prompts):
@@ -117,9 +123,13 @@ def staggered(engine, prompts, params, per_step: int, abort: tuple[int, int] | N
         if abort is not None and steps == abort[0] and abort[1] < len(ids) and engine.abort_request(ids[abort[1]]):
             aborted = ids[abort[1]]
         for o in engine.step():
+            ids_of.setdefault(o.request_id, []).extend(o.new_token_ids)
+            text_of[o.request_id] = text_of.get(o.request_id, "") + o.new_text
             if o.finished:
                 outs[o.request_id] = o
         steps += 1
+    if streams is not None:
+        streams.extend((ids_of.get(r, []), text_of.get(r, "")) for r in ids)
     return [None if r == aborted else outs[r].output for r in ids]
 
 
@@ -130,6 +140,11 @@ def run_case(case: int, models: dict) -> dict:
     graphs = rng.random() < 0.5  # the graph path's eager stand-ins on CPU: steps overlap (`_chain`)
     sampled = rng.random() < 0.5
     prompts, params = draw_workload(rng, tok, sampled, extended)
+    if case >= STOP_STRINGS_FROM:  # stop strings, often met inside a step that commits several tokens
+        srng = random.Random(-case)
+        for p in params:
+            if srng.random() < 0.4:
+                p.stop = srng.sample(["\n", "e", "the", " (", ":", "in", "0", "ss"], srng.randint(1, 2))
     per_step = rng.randint(1, 6)
     abort = (rng.randint(0, 8), rng.randrange(len(prompts))) if extended and rng.random() < 0.2 else None
     rec = {"case": case, "sampled": sampled, "graphs": graphs, "config": cfg}
@@ -147,20 +162,28 @@ def run_case(case: int, models: dict) -> dict:
     except Exception as e:  # noqa: BLE001 — anything but a ConfigError is a fault
         return {**rec, "ok": False, "error": f"building the engine: {e!r}"[:400]}
     try:
-        got = staggered(eng, prompts, params, per_step, abort)
+        streams = []
+        got = staggered(eng, prompts, params, per_step, abort, streams)
         rec.update(failed=eng.counters["failed"], pages_held=len(eng.block_manager._seqs),
                    overlapped_steps=eng.counters["overlapped_steps"], aborted=eng.counters["aborted"])
         ok = rec["failed"] == 0 and rec["pages_held"] == 0
         kept = [i for i, o in enumerate(got) if o is not None]  # (an aborted request's output is None)
+        # what was streamed is what finished: the steps' token and text deltas joined
+        rec["streams_match"] = all(streams[i][0] == got[i].token_ids and (
+            params[i].stop or streams[i][1] == tok.decode(got[i].token_ids, skip_special_tokens=True)) for i in kept)
+        ok = ok and rec["streams_match"]
         if not sampled and cfg["decoder"] != "sdar":  # (SDAR's greedy is its own algorithm, not AR's)
             ar = LLMEngine(model, tok, EngineConfig(decoder="ar", stride=4, page_size=8, num_pages=400,
                                                     max_num_seqs=16)).run(prompts, params)
-            rec["greedy_equals_ar"] = all(got[i].token_ids == ar[i].token_ids for i in kept)
+            rec["greedy_equals_ar"] = all(got[i].token_ids == ar[i].token_ids and streams[i][1] == ar[i].text
+                                          and got[i].finish_reason == ar[i].finish_reason for i in kept)
             ok = ok and rec["greedy_equals_ar"]
         elif sampled and fixed:
             alone = {i: engine().run([prompts[i]], [params[i]])[0].token_ids for i in kept}
             rec["alone_differs"] = [i for i in kept if got[i].token_ids != alone[i]]
         rec["ok"] = ok
+    except ConfigError as e:  # a request the pool can never hold, refused by name at submission
+        rec.update(ok=True, refused=str(e)[:200])
     except Exception as e:  # noqa: BLE001
         rec.update(ok=False, error=repr(e)[:400], trace=traceback.format_exc()[-1500:])
     rec["s"] = round(time.perf_counter() - t0, 2)
