@@ -134,6 +134,16 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
+    def _dot_t(a, b, IEEE: tl.constexpr):
+        """a·bᵀ in float32: full-precision products for float32 tiles (IEEE: no TF32, like the eager reference)."""
+        if IEEE:
+            return tl.dot(a, tl.trans(b), input_precision="ieee")
+        else:
+            return tl.dot(a, tl.trans(b))
+
+    globals()["_dot_t"] = _dot_t  # (a jitted kernel resolves the helpers it calls among its module's globals)
+
+    @triton.jit
     def lora_linear_kernel(X, W, A, B, G, OUT, XA, SYNC, M, N, K, s_x, s_w, s_a, s_b, s_o, E0, E1, O0, O1, O2, R0,
                            R1, R2, P, NB, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
                            R: tl.constexpr, LORA: tl.constexpr, GATED: tl.constexpr, IEEE: tl.constexpr,
@@ -152,10 +162,7 @@ def _kernel():
                                 other=0.0)
                     if UPCAST:
                         x, a = x.to(tl.float32), a.to(tl.float32)
-                    if IEEE:
-                        xp += tl.dot(x, tl.trans(a), input_precision="ieee")
-                    else:
-                        xp += tl.dot(x, tl.trans(a))
+                    xp += _dot_t(x, a, IEEE)
                 tl.store(XA + rm[:, None] * RS + rp[None, :], xp.to(OUT.dtype.element_ty))
                 tl.debug_barrier()  # every thread's XA stores before the release below
                 tl.atomic_add(SYNC + 2 * pm, 1, sem="release")
@@ -181,19 +188,13 @@ def _kernel():
                             mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
                 if UPCAST:  # Triton's interpreter: bf16 / fp16 tiles as float32 (it keeps bf16 as raw bits)
                     x, w = x.to(tl.float32), w.to(tl.float32)
-                if IEEE:
-                    acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-                else:
-                    acc += tl.dot(x, tl.trans(w))
+                acc += _dot_t(x, w, IEEE)
                 if LORA and not SHARED:
                     a = tl.load(A + ra[:, None] * s_a + rk[None, :], mask=(rr[:, None] < rc) & (rk[None, :] < K),
                                 other=0.0)
                     if UPCAST:
                         a = a.to(tl.float32)
-                    if IEEE:
-                        xa += tl.dot(x, tl.trans(a), input_precision="ieee")
-                    else:
-                        xa += tl.dot(x, tl.trans(a))
+                    xa += _dot_t(x, a, IEEE)
             dt = OUT.dtype.element_ty
             y = acc.to(dt)  # the base projection, rounded once (as a matmul's output)
             if LORA:
@@ -209,10 +210,7 @@ def _kernel():
                     xr = xa.to(dt)  # x·Aᵀ rounded as its matmul's output, then ·B'ᵀ
                 if UPCAST:
                     xr, b = xr.to(tl.float32), b.to(tl.float32)
-                if IEEE:
-                    d = tl.dot(xr, tl.trans(b), input_precision="ieee").to(dt)
-                else:
-                    d = tl.dot(xr, tl.trans(b)).to(dt)
+                d = _dot_t(xr, b, IEEE).to(dt)
                 s = (y.to(tl.float32) + d.to(tl.float32)).to(dt)
                 if GATED:
                     g = tl.load(G + rm, mask=rm < M, other=0)
